@@ -1,0 +1,1 @@
+"""The ``buildtel`` command line: one module per command group, registered in ``main``."""

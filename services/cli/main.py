@@ -1,0 +1,92 @@
+"""Entry point of ``buildtel``: builds the parser from the command modules and runs one.
+
+Each command module exposes ``register(subparsers)``, which adds its sub-commands
+and sets ``func`` (sync or async, taking the parsed args and the Settings).
+Errors reach the user as one clear line on stderr and exit code 2, never a
+traceback (``BUILDTEL_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import os
+import sys
+from typing import Any
+
+from shared.settings import Settings, SettingsError, describe
+
+COMMAND_MODULES = [
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _epilog() -> str:
+    lines = ["configuration (environment variables):"]
+    for var, default, text in describe():
+        lines.append(f"  {var:<40} {text}" + (f" [default: {default}]" if default else ""))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="buildtel",
+        description="Builder Telemetry: build observability for distributed build farms.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--nats-url", help="join this NATS cluster (overrides BUILDER_TELEMETRY_NATS_URL)")
+    parser.add_argument("--redis-url", help="use this Redis (overrides BUILDER_TELEMETRY_REDIS_URL)")
+    parser.add_argument("--cache-dir", help="data directory (overrides BUILDER_TELEMETRY_CACHE_DIR)")
+    parser.add_argument("--namespace", help="subject/stream/key prefix (overrides BUILDER_TELEMETRY_NAMESPACE)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from pathlib import Path
+
+    return Settings.from_env(
+        nats_url=args.nats_url,
+        redis_url=args.redis_url,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        namespace=args.namespace,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = settings_from_args(args)
+        from shared import logs
+
+        logs.configure(settings.log_level, settings.log_format)
+        result: Any = args.func(args, settings)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (CLIError, SettingsError) as exc:
+        print(f"buildtel: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback
+        if os.environ.get("BUILDTEL_DEBUG"):
+            raise
+        print(f"buildtel: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

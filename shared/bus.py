@@ -1,0 +1,146 @@
+"""NATS and Redis connections, JetStream streams, and the dead-letter path.
+
+Services call :func:`connect_nats` / :func:`connect_redis` with the one
+:class:`Settings`; credentials, tokens and TLS come from there.  Streams are
+declared by :func:`ensure_streams`, idempotently, by whichever process starts
+first; limits are documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import Any
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.subjects import Subjects
+
+GiB = 1024**3
+DAY_S = 86400.0
+
+
+def nats_options(settings: Settings, *, name: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {"name": name}
+    if settings.nats_creds:
+        opts["user_credentials"] = str(settings.nats_creds)
+    if settings.nats_token:
+        opts["token"] = settings.nats_token
+    if settings.nats_user:
+        opts["user"] = settings.nats_user
+        opts["password"] = settings.nats_password or ""
+    if settings.nats_tls_ca or settings.nats_tls_cert:
+        ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None)
+        if settings.nats_tls_cert:
+            ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None)
+        opts["tls"] = ctx
+    return opts
+
+
+async def connect_nats(settings: Settings, url: str, *, name: str, **extra: Any) -> NATS:
+    """A service connection: reconnects forever, so a NATS restart is waited out, not fatal."""
+    opts = nats_options(settings, name=name)
+    opts.update(
+        servers=[u.strip() for u in url.split(",")],
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )
+    opts.update(extra)
+    return await nats.connect(**opts)
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+def stream_configs(subjects: Subjects) -> list[StreamConfig]:
+    return [
+        # Agent events: limits retention (not work-queue) so the recorder can read the same
+        # stream as the collectors; Nats-Msg-Id de-duplicates agent retries within 2 min.
+        StreamConfig(
+            name=subjects.events_stream,
+            subjects=[subjects.events_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            max_bytes=4 * GiB,
+            max_msg_size=8 * 1024 * 1024,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=subjects.sessions_stream,
+            subjects=[subjects.sessions_completed],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=30 * DAY_S,
+            max_bytes=4 * GiB,
+            max_msg_size=32 * 1024 * 1024,
+            duplicate_window=600.0,
+        ),
+        StreamConfig(
+            name=subjects.dead_letter_stream,
+            subjects=[subjects.dead_letter_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs=100_000,
+            max_age=7 * DAY_S,
+            max_bytes=GiB,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None) -> None:
+    for cfg in stream_configs(subjects) + list(extra or []):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            # Exists with other limits (an older version declared it): converge on ours.
+            await js.update_stream(cfg)
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """What a service publishes for input it could not use: the reason and the raw bytes."""
+
+    service: str
+    subject: str
+    reason: str
+    ts: float
+    data: bytes
+    headers: dict[str, str] = {}
+
+
+_dl_encoder = msgspec.msgpack.Encoder()
+dead_letter_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
+async def publish_dead_letter(
+    nc: NATS,
+    r: aioredis.Redis | None,
+    subjects: Subjects,
+    keys: Keys,
+    *,
+    service: str,
+    subject: str,
+    reason: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Park bad input on ``<ns>.deadletter.<service>`` and count it; never raises."""
+    msg = DeadLetter(service=service, subject=subject, reason=reason[:2000], ts=time.time(),
+                     data=data[: 1024 * 1024], headers=dict(headers or {}))
+    try:
+        await nc.publish(subjects.dead_letter(service), _dl_encoder.encode(msg))
+        if r is not None:
+            await r.incr(keys.counter(f"deadletter:{service}"))
+    except Exception:  # noqa: BLE001 - a failing dead-letter path must not take the service down
+        pass

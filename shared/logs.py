@@ -1,0 +1,56 @@
+"""structlog configuration, done once per process.
+
+contextvars first (so ``bind_contextvars(session_id=…)`` tags every line), the
+current OpenTelemetry trace/span id when one is active, then JSON when stderr is
+not a TTY and a console renderer when it is.  Event names are dotted
+(``"session.stored"``) with key-values.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def _add_otel_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - opentelemetry is a dependency of record
+        return event
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", *, force: bool = False) -> None:
+    global _configured
+    if _configured and not force:
+        return
+    json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if json_out else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_otel_ids,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    log = structlog.get_logger(name)
+    return log.bind(**initial) if initial else log

@@ -1,0 +1,49 @@
+"""Run services until a signal: the signal handler only sets an Event (as nats.py micro does).
+
+Every service object has ``async start()`` and idempotent ``async stop()``;
+shutdown stops taking work, lets in-flight work finish within a timeout, then
+cancels the rest (arq's graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.Event | None = None,
+                           shutdown_timeout: float = 10.0) -> None:
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
+            pass
+    started: list[Service] = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        await stop.wait()
+    finally:
+        for svc in reversed(started):
+            try:
+                await asyncio.wait_for(svc.stop(), shutdown_timeout)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - keep stopping the others
+                pass
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover
+                pass

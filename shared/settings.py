@@ -1,0 +1,142 @@
+"""One typed settings object, read from ``BUILDER_TELEMETRY_*`` variables and CLI flags.
+
+Modelled on starlette's ``config.py``: the environment is read here and only
+here; a bad value raises :class:`SettingsError` naming the variable.  Everything
+deeper in the code receives a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PREFIX = "BUILDER_TELEMETRY_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A configuration value could not be used; the message names the key."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    enabled: bool = _help("Master switch; false makes the client SDK a no-op.", default=True)
+    max_sessions: int = _help("Sessions the store retains (oldest dropped first).", default=1000)
+    retention_days: float = _help("Age after which stored sessions and traces are dropped.", default=90.0)
+    cache_dir: Path = _help("Data directory (telemetry/, traces/, recordings/, engines/).", default=Path(".builder-cache"))
+    namespace: str = _help("Prefix of every subject, stream and Redis key.", default="buildtel")
+    nats_url: str | None = _help("Join this NATS cluster instead of starting an embedded server.", default=None)
+    redis_url: str | None = _help("Use this Redis instead of starting an embedded one.", default=None)
+    nats_creds: Path | None = _help("NATS .creds file (JWT + nkey).", default=None)
+    nats_user: str | None = _help("NATS user.", default=None)
+    nats_password: str | None = _help("NATS password.", default=None)
+    nats_token: str | None = _help("NATS auth token.", default=None)
+    nats_tls_ca: Path | None = _help("CA bundle to verify the NATS server.", default=None)
+    nats_tls_cert: Path | None = _help("Client certificate for NATS mutual TLS.", default=None)
+    nats_tls_key: Path | None = _help("Client key for NATS mutual TLS.", default=None)
+    http_host: str = _help("Address HTTP endpoints (metrics, OTLP) bind to.", default="127.0.0.1")
+    http_token: str | None = _help("Bearer token required by HTTP endpoints when set.", default=None)
+    agent_id: str | None = _help("This agent's id (default: hostname-pid).", default=None)
+    session_timeout_s: float = _help("Inactivity after which a session completes as abandoned.", default=300.0)
+    finish_grace_s: float = _help("Wait after BuildFinished for other agents' in-flight events.", default=2.0)
+    batch_size: int = _help("Events per batch the SDK publishes.", default=500)
+    flush_interval_s: float = _help("Longest time the SDK holds an event before publishing.", default=0.2)
+    buffer_limit: int = _help("Events the SDK buffers while the bus is away, then drops (counted).", default=100_000)
+    fsync: bool = _help("fsync each stored batch before acknowledging it.", default=True)
+    log_level: str = _help("debug, info, warning or error.", default="info")
+    log_format: str = _help("auto (JSON off a TTY), json or console.", default="auto")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``BUILDER_TELEMETRY_<FIELD>`` for every field; ``overrides`` (CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = _convert(key, env[key], f.type)
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        checks = [
+            ("max_sessions", self.max_sessions >= 1),
+            ("retention_days", self.retention_days > 0),
+            ("batch_size", self.batch_size >= 1),
+            ("buffer_limit", self.buffer_limit >= 1),
+            ("flush_interval_s", self.flush_interval_s > 0),
+            ("session_timeout_s", self.session_timeout_s > 0),
+            ("finish_grace_s", self.finish_grace_s >= 0),
+            ("namespace", bool(self.namespace) and all(c.isalnum() or c in "-_" for c in self.namespace)),
+            ("log_format", self.log_format in {"auto", "json", "console"}),
+            ("log_level", self.log_level.lower() in {"debug", "info", "warning", "error"}),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise SettingsError(f"{PREFIX}{name.upper()}: invalid value {getattr(self, name)!r}")
+
+    # -- derived paths ----------------------------------------------------------------------
+    @property
+    def telemetry_dir(self) -> Path:
+        return self.cache_dir / "telemetry"
+
+    @property
+    def traces_dir(self) -> Path:
+        return self.cache_dir / "traces"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.cache_dir / "recordings"
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.cache_dir / "engines"
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_days * 86400.0
+
+
+def _convert(key: str, raw: str, typ: Any) -> Any:
+    t = str(typ)
+    try:
+        if t == "bool":
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if "Path" in t:
+            return Path(raw) if raw else None
+        return raw or None if "None" in t else raw
+    except ValueError as exc:
+        raise SettingsError(f"{key}: cannot use {raw!r}: {exc}") from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: the README table and ``--help`` use it."""
+    out = []
+    for f in fields(Settings):
+        default = f.default if f.default is not None else ""
+        out.append((PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,96 @@
+"""Shared fixtures: real NATS (JetStream) and Redis for every test that needs a bus.
+
+When ``BUILDER_TELEMETRY_NATS_URL`` / ``BUILDER_TELEMETRY_REDIS_URL`` are set the
+tests join those servers; otherwise one embedded nats-server and redis-server are
+started on free loopback ports for the session.  Each test gets its own
+namespace (subjects, streams, Redis keys) and data directory, so tests never see
+each other's data even on a shared server.  Fault tests start their own engines
+through ``tests/engines.py`` so they can kill them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.engines import NatsEngine, RedisEngine
+from shared.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def nats_url(engines_dir: Path) -> Iterator[str]:
+    url = os.environ.get("BUILDER_TELEMETRY_NATS_URL")
+    if url:
+        yield url
+        return
+    with NatsEngine(engines_dir / "nats") as eng:
+        yield eng.url
+
+
+@pytest.fixture(scope="session")
+def redis_url(engines_dir: Path) -> Iterator[str]:
+    url = os.environ.get("BUILDER_TELEMETRY_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisEngine(engines_dir / "redis") as eng:
+        yield eng.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_url: str, redis_url: str, namespace: str) -> Settings:
+    """Settings pointing at the test servers, an isolated namespace and data directory."""
+    return Settings(
+        cache_dir=tmp_path / ".builder-cache",
+        namespace=namespace,
+        nats_url=nats_url,
+        redis_url=redis_url,
+        session_timeout_s=30.0,
+        finish_grace_s=0.5,
+        flush_interval_s=0.05,
+        log_format="json",
+    )
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[object]:
+    from shared.bus import connect_nats
+
+    conn = await connect_nats(settings, settings.nats_url or "", name="test")
+    yield conn
+    # Drop this test's streams so a shared NATS does not accumulate them.
+    js = conn.jetstream()
+    prefix = settings.namespace.upper()
+    try:
+        for name in await js.streams_info():
+            if name.config.name.startswith(prefix):
+                await js.delete_stream(name.config.name)
+    except Exception:  # noqa: BLE001 - cleanup is best effort
+        pass
+    await conn.close()
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[object]:
+    from shared.bus import connect_redis
+
+    r = connect_redis(settings.redis_url or "")
+    yield r
+    # Remove what this test's namespace wrote on a shared Redis.
+    async for key in r.scan_iter(match=f"{settings.namespace}:*", count=1000):
+        await r.delete(key)
+    await r.aclose()
