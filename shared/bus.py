@@ -8,6 +8,7 @@ first; limits are documented in ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 from typing import Any
@@ -56,6 +57,25 @@ async def connect_nats(settings: Settings, url: str, *, name: str, **extra: Any)
     )
     opts.update(extra)
     return await nats.connect(**opts)
+
+
+async def close_nats(nc: NATS | None, subscriptions: list[Any] | None = None) -> None:
+    """Unsubscribe, flush what was published, close. Idempotent.
+
+    Used instead of ``drain()``: nats-py's drain waits out its full timeout when a
+    JetStream pull subscription is open, and callers have already stopped their
+    consumers, so there is nothing left to drain.
+    """
+    if nc is None or nc.is_closed:
+        return
+    for sub in subscriptions or []:
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=2)
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 def connect_redis(url: str) -> aioredis.Redis:

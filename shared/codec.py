@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.protocol import BuildSession, Event, EventBatch
+from shared.protocol import BuildSession, Event, EventBatch, is_session_id
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_SEQ = 1 << 24
 
 DecodeError = (msgspec.DecodeError, msgspec.ValidationError)
 
@@ -31,11 +32,16 @@ def decode_batch(data: bytes) -> EventBatch:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValueError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     batch = batch_decoder.decode(data)
+    if not is_session_id(batch.session_id):
+        raise ValueError(f"session id {batch.session_id[:80]!r} is not 32 lowercase hex digits")
+    if not batch.agent_id or len(batch.agent_id) > 200 or any(c in batch.agent_id for c in ":|\n\x00"):
+        raise ValueError(f"agent id {batch.agent_id[:80]!r} is empty, too long or has ':', '|' or control characters")
     for ev in batch.events:
         if ev.session_id != batch.session_id or ev.agent_id != batch.agent_id:
             raise ValueError(f"event seq {ev.seq} names another session or agent than its batch")
-        if ev.seq < 0 or ev.seq > 1 << 31:
-            raise ValueError(f"event seq {ev.seq} out of range")
+        # The collector keeps one bit per seq; bounding it bounds that bitmap (2 MiB).
+        if ev.seq < 0 or ev.seq >= MAX_SEQ:
+            raise ValueError(f"event seq {ev.seq} out of range 0..{MAX_SEQ - 1}")
     return batch
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from shared.bus import connect_nats, connect_redis
+from shared.bus import close_nats, connect_nats, connect_redis
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -126,6 +126,5 @@ async def open_bus(settings: Settings, *, autostart: bool = False, name: str = "
         yield Bus(settings, nats_url, redis_url, nc, nc.jetstream(), r,
                   Subjects(settings.namespace), Keys(settings.namespace))
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        await close_nats(nc)
         await r.aclose()

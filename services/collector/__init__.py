@@ -1,0 +1,1 @@
+"""Collector service: folds agents' event batches into build sessions (hot state in Redis)."""
