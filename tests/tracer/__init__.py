@@ -1,0 +1,1 @@
+"""Tests of W3C Trace Context propagation and the conformance testpoint."""
