@@ -1,0 +1,108 @@
+"""Test helpers: synthetic builds as event lists, raw publishing, reading completed sessions."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from shared.codec import decode_session, encode
+from shared.protocol import (
+    BuildFinished,
+    BuildSession,
+    BuildStarted,
+    Event,
+    EventBatch,
+    TargetFinished,
+    TargetStarted,
+    new_session_id,
+)
+from shared.subjects import Subjects
+
+CACHES = ["local_hit", "remote_hit", "miss", "uncacheable"]
+
+
+def synthetic_build(
+    sid: str | None = None,
+    agents: tuple[str, ...] = ("agent-a",),
+    targets: int = 50,
+    seed: int = 1,
+    finish: bool = True,
+    exit_code: int = 0,
+) -> tuple[str, dict[str, list[Event]], dict[str, Any]]:
+    """A build spread over ``agents``; returns (session id, events per agent, expected figures)."""
+    rng = random.Random(seed)
+    sid = sid or new_session_id()
+    t0 = time.time() - 100
+    seqs = dict.fromkeys(agents, 0)
+    per_agent: dict[str, list[Event]] = {a: [] for a in agents}
+
+    def nxt(agent: str) -> int:
+        seqs[agent] += 1
+        return seqs[agent] - 1
+
+    owner = agents[0]
+    per_agent[owner].append(BuildStarted(session_id=sid, agent_id=owner, seq=nxt(owner), ts=t0, name="synthetic",
+                                         command=["make", "-j8"]))
+    hits = misses = failed = 0
+    total_time = 0.0
+    for i in range(targets):
+        agent = agents[i % len(agents)]
+        start = t0 + rng.uniform(0, 50)
+        dur = round(rng.uniform(0.01, 5.0), 6)
+        cache = rng.choice(CACHES)
+        status = "failed" if rng.random() < 0.05 else "success"
+        hits += cache in ("local_hit", "remote_hit")
+        misses += cache == "miss"
+        failed += status == "failed"
+        total_time += dur
+        name = f"//pkg{i % 7}/sub:t{i}"
+        per_agent[agent].append(TargetStarted(session_id=sid, agent_id=agent, seq=nxt(agent), ts=start,
+                                              target=name, worker=f"{agent}/w{i % 4}"))
+        per_agent[agent].append(TargetFinished(session_id=sid, agent_id=agent, seq=nxt(agent), ts=start + dur,
+                                               target=name, start=start, duration_s=dur, status=status,
+                                               cache=cache, worker=f"{agent}/w{i % 4}"))
+    if finish:
+        expected_events = {a: seqs[a] for a in agents}
+        expected_events[owner] += 1
+        per_agent[owner].append(BuildFinished(session_id=sid, agent_id=owner, seq=nxt(owner), ts=t0 + 60,
+                                              exit_code=exit_code,
+                                              expected_events=expected_events if len(agents) > 1 else None))
+    expected = {
+        "targets": targets, "hits": hits, "misses": misses, "failed": failed,
+        "target_time_s": total_time, "events": sum(seqs.values()),
+    }
+    return sid, per_agent, expected
+
+
+def batches(sid: str, agent: str, events: list[Event], size: int = 20) -> list[tuple[int, bytes]]:
+    return [(events[i].seq, encode(EventBatch(session_id=sid, agent_id=agent, events=events[i:i + size])))
+            for i in range(0, len(events), size)]
+
+
+async def publish_events(js: Any, subjects: Subjects, sid: str, agent: str, events: list[Event],
+                         size: int = 20) -> None:
+    for first, data in batches(sid, agent, events, size):
+        await js.publish(subjects.events(sid), data, headers={"Nats-Msg-Id": f"{sid}:{agent}:{first}"})
+
+
+async def completed_sessions(js: Any, subjects: Subjects, count: int, timeout: float = 15.0) -> list[BuildSession]:
+    """Read ``count`` sessions from the sessions stream (ephemeral consumer, from the start)."""
+    import asyncio
+
+    sub = await js.subscribe(subjects.sessions_completed, ordered_consumer=True)
+    out: list[BuildSession] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < count:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:  # noqa: BLE001 - timeout: return what arrived
+                break
+            out.append(decode_session(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return out
