@@ -1,0 +1,204 @@
+"""The storage query API: request/reply messages and :class:`StorageClient`.
+
+The storage service answers NATS requests (a ``nats.micro`` service named
+``<ns>-storage``) on ``<ns>.storage.get|recent|range|query|stats``.  Bodies are
+MessagePack (shared.codec) of the structs below; an empty request body means
+"all defaults".  Errors come back as NATS micro errors: headers
+``Nats-Service-Error-Code`` (400 bad request, 404 not found, 413 a single
+session larger than a NATS message, 500 internal) and ``Nats-Service-Error``
+(description); the client raises them as :class:`StorageError`.
+
+Lists are keyset-paginated: a reply carries at most what fits in one NATS
+message plus a ``cursor`` when more may follow; :class:`StorageClient` follows
+cursors for you, so ``recent(500)`` returns 500 sessions even though no
+single reply could hold them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from shared.codec import decode_session, encode
+from shared.protocol import BuildSession, Outcome
+from shared.subjects import Subjects
+
+API_VERSION = "1.0.0"
+ENDPOINTS = ("get", "recent", "range", "query", "stats")
+MAX_ITEMS = 10_000  # per request; the client pages beyond one reply's worth by itself
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEMS)]
+Time = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    """Where the previous page stopped: the (finish time, id) of its last session."""
+
+    t: float
+    id: str
+
+
+class GetRequest(msgspec.Struct, kw_only=True):
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class RecentRequest(msgspec.Struct, kw_only=True):
+    n: Count = 20
+    cursor: Cursor | None = None
+
+
+class RangeRequest(msgspec.Struct, kw_only=True):
+    start: Time
+    end: Time
+    limit: Count | None = None
+    cursor: Cursor | None = None
+
+
+class QueryRequest(msgspec.Struct, kw_only=True):
+    outcome: Outcome | None = None
+    branch: str | None = None
+    agent: str | None = None
+    target: str | None = None
+    since: Time | None = None  # finish time, inclusive
+    until: Time | None = None  # finish time, exclusive
+    limit: Count = 100
+    cursor: Cursor | None = None
+
+
+class StatsRequest(msgspec.Struct, kw_only=True):
+    pass
+
+
+class SessionsReply(msgspec.Struct, kw_only=True):
+    """A page of sessions; ``cursor`` set means ask again with it for more."""
+
+    sessions: list[BuildSession] = []
+    cursor: Cursor | None = None
+
+
+class RawSessionsReply(msgspec.Struct, kw_only=True):
+    """What the service encodes: the same layout as :class:`SessionsReply`, with stored bytes
+    spliced in as they are on disk (no decode/re-encode, fields newer than the service kept)."""
+
+    sessions: list[msgspec.Raw] = []
+    cursor: Cursor | None = None
+
+
+class StatsReply(msgspec.Struct, kw_only=True):
+    sessions: int = 0
+    segments: int = 0
+    disk_bytes: int = 0
+    oldest: float | None = None
+    newest: float | None = None
+    damaged_regions: int = 0  # found when the store was opened
+    stored: int = 0  # since the service started
+    duplicates: int = 0
+    dead_letters: int = 0
+    max_sessions: int = 0
+    retention_s: float = 0.0
+    version: str = API_VERSION
+
+
+REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {
+    "get": GetRequest, "recent": RecentRequest, "range": RangeRequest, "query": QueryRequest, "stats": StatsRequest,
+}
+_decoders = {name: msgspec.msgpack.Decoder(t) for name, t in REQUEST_TYPES.items()}
+_sessions_decoder = msgspec.msgpack.Decoder(SessionsReply)
+_stats_decoder = msgspec.msgpack.Decoder(StatsReply)
+_EMPTY_MAP = encode({})
+
+
+def endpoint_subject(subjects: Subjects, endpoint: str) -> str:
+    return f"{subjects.storage_api}.{endpoint}"
+
+
+def decode_request(endpoint: str, data: bytes) -> Any:
+    """The request struct for ``endpoint``; raises msgspec errors naming the bad field."""
+    return _decoders[endpoint].decode(data or _EMPTY_MAP)
+
+
+class StorageError(Exception):
+    """The storage service refused or failed a request; ``code`` is HTTP-like (404 = not found)."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"storage error {code}: {description}")
+        self.code = code
+        self.description = description
+
+    @property
+    def not_found(self) -> bool:
+        return self.code == 404
+
+
+class StorageClient:
+    """Ask the storage service over NATS.  Every method raises :class:`StorageError` on failure:
+    the service's code and description, 503 when no storage service is running, 504 on timeout."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, *, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.timeout = timeout
+
+    async def _request(self, endpoint: str, req: msgspec.Struct) -> bytes:
+        subject = endpoint_subject(self.subjects, endpoint)
+        try:
+            msg = await self.nc.request(subject, encode(req), timeout=self.timeout)
+        except NoRespondersError:
+            raise StorageError(503, f"no storage service is answering on {subject}") from None
+        except NatsTimeoutError:
+            raise StorageError(504, f"storage service did not answer {subject} within {self.timeout:g}s") from None
+        headers = msg.headers or {}
+        code = headers.get(ERROR_CODE_HEADER)
+        if code:
+            raise StorageError(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
+        return msg.data
+
+    async def get(self, session_id: str) -> BuildSession:
+        """The stored session; ``StorageError`` with ``not_found`` when it is not stored."""
+        return decode_session(await self._request("get", GetRequest(id=session_id)))
+
+    async def recent(self, n: int = 20) -> list[BuildSession]:
+        """The ``n`` most recently finished sessions, newest first."""
+        return await self._pages(lambda cur, left: RecentRequest(n=min(left, MAX_ITEMS), cursor=cur),
+                                 "recent", n)
+
+    async def range(self, start: float, end: float, *, limit: int | None = None) -> list[BuildSession]:
+        """Sessions that finished in ``[start, end)``, oldest first (all of them unless ``limit``)."""
+        return await self._pages(
+            lambda cur, left: RangeRequest(start=start, end=end, cursor=cur,
+                                           limit=None if left is None else min(left, MAX_ITEMS)),
+            "range", limit)
+
+    async def query(self, *, outcome: str | None = None, branch: str | None = None, agent: str | None = None,
+                    target: str | None = None, since: float | None = None, until: float | None = None,
+                    limit: int = 100) -> list[BuildSession]:
+        """Sessions matching every given filter, newest first (at most ``limit``)."""
+        return await self._pages(
+            lambda cur, left: QueryRequest(outcome=outcome, branch=branch, agent=agent,  # type: ignore[arg-type]
+                                           target=target, since=since, until=until,
+                                           limit=min(left, MAX_ITEMS), cursor=cur),
+            "query", limit)
+
+    async def stats(self) -> StatsReply:
+        return _stats_decoder.decode(await self._request("stats", StatsRequest()))
+
+    async def _pages(self, make: Any, endpoint: str, limit: int | None) -> list[BuildSession]:
+        out: list[BuildSession] = []
+        cursor: Cursor | None = None
+        while limit is None or len(out) < limit:
+            left = None if limit is None else limit - len(out)
+            try:
+                reply = _sessions_decoder.decode(await self._request(endpoint, make(cursor, left)))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise StorageError(500, f"malformed reply from storage: {exc}") from None
+            out.extend(reply.sessions)
+            if reply.cursor is None or not reply.sessions:
+                break
+            cursor = reply.cursor
+        return out

@@ -1,0 +1,380 @@
+"""TelemetryStorage: the append-only session store (segment files + an in-memory index).
+
+Concurrency model.  One writer at a time (``_write_lock``) appends to the
+*active* segment and publishes a new immutable :class:`Snapshot`; readers take
+whatever snapshot is current and ``pread`` records through the file
+descriptors the summaries point at, in worker threads, so a read never waits
+for a write, a fsync or a compaction.  Retention swaps in a smaller snapshot
+and then deletes or rewrites (atomically) segments nobody new can reach; a
+reader still holding the old snapshot keeps the old descriptor alive, and on
+POSIX an unlinked or replaced file stays readable through it.
+
+fsync policy (``fsync=True``, the default): :meth:`append_many` writes every
+new record of the batch and then calls fsync once on each file it touched
+(normally one; two when the batch rolled over to a new segment) before it
+returns, so a caller that acknowledges input after it returns never
+acknowledges data a power loss could take back.  New segment files and
+compacted rewrites are fsynced and their directory is fsynced after the
+rename.  ``fsync=False`` leaves flushing to the OS (tests, throwaway stores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared.codec import DecodeError, decode_session, encode
+from shared.logs import get_logger
+from shared.protocol import BuildSession
+from services.storage import format as fmt
+from services.storage.index import Filters, Key, Snapshot, Summary, summarize, view_decoder
+
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+class StorageClosed(RuntimeError):
+    """The store is not open (never opened, or closed)."""
+
+
+class DamageReport(msgspec.Struct, kw_only=True):
+    """What :meth:`TelemetryStorage.open` found: every damaged region, and what was kept."""
+
+    damages: list[fmt.Damage] = []
+    segments: int = 0
+    records: int = 0  # intact records read
+    sessions: int = 0  # indexed after de-duplication (before retention)
+    duplicates: int = 0  # intact records whose id was already indexed
+
+    @property
+    def ok(self) -> bool:
+        return not self.damages
+
+
+class RetentionReport(msgspec.Struct, kw_only=True):
+    dropped: int = 0
+    segments_deleted: int = 0
+    segments_compacted: int = 0
+
+
+class StoreStats(msgspec.Struct, kw_only=True):
+    sessions: int
+    segments: int
+    disk_bytes: int
+    oldest: float | None
+    newest: float | None
+    damaged_regions: int  # found by the last open()
+
+
+@dataclass
+class Page:
+    """Raw msgpack payloads (``BuildSession`` each) in order; ``cursor`` is set when more may follow."""
+
+    payloads: list[bytes] = field(default_factory=list)
+    cursor: Key | None = None
+
+
+class Segment:
+    """One segment file: a read descriptor for everyone, a write descriptor while active.
+
+    Summaries reference their Segment, so the descriptor lives exactly as long as
+    something can still read through it (closed in ``__del__`` or by ``close()``).
+    """
+
+    __slots__ = ("number", "path", "fd", "wfd", "size", "header_len", "__weakref__")
+
+    def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False) -> None:
+        self.number = number
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1
+        self.size = size
+        self.header_len = header_len
+
+    def close_writer(self) -> None:
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
+
+    def close(self) -> None:
+        self.close_writer()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class TelemetryStorage:
+    """Completed build sessions on disk, idempotent by session id, bounded by count and age."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, max_sessions: int = 1000,
+                 retention_s: float = 90 * 86400.0, fsync: bool = True,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, compact_below: float = 0.5) -> None:
+        if max_sessions < 1 or retention_s <= 0:
+            raise ValueError("max_sessions must be >= 1 and retention_s > 0")
+        self.directory = Path(directory)
+        self.max_sessions = max_sessions
+        self.retention_s = retention_s
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.compact_below = compact_below  # rewrite a segment once live bytes fall below this share
+        self.log = get_logger("storage", directory=str(self.directory))
+        self._snap = Snapshot.empty()
+        self._segments: list[Segment] = []
+        self._all_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
+        self._active: Segment | None = None
+        self._next_number = 1
+        self._write_lock = asyncio.Lock()
+        self._retention_lock = asyncio.Lock()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = False
+        self._closed = False
+        self.last_report = DamageReport()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def open(self) -> DamageReport:
+        """Index every intact record; report (and log) damage instead of failing on it."""
+        if self._open or self._closed:
+            raise StorageClosed("open() may be called once")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        report = await asyncio.to_thread(self._load)
+        for d in report.damages:
+            self.log.warning("storage.damaged", file=d.file, offset=d.offset, bytes_skipped=d.bytes_skipped,
+                             reason=d.reason, action=d.action)
+        self.last_report = report
+        self._open = True
+        await self.enforce_retention()
+        return report
+
+    async def close(self) -> None:
+        """Wait for the write and reads in flight, then close every descriptor.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._retention_lock, self._write_lock:
+            await self._idle.wait()
+            for seg in list(self._all_segments):
+                seg.close()
+            self._segments = []
+            self._active = None
+            self._snap = Snapshot.empty()
+
+    # -- writes ------------------------------------------------------------------------------
+    async def append_many(self, sessions: Sequence[BuildSession], *,
+                          raw: Sequence[bytes] | None = None) -> list[bool]:
+        """Store the sessions whose id is not stored yet; ``[True]`` where a session was new.
+
+        ``raw[i]``, when given, must be the msgpack encoding of ``sessions[i]`` as received:
+        it is stored verbatim, so fields added by a newer producer survive.  Durable (one
+        fsync per touched file) before it returns; see the module docstring.
+        """
+        self._check_open()
+        if raw is not None and len(raw) != len(sessions):
+            raise ValueError("raw must have one entry per session")
+        # Shielded: once started, a batch is written and indexed even if the caller is cancelled,
+        # so the index never disagrees with what is on disk.
+        return await asyncio.shield(self._append(sessions, raw))
+
+    async def _append(self, sessions: Sequence[BuildSession], raw: Sequence[bytes] | None) -> list[bool]:
+        async with self._write_lock:
+            self._check_open()
+            known = self._snap.by_id
+            flags: list[bool] = []
+            payloads: list[bytes] = []
+            seen: set[str] = set()
+            for i, s in enumerate(sessions):
+                new = s.id not in known and s.id not in seen
+                flags.append(new)
+                if new:
+                    seen.add(s.id)
+                    payloads.append(raw[i] if raw is not None else encode(s))
+            if payloads:
+                summaries = await asyncio.to_thread(self._write_batch, payloads)
+                self._snap = self._snap.with_added(summaries)
+            return flags
+
+    def _write_batch(self, payloads: list[bytes]) -> list[Summary]:
+        now = time.time()
+        seg = self._active or self._new_segment()
+        touched = [seg]
+        out: list[Summary] = []
+        buf = bytearray()
+        try:
+            for p in payloads:
+                view = view_decoder.decode(p)
+                rec = fmt.encode_record(p, stored_at=now)
+                if buf and seg.size + len(buf) + len(rec) > self.segment_bytes:
+                    self._flush(seg, buf)
+                    seg = self._roll()
+                    touched.append(seg)
+                    buf = bytearray()
+                out.append(summarize(view, now, seg, seg.size + len(buf), len(p)))
+                buf += rec
+            self._flush(seg, buf)
+            if self.fsync:
+                for s in touched:
+                    os.fsync(s.wfd)
+        except BaseException:
+            self._undo(seg, len(buf))
+            raise
+        if seg.size >= self.segment_bytes:
+            self._roll()
+        return out
+
+    def _flush(self, seg: Segment, buf: bytearray) -> None:
+        fmt.write_all(seg.wfd, buf)
+        seg.size += len(buf)
+
+    def _undo(self, seg: Segment, pending: int) -> None:
+        # A failed write (disk full…) may have left part of a record: cut the file back to the
+        # last whole record so later appends are not stranded behind garbage.
+        try:
+            os.ftruncate(seg.wfd, seg.size)
+            os.fstat(seg.wfd)
+        except OSError:
+            self._active = None  # give up on this segment; the next open reports its tail
+            seg.close_writer()
+
+    def _new_segment(self) -> Segment:
+        number = self._next_number
+        self._next_number += 1
+        path = self.directory / fmt.segment_name(number)
+        header = fmt.encode_header()
+        fmt.atomic_write(path, [header], fsync=self.fsync)
+        seg = Segment(number, path, len(header), len(header), writable=True)
+        self._all_segments.add(seg)
+        self._segments.append(seg)
+        self._active = seg
+        return seg
+
+    def _roll(self) -> Segment:
+        if self._active is not None:
+            if self.fsync:
+                os.fsync(self._active.wfd)
+            self._active.close_writer()
+            self._active = None
+        return self._new_segment()
+
+    # -- reads -------------------------------------------------------------------------------
+    async def get(self, session_id: str) -> BuildSession | None:
+        payload = await self.get_raw(session_id)
+        return None if payload is None else decode_session(payload)
+
+    async def get_raw(self, session_id: str) -> bytes | None:
+        self._check_open()
+        s = self._snap.by_id.get(session_id)
+        if s is None:
+            return None
+        return await self._in_thread(self._read, s)
+
+    async def recent(self, n: int = 20) -> list[BuildSession]:
+        """The ``n`` most recently finished sessions, newest first."""
+        return await self._sessions(Filters(), desc=True, limit=n)
+
+    async def range(self, start: float, end: float, *, limit: int | None = None) -> list[BuildSession]:
+        """Sessions that finished in ``[start, end)``, oldest first."""
+        return await self._sessions(Filters(since=start, until=end), desc=False, limit=limit)
+
+    async def query(self, outcome: str | None = None, branch: str | None = None, agent: str | None = None,
+                    target: str | None = None, since: float | None = None, until: float | None = None,
+                    limit: int = 100) -> list[BuildSession]:
+        """Sessions matching every given filter, newest first; times are finish times."""
+        f = Filters(outcome=outcome, branch=branch, agent=agent, target=target, since=since, until=until)
+        return await self._sessions(f, desc=True, limit=limit)
+
+    async def page(self, filters: Filters, *, desc: bool = True, limit: int | None = None,
+                   cursor: Key | None = None, max_bytes: int | None = None) -> Page:
+        """Raw payloads for the query API: keyset-paginated and bounded in bytes (at least one item)."""
+        self._check_open()
+        snap = self._snap
+        return await self._in_thread(self._collect, snap, filters, desc, limit, cursor, max_bytes)
+
+    async def count(self) -> int:
+        return len(self._snap.order)
+
+    def stats(self) -> StoreStats:
+        order = self._snap.order
+        return StoreStats(sessions=len(order), segments=len(self._segments),
+                          disk_bytes=sum(s.size for s in self._segments),
+                          oldest=order[0].t if order else None, newest=order[-1].t if order else None,
+                          damaged_regions=len(self.last_report.damages))
+
+    async def _sessions(self, filters: Filters, *, desc: bool, limit: int | None) -> list[BuildSession]:
+        if limit is not None and limit <= 0:
+            return []
+        page = await self.page(filters, desc=desc, limit=limit)
+        return [decode_session(p) for p in page.payloads]
+
+    def _collect(self, snap: Snapshot, filters: Filters, desc: bool, limit: int | None,
+                 cursor: Key | None, max_bytes: int | None) -> Page:
+        page = Page()
+        total = 0
+        last: Key | None = None
+        for s in snap.select(filters, desc=desc, cursor=cursor):
+            if (limit is not None and len(page.payloads) >= limit) or (
+                    max_bytes is not None and page.payloads and total + s.length > max_bytes):
+                page.cursor = last
+                break
+            payload = self._read(s)
+            if payload is None:
+                continue
+            if filters.target is not None and not any(t.name == filters.target
+                                                      for t in view_decoder.decode(payload).targets):
+                continue  # a 32-bit hash collision: the index said maybe, the record says no
+            page.payloads.append(payload)
+            total += len(payload)
+            last = s.key
+        return page
+
+    def _read(self, s: Summary) -> bytes | None:
+        seg = s.segment
+        if seg.fd < 0:
+            raise StorageClosed("store closed during a read")
+        data = os.pread(seg.fd, fmt.RECORD_HEADER_LEN + s.length, s.offset)
+        ref = fmt.check_record(data, 0)
+        if isinstance(ref, fmt.RecordRef) and ref.length == s.length:
+            return data[fmt.RECORD_HEADER_LEN:]
+        # Went bad after it was indexed (bit rot, a foreign writer): say so, serve the rest.
+        reason = ref if isinstance(ref, str) else fmt.BAD_LENGTH
+        self.log.warning("storage.damaged", file=str(seg.path), offset=s.offset,
+                         bytes_skipped=fmt.RECORD_HEADER_LEN + s.length, reason=reason, session_id=s.id)
+        return None
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _check_open(self) -> None:
+        if not self._open or self._closed:
+            raise StorageClosed(f"storage at {self.directory} is not open")
+
+    # -- loading and retention (services/storage/maintenance.py, to keep modules small) -----
+    def _load(self) -> DamageReport:
+        from services.storage.maintenance import load
+
+        return load(self)
+
+    async def enforce_retention(self, now: float | None = None) -> RetentionReport:
+        """Drop sessions beyond ``max_sessions`` (oldest first) or finished before
+        ``now - retention_s``; delete segments with nothing live, rewrite mostly-dead ones."""
+        from services.storage.maintenance import enforce_retention
+
+        self._check_open()
+        return await enforce_retention(self, time.time() if now is None else now)

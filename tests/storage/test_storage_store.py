@@ -1,0 +1,246 @@
+"""TelemetryStorage against real files: round trip, idempotency, reopen, retention, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.storage import format as fmt
+from services.storage.store import StorageClosed, TelemetryStorage
+
+
+async def opened(path: Path, **kw) -> TelemetryStorage:
+    kw.setdefault("fsync", False)
+    store = TelemetryStorage(path, **kw)
+    await store.open()
+    return store
+
+
+async def test_round_trip_and_queries(tmp_path: Path, make_session) -> None:
+    now = time.time()
+    sessions = [
+        make_session(0, finish=now - 50, outcome="success", branch="main", agents=["a1"], target_prefix="//app:"),
+        make_session(1, finish=now - 40, outcome="failed", branch="main", agents=["a1", "a2"], target_prefix="//lib:"),
+        make_session(2, finish=now - 30, outcome="failed", branch="dev", agents=["a2"], target_prefix="//app:"),
+        make_session(3, finish=now - 20, outcome="abandoned", branch=None, agents=[], target_prefix="//lib:"),
+        make_session(4, finish=now - 10, outcome="success", branch="dev", agents=["a3"], target_prefix="//app:"),
+    ]
+    store = await opened(tmp_path / "t")
+    try:
+        assert await store.append_many(sessions) == [True] * 5
+        assert await store.count() == 5
+        for s in sessions:
+            assert await store.get(s.id) == s  # every field survives
+        assert await store.get("0" * 32) is None
+        assert [s.id for s in await store.recent(3)] == [sessions[4].id, sessions[3].id, sessions[2].id]
+        assert [s.id for s in await store.range(now - 45, now - 15)] == [x.id for x in sessions[1:4]]
+
+        async def ids(**filters) -> set[str]:
+            return {s.id for s in await store.query(**filters)}
+
+        by = {i: s.id for i, s in enumerate(sessions)}
+        assert await ids(outcome="failed") == {by[1], by[2]}
+        assert await ids(branch="dev") == {by[2], by[4]}
+        assert await ids(agent="a2") == {by[1], by[2]}
+        assert await ids(target="//lib:1") == {by[1], by[3]}
+        assert await ids(target="//nope:1") == set()
+        assert await ids(outcome="failed", branch="main") == {by[1]}
+        assert await ids(since=now - 30, until=now - 10) == {by[2], by[3]}
+        newest_two = await store.query(limit=2)
+        assert [s.id for s in newest_two] == [by[4], by[3]]
+    finally:
+        await store.close()
+
+
+async def test_idempotent_by_session_id(tmp_path: Path, make_session) -> None:
+    store = await opened(tmp_path / "t")
+    a, b, c = (make_session(i) for i in range(3))
+    assert await store.append_many([a, b]) == [True, True]
+    # A redelivered batch, a duplicate inside one batch, and one new session.
+    assert await store.append_many([a, c, c, b]) == [False, True, False, False]
+    assert await store.count() == 3
+    size = store.stats().disk_bytes
+    assert await store.append_many([a, b, c]) == [False, False, False]
+    assert store.stats().disk_bytes == size  # nothing written for known ids
+    await store.close()
+    again = TelemetryStorage(tmp_path / "t", fsync=False)
+    report = await again.open()
+    assert report.records == 3 and report.duplicates == 0  # stored once on disk too
+    await again.close()
+
+
+async def test_reopen_keeps_everything_across_segments(tmp_path: Path, make_session) -> None:
+    sessions = [make_session(i, targets=20) for i in range(60)]
+    store = await opened(tmp_path / "t", segment_bytes=16 * 1024)
+    for i in range(0, 60, 7):
+        await store.append_many(sessions[i : i + 7])
+    segments = store.stats().segments
+    assert segments > 3  # the small segment size rolled files over
+    await store.close()
+    store = await opened(tmp_path / "t", segment_bytes=16 * 1024)
+    try:
+        assert store.last_report.ok and store.last_report.sessions == 60
+        assert [s.id for s in await store.recent(60)] == [s.id for s in reversed(sessions)]
+        for s in sessions:
+            assert await store.get(s.id) == s
+        # Appends after a reopen continue and survive the next reopen.
+        extra = make_session(100)
+        assert await store.append_many([extra]) == [True]
+    finally:
+        await store.close()
+    store = await opened(tmp_path / "t", segment_bytes=16 * 1024)
+    assert await store.count() == 61 and await store.get(extra.id) == extra
+    await store.close()
+
+
+async def test_stored_bytes_are_kept_verbatim(tmp_path: Path, make_session) -> None:
+    """A newer producer's extra fields survive an older storage: raw bytes are stored as received."""
+    import msgspec
+
+    s = make_session(0)
+    newer = msgspec.msgpack.encode({**msgspec.to_builtins(s), "type": "session", "future_field": [1, 2, 3]})
+    store = await opened(tmp_path / "t")
+    await store.append_many([s], raw=[newer])
+    assert await store.get_raw(s.id) == newer
+    assert await store.get(s.id) == s
+    await store.close()
+
+
+async def test_retention_by_count_while_reading(tmp_path: Path, make_session) -> None:
+    now = time.time()
+    sessions = [make_session(i, targets=5, finish=now - 1000 + i) for i in range(120)]
+    store = await opened(tmp_path / "t", max_sessions=25, segment_bytes=8 * 1024)
+    stop = asyncio.Event()
+    reads = 0
+    errors: list[BaseException] = []
+
+    async def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                got = await store.recent(10)
+                # What a reader sees is always whole, ordered sessions, never a torn view.
+                assert [s.finish for s in got] == sorted((s.finish for s in got), reverse=True)
+                for s in got:
+                    assert s == sessions[int(s.labels["job"])]
+                reads += 1
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(reader())
+    for i in range(0, 120, 10):
+        await store.append_many(sessions[i : i + 10])
+        await store.enforce_retention()
+        await asyncio.sleep(0.005)
+    stop.set()
+    await task
+    assert not errors and reads > 5
+    kept = await store.recent(100)
+    assert [s.id for s in kept] == [s.id for s in reversed(sessions[-25:])]  # the newest 25 by finish
+    assert await store.get(sessions[0].id) is None
+    # Disk is reclaimed: dead segments deleted, not just hidden.
+    live_bytes = sum(len(fmt.encode_record(b"")) + len(p) for p in [await store.get_raw(s.id) for s in kept])
+    assert store.stats().disk_bytes < 4 * live_bytes + 64 * 1024
+    await store.close()
+    store = await opened(tmp_path / "t", max_sessions=25, segment_bytes=8 * 1024)
+    assert {s.id for s in await store.recent(100)} == {s.id for s in kept}
+    await store.close()
+
+
+async def test_retention_by_age_and_compaction(tmp_path: Path, make_session) -> None:
+    now = time.time()
+    day = 86400.0
+    # Old and recent sessions interleaved in the same segments: dropping the old ones leaves
+    # every segment mostly dead, so retention must rewrite them rather than delete them.
+    sessions = [make_session(i, targets=5, finish=(now - 100 * day - i) if i % 4 else now - i) for i in range(80)]
+    store = await opened(tmp_path / "t", retention_s=90 * day, segment_bytes=12 * 1024)
+    for i in range(0, 80, 8):
+        await store.append_many(sessions[i : i + 8])
+    survivors = [s for i, s in enumerate(sessions) if i % 4 == 0]
+    before = store.stats().disk_bytes
+    stop = asyncio.Event()
+    seen_errors: list[BaseException] = []
+
+    async def reader() -> None:
+        while not stop.is_set():
+            try:
+                for s in survivors:
+                    got = await store.get(s.id)
+                    assert got is None or got == s
+            except BaseException as exc:  # noqa: BLE001
+                seen_errors.append(exc)
+                return
+
+    task = asyncio.create_task(reader())
+    report = await store.enforce_retention(now=now)
+    stop.set()
+    await task
+    assert not seen_errors
+    assert report.dropped == 60 and report.segments_compacted >= 1
+    assert store.stats().disk_bytes < before / 2
+    assert {s.id for s in await store.recent(100)} == {s.id for s in survivors}
+    for s in survivors:
+        assert await store.get(s.id) == s
+    await store.close()
+    store = await opened(tmp_path / "t", retention_s=90 * day, segment_bytes=12 * 1024)
+    assert store.last_report.ok
+    assert {s.id for s in await store.recent(100)} == {s.id for s in survivors}
+    await store.close()
+
+
+async def test_reads_do_not_wait_for_a_slow_write(tmp_path: Path, make_session) -> None:
+    gate = threading.Event()
+
+    class SlowDisk(TelemetryStorage):
+        def _write_batch(self, payloads):  # type: ignore[no-untyped-def]
+            gate.wait(5)  # a disk that takes its time (fsync on a busy device)
+            return super()._write_batch(payloads)
+
+    store = SlowDisk(tmp_path / "t", fsync=False)
+    await store.open()
+    first = make_session(0)
+    gate.set()
+    await store.append_many([first])
+    gate.clear()
+    write = asyncio.create_task(store.append_many([make_session(1)]))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    assert await store.get(first.id) == first
+    assert len(await store.recent(5)) == 1  # the pending write is not visible before it is durable
+    assert time.monotonic() - t0 < 1.0
+    assert not write.done()
+    gate.set()
+    assert await write == [True]
+    assert await store.count() == 2
+    await store.close()
+
+
+async def test_close_is_idempotent_and_final(tmp_path: Path, make_session) -> None:
+    store = await opened(tmp_path / "t")
+    await store.append_many([make_session(0)])
+    await store.close()
+    await store.close()
+    with pytest.raises(StorageClosed):
+        await store.append_many([make_session(1)])
+    with pytest.raises(StorageClosed):
+        await store.get("x")
+
+
+async def test_random_batches_concurrent_appends(tmp_path: Path, make_session) -> None:
+    """Concurrent writers with overlapping ids: each id stored once, every caller told the truth."""
+    sessions = [make_session(i) for i in range(40)]
+    store = await opened(tmp_path / "t")
+    rng = random.Random(7)
+    batches = [rng.sample(sessions, 8) for _ in range(20)]
+    results = await asyncio.gather(*(store.append_many(b) for b in batches))
+    new_ids = [s.id for b, flags in zip(batches, results) for s, new in zip(b, flags) if new]
+    assert len(new_ids) == len(set(new_ids)) == await store.count()
+    assert set(new_ids) == {s.id for b in batches for s in b}
+    await store.close()
