@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 
@@ -22,7 +22,8 @@ class Service(Protocol):
 
 
 async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.Event | None = None,
-                           shutdown_timeout: float = 10.0) -> None:
+                           shutdown_timeout: float = 10.0,
+                           on_started: Callable[[], None] | None = None) -> None:
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -35,6 +36,8 @@ async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.E
         for svc in services:
             await svc.start()
             started.append(svc)
+        if on_started is not None:
+            on_started()
         await stop.wait()
     finally:
         for svc in reversed(started):

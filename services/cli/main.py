@@ -19,6 +19,8 @@ from typing import Any
 from shared.settings import Settings, SettingsError, describe
 
 COMMAND_MODULES = [
+    "services.cli.cmd_stack",
+    "services.cli.cmd_sessions",
 ]
 
 
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         from shared import logs
 
-        logs.configure(settings.log_level, settings.log_format)
+        # Interactive commands keep service chatter down to warnings unless a level is asked for.
+        level = settings.log_level
+        if getattr(args, "quiet_logs", False) and "BUILDER_TELEMETRY_LOG_LEVEL" not in os.environ:
+            level = "warning"
+        logs.configure(level, settings.log_format)
         result: Any = args.func(args, settings)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)
