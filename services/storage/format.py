@@ -214,7 +214,9 @@ def scan(data: bytes, file: str) -> ScanResult:
             result.damages.append(Damage(file=file, offset=pos, bytes_skipped=len(data) - pos, reason=reason))
             result.tail_damaged = True
             break
-        result.damages.append(Damage(file=file, offset=pos, bytes_skipped=nxt.offset - pos, reason=found))
+        # "Runs past the end" with intact records after it means the length itself is wrong.
+        reason = BAD_LENGTH if found == TRUNCATED else found
+        result.damages.append(Damage(file=file, offset=pos, bytes_skipped=nxt.offset - pos, reason=reason))
         pos = nxt.offset
     return result
 

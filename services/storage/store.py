@@ -207,7 +207,6 @@ class TelemetryStorage:
     def _write_batch(self, payloads: list[bytes]) -> list[Summary]:
         now = time.time()
         seg = self._active or self._new_segment()
-        touched = [seg]
         out: list[Summary] = []
         buf = bytearray()
         try:
@@ -217,19 +216,18 @@ class TelemetryStorage:
                 if buf and seg.size + len(buf) + len(rec) > self.segment_bytes:
                     self._flush(seg, buf)
                     seg = self._roll()
-                    touched.append(seg)
                     buf = bytearray()
                 out.append(summarize(view, now, seg, seg.size + len(buf), len(p)))
                 buf += rec
             self._flush(seg, buf)
             if self.fsync:
-                for s in touched:
-                    os.fsync(s.wfd)
+                os.fsync(seg.wfd)  # segments rolled over above were fsynced by _roll
         except BaseException:
             self._undo(seg, len(buf))
             raise
         if seg.size >= self.segment_bytes:
-            self._roll()
+            seg.close_writer()  # full: the next append starts a new segment
+            self._active = None
         return out
 
     def _flush(self, seg: Segment, buf: bytearray) -> None:

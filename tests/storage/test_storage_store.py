@@ -76,7 +76,7 @@ async def test_idempotent_by_session_id(tmp_path: Path, make_session) -> None:
 
 async def test_reopen_keeps_everything_across_segments(tmp_path: Path, make_session) -> None:
     sessions = [make_session(i, targets=20) for i in range(60)]
-    store = await opened(tmp_path / "t", segment_bytes=16 * 1024)
+    store = await opened(tmp_path / "t", segment_bytes=16 * 1024, fsync=True)
     for i in range(0, 60, 7):
         await store.append_many(sessions[i : i + 7])
     segments = store.stats().segments
