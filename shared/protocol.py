@@ -27,7 +27,7 @@ HealthState = Literal["healthy", "degraded", "critical"]
 CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
 
 
-class VcsInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+class VcsInfo(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Version-control state of the checkout a build ran in."""
 
     system: str = "git"
@@ -37,7 +37,7 @@ class VcsInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     remote: str | None = None
 
 
-class BuildEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True):
+class BuildEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Snapshot of the machine and process a build ran in. ``env`` is redacted at the agent."""
 
     os: str = ""
@@ -54,7 +54,7 @@ class BuildEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True):
     env: dict[str, str] = {}
 
 
-class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type", gc=False):
     """Fields every event carries: who sent it, for which session, in which order."""
 
     session_id: str  # 128-bit, 32 lowercase hex digits
@@ -77,7 +77,7 @@ class TargetStarted(_Event, tag="target_started"):
     worker: str = ""
 
 
-class Phase(msgspec.Struct, array_like=True):
+class Phase(msgspec.Struct, array_like=True, gc=False):
     """A named slice of a target's time (compile, link, test…), in seconds."""
 
     name: str
@@ -130,7 +130,7 @@ class BuildFinished(_Event, tag="build_finished"):
 Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished
 
 
-class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type"):
+class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type", gc=False):
     """What an agent publishes: a run of its events for one session, in sequence order."""
 
     session_id: str
@@ -139,7 +139,7 @@ class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type"):
     version: int = PROTOCOL_VERSION
 
 
-class TargetMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     """One target of a folded session (the last attempt wins; ``attempts`` counts them all)."""
 
     name: str
@@ -160,7 +160,7 @@ class TargetMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
     phases: list[Phase] = []
 
 
-class SessionTotals(msgspec.Struct, kw_only=True):
+class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
     targets: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -171,7 +171,7 @@ class SessionTotals(msgspec.Struct, kw_only=True):
     events: int = 0
 
 
-class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session", tag_field="type"):
+class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session", tag_field="type", gc=False):
     """A completed build: what storage keeps and the analyzer reads."""
 
     id: str
