@@ -1,0 +1,243 @@
+"""Automatic capture for ``buildtel run --record``: which files a build read and wrote.
+
+The run command calls :meth:`RunCapture.before` just before it starts the
+command and :meth:`RunCapture.after` once it has exited::
+
+    cap = RunCapture(settings)
+    cap.before(cwd, argv, env, session_id=client.session_id)
+    exit_code = run(argv)
+    recording_id = cap.after(exit_code)
+
+*Outputs* come from a scan of the working tree before and after: files created
+or rewritten (size, mtime or inode changed) are outputs, files that disappeared
+are "removed".  *Inputs* come from what the build tool knows when it is ``make``
+(its database, ``make -pn``, after the build, so dependency files written by
+``-MMD`` are included) or ``ninja`` (``-t inputs`` plus the deps log); for any
+other command, or when the tool cannot be asked, every file that existed before
+the build and was left untouched is an input (a superset of what was read).
+``docs/recorder.md`` lists what this cannot see.
+
+Recording must never break the build: both methods catch their own errors,
+log them, and ``after`` then returns ``None`` (``error`` says why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.recorder import toolquery
+from services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
+from services.recorder.recorder import BuildRecorder
+from services.recorder.store import RecordingStore
+from shared.logs import get_logger
+from shared.settings import Settings
+
+log = get_logger("recorder.capture")
+
+SKIP_DIRS = frozenset({".git", ".hg", ".svn", ".jj"})
+# Tool bookkeeping rewritten by every run, with timestamps: never a build product to compare.
+VOLATILE = frozenset({".ninja_log", ".ninja_deps"})
+DEFAULT_MAX_FILES = 200_000
+MAX_EXTERNAL = 5000
+MAX_EXTERNAL_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    ino: int
+    mode: int
+    sha256: str | None  # None until hashed
+    link: str | None = None  # symlink text
+
+    def same_stat(self, other: FileState) -> bool:
+        return (self.size, self.mtime_ns, self.ino, self.mode, self.link) == (
+            other.size, other.mtime_ns, other.ino, other.mode, other.link)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TreeTooLarge(RuntimeError):
+    pass
+
+
+def scan_tree(root: Path, exclude: set[Path], *, max_files: int = DEFAULT_MAX_FILES,
+              previous: Mapping[str, FileState] | None = None) -> dict[str, FileState]:
+    """Stat every file under ``root`` (symlinks not followed) and hash the ones whose stat is
+    new or differs from ``previous``: the before-scan hashes all, the after-scan only changes."""
+    out: dict[str, FileState] = {}
+    for dirpath, dirs, files in os.walk(root):
+        here = Path(dirpath)
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and (here / d) not in exclude]
+        # os.walk lists symlinks to directories under dirs and never descends into them;
+        # they are recorded as links, like symlinks to files.
+        names = files + [d for d in dirs if (here / d).is_symlink()]
+        for name in names:
+            full = here / name
+            rel = full.relative_to(root).as_posix()
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue  # vanished while scanning
+            link = os.readlink(full) if stat.S_ISLNK(st.st_mode) else None
+            if link is None and not stat.S_ISREG(st.st_mode):
+                continue  # sockets, fifos, devices: nothing to record
+            state = FileState(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, None, link)
+            old = previous.get(rel) if previous else None
+            if old is not None and old.same_stat(state):
+                out[rel] = old
+            else:
+                try:
+                    sha = hashlib.sha256(link.encode()).hexdigest() if link is not None else sha256_file(full)
+                except OSError:
+                    continue
+                out[rel] = FileState(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, sha, link)
+            if len(out) > max_files:
+                raise TreeTooLarge(f"more than {max_files} files under {root}: not recording")
+    return out
+
+
+class RunCapture:
+    """Before/after capture of one command run; ``inputs`` is auto, make, ninja or tree."""
+
+    def __init__(self, settings: Settings, *, inputs: str = "auto", store: RecordingStore | None = None,
+                 max_files: int = DEFAULT_MAX_FILES) -> None:
+        if inputs not in {"auto", "make", "ninja", "tree"}:
+            raise ValueError(f"inputs must be auto, make, ninja or tree, not {inputs!r}")
+        self.settings = settings
+        self.mode = inputs
+        self.recorder = BuildRecorder(settings, store=store)
+        self.max_files = max_files
+        self.error: str | None = None
+        self.recording_id: str | None = None
+        self._root: Path | None = None
+        self._argv: list[str] = []
+        self._env: dict[str, str] = {}
+        self._before: dict[str, FileState] = {}
+        self._exclude: set[Path] = set()
+
+    def before(self, cwd: str | os.PathLike[str], argv: Sequence[str], env: Mapping[str, str] | None = None,
+               *, session_id: str | None = None) -> str | None:
+        """Snapshot the tree and start the recording; returns its id (``None`` if it cannot record)."""
+        try:
+            self._root = Path(cwd).absolute()
+            self._argv = [str(a) for a in argv]
+            self._env = dict(os.environ if env is None else env)
+            # The store itself may live in the tree (.builder-cache is relative): never scan it.
+            self._exclude = {self.settings.cache_dir.absolute(), self.recorder.store.root.absolute()}
+            self._before = scan_tree(self._root, self._exclude, max_files=self.max_files)
+            sid = session_id if session_id and is_recording_id(session_id) else None
+            self.recording_id = self.recorder.start_recording(self._argv, cwd=self._root, env=self._env,
+                                                              session_id=sid)
+            return self.recording_id
+        except Exception as exc:  # noqa: BLE001 - recording must never stop the build
+            self._fail("before", exc)
+            return None
+
+    def after(self, exit_code: int | None) -> str | None:
+        """Scan again, work out inputs and outputs, write the manifest; returns the recording id."""
+        if self.error or self._root is None or self.recording_id is None:
+            return None
+        try:
+            return self._after(exit_code)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("after", exc)
+            return None
+
+    def _fail(self, stage: str, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.warning("recorder.capture_failed", stage=stage, error=self.error)
+
+    # -- classification -------------------------------------------------------------------------
+    def _after(self, exit_code: int | None) -> str:
+        root, rec = self._root, self.recorder
+        assert root is not None
+        after = scan_tree(root, self._exclude, max_files=self.max_files * 2, previous=self._before)
+        written = {p for p, s in after.items() if p not in self._before or not self._before[p].same_stat(s)}
+        untouched = {p for p in self._before if p in after and p not in written}
+        for path in sorted(set(self._before) - set(after)):
+            rec.record_removed(path)
+        method, candidates = self._input_candidates()
+        if candidates is None:
+            chosen = untouched
+        else:
+            chosen = set()
+            for cand in candidates:
+                rel = self._relative(cand)
+                if rel is None:
+                    self._external(cand)
+                elif rel in untouched:
+                    chosen.add(rel)
+                elif rel in self._before and rel in written:
+                    # Read by the build and then rewritten by it: the old bytes are gone.
+                    old = self._before[rel]
+                    rec.record_input_hash(FileEntry(path=rel, sha256=old.sha256 or "", size=old.size,
+                                                    mtime_ns=old.mtime_ns, stored=False))
+        for rel in sorted(chosen):
+            self._record(rec.record_input, rel, expect=self._before[rel].sha256)
+        for rel in sorted(written):
+            if rel.rsplit("/", 1)[-1] not in VOLATILE:
+                self._record(rec.record_output, rel)
+        return rec.stop_recording(exit_code, input_method=method)
+
+    def _record(self, fn, rel: str, expect: str | None = None) -> None:  # noqa: ANN001
+        try:
+            entries = fn(rel)
+        except UnsafePath as exc:
+            self.recorder.refuse(rel, str(exc))
+            return
+        except OSError as exc:
+            self.recorder.note(f"could not read {rel}: {exc}")
+            return
+        if expect and entries and entries[0].kind == "file" and entries[0].sha256 != expect:
+            self.recorder.note(f"{rel} changed during the build without changing size or mtime")
+
+    def _relative(self, path: str) -> str | None:
+        """``path`` relative to the root in POSIX form, or ``None`` when it lies outside."""
+        assert self._root is not None
+        p = Path(os.path.normpath(path if os.path.isabs(path) else self._root / path))
+        try:
+            return p.relative_to(self._root).as_posix()
+        except ValueError:
+            return None
+
+    def _external(self, path: str) -> None:
+        rec = self.recorder
+        m = rec._manifest
+        if len(m.external_inputs) >= MAX_EXTERNAL or any(e.path == path for e in m.external_inputs[-50:]):
+            return
+        sha = ""
+        try:
+            if os.path.isfile(path) and os.path.getsize(path) <= MAX_EXTERNAL_BYTES:
+                sha = sha256_file(path)
+        except OSError:
+            pass
+        rec.record_external(path, sha)
+
+    def _input_candidates(self) -> tuple[str, set[str] | None]:
+        """(method, paths the tool says the build used) — ``None`` paths means "use the tree"."""
+        assert self._root is not None
+        tool = toolquery.detect(self._argv) if self.mode == "auto" else self.mode
+        if tool == "tree" or tool is None:
+            return "tree", None
+        started = time.monotonic()
+        try:
+            paths = toolquery.inputs(tool, self._argv, self._root, self._env)
+        except toolquery.QueryFailed as exc:
+            self.recorder.note(f"{tool} could not list its inputs ({exc}); recorded the whole tree instead")
+            return "tree", None
+        log.debug("recorder.inputs_queried", tool=tool, paths=len(paths), seconds=time.monotonic() - started)
+        return tool, paths

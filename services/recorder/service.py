@@ -1,0 +1,260 @@
+"""Recorder service: keep the full event stream of every session flagged for recording.
+
+It reads the events stream through its own durable consumer (``recorder``): the
+stream has limits retention, so the collectors' consumer and this one each see
+every batch.  Whether a session is to be recorded is said by its
+``BuildStarted.record``, but other agents' events of the session can arrive
+before it.  So a batch of a session whose flag is not yet known is *held*, not
+acknowledged, for up to ``hold_s``; the flag, once seen, is written to Redis so
+every recorder replica learns it.  Flagged batches are written to the
+recording store (one file per batch, named by agent and first seq, so a
+redelivery rewrites the same file) and only then acknowledged; unflagged ones
+are acknowledged and dropped; held batches whose session never shows its
+BuildStarted within ``hold_s`` are dropped too (counted).  A crash loses
+nothing: unacknowledged batches come back.
+
+A session's batch files are compacted into one log a little after its
+BuildFinished; retention and the size cap are applied hourly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.recorder.store import RecordingStore
+from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.codec import decode_batch
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.protocol import BuildFinished, BuildStarted, EventBatch
+from shared.settings import Settings
+from shared.subjects import Subjects
+
+log = get_logger("recorder")
+
+FETCH_BATCH = 256
+SWEEP_INTERVAL_S = 0.2
+FLAG_TTL_S = 8 * 86400  # outlives the events stream's 7-day max age
+FLAG_CACHE = 100_000
+MAX_HELD = 20_000  # batches held unacknowledged at once (bounded by max_ack_pending too)
+GC_INTERVAL_S = 3600.0
+COMPACT_DELAY_S = 5.0
+
+
+def flag_key(ns: str, sid: str) -> str:
+    """Redis string "1"/"0": whether the session asked to be recorded (kept here, as the
+    recorder's only key; it belongs in shared/keys.py with the others)."""
+    return f"{ns}:recorder:flag:{sid}"
+
+
+class RecorderService:
+    name = "recorder"
+
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, hold_s: float = 60.0,
+                 store: RecordingStore | None = None) -> None:
+        self.settings = settings
+        self.nats_url = nats_url
+        self.redis_url = redis_url
+        self.hold_s = hold_s
+        self.subjects = Subjects(settings.namespace)
+        self.keys = Keys(settings.namespace)
+        self.store = store or RecordingStore.from_settings(settings)
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.nc: Any = None
+        self.redis: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._stopped = False
+        self._flags: OrderedDict[str, bool] = OrderedDict()
+        self._held: dict[str, list[tuple[Any, EventBatch, float]]] = {}
+        self._compact_at: dict[str, float] = {}
+        self._last_gc = 0.0
+        # Counters for tests and /metrics.
+        self.batches_in = 0
+        self.events_persisted = 0
+        self.events_ignored = 0
+        self.events_dropped_unflagged = 0
+        self.dead_letters = 0
+
+    async def start(self) -> None:
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-recorder-{self.owner}")
+        self.redis = connect_redis(self.redis_url)
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js, self.subjects)
+        self.sub = await self.js.pull_subscribe(
+            self.subjects.events_all,
+            durable="recorder",
+            stream=self.subjects.events_stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self.hold_s + 30.0,  # held batches must not be redelivered while held
+                max_ack_pending=MAX_HELD * 2,
+                max_deliver=-1,
+            ),
+        )
+        self._tasks = [asyncio.create_task(self._consume(), name="recorder.consume"),
+                       asyncio.create_task(self._sweep(), name="recorder.sweep")]
+        log.info("recorder.started", owner=self.owner, store=str(self.store.root))
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Held batches stay unacknowledged: the next recorder gets them again.
+        self._held.clear()
+        await close_nats(self.nc, [getattr(self, "sub", None)])
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        log.info("recorder.stopped", persisted=self.events_persisted, ignored=self.events_ignored)
+
+    # -- flags ----------------------------------------------------------------------------------
+    def _remember(self, sid: str, flag: bool) -> None:
+        self._flags[sid] = flag
+        self._flags.move_to_end(sid)
+        while len(self._flags) > FLAG_CACHE:
+            self._flags.popitem(last=False)
+
+    async def _lookup(self, sids: list[str]) -> None:
+        unknown = [s for s in sids if s not in self._flags]
+        if not unknown:
+            return
+        values = await self.redis.mget([flag_key(self.settings.namespace, s) for s in unknown])
+        for sid, v in zip(unknown, values, strict=True):
+            if v is not None:
+                self._remember(sid, v == b"1")
+
+    # -- consuming ------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
+            except NatsTimeout:
+                continue
+            except Exception as exc:  # noqa: BLE001 - connection blips: fetch again
+                if self._stopping.is_set():
+                    return
+                log.warning("recorder.fetch_failed", error=str(exc))
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                await self._handle(msgs)
+            except Exception as exc:  # noqa: BLE001 - unacked messages come back
+                log.error("recorder.handle_failed", error=f"{type(exc).__name__}: {exc}", messages=len(msgs))
+                await asyncio.sleep(0.5)
+
+    async def _handle(self, msgs: list[Any]) -> None:
+        decoded: list[tuple[Any, EventBatch]] = []
+        for msg in msgs:
+            try:
+                batch = decode_batch(msg.data)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
+                await self._dead_letter(msg, f"undecodable event batch: {exc}")
+                continue
+            self.batches_in += 1
+            if not batch.events:
+                await msg.ack()
+                continue
+            decoded.append((msg, batch))
+        # Flags first, from every BuildStarted of this fetch, so a session's earlier
+        # batches in the same fetch are decided too.
+        pipe = self.redis.pipeline(transaction=False)
+        for _, batch in decoded:
+            for ev in batch.events:
+                if isinstance(ev, BuildStarted):
+                    self._remember(batch.session_id, ev.record)
+                    pipe.set(flag_key(self.settings.namespace, batch.session_id), b"1" if ev.record else b"0",
+                             ex=FLAG_TTL_S)
+        if len(pipe):
+            await pipe.execute()
+        await self._lookup(sorted({b.session_id for _, b in decoded}))
+        now = time.monotonic()
+        for msg, batch in decoded:
+            flag = self._flags.get(batch.session_id)
+            if flag is None:
+                self._held.setdefault(batch.session_id, []).append((msg, batch, now))
+            else:
+                await self._decide(msg, batch, flag)
+        await self._bound_held()
+
+    async def _decide(self, msg: Any, batch: EventBatch, flag: bool) -> None:
+        if flag:
+            first = min(ev.seq for ev in batch.events)
+            # File IO off the event loop; acknowledged only once the batch is on disk.
+            await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, msg.data)
+            self.events_persisted += len(batch.events)
+            if any(isinstance(ev, BuildFinished) for ev in batch.events):
+                self._compact_at[batch.session_id] = time.monotonic() + self.settings.finish_grace_s + COMPACT_DELAY_S
+        else:
+            self.events_ignored += len(batch.events)
+        await msg.ack()
+
+    async def _bound_held(self) -> None:
+        while sum(len(v) for v in self._held.values()) > MAX_HELD:
+            oldest = min(self._held, key=lambda s: self._held[s][0][2])
+            await self._drop(oldest, "too many batches held")
+
+    async def _drop(self, sid: str, why: str) -> None:
+        items = self._held.pop(sid, [])
+        for msg, batch, _ in items:
+            self.events_dropped_unflagged += len(batch.events)
+            with contextlib.suppress(Exception):
+                await msg.ack()
+        log.warning("recorder.dropped_unknown_session", session_id=sid, batches=len(items), reason=why)
+
+    async def _dead_letter(self, msg: Any, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning("recorder.dead_letter", subject=msg.subject, reason=reason[:300], size=len(msg.data))
+        await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="recorder",
+                                  subject=msg.subject, reason=reason, data=msg.data, headers=dict(msg.headers or {}))
+        await msg.ack()
+
+    # -- held batches, compaction, retention ----------------------------------------------------
+    async def _sweep(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), SWEEP_INTERVAL_S)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.sweep_once()
+            except Exception as exc:  # noqa: BLE001 - Redis/disk blips: next sweep retries
+                log.warning("recorder.sweep_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+
+    async def sweep_once(self) -> None:
+        now = time.monotonic()
+        if self._held:
+            # Another replica may have seen the session's BuildStarted meanwhile.
+            await self._lookup(list(self._held))
+            for sid in list(self._held):
+                flag = self._flags.get(sid)
+                if flag is not None:
+                    for msg, batch, _ in self._held.pop(sid):
+                        await self._decide(msg, batch, flag)
+                elif now - self._held[sid][0][2] > self.hold_s:
+                    await self._drop(sid, f"no BuildStarted within {self.hold_s:g}s")
+        for sid, due in list(self._compact_at.items()):
+            if due <= now:
+                del self._compact_at[sid]
+                await asyncio.to_thread(self.store.compact_events, sid)
+        if now - self._last_gc > GC_INTERVAL_S:
+            self._last_gc = now
+            result = await asyncio.to_thread(self.store.gc)
+            if any(result.values()):
+                log.info("recorder.gc", **result)
