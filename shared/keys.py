@@ -18,13 +18,9 @@ class Keys:
         """Hash: started/finished/health records, per-agent seen and max-seq counters."""
         return f"{self.ns}:sess:{sid}:meta"
 
-    def session_targets(self, sid: str) -> str:
-        """Hash: one field per TargetFinished event (``agent:seq``) -> encoded event."""
-        return f"{self.ns}:sess:{sid}:targets"
-
-    def session_running(self, sid: str) -> str:
-        """Hash: targets started but not finished (``agent|target``) -> encoded event."""
-        return f"{self.ns}:sess:{sid}:running"
+    def session_fragments(self, sid: str) -> str:
+        """Hash: ``agent:first_seq`` -> msgpack array of the target events one fold added."""
+        return f"{self.ns}:sess:{sid}:frags"
 
     def session_seen(self, sid: str, agent: str) -> str:
         """Bitmap: bit ``seq`` set once that event is folded (idempotency by agent + seq)."""

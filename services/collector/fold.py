@@ -1,21 +1,25 @@
-"""Pure logic of the collector: events -> Redis operations, and Redis state -> BuildSession.
+"""Pure logic of the collector: batches -> Redis script payloads, and Redis state -> BuildSession.
 
-The collector keeps no session state in memory.  Each event becomes one small
-operation that the ``apply`` Lua script (``lua.py``) performs atomically
-together with the idempotency check (bit ``seq`` of the agent's bitmap), so any
-collector can fold any batch and a redelivered batch changes nothing.  When the
-session completes, :func:`build_session` folds the hash contents into a
-:class:`BuildSession`.  Both halves are testable without Redis or NATS.
+The collector keeps no session state in memory.  A batch becomes one payload
+that the ``apply`` Lua script (``lua.py``) folds atomically together with the
+idempotency check (bit ``seq`` of the agent's bitmap), so any collector can fold
+any batch and a redelivered batch changes nothing.  Target events are kept as
+*fragments*: the raw MessagePack of the events that were new in one script
+call, framed as one msgpack array, so completing a session decodes a handful of
+arrays rather than thousands of single events.  When the session completes,
+:func:`build_session` folds the state into a :class:`BuildSession`.  Both halves
+are testable without Redis or NATS.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from operator import attrgetter
 
 import msgspec
 
-from shared.codec import encode, event_decoder
+from shared.codec import event_decoder
 from shared.protocol import (
     CACHE_HITS,
     BuildFinished,
@@ -29,49 +33,61 @@ from shared.protocol import (
     TargetStarted,
 )
 
-# Operation kinds understood by the Lua script (one byte each, to keep the payload small).
-OP_STARTED = "S"
-OP_TARGET_STARTED = "T"
-OP_TARGET_FINISHED = "F"
-OP_HEALTH = "H"
-OP_FINISHED = "E"
+# Event kinds the Lua script treats specially (one byte each); everything else is a fragment.
+OP_STARTED = b"S"
+OP_HEALTH = b"H"
+OP_FINISHED = b"E"
+OP_TARGET = b"T"
 
-_HEAD = struct.Struct(">Ic")
-
-
-def _op(seq: int, kind: str, f1: str, f2: str, data: bytes) -> bytes:
-    b1, b2 = f1.encode(), f2.encode()
-    return b"".join((_HEAD.pack(seq, kind.encode()), len(b1).to_bytes(2, "big"), b1,
-                     len(b2).to_bytes(2, "big"), b2, len(data).to_bytes(4, "big"), data))
+_HEAD = struct.Struct(">IcH")
+_fragments_decoder = msgspec.msgpack.Decoder(list[Event])
 
 
-def ops_payload(events: list[Event]) -> tuple[bytes, bool]:
-    """Encode a batch for the Lua script as packed records Redis' ``struct`` can read.
+class _RawBatch(msgspec.Struct, gc=False):
+    events: list[msgspec.Raw]
 
-    Each record is ``>I4 c1 H c0 H c0 I4 c0``: seq, kind, field1, field2 and the
-    encoded event (Redis' cmsgpack predates the msgpack bin type, hence no msgpack
-    here).  For a finished target,
-    field1 is the targets-hash field (``agent:seq``, one per attempt) and field2
-    the running-hash field to clear; for started/health the ordering timestamp.
-    Returns the payload and whether it contains a BuildFinished.
+
+_raw_batch_decoder = msgspec.msgpack.Decoder(_RawBatch)
+
+
+def ops_payload(data: bytes, events: list[Event]) -> tuple[bytes, bool]:
+    """Encode one validated batch for the Lua script as records Redis' ``struct`` can read.
+
+    Each record is ``>I4 c1 H c0 I4 c0``: seq, kind, an ordering timestamp (for
+    BuildStarted / HealthCheckpoint) and the event's raw MessagePack, sliced out
+    of the message instead of re-encoded (Redis' cmsgpack predates the msgpack
+    bin type, hence no msgpack framing here).  Returns the payload and whether
+    it contains a BuildFinished.
     """
-    flat: list[bytes] = []
+    raws = _raw_batch_decoder.decode(data).events
+    out = bytearray()
     finished = False
-    for ev in events:
-        data = encode(ev)
+    pack = _HEAD.pack
+    for ev, raw in zip(events, raws, strict=True):
         match ev:
-            case TargetFinished(agent_id=agent, seq=seq, target=target):
-                flat.append(_op(seq, OP_TARGET_FINISHED, f"{agent}:{seq}", f"{agent}|{target}", data))
-            case TargetStarted(agent_id=agent, seq=seq, target=target):
-                flat.append(_op(seq, OP_TARGET_STARTED, f"{agent}|{target}", "", data))
-            case HealthCheckpoint(seq=seq, ts=ts):
-                flat.append(_op(seq, OP_HEALTH, repr(ts), "", data))
-            case BuildStarted(seq=seq, ts=ts):
-                flat.append(_op(seq, OP_STARTED, repr(ts), "", data))
-            case BuildFinished(seq=seq):
-                flat.append(_op(seq, OP_FINISHED, "", "", data))
+            case TargetFinished() | TargetStarted():
+                out += pack(ev.seq, OP_TARGET, 0)
+            case BuildStarted(ts=ts) | HealthCheckpoint(ts=ts):
+                ts_b = repr(ts).encode()
+                out += pack(ev.seq, OP_STARTED if isinstance(ev, BuildStarted) else OP_HEALTH, len(ts_b))
+                out += ts_b
+            case BuildFinished():
+                out += pack(ev.seq, OP_FINISHED, 0)
                 finished = True
-    return b"".join(flat), finished
+        out += len(raw).to_bytes(4, "big")
+        out += raw
+    return bytes(out), finished
+
+
+def fragment_events(fragments: Iterable[bytes]) -> list[Event]:
+    """All target events kept for a session, from its fragments (each a msgpack array)."""
+    events: list[Event] = []
+    for frag in fragments:
+        try:
+            events.extend(_fragments_decoder.decode(frag))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # written by our own script from validated events; never expected
+    return events
 
 
 def _decode(data: bytes) -> Event | None:
@@ -115,9 +131,12 @@ def is_ready(meta: Mapping[bytes, bytes]) -> bool:
     return n == high + 1 and high == fin.seq
 
 
-def _metrics(attempts: list[TargetFinished]) -> TargetMetrics:
+def _later(a: TargetFinished, b: TargetFinished) -> TargetFinished:
     # The attempt that ended last is the target's result; earlier ones are retries.
-    last = max(attempts, key=lambda e: (e.start + e.duration_s, e.seq))
+    return b if (b.start + b.duration_s, b.seq) > (a.start + a.duration_s, a.seq) else a
+
+
+def _metrics(last: TargetFinished, attempts: int) -> TargetMetrics:
     return TargetMetrics(
         name=last.target,
         start=last.start,
@@ -132,17 +151,19 @@ def _metrics(attempts: list[TargetFinished]) -> TargetMetrics:
         mnemonic=last.mnemonic,
         cpu_s=last.cpu_s,
         peak_rss_bytes=last.peak_rss_bytes,
-        attempts=len(attempts),
+        attempts=attempts,
         deps=last.deps,
         phases=last.phases,
     )
 
 
+_by_start = attrgetter("start", "name")
+
+
 def build_session(
     session_id: str,
     meta: Mapping[bytes, bytes],
-    targets: Mapping[bytes, bytes],
-    running: Mapping[bytes, bytes] | None = None,
+    fragments: Iterable[bytes],
     *,
     now: float,
 ) -> BuildSession:
@@ -153,25 +174,32 @@ def build_session(
     started = started if isinstance(started, BuildStarted) else None
     finished = finished if isinstance(finished, BuildFinished) else None
 
-    by_name: dict[str, list[TargetFinished]] = {}
-    for raw in targets.values():
-        ev = _decode(raw)
-        if isinstance(ev, TargetFinished):
-            by_name.setdefault(ev.target, []).append(ev)
-    done_keys = {f"{a.agent_id}|{a.target}" for evs in by_name.values() for a in evs}
-    metrics = sorted((_metrics(evs) for evs in by_name.values()), key=lambda m: (m.start, m.name))
+    by_name: dict[str, TargetFinished] = {}
+    retried: dict[str, int] = {}
+    running: dict[tuple[str, str], TargetStarted] = {}
+    for ev in fragment_events(fragments):
+        if type(ev) is TargetFinished:
+            prev = by_name.get(ev.target)
+            if prev is None:
+                by_name[ev.target] = ev
+            else:
+                by_name[ev.target] = _later(prev, ev)
+                retried[ev.target] = retried.get(ev.target, 1) + 1
+        elif type(ev) is TargetStarted:
+            running[(ev.agent_id, ev.target)] = ev
+    metrics = [_metrics(ev, retried.get(name, 1)) for name, ev in by_name.items()]
+    metrics.sort(key=_by_start)
 
     if finished is None:
-        # Abandoned: keep what ran; targets still running are recorded as cancelled at the
-        # last moment we heard of the session.
+        # Abandoned: keep what ran; targets started but never finished are recorded as
+        # cancelled at the last moment we heard of the session.
         last_seen = float(meta.get(b"last", b"0") or 0) or now
-        for field, raw in (running or {}).items():
-            ev = _decode(raw)
-            if isinstance(ev, TargetStarted) and field.decode() not in done_keys and ev.target not in by_name:
+        for ev in running.values():
+            if ev.target not in by_name:
                 metrics.append(TargetMetrics(name=ev.target, start=ev.ts, end=last_seen,
                                              duration_s=max(0.0, last_seen - ev.ts), status="cancelled",
                                              cache="uncacheable", worker=ev.worker, agent_id=ev.agent_id))
-        metrics.sort(key=lambda m: (m.start, m.name))
+        metrics.sort(key=_by_start)
 
     first_ts = started.ts if started else min((m.start for m in metrics), default=now)
     if finished is not None:

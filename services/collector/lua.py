@@ -9,11 +9,11 @@ per event.
 
 from __future__ import annotations
 
-# KEYS: meta, targets, running, seen(agent), active, finishing, done
-# ARGV: now, agent, session_id, payload (packed records, see fold.ops_payload), finish_grace_s
+# KEYS: meta, fragments, seen(agent), active, finishing, done
+# ARGV: now, agent, session_id, payload (records, see fold.ops_payload), finish_grace_s
 # Returns {folded, finished_in_batch, late}
 APPLY = r"""
-if redis.call('EXISTS', KEYS[7]) == 1 then
+if redis.call('EXISTS', KEYS[6]) == 1 then
   return {0, 0, 1}
 end
 local now = tonumber(ARGV[1])
@@ -24,32 +24,37 @@ local pos = 1
 local n = #payload
 local new = 0
 local high = -1
+local first_new = -1
 local finished = 0
+local parts = {}
 while pos <= n do
-  local seq, kind, f1, f2, val, nextpos = struct.unpack('>I4c1Hc0Hc0I4c0', payload, pos)
+  local seq, kind, ts, raw, nextpos = struct.unpack('>I4c1Hc0I4c0', payload, pos)
   pos = nextpos
-  if redis.call('SETBIT', KEYS[4], seq, 1) == 0 then
+  if redis.call('SETBIT', KEYS[3], seq, 1) == 0 then
     new = new + 1
     if seq > high then high = seq end
-    if kind == 'F' then
-      redis.call('HSET', KEYS[2], f1, val)
-      redis.call('HDEL', KEYS[3], f2)
-    elseif kind == 'T' then
-      redis.call('HSET', KEYS[3], f1, val)
+    if kind == 'T' then
+      if first_new < 0 then first_new = seq end
+      parts[#parts + 1] = raw
     elseif kind == 'S' or kind == 'H' then
       local field = (kind == 'S') and 'started' or 'health'
       local cur = redis.call('HGET', KEYS[1], field .. '_ts')
       -- The earliest BuildStarted and the latest checkpoint win, whatever order they arrive in.
-      local ts = tonumber(f1)
-      if (not cur) or (kind == 'S' and ts < tonumber(cur)) or (kind == 'H' and ts >= tonumber(cur)) then
-        redis.call('HSET', KEYS[1], field, val, field .. '_ts', f1)
+      local t = tonumber(ts)
+      if (not cur) or (kind == 'S' and t < tonumber(cur)) or (kind == 'H' and t >= tonumber(cur)) then
+        redis.call('HSET', KEYS[1], field, raw, field .. '_ts', ts)
       end
     elseif kind == 'E' then
-      redis.call('HSET', KEYS[1], 'finished', val)
-      redis.call('ZADD', KEYS[6], now + tonumber(ARGV[5]), sid)
+      redis.call('HSET', KEYS[1], 'finished', raw)
+      redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), sid)
       finished = 1
     end
   end
+end
+if #parts > 0 then
+  -- One fragment per call, framed as a msgpack array32; its field is the first seq that was new
+  -- here, which no other call can also claim.
+  redis.call('HSET', KEYS[2], agent .. ':' .. first_new, struct.pack('>BI4', 0xdd, #parts) .. table.concat(parts))
 end
 if new > 0 then
   redis.call('HINCRBY', KEYS[1], 'events', new)
@@ -57,7 +62,7 @@ if new > 0 then
   local cur = tonumber(redis.call('HGET', KEYS[1], 'max:' .. agent) or '-1')
   if high > cur then redis.call('HSET', KEYS[1], 'max:' .. agent, high) end
   redis.call('HSET', KEYS[1], 'last', ARGV[1])
-  redis.call('ZADD', KEYS[5], now, sid)
+  redis.call('ZADD', KEYS[4], now, sid)
 end
 return {new, finished, 0}
 """
@@ -68,7 +73,7 @@ CLAIM = r"""
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
 
-# KEYS: done, active, finishing, meta, targets, running, lock, seen keys...
+# KEYS: done, active, finishing, meta, fragments, lock, seen keys...
 # ARGV: session_id, done_ttl_s
 RETIRE = r"""
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])

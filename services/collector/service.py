@@ -134,35 +134,37 @@ class CollectorService:
         for msg in msgs:
             try:
                 batch = decode_batch(msg.data)
+                payload, _ = fold.ops_payload(msg.data, batch.events)
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
                 await self._dead_letter(msg, f"undecodable event batch: {exc}")
                 continue
             if not batch.events:
                 await msg.ack()
                 continue
-            groups[(batch.session_id, batch.agent_id)].extend(batch.events)
+            groups[(batch.session_id, batch.agent_id)].append((payload, len(batch.events)))
             good.append(msg)
         if not groups:
             return
         now = time.time()
         finished_any = False
         pipe = self.redis.pipeline(transaction=False)
-        order = list(groups.items())
-        for (sid, agent), events in order:
-            payload, _ = fold.ops_payload(events)
-            k = self.keys
-            await self._apply(
-                keys=[k.session_meta(sid), k.session_targets(sid), k.session_running(sid),
-                      k.session_seen(sid, agent), k.active, k.finishing, k.completed(sid)],
-                args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)],
-                client=pipe,
-            )
+        calls: list[tuple[str, str, int]] = []
+        k = self.keys
+        for (sid, agent), payloads in groups.items():
+            for payload, count in payloads:
+                await self._apply(
+                    keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
+                          k.active, k.finishing, k.completed(sid)],
+                    args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)],
+                    client=pipe,
+                )
+                calls.append((sid, agent, count))
         results = await pipe.execute()
-        for ((sid, agent), events), (new, finished, late) in zip(order, results, strict=True):
+        for (sid, agent, count), (new, finished, late) in zip(calls, results, strict=True):
             self.events_in += int(new)
             if late:
-                self.late_events += len(events)
-                log.warning("session.late_events", session_id=sid, agent_id=agent, events=len(events))
+                self.late_events += count
+                log.warning("session.late_events", session_id=sid, agent_id=agent, events=count)
             finished_any |= bool(finished)
         self.batches_in += len(good)
         # Ack only now that Redis holds the fold: a crash before this line means redelivery,
@@ -215,20 +217,19 @@ class CollectorService:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(k.session_meta(sid))
-        pipe.hgetall(k.session_targets(sid))
-        pipe.hgetall(k.session_running(sid))
-        meta, targets, running = await pipe.execute()
+        pipe.hvals(k.session_fragments(sid))
+        meta, fragments = await pipe.execute()
         if not meta:
             await self.redis.zrem(k.finishing, sid)
             await self.redis.zrem(k.active, sid)
             return 0
-        session = fold.build_session(sid, meta, targets, running, now=now)
+        session = fold.build_session(sid, meta, fragments, now=now)
         await self.js.publish(self.subjects.sessions_completed, encode(session),
                               headers={"Nats-Msg-Id": sid}, timeout=10.0)
         agents = list(fold.agent_counts(meta))
         await self._retire(
-            keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_targets(sid),
-                  k.session_running(sid), k.session_prefix(sid) + "lock"]
+            keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
+                  k.session_prefix(sid) + "lock"]
             + [k.session_seen(sid, a) for a in agents],
             args=[sid, DONE_TTL_S],
         )
