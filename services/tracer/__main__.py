@@ -1,0 +1,28 @@
+"""``python -m services.tracer [--otlp-port N] [--forward-otlp URL] [--forward-zipkin URL]``:
+run one tracer until SIGTERM/SIGINT (bus URLs from the environment)."""
+
+import argparse
+import asyncio
+import sys
+
+from services.tracer.service import add_serve_arguments, service_from_args
+from shared.logs import configure
+from shared.runner import run_until_signal
+from shared.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.tracer", description=__doc__)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure(settings.log_level, settings.log_format)
+    if not (settings.nats_url and settings.redis_url):
+        print("tracer: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
+        return 2
+    asyncio.run(run_until_signal([service_from_args(args, settings, settings.nats_url, settings.redis_url)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

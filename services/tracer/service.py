@@ -1,0 +1,289 @@
+"""The tracer service: takes spans in, keeps traces, answers queries, forwards to backends.
+
+Inputs, all ending in :meth:`TracerService.ingest` (store, then forward):
+
+* OTLP/HTTP ``POST /v1/traces`` on ``settings.http_host:otlp_port`` (``http.py``);
+* span batches on the bus (``<ns>.spans``, JetStream, durable ``tracer``) from
+  processes using the tracing API (``bus_exporter.py``);
+* completed sessions (``Subjects.sessions_completed``, durable ``tracer``),
+  turned into session -> target -> phase spans (``sessions.py``), so every
+  build is a trace even when its agents never used the API.
+
+Bus messages are acknowledged only after the store has them; a message that
+cannot be decoded goes to the dead-letter subject instead of being retried
+forever.  Re-delivered sessions are recognised and skipped (span ids are
+deterministic anyway), re-delivered span batches collapse by span id on read.
+
+One tracer per ``traces_dir``: queries are answered from the local store, so
+run replicas only with separate namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.micro
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.micro.request import Request
+
+from services.tracer import query
+from services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
+from services.tracer.http import RunningReceiver, start_receiver
+from services.tracer.model import SpanRecord, check_span, span_batch_decoder
+from services.tracer.sessions import session_spans
+from services.tracer.store import DEFAULT_MAX_BYTES, DEFAULT_MAX_TRACES, DEFAULT_SEGMENT_BYTES, TraceStore
+from services.tracer.subjects import TracerSubjects, ensure_spans_stream
+from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.codec import DecodeError, decode_session
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.protocol import is_session_id
+from shared.settings import Settings
+from shared.subjects import Subjects
+
+log = get_logger("tracer")
+
+DURABLE = "tracer"
+DEFAULT_OTLP_PORT = 4318
+FETCH_BATCH = 64
+SYNC_INTERVAL_S = 1.0
+RETENTION_INTERVAL_S = 60.0
+
+
+class TracerService:
+    name = "tracer"
+
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, otlp_port: int = DEFAULT_OTLP_PORT,
+                 forward_otlp: Sequence[str] = (), forward_otlp_protocol: str = "protobuf",
+                 forward_zipkin: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.settings = settings
+        self.nats_url = nats_url
+        self.redis_url = redis_url
+        self.otlp_port = otlp_port
+        self.subjects = Subjects(settings.namespace)
+        self.tsubjects = TracerSubjects(self.subjects)
+        self.keys = Keys(settings.namespace)
+        self.store = TraceStore(settings.traces_dir, retention_s=settings.retention_s, max_bytes=max_bytes,
+                                max_traces=max_traces, segment_bytes=segment_bytes, fsync=settings.fsync)
+        self.forwarders = [Forwarder(OtlpHttpExporter(u, protocol=forward_otlp_protocol)) for u in forward_otlp]
+        self.forwarders += [Forwarder(ZipkinExporter(u)) for u in forward_zipkin]
+        self.receiver: RunningReceiver | None = None
+        self.nc: Any = None
+        self.redis: Any = None
+        self._stack: AsyncExitStack | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.sessions_synthesized = 0
+        self.bus_batches = 0
+        self.dead_letters = 0
+
+    @property
+    def otlp_url(self) -> str:
+        """``http://host:port/v1/traces`` once started (the real port when ``otlp_port=0``)."""
+        assert self.receiver is not None, "service not started"
+        return self.receiver.url
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        stack = AsyncExitStack()
+        try:
+            await self._start(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        log.info("tracer.started", otlp=self.otlp_url, traces=len(self.store.traces),
+                 forward=[f.exporter.url for f in self.forwarders])
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        report = self.store.open()
+        stack.callback(self.store.close)  # closed last, after every writer has stopped
+        if report.damaged_regions or report.truncated_bytes:
+            log.warning("tracer.store.damage", damaged_regions=report.damaged_regions,
+                        truncated_bytes=report.truncated_bytes)
+        self.store.enforce_retention()
+        self.redis = connect_redis(self.redis_url)
+        stack.push_async_callback(self.redis.aclose)
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"{self.settings.namespace}-tracer")
+        stack.push_async_callback(close_nats, self.nc)
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects)
+        await ensure_spans_stream(js, self.tsubjects)
+        for fwd in self.forwarders:
+            fwd.start()
+            stack.push_async_callback(fwd.stop)
+        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30.0,
+                                max_deliver=-1, max_ack_pending=10_000)
+        sessions_sub = await js.pull_subscribe(self.subjects.sessions_completed, durable=DURABLE,
+                                               stream=self.subjects.sessions_stream, config=config)
+        spans_sub = await js.pull_subscribe(self.tsubjects.spans, durable=DURABLE,
+                                            stream=self.tsubjects.spans_stream, config=config)
+        micro = await nats.micro.add_service(
+            self.nc, name=self.tsubjects.service_name, version=query.API_VERSION,
+            description="Builder Telemetry traces", metadata={"namespace": self.settings.namespace})
+        stack.push_async_callback(micro.stop)
+        for ep in query.ENDPOINTS:
+            await micro.add_endpoint(name=ep, subject=self.tsubjects.endpoint(ep), handler=partial(self._query, ep))
+        self.receiver = await start_receiver(self.ingest_otlp, host=self.settings.http_host, port=self.otlp_port,
+                                             token=self.settings.http_token)
+        stack.push_async_callback(self.receiver.close)
+        self._tasks = [
+            asyncio.create_task(self._consume(sessions_sub, self._on_session), name="tracer.sessions"),
+            asyncio.create_task(self._consume(spans_sub, self._on_spans), name="tracer.spans"),
+            asyncio.create_task(self._housekeeping(), name="tracer.housekeeping"),
+        ]
+        stack.push_async_callback(self._stop_tasks)  # runs first on stop: no new work
+        await self.nc.flush()  # the query subscriptions are live on the server when start() returns
+
+    async def stop(self) -> None:
+        """Stop taking input, finish what is in flight, flush forwarders, close. Idempotent."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        await stack.aclose()
+        log.info("tracer.stopped", spans=self.store.spans_written, sessions=self.sessions_synthesized)
+
+    async def _stop_tasks(self) -> None:
+        self._stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # -- ingest --------------------------------------------------------------------------------
+    async def ingest(self, spans: list[SpanRecord], *, source: str, session_id: str = "") -> None:
+        """Store ``spans`` (valid ids already checked), then hand them to every forwarder."""
+        self.store.append(spans, source=source, session_id=session_id)
+        for fwd in self.forwarders:
+            fwd.offer(spans)
+
+    async def ingest_otlp(self, spans: list[SpanRecord]) -> None:
+        await self.ingest(spans, source="otlp")
+
+    async def _consume(self, sub: Any, handle: Any) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS away: the client reconnects, keep polling
+                if self._stopping.is_set():
+                    return
+                log.warning("tracer.fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                try:
+                    await handle(msg)
+                except Exception as exc:  # noqa: BLE001 - unacked: redelivered after ack_wait
+                    log.error("tracer.ingest_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+
+    async def _on_session(self, msg: Any) -> None:
+        try:
+            session = decode_session(msg.data)
+        except DecodeError as exc:
+            return await self._dead_letter(msg, f"undecodable session: {exc}")
+        if not is_session_id(session.id):
+            return await self._dead_letter(msg, f"session id {session.id[:80]!r} is not 32 lowercase hex digits")
+        if not self.store.has_synthesized(session.id):
+            await self.ingest(session_spans(session), source="session", session_id=session.id)
+            self.sessions_synthesized += 1
+            log.info("tracer.session_traced", session_id=session.id, targets=len(session.targets))
+        await msg.ack()
+
+    async def _on_spans(self, msg: Any) -> None:
+        try:
+            batch = span_batch_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return await self._dead_letter(msg, f"undecodable span batch: {exc}")
+        good = [s for s in batch.spans if check_span(s) is None]
+        if len(good) < len(batch.spans):
+            log.warning("tracer.bus_spans_rejected", rejected=len(batch.spans) - len(good))
+        if good:
+            await self.ingest(good, source="bus")
+        self.bus_batches += 1
+        await msg.ack()
+
+    async def _dead_letter(self, msg: Any, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning("tracer.dead_letter", subject=msg.subject, reason=reason[:300])
+        await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service=self.name,
+                                  subject=msg.subject, reason=reason, data=msg.data,
+                                  headers=dict(msg.headers or {}))
+        await msg.ack()
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_retention = loop.time() + RETENTION_INTERVAL_S
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), SYNC_INTERVAL_S)
+            try:
+                self.store.sync()
+                if loop.time() >= next_retention:
+                    next_retention = loop.time() + RETENTION_INTERVAL_S
+                    self.store.enforce_retention()
+            except OSError as exc:
+                log.error("tracer.store.housekeeping_failed", error=repr(exc))
+
+    # -- queries -------------------------------------------------------------------------------
+    async def _query(self, endpoint: str, req: Request) -> None:
+        try:
+            body = _encode_stats(self.stats()) if endpoint == "stats" else query.answer(self.store, endpoint, req.data)
+        except query.QueryError as exc:
+            await req.respond_error(str(exc.code), exc.description)
+            return
+        except Exception as exc:  # noqa: BLE001 - answer 500 instead of leaving the caller to time out
+            log.error("tracer.query_failed", endpoint=endpoint, error=repr(exc))
+            await req.respond_error("500", f"{type(exc).__name__}: {exc}")
+            return
+        await req.respond(body)
+
+    def stats(self) -> query.StatsReply:
+        rs = self.receiver.stats if self.receiver else None
+        return query.StatsReply(
+            traces=len(self.store.traces), sessions=len(self.store.sessions),
+            segments=self.store.segment_count(), disk_bytes=self.store.disk_bytes(),
+            spans_stored=self.store.spans_written,
+            otlp_requests=rs.requests if rs else 0, otlp_rejected_spans=rs.rejected_spans if rs else 0,
+            otlp_bad_requests=rs.bad_requests if rs else 0, sessions_synthesized=self.sessions_synthesized,
+            bus_batches=self.bus_batches, dead_letters=self.dead_letters,
+            forward_sent=sum(f.sent for f in self.forwarders),
+            forward_dropped=sum(f.dropped for f in self.forwarders))
+
+
+def _encode_stats(stats: query.StatsReply) -> bytes:
+    return msgspec.msgpack.encode(stats)
+
+
+# -- CLI wiring (``buildtel serve tracer`` and ``python -m services.tracer``) -----------------
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the tracer service; the lead wires them under ``buildtel serve tracer``."""
+    parser.add_argument("--otlp-port", type=int, default=DEFAULT_OTLP_PORT,
+                        help=f"OTLP/HTTP port on BUILDER_TELEMETRY_HTTP_HOST (default {DEFAULT_OTLP_PORT}; 0 = any)")
+    parser.add_argument("--forward-otlp", action="append", default=[], metavar="URL",
+                        help="also send every span to this OTLP/HTTP endpoint (repeatable), e.g. http://jaeger:4318")
+    parser.add_argument("--forward-otlp-protocol", choices=("protobuf", "json"), default="protobuf",
+                        help="encoding for --forward-otlp (default protobuf)")
+    parser.add_argument("--forward-zipkin", action="append", default=[], metavar="URL",
+                        help="also send every span to this Zipkin endpoint (repeatable), e.g. http://zipkin:9411")
+
+
+def service_from_args(args: argparse.Namespace, settings: Settings, nats_url: str, redis_url: str) -> TracerService:
+    return TracerService(settings, nats_url, redis_url, otlp_port=args.otlp_port,
+                         forward_otlp=args.forward_otlp or (), forward_otlp_protocol=args.forward_otlp_protocol,
+                         forward_zipkin=args.forward_zipkin or ())

@@ -1,0 +1,159 @@
+"""A completed :class:`BuildSession` as spans: session -> targets -> phases.
+
+This is how every build becomes a trace, including builds whose agents never
+used the tracing API.  The trace id is ``BuildSession.trace_id`` (the session
+id, unless the agent was handed a ``traceparent``).  Span ids are derived from
+(trace id, session id, target name, phase index), never random, so processing
+the same session twice (a redelivery, a replayed stream) produces the very
+same spans, and the tracing API can parent an agent's own spans under the
+session span before that span exists (``model.session_span_id``).
+
+Limitation: the collector keeps only the trace id of an incoming
+``traceparent``, not its parent span id, so such a session span is a root of
+the caller's trace rather than a child of the caller's span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.tracer.model import (
+    KIND_INTERNAL,
+    SESSION_ATTR,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_UNSET,
+    SpanRecord,
+    derive_span_id,
+    is_hex_id,
+    session_span_id,
+)
+from shared.protocol import BuildSession, TargetMetrics
+
+SCOPE = "builder_telemetry.sessions"
+SERVICE_NAME = "build"
+MAX_DEPS = 64  # deps can run into thousands; a trace viewer needs a hint, not the graph
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+def trace_id_of(session: BuildSession) -> str:
+    tid = (session.trace_id or "").lower()
+    return tid if is_hex_id(tid, 32) else session.id
+
+
+def _resource(session: BuildSession) -> dict[str, Any]:
+    res: dict[str, Any] = {"service.name": SERVICE_NAME}
+    env = session.environment
+    if env is not None:
+        for key, value in (("host.name", env.hostname), ("os.type", env.os), ("host.arch", env.arch)):
+            if value:
+                res[key] = value
+    return res
+
+
+def _session_attrs(s: BuildSession) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        SESSION_ATTR: s.id,
+        "build.name": s.name,
+        "build.outcome": s.outcome,
+        "build.targets": len(s.targets),
+        "build.cache_hits": s.cache_hits,
+        "build.cache_misses": s.cache_misses,
+        "build.cache_hit_rate": float(s.cache_hit_rate),
+        "build.failed": s.totals.failed,
+    }
+    if s.exit_code is not None:
+        attrs["build.exit_code"] = s.exit_code
+    if s.command:
+        attrs["build.command"] = list(s.command)
+    if s.agents:
+        attrs["build.agents"] = list(s.agents)
+    if s.cpu_s is not None:
+        attrs["build.cpu_s"] = float(s.cpu_s)
+    if s.peak_rss_bytes is not None:
+        attrs["build.peak_rss_bytes"] = s.peak_rss_bytes
+    vcs = s.environment.vcs if s.environment else None
+    if vcs is not None:
+        if vcs.commit:
+            attrs["vcs.commit"] = vcs.commit
+        if vcs.branch:
+            attrs["vcs.branch"] = vcs.branch
+        attrs["vcs.dirty"] = vcs.dirty
+    for key, value in s.labels.items():
+        attrs[f"build.label.{key}"] = value
+    return attrs
+
+
+def _target_attrs(t: TargetMetrics, session_id: str) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        SESSION_ATTR: session_id,
+        "build.target": t.name,
+        "build.status": t.status,
+        "build.cache": t.cache,
+        "build.cache_hit": t.cache in ("local_hit", "remote_hit"),
+        "build.attempts": t.attempts,
+    }
+    optional = (("build.worker", t.worker or None), ("build.agent_id", t.agent_id or None),
+                ("build.exit_code", t.exit_code), ("build.kind", t.kind), ("build.mnemonic", t.mnemonic),
+                ("build.cpu_s", t.cpu_s), ("build.peak_rss_bytes", t.peak_rss_bytes))
+    for key, value in optional:
+        if value is not None:
+            attrs[key] = value
+    if t.deps:
+        attrs["build.deps"] = list(t.deps[:MAX_DEPS])
+        if len(t.deps) > MAX_DEPS:
+            attrs["build.deps_total"] = len(t.deps)
+    return attrs
+
+
+def _session_status(s: BuildSession) -> tuple[int, str]:
+    if s.outcome == "success":
+        return STATUS_OK, ""
+    if s.outcome == "abandoned":
+        return STATUS_ERROR, "abandoned: the build stopped reporting before it finished"
+    code = f" (exit code {s.exit_code})" if s.exit_code is not None else ""
+    return STATUS_ERROR, f"build failed{code}"
+
+
+def _target_status(t: TargetMetrics) -> tuple[int, str]:
+    if t.status == "success":
+        return STATUS_OK, ""
+    if t.status == "failed":
+        return STATUS_ERROR, f"failed (exit code {t.exit_code})" if t.exit_code is not None else "failed"
+    # skipped / cancelled are not errors of this target; build.status says which.
+    return STATUS_UNSET, ""
+
+
+def session_spans(session: BuildSession) -> list[SpanRecord]:
+    """The spans of one completed build, root first; deterministic for a given session."""
+    trace_id = trace_id_of(session)
+    sid = session.id
+    resource = _resource(session)
+    root_id = session_span_id(sid, trace_id)
+    code, message = _session_status(session)
+    start = session.start or min((t.start for t in session.targets), default=0.0)
+    finish = session.finish or max((t.end for t in session.targets), default=start)
+    spans = [SpanRecord(trace_id=trace_id, span_id=root_id, name=session.name or "build", kind=KIND_INTERNAL,
+                        start_ns=_ns(start), end_ns=_ns(max(finish, start)), attributes=_session_attrs(session),
+                        status_code=code, status_message=message, resource=resource, scope_name=SCOPE)]
+    for t in session.targets:
+        tid = derive_span_id(trace_id, sid, "target", t.name)
+        code, message = _target_status(t)
+        spans.append(SpanRecord(trace_id=trace_id, span_id=tid, parent_span_id=root_id, name=t.name,
+                                kind=KIND_INTERNAL, start_ns=_ns(t.start), end_ns=_ns(max(t.end, t.start)),
+                                attributes=_target_attrs(t, sid), status_code=code, status_message=message,
+                                resource=resource, scope_name=SCOPE))
+        # Phases carry only durations; they ran back to back from the target's start.
+        offset = t.start
+        for i, phase in enumerate(t.phases):
+            duration = max(0.0, phase.duration_s)
+            spans.append(SpanRecord(
+                trace_id=trace_id, span_id=derive_span_id(trace_id, sid, "phase", t.name, str(i), phase.name),
+                parent_span_id=tid, name=phase.name, kind=KIND_INTERNAL, start_ns=_ns(offset),
+                end_ns=_ns(offset + duration), attributes={"build.phase": phase.name, "build.target": t.name},
+                resource=resource, scope_name=SCOPE))
+            offset += duration
+    return spans

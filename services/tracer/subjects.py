@@ -1,0 +1,73 @@
+"""NATS subjects and JetStream names of the tracer, derived from ``shared.subjects.Subjects``.
+
+``shared/subjects.py`` is shared by every service and owned by the lead; the
+tracer's own names live here, hanging off the same namespace so parallel farms
+and test runs stay apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from shared.subjects import Subjects
+
+DAY_S = 86400.0
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TracerSubjects:
+    subjects: Subjects
+
+    @property
+    def ns(self) -> str:
+        return self.subjects.ns
+
+    # -- span batches from processes using the tracing API (JetStream) ---------------------
+    @property
+    def spans(self) -> str:
+        return f"{self.ns}.spans"
+
+    @property
+    def spans_stream(self) -> str:
+        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_SPANS"
+
+    # -- trace queries (nats.micro request/reply) ------------------------------------------
+    @property
+    def traces_api(self) -> str:
+        return f"{self.ns}.traces"
+
+    def endpoint(self, name: str) -> str:
+        return f"{self.traces_api}.{name}"
+
+    @property
+    def service_name(self) -> str:
+        return self.subjects.service_name("tracer")
+
+    def spans_stream_config(self) -> StreamConfig:
+        # Limits retention: the stream is a buffer between exporting processes and the
+        # tracer, so a tracer that is down for a while catches up instead of losing spans.
+        return StreamConfig(
+            name=self.spans_stream,
+            subjects=[self.spans],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            max_bytes=1024 * MiB,
+            max_msg_size=1 * MiB,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=120.0,
+        )
+
+
+async def ensure_spans_stream(js, tsubjects: TracerSubjects) -> None:  # noqa: ANN001 - JetStreamContext
+    """Declare the spans stream (idempotent; converges on our limits if it exists)."""
+    from nats.js.errors import BadRequestError
+
+    cfg = tsubjects.spans_stream_config()
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        await js.update_stream(cfg)
