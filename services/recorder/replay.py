@@ -58,6 +58,7 @@ class ReplayResult:
     differing: list[OutputDiff] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # produced now, not recorded (informational)
     not_restored_env: list[str] = field(default_factory=list)
+    not_restored_files: list[str] = field(default_factory=list)  # recorded by hash only
     sandbox: Path | None = None  # kept only when asked
     duration_s: float = 0.0
     log: str = ""  # tail of the command's output
@@ -88,7 +89,10 @@ class ReplayEngine:
         m = self.manifest(rid)
         # Validate everything first so a bad entry aborts before a single byte is written.
         entries = [(check_entry(e), e) for e in m.inputs]
-        missing = [e.path for _, e in entries if e.kind == "file" and (not e.stored or not self.store.has_object(e.sha256))]
+        # Inputs the build itself rewrote were recorded by hash only: nothing to restore, and
+        # the replayed build regenerates them (make's .d files are the usual case).
+        entries = [(n, e) for n, e in entries if e.kind == "symlink" or e.stored]
+        missing = [e.path for _, e in entries if e.kind == "file" and not self.store.has_object(e.sha256)]
         if missing:
             raise ReplayError(f"{len(missing)} input(s) have no content in the store, e.g. {missing[0]!r}")
         dest.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,8 @@ class ReplayEngine:
         env = {k: v for k, v in recorded.items() if v != REDACTED}
         env["PWD"] = str(workdir)
         env.pop("OLDPWD", None)
-        return env, sorted(k for k, v in recorded.items() if v == REDACTED)
+        # PWD is set above (the redaction rules take its name for a password variable).
+        return env, sorted(k for k, v in recorded.items() if v == REDACTED and k != "PWD")
 
     # -- replaying ------------------------------------------------------------------------------
     def replay(self, rid: str, *, keep: bool = False, sandbox_root: Path | None = None,
@@ -162,6 +167,7 @@ class ReplayEngine:
             result = self._compare(m, work, exit_code)
             result.duration_s = time.monotonic() - started
             result.not_restored_env = dropped
+            result.not_restored_files = [e.path for e in m.inputs if e.kind == "file" and not e.stored]
             result.log = (base / "replay.log").read_bytes()[-4000:].decode(errors="replace")
             result.sandbox = base if keep else None
             return result

@@ -1,0 +1,261 @@
+"""``buildtel replay``, ``buildtel diff`` and ``buildtel recordings``: use what the recorder kept.
+
+``replay ID`` alone describes a recording and runs nothing.  ``--execute``
+re-runs it in a fresh sandbox and compares outputs (exit 0 reproducible, 1 not);
+``--step N`` / ``--at S`` show the build's state at that point of its event
+stream, ``-i`` steps through it interactively; ``--republish`` sends the stream
+to the bus as a new session.  ``diff A B`` compares two recordings, or stored
+sessions fetched from the storage service.  IDs may be abbreviated to a unique
+prefix of at least 6 hex digits of a local recording.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import msgspec
+
+from services.cli.main import CLIError
+from services.recorder import diff as diffmod
+from services.recorder.manifest import RecordingManifest, is_recording_id
+from services.recorder.replay import ReplayEngine, ReplayError
+from services.recorder.store import RecordingNotFound, RecordingStore
+from services.recorder.timetravel import Timeline, render, republish
+from shared.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("replay", help="replay, inspect or republish a recorded build",
+                       description="Describe a recording; with --execute re-run it in a sandbox and check that "
+                                   "its outputs are reproduced; with --step/--at/-i travel through its events; "
+                                   "with --republish publish its events again as a new session.")
+    p.add_argument("id", help="recording id (or unique prefix of at least 6 hex digits)")
+    p.add_argument("--execute", action="store_true", help="re-run the recorded command in a fresh sandbox")
+    p.add_argument("--keep", action="store_true", help="keep the sandbox after --execute (its path is printed)")
+    p.add_argument("--sandbox-dir", help="create the sandbox under this directory (default: the temp dir)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the replayed command is killed")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--step", type=int, help="show the build's state after N events")
+    where.add_argument("--at", type=float, metavar="SECONDS", help="show the build's state SECONDS after it began")
+    p.add_argument("-i", "--interactive", action="store_true", help="step with n/p/<number>/q (needs a terminal)")
+    p.add_argument("--republish", action="store_true", help="publish the event stream again as a new session")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_replay, quiet_logs=True)
+
+    d = sub.add_parser("diff", help="compare two recordings or two stored sessions")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--min-delta", type=float, default=0.05, help="smallest timing change reported, seconds")
+    d.add_argument("--min-ratio", type=float, default=0.10, help="smallest timing change reported, fraction")
+    d.add_argument("--json", action="store_true", help="one JSON document")
+    d.set_defaults(func=cmd_diff, quiet_logs=True)
+
+    r = sub.add_parser("recordings", help="list local recordings")
+    r.add_argument("--gc", action="store_true", help="apply retention and the size cap now")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recordings, quiet_logs=True)
+
+
+def _dump(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def resolve_id(store: RecordingStore, ident: str) -> str:
+    """A full local id from an id or a unique prefix; the id itself when nothing local matches."""
+    if is_recording_id(ident):
+        return ident
+    if len(ident) < 6 or not all(c in "0123456789abcdef" for c in ident):
+        raise CLIError(f"{ident!r} is not a recording id (32 hex digits, or a unique prefix of at least 6)")
+    known = {m.id for m in store.list_manifests()} | set(store.event_sessions())
+    matches = sorted(k for k in known if k.startswith(ident))
+    if len(matches) != 1:
+        raise CLIError(f"{'no' if not matches else len(matches)} local recordings match {ident!r}")
+    return matches[0]
+
+
+def _describe(m: RecordingManifest | None, rid: str, events: int) -> str:
+    if m is None:
+        return f"recorded session {rid}: {events} events (event stream only, no files)"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
+    lines = [f"recording {m.id}  {when}  exit code {m.exit_code}",
+             f"command   {' '.join(m.command)}", f"cwd       {m.cwd}",
+             f"inputs    {len(m.inputs)} (from {m.input_method}), {len(m.external_inputs)} outside the tree",
+             f"outputs   {len(m.outputs)}, removed {len(m.removed)}",
+             f"events    {events}" + (f" (session {m.session_id})" if m.session_id else "")]
+    lines += [f"note      {n}" for n in m.notes] + [f"refused   {r}" for r in m.refused[:20]]
+    return "\n".join(lines)
+
+
+async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    store = RecordingStore.from_settings(settings)
+    engine = ReplayEngine(store=store)
+    rid = resolve_id(store, args.id)
+    manifest = store.load_manifest(rid) if store.has_manifest(rid) else None
+    events = engine.events(rid)
+    if manifest is None and not events:
+        raise CLIError(str(RecordingNotFound(rid)))
+    code = 0
+    if args.execute:
+        code = _execute(engine, rid, manifest, args)
+    if args.step is not None or args.at is not None or args.interactive:
+        if not events:
+            raise CLIError(f"no event stream was kept for {rid} (was the recorder service running?)")
+        tl = Timeline(events)
+        step = args.step if args.step is not None else tl.step_at(args.at) if args.at is not None else 0
+        if args.step is not None and not 0 <= args.step <= len(tl):
+            raise CLIError(f"--step must be between 0 and {len(tl)}")
+        if args.interactive:
+            if not sys.stdin.isatty():
+                raise CLIError("interactive mode needs a terminal; use --step N or --at SECONDS")
+            interactive(tl, step, sys.stdin, sys.stdout)
+        elif args.json:
+            _dump(tl.state(step).to_dict())
+        else:
+            print(render(tl.state(step)))
+    if args.republish:
+        if not events:
+            raise CLIError(f"no event stream was kept for {rid}")
+        from services.cli.common import open_bus
+        from shared.bus import ensure_streams
+
+        async with open_bus(settings, autostart=False, name="buildtel-replay") as bus:
+            await ensure_streams(bus.js, bus.subjects)
+            new_sid, sent = await republish(bus.js, bus.subjects, events, source=rid)
+        if args.json:
+            _dump({"republished_from": rid, "session_id": new_sid, "events": sent})
+        else:
+            print(f"republished {sent} events of {rid} as session {new_sid}")
+    if not (args.execute or args.republish or args.step is not None or args.at is not None or args.interactive):
+        if args.json:
+            _dump({"manifest": msgspec.to_builtins(manifest) if manifest else None, "events": len(events)})
+        else:
+            print(_describe(manifest, rid, len(events)))
+            print("(nothing was run: add --execute to replay it, --step N to inspect its events)")
+    return code
+
+
+def _execute(engine: ReplayEngine, rid: str, manifest: RecordingManifest | None, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if manifest is None:
+        raise CLIError(f"{rid} is an event stream only: there are no files or command to replay")
+    try:
+        result = engine.replay(rid, keep=args.keep, timeout=args.timeout,
+                               sandbox_root=Path(args.sandbox_dir) if args.sandbox_dir else None)
+    except ReplayError as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        _dump({**dataclasses.asdict(result), "status": result.status})
+    else:
+        print(f"replay of {rid}: {result.status} ({result.outputs_checked} outputs checked, "
+              f"exit code {result.exit_code}, recorded {result.recorded_exit_code}, {result.duration_s:.2f}s)")
+        for d in result.differing:
+            print(f"  {d.reason:<8} {d.path}")
+        if result.extra:
+            print(f"  {len(result.extra)} file(s) produced now but not recorded, e.g. {result.extra[0]}")
+        if result.not_restored_env:
+            print(f"  not restored (redacted): {', '.join(result.not_restored_env)}")
+        if result.sandbox:
+            print(f"  sandbox kept at {result.sandbox}")
+    return 0 if result.reproducible else 1
+
+
+def interactive(tl: Timeline, step: int, stdin: TextIO, stdout: TextIO) -> int:
+    """n / p (optionally with a count), a step number, or q; returns the last step shown."""
+    while True:
+        stdout.write(render(tl.state(step)) + "\n[n]ext [p]rev <step> [q]uit > ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return step
+        cmd = line.strip().lower()
+        if cmd in {"q", "quit", "exit"}:
+            return step
+        count = int(cmd[1:]) if len(cmd) > 1 and cmd[1:].isdigit() else 1
+        if cmd.startswith("n") or cmd == "":
+            step = min(len(tl), step + count)
+        elif cmd.startswith("p"):
+            step = max(0, step - count)
+        elif cmd.isdigit():
+            step = min(len(tl), int(cmd))
+        else:
+            stdout.write("?\n")
+
+
+async def _side(store: RecordingStore, ident: str, client: Any) -> diffmod.Side:
+    rid = None
+    try:
+        rid = resolve_id(store, ident)
+    except CLIError:
+        if not is_recording_id(ident):
+            raise
+    if rid and store.has_manifest(rid):
+        m = store.load_manifest(rid)
+        return diffmod.side_from_recording(m, store.load_events(m.session_id or rid))
+    if rid and store.has_events(rid):
+        return diffmod.side_from_events(rid, store.load_events(rid))
+    if client is None:
+        raise CLIError(f"{ident!r} is not a local recording")
+    from services.storage.api import StorageError
+
+    try:
+        return diffmod.side_from_session(await client.get(rid or ident))
+    except StorageError as exc:
+        raise CLIError(f"{ident!r}: not a local recording, and {exc}") from None
+
+
+async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
+    store = RecordingStore.from_settings(settings)
+
+    def local(ident: str) -> bool:
+        try:
+            rid = resolve_id(store, ident)
+        except CLIError:
+            return False
+        return store.has_manifest(rid) or store.has_events(rid)
+
+    if local(args.a) and local(args.b):
+        sides = [await _side(store, args.a, None), await _side(store, args.b, None)]
+    else:
+        try:
+            from services.storage.api import StorageClient
+        except ImportError:
+            raise CLIError("comparing sessions needs the storage service, which is not installed") from None
+        from services.cli.common import open_bus
+
+        async with open_bus(settings, autostart=False, name="buildtel-diff") as bus:
+            client = StorageClient(bus.nc, bus.subjects)
+            sides = [await _side(store, args.a, client), await _side(store, args.b, client)]
+    result = diffmod.diff(sides[0], sides[1], min_delta_s=args.min_delta, min_ratio=args.min_ratio)
+    if args.json:
+        _dump(result)
+    else:
+        print(diffmod.render(result))
+    return 0
+
+
+def cmd_recordings(args: argparse.Namespace, settings: Settings) -> int:
+    store = RecordingStore.from_settings(settings)
+    if args.gc:
+        print(f"gc: {store.gc()}", file=sys.stderr)
+    manifests = store.list_manifests()
+    linked = {m.session_id for m in manifests}
+    streams = [s for s in store.event_sessions() if s not in linked]
+    if args.json:
+        _dump({"recordings": [msgspec.to_builtins(m) for m in manifests], "event_streams": streams,
+               "disk_bytes": store.disk_bytes()})
+        return 0
+    for m in manifests:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
+        print(f"{m.id}  {when}  exit {m.exit_code!s:<4} {len(m.inputs):5d} in {len(m.outputs):5d} out  "
+              f"{' '.join(m.command)[:60]}")
+    for sid in streams:
+        print(f"{sid}  (event stream only)")
+    if not manifests and not streams:
+        print("no recordings yet (buildtel run --record -- CMD)", file=sys.stderr)
+    return 0

@@ -1,0 +1,149 @@
+"""The recorder service against real NATS and Redis, and republishing a recorded stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from services.cli.main import main
+from services.recorder.service import RecorderService
+from services.recorder.store import RecordingStore
+from shared.bus import dead_letter_decoder
+from shared.codec import decode_batch
+from shared.protocol import BuildStarted
+from shared.settings import Settings
+from shared.subjects import Subjects
+from tests.util import publish_events, synthetic_build
+
+
+def flagged_build(targets: int, seed: int, agents: tuple[str, ...] = ("agent-a",), record: bool = True):  # noqa: ANN201
+    sid, per_agent, expected = synthetic_build(targets=targets, seed=seed, agents=agents)
+    owner = agents[0]
+    per_agent[owner][0] = msgspec.structs.replace(per_agent[owner][0], record=record)
+    assert isinstance(per_agent[owner][0], BuildStarted)
+    return sid, per_agent, expected
+
+
+@pytest.fixture
+async def recorder(settings: Settings, nc: object, redis_client: object) -> AsyncIterator[RecorderService]:
+    svc = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:  # noqa: ANN001
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_flagged_session_is_kept_and_unflagged_ignored(settings: Settings, nc, recorder) -> None:  # noqa: ANN001
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    store = RecordingStore.from_settings(settings)
+    sid, per_agent, expected = flagged_build(40, seed=5, agents=("agent-a", "agent-b"))
+    plain_sid, plain, _ = flagged_build(25, seed=6, record=False)
+    # agent-b's events arrive before the BuildStarted that flags the session: they must be held.
+    await publish_events(js, subjects, sid, "agent-b", per_agent["agent-b"])
+    await publish_events(js, subjects, plain_sid, "agent-a", plain["agent-a"])
+    await asyncio.sleep(0.3)
+    await publish_events(js, subjects, sid, "agent-a", per_agent["agent-a"])
+    total = sum(len(v) for v in per_agent.values())
+    await wait_for(lambda: len(store.load_events(sid)) == total)
+    kept = store.load_events(sid)
+    assert sorted((e.agent_id, e.seq) for e in kept) == sorted(
+        (e.agent_id, e.seq) for evs in per_agent.values() for e in evs)
+    await wait_for(lambda: recorder.events_ignored == len(plain["agent-a"]))
+    assert not store.has_events(plain_sid)
+    assert recorder.events_dropped_unflagged == 0
+    # After BuildFinished (+ grace) the batch files are folded into one log.
+    await wait_for(lambda: [p.name for p in (store.events / sid).iterdir() if p.name.endswith(".msgpack")]
+                   == ["log.msgpack"], timeout=20.0)
+    assert len(store.load_events(sid)) == total == expected["events"]
+
+
+async def test_redelivery_is_stored_once_and_survives_a_restart(settings: Settings, nc, redis_client) -> None:  # noqa: ANN001
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    store = RecordingStore.from_settings(settings)
+    sid, per_agent, _ = flagged_build(30, seed=8)
+    svc = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
+    await svc.start()
+    await publish_events(js, subjects, sid, "agent-a", per_agent["agent-a"][:20])
+    await wait_for(lambda: len(store.load_events(sid)) == 20)
+    await svc.stop()
+    await svc.stop()  # idempotent
+    # Published while no recorder runs: the durable consumer delivers them to the next one.
+    await publish_events(js, subjects, sid, "agent-a", per_agent["agent-a"][20:])
+    svc2 = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
+    await svc2.start()
+    try:
+        await wait_for(lambda: len(store.load_events(sid)) == len(per_agent["agent-a"]))
+        # svc2 never saw this session's BuildStarted: it learnt the flag from Redis.
+        assert svc2.events_persisted == len(per_agent["agent-a"]) - 20
+        assert svc2.events_dropped_unflagged == 0
+    finally:
+        await svc2.stop()
+
+
+async def test_bad_input_goes_to_dead_letter_and_unknown_sessions_expire(settings: Settings, nc, recorder) -> None:  # noqa: ANN001
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    sub = await nc.subscribe(subjects.dead_letter("recorder"))
+    await js.publish(subjects.events("a" * 32), b"\xc1 not msgpack")
+    msg = await sub.next_msg(timeout=10)
+    dl = dead_letter_decoder.decode(msg.data)
+    assert dl.service == "recorder" and "undecodable" in dl.reason and dl.data == b"\xc1 not msgpack"
+    await sub.unsubscribe()
+    # A session whose BuildStarted never comes is held for hold_s, then let go.
+    sid, per_agent, _ = flagged_build(5, seed=9)
+    await publish_events(js, subjects, sid, "agent-a", per_agent["agent-a"][1:])
+    await wait_for(lambda: recorder.events_dropped_unflagged == len(per_agent["agent-a"]) - 1, timeout=10.0)
+    assert recorder.dead_letters == 1
+
+
+async def test_republish_feeds_a_new_session_with_the_same_events(settings: Settings, nc, recorder,  # noqa: ANN001
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    store = RecordingStore.from_settings(settings)
+    sid, per_agent, _ = flagged_build(35, seed=11, agents=("agent-a", "agent-b"))
+    for agent, evs in per_agent.items():
+        await publish_events(js, subjects, sid, agent, evs)
+    total = sum(len(v) for v in per_agent.values())
+    await wait_for(lambda: len(store.load_events(sid)) == total)
+
+    for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
+                       ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
+        monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+    assert await asyncio.to_thread(main, ["replay", sid, "--republish", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    new_sid = out["session_id"]
+    assert new_sid != sid and len(new_sid) == 32 and out["events"] == total
+
+    info = await js.stream_info(subjects.events_stream)
+    assert info.state.messages > 0
+    sub = await js.subscribe(subjects.events(new_sid), ordered_consumer=True)
+    got = []
+    try:
+        while len(got) < total:
+            batch = decode_batch((await sub.next_msg(timeout=10)).data)
+            assert batch.session_id == new_sid
+            got.extend(batch.events)
+    finally:
+        await sub.unsubscribe()
+    assert len(got) == total and {e.session_id for e in got} == {new_sid}
+    started = next(e for e in got if isinstance(e, BuildStarted))
+    assert started.labels["republished_from"] == sid and started.record is False
+    # Not flagged, so the recorder does not keep the copy a second time.
+    await wait_for(lambda: recorder.events_ignored >= total)
+    assert not store.has_events(new_sid)
+
