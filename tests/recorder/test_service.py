@@ -36,6 +36,11 @@ async def recorder(settings: Settings, nc: object, redis_client: object) -> Asyn
     await svc.stop()
 
 
+def json_document(out: str) -> dict:  # type: ignore[type-arg]
+    """The JSON a command printed; services started in-process may have logged lines before it."""
+    return json.loads(out[out.index("{"):] if out.startswith("{") else out[out.index("\n{") + 1:])
+
+
 async def wait_for(predicate, timeout: float = 15.0) -> None:  # noqa: ANN001
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -125,7 +130,7 @@ async def test_republish_feeds_a_new_session_with_the_same_events(settings: Sett
                        ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
         monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
     assert await asyncio.to_thread(main, ["replay", sid, "--republish", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json_document(capsys.readouterr().out)
     new_sid = out["session_id"]
     assert new_sid != sid and len(new_sid) == 32 and out["events"] == total
 
@@ -147,3 +152,36 @@ async def test_republish_feeds_a_new_session_with_the_same_events(settings: Sett
     await wait_for(lambda: recorder.events_ignored >= total)
     assert not store.has_events(new_sid)
 
+
+
+async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
+        settings: Settings, nc, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    from services.storage.service import StorageService
+    from shared.codec import encode
+    from tests.storage.conftest import build_session
+
+    svc = StorageService(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    try:
+        a = build_session(1, targets=4)
+        b = build_session(2, targets=4)
+        b.targets[2] = msgspec.structs.replace(b.targets[2], duration_s=2.5, cache="remote_hit")
+        b.environment.env["CC"] = "clang"  # type: ignore[union-attr]
+        js = nc.jetstream()
+        for s in (a, b):
+            await js.publish(Subjects(settings.namespace).sessions_completed, encode(s), headers={"Nats-Msg-Id": s.id})
+        for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
+                           ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
+            monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+        await wait_for(lambda: svc.stored >= 2)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["diff", a.id, b.id, "--json"]) == 0
+        d = json_document(capsys.readouterr().out)
+    finally:
+        await svc.stop()
+    assert d["a"]["kind"] == d["b"]["kind"] == "session"
+    assert d["env"]["added"] == {"CC": "clang"}
+    assert d["targets"]["timing"] == [{"target": "//pkg:t2", "a": 0.5, "b": 2.5, "delta_s": 2.0}]
+    assert d["targets"]["cache"] == [{"target": "//pkg:t2", "a": "local_hit" if 2 % 3 == 0 else "miss",
+                                      "b": "remote_hit"}]
+    assert d["inputs"] is None and d["first_divergence"] == "unavailable"
