@@ -193,7 +193,7 @@ class RunCapture:
                 self._record(rec.record_output, rel)
         return rec.stop_recording(exit_code, input_method=method)
 
-    def _record(self, fn, rel: str, expect: str | None = None) -> None:  # noqa: ANN001
+    def _record(self, fn, rel: str, expect: str | None = None) -> None:
         try:
             entries = fn(rel)
         except UnsafePath as exc:
@@ -215,9 +215,7 @@ class RunCapture:
             return None
 
     def _external(self, path: str) -> None:
-        rec = self.recorder
-        m = rec._manifest
-        if len(m.external_inputs) >= MAX_EXTERNAL or any(e.path == path for e in m.external_inputs[-50:]):
+        if not self.recorder.wants_external(path, limit=MAX_EXTERNAL):
             return
         sha = ""
         try:
@@ -225,7 +223,7 @@ class RunCapture:
                 sha = sha256_file(path)
         except OSError:
             pass
-        rec.record_external(path, sha)
+        self.recorder.record_external(path, sha)
 
     def _input_candidates(self) -> tuple[str, set[str] | None]:
         """(method, paths the tool says the build used) — ``None`` paths means "use the tree"."""

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.recorder.manifest import RecordingManifest
-from shared.protocol import BuildFinished, BuildSession, BuildStarted, Event, HealthCheckpoint, TargetFinished, TargetStarted
+from shared.protocol import (
+    BuildFinished,
+    BuildSession,
+    BuildStarted,
+    Event,
+    HealthCheckpoint,
+    TargetFinished,
+    TargetStarted,
+)
 
 
 @dataclass

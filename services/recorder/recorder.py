@@ -59,6 +59,7 @@ class BuildRecorder:
         self._root: Path | None = None
         self._inputs: dict[str, FileEntry] = {}
         self._outputs: dict[str, FileEntry] = {}
+        self._external: set[str] = set()
 
     @property
     def recording_id(self) -> str | None:
@@ -91,7 +92,7 @@ class BuildRecorder:
         command = [str(a) for a in args]
         safe_command = redact_argv(command)
         self._root = root
-        self._inputs, self._outputs = {}, {}
+        self._inputs, self._outputs, self._external = {}, {}, set()
         now = time.time()
         self._m = RecordingManifest(id=rid, created=now, started=now, command=safe_command, cwd=str(root),
                                     environment=environment, session_id=session_id,
@@ -145,7 +146,13 @@ class BuildRecorder:
         self._manifest.removed.append(normalize_relpath(path))
 
     def record_external(self, path: str, sha256: str = "") -> None:
+        """A file outside the root the build read: its path and hash, never its content."""
         self._manifest.external_inputs.append(ExternalInput(path=path, sha256=sha256))
+        self._external.add(path)
+
+    def wants_external(self, path: str, *, limit: int) -> bool:
+        """Whether ``path`` is new and under the cap (hashing system headers is not free)."""
+        return path not in self._external and len(self._external) < limit
 
     def refuse(self, path: str, reason: str) -> None:
         """Remember a path the capture saw but would not record (the manifest says why)."""

@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.recorder.capture import VOLATILE, scan_tree
-from services.recorder.manifest import FileEntry, RecordingManifest, UnsafePath, check_entry
+from services.recorder.manifest import (
+    FileEntry,
+    RecordingManifest,
+    UnsafePath,
+    check_entry,
+)
 from services.recorder.store import RecordingStore
 from shared.protocol import Event
 from shared.redaction import REDACTED

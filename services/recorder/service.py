@@ -31,7 +31,13 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.recorder.store import RecordingStore
-from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.bus import (
+    close_nats,
+    connect_nats,
+    connect_redis,
+    ensure_streams,
+    publish_dead_letter,
+)
 from shared.codec import decode_batch
 from shared.keys import Keys
 from shared.logs import get_logger

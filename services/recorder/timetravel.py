@@ -133,8 +133,8 @@ class Timeline:
 def render(state: BuildState, *, limit: int = 10) -> str:
     lines = [
         f"step {state.step}/{state.total_steps}  t=+{state.t:.3f}s  {state.event}",
-        f"targets: {len(state.done)} done ({len(state.failed)} failed), {len(state.running)} running, "
-        f"{len(state.pending)} pending",
+        (f"targets: {len(state.done)} done ({len(state.failed)} failed), {len(state.running)} running, "
+         f"{len(state.pending)} pending"),
         f"workers busy: {len(state.workers_busy)}" + (f" ({', '.join(state.workers_busy[:limit])})"
                                                       if state.workers_busy else ""),
         f"cache hits so far: {state.cache_hits} (misses {state.cache_misses})",

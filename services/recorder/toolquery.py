@@ -98,7 +98,7 @@ def parse_make_database(text: str, goals: Sequence[str]) -> set[str]:
     plus the makefiles read.  Each database in ``text`` (recursive makes print one each) is
     parsed on its own; sub-makes' goals are unknown, so all their rules count."""
     out: set[str] = set()
-    for i, db in enumerate(re.split(r"^# Make data base, printed on .*$", text, flags=re.M)[1:]):
+    for i, db in enumerate(re.split(r"^# Make data base, printed on .*$", text, flags=re.MULTILINE)[1:]):
         out |= _one_database(db, goals if i == 0 else None)
     return out
 

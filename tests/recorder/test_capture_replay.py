@@ -184,3 +184,16 @@ def test_replay_refuses_missing_content_and_redacted_command(local_settings: Set
     engine.store.save_manifest(m)
     with pytest.raises(ReplayError, match="redacted"):
         engine.replay(rid)
+
+
+def test_system_headers_from_dependency_files_are_external_inputs(local_settings: Settings, tmp_path: Path) -> None:
+    root = write_project(tmp_path / "proj")
+    makefile = root / "Makefile"
+    makefile.write_text(makefile.read_text().replace("-MMD", "-MD"))  # -MD lists system headers too
+    rid, _ = record_build(local_settings, root, ["make"])
+    m = ReplayEngine(local_settings).manifest(rid)
+    stdio = [e for e in m.external_inputs if e.path.endswith("/stdio.h")]
+    assert stdio and len(stdio[0].sha256) == 64  # hashed, so a diff sees a changed system header
+    assert not any(e.path.endswith("stdio.h") for e in m.inputs)
+    store = RecordingStore.from_settings(local_settings)
+    assert not store.has_object(stdio[0].sha256) or stdio[0].sha256 in {e.sha256 for e in m.inputs}

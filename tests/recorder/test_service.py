@@ -20,7 +20,7 @@ from shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build
 
 
-def flagged_build(targets: int, seed: int, agents: tuple[str, ...] = ("agent-a",), record: bool = True):  # noqa: ANN201
+def flagged_build(targets: int, seed: int, agents: tuple[str, ...] = ("agent-a",), record: bool = True):
     sid, per_agent, expected = synthetic_build(targets=targets, seed=seed, agents=agents)
     owner = agents[0]
     per_agent[owner][0] = msgspec.structs.replace(per_agent[owner][0], record=record)
@@ -41,7 +41,7 @@ def json_document(out: str) -> dict:  # type: ignore[type-arg]
     return json.loads(out[out.index("{"):] if out.startswith("{") else out[out.index("\n{") + 1:])
 
 
-async def wait_for(predicate, timeout: float = 15.0) -> None:  # noqa: ANN001
+async def wait_for(predicate, timeout: float = 15.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
@@ -49,7 +49,7 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:  # noqa: ANN001
         await asyncio.sleep(0.05)
 
 
-async def test_flagged_session_is_kept_and_unflagged_ignored(settings: Settings, nc, recorder) -> None:  # noqa: ANN001
+async def test_flagged_session_is_kept_and_unflagged_ignored(settings: Settings, nc, recorder) -> None:
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     store = RecordingStore.from_settings(settings)
@@ -74,7 +74,7 @@ async def test_flagged_session_is_kept_and_unflagged_ignored(settings: Settings,
     assert len(store.load_events(sid)) == total == expected["events"]
 
 
-async def test_redelivery_is_stored_once_and_survives_a_restart(settings: Settings, nc, redis_client) -> None:  # noqa: ANN001
+async def test_redelivery_is_stored_once_and_survives_a_restart(settings: Settings, nc, redis_client) -> None:
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     store = RecordingStore.from_settings(settings)
@@ -98,7 +98,7 @@ async def test_redelivery_is_stored_once_and_survives_a_restart(settings: Settin
         await svc2.stop()
 
 
-async def test_bad_input_goes_to_dead_letter_and_unknown_sessions_expire(settings: Settings, nc, recorder) -> None:  # noqa: ANN001
+async def test_bad_input_goes_to_dead_letter_and_unknown_sessions_expire(settings: Settings, nc, recorder) -> None:
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     sub = await nc.subscribe(subjects.dead_letter("recorder"))
@@ -114,7 +114,7 @@ async def test_bad_input_goes_to_dead_letter_and_unknown_sessions_expire(setting
     assert recorder.dead_letters == 1
 
 
-async def test_republish_feeds_a_new_session_with_the_same_events(settings: Settings, nc, recorder,  # noqa: ANN001
+async def test_republish_feeds_a_new_session_with_the_same_events(settings: Settings, nc, recorder,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     js = nc.jetstream()
@@ -155,7 +155,7 @@ async def test_republish_feeds_a_new_session_with_the_same_events(settings: Sett
 
 
 async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
-        settings: Settings, nc, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        settings: Settings, nc, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from services.storage.service import StorageService
     from shared.codec import encode
     from tests.storage.conftest import build_session

@@ -12,7 +12,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.recorder.manifest import FORMAT_VERSION, UnsafePath, UnsupportedFormat, decode_manifest, encode
+from services.recorder.manifest import (
+    FORMAT_VERSION,
+    UnsafePath,
+    UnsupportedFormat,
+    decode_manifest,
+    encode,
+)
 from services.recorder.recorder import BuildRecorder
 from services.recorder.store import RecordingNotFound, RecordingStore
 from shared.protocol import BuildStarted, TargetFinished
