@@ -127,13 +127,21 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             print(f"buildtel: stack (pid {pid}) stopped", file=sys.stderr)
             return 0
         time.sleep(0.1)
     raise CLIError(f"stack pid {pid} did not stop within 20 s")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its parent has not reaped yet counts as stopped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

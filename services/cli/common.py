@@ -31,7 +31,11 @@ STACK_FILE = "stack.json"
 AUTOSTART_TIMEOUT_S = 30.0
 
 
-class StackUnavailable(RuntimeError):
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class StackUnavailable(CLIError):
     pass
 
 

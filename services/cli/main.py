@@ -16,16 +16,18 @@ import os
 import sys
 from typing import Any
 
+from services.cli.common import CLIError
 from shared.settings import Settings, SettingsError, describe
+
+__all__ = ["CLIError", "build_parser", "main"]
 
 COMMAND_MODULES = [
     "services.cli.cmd_stack",
     "services.cli.cmd_sessions",
+    "services.cli.cmd_import",
+    "services.cli.cmd_run",
+    "services.cli.cmd_replay",
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def _epilog() -> str:

@@ -114,12 +114,12 @@ class CollectorService:
         while not self._stopping.is_set():
             try:
                 msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
                 if self._stopping.is_set():
                     return
-                log.warning("collector.fetch_failed", error=str(exc))
+                log.warning("collector.fetch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.2)
                 continue
             try:
