@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "services.cli.cmd_import",
     "services.cli.cmd_run",
     "services.cli.cmd_replay",
+    "services.cli.cmd_trace",
 ]
 
 

@@ -1,0 +1,99 @@
+"""``buildtel trace``: show a build's trace as a span tree, or export it to Jaeger/Zipkin/OTLP.
+
+    buildtel trace SESSION_ID|TRACE_ID [--json]
+    buildtel trace export ID --otlp URL [--otlp-protocol json] | --zipkin URL | --jaeger-file FILE
+    buildtel trace --recent [N]
+
+Traces come from the tracer service over NATS (``services/tracer/query.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from services.cli.common import open_bus
+from services.cli.main import CLIError
+from services.tracer.exporters import ExportError, OtlpHttpExporter, ZipkinExporter, write_jaeger_file
+from services.tracer.query import QueryError, Trace, TraceClient, format_duration, render_tree
+from services.tracer.subjects import TracerSubjects
+from shared.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "trace", help="show a build's trace (span tree with timings), or export it",
+        description="Show the trace of a build session (or any trace id) as a span tree, or export it: "
+                    "'buildtel trace export ID --jaeger-file trace.json' (open it in the Jaeger UI), "
+                    "'--zipkin http://zipkin:9411', '--otlp http://jaeger:4318'.")
+    p.add_argument("words", nargs="*", metavar="[export] ID", help="a session id or a trace id (32 hex digits)")
+    p.add_argument("--json", action="store_true", help="print the spans as JSON instead of a tree")
+    p.add_argument("--recent", type=int, nargs="?", const=20, metavar="N", help="list the N newest traces")
+    p.add_argument("--otlp", metavar="URL", help="export: POST to this OTLP/HTTP endpoint (Jaeger, Tempo, collector)")
+    p.add_argument("--otlp-protocol", choices=("protobuf", "json"), default="protobuf",
+                   help="export: OTLP encoding (default protobuf)")
+    p.add_argument("--zipkin", metavar="URL", help="export: POST Zipkin v2 JSON to this endpoint")
+    p.add_argument("--jaeger-file", metavar="FILE", help="export: write a Jaeger UI JSON file")
+    p.set_defaults(func=cmd_trace, quiet_logs=True)
+
+
+async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    words = list(args.words)
+    exporting = bool(words) and words[0] == "export"
+    if exporting:
+        words = words[1:]
+        if not (args.otlp or args.zipkin or args.jaeger_file):
+            raise CLIError("trace export needs --otlp URL, --zipkin URL or --jaeger-file FILE")
+    elif args.otlp or args.zipkin or args.jaeger_file:
+        raise CLIError("--otlp/--zipkin/--jaeger-file belong to 'buildtel trace export ID'")
+    if args.recent is None and len(words) != 1:
+        raise CLIError("give one session id or trace id (or --recent)")
+    async with open_bus(settings) as bus:
+        client = TraceClient(bus.nc, TracerSubjects(bus.subjects))
+        try:
+            if args.recent is not None:
+                return _print_recent(await client.recent(max(1, args.recent)))
+            trace = await client.find(words[0].strip().lower())
+        except QueryError as exc:
+            if exc.code == 404:
+                raise CLIError(f"no trace stored for {words[0]!r} (is it a session or trace id?)") from None
+            raise CLIError(str(exc)) from None
+    if exporting:
+        return await _export(trace, args)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode({"trace_id": trace.trace_id, "session_ids": trace.session_ids,
+                                              "spans": trace.spans}).decode() + "\n")
+    else:
+        print(render_tree(trace))
+    return 0
+
+
+def _print_recent(traces: list) -> int:  # type: ignore[type-arg]
+    if not traces:
+        print("no traces stored yet", file=sys.stderr)
+        return 0
+    print(f"{'TRACE':<32}  {'DURATION':>10}  SESSIONS")
+    for t in traces:
+        print(f"{t.trace_id}  {format_duration(max(0, t.end_ns - t.start_ns)):>10}  {', '.join(t.sessions) or '-'}")
+    return 0
+
+
+async def _export(trace: Trace, args: argparse.Namespace) -> int:
+    done = []
+    if args.jaeger_file:
+        path = write_jaeger_file(args.jaeger_file, {trace.trace_id: trace.spans})
+        done.append(f"wrote {path} (Jaeger UI: Search -> JSON File)")
+    for exporter in ([OtlpHttpExporter(args.otlp, protocol=args.otlp_protocol)] if args.otlp else []) + \
+                    ([ZipkinExporter(args.zipkin)] if args.zipkin else []):
+        try:
+            await exporter.export(trace.spans)
+        except ExportError as exc:
+            raise CLIError(str(exc)) from None
+        finally:
+            await exporter.close()
+        done.append(f"sent to {exporter.url}")
+    for line in done:
+        print(f"trace {trace.trace_id}: {len(trace.spans)} spans {line}")
+    return 0
