@@ -46,6 +46,9 @@ VOLATILE = frozenset({".ninja_log", ".ninja_deps"})
 DEFAULT_MAX_FILES = 200_000
 MAX_EXTERNAL = 5000
 MAX_EXTERNAL_BYTES = 64 * 1024 * 1024
+# Set by ``buildtel run`` for this one run: recording them would make every diff show them and
+# make a replay report into the original session.
+PER_RUN_VARS = frozenset({"BUILDER_TELEMETRY_SESSION_ID", "TRACEPARENT", "TRACESTATE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,8 @@ class RunCapture:
             self._exclude = {self.settings.cache_dir.absolute(), self.recorder.store.root.absolute()}
             self._before = scan_tree(self._root, self._exclude, max_files=self.max_files)
             sid = session_id if session_id and is_recording_id(session_id) else None
-            self.recording_id = self.recorder.start_recording(self._argv, cwd=self._root, env=self._env,
+            recorded_env = {k: v for k, v in self._env.items() if k not in PER_RUN_VARS}
+            self.recording_id = self.recorder.start_recording(self._argv, cwd=self._root, env=recorded_env,
                                                               session_id=sid)
             return self.recording_id
         except Exception as exc:  # noqa: BLE001 - recording must never stop the build

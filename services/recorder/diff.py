@@ -87,7 +87,13 @@ def side_from_session(s: BuildSession) -> Side:
                 exit_code=s.exit_code)
 
 
-def _map_diff(a: Mapping[str, str], b: Mapping[str, str]) -> dict[str, Any]:
+# Different in every run by design (session id, trace context): not a change worth reporting.
+IGNORED_ENV = frozenset({"BUILDER_TELEMETRY_SESSION_ID", "TRACEPARENT", "TRACESTATE", "OLDPWD", "SHLVL", "_"})
+
+
+def _map_diff(a: Mapping[str, str], b: Mapping[str, str], ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
+    a = {k: v for k, v in a.items() if k not in ignore}
+    b = {k: v for k, v in b.items() if k not in ignore}
     return {
         "added": {k: b[k] for k in sorted(b.keys() - a.keys())},
         "removed": {k: a[k] for k in sorted(a.keys() - b.keys())},
@@ -156,7 +162,7 @@ def diff(a: Side, b: Side, *, min_delta_s: float = 0.05, min_ratio: float = 0.10
         "b": {"id": b.id, "kind": b.kind, "exit_code": b.exit_code},
         "command": None if a.command == b.command else {"a": a.command, "b": b.command},
         "cwd": None if a.cwd == b.cwd else {"a": a.cwd, "b": b.cwd},
-        "env": _map_diff(a.env, b.env),
+        "env": _map_diff(a.env, b.env, IGNORED_ENV),
         "tool_versions": _map_diff(a.tool_versions, b.tool_versions),
         "inputs": _files_diff(a.inputs, b.inputs),
         "external_inputs": _files_diff(a.external, b.external),

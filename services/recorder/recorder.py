@@ -60,6 +60,8 @@ class BuildRecorder:
         self._inputs: dict[str, FileEntry] = {}
         self._outputs: dict[str, FileEntry] = {}
         self._external: set[str] = set()
+        self._env: dict[str, str] = {}
+        self._tools: tuple[str, ...] = DEFAULT_TOOLS
 
     @property
     def recording_id(self) -> str | None:
@@ -85,10 +87,12 @@ class BuildRecorder:
         if not is_recording_id(rid) or (session_id is not None and not is_recording_id(session_id)):
             raise ValueError("recording and session ids are 32 lowercase hex digits")
         root = Path(cwd or os.getcwd()).absolute()
-        if environment is None:
-            environment = capture(str(root), environ=env, tools=tools)
-        else:  # never trust a caller to have redacted
+        if environment is not None:  # never trust a caller to have redacted
             environment.env = redact_env(environment.env)
+        # The machine and tool probes (``gcc --version``…) run at stop time, so they never
+        # delay the build's start; the variables are taken now, redacted at once.
+        self._env = redact_env(os.environ if env is None else env)
+        self._tools = tools
         command = [str(a) for a in args]
         safe_command = redact_argv(command)
         self._root = root
@@ -177,6 +181,8 @@ class BuildRecorder:
         """
         m = self._manifest
         m.finished = time.time()
+        if m.environment is None:
+            m.environment = capture(str(self.root), environ=self._env, tools=self._tools)
         m.exit_code = exit_code
         m.inputs = sorted(self._inputs.values(), key=lambda e: e.path)
         m.outputs = sorted(self._outputs.values(), key=lambda e: e.path)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.recorder.capture import VOLATILE, scan_tree
+from services.recorder.capture import PER_RUN_VARS, VOLATILE, scan_tree
 from services.recorder.manifest import (
     FileEntry,
     RecordingManifest,
@@ -137,7 +137,7 @@ class ReplayEngine:
 
     def replay_env(self, m: RecordingManifest, workdir: Path) -> tuple[dict[str, str], list[str]]:
         recorded = m.environment.env if m.environment else {}
-        env = {k: v for k, v in recorded.items() if v != REDACTED}
+        env = {k: v for k, v in recorded.items() if v != REDACTED and k not in PER_RUN_VARS}
         env["PWD"] = str(workdir)
         env.pop("OLDPWD", None)
         # PWD is set above (the redaction rules take its name for a password variable).
