@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "services.cli.cmd_run",
     "services.cli.cmd_replay",
     "services.cli.cmd_trace",
+    "services.cli.cmd_analyze",
 ]
 
 

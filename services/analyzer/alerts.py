@@ -1,0 +1,177 @@
+"""Regression alerts: which series a session feeds, per-series state, and the ``Alert`` record.
+
+Like is compared with like.  A session feeds:
+
+* ``build|<branch>``: its wall time, when it succeeded (failed builds stop early);
+* ``target|<branch>|<name>``: each target that succeeded, with its cache flag:
+  served from a cache (``local_hit``/``remote_hit``) or executed (``miss``,
+  ``uncacheable``).  The detector keeps hits and misses in separate streams (a hit
+  and a real run differ by orders of magnitude) and tests the miss share on its
+  own, so a change of one kind is never mistaken for a change of the mix.
+
+Each series has a :class:`SeriesState`: the detector's bytes plus a short ring of
+the latest points (session id, commit, value), enough to name the first session
+after a change, the last one before it (the suspect commit range) and the
+medians either side.  :func:`fold` is pure: state bytes in, state bytes and at
+most one alert out, so the service can run it under a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from typing import Literal
+
+import msgspec
+
+from services.analyzer.analytics import branch_of, commit_of
+from services.analyzer.detector import Change, Detector
+from shared.protocol import CACHE_HITS, BuildSession
+
+RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
+MEDIAN_WINDOW = 20  # points each side of a change that its medians use at most
+
+Kind = Literal["build", "target"]
+
+
+class Point(msgspec.Struct, frozen=True, kw_only=True):
+    series: str
+    kind: Kind
+    value: float
+    branch: str | None
+    target: str | None = None
+    cached: bool | None = None  # None: no cache flag (whole builds)
+
+
+class Entry(msgspec.Struct, array_like=True):
+    i: int  # position in the series
+    sid: str
+    commit: str | None
+    start: float
+    value: float
+    c: int = 0  # cache flag: 0 none, 1 hit, 2 miss
+
+
+class SeriesState(msgspec.Struct, kw_only=True):
+    n: int = 0  # points folded
+    det: bytes = b""  # StreamingDetector.to_bytes()
+    ring: list[Entry] = []
+    last_sid: str = ""  # the last session folded (diagnostics; idempotency uses per-session markers)
+    alerts: int = 0
+
+
+class Alert(msgspec.Struct, kw_only=True):
+    """One detected change of one series, published once on ``<ns>.alerts.<kind>.<branch>.<target>``."""
+
+    id: str  # deterministic: hash of the detecting session and the series (the Nats-Msg-Id)
+    kind: Kind
+    direction: Literal["regression", "improvement"]
+    series: str
+    branch: str | None
+    target: str | None  # None for a whole-build alert
+    cache: Literal["hit", "miss"] | None  # the builds the change was seen in; None: all of them
+    before_median_s: float
+    after_median_s: float
+    change_pct: float  # (after / before - 1) * 100
+    confidence: float  # 0..1 (1 - p-value when the detector gives one)
+    p_value: float | None
+    first_session_id: str  # first session of the new regime
+    first_session_start: float
+    last_good_session_id: str | None  # last session before the change
+    last_good_commit: str | None
+    first_bad_commit: str | None
+    commit_range: str | None  # "<last good>..<first bad>", as git log takes it
+    detected_session_id: str  # the session whose arrival confirmed the change
+    detected_at: float  # Unix s
+    points_before: int  # points of the series kept before / after the change (at most RING in all)
+    points_after: int
+    change_kind: str = "level"
+
+
+_state_dec = msgspec.msgpack.Decoder(SeriesState)
+_enc = msgspec.msgpack.Encoder()
+alert_decoder = msgspec.msgpack.Decoder(Alert)
+
+
+def series_points(session: BuildSession) -> list[Point]:
+    branch = branch_of(session)
+    b = branch or "_"
+    out: list[Point] = []
+    if session.outcome == "success" and session.duration_s > 0:
+        out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch))
+    seen: set[str] = set()
+    for t in session.targets:
+        if t.status != "success" or t.duration_s <= 0 or t.name in seen:
+            continue
+        seen.add(t.name)
+        out.append(Point(series=f"target|{b}|{t.name}", kind="target", value=t.duration_s, branch=branch,
+                         target=t.name, cached=t.cache in CACHE_HITS))
+    return out
+
+
+def alert_id(session_id: str, series: str) -> str:
+    return hashlib.sha256(f"{session_id}\x00{series}".encode()).hexdigest()[:32]
+
+
+def decode_state(data: bytes | None) -> SeriesState:
+    return _state_dec.decode(data) if data else SeriesState()
+
+
+def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float) -> tuple[bytes, Alert | None]:
+    """Feed one point; return the new state and the alert its change confirmed, if any."""
+    st = decode_state(state_bytes)
+    det = Detector.load(st.det) if st.det else Detector.new()
+    i = st.n
+    flag = 0 if point.cached is None else (1 if point.cached else 2)
+    st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
+                         c=flag))
+    if len(st.ring) > RING:
+        del st.ring[: len(st.ring) - RING]
+    change = det.update(point.value, cached=point.cached)
+    st.n = i + 1
+    st.last_sid = session.id
+    st.det = det.dump()
+    alert = None
+    if change is not None:
+        alert = make_alert(st, change, point, session, now=now)
+        st.alerts += 1
+    return _enc.encode(st), alert
+
+
+def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSession, *, now: float) -> Alert:
+    ring = st.ring
+    k = min(max(change.index, ring[0].i), ring[-1].i)  # a change older than the ring: name what we have
+    before = [e for e in ring if e.i < k]
+    after = [e for e in ring if e.i >= k]
+    # Fallback medians (the detector did not give one) over the builds of the change's channel.
+    want = {"hit": (1,), "miss": (2,)}.get(change.channel, (0, 1, 2))
+    b_vals = [e.value for e in before if e.c in want][-MEDIAN_WINDOW:]
+    a_vals = [e.value for e in after if e.c in want][:MEDIAN_WINDOW]
+    b_med = change.before if change.before is not None and change.before > 0 else (
+        statistics.median(b_vals) if b_vals else None)
+    a_med = change.after if change.after is not None and change.after > 0 else (
+        statistics.median(a_vals) if a_vals else None)
+    # A confirmed change is always reported, even when one side has no sample left to name.
+    a_med = a_med if a_med is not None else point.value
+    b_med = b_med if b_med is not None else 0.0
+    # The detector's percentage (means for a mix change, where medians may not move) wins.
+    pct = change.change_pct if change.change_pct is not None else (
+        (a_med / b_med - 1.0) * 100.0 if b_med > 0 else 0.0)
+    slower = change.direction > 0 if change.direction else a_med > b_med
+    first, last = after[0], (before[-1] if before else None)
+    conf = change.confidence if change.confidence is not None else (
+        1.0 - change.p_value if change.p_value is not None else 0.0)
+    return Alert(
+        id=alert_id(session.id, point.series), kind=point.kind, direction="regression" if slower else "improvement",
+        series=point.series, branch=point.branch, target=point.target,
+        cache=change.channel if change.channel in ("hit", "miss") else None, before_median_s=b_med,  # type: ignore[arg-type]
+        after_median_s=a_med, change_pct=pct, confidence=conf, p_value=change.p_value, first_session_id=first.sid,
+        first_session_start=first.start, last_good_session_id=last.sid if last else None,
+        last_good_commit=last.commit if last else None, first_bad_commit=first.commit,
+        commit_range=f"{last.commit}..{first.commit}" if last and last.commit and first.commit else None,
+        detected_session_id=session.id, detected_at=now, points_before=len(before), points_after=len(after),
+        change_kind=change.kind)
+
+
+def encode_alert(a: Alert) -> bytes:
+    return _enc.encode(a)

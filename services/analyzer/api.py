@@ -1,0 +1,203 @@
+"""The analyzer's bus API: request/reply messages, :class:`AnalyzerClient` and alert readers.
+
+Requests go to the ``<ns>-analyzer`` NATS micro service (``<ns>.analyzer.report``
+and ``.stats``); every replica listens in the same queue group, so each request
+is answered by exactly one of them.  Bodies are MessagePack; errors come back as
+micro errors (``Nats-Service-Error-Code``: 400 bad request, 413 reply too big
+for one NATS message, 500 internal) and surface as :class:`AnalyzerError`.
+
+Alerts are JetStream messages on ``<ns>.alerts.<kind>.<branch>.<target>``
+(stream ``<NS>_ALERTS``, see ``subjects.py``); :func:`wait_for_alerts` and
+:func:`follow_alerts` read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from services.analyzer.alerts import Alert, alert_decoder
+from services.analyzer.analytics import AnalyticsReport, ReportFilter
+from services.analyzer.subjects import AnalyzerSubjects
+
+API_VERSION = "1.0.0"
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+DAY_S = 86400.0
+
+
+class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A report over a window of sessions; no window at all means "everything in the history"."""
+
+    last: int | None = None
+    since: float | None = None  # finish time, Unix s, inclusive
+    until: float | None = None  # finish time, Unix s, exclusive
+    branch: str | None = None
+    outcome: Literal["success", "failed", "abandoned"] | None = None
+    name: str | None = None
+    target: str | None = None
+    include_sessions: bool = False  # add one row per session (for CSV export)
+    top_targets: int | None = None  # keep only the N targets with the most total time
+    critical_paths: int = 10  # most recent sessions whose critical paths are analysed
+    speedup_pct: float = 50.0  # the what-if speed-up
+    source: Literal["auto", "history", "storage"] = "auto"
+
+    def filter(self) -> ReportFilter:
+        return ReportFilter(last=self.last, since=self.since, until=self.until, branch=self.branch,
+                            outcome=self.outcome, name=self.name, target=self.target)
+
+
+class AnalyzerStats(msgspec.Struct, kw_only=True):
+    sessions: int = 0  # sessions added to the history (each once)
+    points: int = 0  # series points folded (each once)
+    alerts: int = 0  # alerts committed (each once)
+    outbox: int = 0  # alerts committed but not yet confirmed published
+    history: int = 0
+    history_cap: int = 0
+    replica: str = ""  # the replica that answered
+    version: str = API_VERSION
+
+
+report_decoder = msgspec.msgpack.Decoder(AnalyticsReport)
+request_decoder = msgspec.msgpack.Decoder(ReportRequest)
+stats_decoder = msgspec.msgpack.Decoder(AnalyzerStats)
+_enc = msgspec.msgpack.Encoder()
+
+
+def alerts_stream_config(subjects: AnalyzerSubjects) -> StreamConfig:
+    # Limits retention: alerts are history farms can replay; the one-day duplicate window is
+    # what turns a republished alert (outbox sweep after a crash) into a no-op.
+    return StreamConfig(name=subjects.alerts_stream, subjects=[subjects.alerts_all], retention=RetentionPolicy.LIMITS,
+                        storage=StorageType.FILE, max_age=90 * DAY_S, max_msgs=1_000_000, max_bytes=1024**3,
+                        duplicate_window=DAY_S)
+
+
+async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects) -> None:
+    from nats.js.errors import BadRequestError
+
+    cfg = alerts_stream_config(subjects)
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:  # exists with other limits (an older version): converge on ours
+        await js.update_stream(cfg)
+
+
+class AnalyzerError(Exception):
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"analyzer error {code}: {description}")
+        self.code = code
+        self.description = description
+
+
+class AnalyzerClient:
+    """Ask the analyzer service.  A request that times out or finds no responder (a replica died
+    holding it, or replicas are restarting) is retried: reports are reads, so this is safe."""
+
+    def __init__(self, nc: Any, namespace: str, *, timeout: float = 30.0, attempts: int = 3) -> None:
+        self.nc = nc
+        self.subjects = AnalyzerSubjects.of(namespace)
+        self.timeout = timeout
+        self.attempts = attempts
+
+    async def _request(self, endpoint: str, body: bytes) -> bytes:
+        subject = self.subjects.endpoint(endpoint)
+        last = ""
+        for attempt in range(self.attempts):
+            try:
+                msg = await self.nc.request(subject, body, timeout=self.timeout)
+            except NoRespondersError:
+                last = f"no analyzer is answering on {subject}"
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            except NatsTimeoutError:
+                last = f"the analyzer did not answer {subject} within {self.timeout:g}s"
+                continue
+            headers = msg.headers or {}
+            code = headers.get(ERROR_CODE_HEADER)
+            if code:
+                raise AnalyzerError(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
+            return msg.data
+        raise AnalyzerError(503 if last.startswith("no ") else 504, last)
+
+    async def report(self, request: ReportRequest | None = None, **kw: Any) -> AnalyticsReport:
+        req = request or ReportRequest(**kw)
+        return report_decoder.decode(await self._request("report", _enc.encode(req)))
+
+    async def stats(self) -> AnalyzerStats:
+        return stats_decoder.decode(await self._request("stats", b""))
+
+
+async def follow_alerts(js: Any, namespace: str, *, branch: str | None = None, target: str | None = None,
+                        kind: str | None = None, from_start: bool = True) -> AsyncIterator[Alert]:
+    """Yield alerts as they are published (from the stream's start, or only new ones)."""
+    subjects = AnalyzerSubjects.of(namespace)
+    await ensure_alerts_stream(js, subjects)
+    sub = await js.subscribe(subjects.alerts_filter(kind=kind, branch=branch, target=target),
+                             stream=subjects.alerts_stream, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                yield alert_decoder.decode(msg.data)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def read_alerts(js: Any, namespace: str, *, branch: str | None = None, target: str | None = None,
+                      kind: str | None = None, idle: float = 0.5) -> list[Alert]:
+    """Every alert stored so far (matching the filters), oldest first."""
+    subjects = AnalyzerSubjects.of(namespace)
+    out: list[Alert] = []
+    try:
+        sub = await js.subscribe(subjects.alerts_filter(kind=kind, branch=branch, target=target),
+                                 stream=subjects.alerts_stream, ordered_consumer=True)
+    except Exception:  # noqa: BLE001 - no alerts stream yet: no alert was ever published
+        return out
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle)
+            except NatsTimeoutError:
+                return out
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(alert_decoder.decode(msg.data))
+            meta = msg.metadata
+            if meta is not None and meta.num_pending == 0:
+                return out
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def wait_for_alerts(bus: Any, timeout: float, *, count: int | None = None, branch: str | None = None,
+                          target: str | None = None, from_start: bool = False) -> list[Alert]:
+    """Collect alerts for up to ``timeout`` seconds (or until ``count`` arrived).
+
+    ``bus`` is anything with ``js`` and ``settings.namespace`` (``services.cli.common.Bus``)
+    or a JetStream context plus ``namespace=`` via :func:`follow_alerts` directly.
+    """
+    out: list[Alert] = []
+    gen = follow_alerts(bus.js, bus.settings.namespace, branch=branch, target=target, from_start=from_start)
+
+    async def collect() -> None:
+        async for a in gen:
+            out.append(a)
+            if count is not None and len(out) >= count:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(collect(), timeout)
+    await gen.aclose()
+    return out

@@ -1,0 +1,141 @@
+"""Exports of an :class:`AnalyticsReport`: JSON (machine-readable), CSV (spreadsheet-ready), summary (people).
+
+* JSON is the report itself, field for field (schema in ``docs/export.md``); it
+  reads back with ``json.loads`` or as the Struct with :func:`report_from_json`.
+* CSV comes as two tables, because sessions and targets have different columns:
+  one row per session (the report must have been asked with ``include_sessions``)
+  and one row per target.  RFC 4180 (``csv`` module, CRLF), a header row, times
+  both as ISO 8601 UTC and Unix seconds, numbers unformatted (full precision).
+* The summary is plain text for a terminal or a chat message.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime, timezone
+
+import msgspec
+
+from services.analyzer.analytics import AnalyticsReport
+
+SESSION_COLUMNS = ["id", "name", "start_utc", "start", "finish", "duration_s", "outcome", "branch", "commit",
+                   "targets", "failed_targets", "cache_hits", "cache_misses", "cache_hit_rate", "target_time_s"]
+TARGET_COLUMNS = ["name", "runs", "failures", "failure_rate", "total_s", "share_of_total", "mean_s", "median_s",
+                  "p95_s", "stdev_s", "min_s", "max_s", "cache_hits", "cache_misses", "cache_hit_rate", "flaky",
+                  "flaky_commits", "trend", "trend_s_per_build", "trend_s_per_day", "trend_r2", "trend_p_value",
+                  "critical_s", "what_if_saved_s"]
+
+_json_dec = msgspec.json.Decoder(AnalyticsReport)
+
+
+def to_json(report: AnalyticsReport, *, indent: int = 2) -> str:
+    raw = msgspec.json.encode(report)
+    return (msgspec.json.format(raw, indent=indent) if indent else raw).decode() + "\n"
+
+
+def report_from_json(text: str | bytes) -> AnalyticsReport:
+    return _json_dec.decode(text)
+
+
+def _iso(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _cell(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)  # shortest round-trip form: float(cell) gives the report's number back
+    return v
+
+
+def sessions_csv(report: AnalyticsReport) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SESSION_COLUMNS)
+    for r in report.session_rows:
+        w.writerow([_cell(v) for v in (r.id, r.name, _iso(r.start), r.start, r.finish, r.duration_s, r.outcome,
+                                       r.branch, r.commit, r.targets, r.failed_targets, r.cache_hits, r.cache_misses,
+                                       r.cache_hit_rate, r.target_time_s)])
+    return buf.getvalue()
+
+
+def targets_csv(report: AnalyticsReport) -> str:
+    crit = {b.name: b for b in (report.bottlenecks.targets if report.bottlenecks else [])}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(TARGET_COLUMNS)
+    for t in report.targets:
+        b = crit.get(t.name)
+        w.writerow([_cell(v) for v in (
+            t.name, t.runs, t.failures, t.failure_rate, t.total_s, t.share_of_total, t.mean_s, t.median_s, t.p95_s,
+            t.stdev_s, t.min_s, t.max_s, t.cache_hits, t.cache_misses, t.cache_hit_rate, t.flaky, t.flaky_commits,
+            t.trend.direction, t.trend.per_build.slope, t.trend.per_day.slope, t.trend.per_build.r2,
+            t.trend.per_build.p_value, b.critical_s if b else None,
+            b.what_if.saved_s if b and b.what_if else None)])
+    return buf.getvalue()
+
+
+def fmt_s(s: float) -> str:
+    """12.3s, 4m 05s, 2h 03m: short durations for people."""
+    if s < 60:
+        return f"{s:.1f}s" if s >= 1 else f"{s * 1000:.0f}ms"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m}m {sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+def summary(report: AnalyticsReport, *, top: int = 10) -> str:
+    r = report
+    if r.sessions == 0:
+        return "No sessions match.\n"
+    d = r.duration
+    lines = [
+        f"Builds: {r.sessions} from {_iso(r.window_start)[:16]} to {_iso(r.window_end)[:16]} UTC"
+        + (" (partial: " + "; ".join(r.notes) + ")" if r.partial else ""),
+        f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
+        f"(success rate {_pct(r.success_rate)})",
+        f"Build time: median {fmt_s(d.median_s)}, mean {fmt_s(d.mean_s)}, p90 {fmt_s(d.p90_s)}, "
+        f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}",
+    ]
+    if d.fastest and d.slowest:
+        lines.append(f"  fastest {fmt_s(d.min_s)} (session {d.fastest.session_id[:12]}), "
+                     f"slowest {fmt_s(d.max_s)} (session {d.slowest.session_id[:12]})")
+    t = r.trend
+    if t.per_build.n >= 3:
+        word = {"rising": "getting slower", "falling": "getting faster", "flat": "no significant trend"}[t.direction]
+        lines.append(f"Trend: {word}: {t.per_build.slope:+.3f}s per build, {t.per_day.slope:+.2f}s per day "
+                     f"(r²={t.per_build.r2:.2f}, p={t.per_build.p_value:.3g})")
+    lines.append(f"Cache hit rate: {_pct(r.cache_hit_rate)} ({r.cache_hits} hits, {r.cache_misses} misses)")
+    if r.targets:
+        lines.append(f"Top targets by total time (of {len(r.targets)}):")
+        for x in r.targets[:top]:
+            flags = (" FLAKY" if x.flaky else "") + (f" {x.trend.direction}" if x.trend.significant else "")
+            lines.append(f"  {x.name}: {_pct(x.share_of_total)} of target time, median {fmt_s(x.median_s)}, "
+                         f"p95 {fmt_s(x.p95_s)}, hit {_pct(x.cache_hit_rate)}, fail {_pct(x.failure_rate)}{flags}")
+    flaky = [x for x in r.targets if x.flaky]
+    if flaky:
+        lines.append("Flaky targets: " + ", ".join(f"{x.name} ({x.flaky_commits} commits)" for x in flaky[:top]))
+    b = r.bottlenecks
+    if b and b.targets:
+        lines.append(f"Bottlenecks (critical paths of the last {b.sessions_analysed} builds):")
+        for x in b.targets[:top]:
+            wi = x.what_if
+            gain = f"; {b.speedup_pct:.0f}% faster saves {fmt_s(wi.saved_s)} per build" if wi else ""
+            lines.append(f"  {x.name}: {_pct(x.critical_share)} of critical-path time, on the path in "
+                         f"{x.on_critical_path} builds{gain}")
+        if b.latest and b.latest.steps:
+            cp = b.latest
+            lines.append(f"Latest critical path ({cp.session_id[:12]}, {fmt_s(cp.wall_s)} wall, "
+                         f"{fmt_s(cp.path_s)} working, {fmt_s(cp.wait_s)} waiting): "
+                         + " -> ".join(s.name for s in cp.steps[-8:]))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,317 @@
+"""Analyzer service: regression alerts from completed sessions, and analytics on request.
+
+Work split (any number of replicas, see ``docs/analytics.md``):
+
+* sessions: every replica pulls from ONE durable JetStream consumer (``analyzer``)
+  on the sessions stream, so each session goes to one replica at a time; a session
+  is acknowledged only after all its series are folded and its alerts are out, so
+  a replica killed mid-way leaves it to be redelivered (after ``ack_wait_s``);
+* series: detector state lives in Redis, one hash per series with a version; a
+  replica reads, folds in Python, and commits with a compare-and-set script
+  (``lua.COMMIT``) that also records "this session was folded into this series",
+  so two replicas folding consecutive sessions of one series serialise (the loser
+  re-reads and re-folds) and a redelivered session is never counted twice;
+* alerts: committed into an outbox in the same script, then published to
+  JetStream with ``Nats-Msg-Id`` = alert id (hash of session id + series) and
+  removed from the outbox; a sweeper in every replica republishes what a dead
+  replica left there, and the stream's duplicate window drops the copy;
+* requests: a NATS micro service, queue group ``q``: one replica answers each.
+
+Nothing lives only in a replica's memory, so SIGKILL loses no state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import msgspec
+import nats.micro
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.micro.request import Request, ServiceError
+
+from services.analyzer import lua
+from services.analyzer.alerts import Alert, alert_decoder, encode_alert, fold, series_points
+from services.analyzer.analytics import TelemetryAnalyzer
+from services.analyzer.api import (
+    API_VERSION,
+    AnalyzerStats,
+    ReportRequest,
+    alerts_stream_config,
+    request_decoder,
+)
+from services.analyzer.history import History, from_storage, gc_paused
+from services.analyzer.subjects import AnalyzerSubjects
+from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.codec import decode_session
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.protocol import BuildSession
+from shared.settings import Settings
+
+log = get_logger("analyzer")
+
+DURABLE = "analyzer"
+FETCH_BATCH = 16
+ACK_WAIT_S = 10.0  # a dead replica's unacked sessions come back after this
+DONE_TTL_S = 3 * 86400  # how long "session S was folded into series X" is remembered
+SERIES_TTL_S = 90 * 86400  # a series nobody fed for this long is forgotten
+OUTBOX_INTERVAL_S = 1.0
+OUTBOX_GRACE_S = 2.0  # leave a fresh outbox entry to the replica that is publishing it
+MAX_CAS_ATTEMPTS = 100
+_REPLY_OVERHEAD = 4096
+_enc = msgspec.msgpack.Encoder()
+
+
+class AnalyzerService:
+    name = "analyzer"
+
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, ack_wait_s: float = ACK_WAIT_S,
+                 history_cap: int | None = None, storage_timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.nats_url = nats_url
+        self.redis_url = redis_url
+        self.subjects = AnalyzerSubjects.of(settings.namespace)
+        self.keys = Keys(settings.namespace)
+        self.ack_wait_s = ack_wait_s
+        self.history_cap = history_cap or settings.max_sessions
+        self.storage_timeout_s = storage_timeout_s
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.nc: Any = None
+        self.redis: Any = None
+        self.sub: Any = None
+        self.micro: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._stopped = False
+        self.outbox_key = self.keys.analyzer("outbox")
+        self.stats_key = self.keys.analyzer("stats")
+        # Counters of this replica, for tests and logs.
+        self.sessions_in = 0
+        self.alerts_out = 0
+        self.requests = 0
+        self.dead_letters = 0
+        self.conflicts = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-analyzer-{self.owner}")
+        self.redis = connect_redis(self.redis_url)
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js, self.subjects.base, extra=[alerts_stream_config(self.subjects)])
+        self._commit = self.redis.register_script(lua.COMMIT)
+        self._hist_add = self.redis.register_script(lua.HISTORY_ADD)
+        self.history = History(self.redis, self.keys, self.history_cap)
+        self.sub = await self.js.pull_subscribe(
+            self.subjects.base.sessions_completed, durable=DURABLE, stream=self.subjects.base.sessions_stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                                  ack_wait=self.ack_wait_s, max_ack_pending=2_000, max_deliver=-1))
+        self.micro = await nats.micro.add_service(
+            self.nc, name=self.subjects.service_name, version=API_VERSION,
+            description="Builder Telemetry analytics and regression alerts",
+            metadata={"namespace": self.settings.namespace})
+        await self.micro.add_endpoint(name="report", subject=self.subjects.endpoint("report"), handler=self._api_report)
+        await self.micro.add_endpoint(name="stats", subject=self.subjects.endpoint("stats"), handler=self._api_stats)
+        self._tasks = [asyncio.create_task(self._consume(), name="analyzer.consume"),
+                       asyncio.create_task(self._sweep_outbox(), name="analyzer.outbox")]
+        self._started = True
+        log.info("analyzer.started", owner=self.owner, stream=self.subjects.base.sessions_stream,
+                 alerts=self.subjects.alerts_stream)
+
+    async def stop(self) -> None:
+        """Stop taking sessions and requests, finish the session in hand (bounded), close. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self.micro is not None:
+            with contextlib.suppress(Exception):
+                await self.micro.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await close_nats(self.nc, [self.sub])
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        log.info("analyzer.stopped", sessions=self.sessions_in, alerts=self.alerts_out, requests=self.requests)
+
+    # -- sessions ----------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
+            except NatsTimeout:
+                continue
+            except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
+                if self._stopping.is_set():
+                    return
+                log.warning("analyzer.fetch_failed", error=str(exc))
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                try:
+                    await self._handle(msg)
+                except Exception as exc:  # noqa: BLE001 - not acked: redelivered, folded idempotently
+                    log.error("analyzer.session_failed", error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.2)
+
+    async def _handle(self, msg: Any) -> None:
+        try:
+            with gc_paused():
+                session = decode_session(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.dead_letters += 1
+            log.warning("analyzer.dead_letter", subject=msg.subject, reason=str(exc)[:300])
+            await publish_dead_letter(self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
+                                      subject=msg.subject, reason=f"undecodable session: {exc}", data=msg.data,
+                                      headers=dict(msg.headers or {}))
+            await msg.ack()
+            return
+        await self.history.add(self._hist_add, session, msg.data)
+        alerts = await self.fold_session(session)
+        for a in alerts:
+            await self._publish(a)
+        await msg.ack()
+        self.sessions_in += 1
+
+    def _series_key(self, series: str) -> str:
+        return self.keys.analyzer(f"series:{series}")
+
+    async def fold_session(self, session: BuildSession) -> list[Alert]:
+        """Fold every series point of ``session`` exactly once; return the alerts this call committed."""
+        pending = {p.series: p for p in series_points(session)}
+        done_key = self.keys.analyzer(f"done:{session.id}")
+        committed: list[Alert] = []
+        for attempt in range(MAX_CAS_ATTEMPTS):
+            if not pending:
+                return committed
+            names = list(pending)
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(self._series_key(name), "v", "s")
+            pipe.hmget(done_key, names)
+            *states, done_flags = await pipe.execute()
+            now = time.time()
+            keys = [done_key, self.outbox_key, self.stats_key]
+            args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
+            tried: list[tuple[str, Alert | None]] = []
+            for name, (version, state), done in zip(names, states, done_flags):
+                if done is not None:
+                    continue  # folded before (a redelivery): nothing to do for this series
+                new_state, alert = fold(state, pending[name], session, now=now)
+                keys.append(self._series_key(name))
+                args += [name, int(version or 0), new_state, alert.id if alert else "",
+                         encode_alert(alert) if alert else ""]
+                tried.append((name, alert))
+            if not tried:
+                return committed
+            statuses = await self._commit(keys=keys, args=args)
+            retry = {}
+            for (name, alert), status in zip(tried, statuses):
+                if int(status) == 0:
+                    retry[name] = pending[name]
+                elif int(status) == 1 and alert is not None:
+                    committed.append(alert)
+            if retry:
+                self.conflicts += len(retry)
+                # Another replica is folding the same series: back off a little, re-read, re-fold.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+            pending = retry
+        raise RuntimeError(f"session {session.id}: series kept changing under {MAX_CAS_ATTEMPTS} attempts")
+
+    async def _publish(self, alert: Alert) -> None:
+        subject = self.subjects.alert(alert.kind, alert.branch, alert.target)
+        try:
+            await self.js.publish(subject, encode_alert(alert), timeout=5.0,
+                                  headers={"Nats-Msg-Id": alert.id, "Buildtel-Alert-Direction": alert.direction})
+        except Exception as exc:  # noqa: BLE001 - it stays in the outbox; the sweeper retries
+            log.warning("analyzer.alert_publish_failed", alert=alert.id, error=repr(exc))
+            return
+        await self.redis.hdel(self.outbox_key, alert.id)
+        self.alerts_out += 1
+        log.info("analyzer.alert", id=alert.id, series=alert.series, direction=alert.direction,
+                 change_pct=round(alert.change_pct, 1), session_id=alert.first_session_id,
+                 commits=alert.commit_range)
+
+    async def _sweep_outbox(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), OUTBOX_INTERVAL_S)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.sweep_outbox_once()
+            except Exception as exc:  # noqa: BLE001 - Redis/NATS blips: next round retries
+                log.warning("analyzer.outbox_failed", error=repr(exc))
+
+    async def sweep_outbox_once(self, grace_s: float = OUTBOX_GRACE_S) -> int:
+        entries = await self.redis.hgetall(self.outbox_key)
+        now, n = time.time(), 0
+        for raw_id, data in entries.items():
+            try:
+                alert = alert_decoder.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                await self.redis.hdel(self.outbox_key, raw_id)
+                continue
+            if now - alert.detected_at >= grace_s:
+                await self._publish(alert)
+                n += 1
+        return n
+
+    # -- requests ----------------------------------------------------------------------------
+    async def _api_report(self, req: Request) -> None:
+        self.requests += 1
+        try:
+            r = request_decoder.decode(req.data or b"\x80")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ServiceError("400", f"bad report request: {exc}") from None
+        f = r.filter()
+        notes: list[str] = []
+        partial = False
+        sessions: list[BuildSession] = []
+        covered = False
+        if r.source != "storage":
+            sessions, covered = await self.history.load(f)
+        if r.source == "storage" or (r.source == "auto" and not covered):
+            try:
+                sessions = await from_storage(self.nc, self.settings.namespace, f, self.storage_timeout_s)
+                notes.append("sessions from the storage service")
+            except Exception as exc:  # noqa: BLE001 - StorageError or import failure: say so, serve history
+                if r.source == "storage":
+                    raise ServiceError("502", f"storage service: {exc}") from None
+                partial = True
+                notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
+        analyzer = TelemetryAnalyzer(critical_paths=r.critical_paths, speedup_pct=r.speedup_pct)
+
+        def compute() -> bytes:
+            with gc_paused():
+                rep = analyzer.report(sessions, filters=f, include_sessions=r.include_sessions,
+                                      top_targets=r.top_targets)
+                rep.partial, rep.notes = partial, notes
+                return _enc.encode(rep)
+
+        data = await asyncio.to_thread(compute)
+        budget = max(1024, int(self.nc.max_payload) - _REPLY_OVERHEAD)
+        if len(data) > budget:
+            raise ServiceError("413", f"report is {len(data)} bytes, more than one NATS message ({budget}) holds: "
+                                      "ask for fewer sessions, no session rows or fewer targets")
+        await req.respond(data)
+
+    async def _api_stats(self, req: Request) -> None:
+        self.requests += 1
+        raw = await self.redis.hgetall(self.stats_key)
+        c = {k.decode(): int(v) for k, v in raw.items()}
+        stats = AnalyzerStats(sessions=c.get("sessions", 0), points=c.get("points", 0), alerts=c.get("alerts", 0),
+                              outbox=int(await self.redis.hlen(self.outbox_key)),
+                              history=await self.history.count(), history_cap=self.history_cap, replica=self.owner)
+        await req.respond(_enc.encode(stats))

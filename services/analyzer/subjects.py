@@ -1,0 +1,78 @@
+"""The analyzer's subjects and stream, built on :class:`shared.subjects.Subjects` (same namespace rules).
+
+Alerts (JetStream stream ``<NS>_ALERTS``, subjects ``<ns>.alerts.>``)::
+
+    <ns>.alerts.<kind>.<branch>.<target>
+
+* ``kind``: ``build`` (a whole build's duration) or ``target`` (one target);
+* ``branch``: the VCS branch as a token, ``_`` when unknown;
+* ``target``: the target name as a token, ``_`` for build alerts.
+
+A token is the name with every character NATS does not allow inside a token
+(``.``, ``*``, ``>``, whitespace, control characters) replaced by ``_``; use
+:func:`token` to build a filter.  A farm subscribes by branch with
+``<ns>.alerts.*.main.>``, by target with ``<ns>.alerts.target.*.<token>``.
+The payload names the real branch and target.
+
+Analytics requests (NATS micro service ``<ns>-analyzer``, queue group ``q``)::
+
+    <ns>.analyzer.report   ReportRequest -> AnalyticsReport
+    <ns>.analyzer.stats    {}            -> AnalyzerStats
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.subjects import Subjects
+
+_BAD = frozenset(".*>")
+
+
+def token(value: str | None) -> str:
+    """``value`` as one NATS subject token (lossy but stable; ``_`` for empty or None)."""
+    if not value:
+        return "_"
+    return "".join("_" if (c in _BAD or c.isspace() or not c.isprintable()) else c for c in value)
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzerSubjects:
+    base: Subjects
+
+    @classmethod
+    def of(cls, namespace: str) -> AnalyzerSubjects:
+        return cls(Subjects(namespace))
+
+    @property
+    def ns(self) -> str:
+        return self.base.ns
+
+    # -- alerts (JetStream) ----------------------------------------------------------------
+    def alert(self, kind: str, branch: str | None, target: str | None) -> str:
+        return f"{self.ns}.alerts.{kind}.{token(branch)}.{token(target)}"
+
+    def alerts_filter(self, *, kind: str | None = None, branch: str | None = None, target: str | None = None) -> str:
+        """A subscription subject: ``None`` parts match anything."""
+        parts = [kind or "*", token(branch) if branch else "*", token(target) if target else "*"]
+        return f"{self.ns}.alerts." + ".".join(parts)
+
+    @property
+    def alerts_all(self) -> str:
+        return f"{self.ns}.alerts.>"
+
+    @property
+    def alerts_stream(self) -> str:
+        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_ALERTS"
+
+    # -- request/reply ---------------------------------------------------------------------
+    @property
+    def api(self) -> str:
+        return f"{self.ns}.analyzer"
+
+    def endpoint(self, name: str) -> str:
+        return f"{self.api}.{name}"
+
+    @property
+    def service_name(self) -> str:
+        return self.base.service_name("analyzer")
