@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ack-wait-s", type=float, default=30.0,
                         help="JetStream ack wait of the durable consumer when this run creates it; "
                              "un-acked messages of a crashed instance are redelivered after it (default 30)")
-    parser.add_argument("--batch-size", type=int, default=64, help="messages fetched (and fsynced) per batch")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="messages fetched (and fsynced together) per batch; bounds memory in flight")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -116,13 +116,18 @@ def encode_header(created: float | None = None) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def encode_record(payload: bytes, *, stored_at: float | None = None, kind: int = KIND_SESSION) -> bytes:
+def record_header(payload: bytes, *, stored_at: float | None = None, kind: int = KIND_SESSION) -> bytes:
+    """The 24 bytes that precede ``payload`` on disk (written with it via writev: no copy)."""
     if len(payload) > MAX_RECORD_BYTES:
         raise ValueError(f"record of {len(payload)} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")
     ts = time.time() if stored_at is None else stored_at
     head = _REC.pack(REC_MAGIC, kind, 0, 0, len(payload), ts, 0)
     crc = zlib.crc32(payload, zlib.crc32(head[4:20]))
-    return head[:20] + struct.pack("<I", crc) + payload
+    return head[:20] + struct.pack("<I", crc)
+
+
+def encode_record(payload: bytes, *, stored_at: float | None = None, kind: int = KIND_SESSION) -> bytes:
+    return record_header(payload, stored_at=stored_at, kind=kind) + payload
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -156,8 +161,9 @@ def check_record(data: bytes | memoryview, pos: int) -> RecordRef | str:
     end = pos + RECORD_HEADER_LEN + length
     if end > size:
         return TRUNCATED
-    mv = memoryview(data)
-    if zlib.crc32(mv[pos + RECORD_HEADER_LEN : end], zlib.crc32(mv[pos + 4 : pos + 20])) != crc:
+    with memoryview(data) as mv:  # released at once: ``data`` may be an mmap that is closed later
+        ok = zlib.crc32(mv[pos + RECORD_HEADER_LEN : end], zlib.crc32(mv[pos + 4 : pos + 20])) == crc
+    if not ok:
         return CHECKSUM_MISMATCH
     if kind != KIND_SESSION:
         # Version 1 knows one kind; a new kind comes with a version bump (see the docs).
@@ -263,6 +269,22 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+_IOV_MAX = 512
+
+
+def write_chunks(fd: int, chunks: list[bytes]) -> int:
+    """Write ``chunks`` in order with writev (no concatenated copy of a batch); bytes written."""
+    total = 0
+    for i in range(0, len(chunks), _IOV_MAX):
+        group = chunks[i : i + _IOV_MAX]
+        want = sum(len(c) for c in group)
+        done = os.writev(fd, group)
+        if done < want:  # a short write (signal, quota): finish this group the slow way
+            write_all(fd, b"".join(group)[done:])
+        total += want
+    return total
 
 
 def atomic_write(path: Path, chunks: Iterable[bytes], *, fsync: bool = True) -> None:

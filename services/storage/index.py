@@ -30,7 +30,9 @@ class _EnvView(msgspec.Struct):
     vcs: _VcsView | None = None
 
 
-class _TargetView(msgspec.Struct):
+class _TargetView(msgspec.Struct, array_like=True):
+    """A target encoded as an array (``TargetMetrics`` is ``array_like``): the name comes first."""
+
     name: str = ""
 
 
@@ -48,7 +50,18 @@ class SessionView(msgspec.Struct, tag="session", tag_field="type"):
     labels: dict[str, str] = {}
     agents: list[str] = []
     environment: _EnvView | None = None
-    targets: list[_TargetView] = []
+    # Arrays as the protocol encodes targets now, maps as records written before TargetMetrics
+    # became array_like: the index reads both, so no stored history becomes unsearchable.
+    targets: list[_TargetView | dict[str, msgspec.Raw]] = []
+
+    def target_names(self) -> list[str]:
+        names = []
+        for t in self.targets:
+            if isinstance(t, _TargetView):
+                names.append(t.name)
+            elif "name" in t:
+                names.append(msgspec.msgpack.decode(t["name"], type=str))
+        return names
 
 
 view_decoder = msgspec.msgpack.Decoder(SessionView)
@@ -89,7 +102,7 @@ def summarize(view: SessionView, stored_at: float, segment: Any, offset: int, le
     if view.environment is not None and view.environment.vcs is not None:
         branch = view.environment.vcs.branch
     branch = branch or view.labels.get("branch")
-    hashes = sorted({target_hash(t.name) for t in view.targets})
+    hashes = sorted({target_hash(name) for name in view.target_names()})
     # Interned: a farm has few outcomes, branches and agents, repeated across sessions.
     return Summary(
         id=view.id,

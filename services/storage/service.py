@@ -20,7 +20,7 @@ import asyncio
 import re
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.errors
@@ -33,7 +33,6 @@ from shared.bus import connect_nats, connect_redis, ensure_streams, publish_dead
 from shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
-from shared.protocol import BuildSession
 from shared.settings import Settings
 from shared.subjects import Subjects
 from services.storage.api import (API_VERSION, ENDPOINTS, Cursor, RawSessionsReply, StatsReply, decode_request,
@@ -49,12 +48,18 @@ _REPLY_OVERHEAD = 4096  # bytes of a reply that are not session payload (array h
 _encoder = msgspec.msgpack.Encoder()
 
 
+class _Facts(NamedTuple):
+    id: str
+    outcome: str
+    targets: int
+
+
 class StorageService:
     """The storage process: one store, one durable consumer, one micro service."""
 
     name = "storage"
 
-    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 64,
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 32,
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
@@ -183,17 +188,18 @@ class StorageService:
             finally:
                 self._fetching = False
             await self.process(msgs)
+            del msgs  # do not hold a batch of payloads across the next (possibly long) fetch
 
     async def process(self, msgs: list[Msg]) -> None:
         """Dead-letter the bad messages, append the good ones (one fsync), then ack."""
-        good: list[tuple[Msg, BuildSession]] = []
+        good: list[tuple[Msg, _Facts]] = []
         bad: list[tuple[Msg, str]] = []
         for msg in msgs:
-            reason = self._reject_reason(msg.data)
-            if isinstance(reason, str):
-                bad.append((msg, reason))
+            checked = self._check(msg.data)
+            if isinstance(checked, str):
+                bad.append((msg, checked))
             else:
-                good.append((msg, reason))
+                good.append((msg, checked))
         if bad:
             await self._dead_letter(bad)
         if not good:
@@ -201,7 +207,9 @@ class StorageService:
         store = self.store
         assert store is not None
         try:
-            flags = await store.append_many([s for _, s in good], raw=[m.data for m, _ in good])
+            # The bytes as published are stored (validated above, not re-encoded): fields a newer
+            # collector added survive, and no decoded batch is held while it is written.
+            flags = await store.append_encoded([m.data for m, _ in good])
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: retry later, never ack
             self.write_failures += 1
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
@@ -209,19 +217,20 @@ class StorageService:
                 await msg.nak(delay=5.0)
             await asyncio.sleep(1.0)
             return
-        for (msg, session), new in zip(good, flags):
+        for (msg, facts), new in zip(good, flags):
             await msg.ack()
             if new:
                 self.stored += 1
-                self.log.info("session.stored", session_id=session.id, outcome=session.outcome,
-                              targets=len(session.targets), bytes=len(msg.data))
+                self.log.info("session.stored", session_id=facts.id, outcome=facts.outcome,
+                              targets=facts.targets, bytes=len(msg.data))
             else:
                 self.duplicates += 1
-                self.log.info("session.duplicate", session_id=session.id)
+                self.log.info("session.duplicate", session_id=facts.id)
         if await store.count() > store.max_sessions:
             self._wake_retention.set()
 
-    def _reject_reason(self, data: bytes) -> BuildSession | str:
+    def _check(self, data: bytes) -> _Facts | str:
+        """What the log needs to know of a valid session, or why the message is not one."""
         if len(data) > self.max_message_bytes:
             return f"message of {len(data)} bytes exceeds the {self.max_message_bytes}-byte limit"
         try:
@@ -230,7 +239,7 @@ class StorageService:
             return f"not a BuildSession: {exc}"
         if not _SESSION_ID.match(session.id):
             return f"invalid session id {session.id[:80]!r}"
-        return session
+        return _Facts(session.id, session.outcome, len(session.targets))
 
     async def _dead_letter(self, bad: list[tuple[Msg, str]]) -> None:
         for msg, reason in bad:

@@ -24,7 +24,7 @@ import asyncio
 import os
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,12 @@ from services.storage import format as fmt
 from services.storage.index import Filters, Key, Snapshot, Summary, summarize, view_decoder
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+def _prepare(payloads: Sequence[bytes], stored_at: float) -> list[Summary]:
+    """Index summaries (not yet placed in a file) for encoded sessions; raises on a payload that
+    is no session.  Only the small summaries outlive this call, not the decoded views."""
+    return [summarize(view_decoder.decode(p), stored_at, None, 0, len(p)) for p in payloads]
 
 
 class StorageClosed(RuntimeError):
@@ -182,59 +188,74 @@ class TelemetryStorage:
         self._check_open()
         if raw is not None and len(raw) != len(sessions):
             raise ValueError("raw must have one entry per session")
+        ids = [s.id for s in sessions]
+        get: Callable[[int], bytes] = raw.__getitem__ if raw is not None else (lambda i: encode(sessions[i]))
         # Shielded: once started, a batch is written and indexed even if the caller is cancelled,
         # so the index never disagrees with what is on disk.
-        return await asyncio.shield(self._append(sessions, raw))
+        return await asyncio.shield(self._append(ids, get, None, time.time()))
 
-    async def _append(self, sessions: Sequence[BuildSession], raw: Sequence[bytes] | None) -> list[bool]:
+    async def append_encoded(self, payloads: Sequence[bytes]) -> list[bool]:
+        """:meth:`append_many` for sessions as received on the bus (msgpack ``BuildSession``s the
+        caller has validated), stored verbatim; the caller need not keep decoded sessions around."""
+        self._check_open()
+        now = time.time()
+        prepared = await asyncio.to_thread(_prepare, payloads, now)
+        return await asyncio.shield(self._append([p.id for p in prepared], payloads.__getitem__, prepared, now))
+
+    async def _append(self, ids: list[str], get: Callable[[int], bytes],
+                      prepared: list[Summary] | None, now: float) -> list[bool]:
         async with self._write_lock:
             self._check_open()
             known = self._snap.by_id
             flags: list[bool] = []
-            payloads: list[bytes] = []
+            todo: list[int] = []
             seen: set[str] = set()
-            for i, s in enumerate(sessions):
-                new = s.id not in known and s.id not in seen
+            for i, sid in enumerate(ids):
+                new = sid not in known and sid not in seen
                 flags.append(new)
                 if new:
-                    seen.add(s.id)
-                    payloads.append(raw[i] if raw is not None else encode(s))
-            if payloads:
-                summaries = await asyncio.to_thread(self._write_batch, payloads)
+                    seen.add(sid)
+                    todo.append(i)
+            if todo:
+                summaries = await asyncio.to_thread(self._write_batch, [get(i) for i in todo],
+                                                    None if prepared is None else [prepared[i] for i in todo], now)
                 self._snap = self._snap.with_added(summaries)
             return flags
 
-    def _write_batch(self, payloads: list[bytes]) -> list[Summary]:
-        now = time.time()
+    def _write_batch(self, payloads: list[bytes], prepared: list[Summary] | None, now: float) -> list[Summary]:
+        if prepared is None:
+            prepared = _prepare(payloads, now)  # fails before anything is written
         seg = self._active or self._new_segment()
         out: list[Summary] = []
-        buf = bytearray()
+        chunks: list[bytes] = []  # header, payload, header, payload…: written by writev, never joined
+        pending = 0
         try:
-            for p in payloads:
-                view = view_decoder.decode(p)
-                rec = fmt.encode_record(p, stored_at=now)
-                if buf and seg.size + len(buf) + len(rec) > self.segment_bytes:
-                    self._flush(seg, buf)
+            for p, summary in zip(payloads, prepared):
+                head = fmt.record_header(p, stored_at=now)
+                size = len(head) + len(p)
+                if chunks and seg.size + pending + size > self.segment_bytes:
+                    self._flush(seg, chunks, pending)
                     seg = self._roll()
-                    buf = bytearray()
-                out.append(summarize(view, now, seg, seg.size + len(buf), len(p)))
-                buf += rec
-            self._flush(seg, buf)
+                    chunks, pending = [], 0
+                out.append(msgspec.structs.replace(summary, segment=seg, offset=seg.size + pending))
+                chunks += (head, p)
+                pending += size
+            self._flush(seg, chunks, pending)
             if self.fsync:
                 os.fsync(seg.wfd)  # segments rolled over above were fsynced by _roll
         except BaseException:
-            self._undo(seg, len(buf))
+            self._undo(seg)
             raise
         if seg.size >= self.segment_bytes:
             seg.close_writer()  # full: the next append starts a new segment
             self._active = None
         return out
 
-    def _flush(self, seg: Segment, buf: bytearray) -> None:
-        fmt.write_all(seg.wfd, buf)
-        seg.size += len(buf)
+    def _flush(self, seg: Segment, chunks: list[bytes], pending: int) -> None:
+        fmt.write_chunks(seg.wfd, chunks)
+        seg.size += pending
 
-    def _undo(self, seg: Segment, pending: int) -> None:
+    def _undo(self, seg: Segment) -> None:
         # A failed write (disk full…) may have left part of a record: cut the file back to the
         # last whole record so later appends are not stranded behind garbage.
         try:
@@ -327,8 +348,7 @@ class TelemetryStorage:
             payload = self._read(s)
             if payload is None:
                 continue
-            if filters.target is not None and not any(t.name == filters.target
-                                                      for t in view_decoder.decode(payload).targets):
+            if filters.target is not None and filters.target not in view_decoder.decode(payload).target_names():
                 continue  # a 32-bit hash collision: the index said maybe, the record says no
             page.payloads.append(payload)
             total += len(payload)

@@ -109,9 +109,9 @@ async def test_no_service_is_a_clear_error(settings: Settings, nc) -> None:
 
 async def test_large_results_span_several_replies(service: StorageService, settings: Settings, nc,
                                                   make_session) -> None:
-    # ~90 KB each: 40 of them are several times what one NATS message (1 MiB) can carry.
-    sessions = [make_session(i, targets=300, env_vars=40) for i in range(40)]
-    assert len(encode(sessions[0])) > 60_000
+    # 40 of them are several times what one NATS message (1 MiB) can carry.
+    sessions = [make_session(i, targets=400, env_vars=40) for i in range(40)]
+    assert len(encode(sessions[0])) * 40 > 2 * 1024 * 1024
     for s in sessions:
         await publish(nc, settings, encode(s), s.id)
     client = StorageClient(nc, Subjects(settings.namespace))
@@ -150,9 +150,10 @@ async def test_malformed_messages_are_dead_lettered(service: StorageService, set
         "random bytes": os.urandom(300),
         "wrong types": msgspec.msgpack.encode({"type": "session", "id": 5, "finish": "yesterday"}),
         "another message type": encode(EventBatch(session_id="a" * 32, agent_id="x", events=[])),
-        "oversized": encode(make_session(99, targets=400)),  # > the service's 64 KiB limit here
+        "oversized": encode(make_session(99, targets=800)),  # > the service's 64 KiB limit here
         "bad id": encode(make_session(98, session_id="../../etc/passwd")),
     }
+    assert len(bad["oversized"]) > 64 * 1024
     await publish(nc, settings, encode(good[0]), good[0].id)
     for k, payload in enumerate(bad.values()):
         await publish(nc, settings, payload)

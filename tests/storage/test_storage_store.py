@@ -199,9 +199,9 @@ async def test_reads_do_not_wait_for_a_slow_write(tmp_path: Path, make_session) 
     gate = threading.Event()
 
     class SlowDisk(TelemetryStorage):
-        def _write_batch(self, payloads):  # type: ignore[no-untyped-def]
+        def _write_batch(self, *args):  # type: ignore[no-untyped-def]
             gate.wait(5)  # a disk that takes its time (fsync on a busy device)
-            return super()._write_batch(payloads)
+            return super()._write_batch(*args)
 
     store = SlowDisk(tmp_path / "t", fsync=False)
     await store.open()
@@ -244,3 +244,16 @@ async def test_random_batches_concurrent_appends(tmp_path: Path, make_session) -
     assert len(new_ids) == len(set(new_ids)) == await store.count()
     assert set(new_ids) == {s.id for b in batches for s in b}
     await store.close()
+
+
+def test_index_reads_targets_encoded_as_arrays_or_maps() -> None:
+    """Records written while TargetMetrics was a map and after it became array_like both index."""
+    import msgspec
+
+    from services.storage.index import view_decoder
+
+    old = msgspec.msgpack.encode({"type": "session", "id": "a" * 32,
+                                  "targets": [{"name": "//old:t", "start": 1.0, "end": 2.0, "duration_s": 1.0}]})
+    new = msgspec.msgpack.encode({"type": "session", "id": "b" * 32, "targets": [["//new:t", 1.0, 2.0, 1.0]]})
+    assert view_decoder.decode(old).target_names() == ["//old:t"]
+    assert view_decoder.decode(new).target_names() == ["//new:t"]
