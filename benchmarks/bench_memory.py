@@ -38,9 +38,16 @@ MB = 1024 * 1024
 GOAL_MB = 10.0
 
 
-def reference_session(i: int):  # noqa: ANN201 - BuildSession, imported lazily (child processes)
-    from shared.protocol import (BuildEnvironment, BuildSession, Phase, SessionTotals, TargetMetrics, VcsInfo,
-                                 new_session_id)
+def reference_session(i: int):
+    from shared.protocol import (
+        BuildEnvironment,
+        BuildSession,
+        Phase,
+        SessionTotals,
+        TargetMetrics,
+        VcsInfo,
+        new_session_id,
+    )
 
     finish = time.time() - 3600 + i
     start = finish - 600
@@ -74,10 +81,9 @@ def rss() -> int:
 # -- children ---------------------------------------------------------------------------------
 
 async def child_store(n: int, directory: str) -> dict:
-    from services.storage.store import TelemetryStorage
-
     import msgspec
 
+    from services.storage.store import TelemetryStorage
     from shared.protocol import new_session_id
 
     store = TelemetryStorage(directory, max_sessions=n)
@@ -127,7 +133,7 @@ async def child_service(n: int, nats_url: str, redis_url: str, namespace: str, c
     return {"base": base, "after": after}
 
 
-def run_child(args: list[str], *, on_ready=None) -> dict:  # noqa: ANN001
+def run_child(args: list[str], *, on_ready=None) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     result = None

@@ -12,10 +12,10 @@ import argparse
 import asyncio
 import sys
 
+from services.storage.service import StorageService
 from shared.logs import configure, get_logger
 from shared.runner import run_until_signal
 from shared.settings import Settings, SettingsError
-from services.storage.service import StorageService
 
 
 def main(argv: list[str] | None = None) -> int:

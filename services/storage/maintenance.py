@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from shared.codec import DecodeError
 from services.storage import format as fmt
 from services.storage.index import Snapshot, Summary, summarize, view_decoder
+from shared.codec import DecodeError
 
 if TYPE_CHECKING:
-    from services.storage.store import DamageReport, RetentionReport, Segment, TelemetryStorage
+    from services.storage.store import (
+        DamageReport,
+        RetentionReport,
+        Segment,
+        TelemetryStorage,
+    )
 
 
 def load(store: TelemetryStorage) -> DamageReport:

@@ -29,16 +29,29 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request, ServiceError
 
+from services.storage.api import (
+    API_VERSION,
+    ENDPOINTS,
+    Cursor,
+    RawSessionsReply,
+    StatsReply,
+    decode_request,
+    endpoint_subject,
+)
+from services.storage.index import Filters
+from services.storage.store import (
+    DEFAULT_SEGMENT_BYTES,
+    DamageReport,
+    Page,
+    StorageClosed,
+    TelemetryStorage,
+)
 from shared.bus import connect_nats, connect_redis, ensure_streams, publish_dead_letter
 from shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.settings import Settings
 from shared.subjects import Subjects
-from services.storage.api import (API_VERSION, ENDPOINTS, Cursor, RawSessionsReply, StatsReply, decode_request,
-                                  endpoint_subject)
-from services.storage.index import Filters
-from services.storage.store import DEFAULT_SEGMENT_BYTES, DamageReport, Page, StorageClosed, TelemetryStorage
 
 DURABLE = "storage"
 # Ids become index keys and log fields; the protocol's are 32 hex digits, this is the lenient bound.
@@ -161,7 +174,7 @@ class StorageService:
             else:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._consumer), 10.0)
-                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - cancel below either way
+                except Exception:  # noqa: BLE001 - timed out or failed: cancel below either way
                     self._consumer.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -177,7 +190,7 @@ class StorageService:
             self._fetching = True
             try:
                 msgs = await psub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:
                 return
@@ -248,8 +261,8 @@ class StorageService:
                                       headers=dict(msg.headers or {}))
         try:
             await self.nc.flush(timeout=5)  # the dead letters leave before the originals are acked
-        except Exception:  # noqa: BLE001 - acking anyway: redelivery would fail identically
-            pass
+        except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
+            self.log.warning("storage.dead_letter_flush_failed", error=repr(exc))
         for msg, reason in bad:
             await msg.ack()
             self.dead_letters += 1
@@ -260,7 +273,7 @@ class StorageService:
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake_retention.wait(), self.retention_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake_retention.clear()
             try:

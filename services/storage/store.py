@@ -31,11 +31,18 @@ from typing import Any
 
 import msgspec
 
-from shared.codec import DecodeError, decode_session, encode
+from services.storage import format as fmt
+from services.storage.index import (
+    Filters,
+    Key,
+    Snapshot,
+    Summary,
+    summarize,
+    view_decoder,
+)
+from shared.codec import decode_session, encode
 from shared.logs import get_logger
 from shared.protocol import BuildSession
-from services.storage import format as fmt
-from services.storage.index import Filters, Key, Snapshot, Summary, summarize, view_decoder
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 
@@ -94,13 +101,14 @@ class Segment:
     something can still read through it (closed in ``__del__`` or by ``close()``).
     """
 
-    __slots__ = ("number", "path", "fd", "wfd", "size", "header_len", "__weakref__")
+    __slots__ = ("__weakref__", "fd", "header_len", "number", "path", "size", "wfd")
 
     def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False) -> None:
         self.number = number
         self.path = path
+        self.fd = self.wfd = -1
         self.fd = os.open(path, os.O_RDONLY)
-        self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1
+        self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1  # __del__ closes fd on error
         self.size = size
         self.header_len = header_len
 
@@ -226,16 +234,18 @@ class TelemetryStorage:
         if prepared is None:
             prepared = _prepare(payloads, now)  # fails before anything is written
         seg = self._active or self._new_segment()
+        base = seg.size  # where this batch starts in the current segment
         out: list[Summary] = []
         chunks: list[bytes] = []  # header, payload, header, payload…: written by writev, never joined
         pending = 0
         try:
-            for p, summary in zip(payloads, prepared):
+            for p, summary in zip(payloads, prepared, strict=True):
                 head = fmt.record_header(p, stored_at=now)
                 size = len(head) + len(p)
                 if chunks and seg.size + pending + size > self.segment_bytes:
                     self._flush(seg, chunks, pending)
                     seg = self._roll()
+                    base = seg.size
                     chunks, pending = [], 0
                 out.append(msgspec.structs.replace(summary, segment=seg, offset=seg.size + pending))
                 chunks += (head, p)
@@ -244,7 +254,7 @@ class TelemetryStorage:
             if self.fsync:
                 os.fsync(seg.wfd)  # segments rolled over above were fsynced by _roll
         except BaseException:
-            self._undo(seg)
+            self._abandon(seg, base)
             raise
         if seg.size >= self.segment_bytes:
             seg.close_writer()  # full: the next append starts a new segment
@@ -255,15 +265,19 @@ class TelemetryStorage:
         fmt.write_chunks(seg.wfd, chunks)
         seg.size += pending
 
-    def _undo(self, seg: Segment) -> None:
-        # A failed write (disk full…) may have left part of a record: cut the file back to the
-        # last whole record so later appends are not stranded behind garbage.
+    def _abandon(self, seg: Segment, base: int) -> None:
+        """After a failed write or fsync (disk full, I/O error): cut the segment back to where the
+        batch began, so no record the index does not know is left half-written, and stop appending
+        to it (after a failed fsync its page cache state is unknown); the next batch starts a new
+        segment.  If the cut fails too, the next open reports the tail as damage."""
         try:
-            os.ftruncate(seg.wfd, seg.size)
-            os.fstat(seg.wfd)
+            os.ftruncate(seg.wfd, base)
+            seg.size = base
         except OSError:
-            self._active = None  # give up on this segment; the next open reports its tail
-            seg.close_writer()
+            pass
+        seg.close_writer()
+        if self._active is seg:
+            self._active = None
 
     def _new_segment(self) -> Segment:
         number = self._next_number

@@ -11,8 +11,15 @@ from collections.abc import Callable
 
 import pytest
 
-from shared.protocol import (BuildEnvironment, BuildSession, Phase, SessionTotals, TargetMetrics, VcsInfo,
-                             new_session_id)
+from shared.protocol import (
+    BuildEnvironment,
+    BuildSession,
+    Phase,
+    SessionTotals,
+    TargetMetrics,
+    VcsInfo,
+    new_session_id,
+)
 
 MakeSession = Callable[..., BuildSession]
 

@@ -162,7 +162,7 @@ async def test_newer_format_version_is_left_alone(tmp_path: Path, make_session) 
     newer = body + struct.pack("<I", zlib.crc32(body)) + b"records in a layout this reader cannot know"
     future = d / fmt.segment_name(7)
     future.write_bytes(newer)
-    store, logged = await reopen(d)
+    store, _ = await reopen(d)
     try:
         assert [(x.reason, x.action) for x in store.last_report.damages] == [(fmt.UNSUPPORTED_VERSION, "skipped")]
         assert await store.count() == 1

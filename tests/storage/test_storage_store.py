@@ -257,3 +257,32 @@ def test_index_reads_targets_encoded_as_arrays_or_maps() -> None:
     new = msgspec.msgpack.encode({"type": "session", "id": "b" * 32, "targets": [["//new:t", 1.0, 2.0, 1.0]]})
     assert view_decoder.decode(old).target_names() == ["//old:t"]
     assert view_decoder.decode(new).target_names() == ["//new:t"]
+
+
+async def test_failed_write_leaves_no_trace(tmp_path: Path, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full in the middle of a batch: the append fails, nothing half-written stays behind,
+    the store keeps working, and the next open is clean."""
+    import errno
+    import os as _os
+
+    store = await opened(tmp_path / "t", fsync=True)
+    kept = make_session(0)
+    await store.append_many([kept])
+    real = fmt.write_chunks
+
+    def disk_full(fd: int, chunks: list[bytes]) -> int:
+        _os.write(fd, chunks[0] + chunks[1][:100])  # part of the first record reaches the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fmt, "write_chunks", disk_full)
+    lost = [make_session(1), make_session(2)]
+    with pytest.raises(OSError, match="No space"):
+        await store.append_many(lost)
+    assert await store.count() == 1 and await store.get(lost[0].id) is None
+    monkeypatch.setattr(fmt, "write_chunks", real)
+    assert await store.append_many(lost) == [True, True]  # the retry (a redelivery) is stored
+    await store.close()
+    store = await opened(tmp_path / "t")
+    assert store.last_report.ok and store.last_report.duplicates == 0
+    assert {s.id for s in await store.recent(10)} == {kept.id, lost[0].id, lost[1].id}
+    await store.close()
