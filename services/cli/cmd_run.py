@@ -1,0 +1,338 @@
+"""``buildtel run -- CMD…``: run any build command as one telemetry session.
+
+The command is spawned *first*, with inherited stdio and two extra variables
+(``BUILDER_TELEMETRY_SESSION_ID`` so nested tools can report into the session,
+``TRACEPARENT`` so traced tools join the trace).  Everything telemetry does
+happens while it runs, in this process at a lowered CPU priority: importing the
+client, resolving/auto-starting the stack, capturing the environment, sampling
+the process tree's memory.  When the command exits we publish ``BuildFinished``
+with its exit code, CPU time (``wait4`` rusage of the child, which includes every
+descendant it waited for) and peak RSS, and exit with the command's own code
+(128+n for signal n).  No bus, no stack, a broken configuration: the command
+still runs and its code still passes through; one warning line says why the
+session was not recorded.
+
+Per-target capture plugs in as a :class:`TargetSource` (make/ninja come later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.protocol import new_session_id
+from shared.settings import Settings
+
+ENV_SESSION_ID = "BUILDER_TELEMETRY_SESSION_ID"
+SAMPLE_INTERVAL_S = 0.25  # process-tree memory sampling; a /proc walk of the tree costs ~30 µs
+ENVIRONMENT_WAIT_S = 2.0  # after the command exits, how long BuildStarted waits for the env snapshot
+SOURCE_DRAIN_S = 5.0
+NICENESS = 10  # the wrapper yields CPU to the build it measures
+
+
+class TargetSource(Protocol):
+    """Per-target events of one run, e.g. from a make/ninja log (plugged in later)."""
+
+    def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
+        """Before spawning: may edit ``env`` in place and return a rewritten argv."""
+        ...
+
+    def targets(self, done: threading.Event) -> Iterable[Mapping[str, Any]]:
+        """Yield keyword arguments of ``target_finished`` while the command runs; finish
+        soon after ``done`` is set (the command has exited)."""
+        ...
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a build command as one telemetry session",
+        description="Run CMD as one build session: environment, command, wall and CPU time, peak "
+                    "memory and exit status are published; CMD's exit code is passed through.",
+        usage="buildtel run [--name NAME] [--label K=V]... [--record] [--quiet] -- CMD [ARG...]",
+    )
+    p.add_argument("--name", default="", help="build name for history and regressions (default: CMD's name)")
+    p.add_argument("--label", action="append", default=[], type=_label, metavar="K=V",
+                   help="attach a label to the session (repeatable)")
+    p.add_argument("--record", action="store_true", help="ask the recorder to keep this session's events")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line at the end")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=run_command)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key.strip(), value
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("buildtel: error: run: no command given (usage: buildtel run -- CMD [ARG...])", file=sys.stderr)
+        return 2
+    return run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet)
+
+
+def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Mapping[str, str] | None = None,
+              record: bool = False, quiet: bool = False, sources: Sequence[TargetSource] = (),
+              url_resolver: Callable[[], str] | None = None, lower_priority: bool = True) -> int:
+    """Run ``argv`` as one session and return its exit code (128+n when killed by signal n).
+
+    ``lower_priority=False`` keeps this process's niceness (for callers that are not a
+    short-lived wrapper, e.g. tests running in-process)."""
+    session_id = new_session_id()
+    traceparent = f"00-{session_id}-{secrets.token_hex(8)}-01"
+    env = dict(os.environ)
+    env[ENV_SESSION_ID] = session_id
+    env["TRACEPARENT"] = traceparent
+    for src in sources:
+        argv = src.prepare(argv, env)
+
+    rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0, m0 = time.time(), time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, env=env)  # inherited stdio; same process group, so ^C reaches it
+    except OSError as exc:
+        print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    restore = _forward_signals(proc.pid)
+    if lower_priority:
+        _lower_priority()
+
+    run = _Telemetry(settings, session_id, url_resolver) if settings.enabled else None
+    sampler = _TreeSampler(proc.pid)
+    sampler.start()
+    if run is not None:
+        run.begin(name=name or Path(argv[0]).name, command=argv, labels=dict(labels or {}), record=record,
+                  traceparent=traceparent, ts=t0, env=env, sources=sources)
+
+    code, usage = _wait(proc)
+    wall = time.monotonic() - m0
+    restore()
+    sampler.stop()
+    if usage is None:  # no wait4: what all our waited-for children used since the spawn
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - rusage_before.ru_utime) + (after.ru_stime - rusage_before.ru_stime)
+        maxrss = after.ru_maxrss
+    else:
+        cpu, maxrss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    # ru_maxrss is the largest single process (KiB on Linux, bytes on macOS); the sampler sees
+    # the tree's sum, but only at its interval.
+    peak = max(sampler.peak_rss, maxrss * (1 if sys.platform == "darwin" else 1024))
+
+    if run is not None:
+        run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak)
+    if not quiet:
+        outcome = "success" if code == 0 else "failed"
+        print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)
+    return code
+
+
+class _Telemetry:
+    """The session's client plus the threads that feed it while the command runs."""
+
+    def __init__(self, settings: Settings, session_id: str, url_resolver: Callable[[], str] | None) -> None:
+        self.settings = settings
+        self.session_id = session_id
+        self.resolver = url_resolver or _resolver(settings)
+        self.client: Any = None
+        self.started = threading.Event()  # BuildStarted emitted: later events follow it in seq
+        self.done = threading.Event()
+        self._start_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def begin(self, *, name: str, command: list[str], labels: dict[str, str], record: bool, traceparent: str,
+              ts: float, env: dict[str, str], sources: Sequence[TargetSource]) -> None:
+        try:
+            # Imported only now, while the command already runs: nats costs ~150 ms to import.
+            from shared.client_sync import SyncTelemetryClient
+
+            self.client = SyncTelemetryClient(self.settings, nats_url=self.resolver, session_id=self.session_id,
+                                              name="buildtel-run")
+            self.client.start()
+        except Exception as exc:  # noqa: BLE001 - telemetry never stops the build
+            self.client, self.error = None, f"{type(exc).__name__}: {exc}"
+            return
+        self._started_args = {"name": name, "command": command, "labels": labels, "record": record,
+                              "traceparent": traceparent, "ts": ts}
+        self._spawn(self._announce, env)
+        for src in sources:
+            self._spawn(self._follow, src)
+
+    def _spawn(self, fn: Callable[..., None], *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True, name=f"buildtel-{fn.__name__.strip('_')}")
+        t.start()
+        self._threads.append(t)
+
+    def _announce(self, env: dict[str, str], environment: Any = None) -> None:
+        if environment is None and env is not None:
+            try:
+                from shared.environment import capture
+
+                environment = capture(environ=env)  # redacted by capture (and again by the client)
+            except Exception:  # noqa: BLE001
+                environment = None
+        with self._start_lock:  # exactly one BuildStarted, whoever gets here first
+            if not self.started.is_set():
+                self.client.build_started(environment=environment, **self._started_args)
+                self.started.set()
+
+    def _follow(self, src: TargetSource) -> None:
+        self.started.wait(ENVIRONMENT_WAIT_S + 60)
+        try:
+            for rec in src.targets(self.done):
+                self.client.target_finished(**rec)
+        except Exception:  # noqa: BLE001, S110 - a broken source loses its targets, not the build
+            pass
+
+    def finish(self, *, exit_code: int, cpu_s: float, peak_rss_bytes: int) -> None:
+        client = self.client
+        if client is None:
+            print(f"buildtel: warning: telemetry unavailable ({getattr(self, 'error', '?')}); "
+                  f"session {self.session_id} was not recorded", file=sys.stderr)
+            return
+        if not self.started.wait(ENVIRONMENT_WAIT_S):
+            self._announce(None)  # type: ignore[arg-type]  # environment capture is stuck: without it
+        self.done.set()
+        deadline = time.monotonic() + SOURCE_DRAIN_S
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0))
+        client.build_finished(exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes)
+        # Connected: a flush takes milliseconds.  Never reached: close returns at once.
+        # Still resolving or connecting (a stack being auto-started): bounded wait.
+        stats = client.close(timeout=5.0 if client.connected else 2.0, warn=False)
+        if not client.reached_bus:
+            print(f"buildtel: warning: telemetry bus unreachable ({client.last_error or 'not connected'}); "
+                  f"session {self.session_id} was not recorded", file=sys.stderr)
+        elif stats.dropped:
+            print(f"buildtel: warning: {stats.dropped} of {client.events_emitted + stats.dropped} telemetry "
+                  f"events of session {self.session_id} were not delivered ({client.last_error})", file=sys.stderr)
+
+
+def _resolver(settings: Settings) -> Callable[[], str]:
+    def resolve() -> str:
+        from services.cli.common import resolve_urls
+
+        return resolve_urls(settings, autostart=True)[0]
+
+    return resolve
+
+
+class _TreeSampler(threading.Thread):
+    """Peak RSS of the command's process tree, summed over its processes, sampled."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True, name="buildtel-sampler")
+        self.pid = pid
+        self.peak_rss = 0
+        self._stop_ev = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._fast = os.path.exists(f"/proc/{pid}/task/{pid}/children")
+
+    def run(self) -> None:
+        interval = 0.05  # the first samples come quickly, so short commands get one too
+        while not self._stop_ev.wait(interval):
+            try:
+                rss = self._sample_proc() if self._fast else self._sample_psutil()
+            except Exception:  # noqa: BLE001 - the tree changes under us; next time
+                rss = 0
+            self.peak_rss = max(self.peak_rss, rss)
+            interval = min(interval * 2, SAMPLE_INTERVAL_S)
+
+    def stop(self) -> None:
+        self._stop_ev.set()
+        self.join(1.0)
+
+    def _sample_proc(self) -> int:
+        # Linux: walk only our tree via /proc/<pid>/task/<tid>/children; psutil's
+        # children() scans every process on the host, which costs more on a busy farm node.
+        total, stack = 0, [self.pid]
+        while stack:
+            pid = stack.pop()
+            try:
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    total += int(f.read().split()[1]) * self._page
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                        stack.extend(int(c) for c in f.read().split())
+            except (OSError, ValueError, IndexError):
+                continue  # exited between the listing and the read
+        return total
+
+    def _sample_psutil(self) -> int:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> tuple[int, Any]:
+    """Wait for the child: (exit code, 128+n for signal n; its rusage or None without wait4).
+
+    wait4's rusage covers the child and every descendant it reaped, and nothing else
+    this process ran (RUSAGE_CHILDREN would also count the environment probes).
+    """
+    if hasattr(os, "wait4"):
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code  # so Popen never waits for it again
+    else:  # pragma: no cover - not POSIX
+        code, usage = proc.wait(), None
+    return (128 - code if code < 0 else code), usage
+
+
+def _forward_signals(pid: int) -> Callable[[], None]:
+    """While the command runs: ^C reaches it directly (same process group), so we ignore
+    SIGINT rather than die first; SIGTERM/SIGHUP sent to us are passed on."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+    previous = {}
+    for sig, handler in ((signal.SIGINT, lambda *_: None), (signal.SIGTERM, forward), (signal.SIGHUP, forward)):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError, AttributeError):
+            continue
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                pass
+
+    return restore
+
+
+def _lower_priority() -> None:
+    # After the spawn, so only this wrapper (telemetry, sampler, environment probes) is
+    # niced; the build keeps its priority.
+    try:
+        os.nice(NICENESS)
+    except (OSError, AttributeError):
+        pass

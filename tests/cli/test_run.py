@@ -1,0 +1,133 @@
+"""``buildtel run``: exit codes pass through, the bus being down changes nothing for the build,
+and with a bus the session's events carry the command, exit code, CPU time and a redacted env."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.cli.cmd_run import run_build
+from shared.bus import connect_nats
+from shared.engines import free_port
+from shared.protocol import BuildFinished, BuildStarted, TargetFinished
+from shared.redaction import REDACTED
+from tests.client.helpers import stream_batches
+
+PY = sys.executable
+
+
+def _buildtel(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "services.cli.main", "run", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2], check=False)
+
+
+@pytest.fixture
+def dead_bus_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(BUILDER_TELEMETRY_NATS_URL=f"nats://127.0.0.1:{free_port()}",
+               BUILDER_TELEMETRY_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+               BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"))
+    return env
+
+
+@pytest.fixture
+def bus_env(settings, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url, BUILDER_TELEMETRY_REDIS_URL=settings.redis_url,
+               BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"),
+               MY_API_TOKEN="abc")
+    return env
+
+
+@pytest.mark.parametrize(("script", "code"), [
+    ("pass", 0),
+    ("raise SystemExit(3)", 3),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + 15),
+])
+def test_exit_code_passes_through_with_the_bus_down(dead_bus_env, tmp_path: Path, script: str, code: int) -> None:
+    marker = tmp_path / "ran"
+    t0 = time.monotonic()
+    res = _buildtel(["--", PY, "-c", f"open({str(marker)!r}, 'w').close(); {script}"], dead_bus_env)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == code, res.stderr
+    assert marker.exists()
+    warnings = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "telemetry bus unreachable" in warnings[0]
+    assert re.search(r"^buildtel: session [0-9a-f]{32} (success|failed) in [0-9.]+s$", res.stderr, re.MULTILINE)
+    assert elapsed < 15  # interpreter start-up and imports under a loaded CI box; no waiting on the bus
+
+
+def test_bus_down_with_the_stack_unresolvable_still_runs_the_command(tmp_path: Path, settings, capfd) -> None:
+    def no_stack() -> str:
+        raise RuntimeError("no stack here")
+
+    code = run_build([PY, "-c", "raise SystemExit(5)"], settings, url_resolver=no_stack, lower_priority=False)
+    assert code == 5
+    err = capfd.readouterr().err
+    assert "telemetry bus unreachable (RuntimeError: no stack here)" in err
+
+
+async def test_session_events_carry_command_exit_code_cpu_and_redacted_env(bus_env, settings, tmp_path: Path) -> None:
+    out = tmp_path / "child-env"
+    burn = ("import os, time\n"
+            f"open({str(out)!r}, 'w').write(os.environ['BUILDER_TELEMETRY_SESSION_ID'] + ' ' + os.environ['TRACEPARENT'])\n"
+            "t = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\n"
+            "raise SystemExit(3)\n")
+    res = _buildtel(["--name", "burn", "--label", "ci=yes", "--label", "team=a=b", "--record", "--",
+                     PY, "-c", burn, "--api-token=s3cr3t"], bus_env)
+    assert res.returncode == 3, res.stderr
+    assert "warning" not in res.stderr
+    sid, traceparent = out.read_text().split()
+    assert f"buildtel: session {sid} failed in " in res.stderr
+    assert re.fullmatch(rf"00-{sid}-[0-9a-f]{{16}}-01", traceparent)
+
+    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader")
+    try:
+        batches = await stream_batches(nc.jetstream(), settings, events=2)
+    finally:
+        await nc.close()
+    events = [ev for _, b in batches for ev in b.events]
+    started, finished = events[0], events[-1]
+    assert isinstance(started, BuildStarted) and isinstance(finished, BuildFinished)
+    assert started.session_id == sid and [e.seq for e in events] == list(range(len(events)))
+    assert started.name == "burn" and started.labels == {"ci": "yes", "team": "a=b"} and started.record
+    assert started.traceparent == traceparent
+    assert started.command == [PY, "-c", burn, f"--api-token={REDACTED}"]
+    assert started.environment is not None
+    assert started.environment.env["MY_API_TOKEN"] == REDACTED
+    assert finished.exit_code == 3
+    assert finished.cpu_s is not None and finished.cpu_s >= 0.35
+    assert finished.peak_rss_bytes and finished.peak_rss_bytes > 1_000_000
+    assert started.ts <= finished.ts
+
+
+class _FakeSource:
+    """A TargetSource: adds a variable for the child and reports two targets."""
+
+    def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
+        env["FAKE_SOURCE"] = "1"
+        return argv
+
+    def targets(self, done: threading.Event):
+        yield {"target": "a.o", "start": time.time(), "duration_s": 0.1, "exit_code": 0}
+        done.wait(5)
+        yield {"target": "app", "start": time.time(), "duration_s": 0.2, "status": "failed", "exit_code": 2}
+
+
+async def test_a_target_source_reports_between_start_and_finish(settings, nc) -> None:
+    script = "import os, sys; sys.exit(0 if os.environ.get('FAKE_SOURCE') == '1' else 9)"
+    code = run_build([PY, "-c", script], settings, sources=[_FakeSource()], quiet=True, lower_priority=False)
+    assert code == 0
+    batches = await stream_batches(nc.jetstream(), settings, events=4)
+    events = [ev for _, b in batches for ev in b.events]
+    assert [type(e).__name__ for e in events] == ["BuildStarted", "TargetFinished", "TargetFinished",
+                                                  "BuildFinished"]
+    assert isinstance(events[2], TargetFinished) and events[2].status == "failed"
