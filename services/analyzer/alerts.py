@@ -30,6 +30,10 @@ from shared.protocol import CACHE_HITS, BuildSession
 
 RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
 MEDIAN_WINDOW = 20  # points each side of a change that its medians use at most
+# A point whose session came this many stream messages after a newer point of its series was
+# folded is "late" (a redelivery after a replica died): it is recorded, not fed to the detector,
+# because a burst of stale values arriving after a change reads as a second change back.
+LATE_WINDOW = 64
 
 Kind = Literal["build", "target"]
 
@@ -58,6 +62,8 @@ class SeriesState(msgspec.Struct, kw_only=True):
     ring: list[Entry] = []
     last_sid: str = ""  # the last session folded (diagnostics; idempotency uses per-session markers)
     alerts: int = 0
+    seq: int = 0  # highest stream sequence fed to the detector
+    late: int = 0  # points recorded but not fed (see LATE_WINDOW)
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -117,9 +123,14 @@ def decode_state(data: bytes | None) -> SeriesState:
     return _state_dec.decode(data) if data else SeriesState()
 
 
-def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float) -> tuple[bytes, Alert | None]:
-    """Feed one point; return the new state and the alert its change confirmed, if any."""
+def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
+         seq: int | None = None) -> tuple[bytes, Alert | None, bool]:
+    """Feed one point; return the new state, the alert its change confirmed (if any) and whether
+    the point was late (``seq``: the session's stream sequence; None skips the lateness test)."""
     st = decode_state(state_bytes)
+    if seq is not None and st.seq and seq < st.seq - LATE_WINDOW:
+        st.late += 1
+        return _enc.encode(st), None, True
     det = Detector.load(st.det) if st.det else Detector.new()
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
@@ -130,12 +141,13 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
     change = det.update(point.value, cached=point.cached)
     st.n = i + 1
     st.last_sid = session.id
+    st.seq = max(st.seq, seq or 0)
     st.det = det.dump()
     alert = None
     if change is not None:
         alert = make_alert(st, change, point, session, now=now)
         st.alerts += 1
-    return _enc.encode(st), alert
+    return _enc.encode(st), alert, False
 
 
 def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSession, *, now: float) -> Alert:

@@ -100,7 +100,9 @@ class SessionGraph:
             preds: dict[int, str] = {}
             for dep in t.deps:
                 j = index.get(dep)
-                if j is not None and j != i and self.t[j].end <= t.start + EPS:
+                # A declared dependency counts even if it "ended" a little after this target
+                # started (agents' clocks differ); one that ended after this target did is bad data.
+                if j is not None and j != i and self.t[j].end < t.end:
                     preds[j] = "dep"
             if t.worker:
                 k = bisect.bisect_right(lane_ends[t.worker], t.start + EPS) - 1
@@ -132,9 +134,11 @@ class SessionGraph:
             return CriticalPath(session_id=sid, wall_s=self.wall, path_s=0.0, wait_s=self.wall)
         cur = max(range(len(self.t)), key=lambda i: (self.t[i].end, self.t[i].start))
         chain: list[tuple[int, str, float]] = []
+        seen: set[int] = set()
         while True:
             t = self.t[cur]
-            if not self.preds[cur]:
+            seen.add(cur)
+            if not self.preds[cur] or self.binding[cur] in seen:
                 chain.append((cur, "root", max(0.0, t.start - self.origin)))
                 break
             j = self.binding[cur]

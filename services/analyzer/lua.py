@@ -13,7 +13,7 @@ COMMIT folds the points of one session into their series, all or per series:
   the outbox sweeper of any replica.
 
 KEYS: done-hash, outbox-hash, stats-hash, series-hash...
-ARGV: done-ttl-s, series-ttl-s, then per series: name, expected-version, state, alert-id, alert
+ARGV: done-ttl-s, series-ttl-s, then per series: name, expected-version, state, alert-id, alert, late (0/1)
 """
 
 COMMIT = """
@@ -22,7 +22,7 @@ local done_ttl, series_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 for j = 0, #KEYS - 4 do
   local key = KEYS[4 + j]
-  local b = 3 + 5 * j
+  local b = 3 + 6 * j
   local name = ARGV[b]
   if redis.call('HEXISTS', done, name) == 1 then
     out[j + 1] = 2
@@ -35,6 +35,9 @@ for j = 0, #KEYS - 4 do
       redis.call('EXPIRE', key, series_ttl)
       redis.call('HSET', done, name, 1)
       redis.call('HINCRBY', stats, 'points', 1)
+      if ARGV[b + 5] == '1' then
+        redis.call('HINCRBY', stats, 'late', 1)
+      end
       if ARGV[b + 3] ~= '' then
         redis.call('HSET', outbox, ARGV[b + 3], ARGV[b + 4])
         redis.call('HINCRBY', stats, 'alerts', 1)

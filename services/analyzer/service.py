@@ -58,7 +58,9 @@ from shared.settings import Settings
 log = get_logger("analyzer")
 
 DURABLE = "analyzer"
-FETCH_BATCH = 16
+# Small batches keep a series close to stream order across replicas: at most replicas x 4
+# sessions are in flight, so that is the widest reordering the detector can see.
+FETCH_BATCH = 4
 ACK_WAIT_S = 10.0  # a dead replica's unacked sessions come back after this
 DONE_TTL_S = 3 * 86400  # how long "session S was folded into series X" is remembered
 SERIES_TTL_S = 90 * 86400  # a series nobody fed for this long is forgotten
@@ -112,7 +114,7 @@ class AnalyzerService:
         self.sub = await self.js.pull_subscribe(
             self.subjects.base.sessions_completed, durable=DURABLE, stream=self.subjects.base.sessions_stream,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=self.ack_wait_s, max_ack_pending=2_000, max_deliver=-1))
+                                  ack_wait=self.ack_wait_s, max_ack_pending=256, max_deliver=-1))
         self.micro = await nats.micro.add_service(
             self.nc, name=self.subjects.service_name, version=API_VERSION,
             description="Builder Telemetry analytics and regression alerts",
@@ -178,7 +180,10 @@ class AnalyzerService:
             await msg.ack()
             return
         await self.history.add(self._hist_add, session, msg.data)
-        alerts = await self.fold_session(session)
+        meta = msg.metadata
+        if meta.num_delivered > 1:
+            await self.redis.hincrby(self.stats_key, "redelivered", 1)
+        alerts = await self.fold_session(session, seq=meta.sequence.stream)
         for a in alerts:
             await self._publish(a)
         await msg.ack()
@@ -187,8 +192,10 @@ class AnalyzerService:
     def _series_key(self, series: str) -> str:
         return self.keys.analyzer(f"series:{series}")
 
-    async def fold_session(self, session: BuildSession) -> list[Alert]:
-        """Fold every series point of ``session`` exactly once; return the alerts this call committed."""
+    async def fold_session(self, session: BuildSession, seq: int | None = None) -> list[Alert]:
+        """Fold every series point of ``session`` exactly once; return the alerts this call committed.
+
+        ``seq`` (the session's stream sequence) lets a late redelivery be recognised (alerts.LATE_WINDOW)."""
         pending = {p.series: p for p in series_points(session)}
         done_key = self.keys.analyzer(f"done:{session.id}")
         committed: list[Alert] = []
@@ -208,10 +215,10 @@ class AnalyzerService:
             for name, (version, state), done in zip(names, states, done_flags):
                 if done is not None:
                     continue  # folded before (a redelivery): nothing to do for this series
-                new_state, alert = fold(state, pending[name], session, now=now)
+                new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)
                 keys.append(self._series_key(name))
                 args += [name, int(version or 0), new_state, alert.id if alert else "",
-                         encode_alert(alert) if alert else ""]
+                         encode_alert(alert) if alert else "", "1" if late else "0"]
                 tried.append((name, alert))
             if not tried:
                 return committed
@@ -312,6 +319,7 @@ class AnalyzerService:
         raw = await self.redis.hgetall(self.stats_key)
         c = {k.decode(): int(v) for k, v in raw.items()}
         stats = AnalyzerStats(sessions=c.get("sessions", 0), points=c.get("points", 0), alerts=c.get("alerts", 0),
+                              late=c.get("late", 0), redelivered=c.get("redelivered", 0),
                               outbox=int(await self.redis.hlen(self.outbox_key)),
                               history=await self.history.count(), history_cap=self.history_cap, replica=self.owner)
         await req.respond(_enc.encode(stats))

@@ -17,7 +17,7 @@ def _run(sessions) -> list[Alert]:  # noqa: ANN001
     out = []
     for s in sessions:
         for p in series_points(s):
-            states[p.series], a = fold(states.get(p.series), p, s, now=1.0)
+            states[p.series], a, _ = fold(states.get(p.series), p, s, now=1.0)
             if a is not None:
                 out.append(a)
     return out
@@ -107,7 +107,7 @@ def test_state_round_trips_and_counts_points() -> None:
     states: dict[str, bytes] = {}
     for s in _builds([10.0] * 5):
         for p in series_points(s):
-            states[p.series], _ = fold(states.get(p.series), p, s, now=0.0)
+            states[p.series], _, _ = fold(states.get(p.series), p, s, now=0.0)
     st = decode_state(states["build|main"])
     assert st.n == 5 and st.last_sid == f"{4:032x}" and [e.i for e in st.ring] == [0, 1, 2, 3, 4]
 

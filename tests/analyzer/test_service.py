@@ -1,0 +1,171 @@
+"""The analyzer service against real NATS and Redis: alerts once, redeliveries, replicas racing, outbox, API."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.analyzer.alerts import decode_state
+from services.analyzer.analytics import TelemetryAnalyzer
+from services.analyzer.api import AnalyzerClient, AnalyzerError, read_alerts
+from services.analyzer.service import AnalyzerService
+from shared.bus import dead_letter_decoder, ensure_streams
+from shared.codec import encode
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.subjects import Subjects
+from tests.analyzer.helpers import T0, session, target
+
+
+def _step_history(n: int = 60, at: int = 35, seed: int = 1, branch: str = "main") -> list:
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        level = 100.0 if k < at else 140.0
+        ts = [target("//svc:build", T0 + 3600 * k, 2.0 * rng.gauss(1, 0.01), worker="w1"),
+              target("//svc:test", T0 + 3600 * k + 2, 1.0 * rng.gauss(1, 0.01), worker="w1", deps=["//svc:build"])]
+        out.append(session(k, level * rng.gauss(1, 0.01), targets=ts, branch=branch))
+    return out
+
+
+async def _publish(js, subjects: Subjects, sessions, prefix: str = "") -> None:  # noqa: ANN001
+    for s in sessions:
+        await js.publish(subjects.sessions_completed, encode(s), headers={"Nats-Msg-Id": prefix + s.id})
+
+
+async def _until(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def analyzer(settings: Settings, nc, redis_client) -> AsyncIterator[AnalyzerService]:  # noqa: ANN001
+    svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await svc.stop()  # idempotent
+
+
+async def _stats(nc, settings):  # noqa: ANN001, ANN202
+    return await AnalyzerClient(nc, settings.namespace, timeout=5).stats()
+
+
+async def test_a_step_raises_one_alert_and_reports_match_offline_figures(settings, nc, analyzer) -> None:
+    js = nc.jetstream()
+    sessions = _step_history()
+    await _publish(js, Subjects(settings.namespace), sessions)
+
+    async def all_folded() -> bool:
+        return (await _stats(nc, settings)).sessions == len(sessions)
+
+    await _until(all_folded)
+    alerts = await read_alerts(js, settings.namespace)
+    builds = [a for a in alerts if a.kind == "build"]
+    assert len(builds) == 1 and builds[0].direction == "regression"
+    assert builds[0].first_session_id in (sessions[35].id, sessions[36].id)
+    assert not [a for a in alerts if a.kind == "target"]  # the targets did not change
+    stats = await _stats(nc, settings)
+    assert stats.points == len(sessions) * 3 and stats.alerts == 1 and stats.outbox == 0
+    client = AnalyzerClient(nc, settings.namespace, timeout=10)
+    rep = await client.report(last=40, include_sessions=True)
+    offline = TelemetryAnalyzer().report(sessions[-40:], include_sessions=True)
+    assert rep.sessions == 40 and [r.id for r in rep.session_rows] == [s.id for s in sessions[-40:]]
+    assert rep.duration.mean_s == pytest.approx(offline.duration.mean_s)
+    assert rep.duration.p95_s == pytest.approx(offline.duration.p95_s)
+    assert [t.median_s for t in rep.targets] == pytest.approx([t.median_s for t in offline.targets])
+    assert rep.bottlenecks.targets[0].name == "//svc:build"
+    assert not rep.partial
+    ranged = await client.report(since=sessions[10].finish, until=sessions[20].finish)
+    assert ranged.sessions == 10
+    assert (await client.report(branch="nope")).sessions == 0
+
+
+async def test_redelivered_sessions_are_not_counted_twice(settings, nc, analyzer) -> None:
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    sessions = _step_history(n=50, at=30, seed=2)
+    await _publish(js, subjects, sessions)
+
+    async def folded(n: int):  # noqa: ANN202
+        async def check() -> bool:
+            return (await _stats(nc, settings)).sessions >= n
+        return check
+
+    await _until(await folded(50))
+    before = await _stats(nc, settings)
+    # The same sessions again under new Msg-Ids: JetStream cannot drop them, the analyzer must.
+    await _publish(js, subjects, sessions, prefix="again-")
+
+    async def drained() -> bool:
+        return analyzer.sessions_in == 100
+
+    await _until(drained)
+    after = await _stats(nc, settings)
+    assert (after.points, after.alerts, after.sessions) == (before.points, before.alerts, before.sessions)
+    assert len(await read_alerts(js, settings.namespace, kind="build")) == 1
+    state = decode_state(await analyzer.redis.hget(Keys(settings.namespace).analyzer("series:build|main"), "s"))
+    assert state.n == 50
+
+
+async def test_two_replicas_folding_one_series_serialise(settings, nc, redis_client) -> None:
+    """Consecutive sessions of one series folded concurrently by two replicas: none lost, none twice."""
+    a = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    b = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    await a.start()
+    await b.start()
+    try:
+        sessions = _step_history(n=80, at=40, seed=3)
+        # Bypass the consumer: each pair of consecutive sessions is folded by the two replicas at once,
+        # as when two replicas pull neighbouring messages of the stream.
+        alerts = []
+        for k in range(0, 80, 2):
+            for r in await asyncio.gather(a.fold_session(sessions[k]), b.fold_session(sessions[k + 1])):
+                alerts += r
+        state = decode_state(await a.redis.hget(Keys(settings.namespace).analyzer("series:build|main"), "s"))
+        assert state.n == 80
+        assert sorted(e.sid for e in state.ring[-80:]) == sorted(s.id for s in sessions)
+        assert len([x for x in alerts if x.kind == "build"]) == 1
+        assert a.conflicts + b.conflicts > 0  # they really did collide
+        again = await asyncio.gather(*(svc.fold_session(s) for s, svc in zip(sessions, [b, a] * 40)))
+        assert not any(again)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_outbox_alert_survives_a_crash_between_commit_and_publish(settings, nc, analyzer) -> None:
+    js = nc.jetstream()
+    sessions = _step_history(n=60, at=30, seed=4)
+    # fold_session commits alerts to the outbox; not publishing them is what a SIGKILL would leave.
+    committed = [a for s in sessions for a in await analyzer.fold_session(s)]
+    assert len(committed) == 1
+    assert await analyzer.redis.hlen(analyzer.outbox_key) == 1
+    assert await read_alerts(js, settings.namespace) == []
+    assert await analyzer.sweep_outbox_once(grace_s=0) == 1
+    # A second replica's sweep racing the first publish: JetStream's duplicate window drops it.
+    await analyzer._publish(committed[0])
+    alerts = await read_alerts(js, settings.namespace)
+    assert [x.id for x in alerts] == [committed[0].id]
+    assert await analyzer.redis.hlen(analyzer.outbox_key) == 0
+
+
+async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc, analyzer) -> None:
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    await ensure_streams(js, subjects)
+    dl = await js.subscribe(subjects.dead_letter_all, ordered_consumer=True)
+    await js.publish(subjects.sessions_completed, b"\x93not a session", headers={"Nats-Msg-Id": "bad"})
+    msg = await dl.next_msg(timeout=10)
+    letter = dead_letter_decoder.decode(msg.data)
+    assert letter.service == "analyzer" and "undecodable" in letter.reason
+    await dl.unsubscribe()
+    with pytest.raises(AnalyzerError) as exc:
+        await AnalyzerClient(nc, settings.namespace, timeout=5)._request("report", b"\x81\xa4last\xa3one")
+    assert exc.value.code == 400
