@@ -11,6 +11,7 @@ from shared.settings import Settings
 SERVICES: dict[str, str] = {
     "collector": "services.collector.service:CollectorService",
     "storage": "services.storage.service:StorageService",
+    "analyzer": "services.analyzer.service:AnalyzerService",
     "tracer": "services.tracer.service:TracerService",
     "recorder": "services.recorder.service:RecorderService",
 }

@@ -339,13 +339,14 @@ class Emitter:
         except Exception:  # noqa: BLE001 - telemetry must never break the build
             self._reject()
 
-    def target_started(self, target: str, worker: str = "") -> None:
+    def target_started(self, target: str, worker: str = "", *, ts: float | None = None) -> None:
+        """``ts`` (Unix s) defaults to now; importers and simulations pass the real time."""
         if not self._on:
             return
         try:
-            ev = TargetStarted(session_id=self._sid, agent_id=self._aid, seq=0, ts=time.time(),
-                               target=target, worker=worker)
-            if not (type(target) is str and type(worker) is str):
+            ev = TargetStarted(session_id=self._sid, agent_id=self._aid, seq=0,
+                               ts=time.time() if ts is None else ts, target=target, worker=worker)
+            if not (type(target) is str and type(worker) is str and type(ev.ts) is float):
                 fix_event(ev)
             self._push(ev)
         except Exception:  # noqa: BLE001
@@ -354,17 +355,20 @@ class Emitter:
     def target_finished(self, target: str, *, start: float, duration_s: float, status: str = "success",
                         cache: str = "miss", worker: str = "", exit_code: int | None = None,
                         kind: str | None = None, mnemonic: str | None = None, cpu_s: float | None = None,
-                        peak_rss_bytes: int | None = None, deps: Any = None, phases: Any = None) -> None:
+                        peak_rss_bytes: int | None = None, deps: Any = None, phases: Any = None,
+                        ts: float | None = None) -> None:
         if not self._on:
             return
         try:
-            ev = TargetFinished(session_id=self._sid, agent_id=self._aid, seq=0, ts=_now(), target=target,
+            ev = TargetFinished(session_id=self._sid, agent_id=self._aid, seq=0,
+                                ts=_now() if ts is None else ts, target=target,
                                 start=start, duration_s=duration_s, status=status, cache=cache, worker=worker,
                                 exit_code=exit_code, kind=kind, mnemonic=mnemonic, cpu_s=cpu_s,
                                 peak_rss_bytes=peak_rss_bytes)
             # Cheap checks for what the collector's decoder would reject; what only fails to
             # encode (lone surrogates, huge ints, oversize strings) is fixed at batch time.
             if not (type(target) is str and type(start) is float and type(duration_s) is float
+                    and type(ev.ts) is float
                     and status in _STATUSES and cache in _CACHES and type(worker) is str
                     and (exit_code is None or type(exit_code) is int)
                     and (cpu_s is None or type(cpu_s) is float)
@@ -391,26 +395,27 @@ class Emitter:
         except Exception:  # noqa: BLE001
             self._reject()
 
-    def health(self, **fields: Any) -> None:
+    def health(self, *, ts: float | None = None, **fields: Any) -> None:
         """A :class:`HealthCheckpoint`; unknown field names are ignored, bad values defaulted."""
         if not self._on:
             return
         try:
             known = {k: v for k, v in fields.items() if k in _HEALTH_FIELDS}
-            ev = fix_event(HealthCheckpoint(session_id=self._sid, agent_id=self._aid, seq=0, ts=time.time(),
-                                            **known))
+            ev = fix_event(HealthCheckpoint(session_id=self._sid, agent_id=self._aid, seq=0,
+                                            ts=time.time() if ts is None else ts, **known))
             if self._push(ev):
                 self._live(ev)
         except Exception:  # noqa: BLE001
             self._reject()
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
-                       expected_events: Any = None) -> None:
+                       expected_events: Any = None, *, ts: float | None = None) -> None:
         """This agent's last event: the collector completes the session once it is folded."""
         if not self._on:
             return
         try:
-            self._push(fix_event(BuildFinished(session_id=self._sid, agent_id=self._aid, seq=0, ts=time.time(),
+            self._push(fix_event(BuildFinished(session_id=self._sid, agent_id=self._aid, seq=0,
+                                               ts=time.time() if ts is None else ts,
                                                exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
                                                expected_events=expected_events)))
         except Exception:  # noqa: BLE001

@@ -23,6 +23,7 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 COMMAND_MODULES = [
     "services.cli.cmd_stack",
+    "services.cli.cmd_demo",
     "services.cli.cmd_sessions",
     "services.cli.cmd_import",
     "services.cli.cmd_run",
