@@ -104,7 +104,7 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=30 * DAY_S,
             max_bytes=4 * GiB,
-            max_msg_size=32 * 1024 * 1024,
+            max_msg_size=8 * 1024 * 1024,
             duplicate_window=600.0,
         ),
         StreamConfig(

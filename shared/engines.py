@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT_S = 20.0
+MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 class EngineError(RuntimeError):
@@ -162,8 +163,13 @@ class NatsEngine(Engine):
         return f"nats://{self.host}:{self.port}"
 
     def _argv(self, port: int) -> list[str]:
+        # A completed session of several thousand targets is over the default 1 MiB payload;
+        # 8 MiB is the largest size NATS recommends and what the streams are declared for.
+        conf = self.data_dir / "nats.conf"
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
         return [
             find_nats_server(),
+            "-c", str(conf),
             "-a", self.host,
             "-p", str(port),
             "-js",

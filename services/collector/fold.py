@@ -254,3 +254,16 @@ def build_session(
         trace_id=trace_id,
         record=started.record if started else False,
     )
+
+
+def without_detail(session: BuildSession) -> BuildSession:
+    """The session with per-target phases and dependencies dropped (for oversized sessions)."""
+    return msgspec.structs.replace(
+        session, targets=[msgspec.structs.replace(t, phases=[], deps=[]) for t in session.targets])
+
+
+def longest_targets(session: BuildSession, keep: int) -> BuildSession:
+    """The session with only its ``keep`` longest targets; totals still describe all of them."""
+    kept = sorted(session.targets, key=lambda t: -t.duration_s)[:keep]
+    kept.sort(key=_by_start)
+    return msgspec.structs.replace(session, targets=kept)

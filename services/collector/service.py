@@ -211,6 +211,20 @@ class CollectorService:
                 done += await self._complete(sid, now)
         return done
 
+    def _shrink(self, session: Any, size: int) -> bytes:
+        """Fit a huge session into the server's max payload rather than lose it: drop phases
+        and dependencies first, then the shortest targets (totals keep the full figures)."""
+        limit = self.nc.max_payload - 4096
+        slim = fold.without_detail(session)
+        data = encode(slim)
+        if len(data) > limit:
+            keep = max(1, int(len(slim.targets) * limit / len(data) * 0.9))
+            slim = fold.longest_targets(slim, keep)
+            data = encode(slim)
+        log.error("session.truncated", session_id=session.id, bytes=size, max_payload=self.nc.max_payload,
+                  targets_kept=len(slim.targets), targets=len(session.targets))
+        return data
+
     async def _complete(self, sid: str, now: float) -> int:
         k = self.keys
         if not await self._claim(keys=[k.session_prefix(sid) + "lock"], args=[self.owner, LEASE_MS]):
@@ -224,7 +238,10 @@ class CollectorService:
             await self.redis.zrem(k.active, sid)
             return 0
         session = fold.build_session(sid, meta, fragments, now=now)
-        await self.js.publish(self.subjects.sessions_completed, encode(session),
+        data = encode(session)
+        if len(data) > self.nc.max_payload:
+            data = self._shrink(session, len(data))
+        await self.js.publish(self.subjects.sessions_completed, data,
                               headers={"Nats-Msg-Id": sid}, timeout=10.0)
         agents = list(fold.agent_counts(meta))
         await self._retire(

@@ -198,3 +198,27 @@ async def test_collector_sigkilled_mid_session_and_restarted_gives_exact_totals(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_oversized_sessions_are_trimmed_to_fit_not_lost() -> None:
+    from services.collector import fold
+    from shared.codec import decode_session
+    from shared.protocol import Phase
+
+    sid, per_agent, expected = synthetic_build(targets=3000, seed=2)
+    events = per_agent["agent-a"]
+    for ev in events:
+        if isinstance(ev, TargetFinished):
+            ev.deps = [f"//dep/{i}:x" * 3 for i in range(20)]
+            ev.phases = [Phase(f"phase{i}", 0.1) for i in range(10)]
+    raw = [encode(e) for e in events if isinstance(e, (TargetFinished, TargetStarted))]
+    frag = b"\xdd" + len(raw).to_bytes(4, "big") + b"".join(raw)
+    meta = {b"started": encode(events[0]), b"finished": encode(events[-1]), b"events": str(len(events)).encode()}
+    session = fold.build_session(sid, meta, [frag], now=0.0)
+    slim = fold.without_detail(session)
+    assert len(encode(slim)) < len(encode(session)) / 3
+    assert len(slim.targets) == expected["targets"] and all(not t.deps and not t.phases for t in slim.targets)
+    top = fold.longest_targets(slim, 100)
+    assert [t.duration_s for t in top.targets] and min(t.duration_s for t in top.targets) >= sorted(
+        (t.duration_s for t in slim.targets), reverse=True)[99]
+    assert decode_session(encode(top)).totals.targets == expected["targets"]
