@@ -100,6 +100,10 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     env["TRACEPARENT"] = traceparent
     for src in sources:
         argv = src.prepare(argv, env)
+    capture = None
+    if record:  # files read and written, for `buildtel replay` (services/recorder/capture.py)
+        from services.recorder.capture import start_run_capture
+        capture = start_run_capture(settings, argv, env, session_id)
 
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
@@ -135,6 +139,9 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
 
     if run is not None:
         run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak)
+    if capture is not None:
+        from services.recorder.capture import finish_run_capture
+        finish_run_capture(capture, code, quiet=quiet)
     if not quiet:
         outcome = "success" if code == 0 else "failed"
         print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)

@@ -40,7 +40,8 @@ from shared.settings import Settings
 
 log = get_logger("recorder.capture")
 
-SKIP_DIRS = frozenset({".git", ".hg", ".svn", ".jj"})
+# VCS metadata, and our own data directory wherever it is (another checkout's, a default one).
+SKIP_DIRS = frozenset({".git", ".hg", ".svn", ".jj", ".builder-cache"})
 # Tool bookkeeping rewritten by every run, with timestamps: never a build product to compare.
 VOLATILE = frozenset({".ninja_log", ".ninja_deps"})
 DEFAULT_MAX_FILES = 200_000
@@ -84,7 +85,9 @@ def scan_tree(root: Path, exclude: set[Path], *, max_files: int = DEFAULT_MAX_FI
     out: dict[str, FileState] = {}
     for dirpath, dirs, files in os.walk(root):
         here = Path(dirpath)
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and (here / d) not in exclude]
+        # A virtualenv is a toolchain, like the compiler: not recorded (docs/recorder.md).
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and (here / d) not in exclude
+                   and not (here / d / "pyvenv.cfg").is_file()]
         # os.walk lists symlinks to directories under dirs and never descends into them;
         # they are recorded as links, like symlinks to files.
         names = files + [d for d in dirs if (here / d).is_symlink()]
@@ -243,3 +246,26 @@ class RunCapture:
             return "tree", None
         log.debug("recorder.inputs_queried", tool=tool, paths=len(paths), seconds=time.monotonic() - started)
         return tool, paths
+
+
+# -- the two calls ``buildtel run --record`` makes ----------------------------------------------
+def start_run_capture(settings: Settings, argv: Sequence[str], env: Mapping[str, str],
+                      session_id: str | None) -> RunCapture:
+    """Snapshot the working tree before the command is spawned (the recording id is the session id)."""
+    cap = RunCapture(settings)
+    cap.before(os.getcwd(), argv, env, session_id=session_id)
+    return cap
+
+
+def finish_run_capture(cap: RunCapture, exit_code: int | None, *, quiet: bool = False) -> str | None:
+    """Write the recording after the command exited; one line on stderr says where it went."""
+    import sys
+
+    rid = cap.after(exit_code)
+    if rid is None:
+        print(f"buildtel: warning: files not recorded ({cap.error})", file=sys.stderr)
+    elif not quiet:
+        m = cap.recorder.store.load_manifest(rid)
+        print(f"buildtel: recorded {len(m.inputs)} inputs and {len(m.outputs)} outputs as {rid} "
+              f"(buildtel replay {rid} --execute)", file=sys.stderr)
+    return rid

@@ -9,7 +9,8 @@ Layout (``settings.recordings_dir``, by default ``.builder-cache/recordings/``):
     tmp/                        temporary files, renamed into place (same file system)
 
 Every write is a temporary file + ``os.replace``, so a reader never sees half a
-file and a crash leaves at most a stray file in ``tmp/``.  Objects are written
+file and a crash leaves at most a stray file in ``tmp/``; objects are flushed
+together (``syncfs``) before the manifest naming them is written and fsync'd.  Objects are written
 once and never modified: storing content that is already there only refreshes
 its mtime, which is what :meth:`RecordingStore.gc` uses to spare objects a
 recording in progress has stored but not yet referenced (git's prune grace).
@@ -54,6 +55,27 @@ class RecordingNotFound(KeyError):
         return f"no recording or recorded session {self.args[0]!r} in the local store"
 
 
+def _syncfs(path: Path) -> None:
+    """Flush the file system holding ``path`` once (Linux ``syncfs``; elsewhere ``sync``).
+
+    Objects are written without a per-file fsync — a recording of a large tree stores
+    thousands — and made durable together just before the manifest that refers to them.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    os.sync()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -83,12 +105,12 @@ class RecordingStore:
         return cls(settings.recordings_dir, retention_s=settings.retention_s, fsync=settings.fsync, **kw)
 
     # -- atomic writes --------------------------------------------------------------------------
-    def _write_atomic(self, dest: Path, data: bytes) -> None:
+    def _write_atomic(self, dest: Path, data: bytes, *, sync: bool = True) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=dest.name[:40] + ".")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                if self.fsync:
+                if self.fsync and sync:
                     f.flush()
                     os.fsync(f.fileno())
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +119,7 @@ class RecordingStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if self.fsync:
+        if self.fsync and sync:
             _fsync_dir(dest.parent)
 
     # -- objects --------------------------------------------------------------------------------
@@ -118,9 +140,6 @@ class RecordingStore:
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-                if self.fsync:
-                    out.flush()
-                    os.fsync(out.fileno())
             sha = h.hexdigest()
             dest = self.object_path(sha)
             if dest.exists():
@@ -146,7 +165,7 @@ class RecordingStore:
         if dest.exists():
             os.utime(dest)
         else:
-            self._write_atomic(dest, data)
+            self._write_atomic(dest, data, sync=False)
             os.chmod(dest, 0o444)
         return sha
 
@@ -167,6 +186,9 @@ class RecordingStore:
         return self.manifests / f"{rid}.rec"
 
     def save_manifest(self, manifest: RecordingManifest) -> None:
+        """Make the objects durable, then the manifest: a manifest never names lost content."""
+        if self.fsync:
+            _syncfs(self.root)
         self._write_atomic(self._manifest_path(manifest.id), encode(manifest))
 
     def load_manifest(self, rid: str) -> RecordingManifest:

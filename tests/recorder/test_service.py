@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -185,3 +187,44 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
     assert d["targets"]["cache"] == [{"target": "//pkg:t2", "a": "local_hit" if 2 % 3 == 0 else "miss",
                                       "b": "remote_hit"}]
     assert d["inputs"] is None and d["first_divergence"] == "unavailable"
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("make")), reason="needs gcc and make")
+async def test_buildtel_run_record_captures_files_and_events_then_replays(
+        settings: Settings, nc, recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from services.recorder.replay import ReplayEngine
+    from shared.protocol import BuildFinished
+    from tests.recorder.cproject import write_project
+
+    root = write_project(tmp_path / "proj")
+    monkeypatch.chdir(root)
+    for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
+                       ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
+        monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+    monkeypatch.setenv("MY_API_TOKEN", "tok-9f8e7d6c5b4a-secret")
+    # In a worker thread: `run` installs signal handlers only on the main thread.
+    assert await asyncio.to_thread(main, ["run", "--record", "--", "make", "-j2"]) == 0
+    err = capsys.readouterr().err
+    store = RecordingStore.from_settings(settings)
+    [m] = store.list_manifests()
+    rid = m.id
+    assert f"as {rid}" in err and m.session_id == rid  # one id: the session's
+    assert m.input_method == "make" and "src/main.c" in {e.path for e in m.inputs}
+    assert "build/app" in {e.path for e in m.outputs}
+    assert m.environment is not None and m.environment.env["MY_API_TOKEN"] == "[REDACTED]"
+    assert "BUILDER_TELEMETRY_SESSION_ID" not in m.environment.env
+    # The recorder service kept the session's events under the same id.
+    await wait_for(lambda: any(isinstance(e, BuildFinished) for e in store.load_events(rid)))
+    events = store.load_events(rid)
+    assert isinstance(events[0], BuildStarted) and events[0].record and events[0].command == ["make", "-j2"]
+
+    result = await asyncio.to_thread(ReplayEngine(store=store).replay, rid)
+    assert result.reproducible, (result.differing, result.log)
+    assert await asyncio.to_thread(main, ["replay", rid[:8], "--execute"]) == 0
+    assert "reproducible" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["replay", rid, "--step", str(len(events)), "--json"]) == 0
+    assert json_document(capsys.readouterr().out)["finished"] is True
+    for path in settings.recordings_dir.rglob("*"):
+        if path.is_file():
+            assert b"tok-9f8e7d6c5b4a-secret" not in path.read_bytes(), path
