@@ -3,19 +3,22 @@
 Endpoints, on ``<ns>.traces.<name>`` (MessagePack bodies; errors as NATS micro
 errors with ``Nats-Service-Error-Code`` 400/404/500):
 
-* ``get``     ``{id: trace id, offset}``    -> :class:`TraceReply`
-* ``session`` ``{id: session id, offset}``  -> :class:`TraceReply`
-* ``find``    ``{id, offset}``: a session id or a trace id -> :class:`TraceReply`
+* ``get``     ``{id: trace id, cursor}``    -> :class:`TraceReply`
+* ``session`` ``{id: session id, cursor}``  -> :class:`TraceReply`
+* ``find``    ``{id, cursor}``: a session id or a trace id -> :class:`TraceReply`
 * ``recent``  ``{n}``                       -> :class:`RecentReply`
 * ``stats``   ``{}``                        -> :class:`StatsReply`
 
 A trace can be larger than one NATS message (a 10,000-target build is
 ~3 MB of spans), so replies carry at most ``REPLY_BUDGET`` bytes of spans plus
-``next_offset``; :class:`TraceClient` follows it.
+``next_cursor`` (the sort key of the last span sent); :class:`TraceClient`
+follows it.  A key cursor rather than an offset, because spans of a live trace
+keep arriving between pages: an offset would then repeat or skip spans.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -24,7 +27,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from services.tracer.model import STATUS_ERROR, STATUS_OK, SpanRecord
-from services.tracer.store import TraceStore, TraceSummary
+from services.tracer.store import TraceStore, TraceSummary, span_order
 from services.tracer.subjects import TracerSubjects
 
 API_VERSION = "1.0.0"
@@ -36,7 +39,7 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 class TraceRequest(msgspec.Struct, kw_only=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    cursor: tuple[int, int, str] | None = None  # (start_ns, end_ns, span_id) of the last span received
 
 
 class RecentRequest(msgspec.Struct, kw_only=True):
@@ -48,7 +51,7 @@ class TraceReply(msgspec.Struct, kw_only=True):
     session_ids: list[str] = []
     spans: list[SpanRecord] = []
     total: int = 0
-    next_offset: int | None = None
+    next_cursor: tuple[int, int, str] | None = None
 
 
 class _RawTraceReply(msgspec.Struct, kw_only=True):
@@ -56,7 +59,7 @@ class _RawTraceReply(msgspec.Struct, kw_only=True):
     session_ids: list[str] = []
     spans: list[msgspec.Raw] = []
     total: int = 0
-    next_offset: int | None = None
+    next_cursor: tuple[int, int, str] | None = None
 
 
 class RecentReply(msgspec.Struct, kw_only=True):
@@ -121,7 +124,7 @@ def answer(store: TraceStore, endpoint: str, data: bytes) -> bytes:
     entry = store.traces.get(trace_id)
     page: list[msgspec.Raw] = []
     used = 0
-    pos = treq.offset
+    pos = 0 if treq.cursor is None else bisect.bisect_right(spans, tuple(treq.cursor), key=span_order)
     while pos < len(spans):
         raw = _enc.encode(spans[pos])
         if page and used + len(raw) > REPLY_BUDGET:
@@ -129,9 +132,10 @@ def answer(store: TraceStore, endpoint: str, data: bytes) -> bytes:
         page.append(msgspec.Raw(raw))
         used += len(raw)
         pos += 1
+    more = pos < len(spans)
     return _enc.encode(_RawTraceReply(trace_id=trace_id, session_ids=sorted(entry.sessions) if entry else [],
                                       spans=page, total=len(spans),
-                                      next_offset=pos if pos < len(spans) else None))
+                                      next_cursor=span_order(spans[pos - 1]) if more else None))
 
 
 # -- client side ------------------------------------------------------------------------------
@@ -167,17 +171,17 @@ class TraceClient:
         return msg.data
 
     async def _trace(self, endpoint: str, any_id: str) -> Trace:
-        offset: int | None = 0
+        cursor: tuple[int, int, str] | None = None
         out: Trace | None = None
-        while offset is not None:
-            reply = _trace_reply.decode(await self._request(endpoint, _enc.encode(TraceRequest(id=any_id,
-                                                                                                  offset=offset))))
+        while True:
+            body = _enc.encode(TraceRequest(id=any_id, cursor=cursor))
+            reply = _trace_reply.decode(await self._request(endpoint, body))
             if out is None:
                 out = Trace(reply.trace_id, reply.session_ids)
             out.spans.extend(reply.spans)
-            offset = reply.next_offset
-        assert out is not None
-        return out
+            if reply.next_cursor is None or not reply.spans:
+                return out
+            cursor = reply.next_cursor
 
     async def get(self, trace_id: str) -> Trace:
         return await self._trace("get", trace_id)

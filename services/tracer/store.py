@@ -87,6 +87,11 @@ class TraceSummary(msgspec.Struct, kw_only=True):
     stored_at: float = 0.0
 
 
+def span_order(span: SpanRecord) -> tuple[int, int, str]:
+    """The order of a trace's spans in answers; unique, so it also serves as a page cursor."""
+    return (span.start_ns, span.end_ns, span.span_id)
+
+
 class TraceStore:
     def __init__(self, directory: Path, *, retention_s: float, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -255,7 +260,7 @@ class TraceStore:
             chunk = fmt.chunk_decoder.decode(data[fmt.RECORD_HEADER_LEN:])
             for span in chunk.spans:
                 by_id[span.span_id] = span
-        return sorted(by_id.values(), key=lambda s: (s.start_ns, s.end_ns))
+        return sorted(by_id.values(), key=span_order)
 
     def trace_of_session(self, session_id: str) -> str | None:
         return self.sessions.get(session_id)
