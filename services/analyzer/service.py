@@ -152,12 +152,12 @@ class AnalyzerService:
         while not self._stopping.is_set():
             try:
                 msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either, depending on the path
                 continue
             except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
                 if self._stopping.is_set():
                     return
-                log.warning("analyzer.fetch_failed", error=str(exc))
+                log.warning("analyzer.fetch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
