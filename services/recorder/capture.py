@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from services.recorder import toolquery
 from services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
 from services.recorder.recorder import BuildRecorder
@@ -144,7 +146,8 @@ class RunCapture:
             self._env = dict(os.environ if env is None else env)
             # The store itself may live in the tree (.builder-cache is relative): never scan it.
             self._exclude = {self.settings.cache_dir.absolute(), self.recorder.store.root.absolute()}
-            self._before = scan_tree(self._root, self._exclude, max_files=self.max_files)
+            self._before = scan_tree(self._root, self._exclude, max_files=self.max_files,
+                                     previous=self._load_hash_cache())
             sid = session_id if session_id and is_recording_id(session_id) else None
             recorded_env = {k: v for k, v in self._env.items() if k not in PER_RUN_VARS}
             self.recording_id = self.recorder.start_recording(self._argv, cwd=self._root, env=recorded_env,
@@ -164,6 +167,34 @@ class RunCapture:
             self._fail("after", exc)
             return None
 
+    # -- hash cache: the next recording of this tree re-hashes only what changed ----------------
+    def _hash_cache_path(self) -> Path:
+        key = hashlib.sha256(str(self._root).encode()).hexdigest()[:32]
+        return self.recorder.store.root / "scan-cache" / f"{key}.msgpack"
+
+    def _load_hash_cache(self) -> dict[str, FileState]:
+        try:
+            raw = msgspec.msgpack.decode(self._hash_cache_path().read_bytes(),
+                                         type=dict[str, tuple[int, int, int, int, str, str | None]])
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return {}
+        return {rel: FileState(*fields) for rel, fields in raw.items()}
+
+    def _save_hash_cache(self, states: Mapping[str, FileState]) -> None:
+        # Like git's "racily clean" rule: a file modified in the same instant it was hashed
+        # could change again without its mtime moving, so recent entries are not cached.
+        cutoff = time.time_ns() - 2_000_000_000
+        raw = {rel: (s.size, s.mtime_ns, s.ino, s.mode, s.sha256, s.link)
+               for rel, s in states.items() if s.sha256 and s.mtime_ns < cutoff}
+        path = self._hash_cache_path()
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(msgspec.msgpack.encode(raw))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("recorder.hash_cache_not_saved", error=str(exc))
+
     def _fail(self, stage: str, exc: Exception) -> None:
         self.error = f"{type(exc).__name__}: {exc}"
         log.warning("recorder.capture_failed", stage=stage, error=self.error)
@@ -173,6 +204,7 @@ class RunCapture:
         root, rec = self._root, self.recorder
         assert root is not None
         after = scan_tree(root, self._exclude, max_files=self.max_files * 2, previous=self._before)
+        self._save_hash_cache(after)
         written = {p for p, s in after.items() if p not in self._before or not self._before[p].same_stat(s)}
         untouched = {p for p in self._before if p in after and p not in written}
         for path in sorted(set(self._before) - set(after)):
@@ -194,7 +226,8 @@ class RunCapture:
                     rec.record_input_hash(FileEntry(path=rel, sha256=old.sha256 or "", size=old.size,
                                                     mtime_ns=old.mtime_ns, stored=False))
         for rel in sorted(chosen):
-            self._record(rec.record_input, rel, expect=self._before[rel].sha256)
+            known = self._before[rel].sha256
+            self._record(lambda p, k=known: rec.record_input(p, known_sha256=k), rel, expect=known)
         for rel in sorted(written):
             if rel.rsplit("/", 1)[-1] not in VOLATILE:
                 self._record(rec.record_output, rel)

@@ -104,7 +104,7 @@ class BuildRecorder:
         return rid
 
     # -- files ----------------------------------------------------------------------------------
-    def _entries(self, path: str | os.PathLike[str]) -> list[FileEntry]:
+    def _entries(self, path: str | os.PathLike[str], known_sha256: str | None = None) -> list[FileEntry]:
         root = self.root
         norm = safe_relpath(root, os.fspath(path))
         full = root / norm
@@ -125,13 +125,21 @@ class BuildRecorder:
                               mtime_ns=st.st_mtime_ns, mode=0o777, stored=False)]
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePath(f"{norm!r} is neither a regular file, a directory nor a symlink")
-        sha, size = self.store.put_file(full)
+        if known_sha256 and self.store.has_object(known_sha256):
+            # Hashed moments ago by the caller's scan and already stored: no need to read it again.
+            os.utime(self.store.object_path(known_sha256))
+            sha, size = known_sha256, st.st_size
+        else:
+            sha, size = self.store.put_file(full)
         return [FileEntry(path=norm, sha256=sha, size=size, mode=stat.S_IMODE(st.st_mode) & 0o777,
                           mtime_ns=st.st_mtime_ns)]
 
-    def record_input(self, path: str | os.PathLike[str]) -> list[FileEntry]:
-        """Hash ``path`` (a file, symlink or directory) into the store as an input; returns the entries."""
-        entries = self._entries(path)
+    def record_input(self, path: str | os.PathLike[str], *, known_sha256: str | None = None) -> list[FileEntry]:
+        """Hash ``path`` (a file, symlink or directory) into the store as an input; returns the entries.
+
+        ``known_sha256``: the caller just hashed this file (and vouches it is unchanged); when
+        that content is already stored the file is not read again."""
+        entries = self._entries(path, known_sha256)
         self._inputs.update((e.path, e) for e in entries)
         return entries
 

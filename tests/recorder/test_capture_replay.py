@@ -197,3 +197,22 @@ def test_system_headers_from_dependency_files_are_external_inputs(local_settings
     assert not any(e.path.endswith("stdio.h") for e in m.inputs)
     store = RecordingStore.from_settings(local_settings)
     assert not store.has_object(stdio[0].sha256) or stdio[0].sha256 in {e.sha256 for e in m.inputs}
+
+
+def test_second_recording_rehashes_only_what_changed(local_settings: Settings, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.recorder import capture
+
+    root = write_project(tmp_path / "proj")
+    old = 1_600_000_000
+    for p in root.rglob("*"):
+        os.utime(p, (old, old))  # older than the racy-clean window, so their hashes are cached
+    record_build(local_settings, root, ["make"])
+    hashed: list[str] = []
+    real = capture.sha256_file
+    monkeypatch.setattr(capture, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    (root / "src" / "mul.c").write_text('#include "util.h"\nint mul(int a, int b) { return a * b; }\n')
+    cap = RunCapture(local_settings)
+    cap.before(root, ["make"], dict(os.environ))
+    assert "mul.c" in hashed and not {"add.c", "main.c", "util.h", "Makefile"} & set(hashed)
+
