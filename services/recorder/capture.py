@@ -8,6 +8,9 @@ command and :meth:`RunCapture.after` once it has exited::
     exit_code = run(argv)
     recording_id = cap.after(exit_code)
 
+(``services/cli/cmd_run.py`` uses the two wrappers at the end of this module,
+:func:`start_run_capture` and :func:`finish_run_capture`.)
+
 *Outputs* come from a scan of the working tree before and after: files created
 or rewritten (size, mtime or inode changed) are outputs, files that disappeared
 are "removed".  *Inputs* come from what the build tool knows when it is ``make``
