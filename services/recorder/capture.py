@@ -212,10 +212,11 @@ class RunCapture:
         untouched = {p for p in self._before if p in after and p not in written}
         for path in sorted(set(self._before) - set(after)):
             rec.record_removed(path)
-        method, candidates = self._input_candidates()
-        if candidates is None:
+        method, found = self._input_candidates()
+        if found is None:
             chosen = untouched
         else:
+            candidates, read_first = found
             chosen = set()
             for cand in candidates:
                 rel = self._relative(cand)
@@ -223,8 +224,10 @@ class RunCapture:
                     self._external(cand)
                 elif rel in untouched:
                     chosen.add(rel)
-                elif rel in self._before and rel in written:
-                    # Read by the build and then rewritten by it: the old bytes are gone.
+                elif rel in self._before and rel in written and cand in read_first:
+                    # Read by the tool and then rewritten by the build (make's .d files on an
+                    # incremental build): the old bytes are gone, keep the hash. Other rewritten
+                    # targets were only outputs.
                     old = self._before[rel]
                     rec.record_input_hash(FileEntry(path=rel, sha256=old.sha256 or "", size=old.size,
                                                     mtime_ns=old.mtime_ns, stored=False))
@@ -268,20 +271,20 @@ class RunCapture:
             pass
         self.recorder.record_external(path, sha)
 
-    def _input_candidates(self) -> tuple[str, set[str] | None]:
-        """(method, paths the tool says the build used) — ``None`` paths means "use the tree"."""
+    def _input_candidates(self) -> tuple[str, toolquery.Found | None]:
+        """(method, (paths the build used, paths read first)) — ``None`` means "use the tree"."""
         assert self._root is not None
         tool = toolquery.detect(self._argv) if self.mode == "auto" else self.mode
         if tool == "tree" or tool is None:
             return "tree", None
         started = time.monotonic()
         try:
-            paths = toolquery.inputs(tool, self._argv, self._root, self._env)
+            found = toolquery.inputs(tool, self._argv, self._root, self._env)
         except toolquery.QueryFailed as exc:
             self.recorder.note(f"{tool} could not list its inputs ({exc}); recorded the whole tree instead")
             return "tree", None
-        log.debug("recorder.inputs_queried", tool=tool, paths=len(paths), seconds=time.monotonic() - started)
-        return tool, paths
+        log.debug("recorder.inputs_queried", tool=tool, paths=len(found[0]), seconds=time.monotonic() - started)
+        return tool, found
 
 
 # -- the two calls ``buildtel run --record`` makes ----------------------------------------------

@@ -58,7 +58,12 @@ def _run(args: list[str], cwd: Path, env: Mapping[str, str]) -> str:
     return proc.stdout.decode(errors="surrogateescape")
 
 
-def inputs(tool: str, argv: Sequence[str], root: Path, env: Mapping[str, str]) -> set[str]:
+Found = tuple[set[str], set[str]]  # (every path the build used, those read before it wrote anything)
+
+
+def inputs(tool: str, argv: Sequence[str], root: Path, env: Mapping[str, str]) -> Found:
+    """The paths the build used, and the subset the tool reads before building (makefiles, the
+    build file): a file in that subset that the build then rewrote was still read first."""
     if tool == "make":
         return make_inputs(argv, root, env)
     if tool == "ninja":
@@ -93,17 +98,20 @@ def _make_goals(argv: Sequence[str]) -> list[str]:
     return goals
 
 
-def parse_make_database(text: str, goals: Sequence[str]) -> set[str]:
+def parse_make_database(text: str, goals: Sequence[str]) -> Found:
     """Paths (absolute, or joined to the database's CURDIR) of the goals' prerequisite closure
     plus the makefiles read.  Each database in ``text`` (recursive makes print one each) is
     parsed on its own; sub-makes' goals are unknown, so all their rules count."""
     out: set[str] = set()
+    makefiles: set[str] = set()
     for i, db in enumerate(re.split(r"^# Make data base, printed on .*$", text, flags=re.MULTILINE)[1:]):
-        out |= _one_database(db, goals if i == 0 else None)
-    return out
+        used, read = _one_database(db, goals if i == 0 else None)
+        out |= used
+        makefiles |= read
+    return out, makefiles
 
 
-def _one_database(db: str, goals: Sequence[str] | None) -> set[str]:
+def _one_database(db: str, goals: Sequence[str] | None) -> Found:
     variables: dict[str, str] = {}
     rules: dict[str, list[str]] = {}
     in_files = False
@@ -140,11 +148,15 @@ def _one_database(db: str, goals: Sequence[str] | None) -> set[str]:
                 continue
             names.add(name)
             todo.extend(rules.get(name, []))
-    names |= set(variables.get("MAKEFILE_LIST", "").split())
-    return {n if os.path.isabs(n) or not curdir else os.path.join(curdir, n) for n in names}
+    makefiles = set(variables.get("MAKEFILE_LIST", "").split())
+
+    def full(ns: set[str]) -> set[str]:
+        return {n if os.path.isabs(n) or not curdir else os.path.join(curdir, n) for n in ns}
+
+    return full(names | makefiles), full(makefiles)
 
 
-def make_inputs(argv: Sequence[str], root: Path, env: Mapping[str, str]) -> set[str]:
+def make_inputs(argv: Sequence[str], root: Path, env: Mapping[str, str]) -> Found:
     text = _run([*argv, "-p", "-n"], root, env)
     if "# Make data base" not in text:
         raise QueryFailed("make did not print its database (is this GNU make?)")
@@ -190,7 +202,7 @@ def parse_ninja_deps(text: str, targets: set[str] | None) -> set[str]:
     return out
 
 
-def ninja_inputs(argv: Sequence[str], root: Path, env: Mapping[str, str]) -> set[str]:
+def ninja_inputs(argv: Sequence[str], root: Path, env: Mapping[str, str]) -> Found:
     keep, goals, build_file = _ninja_args(argv)
     exe = argv[0]
     directory = root
@@ -204,4 +216,5 @@ def ninja_inputs(argv: Sequence[str], root: Path, env: Mapping[str, str]) -> set
         deps_text = ""  # an empty deps log prints nothing: no headers to add
     closure |= parse_ninja_deps(deps_text, (closure | set(goals)) if goals else None)
     closure.add(str(build_file))
-    return {p if os.path.isabs(p) else str(directory / p) for p in closure}
+    build = str(build_file) if build_file.is_absolute() else str(directory / build_file)
+    return {p if os.path.isabs(p) else str(directory / p) for p in closure}, {build}

@@ -92,6 +92,10 @@ def test_incremental_build_records_only_what_changed(local_settings: Settings, t
     assert {e.path for e in m.outputs} == {"build/add.o", "build/add.d", "build/app"}
     # The untouched objects are inputs of this build (make read them to link).
     assert {"build/main.o", "build/mul.o"} <= {e.path for e in m.inputs}
+    # add.d was read by make (an included makefile) before the build rewrote it: hash only.
+    # Rebuilt targets were not read: outputs only.
+    hash_only = {e.path for e in m.inputs if not e.stored}
+    assert hash_only == {"build/add.d"}
     assert ReplayEngine(local_settings).replay(rid).reproducible
 
 
