@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,18 +34,20 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.tracer import otlp  # noqa: E402
-from services.tracer.query import TraceClient  # noqa: E402
-from services.tracer.subjects import TracerSubjects  # noqa: E402
-from shared.bus import connect_nats  # noqa: E402
-from shared.engines import NatsEngine, RedisEngine, free_port  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.subjects import Subjects  # noqa: E402
+from services.tracer import otlp
+from services.tracer.query import TraceClient
+from services.tracer.subjects import TracerSubjects
+from shared.bus import connect_nats
+from shared.engines import NatsEngine, RedisEngine, free_port
+from shared.settings import Settings
+from shared.subjects import Subjects
 
 GOAL = 20_000
 
@@ -129,11 +130,11 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int) -> float:
         return time.perf_counter() - start
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+async def wait_ready(url: str, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 raise RuntimeError("tracer exited during startup")
             try:
                 async with http.post(url, data=b"", headers={"Content-Type": "application/x-protobuf"}) as r:
@@ -160,7 +161,8 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
     env = dict(os.environ, BUILDER_TELEMETRY_NATS_URL=nats_url, BUILDER_TELEMETRY_REDIS_URL=redis_url,
                BUILDER_TELEMETRY_NAMESPACE=namespace, BUILDER_TELEMETRY_CACHE_DIR=str(workdir / "cache"),
                BUILDER_TELEMETRY_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "services.tracer", "--otlp-port", str(port)], env=env, cwd=ROOT)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.tracer", "--otlp-port", str(port),
+                                                env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1/traces"
     try:
         await wait_ready(url, proc)
@@ -176,7 +178,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
         await nc.close()
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        await asyncio.wait_for(proc.wait(), 15)
     stored = stats.spans_stored - 5 * args.spans
     if stored != total:
         raise RuntimeError(f"tracer stored {stored} spans, expected {total}")

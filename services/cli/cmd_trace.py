@@ -16,8 +16,19 @@ import msgspec
 
 from services.cli.common import open_bus
 from services.cli.main import CLIError
-from services.tracer.exporters import ExportError, OtlpHttpExporter, ZipkinExporter, write_jaeger_file
-from services.tracer.query import QueryError, Trace, TraceClient, format_duration, render_tree
+from services.tracer.exporters import (
+    ExportError,
+    OtlpHttpExporter,
+    ZipkinExporter,
+    write_jaeger_file,
+)
+from services.tracer.query import (
+    QueryError,
+    Trace,
+    TraceClient,
+    format_duration,
+    render_tree,
+)
 from services.tracer.subjects import TracerSubjects
 from shared.settings import Settings
 

@@ -30,7 +30,8 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping, MutableMapping
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Self
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -38,7 +39,14 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from services.tracer import propagation
 from services.tracer.model import SESSION_ATTR, session_span_id
@@ -46,9 +54,24 @@ from shared.logs import get_logger
 from shared.settings import Settings
 
 __all__ = [
-    "SpanKind", "SpanHandle", "configure_tracing", "shutdown_tracing", "get_tracer", "start_trace", "start_span",
-    "current_span", "set_attribute", "set_attributes", "add_event", "record_exception", "set_status",
-    "finish_span", "child_env", "inject_headers", "extract_headers", "session_parent",
+    "SpanHandle",
+    "SpanKind",
+    "add_event",
+    "child_env",
+    "configure_tracing",
+    "current_span",
+    "extract_headers",
+    "finish_span",
+    "get_tracer",
+    "inject_headers",
+    "record_exception",
+    "session_parent",
+    "set_attribute",
+    "set_attributes",
+    "set_status",
+    "shutdown_tracing",
+    "start_span",
+    "start_trace",
 ]
 
 log = get_logger("tracer.api")
@@ -132,7 +155,7 @@ class SpanHandle:
     ``.span`` is the underlying OpenTelemetry span.
     """
 
-    __slots__ = ("span", "_token", "_finished", "__weakref__")
+    __slots__ = ("__weakref__", "_finished", "_token", "span")
 
     def __init__(self, span: trace.Span) -> None:
         self.span = span
@@ -179,10 +202,11 @@ class SpanHandle:
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
 
-    def __enter__(self) -> SpanHandle:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc is not None and not isinstance(exc, GeneratorExit):
             self.span.record_exception(exc, escaped=True)
             self.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from services.tracer.model import SpanBatch, SpanEvent, SpanLink, SpanRecord, span_batch_encoder
+from services.tracer.model import (
+    SpanBatch,
+    SpanEvent,
+    SpanLink,
+    SpanRecord,
+    span_batch_encoder,
+)
 from services.tracer.subjects import TracerSubjects, ensure_spans_stream
 from shared.bus import close_nats, connect_nats
 from shared.logs import get_logger
@@ -167,7 +173,7 @@ class BusSpanExporter(SpanExporter):
             if thread is not None:
                 try:
                     thread.run(close_nats(self._nc), 5.0)
-                except Exception:  # noqa: BLE001 - closing at exit: nothing more to do
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing at exit: nothing more to do
+                    log.debug("tracer.bus_exporter_close_failed", error=repr(exc))
                 thread.stop()
             self._nc = self._js = None

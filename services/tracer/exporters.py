@@ -117,7 +117,7 @@ class HttpSpanExporter:
                                           resp.status)
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
                     problem = f"status {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt == self.retry.max_attempts:
                 raise ExportError(f"{self.kind} {self.url}: gave up after {attempt} attempts ({problem})")
@@ -268,7 +268,7 @@ class Forwarder:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout_s)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
             self._task = None
         self.dropped += len(self._queue)

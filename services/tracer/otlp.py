@@ -26,10 +26,18 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 
-from services.tracer.model import SpanEvent, SpanLink, SpanRecord, check_span
+from services.tracer.model import SpanEvent, SpanLink, SpanRecord
 
-__all__ = ["DecodeResult", "OtlpDecodeError", "decode_request", "encode_request", "encode_response",
-           "encode_status", "encode_any", "any_value"]
+__all__ = [
+    "DecodeResult",
+    "OtlpDecodeError",
+    "any_value",
+    "decode_request",
+    "encode_any",
+    "encode_request",
+    "encode_response",
+    "encode_status",
+]
 
 MAX_ERRORS_REPORTED = 5
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -71,14 +79,41 @@ def any_value(v: AnyValue) -> Any:
     return getattr(v, which)
 
 
+_SCALARS = frozenset({"string_value", "bool_value", "int_value", "double_value", "bytes_value"})
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+
+
 def _attrs(kvs: Iterable[KeyValue]) -> dict[str, Any]:
-    return {kv.key: any_value(kv.value) for kv in kvs}
+    # Inlined scalar case: attributes are most of the per-span cost, and almost all are scalars.
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        v = kv.value
+        which = v.WhichOneof("value")
+        out[kv.key] = getattr(v, which) if which in _SCALARS else any_value(v)
+    return out
 
 
-def _span(s: Span, resource: dict[str, Any], scope_name: str, scope_version: str) -> SpanRecord:
+def _bad_ids(s: Span) -> str | None:
+    """Checked on the raw bytes, before any hex conversion (cheaper than model.check_span)."""
+    tid, sid, pid = s.trace_id, s.span_id, s.parent_span_id
+    if len(tid) != 16 or tid == _ZERO_TRACE:
+        return f"span {s.name[:60]!r}: invalid trace id {tid.hex()[:40]!r}"
+    if len(sid) != 8 or sid == _ZERO_SPAN:
+        return f"span {s.name[:60]!r}: invalid span id {sid.hex()[:40]!r}"
+    if pid and (len(pid) != 8 or pid == _ZERO_SPAN):
+        return f"span {s.name[:60]!r}: invalid parent span id {pid.hex()[:40]!r}"
+    return None
+
+
+def _span(s: Span, resource: dict[str, Any], scope_name: str, scope_version: str,
+          trace_hex: dict[bytes, str]) -> SpanRecord:
     status = s.status
+    tid = s.trace_id
+    tid_hex = trace_hex.get(tid)
+    if tid_hex is None:  # a request carries many spans of few traces
+        tid_hex = trace_hex[tid] = tid.hex()
     return SpanRecord(
-        trace_id=s.trace_id.hex(),
+        trace_id=tid_hex,
         span_id=s.span_id.hex(),
         parent_span_id=s.parent_span_id.hex(),
         name=s.name,
@@ -87,10 +122,10 @@ def _span(s: Span, resource: dict[str, Any], scope_name: str, scope_version: str
         end_ns=s.end_time_unix_nano,
         attributes=_attrs(s.attributes) if s.attributes else {},
         events=[SpanEvent(name=e.name, time_ns=e.time_unix_nano, attributes=_attrs(e.attributes),
-                          dropped_attributes=e.dropped_attributes_count) for e in s.events],
+                          dropped_attributes=e.dropped_attributes_count) for e in s.events] if s.events else [],
         links=[SpanLink(trace_id=ln.trace_id.hex(), span_id=ln.span_id.hex(), trace_state=ln.trace_state,
                         attributes=_attrs(ln.attributes), dropped_attributes=ln.dropped_attributes_count,
-                        flags=ln.flags) for ln in s.links],
+                        flags=ln.flags) for ln in s.links] if s.links else [],
         status_code=status.code,
         status_message=status.message,
         trace_state=s.trace_state,
@@ -112,15 +147,15 @@ def decode_request(body: bytes) -> DecodeResult:
         raise OtlpDecodeError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
     result = DecodeResult()
     out = result.spans
+    trace_hex: dict[bytes, str] = {}
     for rs in req.resource_spans:
         resource = _attrs(rs.resource.attributes)
         for ss in rs.scope_spans:
             scope_name, scope_version = ss.scope.name, ss.scope.version
             for s in ss.spans:
-                rec = _span(s, resource, scope_name, scope_version)
-                problem = check_span(rec)
+                problem = _bad_ids(s)
                 if problem is None:
-                    out.append(rec)
+                    out.append(_span(s, resource, scope_name, scope_version, trace_hex))
                 else:
                     result.reject(problem)
     return result

@@ -39,9 +39,20 @@ from services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporte
 from services.tracer.http import RunningReceiver, start_receiver
 from services.tracer.model import SpanRecord, check_span, span_batch_decoder
 from services.tracer.sessions import session_spans
-from services.tracer.store import DEFAULT_MAX_BYTES, DEFAULT_MAX_TRACES, DEFAULT_SEGMENT_BYTES, TraceStore
+from services.tracer.store import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_TRACES,
+    DEFAULT_SEGMENT_BYTES,
+    TraceStore,
+)
 from services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.bus import (
+    close_nats,
+    connect_nats,
+    connect_redis,
+    ensure_streams,
+    publish_dead_letter,
+)
 from shared.codec import DecodeError, decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
@@ -175,7 +186,7 @@ class TracerService:
         while not self._stopping.is_set():
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:
                 return

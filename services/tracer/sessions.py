@@ -36,7 +36,7 @@ MAX_DEPS = 64  # deps can run into thousands; a trace viewer needs a hint, not t
 
 
 def _ns(seconds: float) -> int:
-    return int(round(seconds * 1e9))
+    return round(seconds * 1e9)
 
 
 def trace_id_of(session: BuildSession) -> str:

@@ -62,7 +62,7 @@ class TracerSubjects:
         )
 
 
-async def ensure_spans_stream(js, tsubjects: TracerSubjects) -> None:  # noqa: ANN001 - JetStreamContext
+async def ensure_spans_stream(js, tsubjects: TracerSubjects) -> None:
     """Declare the spans stream (idempotent; converges on our limits if it exists)."""
     from nats.js.errors import BadRequestError
 

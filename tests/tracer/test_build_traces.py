@@ -31,9 +31,9 @@ def _session(sid: str, **kw: Any) -> BuildSession:
         TargetMetrics(name="//base:core", start=t0 + 0.5, end=t0 + 1, duration_s=0.5, worker="w1",
                       cache="remote_hit"),
     ]
-    fields: dict[str, Any] = dict(id=sid, name="ci-build", start=t0, finish=t0 + 10, duration_s=10.0,
-                                  outcome="failed", exit_code=1, command=["make", "-j8"], agents=["agent-a"],
-                                  targets=targets, trace_id=sid, labels={"pipeline": "nightly"})
+    fields: dict[str, Any] = {"id": sid, "name": "ci-build", "start": t0, "finish": t0 + 10, "duration_s": 10.0,
+                              "outcome": "failed", "exit_code": 1, "command": ["make", "-j8"], "agents": ["agent-a"],
+                              "targets": targets, "trace_id": sid, "labels": {"pipeline": "nightly"}}
     fields.update(kw)
     return BuildSession(**fields)
 

@@ -94,7 +94,7 @@ def test_pages_of_a_growing_trace_neither_repeat_nor_skip_what_was_there(tmp_pat
     store = TraceStore(tmp_path, retention_s=3600, fsync=False)
     store.open()
     tid = "ab" * 16
-    mk = lambda i: SpanRecord(trace_id=tid, span_id=f"{i + 1:016x}", name=f"s{i}", start_ns=i * 10,  # noqa: E731
+    mk = lambda i: SpanRecord(trace_id=tid, span_id=f"{i + 1:016x}", name=f"s{i}", start_ns=i * 10,
                               end_ns=i * 10 + 5, attributes={"pad": "x" * 200})
     store.append([mk(i) for i in range(0, 40, 2)], source="bus")  # even starts first
     dec = msgspec.msgpack.Decoder(query.TraceReply)
