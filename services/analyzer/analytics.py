@@ -271,7 +271,7 @@ class TelemetryAnalyzer:
         if not sessions:
             return []
         cols = columns.target_columns(sessions, sessions[0].start if t0 is None else t0, self.engine)
-        flaky = flaky_commits(sessions, cols.failed_keys)
+        flaky = flaky_commits(sessions, cols.failed_keys, cols.not_success)
         grand = sum(cols.total) or 1.0
         out = []
         for g, name in enumerate(cols.names):
@@ -289,31 +289,34 @@ class TelemetryAnalyzer:
         return out
 
 
-def flaky_commits(sessions: Sequence[BuildSession], failed: dict[str, set[int]]) -> dict[str, int]:
+def flaky_commits(sessions: Sequence[BuildSession], failed: dict[str, set[int]],
+                  not_success: dict[int, dict[str, str]] | None = None) -> dict[str, int]:
     """target -> number of commits at which it failed in one session and passed in another.
 
     Only sessions with a known commit count: without one we cannot tell a flake from a fix.
+    ``not_success`` (session index -> {target: status} of its targets that did not succeed)
+    spares reading statuses again; without it they are read here.
     """
     by_commit: dict[str, list[int]] = {}
     for i, s in enumerate(sessions):
         c = commit_of(s)
         if c:
             by_commit.setdefault(c, []).append(i)
-    status_cache: dict[int, dict[str, str]] = {}
+    if not_success is None:
+        not_success = {i: {t.name: t.status for t in s.targets if t.status != "success"}
+                       for i, s in enumerate(sessions)}
+    names: dict[int, frozenset[str]] = {}
 
-    def status(i: int, name: str) -> str | None:
-        m = status_cache.get(i)
-        if m is None:
-            m = status_cache[i] = {t.name: t.status for t in sessions[i].targets}
-        return m.get(name)
+    def passed(j: int, name: str) -> bool:
+        got = names.get(j)
+        if got is None:
+            got = names[j] = frozenset(t.name for t in sessions[j].targets)
+        return name in got and name not in not_success.get(j, {})
 
     out: dict[str, int] = {}
     for name, where in failed.items():
         commits = {commit_of(sessions[i]) for i in where} - {None}
-        n = 0
-        for c in commits:
-            if any(status(j, name) == "success" for j in by_commit.get(c, ()) if j not in where):  # type: ignore[arg-type]
-                n += 1
+        n = sum(1 for c in commits if any(passed(j, name) for j in by_commit.get(c, ()) if j not in where))  # type: ignore[arg-type]
         if n:
             out[name] = n
     return out

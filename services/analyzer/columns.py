@@ -35,6 +35,7 @@ ENGINE = "numpy" if np is not None else "python"
 DAY_S = 86400.0
 
 _name, _dur, _cache, _targets = attrgetter("name"), attrgetter("duration_s"), attrgetter("cache"), attrgetter("targets")
+_status = attrgetter("status")
 # 1 = served from a cache, 0 = executed and cacheable (a miss), 2 = uncacheable (neither).
 CACHE_CODE = {"local_hit": 1, "remote_hit": 1, "miss": 0, "uncacheable": 2}
 assert {k for k, v in CACHE_CODE.items() if v == 1} == CACHE_HITS
@@ -67,29 +68,37 @@ class TargetColumns:
     per_build: list[Fit] = field(default_factory=list)
     per_day: list[Fit] = field(default_factory=list)
     failed_keys: dict[str, set[int]] = field(default_factory=dict)  # name -> sessions where it failed
+    not_success: dict[int, dict[str, str]] = field(default_factory=dict)  # session -> {name: status}
 
 
-def _commit(s: BuildSession) -> str | None:
-    env = s.environment
-    return env.vcs.commit if env is not None and env.vcs is not None else None
-
-
-def _scan_statuses(sessions: Sequence[BuildSession], offsets: list[int]) -> tuple[list[int], dict[str, set[int]]]:
-    """Global element positions that did not run (skipped/cancelled), and failures by name."""
+def _scan_statuses(sessions: Sequence[BuildSession], offsets: list[int]
+                   ) -> tuple[list[int], dict[str, set[int]], dict[int, dict[str, str]]]:
+    """Element positions that did not run (skipped/cancelled), failures by name, and every
+    session's non-success targets (name -> status), for the flakiness test."""
     not_run: list[int] = []
     failed: dict[str, set[int]] = {}
+    bad: dict[int, dict[str, str]] = {}
     for si, s in enumerate(sessions):
         t = s.totals
         if t.targets == len(s.targets) and not (t.failed or t.skipped or t.cancelled):
             continue  # the collector's totals vouch that every target here succeeded
+        sts = list(map(_status, s.targets))
+        if sts.count("success") == len(sts):
+            continue
         base = offsets[si]
-        for j, tm in enumerate(s.targets):
-            st = tm.status
-            if st == "failed":
-                failed.setdefault(tm.name, set()).add(si)
-            elif st != "success":
-                not_run.append(base + j)
-    return not_run, failed
+        here = bad[si] = {}
+        for st in ("failed", "skipped", "cancelled"):
+            j = -1
+            for _ in range(sts.count(st)):  # list.index scans in C; non-success targets are few
+                j = sts.index(st, j + 1)
+                name = s.targets[j].name
+                here[name] = st
+                if st == "failed":
+                    failed.setdefault(name, set()).add(si)
+                else:
+                    not_run.append(base + j)
+    not_run.sort()
+    return not_run, failed, bad
 
 
 def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "auto") -> TargetColumns:
@@ -106,12 +115,13 @@ def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "a
     if not flat:
         return TargetColumns()
     interner = _Interner()
-    not_run, failed = _scan_statuses(sessions, offsets)
+    not_run, failed, bad = _scan_statuses(sessions, offsets)
     days = [(s.start - t0) / DAY_S for s in sessions]
     fn = _numpy_columns if use_numpy else _python_columns
     cols = fn(flat, counts, interner, days, not_run)
     cols.names = list(interner)
     cols.failed_keys = failed
+    cols.not_success = bad
     ix = {n: i for i, n in enumerate(cols.names)}
     cols.failures = [0] * len(cols.names)
     for name, where in failed.items():
@@ -161,16 +171,21 @@ def _numpy_columns(flat: list, counts: list[int], interner: _Interner, days: lis
     # then sort each (small) segment.
     small = ids.astype(np.int16) if g_count < 32_000 else ids
     gd = d[np.argsort(small, kind="stable")]
-    starts = np.concatenate(([0], np.cumsum(n)[:-1])).tolist()
+    ends = np.cumsum(n)
+    starts = ends - n
+    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+        gd[s0:e0].sort()  # in place, segment by segment: no copies, no Python floats
     runs = n.tolist()
     cols = TargetColumns()
-    for g in range(g_count):
-        if runs[g] == 0:
-            cols.median.append(0.0), cols.p95.append(0.0), cols.minimum.append(0.0), cols.maximum.append(0.0)
-            continue
-        seg = np.sort(gd[starts[g]:starts[g] + runs[g]]).tolist()
-        cols.median.append(percentile_sorted(seg, 0.5)), cols.p95.append(percentile_sorted(seg, 0.95))
-        cols.minimum.append(seg[0]), cols.maximum.append(seg[-1])
+    last = np.maximum(n - 1, 0)
+    cols.minimum = np.where(n > 0, gd[np.minimum(starts, gd.size - 1)], 0.0).tolist()
+    cols.maximum = np.where(n > 0, gd[np.maximum(ends - 1, 0)], 0.0).tolist()
+    for q, out in ((0.5, cols.median), (0.95, cols.p95)):
+        h = last * q  # linear interpolation between closest ranks, as stats.percentile_sorted
+        lo = np.floor(h).astype(np.int64)
+        hi = np.minimum(lo + 1, last)
+        a, b = gd[np.minimum(starts + lo, gd.size - 1)], gd[np.minimum(starts + hi, gd.size - 1)]
+        out.extend(np.where(n > 0, a + (h - lo) * (b - a), 0.0).tolist())
     cols.runs = runs
     cols.total = sy.tolist()
     cols.mean = (sy / nz).tolist()
