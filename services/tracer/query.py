@@ -259,7 +259,8 @@ def render_tree(trace: Trace) -> str:
         if depth == 0 and span.parent_span_id:
             name += f"  (parent {span.parent_span_id} not in this trace)"
         status = _status(span)
-        lines.append(f"{'+' + format_duration(span.start_ns - t0):>10} {format_duration(span.duration_ns):>10}  "
+        # Offsets in seconds throughout, so the START column reads as one time axis.
+        lines.append(f"{f'+{(span.start_ns - t0) / 1e9:.3f}s':>10} {format_duration(span.duration_ns):>10}  "
                      f"{status.split(':')[0]:<6}  {prefix}{branch}{name}{_details(span)}"
                      + (f"  — {status.split(': ', 1)[1]}" if ": " in status else ""))
         kids = sorted(children.get(span.span_id, []), key=lambda s: (s.start_ns, s.name))
