@@ -32,7 +32,8 @@ def main() -> int:
             child = subprocess.run([sys.executable, __file__, str(level + 1), str(depth)], env=env,
                                    capture_output=True, text=True, check=True)
             seen += json.loads(child.stdout)
-    api.shutdown_tracing()  # the last batch leaves before the process does
+    if level == 0:
+        api.shutdown_tracing()  # explicit here; the child levels rely on the SDK's exit hook
     print(json.dumps(seen))
     return 0
 
