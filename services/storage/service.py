@@ -75,7 +75,7 @@ class StorageService:
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 32,
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None) -> None:
         self.settings = settings
         self.nats_url = nats_url
         self.redis_url = redis_url
@@ -88,6 +88,9 @@ class StorageService:
         self.retention_interval_s = retention_interval_s
         self.max_message_bytes = max_message_bytes
         self.segment_bytes = segment_bytes
+        # Replies are paged to fit one NATS message (the server's max_payload), or this if smaller:
+        # small pages answer the first screenful sooner and bound the memory a query holds.
+        self.max_reply_bytes = max_reply_bytes
         self.log = get_logger("storage", service="storage", namespace=settings.namespace)
         # Counters for /metrics (monotonic since start).
         self.stored = 0
@@ -300,11 +303,14 @@ class StorageService:
 
     @property
     def _budget(self) -> int:
-        return max(1024, int(self.nc.max_payload) - _REPLY_OVERHEAD)
+        limit = int(self.nc.max_payload)
+        if self.max_reply_bytes is not None:
+            limit = min(limit, self.max_reply_bytes)
+        return max(1024, limit - _REPLY_OVERHEAD)
 
     def _check_size(self, what: str, size: int) -> None:
         if size > self._budget:
-            raise ServiceError("413", f"{what} is {size} bytes, more than one NATS message ({self._budget}) holds")
+            raise ServiceError("413", f"{what} is {size} bytes, more than one reply may carry ({self._budget})")
 
     async def _api_get(self, req: Any) -> bytes:
         assert self.store is not None

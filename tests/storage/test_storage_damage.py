@@ -29,6 +29,15 @@ def segment(path: Path) -> Path:
     return seg
 
 
+def flip_in_place(path: Path, pos: int) -> None:
+    """Flip one bit without replacing the file (the store keeps reading the same inode)."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 async def reopen(path: Path) -> tuple[TelemetryStorage, list[dict]]:
     store = TelemetryStorage(path, fsync=False)
     with capture_logs() as logs:
@@ -172,3 +181,20 @@ async def test_newer_format_version_is_left_alone(tmp_path: Path, make_session) 
         await store.close()
     assert future.read_bytes() == newer  # never rewritten, appended to or deleted
     assert (d / fmt.segment_name(8)).exists()  # new writes got a new file after it
+
+
+async def test_record_going_bad_after_open_is_caught_on_read(tmp_path: Path, make_session) -> None:
+    sessions = [make_session(i, finish=time.time() - 100 + i) for i in range(3)]
+    store = TelemetryStorage(tmp_path / "t", fsync=False)
+    await store.open()
+    try:
+        await store.append_many(sessions)
+        seg = segment(tmp_path / "t")
+        victim = fmt.scan(seg.read_bytes(), str(seg)).records[1]
+        flip_in_place(seg, victim.offset + 24 + 10)  # bit rot under a running store
+        with capture_logs() as logs:
+            assert await store.get(sessions[1].id) is None  # never a silently wrong session
+            assert [s.id for s in await store.recent(5)] == [sessions[2].id, sessions[0].id]
+        assert any(e["event"] == "storage.damaged" and e["reason"] == fmt.CHECKSUM_MISMATCH for e in logs)
+    finally:
+        await store.close()
