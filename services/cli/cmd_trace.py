@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import msgspec
 
 from services.cli.common import open_bus
 from services.cli.main import CLIError
-from services.tracer.exporters import (
-    ExportError,
-    OtlpHttpExporter,
-    ZipkinExporter,
-    write_jaeger_file,
-)
-from services.tracer.query import (
-    QueryError,
-    Trace,
-    TraceClient,
-    format_duration,
-    render_tree,
-)
-from services.tracer.subjects import TracerSubjects
 from shared.settings import Settings
+
+# The tracer modules (opentelemetry-proto, aiohttp) are imported when the command runs, not
+# when the parser is built: every buildtel command builds the parser.
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from services.tracer.query import QueryError, TraceClient, render_tree
+    from services.tracer.subjects import TracerSubjects
+
     words = list(args.words)
     exporting = bool(words) and words[0] == "export"
     if exporting:
@@ -82,6 +75,8 @@ async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_recent(traces: list) -> int:  # type: ignore[type-arg]
+    from services.tracer.query import format_duration
+
     if not traces:
         print("no traces stored yet", file=sys.stderr)
         return 0
@@ -91,7 +86,14 @@ def _print_recent(traces: list) -> int:  # type: ignore[type-arg]
     return 0
 
 
-async def _export(trace: Trace, args: argparse.Namespace) -> int:
+async def _export(trace: Any, args: argparse.Namespace) -> int:
+    from services.tracer.exporters import (
+        ExportError,
+        OtlpHttpExporter,
+        ZipkinExporter,
+        write_jaeger_file,
+    )
+
     done = []
     if args.jaeger_file:
         path = write_jaeger_file(args.jaeger_file, {trace.trace_id: trace.spans})
