@@ -133,3 +133,25 @@ def test_serve_runs_one_service_against_a_configured_cluster(settings, nats_url,
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_run_then_sessions_just_works_on_a_laptop_with_nothing_configured(tmp_path: Path) -> None:
+    cache = tmp_path / ".builder-cache"
+    env = _env(cache)
+    (tmp_path / "Makefile").write_text("all:\n\t@echo compiled > out.txt\n")
+    try:
+        run = subprocess.run([sys.executable, "-m", "services.cli.main", "run", "--", "make", "-s"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, run.stderr
+        assert (tmp_path / "out.txt").read_text() == "compiled\n"
+        sid = run.stderr.strip().splitlines()[-1].split()[2]
+        listing = None
+        for _ in range(50):
+            listing = buildtel("sessions", env=env)
+            if sid in listing.stdout:
+                break
+            time.sleep(0.2)
+        assert listing is not None and sid in listing.stdout and "success" in listing.stdout
+        assert json.loads((cache / "stack.json").read_text())["embedded"] == ["nats-server", "redis-server"]
+    finally:
+        assert buildtel("down", env=env).returncode == 0
