@@ -292,9 +292,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoding for --forward-otlp (default protobuf)")
     parser.add_argument("--forward-zipkin", action="append", default=[], metavar="URL",
                         help="also send every span to this Zipkin endpoint (repeatable), e.g. http://zipkin:9411")
+    parser.add_argument("--max-trace-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
+                        help=f"trace store size cap, oldest segments dropped first (default {DEFAULT_MAX_BYTES})")
+    parser.add_argument("--max-traces", type=int, default=DEFAULT_MAX_TRACES, metavar="N",
+                        help=f"traces the store keeps at most (default {DEFAULT_MAX_TRACES})")
 
 
 def service_from_args(args: argparse.Namespace, settings: Settings, nats_url: str, redis_url: str) -> TracerService:
     return TracerService(settings, nats_url, redis_url, otlp_port=args.otlp_port,
                          forward_otlp=args.forward_otlp or (), forward_otlp_protocol=args.forward_otlp_protocol,
-                         forward_zipkin=args.forward_zipkin or ())
+                         forward_zipkin=args.forward_zipkin or (),
+                         max_bytes=getattr(args, "max_trace_bytes", DEFAULT_MAX_BYTES),
+                         max_traces=getattr(args, "max_traces", DEFAULT_MAX_TRACES))
