@@ -21,6 +21,7 @@ rename.  ``fsync=False`` leaves flushing to the OS (tests, throwaway stores).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 import weakref
@@ -45,6 +46,7 @@ from shared.logs import get_logger
 from shared.protocol import BuildSession
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+LOCK_FILE = "LOCK"
 
 
 def _prepare(payloads: Sequence[bytes], stored_at: float) -> list[Summary]:
@@ -55,6 +57,10 @@ def _prepare(payloads: Sequence[bytes], stored_at: float) -> list[Summary]:
 
 class StorageClosed(RuntimeError):
     """The store is not open (never opened, or closed)."""
+
+
+class StorageLocked(RuntimeError):
+    """Another process has this directory open: two writers would interleave their appends."""
 
 
 class DamageReport(msgspec.Struct, kw_only=True):
@@ -154,6 +160,7 @@ class TelemetryStorage:
         self._idle.set()
         self._open = False
         self._closed = False
+        self._lock_fd = -1
         self.last_report = DamageReport()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -162,7 +169,12 @@ class TelemetryStorage:
         if self._open or self._closed:
             raise StorageClosed("open() may be called once")
         self.directory.mkdir(parents=True, exist_ok=True)
-        report = await asyncio.to_thread(self._load)
+        self._lock()
+        try:
+            report = await asyncio.to_thread(self._load)
+        except BaseException:
+            self._unlock()
+            raise
         for d in report.damages:
             self.log.warning("storage.damaged", file=d.file, offset=d.offset, bytes_skipped=d.bytes_skipped,
                              reason=d.reason, action=d.action)
@@ -183,6 +195,22 @@ class TelemetryStorage:
             self._segments = []
             self._active = None
             self._snap = Snapshot.empty()
+            self._unlock()
+
+    def _lock(self) -> None:
+        # flock, not a pid file: the kernel releases it when the holder dies, even by SIGKILL.
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageLocked(f"{self.directory} is in use by another storage process") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- writes ------------------------------------------------------------------------------
     async def append_many(self, sessions: Sequence[BuildSession], *,

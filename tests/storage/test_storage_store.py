@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.storage import format as fmt
-from services.storage.store import StorageClosed, TelemetryStorage
+from services.storage.store import StorageClosed, StorageLocked, TelemetryStorage
 
 
 async def opened(path: Path, **kw) -> TelemetryStorage:
@@ -286,3 +286,16 @@ async def test_failed_write_leaves_no_trace(tmp_path: Path, make_session, monkey
     assert store.last_report.ok and store.last_report.duplicates == 0
     assert {s.id for s in await store.recent(10)} == {kept.id, lost[0].id, lost[1].id}
     await store.close()
+
+
+async def test_one_process_per_directory(tmp_path: Path, make_session) -> None:
+    """A second store on the same directory is refused instead of interleaving appends."""
+    first = await opened(tmp_path / "t")
+    second = TelemetryStorage(tmp_path / "t", fsync=False)
+    with pytest.raises(StorageLocked, match="in use"):
+        await second.open()
+    await first.append_many([make_session(0)])
+    await first.close()
+    third = await opened(tmp_path / "t")  # released on close (and by the kernel on a crash)
+    assert await third.count() == 1
+    await third.close()
