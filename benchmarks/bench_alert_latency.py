@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +88,7 @@ def spawn(module: str, nats_url: str, redis_url: str, cache: Path) -> subprocess
 
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
 
 
 async def run(args: argparse.Namespace, nats_url: str, redis_url: str, cache: Path) -> dict[str, object]:
@@ -107,10 +106,10 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, cache: Pa
     done = asyncio.Event()
     expected = (TARGETS + 1) * args.branches  # per branch: the build and each of its targets step once
 
-    async def on_session(msg) -> None:  # noqa: ANN001
+    async def on_session(msg) -> None:
         completed[msg.headers.get("Nats-Msg-Id", "") if msg.headers else ""] = time.perf_counter()
 
-    async def on_alert(msg) -> None:  # noqa: ANN001
+    async def on_alert(msg) -> None:
         now = time.perf_counter()
         a = alert_decoder.decode(msg.data)
         alerts.append(a.series)
@@ -148,7 +147,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, cache: Pa
         publish_s = time.perf_counter() - t0
         try:
             await asyncio.wait_for(done.wait(), 20.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await asyncio.sleep(1.0)
         stats = await client.stats()

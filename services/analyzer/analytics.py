@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -334,7 +334,7 @@ def daily_series(sessions: Sequence[BuildSession]) -> list[DailyPoint]:
         hits = sum(s.cache_hits for s in group)
         misses = sum(s.cache_misses for s in group)
         out.append(DailyPoint(
-            date=datetime.fromtimestamp(day * DAY_S, timezone.utc).strftime("%Y-%m-%d"), sessions=len(group),
+            date=datetime.fromtimestamp(day * DAY_S, UTC).strftime("%Y-%m-%d"), sessions=len(group),
             succeeded=ok, success_rate=ok / len(group), mean_s=math.fsum(durs) / len(durs) if durs else 0.0,
             median_s=percentile_sorted(durs, 0.5), p95_s=percentile_sorted(durs, 0.95),
             cache_hit_rate=_rate(hits, misses)))

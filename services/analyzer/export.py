@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -39,7 +39,7 @@ def report_from_json(text: str | bytes) -> AnalyticsReport:
 
 
 def _iso(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _cell(v: object) -> object:
@@ -83,7 +83,7 @@ def fmt_s(s: float) -> str:
     """12.3s, 4m 05s, 2h 03m: short durations for people."""
     if s < 60:
         return f"{s:.1f}s" if s >= 1 else f"{s * 1000:.0f}ms"
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     if m < 60:
         return f"{m}m {sec:02d}s"
     h, m = divmod(m, 60)
@@ -102,10 +102,10 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
     lines = [
         f"Builds: {r.sessions} from {_iso(r.window_start)[:16]} to {_iso(r.window_end)[:16]} UTC"
         + (" (partial: " + "; ".join(r.notes) + ")" if r.partial else ""),
-        f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
-        f"(success rate {_pct(r.success_rate)})",
-        f"Build time: median {fmt_s(d.median_s)}, mean {fmt_s(d.mean_s)}, p90 {fmt_s(d.p90_s)}, "
-        f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}",
+        (f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
+         f"(success rate {_pct(r.success_rate)})"),
+        (f"Build time: median {fmt_s(d.median_s)}, mean {fmt_s(d.mean_s)}, p90 {fmt_s(d.p90_s)}, "
+         f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}"),
     ]
     if d.fastest and d.slowest:
         lines.append(f"  fastest {fmt_s(d.min_s)} (session {d.fastest.session_id[:12]}), "

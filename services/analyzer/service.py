@@ -37,18 +37,29 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request, ServiceError
 
 from services.analyzer import lua
-from services.analyzer.alerts import Alert, alert_decoder, encode_alert, fold, series_points
+from services.analyzer.alerts import (
+    Alert,
+    alert_decoder,
+    encode_alert,
+    fold,
+    series_points,
+)
 from services.analyzer.analytics import TelemetryAnalyzer
 from services.analyzer.api import (
     API_VERSION,
     AnalyzerStats,
-    ReportRequest,
     alerts_stream_config,
     request_decoder,
 )
 from services.analyzer.history import History, from_storage, gc_paused
 from services.analyzer.subjects import AnalyzerSubjects
-from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.bus import (
+    close_nats,
+    connect_nats,
+    connect_redis,
+    ensure_streams,
+    publish_dead_letter,
+)
 from shared.codec import decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
@@ -58,9 +69,10 @@ from shared.settings import Settings
 log = get_logger("analyzer")
 
 DURABLE = "analyzer"
-# Small batches keep a series close to stream order across replicas: at most replicas x 4
-# sessions are in flight, so that is the widest reordering the detector can see.
-FETCH_BATCH = 4
+# One session per fetch: nats-py's fetch(n > 1) waits for n messages or its timeout once it is
+# long-polling, which would delay a lone session by up to the timeout; and a series stays close
+# to stream order across replicas (at most one session in flight per replica).
+FETCH_BATCH = 1
 ACK_WAIT_S = 10.0  # a dead replica's unacked sessions come back after this
 DONE_TTL_S = 3 * 86400  # how long "session S was folded into series X" is remembered
 SERIES_TTL_S = 90 * 86400  # a series nobody fed for this long is forgotten
@@ -151,8 +163,8 @@ class AnalyzerService:
     async def _consume(self) -> None:
         while not self._stopping.is_set():
             try:
-                msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either, depending on the path
+                msgs = await self.sub.fetch(FETCH_BATCH, timeout=1.0)
+            except (TimeoutError, NatsTimeout):  # nats-py raises either, depending on the path
                 continue
             except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
                 if self._stopping.is_set():

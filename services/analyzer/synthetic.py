@@ -13,7 +13,13 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from shared.protocol import BuildEnvironment, BuildSession, SessionTotals, TargetMetrics, VcsInfo
+from shared.protocol import (
+    BuildEnvironment,
+    BuildSession,
+    SessionTotals,
+    TargetMetrics,
+    VcsInfo,
+)
 
 
 @dataclass

@@ -11,13 +11,19 @@ import argparse
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 
 from services.analyzer.alerts import Alert
-from services.analyzer.api import AnalyzerClient, AnalyzerError, ReportRequest, follow_alerts, read_alerts
+from services.analyzer.api import (
+    AnalyzerClient,
+    AnalyzerError,
+    ReportRequest,
+    follow_alerts,
+    read_alerts,
+)
 from services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
 from services.cli.common import open_bus
 from services.cli.main import CLIError
@@ -39,12 +45,12 @@ def parse_when(text: str, *, now: float | None = None) -> float:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(t)  # 3.11 reads a trailing "Z" too
     except ValueError:
         raise CLIError(f"cannot read {text!r} as a date: use 2026-01-31, 2026-01-31T12:00, 7d, 12h or Unix seconds") \
             from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)  # dates without a zone are UTC, as the report's are
+        dt = dt.replace(tzinfo=UTC)  # dates without a zone are UTC, as the report's are
     return dt.timestamp()
 
 
@@ -96,7 +102,7 @@ def _request(args: argparse.Namespace, *, sessions: bool) -> ReportRequest:
                          speedup_pct=args.speedup, source=args.source)
 
 
-async def _fetch(settings: Settings, req: ReportRequest, timeout: float):  # noqa: ANN202 - AnalyticsReport
+async def _fetch(settings: Settings, req: ReportRequest, timeout: float):
     async with open_bus(settings, autostart=True) as bus:
         try:
             return await AnalyzerClient(bus.nc, settings.namespace, timeout=timeout).report(req)
@@ -150,7 +156,7 @@ async def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def alert_line(a: Alert) -> str:
-    when = datetime.fromtimestamp(a.detected_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromtimestamp(a.detected_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
     what = f"target {a.target} ({a.cache})" if a.kind == "target" else "build"
     commits = f"  commits {a.commit_range}" if a.commit_range else ""
     return (f"{when}  {a.direction.upper():<11}  {what}  branch {a.branch or '-'}  "

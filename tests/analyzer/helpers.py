@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from shared.protocol import BuildEnvironment, BuildSession, SessionTotals, TargetMetrics, VcsInfo
+from shared.protocol import (
+    BuildEnvironment,
+    BuildSession,
+    SessionTotals,
+    TargetMetrics,
+    VcsInfo,
+)
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

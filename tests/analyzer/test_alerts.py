@@ -12,7 +12,7 @@ from services.analyzer.subjects import AnalyzerSubjects, token
 from tests.analyzer.helpers import T0, session, target
 
 
-def _run(sessions) -> list[Alert]:  # noqa: ANN001
+def _run(sessions) -> list[Alert]:
     states: dict[str, bytes] = {}
     out = []
     for s in sessions:

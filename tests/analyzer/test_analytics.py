@@ -141,7 +141,7 @@ def test_engines_agree_on_a_realistic_history() -> None:
 
 
 def test_flaky_means_failing_and_passing_at_the_same_commit() -> None:
-    t = lambda k, name, status: target(name, T0 + 3600 * k, 1.0, status=status)  # noqa: E731
+    t = lambda k, name, status: target(name, T0 + 3600 * k, 1.0, status=status)
     sessions = [
         session(0, 10, targets=[t(0, "//flaky", "failed"), t(0, "//fixed", "failed")], commit="aaa", outcome="failed"),
         session(1, 10, targets=[t(1, "//flaky", "success"), t(1, "//fixed", "failed")], commit="aaa",

@@ -37,7 +37,7 @@ async def _cli(settings: Settings, *args: str, namespace: str | None = None) -> 
 
 
 @pytest.fixture
-async def loaded(settings: Settings, nc, redis_client) -> AsyncIterator[list]:  # noqa: ANN001
+async def loaded(settings: Settings, nc, redis_client) -> AsyncIterator[list]:
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
     await svc.start()
     sessions = _step_history(n=60, at=35, seed=6)
@@ -53,7 +53,7 @@ async def loaded(settings: Settings, nc, redis_client) -> AsyncIterator[list]:  
     await svc.stop()
 
 
-async def test_report_formats(settings, loaded, tmp_path: Path) -> None:  # noqa: ANN001
+async def test_report_formats(settings, loaded, tmp_path: Path) -> None:
     code, out, err = await _cli(settings, "report", "--last", "20", "--format", "json")
     assert code == 0, err
     doc = json.loads(out)
@@ -73,7 +73,7 @@ async def test_report_formats(settings, loaded, tmp_path: Path) -> None:  # noqa
     assert "getting slower" in (await _cli(settings, "report"))[1]
 
 
-async def test_export_and_alerts(settings, loaded, tmp_path: Path) -> None:  # noqa: ANN001
+async def test_export_and_alerts(settings, loaded, tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     code, _, err = await _cli(settings, "export", "--format", "csv", "-o", str(target))
     assert code == 0, err
@@ -94,8 +94,8 @@ async def test_export_and_alerts(settings, loaded, tmp_path: Path) -> None:  # n
     assert code == 0 and out == "" and "no alerts" in err
 
 
-async def test_errors_are_one_line(settings, loaded) -> None:  # noqa: ANN001
-    code, out, err = await _cli(settings, "report", "--since", "yesterday-ish")
+async def test_errors_are_one_line(settings, loaded) -> None:
+    code, _, err = await _cli(settings, "report", "--since", "yesterday-ish")
     assert code == 2 and err.count("\n") == 1 and "cannot read 'yesterday-ish' as a date" in err
     code, _, err = await _cli(settings, "report", "--last", "0")
     assert code == 2 and "--last must be at least 1" in err
@@ -103,7 +103,7 @@ async def test_errors_are_one_line(settings, loaded) -> None:  # noqa: ANN001
     assert code == 2 and err.startswith("buildtel: error: ") and err.count("\n") == 1 and "analyzer" in err
 
 
-async def test_wait_for_alerts_collects_new_alerts(settings, nc, redis_client) -> None:  # noqa: ANN001
+async def test_wait_for_alerts_collects_new_alerts(settings, nc, redis_client) -> None:
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
     await svc.start()
     try:

@@ -22,13 +22,13 @@ from services.analyzer.synthetic import Scenario, generate
 
 
 @pytest.fixture(scope="module")
-def report():  # noqa: ANN201
+def report():
     sessions = generate(Scenario(sessions=60, targets=15, flaky=("//pkg2/lib2:t2",), fail_rate=0.1, seed=4,
                                  branches=("main", "dev")))
     return TelemetryAnalyzer().report(sessions, include_sessions=True)
 
 
-def test_json_reads_back_with_the_same_numbers(report) -> None:  # noqa: ANN001
+def test_json_reads_back_with_the_same_numbers(report) -> None:
     doc = json.loads(to_json(report))
     assert doc["version"] == 1
     assert doc["sessions"] == report.sessions
@@ -47,7 +47,7 @@ def test_json_reads_back_with_the_same_numbers(report) -> None:  # noqa: ANN001
     assert report_from_json(to_json(report)) == report
 
 
-def test_sessions_csv_one_row_per_session(report) -> None:  # noqa: ANN001
+def test_sessions_csv_one_row_per_session(report) -> None:
     rows = list(csv.DictReader(io.StringIO(sessions_csv(report), newline="")))
     assert list(rows[0]) == SESSION_COLUMNS
     assert len(rows) == report.sessions
@@ -63,7 +63,7 @@ def test_sessions_csv_one_row_per_session(report) -> None:  # noqa: ANN001
     assert sum(durs) / len(durs) == pytest.approx(report.duration.mean_s)
 
 
-def test_targets_csv_one_row_per_target(report) -> None:  # noqa: ANN001
+def test_targets_csv_one_row_per_target(report) -> None:
     rows = list(csv.DictReader(io.StringIO(targets_csv(report), newline="")))
     assert list(rows[0]) == TARGET_COLUMNS
     assert [r["name"] for r in rows] == [t.name for t in report.targets]
@@ -77,7 +77,7 @@ def test_targets_csv_one_row_per_target(report) -> None:  # noqa: ANN001
     assert {r["name"] for r in rows if r["critical_s"]} == crit
 
 
-def test_summary_names_the_figures(report) -> None:  # noqa: ANN001
+def test_summary_names_the_figures(report) -> None:
     text = summary(report)
     assert f"Builds: {report.sessions}" in text
     assert f"success rate {report.success_rate * 100:.1f}%" in text

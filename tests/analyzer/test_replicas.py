@@ -51,7 +51,7 @@ def _history() -> list:
     return out
 
 
-async def _ask(nc, subject: str, inbox: str, replies: Counter, i: int) -> None:  # noqa: ANN001
+async def _ask(nc, subject: str, inbox: str, replies: Counter, i: int) -> None:
     """One logical request, retried under new reply subjects until some replica answers."""
     for attempt in range(10):
         await nc.publish(subject, b"", reply=f"{inbox}.{i}.{attempt}")
@@ -62,7 +62,7 @@ async def _ask(nc, subject: str, inbox: str, replies: Counter, i: int) -> None: 
     raise AssertionError(f"request {i} was never answered")
 
 
-async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client) -> None:  # noqa: ANN001
+async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client) -> None:
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     asubj = AnalyzerSubjects.of(settings.namespace)
@@ -77,7 +77,7 @@ async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client
     replies: Counter[int] = Counter()
     inbox = f"_INBOX.{uuid.uuid4().hex}"
 
-    async def on_reply(msg) -> None:  # noqa: ANN001
+    async def on_reply(msg) -> None:
         replies[int(msg.subject.split(".")[2])] += 1
 
     rsub = await nc.subscribe(f"{inbox}.*.*", cb=on_reply)

@@ -31,12 +31,12 @@ def _step_history(n: int = 60, at: int = 35, seed: int = 1, branch: str = "main"
     return out
 
 
-async def _publish(js, subjects: Subjects, sessions, prefix: str = "") -> None:  # noqa: ANN001
+async def _publish(js, subjects: Subjects, sessions, prefix: str = "") -> None:
     for s in sessions:
         await js.publish(subjects.sessions_completed, encode(s), headers={"Nats-Msg-Id": prefix + s.id})
 
 
-async def _until(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
+async def _until(cond, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await cond():
         if asyncio.get_running_loop().time() > deadline:
@@ -45,7 +45,7 @@ async def _until(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
 
 
 @pytest.fixture
-async def analyzer(settings: Settings, nc, redis_client) -> AsyncIterator[AnalyzerService]:  # noqa: ANN001
+async def analyzer(settings: Settings, nc, redis_client) -> AsyncIterator[AnalyzerService]:
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
     await svc.start()
     yield svc
@@ -53,7 +53,7 @@ async def analyzer(settings: Settings, nc, redis_client) -> AsyncIterator[Analyz
     await svc.stop()  # idempotent
 
 
-async def _stats(nc, settings):  # noqa: ANN001, ANN202
+async def _stats(nc, settings):
     return await AnalyzerClient(nc, settings.namespace, timeout=5).stats()
 
 
@@ -93,7 +93,7 @@ async def test_redelivered_sessions_are_not_counted_twice(settings, nc, analyzer
     sessions = _step_history(n=50, at=30, seed=2)
     await _publish(js, subjects, sessions)
 
-    async def folded(n: int):  # noqa: ANN202
+    async def folded(n: int):
         async def check() -> bool:
             return (await _stats(nc, settings)).sessions >= n
         return check
