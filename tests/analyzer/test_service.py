@@ -169,3 +169,39 @@ async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc,
     with pytest.raises(AnalyzerError) as exc:
         await AnalyzerClient(nc, settings.namespace, timeout=5)._request("report", b"\x81\xa4last\xa3one")
     assert exc.value.code == 400
+
+
+async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_client) -> None:  # noqa: ANN001
+    from services.storage.service import StorageService
+
+    svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "", history_cap=5,
+                          storage_timeout_s=3)
+    await svc.start()
+    storage = None
+    try:
+        sessions = _step_history(n=12, seed=9)
+        await _publish(nc.jetstream(), Subjects(settings.namespace), sessions)
+
+        async def folded() -> bool:
+            return svc.sessions_in == 12
+
+        await _until(folded)
+        client = AnalyzerClient(nc, settings.namespace, timeout=10)
+        assert (await _stats(nc, settings)).history == 5
+        recent = await client.report(last=3)  # within the history: no storage needed
+        assert recent.sessions == 3 and not recent.partial and not recent.notes
+        gap = await client.report(last=10)  # beyond it, and no storage service runs
+        assert gap.partial and gap.sessions == 5 and "storage" in gap.notes[0]
+        storage = StorageService(settings, settings.nats_url or "", settings.redis_url or "")
+        await storage.start()
+        for _ in range(200):
+            full = await client.report(last=10, include_sessions=True)
+            if full.sessions == 10:
+                break
+            await asyncio.sleep(0.05)
+        assert not full.partial and full.notes == ["sessions from the storage service"]
+        assert [r.id for r in full.session_rows] == [s.id for s in sessions[-10:]]
+    finally:
+        if storage is not None:
+            await storage.stop()
+        await svc.stop()
