@@ -152,6 +152,7 @@ class StorageService:
         for ep in ENDPOINTS:
             await micro.add_endpoint(name=ep, subject=endpoint_subject(self.subjects, ep),
                                      handler=partial(self._handle, ep))
+        await self.nc.flush()  # the server knows the endpoints before start() says we are ready
         self._consumer = asyncio.create_task(self._consume(psub), name="storage-consume")
         self._retention = asyncio.create_task(self._retention_loop(), name="storage-retention")
         stack.push_async_callback(self._stop_tasks)  # first to run on stop: no new work
