@@ -192,7 +192,7 @@ def _bad_line(line: str, lineno: int, source: str | None) -> FoldedParseError | 
         return FoldedParseError(lineno, text, "expected '<stack> <count>'", source)
     stack, count = parts
     if not (count.isascii() and count.isdigit()):
-        if count.replace(".", "", 1).isdigit():
+        if count.isascii() and count.replace(".", "", 1).isdigit():
             return FoldedParseError(lineno, text, "counts must be integers", source)
         return FoldedParseError(lineno, text, f"count {count!r} is not a non-negative integer", source)
     if not stack.strip():
