@@ -80,6 +80,7 @@ class StatsReply(msgspec.Struct, kw_only=True):
     dead_letters: int = 0
     forward_sent: int = 0
     forward_dropped: int = 0
+    otlp_url: str = ""  # empty when the OTLP receiver is not listening
     version: str = API_VERSION
 
 

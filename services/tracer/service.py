@@ -16,6 +16,12 @@ deterministic anyway), re-delivered span batches collapse by span id on read.
 
 One tracer per ``traces_dir``: queries are answered from the local store, so
 run replicas only with separate namespaces.
+
+Port 4318 is also where a local Jaeger or OpenTelemetry Collector listens.  When
+the port was not chosen explicitly (``otlp_port=None``) and is taken, the tracer
+logs ``tracer.otlp_unavailable`` and runs without the OTLP receiver (bus,
+sessions and queries keep working) instead of taking ``buildtel up`` down with
+it; an explicitly requested port that cannot be bound fails ``start()``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from functools import partial
@@ -72,14 +79,15 @@ RETENTION_INTERVAL_S = 60.0
 class TracerService:
     name = "tracer"
 
-    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, otlp_port: int = DEFAULT_OTLP_PORT,
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, otlp_port: int | None = None,
                  forward_otlp: Sequence[str] = (), forward_otlp_protocol: str = "protobuf",
                  forward_zipkin: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES,
                  max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.settings = settings
         self.nats_url = nats_url
         self.redis_url = redis_url
-        self.otlp_port = otlp_port
+        self.otlp_port = DEFAULT_OTLP_PORT if otlp_port is None else otlp_port
+        self._otlp_port_required = otlp_port is not None
         self.subjects = Subjects(settings.namespace)
         self.tsubjects = TracerSubjects(self.subjects)
         self.keys = Keys(settings.namespace)
@@ -100,7 +108,8 @@ class TracerService:
     @property
     def otlp_url(self) -> str:
         """``http://host:port/v1/traces`` once started (the real port when ``otlp_port=0``)."""
-        assert self.receiver is not None, "service not started"
+        if self.receiver is None:
+            raise RuntimeError("the OTLP receiver is not listening (service not started, or port taken)")
         return self.receiver.url
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -112,7 +121,7 @@ class TracerService:
             await stack.aclose()
             raise
         self._stack = stack
-        log.info("tracer.started", otlp=self.otlp_url, traces=len(self.store.traces),
+        log.info("tracer.started", otlp=self.receiver.url if self.receiver else None, traces=len(self.store.traces),
                  forward=[f.exporter.url for f in self.forwarders])
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -144,9 +153,16 @@ class TracerService:
         stack.push_async_callback(micro.stop)
         for ep in query.ENDPOINTS:
             await micro.add_endpoint(name=ep, subject=self.tsubjects.endpoint(ep), handler=partial(self._query, ep))
-        self.receiver = await start_receiver(self.ingest_otlp, host=self.settings.http_host, port=self.otlp_port,
-                                             token=self.settings.http_token)
-        stack.push_async_callback(self.receiver.close)
+        try:
+            self.receiver = await start_receiver(self.ingest_otlp, host=self.settings.http_host,
+                                                 port=self.otlp_port, token=self.settings.http_token)
+        except OSError as exc:
+            if self._otlp_port_required or exc.errno != errno.EADDRINUSE:
+                raise
+            log.error("tracer.otlp_unavailable", port=self.otlp_port, error=str(exc),
+                      hint="another process (a local Jaeger?) has the port: pass --otlp-port")
+        else:
+            stack.push_async_callback(self.receiver.close)
         self._tasks = [
             asyncio.create_task(self._consume(sessions_sub, self._on_session), name="tracer.sessions"),
             asyncio.create_task(self._consume(spans_sub, self._on_spans), name="tracer.spans"),
@@ -273,7 +289,8 @@ class TracerService:
             otlp_bad_requests=rs.bad_requests if rs else 0, sessions_synthesized=self.sessions_synthesized,
             bus_batches=self.bus_batches, dead_letters=self.dead_letters,
             forward_sent=sum(f.sent for f in self.forwarders),
-            forward_dropped=sum(f.dropped for f in self.forwarders))
+            forward_dropped=sum(f.dropped for f in self.forwarders),
+            otlp_url=self.receiver.url if self.receiver else "")
 
 
 def _encode_stats(stats: query.StatsReply) -> bytes:
@@ -284,8 +301,9 @@ def _encode_stats(stats: query.StatsReply) -> bytes:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the tracer service; the lead wires them under ``buildtel serve tracer``."""
-    parser.add_argument("--otlp-port", type=int, default=DEFAULT_OTLP_PORT,
-                        help=f"OTLP/HTTP port on BUILDER_TELEMETRY_HTTP_HOST (default {DEFAULT_OTLP_PORT}; 0 = any)")
+    parser.add_argument("--otlp-port", type=int, default=None,
+                        help=f"OTLP/HTTP port on BUILDER_TELEMETRY_HTTP_HOST (default {DEFAULT_OTLP_PORT}, skipped "
+                             "with an error logged if taken; an explicit port must bind; 0 = any free port)")
     parser.add_argument("--forward-otlp", action="append", default=[], metavar="URL",
                         help="also send every span to this OTLP/HTTP endpoint (repeatable), e.g. http://jaeger:4318")
     parser.add_argument("--forward-otlp-protocol", choices=("protobuf", "json"), default="protobuf",
@@ -299,7 +317,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def service_from_args(args: argparse.Namespace, settings: Settings, nats_url: str, redis_url: str) -> TracerService:
-    return TracerService(settings, nats_url, redis_url, otlp_port=args.otlp_port,
+    return TracerService(settings, nats_url, redis_url, otlp_port=getattr(args, "otlp_port", None),
                          forward_otlp=args.forward_otlp or (), forward_otlp_protocol=args.forward_otlp_protocol,
                          forward_zipkin=args.forward_zipkin or (),
                          max_bytes=getattr(args, "max_trace_bytes", DEFAULT_MAX_BYTES),

@@ -111,3 +111,34 @@ def test_pages_of_a_growing_trace_neither_repeat_nor_skip_what_was_there(tmp_pat
     evens = {f"{i + 1:016x}" for i in range(0, 40, 2)}
     assert evens <= set(seen)  # nothing that was there when the read began is skipped
     store.close()
+
+
+async def test_a_taken_default_port_leaves_the_tracer_running_without_otlp(tracer_settings, nc, redis_client,
+                                                                           client) -> None:
+    import socket
+
+    import pytest
+
+    s = tracer_settings
+    with socket.socket() as squatter:  # e.g. a local Jaeger on 4318
+        squatter.bind((s.http_host, 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        explicit = TracerService(s, s.nats_url or "", s.redis_url or "", otlp_port=busy)
+        with pytest.raises(OSError):
+            await explicit.start()  # asked for that port: failing loudly is right
+        lenient = TracerService(s, s.nats_url or "", s.redis_url or "")  # the default port...
+        lenient.otlp_port = busy  # ...stands in for 4318, which this test cannot own
+        await lenient.start()
+        try:
+            stats = await client.stats()
+            assert stats.otlp_url == "" and stats.traces == 0
+            spans = _big_trace(2)
+            exporter = BusSpanExporter(s)
+            await asyncio.to_thread(exporter.export, spans)
+            await asyncio.to_thread(exporter.shutdown)
+            trace = await eventually(lambda: client.get(f"{spans[0].context.trace_id:032x}"),
+                                     ok=lambda t: len(t.spans) == 3)
+            assert {sp.name for sp in trace.spans} == {"root", "step-0", "step-1"}
+        finally:
+            await lenient.stop()
