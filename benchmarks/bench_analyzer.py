@@ -28,7 +28,7 @@ import msgspec
 
 from services.analyzer import columns
 from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.history import gc_paused
+from services.analyzer.columns import gc_paused
 from services.analyzer.synthetic import Scenario, generate
 from shared.protocol import BuildSession
 

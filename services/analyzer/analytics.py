@@ -229,6 +229,11 @@ class TelemetryAnalyzer:
 
     def report(self, sessions: Iterable[BuildSession], *, filters: ReportFilter | None = None,
                include_sessions: bool = False, top_targets: int | None = None) -> AnalyticsReport:
+        with columns.gc_paused():
+            return self._report(sessions, filters, include_sessions, top_targets)
+
+    def _report(self, sessions: Iterable[BuildSession], filters: ReportFilter | None, include_sessions: bool,
+                top_targets: int | None) -> AnalyticsReport:
         f = filters or ReportFilter()
         ss = select(sessions, f)
         rep = AnalyticsReport(generated_at=time.time(), filters=f,

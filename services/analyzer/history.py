@@ -12,44 +12,15 @@ marked ``partial``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from services.analyzer.analytics import ReportFilter, select
+from services.analyzer.columns import gc_paused
 from shared.codec import decode_session
 from shared.keys import Keys
 from shared.protocol import BuildSession
 
 CHUNK = 200  # HMGET size: bounded replies, Redis not blocked for long
-
-_gc_lock = threading.Lock()
-_gc_depth = 0
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while decoding or aggregating many objects (reentrant, thread-safe).
-
-    Decoding thousands of sessions allocates millions of tracked objects; each
-    full collection walks all of them, which made a 10k-session decode ~8x slower.
-    Nothing here creates cycles, so nothing is left for the collector to find.
-    """
-    global _gc_depth
-    with _gc_lock:
-        _gc_depth += 1
-        was = gc.isenabled() if _gc_depth == 1 else True
-        gc.disable()
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_depth -= 1
-            if _gc_depth == 0 and was:
-                gc.enable()
-
 
 class History:
     def __init__(self, redis: Any, keys: Keys, cap: int) -> None:

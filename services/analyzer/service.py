@@ -51,7 +51,8 @@ from services.analyzer.api import (
     alerts_stream_config,
     request_decoder,
 )
-from services.analyzer.history import History, from_storage, gc_paused
+from services.analyzer.columns import gc_paused
+from services.analyzer.history import History, from_storage
 from services.analyzer.subjects import AnalyzerSubjects
 from shared.bus import (
     close_nats,
