@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Literal
 
 import msgspec
@@ -30,6 +31,7 @@ from services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
 from shared.protocol import BuildSession
 
 REPORT_VERSION = 1
+_NAME = attrgetter("name")
 DAY_S = 86400.0
 SIGNIFICANCE = 0.05
 
@@ -315,7 +317,7 @@ def flaky_commits(sessions: Sequence[BuildSession], failed: dict[str, set[int]],
     def passed(j: int, name: str) -> bool:
         got = names.get(j)
         if got is None:
-            got = names[j] = frozenset(t.name for t in sessions[j].targets)
+            got = names[j] = frozenset(map(_NAME, sessions[j].targets))
         return name in got and name not in not_success.get(j, {})
 
     out: dict[str, int] = {}
