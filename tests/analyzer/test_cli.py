@@ -126,3 +126,22 @@ def test_parse_when() -> None:
     assert parse_when("1769817600") == 1769817600.0
     with pytest.raises(CLIError):
         parse_when("soon")
+
+
+async def test_alerts_follow_prints_new_alerts(settings, nc, redis_client) -> None:
+    svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
+        settings.redis_url or "", "--namespace", settings.namespace, "alerts", "--follow", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(2.0)  # the CLI is subscribed
+        for s in _step_history(n=60, at=30, seed=10):
+            await nc.jetstream().publish(Subjects(settings.namespace).sessions_completed, encode(s))
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert json.loads(line)["direction"] == "regression"
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await svc.stop()
