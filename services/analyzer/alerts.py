@@ -123,15 +123,24 @@ def decode_state(data: bytes | None) -> SeriesState:
     return _state_dec.decode(data) if data else SeriesState()
 
 
+def _load(data: bytes | None) -> tuple[SeriesState, Detector]:
+    """The series state and its detector; unreadable state (a format change in a new release)
+    starts the series afresh rather than failing every session of it forever."""
+    try:
+        st = decode_state(data)
+        return st, (Detector.load(st.det) if st.det else Detector.new())
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return SeriesState(), Detector.new()
+
+
 def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
          seq: int | None = None) -> tuple[bytes, Alert | None, bool]:
     """Feed one point; return the new state, the alert its change confirmed (if any) and whether
     the point was late (``seq``: the session's stream sequence; None skips the lateness test)."""
-    st = decode_state(state_bytes)
+    st, det = _load(state_bytes)
     if seq is not None and st.seq and seq < st.seq - LATE_WINDOW:
         st.late += 1
         return _enc.encode(st), None, True
-    det = Detector.load(st.det) if st.det else Detector.new()
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,

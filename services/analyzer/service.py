@@ -80,6 +80,8 @@ SERIES_TTL_S = 30 * 86400  # a series nobody fed for this long (a merged branch)
 OUTBOX_INTERVAL_S = 1.0
 OUTBOX_GRACE_S = 2.0  # leave a fresh outbox entry to the replica that is publishing it
 MAX_CAS_ATTEMPTS = 100
+THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
+POISON_DELIVERIES = 5  # a session that failed this often is dead-lettered, not retried forever
 _REPLY_OVERHEAD = 4096
 _enc = msgspec.msgpack.Encoder()
 
@@ -177,7 +179,11 @@ class AnalyzerService:
                 try:
                     await self._handle(msg)
                 except Exception as exc:  # noqa: BLE001 - not acked: redelivered, folded idempotently
-                    log.error("analyzer.session_failed", error=f"{type(exc).__name__}: {exc}")
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.error("analyzer.session_failed", error=reason)
+                    with contextlib.suppress(Exception):
+                        if msg.metadata.num_delivered >= POISON_DELIVERIES:
+                            await self._dead_letter(msg, f"failed {POISON_DELIVERIES} times: {reason}")
                     await asyncio.sleep(0.2)
 
     async def _handle(self, msg: Any) -> None:
@@ -185,12 +191,7 @@ class AnalyzerService:
             with gc_paused():
                 session = decode_session(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.dead_letters += 1
-            log.warning("analyzer.dead_letter", subject=msg.subject, reason=str(exc)[:300])
-            await publish_dead_letter(self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
-                                      subject=msg.subject, reason=f"undecodable session: {exc}", data=msg.data,
-                                      headers=dict(msg.headers or {}))
-            await msg.ack()
+            await self._dead_letter(msg, f"undecodable session: {exc}")
             return
         await self.history.add(self._hist_add, session, msg.data)
         meta = msg.metadata
@@ -201,6 +202,13 @@ class AnalyzerService:
             await self._publish(a)
         await msg.ack()
         self.sessions_in += 1
+
+    async def _dead_letter(self, msg: Any, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning("analyzer.dead_letter", subject=msg.subject, reason=reason[:300])
+        await publish_dead_letter(self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
+                                  subject=msg.subject, reason=reason, data=msg.data, headers=dict(msg.headers or {}))
+        await msg.ack()
 
     def _series_key(self, series: str) -> str:
         return self.keys.analyzer(f"series:{series}")
@@ -221,18 +229,14 @@ class AnalyzerService:
                 pipe.hmget(self._series_key(name), "v", "s")
             pipe.hmget(done_key, names)
             *states, done_flags = await pipe.execute()
-            now = time.time()
-            keys = [done_key, self.outbox_key, self.stats_key]
-            args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
-            tried: list[tuple[str, Alert | None]] = []
-            for name, (version, state), done in zip(names, states, done_flags):
-                if done is not None:
-                    continue  # folded before (a redelivery): nothing to do for this series
-                new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)
-                keys.append(self._series_key(name))
-                args += [name, int(version or 0), new_state, alert.id if alert else "",
-                         encode_alert(alert) if alert else "", "1" if late else "0"]
-                tried.append((name, alert))
+            batch = (session, seq, names, states, done_flags, pending, time.time())
+            if len(names) > THREAD_FOLD_OVER:
+                # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
+                # and with it the replies of this replica's analytics API.
+                series_keys, args, tried = await asyncio.to_thread(self._fold_batch, *batch)
+            else:
+                series_keys, args, tried = self._fold_batch(*batch)
+            keys = [done_key, self.outbox_key, self.stats_key, *series_keys]
             if not tried:
                 return committed
             statuses = await self._commit(keys=keys, args=args)
@@ -248,6 +252,24 @@ class AnalyzerService:
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
             pending = retry
         raise RuntimeError(f"session {session.id}: series kept changing under {MAX_CAS_ATTEMPTS} attempts")
+
+    def _fold_batch(self, session: BuildSession, seq: int | None, names: list[str], states: list[Any],
+                    done_flags: list[Any], pending: dict[str, Any], now: float
+                    ) -> tuple[list[str], list[Any], list[tuple[str, Alert | None]]]:
+        """Fold the series not yet folded for ``session``: their keys, the COMMIT arguments, and
+        (series, alert) in commit order.  CPU only, so it may run in a worker thread."""
+        keys: list[str] = []
+        args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
+        tried: list[tuple[str, Alert | None]] = []
+        for name, (version, state), done in zip(names, states, done_flags):
+            if done is not None:
+                continue  # folded before (a redelivery): nothing to do for this series
+            new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)
+            keys.append(self._series_key(name))
+            args += [name, int(version or 0), new_state, alert.id if alert else "",
+                     encode_alert(alert) if alert else "", "1" if late else "0"]
+            tried.append((name, alert))
+        return keys, args, tried
 
     async def _publish(self, alert: Alert) -> None:
         subject = self.subjects.alert(alert.kind, alert.branch, alert.target)

@@ -120,3 +120,10 @@ def test_alert_subjects_and_tokens() -> None:
     assert subj.alerts_filter(kind="target", target="//a:b") == "bt.alerts.target.*.//a:b"
     assert subj.alerts_stream == "BT_ALERTS"
     assert token("a*b>c\td") == "a_b_c_d"
+
+
+def test_unreadable_state_starts_the_series_afresh() -> None:
+    s = session(1, 10.0)
+    [p] = series_points(s)
+    state, alert, late = fold(b"\xc1garbage", p, s, now=0.0)
+    assert decode_state(state).n == 1 and alert is None and not late

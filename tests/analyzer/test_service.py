@@ -171,7 +171,7 @@ async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc,
     assert exc.value.code == 400
 
 
-async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_client) -> None:  # noqa: ANN001
+async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_client) -> None:
     from services.storage.service import StorageService
 
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "", history_cap=5,
@@ -204,4 +204,41 @@ async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_
     finally:
         if storage is not None:
             await storage.stop()
+        await svc.stop()
+
+
+async def test_a_session_that_keeps_failing_is_dead_lettered(settings, nc, redis_client, monkeypatch) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    import services.analyzer.service as service_mod
+
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    await ensure_streams(js, subjects)
+    await js.add_consumer(subjects.sessions_stream, ConsumerConfig(
+        durable_name="analyzer", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=0.3,
+        max_deliver=-1, filter_subject=subjects.sessions_completed))
+    bad, good = _step_history(n=2, seed=12)
+    real_fold = service_mod.fold
+
+    def fold(state, point, session, **kw):
+        if session.id == bad.id:
+            raise RuntimeError("boom")
+        return real_fold(state, point, session, **kw)
+
+    monkeypatch.setattr(service_mod, "fold", fold)
+    svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    try:
+        dl = await js.subscribe(subjects.dead_letter_all, ordered_consumer=True)
+        await _publish(js, subjects, [bad, good])
+        letter = dead_letter_decoder.decode((await dl.next_msg(timeout=20)).data)
+        assert "failed 5 times" in letter.reason and "boom" in letter.reason
+        await dl.unsubscribe()
+
+        async def good_folded() -> bool:
+            return svc.sessions_in == 1
+
+        await _until(good_folded)
+    finally:
         await svc.stop()
