@@ -122,25 +122,31 @@ def bench_run(root: Path, runs: int, jobs: int, env: dict[str, str]) -> dict[str
             "plain_cpu_s": pc, "wrapped_cpu_s": bc, "plain_spread": (max(w for w, _ in a) - min(w for w, _ in a)) / pm}
 
 
-def bench_fixed_cost(env: dict[str, str], cwd: Path, runs: int = 5) -> dict[str, float]:
-    """For ``buildtel run -- <one timestamp>``: launch-to-spawn and exit-to-return latency."""
+def bench_latency(env: dict[str, str], cwd: Path, runs: int = 5, child_s: float = 2.0) -> dict[str, float]:
+    """The wrapper's own latency around a child that writes its start and end times.
+
+    launch-to-spawn: CLI start-up until the child runs (minus a bare ``python -S`` start);
+    exit-to-return: the child's end until ``buildtel run`` returns.  The child lasts
+    ``child_s`` so that, as in a real build, the background work is done by then.
+    """
     stamp = cwd / "stamp"
-    child = [sys.executable, "-S", "-c", f"import time; open({str(stamp)!r}, 'w').write(repr(time.time()))"]
-    pre, post = [], []
+    code = (f"import time; t = time.time(); time.sleep({child_s}); "
+            f"open({str(stamp)!r}, 'w').write(repr(t) + ' ' + repr(time.time()))")
+    child = [sys.executable, "-S", "-c", code]
+    bare_code = f"import time; open({str(stamp)!r}, 'w').write(repr(time.time()))"
+    pre, post, bare = [], [], []
     for _ in range(runs):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-S", "-c", bare_code], check=True)
+        bare.append(float(stamp.read_text()) - t0)
         t0 = time.time()
         subprocess.run([*buildtel_argv(), "run", "-q", "--", *child], cwd=cwd, env=env, check=True,
                        stderr=subprocess.DEVNULL)
         t2 = time.time()
-        t1 = float(stamp.read_text())
-        pre.append(t1 - t0)
-        post.append(t2 - t1)
-    # The child itself is a bare Python start (-S): measure it to subtract it.
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        subprocess.run(child, check=True)
-    bare = (time.perf_counter() - t0) / runs
-    return {"pre_spawn_s": statistics.median(pre) - bare, "post_exit_s": statistics.median(post)}
+        start, end = map(float, stamp.read_text().split())
+        pre.append(start - t0)
+        post.append(t2 - end)
+    return {"pre_spawn_s": statistics.median(pre) - statistics.median(bare), "post_exit_s": statistics.median(post)}
 
 
 async def count_finished(url: str) -> int:
@@ -175,10 +181,11 @@ def main() -> None:
         tmp = Path(tmp_s)
         with NatsEngine(tmp / "nats") as nats_eng, RedisEngine(tmp / "redis") as redis_eng:
             print(f"(a) SDK, {args.events} target_finished events, SyncTelemetryClient")
+            # Buffers large enough to hold every event: a drop would be a cheaper event.
             away = bench_sdk(args.events, f"nats://127.0.0.1:{free_port()}", buffer_limit=args.events)
             print(f"    bus away : {away['us_per_event']:.2f} us/event all threads "
                   f"({away['emit_us_per_event']:.2f} in the emitting thread), dropped at close {away['dropped']}")
-            real = bench_sdk(args.events, nats_eng.url, buffer_limit=100_000)
+            real = bench_sdk(args.events, nats_eng.url, buffer_limit=args.events)
             print(f"    real NATS: {real['us_per_event']:.2f} us/event all threads "
                   f"({real['emit_us_per_event']:.2f} in the emitting thread), sent {real['sent']}, "
                   f"dropped {real['dropped']}, {args.events / real['wall_s']:.0f} events/s")
@@ -193,7 +200,7 @@ def main() -> None:
                 make_project(root, args.files)
                 print(f"(b) make -j{args.jobs} of {args.files} C files, {args.runs} runs each, alternating")
                 run = bench_run(root, args.runs, args.jobs, env)
-                fixed = bench_fixed_cost(env, root)
+                fixed = bench_latency(env, root)
                 sessions = asyncio.run(count_finished(nats_eng.url))
                 print(f"    plain make median {run['plain_median_s']:.3f}s (spread {run['plain_spread'] * 100:.0f}%), "
                       f"buildtel run median {run['wrapped_median_s']:.3f}s: overhead {run['overhead_ratio'] * 100:+.2f}%")

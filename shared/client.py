@@ -129,9 +129,7 @@ class TelemetryClient(Emitter):
         """
         if not self._on:
             return ClientStats()
-        with self._lock:
-            was_open, self._open = self._open, False
-        if not was_open:
+        if not self._stop_accepting():
             return self.stats
         if self._loop is not None:
             await self._drain(timeout)
@@ -139,8 +137,7 @@ class TelemetryClient(Emitter):
 
     def abandon(self, *, warn: bool = True) -> ClientStats:
         """Close a client that was never started (no loop needed): everything buffered is dropped."""
-        with self._lock:
-            was_open, self._open = self._open, False
+        was_open = self._stop_accepting()
         return self._finish(warn) if was_open and self._on and self._loop is None else self.stats
 
     async def _drain(self, timeout: float) -> None:
@@ -161,7 +158,7 @@ class TelemetryClient(Emitter):
         with self._lock:
             self._buffered_max = max(self._buffered_max, self._buffered)
             self._dropped += self._buffered
-            self._buffered = 0
+            self._acked = self._seq
             self._pending, self._outbox = [], deque()
         stats = self.stats
         if stats.dropped and warn:
@@ -275,8 +272,9 @@ class TelemetryClient(Emitter):
                 except MaxPayloadError as exc:  # refused locally, before sending: cannot succeed
                     self.last_error = repr(exc)
                     with self._lock:
-                        self._buffered -= b.count
+                        self._acked += b.count
                         self._dropped += b.count
+                        self._update_room()
                     return
                 except Exception as exc:  # noqa: BLE001 - timeouts, lost connection, no stream yet
                     self.last_error = repr(exc)
@@ -288,8 +286,9 @@ class TelemetryClient(Emitter):
                     continue
                 with self._lock:
                     self._buffered_max = max(self._buffered_max, self._buffered)
-                    self._buffered -= b.count
+                    self._acked += b.count
                     self._sent += b.count
+                    self._update_room()
                 return
         finally:
             self._slots.release()

@@ -272,7 +272,10 @@ class Emitter:
         self._lock = threading.Lock()
         self._pending: list[Any] = []
         self._seq = 0
-        self._buffered = 0  # pending + handed to the transport but not yet acknowledged
+        self._acked = 0  # events since acknowledged, or dropped after acceptance
+        # Events that may still be accepted: min(buffer_limit - un-acknowledged, MAX_SEQ - seq);
+        # 0 once closed.  One counter keeps the emit path's check to a single comparison.
+        self._room = min(self._limit, MAX_SEQ)
         self._open = True
         self._started = False
         self._sent = self._dropped = self._buffered_max = self._retries = 0
@@ -305,15 +308,31 @@ class Emitter:
         return ClientStats(sent=self._sent, dropped=self._dropped,
                            buffered_max=max(self._buffered_max, self._buffered), retries=self._retries)
 
+    @property
+    def _buffered(self) -> int:
+        """Accepted but not yet acknowledged (pending, in a batch, or in flight)."""
+        return self._seq - self._acked
+
+    def _update_room(self) -> None:
+        """After acknowledgements; call with the lock held."""
+        if self._open:
+            self._room = min(self._limit - (self._seq - self._acked), MAX_SEQ - self._seq)
+
+    def _stop_accepting(self) -> bool:
+        """Refuse every later event; True if this call closed the client."""
+        with self._lock:
+            was_open, self._open, self._room = self._open, False, 0
+        return was_open
+
     # -- emit: never raise, never block (a lock held for a few list operations) ---------------
     def _push(self, ev: Any) -> bool:
         with self._lock:
-            if not self._open or self._buffered >= self._limit or self._seq >= MAX_SEQ:
+            if self._room <= 0:
                 self._dropped += 1
                 return False
+            self._room -= 1
             ev.seq = self._seq
             self._seq += 1
-            self._buffered += 1
             p = self._pending
             p.append(ev)
             n = len(p)
@@ -381,12 +400,12 @@ class Emitter:
             if phases is not None:
                 ev.phases = _phases(phases)
             with self._lock:  # _push, inlined on the hottest path
-                if not self._open or self._buffered >= self._limit or self._seq >= MAX_SEQ:
+                if self._room <= 0:
                     self._dropped += 1
                     return
+                self._room -= 1
                 ev.seq = self._seq
                 self._seq += 1
-                self._buffered += 1
                 p = self._pending
                 p.append(ev)
                 n = len(p)
@@ -475,7 +494,7 @@ class SyncTelemetryClient:
 
     def _forked(self) -> None:
         # A forked child has no loop thread: it must neither buffer forever nor wait in close().
-        self._client._open = False
+        self._client._stop_accepting()
         self._closed = ClientStats()
         atexit.unregister(self._atexit)
 
