@@ -47,5 +47,9 @@ class Keys:
         """Integer counters shared by all replicas (dead letters, late events…)."""
         return f"{self.ns}:count:{name}"
 
+    def recorder_flag(self, sid: str) -> str:
+        """String "1"/"0" with TTL: whether the session asked to be recorded (BuildStarted.record)."""
+        return f"{self.ns}:recorder:flag:{sid}"
+
     def analyzer(self, suffix: str) -> str:
         return f"{self.ns}:analyzer:{suffix}"

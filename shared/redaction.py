@@ -16,11 +16,14 @@ from collections.abc import Mapping
 REDACTED = "[REDACTED]"
 
 _SENSITIVE_NAME = re.compile(
-    r"TOKEN|SECRET|PASSW(OR)?D|PASSPHRASE|(^|_)PW(D)?($|_)|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|CERT|DSN",
+    r"TOKEN|SECRET|PASSW(OR)?D|PASSPHRASE|(^|_)PASS($|_)|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|DSN",
     re.IGNORECASE,
 )
-# Names that contain a sensitive word but hold nothing secret; keeping them makes diffs useful.
-_SAFE_NAMES = frozenset({"KEYTIMEOUT", "KEYMAP", "XAUTHORITY_TYPE", "SSH_AUTH_SOCK", "GPG_AGENT_INFO"})
+# Names that contain a sensitive word but hold nothing secret (paths, sockets, ids this project
+# sets itself); keeping them makes diffs and replays useful.
+_SAFE_NAMES = frozenset({"KEYTIMEOUT", "KEYMAP", "XAUTHORITY", "SSH_AUTH_SOCK", "GPG_AGENT_INFO",
+                         "BUILDER_TELEMETRY_SESSION_ID", "SESSION_MANAGER", "XDG_SESSION_ID",
+                         "XDG_SESSION_TYPE", "XDG_SESSION_CLASS", "XDG_SESSION_DESKTOP", "DESKTOP_SESSION"})
 
 _SECRET_VALUE = re.compile(
     r"""
