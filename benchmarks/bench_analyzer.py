@@ -83,16 +83,18 @@ def main() -> None:
           f"({len(raw) / 1e6:.0f} MB msgpack; generated in {gen_s:.1f} s, decoded in {decode_s:.2f} s)")
     print(f"engine: {columns.ENGINE}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
-    times = []
+    times, cpu = [], []
     rep = None
     for _ in range(args.repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         rep = TelemetryAnalyzer().report(sessions)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     ours = statistics.median(times)
     assert rep is not None and rep.sessions == len(sessions) and len(rep.targets) == args.targets
+    # CPU time is reported too: on a shared machine the wall time mostly measures the neighbours.
     print(f"report ({columns.ENGINE}):  median {ours:.3f} s of {args.repeat} runs "
-          f"(min {min(times):.3f}, max {max(times):.3f})")
+          f"(min {min(times):.3f}, max {max(times):.3f}); CPU median {statistics.median(cpu):.3f} s")
 
     t = time.perf_counter()
     py = TelemetryAnalyzer(engine="python").report(sessions)
@@ -113,7 +115,8 @@ def main() -> None:
               f"{base_s / ours:.1f}x faster")
     print(f"target: report_s_10k <= 1.0 s: {'PASS' if ours <= 1.0 else 'FAIL'}")
     print(json.dumps({
-        "report_s_10k": round(ours, 4), "report_min_s_10k": round(min(times), 4), "engine": columns.ENGINE,
+        "report_s_10k": round(ours, 4), "report_min_s_10k": round(min(times), 4),
+        "report_cpu_s_10k": round(statistics.median(cpu), 4), "engine": columns.ENGINE,
         "python_engine_s_10k": round(py_s, 4),
         "baseline_statistics_s_10k": None if base_s is None else round(base_s, 4),
         "speedup_vs_baseline": None if base_s is None else round(base_s / ours, 2),
