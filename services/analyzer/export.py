@@ -108,8 +108,8 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
          f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}"),
     ]
     if d.fastest and d.slowest:
-        lines.append(f"  fastest {fmt_s(d.min_s)} (session {d.fastest.session_id[:12]}), "
-                     f"slowest {fmt_s(d.max_s)} (session {d.slowest.session_id[:12]})")
+        lines.append(f"  fastest {fmt_s(d.min_s)} (session {d.fastest.session_id}), "
+                     f"slowest {fmt_s(d.max_s)} (session {d.slowest.session_id})")
     t = r.trend
     if t.per_build.n >= 3:
         word = {"rising": "getting slower", "falling": "getting faster", "flat": "no significant trend"}[t.direction]
@@ -135,7 +135,7 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
                          f"{x.on_critical_path} builds{gain}")
         if b.latest and b.latest.steps:
             cp = b.latest
-            lines.append(f"Latest critical path ({cp.session_id[:12]}, {fmt_s(cp.wall_s)} wall, "
+            lines.append(f"Latest critical path ({cp.session_id}, {fmt_s(cp.wall_s)} wall, "
                          f"{fmt_s(cp.path_s)} working, {fmt_s(cp.wait_s)} waiting): "
                          + " -> ".join(s.name for s in cp.steps[-8:]))
     return "\n".join(lines) + "\n"
