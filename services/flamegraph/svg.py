@@ -235,8 +235,11 @@ class SVGFlameGraphGenerator:
         ):
             x1 = XPAD + start * wpt
             x2 = XPAD + (start + total) * wpt
-            x1s = f"{x1:.1f}"
-            ws = f"{float(f'{x2:.1f}') - float(x1s):.1f}"
+            # flamegraph.pl prints both ends with %.1f and the width as the
+            # difference of those printed numbers; round() gives the same doubles.
+            r1 = round(x1, 1)
+            x1s = f"{r1:.1f}"
+            ws = f"{round(x2, 1) - r1:.1f}"
             y1s, tys = rowy[depth]
             if depth == 0:
                 info = f"{escape_xml(o.root_name)} ({total:,} {countname}, 100%)"
@@ -278,8 +281,12 @@ class SVGFlameGraphGenerator:
                 f'<rect x="{x1s}" y="{y1s}" width="{ws}" height="{rect_h}" fill="{color}" rx="2" ry="2"/>'
                 f'<text x="{x1 + 3:.2f}" y="{tys}">{label}</text></g>\n'
             )
-        frames_svg = "".join(out)
-        return "".join(self._chrome(height, timemax, countname, lay)) + frames_svg + self._tail(lay)
+        # One join over all the pieces: no intermediate copies of a large SVG.
+        parts = self._chrome(height, timemax, countname, lay)
+        parts.extend(out)
+        del out
+        parts.extend(self._tail(lay))
+        return "".join(parts)
 
     # ------------------------------------------------------------------ pieces
     def _chrome(self, height: float, timemax: int, countname: str, lay: Layout) -> list[str]:
@@ -326,10 +333,10 @@ class SVGFlameGraphGenerator:
         parts.append('<g id="frames">\n')
         return parts
 
-    def _tail(self, lay: Layout) -> str:
+    def _tail(self, lay: Layout) -> list[str]:
         if not (self.options.search_data and lay.line_keys):
-            return "</g>\n</svg>\n"
-        return f"</g>\n{_lines_metadata(lay)}</svg>\n"
+            return ["</g>\n</svg>\n"]
+        return ["</g>\n", *_lines_metadata(lay), "</svg>\n"]
 
     def _render_empty(self) -> str:
         o = self.options
@@ -344,7 +351,7 @@ class SVGFlameGraphGenerator:
         )
 
 
-def _lines_metadata(lay: Layout) -> str:
+def _lines_metadata(lay: Layout) -> list[str]:
     """Every input line, zlib-compressed and base64-encoded, for search."""
     comp = zlib.compressobj(1)  # level 1: the size gain of higher levels is not worth the time
     chunks = []
@@ -358,12 +365,15 @@ def _lines_metadata(lay: Layout) -> str:
     counts = array("d", lay.line_counts)
     if sys.byteorder != "little":
         counts.byteswap()  # the script reads little-endian Float64Array
-    lines_b64 = base64.b64encode(b"".join(chunks)).decode("ascii")
+    packed = b"".join(chunks)
+    del chunks
+    lines_b64 = base64.b64encode(packed).decode("ascii")
+    del packed
     counts_b64 = base64.b64encode(zlib.compress(counts.tobytes(), 1)).decode("ascii")
-    return (
-        f'<metadata id="fg-lines">{lines_b64}</metadata>\n'
-        f'<metadata id="fg-counts">{counts_b64}</metadata>\n'
-    )
+    return [
+        '<metadata id="fg-lines">', lines_b64, "</metadata>\n",
+        '<metadata id="fg-counts">', counts_b64, "</metadata>\n",
+    ]
 
 
 def option_names() -> list[str]:

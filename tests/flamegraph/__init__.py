@@ -1,0 +1,1 @@
+"""Tests of services.flamegraph (a package so its module names cannot clash)."""
