@@ -196,6 +196,8 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     trace_id: str | None = None
     record: bool = False
     version: int = PROTOCOL_VERSION
+    # Span the build was started under (from an incoming traceparent): the session span's parent.
+    parent_span_id: str | None = None
 
 
 def new_session_id() -> str:

@@ -229,8 +229,8 @@ def build_session(
         elif m.cache == "miss":
             misses += 1
 
-    traceparent = started.traceparent if started else None
-    trace_id = traceparent.split("-")[1] if traceparent and traceparent.count("-") >= 3 else session_id
+    parts = (started.traceparent or "").split("-") if started else []
+    trace_id, parent_span_id = (parts[1], parts[2]) if len(parts) >= 4 else (session_id, None)
     return BuildSession(
         id=session_id,
         name=started.name if started else "",
@@ -252,6 +252,7 @@ def build_session(
         cpu_s=finished.cpu_s if finished else None,
         peak_rss_bytes=finished.peak_rss_bytes if finished else None,
         trace_id=trace_id,
+        parent_span_id=parent_span_id,
         record=started.record if started else False,
     )
 

@@ -8,9 +8,9 @@ the same session twice (a redelivery, a replayed stream) produces the very
 same spans, and the tracing API can parent an agent's own spans under the
 session span before that span exists (``model.session_span_id``).
 
-Limitation: the collector keeps only the trace id of an incoming
-``traceparent``, not its parent span id, so such a session span is a root of
-the caller's trace rather than a child of the caller's span.
+A build started under an incoming ``traceparent`` (a traced CI job running
+``buildtel run``) keeps that trace id, and its session span is a child of the
+caller's span (``BuildSession.parent_span_id``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def session_spans(session: BuildSession) -> list[SpanRecord]:
     code, message = _session_status(session)
     start = session.start or min((t.start for t in session.targets), default=0.0)
     finish = session.finish or max((t.end for t in session.targets), default=start)
-    spans = [SpanRecord(trace_id=trace_id, span_id=root_id, name=session.name or "build", kind=KIND_INTERNAL,
+    spans = [SpanRecord(trace_id=trace_id, span_id=root_id, parent_span_id=session.parent_span_id or "",
+                        name=session.name or "build", kind=KIND_INTERNAL,
                         start_ns=_ns(start), end_ns=_ns(max(finish, start)), attributes=_session_attrs(session),
                         status_code=code, status_message=message, resource=resource, scope_name=SCOPE)]
     for t in session.targets:
