@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     down.set_defaults(func=cmd_down)
     serve = sub.add_parser("serve", help="run one service against the configured NATS and Redis")
     serve.add_argument("service", choices=sorted(registry.SERVICES), help="which service")
+    from services.tracer.service import add_serve_arguments
+
+    add_serve_arguments(serve.add_argument_group("tracer options (serve tracer)"))  # type: ignore[arg-type]
     serve.set_defaults(func=cmd_serve)
 
 
@@ -152,7 +155,12 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             raise CLIError("serve needs BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL "
                            "(or a local stack from 'buildtel up')")
         nats_url, redis_url = nats_url or info["nats_url"], redis_url or info["redis_url"]
-    svc = registry.create(args.service, settings, nats_url, redis_url)
+    if args.service == "tracer":
+        from services.tracer.service import service_from_args
+
+        svc = service_from_args(args, settings, nats_url, redis_url)
+    else:
+        svc = registry.create(args.service, settings, nats_url, redis_url)
     print(f"buildtel: serving {args.service} on {nats_url}", file=sys.stderr, flush=True)
     await run_until_signal([svc])
     return 0
