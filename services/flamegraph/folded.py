@@ -259,13 +259,13 @@ def _merge_text(text: str, counts: dict[str, int], first_lineno: int, source: st
         return nlines
     if not pairs:
         return nlines
-    stacks, numbers = zip(*pairs)
-    block = dict(zip(stacks, map(int, numbers)))
+    stacks, numbers = zip(*pairs, strict=True)
+    block = dict(zip(stacks, map(int, numbers), strict=True))
     if len(block) == len(stacks) and counts.keys().isdisjoint(block):
         counts.update(block)  # the usual case: every stack is new
     else:
         get = counts.get
-        for stack, number in zip(stacks, numbers):
+        for stack, number in zip(stacks, numbers, strict=True):
             counts[stack] = get(stack, 0) + int(number)
     return nlines
 
@@ -337,8 +337,7 @@ def iter_folded(
         one: dict[str, int] = {}
         _check_nul(line, lineno, name)
         _merge_chunk([line.replace(";", SEP)], one, lineno, name)
-        for k, v in one.items():
-            yield k, v
+        yield from one.items()
 
 
 # --------------------------------------------------------------------------

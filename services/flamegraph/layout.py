@@ -65,7 +65,7 @@ class Layout:
 
     def frames(self) -> list[tuple[str, int, int, int, int]]:
         """``(name, depth, start, total, self)`` per drawn frame (for tests/tools)."""
-        return list(zip(self.names, self.depths, self.starts, self.totals, self.selfs))
+        return list(zip(self.names, self.depths, self.starts, self.totals, self.selfs, strict=True))
 
 
 def _prefix_sums(vals: list[int]) -> array | list[int]:
@@ -241,7 +241,7 @@ def layout_sequence(
         line_counts.append(count)
         frames = key.split(SEP)
         same = 0
-        for a, b in zip(open_names, frames):
+        for a, b in zip(open_names, frames, strict=False):  # common prefix only
             if a != b:
                 break
             same += 1
@@ -267,7 +267,7 @@ def layout_sequence(
     out = Layout(timemax=t, line_keys=line_keys, line_counts=line_counts)
     # A child is never wider than its parent, so filtering by width keeps
     # the pre-order intact (no orphans).
-    for rec in zip(names, depths, starts, totals, selfs):
+    for rec in zip(names, depths, starts, totals, selfs, strict=True):
         if rec[3] >= minwidth_count:
             out.names.append(rec[0])
             out.depths.append(rec[1])

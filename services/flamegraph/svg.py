@@ -231,7 +231,7 @@ class SVGFlameGraphGenerator:
         out: list[str] = []
         add = out.append
         for i, (name, depth, start, tstart, total, self_count) in enumerate(
-            zip(lay.names, lay.depths, lay.starts, lay.tstarts, lay.totals, lay.selfs)
+            zip(lay.names, lay.depths, lay.starts, lay.tstarts, lay.totals, lay.selfs, strict=True)
         ):
             x1 = XPAD + start * wpt
             x2 = XPAD + (start + total) * wpt

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from services.flamegraph import folded as folded_mod
 from services.flamegraph import (
     FoldedParseError,
     FoldedStacks,
@@ -16,6 +15,7 @@ from services.flamegraph import (
     read_folded,
     write_folded,
 )
+from services.flamegraph import folded as folded_mod
 
 
 def test_parse_merges_duplicates_and_tolerates_blank_lines() -> None:

@@ -7,7 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.flamegraph import FlameGraphBuilder, FlameNode, Span, parse_folded, target_frames
+from services.flamegraph import (
+    FlameGraphBuilder,
+    FlameNode,
+    Span,
+    parse_folded,
+    target_frames,
+)
 from shared.protocol import BuildSession, Phase, TargetMetrics
 
 
