@@ -21,16 +21,40 @@ from shared.settings import Settings, SettingsError, describe
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-COMMAND_MODULES = [
-    "services.cli.cmd_stack",
-    "services.cli.cmd_demo",
-    "services.cli.cmd_sessions",
-    "services.cli.cmd_import",
-    "services.cli.cmd_run",
-    "services.cli.cmd_replay",
-    "services.cli.cmd_trace",
-    "services.cli.cmd_analyze",
-]
+# Command -> module that registers it.  ``buildtel CMD`` imports only CMD's module, so a quick
+# command (``run`` on a build's critical path) does not pay for every other command's imports.
+COMMANDS: dict[str, str] = {
+    "up": "services.cli.cmd_stack",
+    "down": "services.cli.cmd_stack",
+    "serve": "services.cli.cmd_stack",
+    "demo": "services.cli.cmd_demo",
+    "sessions": "services.cli.cmd_sessions",
+    "show": "services.cli.cmd_sessions",
+    "import": "services.cli.cmd_import",
+    "run": "services.cli.cmd_run",
+    "replay": "services.cli.cmd_replay",
+    "diff": "services.cli.cmd_replay",
+    "recordings": "services.cli.cmd_replay",
+    "trace": "services.cli.cmd_trace",
+    "w3c-testpoint": "services.cli.cmd_w3c",
+    "report": "services.cli.cmd_analyze",
+    "export": "services.cli.cmd_analyze",
+    "alerts": "services.cli.cmd_analyze",
+    "watch": "services.cli.cmd_watch",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
+_GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (after global options), if any."""
+    it = iter(argv)
+    for tok in it:
+        if tok in _GLOBAL_WITH_VALUE:
+            next(it, None)
+        elif not tok.startswith("-"):
+            return tok
+    return None
 
 
 def _epilog() -> str:
@@ -40,7 +64,7 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="buildtel",
         description="Builder Telemetry: build observability for distributed build farms.",
@@ -52,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="data directory (overrides BUILDER_TELEMETRY_CACHE_DIR)")
     parser.add_argument("--namespace", help="subject/stream/key prefix (overrides BUILDER_TELEMETRY_NAMESPACE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[only]] if only in COMMANDS and COMMANDS[only] in COMMAND_MODULES else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -69,7 +94,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
