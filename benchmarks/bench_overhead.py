@@ -16,6 +16,7 @@
     child that only writes a timestamp: launch-to-spawn and exit-to-return.
 
     python -m benchmarks.bench_overhead [--events 200000] [--files 300] [--runs 5] [--jobs 2]
+                                        [--run-args '--no-capture'] [--skip-run]
 
 Prints figures, then one JSON line with ``sdk_us_per_event`` (real NATS, all threads)
 and ``run_overhead_ratio`` (0.01 = 1 %).  Goals: <= 2 us/event, <= 1 % overhead.
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -103,9 +105,9 @@ def buildtel_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli.main"]
 
 
-def bench_run(root: Path, runs: int, jobs: int, env: dict[str, str]) -> dict[str, float]:
+def bench_run(root: Path, runs: int, jobs: int, env: dict[str, str], run_args: list[str]) -> dict[str, float]:
     plain = ["make", f"-j{jobs}"]
-    wrapped = [*buildtel_argv(), "run", "-q", "--", *plain]
+    wrapped = [*buildtel_argv(), "run", "-q", *run_args, "--", *plain]
     _timed(plain, root, env)  # warm-up: page cache, compiler binaries
     _timed(wrapped, root, env)
     a: list[tuple[float, float]] = []
@@ -175,6 +177,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip-run", action="store_true", help="only the SDK figures")
+    ap.add_argument("--run-args", default="", help="extra options for buildtel run, e.g. '--no-capture'")
     args = ap.parse_args()
     result: dict[str, float | None] = {"sdk_us_per_event": None, "run_overhead_ratio": None}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp_s:
@@ -198,8 +201,9 @@ def main() -> None:
                            BUILDER_TELEMETRY_NAMESPACE=NS, BUILDER_TELEMETRY_CACHE_DIR=str(tmp / "cache"))
                 root = tmp / "project"
                 make_project(root, args.files)
-                print(f"(b) make -j{args.jobs} of {args.files} C files, {args.runs} runs each, alternating")
-                run = bench_run(root, args.runs, args.jobs, env)
+                print(f"(b) make -j{args.jobs} of {args.files} C files, {args.runs} runs each, alternating; "
+                      f"buildtel run {args.run_args}".rstrip())
+                run = bench_run(root, args.runs, args.jobs, env, shlex.split(args.run_args))
                 fixed = bench_latency(env, root)
                 sessions = asyncio.run(count_finished(nats_eng.url))
                 print(f"    plain make median {run['plain_median_s']:.3f}s (spread {run['plain_spread'] * 100:.0f}%), "
