@@ -34,6 +34,9 @@ MEDIAN_WINDOW = 20  # points each side of a change that its medians use at most
 # folded is "late" (a redelivery after a replica died): it is recorded, not fed to the detector,
 # because a burst of stale values arriving after a change reads as a second change back.
 LATE_WINDOW = 64
+# A change smaller than this (in seconds, between the medians) is real but not worth anyone's
+# attention: cache hits and tiny actions move by tens of milliseconds from run to run.
+MIN_ABS_CHANGE_S = 0.25
 
 Kind = Literal["build", "target"]
 
@@ -64,6 +67,7 @@ class SeriesState(msgspec.Struct, kw_only=True):
     alerts: int = 0
     seq: int = 0  # highest stream sequence fed to the detector
     late: int = 0  # points recorded but not fed (see LATE_WINDOW)
+    immaterial: int = 0  # changes detected but smaller than MIN_ABS_CHANGE_S: not alerted
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -155,7 +159,11 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
     alert = None
     if change is not None:
         alert = make_alert(st, change, point, session, now=now)
-        st.alerts += 1
+        if abs(alert.after_median_s - alert.before_median_s) < MIN_ABS_CHANGE_S:
+            alert = None
+            st.immaterial += 1
+        else:
+            st.alerts += 1
     return _enc.encode(st), alert, False
 
 

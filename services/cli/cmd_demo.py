@@ -17,6 +17,9 @@ from services.cli.cmd_stack import LocalStack
 from services.cli.common import open_bus, read_stack
 from services.cli.main import CLIError
 from services.demo.farm import FarmPlan, run_farm
+from services.analyzer.alerts import Alert
+from services.analyzer.api import AnalyzerClient, read_alerts
+from services.analyzer.export import summary
 from services.storage.api import StorageClient, StorageError
 from shared.protocol import BuildSession
 from shared.settings import Settings
@@ -56,7 +59,10 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             plan = await run_farm(settings, bus.nats_url, agents=args.agents, builds=args.builds,
                                   targets=args.targets, seed=args.seed, progress=_progress)
             sessions = await _wait_stored(StorageClient(bus.nc, bus.subjects), plan, timeout=60)
+            alerts = await _wait_alert(bus, plan, timeout=30)
             print(report(plan, sessions, time.monotonic() - t0))
+            print(await _analytics(bus, len(plan.session_ids)))
+            print(_alerts_text(plan, alerts))
             missing = len(plan.session_ids) - len(sessions)
             return 0 if missing == 0 else 1
     finally:
@@ -77,6 +83,43 @@ async def _wait_stored(client: StorageClient, plan: FarmPlan, timeout: float) ->
         if len(found) < len(wanted):
             await asyncio.sleep(0.2)
     return sorted(found.values(), key=lambda s: s.start)
+
+
+async def _wait_alert(bus: object, plan: FarmPlan, timeout: float) -> list[Alert]:
+    """Every alert the analyzer published for the demo's sessions, once the injected one is in."""
+    ours = set(plan.session_ids)
+    deadline = time.monotonic() + timeout
+    alerts: list[Alert] = []
+    while time.monotonic() < deadline:
+        alerts = [a for a in await read_alerts(bus.js, bus.settings.namespace, idle=0.3)  # type: ignore[attr-defined]
+                  if a.detected_session_id in ours]
+        if any(a.target == plan.regression_target and a.direction == "regression" for a in alerts):
+            break
+        await asyncio.sleep(0.5)
+    return alerts
+
+
+async def _analytics(bus: object, last: int) -> str:
+    try:
+        rep = await AnalyzerClient(bus.nc, bus.settings.namespace, timeout=20).report(last=last)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - the demo still reports what storage holds
+        return f"(analyzer report unavailable: {exc})"
+    return "== Analyzer report (last %d builds) ==\n\n%s" % (last, summary(rep, top=8))
+
+
+def _alerts_text(plan: FarmPlan, alerts: list[Alert]) -> str:
+    lines = ["== Regression alerts (subject <ns>.alerts.>) =="]
+    if not alerts:
+        lines.append("none arrived")
+    for a in alerts:
+        what = a.target or "whole build"
+        lines.append(f"  {a.direction:<11} {what}  {a.before_median_s:.2f} s -> {a.after_median_s:.2f} s "
+                     f"({a.change_pct:+.0f}%, confidence {a.confidence:.2f}) from session {a.first_session_id[:12]}"
+                     f"{'  commits ' + a.commit_range if a.commit_range else ''}")
+    caught = any(a.target == plan.regression_target and a.direction == "regression" for a in alerts)
+    lines.append(f"injected regression {'caught' if caught else 'NOT caught'}: {plan.regression_target} "
+                 f"×{plan.regression_factor} from build {plan.regression_from_build + 1}")
+    return "\n".join(lines)
 
 
 def report(plan: FarmPlan, sessions: list[BuildSession], elapsed: float) -> str:
@@ -106,9 +149,6 @@ def report(plan: FarmPlan, sessions: list[BuildSession], elapsed: float) -> str:
     lines.append("targets that cost the most (total over all builds):")
     for name, ds in top:
         lines.append(f"  {sum(ds):9.1f} s  {len(ds):3d} runs  {name}")
-    lines.append("")
-    lines.append(f"injected regression: {plan.regression_target} ×{plan.regression_factor} "
-                 f"from build {plan.regression_from_build + 1}")
     lines.append("")
     lines.append("latest sessions:")
     for s in sessions[-5:]:

@@ -1,7 +1,9 @@
-"""Frame-by-frame comparison with flamegraph.pl itself, when it is available.
+"""Frame-by-frame comparison with flamegraph.pl itself.
 
-Set ``FLAMEGRAPH_PL`` to the script (and have ``perl``) to run these; the
-project does not ship flamegraph.pl.  Every drawn frame must agree: name,
+The project does not ship flamegraph.pl: the tests take it from ``FLAMEGRAPH_PL``
+or fetch it once from PyPI (the ``perun-toolsuite`` source package carries
+upstream's script; only its count formatting differs) into the test cache, and
+run it with ``perl``.  Every drawn frame must agree: name,
 depth (y), x, width, height, fill colour, percentage, label and (when the
 script prints plain counts) the count.  Inputs avoid the two documented
 deviations: flamegraph.pl's duplicate frames (a frame with self time next to
@@ -24,11 +26,35 @@ import pytest
 from benchmarks.bench_flamegraph import generate
 from services.flamegraph import SVGFlameGraphGenerator, read_folded
 
-SCRIPT = os.environ.get("FLAMEGRAPH_PL", "")
-pytestmark = pytest.mark.skipif(
-    not (SCRIPT and Path(SCRIPT).is_file() and shutil.which("perl")),
-    reason="set FLAMEGRAPH_PL to flamegraph.pl to compare against it",
-)
+PERUN = "perun-toolsuite==0.28.3"
+MEMBER = "perun_toolsuite-0.28.3/perun/scripts/flamegraph.pl"
+
+
+def _fetch_flamegraph_pl() -> str:
+    given = os.environ.get("FLAMEGRAPH_PL", "")
+    if given:
+        return given
+    cache = Path(__file__).resolve().parents[2] / ".builder-cache" / "test-assets"
+    target = cache / "flamegraph.pl"
+    if not target.exists():
+        import sys
+        import tarfile
+        import tempfile
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "perun-toolsuite",
+                            PERUN, "-d", tmp], check=True, timeout=600)
+            [sdist] = Path(tmp).glob("*.tar.gz")
+            with tarfile.open(sdist) as tar:
+                data = tar.extractfile(MEMBER)
+                assert data is not None, f"{MEMBER} not in {sdist.name}"
+                target.write_bytes(data.read())
+    return str(target)
+
+
+SCRIPT = _fetch_flamegraph_pl()
+assert shutil.which("perl"), "perl is needed to run flamegraph.pl for the comparison"
 SVGNS = "{http://www.w3.org/2000/svg}"
 TITLE = re.compile(r"^(.*) \(([\d,.]+[KMGTPE]?) [^,]*, ([\d.]+)%")
 
