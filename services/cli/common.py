@@ -22,17 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from shared.bus import close_nats, connect_nats, connect_redis
+from services.cli.errors import CLIError
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.subjects import Subjects
 
 STACK_FILE = "stack.json"
 AUTOSTART_TIMEOUT_S = 30.0
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 class StackUnavailable(CLIError):
@@ -123,6 +119,8 @@ class Bus:
 
 @contextlib.asynccontextmanager
 async def open_bus(settings: Settings, *, autostart: bool = False, name: str = "buildtel-cli") -> AsyncIterator[Bus]:
+    from shared.bus import close_nats, connect_nats, connect_redis  # nats + redis: imported when used
+
     nats_url, redis_url = resolve_urls(settings, autostart=autostart)
     nc = await connect_nats(settings, nats_url, name=name, max_reconnect_attempts=3)
     r = connect_redis(redis_url)

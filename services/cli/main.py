@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from services.cli.common import CLIError
+from services.cli.errors import CLIError
 from shared.settings import Settings, SettingsError, describe
 
 __all__ = ["CLIError", "build_parser", "main"]
