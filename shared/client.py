@@ -33,13 +33,8 @@ from nats.aio.client import Client
 from nats.errors import MaxPayloadError, NoRespondersError
 
 from shared.bus import ensure_streams, nats_options
-from shared.client_sync import (
-    ClientStats,
-    Emitter,
-    SyncTelemetryClient,
-    fix_event,
-    shrink,
-)
+from shared.client_sync import ClientStats, Emitter, SyncTelemetryClient
+from shared.sanitize import fix_event, shrink
 from shared.codec import encode
 from shared.protocol import EventBatch, TargetStarted
 from shared.settings import Settings
