@@ -1,7 +1,7 @@
 """The analyzer's bus API: request/reply messages, :class:`AnalyzerClient` and alert readers.
 
-Requests go to the ``<ns>-analyzer`` NATS micro service (``<ns>.analyzer.report``
-and ``.stats``); every replica listens in the same queue group, so each request
+Requests go to the ``<ns>-analyzer`` NATS micro service (``<ns>.analyzer.report``,
+``.stats`` and ``.flamegraph``); every replica listens in the same queue group, so each request
 is answered by exactly one of them.  Bodies are MessagePack; errors come back as
 micro errors (``Nats-Service-Error-Code``: 400 bad request, 413 reply too big
 for one NATS message, 500 internal) and surface as :class:`AnalyzerError`.
@@ -135,6 +135,11 @@ class AnalyzerClient:
     async def stats(self) -> AnalyzerStats:
         return stats_decoder.decode(await self._request("stats", b""))
 
+    async def flamegraph(self, request: FlameGraphRequest | None = None, **kw: Any) -> FlameGraphReply:
+        """A flame graph (or a session's chart) as SVG bytes; see :class:`FlameGraphRequest`."""
+        req = request or FlameGraphRequest(**kw)
+        return flame_reply_decoder.decode(await self._request("flamegraph", _enc.encode(req)))
+
 
 async def follow_alerts(js: Any, namespace: str, *, branch: str | None = None, target: str | None = None,
                         kind: str | None = None, from_start: bool = True) -> AsyncIterator[Alert]:
@@ -203,3 +208,190 @@ async def wait_for_alerts(bus: Any, timeout: float, *, count: int | None = None,
         await asyncio.wait_for(collect(), timeout)
     await gen.aclose()
     return out
+
+
+# -- flame graphs (``<ns>.analyzer.flamegraph``) ------------------------------------------------
+# The request, the reply, and the one function that turns sessions into the SVG.  The function
+# lives here, beside the messages, because ``buildtel flamegraph`` calls it too: the CLI and the
+# endpoint then give byte-identical SVGs for the same sessions and options by construction.
+
+FLAME_OPTIONS = ("title", "subtitle", "width", "height", "minwidth", "countname", "colors", "hash", "reverse",
+                 "inverted", "flamechart", "negate", "search_data")
+
+
+class FlameGraphSelection(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Which sessions: one ``session`` (full id or a unique prefix of >= 6 hex digits), or a window
+    like a report's (``last``/``since``/``until``/``branch``/``outcome``; none = the whole history)."""
+
+    session: str | None = None
+    last: int | None = None
+    since: float | None = None  # finish time, Unix s, inclusive
+    until: float | None = None  # finish time, Unix s, exclusive
+    branch: str | None = None
+    outcome: Literal["success", "failed", "abandoned"] | None = None
+
+    def filter(self) -> ReportFilter:
+        return ReportFilter(last=self.last, since=self.since, until=self.until, branch=self.branch,
+                            outcome=self.outcome)
+
+
+class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
+    """A flame graph of the selected sessions' targets (by package path, integer microseconds).
+
+    ``diff`` draws a differential against another selection (red slower, blue faster; widths from
+    ``diff_widths``, ``normalize`` scales the base to the same total, ``diff_color`` colours by
+    self or subtree change).  ``chart`` draws one session's timeline instead.  The option fields
+    are flamegraph.pl's (``services.flamegraph.FlameGraphOptions``).  ``folded`` adds the stacks.
+    """
+
+    diff: FlameGraphSelection | None = None
+    diff_widths: Literal["after", "before"] = "after"
+    diff_color: Literal["self", "total"] = "self"
+    normalize: bool = False
+    chart: bool = False
+    folded: bool = False
+    source: Literal["auto", "history", "storage"] = "auto"
+    title: str | None = None
+    subtitle: str = ""
+    width: int = 1200
+    height: int = 16
+    minwidth: float | str = 0.1
+    countname: str | None = None
+    colors: str = "hot"
+    hash: bool = False
+    reverse: bool = False
+    inverted: bool = False
+    flamechart: bool = False
+    negate: bool = False
+    search_data: bool = True  # the endpoint turns it off by itself when the SVG would not fit
+
+
+class FlameGraphReply(msgspec.Struct, kw_only=True):
+    svg: bytes
+    folded: str | None = None  # the selection's stacks (not the base's), when asked for
+    sessions: int = 0
+    base_sessions: int = 0
+    total_us: int = 0
+    search_data: bool = True  # False when it was dropped to fit one NATS message
+    partial: bool = False
+    notes: list[str] = []
+
+
+flame_reply_decoder = msgspec.msgpack.Decoder(FlameGraphReply)
+flame_request_decoder = msgspec.msgpack.Decoder(FlameGraphRequest)
+
+
+def flame_options(req: Any) -> Any:
+    """``FlameGraphOptions`` from anything with the :data:`FLAME_OPTIONS` attributes (raises ValueError)."""
+    from services.flamegraph import FlameGraphOptions
+
+    return FlameGraphOptions(**{k: getattr(req, k) for k in FLAME_OPTIONS})
+
+
+def flame_stacks(sessions: list[Any], *, sequence: bool = False) -> Any:
+    """The sessions' targets as stacks: merged ``FoldedStacks``, or for a flame chart the
+    ``(key, us)`` lines in time order (sessions by start, then targets by start)."""
+    from types import SimpleNamespace
+
+    from services.flamegraph import FlameGraphBuilder
+
+    ordered = sorted(sessions, key=lambda s: (s.start, s.id))  # the same input order on every path
+    if not sequence:
+        builder = FlameGraphBuilder()
+        for s in ordered:
+            builder.add_session(s)
+        return builder.stacks
+    lines: list[tuple[str, int]] = []
+    for s in ordered:
+        for t in sorted(s.targets, key=lambda t: (t.start, t.name)):
+            one = FlameGraphBuilder()
+            one.add_session(SimpleNamespace(targets=[t]))  # add_session's phase/mnemonic rules, one target
+            lines.extend(one.stacks.keys_counts.items())
+    return lines
+
+
+def folded_text(stacks: Any) -> str:
+    """Folded text of merged stacks (sorted) or of a flame chart's lines (in order)."""
+    from services.flamegraph import format_folded
+    from services.flamegraph.folded import SEP
+
+    if isinstance(stacks, list):
+        return "".join(f"{k} {v}\n" for k, v in stacks).replace(SEP, ";")
+    return format_folded(stacks)
+
+
+def stacks_total(stacks: Any) -> int:
+    return sum(v for _, v in stacks) if isinstance(stacks, list) else stacks.total
+
+
+def render_flamegraph(stacks: Any, options: Any, *, base: Any = None, widths: str = "after",
+                      color_by: str = "self", normalize: bool = False) -> str:
+    """The SVG of ``stacks`` (from :func:`flame_stacks` or a folded file), or of ``base`` -> ``stacks``."""
+    from dataclasses import fields
+
+    from services.flamegraph import SVGFlameGraphGenerator, render_diff_svg
+
+    if base is not None:
+        if isinstance(stacks, list) or isinstance(base, list) or options.flamechart:
+            raise ValueError("a differential flame graph is merged: it cannot be a flame chart")
+        kw = {f.name: getattr(options, f.name) for f in fields(options)}
+        if kw["title"] is None:
+            del kw["title"]  # render_diff_svg's own default title
+        return render_diff_svg(base, stacks, widths=widths, normalize=normalize,  # type: ignore[arg-type]
+                               color_by=color_by, **kw)  # type: ignore[arg-type]
+    gen = SVGFlameGraphGenerator(options)
+    if isinstance(stacks, list):
+        return gen.render_layout(gen.layout_sequence(stacks), unit="us")
+    return gen.render(stacks)
+
+
+CHART_IGNORES = ("subtitle", "countname", "hash", "reverse", "inverted", "flamechart", "negate")
+
+
+def chart_conflicts(req: Any) -> list[str]:
+    """Options set in ``req`` that a chart has no use for (the caller refuses them, rather than
+    silently drawing something other than what was asked)."""
+    return [k for k in CHART_IGNORES if getattr(req, k, None)] + (["diff"] if getattr(req, "diff", None) else [])
+
+
+def render_chart(session: Any, options: Any) -> str:
+    """One session's timeline (one lane per worker) with the options that apply to a chart."""
+    from services.flamegraph import BuildChartGenerator
+
+    value, pct = options.minwidth_spec()
+    if pct:
+        raise ValueError("a chart's minwidth is in pixels, not a percentage")
+    return BuildChartGenerator(title=options.title or "Build Timeline", width=options.width, height=options.height,
+                               colors=options.colors, minwidth=value).render_session(session)
+
+
+def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: list[Any] | None, budget: int, *,
+                partial: bool = False, notes: list[str] | None = None) -> bytes:
+    """The encoded :class:`FlameGraphReply` (CPU only: the service runs it in a thread).  When it
+    exceeds ``budget`` bytes with search data, it is drawn again without; the caller refuses
+    what still does not fit.  Raises ValueError for requests that cannot be drawn."""
+    from dataclasses import replace
+
+    from services.analyzer.columns import gc_paused
+
+    if r.chart and (len(sessions) != 1 or not r.session or chart_conflicts(r)):
+        raise ValueError("chart draws one session: give session and none of "
+                         f"{', '.join(chart_conflicts(r)) or 'the window fields'}")
+    with gc_paused():
+        stacks = flame_stacks(sessions, sequence=r.flamechart)
+        base_stacks = flame_stacks(base) if base is not None else None
+        search = r.search_data
+        while True:
+            # The embedded search data grows with the input; without it the SVG is bounded by the
+            # frames drawn (minwidth), so it is what goes first.
+            opts = replace(options, search_data=search)
+            svg = render_chart(sessions[0], opts) if r.chart else render_flamegraph(
+                stacks, opts, base=base_stacks, widths=r.diff_widths, color_by=r.diff_color, normalize=r.normalize)
+            dropped = ["search data dropped to fit one NATS message"] if search != r.search_data else []
+            data = _enc.encode(FlameGraphReply(
+                svg=svg.encode(), folded=folded_text(stacks) if r.folded else None, sessions=len(sessions),
+                base_sessions=len(base or ()), total_us=stacks_total(stacks), search_data=search, partial=partial,
+                notes=[*(notes or ()), *dropped]))
+            if len(data) <= budget or not search or r.chart:
+                return data
+            search = False

@@ -44,11 +44,15 @@ from services.analyzer.alerts import (
     fold,
     series_points,
 )
-from services.analyzer.analytics import TelemetryAnalyzer
+from services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
 from services.analyzer.api import (
     API_VERSION,
     AnalyzerStats,
+    FlameGraphSelection,
     alerts_stream_config,
+    flame_options,
+    flame_reply,
+    flame_request_decoder,
     request_decoder,
 )
 from services.analyzer.columns import gc_paused
@@ -83,6 +87,7 @@ MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
 POISON_DELIVERIES = 5  # a session that failed this often is dead-lettered, not retried forever
 _REPLY_OVERHEAD = 4096
+FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
 
 
@@ -136,6 +141,8 @@ class AnalyzerService:
             metadata={"namespace": self.settings.namespace})
         await self.micro.add_endpoint(name="report", subject=self.subjects.endpoint("report"), handler=self._api_report)
         await self.micro.add_endpoint(name="stats", subject=self.subjects.endpoint("stats"), handler=self._api_stats)
+        await self.micro.add_endpoint(name="flamegraph", subject=self.subjects.endpoint("flamegraph"),
+                                      handler=self._api_flamegraph)
         self._tasks = [asyncio.create_task(self._consume(), name="analyzer.consume"),
                        asyncio.create_task(self._sweep_outbox(), name="analyzer.outbox")]
         self._started = True
@@ -358,3 +365,58 @@ class AnalyzerService:
                               outbox=int(await self.redis.hlen(self.outbox_key)),
                               history=await self.history.count(), history_cap=self.history_cap, replica=self.owner)
         await req.respond(_enc.encode(stats))
+
+    # -- flame graphs (see api.FlameGraphRequest) ----------------------------------------------
+    async def _api_flamegraph(self, req: Request) -> None:
+        self.requests += 1
+        try:
+            r = flame_request_decoder.decode(req.data or b"\x80")
+            options = flame_options(r)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise ServiceError("400", f"bad flamegraph request: {exc}") from None
+        notes: list[str] = []
+        sessions, partial = await self._flame_select(r, r.source, notes)
+        base, base_partial = await self._flame_select(r.diff, r.source, notes) if r.diff else (None, False)
+        if not sessions or (base is not None and not base):
+            raise ServiceError("404", f"no sessions match the {'diff base' if sessions else 'selection'}")
+        budget = max(1024, (FLAME_REPLY_LIMIT or int(self.nc.max_payload)) - _REPLY_OVERHEAD)
+        try:
+            data = await asyncio.to_thread(flame_reply, r, options, sessions, base, budget,
+                                           partial=partial or base_partial, notes=notes)
+        except ValueError as exc:
+            raise ServiceError("400", f"bad flamegraph request: {exc}") from None
+        if len(data) > budget:
+            raise ServiceError("413", f"flame graph is {len(data)} bytes even without search data, more than one "
+                                      f"NATS message ({budget}) holds: raise minwidth (e.g. 1 px or '0.5%'), select "
+                                      f"fewer sessions{' or leave out the folded stacks' if r.folded else ''}")
+        await req.respond(data)
+
+    async def _flame_select(self, sel: FlameGraphSelection, source: str,
+                            notes: list[str]) -> tuple[list[BuildSession], bool]:
+        """(sessions, partial): one session by id (history, else storage), or a window loaded the
+        way a report loads it (history; storage when the history may not hold all of it)."""
+        from services.storage.api import StorageClient, StorageError
+
+        if sel.session:
+            if sel.filter() != ReportFilter():
+                raise ServiceError("400", "give a session or a window (last/since/until/branch/outcome), not both")
+            raw = None if source == "storage" else await self.redis.hget(self.history.data, sel.session)
+            if raw is not None:
+                return [decode_session(raw)], False
+            try:
+                return [await StorageClient(self.nc, self.subjects.base, timeout=self.storage_timeout_s)
+                        .get(sel.session)], False
+            except StorageError as exc:
+                raise ServiceError("404" if exc.not_found else "502", f"session {sel.session!r}: {exc}") from None
+        f = sel.filter()
+        sessions, covered = ([], False) if source == "storage" else await self.history.load(f)
+        if source == "storage" or (source == "auto" and not covered):
+            try:
+                sessions = await from_storage(self.nc, self.settings.namespace, f, self.storage_timeout_s)
+                notes.append("sessions from the storage service")
+            except Exception as exc:  # noqa: BLE001 - as the report: say so, serve the history
+                if source == "storage":
+                    raise ServiceError("502", f"storage service: {exc}") from None
+                notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
+                return sessions, True
+        return sessions, False

@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "export": "services.cli.cmd_analyze",
     "alerts": "services.cli.cmd_analyze",
     "watch": "services.cli.cmd_watch",
+    "flamegraph": "services.cli.cmd_flamegraph",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}
