@@ -50,11 +50,10 @@ from services.analyzer.api import (
     AnalyzerStats,
     FlameGraphSelection,
     alerts_stream_config,
-    flame_options,
-    flame_reply,
     flame_request_decoder,
     request_decoder,
 )
+from services.analyzer.flamerender import flame_options, flame_reply
 from services.analyzer.columns import gc_paused
 from services.analyzer.history import History, from_storage
 from services.analyzer.subjects import AnalyzerSubjects

@@ -20,7 +20,7 @@ What is drawn, in integer microseconds:
 timeline instead (time on the x axis, one lane per worker).  ``-o -`` writes the SVG to
 standard output; ``--folded-out FILE`` also writes the drawn stacks (not the base's).
 
-Sessions are rendered with ``services.analyzer.api.render_flamegraph``, the function behind the
+Sessions are rendered with ``services.analyzer.flamerender.render_flamegraph``, the function behind the
 analyzer's ``flamegraph`` endpoint, so both give the same SVG bytes for the same sessions.
 """
 
@@ -136,7 +136,7 @@ class Sources:
             return self._folded(spec.value)
         if spec.kind == "trace":
             return await self._trace(spec.value)
-        from services.analyzer.api import flame_stacks
+        from services.analyzer.flamerender import flame_stacks
         from services.cli.cmd_sessions import _resolve
         from services.storage.api import StorageClient, StorageError
 
@@ -244,7 +244,7 @@ def _minwidth(text: str) -> float | str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from services.analyzer.api import chart_conflicts
+    from services.analyzer.flamerender import chart_conflicts
 
     if args.last is not None and args.last < 1:
         raise CLIError("--last must be at least 1")
@@ -279,7 +279,7 @@ def _write(dest: str, data: bytes) -> None:
 
 
 async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
-    from services.analyzer.api import (
+    from services.analyzer.flamerender import (
         flame_options,
         folded_text,
         render_chart,
