@@ -1,0 +1,1 @@
+"""Build analytics: regression (change-point) detection over build durations."""
