@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every benchmark in turn and print each one's figures; docs/performance.md records a run.
+# The flamegraph comparison uses the flamegraph.pl the flamegraph tests fetch into the test cache.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+FGPL=.builder-cache/test-assets/flamegraph.pl
+for b in bench_codec bench_ingest bench_memory bench_overhead bench_analyzer bench_alert_latency bench_tracer bench_flamegraph; do
+  extra=()
+  [ "$b" = bench_flamegraph ] && [ -f "$FGPL" ] && extra=(--flamegraph-pl "$FGPL")
+  echo "===== $b  (load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)) $(date +%T)"
+  "$PY" -m "benchmarks.$b" "${extra[@]}" 2>&1 | tail -25
+done
