@@ -157,7 +157,9 @@ def _metrics(last: TargetFinished, attempts: int) -> TargetMetrics:
     )
 
 
-_by_start = attrgetter("start", "name")
+# Fragments arrive sorted by their field (agent, first seq), so a stable sort on start alone is
+# deterministic and avoids building a tuple key per target.
+_by_start = attrgetter("start")
 
 
 def build_session(
