@@ -57,6 +57,7 @@ from services.analyzer.flamerender import flame_options, flame_reply
 from services.analyzer.columns import gc_paused
 from services.analyzer.history import History, from_storage
 from services.analyzer.subjects import AnalyzerSubjects
+from shared import metrics as metrics_http
 from shared.bus import (
     close_nats,
     connect_nats,
@@ -94,8 +95,10 @@ class AnalyzerService:
     name = "analyzer"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, ack_wait_s: float = ACK_WAIT_S,
-                 history_cap: int | None = None, storage_timeout_s: float = 10.0) -> None:
+                 history_cap: int | None = None, storage_timeout_s: float = 10.0,
+                 metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.subjects = AnalyzerSubjects.of(settings.namespace)
@@ -145,14 +148,22 @@ class AnalyzerService:
         self._tasks = [asyncio.create_task(self._consume(), name="analyzer.consume"),
                        asyncio.create_task(self._sweep_outbox(), name="analyzer.outbox")]
         self._started = True
+        await metrics_http.attach(self, self.settings, port=self.metrics_port)
         log.info("analyzer.started", owner=self.owner, stream=self.subjects.base.sessions_stream,
                  alerts=self.subjects.alerts_stream)
+
+    async def metrics(self) -> dict[str, float]:
+        """Counters for /metrics (shared/metrics.py)."""
+        lag = await metrics_http.consumer_lag(self.js, self.subjects.base.sessions_stream, DURABLE)
+        return {"sessions_in_total": self.sessions_in, "alerts_total": self.alerts_out, "requests_total": self.requests,
+                "dead_letters_total": self.dead_letters, "conflicts_total": self.conflicts, "consumer_lag": lag}
 
     async def stop(self) -> None:
         """Stop taking sessions and requests, finish the session in hand (bounded), close. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        await metrics_http.detach(self)
         self._stopping.set()
         if self.micro is not None:
             with contextlib.suppress(Exception):

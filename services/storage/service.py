@@ -46,6 +46,7 @@ from services.storage.store import (
     StorageClosed,
     TelemetryStorage,
 )
+from shared import metrics as metrics_http
 from shared.bus import connect_nats, connect_redis, ensure_streams, publish_dead_letter
 from shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
 from shared.keys import Keys
@@ -75,8 +76,10 @@ class StorageService:
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 32,
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None,
+                 metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.subjects = Subjects(settings.namespace)
@@ -120,6 +123,7 @@ class StorageService:
             await stack.aclose()
             raise
         self._stack = stack
+        await metrics_http.attach(self, self.settings, port=self.metrics_port)
         store = self.store
         assert store is not None
         self.log.info("storage.started", directory=str(store.directory), sessions=await store.count(),
@@ -163,6 +167,7 @@ class StorageService:
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        await metrics_http.detach(self)
         await stack.aclose()
         self.log.info("storage.stopped", stored=self.stored, duplicates=self.duplicates,
                       dead_letters=self.dead_letters)
@@ -187,6 +192,13 @@ class StorageService:
             await self.nc.drain()  # flushes acks still buffered
         except Exception:  # noqa: BLE001 - already closed or unreachable: close quietly
             await self.nc.close()
+
+    async def metrics(self) -> dict[str, float]:
+        """Counters for /metrics (shared/metrics.py)."""
+        lag = await metrics_http.consumer_lag(self.nc.jetstream(), self.subjects.sessions_stream, DURABLE)
+        return {"sessions_stored_total": self.stored, "duplicates_total": self.duplicates,
+                "dead_letters_total": self.dead_letters, "write_failures_total": self.write_failures,
+                "consumer_lag": lag}
 
     # -- ingest ------------------------------------------------------------------------------
     async def _consume(self, psub: Any) -> None:

@@ -53,6 +53,7 @@ from services.tracer.store import (
     TraceStore,
 )
 from services.tracer.subjects import TracerSubjects, ensure_spans_stream
+from shared import metrics as metrics_http
 from shared.bus import (
     close_nats,
     connect_nats,
@@ -82,8 +83,10 @@ class TracerService:
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, otlp_port: int | None = None,
                  forward_otlp: Sequence[str] = (), forward_otlp_protocol: str = "protobuf",
                  forward_zipkin: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.otlp_port = DEFAULT_OTLP_PORT if otlp_port is None else otlp_port
@@ -121,6 +124,7 @@ class TracerService:
             await stack.aclose()
             raise
         self._stack = stack
+        await metrics_http.attach(self, self.settings, port=self.metrics_port)
         log.info("tracer.started", otlp=self.receiver.url if self.receiver else None, traces=len(self.store.traces),
                  forward=[f.exporter.url for f in self.forwarders])
 
@@ -171,11 +175,20 @@ class TracerService:
         stack.push_async_callback(self._stop_tasks)  # runs first on stop: no new work
         await self.nc.flush()  # the query subscriptions are live on the server when start() returns
 
+    async def metrics(self) -> dict[str, float]:
+        """Counters for /metrics (shared/metrics.py)."""
+        js = self.nc.jetstream()
+        return {"sessions_synthesized_total": self.sessions_synthesized, "bus_batches_total": self.bus_batches,
+                "dead_letters_total": self.dead_letters,
+                "consumer_lag": await metrics_http.consumer_lag(js, self.subjects.sessions_stream, DURABLE),
+                "spans_consumer_lag": await metrics_http.consumer_lag(js, self.tsubjects.spans_stream, DURABLE)}
+
     async def stop(self) -> None:
         """Stop taking input, finish what is in flight, flush forwarders, close. Idempotent."""
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        await metrics_http.detach(self)
         await stack.aclose()
         log.info("tracer.stopped", spans=self.store.spans_written, sessions=self.sessions_synthesized)
 
