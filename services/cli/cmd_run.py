@@ -12,7 +12,8 @@ descendant it waited for) and peak RSS, and exit with the command's own code
 still runs and its code still passes through; one warning line says why the
 session was not recorded.
 
-Per-target capture plugs in as a :class:`TargetSource` (make/ninja come later).
+Per-target capture plugs in as a :class:`TargetSource`: ``services/capture`` (make recipes,
+ninja edges, health checkpoints; ``docs/live-capture.md``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import resource
-import secrets
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.protocol import new_session_id
+from services.tracer.model import session_span_id
 from shared.settings import Settings
 
 ENV_SESSION_ID = "BUILDER_TELEMETRY_SESSION_ID"
@@ -39,18 +41,20 @@ SAMPLE_INTERVAL_S = 0.25  # process-tree memory sampling; a /proc walk of the tr
 ENVIRONMENT_WAIT_S = 2.0  # after the command exits, how long BuildStarted waits for the env snapshot
 SOURCE_DRAIN_S = 5.0
 NICENESS = 10  # the environment probes yield CPU to the build they describe
+_SOURCE_EMITS = frozenset({"target_started", "target_finished", "health"})
 
 
 class TargetSource(Protocol):
-    """Per-target events of one run, e.g. from a make/ninja log (plugged in later)."""
+    """Per-target events of one run, e.g. make recipes or ninja edges (``services/capture``)."""
 
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
         """Before spawning: may edit ``env`` in place and return a rewritten argv."""
         ...
 
     def targets(self, done: threading.Event) -> Iterable[Mapping[str, Any]]:
-        """Yield keyword arguments of ``target_finished`` while the command runs; finish
-        soon after ``done`` is set (the command has exited)."""
+        """Yield keyword arguments of ``target_finished`` (or of ``target_started``/``health``,
+        named under ``"event"``) while the command runs; finish soon after ``done`` is set
+        (the command has exited).  A source may also have ``spawned(pid)``, called after the spawn."""
         ...
 
 
@@ -66,6 +70,8 @@ def register(subparsers: Any) -> None:
                    help="attach a label to the session (repeatable)")
     p.add_argument("--record", action="store_true", help="ask the recorder to keep this session's events")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line at the end")
+    p.add_argument("--no-capture", action="store_true", help="no per-target capture of make/ninja (docs/live-capture.md)")
+    p.add_argument("--health-interval", type=float, default=5.0, metavar="S", help="seconds between health checkpoints")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run_command)
 
@@ -84,7 +90,13 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     if not argv:
         print("buildtel: error: run: no command given (usage: buildtel run -- CMD [ARG...])", file=sys.stderr)
         return 2
-    code = run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet)
+    # Per-target capture (make/ninja) and health checkpoints: services/capture.
+    from services.capture import live_sources
+
+    sources = live_sources(argv, settings.cache_dir, capture=not args.no_capture,
+                           health_interval_s=max(args.health_interval, 0.1))
+    code = run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet,
+                     sources=sources)
     if _is_cli_process():
         # The session is flushed and the exit code known: skip the interpreter's teardown of
         # everything the CLI imported (0.1-0.3 s, and it sits on the build's critical path).
@@ -102,6 +114,9 @@ def _is_cli_process() -> bool:
         Path(prog).name in ("buildtel", "buildtel.exe") or prog.endswith("services/cli/main.py"))
 
 
+_TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Mapping[str, str] | None = None,
               record: bool = False, quiet: bool = False, sources: Sequence[TargetSource] = (),
               url_resolver: Callable[[], str] | None = None, lower_priority: bool = True) -> int:
@@ -109,16 +124,24 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
 
     ``lower_priority=False`` keeps the environment probes at normal priority."""
     session_id = new_session_id()
-    traceparent = f"00-{session_id}-{secrets.token_hex(8)}-01"
     env = dict(os.environ)
+    # Started under a traced job: the build joins that trace, under the caller's span.
+    incoming = env.get("TRACEPARENT", "").strip().lower()
+    traceparent = incoming if _TRACEPARENT_RE.fullmatch(incoming) and "0" * 32 not in incoming else None
+    trace_id = traceparent.split("-")[1] if traceparent else session_id
     env[ENV_SESSION_ID] = session_id
-    env["TRACEPARENT"] = traceparent
+    # Tools the build runs parent their spans under the session span the tracer derives.
+    env["TRACEPARENT"] = f"00-{trace_id}-{session_span_id(session_id, trace_id)}-01"
+    if traceparent is None:
+        env.pop("TRACESTATE", None)  # a stray tracestate without its traceparent means nothing
+    # As given: what the session and a recording keep (sources may rewrite argv and add variables).
+    command, user_env = list(argv), dict(env)
     for src in sources:
         argv = src.prepare(argv, env)
     capture = None
     if record:  # files read and written, for `buildtel replay` (services/recorder/capture.py)
         from services.recorder.capture import start_run_capture
-        capture = start_run_capture(settings, argv, env, session_id)
+        capture = start_run_capture(settings, command, user_env, session_id)
 
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
@@ -128,13 +151,15 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
         print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     restore = _forward_signals(proc.pid)
+    for src in sources:  # optional hook: sources that sample the build's process tree
+        getattr(src, "spawned", lambda _pid: None)(proc.pid)
 
     run = _Telemetry(settings, session_id, url_resolver) if settings.enabled else None
     sampler = _TreeSampler(proc.pid)
     sampler.start()
     if run is not None:
-        run.begin(name=name or Path(argv[0]).name, command=argv, labels=dict(labels or {}), record=record,
-                  traceparent=traceparent, ts=t0, env=env, sources=sources, nice=lower_priority)
+        run.begin(name=name or Path(command[0]).name, command=command, labels=dict(labels or {}), record=record,
+                  traceparent=traceparent, ts=t0, env=user_env, sources=sources, nice=lower_priority)
 
     code, usage = _wait(proc)
     wall = time.monotonic() - m0
@@ -216,7 +241,9 @@ class _Telemetry:
         self.started.wait(ENVIRONMENT_WAIT_S + 60)
         try:
             for rec in src.targets(self.done):
-                self.client.target_finished(**rec)
+                # A record names its emit method under "event" (default: target_finished).
+                emit = rec.pop("event", "target_finished")
+                getattr(self.client, emit if emit in _SOURCE_EMITS else "target_finished")(**rec)
         except Exception:  # noqa: BLE001, S110 - a broken source loses its targets, not the build
             pass
 

@@ -28,6 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.collector import fold, lua
+from shared import metrics as metrics_http
 from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
 from shared.codec import decode_batch, encode
 from shared.keys import Keys
@@ -46,8 +47,9 @@ SWEEP_INTERVAL_S = 0.1
 class CollectorService:
     name = "collector"
 
-    def __init__(self, settings: Settings, nats_url: str, redis_url: str) -> None:
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.subjects = Subjects(settings.namespace)
@@ -90,6 +92,7 @@ class CollectorService:
             asyncio.create_task(self._consume(), name="collector.consume"),
             asyncio.create_task(self._sweep(), name="collector.sweep"),
         ]
+        await metrics_http.attach(self, self.settings, port=self.metrics_port)
         log.info("collector.started", owner=self.owner, stream=self.subjects.events_stream)
 
     async def stop(self) -> None:
@@ -97,6 +100,7 @@ class CollectorService:
         if self._stopped:
             return
         self._stopped = True
+        await metrics_http.detach(self)
         self._stopping.set()
         self._wake_sweeper.set()
         if self._tasks:
@@ -108,6 +112,13 @@ class CollectorService:
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         log.info("collector.stopped", events=self.events_in, sessions=self.sessions_completed)
+
+    async def metrics(self) -> dict[str, float]:
+        """Counters for /metrics (shared/metrics.py)."""
+        return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
+                "sessions_completed_total": self.sessions_completed, "dead_letters_total": self.dead_letters,
+                "late_events_total": self.late_events,
+                "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "collector")}
 
     # -- folding ---------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -231,8 +242,9 @@ class CollectorService:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(k.session_meta(sid))
-        pipe.hvals(k.session_fragments(sid))
-        meta, fragments = await pipe.execute()
+        pipe.hgetall(k.session_fragments(sid))
+        meta, frags = await pipe.execute()
+        fragments = [frags[f] for f in sorted(frags)]  # a fixed order, whatever Redis returns
         if not meta:
             await self.redis.zrem(k.finishing, sid)
             await self.redis.zrem(k.active, sid)

@@ -31,6 +31,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.recorder.store import RecordingStore
+from shared import metrics as metrics_http
 from shared.bus import (
     close_nats,
     connect_nats,
@@ -57,17 +58,17 @@ COMPACT_DELAY_S = 5.0
 
 
 def flag_key(ns: str, sid: str) -> str:
-    """Redis string "1"/"0": whether the session asked to be recorded (kept here, as the
-    recorder's only key; it belongs in shared/keys.py with the others)."""
-    return f"{ns}:recorder:flag:{sid}"
+    """Redis string "1"/"0": whether the session asked to be recorded (see shared.keys)."""
+    return Keys(ns).recorder_flag(sid)
 
 
 class RecorderService:
     name = "recorder"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, hold_s: float = 60.0,
-                 store: RecordingStore | None = None) -> None:
+                 store: RecordingStore | None = None, metrics_port: int | None = None) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.hold_s = hold_s
@@ -110,12 +111,20 @@ class RecorderService:
         )
         self._tasks = [asyncio.create_task(self._consume(), name="recorder.consume"),
                        asyncio.create_task(self._sweep(), name="recorder.sweep")]
+        await metrics_http.attach(self, self.settings, port=self.metrics_port)
         log.info("recorder.started", owner=self.owner, store=str(self.store.root))
+
+    async def metrics(self) -> dict[str, float]:
+        """Counters for /metrics (shared/metrics.py)."""
+        return {"batches_in_total": self.batches_in, "events_persisted_total": self.events_persisted,
+                "events_ignored_total": self.events_ignored, "dead_letters_total": self.dead_letters,
+                "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "recorder")}
 
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        await metrics_http.detach(self)
         self._stopping.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=5.0)

@@ -16,6 +16,7 @@ import pytest
 from services.cli.cmd_run import run_build
 from shared.bus import connect_nats
 from shared.engines import free_port
+from services.tracer.model import session_span_id
 from shared.protocol import BuildFinished, BuildStarted, TargetFinished
 from shared.redaction import REDACTED
 from tests.client.helpers import stream_batches
@@ -87,7 +88,8 @@ async def test_session_events_carry_command_exit_code_cpu_and_redacted_env(bus_e
     assert "warning" not in res.stderr
     sid, traceparent = out.read_text().split()
     assert f"buildtel: session {sid} failed in " in res.stderr
-    assert re.fullmatch(rf"00-{sid}-[0-9a-f]{{16}}-01", traceparent)
+    # Tools the build runs join the build's trace under its session span.
+    assert traceparent == f"00-{sid}-{session_span_id(sid)}-01"
 
     nc = await connect_nats(settings, settings.nats_url or "", name="test-reader")
     try:
@@ -99,7 +101,7 @@ async def test_session_events_carry_command_exit_code_cpu_and_redacted_env(bus_e
     assert isinstance(started, BuildStarted) and isinstance(finished, BuildFinished)
     assert started.session_id == sid and [e.seq for e in events] == list(range(len(events)))
     assert started.name == "burn" and started.labels == {"ci": "yes", "team": "a=b"} and started.record
-    assert started.traceparent == traceparent
+    assert started.traceparent is None  # not started under a traced job
     assert started.command == [PY, "-c", burn, f"--api-token={REDACTED}"]
     assert started.environment is not None
     assert started.environment.env["MY_API_TOKEN"] == REDACTED
@@ -131,3 +133,20 @@ async def test_a_target_source_reports_between_start_and_finish(settings, nc) ->
     assert [type(e).__name__ for e in events] == ["BuildStarted", "TargetFinished", "TargetFinished",
                                                   "BuildFinished"]
     assert isinstance(events[2], TargetFinished) and events[2].status == "failed"
+
+
+async def test_a_build_run_under_a_traced_job_joins_its_trace(bus_env, settings, tmp_path: Path) -> None:
+    out = tmp_path / "child-env"
+    caller = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    env = dict(bus_env, TRACEPARENT=caller)
+    res = _buildtel(["--", PY, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['TRACEPARENT'])"], env)
+    assert res.returncode == 0, res.stderr
+    sid = res.stderr.strip().split()[2]
+    assert out.read_text() == f"00-{'ab' * 16}-{session_span_id(sid, 'ab' * 16)}-01"
+    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader")
+    try:
+        batches = await stream_batches(nc.jetstream(), settings, events=2)
+    finally:
+        await nc.close()
+    started = [ev for _, b in batches for ev in b.events][0]
+    assert isinstance(started, BuildStarted) and started.traceparent == caller
