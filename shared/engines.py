@@ -166,15 +166,13 @@ class NatsEngine(Engine):
         # A completed session of several thousand targets is over the default 1 MiB payload;
         # 8 MiB is the largest size NATS recommends and what the streams are declared for.
         conf = self.data_dir / "nats.conf"
-        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-        return [
-            find_nats_server(),
-            "-c", str(conf),
-            "-a", self.host,
-            "-p", str(port),
-            "-js",
-            "-sd", str(self.data_dir / "jetstream"),
-        ]
+        # JetStream accounts each stream's max_bytes against max_file_store up front; the default
+        # (a share of the free disk) runs out after a few namespaces' streams, though they hold
+        # little.  Streams still enforce their own limits.
+        store = json.dumps(str(self.data_dir / "jetstream"))
+        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n"
+                        f"jetstream {{\n  store_dir: {store}\n  max_file_store: 1TB\n  max_memory_store: 256MB\n}}\n")
+        return [find_nats_server(), "-c", str(conf), "-a", self.host, "-p", str(port)]
 
 
 class RedisEngine(Engine):

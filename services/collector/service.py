@@ -40,6 +40,7 @@ log = get_logger("collector")
 
 FETCH_BATCH = 256
 LEASE_MS = 15_000
+ACK_WAIT_S = 5.0
 DONE_TTL_S = 24 * 3600
 SWEEP_INTERVAL_S = 0.1
 
@@ -83,7 +84,9 @@ class CollectorService:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
+                # Short: folding is idempotent, so a slow collector's batch redelivered to another
+                # costs nothing, while a crashed collector's batches wait out this long.
+                ack_wait=ACK_WAIT_S,
                 max_ack_pending=20_000,
                 max_deliver=-1,
             ),

