@@ -44,6 +44,7 @@ class Settings:
     nats_tls_key: Path | None = _help("Client key for NATS mutual TLS.", default=None)
     http_host: str = _help("Address HTTP endpoints (metrics, OTLP) bind to.", default="127.0.0.1")
     http_token: str | None = _help("Bearer token required by HTTP endpoints when set.", default=None)
+    metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
     agent_id: str | None = _help("This agent's id (default: hostname-pid).", default=None)
     session_timeout_s: float = _help("Inactivity after which a session completes as abandoned.", default=300.0)
     finish_grace_s: float = _help("Wait after BuildFinished for other agents' in-flight events.", default=2.0)
@@ -122,8 +123,8 @@ def _convert(key: str, raw: str, typ: Any) -> Any:
             if low in _FALSE:
                 return False
             raise ValueError("expected true or false")
-        if t == "int":
-            return int(raw)
+        if t == "int" or t == "int | None":
+            return int(raw) if raw else None if "None" in t else int(raw)
         if t == "float":
             return float(raw)
         if "Path" in t:

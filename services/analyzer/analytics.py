@@ -25,6 +25,7 @@ from typing import Literal
 
 import msgspec
 
+from services.health.trends import HealthTrends, health_trends
 from services.analyzer import columns
 from services.analyzer.bottlenecks import Bottlenecks, bottlenecks
 from services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
@@ -151,6 +152,7 @@ class AnalyticsReport(msgspec.Struct, kw_only=True):
     targets: list[TargetAnalytics] = []
     bottlenecks: Bottlenecks | None = None
     session_rows: list[SessionRow] = []
+    health: HealthTrends | None = None  # live-health checkpoints across the builds (docs/health.md)
     partial: bool = False  # the source could not supply every session asked for
     notes: list[str] = []
 
@@ -271,6 +273,7 @@ class TelemetryAnalyzer:
             rep.targets = rep.targets[:top_targets]
         if include_sessions:
             rep.session_rows = [session_row(s) for s in ss]
+        rep.health = health_trends(ss)
         return rep
 
     def targets(self, sessions: Sequence[BuildSession], *, t0: float | None = None) -> list[TargetAnalytics]:
