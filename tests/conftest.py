@@ -11,6 +11,7 @@ through ``tests/engines.py`` so they can kill them.
 from __future__ import annotations
 
 import os
+import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,12 @@ import pytest
 
 from shared.engines import NatsEngine, RedisEngine
 from shared.settings import Settings
+
+# Tools the test extras install (ninja, cmake) live next to this interpreter; put them first on
+# PATH so the tests and the builds they run use them on a machine that has none of its own.
+_scripts = sysconfig.get_path("scripts")
+if _scripts and _scripts not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

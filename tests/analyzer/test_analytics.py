@@ -127,8 +127,7 @@ def test_target_statistics_match_the_statistics_module(engine: str) -> None:
 
 
 def test_engines_agree_on_a_realistic_history() -> None:
-    if columns.np is None:
-        pytest.skip("numpy not installed: only the pure-Python engine exists")
+    assert columns.np is not None, "numpy is a dependency: the columnar engine must be available"
     sessions = generate(Scenario(sessions=150, targets=40, flaky=("//pkg3/lib3:t3",), fail_rate=0.1, seed=9))
     a = TelemetryAnalyzer(engine="numpy").report(sessions)
     b = TelemetryAnalyzer(engine="python").report(sessions)

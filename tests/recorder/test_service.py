@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -189,7 +188,6 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
     assert d["inputs"] is None and d["first_divergence"] == "unavailable"
 
 
-@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("make")), reason="needs gcc and make")
 async def test_buildtel_run_record_captures_files_and_events_then_replays(
         settings: Settings, nc, recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
