@@ -131,6 +131,24 @@ def is_ready(meta: Mapping[bytes, bytes]) -> bool:
     return n == high + 1 and high == fin.seq
 
 
+def missing_events(meta: Mapping[bytes, bytes]) -> bool:
+    """True when a finished session is known to lack events still in flight: the finishing
+    agent gave counts that are not reached, or (alone) has a gap in its sequence.  Such a
+    session waits for them (redeliveries after a collector crash) up to the inactivity timeout
+    rather than completing at the end of the grace period with part of its targets."""
+    raw = meta.get(b"finished")
+    fin = _decode(raw) if raw is not None else None
+    if not isinstance(fin, BuildFinished):
+        return False
+    counts = agent_counts(meta)
+    if fin.expected_events:
+        return any(counts.get(a, (0, -1))[0] < n for a, n in fin.expected_events.items())
+    if set(counts) == {fin.agent_id}:
+        n, high = counts[fin.agent_id]
+        return n < max(high, fin.seq) + 1
+    return False
+
+
 def _later(a: TargetFinished, b: TargetFinished) -> TargetFinished:
     # The attempt that ended last is the target's result; earlier ones are retries.
     return b if (b.start + b.duration_s, b.seq) > (a.start + a.duration_s, a.seq) else a

@@ -216,7 +216,13 @@ class CollectorService:
         finishing = await self.redis.zrange(k.finishing, 0, -1, withscores=True)
         for raw_sid, due in finishing:
             sid = raw_sid.decode()
-            if due <= now or fold.is_ready(await self.redis.hgetall(k.session_meta(sid))):
+            meta = await self.redis.hgetall(k.session_meta(sid))
+            if fold.is_ready(meta):
+                done += await self._complete(sid, now)
+            elif due <= now:
+                last = float(meta.get(b"last", b"0") or 0)
+                if fold.missing_events(meta) and now - last < self.settings.session_timeout_s:
+                    continue  # known events still to come (redeliveries): keep waiting
                 done += await self._complete(sid, now)
         stale = await self.redis.zrangebyscore(k.active, "-inf", now - self.settings.session_timeout_s)
         for raw_sid in stale:

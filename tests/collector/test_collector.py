@@ -192,7 +192,9 @@ async def test_collector_sigkilled_mid_session_and_restarted_gives_exact_totals(
         rest = {a: evs[len(evs) * 2 // 3:] for a, evs in per_agent.items()}
         await asyncio.gather(*(publish_events(js, subjects, sid, a, evs, 10) for a, evs in rest.items()))
         proc = _spawn_collector(settings)
-        sessions = await completed_sessions(js, subjects, 2, timeout=8)
+        # Batches the killed collector held unacknowledged come back after the ack wait (5 s).
+        await completed_sessions(js, subjects, 1, timeout=20)
+        sessions = await completed_sessions(js, subjects, 2, timeout=2)  # and never a second copy
         assert len(sessions) == 1
         _assert_matches(sessions[0], expected, sid)
     finally:
@@ -222,3 +224,17 @@ def test_oversized_sessions_are_trimmed_to_fit_not_lost() -> None:
     assert [t.duration_s for t in top.targets] and min(t.duration_s for t in top.targets) >= sorted(
         (t.duration_s for t in slim.targets), reverse=True)[99]
     assert decode_session(encode(top)).totals.targets == expected["targets"]
+
+
+def test_a_finished_session_missing_counted_events_waits_for_them() -> None:
+    from services.collector import fold
+    from shared.protocol import BuildFinished
+
+    fin = BuildFinished(session_id="ab" * 16, agent_id="a", seq=9, ts=1.0, expected_events={"a": 10, "b": 5})
+    meta = {b"finished": encode(fin), b"n:a": b"10", b"max:a": b"9", b"n:b": b"3", b"max:b": b"4"}
+    assert fold.missing_events(meta) and not fold.is_ready(meta)
+    meta[b"n:b"] = b"5"
+    assert not fold.missing_events(meta) and fold.is_ready(meta)
+    alone = BuildFinished(session_id="ab" * 16, agent_id="a", seq=9, ts=1.0)
+    gap = {b"finished": encode(alone), b"n:a": b"8", b"max:a": b"9"}
+    assert fold.missing_events(gap) and not fold.is_ready(gap)
