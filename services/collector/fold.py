@@ -20,14 +20,13 @@ from operator import attrgetter
 import msgspec
 
 from shared.codec import event_decoder
+from shared.totals import summarize_targets
 from shared.protocol import (
-    CACHE_HITS,
     BuildFinished,
     BuildSession,
     BuildStarted,
     Event,
     HealthCheckpoint,
-    SessionTotals,
     TargetFinished,
     TargetMetrics,
     TargetStarted,
@@ -230,24 +229,7 @@ def build_session(
         finish_ts = max([float(meta.get(b"last", b"0") or 0)] + [m.end for m in metrics]) or now
         exit_code, outcome = None, "abandoned"
 
-    totals = SessionTotals(events=int(meta.get(b"events", b"0")))
-    hits = misses = 0
-    for m in metrics:
-        totals.targets += 1
-        totals.target_time_s += m.duration_s
-        totals.cpu_s += m.cpu_s or 0.0
-        if m.status == "success":
-            totals.succeeded += 1
-        elif m.status == "failed":
-            totals.failed += 1
-        elif m.status == "skipped":
-            totals.skipped += 1
-        else:
-            totals.cancelled += 1
-        if m.cache in CACHE_HITS:
-            hits += 1
-        elif m.cache == "miss":
-            misses += 1
+    totals, hits, misses = summarize_targets(metrics, events=int(meta.get(b"events", b"0")))
 
     parts = (started.traceparent or "").split("-") if started else []
     trace_id, parent_span_id = (parts[1], parts[2]) if len(parts) >= 4 else (session_id, None)

@@ -22,7 +22,8 @@ from typing import Any
 import msgspec
 
 from shared.codec import encoder
-from shared.protocol import CACHE_HITS, BuildSession, SessionTotals, TargetMetrics
+from shared.totals import summarize_targets
+from shared.protocol import BuildSession, TargetMetrics
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Decompressed inputs above this are refused: a build log or trace this large is not a
@@ -229,24 +230,7 @@ def make_session(
     tool's own (hits, misses) — e.g. Bazel's action cache, which counts actions.
     """
     targets = sorted(targets, key=lambda t: (t.start, t.name))
-    totals = SessionTotals(events=events)
-    hits = misses = 0
-    for t in targets:
-        totals.targets += 1
-        totals.target_time_s += t.duration_s
-        totals.cpu_s += t.cpu_s or 0.0
-        if t.status == "success":
-            totals.succeeded += 1
-        elif t.status == "failed":
-            totals.failed += 1
-        elif t.status == "skipped":
-            totals.skipped += 1
-        else:
-            totals.cancelled += 1
-        if t.cache in CACHE_HITS:
-            hits += 1
-        elif t.cache == "miss":
-            misses += 1
+    totals, hits, misses = summarize_targets(targets, events=events)
     if cache is not None:
         hits, misses = cache
     return encodable(BuildSession(
