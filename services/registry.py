@@ -25,3 +25,27 @@ def create(name: str, settings: Settings, nats_url: str, redis_url: str, **optio
     module, _, attr = target.partition(":")
     factory = getattr(importlib.import_module(module), attr)
     return factory(settings, nats_url, redis_url, **options)
+
+
+def main_for(name: str) -> int:
+    """``python -m services.<name>``: run that one service until SIGTERM/SIGINT, joining the NATS and
+    Redis named by ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` (``buildtel serve`` does the same
+    and also finds a local stack)."""
+    import asyncio
+    import sys
+
+    from shared.logs import configure
+    from shared.runner import run_until_signal
+    from shared.settings import SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_format)
+    if not (settings.nats_url and settings.redis_url):
+        print(f"{name}: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
+        return 2
+    asyncio.run(run_until_signal([create(name, settings, settings.nats_url, settings.redis_url)]))
+    return 0

@@ -1,23 +1,8 @@
 """``python -m services.collector``: run one collector until SIGTERM/SIGINT (URLs from the environment)."""
 
-import asyncio
 import sys
 
-from services.collector.service import CollectorService
-from shared.logs import configure
-from shared.runner import run_until_signal
-from shared.settings import Settings
-
-
-def main() -> int:
-    settings = Settings.from_env()
-    configure(settings.log_level, settings.log_format)
-    if not (settings.nats_url and settings.redis_url):
-        print("collector: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
-        return 2
-    asyncio.run(run_until_signal([CollectorService(settings, settings.nats_url, settings.redis_url)]))
-    return 0
-
+from services.registry import main_for
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_for("collector"))
