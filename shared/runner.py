@@ -21,6 +21,17 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+async def finish_tasks(tasks: Sequence[asyncio.Task[None]], timeout: float = 5.0) -> None:
+    """A service's worker tasks, once told to stop: wait up to ``timeout`` for them to finish
+    their current work, then cancel what is left and wait for the cancellations."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.Event | None = None,
                            shutdown_timeout: float = 10.0,
                            on_started: Callable[[], None] | None = None) -> None:

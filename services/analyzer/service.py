@@ -69,6 +69,7 @@ from shared.codec import decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.protocol import BuildSession
+from shared.runner import finish_tasks
 from shared.settings import Settings
 
 log = get_logger("analyzer")
@@ -168,11 +169,7 @@ class AnalyzerService:
         if self.micro is not None:
             with contextlib.suppress(Exception):
                 await self.micro.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_tasks(self._tasks)
         await close_nats(self.nc, [self.sub])
         if self.redis is not None:
             with contextlib.suppress(Exception):

@@ -33,6 +33,7 @@ from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, 
 from shared.codec import decode_batch, encode
 from shared.keys import Keys
 from shared.logs import get_logger
+from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -106,11 +107,7 @@ class CollectorService:
         await metrics_http.detach(self)
         self._stopping.set()
         self._wake_sweeper.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_tasks(self._tasks)
         await close_nats(self.nc, [getattr(self, "sub", None)])
         with contextlib.suppress(Exception):
             await self.redis.aclose()

@@ -43,6 +43,7 @@ from shared.codec import decode_batch
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.protocol import BuildFinished, BuildStarted, EventBatch
+from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -126,11 +127,7 @@ class RecorderService:
         self._stopped = True
         await metrics_http.detach(self)
         self._stopping.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_tasks(self._tasks)
         # Held batches stay unacknowledged: the next recorder gets them again.
         self._held.clear()
         await close_nats(self.nc, [getattr(self, "sub", None)])

@@ -65,6 +65,7 @@ from shared.codec import DecodeError, decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.protocol import is_session_id
+from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -194,11 +195,7 @@ class TracerService:
 
     async def _stop_tasks(self) -> None:
         self._stopping.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await finish_tasks(self._tasks)
         self._tasks = []
 
     # -- ingest --------------------------------------------------------------------------------
