@@ -19,17 +19,15 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from services.analyzer.alerts import Alert, alert_decoder
 from services.analyzer.analytics import AnalyticsReport, ReportFilter
 from services.analyzer.subjects import AnalyzerSubjects
+from shared import micro
 
 API_VERSION = "1.0.0"
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 DAY_S = 86400.0
 
 
@@ -109,24 +107,17 @@ class AnalyzerClient:
         self.attempts = attempts
 
     async def _request(self, endpoint: str, body: bytes) -> bytes:
-        subject = self.subjects.endpoint(endpoint)
-        last = ""
+        # A replica killed mid-request leaves it unanswered: ask again (another replica answers).
         for attempt in range(self.attempts):
             try:
-                msg = await self.nc.request(subject, body, timeout=self.timeout)
-            except NoRespondersError:
-                last = f"no analyzer is answering on {subject}"
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            except NatsTimeoutError:
-                last = f"the analyzer did not answer {subject} within {self.timeout:g}s"
-                continue
-            headers = msg.headers or {}
-            code = headers.get(ERROR_CODE_HEADER)
-            if code:
-                raise AnalyzerError(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
-            return msg.data
-        raise AnalyzerError(503 if last.startswith("no ") else 504, last)
+                return await micro.request(self.nc, self.subjects.endpoint(endpoint), body, timeout=self.timeout,
+                                           service="analyzer", error=AnalyzerError)
+            except AnalyzerError as exc:
+                if exc.code not in (503, 504) or attempt == self.attempts - 1:
+                    raise
+                if exc.code == 503:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def report(self, request: ReportRequest | None = None, **kw: Any) -> AnalyticsReport:
         req = request or ReportRequest(**kw)

@@ -20,9 +20,8 @@ from typing import Annotated, Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
+from shared import micro
 from shared.codec import decode_session, encode
 from shared.protocol import BuildSession, Outcome
 from shared.subjects import Subjects
@@ -30,8 +29,6 @@ from shared.subjects import Subjects
 API_VERSION = "1.0.0"
 ENDPOINTS = ("get", "recent", "range", "query", "stats")
 MAX_ITEMS = 10_000  # per request; the client pages beyond one reply's worth by itself
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEMS)]
 Time = Annotated[float, msgspec.Meta(ge=0)]
@@ -146,18 +143,8 @@ class StorageClient:
         self.timeout = timeout
 
     async def _request(self, endpoint: str, req: msgspec.Struct) -> bytes:
-        subject = endpoint_subject(self.subjects, endpoint)
-        try:
-            msg = await self.nc.request(subject, encode(req), timeout=self.timeout)
-        except NoRespondersError:
-            raise StorageError(503, f"no storage service is answering on {subject}") from None
-        except NatsTimeoutError:
-            raise StorageError(504, f"storage service did not answer {subject} within {self.timeout:g}s") from None
-        headers = msg.headers or {}
-        code = headers.get(ERROR_CODE_HEADER)
-        if code:
-            raise StorageError(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
-        return msg.data
+        return await micro.request(self.nc, endpoint_subject(self.subjects, endpoint), encode(req),
+                                   timeout=self.timeout, service="storage service", error=StorageError)
 
     async def get(self, session_id: str) -> BuildSession:
         """The stored session; ``StorageError`` with ``not_found`` when it is not stored."""

@@ -23,18 +23,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from services.tracer.model import STATUS_ERROR, STATUS_OK, SpanRecord
 from services.tracer.store import TraceStore, TraceSummary, span_order
 from services.tracer.subjects import TracerSubjects
+from shared import micro
 
 API_VERSION = "1.0.0"
 ENDPOINTS = ("get", "session", "find", "recent", "stats")
 REPLY_BUDGET = 700 * 1024  # below NATS' default 1 MiB max payload, with room for the envelope
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 
 class TraceRequest(msgspec.Struct, kw_only=True):
@@ -158,18 +155,8 @@ class TraceClient:
         self.timeout = timeout
 
     async def _request(self, endpoint: str, body: bytes) -> bytes:
-        subject = self.tsubjects.endpoint(endpoint)
-        try:
-            msg = await self.nc.request(subject, body, timeout=self.timeout)
-        except NoRespondersError:
-            raise QueryError(503, f"no tracer service is answering on {subject}") from None
-        except NatsTimeoutError:
-            raise QueryError(504, f"the tracer did not answer {subject} within {self.timeout:g}s") from None
-        headers = msg.headers or {}
-        code = headers.get(ERROR_CODE_HEADER)
-        if code:
-            raise QueryError(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
-        return msg.data
+        return await micro.request(self.nc, self.tsubjects.endpoint(endpoint), body, timeout=self.timeout,
+                                   service="tracer", error=QueryError)
 
     async def _trace(self, endpoint: str, any_id: str) -> Trace:
         cursor: tuple[int, int, str] | None = None

@@ -1,0 +1,34 @@
+"""Calling a NATS micro service: one request, its error headers turned into a coded exception.
+
+Every query API (storage, tracer, analyzer) answers errors the NATS micro way
+(``Nats-Service-Error-Code`` / ``Nats-Service-Error`` headers); clients raise their
+own exception type with an HTTP-like code: the service's, 503 when no instance
+is listening, 504 when none answered in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+
+async def request(nc: Any, subject: str, body: bytes, *, timeout: float, service: str,
+                  error: Callable[[int, str], Exception]) -> bytes:
+    """The reply's body; raises ``error(code, description)`` for any failure."""
+    try:
+        msg = await nc.request(subject, body, timeout=timeout)
+    except NoRespondersError:
+        raise error(503, f"no {service} is answering on {subject}") from None
+    except NatsTimeoutError:
+        raise error(504, f"the {service} did not answer {subject} within {timeout:g}s") from None
+    headers = msg.headers or {}
+    code = headers.get(ERROR_CODE_HEADER)
+    if code:
+        raise error(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
+    return msg.data
