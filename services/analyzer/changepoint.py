@@ -35,6 +35,7 @@ from services.analyzer.cpcore import (
     hinge,
     median,
     noise,
+    refine_rate_split,
     t_threshold,
     two_level_rss,
 )
@@ -399,15 +400,7 @@ class Engine(msgspec.Struct):
             return None
         cs = self.hi_cs if side > 0 else self.lo_cs
         n = len(cs) - 1
-        lo = max(p.rate_min_tail, max((t for t in p.tails if t < k), default=k))
-        hi = min(n - p.rate_min_pre, min((t for t in p.tails if t > k), default=k))
-        for kk in range(lo, hi + 1):
-            n0 = n - kk
-            c1 = cs[n] - cs[n0]
-            if abs(c1 / kk - cs[n0] / n0) >= p.min_rate_delta:
-                v = bern_llr(cs[n0], n0, c1, kk)
-                if v > llr:
-                    llr, k = v, kk
+        llr, k = refine_rate_split(cs, n, k, llr, p)
         n0 = n - k
         p0, p1 = cs[n0] / max(n0, 1), (cs[n] - cs[n0]) / k
         # Only a tight mode (cache misses) has a share; scattered spikes do not.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -106,6 +107,21 @@ def bern_llr(c0: int, n0: int, c1: int, n1: int) -> float:
     return out
 
 
+def refine_rate_split(cs: list[int], n: int, k: int, best: float, p: Any) -> tuple[float, int]:
+    """Around the coarse tail length ``k`` (between its neighbouring tails), the exact tail
+    length whose hit/miss-rate split scores highest; returns (score, tail length)."""
+    lo = max(p.rate_min_tail, max((t for t in p.tails if t < k), default=k))
+    hi = min(n - p.rate_min_pre, min((t for t in p.tails if t > k), default=k))
+    for kk in range(lo, hi + 1):
+        n0 = n - kk
+        c1 = cs[n] - cs[n0]
+        if abs(c1 / kk - cs[n0] / n0) >= p.min_rate_delta:
+            v = bern_llr(cs[n0], n0, c1, kk)
+            if v > best:
+                best, k = v, kk
+    return best, k
+
+
 @functools.lru_cache(maxsize=1024)
 def t_threshold(h: float, nu: float) -> float:
     """Student-t value with the upper tail of a normal ``h`` (Wallace's approximation)."""
@@ -185,15 +201,7 @@ class ShareTracker(msgspec.Struct):
                     best, bk = v, k
         if best < p.h_rate:
             return None
-        lo = max(p.rate_min_tail, max((t for t in p.tails if t < bk), default=bk))
-        hi = min(n - p.rate_min_pre, min((t for t in p.tails if t > bk), default=bk))
-        for k in range(lo, hi + 1):
-            n0 = n - k
-            c1 = cs[n] - cs[n0]
-            if abs(c1 / k - cs[n0] / n0) >= p.min_rate_delta:
-                v = bern_llr(cs[n0], n0, c1, k)
-                if v > best:
-                    best, bk = v, k
+        best, bk = refine_rate_split(cs, n, bk, best, p)
         n0 = n - bk
         rose = (cs[n] - cs[n0]) / bk > cs[n0] / n0
         split = self.idx[n0]
