@@ -16,6 +16,8 @@ https://www.w3.org/TR/trace-context-2/ instead:
   values.  An invalid ``tracestate`` is dropped while a valid ``traceparent``
   is kept.  Duplicate keys keep the first (left-most, most recent) entry by
   default; ``duplicate_keys="drop"`` discards the whole ``tracestate``.
+  ``key_grammar="level1"`` checks keys against Level 1's stricter
+  simple-key / ``tenant@system`` grammar instead.
 
 Helpers cover HTTP header mappings (dicts, aiohttp/multidict ``CIMultiDict``,
 NATS header dicts, lists of pairs) and ``TRACEPARENT``/``TRACESTATE``
@@ -43,7 +45,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 
 __all__ = [
     "TRACEPARENT_HEADER", "TRACESTATE_HEADER", "TRACEPARENT_ENV", "TRACESTATE_ENV",
-    "MAX_TRACESTATE_MEMBERS", "Traceparent", "HeaderGetter", "HeaderSetter", "EnvGetter",
+    "MAX_TRACESTATE_MEMBERS", "KeyGrammar", "Traceparent", "HeaderGetter", "HeaderSetter", "EnvGetter",
     "EnvSetter", "W3CTraceContextPropagator", "DEFAULT_PROPAGATOR", "parse_traceparent",
     "parse_tracestate", "format_traceparent", "format_tracestate", "is_valid_tracestate_key",
     "is_valid_tracestate_value", "inject_headers", "extract_headers", "inject_env", "extract_env",
@@ -63,17 +65,43 @@ _VERSION_00_LENGTH = 55
 
 _VERSION_RE = re.compile(r"[0-9a-f]{2}")
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-# Level 2 keys: simple-key = lcalpha 0*255(keychar); multi-tenant key =
-# tenant-id "@" system-id, tenant-id = (lcalpha / DIGIT) 0*240(keychar),
-# system-id = lcalpha 0*13(keychar).  keychar excludes "@" so "a@b@c" fails.
-_KEYCHAR = r"[a-z0-9_\-*/]"
-_KEY_RE = re.compile(rf"[a-z]{_KEYCHAR}{{0,255}}|[a-z0-9]{_KEYCHAR}{{0,240}}@[a-z]{_KEYCHAR}{{0,13}}")
+# Level 2 (the "Key" rule of the tracestate header since w3c/trace-context#386; the suite
+# checks it at STRICT_LEVEL=2): key = (lcalpha / DIGIT) 0*255(keychar),
+# keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@".  So "foo@",
+# "a@b@c" and a 242-character tenant are valid keys; only the total length
+# (256) and the first character (not "@") bound them.
+_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_\-*/@]{0,255}")
+# Level 1 (the 2020 Recommendation): key = simple-key / multi-tenant-key;
+# simple-key = lcalpha 0*255(keychar); multi-tenant-key = tenant-id "@"
+# system-id, tenant-id = (lcalpha / DIGIT) 0*240(keychar), system-id = lcalpha
+# 0*13(keychar); here keychar has no "@", so "a@b@c" and "foo@" are invalid.
+_L1_KEYCHAR = r"[a-z0-9_\-*/]"
+_L1_KEY_RE = re.compile(
+    rf"[a-z]{_L1_KEYCHAR}{{0,255}}|[a-z0-9]{_L1_KEYCHAR}{{0,240}}@[a-z]{_L1_KEYCHAR}{{0,13}}"
+)
 # value = 0*255(chr) nblk-chr; chr = %x20 / nblk-chr; nblk-chr excludes "," and "=".
 _VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 # Entries longer than this are the first to go when tracestate must shrink (spec §3.3.1.5).
 _LONG_ENTRY = 128
 
 DuplicateKeys = Literal["keep-first", "drop"]
+KeyGrammar = Literal["level2", "level1"]
+_KEY_GRAMMARS = {"level2": _KEY_RE, "level1": _L1_KEY_RE}
+
+
+class _ValidatedTraceState(TraceState):
+    """A ``TraceState`` holding entries this module has already validated.
+
+    OpenTelemetry's ``TraceState`` checks keys against the Level 1 grammar and
+    drops (with only a log line) Level 2 keys such as ``foo@`` or a 242-character
+    tenant; the parser below has checked every entry against the grammar asked
+    for, so they are stored as given.  ``add``/``update``/``delete`` still return
+    plain ``TraceState`` objects with OpenTelemetry's own checks.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__()
+        self._dict = dict(entries)
 
 
 class Traceparent(NamedTuple):
@@ -110,9 +138,13 @@ def parse_traceparent(value: str) -> Traceparent | None:
     return Traceparent(int(version, 16), trace_id, parent_id, int(match[4], 16))
 
 
-def is_valid_tracestate_key(key: str) -> bool:
-    """True when ``key`` matches the Level 2 simple-key or multi-tenant-key grammar."""
-    return _KEY_RE.fullmatch(key) is not None
+def is_valid_tracestate_key(key: str, grammar: KeyGrammar = "level2") -> bool:
+    """True when ``key`` matches the tracestate key grammar of ``grammar`` (Level 2 by default)."""
+    try:
+        pattern = _KEY_GRAMMARS[grammar]
+    except KeyError:
+        raise ValueError(f"key grammar must be 'level2' or 'level1', not {grammar!r}") from None
+    return pattern.fullmatch(key) is not None
 
 
 def is_valid_tracestate_value(value: str) -> bool:
@@ -121,7 +153,10 @@ def is_valid_tracestate_value(value: str) -> bool:
 
 
 def parse_tracestate(
-    fields: Iterable[str], *, duplicate_keys: DuplicateKeys = "keep-first"
+    fields: Iterable[str],
+    *,
+    duplicate_keys: DuplicateKeys = "keep-first",
+    key_grammar: KeyGrammar = "level2",
 ) -> TraceState | None:
     """Parse every ``tracestate`` field of one message, in order.
 
@@ -139,7 +174,7 @@ def parse_tracestate(
     entries: dict[str, str] = {}
     for member in members:
         key, sep, value = member.partition("=")
-        if not sep or not is_valid_tracestate_key(key) or not is_valid_tracestate_value(value):
+        if not sep or not is_valid_tracestate_key(key, key_grammar) or not is_valid_tracestate_value(value):
             return None
         if key in entries:
             # Level 2 (PR #552) makes senders responsible for unique keys and
@@ -149,7 +184,7 @@ def parse_tracestate(
                 return None
             continue
         entries[key] = value
-    return TraceState(list(entries.items()))
+    return _ValidatedTraceState(entries.items())
 
 
 def format_traceparent(span_context: SpanContext) -> str:
@@ -270,6 +305,8 @@ class W3CTraceContextPropagator(TextMapPropagator):
     remote context, since an unchanged ``traceparent`` forbids changing
     ``tracestate``).  ``vendor_value`` computes the value (default: span id).
     ``duplicate_keys``: ``"keep-first"`` (default) or ``"drop"``.
+    ``key_grammar``: ``"level2"`` (default, what the official suite checks) or
+    ``"level1"`` to drop a tracestate whose keys only Level 2 allows.
     """
 
     def __init__(
@@ -278,14 +315,18 @@ class W3CTraceContextPropagator(TextMapPropagator):
         vendor_key: str | None = None,
         vendor_value: Callable[[SpanContext], str] | None = None,
         duplicate_keys: DuplicateKeys = "keep-first",
+        key_grammar: KeyGrammar = "level2",
     ) -> None:
-        if vendor_key is not None and not is_valid_tracestate_key(vendor_key):
+        if key_grammar not in _KEY_GRAMMARS:
+            raise ValueError(f"key_grammar must be 'level2' or 'level1', not {key_grammar!r}")
+        if vendor_key is not None and not is_valid_tracestate_key(vendor_key, key_grammar):
             raise ValueError(f"invalid tracestate key: {vendor_key!r}")
         if duplicate_keys not in ("keep-first", "drop"):
             raise ValueError(f"duplicate_keys must be 'keep-first' or 'drop', not {duplicate_keys!r}")
         self.vendor_key = vendor_key
         self.vendor_value = vendor_value or _default_vendor_value
         self.duplicate_keys: DuplicateKeys = duplicate_keys
+        self.key_grammar: KeyGrammar = key_grammar
 
     def extract(
         self,
@@ -309,7 +350,9 @@ class W3CTraceContextPropagator(TextMapPropagator):
         # The spec forbids parsing tracestate unless traceparent was valid.
         states = getter.get(carrier, TRACESTATE_HEADER) or []
         trace_state = parse_tracestate(
-            [_text(value) for value in states], duplicate_keys=self.duplicate_keys
+            [_text(value) for value in states],
+            duplicate_keys=self.duplicate_keys,
+            key_grammar=self.key_grammar,
         )
         flags = TraceFlags(parent.trace_flags & _KNOWN_FLAGS)
         state = trace_state if trace_state is not None else TraceState()

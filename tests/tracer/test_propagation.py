@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict, MultiDict
@@ -29,6 +30,7 @@ from services.tracer.propagation import (
     format_traceparent,
     inject_env,
     inject_headers,
+    is_valid_tracestate_key,
     parse_traceparent,
     parse_tracestate,
 )
@@ -176,20 +178,30 @@ TRACESTATES = [
     pytest.param([f"{ALL_KEY_CHARS}={ALL_VALUE_CHARS}"], [(ALL_KEY_CHARS, ALL_VALUE_CHARS)], id="all-chars"),
     pytest.param([f"{ALL_KEY_CHARS}@a-z0-9_-*/=1"], [(f"{ALL_KEY_CHARS}@a-z0-9_-*/", "1")], id="all-chars-tenant"),
     pytest.param(["9tenant@sys=1"], [("9tenant@sys", "1")], id="l2-tenant-starts-with-digit"),
+    pytest.param(["9foo=1"], [("9foo", "1")], id="key-starts-with-digit"),
+    pytest.param(["9=1,a=2"], [("9", "1"), ("a", "2")], id="one-character-keys"),
     pytest.param(["z" * 256 + "=1"], [("z" * 256, "1")], id="simple-key-256"),
-    pytest.param(["z" * 257 + "=1"], None, id="simple-key-257"),
+    pytest.param(["foo=1", "z" * 257 + "=1"], None, id="simple-key-257"),
     pytest.param(["t" * 241 + "@" + "v" * 14 + "=1"], [("t" * 241 + "@" + "v" * 14, "1")], id="tenant-241-system-14"),
-    pytest.param(["t" * 242 + "@v=1"], None, id="tenant-242"),
-    pytest.param(["t@" + "v" * 15 + "=1"], None, id="system-15"),
-    pytest.param(["t@9v=1"], None, id="system-starts-with-digit"),
-    pytest.param(["9foo=1"], None, id="simple-key-starts-with-digit"),
+    # Level 2 bounds only the whole key (256), not its parts around "@".
+    pytest.param(["foo=1", "t" * 242 + "@v=1"], [("foo", "1"), ("t" * 242 + "@v", "1")], id="tenant-242"),
+    pytest.param(["foo=1", "t@" + "v" * 15 + "=1"], [("foo", "1"), ("t@" + "v" * 15, "1")], id="system-15"),
+    pytest.param(["t@9v=1"], [("t@9v", "1")], id="system-starts-with-digit"),
+    pytest.param(["t" * 250 + "@" + "v" * 5 + "=1"], [("t" * 250 + "@" + "v" * 5, "1")], id="at-key-256"),
+    pytest.param(["foo=1", "t" * 250 + "@" + "v" * 6 + "=1"], None, id="at-key-257"),
     pytest.param(["foo =1"], None, id="space-in-key"),
     pytest.param(["FOO=1"], None, id="uppercase-key"),
+    pytest.param(["fOo=1"], None, id="uppercase-inside-key"),
     pytest.param(["foo.bar=1"], None, id="dot-in-key"),
-    pytest.param(["foo@=1,bar=2"], None, id="empty-system"),
-    pytest.param(["@foo=1,bar=2"], None, id="empty-tenant"),
-    pytest.param(["foo@@bar=1,bar=2"], None, id="double-at"),
-    pytest.param(["foo@bar@baz=1,bar=2"], None, id="two-ats"),
+    pytest.param(["=1"], None, id="empty-key"),
+    pytest.param(["_foo=1"], None, id="key-starts-with-underscore"),
+    pytest.param(["-foo=1"], None, id="key-starts-with-dash"),
+    pytest.param(["*foo=1"], None, id="key-starts-with-star"),
+    pytest.param(["/foo=1"], None, id="key-starts-with-slash"),
+    pytest.param(["foo@=1,bar=2"], [("foo@", "1"), ("bar", "2")], id="trailing-at"),
+    pytest.param(["@foo=1,bar=2"], None, id="leading-at"),
+    pytest.param(["foo@@bar=1,bar=2"], [("foo@@bar", "1"), ("bar", "2")], id="double-at"),
+    pytest.param(["foo@bar@baz=1,bar=2"], [("foo@bar@baz", "1"), ("bar", "2")], id="two-ats"),
     pytest.param(["foo=bar=baz"], None, id="equals-in-value"),
     pytest.param(["foo=,bar=3"], None, id="empty-value"),
     pytest.param(["foo=a\tb"], None, id="tab-in-value"),
@@ -224,6 +236,39 @@ def test_duplicate_keys_drop_mode(fields: list[str]) -> None:
     headers = {"traceparent": VALID, "tracestate": fields}
     span_context = remote(extract_headers(headers, propagator=propagator))
     assert span_context.is_valid and len(span_context.trace_state) == 0
+
+
+# Keys only Level 2 allows: Level 1 bounds tenant (241) and system (14) ids,
+# allows one "@" with both sides present, and starts a simple key with a letter.
+LEVEL2_ONLY_KEYS = ["9foo", "foo@", "foo@@bar", "foo@bar@baz", "t" * 242 + "@v", "t@" + "v" * 15, "t@9v"]
+
+
+@pytest.mark.parametrize("key", LEVEL2_ONLY_KEYS)
+def test_level1_key_grammar_is_opt_in(key: str) -> None:
+    assert is_valid_tracestate_key(key) and not is_valid_tracestate_key(key, "level1")
+    fields = ["foo=1", f"{key}=1"]
+    assert parse_tracestate(fields, key_grammar="level1") is None
+    propagator = W3CTraceContextPropagator(key_grammar="level1")
+    span_context = remote(extract_headers({"traceparent": VALID, "tracestate": fields}, propagator=propagator))
+    assert span_context.is_valid and len(span_context.trace_state) == 0
+    # Keys valid under both grammars are kept either way.
+    both = ["foo=1", "t" * 241 + "@" + "v" * 14 + "=2"]
+    assert len(parse_tracestate(both, key_grammar="level1") or {}) == 2
+
+
+def test_unknown_key_grammar_is_refused() -> None:
+    with pytest.raises(ValueError, match="key_grammar"):
+        W3CTraceContextPropagator(key_grammar="level3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key grammar"):
+        is_valid_tracestate_key("foo", "level3")  # type: ignore[arg-type]
+
+
+def test_level2_keys_survive_a_hop_through_an_sdk_span(tracer: trace.Tracer) -> None:
+    # OpenTelemetry's own TraceState would drop "foo@" (Level 1 grammar) with a log line.
+    tracestate = "foo@=1,t@" + "v" * 15 + "=2,bar=3"
+    parent = extract_headers({"traceparent": VALID, "tracestate": tracestate})
+    with tracer.start_as_current_span("s", context=parent):
+        assert inject_headers()["tracestate"] == tracestate
 
 
 def test_tracestate_ignored_without_valid_traceparent() -> None:
@@ -346,18 +391,13 @@ def test_propagator_fields() -> None:
     assert DEFAULT_PROPAGATOR.fields == {"traceparent", "tracestate"}
 
 
-async def test_nats_header_round_trip(nats_url: str, tracer: trace.Tracer) -> None:
-    import nats
-
-    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
-    try:
-        sub = await nc.subscribe("tracer.round-trip")
-        parent = extract_headers({"traceparent": VALID, "tracestate": "foo=1,t1@buildtel=x"})
-        with tracer.start_as_current_span("publish", context=parent) as span:
-            await nc.publish("tracer.round-trip", b"{}", headers=inject_headers({"other": "kept"}))
-        msg = await sub.next_msg(timeout=5)
-    finally:
-        await nc.close()
+async def test_nats_header_round_trip(nc: Any, namespace: str, tracer: trace.Tracer) -> None:
+    subject = f"{namespace}.tracer.round-trip"
+    sub = await nc.subscribe(subject)
+    parent = extract_headers({"traceparent": VALID, "tracestate": "foo=1,t1@buildtel=x"})
+    with tracer.start_as_current_span("publish", context=parent) as span:
+        await nc.publish(subject, b"{}", headers=inject_headers({"other": "kept"}))
+    msg = await sub.next_msg(timeout=5)
     assert msg.headers is not None and msg.headers["other"] == "kept"
     received = remote(extract_headers(msg.headers))
     assert received.is_remote
