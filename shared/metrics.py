@@ -19,6 +19,9 @@ Design (``docs/metrics.md``):
 
 ``/healthz`` answers 200 with the attached services while the process serves, 503
 while it is stopping (a service's ``healthy()`` may also say no).
+
+The endpoint runs with :mod:`shared.httpserver`'s limits: a connection that has not
+sent a complete request head within ``idle_timeout`` (15 s) is closed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from shared.httpserver import DEFAULT_LIMITS, HttpLimits, start_site
 
 PREFIX = "buildtel_"
 _HELP = {
@@ -85,8 +90,9 @@ class _SnapshotCollector:
 
 
 class MetricsServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
-        self.host, self.requested_port, self.token = host, port, token
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 limits: HttpLimits = DEFAULT_LIMITS) -> None:
+        self.host, self.requested_port, self.token, self.limits = host, port, token, limits
         self.services: dict[int, Any] = {}
         self.scrape_errors = 0
         self.stopping = False
@@ -103,13 +109,7 @@ class MetricsServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.requested_port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_site(app, self.host, self.requested_port, self.limits)
         self._runner = runner
         self.port = runner.addresses[0][1]
         return self

@@ -7,7 +7,8 @@ reported as unavailable rather than as "no change".
 
 Timing changes are reported when a target's duration moved by at least
 ``min_delta_s`` *and* ``min_ratio`` of the slower run, so scheduler noise on
-millisecond targets does not drown a real regression.
+millisecond targets does not drown a real regression; they are listed by size
+of change, largest first.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def diff(a: Side, b: Side, *, min_delta_s: float = 0.05, min_ratio: float = 0.10
             cache.append({"target": name, "a": ta.cache, "b": tb.cache})
         if ta.status != tb.status:
             status.append({"target": name, "a": ta.status, "b": tb.status})
+    # Largest change first (slower or faster alike), so the top lines are the ones that explain
+    # the difference; ties by name for a stable order.
+    timing.sort(key=lambda x: (-abs(x["delta_s"]), x["target"]))
     divergence: dict[str, Any] | None | str
     if a.events is None or b.events is None:
         divergence = "unavailable"

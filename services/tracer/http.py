@@ -12,6 +12,10 @@
   the same bytes would fail again.
 * ``Authorization: Bearer <token>`` is required when ``settings.http_token``
   is set (compared in constant time).
+* Limits come from :mod:`shared.httpserver` (``docs/tracing.md``): a connection
+  whose request head is incomplete after ``idle_timeout`` (15 s) is closed, a
+  body not received within ``body_timeout`` (30 s) is 408, JSON nested deeper
+  than ``max_json_depth`` (64) is 400.
 
 The handler hands decoded spans to ``sink`` (the service stores and forwards
 them) before answering, so a 200 means the spans are in the store.
@@ -28,6 +32,7 @@ from aiohttp import web
 
 from services.tracer import otlp, otlp_json
 from services.tracer.model import SpanRecord
+from shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
 from shared.logs import get_logger
 
 log = get_logger("tracer.http")
@@ -35,6 +40,7 @@ log = get_logger("tracer.http")
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 MAX_BODY_BYTES = 32 * 1024 * 1024
+LIMITS = HttpLimits(max_body_bytes=MAX_BODY_BYTES)
 _ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 # google.rpc.Code values used in Status bodies.
 RPC_INVALID_ARGUMENT = 3
@@ -52,12 +58,14 @@ class ReceiverStats:
     bad_requests: int = 0
     unsupported: int = 0
     unauthorized: int = 0
+    timeouts: int = 0
     last_errors: list[str] = field(default_factory=list)
 
 
 _SINK = web.AppKey("sink", object)
 _TOKEN = web.AppKey("token", object)
 _STATS = web.AppKey("stats", ReceiverStats)
+_LIMITS = web.AppKey("limits", HttpLimits)
 
 
 def _status(code: int, rpc_code: int, message: str, ctype: str) -> web.Response:
@@ -86,16 +94,27 @@ async def _handle(request: web.Request) -> web.Response:
     if encoding not in _ENCODINGS:
         stats.unsupported += 1
         return web.Response(status=415, text=f"unsupported content encoding {encoding!r}: use gzip or none")
+    limits = request.app[_LIMITS]
     try:
-        body = _decompress(await request.read(), encoding)
-    except (web.HTTPRequestEntityTooLarge, _TooLarge):
+        body = _decompress(await read_body(request, limits), encoding, limits.max_body_bytes)
+    except _TooLarge:
         stats.bad_requests += 1
-        return _status(413, RPC_INVALID_ARGUMENT, f"body larger than {MAX_BODY_BYTES} bytes", ctype)
+        return _status(413, RPC_INVALID_ARGUMENT, f"body larger than {limits.max_body_bytes} bytes", ctype)
+    except BodyError as exc:
+        if exc.status == 408:
+            stats.timeouts += 1
+            log.warning("tracer.http.body_timeout", reason=str(exc))
+        else:
+            stats.bad_requests += 1
+        return _status(exc.status, RPC_INVALID_ARGUMENT, str(exc), ctype)
     except zlib.error as exc:
         return _bad(stats, ctype, f"cannot decompress {encoding} body: {exc}")
     try:
-        result = otlp.decode_request(body) if ctype == PROTOBUF else otlp_json.decode_request(body)
-    except otlp.OtlpDecodeError as exc:
+        if ctype == PROTOBUF:
+            result = otlp.decode_request(body)
+        else:
+            result = otlp_json.decode_document(decode_json(body, limits.max_json_depth))
+    except (otlp.OtlpDecodeError, BodyError) as exc:
         return _bad(stats, ctype, str(exc))
     if result.spans:
         try:
@@ -117,7 +136,7 @@ class _TooLarge(ValueError):
     pass
 
 
-def _decompress(body: bytes, encoding: str) -> bytes:
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     # gzip: wbits 31; deflate: zlib-wrapped per RFC 9110, though some clients send raw deflate.
@@ -125,12 +144,12 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     for i, wbits in enumerate(attempts):
         d = zlib.decompressobj(wbits)
         try:
-            out = d.decompress(body, MAX_BODY_BYTES + 1)
+            out = d.decompress(body, limit + 1)
         except zlib.error:
             if i == len(attempts) - 1:
                 raise
             continue
-        if len(out) > MAX_BODY_BYTES or d.unconsumed_tail:
+        if len(out) > limit or d.unconsumed_tail:
             raise _TooLarge
         if not d.eof:
             raise zlib.error("compressed stream is truncated")
@@ -145,8 +164,10 @@ def _bad(stats: ReceiverStats, ctype: str, reason: str) -> web.Response:
     return _status(400, RPC_INVALID_ARGUMENT, reason[:1000], ctype)
 
 
-def create_app(sink: Sink, *, token: str | None = None, stats: ReceiverStats | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+def create_app(sink: Sink, *, token: str | None = None, stats: ReceiverStats | None = None,
+               limits: HttpLimits = LIMITS) -> web.Application:
+    app = web.Application(client_max_size=limits.max_body_bytes)
+    app[_LIMITS] = limits
     app[_SINK] = sink
     app[_TOKEN] = token
     app[_STATS] = stats or ReceiverStats()
@@ -170,15 +191,10 @@ class RunningReceiver:
         await self.runner.cleanup()
 
 
-async def start_receiver(sink: Sink, *, host: str, port: int, token: str | None = None) -> RunningReceiver:
+async def start_receiver(sink: Sink, *, host: str, port: int, token: str | None = None,
+                         limits: HttpLimits = LIMITS) -> RunningReceiver:
     """Listen on ``host:port`` (``port=0`` picks a free port; see ``.port``)."""
     stats = ReceiverStats()
-    runner = web.AppRunner(create_app(sink, token=token, stats=stats), access_log=None, auto_decompress=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
+    runner = await start_site(create_app(sink, token=token, stats=stats, limits=limits), host, port, limits,
+                              auto_decompress=False)
     return RunningReceiver(runner, host, runner.addresses[0][1], stats)

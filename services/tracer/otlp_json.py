@@ -22,7 +22,7 @@ import msgspec
 from services.tracer.model import SpanEvent, SpanLink, SpanRecord, check_span
 from services.tracer.otlp import DecodeResult, OtlpDecodeError, _group
 
-__all__ = ["decode_request", "encode_request", "encode_response", "encode_status", "request_dict"]
+__all__ = ["decode_document", "decode_request", "encode_request", "encode_response", "encode_status", "request_dict"]
 
 _KINDS = {"SPAN_KIND_UNSPECIFIED": 0, "SPAN_KIND_INTERNAL": 1, "SPAN_KIND_SERVER": 2, "SPAN_KIND_CLIENT": 3,
           "SPAN_KIND_PRODUCER": 4, "SPAN_KIND_CONSUMER": 5}
@@ -176,6 +176,14 @@ def decode_request(body: bytes) -> DecodeResult:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise OtlpDecodeError(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise OtlpDecodeError("body nests JSON too deeply") from None
+    return decode_document(doc)
+
+
+def decode_document(doc: Any) -> DecodeResult:
+    """Decode an already parsed OTLP/JSON request; the HTTP receiver parses with a depth
+    limit (shared.httpserver.decode_json) so the recursive walk here stays bounded."""
     result = DecodeResult()
     try:
         doc = _obj(doc, "request")

@@ -8,14 +8,14 @@ span whose parent is the incoming context, so the suite can check what we
 propagate.  ``buildtel w3c-testpoint --port PORT`` calls :func:`run_testpoint`.
 
 Because the endpoint makes requests to URLs it is given, it binds loopback and
-only calls loopback targets unless told otherwise.
+only calls loopback targets unless told otherwise.  Timeouts and body limits are
+:mod:`shared.httpserver`'s (``docs/tracing.md``); a /test body may be 64 KiB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from yarl import URL
+
+from shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
 
 from .propagation import W3CTraceContextPropagator, extract_headers, inject_headers
 
@@ -48,12 +50,14 @@ DEFAULT_PORT = 5000  # the port the suite's README uses in its examples
 MAX_ACTIONS = 64  # the suite sends at most 3; the cap bounds fan-out per request
 _CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _TRACER_NAME = "builder_telemetry.tracer.testpoint"
+LIMITS = HttpLimits(max_body_bytes=64 * 1024)  # the suite's bodies are a few hundred bytes
 
 # AppKey rather than str keys: aiohttp warns on str keys and tests turn warnings into errors.
 _TRACER = web.AppKey("tracer", trace.Tracer)
 _PROPAGATOR = web.AppKey("propagator", W3CTraceContextPropagator)
 _SESSION = web.AppKey("session", aiohttp.ClientSession)
 _ALLOW_REMOTE = web.AppKey("allow_remote_targets", bool)
+_LIMITS = web.AppKey("limits", HttpLimits)
 
 
 class _BadRequest(ValueError):
@@ -118,10 +122,11 @@ async def _call(request: web.Request, url: str, arguments: Any) -> dict[str, Any
 
 async def _handle_test(request: web.Request) -> web.Response:
     try:
-        body = await request.json()
+        limits = request.app[_LIMITS]
+        body = decode_json(await read_body(request, limits), limits.max_json_depth)
         actions = _parse_actions(body, request.app[_ALLOW_REMOTE])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return web.json_response({"error": "body must be JSON"}, status=400)
+    except BodyError as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
     except _BadRequest as exc:
         return web.json_response({"error": str(exc)}, status=400)
     parent = extract_headers(request.headers, propagator=request.app[_PROPAGATOR])
@@ -137,13 +142,15 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
     propagator: W3CTraceContextPropagator | None = None,
     allow_remote_targets: bool = False,
+    limits: HttpLimits = LIMITS,
 ) -> web.Application:
     """Build the aiohttp application serving ``POST /test``.
 
     ``allow_remote_targets`` lets actions call non-loopback URLs; keep it off
     unless the suite's harness runs on another host.
     """
-    app = web.Application()
+    app = web.Application(client_max_size=limits.max_body_bytes)
+    app[_LIMITS] = limits
     app[_TRACER] = _resolve_tracer_provider(tracer_provider).get_tracer(_TRACER_NAME)
     app[_PROPAGATOR] = propagator or W3CTraceContextPropagator()
     app[_ALLOW_REMOTE] = allow_remote_targets
@@ -179,14 +186,8 @@ async def start_testpoint(
     host: str = DEFAULT_HOST, port: int = 0, **app_options: Any
 ) -> RunningTestpoint:
     """Start serving in the running loop; ``port=0`` picks a free port."""
-    runner = web.AppRunner(create_app(**app_options), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
+    limits = app_options.get("limits", LIMITS)
+    runner = await start_site(create_app(**app_options), host, port, limits)
     bound_port = runner.addresses[0][1]
     return RunningTestpoint(runner=runner, host=host, port=bound_port)
 
