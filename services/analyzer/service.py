@@ -146,6 +146,7 @@ class AnalyzerService:
         await self.micro.add_endpoint(name="stats", subject=self.subjects.endpoint("stats"), handler=self._api_stats)
         await self.micro.add_endpoint(name="flamegraph", subject=self.subjects.endpoint("flamegraph"),
                                       handler=self._api_flamegraph)
+        await self.nc.flush()  # the server knows the endpoints before start() says we are ready
         self._tasks = [asyncio.create_task(self._consume(), name="analyzer.consume"),
                        asyncio.create_task(self._sweep_outbox(), name="analyzer.outbox")]
         self._started = True
