@@ -4,6 +4,7 @@ deeply nested JSON.  Clients are raw sockets (so we control every byte and pause
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -28,12 +29,12 @@ HEAD = b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applicatio
 
 def nested(depth: int) -> bytes:
     """A valid OTLP/JSON request whose one attribute nests ``depth`` arrayValues."""
-    value: dict[str, Any] = {"stringValue": "leaf"}
-    for _ in range(depth):
-        value = {"arrayValue": {"values": [value]}}
+    # Built as text: json.dumps itself recurses and cannot write 100 000 levels.
+    value = '{"arrayValue": {"values": [' * depth + '{"stringValue": "leaf"}' + "]}}" * depth
     span = {"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": "00f067aa0ba902b7", "name": "deep",
-            "startTimeUnixNano": "1", "endTimeUnixNano": "2", "attributes": [{"key": "a", "value": value}]}
-    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+            "startTimeUnixNano": "1", "endTimeUnixNano": "2", "attributes": [{"key": "a", "value": "VALUE"}]}
+    text = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]})
+    return text.replace('"VALUE"', value).encode()
 
 
 async def slow_loris(port: int, payload: bytes, pause: float, budget: float) -> tuple[float, bytes, int]:
@@ -129,7 +130,7 @@ async def test_deeply_nested_otlp_json_is_400_not_500(tracer: TracerService) -> 
     url = tracer.receiver.url  # type: ignore[union-attr]
     async with aiohttp.ClientSession() as session:
         for depth in (30, 100_000):
-            async with session.post(url, data=nested(depth), headers={"Content-Type": "application/json"}) as r:
+            async with session.post(url, data=io.BytesIO(nested(depth)), headers={"Content-Type": "application/json"}) as r:
                 body = await r.json()
                 assert r.status == 400, (depth, body)
                 assert "nested deeper than 64 levels" in body["message"]
