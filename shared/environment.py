@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping
 
 from shared.protocol import BuildEnvironment, VcsInfo
-from shared.redaction import redact_env
+from shared.redaction import redact_env, redact_text
 
 TOOL_TIMEOUT_S = 1.0
 DEFAULT_TOOLS = ("cc", "gcc", "clang", "make", "ninja", "cmake", "bazel", "go", "cargo", "java")
@@ -44,8 +44,8 @@ def vcs_info(cwd: str) -> VcsInfo | None:
     branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd)
     remote = _run(["git", "remote", "get-url", "origin"], cwd)
-    if remote and "@" in remote and "://" in remote:
-        remote = remote.split("://", 1)[0] + "://" + remote.rsplit("@", 1)[1]  # drop credentials
+    if remote:  # credentials in the URL (user-info, ?token=) must not leave the agent
+        remote = redact_text(remote)
     return VcsInfo(commit=commit, branch=branch, dirty=bool(status), remote=remote)
 
 

@@ -29,7 +29,7 @@ from shared.protocol import (
     TargetFinished,
     TargetStarted,
 )
-from shared.redaction import redact_argv, redact_env
+from shared.redaction import redact_argv, redact_env, redact_text
 
 MAX_SEQ = 1 << 24  # the collector refuses higher seqs (it keeps one bit per seq)
 _now = time.time
@@ -164,6 +164,8 @@ def _environment(v: Any) -> BuildEnvironment | None:
         vcs = env.vcs
         vcs.system, vcs.dirty = _text(vcs.system, "git"), vcs.dirty is True
         vcs.commit, vcs.branch, vcs.remote = _opt_text(vcs.commit), _opt_text(vcs.branch), _opt_text(vcs.remote)
+        if vcs.remote:  # https://user:token@host/repo.git, as `git remote get-url` prints it
+            vcs.remote = redact_text(vcs.remote)
     return env
 
 

@@ -25,16 +25,54 @@ def test_ordinary_variables_and_paths_survive() -> None:
 def test_values_that_look_like_keys_are_redacted_under_any_name() -> None:
     values = ["AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "glpat-abcdefghijklmnopqrst",
               "xoxb-123456789012-abcdefghij", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig_nature",
-              "-----BEGIN RSA PRIVATE KEY-----", "https://deploy:hunter22@example.com/repo.git",
-              "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u"]
+              "-----BEGIN RSA PRIVATE KEY-----", "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1u"]
     env = {f"SOMETHING_{i}": v for i, v in enumerate(values)}
     assert set(redact_env(env).values()) == {REDACTED}
 
 
+def test_urls_lose_their_credentials_and_keep_the_rest() -> None:
+    env = {"REPO": "https://deploy:hunter22@example.com/repo.git", "MIRROR": "https://:hunter22@example.com/m",
+           "ORIGIN": "https://ghp_x1@github.com/o/r", "SSH": "ssh://git@github.com/o/r.git",
+           "PROXY": "http://u:pw@proxy:3128", "SCOPED": "https://unpkg.com/@babel/core@7.0.0"}
+    assert redact_env(env) == {"REPO": f"https://{REDACTED}@example.com/repo.git",
+                               "MIRROR": f"https://{REDACTED}@example.com/m",
+                               "ORIGIN": f"https://{REDACTED}@github.com/o/r", "SSH": "ssh://git@github.com/o/r.git",
+                               "PROXY": f"http://{REDACTED}@proxy:3128", "SCOPED": "https://unpkg.com/@babel/core@7.0.0"}
+
+
+def test_webhook_and_trigger_urls_lose_their_secret() -> None:
+    argv = ["notify", "https://hooks.slack.com/services/T0/B0/XyZ", "https://discord.com/api/webhooks/1/AbC",
+            "https://chat.example.com/hooks/abc123", "https://acme.webhook.office.com/webhookb2/g@t/IncomingWebhook/a/b",
+            "https://gitlab.com/api/v4/projects/7/trigger/pipeline?token=tk1&ref=main",
+            "https://ci.example.com/job/app/build?token=tk2#access_token=tk3"]
+    assert redact_argv(argv) == [
+        "notify", f"https://hooks.slack.com/services/{REDACTED}", f"https://discord.com/api/webhooks/{REDACTED}",
+        f"https://chat.example.com/hooks/{REDACTED}", f"https://acme.webhook.office.com/webhookb2/{REDACTED}",
+        f"https://gitlab.com/api/v4/projects/7/trigger/pipeline?token={REDACTED}&ref=main",
+        f"https://ci.example.com/job/app/build?token={REDACTED}#access_token={REDACTED}"]
+
+
 def test_command_line_secrets_are_redacted() -> None:
-    argv = ["deploy", "--token=abc", "--password", "hunter2", "--name", "x", "AKIAIOSFODNN7EXAMPLE", "-j8"]
+    argv = ["deploy", "--token=abc", "--password", "hunter2", "--name", "x", "AKIAIOSFODNN7EXAMPLE", "-j8",
+            "DB_PASSWORD=pw", "--env=API_TOKEN=t", "-H", "Authorization: Bearer abcdefgh1", "-F", "token=t2",
+            "sh -c 'make NPM_TOKEN=t3 && deploy --password t4'"]
     assert redact_argv(argv) == ["deploy", f"--token={REDACTED}", "--password", REDACTED, "--name", "x",
-                                 REDACTED, "-j8"]
+                                 REDACTED, "-j8", f"DB_PASSWORD={REDACTED}", f"--env=API_TOKEN={REDACTED}", "-H",
+                                 f"Authorization: Bearer {REDACTED}", "-F", f"token={REDACTED}",
+                                 f"sh -c 'make NPM_TOKEN={REDACTED} && deploy --password {REDACTED}'"]
+
+
+def test_make_variables_in_makeflags_are_redacted_word_by_word() -> None:
+    flags = " -j8 --jobserver-auth=3,4 -- DB_PASSWORD=a\\ b CFLAGS=-O2"
+    assert redact_env({"MAKEFLAGS": flags}) == {
+        "MAKEFLAGS": f" -j8 --jobserver-auth=3,4 -- DB_PASSWORD={REDACTED} CFLAGS=-O2"}
+
+
+def test_ordinary_command_lines_are_kept_verbatim() -> None:
+    argv = ["cc", "-O2", "-Wall", "-DFOO=1", "-I/usr/include", "-std=c++17", "-o", "out/a.o", "src/a.c", "a" * 40,
+            "make", "-C", "build", "-j8", "PREFIX=/usr/local", "CFLAGS=-O2 -g", "ninja", "-t", "targets",
+            "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "123e4567-e89b-12d3-a456-426614174000", "git@github.com:o/r.git"]
+    assert redact_argv(argv) == argv
 
 
 def test_captured_environment_carries_no_secret_value() -> None:
@@ -47,4 +85,4 @@ def test_captured_environment_carries_no_secret_value() -> None:
 def test_redaction_keeps_every_name_and_never_invents_values(env: dict[str, str]) -> None:
     out = redact_env(env)
     assert out.keys() == env.keys()
-    assert all(v in (env[k], REDACTED) for k, v in out.items())
+    assert all(v == env[k] or REDACTED in v for k, v in out.items())

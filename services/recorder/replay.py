@@ -137,11 +137,12 @@ class ReplayEngine:
 
     def replay_env(self, m: RecordingManifest, workdir: Path) -> tuple[dict[str, str], list[str]]:
         recorded = m.environment.env if m.environment else {}
-        env = {k: v for k, v in recorded.items() if v != REDACTED and k not in PER_RUN_VARS}
+        # A value with a redacted part (https://[REDACTED]@host) is as unusable as a redacted one.
+        env = {k: v for k, v in recorded.items() if REDACTED not in v and k not in PER_RUN_VARS}
         env["PWD"] = str(workdir)
         env.pop("OLDPWD", None)
         # PWD is set above (the redaction rules take its name for a password variable).
-        return env, sorted(k for k, v in recorded.items() if v == REDACTED and k != "PWD")
+        return env, sorted(k for k, v in recorded.items() if REDACTED in v and k != "PWD")
 
     # -- replaying ------------------------------------------------------------------------------
     def replay(self, rid: str, *, keep: bool = False, sandbox_root: Path | None = None,
