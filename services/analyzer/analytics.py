@@ -35,6 +35,11 @@ REPORT_VERSION = 1
 _NAME = attrgetter("name")
 DAY_S = 86400.0
 SIGNIFICANCE = 0.05
+MIN_TREND_BUILDS = 3  # a slope with its confidence interval needs n - 2 >= 1 degrees of freedom
+# A per-day rate is quoted only when builds spread over at least this many
+# days; two working days (Mon, Tue 9-17 h) measure 1.8, three measure 2.9.
+MIN_DAY_SPAN = 2.0
+_UNIFORM_SPAN = math.sqrt(12.0)  # span of an even spread = sqrt(12) x its standard deviation
 
 
 class ReportFilter(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -71,12 +76,25 @@ class DurationStats(msgspec.Struct, kw_only=True):
 
 
 class Trend(msgspec.Struct, kw_only=True):
-    """Least-squares trends of a duration: seconds per day and seconds per build."""
+    """Least-squares trends of a duration: seconds per build and seconds per day.
+
+    ``per_day`` is always fitted (for JSON readers of older reports), but it is
+    a rate a farm can use only when ``per_day_supported``: the builds are
+    spread over at least :data:`MIN_DAY_SPAN` days.  A slope fitted to ten
+    minutes of builds and multiplied out to a day is an extrapolation, not a
+    measurement; summaries and CSV leave it out and say why.
+    """
 
     per_day: Fit = msgspec.field(default_factory=Fit)
     per_build: Fit = msgspec.field(default_factory=Fit)
     direction: Literal["rising", "falling", "flat"] = "flat"
     significant: bool = False  # per-build slope's p-value below 0.05
+    # Days the builds cover: sqrt(12) x their standard deviation in days, i.e.
+    # the length of an even spread of builds with the same spread.
+    span_days: float = 0.0
+    per_day_supported: bool = False
+    # Which rate a reader should quote: "none" (under 3 builds), "build", or "day".
+    rate_basis: Literal["none", "build", "day"] = "none"
 
 
 class DailyPoint(msgspec.Struct, kw_only=True):
@@ -192,11 +210,17 @@ def select(sessions: Iterable[BuildSession], f: ReportFilter) -> list[BuildSessi
 
 
 def trend_of(per_day: Fit, per_build: Fit) -> Trend:
-    significant = per_build.n >= 3 and per_build.p_value < SIGNIFICANCE and per_build.slope != 0
+    significant = per_build.n >= MIN_TREND_BUILDS and per_build.p_value < SIGNIFICANCE and per_build.slope != 0
     direction: Literal["rising", "falling", "flat"] = "flat"
     if significant:
         direction = "rising" if per_build.slope > 0 else "falling"
-    return Trend(per_day=per_day, per_build=per_build, direction=direction, significant=significant)
+    span_days = per_day.x_sd * _UNIFORM_SPAN
+    per_day_supported = per_day.n >= MIN_TREND_BUILDS and span_days >= MIN_DAY_SPAN
+    basis: Literal["none", "build", "day"] = "none"
+    if per_build.n >= MIN_TREND_BUILDS:
+        basis = "day" if per_day_supported else "build"
+    return Trend(per_day=per_day, per_build=per_build, direction=direction, significant=significant,
+                 span_days=span_days, per_day_supported=per_day_supported, rate_basis=basis)
 
 
 def duration_stats(sessions: Sequence[BuildSession]) -> DurationStats:

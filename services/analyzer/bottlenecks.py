@@ -10,7 +10,11 @@ constraints that held each target back:
   last before it started, the most likely reason it could not start earlier.
 
 The critical path walks back from the target that ended last, each time to the
-predecessor that ended last (the binding constraint).  The what-if estimate
+predecessor that ended last (the binding constraint).  It is labelled by what it
+rests on: "derived from dependencies" when the tool recorded them (ninja's deps
+log, make's database, Bazel's BEP), "lane order (no dependency data)" otherwise
+-- then it is only the order targets ran in on each worker and when they ended,
+and independent targets (``make -j2`` of unrelated objects) look like a chain.  The what-if estimate
 replays the session with one target N % faster: each target starts when its
 predecessors end plus the scheduling gap it had originally (never earlier than
 that; targets without predecessors keep their start), and the saved wall time is
@@ -30,6 +34,9 @@ from shared.protocol import BuildSession, TargetMetrics
 
 EPS = 1e-6  # clock granularity: an end this close to a start counts as "before"
 Via = Literal["root", "dep", "lane", "inferred"]
+Basis = Literal["", "dependencies", "lane order"]  # "": a report written before the field existed
+DEPS_LABEL = "derived from dependencies"
+LANES_LABEL = "lane order (no dependency data)"
 _VIA_RANK = {"dep": 0, "lane": 1, "inferred": 2}
 
 
@@ -48,6 +55,8 @@ class CriticalPath(msgspec.Struct, kw_only=True):
     path_s: float  # sum of the durations on the path
     wait_s: float  # wall time on the path spent waiting (scheduling gaps, before and after)
     steps: list[PathStep] = []
+    basis: Basis = ""  # "dependencies": the tool recorded them; "lane order": it did not
+    label: str = ""  # the basis for people, e.g. "lane order (no dependency data)"
 
 
 class WhatIf(msgspec.Struct, kw_only=True):
@@ -74,6 +83,7 @@ class Bottlenecks(msgspec.Struct, kw_only=True):
     speedup_pct: float
     targets: list[Bottleneck] = []
     latest: CriticalPath | None = None  # the most recent session's critical path
+    with_dependencies: int = 0  # sessions analysed whose tool recorded dependencies
 
 
 class SessionGraph:
@@ -85,6 +95,7 @@ class SessionGraph:
         self.t: list[TargetMetrics] = sorted(ran, key=lambda t: (t.start, t.end, t.name))
         self.origin = session.start if session.start else min((t.start for t in self.t), default=0.0)
         self.index = index = {t.name: i for i, t in enumerate(self.t)}
+        self.has_deps = any(t.deps for t in self.t)
         ends = sorted((t.end, i) for i, t in enumerate(self.t))
         end_vals = [e for e, _ in ends]
         lanes: dict[str, list[tuple[float, int]]] = {}
@@ -131,7 +142,7 @@ class SessionGraph:
     def critical_path(self) -> CriticalPath:
         sid = self.session.id
         if not self.t:
-            return CriticalPath(session_id=sid, wall_s=self.wall, path_s=0.0, wait_s=self.wall)
+            return CriticalPath(session_id=sid, wall_s=self.wall, path_s=0.0, wait_s=self.wall, **self._basis([]))
         cur = max(range(len(self.t)), key=lambda i: (self.t[i].end, self.t[i].start))
         chain: list[tuple[int, str, float]] = []
         seen: set[int] = set()
@@ -150,7 +161,18 @@ class SessionGraph:
                           wait_s=w, worker=self.t[i].worker, via=via) for i, via, w in chain]  # type: ignore[arg-type]
         path_s = sum(s.duration_s for s in steps)
         return CriticalPath(session_id=sid, wall_s=self.wall, path_s=path_s, wait_s=max(0.0, self.wall - path_s),
-                            steps=steps)
+                            steps=steps, **self._basis(steps))
+
+    def _basis(self, steps: Sequence[PathStep]) -> dict[str, str]:
+        if not self.has_deps:
+            return {"basis": "lane order", "label": LANES_LABEL}
+        links = steps[1:]  # the first step is the root: it has no link
+        guessed = sum(1 for s in links if s.via != "dep")
+        label = DEPS_LABEL
+        if guessed:
+            # Dependencies were recorded, but some links of this path are not one of them.
+            label += f" ({guessed} of {len(links)} links by lane order or timing)"
+        return {"basis": "dependencies", "label": label}
 
     def replay(self, target: str, speedup_pct: float) -> float:
         """Makespan (from the session start) with ``target`` ``speedup_pct`` % faster."""
@@ -233,4 +255,5 @@ def bottlenecks(sessions: Sequence[BuildSession], *, speedup_pct: float = 50.0, 
                               share_of_total=(totals or {}).get(name, 0.0) / all_total,
                               what_if=_what_if(graphs, name, speedup_pct)))
     out.sort(key=lambda b: (-b.critical_s, -b.total_s))
-    return Bottlenecks(sessions_analysed=len(graphs), speedup_pct=speedup_pct, targets=out, latest=latest)
+    return Bottlenecks(sessions_analysed=len(graphs), speedup_pct=speedup_pct, targets=out, latest=latest,
+                       with_dependencies=sum(1 for g in graphs if g.has_deps))

@@ -7,6 +7,12 @@
   and one row per target.  RFC 4180 (``csv`` module, CRLF), a header row, times
   both as ISO 8601 UTC and Unix seconds, numbers unformatted (full precision).
 * The summary is plain text for a terminal or a chat message.
+
+Rates are quoted only over a span that supports them: a per-build trend from 3
+builds up, with its 95 % interval and p-value; a per-day trend only when the
+builds cover days (``Trend.per_day_supported``; the CSV's ``trend_s_per_day``
+cell is empty otherwise).  A critical path says what it rests on: dependencies
+the tool recorded, or only lane order.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from services.analyzer.analytics import AnalyticsReport
+from services.analyzer.analytics import DAY_S, MIN_DAY_SPAN, MIN_TREND_BUILDS, AnalyticsReport, Trend
 
 SESSION_COLUMNS = ["id", "name", "start_utc", "start", "finish", "duration_s", "outcome", "branch", "commit",
                    "targets", "failed_targets", "cache_hits", "cache_misses", "cache_hit_rate", "target_time_s"]
@@ -73,7 +79,8 @@ def targets_csv(report: AnalyticsReport) -> str:
         w.writerow([_cell(v) for v in (
             t.name, t.runs, t.failures, t.failure_rate, t.total_s, t.share_of_total, t.mean_s, t.median_s, t.p95_s,
             t.stdev_s, t.min_s, t.max_s, t.cache_hits, t.cache_misses, t.cache_hit_rate, t.flaky, t.flaky_commits,
-            t.trend.direction, t.trend.per_build.slope, t.trend.per_day.slope, t.trend.per_build.r2,
+            t.trend.direction, t.trend.per_build.slope,
+            t.trend.per_day.slope if t.trend.per_day_supported else None, t.trend.per_build.r2,
             t.trend.per_build.p_value, b.critical_s if b else None,
             b.what_if.saved_s if b and b.what_if else None)])
     return buf.getvalue()
@@ -110,11 +117,8 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
     if d.fastest and d.slowest:
         lines.append(f"  fastest {fmt_s(d.min_s)} (session {d.fastest.session_id}), "
                      f"slowest {fmt_s(d.max_s)} (session {d.slowest.session_id})")
-    t = r.trend
-    if t.per_build.n >= 3:
-        word = {"rising": "getting slower", "falling": "getting faster", "flat": "no significant trend"}[t.direction]
-        lines.append(f"Trend: {word}: {t.per_build.slope:+.3f}s per build, {t.per_day.slope:+.2f}s per day "
-                     f"(r²={t.per_build.r2:.2f}, p={t.per_build.p_value:.3g})")
+    if r.trend.per_build.n >= MIN_TREND_BUILDS:
+        lines.append(trend_line(r.trend))
     lines.append(f"Cache hit rate: {_pct(r.cache_hit_rate)} ({r.cache_hits} hits, {r.cache_misses} misses)")
     if r.targets:
         lines.append(f"Top targets by total time (of {len(r.targets)}):")
@@ -127,7 +131,13 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
         lines.append("Flaky targets: " + ", ".join(f"{x.name} ({x.flaky_commits} commits)" for x in flaky[:top]))
     b = r.bottlenecks
     if b and b.targets:
-        lines.append(f"Bottlenecks (critical paths of the last {b.sessions_analysed} builds):")
+        if b.with_dependencies == b.sessions_analysed:
+            basis = "derived from dependencies"
+        elif b.with_dependencies:
+            basis = f"{b.with_dependencies} derived from dependencies, the others lane order"
+        else:
+            basis = "lane order (no dependency data)"
+        lines.append(f"Bottlenecks (critical paths of the last {b.sessions_analysed} builds, {basis}):")
         for x in b.targets[:top]:
             wi = x.what_if
             gain = f"; {b.speedup_pct:.0f}% faster saves {fmt_s(wi.saved_s)} per build" if wi else ""
@@ -135,7 +145,22 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
                          f"{x.on_critical_path} builds{gain}")
         if b.latest and b.latest.steps:
             cp = b.latest
-            lines.append(f"Latest critical path ({cp.session_id}, {fmt_s(cp.wall_s)} wall, "
+            label = f", {cp.label}" if cp.label else ""
+            lines.append(f"Latest critical path{label} ({cp.session_id}, {fmt_s(cp.wall_s)} wall, "
                          f"{fmt_s(cp.path_s)} working, {fmt_s(cp.wait_s)} waiting): "
                          + " -> ".join(s.name for s in cp.steps[-8:]))
     return "\n".join(lines) + "\n"
+
+
+def trend_line(t: Trend) -> str:
+    """The build-time trend with its confidence, per day only over a span of days."""
+    word = {"rising": "getting slower", "falling": "getting faster", "flat": "no significant trend"}[t.direction]
+    pb = t.per_build
+    line = (f"Trend: {word}: {pb.slope:+.3f}s per build (95% CI {pb.ci_low:+.3f} to {pb.ci_high:+.3f}, "
+            f"p={pb.p_value:.3g}, r²={pb.r2:.2f}, {pb.n} builds)")
+    pd = t.per_day
+    if t.per_day_supported:
+        return line + (f"; {pd.slope:+.2f}s per day (95% CI {pd.ci_low:+.2f} to {pd.ci_high:+.2f}, "
+                       f"builds over {t.span_days:.1f} days)")
+    return line + (f"; no per-day rate: the builds cover {fmt_s(t.span_days * DAY_S)}, "
+                   f"a per-day rate needs {MIN_DAY_SPAN:g} days")

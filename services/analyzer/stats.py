@@ -33,6 +33,10 @@ class Fit(msgspec.Struct, kw_only=True):
     p_value: float = 1.0  # two-sided, H0: slope == 0
     ci_low: float = 0.0  # 95 % confidence interval of the slope
     ci_high: float = 0.0
+    # Spread of x (population standard deviation): how much of the x axis the
+    # points cover, so a caller can tell a slope measured over days from one
+    # extrapolated from minutes.
+    x_sd: float = 0.0
 
 
 def percentile_sorted(s: Sequence[float], q: float) -> float:
@@ -63,21 +67,23 @@ def fit_from_sums(n: int, sx: float, sy: float, sxx: float, sxy: float, syy: flo
     """Least squares from centred sums (``sxx = Σ(x - x̄)²`` etc.), as grouped code produces them."""
     if n < 2 or sxx <= 0:
         return Fit(n=n, intercept=sy / n if n else 0.0)
+    x_sd = math.sqrt(sxx / n)
     slope = sxy / sxx
     intercept = (sy - slope * sx) / n
     ss_res = max(syy - slope * sxy, 0.0)
     r2 = 1.0 - ss_res / syy if syy > 0 else 0.0
     if n < 3:
-        return Fit(n=n, slope=slope, intercept=intercept, r2=r2, p_value=1.0, ci_low=slope, ci_high=slope)
+        return Fit(n=n, slope=slope, intercept=intercept, r2=r2, p_value=1.0, ci_low=slope, ci_high=slope,
+                   x_sd=x_sd)
     df = n - 2
     se = math.sqrt(ss_res / df / sxx)
     if se == 0:
         return Fit(n=n, slope=slope, intercept=intercept, r2=max(r2, 0.0), p_value=0.0 if slope else 1.0,
-                   ci_low=slope, ci_high=slope)
+                   ci_low=slope, ci_high=slope, x_sd=x_sd)
     p = t_two_sided_p(slope / se, df)
     half = t_quantile(0.975, df) * se
     return Fit(n=n, slope=slope, intercept=intercept, r2=min(max(r2, 0.0), 1.0), p_value=p,
-               ci_low=slope - half, ci_high=slope + half)
+               ci_low=slope - half, ci_high=slope + half, x_sd=x_sd)
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Fit:
