@@ -72,8 +72,10 @@ _AUTH_SCHEME = re.compile(r"(?i)\b(Bearer|Basic)(\s+)[A-Za-z0-9._~+/\-]{8,}=*")
 _AUTH_WORDS = frozenset({"bearer", "basic", "digest", "token"})
 _WORD_SPLIT = re.compile(r"((?<!\\)\s+)")  # make and shells escape a space inside a value with '\'
 _ASSIGN = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-\[\]]*)=(?P<value>.*)", re.DOTALL)
-_HEADER = re.compile(r"(?P<name>[A-Za-z][A-Za-z0-9_\-]*):(?P<value>(?!//).*)", re.DOTALL)
+_HEADER = re.compile(r"(?P<name>[A-Za-z][A-Za-z0-9_.\-]*):(?P<value>(?!//).*)", re.DOTALL)
 _QUOTES = "\"'"
+_SHORT_SECRET_OPTION = re.compile(
+    r"(api|access|auth|client|private|secret|deploy|git|npm)?[-_.]?(token|secret|pass|key|apikey|credential|auth)")
 
 
 def _entropy(s: str) -> float:
@@ -176,11 +178,15 @@ def _word(word: str) -> tuple[str, str]:
     if core.startswith("-"):
         name, eq, value = core.partition("=")
         if eq:
-            if is_sensitive_name(name):
+            if "/" not in name and is_sensitive_name(name):
                 return f"{q}{name}={REDACTED}", ""
             return f"{q}{name}={_word(value)[0]}", ""  # --env=TOKEN=x, -Dkey=url…
         bare = core.strip(_QUOTES).lstrip("-").lower()
-        if is_sensitive_name(bare) and not bare.startswith("no-") and not bare.endswith("-stdin"):
+        # A single dash is also a value glued to a letter (-I/opt/keys, -lkeyutils, -Idsn): only
+        # names that start with the secret word (-password X, -apikey X) take the next word.
+        named = core.startswith("--") or _SHORT_SECRET_OPTION.match(bare)
+        if (named and "/" not in bare and is_sensitive_name(bare) and not bare.startswith("no-")
+                and not bare.endswith("-stdin")):
             return word, "option"  # --token X, --password X
     elif m := _ASSIGN.fullmatch(core):
         name = m.group("name")
