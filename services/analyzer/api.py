@@ -230,7 +230,8 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     """A flame graph of the selected sessions' targets (by package path, integer microseconds).
 
     ``diff`` draws a differential against another selection (red slower, blue faster; widths from
-    ``diff_widths``, ``normalize`` scales the base to the same total, ``diff_color`` colours by
+    ``diff_widths``, ``normalize`` scales the base to the same total (unset: when the two sides
+    cover different numbers of sessions), ``diff_color`` colours by
     self or subtree change).  ``chart`` draws one session's timeline instead.  The option fields
     are flamegraph.pl's (``services.flamegraph.FlameGraphOptions``).  ``folded`` adds the stacks.
     """
@@ -238,7 +239,7 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     diff: FlameGraphSelection | None = None
     diff_widths: Literal["after", "before"] = "after"
     diff_color: Literal["self", "total"] = "self"
-    normalize: bool = False
+    normalize: bool | None = None  # unset: on when the two sides cover different numbers of sessions
     chart: bool = False
     folded: bool = False
     source: Literal["auto", "history", "storage"] = "auto"
@@ -248,7 +249,7 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     height: int = 16
     minwidth: float | str = 0.1
     countname: str | None = None
-    colors: str = "hot"
+    colors: str = "cache"  # by the targets' cache result (services/flamegraph/build.py); or a flamegraph.pl palette
     hash: bool = False
     reverse: bool = False
     inverted: bool = False

@@ -23,9 +23,10 @@ def flame_options(req: Any) -> Any:
     return FlameGraphOptions(**{k: getattr(req, k) for k in FLAME_OPTIONS})
 
 
-def flame_stacks(sessions: list[Any], *, sequence: bool = False) -> Any:
+def flame_stacks(sessions: list[Any], *, sequence: bool = False, categories: dict[str, int] | None = None) -> Any:
     """The sessions' targets as stacks: merged ``FoldedStacks``, or for a flame chart the
-    ``(key, us)`` lines in time order (sessions by start, then targets by start)."""
+    ``(key, us)`` lines in time order (sessions by start, then targets by start).  ``categories``
+    (a dict to fill) receives each stack's cache/status bits, for :func:`build_marks`."""
     from types import SimpleNamespace
 
     from services.flamegraph import FlameGraphBuilder
@@ -35,6 +36,8 @@ def flame_stacks(sessions: list[Any], *, sequence: bool = False) -> Any:
         builder = FlameGraphBuilder()
         for s in ordered:
             builder.add_session(s)
+        if categories is not None:
+            categories.update(builder.categories)
         return builder.stacks
     lines: list[tuple[str, int]] = []
     for s in ordered:
@@ -42,7 +45,39 @@ def flame_stacks(sessions: list[Any], *, sequence: bool = False) -> Any:
             one = FlameGraphBuilder()
             one.add_session(SimpleNamespace(targets=[t]))  # add_session's phase/mnemonic rules, one target
             lines.extend(one.stacks.keys_counts.items())
+            if categories is not None:
+                for k, v in one.categories.items():
+                    categories[k] = categories.get(k, 0) | v
     return lines
+
+
+def sessions_label(sessions: list[Any]) -> str:
+    """The build(s) a flame graph is of, as its root says: ``session 3f9a2c1d (nightly)``,
+    ``5 builds of main``."""
+    if len(sessions) == 1:
+        s = sessions[0]
+        return f"session {s.id[:8]}" + (f" ({s.name})" if s.name else "")
+    branches = {getattr(getattr(getattr(s, "environment", None), "vcs", None), "branch", None) for s in sessions}
+    [branch] = branches if len(branches) == 1 else [None]
+    return f"{len(sessions)} builds" + (f" of {branch}" if branch else "")
+
+
+def auto_normalize(normalize: bool | None, after_builds: int | None, base_builds: int | None) -> bool:
+    """``normalize`` as asked; unset, on when both sides are builds and cover different numbers of
+    them (5 builds against 20 would otherwise be all blue)."""
+    if normalize is not None:
+        return normalize
+    return after_builds is not None and base_builds is not None and after_builds != base_builds
+
+
+def build_marks(after: str, categories: dict[str, int] | None = None, *, base: str | None = None,
+                normalized: bool = False) -> Any:
+    """The renderer's :class:`~services.flamegraph.BuildMarks` for builds labelled ``after``
+    (and, for a differential, ``base``)."""
+    from services.flamegraph import BuildMarks
+
+    root = after if base is None else f"{after} vs {base}" + (", base scaled to the same total" if normalized else "")
+    return BuildMarks(root=root, categories=categories or {})
 
 
 def folded_text(stacks: Any) -> str:
@@ -60,8 +95,9 @@ def stacks_total(stacks: Any) -> int:
 
 
 def render_flamegraph(stacks: Any, options: Any, *, base: Any = None, widths: str = "after",
-                      color_by: str = "self", normalize: bool = False) -> str:
-    """The SVG of ``stacks`` (from :func:`flame_stacks` or a folded file), or of ``base`` -> ``stacks``."""
+                      color_by: str = "self", normalize: bool = False, marks: Any = None) -> str:
+    """The SVG of ``stacks`` (from :func:`flame_stacks` or a folded file), or of ``base`` -> ``stacks``;
+    ``marks`` (:func:`build_marks`) when they are builds."""
     from dataclasses import fields
 
     from services.flamegraph import SVGFlameGraphGenerator, render_diff_svg
@@ -73,11 +109,14 @@ def render_flamegraph(stacks: Any, options: Any, *, base: Any = None, widths: st
         if kw["title"] is None:
             del kw["title"]  # render_diff_svg's own default title
         return render_diff_svg(base, stacks, widths=widths, normalize=normalize,  # type: ignore[arg-type]
-                               color_by=color_by, **kw)  # type: ignore[arg-type]
+                               color_by=color_by, marks=marks, **kw)  # type: ignore[arg-type]
+    if options.colors == "cache" and (marks is None or not marks.categories):
+        raise ValueError("colors 'cache' colours targets by their cache result: it needs stored builds "
+                         "(a session or sessions), not a trace or a folded file")
     gen = SVGFlameGraphGenerator(options)
     if isinstance(stacks, list):
-        return gen.render_layout(gen.layout_sequence(stacks), unit="us")
-    return gen.render(stacks)
+        return gen.render_layout(gen.layout_sequence(stacks, marks), unit="us", marks=marks)
+    return gen.render(stacks, marks=marks)
 
 
 CHART_IGNORES = ("subtitle", "countname", "hash", "reverse", "inverted", "flamechart", "negate")
@@ -113,15 +152,23 @@ def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: l
         raise ValueError("chart draws one session: give session and none of "
                          f"{', '.join(chart_conflicts(r)) or 'the window fields'}")
     with gc_paused():
-        stacks = flame_stacks(sessions, sequence=r.flamechart)
+        categories: dict[str, int] = {}
+        stacks = flame_stacks(sessions, sequence=r.flamechart, categories=categories)
         base_stacks = flame_stacks(base) if base is not None else None
+        normalize = auto_normalize(r.normalize, len(sessions), len(base) if base is not None else None)
+        marks = build_marks(sessions_label(sessions), categories, base=sessions_label(base) if base else None,
+                            normalized=normalize)
+        if base and normalize and r.normalize is None:
+            notes = [*(notes or ()), f"base ({len(base)} sessions) scaled to the total of the {len(sessions)} "
+                                     "drawn (normalize=false compares raw times)"]
         search = r.search_data
         while True:
             # The embedded search data grows with the input; without it the SVG is bounded by the
             # frames drawn (minwidth), so it is what goes first.
             opts = replace(options, search_data=search)
             svg = render_chart(sessions[0], opts) if r.chart else render_flamegraph(
-                stacks, opts, base=base_stacks, widths=r.diff_widths, color_by=r.diff_color, normalize=r.normalize)
+                stacks, opts, base=base_stacks, widths=r.diff_widths, color_by=r.diff_color, normalize=normalize,
+                marks=marks)
             dropped = ["search data dropped to fit one NATS message"] if search != r.search_data else []
             data = _enc.encode(FlameGraphReply(
                 svg=svg.encode(), folded=folded_text(stacks) if r.folded else None, sessions=len(sessions),

@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="frame widths from the drawn profile (after, default) or the base (before)")
     d.add_argument("--diff-color", choices=("self", "total"),
                    help="colour a frame by the change of its self time (default, as flamegraph.pl) or of its subtree")
-    d.add_argument("--normalize", action="store_true", help="scale the base to the same total first (difffolded -n)")
+    d.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the base to the same total first (difffolded -n); default: on when both sides "
+                        "are stored builds and cover different numbers of them")
     o = p.add_argument_group("flamegraph.pl options")
     o.add_argument("--title", help="title text (default Flame Graph / Icicle Graph / Flame Chart)")
     o.add_argument("--subtitle", default="", help="second-level title")
@@ -71,9 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     o.add_argument("--height", type=int, default=16, help="frame height in pixels (default 16)")
     o.add_argument("--minwidth", default="0.1", help="omit frames narrower than this: pixels, or N%% of the total "
                                                      "(default 0.1)")
-    o.add_argument("--countname", help="count type label (default us)")
-    o.add_argument("--colors", default="hot", help="palette: hot, mem, io, wakeup, chain, java, js, perl, red, "
-                                                   "green, blue, aqua, yellow, purple, orange (default hot)")
+    o.add_argument("--countname", help="count type label (default: durations for builds and traces, us for a "
+                                       "folded file); given, builds show raw microsecond counts under that name")
+    o.add_argument("--colors", help="palette: cache (by the targets' cache result: the default for --session and "
+                                    "--last), hot (the default otherwise), mem, io, wakeup, chain, java, js, perl, "
+                                    "red, green, blue, aqua, yellow, purple, orange")
     o.add_argument("--hash", action="store_true", help="colours keyed by function name hash")
     o.add_argument("--reverse", action="store_true", help="generate a stack-reversed flame graph")
     o.add_argument("--inverted", action="store_true", help="icicle graph")
@@ -115,6 +119,8 @@ class Loaded:
     stacks: Any  # merged FoldedStacks, or (key, count) lines in time order for a flame chart
     what: str  # for messages: "session 1a2b..." / "3 sessions" / "trace ..." / a file name
     sessions: list[Any]
+    label: str | None = None  # the root's label when these are builds (a trace too); None: a folded file
+    categories: dict[str, int] | None = None  # stack key -> cache/status bits (stored sessions only)
 
 
 class Sources:
@@ -136,7 +142,7 @@ class Sources:
             return self._folded(spec.value)
         if spec.kind == "trace":
             return await self._trace(spec.value)
-        from services.analyzer.flamerender import flame_stacks
+        from services.analyzer.flamerender import flame_stacks, sessions_label
         from services.cli.cmd_sessions import _resolve
         from services.storage.api import StorageClient, StorageError
 
@@ -145,7 +151,9 @@ class Sources:
             s = await _resolve(client, spec.value)
             if not s.targets:
                 raise CLIError(f"session {s.id} has no targets: nothing to draw")
-            return Loaded(flame_stacks([s], sequence=self.sequence), f"session {s.id}", [s])
+            cats: dict[str, int] = {}
+            return Loaded(flame_stacks([s], sequence=self.sequence, categories=cats), f"session {s.id}", [s],
+                          sessions_label([s]), cats)
         n = int(spec.value)
         try:
             sessions = await (client.query(branch=spec.branch, limit=n) if spec.branch else client.recent(n))
@@ -153,26 +161,30 @@ class Sources:
             raise CLIError(str(exc)) from None
         if not sessions:
             raise CLIError("no sessions stored" + (f" for branch {spec.branch!r}" if spec.branch else ""))
-        return Loaded(flame_stacks(sessions, sequence=self.sequence),
-                      f"{len(sessions)} session{'s' * (len(sessions) != 1)}", sessions)
+        cats = {}
+        return Loaded(flame_stacks(sessions, sequence=self.sequence, categories=cats),
+                      f"{len(sessions)} session{'s' * (len(sessions) != 1)}", sessions, sessions_label(sessions), cats)
 
     def _folded(self, path: str) -> Loaded:
-        from services.flamegraph import FoldedParseError, iter_folded, read_folded
+        from services.flamegraph import Ignored, iter_folded, read_folded
 
+        # flamegraph.pl's rules: a file it draws draws here too.  Bad lines are skipped and
+        # counted (it says "Ignored N lines with invalid format"), decimal counts rounded.
+        ignored = Ignored()
         try:
             if self.sequence:  # a flame chart keeps the file's line order
                 with open(path, encoding="utf-8", newline="") as fh:
-                    stacks: Any = list(iter_folded(fh, name=path))
+                    stacks: Any = list(iter_folded(fh, name=path, ignored=ignored))
             else:
-                stacks = read_folded(path)
-        except FoldedParseError as exc:
-            raise CLIError(str(exc)) from None
+                stacks = read_folded(path, ignored=ignored)
         except UnicodeDecodeError as exc:
             raise CLIError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except OSError as exc:
             raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
         if not stacks:
-            raise CLIError(f"{path}: no stacks in the file")
+            raise CLIError(f"{path}: no stacks in the file" + (f" ({ignored.message()})" if ignored else ""))
+        if ignored:
+            print(f"buildtel: {path}: {ignored.message()}", file=sys.stderr)
         return Loaded(stacks, path, [])
 
     async def _trace(self, ident: str) -> Loaded:
@@ -188,20 +200,22 @@ class Sources:
             raise CLIError(str(exc)) from None
         if not trace.spans:
             raise CLIError(f"trace {trace.trace_id} has no spans: nothing to draw")
-        return Loaded(trace_stacks(trace.spans, sequence=self.sequence), f"trace {trace.trace_id}", [])
+        return Loaded(trace_stacks(trace.spans, sequence=self.sequence), f"trace {trace.trace_id}", [],
+                      f"trace {trace.trace_id[:16]}")
 
 
 def trace_stacks(spans: list[Any], *, sequence: bool = False) -> Any:
-    """Tracer ``SpanRecord``s as stacks by self time (microseconds): merged, or for a flame chart
+    """Tracer ``SpanRecord``s as stacks by self time (integer microseconds): merged, or for a flame chart
     one line per span in depth-first start order (a span's self time, then its children)."""
     from services.flamegraph import FlameGraphBuilder, Span
     from services.flamegraph.folded import SEP
 
-    items = [Span(s.span_id, s.parent_span_id or None, s.name or "?", s.start_ns // 1000, s.end_ns // 1000)
-             for s in spans]
+    # Times stay in nanoseconds: add_spans(ns=True) computes each self time exactly and rounds it
+    # once, where truncating both ends to microseconds first could lose 1 µs per span.
+    items = [Span(s.span_id, s.parent_span_id or None, s.name or "?", s.start_ns, s.end_ns) for s in spans]
     if not sequence:
         builder = FlameGraphBuilder()
-        builder.add_spans(items)
+        builder.add_spans(items, ns=True)
         return builder.stacks
     ids = {s.span_id for s in items}
     kids: dict[Any, list[Any]] = {}
@@ -225,7 +239,7 @@ def trace_stacks(spans: list[Any], *, sequence: bool = False) -> Any:
         # The builder on the span and its direct children gives the span's self time (and its
         # cleaned frame name) by exactly add_spans' rule: the one key without a separator.
         one = FlameGraphBuilder()
-        one.add_spans([span._replace(parent_id=None), *children])
+        one.add_spans([span._replace(parent_id=None), *children], ns=True)
         [(frame, self_us)] = [(k, v) for k, v in one.stacks.keys_counts.items() if SEP not in k]
         key = f"{path}{SEP}{frame}" if path else frame
         lines.append((key, self_us))
@@ -280,6 +294,8 @@ def _write(dest: str, data: bytes) -> None:
 
 async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
     from services.analyzer.flamerender import (
+        auto_normalize,
+        build_marks,
         flame_options,
         folded_text,
         render_chart,
@@ -289,6 +305,8 @@ async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
 
     _check_args(args)
     args.minwidth = _minwidth(args.minwidth)
+    if args.colors is None:  # stored builds know each target's cache result: colour by it
+        args.colors = "cache" if args.session or args.last is not None else "hot"
     try:
         options = flame_options(args)
     except ValueError as exc:
@@ -309,13 +327,24 @@ async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
     total = stacks_total(main.stacks)
     if total <= 0 and not args.chart:
         raise CLIError(f"{main.what}: every count is 0, nothing to draw")
+    # Builds (and traces) are drawn as builds: durations, the build at the root; a folded file on
+    # either side keeps flamegraph.pl's drawing, whose counts may be anything.
+    builds = main.label is not None and (base is None or base.label is not None)
+    count = {"session": len, "last": len}
+    normalize = auto_normalize(args.normalize, count.get(spec.kind, lambda _: None)(main.sessions),
+                               count.get(base_spec.kind, lambda _: None)(base.sessions) if base else None)
+    if base and normalize and args.normalize is None:
+        print(f"buildtel: the base ({base.what}) is scaled to the total of the {main.what} drawn "
+              "(--no-normalize compares raw times)", file=sys.stderr)
+    marks = build_marks(main.label, main.categories, base=base.label if base else None,  # type: ignore[arg-type]
+                        normalized=normalize) if builds else None
     try:
         if args.chart:
             svg = render_chart(main.sessions[0], options)
         else:
             svg = render_flamegraph(main.stacks, options, base=base.stacks if base else None,
                                     widths=args.diff_widths or "after", color_by=args.diff_color or "self",
-                                    normalize=args.normalize)
+                                    normalize=normalize, marks=marks)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     _write(args.output, svg.encode())
@@ -326,9 +355,13 @@ async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
             done = f"chart of {main.what}, {len(main.sessions[0].targets)} targets"
         else:
             against = f" against {base.what}" if base else ""
-            unit = options.countname or "us"
-            seconds = f" ({total / 1e6:.3f} s)" if unit == "us" and total >= 1000 else ""
+            if marks is not None:
+                from services.flamegraph import fmt_duration
+
+                amount = fmt_duration(total)
+            else:
+                amount = f"{total:,} {options.countname or 'us'}"
             done = (f"{'differential ' if base else ''}flame graph of {main.what}{against}, "
-                    f"{total:,} {unit}{seconds} in {len(main.stacks)} stacks")
+                    f"{amount} in {len(main.stacks)} stacks")
         print(f"buildtel: wrote {args.output}: {done}", file=sys.stderr)
     return 0

@@ -8,14 +8,18 @@ Pure functions and classes: no bus, no I/O except files the caller names.
 * :mod:`.svg` -- :class:`SVGFlameGraphGenerator`, flamegraph.pl-compatible SVGs.
 * :mod:`.diff` -- differential flame graphs (difffolded.pl + flamegraph.pl).
 * :mod:`.chart` -- a build's timeline, one lane per worker.
+* :mod:`.build` -- what flame graphs of builds add: durations, the build at
+  the root, colours by cache result, a legend.
 """
 
+from .build import BuildMarks, fmt_duration
 from .chart import BuildChartGenerator, chart_items_from_session
 from .diff import DiffStacks, diff_folded, parse_diff_folded, render_diff_svg
 from .folded import (
     DEFAULT_UNIT,
     FoldedParseError,
     FoldedStacks,
+    Ignored,
     format_folded,
     iter_folded,
     parse_folded,
@@ -29,17 +33,20 @@ from .svg import FlameGraphOptions, SVGFlameGraphGenerator
 __all__ = [
     "DEFAULT_UNIT",
     "BuildChartGenerator",
+    "BuildMarks",
     "DiffStacks",
     "FlameGraphBuilder",
     "FlameGraphOptions",
     "FlameNode",
     "FoldedParseError",
     "FoldedStacks",
+    "Ignored",
     "Layout",
     "SVGFlameGraphGenerator",
     "Span",
     "chart_items_from_session",
     "diff_folded",
+    "fmt_duration",
     "format_folded",
     "iter_folded",
     "parse_diff_folded",

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .build import category_color, category_name, target_category
 from .colors import PALETTES, frame_color
 from .svg import escape_xml
 
@@ -135,9 +136,12 @@ class BuildChartGenerator:
         self.fonttype, self.fontsize, self.fontwidth = fonttype, fontsize, fontwidth
 
     def render_session(self, session: BuildSession) -> str:
-        return self.render(chart_items_from_session(session))
+        # The "cache" palette colours a bar by what its target did (build.py); by name otherwise.
+        cats = {t.name: target_category(t) for t in session.targets} if self.colors == "cache" else None
+        return self.render(chart_items_from_session(session), categories=cats)
 
-    def render(self, items: Iterable[tuple[str, str, int, int]]) -> str:
+    def render(self, items: Iterable[tuple[str, str, int, int]], *,
+               categories: dict[str, int] | None = None) -> str:
         lanes = assign_rows(items)
         bars_all = [b for bars in lanes.values() for b in bars]
         fs, fh = self.fontsize, self.height
@@ -190,7 +194,9 @@ class BuildChartGenerator:
                 continue
             x = x0 + (b.start_us - t0) * ppu
             by = lane_y[b.worker] + b.row * fh
-            color = colors.get(b.name) or colors.setdefault(b.name, frame_color(self.colors, b.name))
+            color = colors.get(b.name) or colors.setdefault(b.name, (
+                category_color(category_name(categories.get(b.name, 0)), b.name) if categories is not None
+                else frame_color("hot" if self.colors == "cache" else self.colors, b.name)))
             chars = int(w / glyph)
             label = b.name if chars >= len(b.name) else (b.name[: chars - 2] + ".." if chars >= 3 else "")
             info = (f"{b.name} (worker {b.worker}, start +{_fmt_us(b.start_us - t0)}, "

@@ -26,6 +26,7 @@ __all__ = [
 PALETTES = (
     "hot", "mem", "io", "wakeup", "chain", "java", "js", "perl",
     "red", "green", "blue", "aqua", "yellow", "purple", "orange",
+    "cache",  # ours: by targets' cache result (build data only; see build.py)
 )
 
 _MASK48 = (1 << 48) - 1
@@ -168,7 +169,7 @@ def background_colors(palette: str, bgcolors: str | None = None) -> tuple[str, s
             bgcolors = "green"
         elif palette in ("io", "wakeup", "chain"):
             bgcolors = "blue"
-        elif palette in ("red", "green", "blue", "aqua", "yellow", "purple", "orange"):
+        elif palette in ("red", "green", "blue", "aqua", "yellow", "purple", "orange", "cache"):
             bgcolors = "grey"
         else:
             bgcolors = "yellow"

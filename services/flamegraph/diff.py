@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .build import BuildMarks
 from .folded import SEP, FoldedParseError, FoldedStacks, _key
 from .layout import layout_merged, reverse_key
 from .svg import SVGFlameGraphGenerator
@@ -108,9 +109,13 @@ def render_diff_svg(
     widths: Literal["after", "before"] = "after",
     normalize: bool = False,
     color_by: Literal["self", "total"] = "self",
+    marks: BuildMarks | None = None,
     **options: Any,
 ) -> str:
-    """Differential flame graph SVG of ``before`` -> ``after`` (or of a DiffStacks)."""
+    """Differential flame graph SVG of ``before`` -> ``after`` (or of a DiffStacks).
+
+    ``marks``: the two sides are builds (durations, the comparison named at the root and in
+    the title, a legend); see :mod:`.build`."""
     if isinstance(before, DiffStacks):
         if after is not None:
             raise TypeError("pass either a DiffStacks or two profiles")
@@ -121,7 +126,8 @@ def render_diff_svg(
         diff = diff_folded(before, after, normalize=normalize)
     if widths not in ("after", "before"):
         raise ValueError("widths is 'after' or 'before'")
-    options.setdefault("title", "Differential Flame Graph")
+    if marks is None:
+        options.setdefault("title", "Differential Flame Graph")
     gen = SVGFlameGraphGenerator(**options)
     if gen.options.flamechart:
         raise ValueError("a differential is a merged flame graph, not a flame chart")
@@ -142,4 +148,4 @@ def render_diff_svg(
         deltas=deltas,
         delta_mode=color_by,
     )
-    return gen.render_layout(lay, unit=diff.unit)
+    return gen.render_layout(lay, unit=diff.unit, marks=marks)

@@ -6,6 +6,10 @@ space and an integer count::
     main;compile;parse 1200
     main;link 800
 
+Without further ado a bad line is an error naming its number; with an
+:class:`Ignored` the parse follows flamegraph.pl instead (skip and count bad
+lines, round decimal counts).
+
 Counts are integers in a stated unit (microseconds unless the caller says
 otherwise); the unit is not written into the file, because none of the tools
 that read the format would accept a header line.
@@ -37,6 +41,7 @@ __all__ = [
     "SEP",
     "FoldedParseError",
     "FoldedStacks",
+    "Ignored",
     "format_folded",
     "iter_folded",
     "parse_folded",
@@ -60,6 +65,44 @@ class FoldedParseError(ValueError):
         shown = line if len(line) <= 120 else line[:117] + "..."
         where = f"{source}:{lineno}" if source else f"line {lineno}"
         super().__init__(f"{where}: {reason}: {shown!r}")
+
+
+class Ignored:
+    """flamegraph.pl's input rules, for callers that want them: a line that is not
+    ``<stack> <count>`` is skipped and counted (flamegraph.pl prints "Ignored N lines with invalid
+    format"), and a decimal count (``12.5``, which flamegraph.pl accepts) is rounded to a whole
+    number and counted too.  Pass one to the parse functions as ``ignored=``; without it they
+    raise :class:`FoldedParseError` on the first bad line.
+    """
+
+    __slots__ = ("first", "lines", "rounded")
+
+    def __init__(self) -> None:
+        self.lines = 0  # lines skipped
+        self.rounded = 0  # decimal counts rounded to whole numbers
+        self.first: FoldedParseError | None = None  # the first line skipped, for the message
+
+    def skip(self, err: FoldedParseError) -> None:
+        self.lines += 1
+        if self.first is None or err.lineno < self.first.lineno:
+            self.first = err
+
+    def __bool__(self) -> bool:
+        return bool(self.lines or self.rounded)
+
+    def message(self) -> str:
+        """One line for stderr, flamegraph.pl's wording first."""
+        parts = []
+        if self.lines:
+            parts.append(f"Ignored {self.lines} line{'s' * (self.lines != 1)} with invalid format "
+                         f"(first: {self.first})")
+        if self.rounded:
+            parts.append(f"rounded {self.rounded} decimal count{'s' * (self.rounded != 1)} to whole numbers")
+        return "; ".join(parts)
+
+
+# flamegraph.pl's count: digits with an optional decimal part ("12", "12.", "12.5").
+_DECIMAL = re.compile(r"[0-9]+\.[0-9]*")
 
 
 def _key(frames: Sequence[str] | str) -> str:
@@ -201,14 +244,27 @@ def _bad_line(line: str, lineno: int, source: str | None) -> FoldedParseError | 
     return None
 
 
+def _decimal(line: str, ignored: Ignored) -> tuple[str, int] | None:
+    """A line whose count has a decimal part, rounded (flamegraph.pl accepts it); else None."""
+    parts = line.strip().rsplit(None, 1)
+    if len(parts) == 2 and parts[0].strip() and _DECIMAL.fullmatch(parts[1]):
+        ignored.rounded += 1
+        whole, _, frac = parts[1].partition(".")
+        # Half up, in integers: float() would turn a long count into a guess.
+        return parts[0], int(whole) + (frac[:1] >= "5" if frac else 0)
+    return None
+
+
 def _merge_chunk(
-    lines: list[str], counts: dict[str, int], first_lineno: int, source: str | None
+    lines: list[str], counts: dict[str, int], first_lineno: int, source: str | None,
+    ignored: Ignored | None = None,
 ) -> None:
     """Merge lines (';' already replaced by SEP) into counts.
 
     The common shape ``stack count`` is handled inline; anything else (blank
     lines, tabs, trailing spaces or CR, garbage) goes through the careful
-    path, which either accepts it or raises with the line number.
+    path, which either accepts it or raises with the line number (or, given
+    ``ignored``, skips and counts it).
     """
     get = counts.get
     lineno = first_lineno - 1
@@ -219,7 +275,14 @@ def _merge_chunk(
             continue
         err = _bad_line(line, lineno, source)
         if err is not None:
-            raise err
+            if ignored is None:
+                raise err
+            rounded = _decimal(line, ignored)
+            if rounded is None:
+                ignored.skip(err)
+            else:
+                counts[rounded[0]] = get(rounded[0], 0) + rounded[1]
+            continue
         stripped = line.strip()
         if not stripped:
             continue  # blank line: tolerated
@@ -243,8 +306,12 @@ def _check_nul(text: str, first_lineno: int, source: str | None) -> None:
 _LINE = re.compile(r"^(.*\S)[ \t]+([0-9]+)[ \t\r]*$", re.MULTILINE)
 
 
-def _merge_text(text: str, counts: dict[str, int], first_lineno: int, source: str | None) -> int:
+def _merge_text(text: str, counts: dict[str, int], first_lineno: int, source: str | None,
+                ignored: Ignored | None = None) -> int:
     """Merge a block of whole lines; returns the number of lines consumed."""
+    if ignored is not None:
+        # flamegraph.pl draws a NUL inside a name; U+FFFD is how the SVG shows a control anyway.
+        text = text.replace(SEP, "\ufffd")
     _check_nul(text, first_lineno, source)
     text = text.replace(";", SEP)
     nlines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
@@ -255,7 +322,7 @@ def _merge_text(text: str, counts: dict[str, int], first_lineno: int, source: st
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        _merge_chunk(lines, counts, first_lineno, source)
+        _merge_chunk(lines, counts, first_lineno, source, ignored)
         return nlines
     if not pairs:
         return nlines
@@ -270,7 +337,8 @@ def _merge_text(text: str, counts: dict[str, int], first_lineno: int, source: st
     return nlines
 
 
-def _merge_stream(fh: TextIO, counts: dict[str, int], source: str | None) -> None:
+def _merge_stream(fh: TextIO, counts: dict[str, int], source: str | None,
+                  ignored: Ignored | None = None) -> None:
     lineno = 1
     rest = ""
     while True:
@@ -283,9 +351,9 @@ def _merge_stream(fh: TextIO, counts: dict[str, int], source: str | None) -> Non
             rest = chunk
             continue
         rest = chunk[cut + 1:]
-        lineno += _merge_text(chunk[: cut + 1], counts, lineno, source)
+        lineno += _merge_text(chunk[: cut + 1], counts, lineno, source, ignored)
     if rest:
-        _merge_text(rest, counts, lineno, source)
+        _merge_text(rest, counts, lineno, source, ignored)
 
 
 def parse_folded(
@@ -293,41 +361,45 @@ def parse_folded(
     *,
     unit: str = DEFAULT_UNIT,
     name: str | None = None,
+    ignored: Ignored | None = None,
 ) -> FoldedStacks:
     """Parse folded text (``str``/``bytes``) or an iterable of lines.
 
     Duplicate stacks are summed; blank lines, CRLF line ends, tabs before the
     count and trailing whitespace are tolerated.  Anything else raises
-    :class:`FoldedParseError` naming the (1-based) line number.
+    :class:`FoldedParseError` naming the (1-based) line number, or, given
+    ``ignored`` (:class:`Ignored`), is skipped and counted as flamegraph.pl does.
     ``name`` (e.g. a file name) is only used in error messages.
     """
     counts: dict[str, int] = {}
     if isinstance(source, bytes):
         source = source.decode("utf-8")
     if isinstance(source, str):
-        _merge_stream(io.StringIO(source), counts, name)
+        _merge_stream(io.StringIO(source), counts, name, ignored)
     else:
         lineno = 1
         for line in source:
-            lineno += _merge_text(line.rstrip("\n") + "\n", counts, lineno, name)
+            lineno += _merge_text(line.rstrip("\n") + "\n", counts, lineno, name, ignored)
     return FoldedStacks._from_keys(counts, unit)
 
 
-def read_folded(path: str | os.PathLike[str], *, unit: str = DEFAULT_UNIT) -> FoldedStacks:
-    """Parse a folded file (UTF-8), streaming it in chunks."""
+def read_folded(path: str | os.PathLike[str], *, unit: str = DEFAULT_UNIT,
+                ignored: Ignored | None = None) -> FoldedStacks:
+    """Parse a folded file (UTF-8), streaming it in chunks (``ignored``: as :func:`parse_folded`)."""
     counts: dict[str, int] = {}
     with open(path, encoding="utf-8", newline="") as fh:
-        _merge_stream(fh, counts, os.fspath(path))
+        _merge_stream(fh, counts, os.fspath(path), ignored)
     return FoldedStacks._from_keys(counts, unit)
 
 
 def iter_folded(
-    source: str | bytes | Iterable[str], *, name: str | None = None
+    source: str | bytes | Iterable[str], *, name: str | None = None, ignored: Ignored | None = None
 ) -> Iterator[tuple[str, int]]:
     """Yield ``(key, count)`` per line, in input order, without merging.
 
     Flame charts need this: there the order of lines is the order in time
     and only adjacent identical frames merge.  Keys are SEP-joined.
+    ``ignored``: as :func:`parse_folded`.
     """
     if isinstance(source, bytes):
         source = source.decode("utf-8")
@@ -335,8 +407,10 @@ def iter_folded(
     for lineno, raw in enumerate(lines, 1):
         line = raw.rstrip("\n")
         one: dict[str, int] = {}
+        if ignored is not None:
+            line = line.replace(SEP, "\ufffd")  # as _merge_text
         _check_nul(line, lineno, name)
-        _merge_chunk([line.replace(";", SEP)], one, lineno, name)
+        _merge_chunk([line.replace(";", SEP)], one, lineno, name, ignored)
         yield from one.items()
 
 

@@ -54,6 +54,7 @@ class Layout:
     totals: list[int] = field(default_factory=list)
     selfs: list[int] = field(default_factory=list)
     deltas: list[int] | None = None
+    cats: list[int] | None = None  # per frame: OR of its lines' category bits (builds only)
     timemax: int = 0
     depthmax: int = 0
     maxdelta: int = 1
@@ -90,13 +91,15 @@ def layout_merged(
     root_name: str = "all",
     deltas: Mapping[str, int] | None = None,
     delta_mode: str = "self",
+    categories: Mapping[str, int] | None = None,
 ) -> Layout:
     """Lay out merged stacks (SEP-joined keys -> counts).
 
     A frame is drawn when its total >= ``minwidth_count`` (flamegraph.pl drops
     ``total < minwidth``).  With ``deltas`` (key -> after-minus-before) each
     drawn frame also gets a delta: its own (``self``, as flamegraph.pl colours
-    differentials) or its subtree's (``total``).
+    differentials) or its subtree's (``total``).  With ``categories`` (key ->
+    bits) each drawn frame gets the OR of its lines' bits in ``cats``.
     """
     keys = sorted(counts)
     vals = list(map(counts.__getitem__, keys))
@@ -118,6 +121,15 @@ def layout_merged(
         if delta_mode not in ("self", "total"):
             raise ValueError("delta_mode is 'self' or 'total'")
 
+    # Category bits of a key run: bit b is set when its prefix count grows over the run.
+    bitcums: list[tuple[int, array | list[int]]] = []
+    out_cats: list[int] | None = None
+    if categories is not None:
+        out_cats = out.cats = []
+        cvals = [categories.get(k, 0) for k in keys]
+        for bit in sorted({b for v in set(cvals) for b in (1 << i for i in range(v.bit_length())) if v & b}):
+            bitcums.append((bit, _prefix_sums([1 if v & bit else 0 for v in cvals])))
+
     # Work items: (prefix, lo, hi, depth, name, self, delta, x) -- prefix is
     # the node's key plus a trailing SEP ("" for the root); [lo, hi) its key
     # run; x its start in flamegraph.pl's sibling order (see below).
@@ -136,6 +148,8 @@ def layout_merged(
         tstarts.append(cum[lo])
         totals.append(cum[hi] - cum[lo])
         selfs.append(self_count)
+        if out_cats is not None:
+            out_cats.append(sum(bit for bit, bc in bitcums if bc[hi] != bc[lo]))
         if out_deltas is not None:
             out_deltas.append(delta)
             if depth and abs(delta) > maxnodedelta:
@@ -220,12 +234,15 @@ def layout_sequence(
     minwidth_count: float | None = None,
     minwidth_fraction: float | None = None,
     root_name: str = "all",
+    categories: Mapping[str, int] | None = None,
 ) -> Layout:
     """Lay out lines in time order, merging only adjacent identical frames.
 
     Give the drop threshold either in counts or as a fraction of the total
-    (the total is only known after the sweep).
+    (the total is only known after the sweep).  ``categories``: as
+    :func:`layout_merged`.
     """
+    cats: list[int] = [0]
     names: list[str] = [root_name]
     depths: list[int] = [0]
     starts: list[int] = [0]
@@ -255,7 +272,14 @@ def layout_sequence(
             starts.append(t)
             totals.append(0)
             selfs.append(0)
+            cats.append(0)
         selfs[open_idx[len(frames) - 1]] += count
+        if categories is not None:
+            bits = categories.get(key, 0)
+            if bits:
+                cats[0] |= bits
+                for idx in open_idx:
+                    cats[idx] |= bits
         open_names = frames
         t += count
     for idx in open_idx:
@@ -265,10 +289,14 @@ def layout_sequence(
     if minwidth_count is None:
         minwidth_count = (minwidth_fraction or 0.0) * t
     out = Layout(timemax=t, line_keys=line_keys, line_counts=line_counts)
+    if categories is not None:
+        out.cats = []
     # A child is never wider than its parent, so filtering by width keeps
     # the pre-order intact (no orphans).
-    for rec in zip(names, depths, starts, totals, selfs, strict=True):
+    for rec in zip(names, depths, starts, totals, selfs, cats, strict=True):
         if rec[3] >= minwidth_count:
+            if out.cats is not None:
+                out.cats.append(rec[5])
             out.names.append(rec[0])
             out.depths.append(rec[1])
             out.starts.append(rec[2])

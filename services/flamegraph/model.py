@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .build import target_category
 from .folded import (
     DEFAULT_UNIT,
     SEP,
@@ -117,8 +118,9 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))
 
 
-def _span_fields(span: Any) -> Span:
-    """Accept our Span, a mapping, or an OpenTelemetry ReadableSpan."""
+def _span_fields(span: Any, *, ns: bool = False) -> Span:
+    """Accept our Span, a mapping, or an OpenTelemetry ReadableSpan (kept in
+    nanoseconds when ``ns``, else truncated to microseconds)."""
     if isinstance(span, Span):
         return span
     if isinstance(span, Mapping):
@@ -127,8 +129,9 @@ def _span_fields(span: Any) -> Span:
     ctx = getattr(span, "context", None)
     if ctx is not None and hasattr(span, "start_time"):  # OpenTelemetry: nanoseconds
         parent = getattr(span, "parent", None)
+        div = 1 if ns else 1000
         return Span(ctx.span_id, parent.span_id if parent is not None else None, span.name,
-                    int(span.start_time) // 1000, int(span.end_time or span.start_time) // 1000)
+                    int(span.start_time) // div, int(span.end_time or span.start_time) // div)
     return Span(*span)
 
 
@@ -137,6 +140,9 @@ class FlameGraphBuilder:
 
     def __init__(self, *, unit: str = DEFAULT_UNIT) -> None:
         self.stacks = FoldedStacks(unit=unit)
+        # Stack key -> category bits of the targets behind it (build.target_category), for
+        # colouring by cache result; filled by add_session / add_target(category=...).
+        self.categories: dict[str, int] = {}
 
     # ------------------------------------------------------------ generic input
     def add_stack(self, frames: Sequence[str] | str, count: int) -> None:
@@ -196,23 +202,35 @@ class FlameGraphBuilder:
         name: str,
         duration_us: int,
         phases: Sequence[tuple[str, int]] | None = None,
+        *,
+        category: int = 0,
     ) -> None:
         """One target: its time under its package path, split into phases.
 
         Phase time goes to ``target;phase``; whatever the phases do not cover
         stays as the target's self time.  Phases longer than the target (a
         reporting error) are kept as reported rather than silently scaled.
+        ``category``: the target's bits (``build.target_category``), recorded
+        for every stack it adds.
         """
         frames = target_frames(name)
         rest = int(duration_us)
+        cats = self.categories
         for phase, us in phases or ():
             us = int(us)
             if us <= 0:
                 continue
-            self.stacks.add([*frames, _clean(phase) or "?"], us)
+            stack = [*frames, _clean(phase) or "?"]
+            self.stacks.add(stack, us)
+            if category:
+                key = SEP.join(stack)
+                cats[key] = cats.get(key, 0) | category
             rest -= us
         if rest > 0 or not phases:
             self.stacks.add(frames, max(rest, 0))
+            if category:
+                key = SEP.join(frames)
+                cats[key] = cats.get(key, 0) | category
 
     def add_session(self, session: BuildSession) -> None:
         """Every target of a session (phases when reported, else the action mnemonic).
@@ -227,9 +245,9 @@ class FlameGraphBuilder:
             mnemonic = getattr(t, "mnemonic", None)
             if not phases and mnemonic:
                 phases = [(mnemonic, duration)]
-            self.add_target(t.name, duration, phases or None)
+            self.add_target(t.name, duration, phases or None, category=target_category(t))
 
-    def add_spans(self, spans: Iterable[Any]) -> None:
+    def add_spans(self, spans: Iterable[Any], *, ns: bool = False) -> None:
         """A trace span tree, each span weighted by its self time.
 
         Spans are :class:`Span`, mappings with the same keys, or OpenTelemetry
@@ -237,8 +255,14 @@ class FlameGraphBuilder:
         Self time = duration minus the union of the children's intervals
         clipped to the parent, so overlapping (parallel) children are not
         subtracted twice.
+
+        ``ns=True``: the spans' ``start_us``/``end_us`` hold nanoseconds (as
+        traces store them).  Self time is then computed exactly in integer
+        nanoseconds and rounded once to the nearest microsecond.  Truncating
+        each end to microseconds first (``ns // 1000``) is not the same: a
+        3 s span from ``x.9996`` to ``x+3.0001`` µs came out 2,999,999 µs.
         """
-        items = [_span_fields(s) for s in spans]
+        items = [_span_fields(s, ns=ns) for s in spans]
         by_id = {s.span_id: s for s in items}
         children: dict[Any, list[Span]] = {}
         for s in items:
@@ -253,7 +277,8 @@ class FlameGraphBuilder:
                 continue
             seen.add(span.span_id)
             kids = children.get(span.span_id, [])
-            self.stacks.add(path, max(0, span.end_us - span.start_us - _covered(span, kids)))
+            own = max(0, span.end_us - span.start_us - _covered(span, kids))
+            self.stacks.add(path, (own + 500) // 1000 if ns else own)
             todo.extend((k, [*path, _clean(k.name) or "?"]) for k in kids)
 
 

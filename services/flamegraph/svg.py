@@ -15,6 +15,11 @@ differences, each a flamegraph.pl bug or a requirement of ours:
 * hover details include self time as well as total;
 * search "Matched" counts frames too narrow to draw (see ``svg_script``);
 * with ``inverted`` and a subtitle, frames start below the subtitle.
+
+Given :class:`~.build.BuildMarks` (flame graphs of builds, never of folded
+files) it says more: durations instead of raw counts (unless ``countname`` is
+set), the build named at the root and in the title, colours by cache result
+with the ``cache`` palette, and a legend.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
+from .build import (
+    BuildMarks,
+    category_color,
+    category_name,
+    fmt_duration,
+    fmt_signed_duration,
+    legend_entries,
+    legend_svg,
+)
 from .colors import PALETTES, background_colors, diff_color, frame_color
 from .folded import FoldedStacks, iter_folded, read_folded
 from .layout import Layout, layout_merged, layout_sequence, reverse_key
@@ -154,35 +168,50 @@ class SVGFlameGraphGenerator:
             return total * value / 100.0
         return value * total / (self.options.width - 2 * XPAD)
 
-    def layout(self, stacks: StacksInput) -> Layout:
+    def _categories(self, marks: BuildMarks | None) -> dict[str, int] | None:
+        if marks is None or self.options.colors != "cache":
+            return None
+        if not self.options.reverse:
+            return dict(marks.categories)
+        return {reverse_key(k): v for k, v in marks.categories.items()}
+
+    def layout(self, stacks: StacksInput, marks: BuildMarks | None = None) -> Layout:
         """Frames that will be drawn (count units), honouring reverse/flamechart."""
         counts, _ = _keys_counts(stacks)
         if self.options.flamechart:
-            return self.layout_sequence(counts.items())
+            return self.layout_sequence(counts.items(), marks)
+        cats = self._categories(marks)
         if self.options.reverse:
             rev: dict[str, int] = {}
             for k, v in counts.items():
                 rk = reverse_key(k)
                 rev[rk] = rev.get(rk, 0) + v
             counts = rev
+            if cats is not None:  # reversed keys merge: their bits too
+                cats = {}
+                for k, v in marks.categories.items():  # type: ignore[union-attr]
+                    rk = reverse_key(k)
+                    cats[rk] = cats.get(rk, 0) | v
         total = sum(counts.values())
         return layout_merged(
-            counts, minwidth_count=self._minwidth_count(total), root_name=self.options.root_name
+            counts, minwidth_count=self._minwidth_count(total), root_name=self.options.root_name,
+            categories=cats,
         )
 
-    def layout_sequence(self, items: Iterable[tuple[str, int]]) -> Layout:
+    def layout_sequence(self, items: Iterable[tuple[str, int]], marks: BuildMarks | None = None) -> Layout:
         """Flame-chart layout of SEP-keyed lines in time order."""
         if self.options.reverse:
             items = ((reverse_key(k), v) for k, v in items)
         value, pct = self.options.minwidth_spec()
         frac = value / 100.0 if pct else value / (self.options.width - 2 * XPAD)
-        return layout_sequence(items, minwidth_fraction=frac, root_name=self.options.root_name)
+        return layout_sequence(items, minwidth_fraction=frac, root_name=self.options.root_name,
+                               categories=self._categories(marks))
 
     # ------------------------------------------------------------------ render
-    def render(self, stacks: StacksInput, *, unit: str | None = None) -> str:
+    def render(self, stacks: StacksInput, *, unit: str | None = None, marks: BuildMarks | None = None) -> str:
         counts, counts_unit = _keys_counts(stacks)  # consume iterables once
         fs = FoldedStacks._from_keys(counts, counts_unit or "us")
-        return self.render_layout(self.layout(fs), unit=unit or counts_unit)
+        return self.render_layout(self.layout(fs, marks), unit=unit or counts_unit, marks=marks)
 
     def render_file(self, path: str | os.PathLike[str], *, unit: str = "us") -> str:
         """Parse a folded file and render it (time order kept for flame charts)."""
@@ -196,9 +225,15 @@ class SVGFlameGraphGenerator:
         with open(dest, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(self.render(stacks))
 
-    def render_layout(self, lay: Layout, *, unit: str | None = None) -> str:
+    def render_layout(self, lay: Layout, *, unit: str | None = None, marks: BuildMarks | None = None) -> str:
         o = self.options
         countname = escape_xml(o.countname or unit or "us")
+        # Builds' counts are microseconds: shown as durations unless a count name was asked for.
+        durations = marks is not None and o.countname is None
+
+        def amount(v: int) -> str:
+            return fmt_duration(v) if durations else f"{v:,} {countname}"
+
         fontsize, fh = o.fontsize, o.height
         ypad1 = fontsize * 3
         ypad2 = fontsize * 2 + 10
@@ -206,6 +241,8 @@ class SVGFlameGraphGenerator:
         width = o.width
         if lay.timemax <= 0:
             return self._render_empty()
+        legend = self._legend(lay, marks)
+        ypad3 += fontsize * 2 if legend else 0  # the legend's row, under the (sub)title
         height = (lay.depthmax + 1) * fh + ypad1 + ypad2 + ypad3
         wpt = (width - 2 * XPAD) / lay.timemax
         timemax = lay.timemax
@@ -227,6 +264,8 @@ class SVGFlameGraphGenerator:
         palette, hashed = o.colors, o.hash
         deltas = lay.deltas
         maxdelta = lay.maxdelta
+        cats = lay.cats if palette == "cache" else None
+        root_name = marks.root if marks is not None else o.root_name
 
         out: list[str] = []
         add = out.append
@@ -242,8 +281,12 @@ class SVGFlameGraphGenerator:
             ws = f"{round(x2, 1) - r1:.1f}"
             y1s, tys = rowy[depth]
             if depth == 0:
-                info = f"{escape_xml(o.root_name)} ({total:,} {countname}, 100%)"
+                info = f"{escape_xml(root_name)} ({amount(total)}, 100%)"
                 cname, label = "", ""
+                if marks is not None:  # a build's root says which build (flamegraph.pl: blank)
+                    chars = int((x2 - x1) / glyph)
+                    if chars >= 3:
+                        label = escape_xml(root_name if chars >= len(root_name) else root_name[: chars - 2] + "..")
             else:
                 esc = escaped.get(name)
                 if esc is None:
@@ -252,11 +295,12 @@ class SVGFlameGraphGenerator:
                 pct = f"{100 * total / timemax:.2f}"
                 if deltas is not None:
                     d = -deltas[i] if o.negate else deltas[i]
-                    dp = f"{100 * d / timemax:.2f}"
-                    info = (f"{esc[0]} ({total:,} {countname}, {pct}%; "
-                            f"{'+' if d > 0 else ''}{dp}%; self {self_count:,} {countname})")
+                    dp = f"{'+' if d > 0 else ''}{100 * d / timemax:.2f}%"
+                    if durations:
+                        dp += f" = {fmt_signed_duration(deltas[i])}"
+                    info = f"{esc[0]} ({amount(total)}, {pct}%; {dp}; self {amount(self_count)})"
                 else:
-                    info = f"{esc[0]} ({total:,} {countname}, {pct}%; self {self_count:,} {countname})"
+                    info = f"{esc[0]} ({amount(total)}, {pct}%; self {amount(self_count)})"
                 cname = name
                 chars = int((x2 - x1) / glyph)
                 if chars >= 3:
@@ -266,6 +310,8 @@ class SVGFlameGraphGenerator:
                     label = ""
             if deltas is not None and name not in ("-", "--"):
                 color = diff_color(deltas[i], maxdelta, negate=o.negate)
+            elif cats is not None:
+                color = category_color(category_name(cats[i]), cname)
             else:
                 color = colors.get(cname)
                 if color is None:
@@ -282,14 +328,32 @@ class SVGFlameGraphGenerator:
                 f'<text x="{x1 + 3:.2f}" y="{tys}">{label}</text></g>\n'
             )
         # One join over all the pieces: no intermediate copies of a large SVG.
-        parts = self._chrome(height, timemax, countname, lay)
+        title = o.title or ("Differential Flame Graph" if deltas is not None else o.resolved_title())
+        if marks is not None and not o.title:
+            title += f": {marks.root} ({fmt_duration(timemax)})"
+        parts = self._chrome(height, timemax, title, lay)
+        if legend:
+            parts.insert(-1, legend_svg(legend, y=ypad1 + ypad3 - fontsize * 0.8, fontsize=fontsize,
+                                        fontwidth=o.fontwidth, xpad=XPAD))
         parts.extend(out)
         del out
         parts.extend(self._tail(lay))
         return "".join(parts)
 
     # ------------------------------------------------------------------ pieces
-    def _chrome(self, height: float, timemax: int, countname: str, lay: Layout) -> list[str]:
+    def _legend(self, lay: Layout, marks: BuildMarks | None) -> list[tuple[str, str]]:
+        """What the colours mean, for builds: slower/faster, or the cache categories drawn."""
+        if marks is None:
+            return []
+        if lay.deltas is not None:
+            slower, faster = "slower (more time after)", "faster (less time after)"
+            red, blue = (faster, slower) if self.options.negate else (slower, faster)
+            return [(red, "rgb(255,60,60)"), (blue, "rgb(60,60,255)"), ("unchanged", "rgb(255,255,255)")]
+        if lay.cats is None or self.options.colors != "cache":
+            return []
+        return legend_entries({category_name(c) for c in lay.cats[1:]} or {"other"})
+
+    def _chrome(self, height: float, timemax: int, title: str, lay: Layout) -> list[str]:
         o = self.options
         width, fontsize = o.width, o.fontsize
         hs = _num(height)
@@ -321,7 +385,7 @@ class SVGFlameGraphGenerator:
         ]
         text_y = _num(height - (fontsize * 2 + 10) / 2)  # half of the bottom padding
         top = _num(fontsize * 2)
-        parts.append(f'<text id="title" x="{width // 2:.2f}" y="{top}">{escape_xml(o.resolved_title())}</text>\n')
+        parts.append(f'<text id="title" x="{width // 2:.2f}" y="{top}">{escape_xml(title)}</text>\n')
         if o.subtitle:
             parts.append(f'<text id="subtitle" x="{width // 2:.2f}" y="{_num(fontsize * 4)}">'
                          f"{escape_xml(o.subtitle)}</text>\n")

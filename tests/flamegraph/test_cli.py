@@ -33,7 +33,7 @@ from shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
-_TITLE = re.compile(r"^(.*) \(([\d,]+) [^,]+, ")
+_TITLE = re.compile(r"^(.*) \([^()]*, [\d.]+%")
 
 
 async def cli(settings: Settings, *args: str, env_extra: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -49,7 +49,8 @@ async def cli(settings: Settings, *args: str, env_extra: dict[str, str] | None =
 
 
 def svg_frames(svg: str | bytes) -> dict[tuple[str, ...], int]:
-    """Drawn frame path (root ``all`` first) -> its count, rebuilt from the SVG's frame groups."""
+    """Drawn frame path (the root, whatever its label, as ``all``) -> its count (``data-t``, exact
+    microseconds for builds), rebuilt from the SVG's frame groups."""
     root = ET.fromstring(svg)
     frames = []
     for g in root.iter(f"{SVG_NS}g"):
@@ -57,7 +58,8 @@ def svg_frames(svg: str | bytes) -> dict[tuple[str, ...], int]:
             continue
         m = _TITLE.match(g.find(f"{SVG_NS}title").text or "")
         assert m, g.find(f"{SVG_NS}title").text
-        frames.append((int(g.attrib["data-d"]), int(g.attrib["data-s"]), int(g.attrib["data-t"]), m.group(1)))
+        depth = int(g.attrib["data-d"])
+        frames.append((depth, int(g.attrib["data-s"]), int(g.attrib["data-t"]), m.group(1) if depth else "all"))
     frames.sort()
     placed: dict[int, list[tuple[int, int, tuple[str, ...]]]] = {}
     out: dict[tuple[str, ...], int] = {}
@@ -157,14 +159,20 @@ async def test_session_draws_every_target_by_package_and_folded_out_round_trips(
         path = ("all", *target_frames(t.name))
         assert path[1:4] == (f"pkg{t.name[5]}", "sub", t.name.split(":")[1])
         assert frames[path] == us(t.duration_s), t.name
-    # The folded stacks are the session's, and drawing them again gives the same bytes.
+    # The session is named at the root, in seconds; colours by cache result.
+    svg = svg_path.read_text()
+    assert f"<title>session {sid[:8]}" in svg and '<g id="legend">' in svg
+    # The folded stacks are the session's, and drawing them again gives the same frames, in the
+    # same places (only the build's dressing -- root name, seconds, colours -- needs the session).
     expected = FlameGraphBuilder()
     expected.add_session(session)
     assert read_folded(folded_path) == expected.stacks
     again = tmp_path / "again.svg"
     code, _, err = await cli(stack, "flamegraph", "--folded", str(folded_path), "--minwidth", "0", "-o", str(again))
     assert code == 0, err
-    assert again.read_bytes() == svg_path.read_bytes()
+    assert svg_frames(again.read_bytes()) == frames
+    place = re.compile(r'data-s="\d+" data-t="\d+" data-d="\d+"')
+    assert place.findall(again.read_text()) == place.findall(svg)
     # -o - writes the same SVG to stdout.
     code, out, err = await cli(stack, "flamegraph", "--session", sid, "--minwidth", "0", "-o", "-")
     assert code == 0 and out.encode() == svg_path.read_bytes() and err == ""
@@ -251,7 +259,7 @@ async def test_trace_is_weighted_by_self_time(stack, nc, tmp_path: Path) -> None
     assert code == 0, err
     frames = svg_frames(out.read_text())
     [root] = [s for s in trace.spans if not s.parent_span_id]
-    assert root.end_ns // 1000 - root.start_ns // 1000 == 10_000_000
+    assert round((root.end_ns - root.start_ns) / 1000) == 10_000_000
     # Self time: the build span keeps the 5 s no target covers (the targets run from 0 to 5 s,
     # two of them in parallel), each target its whole time, so the total is 5 + 3 + 2 + 1.25 s.
     assert frames[("all", "b")] == frames[("all",)] == 11_250_000
@@ -267,14 +275,15 @@ async def test_trace_is_weighted_by_self_time(stack, nc, tmp_path: Path) -> None
 
 async def test_errors_are_one_line(stack, nc, tmp_path: Path) -> None:
     bad = tmp_path / "bad.folded"
-    bad.write_text("a;b 10\na;c ten\n")
+    bad.write_text("a;b ten\na;c 1.2.3\n")
     empty = tmp_path / "empty.folded"
     empty.write_text("\n")
     cases = [
         (("--session", "0123456789abcdef0123456789abcdef"), "storage error 404"),
         (("--session", "abcdef12"), "no stored sessions match 'abcdef12'"),
         (("--last", "5"), "no sessions stored"),
-        (("--folded", str(bad)), f"{bad}:2: count 'ten' is not a non-negative integer"),
+        (("--folded", str(bad)), f"{bad}: no stacks in the file (Ignored 2 lines with invalid format (first: "
+                                 f"{bad}:1: count 'ten' is not a non-negative integer"),
         (("--folded", str(empty)), "no stacks"),
         (("--folded", str(bad), "--chart"), "--chart draws one session's timeline"),
         (("--folded", str(bad), "--diff", "last:zero"), "last:N needs a whole number"),
@@ -282,6 +291,8 @@ async def test_errors_are_one_line(stack, nc, tmp_path: Path) -> None:
         (("--folded", str(bad), "--colors", "plaid"), "unknown colors 'plaid'"),
         (("--trace", "feedfacefeedfacefeedfacefeedface"), "no trace stored for"),
         (("--last", "2", "--normalize"), "--normalize needs --diff"),
+        (("--folded", str(empty), "--colors", "cache"), "no stacks"),
+        (("--trace", "feedfacefeedfacefeedfacefeedface", "--colors", "cache"), "no trace stored"),
     ]
     for args, message in cases:
         code, out, err = await cli(stack, "flamegraph", *args, "-o", str(tmp_path / "x.svg"))

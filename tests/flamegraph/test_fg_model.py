@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.flamegraph import (
     FlameGraphBuilder,
@@ -144,3 +146,41 @@ def test_add_spans_survives_cycles() -> None:
     b = FlameGraphBuilder()
     b.add_spans([Span("a", "b", "x", 0, 10), Span("b", "a", "y", 0, 10), Span("r", None, "r", 0, 1)])
     assert b.stacks.to_dict() == {"r": 1}
+
+
+@given(st.integers(1_600_000_000_000_000, 1_800_000_000_000_000),
+       st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)), min_size=1, max_size=6),
+       st.lists(st.integers(-120, 120), min_size=12, max_size=12))
+def test_span_self_times_in_ns_are_exact_microseconds(t0: int, shrinks: list, noise: list) -> None:
+    # A trace made from float seconds carries up to ~120 ns of noise on every end (float64 at
+    # Unix time is ~240 ns coarse).  Nested spans whose true ends are whole microseconds must
+    # weigh exactly their true self time; truncating each end to µs first lost 1 µs now and then.
+    lo, hi = 0, 10**9
+    bounds = []
+    for a, b in shrinks:  # each span strictly inside the previous one
+        lo, hi = lo + a, max(lo + a, hi - b)
+        bounds.append((lo, hi))
+    spans = [Span(i, i - 1 if i else None, f"s{i}", (t0 + s) * 1000 + noise[2 * i], (t0 + e) * 1000 + noise[2 * i + 1])
+             for i, (s, e) in enumerate(bounds)]
+    b = FlameGraphBuilder()
+    b.add_spans(spans, ns=True)
+    path = []
+    for i, (s, e) in enumerate(bounds):
+        path.append(f"s{i}")
+        inner = bounds[i + 1][1] - bounds[i + 1][0] if i + 1 < len(bounds) else 0
+        assert b.stacks[path] == (e - s) - inner
+    assert b.total == bounds[0][1] - bounds[0][0]
+
+
+def test_span_weights_from_float_seconds_add_up() -> None:
+    # The case that failed under load: the 10 s build span and its 5 s of targets from float seconds.
+    t0 = 1_712_345_678.123457
+    def ns(x: float) -> int:
+        return round(x * 1e9)
+    spans = [Span("r", None, "b", ns(t0), ns(t0 + 10)), Span("a", "r", "a", ns(t0), ns(t0 + 3)),
+             Span("c", "r", "c", ns(t0 + 3), ns(t0 + 5)), Span("g", "r", "g", ns(t0), ns(t0 + 1.25))]
+    b = FlameGraphBuilder()
+    b.add_spans(spans, ns=True)
+    assert (b.stacks["b"], b.stacks["b;a"], b.stacks["b;c"], b.stacks["b;g"]) == (5_000_000, 3_000_000, 2_000_000,
+                                                                               1_250_000)
+    assert b.total == 11_250_000
