@@ -138,3 +138,19 @@ def test_flamegraph_pl_splits_step_and_we_do_not(tmp_path: Path) -> None:
     assert theirs.count("step") == 2  # self part and child part, on either side of step-2
     assert ours.count("step") == 1
     assert sorted(set(theirs)) == sorted(ours)
+
+
+def test_a_file_with_bad_lines_draws_as_flamegraph_pl_draws_it(tmp_path: Path) -> None:
+    from services.flamegraph import Ignored
+
+    p = tmp_path / "bad.folded"
+    p.write_text("main;compile 500\nmain;compile ten\nnot a stack line\nmain;link 300\n-3\nmain;test 200\n"
+                 "main;a;b x y\nmain;link 100\n", encoding="utf-8")
+    run = subprocess.run(["perl", SCRIPT, "--countname=samples", str(p)], check=True, capture_output=True, text=True)
+    ignored = Ignored()
+    ours = SVGFlameGraphGenerator(countname="samples").render(read_folded(p, ignored=ignored))
+    # (this copy prints counts with K/M suffixes: compare everything else)
+    assert [f[:-1] for f in drawn(ours)] == [f[:-1] for f in drawn(run.stdout)]
+    [theirs] = re.findall(r"Ignored (\d+) lines with invalid format", run.stderr)
+    assert ignored.lines == int(theirs) == 4
+    assert ignored.message().startswith(f"Ignored 4 lines with invalid format (first: {p}:2:")
