@@ -1,7 +1,11 @@
 """``buildtel replay``, ``buildtel diff`` and ``buildtel recordings``: use what the recorder kept.
 
 ``replay ID`` alone describes a recording and runs nothing.  ``--execute``
-re-runs it in a fresh sandbox and compares outputs (exit 0 reproducible, 1 not);
+first checks that the manifest is the one written at record time (refused
+otherwise, nothing runs: ``services/recorder/trust.py``), prints the exact
+command, working directory and environment it will run (on stderr with
+``--json``), then re-runs it in a fresh sandbox and compares outputs (exit 0
+reproducible, 1 not);
 ``--step N`` / ``--at S`` show the build's state at that point of its event
 stream, ``-i`` steps through it interactively; ``--republish`` sends the stream
 to the bus as a new session.  ``diff A B`` compares two recordings, or stored
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from typing import Any, TextIO
@@ -23,7 +28,8 @@ import msgspec
 from services.cli.main import CLIError
 from services.recorder import diff as diffmod
 from services.recorder.manifest import RecordingManifest, is_recording_id
-from services.recorder.replay import ReplayEngine, ReplayError
+from services.cli.textsafe import safe, safe_block
+from services.recorder.replay import ReplayEngine, ReplayError, ReplayPlan, cleanup
 from services.recorder.store import RecordingNotFound, RecordingStore
 from services.recorder.timetravel import Timeline, render, republish
 from shared.settings import Settings
@@ -82,12 +88,13 @@ def _describe(m: RecordingManifest | None, rid: str, events: int) -> str:
     if m is None:
         return f"recorded session {rid}: {events} events (event stream only, no files)"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
-    lines = [f"recording {m.id}  {when}  exit code {m.exit_code}",
-             f"command   {' '.join(m.command)}", f"cwd       {m.cwd}",
+    # Everything below comes from a manifest file: escaped (services/cli/textsafe.py).
+    lines = [f"recording {safe(m.id)}  {when}  exit code {m.exit_code}",
+             f"command   {safe(shlex.join(m.command))}", f"cwd       {safe(m.cwd)}",
              f"inputs    {len(m.inputs)} (from {m.input_method}), {len(m.external_inputs)} outside the tree",
              f"outputs   {len(m.outputs)}, removed {len(m.removed)}",
-             f"events    {events}" + (f" (session {m.session_id})" if m.session_id else "")]
-    lines += [f"note      {n}" for n in m.notes] + [f"refused   {r}" for r in m.refused[:20]]
+             f"events    {events}" + (f" (session {safe(m.session_id)})" if m.session_id else "")]
+    lines += [f"note      {safe(n)}" for n in m.notes] + [f"refused   {safe(r)}" for r in m.refused[:20]]
     return "\n".join(lines)
 
 
@@ -116,7 +123,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         elif args.json:
             _dump(tl.state(step).to_dict())
         else:
-            print(render(tl.state(step)))
+            print(safe_block(render(tl.state(step))))
     if args.republish:
         if not events:
             raise CLIError(f"no event stream was kept for {rid}")
@@ -129,7 +136,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             _dump({"republished_from": rid, "session_id": new_sid, "events": sent})
         else:
-            print(f"republished {sent} events of {rid} as session {new_sid}")
+            print(f"republished {sent} events of {safe(rid)} as session {safe(new_sid)}")
     if not (args.execute or args.republish or args.step is not None or args.at is not None or args.interactive):
         if args.json:
             _dump({"manifest": msgspec.to_builtins(manifest) if manifest else None, "events": len(events)})
@@ -145,30 +152,55 @@ def _execute(engine: ReplayEngine, rid: str, manifest: RecordingManifest | None,
     if manifest is None:
         raise CLIError(f"{rid} is an event stream only: there are no files or command to replay")
     try:
-        result = engine.replay(rid, keep=args.keep, timeout=args.timeout,
-                               sandbox_root=Path(args.sandbox_dir) if args.sandbox_dir else None)
+        plan = engine.plan(rid, sandbox_root=Path(args.sandbox_dir) if args.sandbox_dir else None)
+    except ReplayError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        # What will run, before it runs; with --json on stderr so stdout stays one document.
+        print(describe_plan(plan), file=sys.stderr if args.json else sys.stdout, flush=True)
+    except BaseException:
+        cleanup(plan.base)
+        raise
+    try:
+        result = engine.run(plan, keep=args.keep, timeout=args.timeout)
     except ReplayError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
-        _dump({**dataclasses.asdict(result), "status": result.status})
+        _dump({**dataclasses.asdict(result), "status": result.status, "command": plan.command, "env": plan.env,
+               "manifest_sha256": plan.manifest_sha256})
     else:
         print(f"replay of {rid}: {result.status} ({result.outputs_checked} outputs checked, "
               f"exit code {result.exit_code}, recorded {result.recorded_exit_code}, {result.duration_s:.2f}s)")
         for d in result.differing:
-            print(f"  {d.reason:<8} {d.path}")
+            print(f"  {d.reason:<8} {safe(d.path)}")
         if result.extra:
-            print(f"  {len(result.extra)} file(s) produced now but not recorded, e.g. {result.extra[0]}")
+            print(f"  {len(result.extra)} file(s) produced now but not recorded, e.g. {safe(result.extra[0])}")
         if result.not_restored_env:
-            print(f"  not restored (redacted): {', '.join(result.not_restored_env)}")
+            print(f"  not restored (redacted): {safe(', '.join(result.not_restored_env))}")
         if result.sandbox:
             print(f"  sandbox kept at {result.sandbox}")
     return 0 if result.reproducible else 1
 
 
+def describe_plan(plan: ReplayPlan) -> str:
+    """The exact command, directory and environment :meth:`ReplayEngine.run` will use.
+    Variables whose recorded value was redacted are listed as not set (their secret was
+    never stored, so they cannot be); values are shown as run, escaped for the terminal."""
+    m = plan.manifest
+    lines = [f"manifest  {m.id} verified (sha256 {plan.manifest_sha256}, as recorded)",
+             f"will run  {safe(shlex.join(plan.command))}",
+             f"in        {plan.workdir} (a new sandbox holding the {len(m.inputs)} recorded inputs)",
+             f"env       {len(plan.env)} variables, nothing else:"]
+    lines += [f"  {safe(k)}={safe(v)}" for k, v in sorted(plan.env.items())]
+    if plan.not_restored_env:
+        lines.append(f"not set   (recorded value redacted) {safe(', '.join(plan.not_restored_env))}")
+    return "\n".join(lines)
+
+
 def interactive(tl: Timeline, step: int, stdin: TextIO, stdout: TextIO) -> int:
     """n / p (optionally with a count), a step number, or q; returns the last step shown."""
     while True:
-        stdout.write(render(tl.state(step)) + "\n[n]ext [p]rev <step> [q]uit > ")
+        stdout.write(safe_block(render(tl.state(step))) + "\n[n]ext [p]rev <step> [q]uit > ")
         stdout.flush()
         line = stdin.readline()
         if not line:
@@ -235,7 +267,7 @@ async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _dump(result)
     else:
-        print(diffmod.render(result))
+        print(safe_block(diffmod.render(result)))  # target names and commands come from publishers
     return 0
 
 
@@ -252,8 +284,8 @@ def cmd_recordings(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     for m in manifests:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
-        print(f"{m.id}  {when}  exit {m.exit_code!s:<4} {len(m.inputs):5d} in {len(m.outputs):5d} out  "
-              f"{' '.join(m.command)[:60]}")
+        print(f"{safe(m.id)}  {when}  exit {m.exit_code!s:<4} {len(m.inputs):5d} in {len(m.outputs):5d} out  "
+              f"{safe(' '.join(m.command))[:60]}")
     for sid in streams:
         print(f"{sid}  (event stream only)")
     if not manifests and not streams:

@@ -4,6 +4,8 @@ Layout (``settings.recordings_dir``, by default ``.builder-cache/recordings/``):
 
     objects/ab/cdef…            file contents, named by SHA-256; shared by every recording
     manifests/<id>.rec          RecordingManifest (msgpack)
+    manifests/<id>.sig          its record-time SHA-256 and a MAC of it (services/recorder/trust.py)
+    manifest.key                the store's MAC key, 0600
     events/<session>/b-*.msgpack  EventBatch messages as the recorder service received them
     events/<session>/log.msgpack  EventLog: the batches compacted into one file
     tmp/                        temporary files, renamed into place (same file system)
@@ -40,6 +42,7 @@ from services.recorder.manifest import (
     encode,
     is_recording_id,
 )
+from services.recorder.trust import ManifestSigner
 from shared.codec import DecodeError, batch_decoder
 from shared.protocol import Event
 from shared.settings import Settings
@@ -99,6 +102,7 @@ class RecordingStore:
         self.tmp = self.root / "tmp"
         for d in (self.objects, self.manifests, self.events, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self.signer = ManifestSigner(self.root)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> RecordingStore:
@@ -186,10 +190,29 @@ class RecordingStore:
         return self.manifests / f"{rid}.rec"
 
     def save_manifest(self, manifest: RecordingManifest) -> None:
-        """Make the objects durable, then the manifest: a manifest never names lost content."""
+        """Make the objects durable, then the manifest: a manifest never names lost content.
+        Its signature follows; until then (or after a crash in between) replay refuses it."""
         if self.fsync:
             _syncfs(self.root)
-        self._write_atomic(self._manifest_path(manifest.id), encode(manifest))
+        path = self._manifest_path(manifest.id)
+        data = encode(manifest)
+        self._write_atomic(path, data)
+        self._write_atomic(path.with_suffix(".sig"), self.signer.signature(manifest.id, data).encode())
+
+    def load_verified_manifest(self, rid: str) -> tuple[RecordingManifest, str]:
+        """The manifest, after checking it is byte for byte the one saved at record time;
+        returns it with its SHA-256.  Raises ``trust.ManifestUntrusted`` otherwise."""
+        path = self._manifest_path(rid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise RecordingNotFound(rid) from None
+        try:
+            sig: str | None = path.with_suffix(".sig").read_text(errors="replace")
+        except FileNotFoundError:
+            sig = None
+        sha = self.signer.verify(rid, data, sig)
+        return decode_manifest(data), sha
 
     def load_manifest(self, rid: str) -> RecordingManifest:
         try:
@@ -290,6 +313,8 @@ class RecordingStore:
         """Drop a recording's manifest and event stream; its objects go at the next prune."""
         with contextlib.suppress(FileNotFoundError, RecordingNotFound):
             self._manifest_path(rid).unlink()
+        with contextlib.suppress(FileNotFoundError, RecordingNotFound):
+            self._manifest_path(rid).with_suffix(".sig").unlink()
         with contextlib.suppress(RecordingNotFound):
             d = self._events_dir(rid)
             for p in d.glob("*") if d.is_dir() else []:

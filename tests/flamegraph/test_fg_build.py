@@ -7,7 +7,6 @@ import re
 import time
 from pathlib import Path
 
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -165,4 +164,3 @@ def test_cli_draws_a_file_with_bad_lines_and_says_how_many(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     assert f"buildtel: {path}: Ignored 2 lines with invalid format (first: {path}:2:" in run.stderr
     assert [f["title"] for f in frames(out.read_text())][:1] == ["all (14 us, 100%)"]
-    assert msgspec  # (imported for the session fixtures above)
