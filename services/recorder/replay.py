@@ -1,8 +1,12 @@
 """``ReplayEngine``: restore a recording into a fresh sandbox, re-run it, compare the outputs.
 
 What replay will run is limited on purpose: only the command of a manifest in the
-*local* store (no command can be passed in), only with its working directory
-inside a new sandbox directory, and the CLI only when asked with ``--execute``.
+*local* store (no command can be passed in), only once that manifest is shown to
+be byte for byte the one written at record time (its SHA-256 and a MAC with the
+store's key, ``services/recorder/trust.py``; an edited manifest is refused before
+anything is restored or run), only with its working directory inside a new
+sandbox directory, and the CLI only when asked with ``--execute``, after it has
+printed the exact command and environment (:meth:`ReplayEngine.plan`).
 Every manifest path is checked again at restore time (a manifest on disk may
 have been edited): absolute paths, ``..`` that leaves the sandbox and symlinks
 pointing out of it are refused before anything is written, and each file is
@@ -34,6 +38,7 @@ from services.recorder.manifest import (
     check_entry,
 )
 from services.recorder.store import RecordingStore
+from services.recorder.trust import ManifestUntrusted
 from shared.protocol import Event
 from shared.redaction import REDACTED
 from shared.settings import Settings
@@ -43,6 +48,22 @@ DEFAULT_TIMEOUT_S = 3600.0
 
 class ReplayError(RuntimeError):
     pass
+
+
+@dataclass
+class ReplayPlan:
+    """Exactly what :meth:`ReplayEngine.run` will execute, from a verified manifest."""
+
+    manifest: RecordingManifest
+    manifest_sha256: str  # verified against the hash recorded at record time
+    command: list[str]
+    env: dict[str, str]  # the whole environment of the command, nothing added later
+    not_restored_env: list[str]  # recorded with a redacted value: left out
+    base: Path  # the sandbox: the tree is restored into base/work, the log is base/replay.log
+
+    @property
+    def workdir(self) -> Path:
+        return self.base / "work"
 
 
 @dataclass
@@ -89,9 +110,11 @@ class ReplayEngine:
         return self.store.load_events(sid)
 
     # -- restoring ------------------------------------------------------------------------------
-    def restore(self, rid: str, dest: Path) -> list[FileEntry]:
-        """Write the recording's inputs under ``dest`` (which must be empty or absent)."""
-        m = self.manifest(rid)
+    def restore(self, rid: str | RecordingManifest, dest: Path) -> list[FileEntry]:
+        """Write the recording's inputs under ``dest`` (which must be empty or absent).
+        Path checks apply whatever the manifest's origin; pass a verified manifest to restore
+        exactly what was checked."""
+        m = self.manifest(rid) if isinstance(rid, str) else rid
         # Validate everything first so a bad entry aborts before a single byte is written.
         entries = [(check_entry(e), e) for e in m.inputs]
         # Inputs the build itself rewrote were recorded by hash only: nothing to restore, and
@@ -145,10 +168,14 @@ class ReplayEngine:
         return env, sorted(k for k, v in recorded.items() if REDACTED in v and k != "PWD")
 
     # -- replaying ------------------------------------------------------------------------------
-    def replay(self, rid: str, *, keep: bool = False, sandbox_root: Path | None = None,
-               timeout: float = DEFAULT_TIMEOUT_S) -> ReplayResult:
-        """Restore, re-run and compare. The sandbox is deleted afterwards unless ``keep``."""
-        m = self.manifest(rid)
+    def plan(self, rid: str, *, sandbox_root: Path | None = None) -> ReplayPlan:
+        """Verify the manifest and decide the command, environment and sandbox; runs nothing.
+        Raises ReplayError (with the reason) for a manifest that cannot be trusted or run.
+        The sandbox directory exists afterwards: :meth:`run` or :func:`cleanup` removes it."""
+        try:
+            m, sha = self.store.load_verified_manifest(rid)
+        except ManifestUntrusted as exc:
+            raise ReplayError(f"refusing to replay: {exc}") from None
         if not m.command:
             raise ReplayError(f"recording {rid} has no command to replay")
         if m.argv_redacted:
@@ -156,14 +183,26 @@ class ReplayEngine:
         if sandbox_root is not None:
             sandbox_root.mkdir(parents=True, exist_ok=True)
         base = Path(tempfile.mkdtemp(prefix=f"buildtel-replay-{rid[:8]}-", dir=sandbox_root))
-        work = base / "work"  # the log sits beside the tree, not in it, so it is never an "extra"
+        # The log sits beside the tree (base/work), not in it, so it is never an "extra".
+        env, dropped = self.replay_env(m, base / "work")
+        return ReplayPlan(manifest=m, manifest_sha256=sha, command=list(m.command), env=env,
+                          not_restored_env=dropped, base=base)
+
+    def replay(self, rid: str, *, keep: bool = False, sandbox_root: Path | None = None,
+               timeout: float = DEFAULT_TIMEOUT_S) -> ReplayResult:
+        """Verify, restore, re-run and compare. The sandbox is deleted afterwards unless ``keep``."""
+        return self.run(self.plan(rid, sandbox_root=sandbox_root), keep=keep, timeout=timeout)
+
+    def run(self, plan: ReplayPlan, *, keep: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> ReplayResult:
+        """Carry out ``plan``: restore its (verified) manifest, run exactly ``plan.command`` with
+        exactly ``plan.env``, compare. The sandbox is deleted afterwards unless ``keep``."""
+        m, base, work, env, dropped = plan.manifest, plan.base, plan.workdir, plan.env, plan.not_restored_env
         try:
-            self.restore(rid, work)
-            env, dropped = self.replay_env(m, work)
+            self.restore(m, work)
             started = time.monotonic()
             with open(base / "replay.log", "wb") as logf:
                 try:
-                    proc = subprocess.run(m.command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                    proc = subprocess.run(plan.command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                                           stderr=subprocess.STDOUT, timeout=timeout, check=False)
                     exit_code: int | None = proc.returncode
                 except FileNotFoundError as exc:

@@ -117,11 +117,14 @@ def test_ninja_inputs_come_from_its_graph_and_deps_log(local_settings: Settings,
 
 # -- refusing paths that leave the sandbox ------------------------------------------------------
 def _tampered(store: RecordingStore, rid: str, *entries: FileEntry) -> None:
-    """Write a manifest straight to disk, as an attacker editing the store would."""
+    """Write a manifest straight to disk and sign it, as an attacker holding the store's key
+    would: the path checks must hold even for a manifest that passes verification
+    (an unsigned one never gets that far, see test_replay_trust.py)."""
     sha = store.put_bytes(b"payload\n")
     fixed = [FileEntry(path=e.path, sha256=sha, kind=e.kind, target=e.target) for e in entries]
     m = RecordingManifest(id=rid, created=1.0, command=["true"], inputs=fixed)
     (store.manifests / f"{rid}.rec").write_bytes(encode(m))
+    (store.manifests / f"{rid}.sig").write_text(store.signer.signature(rid, encode(m)))
 
 
 @pytest.mark.parametrize("entries", [
