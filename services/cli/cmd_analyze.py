@@ -27,6 +27,7 @@ from services.analyzer.api import (
 from services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
 from services.cli.common import open_bus
 from services.cli.main import CLIError
+from services.cli.textsafe import json_safe, safe, safe_block
 from shared.settings import Settings
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -110,8 +111,15 @@ async def _fetch(settings: Settings, req: ReportRequest, timeout: float):
             raise CLIError(exc.description if exc.code != 500 else str(exc)) from None
 
 
-def _write(path: str | None, text: str) -> None:
+def _write(path: str | None, text: str, *, kind: str = "data") -> None:
     if path is None:
+        # Target names and branches come from publishers: the summary, and CSV bound for a
+        # terminal, have their control characters escaped; JSON gets lossless \u escapes
+        # (services/cli/textsafe.py); files get the data as it is.
+        if kind == "json":
+            text = json_safe(text)
+        elif kind == "summary" or sys.stdout.isatty():
+            text = safe_block(text)
         sys.stdout.write(text)
         return
     try:
@@ -134,7 +142,7 @@ async def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         text = sessions_csv(rep) if args.table == "sessions" else targets_csv(rep)
     else:
         text = summary(rep)
-    _write(args.output, text)
+    _write(args.output, text, kind=args.format)
     return 0
 
 
@@ -157,15 +165,15 @@ async def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def alert_line(a: Alert) -> str:
     when = datetime.fromtimestamp(a.detected_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    what = f"target {a.target} ({a.cache})" if a.kind == "target" else "build"
-    commits = f"  commits {a.commit_range}" if a.commit_range else ""
-    return (f"{when}  {a.direction.upper():<11}  {what}  branch {a.branch or '-'}  "
+    what = f"target {safe(a.target)} ({safe(a.cache)})" if a.kind == "target" else "build"
+    commits = f"  commits {safe(a.commit_range)}" if a.commit_range else ""
+    return (f"{when}  {safe(a.direction.upper()):<11}  {what}  branch {safe(a.branch or '-')}  "
             f"{fmt_s(a.before_median_s)} -> {fmt_s(a.after_median_s)} ({a.change_pct:+.1f}%)  "
-            f"confidence {a.confidence:.2f}  first session {a.first_session_id}{commits}")
+            f"confidence {a.confidence:.2f}  first session {safe(a.first_session_id)}{commits}")
 
 
 def _print_alert(a: Alert, as_json: bool) -> None:
-    print(msgspec.json.encode(a).decode() if as_json else alert_line(a), flush=True)
+    print(json_safe(msgspec.json.encode(a).decode()) if as_json else alert_line(a), flush=True)
 
 
 async def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:

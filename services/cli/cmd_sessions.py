@@ -10,6 +10,7 @@ import msgspec
 
 from services.cli.common import open_bus
 from services.cli.main import CLIError
+from services.cli.textsafe import json_safe, safe
 from services.storage.api import StorageClient, StorageError
 from shared.protocol import BuildSession
 from shared.settings import Settings
@@ -39,8 +40,9 @@ def _fmt_time(ts: float) -> str:
 
 def session_line(s: BuildSession) -> str:
     branch = s.environment.vcs.branch if s.environment and s.environment.vcs else ""
-    return (f"{s.id}  {_fmt_time(s.start)}  {s.outcome:<9} {s.duration_s:9.1f}s  {len(s.targets):5d} targets  "
-            f"cache {s.cache_hit_rate:5.1%}  {branch or '-':<10} {s.name}")
+    # Names, branch and ids come from publishers: escaped (services/cli/textsafe.py); not in --json.
+    return (f"{safe(s.id)}  {_fmt_time(s.start)}  {safe(s.outcome):<9} {s.duration_s:9.1f}s  "
+            f"{len(s.targets):5d} targets  cache {s.cache_hit_rate:5.1%}  {safe(branch or '-'):<10} {safe(s.name)}")
 
 
 async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
@@ -57,7 +59,7 @@ async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
         except StorageError as exc:
             raise CLIError(str(exc)) from None
     if args.json:
-        sys.stdout.write(_json.encode(sessions).decode() + "\n")
+        sys.stdout.write(json_safe(_json.encode(sessions).decode()) + "\n")
         return 0
     if not sessions:
         print("no sessions stored yet", file=sys.stderr)
@@ -87,20 +89,21 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     async with open_bus(settings, autostart=True) as bus:
         s = await _resolve(StorageClient(bus.nc, bus.subjects), args.id)
     if args.json:
-        sys.stdout.write(_json.encode(s).decode() + "\n")
+        sys.stdout.write(json_safe(_json.encode(s).decode()) + "\n")
         return 0
     env = s.environment
-    print(f"session   {s.id}  ({s.name or 'unnamed'})")
-    print(f"outcome   {s.outcome}  exit code {s.exit_code if s.exit_code is not None else '-'}")
+    print(f"session   {safe(s.id)}  ({safe(s.name or 'unnamed')})")
+    print(f"outcome   {safe(s.outcome)}  exit code {s.exit_code if s.exit_code is not None else '-'}")
     print(f"time      {_fmt_time(s.start)} → {_fmt_time(s.finish)}  ({s.duration_s:.2f} s)")
     if s.command:
-        print(f"command   {' '.join(s.command)}")
-    print(f"agents    {', '.join(s.agents) or '-'}")
+        print(f"command   {safe(' '.join(s.command))}")
+    print(f"agents    {safe(', '.join(s.agents)) or '-'}")
     if env:
         vcs = env.vcs
-        print(f"machine   {env.hostname} {env.os} {env.arch} {env.cpus} CPUs")
+        print(f"machine   {safe(env.hostname)} {safe(env.os)} {safe(env.arch)} {env.cpus} CPUs")
         if vcs:
-            print(f"vcs       {vcs.branch or '-'} @ {(vcs.commit or '-')[:12]}{' (dirty)' if vcs.dirty else ''}")
+            print(f"vcs       {safe(vcs.branch or '-')} @ {safe((vcs.commit or '-')[:12])}"
+                  f"{' (dirty)' if vcs.dirty else ''}")
     t = s.totals
     print(f"targets   {t.targets} ({t.succeeded} ok, {t.failed} failed, {t.skipped} skipped, {t.cancelled} cancelled)"
           f"  serial time {t.target_time_s:.1f} s")
@@ -110,5 +113,5 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if s.targets:
         print(f"\n{'DURATION':>10}  {'STATUS':<9} {'CACHE':<11} TARGET")
         for m in sorted(s.targets, key=lambda m: -m.duration_s)[: args.top]:
-            print(f"{m.duration_s:9.3f}s  {m.status:<9} {m.cache:<11} {m.name}")
+            print(f"{m.duration_s:9.3f}s  {safe(m.status):<9} {safe(m.cache):<11} {safe(m.name)}")
     return 0

@@ -17,6 +17,7 @@ import msgspec
 
 from services.cli.common import open_bus
 from services.cli.main import CLIError
+from services.cli.textsafe import json_safe, safe, safe_block
 from shared.settings import Settings
 
 # The tracer modules (opentelemetry-proto, aiohttp) are imported when the command runs, not
@@ -67,10 +68,10 @@ async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     if exporting:
         return await _export(trace, args)
     if args.json:
-        sys.stdout.write(msgspec.json.encode({"trace_id": trace.trace_id, "session_ids": trace.session_ids,
-                                              "spans": trace.spans}).decode() + "\n")
+        sys.stdout.write(json_safe(msgspec.json.encode({"trace_id": trace.trace_id, "session_ids": trace.session_ids,
+                                                        "spans": trace.spans}).decode()) + "\n")
     else:
-        print(render_tree(trace))
+        print(safe_block(render_tree(trace)))  # span names and attributes come from publishers
     return 0
 
 
@@ -82,7 +83,8 @@ def _print_recent(traces: list) -> int:  # type: ignore[type-arg]
         return 0
     print(f"{'TRACE':<32}  {'DURATION':>10}  SESSIONS")
     for t in traces:
-        print(f"{t.trace_id}  {format_duration(max(0, t.end_ns - t.start_ns)):>10}  {', '.join(t.sessions) or '-'}")
+        print(f"{safe(t.trace_id)}  {format_duration(max(0, t.end_ns - t.start_ns)):>10}  "
+              f"{safe(', '.join(t.sessions)) or '-'}")
     return 0
 
 
@@ -108,5 +110,5 @@ async def _export(trace: Any, args: argparse.Namespace) -> int:
             await exporter.close()
         done.append(f"sent to {exporter.url}")
     for line in done:
-        print(f"trace {trace.trace_id}: {len(trace.spans)} spans {line}")
+        print(f"trace {safe(trace.trace_id)}: {len(trace.spans)} spans {safe(line)}")
     return 0

@@ -28,6 +28,7 @@ import time
 from typing import Any, TextIO
 
 from services.cli.common import CLIError, read_stack
+from services.cli.textsafe import safe
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -103,12 +104,13 @@ def _eta(s: float | None) -> str:
 
 
 def row_cells(cp: Any, age: float) -> list[str]:
-    status = cp.status if age <= STALE_S else f"stale({cp.status})"
-    return [cp.session_id[:12], cp.agent_id[:24], status, str(cp.completed_tasks), str(cp.failed_tasks),
+    # Ids, status and reasons come from publishers: escaped (services/cli/textsafe.py).
+    status = safe(cp.status) if age <= STALE_S else f"stale({safe(cp.status)})"
+    return [safe(cp.session_id)[:12], safe(cp.agent_id)[:24], status, str(cp.completed_tasks), str(cp.failed_tasks),
             str(cp.active_tasks), str(cp.pending_tasks) if cp.pending_tasks or cp.eta_s is not None else "?",
             f"{cp.active_workers}/{cp.worker_count or '?'}", f"{cp.utilisation * 100:.0f}%",
             f"{cp.velocity:.1f}", f"{cp.throughput:.1f}", _mem(cp.memory_bytes), _eta(cp.eta_s),
-            f"{age:.0f}s", "; ".join(cp.reasons)[:60]]
+            f"{age:.0f}s", safe("; ".join(cp.reasons))[:60]]
 
 
 def render_table(board: Board, now: float) -> list[str]:
@@ -129,8 +131,9 @@ def render_table(board: Board, now: float) -> list[str]:
 
 def plain_line(cp: Any) -> str:
     eta = f" eta={_eta(cp.eta_s)}" if cp.eta_s is not None else ""
-    why = f" reasons={'; '.join(cp.reasons)!r}" if cp.reasons else ""
-    return (f"{time.strftime('%H:%M:%S', time.localtime(cp.ts))} {cp.session_id} {cp.agent_id} {cp.status} "
+    why = f" reasons={safe(repr('; '.join(cp.reasons)))}" if cp.reasons else ""
+    return (f"{time.strftime('%H:%M:%S', time.localtime(cp.ts))} {safe(cp.session_id)} {safe(cp.agent_id)} "
+            f"{safe(cp.status)} "
             f"done={cp.completed_tasks} failed={cp.failed_tasks} active={cp.active_tasks} "
             f"pending={cp.pending_tasks} workers={cp.active_workers}/{cp.worker_count} "
             f"util={cp.utilisation:.2f} velocity={cp.velocity:.2f}/s throughput={cp.throughput:.2f}/s "

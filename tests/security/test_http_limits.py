@@ -130,7 +130,8 @@ async def test_deeply_nested_otlp_json_is_400_not_500(tracer: TracerService) -> 
     url = tracer.receiver.url  # type: ignore[union-attr]
     async with aiohttp.ClientSession() as session:
         for depth in (30, 100_000):
-            async with session.post(url, data=io.BytesIO(nested(depth)), headers={"Content-Type": "application/json"}) as r:
+            body_io = io.BytesIO(nested(depth))
+            async with session.post(url, data=body_io, headers={"Content-Type": "application/json"}) as r:
                 body = await r.json()
                 assert r.status == 400, (depth, body)
                 assert "nested deeper than 64 levels" in body["message"]
