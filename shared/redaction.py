@@ -178,9 +178,12 @@ def _word(word: str) -> tuple[str, str]:
     if core.startswith("-"):
         name, eq, value = core.partition("=")
         if eq:
-            if "/" not in name and is_sensitive_name(name):
+            # -DNAME=value defines NAME (C, Java): the 'D' is not part of the name.
+            key = name[2:] if name.startswith("-D") and not name.startswith("--") else name
+            if "/" not in key and is_sensitive_name(key):
                 return f"{q}{name}={REDACTED}", ""
-            return f"{q}{name}={_word(value)[0]}", ""  # --env=TOKEN=x, -Dkey=url…
+            new, hide = _word(value)  # --env=TOKEN=x, -Dkey=url…, --args=--token X
+            return f"{q}{name}={new}", hide
         bare = core.strip(_QUOTES).lstrip("-").lower()
         # A single dash is also a value glued to a letter (-I/opt/keys, -lkeyutils, -Idsn): only
         # names that start with the secret word (-password X, -apikey X) take the next word.
@@ -192,7 +195,8 @@ def _word(word: str) -> tuple[str, str]:
         name = m.group("name")
         if is_sensitive_name(name):
             return f"{q}{name}={REDACTED}", ""
-        return f"{q}{name}={_word(m.group('value'))[0]}", ""
+        new, hide = _word(m.group("value"))  # ARGS="--token X": the next word is the secret
+        return f"{q}{name}={new}", hide
     elif m := _HEADER.fullmatch(core):  # "PRIVATE-TOKEN: x", "Authorization:Bearer x"
         name, value = m.group("name"), m.group("value")
         if is_sensitive_name(name):

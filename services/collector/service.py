@@ -33,6 +33,7 @@ from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, 
 from shared.codec import decode_batch, encode
 from shared.keys import Keys
 from shared.logs import get_logger
+from shared.redaction import redact_batch
 from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -145,7 +146,8 @@ class CollectorService:
         for msg in msgs:
             try:
                 batch = decode_batch(msg.data)
-                payload, _ = fold.ops_payload(msg.data, batch.events)
+                # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
+                payload, _ = fold.ops_payload(redact_batch(batch, msg.data), batch.events)
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
                 await self._dead_letter(msg, f"undecodable event batch: {exc}")
                 continue

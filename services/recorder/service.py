@@ -43,6 +43,7 @@ from shared.codec import decode_batch
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.protocol import BuildFinished, BuildStarted, EventBatch
+from shared.redaction import redact_batch
 from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -208,7 +209,9 @@ class RecorderService:
         if flag:
             first = min(ev.seq for ev in batch.events)
             # File IO off the event loop; acknowledged only once the batch is on disk.
-            await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, msg.data)
+            # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
+            data = redact_batch(batch, msg.data)
+            await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, data)
             self.events_persisted += len(batch.events)
             if any(isinstance(ev, BuildFinished) for ev in batch.events):
                 self._compact_at[batch.session_id] = time.monotonic() + self.settings.finish_grace_s + COMPACT_DELAY_S

@@ -42,7 +42,7 @@ URL_POSITIONS = [
 ]
 WORD_POSITIONS = [
     "--{n}={s}", "--{n}", "{n}={s}", "-D{n}={s}", "--env={n}={s}", "--build-arg={n}={s}",
-    "Authorization: Bearer {s}", "Authorization: token {s}", "{n}: {s}", "{n}:{s}",
+    "EXTRA_ARGS=--{n}", "--args=--{n}", "Authorization: Bearer {s}", "Authorization: token {s}", "{n}: {s}", "{n}:{s}",
 ]
 
 
