@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from shared.codec import encoder
+from shared.redaction import redact_argv
 from shared.totals import summarize_targets
 from shared.protocol import BuildSession, TargetMetrics
 
@@ -242,7 +243,7 @@ def make_session(
         duration_s=max(0.0, finish - start) if duration_s is None else duration_s,
         outcome=outcome,  # type: ignore[arg-type]
         exit_code=exit_code,
-        command=command or [],
+        command=redact_argv(command or []),  # a Bazel command line can carry --remote_header=…=Bearer X
         labels=labels or {},
         agents=[agent],
         targets=targets,
