@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
-from shared.codec import decode_batch, encode
+from shared.codec import encode
 from shared.protocol import (
     BuildEnvironment,
     BuildFinished,
