@@ -164,3 +164,86 @@ async def publish_dead_letter(
             await r.incr(keys.counter(f"deadletter:{service}"))
     except Exception:  # noqa: BLE001 - a failing dead-letter path must not take the service down
         pass
+
+
+# -- poison messages: max_deliver, and a dead letter driven by its advisory ------------------
+# Every JetStream consumer stops redelivering a message after this many deliveries; the server
+# then announces it on the MAX_DELIVERIES advisory, and watch_max_deliveries() parks the message
+# on the dead-letter subject with the reason, so one bad message cannot stall a consumer.
+MAX_DELIVER = 5
+
+
+class MaxDeliveriesAdvisory(msgspec.Struct):
+    """``io.nats.jetstream.advisory.v1.max_deliver`` (the fields used here)."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+_advisory_decoder = msgspec.json.Decoder(MaxDeliveriesAdvisory)
+
+
+def max_deliveries_subject(stream: str, consumer: str) -> str:
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
+
+def _failures_key(keys: Keys, stream: str, consumer: str) -> str:
+    # Hash: stream seq -> why its last delivery failed; read by whichever replica gets the advisory.
+    return f"{keys.ns}:poison:{stream}:{consumer}"
+
+
+async def note_failure(r: aioredis.Redis | None, keys: Keys, *, stream: str, consumer: str, seq: int,
+                       reason: str) -> None:
+    """Remember why a delivery of stream message ``seq`` failed (for its eventual dead letter)."""
+    if r is None:
+        return
+    key = _failures_key(keys, stream, consumer)
+    with contextlib.suppress(Exception):  # only enriches a later reason; the failure is logged by the caller
+        await r.pipeline(transaction=False).hset(key, str(seq), reason[:2000]).expire(key, int(7 * DAY_S)).execute()
+
+
+async def watch_max_deliveries(nc: NATS, r: aioredis.Redis | None, subjects: Subjects, keys: Keys, *,
+                               service: str, stream: str, consumer: str, counter: Any = None) -> Any:
+    """Dead-letter every message of ``stream`` that ``consumer`` gave up on (max_deliver reached).
+
+    Subscribes to the consumer's MAX_DELIVERIES advisory in a queue group, so one replica
+    handles each advisory; fetches the message by stream sequence and publishes it to
+    ``NS.deadletter.<service>`` with the reason (and the last recorded failure, see
+    :func:`note_failure`).  ``counter()`` is called once per dead letter.  Returns the
+    subscription (unsubscribe it on stop).
+    """
+    js = nc.jetstream()
+    key = _failures_key(keys, stream, consumer)
+
+    async def handle(msg: Any) -> None:
+        try:
+            adv = _advisory_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return  # not an advisory we understand (another server version): nothing to act on
+        seq = adv.stream_seq
+        reason = f"not acknowledged after {adv.deliveries} deliveries (max_deliver) by consumer {consumer}"
+        last = None
+        if r is not None:
+            with contextlib.suppress(Exception):
+                last = await r.hget(key, str(seq))
+        if last:
+            reason += f"; last failure: {last.decode(errors='replace')}"
+        data, subject, headers = b"", "", {}
+        try:
+            raw = await js.get_msg(stream, seq)
+            data, subject, headers = raw.data or b"", raw.subject or "", dict(raw.headers or {})
+        except Exception as exc:  # noqa: BLE001 - aged out or deleted: the letter still says what happened
+            reason += f"; the message is no longer in stream {stream} ({type(exc).__name__})"
+        headers.update({"Nats-Stream": stream, "Nats-Stream-Seq": str(seq), "Nats-Consumer": consumer})
+        await publish_dead_letter(nc, r, subjects, keys, service=service, subject=subject, reason=reason,
+                                  data=data, headers=headers)
+        if counter is not None:
+            counter(reason)
+        if r is not None:
+            with contextlib.suppress(Exception):
+                await r.hdel(key, str(seq))
+
+    return await nc.subscribe(max_deliveries_subject(stream, consumer), queue=f"{service}-max-deliveries",
+                              cb=handle)

@@ -12,8 +12,23 @@ from typing import Any
 import msgspec
 
 from services.analyzer.api import FLAME_OPTIONS, FlameGraphReply, FlameGraphRequest
+from shared.protocol import BuildSession
 
 _enc = msgspec.msgpack.Encoder()
+
+
+def readable(sessions: list[Any]) -> tuple[list[Any], int]:
+    """The sessions with values older versions stored as NaN/inf/negative read as missing (such a
+    target or phase is left out: there is no width to draw it with), and how many were."""
+    from shared.validate import clean_session
+
+    out, missing = [], 0
+    for s in sessions:
+        if isinstance(s, BuildSession):
+            s, n = clean_session(s)
+            missing += n
+        out.append(s)
+    return out, missing
 
 
 def flame_options(req: Any) -> Any:
@@ -31,6 +46,7 @@ def flame_stacks(sessions: list[Any], *, sequence: bool = False, categories: dic
 
     from services.flamegraph import FlameGraphBuilder
 
+    sessions, _ = readable(sessions)
     ordered = sorted(sessions, key=lambda s: (s.start, s.id))  # the same input order on every path
     if not sequence:
         builder = FlameGraphBuilder()
@@ -135,6 +151,7 @@ def render_chart(session: Any, options: Any) -> str:
     value, pct = options.minwidth_spec()
     if pct:
         raise ValueError("a chart's minwidth is in pixels, not a percentage")
+    [session], _ = readable([session])
     return BuildChartGenerator(title=options.title or "Build Timeline", width=options.width, height=options.height,
                                colors=options.colors, minwidth=value).render_session(session)
 
@@ -151,6 +168,13 @@ def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: l
     if r.chart and (len(sessions) != 1 or not r.session or chart_conflicts(r)):
         raise ValueError("chart draws one session: give session and none of "
                          f"{', '.join(chart_conflicts(r)) or 'the window fields'}")
+    sessions, missing = readable(sessions)
+    if base is not None:
+        base, base_missing = readable(base)
+        missing += base_missing
+    if missing:
+        notes = [*(notes or ()), f"{missing} non-finite or negative values in stored sessions read as missing "
+                                 "(their targets or phases are left out)"]
     with gc_paused():
         categories: dict[str, int] = {}
         stacks = flame_stacks(sessions, sequence=r.flamechart, categories=categories)

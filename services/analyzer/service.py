@@ -59,11 +59,14 @@ from services.analyzer.history import History, from_storage
 from services.analyzer.subjects import AnalyzerSubjects
 from shared import metrics as metrics_http
 from shared.bus import (
+    MAX_DELIVER,
     close_nats,
     connect_nats,
     connect_redis,
     ensure_streams,
+    note_failure,
     publish_dead_letter,
+    watch_max_deliveries,
 )
 from shared.codec import decode_session
 from shared.keys import Keys
@@ -86,7 +89,7 @@ OUTBOX_INTERVAL_S = 1.0
 OUTBOX_GRACE_S = 2.0  # leave a fresh outbox entry to the replica that is publishing it
 MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
-POISON_DELIVERIES = 5  # a session that failed this often is dead-lettered, not retried forever
+POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lettered, not retried forever
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
@@ -137,7 +140,12 @@ class AnalyzerService:
         self.sub = await self.js.pull_subscribe(
             self.subjects.base.sessions_completed, durable=DURABLE, stream=self.subjects.base.sessions_stream,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=self.ack_wait_s, max_ack_pending=256, max_deliver=-1))
+                                  ack_wait=self.ack_wait_s, max_ack_pending=256, max_deliver=MAX_DELIVER))
+        # Sessions that fail in _handle are dead-lettered there on their last delivery; one a replica
+        # never finishes (dies on, or is too slow for) is dead-lettered from the server's advisory.
+        self.advisories = await watch_max_deliveries(
+            self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
+            stream=self.subjects.base.sessions_stream, consumer=DURABLE, counter=self._count_advisory)
         self.micro = await nats.micro.add_service(
             self.nc, name=self.subjects.service_name, version=API_VERSION,
             description="Builder Telemetry analytics and regression alerts",
@@ -171,7 +179,7 @@ class AnalyzerService:
             with contextlib.suppress(Exception):
                 await self.micro.stop()
         await finish_tasks(self._tasks)
-        await close_nats(self.nc, [self.sub])
+        await close_nats(self.nc, [self.sub, getattr(self, "advisories", None)])
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -199,6 +207,9 @@ class AnalyzerService:
                     with contextlib.suppress(Exception):
                         if msg.metadata.num_delivered >= POISON_DELIVERIES:
                             await self._dead_letter(msg, f"failed {POISON_DELIVERIES} times: {reason}")
+                        else:
+                            await note_failure(self.redis, self.keys, stream=self.subjects.base.sessions_stream,
+                                               consumer=DURABLE, seq=msg.metadata.sequence.stream, reason=reason)
                     await asyncio.sleep(0.2)
 
     async def _handle(self, msg: Any) -> None:
@@ -224,6 +235,10 @@ class AnalyzerService:
         await publish_dead_letter(self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
                                   subject=msg.subject, reason=reason, data=msg.data, headers=dict(msg.headers or {}))
         await msg.ack()
+
+    def _count_advisory(self, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning("analyzer.dead_letter", reason=reason[:300], code="max_deliver")
 
     def _series_key(self, series: str) -> str:
         return self.keys.analyzer(f"series:{series}")

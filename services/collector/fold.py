@@ -49,20 +49,26 @@ class _RawBatch(msgspec.Struct, gc=False):
 _raw_batch_decoder = msgspec.msgpack.Decoder(_RawBatch)
 
 
-def ops_payload(data: bytes, events: list[Event]) -> tuple[bytes, bool]:
-    """Encode one validated batch for the Lua script as records Redis' ``struct`` can read.
+def ops_payloads(data: bytes, events: list[Event], chunk: int) -> list[bytes]:
+    """Encode one validated batch for the Lua script as records Redis' ``struct`` can read,
+    ``chunk`` events per payload (one script call each).
 
     Each record is ``>I4 c1 H c0 I4 c0``: seq, kind, an ordering timestamp (for
     BuildStarted / HealthCheckpoint) and the event's raw MessagePack, sliced out
     of the message instead of re-encoded (Redis' cmsgpack predates the msgpack
-    bin type, hence no msgpack framing here).  Returns the payload and whether
-    it contains a BuildFinished.
+    bin type, hence no msgpack framing here).  Chunks keep every script call
+    short, so a large batch never holds Redis for long; folding is idempotent
+    per (agent, seq), so a batch folded in several calls, or partly folded
+    before a crash, ends up exactly as if it were folded in one.
     """
     raws = _raw_batch_decoder.decode(data).events
+    payloads: list[bytes] = []
     out = bytearray()
-    finished = False
     pack = _HEAD.pack
-    for ev, raw in zip(events, raws, strict=True):
+    for i, (ev, raw) in enumerate(zip(events, raws, strict=True)):
+        if i and i % chunk == 0:
+            payloads.append(bytes(out))
+            out = bytearray()
         match ev:
             case TargetFinished() | TargetStarted():
                 out += pack(ev.seq, OP_TARGET, 0)
@@ -72,10 +78,11 @@ def ops_payload(data: bytes, events: list[Event]) -> tuple[bytes, bool]:
                 out += ts_b
             case BuildFinished():
                 out += pack(ev.seq, OP_FINISHED, 0)
-                finished = True
         out += len(raw).to_bytes(4, "big")
         out += raw
-    return bytes(out), finished
+    if out:
+        payloads.append(bytes(out))
+    return payloads
 
 
 def fragment_events(fragments: Iterable[bytes]) -> list[Event]:

@@ -21,7 +21,6 @@ import contextlib
 import os
 import socket
 import time
-from collections import defaultdict
 from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeout
@@ -29,7 +28,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.collector import fold, lua
 from shared import metrics as metrics_http
-from shared.bus import close_nats, connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.bus import (
+    MAX_DELIVER,
+    close_nats,
+    connect_nats,
+    connect_redis,
+    ensure_streams,
+    note_failure,
+    publish_dead_letter,
+    watch_max_deliveries,
+)
 from shared.codec import decode_batch, encode
 from shared.keys import Keys
 from shared.logs import get_logger
@@ -37,12 +45,19 @@ from shared.redaction import redact_batch
 from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
+from shared.validate import Rejected, check_batch
 
 log = get_logger("collector")
 
 FETCH_BATCH = 256
 LEASE_MS = 15_000
-ACK_WAIT_S = 5.0
+ACK_WAIT_S = 5.0  # docs/protocol.md "Work split among collectors" states this figure
+# Events per Lua script call, and per pipeline round (acknowledged together).  A call of 2 000
+# events holds Redis for ~5-10 ms; a round of 20 000 takes ~0.1 s, far inside the ack wait, and the
+# batches of a fetch still waiting their turn are told "in progress" between rounds.
+FOLD_CHUNK_EVENTS = 2_000
+FOLD_ROUND_EVENTS = 20_000
+NAK_DELAY_S = 1.0  # a batch whose fold failed comes back after this (times its delivery count)
 DONE_TTL_S = 24 * 3600
 SWEEP_INTERVAL_S = 0.1
 
@@ -69,6 +84,8 @@ class CollectorService:
         self.batches_in = 0
         self.sessions_completed = 0
         self.dead_letters = 0
+        self.rejected: dict[str, int] = {}  # dead letters by cause (validate.Rejected.code, ...)
+        self.fold_failures = 0
         self.late_events = 0
 
     async def start(self) -> None:
@@ -90,9 +107,14 @@ class CollectorService:
                 # costs nothing, while a crashed collector's batches wait out this long.
                 ack_wait=ACK_WAIT_S,
                 max_ack_pending=20_000,
-                max_deliver=-1,
+                # A batch that keeps failing is dead-lettered by _failed() on its last delivery;
+                # one that never gets that far (a collector dying on it) by the advisory below.
+                max_deliver=MAX_DELIVER,
             ),
         )
+        self.advisories = await watch_max_deliveries(
+            self.nc, self.redis, self.subjects, self.keys, service="collector",
+            stream=self.subjects.events_stream, consumer="collector", counter=self._count_advisory)
         self._tasks = [
             asyncio.create_task(self._consume(), name="collector.consume"),
             asyncio.create_task(self._sweep(), name="collector.sweep"),
@@ -109,7 +131,7 @@ class CollectorService:
         self._stopping.set()
         self._wake_sweeper.set()
         await finish_tasks(self._tasks)
-        await close_nats(self.nc, [getattr(self, "sub", None)])
+        await close_nats(self.nc, [getattr(self, "sub", None), getattr(self, "advisories", None)])
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         log.info("collector.stopped", events=self.events_in, sessions=self.sessions_completed)
@@ -118,7 +140,7 @@ class CollectorService:
         """Counters for /metrics (shared/metrics.py)."""
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
                 "sessions_completed_total": self.sessions_completed, "dead_letters_total": self.dead_letters,
-                "late_events_total": self.late_events,
+                "late_events_total": self.late_events, "fold_failures_total": self.fold_failures,
                 "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "collector")}
 
     # -- folding ---------------------------------------------------------------------------
@@ -141,57 +163,123 @@ class CollectorService:
                 await asyncio.sleep(0.5)
 
     async def _fold(self, msgs: list[Any]) -> None:
-        groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
-        good: list[Any] = []
-        for msg in msgs:
+        """Validate a fetch, dead-letter what breaks a bound, fold the rest in bounded rounds.
+
+        A fetch of 256 capped batches is ~2.5 M events (tens of seconds of decoding and Redis
+        time), longer than the ack wait; so messages are taken in rounds of FOLD_ROUND_EVENTS, and
+        every ACK_WAIT_S / 3 the ones not yet acknowledged are told "in progress" (which restarts
+        their ack wait) instead of being redelivered to another collector meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        alive = loop.time()
+        work: list[tuple[Any, Any]] = []
+        events = 0
+        for i, msg in enumerate(msgs):
+            if loop.time() - alive > ACK_WAIT_S / 3:
+                await asyncio.gather(*(m.in_progress() for m in msgs[i:]), *(m.in_progress() for m, _ in work),
+                                     return_exceptions=True)
+                alive = loop.time()
             try:
                 batch = decode_batch(msg.data)
-                # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
-                payload, _ = fold.ops_payload(redact_batch(batch, msg.data), batch.events)
+                check_batch(batch, now)
+            except Rejected as exc:
+                await self._dead_letter(msg, exc.reason, code=exc.code)
+                continue
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
-                await self._dead_letter(msg, f"undecodable event batch: {exc}")
+                await self._dead_letter(msg, f"undecodable event batch: {exc}", code="undecodable")
                 continue
             if not batch.events:
                 await msg.ack()
                 continue
-            groups[(batch.session_id, batch.agent_id)].append((payload, len(batch.events)))
-            good.append(msg)
-        if not groups:
-            return
-        now = time.time()
-        finished_any = False
+            if work and events + len(batch.events) > FOLD_ROUND_EVENTS:
+                await self._fold_round(work, now)
+                work, events = [], 0
+            work.append((msg, batch))
+            events += len(batch.events)
+        if work:
+            await self._fold_round(work, now)
+
+    async def _fold_round(self, work: list[tuple[Any, Any]], now: float) -> None:
+        """Fold each batch in script calls of FOLD_CHUNK_EVENTS; ack the batches that folded, and
+        hand the ones that failed to :meth:`_failed` (the others in the round are unaffected)."""
         pipe = self.redis.pipeline(transaction=False)
-        calls: list[tuple[str, str, int]] = []
+        calls: list[int] = []  # index in work of each script call
         k = self.keys
-        for (sid, agent), payloads in groups.items():
-            for payload, count in payloads:
+        for n, (msg, batch) in enumerate(work):
+            sid, agent = batch.session_id, batch.agent_id
+            # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
+            for payload in fold.ops_payloads(redact_batch(batch, msg.data), batch.events, FOLD_CHUNK_EVENTS):
                 await self._apply(
                     keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
                           k.active, k.finishing, k.completed(sid)],
                     args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)],
                     client=pipe,
                 )
-                calls.append((sid, agent, count))
-        results = await pipe.execute()
-        for (sid, agent, count), (new, finished, late) in zip(calls, results, strict=True):
-            self.events_in += int(new)
-            if late:
-                self.late_events += count
-                log.warning("session.late_events", session_id=sid, agent_id=agent, events=count)
+                calls.append(n)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable or timed out: every batch failed
+            results = [exc] * len(calls)
+        errors: dict[int, BaseException] = {}
+        new = [0] * len(work)
+        late = [False] * len(work)
+        finished_any = False
+        for n, res in zip(calls, results, strict=True):
+            if isinstance(res, BaseException):
+                errors.setdefault(n, res)
+                continue
+            folded, finished, was_late = res
+            new[n] += int(folded)
+            late[n] |= bool(was_late)
             finished_any |= bool(finished)
-        self.batches_in += len(good)
+        acks = []
+        for n, (msg, batch) in enumerate(work):
+            if n in errors:
+                await self._failed(msg, f"{type(errors[n]).__name__}: {errors[n]}")
+                continue
+            self.events_in += new[n]
+            self.batches_in += 1
+            if late[n]:
+                self.late_events += len(batch.events)
+                log.warning("session.late_events", session_id=batch.session_id, agent_id=batch.agent_id,
+                            events=len(batch.events))
+            acks.append(msg.ack())
         # Ack only now that Redis holds the fold: a crash before this line means redelivery,
         # which the seen-bitmaps turn into a no-op.
-        await asyncio.gather(*(m.ack() for m in good))
+        await asyncio.gather(*acks)
         if finished_any:
             self._wake_sweeper.set()
 
-    async def _dead_letter(self, msg: Any, reason: str) -> None:
+    async def _failed(self, msg: Any, error: str) -> None:
+        """A batch whose fold failed: retried a few times, then dead-lettered with the error."""
+        self.fold_failures += 1
+        meta = msg.metadata
+        delivered = meta.num_delivered
+        log.error("collector.fold_failed", subject=msg.subject, error=error[:300], delivery=delivered,
+                  stream_seq=meta.sequence.stream)
+        if delivered >= MAX_DELIVER:
+            await self._dead_letter(msg, f"fold failed on each of {delivered} deliveries: {error}", code="poison")
+            return
+        await note_failure(self.redis, self.keys, stream=self.subjects.events_stream, consumer="collector",
+                           seq=meta.sequence.stream, reason=error)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=NAK_DELAY_S * delivered)
+
+    def _count_advisory(self, reason: str) -> None:
         self.dead_letters += 1
-        log.warning("collector.dead_letter", subject=msg.subject, reason=reason[:300], size=len(msg.data))
+        self.rejected["max_deliver"] = self.rejected.get("max_deliver", 0) + 1
+        log.warning("collector.dead_letter", reason=reason[:300], code="max_deliver")
+
+    async def _dead_letter(self, msg: Any, reason: str, *, code: str) -> None:
+        self.dead_letters += 1
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        log.warning("collector.dead_letter", subject=msg.subject, reason=reason[:300], code=code, size=len(msg.data))
         await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="collector",
                                   subject=msg.subject, reason=reason, data=msg.data,
-                                  headers=dict(msg.headers or {}))
+                                  headers={**dict(msg.headers or {}), "Buildtel-Reason-Code": code})
+        with contextlib.suppress(Exception):  # per-cause count shared by every replica
+            await self.redis.incr(self.keys.counter(f"deadletter:collector:{code}"))
         await msg.ack()
 
     # -- completion ------------------------------------------------------------------------

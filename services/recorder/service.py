@@ -33,11 +33,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from services.recorder.store import RecordingStore
 from shared import metrics as metrics_http
 from shared.bus import (
+    MAX_DELIVER,
     close_nats,
     connect_nats,
     connect_redis,
     ensure_streams,
-    publish_dead_letter,
+    note_failure,
+    watch_max_deliveries,
 )
 from shared.codec import decode_batch
 from shared.keys import Keys
@@ -47,6 +49,7 @@ from shared.redaction import redact_batch
 from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
+from shared.validate import Rejected, check_batch
 
 log = get_logger("recorder")
 
@@ -57,6 +60,7 @@ FLAG_CACHE = 100_000
 MAX_HELD = 20_000  # batches held unacknowledged at once (bounded by max_ack_pending too)
 GC_INTERVAL_S = 3600.0
 COMPACT_DELAY_S = 5.0
+SAVE_RETRY_S = 5.0  # a batch that could not be written comes back after this
 
 
 def flag_key(ns: str, sid: str) -> str:
@@ -93,6 +97,7 @@ class RecorderService:
         self.events_ignored = 0
         self.events_dropped_unflagged = 0
         self.dead_letters = 0
+        self.batches_invalid = 0  # refused batches, left to the collector's dead letter
 
     async def start(self) -> None:
         self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-recorder-{self.owner}")
@@ -108,9 +113,14 @@ class RecorderService:
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=self.hold_s + 30.0,  # held batches must not be redelivered while held
                 max_ack_pending=MAX_HELD * 2,
-                max_deliver=-1,
+                max_deliver=MAX_DELIVER,
             ),
         )
+        # A batch that keeps failing here (a disk error on it, a recorder dying on it) is parked
+        # on NS.deadletter.recorder once the server gives up on it.
+        self.advisories = await watch_max_deliveries(
+            self.nc, self.redis, self.subjects, self.keys, service="recorder",
+            stream=self.subjects.events_stream, consumer="recorder", counter=self._count_dead_letter)
         self._tasks = [asyncio.create_task(self._consume(), name="recorder.consume"),
                        asyncio.create_task(self._sweep(), name="recorder.sweep")]
         await metrics_http.attach(self, self.settings, port=self.metrics_port)
@@ -120,6 +130,7 @@ class RecorderService:
         """Counters for /metrics (shared/metrics.py)."""
         return {"batches_in_total": self.batches_in, "events_persisted_total": self.events_persisted,
                 "events_ignored_total": self.events_ignored, "dead_letters_total": self.dead_letters,
+                "batches_invalid_total": self.batches_invalid,
                 "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "recorder")}
 
     async def stop(self) -> None:
@@ -131,7 +142,7 @@ class RecorderService:
         await finish_tasks(self._tasks)
         # Held batches stay unacknowledged: the next recorder gets them again.
         self._held.clear()
-        await close_nats(self.nc, [getattr(self, "sub", None)])
+        await close_nats(self.nc, [getattr(self, "sub", None), getattr(self, "advisories", None)])
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         log.info("recorder.stopped", persisted=self.events_persisted, ignored=self.events_ignored)
@@ -173,11 +184,14 @@ class RecorderService:
 
     async def _handle(self, msgs: list[Any]) -> None:
         decoded: list[tuple[Any, EventBatch]] = []
+        now = time.time()
         for msg in msgs:
             try:
                 batch = decode_batch(msg.data)
-            except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
-                await self._dead_letter(msg, f"undecodable event batch: {exc}")
+                check_batch(batch, now)
+            except Exception as exc:  # noqa: BLE001 - any decode or bound failure is bad input
+                self._invalid(msg, exc)
+                await msg.ack()
                 continue
             self.batches_in += 1
             if not batch.events:
@@ -209,9 +223,20 @@ class RecorderService:
         if flag:
             first = min(ev.seq for ev in batch.events)
             # File IO off the event loop; acknowledged only once the batch is on disk.
-            # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
-            data = redact_batch(batch, msg.data)
-            await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, data)
+            try:
+                # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
+                data = redact_batch(batch, msg.data)
+                await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, data)
+            except OSError as exc:  # disk full, permissions: retried, then dead-lettered (max_deliver)
+                meta = msg.metadata
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("recorder.save_failed", session_id=batch.session_id, error=error,
+                          delivery=meta.num_delivered)
+                await note_failure(self.redis, self.keys, stream=self.subjects.events_stream, consumer="recorder",
+                                   seq=meta.sequence.stream, reason=error)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=SAVE_RETRY_S)
+                return
             self.events_persisted += len(batch.events)
             if any(isinstance(ev, BuildFinished) for ev in batch.events):
                 self._compact_at[batch.session_id] = time.monotonic() + self.settings.finish_grace_s + COMPACT_DELAY_S
@@ -232,12 +257,17 @@ class RecorderService:
                 await msg.ack()
         log.warning("recorder.dropped_unknown_session", session_id=sid, batches=len(items), reason=why)
 
-    async def _dead_letter(self, msg: Any, reason: str) -> None:
+    def _invalid(self, msg: Any, exc: Exception) -> None:
+        """A batch the collector refuses too: the collector reads the same stream and dead-letters
+        it (once, with the reason), so here it is only counted and logged, never kept."""
+        self.batches_invalid += 1
+        code = exc.code if isinstance(exc, Rejected) else "undecodable"
+        log.info("recorder.invalid_batch", subject=msg.subject, code=code, reason=str(exc)[:300],
+                 size=len(msg.data), dead_letter="collector")
+
+    def _count_dead_letter(self, reason: str) -> None:
         self.dead_letters += 1
-        log.warning("recorder.dead_letter", subject=msg.subject, reason=reason[:300], size=len(msg.data))
-        await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="recorder",
-                                  subject=msg.subject, reason=reason, data=msg.data, headers=dict(msg.headers or {}))
-        await msg.ack()
+        log.warning("recorder.dead_letter", reason=reason[:300])
 
     # -- held batches, compaction, retention ----------------------------------------------------
     async def _sweep(self) -> None:

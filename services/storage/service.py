@@ -47,7 +47,15 @@ from services.storage.store import (
     TelemetryStorage,
 )
 from shared import metrics as metrics_http
-from shared.bus import connect_nats, connect_redis, ensure_streams, publish_dead_letter
+from shared.bus import (
+    MAX_DELIVER,
+    connect_nats,
+    connect_redis,
+    ensure_streams,
+    note_failure,
+    publish_dead_letter,
+    watch_max_deliveries,
+)
 from shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
 from shared.keys import Keys
 from shared.logs import get_logger
@@ -60,6 +68,11 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
 _REPLY_OVERHEAD = 4096  # bytes of a reply that are not session payload (array header, cursor)
 
 _encoder = msgspec.msgpack.Encoder()
+# A write failure is usually the disk (full, read-only), not the session: give it longer than the
+# other consumers' MAX_DELIVER before a session is parked on the dead-letter subject (~15 min with
+# the growing delay below).  The sessions stream still holds it for 30 days after that.
+STORAGE_MAX_DELIVER = max(MAX_DELIVER, 20)
+WRITE_RETRY_S = 5.0  # times the delivery count, at most 60 s
 
 
 class _Facts(NamedTuple):
@@ -146,9 +159,13 @@ class StorageService:
             self.subjects.sessions_completed, durable=DURABLE, stream=self.subjects.sessions_stream,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s,
                                   max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
-                                  max_deliver=-1),
+                                  max_deliver=STORAGE_MAX_DELIVER),
         )
         stack.push_async_callback(psub.unsubscribe)
+        advisories = await watch_max_deliveries(
+            self.nc, self.redis, self.subjects, self.keys, service="storage", stream=self.subjects.sessions_stream,
+            consumer=DURABLE, counter=self._count_advisory)
+        stack.push_async_callback(advisories.unsubscribe)
         micro = await nats.micro.add_service(
             self.nc, name=self.subjects.service_name("storage"), version=API_VERSION,
             description="Builder Telemetry session store", metadata={"namespace": s.namespace})
@@ -243,7 +260,10 @@ class StorageService:
             self.write_failures += 1
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
             for msg, _ in good:
-                await msg.nak(delay=5.0)
+                meta = msg.metadata
+                await note_failure(self.redis, self.keys, stream=self.subjects.sessions_stream, consumer=DURABLE,
+                                   seq=meta.sequence.stream, reason=f"write failed: {exc!r}")
+                await msg.nak(delay=min(60.0, WRITE_RETRY_S * meta.num_delivered))
             await asyncio.sleep(1.0)
             return
         for (msg, facts), new in zip(good, flags):
@@ -283,6 +303,10 @@ class StorageService:
             await msg.ack()
             self.dead_letters += 1
             self.log.warning("storage.dead_letter", reason=reason, subject=msg.subject, bytes=len(msg.data))
+
+    def _count_advisory(self, reason: str) -> None:
+        self.dead_letters += 1
+        self.log.warning("storage.dead_letter", reason=reason[:300], code="max_deliver")
 
     async def _retention_loop(self) -> None:
         assert self.store is not None

@@ -55,11 +55,14 @@ from services.tracer.store import (
 from services.tracer.subjects import TracerSubjects, ensure_spans_stream
 from shared import metrics as metrics_http
 from shared.bus import (
+    MAX_DELIVER,
     close_nats,
     connect_nats,
     connect_redis,
     ensure_streams,
+    note_failure,
     publish_dead_letter,
+    watch_max_deliveries,
 )
 from shared.codec import DecodeError, decode_session
 from shared.keys import Keys
@@ -147,11 +150,16 @@ class TracerService:
             fwd.start()
             stack.push_async_callback(fwd.stop)
         config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30.0,
-                                max_deliver=-1, max_ack_pending=10_000)
+                                max_deliver=MAX_DELIVER, max_ack_pending=10_000)
         sessions_sub = await js.pull_subscribe(self.subjects.sessions_completed, durable=DURABLE,
                                                stream=self.subjects.sessions_stream, config=config)
         spans_sub = await js.pull_subscribe(self.tsubjects.spans, durable=DURABLE,
                                             stream=self.tsubjects.spans_stream, config=config)
+        # Input that fails ingest on every delivery is parked on the dead-letter subject, not retried forever.
+        for stream in (self.subjects.sessions_stream, self.tsubjects.spans_stream):
+            watch = await watch_max_deliveries(self.nc, self.redis, self.subjects, self.keys, service=self.name,
+                                               stream=stream, consumer=DURABLE, counter=self._count_advisory)
+            stack.push_async_callback(watch.unsubscribe)
         micro = await nats.micro.add_service(
             self.nc, name=self.tsubjects.service_name, version=query.API_VERSION,
             description="Builder Telemetry traces", metadata={"namespace": self.settings.namespace})
@@ -225,8 +233,13 @@ class TracerService:
             for msg in msgs:
                 try:
                     await handle(msg)
-                except Exception as exc:  # noqa: BLE001 - unacked: redelivered after ack_wait
-                    log.error("tracer.ingest_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - unacked: redelivered after ack_wait, then dead-lettered
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.error("tracer.ingest_failed", subject=msg.subject, error=error)
+                    with contextlib.suppress(Exception):
+                        meta = msg.metadata
+                        await note_failure(self.redis, self.keys, stream=meta.stream, consumer=DURABLE,
+                                           seq=meta.sequence.stream, reason=error)
 
     async def _on_session(self, msg: Any) -> None:
         try:
@@ -261,6 +274,10 @@ class TracerService:
                                   subject=msg.subject, reason=reason, data=msg.data,
                                   headers=dict(msg.headers or {}))
         await msg.ack()
+
+    def _count_advisory(self, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning("tracer.dead_letter", reason=reason[:300], code="max_deliver")
 
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

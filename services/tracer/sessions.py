@@ -28,11 +28,18 @@ from services.tracer.model import (
     is_hex_id,
     session_span_id,
 )
+from shared.logs import get_logger
 from shared.protocol import BuildSession, TargetMetrics
+from shared.validate import clean_session
+
+log = get_logger("tracer")
 
 SCOPE = "builder_telemetry.sessions"
 SERVICE_NAME = "build"
 MAX_DEPS = 64  # deps can run into thousands; a trace viewer needs a hint, not the graph
+# Span times are int64 nanoseconds: a time beyond ~2262 (or a millisecond timestamp stored as
+# seconds, "year 58901") cannot be a span time and is read as missing.
+_MAX_S = (2**63 - 1) / 1e9
 
 
 def _ns(seconds: float) -> int:
@@ -127,8 +134,35 @@ def _target_status(t: TargetMetrics) -> tuple[int, str]:
     return STATUS_UNSET, ""
 
 
+def _representable(*seconds: float) -> bool:
+    return all(0.0 <= s < _MAX_S for s in seconds)
+
+
+def readable_session(session: BuildSession) -> tuple[BuildSession, int]:
+    """``session`` with the values a trace cannot hold read as missing: non-finite or negative
+    numbers (:func:`shared.validate.clean_session`) and times outside int64 nanoseconds (such a
+    target is left out; such a session time becomes 0, "unknown").  Returns how many values."""
+    import msgspec
+
+    session, missing = clean_session(session)
+    fields: dict[str, Any] = {}
+    targets = [t for t in session.targets if _representable(t.start, t.end)]
+    if len(targets) != len(session.targets):
+        missing += len(session.targets) - len(targets)
+        fields["targets"] = targets
+    for name in ("start", "finish"):
+        if not _representable(getattr(session, name)):
+            fields[name] = 0.0
+            missing += 1
+    return (msgspec.structs.replace(session, **fields) if fields else session), missing
+
+
 def session_spans(session: BuildSession) -> list[SpanRecord]:
     """The spans of one completed build, root first; deterministic for a given session."""
+    session, missing = readable_session(session)
+    if missing:
+        log.warning("tracer.session_values_missing", session_id=session.id, values=missing,
+                    reason="non-finite, negative or out-of-range times and durations read as missing")
     trace_id = trace_id_of(session)
     sid = session.id
     resource = _resource(session)
@@ -151,6 +185,8 @@ def session_spans(session: BuildSession) -> list[SpanRecord]:
         offset = t.start
         for i, phase in enumerate(t.phases):
             duration = max(0.0, phase.duration_s)
+            if not _representable(offset + duration):
+                break  # phases running past what a span can hold: the rest are left out
             spans.append(SpanRecord(
                 trace_id=trace_id, span_id=derive_span_id(trace_id, sid, "phase", t.name, str(i), phase.name),
                 parent_span_id=tid, name=phase.name, kind=KIND_INTERNAL, start_ns=_ns(offset),

@@ -1,0 +1,163 @@
+"""Bounds on agent input, checked by the collector before anything reaches Redis.
+
+msgspec checks types while it decodes; this module checks what types cannot say:
+how many events a batch may carry, which protocol versions are understood, that
+every number is finite and not negative, that strings and collections stay
+under documented lengths, and that timestamps fall in a plausible window.  A
+batch that breaks a bound is refused whole with a :class:`Rejected` naming the
+bound (``code``, a stable word for counters) and the offending value (``reason``,
+for people).  ``docs/protocol.md`` lists every limit here.
+
+It also reads *old* data defensively: :func:`finite` and :func:`clean_session`
+turn non-finite numbers that older versions stored into "missing" instead of
+letting them crash a trace or a flame graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from shared.protocol import PROTOCOL_VERSION, BuildSession, EventBatch, TargetFinished
+
+# Events per batch.  The SDK sends 500 (``batch_size``), the recorder's republish 200; folding a
+# batch of this many events takes ~30 ms of Redis time on the reference machine (see
+# docs/protocol.md), so no legal batch can make a fold outlast the collector's ack wait.
+MAX_BATCH_EVENTS = 10_000
+# Characters per string and entries per list/dict: the SDK's sanitisers cut at the same bounds
+# (shared/sanitize.py), so a batch the SDK built never exceeds them.
+MAX_STRING_CHARS = 4096
+MAX_ITEMS = 2000
+# Plausible timestamps: not before 2000-01-01T00:00:00Z, not more than this ahead of the receiver's
+# clock.  Milliseconds sent where seconds are due land ~55 000 years ahead and are refused.
+MIN_TIMESTAMP = 946_684_800.0
+FUTURE_MARGIN_S = 86_400.0
+# The one integer field that may legitimately be negative (a process killed by a signal).
+_SIGNED_INTS = frozenset({"exit_code"})
+
+
+class Rejected(ValueError):
+    """A batch broke a documented bound: ``code`` names the bound, ``reason`` the value."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _walk(value: Any, path: str) -> None:
+    """Check every number, string and collection inside one event (recursively)."""
+    t = type(value)
+    if t is float:
+        if not math.isfinite(value):
+            raise Rejected("non_finite", f"{path} is {value!r}, not a finite number")
+        if value < 0.0:
+            raise Rejected("negative", f"{path} is {value!r}; durations, times and sizes cannot be negative")
+    elif t is int:
+        if value < 0 and path.rpartition(".")[2] not in _SIGNED_INTS:
+            raise Rejected("negative", f"{path} is {value}; counts and sizes cannot be negative")
+    elif t is str:
+        if len(value) > MAX_STRING_CHARS:
+            raise Rejected("string_too_long",
+                           f"{path} has {len(value)} characters, more than the {MAX_STRING_CHARS} allowed")
+    elif t is list:
+        if len(value) > MAX_ITEMS:
+            raise Rejected("too_many_items", f"{path} has {len(value)} entries, more than the {MAX_ITEMS} allowed")
+        for i, item in enumerate(value):
+            _walk(item, f"{path}[{i}]")
+    elif t is dict:
+        if len(value) > MAX_ITEMS:
+            raise Rejected("too_many_items", f"{path} has {len(value)} entries, more than the {MAX_ITEMS} allowed")
+        for k, item in value.items():
+            _walk(k, f"{path} key")
+            _walk(item, f"{path}[{k[:40]!r}]")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _walk(getattr(value, name), f"{path}.{name}")
+    # bool, None and Literal strings (checked by msgspec) need nothing more
+
+
+def _check_time(value: float, path: str, now: float) -> None:
+    if value < MIN_TIMESTAMP or value > now + FUTURE_MARGIN_S:
+        hint = " (milliseconds sent as seconds?)" if value > now + FUTURE_MARGIN_S else ""
+        raise Rejected("timestamp_out_of_window",
+                       f"{path} = {value!r} is outside the plausible window [2000-01-01, receiver clock + "
+                       f"{FUTURE_MARGIN_S:g} s]{hint}")
+
+
+def check_batch(batch: EventBatch, now: float) -> None:
+    """Raise :class:`Rejected` if ``batch`` (already decoded) breaks a bound; ``now`` is the
+    receiver's clock (Unix seconds)."""
+    if batch.version != PROTOCOL_VERSION:
+        raise Rejected("unknown_version",
+                       f"protocol version {batch.version} is not understood (this service speaks {PROTOCOL_VERSION})")
+    if len(batch.events) > MAX_BATCH_EVENTS:
+        raise Rejected("too_many_events",
+                       f"batch of {len(batch.events)} events exceeds the cap of {MAX_BATCH_EVENTS} per batch")
+    for ev in batch.events:
+        where = f"event seq {ev.seq} ({type(ev).__name__})"
+        _walk(ev, where)
+        _check_time(ev.ts, f"{where}.ts", now)
+        if type(ev) is TargetFinished:
+            _check_time(ev.start, f"{where}.start", now)
+            _check_time(ev.start + ev.duration_s, f"{where}.start + duration_s", now)
+
+
+# -- reading old data --------------------------------------------------------------------------
+def finite(value: float | None, default: float | None = None) -> float | None:
+    """``value`` if it is a finite number, else ``default`` (old stores may hold NaN/inf)."""
+    return value if value is not None and math.isfinite(value) else default
+
+
+# A duration is drawn and exported in integer micro- or nanoseconds: past int64 nanoseconds (~292
+# years) it is not a duration but a corrupted value, and is read as missing too.
+_MAX_DURATION_S = (2**63 - 1) / 1e9
+
+
+def _good_span(start: float, duration: float) -> bool:
+    return math.isfinite(start) and 0.0 <= duration < _MAX_DURATION_S  # also False for NaN
+
+
+def clean_session(session: BuildSession) -> tuple[BuildSession, int]:
+    """``session`` with non-finite or negative values read as missing, and how many were.
+
+    A target whose start or duration is not a finite, non-negative number is left out (there
+    is no time to draw it at); a phase likewise; optional figures become ``None``; session
+    times become 0 (which readers already treat as "unknown").  Sessions without such values
+    are returned as they are (no copy).
+    """
+    missing = 0
+    targets = session.targets
+    if any(not _good_span(t.start, t.duration_s) or not math.isfinite(t.end)
+           or any(not _good_span(0.0, p.duration_s) for p in t.phases)
+           or (t.cpu_s is not None and not math.isfinite(t.cpu_s)) for t in targets):
+        kept = []
+        for t in targets:
+            if not _good_span(t.start, t.duration_s) or not math.isfinite(t.end):
+                missing += 1
+                continue
+            phases = [p for p in t.phases if _good_span(0.0, p.duration_s)]
+            missing += len(t.phases) - len(phases)
+            cpu = finite(t.cpu_s)
+            missing += cpu is None and t.cpu_s is not None
+            kept.append(msgspec.structs.replace(t, phases=phases, cpu_s=cpu))
+        targets = kept
+    fields: dict[str, Any] = {}
+    for name in ("start", "finish", "duration_s"):
+        v = getattr(session, name)
+        if not math.isfinite(v):
+            fields[name] = 0.0
+            missing += 1
+    if session.cpu_s is not None and not math.isfinite(session.cpu_s):
+        fields["cpu_s"] = None
+        missing += 1
+    if not math.isfinite(session.cache_hit_rate):
+        fields["cache_hit_rate"] = 0.0
+        missing += 1
+    if targets is not session.targets:
+        fields["targets"] = targets
+    if not fields:
+        return session, 0
+    return msgspec.structs.replace(session, **fields), missing
