@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from shared.auth import inbox_prefix
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -29,8 +30,18 @@ GiB = 1024**3
 DAY_S = 86400.0
 
 
-def nats_options(settings: Settings, *, name: str) -> dict[str, Any]:
-    opts: dict[str, Any] = {"name": name}
+def nats_options(settings: Settings, *, name: str, role: str) -> dict[str, Any]:
+    """Connection options for a client acting as ``role`` (see :mod:`shared.auth`).
+
+    Credentials configured explicitly (creds file, token, user) win; otherwise a local stack's
+    per-role password is used.  Replies always come to the role's own inbox prefix, so a server
+    that gives each role only its inbox works.
+    """
+    opts: dict[str, Any] = {"name": name, "inbox_prefix": inbox_prefix(role).encode()}
+    explicit = settings.nats_creds or settings.nats_token or settings.nats_user
+    if not explicit and settings.stack_auth is not None:
+        opts["user"] = role
+        opts["password"] = settings.stack_auth.password(role)
     if settings.nats_creds:
         opts["user_credentials"] = str(settings.nats_creds)
     if settings.nats_token:
@@ -46,14 +57,37 @@ def nats_options(settings: Settings, *, name: str) -> dict[str, Any]:
     return opts
 
 
-async def connect_nats(settings: Settings, url: str, *, name: str, **extra: Any) -> NATS:
-    """A service connection: reconnects forever, so a NATS restart is waited out, not fatal."""
-    opts = nats_options(settings, name=name)
+def has_credentials(settings: Settings) -> bool:
+    """Whether connections authenticate (then each role has only its permissions: an agent, for
+    one, may not declare streams and relies on the services having done it)."""
+    return bool(settings.nats_creds or settings.nats_token or settings.nats_user or settings.stack_auth)
+
+
+async def connect_nats(settings: Settings, url: str, *, name: str, role: str, **extra: Any) -> NATS:
+    """A connection as ``role``: reconnects forever, so a NATS restart is waited out, not fatal.
+
+    A publish or subscription the role is not permitted is refused by the server asynchronously;
+    it is logged here with the subject, so a misconfigured role is never a silent drop.
+    """
+    opts = nats_options(settings, name=name, role=role)
+
+    async def on_error(exc: Exception) -> None:
+        text = str(exc)
+        if "ermission" in text or "uthorization" in text:
+            import structlog
+
+            from shared import logs
+
+            if not structlog.is_configured():  # never print to stdout: it may be a build's output
+                logs.configure()
+            logs.get_logger("bus").warning("nats.permission_denied", role=role, client=name, error=text)
+
     opts.update(
         servers=[u.strip() for u in url.split(",")],
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
+        error_cb=on_error,
     )
     opts.update(extra)
     return await nats.connect(**opts)

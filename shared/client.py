@@ -50,7 +50,8 @@ BACKOFF_MAX_S = 2.0
 # Well under NATS' default 1 MiB max_payload, so a batch is never refused for size.
 MAX_BATCH_BYTES = 512 * 1024
 
-UrlSource = str | Callable[[], str] | None
+# A URL, or a callable returning one (or a (URL, StackAuth) pair: a local stack's credentials).
+UrlSource = str | Callable[[], Any] | None
 
 
 class _Batch:
@@ -83,6 +84,7 @@ class TelemetryClient(Emitter):
         self._ever_connected = False
         self._connect_failures = 0
         self._gave_up = False
+        self._declare = True  # decided once the credentials are known (_supervise)
         self.last_error: str | None = None
         # Loop-bound lazily (Python >= 3.10), so creating them outside the loop is fine.
         self._wake, self._up, self._has_work = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -274,7 +276,7 @@ class TelemetryClient(Emitter):
                 except Exception as exc:  # noqa: BLE001 - timeouts, lost connection, no stream yet
                     self.last_error = repr(exc)
                     self._retries += 1
-                    if isinstance(exc, NoRespondersError):  # stream missing (deleted?): declare again
+                    if isinstance(exc, NoRespondersError) and self._declare:  # stream missing: declare again
                         await self._ensure_streams(js)
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, BACKOFF_MAX_S)
@@ -289,7 +291,7 @@ class TelemetryClient(Emitter):
             self._slots.release()
 
     # -- connection ----------------------------------------------------------------------------
-    async def _resolve_url(self) -> str:
+    async def _resolve_url(self) -> str | tuple[str, Any]:
         src = self._url
         if isinstance(src, str):
             return src
@@ -297,7 +299,7 @@ class TelemetryClient(Emitter):
         # A daemon thread, not the loop's executor: resolving may block (auto-starting a
         # stack) and asyncio.run() would otherwise wait for it on exit.
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
 
         def work() -> None:
             try:
@@ -312,12 +314,18 @@ class TelemetryClient(Emitter):
 
     async def _supervise(self) -> None:
         try:
-            url = await self._resolve_url()
+            resolved = await self._resolve_url()
         except Exception as exc:  # noqa: BLE001 - no stack: run without telemetry
             self.last_error, self._gave_up = f"{type(exc).__name__}: {exc}", True
             return
+        # A resolver may hand back the local stack's credentials with its URL.
+        url, auth = (resolved, None) if isinstance(resolved, str) else resolved
+        settings = self._settings if auth is None else self._settings.with_(stack_auth=auth)
         delay = BACKOFF_MIN_S
-        opts = nats_options(self._settings, name=f"buildtel-sdk {self._name or self._aid}".strip())
+        opts = nats_options(settings, name=f"buildtel-sdk {self._name or self._aid}".strip(), role="agent")
+        # Agents with credentials rely on the services to declare the streams (their role may
+        # not); only a client of an open server declares them itself.
+        self._declare = not ("user" in opts or "token" in opts or "user_credentials" in opts)
         while True:
             nc, lost = Client(), asyncio.Event()  # one event per connection: a late callback of
             # an old connection cannot tear down the new one
@@ -350,7 +358,8 @@ class TelemetryClient(Emitter):
             try:
                 delay = BACKOFF_MIN_S
                 js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
-                await self._ensure_streams(js)
+                if self._declare:
+                    await self._ensure_streams(js)
                 self._nc, self._js, self._ever_connected = nc, js, True
                 self._up.set()
                 await lost.wait()
@@ -380,16 +389,17 @@ def _settle(fut: asyncio.Future[Any], res: Any, err: BaseException | None) -> No
         fut.set_result(res)
 
 
-def _default_url(settings: Settings) -> Callable[[], str]:
-    """settings.nats_url, else the local stack ``buildtel up`` wrote, else NATS' default port."""
+def _default_url(settings: Settings) -> Callable[[], str | tuple[str, Any]]:
+    """settings.nats_url, else the local stack ``buildtel up`` wrote (with its agent
+    credentials), else NATS' default port."""
 
-    def resolve() -> str:
+    def resolve() -> str | tuple[str, Any]:
         with contextlib.suppress(Exception):
-            from services.cli.common import read_stack
+            from services.cli.common import read_stack, stack_auth_of
 
             info = read_stack(settings)
             if info:
-                return str(info["nats_url"])
+                return str(info["nats_url"]), stack_auth_of(settings)
         return "nats://127.0.0.1:4222"
 
     return resolve

@@ -21,6 +21,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+from shared.auth import StackAuth, nats_authorization
+from shared.files import private_dir, write_private
+
 START_TIMEOUT_S = 20.0
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -89,8 +92,11 @@ class Engine:
 
     name = "engine"
 
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1",
+                 auth: StackAuth | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # Secure by default: fresh credentials unless the caller hands in a stack's.
+        self.auth = auth if auth is not None else StackAuth.generate()
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -104,19 +110,23 @@ class Engine:
         raise NotImplementedError
 
     def start(self) -> Engine:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         log = self.data_dir / f"{self.name}.log"
         last: Exception | None = None
         # A port picked free can be taken before the server binds it; try a few.
         for _ in range(5):
             port = self.requested_port or free_port(self.host)
-            with open(log, "ab") as out:
+            with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+                os.chmod(log, 0o600)
                 self.proc = subprocess.Popen(
                     self._argv(port),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
+                    # Whatever the engine writes (JetStream store, append-only file) is the
+                    # stack owner's alone, whatever umask the caller has.
+                    umask=0o077,
                 )
             try:
                 _wait_tcp(self.host, port, self.proc, self.name, log)
@@ -156,11 +166,23 @@ class Engine:
 
 
 class NatsEngine(Engine):
+    """nats-server with JetStream and one user per role (:mod:`shared.auth`), whose permissions
+    cover ``namespace`` (``"*"``: any namespace, for a test server shared by many)."""
+
     name = "nats-server"
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1",
+                 auth: StackAuth | None = None, namespace: str = "buildtel") -> None:
+        super().__init__(data_dir, port, host, auth)
+        self.namespace = namespace
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    def url_for(self, role: str) -> str:
+        """The URL with ``role``'s credentials in it, for a bare ``nats.connect`` (tests, benchmarks)."""
+        return f"nats://{role}:{self.auth.password(role)}@{self.host}:{self.port}"
 
     def _argv(self, port: int) -> list[str]:
         # A completed session of several thousand targets is over the default 1 MiB payload;
@@ -170,21 +192,30 @@ class NatsEngine(Engine):
         # (a share of the free disk) runs out after a few namespaces' streams, though they hold
         # little.  Streams still enforce their own limits.
         store = json.dumps(str(self.data_dir / "jetstream"))
-        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n"
-                        f"jetstream {{\n  store_dir: {store}\n  max_file_store: 1TB\n  max_memory_store: 256MB\n}}\n")
+        # Credentials live in this 0600 file, never in the command line (/proc/*/cmdline is public).
+        write_private(conf, f"max_payload: {MAX_PAYLOAD}\n"
+                            f"jetstream {{\n  store_dir: {store}\n  max_file_store: 1TB\n  max_memory_store: 256MB\n}}\n"
+                            + nats_authorization(self.auth, self.namespace))
         return [find_nats_server(), "-c", str(conf), "-a", self.host, "-p", str(port)]
 
 
 class RedisEngine(Engine):
+    """redis-server with a password and without the commands that reach outside its data
+    (``CONFIG``, ``DEBUG``, ``MODULE``, ``SLAVEOF``/``REPLICAOF``) or change access (``ACL``)."""
+
     name = "redis-server"
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.auth.redis_password}@{self.host}:{self.port}/0"
 
     def _argv(self, port: int) -> list[str]:
+        conf = self.data_dir / "redis.conf"
+        write_private(conf, "user default on >" + self.auth.redis_password + " ~* &* +@all "
+                            "-config -debug -module -slaveof -replicaof -acl -failover -sync -psync\n")
         return [
             find_redis_server(),
+            str(conf),
             "--bind", self.host,
             "--port", str(port),
             "--dir", str(self.data_dir),
@@ -197,5 +228,22 @@ class RedisEngine(Engine):
         ]
 
 
+def public_url(url: str) -> str:
+    """``url`` without the user and password, for printing and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.username is not None or parts.password is not None:
+            host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
+            if parts.port:
+                netloc += f":{parts.port}"
+            one = urlunsplit(parts._replace(netloc=netloc))
+        out.append(one)
+    return ",".join(out)
+
+
 def describe(engines: list[Engine]) -> str:
-    return json.dumps({e.name: e.url for e in engines})
+    return json.dumps({e.name: public_url(e.url) for e in engines})

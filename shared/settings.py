@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from shared.auth import StackAuth
+
 PREFIX = "BUILDER_TELEMETRY_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -54,6 +56,12 @@ class Settings:
     fsync: bool = _help("fsync each stored batch before acknowledging it.", default=True)
     log_level: str = _help("debug, info, warning or error.", default="info")
     log_format: str = _help("auto (JSON off a TTY), json or console.", default="auto")
+    stack_credentials: Path | None = _help(
+        "Credentials file of a stack ('buildtel credentials ROLE -o FILE' writes one): its NATS URL and role passwords.",
+        default=None)
+    # Per-role NATS passwords and the Redis password of a local stack (from stack.json or a
+    # credentials file); never read from a variable of its own.
+    stack_auth: StackAuth | None = field(default=None, metadata={"env": False}, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -61,6 +69,8 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.metadata.get("env") is False:
+                continue
             key = PREFIX + f.name.upper()
             if key in env:
                 values[f.name] = _convert(key, env[key], f.type)
@@ -69,7 +79,23 @@ class Settings:
                 values[name] = value
         settings = cls(**values)
         settings.validate()
+        if settings.stack_credentials is not None and settings.stack_auth is None:
+            settings = settings.with_credentials_file(settings.stack_credentials)
         return settings
+
+    def with_credentials_file(self, path: Path) -> Settings:
+        """These settings with a stack's role credentials (and its NATS URL, unless one is set)
+        read from the file ``buildtel credentials`` wrote."""
+        import json
+
+        key = PREFIX + "STACK_CREDENTIALS"
+        try:
+            data = json.loads(Path(path).read_text())
+            auth = StackAuth.from_json(data)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"{key}: cannot use {str(path)!r}: {exc}") from None
+        url = self.nats_url or (str(data["nats_url"]) if data.get("nats_url") else None)
+        return replace(self, stack_auth=auth, nats_url=url)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -78,7 +104,8 @@ class Settings:
         checks = [
             ("max_sessions", self.max_sessions >= 1),
             ("retention_days", self.retention_days > 0),
-            ("batch_size", self.batch_size >= 1),
+            # The collector refuses batches over shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
+            ("batch_size", 1 <= self.batch_size <= 10_000),
             ("buffer_limit", self.buffer_limit >= 1),
             ("flush_interval_s", self.flush_interval_s > 0),
             ("session_timeout_s", self.session_timeout_s > 0),
@@ -138,6 +165,8 @@ def describe() -> list[tuple[str, str, str]]:
     """(variable, default, help) for every setting: the README table and ``--help`` use it."""
     out = []
     for f in fields(Settings):
+        if f.metadata.get("env") is False:
+            continue
         default = f.default if f.default is not None else ""
         out.append((PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return out

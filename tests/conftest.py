@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.auth import StackAuth
 from shared.engines import NatsEngine, RedisEngine
 from shared.settings import Settings
 
@@ -34,12 +35,20 @@ def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nats_url(engines_dir: Path) -> Iterator[str]:
+def stack_auth() -> StackAuth | None:
+    """Role credentials of the embedded test engines (None when joining servers by URL, which
+    carry their own)."""
+    return None if os.environ.get("BUILDER_TELEMETRY_NATS_URL") else StackAuth.generate()
+
+
+@pytest.fixture(scope="session")
+def nats_url(engines_dir: Path, stack_auth: StackAuth | None) -> Iterator[str]:
     url = os.environ.get("BUILDER_TELEMETRY_NATS_URL")
     if url:
         yield url
         return
-    with NatsEngine(engines_dir / "nats") as eng:
+    # Roles scoped to any namespace: every test has a namespace of its own.
+    with NatsEngine(engines_dir / "nats", auth=stack_auth, namespace="*") as eng:
         yield eng.url
 
 
@@ -50,7 +59,7 @@ def redis_url(engines_dir: Path) -> Iterator[str]:
         yield url
         return
     with RedisEngine(engines_dir / "redis") as eng:
-        yield eng.url
+        yield eng.url  # carries the generated password
 
 
 @pytest.fixture
@@ -59,9 +68,12 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_url: str, redis_url: str, namespace: str) -> Settings:
-    """Settings pointing at the test servers, an isolated namespace and data directory."""
+def settings(tmp_path: Path, nats_url: str, redis_url: str, namespace: str,
+             stack_auth: StackAuth | None) -> Settings:
+    """Settings pointing at the test servers, an isolated namespace and data directory; each
+    service connects with its own role's credentials."""
     return Settings(
+        stack_auth=stack_auth,
         cache_dir=tmp_path / ".builder-cache",
         namespace=namespace,
         nats_url=nats_url,
@@ -77,7 +89,7 @@ def settings(tmp_path: Path, nats_url: str, redis_url: str, namespace: str) -> S
 async def nc(settings: Settings) -> AsyncIterator[object]:
     from shared.bus import connect_nats
 
-    conn = await connect_nats(settings, settings.nats_url or "", name="test")
+    conn = await connect_nats(settings, settings.nats_url or "", name="test", role="operator")
     yield conn
     # Drop this test's streams so a shared NATS does not accumulate them.
     js = conn.jetstream()

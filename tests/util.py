@@ -106,3 +106,23 @@ async def completed_sessions(js: Any, subjects: Subjects, count: int, timeout: f
     finally:
         await sub.unsubscribe()
     return out
+
+
+def stack_env(settings: Any, **extra: str) -> dict[str, str]:
+    """``BUILDER_TELEMETRY_*`` variables for a child process (a service, ``buildtel``) joining the
+    test stack: its URLs and namespace and, for the embedded engines, a 0600 credentials file with
+    every role's password (each process then connects as its own role)."""
+    import json
+
+    from shared.files import write_private
+
+    env = {"BUILDER_TELEMETRY_NATS_URL": settings.nats_url or "",
+           "BUILDER_TELEMETRY_REDIS_URL": settings.redis_url or "",
+           "BUILDER_TELEMETRY_NAMESPACE": settings.namespace}
+    if settings.stack_auth is not None:
+        path = settings.cache_dir.parent / "stack-test.creds"
+        if not path.exists():
+            write_private(path, json.dumps(settings.stack_auth.to_json()))
+        env["BUILDER_TELEMETRY_STACK_CREDENTIALS"] = str(path)
+    env.update(extra)
+    return env

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
 from services.analyzer.alerts import Alert, alert_decoder
 from services.analyzer.analytics import AnalyticsReport, ReportFilter
@@ -136,7 +137,13 @@ async def follow_alerts(js: Any, namespace: str, *, branch: str | None = None, t
                         kind: str | None = None, from_start: bool = True) -> AsyncIterator[Alert]:
     """Yield alerts as they are published (from the stream's start, or only new ones)."""
     subjects = AnalyzerSubjects.of(namespace)
-    await ensure_alerts_stream(js, subjects)
+    # The analyzer declares the alerts stream; a follower (reader role) may not, so it waits for it.
+    while True:
+        try:
+            await js.stream_info(subjects.alerts_stream)
+            break
+        except NotFoundError:
+            await asyncio.sleep(1.0)
     sub = await js.subscribe(subjects.alerts_filter(kind=kind, branch=branch, target=target),
                              stream=subjects.alerts_stream, ordered_consumer=True,
                              deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW)

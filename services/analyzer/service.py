@@ -130,7 +130,7 @@ class AnalyzerService:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-analyzer-{self.owner}")
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-analyzer-{self.owner}", role="analyzer")
         self.redis = connect_redis(self.redis_url)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, self.subjects.base, extra=[alerts_stream_config(self.subjects)])

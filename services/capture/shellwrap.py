@@ -42,6 +42,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from shared.files import private_dir
+
 TARGET_VAR = "BUILDTEL_TARGET"
 
 C_SOURCE = r"""
@@ -197,8 +199,7 @@ def digest(*sources: str) -> str:
 def capture_dir(cache_dir: Path) -> Path:
     d = cache_dir.expanduser().resolve() / "capture"
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return private_dir(d)
     except OSError:
         d = Path(tempfile.gettempdir()) / f"buildtel-capture-{os.getuid()}"
         d.mkdir(exist_ok=True, mode=0o700)
@@ -233,7 +234,7 @@ def compile_c(source: str, out_path: Path, variants: list[list[str]]) -> Path | 
             except (OSError, subprocess.TimeoutExpired):
                 return None
             if res.returncode == 0 and out.exists():
-                os.chmod(out, 0o755)
+                os.chmod(out, 0o700)  # the build runs as the same user
                 os.replace(out, out_path)  # atomic: a concurrent run sees the old or the new file whole
                 return out_path
     return None
@@ -252,6 +253,6 @@ def _build_bash(exe: Path) -> Path | None:
         return None
     tmp = exe.with_suffix(".tmp")
     tmp.write_text(BASH_SOURCE.replace("/usr/bin/env bash", bash, 1))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o700)
     os.replace(tmp, exe)
     return exe

@@ -15,6 +15,7 @@ import time
 from services.cli.cmd_sessions import session_line
 from services.cli.cmd_stack import LocalStack
 from services.cli.common import open_bus, read_stack
+from shared.engines import public_url
 from services.cli.main import CLIError
 from services.demo.farm import FarmPlan, run_farm
 from services.analyzer.alerts import Alert
@@ -51,12 +52,13 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print("buildtel demo: starting the embedded stack (NATS + Redis + services)…", file=sys.stderr, flush=True)
         stack = LocalStack(settings)
         await stack.__aenter__()
-        settings = settings.with_(nats_url=stack.nats_url, redis_url=stack.redis_url)
+        settings = stack.service_settings
     try:
         async with open_bus(settings) as bus:
-            print(f"buildtel demo: NATS {bus.nats_url}, Redis {bus.redis_url}", file=sys.stderr)
+            print(f"buildtel demo: NATS {public_url(bus.nats_url)}, Redis {public_url(bus.redis_url)}",
+                  file=sys.stderr)
             t0 = time.monotonic()
-            plan = await run_farm(settings, bus.nats_url, agents=args.agents, builds=args.builds,
+            plan = await run_farm(bus.settings, bus.nats_url, agents=args.agents, builds=args.builds,
                                   targets=args.targets, seed=args.seed, progress=_progress)
             sessions = await _wait_stored(StorageClient(bus.nc, bus.subjects), plan, timeout=60)
             alerts = await _wait_alert(bus, plan, timeout=30)

@@ -130,7 +130,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         from services.cli.common import open_bus
         from shared.bus import ensure_streams
 
-        async with open_bus(settings, autostart=False, name="buildtel-replay") as bus:
+        async with open_bus(settings, autostart=False, name="buildtel-replay", role="operator") as bus:
             await ensure_streams(bus.js, bus.subjects)
             new_sid, sent = await republish(bus.js, bus.subjects, events, source=rid)
         if args.json:

@@ -286,15 +286,16 @@ class _Resolver:
         self.settings = settings
         self.autostarting = threading.Event()
 
-    def __call__(self) -> str:
-        from services.cli.common import read_stack, resolve_urls
+    def __call__(self) -> tuple[str, Any]:
+        from services.cli.common import read_stack, resolve
 
         if not self.settings.nats_url and read_stack(self.settings) is None:
             self.autostarting.set()
-        return resolve_urls(self.settings, autostart=True)[0]
+        s = resolve(self.settings, autostart=True, need_redis=False)
+        return s.nats_url or "", s.stack_auth  # the agent role's credentials of a local stack
 
 
-def _resolver(settings: Settings) -> Callable[[], str]:
+def _resolver(settings: Settings) -> Callable[[], tuple[str, Any]]:
     return _Resolver(settings)
 
 

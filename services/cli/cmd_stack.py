@@ -16,12 +16,15 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from services import registry
-from services.cli.common import read_stack, stack_file
+from services.cli.common import read_stack, resolve, stack_file
 from services.cli.main import CLIError
-from shared.engines import NatsEngine, RedisEngine
+from shared.auth import ROLES, StackAuth
+from shared.engines import NatsEngine, RedisEngine, public_url
+from shared.files import private_dir, tighten_tree, write_private
 from shared.runner import run_until_signal
 from shared.settings import Settings
 
@@ -32,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the stack 'buildtel up' started on this machine")
     down.set_defaults(func=cmd_down)
+    creds = sub.add_parser(
+        "credentials",
+        help="write a role's credentials of the local stack to a file for another machine or tool",
+        description="Write the NATS URL and one role's password of the stack 'buildtel up' runs here to a "
+                    "0600 file. Hand 'agent' credentials to build machines: there, set "
+                    "BUILDER_TELEMETRY_STACK_CREDENTIALS=FILE (the URL must be reachable from them: start the "
+                    "stack's NATS beyond loopback or use a farm's NATS). Roles: " + ", ".join(ROLES) + ".")
+    creds.add_argument("role", choices=ROLES, help="which role (agent: publish builds only; reader: queries only)")
+    creds.add_argument("-o", "--output", required=True, help="file to write (created with mode 0600)")
+    creds.set_defaults(func=cmd_credentials)
     serve = sub.add_parser("serve", help="run one service against the configured NATS and Redis")
     serve.add_argument("service", choices=sorted(registry.SERVICES), help="which service")
     from services.tracer.service import add_serve_arguments
@@ -50,19 +63,34 @@ class LocalStack:
         self.services: list[Any] = []
         self.nats_url = settings.nats_url or ""
         self.redis_url = settings.redis_url or ""
+        # Fresh credentials for every stack: one NATS password per role, one Redis password.
+        self.auth = StackAuth.generate()
+
+    @property
+    def embedded_nats(self) -> bool:
+        return any(isinstance(e, NatsEngine) for e in self.engines)
+
+    @property
+    def service_settings(self) -> Settings:
+        """What the services (and the commands of this stack) connect with: the generated role
+        credentials when NATS is embedded, the configured ones otherwise."""
+        s = self.settings.with_(nats_url=self.nats_url, redis_url=self.redis_url)
+        return s.with_(stack_auth=self.auth) if self.embedded_nats else s
 
     def start_engines(self) -> None:
+        engines_dir = private_dir(self.settings.engines_dir)
         if not self.nats_url:
-            eng = NatsEngine(self.settings.engines_dir / "nats").start()
+            eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.settings.namespace).start()
             self.engines.append(eng)
             self.nats_url = eng.url
         if not self.redis_url:
-            eng = RedisEngine(self.settings.engines_dir / "redis").start()
+            eng = RedisEngine(engines_dir / "redis", auth=self.auth).start()
             self.engines.append(eng)
             self.redis_url = eng.url
 
     def create_services(self) -> list[Any]:
-        self.services = [registry.create(n, self.settings, self.nats_url, self.redis_url) for n in self.names]
+        s = self.service_settings
+        self.services = [registry.create(n, s, self.nats_url, self.redis_url) for n in self.names]
         return self.services
 
     async def __aenter__(self) -> LocalStack:
@@ -92,24 +120,44 @@ class LocalStack:
         self.engines.clear()
 
 
+def make_private(settings: Settings) -> None:
+    """The stack's files are its owner's alone: umask 077 for this process and what it starts, and
+    an existing cache directory an older version left readable to others tightened, with a log line."""
+    os.umask(0o077)
+    if settings.cache_dir.exists():
+        changed = tighten_tree(settings.cache_dir)
+        if changed:
+            print(f"buildtel: removed group/other access from {changed} entries under {settings.cache_dir}",
+                  file=sys.stderr, flush=True)
+    private_dir(settings.cache_dir)
+
+
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if read_stack(settings) is not None:
         raise CLIError(f"a stack is already running for {settings.cache_dir} (see {stack_file(settings)}); "
                        "stop it with 'buildtel down'")
+    make_private(settings)
     stack = LocalStack(settings)
     await asyncio.to_thread(stack.start_engines)
     services = stack.create_services()
     path = stack_file(settings)
-    info = {"pid": os.getpid(), "nats_url": stack.nats_url, "redis_url": stack.redis_url,
-            "namespace": settings.namespace, "services": stack.names, "started": time.time(),
-            "embedded": [e.name for e in stack.engines]}
+    info: dict[str, Any] = {"pid": os.getpid(), "nats_url": stack.nats_url, "redis_url": stack.redis_url,
+                            "namespace": settings.namespace, "services": stack.names, "started": time.time(),
+                            "embedded": [e.name for e in stack.engines]}
+    if stack.embedded_nats:
+        # Role credentials for this machine's commands; the file is 0600 (write_private).
+        info["auth"] = stack.auth.to_json()
+
     def announce() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(info, indent=2))
+        write_private(path, json.dumps(info, indent=2))
         if not args.quiet:
             where = "embedded" if stack.engines else "configured"
-            print(f"buildtel: stack up ({where}) — NATS {stack.nats_url}, Redis {stack.redis_url}; "
-                  f"services: {', '.join(stack.names)}; data in {settings.cache_dir}", file=sys.stderr, flush=True)
+            print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
+                  f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
+                  f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
+            if stack.embedded_nats:
+                print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
+                      "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)
 
     try:
         await run_until_signal(services, on_started=announce)
@@ -118,6 +166,20 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()
         stack.stop_engines()
+    return 0
+
+
+def cmd_credentials(args: argparse.Namespace, settings: Settings) -> int:
+    info = read_stack(settings)
+    if info is None:
+        raise CLIError("no stack is running here: start one with 'buildtel up'")
+    if not info.get("auth"):
+        raise CLIError("this stack joined a configured NATS: its credentials are the ones you configured")
+    auth = StackAuth.from_json(info["auth"]).only(args.role)
+    out = Path(args.output)
+    write_private(out, json.dumps({"nats_url": info["nats_url"], "namespace": info.get("namespace"),
+                                   **auth.to_json()}, indent=2))
+    print(f"buildtel: wrote {args.role} credentials to {out} (mode 0600)", file=sys.stderr)
     return 0
 
 
@@ -155,12 +217,14 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             raise CLIError("serve needs BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL "
                            "(or a local stack from 'buildtel up')")
         nats_url, redis_url = nats_url or info["nats_url"], redis_url or info["redis_url"]
+        settings = resolve(settings, autostart=False)
+    os.umask(0o077)
     if args.service == "tracer":
         from services.tracer.service import service_from_args
 
         svc = service_from_args(args, settings, nats_url, redis_url)
     else:
         svc = registry.create(args.service, settings, nats_url, redis_url)
-    print(f"buildtel: serving {args.service} on {nats_url}", file=sys.stderr, flush=True)
+    print(f"buildtel: serving {args.service} on {public_url(nats_url)}", file=sys.stderr, flush=True)
     await run_until_signal([svc])
     return 0

@@ -161,7 +161,8 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | 
     subject = subjects.health(sid) if sid and len(sid) == 32 else subjects.health_all
     board = Board(sid)
     try:
-        nc = await connect_nats(settings, _nats_url(settings), name="buildtel-watch", max_reconnect_attempts=5)
+        nc = await connect_nats(settings, _nats_url(settings), name="buildtel-watch", role="reader",
+                               max_reconnect_attempts=5)
     except CLIError:
         raise
     except Exception as exc:  # noqa: BLE001 - one clear line

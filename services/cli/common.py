@@ -23,6 +23,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from services.cli.errors import CLIError
+from shared.auth import StackAuth
+from shared.files import open_private, private_dir
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -71,8 +73,17 @@ def read_stack(settings: Settings) -> dict[str, Any] | None:
 
 
 def resolve_urls(settings: Settings, *, autostart: bool) -> tuple[str, str]:
-    if settings.nats_url and settings.redis_url:
-        return settings.nats_url, settings.redis_url
+    s = resolve(settings, autostart=autostart)
+    return s.nats_url or "", s.redis_url or ""
+
+
+def resolve(settings: Settings, *, autostart: bool, need_redis: bool = True) -> Settings:
+    """``settings`` completed with where the stack is and, for a local stack, its role credentials
+    (``stack.json``, mode 0600).  Configured URLs keep their own credentials.  Commands that only
+    talk to NATS (``run``, queries) pass ``need_redis=False``: a configured NATS URL is then enough,
+    and no local stack is looked for or started."""
+    if settings.nats_url and (settings.redis_url or not need_redis):
+        return settings
     info = read_stack(settings)
     if info is None and autostart:
         info = start_background_stack(settings)
@@ -80,13 +91,25 @@ def resolve_urls(settings: Settings, *, autostart: bool) -> tuple[str, str]:
         raise StackUnavailable(
             "no Builder Telemetry stack is running: start one with 'buildtel up' or set BUILDER_TELEMETRY_NATS_URL"
         )
-    return settings.nats_url or info["nats_url"], settings.redis_url or info["redis_url"]
+    auth = settings.stack_auth
+    if auth is None and not settings.nats_url and info.get("auth"):
+        auth = StackAuth.from_json(info["auth"])
+    return settings.with_(nats_url=settings.nats_url or info["nats_url"],
+                          redis_url=settings.redis_url or info["redis_url"], stack_auth=auth)
+
+
+def stack_auth_of(settings: Settings) -> StackAuth | None:
+    """The local stack's credentials when the NATS URL comes from it (for the SDK's resolver)."""
+    if settings.nats_url:
+        return settings.stack_auth
+    info = read_stack(settings)
+    return StackAuth.from_json(info["auth"]) if info and info.get("auth") else None
 
 
 def start_background_stack(settings: Settings) -> dict[str, Any]:
     """Start ``buildtel up`` detached (it outlives this command) and wait until it is ready."""
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    log = open(settings.cache_dir / "stack.log", "ab")  # noqa: SIM115 - handed to the child
+    private_dir(settings.cache_dir)
+    log = open_private(settings.cache_dir / "stack.log", "ab")  # handed to the child
     env = dict(os.environ)
     env["BUILDER_TELEMETRY_CACHE_DIR"] = str(settings.cache_dir)
     env["BUILDER_TELEMETRY_NAMESPACE"] = settings.namespace
@@ -118,15 +141,19 @@ class Bus:
 
 
 @contextlib.asynccontextmanager
-async def open_bus(settings: Settings, *, autostart: bool = False, name: str = "buildtel-cli") -> AsyncIterator[Bus]:
+async def open_bus(settings: Settings, *, autostart: bool = False, name: str = "buildtel-cli",
+                   role: str = "reader") -> AsyncIterator[Bus]:
+    """A connection to the stack as ``role``: ``reader`` (queries) unless the command writes."""
     from shared.bus import close_nats, connect_nats, connect_redis  # nats + redis: imported when used
 
-    nats_url, redis_url = resolve_urls(settings, autostart=autostart)
-    nc = await connect_nats(settings, nats_url, name=name, max_reconnect_attempts=3)
-    r = connect_redis(redis_url)
+    settings = resolve(settings, autostart=autostart, need_redis=False)
+    nats_url, redis_url = settings.nats_url or "", settings.redis_url or ""
+    nc = await connect_nats(settings, nats_url, name=name, role=role, max_reconnect_attempts=3)
+    r = connect_redis(redis_url) if redis_url else None  # CLI commands ask services, not Redis
     try:
         yield Bus(settings, nats_url, redis_url, nc, nc.jetstream(), r,
                   Subjects(settings.namespace), Keys(settings.namespace))
     finally:
         await close_nats(nc)
-        await r.aclose()
+        if r is not None:
+            await r.aclose()

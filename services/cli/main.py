@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "up": "services.cli.cmd_stack",
     "down": "services.cli.cmd_stack",
     "serve": "services.cli.cmd_stack",
+    "credentials": "services.cli.cmd_stack",
     "demo": "services.cli.cmd_demo",
     "sessions": "services.cli.cmd_sessions",
     "show": "services.cli.cmd_sessions",

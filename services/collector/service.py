@@ -89,7 +89,7 @@ class CollectorService:
         self.late_events = 0
 
     async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-collector-{self.owner}")
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-collector-{self.owner}", role="collector")
         self.redis = connect_redis(self.redis_url)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, self.subjects)

@@ -40,6 +40,7 @@ from services.recorder import toolquery
 from services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
 from services.recorder.recorder import BuildRecorder
 from services.recorder.store import RecordingStore
+from shared.files import write_private
 from shared.logs import get_logger
 from shared.settings import Settings
 
@@ -191,10 +192,7 @@ class RunCapture:
                for rel, s in states.items() if s.sha256 and s.mtime_ns < cutoff}
         path = self._hash_cache_path()
         try:
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(msgspec.msgpack.encode(raw))
-            os.replace(tmp, path)
+            write_private(path, msgspec.msgpack.encode(raw))
         except OSError as exc:
             log.debug("recorder.hash_cache_not_saved", error=str(exc))
 

@@ -37,6 +37,7 @@ from services.recorder.manifest import (
 )
 from services.recorder.store import RecordingStore
 from shared.environment import DEFAULT_TOOLS, capture
+from shared.files import write_private
 from shared.protocol import BuildEnvironment, Event, new_session_id
 from shared.redaction import redact_argv, redact_env
 from shared.settings import Settings
@@ -213,5 +214,5 @@ class BuildRecorder:
                 return
         except FileNotFoundError:
             pass
-        stamp.touch()
+        write_private(stamp, b"")
         self.store.gc()

@@ -100,7 +100,7 @@ class RecorderService:
         self.batches_invalid = 0  # refused batches, left to the collector's dead letter
 
     async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-recorder-{self.owner}")
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-recorder-{self.owner}", role="recorder")
         self.redis = connect_redis(self.redis_url)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, self.subjects)

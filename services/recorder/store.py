@@ -44,6 +44,7 @@ from services.recorder.manifest import (
 )
 from services.recorder.trust import ManifestSigner
 from shared.codec import DecodeError, batch_decoder
+from shared.files import private_dir
 from shared.protocol import Event
 from shared.settings import Settings
 
@@ -101,7 +102,7 @@ class RecordingStore:
         self.events = self.root / "events"
         self.tmp = self.root / "tmp"
         for d in (self.objects, self.manifests, self.events, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         self.signer = ManifestSigner(self.root)
 
     @classmethod
@@ -117,7 +118,7 @@ class RecordingStore:
                 if self.fsync and sync:
                     f.flush()
                     os.fsync(f.fileno())
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(dest.parent)
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -150,8 +151,8 @@ class RecordingStore:
                 os.utime(dest)  # referenced again: keep it through the prune grace period
                 os.unlink(tmp)
             else:
-                dest.parent.mkdir(exist_ok=True)
-                os.chmod(tmp, 0o444)  # objects are immutable
+                private_dir(dest.parent)
+                os.chmod(tmp, 0o400)  # objects are immutable, and the owner's alone
                 os.replace(tmp, dest)
             return sha, size
         except BaseException:
@@ -170,7 +171,7 @@ class RecordingStore:
             os.utime(dest)
         else:
             self._write_atomic(dest, data, sync=False)
-            os.chmod(dest, 0o444)
+            os.chmod(dest, 0o400)
         return sha
 
     def read_object(self, sha: str) -> Iterator[bytes]:

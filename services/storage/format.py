@@ -293,7 +293,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes], *, fsync: bool = True) -> 
     Write a temporary sibling, fsync it, rename it over ``path``, fsync the directory.
     """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # history is private
     try:
         for chunk in chunks:
             write_all(fd, chunk)

@@ -149,7 +149,7 @@ class StorageService:
         self.damage = await store.open()
         stack.push_async_callback(store.close)  # closed last: after every reader and the writer
         self.store = store
-        self.nc = await connect_nats(s, self.nats_url, name=f"{s.namespace}-storage")
+        self.nc = await connect_nats(s, self.nats_url, name=f"{s.namespace}-storage", role="storage")
         stack.push_async_callback(self._close_nats)
         self.redis = connect_redis(self.redis_url)
         stack.push_async_callback(self.redis.aclose)

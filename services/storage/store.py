@@ -42,6 +42,7 @@ from services.storage.index import (
     view_decoder,
 )
 from shared.codec import decode_session, encode
+from shared.files import private_dir
 from shared.logs import get_logger
 from shared.protocol import BuildSession
 
@@ -168,7 +169,7 @@ class TelemetryStorage:
         """Index every intact record; report (and log) damage instead of failing on it."""
         if self._open or self._closed:
             raise StorageClosed("open() may be called once")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         self._lock()
         try:
             report = await asyncio.to_thread(self._load)
@@ -199,7 +200,7 @@ class TelemetryStorage:
 
     def _lock(self) -> None:
         # flock, not a pid file: the kernel releases it when the holder dies, even by SIGKILL.
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -34,7 +34,7 @@ from services.tracer.model import (
     span_batch_encoder,
 )
 from services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from shared.bus import close_nats, connect_nats
+from shared.bus import close_nats, connect_nats, has_credentials
 from shared.logs import get_logger
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -149,13 +149,14 @@ class BusSpanExporter(SpanExporter):
     async def _publish(self, records: list[SpanRecord]) -> None:
         if self._js is None:
             # Connect lazily: a process that never finishes a span never opens a connection.
-            self._nc = await connect_nats(self.settings, self.nats_url, name="buildtel-spans",
+            self._nc = await connect_nats(self.settings, self.nats_url, name="buildtel-spans", role="agent",
                                           max_reconnect_attempts=10)
             self._js = self._nc.jetstream()
-            try:
-                await ensure_spans_stream(self._js, self.tsubjects)
-            except Exception as exc:  # noqa: BLE001 - e.g. no permission to manage streams: publish anyway
-                log.debug("tracer.bus_stream_not_declared", error=repr(exc))
+            if not has_credentials(self.settings):  # an agent's role may not: the tracer declares it
+                try:
+                    await ensure_spans_stream(self._js, self.tsubjects)
+                except Exception as exc:  # noqa: BLE001 - publish anyway
+                    log.debug("tracer.bus_stream_not_declared", error=repr(exc))
         for payload in encode_batches(records, self.max_message_bytes):
             msg_id = hashlib.blake2b(payload, digest_size=16).hexdigest()
             await self._js.publish(self.tsubjects.spans, payload, headers={"Nats-Msg-Id": msg_id},

@@ -141,7 +141,7 @@ class TracerService:
         self.store.enforce_retention()
         self.redis = connect_redis(self.redis_url)
         stack.push_async_callback(self.redis.aclose)
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"{self.settings.namespace}-tracer")
+        self.nc = await connect_nats(self.settings, self.nats_url, name=f"{self.settings.namespace}-tracer", role="tracer")
         stack.push_async_callback(close_nats, self.nc)
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects)

@@ -36,6 +36,7 @@ import msgspec
 
 from services.tracer import segments as fmt
 from services.tracer.model import SpanRecord, span_session_id
+from shared.files import private_dir
 from shared.logs import get_logger
 
 log = get_logger("tracer.store")
@@ -115,7 +116,7 @@ class TraceStore:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> OpenReport:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         report = OpenReport()
         paths = sorted(self.directory.glob(f"*{fmt.SEGMENT_SUFFIX}"), key=lambda p: (len(p.stem), p.stem))
         for i, path in enumerate(paths):
@@ -209,7 +210,7 @@ class TraceStore:
             number = self._next_number
             self._next_number += 1
             path = self.directory / f"{number:010d}{fmt.SEGMENT_SUFFIX}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             header = fmt.encode_header()
             os.write(fd, header)
             if self.fsync:

@@ -23,10 +23,11 @@ from shared.codec import encode
 from shared.settings import Settings
 from shared.subjects import Subjects
 from tests.analyzer.test_service import _step_history
+from tests.util import stack_env
 
 
 async def _cli(settings: Settings, *args: str, namespace: str | None = None) -> tuple[int, str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.pop("BUILDTEL_DEBUG", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
@@ -134,7 +135,7 @@ async def test_alerts_follow_prints_new_alerts(settings, nc, redis_client) -> No
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
         settings.redis_url or "", "--namespace", settings.namespace, "alerts", "--follow", "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ, **stack_env(settings)))
     try:
         await asyncio.sleep(2.0)  # the CLI is subscribed
         for s in _step_history(n=60, at=30, seed=10):

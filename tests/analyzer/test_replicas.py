@@ -23,6 +23,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.subjects import Subjects
 from tests.analyzer.helpers import T0, session, target
+from tests.util import stack_env
 
 BRANCHES = ("main", "release", "dev")
 PER_BRANCH = 60
@@ -30,7 +31,7 @@ STEP_AT = 35
 
 
 def _spawn(settings: Settings) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_LOG_FORMAT="json")
     return subprocess.Popen([sys.executable, "-m", "services.analyzer"], env=env,

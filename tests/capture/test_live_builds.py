@@ -30,7 +30,7 @@ from tests.capture.project import (
     ninja_commands,
     ninja_project,
 )
-from tests.util import completed_sessions
+from tests.util import completed_sessions, stack_env
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ async def collector(settings: Settings, redis_client: object) -> AsyncIterator[C
 
 
 def _env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=str(REPO))

@@ -20,6 +20,7 @@ from services.tracer.model import session_span_id
 from shared.protocol import BuildFinished, BuildStarted, TargetFinished
 from shared.redaction import REDACTED
 from tests.client.helpers import stream_batches
+from tests.util import stack_env
 
 PY = sys.executable
 
@@ -39,8 +40,13 @@ def dead_bus_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def bus_env(settings, tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+async def bus_env(settings, nc, tmp_path: Path) -> dict[str, str]:
+    from shared.bus import ensure_streams
+    from shared.subjects import Subjects
+
+    # No services run in these tests; they would declare the streams (an agent's role may not).
+    await ensure_streams(nc.jetstream(), Subjects(settings.namespace))
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url, BUILDER_TELEMETRY_REDIS_URL=settings.redis_url,
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"),
                MY_API_TOKEN="abc")
@@ -91,7 +97,7 @@ async def test_session_events_carry_command_exit_code_cpu_and_redacted_env(bus_e
     # Tools the build runs join the build's trace under its session span.
     assert traceparent == f"00-{sid}-{session_span_id(sid)}-01"
 
-    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader")
+    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader", role="operator")
     try:
         batches = await stream_batches(nc.jetstream(), settings, events=2)
     finally:
@@ -124,7 +130,7 @@ class _FakeSource:
         yield {"target": "app", "start": time.time(), "duration_s": 0.2, "status": "failed", "exit_code": 2}
 
 
-async def test_a_target_source_reports_between_start_and_finish(settings, nc) -> None:
+async def test_a_target_source_reports_between_start_and_finish(settings, nc, bus_env) -> None:
     script = "import os, sys; sys.exit(0 if os.environ.get('FAKE_SOURCE') == '1' else 9)"
     code = run_build([PY, "-c", script], settings, sources=[_FakeSource()], quiet=True, lower_priority=False)
     assert code == 0
@@ -143,7 +149,7 @@ async def test_a_build_run_under_a_traced_job_joins_its_trace(bus_env, settings,
     assert res.returncode == 0, res.stderr
     sid = res.stderr.strip().split()[2]
     assert out.read_text() == f"00-{'ab' * 16}-{session_span_id(sid, 'ab' * 16)}-01"
-    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader")
+    nc = await connect_nats(settings, settings.nats_url or "", name="test-reader", role="operator")
     try:
         batches = await stream_batches(nc.jetstream(), settings, events=2)
     finally:

@@ -18,7 +18,7 @@ import pytest
 
 from shared.codec import encode
 from shared.subjects import Subjects
-from tests.util import synthetic_build
+from tests.util import synthetic_build, stack_env
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
@@ -65,7 +65,9 @@ def test_up_with_no_urls_starts_embedded_engines_on_loopback(embedded_stack) -> 
     cache, env, info, proc = embedded_stack
     assert info["embedded"] == ["nats-server", "redis-server"]
     assert info["nats_url"].startswith("nats://127.0.0.1:") and not info["nats_url"].endswith(":4222")
-    assert info["redis_url"].startswith("redis://127.0.0.1:")
+    password = info["auth"]["redis_password"]
+    assert len(password) >= 24 and info["redis_url"].startswith(f"redis://:{password}@127.0.0.1:")
+    assert set(info["auth"]["nats"]) >= {"agent", "collector", "storage", "reader", "operator"}
     assert (cache / "engines" / "nats" / "jetstream").is_dir()
     assert "collector" in info["services"] and "storage" in info["services"]
     # A second `up` on the same data directory refuses instead of fighting over it.
@@ -83,7 +85,10 @@ async def test_a_build_published_to_the_embedded_stack_shows_up_in_sessions_and_
     cache, env, info, _ = embedded_stack
     subjects = Subjects("buildtel")
     sid, per_agent, expected = synthetic_build(targets=25, seed=4)
-    nc = await nats.connect(info["nats_url"])
+    # An agent of this stack: the role's password from stack.json (what 'buildtel credentials
+    # agent' hands to a build machine).
+    nc = await nats.connect(info["nats_url"], user="agent", password=info["auth"]["nats"]["agent"],
+                            inbox_prefix="_INBOX.agent")
     js = nc.jetstream()
     from shared.protocol import EventBatch
 
@@ -118,8 +123,7 @@ def test_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_serve_runs_one_service_against_a_configured_cluster(settings, nats_url, redis_url, tmp_path: Path) -> None:  # noqa: ANN001
-    env = _env(tmp_path / "c", BUILDER_TELEMETRY_NATS_URL=nats_url, BUILDER_TELEMETRY_REDIS_URL=redis_url,
-               BUILDER_TELEMETRY_NAMESPACE=settings.namespace)
+    env = _env(tmp_path / "c", **stack_env(settings))
     proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "storage"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -43,7 +43,7 @@ def read_stream(settings: Settings, url: str, *, events: int | None = None,
     from shared.bus import connect_nats
 
     async def main() -> list[tuple[dict[str, str], EventBatch]]:
-        nc = await connect_nats(settings, url, name="test-reader")
+        nc = await connect_nats(settings, url, name="test-reader", role="operator")
         try:
             return await stream_batches(nc.jetstream(), settings, events=events, timeout=timeout)
         finally:

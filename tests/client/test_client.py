@@ -71,15 +71,30 @@ async def test_time_based_flush_publishes_a_partial_batch(settings, nc) -> None:
         await client.close()
 
 
-async def test_client_declares_the_stream_when_no_service_has(settings, nc) -> None:
+async def test_an_agent_keeps_its_events_until_the_services_declare_the_stream(settings, nc) -> None:
+    """Agents may not declare streams (their role cannot): what a client emits before the
+    services are up stays buffered and is published once the stream exists."""
+    import uuid
+
+    from shared.bus import ensure_streams
+
+    s = settings.with_(namespace="t" + uuid.uuid4().hex[:12])  # no streams declared yet
     js = nc.jetstream()
-    stream = Subjects(settings.namespace).events_stream
-    with pytest.raises(NotFoundError):
-        await js.stream_info(stream)
-    async with TelemetryClient(settings) as client:
+    stream = Subjects(s.namespace).events_stream
+    client = await TelemetryClient(s).start()
+    try:
         client.build_started()
-    info = await js.stream_info(stream)
-    assert info.state.messages == 1
+        await _wait(lambda: client.connected)
+        await asyncio.sleep(0.3)  # several publish attempts find no stream
+        with pytest.raises(NotFoundError):
+            await js.stream_info(stream)
+        await ensure_streams(js, Subjects(s.namespace))  # what a service does when it starts
+        stats = await client.close(timeout=15)
+        assert (stats.sent, stats.dropped) == (1, 0)
+        assert (await js.stream_info(stream)).state.messages == 1
+    finally:
+        await client.close()
+        await js.delete_stream(stream)
 
 
 async def test_failed_publish_is_retried_with_the_same_bytes_and_msg_id(settings, nc) -> None:
@@ -143,8 +158,8 @@ async def test_disabled_client_is_a_complete_no_op(settings, nc) -> None:
         assert client._tasks == [] and client._nc is None
     assert client.events_emitted == 0
     assert await client.close() == ClientStats()
-    with pytest.raises(NotFoundError):
-        await nc.jetstream().stream_info(Subjects(settings.namespace).events_stream)
+    info = await nc.jetstream().stream_info(Subjects(settings.namespace).events_stream)
+    assert info.state.messages == 0  # nothing was published
 
 
 async def test_emits_after_close_are_counted_as_dropped(settings) -> None:

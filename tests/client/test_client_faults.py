@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from shared.auth import StackAuth
 from shared.bus import connect_nats
 from shared.client import TelemetryClient
 from shared.engines import NatsEngine, free_port
@@ -19,8 +20,27 @@ async def _wait(cond, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def _own(settings, **changes):  # noqa: ANN001, ANN202
+    """Settings for an engine this test starts itself: the session's credentials when the test
+    servers are embedded, fresh ones when they were joined by URL."""
+    changes.setdefault("stack_auth", settings.stack_auth or StackAuth.generate())
+    return settings.with_(**changes)
+
+
+async def _declare(settings, url: str) -> None:  # noqa: ANN001
+    """Declare the streams on an engine this test started, as the services would."""
+    from shared.bus import ensure_streams
+    from shared.subjects import Subjects
+
+    nc = await connect_nats(settings, url, name="test-operator", role="operator")
+    try:
+        await ensure_streams(nc.jetstream(), Subjects(settings.namespace))
+    finally:
+        await nc.close()
+
+
 async def _stored(settings, url: str, events: int) -> list[int]:
-    nc = await connect_nats(settings, url, name="test-reader")
+    nc = await connect_nats(settings, url, name="test-reader", role="operator")
     try:
         return seqs_of(await stream_batches(nc.jetstream(), settings, events=events))
     finally:
@@ -29,25 +49,31 @@ async def _stored(settings, url: str, events: int) -> list[int]:
 
 async def test_server_started_after_the_client_receives_everything_buffered(settings, tmp_path: Path) -> None:
     port = free_port()
-    s = settings.with_(nats_url=f"nats://127.0.0.1:{port}", batch_size=50)
+    s = _own(settings, nats_url=f"nats://127.0.0.1:{port}", batch_size=50)
     client = await TelemetryClient(s).start()
     client.build_started(name="early")
     for i in range(2000):
         client.target_finished(f"t{i}", start=1.0, duration_s=0.1)
     await asyncio.sleep(0.5)  # several failed connection attempts, batches cut and waiting
     assert not client.connected and client.stats.sent == 0
-    with NatsEngine(tmp_path / "nats", port=port) as eng:
+    with NatsEngine(tmp_path / "nats", port=port, auth=s.stack_auth, namespace="*") as eng:
+        await _declare(s, eng.url)
         await _wait(lambda: client.connected)
         client.build_finished()
         stats = await client.close(timeout=10)
         assert stats.sent == 2002 and stats.dropped == 0
-        assert await _stored(s, eng.url, 2002) == list(range(2002))
+        # Every event once; order may differ where a batch found no stream yet (the engine is
+        # up a moment before the test declares the streams) and was retried after later ones.
+        seqs = await _stored(s, eng.url, 2002)
+        assert sorted(seqs) == list(range(2002))
 
 
 async def test_server_killed_and_restarted_mid_build_loses_nothing(settings, tmp_path: Path) -> None:
     data = tmp_path / "nats"
-    eng = NatsEngine(data).start()
-    s = settings.with_(nats_url=eng.url, batch_size=100)
+    auth = _own(settings).stack_auth
+    eng = NatsEngine(data, auth=auth, namespace="*").start()
+    s = _own(settings, nats_url=eng.url, batch_size=100, stack_auth=auth)
+    await _declare(s, eng.url)
     client = await TelemetryClient(s).start()
     try:
         await _wait(lambda: client.connected)
@@ -66,7 +92,7 @@ async def test_server_killed_and_restarted_mid_build_loses_nothing(settings, tmp
         await emit(1500)  # while the bus is away: buffered
         await asyncio.sleep(0.5)
         assert not client.connected
-        eng = NatsEngine(data, port=eng.port).start()  # same port, same JetStream store
+        eng = NatsEngine(data, port=eng.port, auth=auth, namespace="*").start()  # same port, same store
         await _wait(lambda: client.connected)
         await emit(500)
         stats = await client.close(timeout=15)
@@ -82,13 +108,17 @@ async def test_server_killed_and_restarted_mid_build_loses_nothing(settings, tmp
 
 async def test_events_over_the_buffer_limit_are_dropped_and_counted(settings, tmp_path: Path) -> None:
     port = free_port()
-    s = settings.with_(nats_url=f"nats://127.0.0.1:{port}", buffer_limit=300, batch_size=100)
+    s = _own(settings, nats_url=f"nats://127.0.0.1:{port}", buffer_limit=300, batch_size=100)
     client = await TelemetryClient(s).start()
     for i in range(500):
         client.target_finished(f"t{i}", start=1.0, duration_s=0.1)
     assert client.events_emitted == 300 and client.dropped == 200
-    with NatsEngine(tmp_path / "nats", port=port) as eng:
+    with NatsEngine(tmp_path / "nats", port=port, auth=s.stack_auth, namespace="*") as eng:
+        await _declare(s, eng.url)
         await _wait(lambda: client.connected)
         stats = await client.close(timeout=10)
         assert (stats.sent, stats.dropped, stats.buffered_max) == (300, 200, 300)
-        assert await _stored(s, eng.url, 300) == list(range(300))
+        # Every event once; order may differ where a batch found no stream yet (the engine is
+        # up a moment before the test declares the streams) and was retried after later ones.
+        seqs = await _stored(s, eng.url, 300)
+        assert sorted(seqs) == list(range(300))

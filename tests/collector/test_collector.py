@@ -18,7 +18,7 @@ from shared.codec import encode
 from shared.protocol import EventBatch, TargetFinished, TargetStarted, new_session_id
 from shared.settings import Settings
 from shared.subjects import Subjects
-from tests.util import batches, completed_sessions, publish_events, synthetic_build
+from tests.util import batches, completed_sessions, publish_events, synthetic_build, stack_env
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ async def test_random_bytes_never_stop_the_collector(settings, nc, collector, pa
 
 
 def _spawn_collector(settings: Settings) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_FINISH_GRACE_S="0.5",
                BUILDER_TELEMETRY_LOG_FORMAT="json")

@@ -30,7 +30,7 @@ from shared.codec import encode
 from shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 from shared.settings import Settings
 from shared.subjects import Subjects
-from tests.util import publish_events, synthetic_build
+from tests.util import publish_events, synthetic_build, stack_env
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 _TITLE = re.compile(r"^(.*) \([^()]*, [\d.]+%")
@@ -39,6 +39,7 @@ _TITLE = re.compile(r"^(.*) \([^()]*, [\d.]+%")
 async def cli(settings: Settings, *args: str, env_extra: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run ``buildtel`` against the test's stack; (exit code, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_") and k != "BUILDTEL_DEBUG"}
+    env.update(stack_env(settings))
     env.update(env_extra or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",

@@ -21,7 +21,7 @@ from shared.codec import event_decoder
 from shared.protocol import HealthCheckpoint
 from shared.settings import Settings
 from shared.subjects import Subjects
-from tests.util import completed_sessions
+from tests.util import completed_sessions, stack_env
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=str(REPO))

@@ -17,7 +17,7 @@ from shared.codec import decode_batch
 from shared.protocol import BuildStarted
 from shared.settings import Settings
 from shared.subjects import Subjects
-from tests.util import publish_events, synthetic_build
+from tests.util import publish_events, synthetic_build, stack_env
 
 
 def flagged_build(targets: int, seed: int, agents: tuple[str, ...] = ("agent-a",), record: bool = True):
@@ -126,6 +126,8 @@ async def test_republish_feeds_a_new_session_with_the_same_events(settings: Sett
     for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
                        ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
         monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+    for key, value in stack_env(settings).items():
+        monkeypatch.setenv(key, value)
     assert await asyncio.to_thread(main, ["replay", sid, "--republish", "--json"]) == 0
     out = json_document(capsys.readouterr().out)
     new_sid = out["session_id"]
@@ -170,6 +172,8 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
         for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
                            ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
             monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+        for key, value in stack_env(settings).items():
+            monkeypatch.setenv(key, value)
         await wait_for(lambda: svc.stored >= 2)
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["diff", a.id, b.id, "--json"]) == 0
@@ -196,6 +200,8 @@ async def test_buildtel_run_record_captures_files_and_events_then_replays(
     for key, value in (("CACHE_DIR", str(settings.cache_dir)), ("NAMESPACE", settings.namespace),
                        ("NATS_URL", settings.nats_url), ("REDIS_URL", settings.redis_url)):
         monkeypatch.setenv(f"BUILDER_TELEMETRY_{key}", str(value))
+    for key, value in stack_env(settings).items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("MY_API_TOKEN", "tok-9f8e7d6c5b4a-secret")
     # In a worker thread: `run` installs signal handlers only on the main thread.
     assert await asyncio.to_thread(main, ["run", "--record", "--", "make", "-j2"]) == 0

@@ -18,11 +18,13 @@ from services.storage.index import view_decoder
 from shared.codec import encode
 from shared.settings import Settings
 from shared.subjects import Subjects
+from tests.util import stack_env
 
 
 def spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **stack_env(settings),
         "BUILDER_TELEMETRY_NATS_URL": settings.nats_url or "",
         "BUILDER_TELEMETRY_REDIS_URL": settings.redis_url or "",
         "BUILDER_TELEMETRY_NAMESPACE": settings.namespace,

@@ -13,8 +13,10 @@ from services.tracer.model import session_span_id
 PROBE = Path(__file__).with_name("api_probe.py")
 
 
-def test_api_spans_parents_statuses_events_and_propagation(nats_url: str) -> None:
+def test_api_spans_parents_statuses_events_and_propagation(nats_url: str, stack_auth) -> None:  # noqa: ANN001
     env = {k: v for k, v in os.environ.items() if k not in ("TRACEPARENT", "TRACESTATE")}
+    if stack_auth is not None:  # the probe's raw NATS round trip, as the embedded engine's operator
+        nats_url = nats_url.replace("nats://", f"nats://operator:{stack_auth.password('operator')}@", 1)
     env.update(NATS_URL=nats_url, BUILDER_TELEMETRY_LOG_FORMAT="json")
     env.pop("BUILDER_TELEMETRY_NATS_URL", None)
     out = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=60,

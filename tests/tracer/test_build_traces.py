@@ -17,6 +17,7 @@ from shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 from shared.settings import Settings
 from shared.subjects import Subjects
 from tests.tracer.helpers import eventually
+from tests.util import stack_env
 
 STEP = Path(__file__).with_name("traced_step.py")
 
@@ -108,7 +109,7 @@ async def test_undecodable_session_goes_to_dead_letters_and_service_goes_on(trac
 
 
 async def _run_step(settings: Settings, depth: int, **env_extra: str) -> list[dict[str, Any]]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.pop("TRACEPARENT", None)
     env.pop("TRACESTATE", None)
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_NAMESPACE=settings.namespace,

@@ -16,10 +16,11 @@ from shared.settings import Settings
 from shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 from tests.tracer.test_build_traces import _session
+from tests.util import stack_env
 
 
 async def _buildtel(settings: Settings, *argv: str) -> tuple[int, str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(settings.cache_dir))
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli.main", *argv, env=env,

@@ -1,0 +1,180 @@
+"""Credentials and least-privilege roles on the bus.
+
+Every process that talks to NATS does so as one **role** — ``agent``, one per
+service, ``reader`` or ``operator`` — and each role may publish and subscribe only
+to the subjects it needs (the table is :func:`role_permissions`, documented in
+``docs/protocol.md``).  The embedded stack generates a fresh password per role
+(:meth:`StackAuth.generate`) and a Redis password; they live in ``stack.json``
+(mode 0600) and in the engines' 0600 configuration files, never in process
+arguments.  Clients find them where they find the URLs: ``read_stack``.
+
+A farm that runs its own NATS uses the same roles: :func:`nats_authorization`
+renders the ``authorization`` block of a nats-server configuration for them.
+
+Each role also has its own reply-inbox prefix (``_INBOX.<role>``), so that a role
+allowed to receive replies can receive only its own: an agent cannot read the
+replies storage sends to a dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "reader", "operator")
+SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder")
+
+
+class AuthError(ValueError):
+    """A role or credential could not be used; the message says which."""
+
+
+def inbox_prefix(role: str) -> str:
+    """Where replies to ``role`` arrive; each role may subscribe only to its own."""
+    return f"_INBOX.{role}"
+
+
+@dataclass(frozen=True, slots=True)
+class StackAuth:
+    """One password per NATS role (user name = role name) and the Redis password of one stack."""
+
+    nats: tuple[tuple[str, str], ...]
+    redis_password: str = ""
+
+    @classmethod
+    def generate(cls) -> StackAuth:
+        return cls(nats=tuple((role, secrets.token_urlsafe(24)) for role in ROLES),
+                   redis_password=secrets.token_urlsafe(24))
+
+    def password(self, role: str) -> str:
+        for name, pw in self.nats:
+            if name == role:
+                return pw
+        raise AuthError(f"no NATS credentials for role {role!r} (roles: {', '.join(n for n, _ in self.nats)})")
+
+    def only(self, *roles: str) -> StackAuth:
+        """The same stack's credentials for fewer roles (what an agent machine is handed)."""
+        return StackAuth(nats=tuple((n, p) for n, p in self.nats if n in roles), redis_password="")
+
+    def to_json(self) -> dict[str, object]:
+        return {"nats": dict(self.nats), "redis_password": self.redis_password}
+
+    @classmethod
+    def from_json(cls, data: object) -> StackAuth:
+        if not isinstance(data, dict) or not isinstance(data.get("nats"), dict):
+            raise AuthError("credentials: expected {'nats': {role: password}, 'redis_password': ...}")
+        nats = tuple((str(k), str(v)) for k, v in data["nats"].items())
+        return cls(nats=nats, redis_password=str(data.get("redis_password") or ""))
+
+
+def _stream(ns: str, suffix: str) -> str:
+    # Same rule as Subjects.*_stream; "*" (any namespace) stays a one-token wildcard.
+    return "*" if ns == "*" else f"{ns.upper().replace('.', '_').replace('-', '_')}_{suffix}"
+
+
+def _declare(stream: str) -> list[str]:
+    return [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}"]
+
+
+def _consume(stream: str) -> list[str]:
+    """Publish rights to read a stream through consumers: create/inspect them, fetch, ack, and
+    fetch one message by sequence (the poison-message dead letter)."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _advisories(stream: str) -> list[str]:
+    return [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>"]
+
+
+def role_permissions(role: str, ns: str) -> dict[str, object]:
+    """``{"publish": [...], "subscribe": [...], "allow_responses": bool}`` of ``role`` in namespace
+    ``ns`` (``"*"``: every namespace, for a shared test server)."""
+    ev, se, dl, al, sp = (_stream(ns, s) for s in ("EVENTS", "SESSIONS", "DEADLETTER", "ALERTS", "SPANS"))
+    base_streams = [ev, se, dl]
+    lookup = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
+    inbox = [f"{inbox_prefix(role)}.>"]
+    storage_q, analyzer_q, traces_q = f"{ns}.storage.>", f"{ns}.analyzer.>", f"{ns}.traces.>"
+    micro_sub = ["$SRV.>"]
+
+    def service(own: list[str], declare: list[str], consume: list[str], sub: list[str]) -> dict[str, object]:
+        pub = own + [f"{ns}.deadletter.{role}"] + lookup
+        for s in declare:
+            pub += _declare(s)
+        subs = inbox + sub
+        for s in consume:
+            pub += _consume(s)
+            subs += _advisories(s)
+        return {"publish": _dedupe(pub), "subscribe": _dedupe(subs), "allow_responses": True}
+
+    match role:
+        case "agent":
+            # Publish events, live health and tool spans; JetStream's publish acks come back to the
+            # agent's own inbox.  No stream management, no reading.
+            return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans"],
+                    "subscribe": inbox, "allow_responses": False}
+        case "collector":
+            return service([f"{ns}.sessions.completed"], base_streams, [ev], [])
+        case "storage":
+            return service([], base_streams, [se], [storage_q] + micro_sub)
+        case "analyzer":
+            return service([f"{ns}.alerts.>", storage_q], base_streams + [al], [se], [analyzer_q] + micro_sub)
+        case "tracer":
+            return service([storage_q], base_streams + [sp], [se, sp], [traces_q] + micro_sub)
+        case "recorder":
+            return service([storage_q], base_streams, [ev], [])
+        case "reader":
+            # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
+            # stream) and live health.  Nothing it sends can change history.
+            pub = [storage_q, analyzer_q, traces_q, "$SRV.>"] + lookup + _consume(al)
+            return {"publish": _dedupe(pub), "subscribe": inbox + [f"{ns}.health.>"], "allow_responses": False}
+        case "operator":
+            # The stack's owner: imports, republishing recordings, stream maintenance.
+            return {"publish": [">"], "subscribe": [">"], "allow_responses": True}
+    raise AuthError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def password_variable(role: str) -> str:
+    """The environment variable a deployment's nats-server configuration takes ``role``'s password from."""
+    return f"BUILDTEL_NATS_{role.upper()}_PASSWORD"
+
+
+def nats_authorization(auth: StackAuth | None, namespace: str) -> str:
+    """The ``authorization { users = [...] }`` block of a nats-server configuration giving each
+    role in ``auth`` its permissions in ``namespace`` (``"*"`` for any namespace).
+
+    With ``auth=None`` every role is listed and its password is a reference to the environment
+    variable :func:`password_variable` names (nats-server resolves ``$VAR``), for deployments whose
+    secrets come from the environment (``deploy/nats.conf``)."""
+    users = []
+    pairs = auth.nats if auth is not None else tuple((r, f"${password_variable(r)}") for r in ROLES)
+    for role, password in pairs:
+        perm = role_permissions(role, namespace)
+        entry = {"user": role, "password": password,
+                 "permissions": {"publish": {"allow": perm["publish"]},
+                                 "subscribe": {"allow": perm["subscribe"]}}}
+        if perm["allow_responses"]:
+            entry["permissions"]["allow_responses"] = True  # type: ignore[index]
+        users.append(entry)
+    # The nats-server configuration format accepts JSON values; a variable reference is unquoted.
+    text = json.dumps(users, indent=2)
+    if auth is None:
+        for role in ROLES:
+            text = text.replace(f'"${password_variable(role)}"', f"${password_variable(role)}")
+    return "authorization {\n  users = " + text + "\n}\n"

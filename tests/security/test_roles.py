@@ -1,0 +1,217 @@
+"""Least-privilege roles on the bus and authenticated engines, against real servers.
+
+Each test starts its own nats-server / redis-server (the embedded default, with fresh
+credentials) so the namespace scoping is the one a real stack has.  A denied publish or
+subscription is an error the client sees (the server's "Permissions Violation"), never a
+silent drop; an allowed one is received by an operator subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import redis
+
+from shared.auth import ROLES, StackAuth, inbox_prefix
+from shared.bus import ensure_streams
+from shared.codec import encode
+from shared.engines import NatsEngine, RedisEngine
+from shared.protocol import BuildSession, new_session_id
+from shared.subjects import Subjects
+
+NS = "farm" + uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsEngine]:
+    with NatsEngine(tmp_path_factory.mktemp("roles") / "nats", namespace=NS) as eng:
+        yield eng
+
+
+class Conn:
+    """A connection as one role that records the server's permission errors."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.errors: list[str] = []
+        self.nc: nats.NATS | None = None
+
+    async def open(self, eng: NatsEngine) -> Conn:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = await nats.connect(eng.url, user=self.role, password=eng.auth.password(self.role),
+                                     inbox_prefix=inbox_prefix(self.role), error_cb=on_error,
+                                     allow_reconnect=False, connect_timeout=5)
+        return self
+
+    async def denied(self, what: str, subject: str) -> bool:
+        """Wait (bounded) for the server's refusal of ``what`` ("Publish"/"Subscription") on ``subject``."""
+        needle = f"permissions violation for {what} to \"{subject}\"".lower()
+        for _ in range(400):
+            if any(needle in e.lower() for e in self.errors):
+                return True
+            await asyncio.sleep(0.025)
+        return False
+
+
+@pytest.fixture
+async def conns(engine: NatsEngine) -> AsyncIterator[dict[str, Conn]]:
+    out = {role: await Conn(role).open(engine) for role in ROLES}
+    try:
+        yield out
+    finally:
+        for c in out.values():
+            if c.nc is not None:
+                await c.nc.close()
+
+
+async def _publish_reaches_operator(conns: dict[str, Conn], role: str, subject: str, wait: float = 20.0) -> bool:
+    op = conns["operator"].nc
+    assert op is not None
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def cb(msg: nats.aio.msg.Msg) -> None:
+        await got.put(msg.data)
+
+    sub = await op.subscribe(subject, cb=cb)
+    await op.flush()
+    nc = conns[role].nc
+    assert nc is not None
+    await nc.publish(subject, b"probe")
+    await nc.flush()
+    try:
+        return await asyncio.wait_for(got.get(), wait) == b"probe"
+    except TimeoutError:
+        return False
+    finally:
+        await sub.unsubscribe()
+
+
+@pytest.mark.parametrize(("role", "subject"), [
+    ("agent", f"{NS}.events.0123456789abcdef0123456789abcdef"),
+    ("agent", f"{NS}.health.0123456789abcdef0123456789abcdef"),
+    ("collector", f"{NS}.sessions.completed"),
+    ("collector", f"{NS}.deadletter.collector"),
+    ("analyzer", f"{NS}.alerts.target.main.cc"),
+    ("reader", f"{NS}.storage.get"),
+    ("reader", f"{NS}.analyzer.report"),
+])
+async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: str, subject: str) -> None:
+    assert await _publish_reaches_operator(conns, role, subject), conns[role].errors
+    assert not conns[role].errors
+
+
+@pytest.mark.parametrize(("role", "subject"), [
+    # An agent can neither forge history nor alerts nor dead letters, nor write another namespace.
+    ("agent", f"{NS}.sessions.completed"),
+    ("agent", f"{NS}.alerts.build.main._"),
+    ("agent", f"{NS}.deadletter.collector"),
+    ("agent", "otherfarm.events.0123456789abcdef0123456789abcdef"),
+    ("agent", f"{NS}.storage.get"),
+    ("agent", "$JS.API.STREAM.DELETE." + Subjects(NS).events_stream),
+    ("reader", f"{NS}.events.0123456789abcdef0123456789abcdef"),
+    ("reader", f"{NS}.sessions.completed"),
+    ("reader", "$JS.API.STREAM.DELETE." + Subjects(NS).sessions_stream),
+    ("collector", f"{NS}.alerts.build.main._"),
+    ("storage", f"{NS}.sessions.completed"),
+    ("analyzer", f"{NS}.events.0123456789abcdef0123456789abcdef"),
+    ("tracer", f"{NS}.sessions.completed"),
+    ("recorder", f"{NS}.deadletter.collector"),
+])
+async def test_a_role_may_not_publish_the_rest(conns: dict[str, Conn], role: str, subject: str) -> None:
+    assert await conns[role].denied("Publish", subject) if not await _publish_reaches_operator(
+        conns, role, subject, wait=1.0) else False, f"{role} could publish to {subject}"
+
+
+@pytest.mark.parametrize(("role", "subject"), [
+    ("agent", f"{NS}.events.>"),
+    ("agent", ">"),
+    ("agent", "_INBOX.>"),
+    ("agent", "_INBOX.reader.>"),
+    ("agent", f"{NS}.health.*"),
+    ("reader", f"{NS}.events.>"),
+    ("reader", f"{NS}.sessions.completed"),
+    ("reader", "_INBOX.storage.>"),
+    ("collector", f"{NS}.storage.>"),
+    ("storage", f"{NS}.events.>"),
+])
+async def test_a_role_may_not_subscribe_beyond_its_needs(conns: dict[str, Conn], role: str, subject: str) -> None:
+    nc = conns[role].nc
+    assert nc is not None
+    await nc.subscribe(subject)
+    await nc.flush()
+    assert await conns[role].denied("Subscription", subject)
+
+
+async def test_a_forged_session_from_an_agent_never_reaches_history(conns: dict[str, Conn]) -> None:
+    op, agent = conns["operator"].nc, conns["agent"].nc
+    assert op is not None and agent is not None
+    subjects = Subjects(NS)
+    await ensure_streams(op.jetstream(), subjects)
+    before = (await op.jetstream().stream_info(subjects.sessions_stream)).state.messages
+    forged = BuildSession(id=new_session_id(), name="forged", start=1.0, finish=2.0, duration_s=1.0)
+    with pytest.raises(Exception):  # noqa: B017 - refused: a permissions error or no acknowledgement
+        await agent.jetstream(timeout=2).publish(subjects.sessions_completed, encode(forged))
+    assert await conns["agent"].denied("Publish", subjects.sessions_completed)
+    assert (await op.jetstream().stream_info(subjects.sessions_stream)).state.messages == before
+    # While the agent's own events are stored and acknowledged.
+    ack = await agent.jetstream(timeout=5).publish(subjects.events(new_session_id()), b"\x80")
+    assert ack.stream == subjects.events_stream
+
+
+async def test_connections_without_the_stack_credentials_are_refused(engine: NatsEngine) -> None:
+    for creds in ({}, {"user": "agent", "password": "guess"}, {"token": "guess"}):
+        nc = nats.NATS()
+        try:
+            with pytest.raises(Exception, match="Authorization Violation"):
+                await nc.connect(engine.url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0,
+                                 **creds)
+        finally:
+            await nc.close()  # a refused connect leaves its socket to the caller
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_redis_needs_its_password_and_cannot_reach_outside_its_data(tmp_path: Path) -> None:
+    with RedisEngine(tmp_path / "redis") as eng:
+        anonymous = redis.Redis(host=eng.host, port=eng.port)
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+        r = redis.Redis.from_url(eng.url)
+        assert r.ping()
+        # The attack: point the dump file at another user's ~/.ssh and SAVE. Refused.
+        for argv in (("CONFIG", "SET", "dir", str(tmp_path)), ("CONFIG", "GET", "*"), ("DEBUG", "SLEEP", "0"),
+                     ("MODULE", "LIST"), ("REPLICAOF", "127.0.0.1", "1"), ("SLAVEOF", "127.0.0.1", "1"),
+                     ("ACL", "SETUSER", "default", "+config")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                r.execute_command(*argv)
+        r.close()
+        assert eng.proc is not None and eng.auth.redis_password not in _cmdline(eng.proc.pid)
+
+
+def test_engine_secrets_are_in_private_files_not_in_process_arguments(tmp_path: Path) -> None:
+    auth = StackAuth.generate()
+    old = os.umask(0)  # a permissive umask changes nothing
+    try:
+        with NatsEngine(tmp_path / "nats", auth=auth) as n, RedisEngine(tmp_path / "redis", auth=auth) as r:
+            for eng in (n, r):
+                assert eng.proc is not None
+                cmd = _cmdline(eng.proc.pid)
+                assert all(pw not in cmd for _, pw in auth.nats) and auth.redis_password not in cmd
+            for path in [tmp_path / "nats", tmp_path / "redis", *(tmp_path / "nats").rglob("*"),
+                         *(tmp_path / "redis").rglob("*")]:
+                mode = path.stat().st_mode & 0o777
+                assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+            assert (tmp_path / "nats" / "nats.conf").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
