@@ -45,6 +45,7 @@ from services.tracer import query
 from services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
 from services.tracer.http import RunningReceiver, start_receiver
 from services.tracer.model import SpanRecord, check_span, span_batch_decoder
+from services.tracer.redact import redact_spans
 from services.tracer.sessions import session_spans
 from services.tracer.store import (
     DEFAULT_MAX_BYTES,
@@ -109,6 +110,7 @@ class TracerService:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.sessions_synthesized = 0
+        self.redacted_values = 0  # span attribute values redacted on receipt
         self.bus_batches = 0
         self.dead_letters = 0
 
@@ -209,6 +211,10 @@ class TracerService:
     # -- ingest --------------------------------------------------------------------------------
     async def ingest(self, spans: list[SpanRecord], *, source: str, session_id: str = "") -> None:
         """Store ``spans`` (valid ids already checked), then hand them to every forwarder."""
+        redacted = redact_spans(spans)  # a tool that recorded a secret in an attribute: never stored
+        if redacted:
+            self.redacted_values += redacted
+            log.warning("tracer.redacted", values=redacted, source=source)
         self.store.append(spans, source=source, session_id=session_id)
         for fwd in self.forwarders:
             fwd.offer(spans)
