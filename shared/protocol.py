@@ -171,6 +171,43 @@ class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
     events: int = 0
 
 
+class SeqRange(msgspec.Struct, array_like=True, gc=False):
+    """Sequence numbers ``first..last`` (inclusive) of one agent that the collector never received."""
+
+    agent_id: str
+    first: int
+    last: int
+
+
+class LostEvents(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """Events that reached the collector but were refused (dead-lettered), and why."""
+
+    agent_id: str
+    events: int  # how many; 0 when even that is unknown (an undecodable batch)
+    code: str  # the validate.Rejected code (``non_finite``, ``unknown_version``, ``undecodable``...)
+    reason: str = ""  # for people; the first refused event's reason
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+class Completeness(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """Whether a stored session holds every event its agents sent (docs/protocol.md "Completeness").
+
+    ``complete`` is False when events are known to be lost: refused by the collector (``lost``),
+    never received (``missing``), or the build never finished (abandoned).  ``reasons`` says so
+    in sentences.  A session stored before this record existed has ``completeness = None``:
+    unknown, read as complete (that is what those versions claimed).
+    """
+
+    complete: bool = True
+    expected: dict[str, int] = {}  # events per agent the session should hold (counts or seq range)
+    received: dict[str, int] = {}  # events per agent folded into it
+    missing: list[SeqRange] = []  # seq ranges never received (at most MAX_LISTED, see missing_total)
+    missing_total: int = 0
+    lost: list[LostEvents] = []  # refused events, grouped by agent and cause
+    reasons: list[str] = []
+
+
 class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session", tag_field="type", gc=False):
     """A completed build: what storage keeps and the analyzer reads."""
 
@@ -198,6 +235,14 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     version: int = PROTOCOL_VERSION
     # Span the build was started under (from an incoming traceparent): the session span's parent.
     parent_span_id: str | None = None
+    # Events lost on the way (refused batches, sequence gaps, an abandoned build); None: stored by a
+    # version that did not check, read as complete.  Never "success" silently: see is_complete().
+    completeness: Completeness | None = None
+
+
+def is_complete(session: BuildSession) -> bool:
+    """False when ``session`` is known to lack events (unknown, i.e. old sessions, reads as complete)."""
+    return session.completeness is None or session.completeness.complete
 
 
 def new_session_id() -> str:

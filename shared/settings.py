@@ -50,6 +50,8 @@ class Settings:
     agent_id: str | None = _help("This agent's id (default: hostname-pid).", default=None)
     session_timeout_s: float = _help("Inactivity after which a session completes as abandoned.", default=300.0)
     finish_grace_s: float = _help("Wait after BuildFinished for other agents' in-flight events.", default=2.0)
+    gap_wait_s: float = _help("Wait after the last event for a finished session's missing events "
+                              "(a seq gap, counts not reached) before it completes as incomplete.", default=30.0)
     batch_size: int = _help("Events per batch the SDK publishes.", default=500)
     flush_interval_s: float = _help("Longest time the SDK holds an event before publishing.", default=0.2)
     buffer_limit: int = _help("Events the SDK buffers while the bus is away, then drops (counted).", default=100_000)
@@ -110,6 +112,7 @@ class Settings:
             ("flush_interval_s", self.flush_interval_s > 0),
             ("session_timeout_s", self.session_timeout_s > 0),
             ("finish_grace_s", self.finish_grace_s >= 0),
+            ("gap_wait_s", self.gap_wait_s >= 0),
             ("namespace", bool(self.namespace) and all(c.isalnum() or c in "-_" for c in self.namespace)),
             ("log_format", self.log_format in {"auto", "json", "console"}),
             ("log_level", self.log_level.lower() in {"debug", "info", "warning", "error"}),

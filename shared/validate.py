@@ -6,7 +6,8 @@ every number is finite and not negative, that strings and collections stay
 under documented lengths, and that timestamps fall in a plausible window.  A
 batch that breaks a bound is refused whole with a :class:`Rejected` naming the
 bound (``code``, a stable word for counters) and the offending value (``reason``,
-for people).  ``docs/protocol.md`` lists every limit here.
+for people).  Bounds on one event (:func:`check_event`) let the collector keep the
+other events of its batch; bounds on the batch (:func:`check_envelope`) do not.  ``docs/protocol.md`` lists every limit here.
 
 It also reads *old* data defensively: :func:`finite` and :func:`clean_session`
 turn non-finite numbers that older versions stored into "missing" instead of
@@ -20,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from shared.protocol import PROTOCOL_VERSION, BuildSession, EventBatch, TargetFinished
+from shared.protocol import PROTOCOL_VERSION, BuildSession, Event, EventBatch, TargetFinished
 
 # Events per batch.  The SDK sends 500 (``batch_size``), the recorder's republish 200; folding a
 # batch of this many events takes ~30 ms of Redis time on the reference machine (see
@@ -87,22 +88,47 @@ def _check_time(value: float, path: str, now: float) -> None:
                        f"{FUTURE_MARGIN_S:g} s]{hint}")
 
 
-def check_batch(batch: EventBatch, now: float) -> None:
-    """Raise :class:`Rejected` if ``batch`` (already decoded) breaks a bound; ``now`` is the
-    receiver's clock (Unix seconds)."""
+def check_envelope(batch: EventBatch) -> None:
+    """Raise :class:`Rejected` if the batch *as a whole* breaks a bound (its version, its size):
+    then none of its events can be trusted or afforded, and the batch is refused whole."""
     if batch.version != PROTOCOL_VERSION:
         raise Rejected("unknown_version",
                        f"protocol version {batch.version} is not understood (this service speaks {PROTOCOL_VERSION})")
     if len(batch.events) > MAX_BATCH_EVENTS:
         raise Rejected("too_many_events",
                        f"batch of {len(batch.events)} events exceeds the cap of {MAX_BATCH_EVENTS} per batch")
+
+
+def check_event(ev: Event, now: float) -> None:
+    """Raise :class:`Rejected` if one event breaks a bound.  Every such bound is local to the
+    event, so the other events of its batch stay good (the collector keeps them)."""
+    where = f"event seq {ev.seq} ({type(ev).__name__})"
+    _walk(ev, where)
+    _check_time(ev.ts, f"{where}.ts", now)
+    if type(ev) is TargetFinished:
+        _check_time(ev.start, f"{where}.start", now)
+        _check_time(ev.start + ev.duration_s, f"{where}.start + duration_s", now)
+
+
+def refused_events(batch: EventBatch, now: float) -> dict[int, Rejected]:
+    """Index in ``batch.events`` -> why that event is refused, for the events that break a bound
+    (empty when all are good).  Call :func:`check_envelope` first."""
+    out: dict[int, Rejected] = {}
+    for i, ev in enumerate(batch.events):
+        try:
+            check_event(ev, now)
+        except Rejected as exc:
+            out[i] = exc
+    return out
+
+
+def check_batch(batch: EventBatch, now: float) -> None:
+    """Raise :class:`Rejected` if ``batch`` (already decoded) breaks any bound, its first event
+    that does included; ``now`` is the receiver's clock (Unix seconds).  The recorder refuses
+    such a batch whole; the collector keeps its good events (:func:`refused_events`)."""
+    check_envelope(batch)
     for ev in batch.events:
-        where = f"event seq {ev.seq} ({type(ev).__name__})"
-        _walk(ev, where)
-        _check_time(ev.ts, f"{where}.ts", now)
-        if type(ev) is TargetFinished:
-            _check_time(ev.start, f"{where}.start", now)
-            _check_time(ev.start + ev.duration_s, f"{where}.start + duration_s", now)
+        check_event(ev, now)
 
 
 # -- reading old data --------------------------------------------------------------------------

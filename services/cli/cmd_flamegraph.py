@@ -6,7 +6,7 @@
 
 What is drawn, in integer microseconds:
 
-* ``--session ID`` (a unique prefix of >= 6 hex digits works, as for ``buildtel show``): the
+* ``--session ID`` (full id, unique prefix of >= 6 hex digits, ``last``, ``last~N``: services/cli/ids.py): the
   session's targets by package hierarchy (``//a/b:c`` -> ``a;b;c``), phases under their target;
 * ``--last N``: the same, summed over the N most recently finished stored sessions
   (``--branch`` keeps one branch);
@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "sessions (targets by package path), a trace (spans by self time) or a folded-stacks file; "
                     f"--diff SPEC ({SPEC_HELP}) draws a differential, --chart a session's timeline.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--session", metavar="ID", help="one stored session (a unique id prefix of >= 6 digits works)")
+    src.add_argument("--session", metavar="ID", help="one stored session: full id, unique prefix of >= 6 hex "
+                                                      "digits, last or last~N")
     src.add_argument("--last", type=int, metavar="N", help="the N most recently finished stored sessions, summed")
     src.add_argument("--trace", metavar="ID", help="a trace from the tracer service (session id or trace id)")
     src.add_argument("--folded", metavar="FILE", help="a folded-stacks file ('frame;frame;frame count' lines)")
@@ -134,7 +135,7 @@ class Sources:
         if self._bus is None:
             from services.cli.common import open_bus
 
-            self._bus = await self.exits.enter_async_context(open_bus(self.settings, autostart=True))
+            self._bus = await self.exits.enter_async_context(open_bus(self.settings))
         return self._bus
 
     async def load(self, spec: Spec) -> Loaded:
@@ -143,12 +144,13 @@ class Sources:
         if spec.kind == "trace":
             return await self._trace(spec.value)
         from services.analyzer.flamerender import flame_stacks, sessions_label
-        from services.cli.cmd_sessions import _resolve
+        from services.cli.ids import parse_id, resolve_session
         from services.storage.api import StorageClient, StorageError
 
+        ref = parse_id(spec.value) if spec.kind == "session" else None  # refused before the bus is reached
         client = StorageClient((await self.bus()).nc, (await self.bus()).subjects)
-        if spec.kind == "session":
-            s = await _resolve(client, spec.value)
+        if ref is not None:
+            s = await resolve_session(client, ref)
             if not s.targets:
                 raise CLIError(f"session {s.id} has no targets: nothing to draw")
             cats: dict[str, int] = {}
@@ -188,15 +190,20 @@ class Sources:
         return Loaded(stacks, path, [])
 
     async def _trace(self, ident: str) -> Loaded:
+        from services.cli.ids import parse_id, resolve_trace_id
+        from services.storage.api import StorageClient
         from services.tracer.query import QueryError, TraceClient
         from services.tracer.subjects import TracerSubjects
 
+        ref = parse_id(ident)  # the CLI's one id grammar (services/cli/ids.py)
         bus = await self.bus()
+        tracer = TraceClient(bus.nc, TracerSubjects(bus.subjects))
+        full = await resolve_trace_id(StorageClient(bus.nc, bus.subjects), tracer, ref)
         try:
-            trace = await TraceClient(bus.nc, TracerSubjects(bus.subjects)).find(ident.lower())
+            trace = await tracer.find(full)
         except QueryError as exc:
             if exc.code == 404:
-                raise CLIError(f"no trace stored for {ident!r} (is it a session or trace id?)") from None
+                raise CLIError(f"no trace stored for {full!r} (is it a session or trace id?)") from None
             raise CLIError(str(exc)) from None
         if not trace.spans:
             raise CLIError(f"trace {trace.trace_id} has no spans: nothing to draw")

@@ -9,8 +9,12 @@ reproducible, 1 not);
 ``--step N`` / ``--at S`` show the build's state at that point of its event
 stream, ``-i`` steps through it interactively; ``--republish`` sends the stream
 to the bus as a new session.  ``diff A B`` compares two recordings, or stored
-sessions fetched from the storage service.  IDs may be abbreviated to a unique
-prefix of at least 6 hex digits of a local recording.
+sessions fetched from the storage service.  IDs follow the CLI's one grammar
+(services/cli/ids.py): 32 hex digits, a unique prefix of at least 6, ``last`` or
+``last~N``.  For ``replay`` a prefix names a local recording and ``last`` the newest
+one on this machine; for ``diff`` a full id or prefix names a local recording when
+one matches, else a stored session, and ``last``/``last~N`` name stored sessions
+(``buildtel diff last~1 last``), compared from their local recording when there is one.
 """
 
 from __future__ import annotations
@@ -25,10 +29,18 @@ from typing import Any, TextIO
 
 import msgspec
 
+from services.cli.ids import (
+    GRAMMAR,
+    IdRef,
+    local_recording,
+    parse_id,
+    resolve_recording,
+    resolve_session_id,
+)
 from services.cli.main import CLIError
-from services.recorder import diff as diffmod
-from services.recorder.manifest import RecordingManifest, is_recording_id
 from services.cli.textsafe import safe, safe_block
+from services.recorder import diff as diffmod
+from services.recorder.manifest import RecordingManifest
 from services.recorder.replay import ReplayEngine, ReplayError, ReplayPlan, cleanup
 from services.recorder.store import RecordingNotFound, RecordingStore
 from services.recorder.timetravel import Timeline, render, republish
@@ -40,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Describe a recording; with --execute re-run it in a sandbox and check that "
                                    "its outputs are reproduced; with --step/--at/-i travel through its events; "
                                    "with --republish publish its events again as a new session.")
-    p.add_argument("id", help="recording id (or unique prefix of at least 6 hex digits)")
+    p.add_argument("id", help=f"recording id: {GRAMMAR} ('last': the newest on this machine)")
     p.add_argument("--execute", action="store_true", help="re-run the recorded command in a fresh sandbox")
     p.add_argument("--keep", action="store_true", help="keep the sandbox after --execute (its path is printed)")
     p.add_argument("--sandbox-dir", help="create the sandbox under this directory (default: the temp dir)")
@@ -54,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_replay, quiet_logs=True)
 
     d = sub.add_parser("diff", help="compare two recordings or two stored sessions")
-    d.add_argument("a")
-    d.add_argument("b")
+    d.add_argument("a", help=f"recording or session: {GRAMMAR}")
+    d.add_argument("b", help="the other side, same grammar")
     d.add_argument("--min-delta", type=float, default=0.05, help="smallest timing change reported, seconds")
     d.add_argument("--min-ratio", type=float, default=0.10, help="smallest timing change reported, fraction")
     d.add_argument("--json", action="store_true", help="one JSON document")
@@ -72,16 +84,8 @@ def _dump(obj: Any) -> None:
 
 
 def resolve_id(store: RecordingStore, ident: str) -> str:
-    """A full local id from an id or a unique prefix; the id itself when nothing local matches."""
-    if is_recording_id(ident):
-        return ident
-    if len(ident) < 6 or not all(c in "0123456789abcdef" for c in ident):
-        raise CLIError(f"{ident!r} is not a recording id (32 hex digits, or a unique prefix of at least 6)")
-    known = {m.id for m in store.list_manifests()} | set(store.event_sessions())
-    matches = sorted(k for k in known if k.startswith(ident))
-    if len(matches) != 1:
-        raise CLIError(f"{'no' if not matches else len(matches)} local recordings match {ident!r}")
-    return matches[0]
+    """A full local recording id from any id word (services/cli/ids.py)."""
+    return resolve_recording(store, ident)
 
 
 def _describe(m: RecordingManifest | None, rid: str, events: int) -> str:
@@ -219,40 +223,42 @@ def interactive(tl: Timeline, step: int, stdin: TextIO, stdout: TextIO) -> int:
             stdout.write("?\n")
 
 
-async def _side(store: RecordingStore, ident: str, client: Any) -> diffmod.Side:
-    rid = None
-    try:
-        rid = resolve_id(store, ident)
-    except CLIError:
-        if not is_recording_id(ident):
-            raise
-    if rid and store.has_manifest(rid):
+def _local_side(store: RecordingStore, rid: str) -> diffmod.Side | None:
+    if store.has_manifest(rid):
         m = store.load_manifest(rid)
         return diffmod.side_from_recording(m, store.load_events(m.session_id or rid))
-    if rid and store.has_events(rid):
+    if store.has_events(rid):
         return diffmod.side_from_events(rid, store.load_events(rid))
-    if client is None:
-        raise CLIError(f"{ident!r} is not a local recording")
+    return None
+
+
+async def _side(store: RecordingStore, ref: IdRef, client: Any) -> diffmod.Side:
+    """A local recording when one matches ``ref``, else the stored session it names."""
     from services.storage.api import StorageError
 
+    rid = local_recording(store, ref)  # an ambiguous local prefix is refused here, with candidates
+    if rid is not None:
+        return _local_side(store, rid)  # type: ignore[return-value]
+    if client is None:
+        raise CLIError(f"no local recording matches {ref.text!r}")
+    sid = await resolve_session_id(client, ref)
+    local = _local_side(store, sid) if ref.kind == "last" else None
+    if local is not None:
+        return local
     try:
-        return diffmod.side_from_session(await client.get(rid or ident))
+        return diffmod.side_from_session(await client.get(sid))
     except StorageError as exc:
-        raise CLIError(f"{ident!r}: not a local recording, and {exc}") from None
+        if exc.not_found:
+            where = "stored session or local recording" if ref.kind == "full" else "stored session"
+            raise CLIError(f"no {where} has id {sid}") from None
+        raise CLIError(str(exc)) from None
 
 
 async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     store = RecordingStore.from_settings(settings)
-
-    def local(ident: str) -> bool:
-        try:
-            rid = resolve_id(store, ident)
-        except CLIError:
-            return False
-        return store.has_manifest(rid) or store.has_events(rid)
-
-    if local(args.a) and local(args.b):
-        sides = [await _side(store, args.a, None), await _side(store, args.b, None)]
+    refs = [parse_id(args.a), parse_id(args.b)]
+    if all(local_recording(store, r) is not None for r in refs):
+        sides = [await _side(store, r, None) for r in refs]
     else:
         try:
             from services.storage.api import StorageClient
@@ -262,7 +268,7 @@ async def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
 
         async with open_bus(settings, autostart=False, name="buildtel-diff") as bus:
             client = StorageClient(bus.nc, bus.subjects)
-            sides = [await _side(store, args.a, client), await _side(store, args.b, client)]
+            sides = [await _side(store, r, client) for r in refs]
     result = diffmod.diff(sides[0], sides[1], min_delta_s=args.min_delta, min_ratio=args.min_ratio)
     if args.json:
         _dump(result)

@@ -6,16 +6,14 @@ import argparse
 import sys
 import time
 
-import msgspec
-
 from services.cli.common import open_bus
+from services.cli.ids import GRAMMAR, parse_id, resolve_session
+from services.cli.jsonout import dumps
 from services.cli.main import CLIError
-from services.cli.textsafe import json_safe, safe
+from services.cli.textsafe import safe
 from services.storage.api import StorageClient, StorageError
 from shared.protocol import BuildSession
 from shared.settings import Settings
-
-_json = msgspec.json.Encoder()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,11 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--branch", help="only builds of this VCS branch")
     p.add_argument("--agent", help="only builds an agent took part in")
     p.add_argument("--target", help="only builds that ran this target")
-    p.add_argument("--json", action="store_true", help="one JSON document (a list of sessions)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON document: a list of sessions, each as 'show --json' prints it")
     p.set_defaults(func=cmd_sessions, quiet_logs=True)
     s = sub.add_parser("show", help="show one stored session with its targets")
-    s.add_argument("id", help="session id (a unique prefix of at least 6 hex digits also works)")
-    s.add_argument("--json", action="store_true", help="the whole session as JSON")
+    s.add_argument("id", help=GRAMMAR)
+    s.add_argument("--json", action="store_true",
+                   help="the whole session as one JSON object (targets as objects, every field stated)")
     s.add_argument("--top", type=int, default=15, help="targets to list, longest first (default 15)")
     s.set_defaults(func=cmd_show, quiet_logs=True)
 
@@ -42,13 +42,25 @@ def session_line(s: BuildSession) -> str:
     branch = s.environment.vcs.branch if s.environment and s.environment.vcs else ""
     # Names, branch and ids come from publishers: escaped (services/cli/textsafe.py); not in --json.
     return (f"{safe(s.id)}  {_fmt_time(s.start)}  {safe(s.outcome):<9} {s.duration_s:9.1f}s  "
-            f"{len(s.targets):5d} targets  cache {s.cache_hit_rate:5.1%}  {safe(branch or '-'):<10} {safe(s.name)}")
+            f"{len(s.targets):5d} targets  cache {s.cache_hit_rate:5.1%}  {safe(branch or '-'):<10} {safe(s.name)}"
+            + incomplete_note(s))
+
+
+def incomplete_note(s: BuildSession, width: int = 100) -> str:
+    """``  INCOMPLETE: <first reason>`` for a session that lost events, else "" (an outcome alone
+    would read as a whole build)."""
+    c = s.completeness
+    if c is None or c.complete:
+        return ""
+    why = c.reasons[0] if c.reasons else "events were lost"
+    more = f" (+{len(c.reasons) - 1} more)" if len(c.reasons) > 1 else ""
+    return f"  INCOMPLETE: {safe(why if len(why) <= width else why[: width - 1] + '…')}{more}"
 
 
 async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise CLIError("--limit must be at least 1")
-    async with open_bus(settings, autostart=True) as bus:
+    async with open_bus(settings) as bus:
         client = StorageClient(bus.nc, bus.subjects)
         try:
             if any((args.outcome, args.branch, args.agent, args.target)):
@@ -56,13 +68,15 @@ async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
                                               target=args.target, limit=args.limit)
             else:
                 sessions = await client.recent(args.limit)
+            # An empty filtered list: say whether the filters or an empty store are why.
+            stored = (await client.stats()).sessions if not sessions and not args.json else None
         except StorageError as exc:
             raise CLIError(str(exc)) from None
     if args.json:
-        sys.stdout.write(json_safe(_json.encode(sessions).decode()) + "\n")
+        sys.stdout.write(dumps(sessions) + "\n")
         return 0
     if not sessions:
-        print("no sessions stored yet", file=sys.stderr)
+        print(_no_match(args, stored), file=sys.stderr)
         return 0
     print(f"{'SESSION':<32}  {'STARTED':<19}  {'OUTCOME':<9} {'DURATION':>10}  {'TARGETS':>13}  "
           f"{'CACHE':>11}  {'BRANCH':<10} NAME")
@@ -71,29 +85,31 @@ async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _resolve(client: StorageClient, ident: str) -> BuildSession:
-    try:
-        return await client.get(ident)
-    except StorageError as exc:
-        if not exc.not_found or len(ident) >= 32:
-            raise CLIError(str(exc)) from None
-    if len(ident) < 6:
-        raise CLIError(f"no session {ident!r}; give at least 6 hex digits of its id")
-    matches = [s for s in await client.recent(10_000) if s.id.startswith(ident)]
-    if len(matches) != 1:
-        raise CLIError(f"{'no' if not matches else len(matches)} stored sessions match {ident!r}")
-    return matches[0]
+def _no_match(args: argparse.Namespace, stored: int | None) -> str:
+    """Why the list is empty: the filters (named as typed) or an empty store."""
+    given = [f"--{flag} {getattr(args, flag)}" for flag in ("branch", "outcome", "agent", "target")
+             if getattr(args, flag)]
+    if not given or stored == 0:
+        return "no sessions stored yet"
+    return f"no session matches {safe(' '.join(given))} (of {stored} stored)"
 
 
 async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_bus(settings, autostart=True) as bus:
-        s = await _resolve(StorageClient(bus.nc, bus.subjects), args.id)
+    ref = parse_id(args.id)  # a malformed id is refused before any stack is reached or started
+    async with open_bus(settings) as bus:
+        s = await resolve_session(StorageClient(bus.nc, bus.subjects), ref)
     if args.json:
-        sys.stdout.write(json_safe(_json.encode(s).decode()) + "\n")
+        sys.stdout.write(dumps(s) + "\n")
         return 0
     env = s.environment
     print(f"session   {safe(s.id)}  ({safe(s.name or 'unnamed')})")
     print(f"outcome   {safe(s.outcome)}  exit code {s.exit_code if s.exit_code is not None else '-'}")
+    c = s.completeness
+    if c is not None and not c.complete:
+        got, want = sum(c.received.values()), sum(c.expected.values())
+        print(f"INCOMPLETE {got} of {want} events received; figures below cover only what arrived")
+        for why in c.reasons:
+            print(f"          {safe(why)}")
     print(f"time      {_fmt_time(s.start)} → {_fmt_time(s.finish)}  ({s.duration_s:.2f} s)")
     if s.command:
         print(f"command   {safe(' '.join(s.command))}")

@@ -1,8 +1,11 @@
 """``buildtel trace``: show a build's trace as a span tree, or export it to Jaeger/Zipkin/OTLP.
 
-    buildtel trace SESSION_ID|TRACE_ID [--json]
-    buildtel trace export ID --otlp URL [--otlp-protocol json] | --zipkin URL | --jaeger-file FILE
-    buildtel trace --recent [N]
+    buildtel trace ID [--json]
+    buildtel trace export ID --otlp URL [--otlp-protocol json] | --zipkin URL | --jaeger-file FILE [--json]
+    buildtel trace --recent [N] [--json]
+
+ID is a session id or a trace id in the CLI's one id grammar (services/cli/ids.py):
+32 hex digits, a unique prefix of at least 6, ``last`` or ``last~N`` (stored sessions).
 
 Traces come from the tracer service over NATS (``services/tracer/query.py``).
 """
@@ -13,11 +16,11 @@ import argparse
 import sys
 from typing import Any
 
-import msgspec
-
 from services.cli.common import open_bus
+from services.cli.ids import GRAMMAR, parse_id, resolve_trace_id
+from services.cli.jsonout import emit
 from services.cli.main import CLIError
-from services.cli.textsafe import json_safe, safe, safe_block
+from services.cli.textsafe import safe, safe_block
 from shared.settings import Settings
 
 # The tracer modules (opentelemetry-proto, aiohttp) are imported when the command runs, not
@@ -30,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Show the trace of a build session (or any trace id) as a span tree, or export it: "
                     "'buildtel trace export ID --jaeger-file trace.json' (open it in the Jaeger UI), "
                     "'--zipkin http://zipkin:9411', '--otlp http://jaeger:4318'.")
-    p.add_argument("words", nargs="*", metavar="[export] ID", help="a session id or a trace id (32 hex digits)")
+    p.add_argument("words", nargs="*", metavar="[export] ID", help=f"a session or trace id: {GRAMMAR}")
     p.add_argument("--json", action="store_true", help="print the spans as JSON instead of a tree")
     p.add_argument("--recent", type=int, nargs="?", const=20, metavar="N", help="list the N newest traces")
     p.add_argument("--otlp", metavar="URL", help="export: POST to this OTLP/HTTP endpoint (Jaeger, Tempo, collector)")
@@ -55,29 +58,37 @@ async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
         raise CLIError("--otlp/--zipkin/--jaeger-file belong to 'buildtel trace export ID'")
     if args.recent is None and len(words) != 1:
         raise CLIError("give one session id or trace id (or --recent)")
+    ref = parse_id(words[0]) if args.recent is None else None
+    ident = ref.value if ref else ""
     async with open_bus(settings) as bus:
+        from services.storage.api import StorageClient
+
         client = TraceClient(bus.nc, TracerSubjects(bus.subjects))
         try:
-            if args.recent is not None:
-                return _print_recent(await client.recent(max(1, args.recent)))
-            trace = await client.find(words[0].strip().lower())
+            if ref is None:
+                return _print_recent(await client.recent(max(1, args.recent)), as_json=args.json)
+            ident = await resolve_trace_id(StorageClient(bus.nc, bus.subjects), client, ref)
+            trace = await client.find(ident)
         except QueryError as exc:
             if exc.code == 404:
-                raise CLIError(f"no trace stored for {words[0]!r} (is it a session or trace id?)") from None
+                named = "" if ident == words[0].strip().lower() else f", named by {safe(words[0].strip())}"
+                raise CLIError(f"no trace stored for {ident!r}{named} (is it a session or trace id?)") from None
             raise CLIError(str(exc)) from None
     if exporting:
         return await _export(trace, args)
     if args.json:
-        sys.stdout.write(json_safe(msgspec.json.encode({"trace_id": trace.trace_id, "session_ids": trace.session_ids,
-                                                        "spans": trace.spans}).decode()) + "\n")
+        emit({"trace_id": trace.trace_id, "session_ids": trace.session_ids, "spans": trace.spans})
     else:
         print(safe_block(render_tree(trace)))  # span names and attributes come from publishers
     return 0
 
 
-def _print_recent(traces: list) -> int:  # type: ignore[type-arg]
+def _print_recent(traces: list, *, as_json: bool = False) -> int:  # type: ignore[type-arg]
     from services.tracer.query import format_duration
 
+    if as_json:
+        emit(traces)
+        return 0
     if not traces:
         print("no traces stored yet", file=sys.stderr)
         return 0
@@ -109,6 +120,11 @@ async def _export(trace: Any, args: argparse.Namespace) -> int:
         finally:
             await exporter.close()
         done.append(f"sent to {exporter.url}")
+    if args.json:
+        emit({"trace_id": trace.trace_id, "session_ids": trace.session_ids, "spans": len(trace.spans),
+              "jaeger_file": str(path) if args.jaeger_file else None,
+              "sent_to": [line.removeprefix("sent to ") for line in done if line.startswith("sent to ")]})
+        return 0
     for line in done:
         print(f"trace {safe(trace.trace_id)}: {len(trace.spans)} spans {safe(line)}")
     return 0

@@ -3,7 +3,8 @@
 Each command module exposes ``register(subparsers)``, which adds its sub-commands
 and sets ``func`` (sync or async, taking the parsed args and the Settings).
 Errors reach the user as one clear line on stderr and exit code 2, never a
-traceback (``BUILDTEL_DEBUG=1`` shows the traceback).
+traceback (``BUILDTEL_DEBUG=1`` shows the traceback).  A reader that closes the pipe
+early (``buildtel sessions | head``) ends the command quietly with exit code 141.
 """
 
 from __future__ import annotations
@@ -95,6 +96,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool that stopped at a closed pipe
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``buildtel sessions | head``): stop quietly, as a C tool killed by
+    SIGPIPE would: no traceback, no 'error:' line.  Whatever is still buffered for stdout can
+    never be delivered, so stdout is pointed at /dev/null to keep the interpreter's own final
+    flush from complaining on stderr."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in-process)
+        pass
+    return EXIT_CLOSED_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_command_of(argv))
@@ -114,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         result: Any = args.func(args, settings)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's teardown
         return int(result or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     except (CLIError, SettingsError) as exc:
         print(f"buildtel: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from shared.protocol import (
     BuildFinished,
     BuildSession,
     BuildStarted,
+    Completeness,
     Event,
     HealthCheckpoint,
     TargetFinished,
@@ -37,8 +38,10 @@ OP_STARTED = b"S"
 OP_HEALTH = b"H"
 OP_FINISHED = b"E"
 OP_TARGET = b"T"
+OP_LOST = b"X"  # a refused event: its raw bytes are replaced by "code<TAB>reason"
 
 _HEAD = struct.Struct(">IcH")
+REASON_CHARS = 300  # of a refused event's reason kept in Redis and in the stored session
 _fragments_decoder = msgspec.msgpack.Decoder(list[Event])
 
 
@@ -49,7 +52,8 @@ class _RawBatch(msgspec.Struct, gc=False):
 _raw_batch_decoder = msgspec.msgpack.Decoder(_RawBatch)
 
 
-def ops_payloads(data: bytes, events: list[Event], chunk: int) -> list[bytes]:
+def ops_payloads(data: bytes, events: list[Event], chunk: int,
+                 refused: Mapping[int, tuple[str, str]] | None = None) -> list[bytes]:
     """Encode one validated batch for the Lua script as records Redis' ``struct`` can read,
     ``chunk`` events per payload (one script call each).
 
@@ -60,7 +64,12 @@ def ops_payloads(data: bytes, events: list[Event], chunk: int) -> list[bytes]:
     short, so a large batch never holds Redis for long; folding is idempotent
     per (agent, seq), so a batch folded in several calls, or partly folded
     before a crash, ends up exactly as if it were folded in one.
+
+    ``refused`` (index in ``events`` -> (code, reason)) marks events that broke a bound: they
+    go in as OP_LOST records carrying the reason instead of the event, so the script counts
+    them as lost (once, like any seq) and completion knows the session is short of them.
     """
+    refused = refused or {}
     raws = _raw_batch_decoder.decode(data).events
     payloads: list[bytes] = []
     out = bytearray()
@@ -69,6 +78,13 @@ def ops_payloads(data: bytes, events: list[Event], chunk: int) -> list[bytes]:
         if i and i % chunk == 0:
             payloads.append(bytes(out))
             out = bytearray()
+        bad = refused.get(i)
+        if bad is not None:
+            note = f"{bad[0]}\t{bad[1][:REASON_CHARS]}".encode()
+            out += pack(ev.seq, OP_LOST, 0)
+            out += len(note).to_bytes(4, "big")
+            out += note
+            continue
         match ev:
             case TargetFinished() | TargetStarted():
                 out += pack(ev.seq, OP_TARGET, 0)
@@ -104,15 +120,23 @@ def _decode(data: bytes) -> Event | None:
 
 
 def agent_counts(meta: Mapping[bytes, bytes]) -> dict[str, tuple[int, int]]:
-    """Per agent: (events folded, highest seq seen)."""
+    """Per agent: (events accounted for, highest seq seen).  Accounted for = folded + refused
+    (lost with a known reason): both are settled, neither is still to come."""
     out: dict[str, tuple[int, int]] = {}
     for k, v in meta.items():
         key = k.decode()
-        if key.startswith("n:"):
-            agent = key[2:]
+        if key.startswith(("n:", "lost:")):
+            agent = key.partition(":")[2]
             high = int(meta.get(f"max:{agent}".encode(), b"-1"))
-            out[agent] = (int(v), high)
+            out[agent] = (out.get(agent, (0, high))[0] + int(v), high)
     return out
+
+
+def finished_event(meta: Mapping[bytes, bytes]) -> BuildFinished | None:
+    """The session's BuildFinished, if it has one."""
+    raw = meta.get(b"finished")
+    fin = _decode(raw) if raw is not None else None
+    return fin if isinstance(fin, BuildFinished) else None
 
 
 def is_ready(meta: Mapping[bytes, bytes]) -> bool:
@@ -140,8 +164,9 @@ def is_ready(meta: Mapping[bytes, bytes]) -> bool:
 def missing_events(meta: Mapping[bytes, bytes]) -> bool:
     """True when a finished session is known to lack events still in flight: the finishing
     agent gave counts that are not reached, or (alone) has a gap in its sequence.  Such a
-    session waits for them (redeliveries after a collector crash) up to the inactivity timeout
-    rather than completing at the end of the grace period with part of its targets."""
+    session waits for them (redeliveries after a collector crash) up to ``gap_wait_s`` after its
+    last event rather than completing at the end of the grace period with part of its targets;
+    then it completes marked incomplete (``completeness.py``)."""
     raw = meta.get(b"finished")
     fin = _decode(raw) if raw is not None else None
     if not isinstance(fin, BuildFinished):
@@ -192,8 +217,10 @@ def build_session(
     fragments: Iterable[bytes],
     *,
     now: float,
+    completeness: Completeness | None = None,
 ) -> BuildSession:
-    """Fold the hot state of one session into its completed form (abandoned if never finished)."""
+    """Fold the hot state of one session into its completed form (abandoned if never finished);
+    ``completeness`` (``completeness.py``) is stored with it as it is."""
     started = _decode(meta[b"started"]) if b"started" in meta else None
     finished = _decode(meta[b"finished"]) if b"finished" in meta else None
     health = _decode(meta[b"health"]) if b"health" in meta else None
@@ -263,6 +290,7 @@ def build_session(
         trace_id=trace_id,
         parent_span_id=parent_span_id,
         record=started.record if started else False,
+        completeness=completeness,
     )
 
 

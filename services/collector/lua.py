@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # KEYS: meta, fragments, seen(agent), active, finishing, done
 # ARGV: now, agent, session_id, payload (records, see fold.ops_payload), finish_grace_s
+# Record kinds: T target event, S started, H health, E finished, X refused (raw = code TAB reason).
 # Returns {folded, finished_in_batch, late}
 APPLY = r"""
 if redis.call('EXISTS', KEYS[6]) == 1 then
@@ -26,14 +27,27 @@ local new = 0
 local high = -1
 local first_new = -1
 local finished = 0
+local lost = 0
 local parts = {}
 while pos <= n do
   local seq, kind, ts, raw, nextpos = struct.unpack('>I4c1Hc0I4c0', payload, pos)
   pos = nextpos
   if redis.call('SETBIT', KEYS[3], seq, 1) == 0 then
-    new = new + 1
     if seq > high then high = seq end
-    if kind == 'T' then
+    if kind ~= 'X' then new = new + 1 end
+    if kind == 'X' then
+      -- A refused event (raw = "code<TAB>reason"): counted per agent and cause, never folded, so
+      -- completion knows it is lost rather than waiting for it or calling the session whole.
+      lost = lost + 1
+      local tab = string.find(raw, '\t', 1, true) or (#raw + 1)
+      local f = agent .. '|' .. string.sub(raw, 1, tab - 1)
+      redis.call('HINCRBY', KEYS[1], 'x:' .. f, 1)
+      redis.call('HSETNX', KEYS[1], 'xr:' .. f, string.sub(raw, tab + 1))
+      local lo = tonumber(redis.call('HGET', KEYS[1], 'xf:' .. f) or '-1')
+      if lo < 0 or seq < lo then redis.call('HSET', KEYS[1], 'xf:' .. f, seq) end
+      local hi = tonumber(redis.call('HGET', KEYS[1], 'xl:' .. f) or '-1')
+      if seq > hi then redis.call('HSET', KEYS[1], 'xl:' .. f, seq) end
+    elseif kind == 'T' then
       if first_new < 0 then first_new = seq end
       parts[#parts + 1] = raw
     elseif kind == 'S' or kind == 'H' then
@@ -56,9 +70,14 @@ if #parts > 0 then
   -- here, which no other call can also claim.
   redis.call('HSET', KEYS[2], agent .. ':' .. first_new, struct.pack('>BI4', 0xdd, #parts) .. table.concat(parts))
 end
+if lost > 0 then
+  redis.call('HINCRBY', KEYS[1], 'lost:' .. agent, lost)
+end
 if new > 0 then
   redis.call('HINCRBY', KEYS[1], 'events', new)
   redis.call('HINCRBY', KEYS[1], 'n:' .. agent, new)
+end
+if new + lost > 0 then
   local cur = tonumber(redis.call('HGET', KEYS[1], 'max:' .. agent) or '-1')
   if high > cur then redis.call('HSET', KEYS[1], 'max:' .. agent, high) end
   redis.call('HSET', KEYS[1], 'last', ARGV[1])
@@ -80,5 +99,19 @@ redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
+
+# A batch refused before its events could be read (undecodable): only its session is known (from
+# the subject).  KEYS: meta, active, done; ARGV: now, session_id, reason.  Returns 1 if recorded,
+# 0 if the session had already completed (the caller counts it as late).
+LOST_BATCH = r"""
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'ub', 1)
+redis.call('HSETNX', KEYS[1], 'ubr', ARGV[3])
+redis.call('HSET', KEYS[1], 'last', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """

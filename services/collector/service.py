@@ -27,6 +27,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.collector import fold, lua
+from services.collector.completeness import completeness
 from shared import metrics as metrics_http
 from shared.bus import (
     MAX_DELIVER,
@@ -45,7 +46,8 @@ from shared.redaction import redact_batch
 from shared.runner import finish_tasks
 from shared.settings import Settings
 from shared.subjects import Subjects
-from shared.validate import Rejected, check_batch
+from shared.protocol import EventBatch, is_session_id
+from shared.validate import Rejected, check_envelope, refused_events
 
 log = get_logger("collector")
 
@@ -87,6 +89,8 @@ class CollectorService:
         self.rejected: dict[str, int] = {}  # dead letters by cause (validate.Rejected.code, ...)
         self.fold_failures = 0
         self.late_events = 0
+        self.events_refused = 0  # events dropped from batches whose other events were kept
+        self.sessions_incomplete = 0
 
     async def start(self) -> None:
         self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-collector-{self.owner}", role="collector")
@@ -96,6 +100,7 @@ class CollectorService:
         self._apply = self.redis.register_script(lua.APPLY)
         self._claim = self.redis.register_script(lua.CLAIM)
         self._retire = self.redis.register_script(lua.RETIRE)
+        self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
         self.sub = await self.js.pull_subscribe(
             self.subjects.events_all,
             durable="collector",
@@ -141,6 +146,7 @@ class CollectorService:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
                 "sessions_completed_total": self.sessions_completed, "dead_letters_total": self.dead_letters,
                 "late_events_total": self.late_events, "fold_failures_total": self.fold_failures,
+                "events_refused_total": self.events_refused, "sessions_incomplete_total": self.sessions_incomplete,
                 "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "collector")}
 
     # -- folding ---------------------------------------------------------------------------
@@ -173,21 +179,26 @@ class CollectorService:
         loop = asyncio.get_running_loop()
         now = time.time()
         alive = loop.time()
-        work: list[tuple[Any, Any]] = []
+        work: list[tuple[Any, Any, dict[int, Rejected]]] = []
         events = 0
         for i, msg in enumerate(msgs):
             if loop.time() - alive > ACK_WAIT_S / 3:
-                await asyncio.gather(*(m.in_progress() for m in msgs[i:]), *(m.in_progress() for m, _ in work),
+                await asyncio.gather(*(m.in_progress() for m in msgs[i:]), *(m.in_progress() for m, _, _ in work),
                                      return_exceptions=True)
                 alive = loop.time()
+            batch = None
             try:
                 batch = decode_batch(msg.data)
-                check_batch(batch, now)
+                check_envelope(batch)
             except Rejected as exc:
+                # Refused whole (version, size): its events are lost to the session, and it says so.
+                await self._record_lost(msg, batch, exc, now)
                 await self._dead_letter(msg, exc.reason, code=exc.code)
                 continue
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
-                await self._dead_letter(msg, f"undecodable event batch: {exc}", code="undecodable")
+                reason = f"undecodable event batch: {exc}"
+                await self._record_undecodable(msg, reason, now)
+                await self._dead_letter(msg, reason, code="undecodable")
                 continue
             if not batch.events:
                 await msg.ack()
@@ -195,21 +206,24 @@ class CollectorService:
             if work and events + len(batch.events) > FOLD_ROUND_EVENTS:
                 await self._fold_round(work, now)
                 work, events = [], 0
-            work.append((msg, batch))
+            # Events that break a bound of their own are dropped and recorded as lost; the others
+            # of the batch are folded (docs/protocol.md "Limits on a batch").
+            work.append((msg, batch, refused_events(batch, now)))
             events += len(batch.events)
         if work:
             await self._fold_round(work, now)
 
-    async def _fold_round(self, work: list[tuple[Any, Any]], now: float) -> None:
+    async def _fold_round(self, work: list[tuple[Any, Any, dict[int, Rejected]]], now: float) -> None:
         """Fold each batch in script calls of FOLD_CHUNK_EVENTS; ack the batches that folded, and
         hand the ones that failed to :meth:`_failed` (the others in the round are unaffected)."""
         pipe = self.redis.pipeline(transaction=False)
         calls: list[int] = []  # index in work of each script call
         k = self.keys
-        for n, (msg, batch) in enumerate(work):
+        for n, (msg, batch, refused) in enumerate(work):
             sid, agent = batch.session_id, batch.agent_id
+            notes = {i: (r.code, r.reason) for i, r in refused.items()}
             # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
-            for payload in fold.ops_payloads(redact_batch(batch, msg.data), batch.events, FOLD_CHUNK_EVENTS):
+            for payload in fold.ops_payloads(redact_batch(batch, msg.data), batch.events, FOLD_CHUNK_EVENTS, notes):
                 await self._apply(
                     keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
                           k.active, k.finishing, k.completed(sid)],
@@ -234,7 +248,8 @@ class CollectorService:
             late[n] |= bool(was_late)
             finished_any |= bool(finished)
         acks = []
-        for n, (msg, batch) in enumerate(work):
+        partly: list[tuple[Any, Any, dict[int, Rejected]]] = []
+        for n, (msg, batch, refused) in enumerate(work):
             if n in errors:
                 await self._failed(msg, f"{type(errors[n]).__name__}: {errors[n]}")
                 continue
@@ -244,10 +259,14 @@ class CollectorService:
                 self.late_events += len(batch.events)
                 log.warning("session.late_events", session_id=batch.session_id, agent_id=batch.agent_id,
                             events=len(batch.events))
+            if refused:
+                partly.append((msg, batch, refused))
             acks.append(msg.ack())
         # Ack only now that Redis holds the fold: a crash before this line means redelivery,
         # which the seen-bitmaps turn into a no-op.
         await asyncio.gather(*acks)
+        for msg, batch, refused in partly:
+            await self._dead_letter_partly(msg, batch, refused)
         if finished_any:
             self._wake_sweeper.set()
 
@@ -271,16 +290,59 @@ class CollectorService:
         self.rejected["max_deliver"] = self.rejected.get("max_deliver", 0) + 1
         log.warning("collector.dead_letter", reason=reason[:300], code="max_deliver")
 
-    async def _dead_letter(self, msg: Any, reason: str, *, code: str) -> None:
+    async def _dead_letter(self, msg: Any, reason: str, *, code: str, ack: bool = True,
+                           headers: dict[str, str] | None = None) -> None:
         self.dead_letters += 1
         self.rejected[code] = self.rejected.get(code, 0) + 1
         log.warning("collector.dead_letter", subject=msg.subject, reason=reason[:300], code=code, size=len(msg.data))
         await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="collector",
                                   subject=msg.subject, reason=reason, data=msg.data,
-                                  headers={**dict(msg.headers or {}), "Buildtel-Reason-Code": code})
+                                  headers={**dict(msg.headers or {}), "Buildtel-Reason-Code": code, **(headers or {})})
         with contextlib.suppress(Exception):  # per-cause count shared by every replica
             await self.redis.incr(self.keys.counter(f"deadletter:collector:{code}"))
-        await msg.ack()
+        if ack:
+            await msg.ack()
+
+    async def _dead_letter_partly(self, msg: Any, batch: EventBatch, refused: dict[int, Rejected]) -> None:
+        """A batch whose good events were folded: the whole original goes to the dead letters
+        (operators see the bad input), under the first refused event's code, naming what was kept."""
+        first = refused[min(refused)]
+        kept = len(batch.events) - len(refused)
+        self.events_refused += len(refused)
+        await self._dead_letter(
+            msg, f"{len(refused)} of {len(batch.events)} events refused, the other {kept} kept "
+                 f"(session {batch.session_id}, agent {batch.agent_id}): {first.reason}",
+            code=first.code, ack=False,
+            headers={"Buildtel-Events-Refused": str(len(refused)), "Buildtel-Events-Kept": str(kept)})
+
+    async def _record_lost(self, msg: Any, batch: EventBatch | None, exc: Rejected, now: float) -> None:
+        """Record every event of a batch refused whole as lost in its session's hot state."""
+        if batch is None or not batch.events:
+            return
+        sid, agent, k = batch.session_id, batch.agent_id, self.keys
+        note = (exc.code, f"batch refused whole: {exc.reason}")
+        try:
+            for payload in fold.ops_payloads(msg.data, batch.events, FOLD_CHUNK_EVENTS,
+                                             dict.fromkeys(range(len(batch.events)), note)):
+                await self._apply(keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
+                                        k.active, k.finishing, k.completed(sid)],
+                                  args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)])
+        except Exception as exc2:  # noqa: BLE001 - the dead letter still goes out; say what is unrecorded
+            log.error("collector.lost_not_recorded", session_id=sid, agent_id=agent, events=len(batch.events),
+                      error=f"{type(exc2).__name__}: {exc2}")
+
+    async def _record_undecodable(self, msg: Any, reason: str, now: float) -> None:
+        """An unreadable batch still names its session in the subject (``NS.events.<sid>``):
+        mark that session as having lost a batch of unknown events."""
+        sid = msg.subject.rpartition(".")[2]
+        if not is_session_id(sid):
+            return
+        k = self.keys
+        try:
+            await self._lost_batch(keys=[k.session_meta(sid), k.active, k.completed(sid)],
+                                   args=[repr(now), sid, reason[:fold.REASON_CHARS]])
+        except Exception as exc:  # noqa: BLE001 - the dead letter still goes out; say what is unrecorded
+            log.error("collector.lost_not_recorded", session_id=sid, error=f"{type(exc).__name__}: {exc}")
 
     # -- completion ------------------------------------------------------------------------
     async def _sweep(self) -> None:
@@ -308,8 +370,8 @@ class CollectorService:
                 done += await self._complete(sid, now)
             elif due <= now:
                 last = float(meta.get(b"last", b"0") or 0)
-                if fold.missing_events(meta) and now - last < self.settings.session_timeout_s:
-                    continue  # known events still to come (redeliveries): keep waiting
+                if fold.missing_events(meta) and now - last < self.settings.gap_wait_s:
+                    continue  # known events may still come (redeliveries): wait, boundedly
                 done += await self._complete(sid, now)
         stale = await self.redis.zrangebyscore(k.active, "-inf", now - self.settings.session_timeout_s)
         for raw_sid in stale:
@@ -345,13 +407,17 @@ class CollectorService:
             await self.redis.zrem(k.finishing, sid)
             await self.redis.zrem(k.active, sid)
             return 0
-        session = fold.build_session(sid, meta, fragments, now=now)
+        agents = list(fold.agent_counts(meta))
+        bitmaps = await self.redis.mget([k.session_seen(sid, a) for a in agents]) if agents else []
+        fin = fold.finished_event(meta)
+        record = completeness(meta, {a: b or b"" for a, b in zip(agents, bitmaps, strict=True)}, fin,
+                              gap_wait_s=self.settings.gap_wait_s)
+        session = fold.build_session(sid, meta, fragments, now=now, completeness=record)
         data = encode(session)
         if len(data) > self.nc.max_payload:
             data = self._shrink(session, len(data))
         await self.js.publish(self.subjects.sessions_completed, data,
                               headers={"Nats-Msg-Id": sid}, timeout=10.0)
-        agents = list(fold.agent_counts(meta))
         await self._retire(
             keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
                   k.session_prefix(sid) + "lock"]
@@ -359,6 +425,9 @@ class CollectorService:
             args=[sid, DONE_TTL_S],
         )
         self.sessions_completed += 1
+        if not record.complete:
+            self.sessions_incomplete += 1
+            log.warning("session.incomplete", session_id=sid, outcome=session.outcome, reasons=record.reasons[:5])
         log.info("session.completed", session_id=sid, outcome=session.outcome, targets=len(session.targets),
                  events=session.totals.events, agents=len(agents))
         return 1

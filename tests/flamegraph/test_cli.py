@@ -281,7 +281,7 @@ async def test_errors_are_one_line(stack, nc, tmp_path: Path) -> None:
     empty.write_text("\n")
     cases = [
         (("--session", "0123456789abcdef0123456789abcdef"), "storage error 404"),
-        (("--session", "abcdef12"), "no stored sessions match 'abcdef12'"),
+        (("--session", "abcdef12"), "no session id starts with abcdef12"),
         (("--last", "5"), "no sessions stored"),
         (("--folded", str(bad)), f"{bad}: no stacks in the file (Ignored 2 lines with invalid format (first: "
                                  f"{bad}:1: count 'ten' is not a non-negative integer"),
