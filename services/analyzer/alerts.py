@@ -2,7 +2,9 @@
 
 Like is compared with like.  A session feeds:
 
-* ``build|<branch>``: its wall time, when it succeeded (failed builds stop early);
+* ``build|<branch>``: its wall time, when it succeeded (failed builds stop early) and is
+  complete: a session that lost events (``BuildSession.completeness``: a refused batch, a
+  sequence gap, an abandoned build) is not a whole build, so it never feeds this series;
 * ``target|<branch>|<name>``: each target that succeeded, with its cache flag:
   served from a cache (``local_hit``/``remote_hit``) or executed (``miss``,
   ``uncacheable``).  The detector keeps hits and misses in separate streams (a hit
@@ -26,7 +28,7 @@ import msgspec
 
 from services.analyzer.analytics import branch_of, commit_of
 from services.analyzer.detector import Change, Detector
-from shared.protocol import CACHE_HITS, BuildSession
+from shared.protocol import CACHE_HITS, BuildSession, is_complete
 
 RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
 MEDIAN_WINDOW = 20  # points each side of a change that its medians use at most
@@ -107,7 +109,9 @@ def series_points(session: BuildSession) -> list[Point]:
     branch = branch_of(session)
     b = branch or "_"
     out: list[Point] = []
-    if session.outcome == "success" and session.duration_s > 0:
+    # An incomplete build's targets that did arrive are whole measurements and feed their series;
+    # its wall time stands for a build we did not fully see, so it does not (docs/analytics.md).
+    if session.outcome == "success" and session.duration_s > 0 and is_complete(session):
         out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch))
     seen: set[str] = set()
     for t in session.targets:

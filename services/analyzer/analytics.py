@@ -9,8 +9,8 @@ same commit) and bottlenecks (``bottlenecks.py``).  Every figure is defined in
 MessagePack and the exporters turn them into JSON/CSV unchanged.
 
 Conventions: build-time statistics use sessions that finished (success or
-failed), not abandoned ones, whose "duration" is only how long we heard from
-them; target statistics use targets that ran (success or failed), not skipped
+failed) and are complete, not abandoned ones, whose "duration" is only how long
+we heard from them, nor ones that lost events (counted as ``incomplete``); target statistics use targets that ran (success or failed), not skipped
 or cancelled ones.  Sessions are ordered by start time.
 """
 
@@ -29,7 +29,7 @@ from services.health.trends import HealthTrends, health_trends
 from services.analyzer import columns
 from services.analyzer.bottlenecks import Bottlenecks, bottlenecks
 from services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
-from shared.protocol import BuildSession
+from shared.protocol import BuildSession, is_complete
 
 REPORT_VERSION = 1
 _NAME = attrgetter("name")
@@ -146,6 +146,7 @@ class SessionRow(msgspec.Struct, kw_only=True):
     cache_misses: int
     cache_hit_rate: float
     target_time_s: float
+    complete: bool = True  # False: the session lost events (see BuildSession.completeness)
 
 
 class AnalyticsReport(msgspec.Struct, kw_only=True):
@@ -159,6 +160,9 @@ class AnalyticsReport(msgspec.Struct, kw_only=True):
     succeeded: int = 0
     failed: int = 0
     abandoned: int = 0
+    # Sessions that lost events (BuildSession.completeness), whatever their outcome: counted here,
+    # left out of the build-time figures (duration, trend, daily times) like abandoned ones.
+    incomplete: int = 0
     success_rate: float = 0.0
     duration: DurationStats = msgspec.field(default_factory=DurationStats)
     cache_hits: int = 0
@@ -274,8 +278,9 @@ class TelemetryAnalyzer:
         rep.succeeded = sum(1 for s in ss if s.outcome == "success")
         rep.abandoned = sum(1 for s in ss if s.outcome == "abandoned")
         rep.failed = rep.sessions - rep.succeeded - rep.abandoned
+        rep.incomplete = sum(1 for s in ss if not is_complete(s))
         rep.success_rate = rep.succeeded / rep.sessions
-        finished = [s for s in ss if s.outcome != "abandoned"]
+        finished = [s for s in ss if s.outcome != "abandoned" and is_complete(s)]
         rep.duration = duration_stats(finished)
         rep.cache_hits = sum(s.cache_hits for s in ss)
         rep.cache_misses = sum(s.cache_misses for s in ss)
@@ -363,7 +368,7 @@ def daily_series(sessions: Sequence[BuildSession]) -> list[DailyPoint]:
     out = []
     for day in sorted(days):
         group = days[day]
-        durs = sorted(s.duration_s for s in group if s.outcome != "abandoned")
+        durs = sorted(s.duration_s for s in group if s.outcome != "abandoned" and is_complete(s))
         ok = sum(1 for s in group if s.outcome == "success")
         hits = sum(s.cache_hits for s in group)
         misses = sum(s.cache_misses for s in group)
@@ -381,5 +386,5 @@ def session_row(s: BuildSession) -> SessionRow:
                       outcome=s.outcome, branch=branch_of(s), commit=commit_of(s), targets=len(s.targets),
                       failed_targets=failed, cache_hits=s.cache_hits, cache_misses=s.cache_misses,
                       cache_hit_rate=s.cache_hit_rate, target_time_s=s.totals.target_time_s
-                      or sum(t.duration_s for t in s.targets))
+                      or sum(t.duration_s for t in s.targets), complete=is_complete(s))
 

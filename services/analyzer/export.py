@@ -110,7 +110,8 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
         f"Builds: {r.sessions} from {_iso(r.window_start)[:16]} to {_iso(r.window_end)[:16]} UTC"
         + (" (partial: " + "; ".join(r.notes) + ")" if r.partial else ""),
         (f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
-         f"(success rate {_pct(r.success_rate)})"),
+         f"(success rate {_pct(r.success_rate)})"
+         + (f"; {r.incomplete} INCOMPLETE (lost events; left out of build times)" if r.incomplete else "")),
         (f"Build time: median {fmt_s(d.median_s)}, mean {fmt_s(d.mean_s)}, p90 {fmt_s(d.p90_s)}, "
          f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}"),
     ]

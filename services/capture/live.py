@@ -29,6 +29,7 @@ from services.health.sampler import host_memory_percent, sample_tree
 if TYPE_CHECKING:
     from services.capture.make import MakeCapture
     from services.capture.ninja import NinjaCapture
+    from services.capture.tree import TreeCapture
 
 POLL_S = 0.1  # capture latency; a poll is one stat and at most one read
 # prepare() runs before the build is spawned: only the module for the tool at hand is imported.
@@ -44,11 +45,13 @@ class LiveSource:
         self.want_capture = capture
         self.health_interval_s = health_interval_s
         self.health = health
-        self.capture: MakeCapture | NinjaCapture | None = None
+        self.capture: MakeCapture | NinjaCapture | TreeCapture | None = None
+        self.summary: dict[str, Any] | None = None  # what the capture saw, once the build ended
         self.monitor: HealthMonitor | None = None
         self.pid: int | None = None
         self.note = ""
         self.emitted = 0
+        self.emitted_targets = 0  # target_finished records
 
     # -- TargetSource ----------------------------------------------------------------------------
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
@@ -61,21 +64,23 @@ class LiveSource:
     def _prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
         if not self.want_capture:
             return argv
-        cap: MakeCapture | NinjaCapture | None = None
+        cap: MakeCapture | NinjaCapture | TreeCapture | None = None
         tool = Path(argv[0]).name if argv else ""
-        if tool not in _MAKES and tool not in _NINJAS:
-            return argv
         try:
             if tool in _MAKES:
                 from services.capture.make import MakeCapture
 
                 cap = MakeCapture(self.cache_dir, method=self.make_method)
-            else:
+            elif tool in _NINJAS:
                 from services.capture.ninja import NinjaCapture
 
                 cap = NinjaCapture.for_argv(argv, env)
             if cap is None:
-                return argv
+                # A shell, a script, cmake --build of a Makefile generator, a ninja tool: make and
+                # ninja are found wherever they start in the tree (tree.py).
+                from services.capture.tree import TreeCapture
+
+                cap = TreeCapture(self.cache_dir)
             new = cap.prepare(argv, env)
         except Exception as exc:  # noqa: BLE001 - capture is optional; the build is not
             self.note = f"capture disabled: {type(exc).__name__}: {exc}"
@@ -110,8 +115,9 @@ class LiveSource:
                     for rec in recs:
                         self._feed(mon, rec)
                         self.emitted += 1
+                        self.emitted_targets += rec.get("event") == "target_finished"
                         yield rec
-                    if cap is not None and cap.kind == "make":
+                    if cap is not None and cap.kind in ("make", "tree"):
                         # Recipes with a line running; a finished one lingers before it is reported.
                         mon.set_active(cap.running)  # type: ignore[union-attr]
                 if finished:
@@ -123,9 +129,46 @@ class LiveSource:
                 self._sample(mon)  # host memory now; the tree has exited, so its last size stays
                 mon.set_active(0 if cap is not None else None)
                 yield {"event": "health", "ts": time.time(), **mon.checkpoint()}
+            if cap is not None:
+                self.summary = self._conclude(cap)
         finally:
             if cap is not None:
                 cap.close()
+
+    def _conclude(self, cap: Any) -> dict[str, Any]:
+        """Targets seen, by which tools, and how many were up to date (None: not known, why)."""
+        try:
+            up = cap.up_to_date() if hasattr(cap, "up_to_date") else None
+        except Exception as exc:  # noqa: BLE001 - the count is a figure, not the build
+            up, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = ("make does not report the targets it finds up to date" if cap.kind == "make"
+                   or getattr(getattr(cap, "make", None), "makes", 0) else "ninja did not say (-t commands failed)")
+        tools = cap.tools() if hasattr(cap, "tools") else cap.kind
+        return {"tools": tools, "targets": self.emitted_targets, "up_to_date": up, "why_unknown": why,
+                "ignored": getattr(cap, "scratch", 0)}
+
+    def end_line(self, exit_code: int) -> str:
+        """The one line ``buildtel run`` prints about capture at the end ("" when there is
+        nothing to say: capture off, or telemetry never ran the capture)."""
+        if not self.want_capture:
+            return ""
+        s = self.summary
+        if s is None:
+            return f"no per-target data: {self.note}" if self.note else ""
+        if not s["tools"]:
+            return ("no per-target data: no make or ninja ran under this command (capture follows GNU make "
+                    "and ninja through shells, scripts and cmake; other build tools are not seen)")
+        line = f"{s['targets']} targets captured ({s['tools']})"
+        if exit_code != 0:
+            line += "; up-to-date targets not known (the build failed)"
+        elif s["up_to_date"] is None:
+            line += f"; up-to-date targets not known ({s['why_unknown']})"
+        else:
+            line += f"; {s['up_to_date']} up to date (not rebuilt)"
+        if s["ignored"]:
+            line += f"; {s['ignored']} CMake try_compile builds left out"
+        return line
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -43,6 +43,7 @@ invocations (``-n``, ``-q``, ``-p``, ``-t``, ``--version``, ``--help``).  See
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -183,6 +184,9 @@ class MakeCapture:
         self._tail: FileTail | None = None
         self._open: dict[tuple[bytes, bytes], _Recipe] = {}
         self.bad_lines = 0
+        self._prefix: dict[bytes, str] = {}  # make pid -> "sub/" for sub-makes in other directories
+        self.makes = 0  # make processes that loaded the library (sub-makes included)
+        self.recipes = 0  # targets reported
 
     @property
     def running(self) -> int:
@@ -261,8 +265,12 @@ class MakeCapture:
     def poll(self, *, final: bool = False) -> list[dict[str, Any]]:
         if self._tail is None:
             return []
+        return self.feed(self._tail.poll(), final=final)
+
+    def feed(self, lines: list[bytes], *, final: bool = False) -> list[dict[str, Any]]:
+        """Fold event lines into targets (``tree.py`` feeds the make lines of a whole process tree)."""
         out: list[dict[str, Any]] = []
-        for line in self._tail.poll():
+        for line in lines:
             try:
                 self._line(line, out)
             except (ValueError, IndexError):
@@ -275,6 +283,15 @@ class MakeCapture:
         return out
 
     def _line(self, line: bytes, out: list[dict[str, Any]]) -> None:
+        if line.startswith(b"M\t"):  # a make started (the root one, or a sub-make)
+            self.makes += 1
+            return
+        if line.startswith(b"D\t"):  # the directory a make runs its recipes in (after -C)
+            _, mpid, cwd = line.split(b"\t", 2)
+            rel = os.path.relpath(os.fsdecode(cwd), self.cwd)
+            if rel != ".":  # a sub-make's targets are named from where the build was started
+                self._prefix[mpid] = rel + "/"
+            return
         if line.startswith(b"S\t"):
             _, _pid, mpid, start_b, target_b = line.split(b"\t", 4)
             key = (mpid, target_b)
@@ -288,7 +305,7 @@ class MakeCapture:
             if not target_b:
                 return
             start = float(start_b)
-            target = target_b.decode("utf-8", "replace")
+            target = self._prefix.get(mpid, "") + target_b.decode("utf-8", "replace")
             lane = self.lanes.assign(start)
             self._open[key] = _Recipe(target, lane, start, start, True)
             out.append({"event": "target_started", "target": target, "worker": self.lanes.name(lane), "ts": start})
@@ -300,7 +317,7 @@ class MakeCapture:
                 return
             if r is None:  # its S line was lost (never expected): the F line alone still times it
                 start = float(start_b)
-                target = target_b.decode("utf-8", "replace")
+                target = self._prefix.get(mpid, "") + target_b.decode("utf-8", "replace")
                 lane = self.lanes.assign(start)
                 r = self._open[key] = _Recipe(target, lane, start, start, True)
                 out.append({"event": "target_started", "target": target, "worker": self.lanes.name(lane),
@@ -328,6 +345,7 @@ class MakeCapture:
             "exit_code": None if cancelled else (r.status if r.status >= 0 else 128 - r.status),
             "kind": "recipe",
         }
+        self.recipes += 1
         if r.lines and r.cpu_us:
             rec["cpu_s"] = r.cpu_us / 1e6
         if r.maxrss_kib:

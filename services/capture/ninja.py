@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +99,37 @@ def parse_ninja_args(argv: list[str], cwd: Path) -> tuple[Path, Path, int | None
     return d, d / manifest, _jobs(argv[1:]), builds
 
 
+def ninja_targets(argv: list[str]) -> list[str]:
+    """The targets named on a ninja command line (none: its default targets)."""
+    out, i = [], 1
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-C", "-f", "-t", "-d", "-w", "-j", "-k", "-l"):
+            i += 2
+            continue
+        if a == "--":
+            out.extend(argv[i + 1:])
+            break
+        if not a.startswith("-"):
+            out.append(a)
+        i += 1
+    return out
+
+
+def needed_edges(ninja: str, cwd: Path, argv: list[str], timeout: float = 4.0) -> int | None:
+    """How many edges the targets of ``argv`` need, built or not: ninja's own ``-t commands``
+    (it reads the manifest only: no log is opened, nothing is rebuilt).  None when it fails."""
+    d, manifest, _, _ = parse_ninja_args(argv, cwd)
+    cmd = [ninja, "-C", str(d), "-f", str(manifest), "-t", "commands", *ninja_targets(argv)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    return sum(1 for line in res.stdout.splitlines() if line.strip())
+
+
 def parse_cmake_args(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[Path, int | None] | None:
     """(build dir, jobs) of ``cmake --build DIR …`` when DIR uses a Ninja generator."""
     d: str | None = None
@@ -115,6 +148,28 @@ def parse_cmake_args(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[P
     if jobs is None and env.get("CMAKE_BUILD_PARALLEL_LEVEL", "").isdigit():
         jobs = int(env["CMAKE_BUILD_PARALLEL_LEVEL"])
     return build, jobs
+
+
+def _cmake_make_program(build: Path) -> str | None:
+    try:
+        with open(build / "CMakeCache.txt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("CMAKE_MAKE_PROGRAM:"):
+                    return line.partition("=")[2].strip() or None
+    except OSError:
+        return None
+    return None
+
+
+def _cmake_targets(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    end = argv.index("--") if "--" in argv else len(argv)
+    for i, a in enumerate(argv[:end]):
+        if a in ("--target", "-t") and i + 1 < end:
+            out.append(argv[i + 1])
+        elif a.startswith("--target="):
+            out.append(a.partition("=")[2])
+    return out
 
 
 def log_dir(build_dir: Path, manifest: Path) -> Path:
@@ -150,6 +205,9 @@ class NinjaCapture:
         self._pending: list[_Entry] = []
         self._pending_age = 0
         self._n = 0
+        self.edges = 0  # edges read from the log in this run
+        # ninja runs to count needed edges for (exe, cwd, argv): up to date = needed - run.
+        self.invocations: list[tuple[str, Path, list[str]]] = []
 
     @property
     def worker_count(self) -> int:
@@ -167,12 +225,48 @@ class NinjaCapture:
             found = parse_cmake_args(argv, cwd, env)
             if found is None:
                 return None
-            return cls(found[0], found[0] / "build.ninja", found[1])
+            cap = cls(found[0], found[0] / "build.ninja", found[1])
+            exe = _cmake_make_program(found[0])
+            if exe:  # the ninja cmake runs, for the up-to-date count: `ninja [targets]` in the build dir
+                cap.invocations.append((exe, found[0], ["ninja", *_cmake_targets(argv)]))
+            return cap
         return None
+
+    @classmethod
+    def for_log(cls, log_path: Path, offset: int, t0: float) -> NinjaCapture:
+        """A log a ninja of the process tree opened (``tree.py``): read from ``offset``, the size
+        it had when ninja opened it, before this run's first line."""
+        cap = cls(log_path.parent, log_path.parent / "build.ninja", None)
+        cap.log_path, cap._t0, cap.active = log_path, t0, True
+        cap._tail = FileTail(log_path, from_end=False, offset=offset)
+        cap._read_version()
+        return cap
+
+    def _read_version(self) -> None:
+        assert self._tail is not None
+        m = _HEADER.fullmatch(self._tail.header(64).split(b"\n")[0].decode("ascii", "replace"))
+        if m:
+            self.version = int(m.group(1))
+
+    def up_to_date(self) -> int | None:
+        """Edges the run's ninja invocations needed but did not run (they were up to date), from
+        ninja's own ``-t commands``; None when not known."""
+        if not self.invocations:
+            return None
+        needed = 0
+        for exe, cwd, argv in self.invocations:
+            n = needed_edges(exe, cwd, argv)
+            if n is None:
+                return None
+            needed += n
+        return max(needed - self.edges, 0)
 
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
         self._t0 = time.time()
         self._tail = FileTail(self.log_path, from_end=True)
+        exe = shutil.which(argv[0], path=env.get("PATH")) if is_ninja(argv) else None
+        if exe:
+            self.invocations.append((exe, Path.cwd(), list(argv)))
         m = _HEADER.fullmatch(self._tail.header(64).split(b"\n")[0].decode("ascii", "replace"))
         if m:
             self.version = int(m.group(1))
@@ -227,6 +321,7 @@ class NinjaCapture:
         duration = (first.end - first.start) / 1000.0
         lane = self.lanes.assign(start, start + duration)
         worker = self.lanes.name(lane)
+        self.edges += 1
         out.append({"event": "target_started", "target": first.output, "worker": worker, "ts": start})
         rec: dict[str, Any] = {"event": "target_finished", "target": first.output, "start": start,
                                "duration_s": duration, "worker": worker, "ts": min(start + duration, now),

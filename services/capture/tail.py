@@ -18,8 +18,10 @@ from pathlib import Path
 
 
 class FileTail:
-    def __init__(self, path: Path, *, from_end: bool = True, max_read: int = 8 << 20) -> None:
-        """``from_end``: only lines appended after now are returned (the file may not exist yet)."""
+    def __init__(self, path: Path, *, from_end: bool = True, max_read: int = 8 << 20,
+                 offset: int | None = None) -> None:
+        """``from_end``: only lines appended after now are returned (the file may not exist yet);
+        ``offset``: start there instead (the size a writer reported before it appended)."""
         self.path = path
         self.max_read = max_read
         self._fd: int | None = None
@@ -27,7 +29,8 @@ class FileTail:
         self._offset = 0
         self._partial = b""
         self.rewrites = 0
-        self._open(skip_existing=from_end)
+        if self._open(skip_existing=from_end) and offset is not None:
+            self._offset = offset
 
     def _open(self, *, skip_existing: bool) -> bool:
         try:
