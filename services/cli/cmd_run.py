@@ -181,6 +181,10 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
         from services.recorder.capture import finish_run_capture
         finish_run_capture(capture, code, quiet=quiet)
     if not quiet:
+        for src in sources:  # what per-target capture saw, or why it saw nothing (docs/live-capture.md)
+            line = getattr(src, "end_line", lambda _code: "")(code)
+            if line:
+                print(f"buildtel: {line}", file=sys.stderr)
         outcome = "success" if code == 0 else "failed"
         print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)
     return code
