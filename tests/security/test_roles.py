@@ -108,6 +108,9 @@ async def _publish_reaches_operator(conns: dict[str, Conn], role: str, subject: 
     ("analyzer", f"{NS}.alerts.target.main.cc"),
     ("reader", f"{NS}.storage.get"),
     ("reader", f"{NS}.analyzer.report"),
+    ("storage", f"{NS}.deadletter.storage"),
+    ("tracer", f"{NS}.storage.get"),
+    ("recorder", f"{NS}.deadletter.recorder"),
 ])
 async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: str, subject: str) -> None:
     nc = conns[role].nc
@@ -135,6 +138,32 @@ async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: st
 async def test_a_role_may_not_publish_the_rest(conns: dict[str, Conn], role: str, subject: str) -> None:
     assert await conns[role].denied("Publish", subject) if not await _publish_reaches_operator(
         conns, role, subject, wait=1.0) else False, f"{role} could publish to {subject}"
+
+
+@pytest.mark.parametrize(("role", "subject"), [
+    ("agent", "_INBOX.agent.x1"),
+    ("storage", f"{NS}.storage.get"),
+    ("analyzer", f"{NS}.analyzer.report"),
+    ("tracer", f"{NS}.traces.get"),
+    ("reader", f"{NS}.health.0123456789abcdef0123456789abcdef"),
+    ("reader", "_INBOX.reader.x1"),
+])
+async def test_a_role_may_subscribe_to_what_it_needs(conns: dict[str, Conn], role: str, subject: str) -> None:
+    nc, op = conns[role].nc, conns["operator"].nc
+    assert nc is not None and op is not None
+    sub = await nc.subscribe(subject)
+    await nc.flush()
+    for _ in range(20):  # bounded; repeated so a loaded machine cannot fail it
+        await op.publish(subject, b"probe")
+        await op.flush()
+        try:
+            assert (await sub.next_msg(timeout=1.0)).data == b"probe"
+            break
+        except nats.errors.TimeoutError:
+            continue
+    else:
+        raise AssertionError(f"{role} received nothing on {subject}: {conns[role].errors}")
+    assert not conns[role].errors
 
 
 @pytest.mark.parametrize(("role", "subject"), [
