@@ -13,11 +13,19 @@ fields they do not know, so a newer agent can talk to an older collector.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 PROTOCOL_VERSION = 1
+
+
+def _doc(meaning: str, unit: str | None = None) -> msgspec.Meta:
+    """A field's meaning and unit: the one source of docs/protocol.md's tables and docs/schemas/
+    (docs/gen_protocol.py).  A Meta without constraints changes neither the wire format nor the
+    codec's speed; ``unit`` goes into the JSON Schema as the extra keyword ``unit``."""
+    return msgspec.Meta(description=meaning, extra_json_schema={"unit": unit} if unit else None)
+
 
 TargetStatus = Literal["success", "failed", "skipped", "cancelled"]
 CacheResult = Literal["local_hit", "remote_hit", "miss", "uncacheable"]
@@ -30,101 +38,115 @@ CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
 class VcsInfo(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Version-control state of the checkout a build ran in."""
 
-    system: str = "git"
-    commit: str | None = None
-    branch: str | None = None
-    dirty: bool = False
-    remote: str | None = None
+    system: Annotated[str, _doc("version-control system")] = "git"
+    commit: Annotated[str | None, _doc("commit checked out (full hash); null when unknown")] = None
+    branch: Annotated[str | None, _doc("branch checked out; null when detached or unknown")] = None
+    dirty: Annotated[bool, _doc("the work tree had uncommitted changes")] = False
+    remote: Annotated[str | None, _doc("URL of the remote the checkout tracks, redacted by the agent")] = None
 
 
 class BuildEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Snapshot of the machine and process a build ran in. ``env`` is redacted at the agent."""
 
-    os: str = ""
-    os_release: str = ""
-    arch: str = ""
-    cpus: int = 0
-    memory_bytes: int = 0
-    hostname: str = ""
-    user: str = ""
-    cwd: str = ""
-    python: str = ""
-    tool_versions: dict[str, str] = {}
-    vcs: VcsInfo | None = None
-    env: dict[str, str] = {}
+    os: Annotated[str, _doc("operating system (`platform.system()`: Linux, Darwin, Windows)")] = ""
+    os_release: Annotated[str, _doc("OS/kernel release (`platform.release()`)")] = ""
+    arch: Annotated[str, _doc("machine architecture (x86_64, arm64…)")] = ""
+    cpus: Annotated[int, _doc("logical CPUs of the machine; 0 when unknown", "CPUs")] = 0
+    memory_bytes: Annotated[int, _doc("physical memory of the machine; 0 when unknown", "bytes")] = 0
+    hostname: Annotated[str, _doc("host name of the machine")] = ""
+    user: Annotated[str, _doc("user the build ran as")] = ""
+    cwd: Annotated[str, _doc("directory the build was started in")] = ""
+    python: Annotated[str, _doc("Python version of the agent (empty for agents not written in Python)")] = ""
+    tool_versions: Annotated[dict[str, str], _doc(
+        "first line of `<tool> --version`, per tool found (gcc, make, ninja…)")] = {}
+    vcs: Annotated[VcsInfo | None, _doc(
+        "checkout the build ran in; null when the directory is not a checkout")] = None
+    env: Annotated[dict[str, str], _doc(
+        "environment variables of the build; secret values redacted by the agent")] = {}
 
 
 class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type", gc=False):
     """Fields every event carries: who sent it, for which session, in which order."""
 
-    session_id: str  # 128-bit, 32 lowercase hex digits
-    agent_id: str
-    seq: int  # per agent and session, from 0, contiguous
-    ts: float  # Unix seconds when the agent observed the event
+    session_id: Annotated[str, _doc("128-bit session id, 32 lowercase hex digits (also the build's W3C trace id)")]
+    agent_id: Annotated[str, _doc(
+        "sending agent: non-empty, at most 200 characters, no `:`, `|` or control characters")]
+    seq: Annotated[int, _doc("event number per agent and session: from 0, contiguous, below 2^24")]
+    ts: Annotated[float, _doc("when the agent observed the event", "Unix s")]
 
 
 class BuildStarted(_Event, tag="build_started"):
-    name: str = ""
-    command: list[str] = []
-    environment: BuildEnvironment | None = None
-    labels: dict[str, str] = {}
-    traceparent: str | None = None
-    record: bool = False  # ask the recorder to keep this session's event stream
+    name: Annotated[str, _doc("build name shown in listings")] = ""
+    command: Annotated[list[str], _doc("command line of the build, redacted by the agent")] = []
+    environment: Annotated[BuildEnvironment | None, _doc(
+        "machine and process the build ran in; null when not captured")] = None
+    labels: Annotated[dict[str, str], _doc("free-form labels (CI job, pipeline…) to group and filter builds by")] = {}
+    traceparent: Annotated[str | None, _doc(
+        "W3C traceparent the build was started under: the session span's parent")] = None
+    record: Annotated[bool, _doc("ask the recorder to keep this session's event stream (for replay)")] = False
 
 
 class TargetStarted(_Event, tag="target_started"):
-    target: str
-    worker: str = ""
+    target: Annotated[str, _doc("target name; its `target_finished` names the same target")]
+    worker: Annotated[str, _doc("worker (parallel slot or host) that runs it")] = ""
 
 
 class Phase(msgspec.Struct, array_like=True, gc=False):
     """A named slice of a target's time (compile, link, test…), in seconds."""
 
-    name: str
-    duration_s: float
+    name: Annotated[str, _doc("phase name (compile, link, test…)")]
+    duration_s: Annotated[float, _doc("time spent in the phase", "s")]
 
 
 class TargetFinished(_Event, tag="target_finished"):
-    target: str
-    start: float  # Unix seconds
-    duration_s: float
-    status: TargetStatus = "success"
-    cache: CacheResult = "miss"
-    worker: str = ""
-    exit_code: int | None = None
-    kind: str | None = None
-    mnemonic: str | None = None
-    cpu_s: float | None = None
-    peak_rss_bytes: int | None = None
-    deps: list[str] = []
-    phases: list[Phase] = []
+    target: Annotated[str, _doc("target name (a label, an output path…)")]
+    start: Annotated[float, _doc("when the target started", "Unix s")]
+    duration_s: Annotated[float, _doc("wall time the target took", "s")]
+    status: Annotated[TargetStatus, _doc("how the target ended")] = "success"
+    cache: Annotated[CacheResult, _doc(
+        "cache result: `local_hit`/`remote_hit` are hits, `miss` a miss, `uncacheable` neither")] = "miss"
+    worker: Annotated[str, _doc("worker (parallel slot or host) that ran it")] = ""
+    exit_code: Annotated[int | None, _doc("exit status of its action; null when unknown")] = None
+    kind: Annotated[str | None, _doc("kind of target (rule kind, e.g. `cc_library`); null when unknown")] = None
+    mnemonic: Annotated[str | None, _doc("action mnemonic (`CppCompile`…); null when unknown")] = None
+    cpu_s: Annotated[float | None, _doc("CPU time of its action, user + system; null when unknown", "s")] = None
+    peak_rss_bytes: Annotated[int | None, _doc(
+        "peak resident memory of its action; null when unknown", "bytes")] = None
+    deps: Annotated[list[str], _doc("names of the targets it depends on")] = []
+    phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
 
 
 class HealthCheckpoint(_Event, tag="health"):
-    completed_tasks: int = 0
-    failed_tasks: int = 0
-    active_tasks: int = 0
-    pending_tasks: int = 0
-    worker_count: int = 0
-    active_workers: int = 0
-    memory_bytes: int = 0
-    memory_percent: float = 0.0
-    velocity: float = 0.0  # tasks per second over the last interval
-    throughput: float = 0.0  # tasks per second since the build started
-    utilisation: float = 0.0  # active_workers / worker_count
-    eta_s: float | None = None
-    status: HealthState = "healthy"
-    reasons: list[str] = []
+    completed_tasks: Annotated[int, _doc("tasks that ended so far, whatever their status", "tasks")] = 0
+    failed_tasks: Annotated[int, _doc("the part of `completed_tasks` that failed", "tasks")] = 0
+    active_tasks: Annotated[int, _doc("tasks running now", "tasks")] = 0
+    pending_tasks: Annotated[int, _doc("tasks not started yet; 0 when the total is unknown", "tasks")] = 0
+    worker_count: Annotated[int, _doc("parallel slots of the build; 0 when unknown", "workers")] = 0
+    active_workers: Annotated[int, _doc("slots busy now", "workers")] = 0
+    memory_bytes: Annotated[int, _doc("resident memory of the build's processes", "bytes")] = 0
+    memory_percent: Annotated[float, _doc("memory of the host in use", "%")] = 0.0
+    velocity: Annotated[float, _doc("tasks completed per second over the last interval", "tasks/s")] = 0.0
+    throughput: Annotated[float, _doc("tasks completed per second since the build started", "tasks/s")] = 0.0
+    utilisation: Annotated[float, _doc(
+        "`active_workers / worker_count`; 0 when the worker count is unknown", "fraction 0-1")] = 0.0
+    eta_s: Annotated[float | None, _doc(
+        "time left at the recent rate, `(pending + active) / velocity`; null when the total is unknown", "s")] = None
+    status: Annotated[HealthState, _doc("verdict of the health rules (docs/health.md)")] = "healthy"
+    reasons: Annotated[list[str], _doc("one sentence per health rule that fired")] = []
 
 
 class BuildFinished(_Event, tag="build_finished"):
-    exit_code: int = 0
-    outcome: Literal["success", "failed"] | None = None  # derived from exit_code when absent
-    cpu_s: float | None = None
-    peak_rss_bytes: int | None = None
-    # Events each agent sent for this session, when the finishing agent knows them; lets the
-    # collector complete a multi-agent session the moment the last event is folded.
-    expected_events: dict[str, int] | None = None
+    exit_code: Annotated[int, _doc("exit status of the build command")] = 0
+    outcome: Annotated[Literal["success", "failed"] | None, _doc(
+        "`success` or `failed`; null: derived from `exit_code` (0 is success)")] = None
+    cpu_s: Annotated[float | None, _doc(
+        "CPU time of the build's process tree, user + system; null when unknown", "s")] = None
+    peak_rss_bytes: Annotated[int | None, _doc(
+        "peak resident memory of the build's processes; null when unknown", "bytes")] = None
+    expected_events: Annotated[dict[str, int] | None, _doc(
+        "events each agent sent in this session, counting every event (`build_started`, health "
+        "checkpoints and this `build_finished` too): the collector completes the session the moment they "
+        "are all folded; null: not known", "events per agent")] = None
 
 
 Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished
@@ -133,61 +155,67 @@ Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | Build
 class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type", gc=False):
     """What an agent publishes: a run of its events for one session, in sequence order."""
 
-    session_id: str
-    agent_id: str
-    events: list[Event]
-    version: int = PROTOCOL_VERSION
+    session_id: Annotated[str, _doc("the session every event of the batch belongs to")]
+    agent_id: Annotated[str, _doc("the agent that sent every event of the batch")]
+    events: Annotated[list[Event], _doc("events of that session and agent in sequence order, at most 10 000")]
+    version: Annotated[int, _doc("protocol version; exactly 1")] = PROTOCOL_VERSION
 
 
 class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     """One target of a folded session (the last attempt wins; ``attempts`` counts them all)."""
 
-    name: str
-    start: float
-    end: float
-    duration_s: float
-    status: TargetStatus = "success"
-    cache: CacheResult = "miss"
-    worker: str = ""
-    agent_id: str = ""
-    exit_code: int | None = None
-    kind: str | None = None
-    mnemonic: str | None = None
-    cpu_s: float | None = None
-    peak_rss_bytes: int | None = None
-    attempts: int = 1
-    deps: list[str] = []
-    phases: list[Phase] = []
+    name: Annotated[str, _doc("target name")]
+    start: Annotated[float, _doc("when the target started", "Unix s")]
+    end: Annotated[float, _doc("when it ended: `start + duration_s`", "Unix s")]
+    duration_s: Annotated[float, _doc("wall time the target took", "s")]
+    status: Annotated[TargetStatus, _doc(
+        "how the target ended (`cancelled`: started but never finished)")] = "success"
+    cache: Annotated[CacheResult, _doc(
+        "cache result: `local_hit`/`remote_hit` are hits, `miss` a miss, `uncacheable` neither")] = "miss"
+    worker: Annotated[str, _doc("worker (parallel slot or host) that ran it")] = ""
+    agent_id: Annotated[str, _doc("agent that reported it")] = ""
+    exit_code: Annotated[int | None, _doc("exit status of its action; null when unknown")] = None
+    kind: Annotated[str | None, _doc("kind of target; null when unknown")] = None
+    mnemonic: Annotated[str | None, _doc("action mnemonic; null when unknown")] = None
+    cpu_s: Annotated[float | None, _doc("CPU time of its action; null when unknown", "s")] = None
+    peak_rss_bytes: Annotated[int | None, _doc(
+        "peak resident memory of its action; null when unknown", "bytes")] = None
+    attempts: Annotated[int, _doc(
+        "times the target finished in this session (retries + 1); the last attempt is the one kept")] = 1
+    deps: Annotated[list[str], _doc("names of the targets it depends on")] = []
+    phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
 
 
 class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
-    targets: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    skipped: int = 0
-    cancelled: int = 0
-    target_time_s: float = 0.0  # sum of target durations (serial cost)
-    cpu_s: float = 0.0
-    events: int = 0
+    targets: Annotated[int, _doc("targets in the session", "targets")] = 0
+    succeeded: Annotated[int, _doc("targets with status `success`", "targets")] = 0
+    failed: Annotated[int, _doc("targets with status `failed`", "targets")] = 0
+    skipped: Annotated[int, _doc("targets with status `skipped`", "targets")] = 0
+    cancelled: Annotated[int, _doc("targets with status `cancelled`", "targets")] = 0
+    target_time_s: Annotated[float, _doc("sum of target durations (the build's serial cost)", "s")] = 0.0
+    cpu_s: Annotated[float, _doc("sum of the targets' CPU times (unknown ones count 0)", "s")] = 0.0
+    events: Annotated[int, _doc("events folded into the session, of every agent and kind", "events")] = 0
 
 
 class SeqRange(msgspec.Struct, array_like=True, gc=False):
     """Sequence numbers ``first..last`` (inclusive) of one agent that the collector never received."""
 
-    agent_id: str
-    first: int
-    last: int
+    agent_id: Annotated[str, _doc("agent whose events are missing")]
+    first: Annotated[int, _doc("first missing seq")]
+    last: Annotated[int, _doc("last missing seq (inclusive)")]
 
 
 class LostEvents(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Events that reached the collector but were refused (dead-lettered), and why."""
 
-    agent_id: str
-    events: int  # how many; 0 when even that is unknown (an undecodable batch)
-    code: str  # the validate.Rejected code (``non_finite``, ``unknown_version``, ``undecodable``...)
-    reason: str = ""  # for people; the first refused event's reason
-    first_seq: int | None = None
-    last_seq: int | None = None
+    agent_id: Annotated[str, _doc("agent that sent them; empty when the batch could not be decoded")]
+    events: Annotated[int, _doc(
+        "how many were refused; 0 when even that is unknown (an undecodable batch)", "events")]
+    code: Annotated[str, _doc(
+        "why, as a reason code (`non_finite`, `unknown_version`, `undecodable`…; see Limits on a batch)")]
+    reason: Annotated[str, _doc("for people: the first refused event's reason")] = ""
+    first_seq: Annotated[int | None, _doc("lowest refused seq; null when unknown")] = None
+    last_seq: Annotated[int | None, _doc("highest refused seq; null when unknown")] = None
 
 
 class Completeness(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -199,45 +227,55 @@ class Completeness(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     unknown, read as complete (that is what those versions claimed).
     """
 
-    complete: bool = True
-    expected: dict[str, int] = {}  # events per agent the session should hold (counts or seq range)
-    received: dict[str, int] = {}  # events per agent folded into it
-    missing: list[SeqRange] = []  # seq ranges never received (at most MAX_LISTED, see missing_total)
-    missing_total: int = 0
-    lost: list[LostEvents] = []  # refused events, grouped by agent and cause
-    reasons: list[str] = []
+    complete: Annotated[bool, _doc(
+        "false when events are known to be lost (refused, never received, or no `build_finished`)")] = True
+    expected: Annotated[dict[str, int], _doc(
+        "events per agent the session should hold (its count or its seq range)", "events per agent")] = {}
+    received: Annotated[dict[str, int], _doc("events per agent folded into it", "events per agent")] = {}
+    missing: Annotated[list[SeqRange], _doc("seq ranges never received (at most 100; see `missing_total`)")] = []
+    missing_total: Annotated[int, _doc("events never received, all ranges together", "events")] = 0
+    lost: Annotated[list[LostEvents], _doc("refused events, grouped by agent and cause")] = []
+    reasons: Annotated[list[str], _doc("what was lost, in sentences")] = []
 
 
 class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session", tag_field="type", gc=False):
     """A completed build: what storage keeps and the analyzer reads."""
 
-    id: str
-    name: str = ""
-    start: float = 0.0
-    finish: float = 0.0
-    duration_s: float = 0.0
-    outcome: Outcome = "success"
-    exit_code: int | None = None
-    command: list[str] = []
-    labels: dict[str, str] = {}
-    agents: list[str] = []
-    environment: BuildEnvironment | None = None
-    targets: list[TargetMetrics] = []
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_hit_rate: float = 0.0
-    totals: SessionTotals = msgspec.field(default_factory=SessionTotals)
-    health: HealthCheckpoint | None = None
-    cpu_s: float | None = None
-    peak_rss_bytes: int | None = None
-    trace_id: str | None = None
-    record: bool = False
-    version: int = PROTOCOL_VERSION
-    # Span the build was started under (from an incoming traceparent): the session span's parent.
-    parent_span_id: str | None = None
+    id: Annotated[str, _doc("session id (32 lowercase hex digits)")]
+    name: Annotated[str, _doc("build name, from `build_started`")] = ""
+    start: Annotated[float, _doc(
+        "when the build started: its `build_started`, else its first target", "Unix s")] = 0.0
+    finish: Annotated[float, _doc(
+        "when it finished: its `build_finished`, else the last event heard", "Unix s")] = 0.0
+    duration_s: Annotated[float, _doc("`finish - start`", "s")] = 0.0
+    outcome: Annotated[Outcome, _doc("`abandoned`: no `build_finished` before the inactivity timeout")] = "success"
+    exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned")] = None
+    command: Annotated[list[str], _doc("command line, redacted")] = []
+    labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}
+    agents: Annotated[list[str], _doc("agents that sent events, sorted")] = []
+    environment: Annotated[BuildEnvironment | None, _doc("from `build_started`; null when not captured")] = None
+    targets: Annotated[list[TargetMetrics], _doc(
+        "one entry per target, each an array (see TargetMetrics), sorted by start")] = []
+    cache_hits: Annotated[int, _doc("targets that were local or remote cache hits", "targets")] = 0
+    cache_misses: Annotated[int, _doc("targets that were cache misses", "targets")] = 0
+    cache_hit_rate: Annotated[float, _doc(
+        "`cache_hits / (cache_hits + cache_misses)`; 0 when both are 0", "fraction 0-1")] = 0.0
+    totals: Annotated[SessionTotals, _doc(
+        "counts and sums over the targets")] = msgspec.field(default_factory=SessionTotals)
+    health: Annotated[HealthCheckpoint | None, _doc("the last health checkpoint; null when none was sent")] = None
+    cpu_s: Annotated[float | None, _doc("from `build_finished`; null when unknown", "s")] = None
+    peak_rss_bytes: Annotated[int | None, _doc("from `build_finished`; null when unknown", "bytes")] = None
+    trace_id: Annotated[str | None, _doc(
+        "W3C trace id of the build (the session id unless started under a traceparent)")] = None
+    record: Annotated[bool, _doc("the recorder keeps this session's event stream")] = False
+    version: Annotated[int, _doc("protocol version; 1")] = PROTOCOL_VERSION
+    parent_span_id: Annotated[str | None, _doc(
+        "span the build was started under (from an incoming traceparent): the session span's parent")] = None
     # Events lost on the way (refused batches, sequence gaps, an abandoned build); None: stored by a
     # version that did not check, read as complete.  Never "success" silently: see is_complete().
-    completeness: Completeness | None = None
+    completeness: Annotated[Completeness | None, _doc(
+        "whether the session holds every event its agents sent; null: stored by a version that did not "
+        "check, read as complete")] = None
 
 
 def is_complete(session: BuildSession) -> bool:
