@@ -35,8 +35,27 @@ TARGET_COLUMNS = ["name", "runs", "failures", "failure_rate", "total_s", "share_
 _json_dec = msgspec.json.Decoder(AnalyticsReport)
 
 
+def stated(obj: object) -> object:
+    """``obj`` as plain data with every field present, defaults included (``null`` for None).
+
+    Some Structs of a report leave fields at their default out when encoded (``ReportFilter`` is
+    ``omit_defaults``); a script reading the export should not have to know each default."""
+    if isinstance(obj, msgspec.Struct):
+        cfg = obj.__struct_config__
+        out: dict[str, object] = {} if cfg.tag is None else {cfg.tag_field or "type": cfg.tag}
+        for attr, name in zip(obj.__struct_fields__, obj.__struct_encode_fields__, strict=True):
+            out[name] = stated(getattr(obj, attr))
+        return out
+    if isinstance(obj, dict):
+        return {k: stated(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [stated(v) for v in obj]
+    return obj
+
+
 def to_json(report: AnalyticsReport, *, indent: int = 2) -> str:
-    raw = msgspec.json.encode(report)
+    """The report, every field stated (defaults included); :func:`report_from_json` reads it back."""
+    raw = msgspec.json.encode(stated(report))
     return (msgspec.json.format(raw, indent=indent) if indent else raw).decode() + "\n"
 
 

@@ -20,7 +20,7 @@ from tests.util import synthetic_build
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _generator():  # noqa: ANN202 - a script, loaded as a module
+def _generator():  # a script, loaded as a module
     spec = importlib.util.spec_from_file_location("gen_protocol", ROOT / "docs" / "gen_protocol.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
