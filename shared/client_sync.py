@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
+from shared.identity import default_agent_id
 from shared.protocol import (
     BuildFinished,
     BuildStarted,
@@ -68,7 +69,8 @@ class Emitter:
         self._settings = settings
         self._on = settings.enabled
         self._sid = session_id or new_session_id()
-        self._aid = _agent_id(agent_id or settings.agent_id)
+        # Default: the machine, plus a per-process sub-id when joining a given session (shared/identity.py).
+        self._aid = _agent_id(agent_id or default_agent_id(settings.agent_id, joining=session_id is not None))
         self._name = _text(name)
         self._bs = settings.batch_size
         self._limit = settings.buffer_limit

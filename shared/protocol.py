@@ -63,6 +63,10 @@ class BuildEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True, gc=Fals
         "checkout the build ran in; null when the directory is not a checkout")] = None
     env: Annotated[dict[str, str], _doc(
         "environment variables of the build; secret values redacted by the agent")] = {}
+    # An absent tool version or a False ``dirty`` named here is unknown, not a fact.
+    missing_probes: Annotated[dict[str, str], _doc(
+        "probes that gave no answer (`tool_versions.gcc`, `vcs.dirty`, `vcs.commit`…) -> why; "
+        "a value they would have set is unknown, not absent")] = {}
 
 
 class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type", gc=False):

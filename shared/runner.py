@@ -43,10 +43,27 @@ async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.E
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread / Windows
             pass
     started: list[Service] = []
-    try:
+
+    async def start_all() -> None:
         for svc in services:
+            started.append(svc)  # before start(): one cancelled half-way is stopped too
             await svc.start()
-            started.append(svc)
+
+    try:
+        # A signal during start-up (a service still waiting for an unreachable NATS) stops too:
+        # the start is cancelled instead of the signal being ignored until it succeeds.
+        starting = asyncio.ensure_future(start_all())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (starting, stopping):
+                t.cancel()
+            await asyncio.gather(starting, stopping, return_exceptions=True)
+        if not starting.cancelled() and starting.exception() is not None:
+            raise starting.exception()  # type: ignore[misc]
+        if stop.is_set():
+            return
         if on_started is not None:
             on_started()
         await stop.wait()

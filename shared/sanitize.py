@@ -10,7 +10,6 @@ decoder takes and a bad argument never raises into the build.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import shlex
 import socket
@@ -159,6 +158,7 @@ def _environment(v: Any) -> BuildEnvironment | None:
         setattr(env, f, _text(getattr(env, f)))
     env.cpus, env.memory_bytes = _integer(env.cpus, 0, lo=0), _integer(env.memory_bytes, 0, lo=0)
     env.tool_versions = _str_dict(env.tool_versions)
+    env.missing_probes = _str_dict(env.missing_probes)
     env.env = redact_env(_str_dict(env.env))  # whoever captured it, secrets do not leave the agent
     if env.vcs is not None:
         vcs = env.vcs
@@ -177,7 +177,7 @@ def _counts(v: Any) -> dict[str, int] | None:
 
 
 def _agent_id(v: Any) -> str:
-    s = _text(v) if isinstance(v, str) and v else f"{socket.gethostname()}-{os.getpid()}"
+    s = _text(v) if isinstance(v, str) and v else socket.gethostname()  # the machine (shared/identity.py)
     return _BAD_AGENT_CHARS.sub("_", s)[:200] or "agent"
 
 

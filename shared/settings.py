@@ -8,8 +8,9 @@ deeper in the code receives a :class:`Settings`.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,31 @@ from shared.auth import StackAuth
 PREFIX = "BUILDER_TELEMETRY_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+APP_DIR = "builder-telemetry"
+# What --help and the README show as the default (the real one depends on the platform and HOME).
+DATA_DIR_DEFAULT_TEXT = ("$XDG_DATA_HOME/builder-telemetry, else ~/.local/share/builder-telemetry "
+                         "(macOS: ~/Library/Application Support/builder-telemetry)")
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None, platform: str | None = None) -> Path:
+    """The per-user data directory: one stack and one history for every build of this user on this
+    machine, outside any project (so nothing lands in a repository).  XDG Base Directory on Linux and
+    other Unix (a relative ``XDG_DATA_HOME`` is ignored, as the spec says), Application Support on
+    macOS, ``%LOCALAPPDATA%`` on Windows."""
+    env = os.environ if environ is None else environ
+    plat = sys.platform if platform is None else platform
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if plat == "darwin":
+        return home / "Library" / "Application Support" / APP_DIR
+    if plat == "win32":
+        base = env.get("LOCALAPPDATA")
+        return (Path(base) if base else home / "AppData" / "Local") / APP_DIR
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / APP_DIR
+    return home / ".local" / "share" / APP_DIR
 
 
 class SettingsError(ValueError):
@@ -33,7 +59,10 @@ class Settings:
     enabled: bool = _help("Master switch; false makes the client SDK a no-op.", default=True)
     max_sessions: int = _help("Sessions the store retains (oldest dropped first).", default=1000)
     retention_days: float = _help("Age after which stored sessions and traces are dropped.", default=90.0)
-    cache_dir: Path = _help("Data directory (telemetry/, traces/, recordings/, engines/).", default=Path(".builder-cache"))
+    cache_dir: Path = _help(
+        "Data directory (telemetry/, traces/, recordings/, engines/, stack.json). The default is one per user "
+        "and machine, shared by all builds; set a directory per project only if you want separate histories.",
+        default_factory=default_data_dir)
     namespace: str = _help("Prefix of every subject, stream and Redis key.", default="buildtel")
     nats_url: str | None = _help("Join this NATS cluster instead of starting an embedded server.", default=None)
     redis_url: str | None = _help("Use this Redis instead of starting an embedded one.", default=None)
@@ -47,7 +76,8 @@ class Settings:
     http_host: str = _help("Address HTTP endpoints (metrics, OTLP) bind to.", default="127.0.0.1")
     http_token: str | None = _help("Bearer token required by HTTP endpoints when set.", default=None)
     metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
-    agent_id: str | None = _help("This agent's id (default: hostname-pid).", default=None)
+    agent_id: str | None = _help("This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",
+                                  default=None)
     session_timeout_s: float = _help("Inactivity after which a session completes as abandoned.", default=300.0)
     finish_grace_s: float = _help("Wait after BuildFinished for other agents' in-flight events.", default=2.0)
     gap_wait_s: float = _help("Wait after the last event for a finished session's missing events "
@@ -76,6 +106,8 @@ class Settings:
             key = PREFIX + f.name.upper()
             if key in env:
                 values[f.name] = _convert(key, env[key], f.type)
+        if "cache_dir" not in values or values["cache_dir"] is None:
+            values["cache_dir"] = default_data_dir(env)  # from the environment given, not os.environ
         for name, value in overrides.items():
             if value is not None:
                 values[name] = value
@@ -170,6 +202,9 @@ def describe() -> list[tuple[str, str, str]]:
     for f in fields(Settings):
         if f.metadata.get("env") is False:
             continue
-        default = f.default if f.default is not None else ""
+        if f.name == "cache_dir":
+            default = DATA_DIR_DEFAULT_TEXT
+        else:
+            default = f.default if f.default is not None and f.default is not MISSING else ""
         out.append((PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return out

@@ -104,7 +104,7 @@ def _request(args: argparse.Namespace, *, sessions: bool) -> ReportRequest:
 
 
 async def _fetch(settings: Settings, req: ReportRequest, timeout: float):
-    async with open_bus(settings, autostart=True) as bus:
+    async with open_bus(settings) as bus:
         try:
             return await AnalyzerClient(bus.nc, settings.namespace, timeout=timeout).report(req)
         except AnalyzerError as exc:
@@ -179,7 +179,7 @@ def _print_alert(a: Alert, as_json: bool) -> None:
 async def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
     if args.last is not None and args.last < 1:
         raise CLIError("--last must be at least 1")
-    async with open_bus(settings, autostart=True) as bus:
+    async with open_bus(settings) as bus:
         if args.follow and args.last is None:
             # One reader from the stream's start: nothing falls between "stored" and "new".
             async for a in follow_alerts(bus.js, settings.namespace, branch=args.branch, target=args.target,

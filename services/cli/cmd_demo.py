@@ -1,7 +1,12 @@
 """``buildtel demo``: the stack plus a realistic simulated farm, ending in a report of what was stored.
 
 Uses the configured NATS/Redis, else a stack already running on this machine,
-else starts the embedded stack in this process (and stops it at the end).
+else starts the embedded stack in this process (announced in ``stack.json`` while
+it runs, so other commands use it, and stopped at the end).  Each run publishes
+on a branch of its own (``demo-<hex>``): its analyzer report and regression series
+cover exactly its builds, however much history the data directory holds.  The
+report is printed only once the analyzer has taken in every build (bounded wait).
+Service log lines go to ``<data dir>/demo.log``, never into the demo's output.
 """
 
 from __future__ import annotations
@@ -9,19 +14,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import logging
+import os
+import secrets
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from services.cli.cmd_sessions import session_line
-from services.cli.cmd_stack import LocalStack
-from services.cli.common import open_bus, read_stack
-from shared.engines import public_url
-from services.cli.main import CLIError
-from services.demo.farm import FarmPlan, run_farm
 from services.analyzer.alerts import Alert
 from services.analyzer.api import AnalyzerClient, read_alerts
 from services.analyzer.export import summary
+from services.cli.cmd_sessions import session_line
+from services.cli.cmd_stack import LocalStack, stack_record, stack_running
+from services.cli.common import (
+    data_dir,
+    open_bus,
+    process_record,
+    read_stack,
+    stack_file,
+)
+from services.cli.main import CLIError
+from services.demo.farm import FarmPlan, run_farm
 from services.storage.api import StorageClient, StorageError
+from shared.engines import public_url
+from shared.files import open_private, write_private
 from shared.protocol import BuildSession
 from shared.settings import Settings
 
@@ -44,33 +62,77 @@ def _progress(done: int, total: int) -> None:
         print(f"  builds published {done}/{total}", file=sys.stderr, flush=True)
 
 
+ANALYZER_WAIT_S = 60.0
+
+
+def _logs_to_file(settings: Settings) -> Path:
+    """Service and library log lines of this process go to ``<data dir>/demo.log`` (0600)."""
+    import structlog
+
+    from shared import logs
+
+    path = data_dir(settings) / "demo.log"
+    out = open_private(path, "a")
+    logs.configure(settings.log_level, "json", force=True)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=out))
+    handler = logging.StreamHandler(out)  # nats-py, asyncio: the stdlib loggers too
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.agents < 3 or args.builds < 3 or args.targets < 10:
         raise CLIError("the demo needs at least 3 agents, 3 builds and 10 targets")
+    log_path = _logs_to_file(settings)
     stack: LocalStack | None = None
+    announced: Path | None = None
     if not (settings.nats_url and settings.redis_url) and read_stack(settings) is None:
+        if stack_running(settings) is not None:
+            raise CLIError(f"a stack for {settings.cache_dir} is still starting (see {stack_file(settings)}): "
+                           "try again in a moment, or stop it with 'buildtel down'")
         print("buildtel demo: starting the embedded stack (NATS + Redis + services)…", file=sys.stderr, flush=True)
         stack = LocalStack(settings)
         await stack.__aenter__()
         settings = stack.service_settings
+        announced = _announce(stack)
     try:
         async with open_bus(settings) as bus:
             print(f"buildtel demo: NATS {public_url(bus.nats_url)}, Redis {public_url(bus.redis_url)}",
                   file=sys.stderr)
             t0 = time.monotonic()
+            branch = f"demo-{secrets.token_hex(4)}"
             plan = await run_farm(bus.settings, bus.nats_url, agents=args.agents, builds=args.builds,
-                                  targets=args.targets, seed=args.seed, progress=_progress)
+                                  targets=args.targets, seed=args.seed, progress=_progress, branch=branch)
             sessions = await _wait_stored(StorageClient(bus.nc, bus.subjects), plan, timeout=60)
             alerts = await _wait_alert(bus, plan, timeout=30)
             print(report(plan, sessions, time.monotonic() - t0))
-            print(await _analytics(bus, len(plan.session_ids)))
+            text, complete = await _analytics(bus, plan, timeout=ANALYZER_WAIT_S)
+            print(text)
             print(_alerts_text(plan, alerts))
+            print(f"buildtel demo: service logs in {log_path}", file=sys.stderr)
             missing = len(plan.session_ids) - len(sessions)
-            return 0 if missing == 0 else 1
+            return 0 if missing == 0 and complete else 1
     finally:
         if stack is not None:
             with contextlib.suppress(Exception):
                 await stack.__aexit__(None, None, None)
+        if announced is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(announced.read_text()).get("pid") == os.getpid():
+                    announced.unlink()
+
+
+def _announce(stack: LocalStack) -> Path:
+    """``stack.json`` for the demo's own stack while it runs: a ``buildtel run`` meanwhile joins it
+    instead of starting a second stack on the same data, and ``down`` can stop it."""
+    me = process_record(os.getpid())
+    path = stack_file(stack.settings)
+    info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "running",
+                            "namespace": stack.settings.namespace, "services": stack.names, "started": time.time(),
+                            "demo": True, **stack_record(stack)}
+    write_private(path, json.dumps(info, indent=2))
+    return path
 
 
 async def _wait_stored(client: StorageClient, plan: FarmPlan, timeout: float) -> list[BuildSession]:
@@ -101,12 +163,29 @@ async def _wait_alert(bus: object, plan: FarmPlan, timeout: float) -> list[Alert
     return alerts
 
 
-async def _analytics(bus: object, last: int) -> str:
-    try:
-        rep = await AnalyzerClient(bus.nc, bus.settings.namespace, timeout=20).report(last=last)  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - the demo still reports what storage holds
-        return f"(analyzer report unavailable: {exc})"
-    return "== Analyzer report (last %d builds) ==\n\n%s" % (last, summary(rep, top=8))
+async def _analytics(bus: Any, plan: FarmPlan, timeout: float) -> tuple[str, bool]:
+    """The analyzer's report over this demo's builds (its branch), once it has taken in all of them;
+    after ``timeout`` the report it has, saying how many builds it is missing.  (text, complete)"""
+    client = AnalyzerClient(bus.nc, bus.settings.namespace, timeout=20)
+    want = len(plan.session_ids)
+    deadline = time.monotonic() + timeout
+    rep = None
+    while True:
+        try:
+            rep = await client.report(branch=plan.branch)
+        except Exception as exc:  # noqa: BLE001 - the demo still reports what storage holds
+            if time.monotonic() >= deadline:
+                return f"(analyzer report unavailable: {exc})", False
+        if rep is not None and rep.sessions >= want or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.5)
+    if rep is None:
+        return "(analyzer report unavailable)", False
+    head = f"== Analyzer report (this demo's {want} builds, branch {plan.branch}) =="
+    if rep.sessions < want:
+        head += (f"\nINCOMPLETE: the analyzer had taken in {rep.sessions} of the {want} builds after "
+                 f"{timeout:.0f} s; see the service log")
+    return f"{head}\n\n{summary(rep, top=8)}", rep.sessions >= want
 
 
 def _alerts_text(plan: FarmPlan, alerts: list[Alert]) -> str:

@@ -132,7 +132,7 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any) -> int:
 
     try:
         # Imports publish finished sessions straight to history: the stack owner's operator role.
-        async with open_bus(settings, autostart=True, role="operator") as bus:
+        async with open_bus(settings, role="operator") as bus:
             await ensure_streams(bus.js, bus.subjects)
             payloads = [(s, codec.encode(s)) for _, r in loaded for s in r.sessions]
             limit = min(bus.nc.max_payload or codec.MAX_MESSAGE_BYTES, 32 * 1024 * 1024)

@@ -142,6 +142,10 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     if record:  # files read and written, for `buildtel replay` (services/recorder/capture.py)
         from services.recorder.capture import start_run_capture
         capture = start_run_capture(settings, command, user_env, session_id)
+    # Machine and checkout (commit, branch, remote) are read now, before the build starts and at
+    # any load: a few small file reads, under 1 ms with starting `git status` (docs/sdk.md).  Only the
+    # slow probes (tool versions) wait for the thread that runs at a lowered priority.
+    snapshot = _snapshot(user_env) if settings.enabled else None
 
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
@@ -149,6 +153,8 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
         proc = subprocess.Popen(argv, env=env)  # inherited stdio; same process group, so ^C reaches it
     except OSError as exc:
         print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        if snapshot is not None:
+            snapshot.close()
         return 127 if isinstance(exc, FileNotFoundError) else 126
     restore = _forward_signals(proc.pid)
     for src in sources:  # optional hook: sources that sample the build's process tree
@@ -159,7 +165,8 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     sampler.start()
     if run is not None:
         run.begin(name=name or Path(command[0]).name, command=command, labels=dict(labels or {}), record=record,
-                  traceparent=traceparent, ts=t0, env=user_env, sources=sources, nice=lower_priority)
+                  traceparent=traceparent, ts=t0, env=user_env, sources=sources, nice=lower_priority,
+                  snapshot=snapshot)
 
     code, usage = _wait(proc)
     wall = time.monotonic() - m0
@@ -204,16 +211,23 @@ class _Telemetry:
         self._threads: list[threading.Thread] = []
 
     def begin(self, *, name: str, command: list[str], labels: dict[str, str], record: bool, traceparent: str,
-              ts: float, env: dict[str, str], sources: Sequence[TargetSource], nice: bool = True) -> None:
+              ts: float, env: dict[str, str], sources: Sequence[TargetSource], nice: bool = True,
+              snapshot: Any = None) -> None:
+        self.snapshot = snapshot
         try:
             # Imported only now, while the command already runs: nats costs ~150 ms to import.
             from shared.client_sync import SyncTelemetryClient
+            from shared.identity import machine_id
 
+            # This process made the session: its agent id is the machine, no per-process sub-id
+            # (tools inside the build that join the session get one: shared/identity.py).
             self.client = SyncTelemetryClient(self.settings, nats_url=self.resolver, session_id=self.session_id,
-                                              name="buildtel-run")
+                                              agent_id=machine_id(self.settings.agent_id), name="buildtel-run")
             self.client.start()
         except Exception as exc:  # noqa: BLE001 - telemetry never stops the build
             self.client, self.error = None, f"{type(exc).__name__}: {exc}"
+            if snapshot is not None:
+                snapshot.close()
             return
         self._started_args = {"name": name, "command": command, "labels": labels, "record": record,
                               "traceparent": traceparent, "ts": ts}
@@ -226,10 +240,21 @@ class _Telemetry:
         t.start()
         self._threads.append(t)
 
-    def _announce(self, env: dict[str, str] | None, environment: Any = None, nice: bool = False) -> None:
+    def _announce(self, env: dict[str, str] | None, environment: Any = None, nice: bool = False,
+                  pending: str | None = None) -> None:
+        """Send BuildStarted.  From the probe thread (``pending`` None): after the slow probes.
+        From ``finish`` (``pending``: why the probes are late): with what is known now."""
         if nice:
             _lower_thread_priority()
-        if environment is None and env is not None:
+        snap = getattr(self, "snapshot", None)
+        if environment is None and snap is not None:
+            try:
+                if pending is None:
+                    snap.probe(stop=self.started)  # no use probing once BuildStarted is sent
+                environment = snap.result(pending or "not probed")
+            except Exception:  # noqa: BLE001 - environment None: the whole snapshot is missing
+                environment = None
+        elif environment is None and env is not None:
             try:
                 from shared.environment import capture
 
@@ -258,7 +283,9 @@ class _Telemetry:
                   f"session {self.session_id} was not recorded", file=sys.stderr)
             return
         if not self.started.wait(ENVIRONMENT_WAIT_S):
-            self._announce(None)  # environment capture is stuck: go on without it
+            # The slow probes are late: go on with what is known; each late probe is listed in
+            # missing_probes with this reason.
+            self._announce(None, pending=f"not finished {ENVIRONMENT_WAIT_S:.0f} s after the command exited")
         self.done.set()
         deadline = time.monotonic() + SOURCE_DRAIN_S
         for t in self._threads:
@@ -280,6 +307,16 @@ class _Telemetry:
         elif stats.dropped:
             print(f"buildtel: warning: {stats.dropped} of {client.events_emitted + stats.dropped} telemetry "
                   f"events of session {self.session_id} were not delivered ({client.last_error})", file=sys.stderr)
+
+
+def _snapshot(env: dict[str, str]) -> Any:
+    """The environment's fast stage (shared/environment.py); None if even that fails."""
+    try:
+        from shared.environment import EnvironmentSnapshot
+
+        return EnvironmentSnapshot(environ=env)
+    except Exception:  # noqa: BLE001 - telemetry never stops the build; BuildStarted then has no environment
+        return None
 
 
 class _Resolver:

@@ -3,7 +3,10 @@
 ``up`` with no ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` starts the embedded
 nats-server and redis-server (data under ``<cache_dir>/engines``) on free
 loopback ports, then every service in this one process, and writes
-``<cache_dir>/stack.json`` so other commands on this machine find it.
+``<cache_dir>/stack.json`` so other commands on this machine find it: first in
+state ``starting`` with its own and the engines' pids (so ``down`` can stop a
+stack that never got ready), then ``running``.  SIGTERM stops it at any point,
+engines included; ``down`` also stops engines a SIGKILLed stack left behind.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from services import registry
-from services.cli.common import read_stack, resolve, stack_file
+from services.cli.common import (
+    _same_process,
+    data_dir,
+    process_record,
+    read_stack,
+    read_stack_file,
+    resolve,
+    stack_file,
+    stop_stack,
+)
 from services.cli.main import CLIError
 from shared.auth import ROLES, StackAuth
 from shared.engines import NatsEngine, RedisEngine, public_url
@@ -129,40 +141,71 @@ def make_private(settings: Settings) -> None:
         if changed:
             print(f"buildtel: removed group/other access from {changed} entries under {settings.cache_dir}",
                   file=sys.stderr, flush=True)
-    private_dir(settings.cache_dir)
+    data_dir(settings)
+
+
+def stack_record(stack: LocalStack) -> dict[str, Any]:
+    """What ``stack.json`` says of a stack whose engines run: URLs, engines (pid + start time, for
+    ``down``) and, for embedded NATS, the role credentials (the file is 0600)."""
+    info: dict[str, Any] = {"nats_url": stack.nats_url, "redis_url": stack.redis_url,
+                            "embedded": [e.name for e in stack.engines],
+                            "engines": [{"name": e.name, **process_record(e.pid)} for e in stack.engines if e.pid]}
+    if stack.embedded_nats:
+        info["auth"] = stack.auth.to_json()
+    return info
+
+
+def stack_running(settings: Settings) -> dict[str, Any] | None:
+    """``stack.json`` when its process is alive (starting or running), else None."""
+    info = read_stack_file(settings)
+    if info is None:
+        return None
+    if "pid_created" not in info:  # written by an older version: trust it only when it answers
+        return read_stack(settings)
+    return info if _same_process({"pid": info.get("pid", 0), "created": info["pid_created"]}) else None
 
 
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    if read_stack(settings) is not None:
+    if stack_running(settings) is not None:
         raise CLIError(f"a stack is already running for {settings.cache_dir} (see {stack_file(settings)}); "
                        "stop it with 'buildtel down'")
     make_private(settings)
+    # SIGTERM/SIGINT from here on stop the stack cleanly, even while engines or services start.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     stack = LocalStack(settings)
-    await asyncio.to_thread(stack.start_engines)
-    services = stack.create_services()
     path = stack_file(settings)
-    info: dict[str, Any] = {"pid": os.getpid(), "nats_url": stack.nats_url, "redis_url": stack.redis_url,
+    me = process_record(os.getpid())
+    info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",
                             "namespace": settings.namespace, "services": stack.names, "started": time.time(),
-                            "embedded": [e.name for e in stack.engines]}
-    if stack.embedded_nats:
-        # Role credentials for this machine's commands; the file is 0600 (write_private).
-        info["auth"] = stack.auth.to_json()
-
-    def announce() -> None:
-        write_private(path, json.dumps(info, indent=2))
-        if not args.quiet:
-            where = "embedded" if stack.engines else "configured"
-            print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
-                  f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
-                  f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
-            if stack.embedded_nats:
-                print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
-                      "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)
-
+                            "engines": []}
+    write_private(path, json.dumps(info, indent=2))
     try:
-        await run_until_signal(services, on_started=announce)
+        await asyncio.to_thread(stack.start_engines)
+        info.update(stack_record(stack))
+        write_private(path, json.dumps(info, indent=2))
+        if stop.is_set():
+            return 0
+        services = stack.create_services()
+
+        def announce() -> None:
+            info["state"] = "running"
+            write_private(path, json.dumps(info, indent=2))
+            if not args.quiet:
+                where = "embedded" if stack.engines else "configured"
+                print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
+                      f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
+                      f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
+                if stack.embedded_nats:
+                    print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
+                          "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)
+
+        await run_until_signal(services, stop_event=stop, on_started=announce)
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()
         stack.stop_engines()
@@ -184,29 +227,21 @@ def cmd_credentials(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    info = read_stack(settings)
-    if info is None:
-        print("buildtel: no stack is running", file=sys.stderr)
+    path = stack_file(settings)
+    info = read_stack_file(settings)
+    if info is None or ("pid_created" not in info and read_stack(settings) is None):
+        if info is not None:  # an older version's file whose stack is gone
+            path.unlink(missing_ok=True)
+        print(f"buildtel: no stack is running (data directory {settings.cache_dir})", file=sys.stderr)
         return 0
-    pid = int(info["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if not _running(pid):
-            print(f"buildtel: stack (pid {pid}) stopped", file=sys.stderr)
-            return 0
-        time.sleep(0.1)
-    raise CLIError(f"stack pid {pid} did not stop within 20 s")
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an exited child its parent has not reaped yet counts as stopped)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    # Whatever the stack's state (starting, running, SIGKILLed with engines left): stop all of it.
+    done = stop_stack(info, path=path)
+    if not done:
+        path.unlink(missing_ok=True)
+        print(f"buildtel: no stack is running (removed the stale {path})", file=sys.stderr)
+    for line in done:
+        print(f"buildtel: {line}", file=sys.stderr)
+    return 0
 
 
 async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -27,8 +27,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from services.cli.common import CLIError, read_stack
+from services.cli.common import CLIError, connect_cli, resolve
 from services.cli.textsafe import safe
+from shared.engines import public_url
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -140,19 +141,12 @@ def plain_line(cp: Any) -> str:
             f"mem={_mem(cp.memory_bytes)} host_mem={cp.memory_percent:.0f}%{eta}{why}")
 
 
-def _nats_url(settings: Settings) -> str:
-    if settings.nats_url:
-        return settings.nats_url
-    info = read_stack(settings)
-    if info is None:
-        raise CLIError("no Builder Telemetry stack is running: start one with 'buildtel up' "
-                       "or set BUILDER_TELEMETRY_NATS_URL")
-    return str(info["nats_url"])
+def _connect_settings(settings: Settings) -> Settings:
+    """Where NATS is and, for the local stack, the reader role's password (never starts a stack)."""
+    return resolve(settings, autostart=False, need_redis=False)
 
 
 async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
-    from shared.bus import connect_nats
-
     out = out or sys.stdout
     duration = args.duration if args.duration is not None else (ONCE_DEFAULT_S if args.once else None)
     live_table = not args.once and not args.plain and out.isatty()
@@ -160,13 +154,15 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | 
     sid = args.session
     subject = subjects.health(sid) if sid and len(sid) == 32 else subjects.health_all
     board = Board(sid)
-    try:
-        nc = await connect_nats(settings, _nats_url(settings), name="buildtel-watch", role="reader",
-                               max_reconnect_attempts=5)
-    except CLIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one clear line
-        raise CLIError(f"cannot reach NATS: {type(exc).__name__}: {exc}") from None
+    settings = _connect_settings(settings)
+    lost = asyncio.Event()
+
+    async def on_closed() -> None:
+        lost.set()  # reconnects used up (the stack went away): say so instead of watching silence
+
+    # Bounded, and the error names the URL (services/cli/common.py); a restart is waited out.
+    nc = await connect_cli(settings, settings.nats_url or "", name="buildtel-watch", role="reader",
+                           max_reconnect_attempts=20, reconnect_time_wait=0.5, closed_cb=on_closed)
 
     async def on_msg(msg: Any) -> None:
         cp = board.add(msg.data)
@@ -188,6 +184,8 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | 
             timeout = REFRESH_S if deadline is None else min(REFRESH_S, max(deadline - loop.time(), 0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout)
+            if lost.is_set():
+                raise CLIError(f"lost the connection to NATS at {public_url(settings.nats_url or '')}")
             now = time.monotonic()
             board.prune(now)
             if live_table:

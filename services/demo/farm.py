@@ -47,6 +47,7 @@ class FarmPlan:
     regression_from_build: int
     regression_factor: float
     distributed_build: int
+    branch: str = "main"  # the demo gives each run its own branch: a report and detector of its own
     session_ids: list[str] = field(default_factory=list)
     expected_failures: int = 0
 
@@ -63,11 +64,11 @@ def make_repo(n_targets: int, rng: random.Random) -> list[Target]:
     return targets
 
 
-def _env(agent: str, commit: str, cpus: int) -> BuildEnvironment:
+def _env(agent: str, commit: str, cpus: int, branch: str = "main") -> BuildEnvironment:
     return BuildEnvironment(os="Linux", arch="x86_64", cpus=cpus, memory_bytes=64 << 30, hostname=agent,
                             user="ci", cwd="/work/repo", tool_versions={"clang": "clang version 17.0.6",
                                                                         "ninja": "1.11.1"},
-                            vcs=VcsInfo(commit=commit, branch="main", dirty=False),
+                            vcs=VcsInfo(commit=commit, branch=branch, dirty=False),
                             env={"CI": "true", "CC": "clang", "BUILD_TOKEN": "[REDACTED]"})
 
 
@@ -89,13 +90,14 @@ def schedule(targets: list[Target], durations: dict[str, float], workers: int, t
 
 
 async def run_farm(settings: Settings, nats_url: str, *, agents: int = 4, builds: int = 24, targets: int = 300,
-                   seed: int = 7, progress: Any = None) -> FarmPlan:
+                   seed: int = 7, progress: Any = None, branch: str = "main") -> FarmPlan:
     rng = random.Random(seed)
     repo = make_repo(targets, rng)
     names = [f"agent-{i + 1:02d}" for i in range(agents)]
     victim = max((t for t in repo if t.kind == "lib"), key=lambda t: t.base_s).name
     plan = FarmPlan(agents=names, builds=builds, targets=targets, regression_target=victim,
-                    regression_from_build=builds * 2 // 3, regression_factor=1.6, distributed_build=builds // 2)
+                    regression_from_build=builds * 2 // 3, regression_factor=1.6, distributed_build=builds // 2,
+                    branch=branch)
     t_base = time.time() - builds * 3600.0
     for b in range(builds):
         commit = hashlib.sha1(f"commit-{b}".encode()).hexdigest()
@@ -113,7 +115,8 @@ async def run_farm(settings: Settings, nats_url: str, *, agents: int = 4, builds
         sid = new_session_id()
         plan.session_ids.append(sid)
         build_agents = names[:3] if b == plan.distributed_build else [names[b % len(names)]]
-        await _publish_build(settings, nats_url, sid, b, build_agents, repo, durations, cached, t0, commit, fail, rng)
+        await _publish_build(settings, nats_url, sid, b, build_agents, repo, durations, cached, t0, commit, fail, rng,
+                             branch)
         if progress:
             progress(b + 1, builds)
     return plan
@@ -121,14 +124,14 @@ async def run_farm(settings: Settings, nats_url: str, *, agents: int = 4, builds
 
 async def _publish_build(settings: Settings, nats_url: str, sid: str, b: int, agents: list[str],
                          repo: list[Target], durations: dict[str, float], cached: dict[str, bool], t0: float,
-                         commit: str, fail: bool, rng: random.Random) -> None:
+                         commit: str, fail: bool, rng: random.Random, branch: str = "main") -> None:
     clients = [TelemetryClient(settings, nats_url=nats_url, session_id=sid, agent_id=a) for a in agents]
     for c in clients:
         await c.start()
     owner = clients[0]
     workers_per_agent = 8
     owner.build_started(name=f"ci-main #{b + 1}", command=["ninja", "-j", str(8 * len(agents)), "all"],
-                        environment=_env(agents[0], commit, 16), labels={"pipeline": "ci-main", "build": str(b + 1)},
+                        environment=_env(agents[0], commit, 16, branch), labels={"pipeline": "ci-main", "build": str(b + 1)},
                         ts=t0)
     plan = schedule(repo, durations, workers_per_agent * len(agents), t0)
     failing = rng.choice([t.name for t in repo if t.kind == "test"]) if fail else None

@@ -44,6 +44,9 @@ class Side:
     cwd: str = ""
     env: dict[str, str] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
+    # Probes without an answer (BuildEnvironment.missing_probes); None: no environment at all,
+    # so every tool version is unknown.
+    missing_probes: dict[str, str] | None = field(default_factory=dict)
     inputs: dict[str, str] | None = None  # path -> sha256; None: unknown
     outputs: dict[str, str] | None = None
     external: dict[str, str] | None = None
@@ -60,9 +63,13 @@ def targets_from_events(events: Sequence[Event]) -> dict[str, TargetInfo]:
     return out
 
 
+def _missing(env: Any) -> dict[str, str] | None:
+    return dict(env.missing_probes) if env is not None else None
+
+
 def side_from_recording(m: RecordingManifest, events: list[Event]) -> Side:
     env = m.environment
-    return Side(id=m.id, kind="recording", command=list(m.command), cwd=m.cwd,
+    return Side(id=m.id, kind="recording", command=list(m.command), cwd=m.cwd, missing_probes=_missing(env),
                 env=dict(env.env) if env else {}, tool_versions=dict(env.tool_versions) if env else {},
                 inputs={e.path: e.sha256 for e in m.inputs}, outputs={e.path: e.sha256 for e in m.outputs},
                 external={e.path: e.sha256 for e in m.external_inputs},
@@ -74,7 +81,7 @@ def side_from_events(sid: str, events: list[Event]) -> Side:
     started = next((e for e in events if isinstance(e, BuildStarted)), None)
     env = started.environment if started else None
     finished = next((e for e in events if isinstance(e, BuildFinished)), None)
-    return Side(id=sid, kind="recording", command=list(started.command) if started else [],
+    return Side(id=sid, kind="recording", command=list(started.command) if started else [], missing_probes=_missing(env),
                 cwd=env.cwd if env else "", env=dict(env.env) if env else {},
                 tool_versions=dict(env.tool_versions) if env else {}, targets=targets_from_events(events),
                 events=events, exit_code=finished.exit_code if finished else None)
@@ -82,7 +89,7 @@ def side_from_events(sid: str, events: list[Event]) -> Side:
 
 def side_from_session(s: BuildSession) -> Side:
     env = s.environment
-    return Side(id=s.id, kind="session", command=list(s.command), cwd=env.cwd if env else "",
+    return Side(id=s.id, kind="session", command=list(s.command), cwd=env.cwd if env else "", missing_probes=_missing(env),
                 env=dict(env.env) if env else {}, tool_versions=dict(env.tool_versions) if env else {},
                 targets={t.name: TargetInfo(t.duration_s, t.cache, t.status) for t in s.targets},
                 exit_code=s.exit_code)
@@ -100,6 +107,27 @@ def _map_diff(a: Mapping[str, str], b: Mapping[str, str], ignore: frozenset[str]
         "removed": {k: a[k] for k in sorted(a.keys() - b.keys())},
         "changed": {k: [a[k], b[k]] for k in sorted(a.keys() & b.keys()) if a[k] != b[k]},
     }
+
+
+def _unknown(missing: dict[str, str] | None, tool: str) -> str | None:
+    if missing is None:
+        return "no environment recorded"
+    return missing.get(f"tool_versions.{tool}")
+
+
+def _tools_diff(a: Side, b: Side) -> dict[str, Any]:
+    """Like _map_diff, but a tool whose probe gave no answer on one side is "unknown" (with the
+    reason), never added or removed: a probe that timed out says nothing about the tool."""
+    d = _map_diff(a.tool_versions, b.tool_versions)
+    unknown: dict[str, str] = {}
+    for kind, side, other in (("removed", b, "B"), ("added", a, "A")):
+        for tool in list(d[kind]):
+            why = _unknown(side.missing_probes, tool)
+            if why is not None:
+                unknown[tool] = f"not probed in {other}: {why}"
+                del d[kind][tool]
+    d["unknown"] = dict(sorted(unknown.items()))
+    return d
 
 
 def _files_diff(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> dict[str, list[str]] | None:
@@ -167,7 +195,7 @@ def diff(a: Side, b: Side, *, min_delta_s: float = 0.05, min_ratio: float = 0.10
         "command": None if a.command == b.command else {"a": a.command, "b": b.command},
         "cwd": None if a.cwd == b.cwd else {"a": a.cwd, "b": b.cwd},
         "env": _map_diff(a.env, b.env, IGNORED_ENV),
-        "tool_versions": _map_diff(a.tool_versions, b.tool_versions),
+        "tool_versions": _tools_diff(a, b),
         "inputs": _files_diff(a.inputs, b.inputs),
         "external_inputs": _files_diff(a.external, b.external),
         "outputs": _files_diff(a.outputs, b.outputs),
@@ -192,6 +220,7 @@ def render(d: dict[str, Any]) -> str:
             lines += [f"  + {k}={v}" for k, v in m["added"].items()]
             lines += [f"  - {k}={v}" for k, v in m["removed"].items()]
             lines += [f"  ~ {k}: {x} -> {y}" for k, (x, y) in m["changed"].items()]
+            lines += [f"  ? {k}: {why}" for k, why in m.get("unknown", {}).items()]
     for title, label in (("inputs", "inputs"), ("external_inputs", "inputs outside the tree"),
                          ("outputs", "outputs")):
         f = d[title]

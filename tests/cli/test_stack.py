@@ -39,7 +39,9 @@ def _wait_stack(cache: Path, proc: subprocess.Popen[bytes], log: Path, timeout: 
             raise AssertionError(f"buildtel up exited: {log.read_text()}")
         path = cache / "stack.json"
         if path.exists():
-            return json.loads(path.read_text())
+            info = json.loads(path.read_text())
+            if info.get("state") == "running":  # written first as "starting", before the services
+                return info
         time.sleep(0.1)
     raise AssertionError("buildtel up did not write stack.json")
 
