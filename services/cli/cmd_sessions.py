@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     p.add_argument("--outcome", choices=["success", "failed", "abandoned"], help="only this outcome")
     p.add_argument("--branch", help="only builds of this VCS branch")
-    p.add_argument("--agent", help="only builds an agent took part in")
+    p.add_argument("--agent", help="only builds an agent took part in; a machine also matches its MACHINE/PID.START agents")
     p.add_argument("--target", help="only builds that ran this target")
     p.add_argument("--json", action="store_true",
                    help="one JSON document: a list of sessions, each as 'show --json' prints it")

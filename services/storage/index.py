@@ -122,6 +122,13 @@ def _key(s: Summary) -> Key:
     return (s.t, s.id)
 
 
+def _agent_of_machine(machine: str, agents: tuple[str, ...]) -> bool:
+    # A client that joined a session reports as "<machine>/<pid>.<start>" (shared/identity.py):
+    # selecting the machine selects it too.
+    prefix = machine + "/"
+    return any(a.startswith(prefix) for a in agents)
+
+
 class Filters(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str | None = None
     branch: str | None = None
@@ -135,7 +142,7 @@ class Filters(msgspec.Struct, frozen=True, kw_only=True):
             return False
         if self.branch is not None and s.branch != self.branch:
             return False
-        if self.agent is not None and self.agent not in s.agents:
+        if self.agent is not None and self.agent not in s.agents and not _agent_of_machine(self.agent, s.agents):
             return False
         return target_h is None or s.has_target_hash(target_h)
 
