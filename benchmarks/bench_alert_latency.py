@@ -179,7 +179,7 @@ def main() -> None:
         n = NatsEngine(Path(tmp) / "nats").start()
         r = RedisEngine(Path(tmp) / "redis").start()
         try:
-            res = asyncio.run(run(args, n.url, r.url, Path(tmp) / "cache"))
+            res = asyncio.run(run(args, n.url_for("operator"), r.url, Path(tmp) / "cache"))
         finally:
             n.stop()
             r.stop()

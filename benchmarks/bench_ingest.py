@@ -80,8 +80,9 @@ def bare_subscriber(url: str, subject: str, count: int) -> None:
 
 
 async def run_bare(url: str, batches: list[tuple[str, str, bytes]]) -> float:
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest", "--bare-subscriber", url, f"{NS}.bare",
-                             str(len(batches))], stdout=subprocess.PIPE, text=True)
+    # The URL carries credentials: it goes to the child in its environment, not its command line.
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest", "--bare-subscriber", f"{NS}.bare",
+                             str(len(batches))], stdout=subprocess.PIPE, text=True, env=dict(os.environ, BENCH_NATS_URL=url))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     nc = await nats.connect(url)
@@ -159,8 +160,10 @@ async def main_async(args: argparse.Namespace) -> None:
         n = NatsEngine(Path(tmp) / "nats").start()
         r = RedisEngine(Path(tmp) / "redis").start()
         try:
-            bare = await run_bare(n.url, batches)
-            ours = await run_pipeline(n.url, r.url, Path(tmp) / "cache", args.agents, batches, expected)
+            # Authenticated as on a real stack; the operator role may do all the benchmark does.
+            url = n.url_for("operator")
+            bare = await run_bare(url, batches)
+            ours = await run_pipeline(url, r.url, Path(tmp) / "cache", args.agents, batches, expected)
         finally:
             n.stop()
             r.stop()
@@ -176,7 +179,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare-subscriber":
-        bare_subscriber(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        bare_subscriber(os.environ["BENCH_NATS_URL"], sys.argv[2], int(sys.argv[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=8)

@@ -115,9 +115,11 @@ async def child_reopen(n: int, directory: str) -> dict:
     return {"base": base, "after": after}
 
 
-async def child_service(n: int, nats_url: str, redis_url: str, namespace: str, cache_dir: str) -> dict:
+async def child_service(n: int, namespace: str, cache_dir: str) -> dict:
     from services.storage.service import StorageService
     from shared.settings import Settings
+
+    nats_url, redis_url = os.environ["BENCH_NATS_URL"], os.environ["BENCH_REDIS_URL"]
 
     settings = Settings(cache_dir=Path(cache_dir), namespace=namespace, max_sessions=n, log_level="warning")
     svc = StorageService(settings, nats_url, redis_url)
@@ -179,7 +181,9 @@ def measure(n: int, work: Path, engines: tuple[str, str]) -> dict[str, float]:
     out["reopen"] = (r["after"] - r["base"]) / MB
     nats_url, redis_url = engines
     ns = f"bench{os.getpid()}n{n}"
-    r = run_child(["service", str(n), nats_url, redis_url, ns, str(work / f"svc-{n}")],
+    # The URLs carry credentials: handed over in the environment, not on a command line.
+    os.environ["BENCH_NATS_URL"], os.environ["BENCH_REDIS_URL"] = nats_url, redis_url
+    r = run_child(["service", str(n), ns, str(work / f"svc-{n}")],
                   on_ready=lambda: publish(nats_url, ns, n))
     out["service"] = (r["after"] - r["base"]) / MB
     return out
@@ -204,8 +208,8 @@ def main() -> None:
     print(f"reference session: 200 targets, 40 env vars, {len(encode(reference_session(0))) / 1024:.1f} KiB msgpack")
     with tempfile.TemporaryDirectory() as tmp, NatsEngine(Path(tmp) / "nats") as ne, \
             RedisEngine(Path(tmp) / "redis") as re_:
-        first = measure(n, Path(tmp), (ne.url, re_.url))
-        second = measure(2 * n, Path(tmp), (ne.url, re_.url))
+        first = measure(n, Path(tmp), (ne.url_for("operator"), re_.url))
+        second = measure(2 * n, Path(tmp), (ne.url_for("operator"), re_.url))
     scale = 1000 / n
     rows = {}
     for mode in ("service", "store", "reopen"):

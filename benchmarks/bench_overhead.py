@@ -157,7 +157,7 @@ async def count_finished(url: str) -> int:
     from shared.protocol import BuildFinished
     from shared.subjects import Subjects
 
-    nc = await connect_nats(Settings(), url, name="bench-reader")
+    nc = await connect_nats(Settings(), url, name="bench-reader", role="operator")
     try:
         js = nc.jetstream()
         info = await js.stream_info(Subjects(NS).events_stream)
@@ -188,7 +188,7 @@ def main() -> None:
             away = bench_sdk(args.events, f"nats://127.0.0.1:{free_port()}", buffer_limit=args.events)
             print(f"    bus away : {away['us_per_event']:.2f} us/event all threads "
                   f"({away['emit_us_per_event']:.2f} in the emitting thread), dropped at close {away['dropped']}")
-            real = bench_sdk(args.events, nats_eng.url, buffer_limit=args.events)
+            real = bench_sdk(args.events, nats_eng.url_for("operator"), buffer_limit=args.events)
             print(f"    real NATS: {real['us_per_event']:.2f} us/event all threads "
                   f"({real['emit_us_per_event']:.2f} in the emitting thread), sent {real['sent']}, "
                   f"dropped {real['dropped']}, {args.events / real['wall_s']:.0f} events/s")
@@ -197,7 +197,7 @@ def main() -> None:
                           sdk_bus_away_us_per_event=round(away["us_per_event"], 3))
             if not args.skip_run:
                 env = dict(os.environ)
-                env.update(BUILDER_TELEMETRY_NATS_URL=nats_eng.url, BUILDER_TELEMETRY_REDIS_URL=redis_eng.url,
+                env.update(BUILDER_TELEMETRY_NATS_URL=nats_eng.url_for("operator"), BUILDER_TELEMETRY_REDIS_URL=redis_eng.url,
                            BUILDER_TELEMETRY_NAMESPACE=NS, BUILDER_TELEMETRY_CACHE_DIR=str(tmp / "cache"))
                 root = tmp / "project"
                 make_project(root, args.files)
@@ -205,7 +205,7 @@ def main() -> None:
                       f"buildtel run {args.run_args}".rstrip())
                 run = bench_run(root, args.runs, args.jobs, env, shlex.split(args.run_args))
                 fixed = bench_latency(env, root)
-                sessions = asyncio.run(count_finished(nats_eng.url))
+                sessions = asyncio.run(count_finished(nats_eng.url_for("operator")))
                 print(f"    plain make median {run['plain_median_s']:.3f}s (spread {run['plain_spread'] * 100:.0f}%), "
                       f"buildtel run median {run['wrapped_median_s']:.3f}s: overhead {run['overhead_ratio'] * 100:+.2f}%")
                 print(f"    CPU medians: plain {run['plain_cpu_s']:.2f}s, wrapped {run['wrapped_cpu_s']:.2f}s "

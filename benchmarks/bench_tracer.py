@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
         wall = await post_all(url, bodies, args.concurrency)
         cpu, client_cpu = sum(ps.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0
         settings = Settings(namespace=namespace)
-        nc = await connect_nats(settings, nats_url, name="bench-tracer")
+        nc = await connect_nats(settings, nats_url, name="bench-tracer", role="operator")
         stats = await TraceClient(nc, TracerSubjects(Subjects(namespace))).stats()
         await nc.close()
     finally:
@@ -212,7 +212,7 @@ def main() -> int:
         engines = []
         if not nats_url:
             engines.append(NatsEngine(workdir / "nats").start())
-            nats_url = engines[-1].url
+            nats_url = engines[-1].url_for("operator")  # authenticated, as on a real stack
         if not redis_url:
             engines.append(RedisEngine(workdir / "redis").start())
             redis_url = engines[-1].url
