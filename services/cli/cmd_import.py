@@ -6,7 +6,8 @@
 BuildSession to the completed-sessions subject — the same path the collector
 uses — with ``Nats-Msg-Id`` = session id, so re-importing a file within the
 stream's duplicate window is a no-op and ids stay stable beyond it.
-``--dry-run`` prints what would be stored and touches no server.
+``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
+JSON document instead (docs/importers.md), warnings included.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def register(subparsers: Any) -> None:
                            help="wall-clock start (ISO-8601 or Unix seconds) of the first build/trace; "
                                 "default: the clock recorded in the file, else its modification time")
         q.add_argument("--dry-run", action="store_true", help="parse and print a summary; publish nothing")
+        q.add_argument("--json", action="store_true",
+                       help="one JSON document on stdout: per file its figures, warnings and sessions "
+                            "(each with state stored / already stored / parsed)")
         q.set_defaults(func=run_import, importer=fmt)
 
 
@@ -109,8 +113,23 @@ def summary(path: str, result: ImportResult) -> list[str]:
     return lines
 
 
+def report(loaded: list[tuple[str, ImportResult]], states: dict[str, str]) -> dict[str, Any]:
+    """``import --json``: every file with its figures, all its warnings and its sessions."""
+    return {"files": [
+        {"path": path, "format": r.format, "details": r.details, "warnings": list(r.warnings),
+         "sessions": [{"id": s.id, "name": s.name, "state": states.get(s.id, "parsed"), "outcome": s.outcome,
+                       "start": s.start, "duration_s": s.duration_s, "targets": s.totals.targets,
+                       "show": f"buildtel show {s.id}"} for s in r.sessions]}
+        for path, r in loaded]}
+
+
 def run_import(args: argparse.Namespace, settings: Any) -> int | Coroutine[Any, Any, int]:
     loaded = load(args)
+    if getattr(args, "json", False) and args.dry_run:
+        from services.cli.jsonout import emit
+
+        emit({"dry_run": True, **report(loaded, {})})
+        return 0
     if args.dry_run:
         for path, result in loaded:
             print("\n".join(summary(path, result)))
@@ -120,16 +139,17 @@ def run_import(args: argparse.Namespace, settings: Any) -> int | Coroutine[Any, 
     for path, result in loaded:
         for w in result.warnings[:MAX_WARNINGS_SHOWN]:
             print(f"buildtel: warning: {path}: {w}", file=sys.stderr)
-    return publish(loaded, settings)
+    return publish(loaded, settings, as_json=getattr(args, "json", False))
 
 
-async def publish(loaded: list[tuple[str, ImportResult]], settings: Any) -> int:
+async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_json: bool = False) -> int:
     import nats.errors
 
     from services.cli.common import StackUnavailable, open_bus
     from shared import codec
     from shared.bus import ensure_streams
 
+    states: dict[str, str] = {}
     try:
         # Imports publish finished sessions straight to history: the stack owner's operator role.
         async with open_bus(settings, role="operator") as bus:
@@ -144,10 +164,16 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any) -> int:
             for s, data in payloads:
                 ack = await bus.js.publish(subject, data, headers={"Nats-Msg-Id": s.id})
                 state = "already stored" if getattr(ack, "duplicate", False) else "stored"
-                print(f"{state} {s.id} {s.name}: {s.totals.targets} targets, {s.duration_s:.3f}s")
+                states[s.id] = state
+                if not as_json:
+                    print(f"{state} {s.id} {s.name}: {s.totals.targets} targets, {s.duration_s:.3f}s")
     except StackUnavailable as exc:
         raise CLIError(str(exc)) from None
     except (nats.errors.Error, TimeoutError, OSError) as exc:
         raise CLIError(f"publishing failed ({type(exc).__name__}: {exc}); re-running the import is safe: "
                        "session ids are stable and duplicates are dropped") from None
+    if as_json:
+        from services.cli.jsonout import emit
+
+        emit({"dry_run": False, **report(loaded, states)})
     return 0

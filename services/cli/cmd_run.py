@@ -70,6 +70,9 @@ def register(subparsers: Any) -> None:
                    help="attach a label to the session (repeatable)")
     p.add_argument("--record", action="store_true", help="ask the recorder to keep this session's events")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line at the end")
+    p.add_argument("--json", action="store_true",
+                   help="print the session (id, outcome, exit code, how to show it) as one JSON object on "
+                        "stdout; CMD's own stdout goes to stderr so stdout holds only that object")
     p.add_argument("--no-capture", action="store_true", help="no per-target capture of make/ninja (docs/live-capture.md)")
     p.add_argument("--health-interval", type=float, default=5.0, metavar="S", help="seconds between health checkpoints")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -96,7 +99,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     sources = live_sources(argv, settings.cache_dir, capture=not args.no_capture,
                            health_interval_s=max(args.health_interval, 0.1))
     code = run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet,
-                     sources=sources)
+                     sources=sources, json_out=getattr(args, "json", False))
     if _is_cli_process():
         # The session is flushed and the exit code known: skip the interpreter's teardown of
         # everything the CLI imported (0.1-0.3 s, and it sits on the build's critical path).
@@ -119,7 +122,8 @@ _TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Mapping[str, str] | None = None,
               record: bool = False, quiet: bool = False, sources: Sequence[TargetSource] = (),
-              url_resolver: Callable[[], str] | None = None, lower_priority: bool = True) -> int:
+              url_resolver: Callable[[], str] | None = None, lower_priority: bool = True,
+              json_out: bool = False) -> int:
     """Run ``argv`` as one session and return its exit code (128+n when killed by signal n).
 
     ``lower_priority=False`` keeps the environment probes at normal priority."""
@@ -150,7 +154,9 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
     try:
-        proc = subprocess.Popen(argv, env=env)  # inherited stdio; same process group, so ^C reaches it
+        # Inherited stdio (with --json the command's stdout goes to our stderr: stdout is the JSON
+        # object's); same process group, so ^C reaches it.
+        proc = subprocess.Popen(argv, env=env, stdout=2 if json_out else None)
     except OSError as exc:
         print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         if snapshot is not None:
@@ -194,7 +200,21 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
                 print(f"buildtel: {line}", file=sys.stderr)
         outcome = "success" if code == 0 else "failed"
         print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)
+    if json_out:
+        from services.cli.jsonout import emit
+
+        emit(run_summary(session_id, trace_id, code, wall, run))
     return code
+
+
+def run_summary(session_id: str, trace_id: str, code: int, wall_s: float, run: Any) -> dict[str, Any]:
+    """``run --json``: the session and how to see it (docs/cli.md).  ``url`` is null until an
+    HTTP server exists; ``show`` is the command that shows the session meanwhile."""
+    client = getattr(run, "client", None)
+    return {"session_id": session_id, "trace_id": trace_id, "outcome": "success" if code == 0 else "failed",
+            "exit_code": code, "duration_s": round(wall_s, 3),
+            "recorded": bool(client is not None and getattr(client, "reached_bus", False)),
+            "show": f"buildtel show {session_id}", "url": None}
 
 
 class _Telemetry:

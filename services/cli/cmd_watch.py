@@ -8,6 +8,7 @@ latest checkpoint of each (session, agent):
 * on a terminal, a table redrawn in place once a second (cursor moved up over the
   previous table, so the scrollback above is kept);
 * otherwise (a pipe, a CI log) one line per checkpoint as it arrives;
+* ``--json``: one JSON object per line instead (each checkpoint, every field stated);
 * ``--once`` listens for ``--duration`` seconds (default 6: longer than the default
   5 s checkpoint interval, so every running build is heard from), prints the table
   once without escape codes and exits; ``--duration S`` alone watches for S seconds.
@@ -28,6 +29,7 @@ import time
 from typing import Any, TextIO
 
 from services.cli.common import CLIError, connect_cli, resolve
+from services.cli.jsonout import emit
 from services.cli.textsafe import safe
 from shared.engines import public_url
 from shared.settings import Settings
@@ -50,6 +52,9 @@ def register(sub: Any) -> None:
                                                         "print the table once, exit")
     p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
     p.add_argument("--plain", action="store_true", help="one line per checkpoint even on a terminal")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: each checkpoint as it arrives (with --once: the latest "
+                        "checkpoint of each running build, at the end)")
     p.set_defaults(func=cmd_watch, quiet_logs=True)
 
 
@@ -149,7 +154,8 @@ def _connect_settings(settings: Settings) -> Settings:
 async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     duration = args.duration if args.duration is not None else (ONCE_DEFAULT_S if args.once else None)
-    live_table = not args.once and not args.plain and out.isatty()
+    as_json = getattr(args, "json", False)
+    live_table = not args.once and not args.plain and not as_json and out.isatty()
     subjects = Subjects(settings.namespace)
     sid = args.session
     subject = subjects.health(sid) if sid and len(sid) == 32 else subjects.health_all
@@ -167,7 +173,10 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | 
     async def on_msg(msg: Any) -> None:
         cp = board.add(msg.data)
         if cp is not None and not live_table and not args.once:
-            print(plain_line(cp), file=out, flush=True)
+            if as_json:
+                emit(cp, out)  # one object per line, every field stated (services/cli/jsonout.py)
+            else:
+                print(plain_line(cp), file=out, flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,7 +205,10 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings, out: TextIO | 
                 drawn = len(lines)
             if deadline is not None and loop.time() >= deadline:
                 break
-        if args.once:
+        if args.once and as_json:
+            for cp, _seen in sorted(board.rows.values(), key=lambda r: (r[0].session_id, r[0].agent_id)):
+                emit(cp, out)
+        elif args.once:
             print("\n".join(render_table(board, time.monotonic())), file=out, flush=True)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
