@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("report", help="build analytics: build times, trends, targets, flakiness, bottlenecks")
     _filters(p)
     p.add_argument("--format", choices=["summary", "json", "csv"], default="summary", help="output (default summary)")
+    p.add_argument("--json", dest="format", action="store_const", const="json",
+                   help="same as --format json (every data command takes --json: docs/cli.md)")
     p.add_argument("--table", choices=["sessions", "targets"], default="sessions",
                    help="with --format csv: one row per session (default) or per target")
     p.add_argument("-o", "--output", help="write to FILE instead of standard output")
