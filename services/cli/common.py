@@ -139,31 +139,50 @@ def stack_auth_of(settings: Settings) -> StackAuth | None:
     return StackAuth.from_json(info["auth"]) if info and info.get("auth") else None
 
 
+def _live_stack_file(settings: Settings) -> dict[str, Any] | None:
+    """``stack.json`` of a stack whose process is alive, whether still starting or running."""
+    raw = read_stack_file(settings)
+    if raw is None or "pid_created" not in raw:
+        return None
+    return raw if _same_process({"pid": raw.get("pid", 0), "created": raw["pid_created"]}) else None
+
+
 def start_background_stack(settings: Settings) -> dict[str, Any]:
-    """Start ``buildtel up`` detached (it outlives this command) and wait until it is ready.  A
-    stack that is not ready in time is stopped again, engines included: nothing is left behind."""
+    """Start ``buildtel up`` detached (it outlives this command) and wait until it is ready; a stack
+    another command is already starting is waited for instead.  A stack this call started that is
+    not ready in time is stopped again, engines included: nothing is left behind."""
     data_dir(settings)
     log_path = settings.cache_dir / "stack.log"
-    log = open_private(log_path, "ab")  # handed to the child
-    env = dict(os.environ)
-    env["BUILDER_TELEMETRY_CACHE_DIR"] = str(settings.cache_dir)
-    env["BUILDER_TELEMETRY_NAMESPACE"] = settings.namespace
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env=env,
-    )
-    log.close()
+    proc: subprocess.Popen[bytes] | None = None
+    if _live_stack_file(settings) is None:
+        log = open_private(log_path, "ab")  # handed to the child
+        env = dict(os.environ)
+        env["BUILDER_TELEMETRY_CACHE_DIR"] = str(settings.cache_dir)
+        env["BUILDER_TELEMETRY_NAMESPACE"] = settings.namespace
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "up"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )
+        log.close()
     deadline = time.monotonic() + AUTOSTART_TIMEOUT_S
     while time.monotonic() < deadline:
         info = read_stack(settings)
         if info is not None:
             return info
-        if proc.poll() is not None:
-            tail = _tail(log_path)
-            raise StackUnavailable(f"the local stack exited with code {proc.returncode} while starting"
-                                   f"{': ' + tail if tail else ''} (log: {log_path})")
+        if proc is not None and proc.poll() is not None:
+            if _live_stack_file(settings) is None:
+                tail = _tail(log_path)
+                raise StackUnavailable(f"the local stack exited with code {proc.returncode} while starting"
+                                       f"{': ' + tail if tail else ''} (log: {log_path})")
+            proc = None  # another command started one at the same moment: wait for that one
+        elif proc is None and _live_stack_file(settings) is None:
+            raise StackUnavailable(f"the local stack being started for {settings.cache_dir} exited; "
+                                   f"see {log_path}")
         time.sleep(0.1)
+    if proc is None:
+        raise StackUnavailable(f"the local stack for {settings.cache_dir} has been starting for over "
+                               f"{AUTOSTART_TIMEOUT_S:.0f}s; see {log_path}, or stop it with 'buildtel down'")
     raw = read_stack_file(settings)
     stop_stack(raw if raw is not None and raw.get("pid") == proc.pid else {"pid": proc.pid},
                path=stack_file(settings), proc=proc)
