@@ -233,7 +233,7 @@ class Emitter:
             self._reject()
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
-                       expected_events: Any = None, *, ts: float | None = None) -> None:
+                       expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None) -> None:
         """This agent's last event: the collector completes the session once it is folded."""
         if not self._on:
             return
@@ -241,7 +241,7 @@ class Emitter:
             self._push(fix_event(BuildFinished(session_id=self._sid, agent_id=self._aid, seq=0,
                                                ts=time.time() if ts is None else ts,
                                                exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
-                                               expected_events=expected_events)))
+                                               expected_events=expected_events, up_to_date=up_to_date)))
         except Exception:  # noqa: BLE001
             self._reject()
 

@@ -151,6 +151,9 @@ class BuildFinished(_Event, tag="build_finished"):
         "events each agent sent in this session, counting every event (`build_started`, health "
         "checkpoints and this `build_finished` too): the collector completes the session the moment they "
         "are all folded; null: not known", "events per agent")] = None
+    up_to_date: Annotated[int | None, _doc(
+        "targets the build tool found up to date and did not rebuild (avoided work); null: the tool "
+        "does not say (make) or the build failed", "targets")] = None
 
 
 Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished
@@ -269,6 +272,9 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     health: Annotated[HealthCheckpoint | None, _doc("the last health checkpoint; null when none was sent")] = None
     cpu_s: Annotated[float | None, _doc("from `build_finished`; null when unknown", "s")] = None
     peak_rss_bytes: Annotated[int | None, _doc("from `build_finished`; null when unknown", "bytes")] = None
+    up_to_date: Annotated[int | None, _doc(
+        "from `build_finished`: targets found up to date, not rebuilt (avoided work); null: not known",
+        "targets")] = None
     trace_id: Annotated[str | None, _doc(
         "W3C trace id of the build (the session id unless started under a traceparent)")] = None
     record: Annotated[bool, _doc("the recorder keeps this session's event stream")] = False

@@ -252,8 +252,19 @@ class _Telemetry:
         self._started_args = {"name": name, "command": command, "labels": labels, "record": record,
                               "traceparent": traceparent, "ts": ts}
         self._spawn(self._announce, env, None, nice)
+        self._sources = list(sources)
         for src in sources:
             self._spawn(self._follow, src)
+
+    def _up_to_date(self, exit_code: int) -> int | None:
+        """Avoided work as the capture counted it (docs/live-capture.md); None when not known."""
+        if exit_code != 0:
+            return None
+        for src in getattr(self, "_sources", ()):
+            summary = getattr(src, "summary", None)
+            if isinstance(summary, dict) and isinstance(summary.get("up_to_date"), int):
+                return int(summary["up_to_date"])
+        return None
 
     def _spawn(self, fn: Callable[..., None], *args: Any) -> None:
         t = threading.Thread(target=fn, args=args, daemon=True, name=f"buildtel-{fn.__name__.strip('_')}")
@@ -310,7 +321,8 @@ class _Telemetry:
         deadline = time.monotonic() + SOURCE_DRAIN_S
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0))
-        client.build_finished(exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes)
+        client.build_finished(exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
+                              up_to_date=self._up_to_date(exit_code))
         # Connected: a flush takes milliseconds.  Never reached: close returns at once.
         # Still resolving or connecting (a stack being auto-started): bounded wait.
         timeout = 5.0 if client.connected else 2.0

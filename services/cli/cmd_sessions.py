@@ -126,6 +126,8 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"cache     {s.cache_hits} hits / {s.cache_misses} misses ({s.cache_hit_rate:.1%})")
     if s.cpu_s is not None:
         print(f"process   cpu {s.cpu_s:.2f} s  peak rss {(s.peak_rss_bytes or 0) / 2**20:.1f} MiB")
+    if s.up_to_date is not None:
+        print(f"avoided   {s.up_to_date} targets up to date, not rebuilt")
     if s.targets:
         print(f"\n{'DURATION':>10}  {'STATUS':<9} {'CACHE':<11} TARGET")
         for m in sorted(s.targets, key=lambda m: -m.duration_s)[: args.top]:

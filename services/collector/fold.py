@@ -287,6 +287,7 @@ def build_session(
         health=health if isinstance(health, HealthCheckpoint) else None,
         cpu_s=finished.cpu_s if finished else None,
         peak_rss_bytes=finished.peak_rss_bytes if finished else None,
+        up_to_date=finished.up_to_date if finished else None,
         trace_id=trace_id,
         parent_span_id=parent_span_id,
         record=started.record if started else False,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.subjects import Subjects
 from tests.capture import test_live_builds as live
 from tests.capture.project import (
     cmake_project,
@@ -19,6 +20,7 @@ from tests.capture.project import (
     ninja_commands,
 )
 from tests.capture.test_live_builds import NINJA, _env, _run, _session
+from tests.util import completed_sessions
 
 collector = live.collector  # the fixture: a collector on the test stack
 
@@ -48,10 +50,14 @@ async def test_sh_c_cmake_then_ninja_records_every_edge_and_then_the_up_to_date_
     assert not any("CMakeScratch" in t.name or "cmTC_" in t.name for t in s.targets)  # cmake's own probes
     line = _end_line(res.stderr)
     assert "22 targets captured (ninja); 0 up to date" in line and "try_compile builds left out" in line
+    assert s.up_to_date == 0
 
     res, _ = await _run(cmd, root, env)
     assert res.returncode == 0, res.stderr
     assert "0 targets captured (ninja); 22 up to date (not rebuilt)" in _end_line(res.stderr)
+    sessions = await completed_sessions(nc.jetstream(), Subjects(settings.namespace), 2, timeout=30)
+    again = next(x for x in sessions if x.id != s.id)
+    assert again.up_to_date == 22 and not again.targets  # the avoided work is stored with the session
 
 
 async def test_a_script_that_runs_make_records_every_recipe(settings, nc, collector, tmp_path: Path) -> None:
