@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +22,10 @@ import pytest
 from shared.auth import StackAuth
 from shared.engines import NatsEngine, RedisEngine
 from shared.settings import Settings
+
+# The per-user data directory (XDG) of anything started without BUILDER_TELEMETRY_CACHE_DIR: a
+# temporary one for the test session, never the real user's history.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="buildtel-test-xdg-")
 
 # Tools the test extras install (ninja, cmake) live next to this interpreter; put them first on
 # PATH so the tests and the builds they run use them on a machine that has none of its own.

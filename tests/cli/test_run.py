@@ -147,7 +147,8 @@ async def test_a_build_run_under_a_traced_job_joins_its_trace(bus_env, settings,
     env = dict(bus_env, TRACEPARENT=caller)
     res = _buildtel(["--", PY, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['TRACEPARENT'])"], env)
     assert res.returncode == 0, res.stderr
-    sid = res.stderr.strip().split()[2]
+    # "buildtel: session <id> success in …" (the capture line may come before it)
+    sid = next(ln.split()[2] for ln in res.stderr.splitlines() if ln.startswith("buildtel: session "))
     assert out.read_text() == f"00-{'ab' * 16}-{session_span_id(sid, 'ab' * 16)}-01"
     nc = await connect_nats(settings, settings.nats_url or "", name="test-reader", role="operator")
     try:
