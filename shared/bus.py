@@ -239,14 +239,16 @@ async def note_failure(r: aioredis.Redis | None, keys: Keys, *, stream: str, con
 
 
 async def watch_max_deliveries(nc: NATS, r: aioredis.Redis | None, subjects: Subjects, keys: Keys, *,
-                               service: str, stream: str, consumer: str, counter: Any = None) -> Any:
+                               service: str, stream: str, consumer: str, counter: Any = None,
+                               lost: Any = None) -> Any:
     """Dead-letter every message of ``stream`` that ``consumer`` gave up on (max_deliver reached).
 
     Subscribes to the consumer's MAX_DELIVERIES advisory in a queue group, so one replica
     handles each advisory; fetches the message by stream sequence and publishes it to
     ``NS.deadletter.<service>`` with the reason (and the last recorded failure, see
-    :func:`note_failure`).  ``counter()`` is called once per dead letter.  Returns the
-    subscription (unsubscribe it on stop).
+    :func:`note_failure`).  ``counter()`` is called once per dead letter, and ``await
+    lost(subject, reason)`` (when given) lets the service mark what the message belonged to as
+    incomplete.  Returns the subscription (unsubscribe it on stop).
     """
     js = nc.jetstream()
     key = _failures_key(keys, stream, consumer)
@@ -275,6 +277,9 @@ async def watch_max_deliveries(nc: NATS, r: aioredis.Redis | None, subjects: Sub
                                   data=data, headers=headers)
         if counter is not None:
             counter(reason)
+        if lost is not None and subject:
+            with contextlib.suppress(Exception):
+                await lost(subject, reason)
         if r is not None:
             with contextlib.suppress(Exception):
                 await r.hdel(key, str(seq))

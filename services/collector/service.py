@@ -119,7 +119,9 @@ class CollectorService:
         )
         self.advisories = await watch_max_deliveries(
             self.nc, self.redis, self.subjects, self.keys, service="collector",
-            stream=self.subjects.events_stream, consumer="collector", counter=self._count_advisory)
+            stream=self.subjects.events_stream, consumer="collector", counter=self._count_advisory,
+            lost=lambda subject, reason: self._record_undecodable(subject, f"batch dead-lettered: {reason}",
+                                                                  time.time()))
         self._tasks = [
             asyncio.create_task(self._consume(), name="collector.consume"),
             asyncio.create_task(self._sweep(), name="collector.sweep"),
@@ -197,7 +199,7 @@ class CollectorService:
                 continue
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
                 reason = f"undecodable event batch: {exc}"
-                await self._record_undecodable(msg, reason, now)
+                await self._record_undecodable(msg.subject, reason, now)
                 await self._dead_letter(msg, reason, code="undecodable")
                 continue
             if not batch.events:
@@ -278,7 +280,10 @@ class CollectorService:
         log.error("collector.fold_failed", subject=msg.subject, error=error[:300], delivery=delivered,
                   stream_seq=meta.sequence.stream)
         if delivered >= MAX_DELIVER:
-            await self._dead_letter(msg, f"fold failed on each of {delivered} deliveries: {error}", code="poison")
+            reason = f"fold failed on each of {delivered} deliveries: {error}"
+            # Its session lost these events: never stored as whole (marked without the fold that fails).
+            await self._record_undecodable(msg.subject, f"batch dead-lettered (poison): {error}", time.time())
+            await self._dead_letter(msg, reason, code="poison")
             return
         await note_failure(self.redis, self.keys, stream=self.subjects.events_stream, consumer="collector",
                            seq=meta.sequence.stream, reason=error)
@@ -331,10 +336,11 @@ class CollectorService:
             log.error("collector.lost_not_recorded", session_id=sid, agent_id=agent, events=len(batch.events),
                       error=f"{type(exc2).__name__}: {exc2}")
 
-    async def _record_undecodable(self, msg: Any, reason: str, now: float) -> None:
-        """An unreadable batch still names its session in the subject (``NS.events.<sid>``):
-        mark that session as having lost a batch of unknown events."""
-        sid = msg.subject.rpartition(".")[2]
+    async def _record_undecodable(self, subject: str, reason: str, now: float) -> None:
+        """A batch lost without being folded (unreadable, poison, or given up by the server) still
+        names its session in the subject (``NS.events.<sid>``): mark that session as having lost a
+        batch of unknown events."""
+        sid = subject.rpartition(".")[2]
         if not is_session_id(sid):
             return
         k = self.keys

@@ -136,6 +136,9 @@ async def test_bad_batches_are_dead_lettered_once_each_and_good_sessions_are_sto
     assert "milliseconds" in by_code["timestamp_out_of_window"].reason
     assert "version 2" in by_code["unknown_version"].reason
     assert f"deliveries" in by_code["poison"].reason and "WRONGTYPE" in by_code["poison"].reason
+    # The poison batch's session knows it lost a batch: it will be stored incomplete, never whole.
+    meta = await redis_client.hgetall(keys.session_meta(psid))
+    assert int(meta[b"ub"]) == 1 and b"poison" in meta[b"ubr"]
 
     # Once each: both consumers of the events stream have settled, and nothing else was parked.
     async def settled() -> bool:
