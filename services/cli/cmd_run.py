@@ -225,7 +225,7 @@ class _Telemetry:
         self.session_id = session_id
         self.resolver = url_resolver or _resolver(settings)
         self.client: Any = None
-        self.started = threading.Event()  # BuildStarted emitted: later events follow it in seq
+        self.started = threading.Event()  # BuildStarted emitted (exactly once; see _announce)
         self.done = threading.Event()
         self._start_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -298,7 +298,10 @@ class _Telemetry:
                 self.started.set()
 
     def _follow(self, src: TargetSource) -> None:
-        self.started.wait(ENVIRONMENT_WAIT_S + 60)
+        # No wait for BuildStarted: it waits for the niced environment probes, which on a loaded
+        # node take seconds, and live health and targets would be held back that long (a 3 s build
+        # under a CPU hog published no checkpoint while it ran).  The collector and recorder take
+        # a session's events in any order, so BuildStarted need not have the lowest seq.
         try:
             for rec in src.targets(self.done):
                 # A record names its emit method under "event" (default: target_finished).
