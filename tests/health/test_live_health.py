@@ -9,6 +9,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,14 +162,26 @@ def test_watch_exits_cleanly_on_ctrl_c(settings, tmp_path: Path) -> None:
     import signal
 
     env = _env(settings, tmp_path)
-    proc = subprocess.Popen([PY, "-m", "services.cli.main", "watch"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PY, "-m", "services.cli.main", "watch", "--plain"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    build = SyncTelemetryClient(settings, name="watched").start()
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
-        time.sleep(2.0)  # interpreter start-up and the subscription
+        # ^C once watch is watching: its first line shows a checkpoint arrived, so the interpreter is
+        # up, the handlers are installed and it is subscribed (a fixed sleep raced start-up on a
+        # loaded machine, and the SIGINT then hit it while importing: exit 130).
+        deadline = time.monotonic() + 60
+        while reader.is_alive() and proc.poll() is None and time.monotonic() < deadline:
+            build.health(completed_tasks=1)
+            reader.join(0.2)
+        assert first and build.session_id in first[0], (first, proc.poll())
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
     finally:
+        build.close()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0 and "Traceback" not in err
+    assert proc.returncode == 0 and "Traceback" not in err, err
