@@ -84,8 +84,18 @@ async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client
     rsub = await nc.subscribe(f"{inbox}.*.*", cb=on_reply)
     try:
         client = AnalyzerClient(nc, settings.namespace, timeout=5, attempts=20)
-        await client.stats()  # at least one replica is up
-        await asyncio.sleep(1.0)  # and the others have joined the queue group
+        # Every replica is up, consuming and in the stats queue group before the first session:
+        # the one killed below must be holding sessions when it dies.  (A fixed 1 s sleep stood in
+        # for this; under load replica 0 was still starting when it was killed, held nothing, and
+        # nothing was redelivered.)  A stats reply names its replica by pid, and a replica starts
+        # consuming right after it registers its endpoints (services/analyzer/service.py).
+        pids = {p.pid for p in procs}
+        seen: set[int] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while seen != pids and loop.time() < deadline:
+            seen.add(int((await client.stats()).replica.split("-")[-2]))
+        assert seen == pids, f"replicas answering: {sorted(seen)}, started: {sorted(pids)}"
         asks = []
         for n, s in enumerate(sessions):
             await js.publish(subjects.sessions_completed, encode(s), headers={"Nats-Msg-Id": s.id})
