@@ -1,7 +1,7 @@
 """Alert latency: from an agent publishing BuildFinished to a farm receiving the alert, at 50 sessions/s.
 
 Fresh embedded NATS and Redis; one collector and ``--replicas`` analyzers run as
-their own processes (``python -m services.collector`` / ``python -m services.analyzer``),
+their own processes (``python -m buildtel.services.collector`` / ``python -m buildtel.services.analyzer``),
 as in production.  This process is the farm: it publishes each build's events (one
 batch per build, BuildFinished last, ``expected_events`` set so the collector can
 complete it at once) on a fixed 50/s schedule, and subscribes to ``<ns>.alerts.>``.
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import nats
 
-from services.analyzer.alerts import alert_decoder
-from services.analyzer.api import AnalyzerClient, alerts_stream_config
-from services.analyzer.subjects import AnalyzerSubjects
-from shared.bus import ensure_streams
-from shared.codec import encode
-from shared.engines import NatsEngine, RedisEngine
-from shared.protocol import (
+from buildtel.services.analyzer.alerts import alert_decoder
+from buildtel.services.analyzer.api import AnalyzerClient, alerts_stream_config
+from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.engines import NatsEngine, RedisEngine
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildFinished,
     BuildStarted,
@@ -47,7 +47,7 @@ from shared.protocol import (
     VcsInfo,
     new_session_id,
 )
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 
 NS = "benchlat"
 TARGETS = 4
@@ -96,8 +96,8 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, cache: Pa
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await ensure_streams(js, subjects, extra=[alerts_stream_config(asubj)])
-    procs = [spawn("services.collector", nats_url, redis_url, cache)]
-    procs += [spawn("services.analyzer", nats_url, redis_url, cache) for _ in range(args.replicas)]
+    procs = [spawn("buildtel.services.collector", nats_url, redis_url, cache)]
+    procs += [spawn("buildtel.services.analyzer", nats_url, redis_url, cache) for _ in range(args.replicas)]
     published: dict[str, float] = {}
     completed: dict[str, float] = {}
     latencies: list[float] = []

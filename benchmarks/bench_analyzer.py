@@ -1,6 +1,6 @@
 """A full analytics report over 10,000 sessions x 200 targets (2,000,000 target runs), target <= 1 s.
 
-The sessions are synthetic (``services.analyzer.synthetic``: a DAG list-scheduled on 8
+The sessions are synthetic (``buildtel.services.analyzer.synthetic``: a DAG list-scheduled on 8
 workers, cache hits, a flaky target, failures, three branches), encoded to MessagePack
 and decoded again, so they are the same kind of objects the service reads from its
 history.  Timed, in one run:
@@ -26,11 +26,11 @@ import time
 
 import msgspec
 
-from services.analyzer import columns
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.columns import gc_paused
-from services.analyzer.synthetic import Scenario, generate
-from shared.protocol import BuildSession
+from buildtel.services.analyzer import columns
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.columns import gc_paused
+from buildtel.services.analyzer.synthetic import Scenario, generate
+from buildtel.shared.protocol import BuildSession
 
 
 def naive_report(sessions: list[BuildSession]) -> dict[str, object]:

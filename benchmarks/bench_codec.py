@@ -18,7 +18,7 @@ import time
 import msgspec
 
 from benchmarks.reference import reference_session
-from shared.codec import decode_session, encode
+from buildtel.shared.codec import decode_session, encode
 
 
 def best_of(repeat: int, fn) -> float:  # noqa: ANN001

@@ -98,7 +98,7 @@ def generate(path: Path, n_lines: int, seed: int = 20240601) -> None:
 def _worker(path: str, out: str) -> None:
     """Timed region in a fresh process: parse, lay out, render, write."""
     sys.path.insert(0, str(ROOT))
-    from services.flamegraph import SVGFlameGraphGenerator, read_folded
+    from buildtel.shared.flamegraph import SVGFlameGraphGenerator, read_folded
 
     t0 = time.perf_counter()
     c0 = time.process_time()

@@ -1,7 +1,7 @@
 """The collector's fold of one capped batch (MAX_BATCH_EVENTS events) against a real redis-server.
 
 Times the three steps a batch goes through in the collector: decode + bound checks
-(``shared.codec.decode_batch`` + ``shared.validate.check_batch``), the script payloads
+(``buildtel.shared.codec.decode_batch`` + ``buildtel.shared.validate.check_batch``), the script payloads
 (``fold.ops_payloads``) and the Redis fold (the ``APPLY`` script, one call per
 ``FOLD_CHUNK_EVENTS``), and the longest single script call (how long Redis is busy at once).
 docs/protocol.md records a run and derives the batch cap from it.
@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.collector import fold, lua
-from services.collector.service import FOLD_CHUNK_EVENTS
-from shared.bus import connect_redis
-from shared.codec import decode_batch, encode
-from shared.engines import RedisEngine
-from shared.keys import Keys
-from shared.protocol import EventBatch
-from shared.validate import MAX_BATCH_EVENTS, check_batch
+from buildtel.services.collector import fold, lua
+from buildtel.services.collector.service import FOLD_CHUNK_EVENTS
+from buildtel.shared.bus import connect_redis
+from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.engines import RedisEngine
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import EventBatch
+from buildtel.shared.validate import MAX_BATCH_EVENTS, check_batch
 from tests.util import synthetic_build
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import nats
 
-from services.storage.api import StorageClient
-from shared.bus import ensure_streams
-from shared.codec import batch_decoder, encode
-from shared.engines import NatsEngine, RedisEngine
-from shared.protocol import BuildFinished, BuildStarted, EventBatch, TargetFinished, new_session_id
-from shared.subjects import Subjects
+from buildtel.services.storage.api import StorageClient
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import batch_decoder, encode
+from buildtel.shared.engines import NatsEngine, RedisEngine
+from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch, TargetFinished, new_session_id
+from buildtel.shared.subjects import Subjects
 
 NS = "bench"
 
@@ -109,7 +109,7 @@ async def run_pipeline(nats_url: str, redis_url: str, cache: Path, agents: int,
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await ensure_streams(js, Subjects(NS))
-    procs = [spawn("services.collector", env), spawn("services.storage", env)]
+    procs = [spawn("buildtel.services.collector", env), spawn("buildtel.services.storage", env)]
     client = StorageClient(nc, Subjects(NS))
     try:
         for _ in range(100):  # wait for the storage API

@@ -39,7 +39,7 @@ GOAL_MB = 10.0
 
 
 def reference_session(i: int):
-    from shared.protocol import (
+    from buildtel.shared.protocol import (
         BuildEnvironment,
         BuildSession,
         Phase,
@@ -83,8 +83,8 @@ def rss() -> int:
 async def child_store(n: int, directory: str) -> dict:
     import msgspec
 
-    from services.storage.store import TelemetryStorage
-    from shared.protocol import new_session_id
+    from buildtel.services.storage.store import TelemetryStorage
+    from buildtel.shared.protocol import new_session_id
 
     store = TelemetryStorage(directory, max_sessions=n)
     await store.open()
@@ -104,7 +104,7 @@ async def child_store(n: int, directory: str) -> dict:
 
 
 async def child_reopen(n: int, directory: str) -> dict:
-    from services.storage.store import TelemetryStorage
+    from buildtel.services.storage.store import TelemetryStorage
 
     store = TelemetryStorage(directory, max_sessions=n)
     base = rss()
@@ -116,8 +116,8 @@ async def child_reopen(n: int, directory: str) -> dict:
 
 
 async def child_service(n: int, namespace: str, cache_dir: str) -> dict:
-    from services.storage.service import StorageService
-    from shared.settings import Settings
+    from buildtel.services.storage.service import StorageService
+    from buildtel.shared.settings import Settings
 
     nats_url, redis_url = os.environ["BENCH_NATS_URL"], os.environ["BENCH_REDIS_URL"]
 
@@ -158,8 +158,8 @@ def publish(nats_url: str, namespace: str, n: int) -> None:
     async def go() -> None:
         import nats
 
-        from shared.codec import encode
-        from shared.subjects import Subjects
+        from buildtel.shared.codec import encode
+        from buildtel.shared.subjects import Subjects
 
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
@@ -191,7 +191,7 @@ def measure(n: int, work: Path, engines: tuple[str, str]) -> dict[str, float]:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        from shared.logs import configure
+        from buildtel.shared.logs import configure
 
         configure("warning", "json")  # logs to stderr; stdout carries the results
         mode, n, *rest = sys.argv[2:]
@@ -201,8 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1000, help="N (also measured at 2N for the slope)")
     args = parser.parse_args()
-    from shared.codec import encode
-    from shared.engines import NatsEngine, RedisEngine
+    from buildtel.shared.codec import encode
+    from buildtel.shared.engines import NatsEngine, RedisEngine
 
     n = args.sessions
     print(f"reference session: 200 targets, 40 env vars, {len(encode(reference_session(0))) / 1024:.1f} KiB msgpack")

@@ -36,15 +36,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.engines import NatsEngine, RedisEngine, free_port
-from shared.settings import Settings
+from buildtel.shared.engines import NatsEngine, RedisEngine, free_port
+from buildtel.shared.settings import Settings
 
 NS = "benchoverhead"
 
 
 # -- (a) SDK CPU per event -------------------------------------------------------------------------
 def bench_sdk(n: int, url: str, *, buffer_limit: int) -> dict[str, float]:
-    from shared.client import SyncTelemetryClient
+    from buildtel.shared.client import SyncTelemetryClient
 
     settings = Settings(namespace=NS, nats_url=url, buffer_limit=buffer_limit, log_format="json")
     client = SyncTelemetryClient(settings, name="bench").start()
@@ -102,7 +102,7 @@ def _timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, floa
 
 def buildtel_argv() -> list[str]:
     script = Path(sys.executable).parent / "buildtel"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "buildtel.cli.main"]
 
 
 def bench_run(root: Path, runs: int, jobs: int, env: dict[str, str], run_args: list[str]) -> dict[str, float]:
@@ -152,10 +152,10 @@ def bench_latency(env: dict[str, str], cwd: Path, runs: int = 5, child_s: float 
 
 
 async def count_finished(url: str) -> int:
-    from shared.bus import connect_nats
-    from shared.codec import decode_batch
-    from shared.protocol import BuildFinished
-    from shared.subjects import Subjects
+    from buildtel.shared.bus import connect_nats
+    from buildtel.shared.codec import decode_batch
+    from buildtel.shared.protocol import BuildFinished
+    from buildtel.shared.subjects import Subjects
 
     nc = await connect_nats(Settings(), url, name="bench-reader", role="operator")
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_tracer.py [--requests 200] [--spans 500] [--concurrency 4]
 
 Starts NATS and Redis (or joins ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL``),
-runs ``python -m services.tracer`` as its own process on a free loopback port
+runs ``python -m buildtel.services.tracer`` as its own process on a free loopback port
 (store on a temporary directory, fsync on as in production), builds
 ``--requests`` ExportTraceServiceRequest bodies of ``--spans`` spans each
 (10 traces per request, 6 attributes per span, an event on every 5th, an error
@@ -41,13 +41,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.tracer import otlp
-from services.tracer.query import TraceClient
-from services.tracer.subjects import TracerSubjects
-from shared.bus import connect_nats
-from shared.engines import NatsEngine, RedisEngine, free_port
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.tracer import otlp
+from buildtel.services.tracer.query import TraceClient
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared.bus import connect_nats
+from buildtel.shared.engines import NatsEngine, RedisEngine, free_port
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 GOAL = 20_000
 
@@ -161,7 +161,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
     env = dict(os.environ, BUILDER_TELEMETRY_NATS_URL=nats_url, BUILDER_TELEMETRY_REDIS_URL=redis_url,
                BUILDER_TELEMETRY_NAMESPACE=namespace, BUILDER_TELEMETRY_CACHE_DIR=str(workdir / "cache"),
                BUILDER_TELEMETRY_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.tracer", "--otlp-port", str(port),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "buildtel.services.tracer", "--otlp-port", str(port),
                                                 env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1/traces"
     try:
@@ -185,7 +185,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
     disk = stats.disk_bytes
     rate, bare_rate, ours_rate = total / wall, total / bare_s, total / ours_s
     print(f"bare decode (opentelemetry-proto FromString): {bare_rate:12,.0f} spans/s  ({bare_s * 1e3:.0f} ms)")
-    print(f"decode to span records (services.tracer.otlp): {ours_rate:11,.0f} spans/s  ({ours_s * 1e3:.0f} ms)")
+    print(f"decode to span records (buildtel.services.tracer.otlp): {ours_rate:11,.0f} spans/s  ({ours_s * 1e3:.0f} ms)")
     print(f"OTLP/HTTP ingest, 1 tracer process:           {rate:12,.0f} spans/s  ({wall:.2f} s wall, "
           f"{cpu:.2f} s tracer CPU, {total / max(cpu, 1e-9):,.0f} spans per CPU-second; "
           f"client {client_cpu:.2f} s CPU)")

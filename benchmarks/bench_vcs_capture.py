@@ -1,9 +1,9 @@
 """What a build's start waits for: the environment's fast stage (docs/sdk.md, ``buildtel run``).
 
 Median of 20 runs in the given repository (default: this one) of
-- reading commit, branch and remote from the ``.git`` files (``shared.vcs.read_vcs``);
+- reading commit, branch and remote from the ``.git`` files (``buildtel.shared.vcs.read_vcs``);
 - the whole fast stage, machine facts included, which also starts ``git status``
-  (``shared.environment.EnvironmentSnapshot``);
+  (``buildtel.shared.environment.EnvironmentSnapshot``);
 - for comparison, ``git status`` to completion and the three ``git`` commands the agent ran before.
 
 Run: ``.venv/bin/python benchmarks/bench_vcs_capture.py [REPO]``
@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
-from shared.environment import EnvironmentSnapshot
-from shared.vcs import read_vcs
+from buildtel.shared.environment import EnvironmentSnapshot
+from buildtel.shared.vcs import read_vcs
 
 RUNS = 20
 

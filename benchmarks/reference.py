@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from shared.protocol import BuildEnvironment, BuildSession, Phase, SessionTotals, TargetMetrics, VcsInfo
+from buildtel.shared.protocol import BuildEnvironment, BuildSession, Phase, SessionTotals, TargetMetrics, VcsInfo
 
 CACHES = ["local_hit", "remote_hit", "miss", "miss", "uncacheable"]
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import msgspec
 
-from shared import protocol
+from buildtel.shared import protocol
 
 PAGE = ROOT / "docs" / "protocol.md"
 SCHEMAS = ROOT / "docs" / "schemas"

@@ -6,14 +6,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from shared.settings import Settings
+from buildtel.shared.settings import Settings
 
 SERVICES: dict[str, str] = {
-    "collector": "services.collector.service:CollectorService",
-    "storage": "services.storage.service:StorageService",
-    "analyzer": "services.analyzer.service:AnalyzerService",
-    "tracer": "services.tracer.service:TracerService",
-    "recorder": "services.recorder.service:RecorderService",
+    "collector": "buildtel.services.collector.service:CollectorService",
+    "storage": "buildtel.services.storage.service:StorageService",
+    "analyzer": "buildtel.services.analyzer.service:AnalyzerService",
+    "tracer": "buildtel.services.tracer.service:TracerService",
+    "recorder": "buildtel.services.recorder.service:RecorderService",
 }
 
 
@@ -28,15 +28,15 @@ def create(name: str, settings: Settings, nats_url: str, redis_url: str, **optio
 
 
 def main_for(name: str) -> int:
-    """``python -m services.<name>``: run that one service until SIGTERM/SIGINT, joining the NATS and
+    """``python -m buildtel.services.<name>``: run that one service until SIGTERM/SIGINT, joining the NATS and
     Redis named by ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` (``buildtel serve`` does the same
     and also finds a local stack)."""
     import asyncio
     import sys
 
-    from shared.logs import configure
-    from shared.runner import run_until_signal
-    from shared.settings import SettingsError
+    from buildtel.shared.logs import configure
+    from buildtel.shared.runner import run_until_signal
+    from buildtel.shared.settings import SettingsError
 
     try:
         settings = Settings.from_env()

@@ -21,17 +21,17 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from shared.auth import inbox_prefix
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.auth import inbox_prefix
+from buildtel.shared.keys import Keys
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 GiB = 1024**3
 DAY_S = 86400.0
 
 
 def nats_options(settings: Settings, *, name: str, role: str) -> dict[str, Any]:
-    """Connection options for a client acting as ``role`` (see :mod:`shared.auth`).
+    """Connection options for a client acting as ``role`` (see :mod:`buildtel.shared.auth`).
 
     Credentials configured explicitly (creds file, token, user) win; otherwise a local stack's
     per-role password is used.  Replies always come to the role's own inbox prefix, so a server
@@ -76,7 +76,7 @@ async def connect_nats(settings: Settings, url: str, *, name: str, role: str, **
         if "ermission" in text or "uthorization" in text:
             import structlog
 
-            from shared import logs
+            from buildtel.shared import logs
 
             if not structlog.is_configured():  # never print to stdout: it may be a build's output
                 logs.configure()

@@ -32,13 +32,13 @@ from typing import Any, Self
 from nats.aio.client import Client
 from nats.errors import MaxPayloadError, NoRespondersError
 
-from shared.bus import ensure_streams, nats_options
-from shared.client_sync import ClientStats, Emitter, SyncTelemetryClient
-from shared.sanitize import fix_event, shrink
-from shared.codec import encode
-from shared.protocol import EventBatch, TargetStarted
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.bus import ensure_streams, nats_options
+from buildtel.shared.client_sync import ClientStats, Emitter, SyncTelemetryClient
+from buildtel.shared.sanitize import fix_event, shrink
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import EventBatch, TargetStarted
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 __all__ = ["ClientStats", "SyncTelemetryClient", "TelemetryClient"]
 
@@ -395,7 +395,7 @@ def _default_url(settings: Settings) -> Callable[[], str | tuple[str, Any]]:
 
     def resolve() -> str | tuple[str, Any]:
         with contextlib.suppress(Exception):
-            from services.cli.common import read_stack, stack_auth_of
+            from buildtel.cli.common import read_stack, stack_auth_of
 
             info = read_stack(settings)
             if info:
@@ -408,7 +408,7 @@ def _default_url(settings: Settings) -> Callable[[], str | tuple[str, Any]]:
 def _log() -> Any:
     import structlog
 
-    from shared import logs
+    from buildtel.shared import logs
 
     if not structlog.is_configured():  # an embedding application's own configuration wins
         logs.configure()

@@ -1,5 +1,5 @@
 """The synchronous side of the SDK: the thread-safe event buffer and :class:`SyncTelemetryClient`
-(argument sanitising is ``shared.sanitize``).
+(argument sanitising is ``buildtel.shared.sanitize``).
 
 :class:`Emitter` holds what every emit method touches: the pending list, the seq
 counter and the counters, under one ``threading.Lock`` so that any thread may emit.
@@ -9,7 +9,7 @@ what only fails at encoding time (lone surrogates, huge ints, oversize values) i
 sanitised when the batch is cut, so every accepted event reaches the collector in a
 form its typed decoder takes.  The
 asynchronous transport (batching, publishing, connecting) is
-:class:`shared.client.TelemetryClient`, which extends :class:`Emitter`;
+:class:`buildtel.shared.client.TelemetryClient`, which extends :class:`Emitter`;
 :class:`SyncTelemetryClient` runs it on a private event loop in a daemon thread.
 """
 
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
-from shared.identity import default_agent_id
-from shared.protocol import (
+from buildtel.shared.identity import default_agent_id
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildStarted,
     HealthCheckpoint,
@@ -35,7 +35,7 @@ from shared.protocol import (
     is_session_id,
     new_session_id,
 )
-from shared.sanitize import (
+from buildtel.shared.sanitize import (
     _CACHES,
     _HEALTH_FIELDS,
     _STATUSES,
@@ -47,10 +47,10 @@ from shared.sanitize import (
     _text,
     fix_event,
 )
-from shared.settings import Settings
+from buildtel.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from shared.client import TelemetryClient, UrlSource
+    from buildtel.shared.client import TelemetryClient, UrlSource
 
 class ClientStats(msgspec.Struct, kw_only=True):
     sent: int = 0  # events acknowledged by JetStream
@@ -256,7 +256,7 @@ class SyncTelemetryClient:
 
     def __init__(self, settings: Settings, *, nats_url: UrlSource = None, session_id: str | None = None,
                  agent_id: str | None = None, name: str = "") -> None:
-        from shared.client import TelemetryClient
+        from buildtel.shared.client import TelemetryClient
 
         self._client: TelemetryClient = TelemetryClient(settings, nats_url=nats_url, session_id=session_id,
                                                         agent_id=agent_id, name=name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.protocol import BuildSession, Event, EventBatch, is_session_id
+from buildtel.shared.protocol import BuildSession, Event, EventBatch, is_session_id
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SEQ = 1 << 24

@@ -24,8 +24,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from shared.auth import StackAuth, nats_authorization
-from shared.files import private_dir, write_private
+from buildtel.shared.auth import StackAuth, nats_authorization
+from buildtel.shared.files import private_dir, write_private
 
 START_TIMEOUT_S = 20.0
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -174,7 +174,7 @@ class Engine:
 
 
 class NatsEngine(Engine):
-    """nats-server with JetStream and one user per role (:mod:`shared.auth`), whose permissions
+    """nats-server with JetStream and one user per role (:mod:`buildtel.shared.auth`), whose permissions
     cover ``namespace`` (``"*"``: any namespace, for a test server shared by many)."""
 
     name = "nats-server"

@@ -4,7 +4,7 @@ In two stages, so the facts a farm keys its history on are never lost:
 
 1. :class:`EnvironmentSnapshot` (the constructor) reads machine facts and the
    checkout's commit, branch and remote *before* the build starts, synchronously:
-   ``uname``, ``sysconf`` and a few small ``.git`` files (``shared.vcs``), well
+   ``uname``, ``sysconf`` and a few small ``.git`` files (``buildtel.shared.vcs``), well
    under a millisecond.  It also starts ``git status`` (for ``dirty``) without
    waiting for it.
 2. :meth:`EnvironmentSnapshot.probe` runs the slow probes (``TOOL --version``,
@@ -29,8 +29,8 @@ import threading
 import time
 from collections.abc import Mapping
 
-from shared.protocol import BuildEnvironment, VcsInfo
-from shared.vcs import StatusProbe, read_vcs
+from buildtel.shared.protocol import BuildEnvironment, VcsInfo
+from buildtel.shared.vcs import StatusProbe, read_vcs
 
 TOOL_TIMEOUT_S = 1.0
 DEFAULT_TOOLS = ("cc", "gcc", "clang", "make", "ninja", "cmake", "bazel", "go", "cargo", "java")
@@ -127,7 +127,7 @@ class EnvironmentSnapshot:
     def result(self, pending: str = "not probed yet") -> BuildEnvironment:
         """The environment as known now; each probe without an answer is named in
         ``missing_probes``, unanswered ones with ``pending`` as the reason."""
-        from shared.redaction import redact_env
+        from buildtel.shared.redaction import redact_env
 
         with self._lock:
             versions, failed = dict(self._versions), dict(self._failed)

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-MAX_AGENT_ID = 200  # shared.sanitize cuts agent ids here
+MAX_AGENT_ID = 200  # buildtel.shared.sanitize cuts agent ids here
 _lock = threading.Lock()
 _last_ms = 0
 

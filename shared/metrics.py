@@ -20,7 +20,7 @@ Design (``docs/metrics.md``):
 ``/healthz`` answers 200 with the attached services while the process serves, 503
 while it is stopping (a service's ``healthy()`` may also say no).
 
-The endpoint runs with :mod:`shared.httpserver`'s limits: a connection that has not
+The endpoint runs with :mod:`buildtel.shared.httpserver`'s limits: a connection that has not
 sent a complete request head within ``idle_timeout`` (15 s) is closed.
 """
 
@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from shared.httpserver import DEFAULT_LIMITS, HttpLimits, start_site
+from buildtel.shared.httpserver import DEFAULT_LIMITS, HttpLimits, start_site
 
 PREFIX = "buildtel_"
 _HELP = {

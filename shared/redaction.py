@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from shared.protocol import BuildStarted, EventBatch
+from buildtel.shared.protocol import BuildStarted, EventBatch
 
 REDACTED = "[REDACTED]"
 
@@ -287,8 +287,8 @@ def redact_batch(batch: EventBatch, data: bytes) -> bytes:
                                              strict=True) if a != b]
     if not changed:
         return data
-    from shared.codec import encode
-    from shared.logs import get_logger
+    from buildtel.shared.codec import encode
+    from buildtel.shared.logs import get_logger
 
     get_logger("redaction").warning("redaction.unredacted_secret_received", session_id=batch.session_id,
                                     agent_id=batch.agent_id, fields=sorted(set(changed)))

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from shared.protocol import (
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildFinished,
     BuildStarted,
@@ -28,7 +28,7 @@ from shared.protocol import (
     TargetFinished,
     TargetStarted,
 )
-from shared.redaction import redact_argv, redact_env, redact_text
+from buildtel.shared.redaction import redact_argv, redact_env, redact_text
 
 MAX_SEQ = 1 << 24  # the collector refuses higher seqs (it keeps one bit per seq)
 _now = time.time

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shared.auth import StackAuth
+from buildtel.shared.auth import StackAuth
 
 PREFIX = "BUILDER_TELEMETRY_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -138,7 +138,7 @@ class Settings:
         checks = [
             ("max_sessions", self.max_sessions >= 1),
             ("retention_days", self.retention_days > 0),
-            # The collector refuses batches over shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
+            # The collector refuses batches over buildtel.shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
             ("batch_size", 1 <= self.batch_size <= 10_000),
             ("buffer_limit", self.buffer_limit >= 1),
             ("flush_interval_s", self.flush_interval_s > 0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.protocol import CACHE_HITS, SessionTotals, TargetMetrics
+from buildtel.shared.protocol import CACHE_HITS, SessionTotals, TargetMetrics
 
 
 def summarize_targets(targets: Iterable[TargetMetrics], *, events: int = 0) -> tuple[SessionTotals, int, int]:

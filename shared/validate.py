@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from shared.protocol import PROTOCOL_VERSION, BuildSession, Event, EventBatch, TargetFinished
+from buildtel.shared.protocol import PROTOCOL_VERSION, BuildSession, Event, EventBatch, TargetFinished
 
 # Events per batch.  The SDK sends 500 (``batch_size``), the recorder's republish 200; folding a
 # batch of this many events takes ~30 ms of Redis time on the reference machine (see

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.protocol import VcsInfo
+from buildtel.shared.protocol import VcsInfo
 
 GIT_TIMEOUT_S = 1.0  # fallback `git rev-parse` for reftable repositories
 STATUS_TIMEOUT_S = 5.0  # `git status` for `dirty`; past this it is recorded as missing
@@ -229,7 +229,7 @@ def read_vcs(cwd: str, environ: Mapping[str, str] | None = None) -> VcsRead:
     except VcsError as exc:
         missing["vcs.remote"], remote = str(exc), None
     if remote:  # credentials in the URL (user-info, ?token=) must not leave the agent
-        from shared.redaction import redact_text
+        from buildtel.shared.redaction import redact_text
 
         info.remote = redact_text(remote)
     return VcsRead(info=info, missing=missing, dirs=dirs)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.auth import StackAuth
-from shared.engines import NatsEngine, RedisEngine
-from shared.settings import Settings
+from buildtel.shared.auth import StackAuth
+from buildtel.shared.engines import NatsEngine, RedisEngine
+from buildtel.shared.settings import Settings
 
 # The per-user data directory (XDG) of anything started without BUILDER_TELEMETRY_CACHE_DIR: a
 # temporary one for the test session, never the real user's history.
@@ -92,7 +92,7 @@ def settings(tmp_path: Path, nats_url: str, redis_url: str, namespace: str,
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[object]:
-    from shared.bus import connect_nats
+    from buildtel.shared.bus import connect_nats
 
     conn = await connect_nats(settings, settings.nats_url or "", name="test", role="operator")
     yield conn
@@ -110,7 +110,7 @@ async def nc(settings: Settings) -> AsyncIterator[object]:
 
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[object]:
-    from shared.bus import connect_redis
+    from buildtel.shared.bus import connect_redis
 
     r = connect_redis(settings.redis_url or "")
     yield r

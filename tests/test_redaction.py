@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from shared.environment import capture
-from shared.redaction import REDACTED, redact_argv, redact_env
+from buildtel.shared.environment import capture
+from buildtel.shared.redaction import REDACTED, redact_argv, redact_env
 
 
 def test_sensitive_names_are_redacted_whatever_their_value() -> None:
@@ -89,7 +89,7 @@ def test_redaction_keeps_every_name_and_never_invents_values(env: dict[str, str]
 
 
 def test_imported_sessions_carry_a_redacted_command() -> None:
-    from services.importers.common import make_session
+    from buildtel.shared.importers.common import make_session
 
     s = make_session(session_id="ab" * 16, name="bazel", start=0.0, finish=1.0, targets=[], events=0, agent="import",
                      command=["bazel", "build", "--remote_header=Authorization=Bearer abcdefgh12", "//..."])

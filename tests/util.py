@@ -6,8 +6,8 @@ import random
 import time
 from typing import Any
 
-from shared.codec import decode_session, encode
-from shared.protocol import (
+from buildtel.shared.codec import decode_session, encode
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildSession,
     BuildStarted,
@@ -17,7 +17,7 @@ from shared.protocol import (
     TargetStarted,
     new_session_id,
 )
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 
 CACHES = ["local_hit", "remote_hit", "miss", "uncacheable"]
 
@@ -114,7 +114,7 @@ def stack_env(settings: Any, **extra: str) -> dict[str, str]:
     every role's password (each process then connects as its own role)."""
     import json
 
-    from shared.files import write_private
+    from buildtel.shared.files import write_private
 
     env = {"BUILDER_TELEMETRY_NATS_URL": settings.nats_url or "",
            "BUILDER_TELEMETRY_REDIS_URL": settings.redis_url or "",

@@ -26,9 +26,9 @@ from typing import Literal
 
 import msgspec
 
-from services.analyzer.analytics import branch_of, commit_of
-from services.analyzer.detector import Change, Detector
-from shared.protocol import CACHE_HITS, BuildSession, is_complete
+from buildtel.services.analyzer.analytics import branch_of, commit_of
+from buildtel.services.analyzer.detector import Change, Detector
+from buildtel.shared.protocol import CACHE_HITS, BuildSession, is_complete
 
 RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
 MEDIAN_WINDOW = 20  # points each side of a change that its medians use at most

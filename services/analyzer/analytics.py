@@ -25,11 +25,11 @@ from typing import Literal
 
 import msgspec
 
-from services.health.trends import HealthTrends, health_trends
-from services.analyzer import columns
-from services.analyzer.bottlenecks import Bottlenecks, bottlenecks
-from services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
-from shared.protocol import BuildSession, is_complete
+from buildtel.shared.health.trends import HealthTrends, health_trends
+from buildtel.services.analyzer import columns
+from buildtel.services.analyzer.bottlenecks import Bottlenecks, bottlenecks
+from buildtel.services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
+from buildtel.shared.protocol import BuildSession, is_complete
 
 REPORT_VERSION = 1
 _NAME = attrgetter("name")

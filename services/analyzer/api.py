@@ -23,10 +23,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from services.analyzer.alerts import Alert, alert_decoder
-from services.analyzer.analytics import AnalyticsReport, ReportFilter
-from services.analyzer.subjects import AnalyzerSubjects
-from shared import micro
+from buildtel.services.analyzer.alerts import Alert, alert_decoder
+from buildtel.services.analyzer.analytics import AnalyticsReport, ReportFilter
+from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared import micro
 
 API_VERSION = "1.0.0"
 DAY_S = 86400.0
@@ -190,7 +190,7 @@ async def wait_for_alerts(bus: Any, timeout: float, *, count: int | None = None,
                           target: str | None = None, from_start: bool = False) -> list[Alert]:
     """Collect alerts for up to ``timeout`` seconds (or until ``count`` arrived).
 
-    ``bus`` is anything with ``js`` and ``settings.namespace`` (``services.cli.common.Bus``)
+    ``bus`` is anything with ``js`` and ``settings.namespace`` (``buildtel.cli.common.Bus``)
     or a JetStream context plus ``namespace=`` via :func:`follow_alerts` directly.
     """
     out: list[Alert] = []
@@ -240,7 +240,7 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     ``diff_widths``, ``normalize`` scales the base to the same total (unset: when the two sides
     cover different numbers of sessions), ``diff_color`` colours by
     self or subtree change).  ``chart`` draws one session's timeline instead.  The option fields
-    are flamegraph.pl's (``services.flamegraph.FlameGraphOptions``).  ``folded`` adds the stacks.
+    are flamegraph.pl's (``buildtel.shared.flamegraph.FlameGraphOptions``).  ``folded`` adds the stacks.
     """
 
     diff: FlameGraphSelection | None = None
@@ -256,7 +256,7 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     height: int = 16
     minwidth: float | str = 0.1
     countname: str | None = None
-    colors: str = "cache"  # by the targets' cache result (services/flamegraph/build.py); or a flamegraph.pl palette
+    colors: str = "cache"  # by the targets' cache result (shared/flamegraph/build.py); or a flamegraph.pl palette
     hash: bool = False
     reverse: bool = False
     inverted: bool = False

@@ -30,7 +30,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.protocol import BuildSession, TargetMetrics
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 EPS = 1e-6  # clock granularity: an end this close to a start counts as "before"
 Via = Literal["root", "dep", "lane", "inferred"]

@@ -20,7 +20,7 @@ import math
 
 import msgspec
 
-from services.analyzer.cpcore import (
+from buildtel.services.analyzer.cpcore import (
     CONTINUE,
     DEFAULT,
     LEVEL,

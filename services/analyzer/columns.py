@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, call, itemgetter, mul
 
-from services.analyzer.stats import Fit, fit_from_sums, percentile_sorted
-from shared.protocol import CACHE_HITS, BuildSession
+from buildtel.services.analyzer.stats import Fit, fit_from_sums, percentile_sorted
+from buildtel.shared.protocol import CACHE_HITS, BuildSession
 
 try:  # numpy is optional: only the 10k-session benchmark needs its speed
     import numpy as np

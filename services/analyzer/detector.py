@@ -82,13 +82,13 @@ class Detector:
 
     @classmethod
     def new(cls) -> Detector:
-        from services.analyzer import regression
+        from buildtel.services.analyzer import regression
 
         return cls(regression.StreamingDetector())
 
     @classmethod
     def load(cls, data: bytes) -> Detector:
-        from services.analyzer import regression
+        from buildtel.services.analyzer import regression
 
         return cls(regression.StreamingDetector.from_bytes(data))
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from services.analyzer.analytics import DAY_S, MIN_DAY_SPAN, MIN_TREND_BUILDS, AnalyticsReport, Trend
+from buildtel.services.analyzer.analytics import DAY_S, MIN_DAY_SPAN, MIN_TREND_BUILDS, AnalyticsReport, Trend
 
 SESSION_COLUMNS = ["id", "name", "start_utc", "start", "finish", "duration_s", "outcome", "branch", "commit",
                    "targets", "failed_targets", "cache_hits", "cache_misses", "cache_hit_rate", "target_time_s"]

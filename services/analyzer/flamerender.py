@@ -1,7 +1,7 @@
 """Flame graphs of stored sessions, rendered the same way for ``buildtel flamegraph`` and the
 analyzer's ``flamegraph`` endpoint, so both give byte-identical SVGs for the same input.
 
-Pure functions over sessions and :mod:`services.flamegraph`; the wire messages
+Pure functions over sessions and :mod:`buildtel.shared.flamegraph`; the wire messages
 (``FlameGraphRequest``/``FlameGraphReply``) are in ``api.py``.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from services.analyzer.api import FLAME_OPTIONS, FlameGraphReply, FlameGraphRequest
-from shared.protocol import BuildSession
+from buildtel.services.analyzer.api import FLAME_OPTIONS, FlameGraphReply, FlameGraphRequest
+from buildtel.shared.protocol import BuildSession
 
 _enc = msgspec.msgpack.Encoder()
 
@@ -20,7 +20,7 @@ _enc = msgspec.msgpack.Encoder()
 def readable(sessions: list[Any]) -> tuple[list[Any], int]:
     """The sessions with values older versions stored as NaN/inf/negative read as missing (such a
     target or phase is left out: there is no width to draw it with), and how many were."""
-    from shared.validate import clean_session
+    from buildtel.shared.validate import clean_session
 
     out, missing = [], 0
     for s in sessions:
@@ -33,7 +33,7 @@ def readable(sessions: list[Any]) -> tuple[list[Any], int]:
 
 def flame_options(req: Any) -> Any:
     """``FlameGraphOptions`` from anything with the :data:`FLAME_OPTIONS` attributes (raises ValueError)."""
-    from services.flamegraph import FlameGraphOptions
+    from buildtel.shared.flamegraph import FlameGraphOptions
 
     return FlameGraphOptions(**{k: getattr(req, k) for k in FLAME_OPTIONS})
 
@@ -44,7 +44,7 @@ def flame_stacks(sessions: list[Any], *, sequence: bool = False, categories: dic
     (a dict to fill) receives each stack's cache/status bits, for :func:`build_marks`."""
     from types import SimpleNamespace
 
-    from services.flamegraph import FlameGraphBuilder
+    from buildtel.shared.flamegraph import FlameGraphBuilder
 
     sessions, _ = readable(sessions)
     ordered = sorted(sessions, key=lambda s: (s.start, s.id))  # the same input order on every path
@@ -88,9 +88,9 @@ def auto_normalize(normalize: bool | None, after_builds: int | None, base_builds
 
 def build_marks(after: str, categories: dict[str, int] | None = None, *, base: str | None = None,
                 normalized: bool = False) -> Any:
-    """The renderer's :class:`~services.flamegraph.BuildMarks` for builds labelled ``after``
+    """The renderer's :class:`~buildtel.shared.flamegraph.BuildMarks` for builds labelled ``after``
     (and, for a differential, ``base``)."""
-    from services.flamegraph import BuildMarks
+    from buildtel.shared.flamegraph import BuildMarks
 
     root = after if base is None else f"{after} vs {base}" + (", base scaled to the same total" if normalized else "")
     return BuildMarks(root=root, categories=categories or {})
@@ -98,8 +98,8 @@ def build_marks(after: str, categories: dict[str, int] | None = None, *, base: s
 
 def folded_text(stacks: Any) -> str:
     """Folded text of merged stacks (sorted) or of a flame chart's lines (in order)."""
-    from services.flamegraph import format_folded
-    from services.flamegraph.folded import SEP
+    from buildtel.shared.flamegraph import format_folded
+    from buildtel.shared.flamegraph.folded import SEP
 
     if isinstance(stacks, list):
         return "".join(f"{k} {v}\n" for k, v in stacks).replace(SEP, ";")
@@ -116,7 +116,7 @@ def render_flamegraph(stacks: Any, options: Any, *, base: Any = None, widths: st
     ``marks`` (:func:`build_marks`) when they are builds."""
     from dataclasses import fields
 
-    from services.flamegraph import SVGFlameGraphGenerator, render_diff_svg
+    from buildtel.shared.flamegraph import SVGFlameGraphGenerator, render_diff_svg
 
     if base is not None:
         if isinstance(stacks, list) or isinstance(base, list) or options.flamechart:
@@ -146,7 +146,7 @@ def chart_conflicts(req: Any) -> list[str]:
 
 def render_chart(session: Any, options: Any) -> str:
     """One session's timeline (one lane per worker) with the options that apply to a chart."""
-    from services.flamegraph import BuildChartGenerator
+    from buildtel.shared.flamegraph import BuildChartGenerator
 
     value, pct = options.minwidth_spec()
     if pct:
@@ -163,7 +163,7 @@ def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: l
     what still does not fit.  Raises ValueError for requests that cannot be drawn."""
     from dataclasses import replace
 
-    from services.analyzer.columns import gc_paused
+    from buildtel.services.analyzer.columns import gc_paused
 
     if r.chart and (len(sessions) != 1 or not r.session or chart_conflicts(r)):
         raise ValueError("chart draws one session: give session and none of "

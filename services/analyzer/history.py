@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.analyzer.analytics import ReportFilter, select
-from services.analyzer.columns import gc_paused
-from shared.codec import decode_session
-from shared.keys import Keys
-from shared.protocol import BuildSession
+from buildtel.services.analyzer.analytics import ReportFilter, select
+from buildtel.services.analyzer.columns import gc_paused
+from buildtel.shared.codec import decode_session
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import BuildSession
 
 CHUNK = 200  # HMGET size: bounded replies, Redis not blocked for long
 
@@ -82,8 +82,8 @@ async def from_storage(nc: Any, namespace: str, f: ReportFilter, timeout: float)
     """The window from the storage service (raises ``StorageError``; 503 when none runs)."""
     import time
 
-    from services.storage.api import MAX_ITEMS, StorageClient
-    from shared.subjects import Subjects
+    from buildtel.services.storage.api import MAX_ITEMS, StorageClient
+    from buildtel.shared.subjects import Subjects
 
     client = StorageClient(nc, Subjects(namespace), timeout=timeout)
     if f.last is not None:

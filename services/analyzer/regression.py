@@ -24,8 +24,8 @@ from typing import Literal
 
 import msgspec
 
-from services.analyzer.changepoint import Engine
-from services.analyzer.cpcore import (
+from buildtel.services.analyzer.changepoint import Engine
+from buildtel.services.analyzer.cpcore import (
     DEFAULT,
     MIX,
     NEW,

@@ -36,16 +36,16 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request, ServiceError
 
-from services.analyzer import lua
-from services.analyzer.alerts import (
+from buildtel.services.analyzer import lua
+from buildtel.services.analyzer.alerts import (
     Alert,
     alert_decoder,
     encode_alert,
     fold,
     series_points,
 )
-from services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
-from services.analyzer.api import (
+from buildtel.services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
+from buildtel.services.analyzer.api import (
     API_VERSION,
     AnalyzerStats,
     FlameGraphSelection,
@@ -53,12 +53,12 @@ from services.analyzer.api import (
     flame_request_decoder,
     request_decoder,
 )
-from services.analyzer.flamerender import flame_options, flame_reply
-from services.analyzer.columns import gc_paused
-from services.analyzer.history import History, from_storage
-from services.analyzer.subjects import AnalyzerSubjects
-from shared import metrics as metrics_http
-from shared.bus import (
+from buildtel.services.analyzer.flamerender import flame_options, flame_reply
+from buildtel.services.analyzer.columns import gc_paused
+from buildtel.services.analyzer.history import History, from_storage
+from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared import metrics as metrics_http
+from buildtel.shared.bus import (
     MAX_DELIVER,
     close_nats,
     connect_nats,
@@ -68,12 +68,12 @@ from shared.bus import (
     publish_dead_letter,
     watch_max_deliveries,
 )
-from shared.codec import decode_session
-from shared.keys import Keys
-from shared.logs import get_logger
-from shared.protocol import BuildSession
-from shared.runner import finish_tasks
-from shared.settings import Settings
+from buildtel.shared.codec import decode_session
+from buildtel.shared.keys import Keys
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import BuildSession
+from buildtel.shared.runner import finish_tasks
+from buildtel.shared.settings import Settings
 
 log = get_logger("analyzer")
 
@@ -418,7 +418,7 @@ class AnalyzerService:
                             notes: list[str]) -> tuple[list[BuildSession], bool]:
         """(sessions, partial): one session by id (history, else storage), or a window loaded the
         way a report loads it (history; storage when the history may not hold all of it)."""
-        from services.storage.api import StorageClient, StorageError
+        from buildtel.services.storage.api import StorageClient, StorageError
 
         if sel.session:
             if sel.filter() != ReportFilter():

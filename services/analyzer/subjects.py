@@ -1,4 +1,4 @@
-"""The analyzer's subjects and stream, built on :class:`shared.subjects.Subjects` (same namespace rules).
+"""The analyzer's subjects and stream, built on :class:`buildtel.shared.subjects.Subjects` (same namespace rules).
 
 Alerts (JetStream stream ``<NS>_ALERTS``, subjects ``<ns>.alerts.>``)::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 
 _BAD = frozenset(".*>")
 

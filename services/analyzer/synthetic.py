@@ -13,7 +13,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from shared.protocol import (
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildSession,
     SessionTotals,

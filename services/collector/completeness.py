@@ -5,7 +5,7 @@ meta hash counts folded events (``n:<agent>``), refused ones (``lost:<agent>`` w
 per-cause ``x:``/``xr:``/``xf:``/``xl:`` fields written by the ``apply`` script),
 undecodable batches (``ub``/``ubr``) and the highest seq per agent; the seen bitmaps
 say which seq numbers arrived at all.  From these :func:`completeness` writes the
-record stored with the session (``shared.protocol.Completeness``), and a session
+record stored with the session (``buildtel.shared.protocol.Completeness``), and a session
 is complete only when nothing is known to be missing.  Rules in
 ``docs/protocol.md`` ("Completeness").
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from shared.protocol import BuildFinished, Completeness, LostEvents, SeqRange
+from buildtel.shared.protocol import BuildFinished, Completeness, LostEvents, SeqRange
 
 MAX_LISTED = 100  # missing seq ranges listed per session (missing_total counts them all)
 _HOLES = re.compile(rb"[^\xff]+")  # bytes of a seen bitmap with at least one seq not received

@@ -19,9 +19,9 @@ from operator import attrgetter
 
 import msgspec
 
-from shared.codec import event_decoder
-from shared.totals import summarize_targets
-from shared.protocol import (
+from buildtel.shared.codec import event_decoder
+from buildtel.shared.totals import summarize_targets
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildSession,
     BuildStarted,

@@ -26,10 +26,10 @@ from typing import Any
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.collector import fold, lua
-from services.collector.completeness import completeness
-from shared import metrics as metrics_http
-from shared.bus import (
+from buildtel.services.collector import fold, lua
+from buildtel.services.collector.completeness import completeness
+from buildtel.shared import metrics as metrics_http
+from buildtel.shared.bus import (
     MAX_DELIVER,
     close_nats,
     connect_nats,
@@ -39,15 +39,15 @@ from shared.bus import (
     publish_dead_letter,
     watch_max_deliveries,
 )
-from shared.codec import decode_batch, encode
-from shared.keys import Keys
-from shared.logs import get_logger
-from shared.redaction import redact_batch
-from shared.runner import finish_tasks
-from shared.settings import Settings
-from shared.subjects import Subjects
-from shared.protocol import EventBatch, is_session_id
-from shared.validate import Rejected, check_envelope, refused_events
+from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.logs import get_logger
+from buildtel.shared.redaction import redact_batch
+from buildtel.shared.runner import finish_tasks
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+from buildtel.shared.protocol import EventBatch, is_session_id
+from buildtel.shared.validate import Rejected, check_envelope, refused_events
 
 log = get_logger("collector")
 

@@ -8,7 +8,7 @@ command and :meth:`RunCapture.after` once it has exited::
     exit_code = run(argv)
     recording_id = cap.after(exit_code)
 
-(``services/cli/cmd_run.py`` uses the two wrappers at the end of this module,
+(``cli/cmd_run.py`` uses the two wrappers at the end of this module,
 :func:`start_run_capture` and :func:`finish_run_capture`.)
 
 *Outputs* come from a scan of the working tree before and after: files created
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import msgspec
 
-from services.recorder import toolquery
-from services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
-from services.recorder.recorder import BuildRecorder
-from services.recorder.store import RecordingStore
-from shared.files import write_private
-from shared.logs import get_logger
-from shared.settings import Settings
+from buildtel.services.recorder import toolquery
+from buildtel.services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
+from buildtel.services.recorder.recorder import BuildRecorder
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.files import write_private
+from buildtel.shared.logs import get_logger
+from buildtel.shared.settings import Settings
 
 log = get_logger("recorder.capture")
 

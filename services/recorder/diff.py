@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.recorder.manifest import RecordingManifest
-from shared.protocol import (
+from buildtel.services.recorder.manifest import RecordingManifest
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildSession,
     BuildStarted,

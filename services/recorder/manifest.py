@@ -24,7 +24,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.protocol import BuildEnvironment, Event
+from buildtel.shared.protocol import BuildEnvironment, Event
 
 FORMAT_VERSION = 1
 

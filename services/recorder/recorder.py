@@ -11,7 +11,7 @@ Usage::
 Paths are relative to the working directory.  A path that leaves it — absolute,
 ``..``, or through a symlink pointing outside — raises :class:`UnsafePath` at
 record time, so it never reaches a manifest.  The environment is redacted by
-``shared.redaction`` *before* it is stored (secret values are replaced, names
+``buildtel.shared.redaction`` *before* it is stored (secret values are replaced, names
 are kept), and so is the command line; nothing else of the environment is
 written.  ``services/recorder/capture.py`` decides which files to record for
 ``buildtel run --record``.
@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from services.recorder.manifest import (
+from buildtel.services.recorder.manifest import (
     ExternalInput,
     FileEntry,
     RecordingManifest,
@@ -35,12 +35,12 @@ from services.recorder.manifest import (
     normalize_relpath,
     safe_relpath,
 )
-from services.recorder.store import RecordingStore
-from shared.environment import DEFAULT_TOOLS, capture
-from shared.files import write_private
-from shared.protocol import BuildEnvironment, Event, new_session_id
-from shared.redaction import redact_argv, redact_env
-from shared.settings import Settings
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.environment import DEFAULT_TOOLS, capture
+from buildtel.shared.files import write_private
+from buildtel.shared.protocol import BuildEnvironment, Event, new_session_id
+from buildtel.shared.redaction import redact_argv, redact_env
+from buildtel.shared.settings import Settings
 
 GC_INTERVAL_S = 3600.0
 

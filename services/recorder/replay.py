@@ -30,18 +30,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.recorder.capture import PER_RUN_VARS, VOLATILE, scan_tree
-from services.recorder.manifest import (
+from buildtel.services.recorder.capture import PER_RUN_VARS, VOLATILE, scan_tree
+from buildtel.services.recorder.manifest import (
     FileEntry,
     RecordingManifest,
     UnsafePath,
     check_entry,
 )
-from services.recorder.store import RecordingStore
-from services.recorder.trust import ManifestUntrusted
-from shared.protocol import Event
-from shared.redaction import REDACTED
-from shared.settings import Settings
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.services.recorder.trust import ManifestUntrusted
+from buildtel.shared.protocol import Event
+from buildtel.shared.redaction import REDACTED
+from buildtel.shared.settings import Settings
 
 DEFAULT_TIMEOUT_S = 3600.0
 

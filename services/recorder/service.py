@@ -30,9 +30,9 @@ from typing import Any
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.recorder.store import RecordingStore
-from shared import metrics as metrics_http
-from shared.bus import (
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared import metrics as metrics_http
+from buildtel.shared.bus import (
     MAX_DELIVER,
     close_nats,
     connect_nats,
@@ -41,15 +41,15 @@ from shared.bus import (
     note_failure,
     watch_max_deliveries,
 )
-from shared.codec import decode_batch
-from shared.keys import Keys
-from shared.logs import get_logger
-from shared.protocol import BuildFinished, BuildStarted, EventBatch
-from shared.redaction import redact_batch
-from shared.runner import finish_tasks
-from shared.settings import Settings
-from shared.subjects import Subjects
-from shared.validate import Rejected, check_batch
+from buildtel.shared.codec import decode_batch
+from buildtel.shared.keys import Keys
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch
+from buildtel.shared.redaction import redact_batch
+from buildtel.shared.runner import finish_tasks
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+from buildtel.shared.validate import Rejected, check_batch
 
 log = get_logger("recorder")
 
@@ -64,7 +64,7 @@ SAVE_RETRY_S = 5.0  # a batch that could not be written comes back after this
 
 
 def flag_key(ns: str, sid: str) -> str:
-    """Redis string "1"/"0": whether the session asked to be recorded (see shared.keys)."""
+    """Redis string "1"/"0": whether the session asked to be recorded (see buildtel.shared.keys)."""
     return Keys(ns).recorder_flag(sid)
 
 

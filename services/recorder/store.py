@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from services.recorder.manifest import (
+from buildtel.services.recorder.manifest import (
     EventLog,
     RecordingManifest,
     decode_event_log,
@@ -42,11 +42,11 @@ from services.recorder.manifest import (
     encode,
     is_recording_id,
 )
-from services.recorder.trust import ManifestSigner
-from shared.codec import DecodeError, batch_decoder
-from shared.files import private_dir
-from shared.protocol import Event
-from shared.settings import Settings
+from buildtel.services.recorder.trust import ManifestSigner
+from buildtel.shared.codec import DecodeError, batch_decoder
+from buildtel.shared.files import private_dir
+from buildtel.shared.protocol import Event
+from buildtel.shared.settings import Settings
 
 GiB = 1024**3
 DEFAULT_MAX_BYTES = 10 * GiB

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from shared.codec import encode
-from shared.protocol import (
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import (
     CACHE_HITS,
     BuildFinished,
     BuildStarted,
@@ -33,7 +33,7 @@ from shared.protocol import (
     is_session_id,
     new_session_id,
 )
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 
 REPUBLISH_BATCH = 200
 

@@ -1,4 +1,4 @@
-"""``python -m services.storage``: run the storage service until SIGINT/SIGTERM.
+"""``python -m buildtel.services.storage``: run the storage service until SIGINT/SIGTERM.
 
 Configuration comes from ``BUILDER_TELEMETRY_*`` (``Settings.from_env``);
 ``BUILDER_TELEMETRY_NATS_URL`` and ``BUILDER_TELEMETRY_REDIS_URL`` must be set
@@ -12,14 +12,14 @@ import argparse
 import asyncio
 import sys
 
-from services.storage.service import StorageService
-from shared.logs import configure, get_logger
-from shared.runner import run_until_signal
-from shared.settings import Settings, SettingsError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.logs import configure, get_logger
+from buildtel.shared.runner import run_until_signal
+from buildtel.shared.settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.storage", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m buildtel.services.storage", description=__doc__.splitlines()[0])
     parser.add_argument("--ack-wait-s", type=float, default=30.0,
                         help="JetStream ack wait of the durable consumer when this run creates it; "
                              "un-acked messages of a crashed instance are redelivered after it (default 30)")

@@ -2,7 +2,7 @@
 
 The storage service answers NATS requests (a ``nats.micro`` service named
 ``<ns>-storage``) on ``<ns>.storage.get|recent|range|query|stats``.  Bodies are
-MessagePack (shared.codec) of the structs below; an empty request body means
+MessagePack (buildtel.shared.codec) of the structs below; an empty request body means
 "all defaults".  Errors come back as NATS micro errors: headers
 ``Nats-Service-Error-Code`` (400 bad request, 404 not found, 413 a single
 session larger than a NATS message, 500 internal) and ``Nats-Service-Error``
@@ -21,10 +21,10 @@ from typing import Annotated, Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from shared import micro
-from shared.codec import decode_session, encode
-from shared.protocol import BuildSession, Outcome
-from shared.subjects import Subjects
+from buildtel.shared import micro
+from buildtel.shared.codec import decode_session, encode
+from buildtel.shared.protocol import BuildSession, Outcome
+from buildtel.shared.subjects import Subjects
 
 API_VERSION = "1.0.0"
 ENDPOINTS = ("get", "recent", "range", "query", "stats")

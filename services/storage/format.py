@@ -23,7 +23,7 @@ A segment file::
       length    u32 payload bytes
       stored_at f64 when storage wrote it (Unix seconds)
       crc       u32 crc32 of kind..stored_at and the payload
-      payload   length bytes: a msgpack BuildSession (shared.codec)
+      payload   length bytes: a msgpack BuildSession (buildtel.shared.codec)
 
 All integers little-endian.  The checksum covers the length, so a flipped
 length is caught instead of making the reader skip a random distance.

@@ -39,7 +39,7 @@ class _TargetView(msgspec.Struct, array_like=True):
 class SessionView(msgspec.Struct, tag="session", tag_field="type"):
     """The fields of ``BuildSession`` the index needs; decoding skips everything else.
 
-    Same names, types and defaults as ``shared.protocol.BuildSession`` so both decode
+    Same names, types and defaults as ``buildtel.shared.protocol.BuildSession`` so both decode
     the same bytes the same way (msgspec ignores the fields this view does not name).
     """
 

@@ -1,7 +1,7 @@
 """Opening (index rebuild + damage handling) and retention (drop, delete, compact) of the store.
 
 Split from ``store.py`` only to keep modules small; these functions work on a
-:class:`~services.storage.store.TelemetryStorage` and respect its locks:
+:class:`~buildtel.services.storage.store.TelemetryStorage` and respect its locks:
 ``_retention_lock`` makes retention runs sequential, ``_write_lock`` is held
 only for the moments a snapshot or the segment list is swapped, never during
 file I/O, so appends keep flowing while a segment is rewritten.
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from services.storage import format as fmt
-from services.storage.index import Snapshot, Summary, summarize, view_decoder
-from shared.codec import DecodeError
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.index import Snapshot, Summary, summarize, view_decoder
+from buildtel.shared.codec import DecodeError
 
 if TYPE_CHECKING:
-    from services.storage.store import (
+    from buildtel.services.storage.store import (
         DamageReport,
         RetentionReport,
         Segment,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def load(store: TelemetryStorage) -> DamageReport:
     """Scan every segment into the store's index (runs in a worker thread, before open returns)."""
-    from services.storage.store import DamageReport
+    from buildtel.services.storage.store import DamageReport
 
     fmt.remove_leftovers(store.directory)
     found = fmt.list_segments(store.directory)
@@ -66,7 +66,7 @@ def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
 
 def _load_segment(store: TelemetryStorage, report: DamageReport, summaries: dict[str, Summary],
                   segments: list[Segment], number: int, path: Path, data: bytes | mmap.mmap, *, last: bool) -> None:
-    from services.storage.store import Segment
+    from buildtel.services.storage.store import Segment
 
     res = fmt.scan(data, str(path))
     if res.header is not None and res.header.version != fmt.FORMAT_VERSION:
@@ -125,7 +125,7 @@ def _mostly_dead(seg: Segment, live: int, threshold: float) -> bool:
 
 
 async def enforce_retention(store: TelemetryStorage, now: float) -> RetentionReport:
-    from services.storage.store import RetentionReport
+    from buildtel.services.storage.store import RetentionReport
 
     report = RetentionReport()
     async with store._retention_lock:
@@ -191,7 +191,7 @@ def _unlink(paths: list[Path], fsync: bool) -> None:
 def _rewrite(store: TelemetryStorage, seg: Segment, members: list[Summary]) -> tuple[Segment, dict[str, Summary | None]]:
     """Copy the live records of ``seg`` (verbatim: same bytes, same stored_at) into a new file
     that atomically replaces it.  Runs in a worker thread."""
-    from services.storage.store import Segment
+    from buildtel.services.storage.store import Segment
 
     header = fmt.encode_header()
     members = sorted(members, key=lambda s: s.offset)  # sequential reads, original order

@@ -1,7 +1,7 @@
 """StorageService: consume completed sessions from JetStream into the store; answer queries.
 
 Ingest: a durable pull consumer ("storage") on ``<ns>.sessions.completed``
-fetches batches; each message is decoded (``shared.codec.decode_session``).
+fetches batches; each message is decoded (``buildtel.shared.codec.decode_session``).
 Bad input goes to ``<ns>.deadletter.storage`` with the reason and is acked (it
 would fail the same way forever); good sessions are appended and fsynced in one
 ``append_many`` and only *then* acked, so an acknowledged message is on disk.  A
@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request, ServiceError
 
-from services.storage.api import (
+from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
     Cursor,
@@ -38,16 +38,16 @@ from services.storage.api import (
     decode_request,
     endpoint_subject,
 )
-from services.storage.index import Filters
-from services.storage.store import (
+from buildtel.services.storage.index import Filters
+from buildtel.services.storage.store import (
     DEFAULT_SEGMENT_BYTES,
     DamageReport,
     Page,
     StorageClosed,
     TelemetryStorage,
 )
-from shared import metrics as metrics_http
-from shared.bus import (
+from buildtel.shared import metrics as metrics_http
+from buildtel.shared.bus import (
     MAX_DELIVER,
     connect_nats,
     connect_redis,
@@ -56,11 +56,11 @@ from shared.bus import (
     publish_dead_letter,
     watch_max_deliveries,
 )
-from shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
-from shared.keys import Keys
-from shared.logs import get_logger
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
+from buildtel.shared.keys import Keys
+from buildtel.shared.logs import get_logger
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 DURABLE = "storage"
 # Ids become index keys and log fields; the protocol's are 32 hex digits, this is the lenient bound.

@@ -32,8 +32,8 @@ from typing import Any
 
 import msgspec
 
-from services.storage import format as fmt
-from services.storage.index import (
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.index import (
     Filters,
     Key,
     Snapshot,
@@ -41,10 +41,10 @@ from services.storage.index import (
     summarize,
     view_decoder,
 )
-from shared.codec import decode_session, encode
-from shared.files import private_dir
-from shared.logs import get_logger
-from shared.protocol import BuildSession
+from buildtel.shared.codec import decode_session, encode
+from buildtel.shared.files import private_dir
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import BuildSession
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 LOCK_FILE = "LOCK"
@@ -428,14 +428,14 @@ class TelemetryStorage:
 
     # -- loading and retention (services/storage/maintenance.py, to keep modules small) -----
     def _load(self) -> DamageReport:
-        from services.storage.maintenance import load
+        from buildtel.services.storage.maintenance import load
 
         return load(self)
 
     async def enforce_retention(self, now: float | None = None) -> RetentionReport:
         """Drop sessions beyond ``max_sessions`` (oldest first) or finished before
         ``now - retention_s``; delete segments with nothing live, rewrite mostly-dead ones."""
-        from services.storage.maintenance import enforce_retention
+        from buildtel.services.storage.maintenance import enforce_retention
 
         self._check_open()
         return await enforce_retention(self, time.time() if now is None else now)

@@ -1,18 +1,18 @@
-"""``python -m services.tracer [--otlp-port N] [--forward-otlp URL] [--forward-zipkin URL]``:
+"""``python -m buildtel.services.tracer [--otlp-port N] [--forward-otlp URL] [--forward-zipkin URL]``:
 run one tracer until SIGTERM/SIGINT (bus URLs from the environment)."""
 
 import argparse
 import asyncio
 import sys
 
-from services.tracer.service import add_serve_arguments, service_from_args
-from shared.logs import configure
-from shared.runner import run_until_signal
-from shared.settings import Settings
+from buildtel.services.tracer.service import add_serve_arguments, service_from_args
+from buildtel.shared.logs import configure
+from buildtel.shared.runner import run_until_signal
+from buildtel.shared.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tracer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m buildtel.services.tracer", description=__doc__)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     settings = Settings.from_env()

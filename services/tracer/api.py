@@ -1,6 +1,6 @@
 """The tracing API of Builder Telemetry, a thin layer over the OpenTelemetry SDK.
 
-    from services.tracer import api
+    from buildtel.services.tracer import api
 
     with api.start_trace("build", session_id=sid, target_count=12):
         with api.start_span("compile //app:lib") as span:
@@ -48,10 +48,10 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from services.tracer import propagation
-from services.tracer.model import SESSION_ATTR, session_span_id
-from shared.logs import get_logger
-from shared.settings import Settings
+from buildtel.services.tracer import propagation
+from buildtel.services.tracer.model import SESSION_ATTR, session_span_id
+from buildtel.shared.logs import get_logger
+from buildtel.shared.settings import Settings
 
 __all__ = [
     "SpanHandle",
@@ -88,7 +88,7 @@ def _nats_url(settings: Settings) -> str | None:
     if settings.nats_url:
         return settings.nats_url
     try:  # a local stack started by `buildtel up`
-        from services.cli.common import read_stack
+        from buildtel.cli.common import read_stack
 
         info = read_stack(settings)
     except Exception:  # noqa: BLE001 - no stack file, unreadable: run without export
@@ -115,7 +115,7 @@ def configure_tracing(settings: Settings | None = None, *, nats_url: str | None 
         if exporter is None and settings.enabled:
             url = nats_url or _nats_url(settings)
             if url:
-                from services.tracer.bus_exporter import BusSpanExporter
+                from buildtel.services.tracer.bus_exporter import BusSpanExporter
 
                 exporter = BusSpanExporter(settings, url)
         existing = trace.get_tracer_provider()

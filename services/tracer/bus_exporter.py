@@ -7,7 +7,7 @@ exporter owns a private event loop in a daemon thread and blocks on it; this
 also works when the application itself runs an event loop, because the two
 loops never meet.
 
-Each batch becomes one or more MessagePack :class:`~services.tracer.model.SpanBatch`
+Each batch becomes one or more MessagePack :class:`~buildtel.services.tracer.model.SpanBatch`
 messages under ``max_message_bytes`` on ``<ns>.spans``, published with a
 ``Nats-Msg-Id`` derived from the payload so a retried publish is dropped by
 JetStream's duplicate window.  JetStream acknowledges each message, so
@@ -26,18 +26,18 @@ from typing import Any, TypeVar
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from services.tracer.model import (
+from buildtel.services.tracer.model import (
     SpanBatch,
     SpanEvent,
     SpanLink,
     SpanRecord,
     span_batch_encoder,
 )
-from services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from shared.bus import close_nats, connect_nats, has_credentials
-from shared.logs import get_logger
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.tracer.subjects import TracerSubjects, ensure_spans_stream
+from buildtel.shared.bus import close_nats, connect_nats, has_credentials
+from buildtel.shared.logs import get_logger
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 log = get_logger("tracer.bus_exporter")
 T = TypeVar("T")

@@ -32,10 +32,10 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from services.tracer import otlp, otlp_json
-from services.tracer.formats import jaeger_document, to_zipkin
-from services.tracer.model import SpanRecord
-from shared.logs import get_logger
+from buildtel.services.tracer import otlp, otlp_json
+from buildtel.services.tracer.formats import jaeger_document, to_zipkin
+from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.logs import get_logger
 
 log = get_logger("tracer.exporters")
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from services.tracer.model import (
+from buildtel.services.tracer.model import (
     KIND_CLIENT,
     KIND_CONSUMER,
     KIND_NAMES,

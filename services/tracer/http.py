@@ -12,7 +12,7 @@
   the same bytes would fail again.
 * ``Authorization: Bearer <token>`` is required when ``settings.http_token``
   is set (compared in constant time).
-* Limits come from :mod:`shared.httpserver` (``docs/tracing.md``): a connection
+* Limits come from :mod:`buildtel.shared.httpserver` (``docs/tracing.md``): a connection
   whose request head is incomplete after ``idle_timeout`` (15 s) is closed, a
   body not received within ``body_timeout`` (30 s) is 408, JSON nested deeper
   than ``max_json_depth`` (64) is 400.
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from services.tracer import otlp, otlp_json
-from services.tracer.model import SpanRecord
-from shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
-from shared.logs import get_logger
+from buildtel.services.tracer import otlp, otlp_json
+from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
+from buildtel.shared.logs import get_logger
 
 log = get_logger("tracer.http")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from services.tracer.model import SpanEvent, SpanLink, SpanRecord, check_span
-from services.tracer.otlp import DecodeResult, OtlpDecodeError, _group
+from buildtel.services.tracer.model import SpanEvent, SpanLink, SpanRecord, check_span
+from buildtel.services.tracer.otlp import DecodeResult, OtlpDecodeError, _group
 
 __all__ = ["decode_document", "decode_request", "encode_request", "encode_response", "encode_status", "request_dict"]
 
@@ -183,7 +183,7 @@ def decode_request(body: bytes) -> DecodeResult:
 
 def decode_document(doc: Any) -> DecodeResult:
     """Decode an already parsed OTLP/JSON request; the HTTP receiver parses with a depth
-    limit (shared.httpserver.decode_json) so the recursive walk here stays bounded."""
+    limit (buildtel.shared.httpserver.decode_json) so the recursive walk here stays bounded."""
     result = DecodeResult()
     try:
         doc = _obj(doc, "request")

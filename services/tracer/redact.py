@@ -4,7 +4,7 @@ Spans arrive over OTLP/HTTP and the bus from tools this project did not write; a
 tool that records its command line (``process.command_line``, ``process.command_args``),
 a URL with a token in it, or an attribute named like a secret would otherwise put
 that secret into the trace store and every exporter.  The same rules as the agent's
-(:mod:`shared.redaction`) apply: attributes whose key says secret are replaced, and
+(:mod:`buildtel.shared.redaction`) apply: attributes whose key says secret are replaced, and
 command lines and URLs keep everything but their secrets.  Other string attributes
 are left alone: scanning every value would cost most of the ingest rate.
 """
@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from services.tracer.model import SpanRecord
-from shared.redaction import REDACTED, redact_argv, redact_text
+from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.redaction import REDACTED, redact_argv, redact_text
 
 # Keys (OpenTelemetry semantic conventions) whose values are command lines or URLs.
 TEXT_KEYS = frozenset({"process.command_line", "process.command", "url.full", "url.query", "http.url",

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from services.tracer.model import SpanRecord
+from buildtel.services.tracer.model import SpanRecord
 
 FORMAT_VERSION = 1
 FILE_MAGIC = b"\x89BTTRC\r\n"

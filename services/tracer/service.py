@@ -41,21 +41,21 @@ import nats.micro
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request
 
-from services.tracer import query
-from services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
-from services.tracer.http import RunningReceiver, start_receiver
-from services.tracer.model import SpanRecord, check_span, span_batch_decoder
-from services.tracer.redact import redact_spans
-from services.tracer.sessions import session_spans
-from services.tracer.store import (
+from buildtel.services.tracer import query
+from buildtel.services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
+from buildtel.services.tracer.http import RunningReceiver, start_receiver
+from buildtel.services.tracer.model import SpanRecord, check_span, span_batch_decoder
+from buildtel.services.tracer.redact import redact_spans
+from buildtel.services.tracer.sessions import session_spans
+from buildtel.services.tracer.store import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_TRACES,
     DEFAULT_SEGMENT_BYTES,
     TraceStore,
 )
-from services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from shared import metrics as metrics_http
-from shared.bus import (
+from buildtel.services.tracer.subjects import TracerSubjects, ensure_spans_stream
+from buildtel.shared import metrics as metrics_http
+from buildtel.shared.bus import (
     MAX_DELIVER,
     close_nats,
     connect_nats,
@@ -65,13 +65,13 @@ from shared.bus import (
     publish_dead_letter,
     watch_max_deliveries,
 )
-from shared.codec import DecodeError, decode_session
-from shared.keys import Keys
-from shared.logs import get_logger
-from shared.protocol import is_session_id
-from shared.runner import finish_tasks
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.codec import DecodeError, decode_session
+from buildtel.shared.keys import Keys
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import is_session_id
+from buildtel.shared.runner import finish_tasks
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 log = get_logger("tracer")
 
@@ -330,7 +330,7 @@ def _encode_stats(stats: query.StatsReply) -> bytes:
     return msgspec.msgpack.encode(stats)
 
 
-# -- CLI wiring (``buildtel serve tracer`` and ``python -m services.tracer``) -----------------
+# -- CLI wiring (``buildtel serve tracer`` and ``python -m buildtel.services.tracer``) -----------------
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the tracer service; the lead wires them under ``buildtel serve tracer``."""

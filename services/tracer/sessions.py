@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.tracer.model import (
+from buildtel.services.tracer.model import (
     KIND_INTERNAL,
     SESSION_ATTR,
     STATUS_ERROR,
@@ -28,9 +28,9 @@ from services.tracer.model import (
     is_hex_id,
     session_span_id,
 )
-from shared.logs import get_logger
-from shared.protocol import BuildSession, TargetMetrics
-from shared.validate import clean_session
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import BuildSession, TargetMetrics
+from buildtel.shared.validate import clean_session
 
 log = get_logger("tracer")
 
@@ -140,7 +140,7 @@ def _representable(*seconds: float) -> bool:
 
 def readable_session(session: BuildSession) -> tuple[BuildSession, int]:
     """``session`` with the values a trace cannot hold read as missing: non-finite or negative
-    numbers (:func:`shared.validate.clean_session`) and times outside int64 nanoseconds (such a
+    numbers (:func:`buildtel.shared.validate.clean_session`) and times outside int64 nanoseconds (such a
     target is left out; such a session time becomes 0, "unknown").  Returns how many values."""
     import msgspec
 

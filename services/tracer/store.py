@@ -34,10 +34,10 @@ from pathlib import Path
 
 import msgspec
 
-from services.tracer import segments as fmt
-from services.tracer.model import SpanRecord, span_session_id
-from shared.files import private_dir
-from shared.logs import get_logger
+from buildtel.services.tracer import segments as fmt
+from buildtel.services.tracer.model import SpanRecord, span_session_id
+from buildtel.shared.files import private_dir
+from buildtel.shared.logs import get_logger
 
 log = get_logger("tracer.store")
 

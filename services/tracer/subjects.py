@@ -1,4 +1,4 @@
-"""NATS subjects and JetStream names of the tracer, derived from ``shared.subjects.Subjects``.
+"""NATS subjects and JetStream names of the tracer, derived from ``buildtel.shared.subjects.Subjects``.
 
 ``shared/subjects.py`` is shared by every service and owned by the lead; the
 tracer's own names live here, hanging off the same namespace so parallel farms
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 
 DAY_S = 86400.0
 MiB = 1024 * 1024

@@ -9,7 +9,7 @@ propagate.  ``buildtel w3c-testpoint --port PORT`` calls :func:`run_testpoint`.
 
 Because the endpoint makes requests to URLs it is given, it binds loopback and
 only calls loopback targets unless told otherwise.  Timeouts and body limits are
-:mod:`shared.httpserver`'s (``docs/tracing.md``); a /test body may be 64 KiB.
+:mod:`buildtel.shared.httpserver`'s (``docs/tracing.md``); a /test body may be 64 KiB.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from yarl import URL
 
-from shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
+from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
 
 from .propagation import W3CTraceContextPropagator, extract_headers, inject_headers
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.protocol import (
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildSession,
     SessionTotals,

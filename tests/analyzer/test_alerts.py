@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from services.analyzer.alerts import Alert, alert_id, decode_state, fold, series_points
-from services.analyzer.regression import find_changes
-from services.analyzer.subjects import AnalyzerSubjects, token
+from buildtel.services.analyzer.alerts import Alert, alert_id, decode_state, fold, series_points
+from buildtel.services.analyzer.regression import find_changes
+from buildtel.services.analyzer.subjects import AnalyzerSubjects, token
 from tests.analyzer.helpers import T0, session, target
 
 

@@ -8,10 +8,10 @@ import statistics
 
 import pytest
 
-from services.analyzer import columns
-from services.analyzer.analytics import ReportFilter, TelemetryAnalyzer, select
-from services.analyzer.stats import linear_fit, t_quantile, t_two_sided_p
-from services.analyzer.synthetic import Scenario, generate
+from buildtel.services.analyzer import columns
+from buildtel.services.analyzer.analytics import ReportFilter, TelemetryAnalyzer, select
+from buildtel.services.analyzer.stats import linear_fit, t_quantile, t_two_sided_p
+from buildtel.services.analyzer.synthetic import Scenario, generate
 from tests.analyzer.helpers import T0, session, target
 
 ENGINES = ["python"] + (["numpy"] if columns.np is not None else [])

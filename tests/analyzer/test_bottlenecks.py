@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.bottlenecks import bottlenecks, critical_path, what_if
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.bottlenecks import bottlenecks, critical_path, what_if
 from tests.analyzer.helpers import T0, session, target
 
 

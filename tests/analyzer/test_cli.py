@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.api import AnalyzerClient, wait_for_alerts
-from services.analyzer.service import AnalyzerService
-from services.cli.cmd_analyze import parse_when
-from services.cli.main import CLIError
-from shared.codec import encode
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.api import AnalyzerClient, wait_for_alerts
+from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.cli.cmd_analyze import parse_when
+from buildtel.cli.main import CLIError
+from buildtel.shared.codec import encode
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.analyzer.test_service import _step_history
 from tests.util import stack_env
 
@@ -30,7 +30,7 @@ async def _cli(settings: Settings, *args: str, namespace: str | None = None) -> 
     env = dict(os.environ, **stack_env(settings))
     env.pop("BUILDTEL_DEBUG", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
+        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
         settings.redis_url or "", "--namespace", namespace or settings.namespace, "--cache-dir",
         str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -133,7 +133,7 @@ async def test_alerts_follow_prints_new_alerts(settings, nc, redis_client) -> No
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
     await svc.start()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
+        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
         settings.redis_url or "", "--namespace", settings.namespace, "alerts", "--follow", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ, **stack_env(settings)))
     try:

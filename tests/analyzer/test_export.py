@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.export import (
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.export import (
     SESSION_COLUMNS,
     TARGET_COLUMNS,
     report_from_json,
@@ -18,7 +18,7 @@ from services.analyzer.export import (
     targets_csv,
     to_json,
 )
-from services.analyzer.synthetic import Scenario, generate
+from buildtel.services.analyzer.synthetic import Scenario, generate
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 
 import msgspec
 
-from services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
-from services.analyzer.export import report_from_json, to_json
-from services.analyzer.synthetic import Scenario, generate
+from buildtel.services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
+from buildtel.services.analyzer.export import report_from_json, to_json
+from buildtel.services.analyzer.synthetic import Scenario, generate
 
 
 def _missing_keys(obj: object, doc: object, path: str = "$") -> list[str]:

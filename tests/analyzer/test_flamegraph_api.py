@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.analyzer import service as analyzer_service
-from services.analyzer.api import AnalyzerClient, AnalyzerError, FlameGraphSelection
-from services.analyzer.service import AnalyzerService
-from services.storage.service import StorageService
-from shared.protocol import Phase, TargetMetrics
-from shared.settings import Settings
+from buildtel.services.analyzer import service as analyzer_service
+from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, FlameGraphSelection
+from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.protocol import Phase, TargetMetrics
+from buildtel.shared.settings import Settings
 from tests.flamegraph.test_cli import build, cli, store, svg_frames
 
 

@@ -14,9 +14,9 @@ import json
 import msgspec
 import pytest
 
-from services.analyzer.analytics import MIN_DAY_SPAN, TelemetryAnalyzer
-from services.analyzer.bottlenecks import critical_path
-from services.analyzer.export import report_from_json, summary, targets_csv, to_json
+from buildtel.services.analyzer.analytics import MIN_DAY_SPAN, TelemetryAnalyzer
+from buildtel.services.analyzer.bottlenecks import critical_path
+from buildtel.services.analyzer.export import report_from_json, summary, targets_csv, to_json
 from tests.analyzer.helpers import T0, session, target
 
 DAY = 86400.0

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from services.analyzer.alerts import decode_state, series_points
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.export import summary
-from services.analyzer.service import AnalyzerService
-from shared.protocol import BuildSession, Completeness, LostEvents
-from shared.settings import Settings
+from buildtel.services.analyzer.alerts import decode_state, series_points
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.export import summary
+from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.shared.protocol import BuildSession, Completeness, LostEvents
+from buildtel.shared.settings import Settings
 from tests.analyzer.helpers import T0, session, target
 
 LOST = Completeness(complete=False, expected={"a": 40}, received={"a": 20},

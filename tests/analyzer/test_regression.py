@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.analyzer.regression import (
+from buildtel.services.analyzer.regression import (
     ChangePoint,
     StreamingDetector,
     detect,

@@ -1,4 +1,4 @@
-"""Three analyzer replicas (``python -m services.analyzer``), one SIGKILLed mid-stream: every series point
+"""Three analyzer replicas (``python -m buildtel.services.analyzer``), one SIGKILLed mid-stream: every series point
 folded exactly once, every alert published exactly once, every request answered exactly once."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections import Counter
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.analyzer.alerts import decode_state, series_points
-from services.analyzer.api import AnalyzerClient, alerts_stream_config, read_alerts
-from services.analyzer.subjects import AnalyzerSubjects
-from shared.bus import ensure_streams
-from shared.codec import encode
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.analyzer.alerts import decode_state, series_points
+from buildtel.services.analyzer.api import AnalyzerClient, alerts_stream_config, read_alerts
+from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.analyzer.helpers import T0, session, target
 from tests.util import stack_env
 
@@ -34,7 +34,7 @@ def _spawn(settings: Settings) -> subprocess.Popen[bytes]:
     env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_LOG_FORMAT="json")
-    return subprocess.Popen([sys.executable, "-m", "services.analyzer"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "buildtel.services.analyzer"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.analyzer.alerts import decode_state
-from services.analyzer.analytics import TelemetryAnalyzer
-from services.analyzer.api import AnalyzerClient, AnalyzerError, read_alerts
-from services.analyzer.service import AnalyzerService
-from shared.bus import dead_letter_decoder, ensure_streams
-from shared.codec import encode
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.analyzer.alerts import decode_state
+from buildtel.services.analyzer.analytics import TelemetryAnalyzer
+from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, read_alerts
+from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.shared.bus import dead_letter_decoder, ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.analyzer.helpers import T0, session, target
 
 
@@ -172,7 +172,7 @@ async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc,
 
 
 async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_client) -> None:
-    from services.storage.service import StorageService
+    from buildtel.services.storage.service import StorageService
 
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "", history_cap=5,
                           storage_timeout_s=3)
@@ -210,7 +210,7 @@ async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_
 async def test_a_session_that_keeps_failing_is_dead_lettered(settings, nc, redis_client, monkeypatch) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    import services.analyzer.service as service_mod
+    import buildtel.services.analyzer.service as service_mod
 
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from services.capture.lanes import LaneAllocator
-from services.capture.live import LiveSource
-from services.capture.make import MakeCapture, parse_make_args
-from services.capture.ninja import NinjaCapture, parse_cmake_args, parse_ninja_args
-from services.capture.shellwrap import wrapper_path
-from services.capture.tail import FileTail
+from buildtel.shared.capture.lanes import LaneAllocator
+from buildtel.shared.capture.live import LiveSource
+from buildtel.shared.capture.make import MakeCapture, parse_make_args
+from buildtel.shared.capture.ninja import NinjaCapture, parse_cmake_args, parse_ninja_args
+from buildtel.shared.capture.shellwrap import wrapper_path
+from buildtel.shared.capture.tail import FileTail
 
 # Both capture methods are exercised; preload needs a dynamically linked GNU make (Linux distros'
 # make is), the wrapper a C compiler.  Missing tools fail these tests, they never skip them.
@@ -120,7 +120,7 @@ def test_the_tail_returns_whole_lines_and_survives_a_rewrite(tmp_path: Path) -> 
 
 
 def test_recipe_lines_fold_into_one_target_per_recipe(tmp_path: Path, monkeypatch) -> None:
-    import services.capture.make as make_mod
+    import buildtel.shared.capture.make as make_mod
 
     monkeypatch.setattr(make_mod, "LINGER_S", 0.05)
     cap = MakeCapture(tmp_path)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from services.capture.live import LiveSource
-from services.cli.cmd_run import run_build
-from services.collector.service import CollectorService
-from shared.protocol import BuildSession
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.capture.live import LiveSource
+from buildtel.cli.cmd_run import run_build
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.protocol import BuildSession
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.capture.project import (
     cmake_project,
     make_project,
@@ -60,7 +60,7 @@ def _env(settings: Settings, tmp_path: Path) -> dict[str, str]:
 
 async def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
     t0 = time.monotonic()
-    res = await asyncio.to_thread(subprocess.run, [PY, "-m", "services.cli.main", "run", "--health-interval", "0.3",
+    res = await asyncio.to_thread(subprocess.run, [PY, "-m", "buildtel.cli.main", "run", "--health-interval", "0.3",
                                                    "--", *argv], cwd=cwd, env=env, capture_output=True, text=True,
                                   timeout=150, check=False)
     return res, time.monotonic() - t0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 from tests.capture import test_live_builds as live
 from tests.capture.project import (
     cmake_project,

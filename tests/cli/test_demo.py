@@ -15,7 +15,7 @@ from pathlib import Path
 def test_demo_stores_every_build_and_catches_its_regression(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
     env["BUILDER_TELEMETRY_CACHE_DIR"] = str(tmp_path / ".builder-cache")
-    res = subprocess.run([sys.executable, "-m", "services.cli.main", "demo", "--builds", "18", "--targets", "60"],
+    res = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "demo", "--builds", "18", "--targets", "60"],
                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout

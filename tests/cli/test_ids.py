@@ -19,15 +19,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.cli.errors import CLIError
-from services.cli.ids import parse_id, pick, resolve_recording
-from services.recorder.store import RecordingStore
-from services.storage.api import StorageClient, StorageError
-from services.storage.service import StorageService
-from shared.codec import encode
-from shared.protocol import BuildEnvironment, BuildSession, TargetMetrics, VcsInfo
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.cli.errors import CLIError
+from buildtel.cli.ids import parse_id, pick, resolve_recording
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import BuildEnvironment, BuildSession, TargetMetrics, VcsInfo
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import stack_env, synthetic_build
 
 HEX = "0123456789abcdef"
@@ -107,7 +107,7 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 def _argv(settings: Settings, *args: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli.main", "--namespace", settings.namespace,
+    return [sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace,
             "--cache-dir", str(settings.cache_dir), *args]
 
 

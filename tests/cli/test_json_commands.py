@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.bus import ensure_streams
-from shared.codec import encode
-from shared.protocol import HealthCheckpoint, is_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import HealthCheckpoint, is_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import stack_env
 
 NINJA_LOG = b"# ninja log v5\n0\t120\t1700000000000000000\tobj/a.o\t1f2e\n10\t300\t1700000000000000000\tapp\t3c4d\n"
@@ -30,7 +30,7 @@ def _env(settings: Settings) -> dict[str, str]:
 
 async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--namespace", settings.namespace,
+        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace,
         "--cache-dir", str(settings.cache_dir), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings))
     out, err = await asyncio.wait_for(proc.communicate(), 90)
@@ -53,7 +53,7 @@ async def test_run_json_is_the_only_thing_on_stdout(settings: Settings, nc: Any)
 async def test_watch_json_prints_one_checkpoint_object_per_line(settings: Settings, nc: Any) -> None:
     subjects = Subjects(settings.namespace)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--namespace", settings.namespace, "watch", "--json",
+        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "watch", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings))
     sid = "ab" * 16
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from services.cli import main as cli
+from buildtel.cli import main as cli
 
 
 def _registered(module: str) -> set[str]:
@@ -62,7 +62,7 @@ def test_w3c_testpoint_command_propagates_context(tmp_path) -> None:  # noqa: AN
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "w3c-testpoint", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "w3c-testpoint", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         body = json.dumps([{"url": f"http://127.0.0.1:{receiver.server_port}/", "arguments": []}]).encode()

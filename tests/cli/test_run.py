@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.cmd_run import run_build
-from shared.bus import connect_nats
-from shared.engines import free_port
-from services.tracer.model import session_span_id
-from shared.protocol import BuildFinished, BuildStarted, TargetFinished
-from shared.redaction import REDACTED
+from buildtel.cli.cmd_run import run_build
+from buildtel.shared.bus import connect_nats
+from buildtel.shared.engines import free_port
+from buildtel.services.tracer.model import session_span_id
+from buildtel.shared.protocol import BuildFinished, BuildStarted, TargetFinished
+from buildtel.shared.redaction import REDACTED
 from tests.client.helpers import stream_batches
 from tests.util import stack_env
 
@@ -26,7 +26,7 @@ PY = sys.executable
 
 
 def _buildtel(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "services.cli.main", "run", *args], env=env, capture_output=True,
+    return subprocess.run([PY, "-m", "buildtel.cli.main", "run", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2], check=False)
 
 
@@ -41,8 +41,8 @@ def dead_bus_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 async def bus_env(settings, nc, tmp_path: Path) -> dict[str, str]:
-    from shared.bus import ensure_streams
-    from shared.subjects import Subjects
+    from buildtel.shared.bus import ensure_streams
+    from buildtel.shared.subjects import Subjects
 
     # No services run in these tests; they would declare the streams (an agent's role may not).
     await ensure_streams(nc.jetstream(), Subjects(settings.namespace))

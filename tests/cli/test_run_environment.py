@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from services.collector.service import CollectorService
-from shared.subjects import Subjects
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.subjects import Subjects
 from tests.client.test_environment import git
 from tests.util import completed_sessions, stack_env
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
-SLOW_TOOLS = ("cc", "gcc", "clang", "make")  # in shared.environment.DEFAULT_TOOLS
+SLOW_TOOLS = ("cc", "gcc", "clang", "make")  # in buildtel.shared.environment.DEFAULT_TOOLS
 
 NESTED = """
 import os, time
-from shared.client_sync import SyncTelemetryClient
-from shared.settings import Settings
+from buildtel.shared.client_sync import SyncTelemetryClient
+from buildtel.shared.settings import Settings
 c = SyncTelemetryClient(Settings.from_env(), session_id=os.environ["BUILDER_TELEMETRY_SESSION_ID"]).start()
 for i in range(3):
     c.target_finished(target=f"//nested:t{i}", start=time.time(), duration_s=0.01)
@@ -73,7 +73,7 @@ async def test_loaded_machine_session_keeps_vcs_machine_and_both_agents(
     try:
         # In a thread: the collector runs on this event loop while the build does.
         res = await asyncio.to_thread(
-            subprocess.run, [PY, "-m", "services.cli.main", "run", "--no-capture", "--name", "nested", "--",
+            subprocess.run, [PY, "-m", "buildtel.cli.main", "run", "--no-capture", "--name", "nested", "--",
                              PY, "-c", NESTED], cwd=repo, env=env, capture_output=True, text=True,
             timeout=120, check=False)
         assert res.returncode == 0, res.stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.codec import encode
-from shared.subjects import Subjects
+from buildtel.shared.codec import encode
+from buildtel.shared.subjects import Subjects
 from tests.util import synthetic_build, stack_env
 
 
@@ -28,7 +28,7 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
 
 
 def buildtel(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "buildtel.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -52,7 +52,7 @@ def embedded_stack(tmp_path: Path):  # noqa: ANN201
     env = _env(cache)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         info = _wait_stack(cache, proc, log)
@@ -92,7 +92,7 @@ async def test_a_build_published_to_the_embedded_stack_shows_up_in_sessions_and_
     nc = await nats.connect(info["nats_url"], user="agent", password=info["auth"]["nats"]["agent"],
                             inbox_prefix="_INBOX.agent")
     js = nc.jetstream()
-    from shared.protocol import EventBatch
+    from buildtel.shared.protocol import EventBatch
 
     await js.publish(subjects.events(sid), encode(EventBatch(session_id=sid, agent_id="agent-a",
                                                              events=per_agent["agent-a"])))
@@ -126,7 +126,7 @@ def test_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
 
 def test_serve_runs_one_service_against_a_configured_cluster(settings, nats_url, redis_url, tmp_path: Path) -> None:  # noqa: ANN001
     env = _env(tmp_path / "c", **stack_env(settings))
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "storage"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "serve", "storage"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         stats = None
@@ -146,7 +146,7 @@ def test_run_then_sessions_just_works_on_a_laptop_with_nothing_configured(tmp_pa
     env = _env(cache)
     (tmp_path / "Makefile").write_text("all:\n\t@echo compiled > out.txt\n")
     try:
-        run = subprocess.run([sys.executable, "-m", "services.cli.main", "run", "--", "make", "-s"], cwd=tmp_path,
+        run = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "run", "--", "make", "-s"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=90)
         assert run.returncode == 0, run.stderr
         assert (tmp_path / "out.txt").read_text() == "compiled\n"

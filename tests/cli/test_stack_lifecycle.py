@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.cli.common import process_record, stop_stack
-from shared.settings import Settings, default_data_dir
+from buildtel.cli.common import process_record, stop_stack
+from buildtel.shared.settings import Settings, default_data_dir
 
 
 def _user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -32,7 +32,7 @@ def _user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _buildtel(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "buildtel.cli.main", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -79,7 +79,7 @@ def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, subprocess.Popen[
     project.mkdir()
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], env=env, cwd=project,
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env, cwd=project,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         yield env, project, proc, log
@@ -154,7 +154,7 @@ def test_sigterm_while_services_wait_for_an_unreachable_nats_stops_the_stack_and
     env = _user_env(tmp_path, BUILDER_TELEMETRY_NATS_URL=silent_server)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], env=env, cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env, cwd=tmp_path,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         info = _wait_state(tmp_path / "home/xdg/builder-telemetry/stack.json", proc, "starting", log)

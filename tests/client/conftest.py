@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.bus import connect_nats, ensure_streams
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.bus import connect_nats, ensure_streams
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 
 @pytest.fixture(autouse=True)

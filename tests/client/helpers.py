@@ -6,10 +6,10 @@ import asyncio
 import time
 from typing import Any
 
-from shared.codec import decode_batch
-from shared.protocol import EventBatch
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.codec import decode_batch
+from buildtel.shared.protocol import EventBatch
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 
 async def stream_batches(js: Any, settings: Settings, *, events: int | None = None,
@@ -40,7 +40,7 @@ def seqs_of(batches: list[tuple[dict[str, str], EventBatch]]) -> list[int]:
 def read_stream(settings: Settings, url: str, *, events: int | None = None,
                 timeout: float = 10.0) -> list[tuple[dict[str, str], EventBatch]]:
     """Synchronous variant for tests of the synchronous client."""
-    from shared.bus import connect_nats
+    from buildtel.shared.bus import connect_nats
 
     async def main() -> list[tuple[dict[str, str], EventBatch]]:
         nc = await connect_nats(settings, url, name="test-reader", role="operator")

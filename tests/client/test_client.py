@@ -9,16 +9,16 @@ import time
 import pytest
 from nats.js.errors import NotFoundError
 
-from shared.client import ClientStats, TelemetryClient
-from shared.engines import free_port
-from shared.protocol import (
+from buildtel.shared.client import ClientStats, TelemetryClient
+from buildtel.shared.engines import free_port
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildStarted,
     HealthCheckpoint,
     TargetFinished,
     TargetStarted,
 )
-from shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects
 from tests.client.helpers import seqs_of, stream_batches
 
 
@@ -76,7 +76,7 @@ async def test_an_agent_keeps_its_events_until_the_services_declare_the_stream(s
     services are up stays buffered and is published once the stream exists."""
     import uuid
 
-    from shared.bus import ensure_streams
+    from buildtel.shared.bus import ensure_streams
 
     s = settings.with_(namespace="t" + uuid.uuid4().hex[:12])  # no streams declared yet
     js = nc.jetstream()
@@ -177,7 +177,7 @@ def test_invalid_session_id_is_refused_at_construction(settings) -> None:
 
 
 async def test_health_checkpoints_also_go_live_on_core_nats(settings, nc) -> None:
-    from shared.codec import event_decoder
+    from buildtel.shared.codec import event_decoder
 
     got: asyncio.Queue = asyncio.Queue()
     sub = await nc.subscribe(Subjects(settings.namespace).health("*"), cb=got.put)

@@ -8,17 +8,17 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from shared.client import TelemetryClient
-from shared.codec import decode_batch
-from shared.protocol import (
+from buildtel.shared.client import TelemetryClient
+from buildtel.shared.codec import decode_batch
+from buildtel.shared.protocol import (
     BuildFinished,
     BuildStarted,
     HealthCheckpoint,
     Phase,
     TargetFinished,
 )
-from shared.redaction import REDACTED
-from shared.settings import Settings
+from buildtel.shared.redaction import REDACTED
+from buildtel.shared.settings import Settings
 
 
 class Weird:

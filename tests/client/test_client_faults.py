@@ -6,10 +6,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from shared.auth import StackAuth
-from shared.bus import connect_nats
-from shared.client import TelemetryClient
-from shared.engines import NatsEngine, free_port
+from buildtel.shared.auth import StackAuth
+from buildtel.shared.bus import connect_nats
+from buildtel.shared.client import TelemetryClient
+from buildtel.shared.engines import NatsEngine, free_port
 from tests.client.helpers import seqs_of, stream_batches
 
 
@@ -29,8 +29,8 @@ def _own(settings, **changes):  # noqa: ANN001, ANN202
 
 async def _declare(settings, url: str) -> None:  # noqa: ANN001
     """Declare the streams on an engine this test started, as the services would."""
-    from shared.bus import ensure_streams
-    from shared.subjects import Subjects
+    from buildtel.shared.bus import ensure_streams
+    from buildtel.shared.subjects import Subjects
 
     nc = await connect_nats(settings, url, name="test-operator", role="operator")
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from shared.client import SyncTelemetryClient
-from shared.client_sync import ClientStats
-from shared.engines import free_port
-from shared.protocol import TargetFinished
+from buildtel.shared.client import SyncTelemetryClient
+from buildtel.shared.client_sync import ClientStats
+from buildtel.shared.engines import free_port
+from buildtel.shared.protocol import TargetFinished
 from tests.client.helpers import read_stream, seqs_of
 
 

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from shared.environment import EnvironmentSnapshot, capture
-from shared.redaction import REDACTED
-from shared.vcs import StatusProbe, _unquote, find_git, origin_url, read_vcs
+from buildtel.shared.environment import EnvironmentSnapshot, capture
+from buildtel.shared.redaction import REDACTED
+from buildtel.shared.vcs import StatusProbe, _unquote, find_git, origin_url, read_vcs
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}

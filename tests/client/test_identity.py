@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.client import TelemetryClient
-from shared.protocol import new_session_id
-from shared.settings import Settings
+from buildtel.shared.client import TelemetryClient
+from buildtel.shared.protocol import new_session_id
+from buildtel.shared.settings import Settings
 
 HOST = socket.gethostname()
 S = Settings(nats_url="nats://127.0.0.1:1")  # never started
@@ -24,7 +24,7 @@ def test_a_client_with_its_own_session_is_the_machine() -> None:
 
 
 def test_another_process_on_the_machine_gets_the_same_id() -> None:
-    code = "from shared.client import TelemetryClient; from shared.settings import Settings; " \
+    code = "from buildtel.shared.client import TelemetryClient; from buildtel.shared.settings import Settings; " \
            "print(TelemetryClient(Settings(nats_url='nats://127.0.0.1:1')).agent_id)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()

@@ -11,18 +11,18 @@ import msgspec
 import pytest
 from hypothesis import given, strategies as st
 
-from services.collector import service as collector_mod
-from services.collector.service import CollectorService
-from services.recorder.service import RecorderService
-from services.storage.api import StorageClient, StorageError
-from services.storage.service import StorageService
-from shared.bus import MAX_DELIVER, dead_letter_decoder, ensure_streams, watch_max_deliveries
-from shared.codec import encode
-from shared.keys import Keys
-from shared.protocol import BuildStarted, EventBatch, TargetFinished, TargetStarted, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
-from shared.validate import MAX_BATCH_EVENTS, MAX_STRING_CHARS, Rejected, check_batch
+from buildtel.services.collector import service as collector_mod
+from buildtel.services.collector.service import CollectorService
+from buildtel.services.recorder.service import RecorderService
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.bus import MAX_DELIVER, dead_letter_decoder, ensure_streams, watch_max_deliveries
+from buildtel.shared.codec import encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import BuildStarted, EventBatch, TargetFinished, TargetStarted, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+from buildtel.shared.validate import MAX_BATCH_EVENTS, MAX_STRING_CHARS, Rejected, check_batch
 from tests.util import publish_events, synthetic_build
 
 
@@ -229,7 +229,7 @@ def test_every_number_in_a_batch_is_finite_and_not_negative(value: float) -> Non
 
 def test_rejection_reasons_roundtrip_through_msgpack() -> None:
     """Every bad batch above is decodable wire data: it is the bounds, not msgspec, that refuse it."""
-    from shared.codec import decode_batch
+    from buildtel.shared.codec import decode_batch
 
     for code, data in _bad_batches().items():
         batch = decode_batch(data)

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from services.collector.service import CollectorService
-from shared.bus import dead_letter_decoder, ensure_streams
-from shared.codec import encode
-from shared.protocol import EventBatch, TargetFinished, TargetStarted, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.bus import dead_letter_decoder, ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import EventBatch, TargetFinished, TargetStarted, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import batches, completed_sessions, publish_events, synthetic_build, stack_env
 
 
@@ -173,7 +173,7 @@ def _spawn_collector(settings: Settings) -> subprocess.Popen[bytes]:
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_FINISH_GRACE_S="0.5",
                BUILDER_TELEMETRY_LOG_FORMAT="json")
-    return subprocess.Popen([sys.executable, "-m", "services.collector"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "buildtel.services.collector"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -203,9 +203,9 @@ async def test_collector_sigkilled_mid_session_and_restarted_gives_exact_totals(
 
 
 def test_oversized_sessions_are_trimmed_to_fit_not_lost() -> None:
-    from services.collector import fold
-    from shared.codec import decode_session
-    from shared.protocol import Phase
+    from buildtel.services.collector import fold
+    from buildtel.shared.codec import decode_session
+    from buildtel.shared.protocol import Phase
 
     sid, per_agent, expected = synthetic_build(targets=3000, seed=2)
     events = per_agent["agent-a"]
@@ -227,8 +227,8 @@ def test_oversized_sessions_are_trimmed_to_fit_not_lost() -> None:
 
 
 def test_a_finished_session_missing_counted_events_waits_for_them() -> None:
-    from services.collector import fold
-    from shared.protocol import BuildFinished
+    from buildtel.services.collector import fold
+    from buildtel.shared.protocol import BuildFinished
 
     fin = BuildFinished(session_id="ab" * 16, agent_id="a", seq=9, ts=1.0, expected_events={"a": 10, "b": 5})
     meta = {b"finished": encode(fin), b"n:a": b"10", b"max:a": b"9", b"n:b": b"3", b"max:b": b"4"}

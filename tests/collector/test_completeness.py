@@ -16,16 +16,16 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import given, strategies as st
 
-from services.collector.completeness import missing_ranges
-from services.collector.service import CollectorService
-from services.storage.api import StorageClient, StorageError
-from services.storage.service import StorageService
-from shared.bus import dead_letter_decoder
-from shared.codec import encode
-from shared.keys import Keys
-from shared.protocol import BuildSession, EventBatch, SeqRange, TargetFinished, TargetStarted, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.collector.completeness import missing_ranges
+from buildtel.services.collector.service import CollectorService
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.bus import dead_letter_decoder
+from buildtel.shared.codec import encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import BuildSession, EventBatch, SeqRange, TargetFinished, TargetStarted, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, stack_env, synthetic_build
 
 
@@ -69,7 +69,7 @@ async def cli(settings: Settings, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
     env.update(stack_env(settings))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--cache-dir", str(settings.cache_dir), *args,
+        sys.executable, "-m", "buildtel.cli.main", "--cache-dir", str(settings.cache_dir), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode()

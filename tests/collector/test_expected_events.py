@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.collector.service import CollectorService
-from shared.keys import Keys
-from shared.protocol import BuildFinished, TargetFinished
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import BuildFinished, TargetFinished
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import completed_sessions, publish_events, synthetic_build
 
 AGENTS = ("coord", "worker")

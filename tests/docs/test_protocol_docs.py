@@ -13,8 +13,8 @@ import pytest
 from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry, Resource
 
-from shared import protocol
-from shared.protocol import _doc
+from buildtel.shared import protocol
+from buildtel.shared.protocol import _doc
 from tests.util import synthetic_build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +75,8 @@ def _wire_as_json(obj: msgspec.Struct) -> object:
 
 
 def test_real_batches_and_sessions_fit_their_json_schemas() -> None:
-    from services.collector import fold
-    from shared.codec import encode
+    from buildtel.services.collector import fold
+    from buildtel.shared.codec import encode
 
     sid, per_agent, _ = synthetic_build(agents=("a", "b"), targets=30, seed=4)
     batch = protocol.EventBatch(session_id=sid, agent_id="a", events=per_agent["a"])

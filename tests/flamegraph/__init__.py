@@ -1,1 +1,1 @@
-"""Tests of services.flamegraph (a package so its module names cannot clash)."""
+"""Tests of buildtel.shared.flamegraph (a package so its module names cannot clash)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from services.flamegraph import SVGFlameGraphGenerator, parse_folded
+from buildtel.shared.flamegraph import SVGFlameGraphGenerator, parse_folded
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

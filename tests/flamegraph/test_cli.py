@@ -19,17 +19,17 @@ from typing import Any
 
 import pytest
 
-from services.collector.service import CollectorService
-from services.flamegraph import FlameGraphBuilder, read_folded, target_frames
-from services.storage.api import StorageClient, StorageError
-from services.storage.service import StorageService
-from services.tracer.query import TraceClient
-from services.tracer.service import TracerService
-from services.tracer.subjects import TracerSubjects
-from shared.codec import encode
-from shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.flamegraph import FlameGraphBuilder, read_folded, target_frames
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.services.tracer.query import TraceClient
+from buildtel.services.tracer.service import TracerService
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build, stack_env
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -42,7 +42,7 @@ async def cli(settings: Settings, *args: str, env_extra: dict[str, str] | None =
     env.update(stack_env(settings))
     env.update(env_extra or {})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
+        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
         settings.redis_url or "", "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 90)
@@ -105,7 +105,7 @@ async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0)
 def build(sid: str | None = None, *, age_s: float = 600.0, targets: list[TargetMetrics] | None = None,
           branch: str = "main", dur: float = 10.0) -> BuildSession:
     """A stored-looking session that finished ``age_s`` ago."""
-    from shared.protocol import BuildEnvironment, VcsInfo
+    from buildtel.shared.protocol import BuildEnvironment, VcsInfo
 
     t0 = time.time() - age_s - dur
     ts = targets if targets is not None else [

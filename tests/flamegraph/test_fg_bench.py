@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.bench_flamegraph import generate
-from services.flamegraph import SVGFlameGraphGenerator, read_folded
+from buildtel.shared.flamegraph import SVGFlameGraphGenerator, read_folded
 
 
 def test_generator_is_deterministic_distinct_and_deep(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.analyzer.flamerender import (
+from buildtel.services.analyzer.flamerender import (
     auto_normalize,
     build_marks,
     flame_stacks,
@@ -19,9 +19,9 @@ from services.analyzer.flamerender import (
     render_flamegraph,
     sessions_label,
 )
-from services.flamegraph import FlameGraphOptions, Ignored, fmt_duration, iter_folded, parse_folded
-from services.flamegraph.build import category_color
-from shared.protocol import BuildEnvironment, BuildSession, Phase, TargetMetrics, VcsInfo
+from buildtel.shared.flamegraph import FlameGraphOptions, Ignored, fmt_duration, iter_folded, parse_folded
+from buildtel.shared.flamegraph.build import category_color
+from buildtel.shared.protocol import BuildEnvironment, BuildSession, Phase, TargetMetrics, VcsInfo
 from tests.flamegraph.test_fg_svg import by_name, frames
 
 
@@ -159,7 +159,7 @@ def test_cli_draws_a_file_with_bad_lines_and_says_how_many(tmp_path: Path) -> No
     path = tmp_path / "f.folded"
     path.write_text("a;b 10\na;c ten\nnothing\na;d 4\n")
     out = tmp_path / "f.svg"
-    run = subprocess.run([sys.executable, "-m", "services.cli.main", "flamegraph", "--folded", str(path), "-o",
+    run = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "flamegraph", "--folded", str(path), "-o",
                           str(out)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert f"buildtel: {path}: Ignored 2 lines with invalid format (first: {path}:2:" in run.stderr

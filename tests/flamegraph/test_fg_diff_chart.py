@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from services.flamegraph import (
+from buildtel.shared.flamegraph import (
     BuildChartGenerator,
     chart_items_from_session,
     diff_folded,
@@ -14,8 +14,8 @@ from services.flamegraph import (
     parse_folded,
     render_diff_svg,
 )
-from services.flamegraph.chart import assign_rows
-from shared.protocol import BuildSession, TargetMetrics
+from buildtel.shared.flamegraph.chart import assign_rows
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 SVGNS = "{http://www.w3.org/2000/svg}"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.flamegraph import (
+from buildtel.shared.flamegraph import (
     FoldedParseError,
     FoldedStacks,
     format_folded,
@@ -15,7 +15,7 @@ from services.flamegraph import (
     read_folded,
     write_folded,
 )
-from services.flamegraph import folded as folded_mod
+from buildtel.shared.flamegraph import folded as folded_mod
 
 
 def test_parse_merges_duplicates_and_tolerates_blank_lines() -> None:

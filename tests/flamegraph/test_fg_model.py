@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.flamegraph import (
+from buildtel.shared.flamegraph import (
     FlameGraphBuilder,
     FlameNode,
     Span,
     parse_folded,
     target_frames,
 )
-from shared.protocol import BuildSession, Phase, TargetMetrics
+from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics
 
 
 def test_tree_totals_and_self() -> None:

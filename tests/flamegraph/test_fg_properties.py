@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.flamegraph import (
+from buildtel.shared.flamegraph import (
     FoldedStacks,
     SVGFlameGraphGenerator,
     diff_folded,

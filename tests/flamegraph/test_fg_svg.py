@@ -19,12 +19,12 @@ import zlib
 
 import pytest
 
-from services.flamegraph import (
+from buildtel.shared.flamegraph import (
     FlameGraphBuilder,
     SVGFlameGraphGenerator,
     parse_folded,
 )
-from services.flamegraph.colors import PALETTES, frame_color, perl_name_rand
+from buildtel.shared.flamegraph.colors import PALETTES, frame_color, perl_name_rand
 
 SVGNS = "{http://www.w3.org/2000/svg}"
 

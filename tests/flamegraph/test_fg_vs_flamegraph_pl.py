@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_flamegraph import generate
-from services.flamegraph import SVGFlameGraphGenerator, read_folded
+from buildtel.shared.flamegraph import SVGFlameGraphGenerator, read_folded
 
 PERUN = "perun-toolsuite==0.28.3"
 MEMBER = "perun_toolsuite-0.28.3/perun/scripts/flamegraph.pl"
@@ -141,7 +141,7 @@ def test_flamegraph_pl_splits_step_and_we_do_not(tmp_path: Path) -> None:
 
 
 def test_a_file_with_bad_lines_draws_as_flamegraph_pl_draws_it(tmp_path: Path) -> None:
-    from services.flamegraph import Ignored
+    from buildtel.shared.flamegraph import Ignored
 
     p = tmp_path / "bad.folded"
     p.write_text("main;compile 500\nmain;compile ten\nnot a stack line\nmain;link 300\n-3\nmain;test 200\n"

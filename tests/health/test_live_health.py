@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.cmd_watch import Board, cmd_watch, render_table
-from services.collector.service import CollectorService
-from shared.client import SyncTelemetryClient
-from shared.codec import event_decoder
-from shared.protocol import HealthCheckpoint
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.cli.cmd_watch import Board, cmd_watch, render_table
+from buildtel.services.collector.service import CollectorService
+from buildtel.shared.client import SyncTelemetryClient
+from buildtel.shared.codec import event_decoder
+from buildtel.shared.protocol import HealthCheckpoint
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import completed_sessions, stack_env
 
 PY = sys.executable
@@ -50,7 +50,7 @@ async def test_run_publishes_live_checkpoints_and_the_last_one_is_stored(setting
     try:
         script = "import time\nblob = bytearray(60_000_000)\ntime.sleep(3)\n"
         res = await asyncio.to_thread(
-            subprocess.run, [PY, "-m", "services.cli.main", "run", "--health-interval", "0.25", "--", PY, "-c", script],
+            subprocess.run, [PY, "-m", "buildtel.cli.main", "run", "--health-interval", "0.25", "--", PY, "-c", script],
             env=_env(settings, tmp_path), capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0, res.stderr
         sessions = await completed_sessions(nc.jetstream(), Subjects(settings.namespace), 1, timeout=20)
@@ -134,7 +134,7 @@ async def test_watch_one_session_in_plain_lines(settings, nc) -> None:
 
 
 def test_board_keeps_the_newest_checkpoint_and_marks_silence() -> None:
-    from shared.codec import encode
+    from buildtel.shared.codec import encode
 
     board = Board()
     old = HealthCheckpoint(session_id="a" * 32, agent_id="x", seq=1, ts=10.0, completed_tasks=1)
@@ -152,7 +152,7 @@ def test_watch_without_a_stack_is_one_clear_error(tmp_path: Path) -> None:
     # A subprocess: main() configures logging to the streams of the process it runs in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
     env.update(BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))
-    res = subprocess.run([PY, "-m", "services.cli.main", "watch", "--once", "--duration", "0.1"], env=env,
+    res = subprocess.run([PY, "-m", "buildtel.cli.main", "watch", "--once", "--duration", "0.1"], env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("buildtel: error: no Builder Telemetry stack is running")
@@ -162,7 +162,7 @@ def test_watch_exits_cleanly_on_ctrl_c(settings, tmp_path: Path) -> None:
     import signal
 
     env = _env(settings, tmp_path)
-    proc = subprocess.Popen([PY, "-m", "services.cli.main", "watch", "--plain"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PY, "-m", "buildtel.cli.main", "watch", "--plain"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     build = SyncTelemetryClient(settings, name="watched").start()
     first: list[str] = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.health import HealthMonitor, HealthRules, evaluate, health_trends
-from shared.protocol import BuildSession, HealthCheckpoint
+from buildtel.shared.health import HealthMonitor, HealthRules, evaluate, health_trends
+from buildtel.shared.protocol import BuildSession, HealthCheckpoint
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """Sample paths and tiny *independent* readers the importer tests compare against.
 
-The readers here deliberately share no code with ``services/importers``: each is
+The readers here deliberately share no code with ``shared/importers``: each is
 the most literal reading of the format, so a test compares two implementations.
 """
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from services.importers.bep import parse_bep
-from services.importers.common import ImportFormatError
-from shared.codec import decode_session, encode
+from buildtel.shared.importers.bep import parse_bep
+from buildtel.shared.importers.common import ImportFormatError
+from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import BEP, bep_events, bep_kind
 
 KAHLYS = BEP / "kahlys-battools_bazel7.1.2_test_build_events.json"

@@ -10,9 +10,9 @@ from collections import Counter
 import msgspec
 import pytest
 
-from services.importers.chrome_trace import TraceSpan, parse_chrome_trace
-from services.importers.common import ImportFormatError
-from shared.codec import decode_session, encode
+from buildtel.shared.importers.chrome_trace import TraceSpan, parse_chrome_trace
+from buildtel.shared.importers.common import ImportFormatError
+from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import (
     TRACE,
     be_durations,

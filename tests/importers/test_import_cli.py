@@ -6,11 +6,11 @@ import argparse
 
 import pytest
 
-import services.cli.main as cli_main
-from services.cli import cmd_import
-from services.importers.ninja import parse_ninja_log
-from shared.codec import decode_session
-from shared.subjects import Subjects
+import buildtel.cli.main as cli_main
+from buildtel.cli import cmd_import
+from buildtel.shared.importers.ninja import parse_ninja_log
+from buildtel.shared.codec import decode_session
+from buildtel.shared.subjects import Subjects
 from tests.importers.importer_samples import (
     BEP,
     NINJA,
@@ -27,8 +27,8 @@ APPENDED = NINJA / "zstd-release-then-incremental.ninja_log"
 @pytest.fixture
 def only_import_command(monkeypatch: pytest.MonkeyPatch) -> None:
     # Other commands are other people's modules; this test needs only the import command.
-    assert "services.cli.cmd_import" in cli_main.COMMAND_MODULES
-    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ["services.cli.cmd_import"])
+    assert "buildtel.cli.cmd_import" in cli_main.COMMAND_MODULES
+    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ["buildtel.cli.cmd_import"])
 
 
 def test_dry_run_prints_the_numbers_in_the_file(only_import_command: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from services.collector.service import CollectorService
-from services.storage.service import StorageService
-from shared import metrics
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.collector.service import CollectorService
+from buildtel.services.storage.service import StorageService
+from buildtel.shared import metrics
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build
 
 pytestmark = pytest.mark.timeout(60)
@@ -157,9 +157,9 @@ async def test_consumer_lag_counts_what_the_consumer_has_not_been_given(settings
 
 
 async def test_every_service_of_the_stack_serves_its_counters(settings, nc, redis_client) -> None:
-    from services.analyzer.service import AnalyzerService
-    from services.recorder.service import RecorderService
-    from services.tracer.service import TracerService
+    from buildtel.services.analyzer.service import AnalyzerService
+    from buildtel.services.recorder.service import RecorderService
+    from buildtel.services.tracer.service import TracerService
 
     url, rurl = settings.nats_url or "", settings.redis_url or ""
     services = [RecorderService(settings, url, rurl, metrics_port=0), AnalyzerService(settings, url, rurl, metrics_port=0),

@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from services.analyzer.api import AnalyzerError
-from services.analyzer.service import AnalyzerService
-from services.analyzer.subjects import AnalyzerSubjects
-from services.storage.api import StorageError, endpoint_subject
-from services.storage.service import StorageService
-from services.tracer.query import QueryError
-from services.tracer.service import TracerService
-from services.tracer.subjects import TracerSubjects
-from shared import micro
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.analyzer.api import AnalyzerError
+from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.services.storage.api import StorageError, endpoint_subject
+from buildtel.services.storage.service import StorageService
+from buildtel.services.tracer.query import QueryError
+from buildtel.services.tracer.service import TracerService
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared import micro
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 HOLD_S = 0.25  # how long the relay holds each chunk the service sends to NATS
 

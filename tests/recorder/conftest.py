@@ -1,4 +1,4 @@
-"""Recorder tests call ``services.cli.main.main`` in-process under ``capsys``: keep structlog
+"""Recorder tests call ``buildtel.cli.main.main`` in-process under ``capsys``: keep structlog
 writing to whatever ``sys.stderr`` is *now*, not to the capture buffer that was current when
 ``main`` first configured logging (it is closed once that test ends, and services stopped in
 a later fixture teardown would log into it)."""
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from shared import logs
+from buildtel.shared import logs
 
 
 class _CurrentStderr:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.recorder.diff import diff, render, side_from_session
-from shared.protocol import BuildSession, TargetMetrics
+from buildtel.services.recorder.diff import diff, render, side_from_session
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 
 def _session(sid: str, durations: dict[str, float]) -> BuildSession:

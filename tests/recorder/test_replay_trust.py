@@ -12,11 +12,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.recorder.manifest import decode_manifest, encode
-from services.recorder.replay import ReplayEngine, ReplayError
-from services.recorder.store import RecordingStore
-from services.recorder.trust import KEY_NAME
-from shared.settings import Settings
+from buildtel.services.recorder.manifest import decode_manifest, encode
+from buildtel.services.recorder.replay import ReplayEngine, ReplayError
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.services.recorder.trust import KEY_NAME
+from buildtel.shared.settings import Settings
 from tests.recorder.cproject import write_project
 from tests.recorder.test_capture_replay import record_build
 
@@ -41,7 +41,7 @@ def recorded(cache: Path, tmp_path: Path) -> tuple[Settings, str]:
 def buildtel(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BUILDER_TELEMETRY_CACHE_DIR": str(cache)}
     env.pop("BUILDER_TELEMETRY_NATS_URL", None)
-    return subprocess.run([PY, "-m", "services.cli.main", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "buildtel.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
 
 

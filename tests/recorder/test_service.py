@@ -10,13 +10,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.cli.main import main
-from services.recorder.service import RecorderService
-from services.recorder.store import RecordingStore
-from shared.codec import decode_batch
-from shared.protocol import BuildStarted
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.cli.main import main
+from buildtel.services.recorder.service import RecorderService
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.codec import decode_batch
+from buildtel.shared.protocol import BuildStarted
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build, stack_env
 
 
@@ -155,8 +155,8 @@ async def test_republish_feeds_a_new_session_with_the_same_events(settings: Sett
 
 async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
         settings: Settings, nc, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from services.storage.service import StorageService
-    from shared.codec import encode
+    from buildtel.services.storage.service import StorageService
+    from buildtel.shared.codec import encode
     from tests.storage.conftest import build_session
 
     svc = StorageService(settings, settings.nats_url or "", settings.redis_url or "")
@@ -191,8 +191,8 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
 async def test_buildtel_run_record_captures_files_and_events_then_replays(
         settings: Settings, nc, recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from services.recorder.replay import ReplayEngine
-    from shared.protocol import BuildFinished
+    from buildtel.services.recorder.replay import ReplayEngine
+    from buildtel.shared.protocol import BuildFinished
     from tests.recorder.cproject import write_project
 
     root = write_project(tmp_path / "proj")

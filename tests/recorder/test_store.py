@@ -12,16 +12,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.recorder.manifest import (
+from buildtel.services.recorder.manifest import (
     FORMAT_VERSION,
     UnsafePath,
     UnsupportedFormat,
     decode_manifest,
     encode,
 )
-from services.recorder.recorder import BuildRecorder
-from services.recorder.store import RecordingNotFound, RecordingStore
-from shared.protocol import BuildStarted, TargetFinished
+from buildtel.services.recorder.recorder import BuildRecorder
+from buildtel.services.recorder.store import RecordingNotFound, RecordingStore
+from buildtel.shared.protocol import BuildStarted, TargetFinished
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_recording_is_readable_by_a_new_process(store: RecordingStore, work: Pat
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from services.recorder.store import RecordingStore\n"
+        "from buildtel.services.recorder.store import RecordingStore\n"
         "s = RecordingStore(Path(sys.argv[1]))\n"
         "m = s.load_manifest(sys.argv[2])\n"
         "ev = s.load_events(m.session_id)\n"
@@ -194,8 +194,8 @@ def test_manifest_schema_evolution() -> None:
 
 
 def test_event_batches_compact_without_losing_late_ones(store: RecordingStore) -> None:
-    from shared.codec import encode as wire
-    from shared.protocol import EventBatch
+    from buildtel.shared.codec import encode as wire
+    from buildtel.shared.protocol import EventBatch
 
     sid = "f" * 32
     evs = [TargetFinished(session_id=sid, agent_id="a", seq=i, ts=float(i), target=f"t{i}", start=float(i),

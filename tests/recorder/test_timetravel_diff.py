@@ -9,14 +9,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.cli.cmd_replay import interactive
-from services.cli.main import main
-from services.recorder.diff import diff, side_from_recording
-from services.recorder.recorder import BuildRecorder
-from services.recorder.store import RecordingStore
-from services.recorder.timetravel import Timeline, rewrite
-from shared.protocol import CACHE_HITS, TargetFinished, TargetStarted
-from shared.settings import Settings
+from buildtel.cli.cmd_replay import interactive
+from buildtel.cli.main import main
+from buildtel.services.recorder.diff import diff, side_from_recording
+from buildtel.services.recorder.recorder import BuildRecorder
+from buildtel.services.recorder.store import RecordingStore
+from buildtel.services.recorder.timetravel import Timeline, rewrite
+from buildtel.shared.protocol import CACHE_HITS, TargetFinished, TargetStarted
+from buildtel.shared.settings import Settings
 from tests.util import synthetic_build
 
 

@@ -13,8 +13,8 @@ import nats
 import pytest
 import yaml
 
-from shared.auth import ROLES, SERVICE_ROLES, inbox_prefix, password_variable, role_permissions
-from shared.engines import _wait_tcp, find_nats_server, free_port
+from buildtel.shared.auth import ROLES, SERVICE_ROLES, inbox_prefix, password_variable, role_permissions
+from buildtel.shared.engines import _wait_tcp, find_nats_server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

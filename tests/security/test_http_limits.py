@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.tracer.http import RunningReceiver, start_receiver
-from services.tracer.model import SpanRecord
-from services.tracer.service import TracerService
-from services.tracer.testpoint import start_testpoint
-from shared.httpserver import DEFAULT_LIMITS, BodyError, HttpLimits, decode_json, json_depth
-from shared.metrics import MetricsServer
-from shared.settings import Settings
+from buildtel.services.tracer.http import RunningReceiver, start_receiver
+from buildtel.services.tracer.model import SpanRecord
+from buildtel.services.tracer.service import TracerService
+from buildtel.services.tracer.testpoint import start_testpoint
+from buildtel.shared.httpserver import DEFAULT_LIMITS, BodyError, HttpLimits, decode_json, json_depth
+from buildtel.shared.metrics import MetricsServer
+from buildtel.shared.settings import Settings
 
 SHORT = HttpLimits(idle_timeout=1.0, body_timeout=1.0, max_body_bytes=1024 * 1024)
 HEAD = b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"

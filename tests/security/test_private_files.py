@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.files import open_private, private_dir, tighten_tree, write_private
+from buildtel.shared.files import open_private, private_dir, tighten_tree, write_private
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -47,7 +47,7 @@ def test_the_stack_writes_only_private_files_under_a_permissive_umask(tmp_path: 
     env = _env(cache)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], env=env, stdout=out,
+        up = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env, stdout=out,
                               stderr=subprocess.STDOUT, preexec_fn=_permissive)
     try:
         deadline = time.monotonic() + 60
@@ -58,13 +58,13 @@ def test_the_stack_writes_only_private_files_under_a_permissive_umask(tmp_path: 
         work = tmp_path / "work"
         work.mkdir()
         (work / "Makefile").write_text("all: a.txt\na.txt:\n\techo hi > a.txt\n")
-        run = subprocess.run([sys.executable, "-m", "services.cli.main", "run", "--record", "--", "make"],
+        run = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "run", "--record", "--", "make"],
                              cwd=work, env=env, capture_output=True, text=True, timeout=120,
                              preexec_fn=_permissive)
         assert run.returncode == 0, run.stderr
         shown = None
         for _ in range(100):
-            shown = subprocess.run([sys.executable, "-m", "services.cli.main", "sessions", "--json"], env=env,
+            shown = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "sessions", "--json"], env=env,
                                    capture_output=True, text=True, timeout=60)
             if shown.returncode == 0 and json.loads(shown.stdout):
                 break

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
-from shared.codec import encode
-from shared.protocol import (
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildFinished,
     BuildStarted,
@@ -27,9 +27,9 @@ from shared.protocol import (
     VcsInfo,
     new_session_id,
 )
-from shared.redaction import REDACTED
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.redaction import REDACTED
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.cli.test_run import bus_env  # noqa: F401 - fixture: the test stack's variables for `buildtel run`
 
 PY = sys.executable
@@ -112,7 +112,7 @@ async def test_buildtel_run_of_make_publishes_and_stores_no_secret(bus_env, sett
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         res = await asyncio.to_thread(
-            subprocess.run, [PY, "-m", "services.cli.main", "run", "--record", "--", "make", "-s", *make_vars],
+            subprocess.run, [PY, "-m", "buildtel.cli.main", "run", "--record", "--", "make", "-s", *make_vars],
             env=env, cwd=proj, capture_output=True, text=True, timeout=90, check=False)
         assert res.returncode == 0, res.stderr
         assert (proj / "a.out").exists() and (proj / "b.out").exists()
@@ -132,9 +132,9 @@ async def test_buildtel_run_of_make_publishes_and_stores_no_secret(bus_env, sett
 
 @pytest.fixture
 async def services(settings: Settings, nc: object, redis_client: object) -> AsyncIterator[dict[str, Any]]:
-    from services.collector.service import CollectorService
-    from services.recorder.service import RecorderService
-    from services.storage.service import StorageService
+    from buildtel.services.collector.service import CollectorService
+    from buildtel.services.recorder.service import RecorderService
+    from buildtel.services.storage.service import StorageService
 
     svcs = {"collector": CollectorService(settings, settings.nats_url or "", settings.redis_url or ""),
             "recorder": RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0),

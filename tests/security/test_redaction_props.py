@@ -1,13 +1,13 @@
-"""Property tests of shared.redaction: a generated secret put in any position a build command or
+"""Property tests of buildtel.shared.redaction: a generated secret put in any position a build command or
 environment can carry it never survives redaction, and ordinary values pass unchanged."""
 
 from __future__ import annotations
 
 from hypothesis import assume, given, settings, strategies as st
 
-from shared.protocol import BuildEnvironment, BuildStarted, EventBatch, VcsInfo
-from shared.codec import decode_batch, encode
-from shared.redaction import REDACTED, redact_argv, redact_batch, redact_env, redact_started, redact_text
+from buildtel.shared.protocol import BuildEnvironment, BuildStarted, EventBatch, VcsInfo
+from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.redaction import REDACTED, redact_argv, redact_batch, redact_env, redact_started, redact_text
 
 # What a secret may contain in every position below (no '/', '?', '#', '@' or whitespace: those
 # would end a URL's user-info or a word, and the secret would then not be in that position).

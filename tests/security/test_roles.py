@@ -18,12 +18,12 @@ import nats
 import pytest
 import redis
 
-from shared.auth import ROLES, StackAuth, inbox_prefix
-from shared.bus import ensure_streams
-from shared.codec import encode
-from shared.engines import NatsEngine, RedisEngine
-from shared.protocol import BuildSession, new_session_id
-from shared.subjects import Subjects
+from buildtel.shared.auth import ROLES, StackAuth, inbox_prefix
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.engines import NatsEngine, RedisEngine
+from buildtel.shared.protocol import BuildSession, new_session_id
+from buildtel.shared.subjects import Subjects
 
 NS = "farm" + uuid.uuid4().hex[:6]
 

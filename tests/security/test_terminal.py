@@ -1,6 +1,6 @@
 """Terminal safety: what publishers put on the bus cannot drive the terminal of whoever runs the CLI.
 
-Property tests for services/cli/textsafe.py, the CLI's text renderers fed hostile names, and
+Property tests for cli/textsafe.py, the CLI's text renderers fed hostile names, and
 an end-to-end run of ``buildtel sessions``/``show`` (subprocesses, real storage on the test's
 NATS/Redis) over a stored session whose names carry escape sequences.
 """
@@ -21,17 +21,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.analyzer.alerts import Alert
-from services.cli.cmd_analyze import alert_line
-from services.cli.cmd_sessions import session_line
-from services.cli.cmd_watch import plain_line, row_cells
-from services.cli.textsafe import UNSAFE, json_safe, safe, safe_block
-from services.storage.api import StorageClient, StorageError
-from services.storage.service import StorageService
-from shared.codec import encode
-from shared.protocol import BuildEnvironment, BuildSession, HealthCheckpoint, TargetMetrics, VcsInfo, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.analyzer.alerts import Alert
+from buildtel.cli.cmd_analyze import alert_line
+from buildtel.cli.cmd_sessions import session_line
+from buildtel.cli.cmd_watch import plain_line, row_cells
+from buildtel.cli.textsafe import UNSAFE, json_safe, safe, safe_block
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import BuildEnvironment, BuildSession, HealthCheckpoint, TargetMetrics, VcsInfo, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import stack_env
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J"
@@ -125,7 +125,7 @@ async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
     env.update(stack_env(settings))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
+        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
         settings.redis_url or "", "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 90)

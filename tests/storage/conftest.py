@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from shared.protocol import (
+from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildSession,
     Phase,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from services.storage.store import TelemetryStorage
+from buildtel.services.storage.store import TelemetryStorage
 
 
 async def test_agent_filter_selects_a_machine_and_its_tools(tmp_path: Path, make_session) -> None:

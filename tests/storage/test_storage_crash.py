@@ -12,12 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from services.storage import format as fmt
-from services.storage.api import StorageClient, StorageError
-from services.storage.index import view_decoder
-from shared.codec import encode
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.index import view_decoder
+from buildtel.shared.codec import encode
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.util import stack_env
 
 
@@ -32,7 +32,7 @@ def spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "BUILDER_TELEMETRY_LOG_FORMAT": "json",
     }
     # A short ack wait so what the killed process had fetched but not acked comes back quickly.
-    cmd = [sys.executable, "-m", "services.storage", "--ack-wait-s", "1", "--batch-size", "16"]
+    cmd = [sys.executable, "-m", "buildtel.services.storage", "--ack-wait-s", "1", "--batch-size", "16"]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from services.storage import format as fmt
-from services.storage.store import TelemetryStorage
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.store import TelemetryStorage
 
 
 async def write_store(path: Path, sessions) -> list[fmt.RecordRef]:

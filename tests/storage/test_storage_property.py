@@ -11,8 +11,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.storage.store import TelemetryStorage
-from shared.protocol import BuildSession, TargetMetrics, new_session_id
+from buildtel.services.storage.store import TelemetryStorage
+from buildtel.shared.protocol import BuildSession, TargetMetrics, new_session_id
 
 NOW = time.time()
 
@@ -28,7 +28,7 @@ session_params = st.fixed_dictionaries({
 
 
 def make(p: dict) -> BuildSession:
-    from shared.protocol import BuildEnvironment, VcsInfo
+    from buildtel.shared.protocol import BuildEnvironment, VcsInfo
 
     env = BuildEnvironment(vcs=VcsInfo(branch=p["branch"])) if p["branch"] else None
     return BuildSession(

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 import pytest
 
-from services.storage.api import StorageClient, StorageError, endpoint_subject
-from services.storage.service import StorageService
-from shared.bus import dead_letter_decoder
-from shared.codec import encode
-from shared.keys import Keys
-from shared.protocol import EventBatch
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.storage.api import StorageClient, StorageError, endpoint_subject
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.bus import dead_letter_decoder
+from buildtel.shared.codec import encode
+from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import EventBatch
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:

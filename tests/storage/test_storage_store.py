@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.storage import format as fmt
-from services.storage.store import StorageClosed, StorageLocked, TelemetryStorage
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.store import StorageClosed, StorageLocked, TelemetryStorage
 
 
 async def opened(path: Path, **kw) -> TelemetryStorage:
@@ -250,7 +250,7 @@ def test_index_reads_targets_encoded_as_arrays_or_maps() -> None:
     """Records written while TargetMetrics was a map and after it became array_like both index."""
     import msgspec
 
-    from services.storage.index import view_decoder
+    from buildtel.services.storage.index import view_decoder
 
     old = msgspec.msgpack.encode({"type": "session", "id": "a" * 32,
                                   "targets": [{"name": "//old:t", "start": 1.0, "end": 2.0, "duration_s": 1.0}]})

@@ -14,7 +14,7 @@ import sys
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.tracer import api
+from buildtel.services.tracer import api
 
 
 def main() -> int:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from services.tracer.query import TraceClient
-from services.tracer.service import TracerService
-from services.tracer.subjects import TracerSubjects
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.tracer.query import TraceClient
+from buildtel.services.tracer.service import TracerService
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 
 
 @pytest.fixture

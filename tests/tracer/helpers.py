@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from services.tracer.query import QueryError
+from buildtel.services.tracer.query import QueryError
 
 T = TypeVar("T")
 

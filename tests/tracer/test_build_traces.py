@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.tracer.model import SESSION_ATTR, session_span_id
-from services.tracer.query import render_tree
-from shared.codec import encode
-from shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.tracer.model import SESSION_ATTR, session_span_id
+from buildtel.services.tracer.query import render_tree
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 from tests.util import stack_env
 
@@ -98,7 +98,7 @@ async def test_undecodable_session_goes_to_dead_letters_and_service_goes_on(trac
     dead = await nc.subscribe(subjects.dead_letter("tracer"))
     await nc.jetstream().publish(subjects.sessions_completed, b"\x93not a session", headers={"Nats-Msg-Id": "bad"})
     msg = await dead.next_msg(timeout=10)
-    from shared.bus import dead_letter_decoder
+    from buildtel.shared.bus import dead_letter_decoder
 
     letter = dead_letter_decoder.decode(msg.data)
     assert letter.service == "tracer" and "undecodable session" in letter.reason

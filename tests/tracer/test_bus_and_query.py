@@ -10,12 +10,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.tracer.bus_exporter import BusSpanExporter
-from services.tracer.model import SpanBatch, SpanRecord, span_batch_encoder
-from services.tracer.service import TracerService
-from services.tracer.subjects import TracerSubjects
-from shared.bus import dead_letter_decoder
-from shared.subjects import Subjects
+from buildtel.services.tracer.bus_exporter import BusSpanExporter
+from buildtel.services.tracer.model import SpanBatch, SpanRecord, span_batch_encoder
+from buildtel.services.tracer.service import TracerService
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared.bus import dead_letter_decoder
+from buildtel.shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 
 
@@ -87,8 +87,8 @@ async def test_traces_survive_a_tracer_restart(tracer_settings, nc, redis_client
 def test_pages_of_a_growing_trace_neither_repeat_nor_skip_what_was_there(tmp_path, monkeypatch) -> None:
     import msgspec
 
-    from services.tracer import query
-    from services.tracer.store import TraceStore
+    from buildtel.services.tracer import query
+    from buildtel.services.tracer.store import TraceStore
 
     monkeypatch.setattr(query, "REPLY_BUDGET", 2000)  # a few spans per page
     store = TraceStore(tmp_path, retention_s=3600, fsync=False)

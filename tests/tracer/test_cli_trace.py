@@ -10,10 +10,10 @@ from typing import Any
 
 from aiohttp import web
 
-from shared.codec import encode
-from shared.protocol import new_session_id
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import new_session_id
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 from tests.tracer.test_build_traces import _session
 from tests.util import stack_env
@@ -23,7 +23,7 @@ async def _buildtel(settings: Settings, *argv: str) -> tuple[int, str, str]:
     env = dict(os.environ, **stack_env(settings))
     env.update(BUILDER_TELEMETRY_NATS_URL=settings.nats_url or "", BUILDER_TELEMETRY_REDIS_URL=settings.redis_url or "",
                BUILDER_TELEMETRY_NAMESPACE=settings.namespace, BUILDER_TELEMETRY_CACHE_DIR=str(settings.cache_dir))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli.main", *argv, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "buildtel.cli.main", *argv, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()

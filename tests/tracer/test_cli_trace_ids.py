@@ -1,4 +1,4 @@
-"""``buildtel trace`` and ``trace export`` take the CLI's one id grammar (services/cli/ids.py):
+"""``buildtel trace`` and ``trace export`` take the CLI's one id grammar (cli/ids.py):
 a unique prefix of a session or trace id, ``last`` and ``last~N`` (stored sessions)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from services.storage.api import StorageClient
-from services.storage.service import StorageService
-from shared.settings import Settings
-from shared.subjects import Subjects
+from buildtel.services.storage.api import StorageClient
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 from tests.tracer.test_cli_trace import _buildtel, _stored_session
 

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from services.tracer.exporters import (
+from buildtel.services.tracer.exporters import (
     ExportError,
     Forwarder,
     OtlpHttpExporter,
@@ -29,8 +29,8 @@ from services.tracer.exporters import (
     parse_retry_after,
     write_jaeger_file,
 )
-from services.tracer.model import SpanEvent, SpanLink, SpanRecord
-from services.tracer.otlp import any_value
+from buildtel.services.tracer.model import SpanEvent, SpanLink, SpanRecord
+from buildtel.services.tracer.otlp import any_value
 from tests.tracer.helpers import eventually
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -231,7 +231,7 @@ async def test_forwarder_queue_is_bounded_and_flushes_on_stop(receiver) -> None:
 
 
 async def test_service_forwards_everything_it_ingests(receiver, tracer_settings, nc, redis_client) -> None:
-    from services.tracer.service import TracerService
+    from buildtel.services.tracer.service import TracerService
 
     otlp_rec, zipkin_rec = await receiver("/v1/traces"), await receiver("/api/v2/spans")
     s = tracer_settings
@@ -259,7 +259,7 @@ async def test_service_forwards_everything_it_ingests(receiver, tracer_settings,
 def test_serve_arguments_configure_port_forwarding_and_caps(settings) -> None:
     import argparse
 
-    from services.tracer.service import add_serve_arguments, service_from_args
+    from buildtel.services.tracer.service import add_serve_arguments, service_from_args
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

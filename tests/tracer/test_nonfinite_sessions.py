@@ -8,9 +8,9 @@ import math
 import msgspec
 from hypothesis import given, settings as hsettings, strategies as st
 
-from services.analyzer.flamerender import flame_stacks, folded_text, readable
-from services.tracer.sessions import session_spans
-from shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
+from buildtel.services.analyzer.flamerender import flame_stacks, folded_text, readable
+from buildtel.services.tracer.sessions import session_spans
+from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 
 INT64 = 2**63 - 1
 

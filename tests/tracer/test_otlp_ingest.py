@@ -31,8 +31,8 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from services.tracer.model import SpanRecord
-from services.tracer.query import QueryError
+from buildtel.services.tracer.model import SpanRecord
+from buildtel.services.tracer.query import QueryError
 from tests.tracer.helpers import eventually
 
 ATTRS: dict[str, Any] = {
@@ -240,7 +240,7 @@ async def test_other_content_types_and_encodings_get_415(tracer) -> None:
 
 
 async def test_bearer_token_is_required_when_configured(tracer_settings, nc, redis_client, client) -> None:
-    from services.tracer.service import TracerService
+    from buildtel.services.tracer.service import TracerService
 
     s = tracer_settings.with_(http_token="s3cret-token")
     svc = TracerService(s, s.nats_url or "", s.redis_url or "", otlp_port=0)

@@ -21,7 +21,7 @@ from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-from services.tracer.propagation import (
+from buildtel.services.tracer.propagation import (
     DEFAULT_PROPAGATOR,
     Traceparent,
     W3CTraceContextPropagator,
@@ -375,7 +375,7 @@ def test_env_round_trip(tracer: trace.Tracer) -> None:
 def test_env_reaches_a_child_process(tracer: trace.Tracer) -> None:
     script = (
         "import json; from opentelemetry import trace;"
-        "from services.tracer.propagation import extract_env;"
+        "from buildtel.services.tracer.propagation import extract_env;"
         "sc = trace.get_current_span(extract_env()).get_span_context();"
         "print(json.dumps([sc.trace_id, sc.span_id, dict(sc.trace_state)]))"
     )

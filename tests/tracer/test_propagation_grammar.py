@@ -14,7 +14,7 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.tracer.propagation import (
+from buildtel.services.tracer.propagation import (
     format_tracestate,
     is_valid_tracestate_key,
     is_valid_tracestate_value,

@@ -10,11 +10,11 @@ import aiohttp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.tracer.model import SpanEvent, SpanRecord
-from services.tracer.otlp import encode_request
-from services.tracer.redact import redact_spans
-from services.tracer.service import TracerService
-from shared.settings import Settings
+from buildtel.services.tracer.model import SpanEvent, SpanRecord
+from buildtel.services.tracer.otlp import encode_request
+from buildtel.services.tracer.redact import redact_spans
+from buildtel.services.tracer.service import TracerService
+from buildtel.shared.settings import Settings
 
 SECRET = "s3cr3t-Zq8vK2pLm9Xw4Rt7"
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.collector import fold
-from services.tracer.sessions import session_spans
-from shared.codec import encode
-from shared.protocol import BuildFinished, BuildStarted, new_session_id
+from buildtel.services.collector import fold
+from buildtel.services.tracer.sessions import session_spans
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import BuildFinished, BuildStarted, new_session_id
 
 
 def _session(traceparent: str | None):  # noqa: ANN202

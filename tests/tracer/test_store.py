@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from services.tracer import segments as fmt
-from services.tracer.model import SESSION_ATTR, SpanRecord
-from services.tracer.store import TraceStore
+from buildtel.services.tracer import segments as fmt
+from buildtel.services.tracer.model import SESSION_ATTR, SpanRecord
+from buildtel.services.tracer.store import TraceStore
 
 
 def _trace(i: int, spans: int = 3, session: str = "") -> list[SpanRecord]:

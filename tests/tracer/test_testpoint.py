@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.tracer.propagation import W3CTraceContextPropagator, parse_traceparent, parse_tracestate
-from services.tracer.testpoint import RunningTestpoint, serve_testpoint, start_testpoint
+from buildtel.services.tracer.propagation import W3CTraceContextPropagator, parse_traceparent, parse_tracestate
+from buildtel.services.tracer.testpoint import RunningTestpoint, serve_testpoint, start_testpoint
 
 TID = "12345678901234567890123456789012"
 PID = "1234567890123456"

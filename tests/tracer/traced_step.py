@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from services.tracer import api
+from buildtel.services.tracer import api
 
 NAMES = ["build", "compile", "link"]
 

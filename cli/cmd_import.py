@@ -1,0 +1,179 @@
+"""``buildtel import``: turn existing build-tool output into stored sessions.
+
+``buildtel import ninja FILE… [--base-time ISO]``, ``buildtel import bep FILE…`` and
+``buildtel import chrome-trace FILE… [--base-time ISO]`` parse every file first
+(all or nothing: one bad file and nothing is published), then publish each
+BuildSession to the completed-sessions subject — the same path the collector
+uses — with ``Nats-Msg-Id`` = session id, so re-importing a file within the
+stream's duplicate window is a no-op and ids stay stable beyond it.
+``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
+JSON document instead (docs/importers.md), warnings included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from buildtel.cli.main import CLIError
+from buildtel.shared.importers.common import ImportFormatError, ImportResult, iso, parse_time
+
+MAX_WARNINGS_SHOWN = 20
+
+
+def _ninja(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
+    from buildtel.shared.importers.ninja import parse_ninja_log
+
+    return parse_ninja_log(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+
+
+def _bep(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
+    from buildtel.shared.importers.bep import parse_bep
+
+    return parse_bep(data, source=path)
+
+
+def _trace(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
+    from buildtel.shared.importers.chrome_trace import parse_chrome_trace
+
+    return parse_chrome_trace(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+
+
+PARSERS: dict[str, tuple[Callable[..., ImportResult], str, bool]] = {
+    "ninja": (_ninja, "a .ninja_log (v5-v7); one session per build it holds", True),
+    "bep": (_bep, "a Bazel --build_event_json_file stream", False),
+    "chrome-trace": (_trace, "a Trace Event Format file: Bazel --profile, clang -ftime-trace, CMake --profiling-output", True),
+}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("import", help="import ninja logs, Bazel BEP streams or Chrome traces as sessions",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="import_format", metavar="FORMAT", required=True)
+    for fmt, (_, text, timed) in PARSERS.items():
+        q = sub.add_parser(fmt, help=text, description=f"Import {text}.")
+        q.add_argument("files", nargs="+", metavar="FILE", help="file to import (gzip is detected)")
+        if timed:
+            q.add_argument("--base-time", metavar="ISO",
+                           help="wall-clock start (ISO-8601 or Unix seconds) of the first build/trace; "
+                                "default: the clock recorded in the file, else its modification time")
+        q.add_argument("--dry-run", action="store_true", help="parse and print a summary; publish nothing")
+        q.add_argument("--json", action="store_true",
+                       help="one JSON document on stdout: per file its figures, warnings and sessions "
+                            "(each with state stored / already stored / parsed)")
+        q.set_defaults(func=run_import, importer=fmt)
+
+
+def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
+    """Parse every file before anything is published; the first bad file aborts the import."""
+    parser = PARSERS[args.importer][0]
+    args.base_time_s = None
+    if getattr(args, "base_time", None):
+        try:
+            args.base_time_s = parse_time(args.base_time)
+        except ValueError as exc:
+            raise CLIError(f"--base-time: {exc}") from None
+    out = []
+    for name in args.files:
+        path = Path(name)
+        try:
+            data, mtime = path.read_bytes(), path.stat().st_mtime
+        except OSError as exc:
+            raise CLIError(f"cannot read {name}: {exc.strerror or exc}") from None
+        try:
+            out.append((name, parser(data, args, mtime, name)))
+        except ImportFormatError as exc:
+            raise CLIError(f"{name}: {exc} (nothing was imported)") from None
+    return out
+
+
+def summary(path: str, result: ImportResult) -> list[str]:
+    d = result.details
+    figures = {
+        "ninja": lambda: f"ninja log v{'/'.join(map(str, d['versions'])) or '?'}: {d['builds']} build(s), "
+                         f"{d['entries']} entries, {d['edges']} edges",
+        "bep": lambda: f"BEP: {d['events']} events, {d['target_completed']} targetCompleted, "
+                       f"{d['test_results']} testResult, {d['actions']} actions",
+        "chrome-trace": lambda: f"trace ({getattr(result, 'producer', '?')}): {d['events']} events, "
+                                f"{d['x_events']} X, {d['be_pairs']} B/E pairs, {d['spans']} spans",
+    }[result.format]()
+    lines = [f"{path}: {figures}, {len(result.warnings)} warning(s)"]
+    for s in result.sessions:
+        t = s.totals
+        lines.append(f"  {s.id}  {s.name}: {t.targets} targets ({t.succeeded} ok, {t.failed} failed, "
+                     f"{t.skipped + t.cancelled} not run), duration {s.duration_s:.3f}s, "
+                     f"target time {t.target_time_s:.3f}s, {s.outcome}, start {iso(s.start)}")
+    for w in result.warnings[:MAX_WARNINGS_SHOWN]:
+        lines.append(f"  warning: {w}")
+    if len(result.warnings) > MAX_WARNINGS_SHOWN:
+        lines.append(f"  … {len(result.warnings) - MAX_WARNINGS_SHOWN} more warning(s)")
+    return lines
+
+
+def report(loaded: list[tuple[str, ImportResult]], states: dict[str, str]) -> dict[str, Any]:
+    """``import --json``: every file with its figures, all its warnings and its sessions."""
+    return {"files": [
+        {"path": path, "format": r.format, "details": r.details, "warnings": list(r.warnings),
+         "sessions": [{"id": s.id, "name": s.name, "state": states.get(s.id, "parsed"), "outcome": s.outcome,
+                       "start": s.start, "duration_s": s.duration_s, "targets": s.totals.targets,
+                       "show": f"buildtel show {s.id}"} for s in r.sessions]}
+        for path, r in loaded]}
+
+
+def run_import(args: argparse.Namespace, settings: Any) -> int | Coroutine[Any, Any, int]:
+    loaded = load(args)
+    if getattr(args, "json", False) and args.dry_run:
+        from buildtel.cli.jsonout import emit
+
+        emit({"dry_run": True, **report(loaded, {})})
+        return 0
+    if args.dry_run:
+        for path, result in loaded:
+            print("\n".join(summary(path, result)))
+        sessions = sum(len(r.sessions) for _, r in loaded)
+        print(f"dry run: {sessions} session(s) parsed, nothing published")
+        return 0
+    for path, result in loaded:
+        for w in result.warnings[:MAX_WARNINGS_SHOWN]:
+            print(f"buildtel: warning: {path}: {w}", file=sys.stderr)
+    return publish(loaded, settings, as_json=getattr(args, "json", False))
+
+
+async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_json: bool = False) -> int:
+    import nats.errors
+
+    from buildtel.cli.common import StackUnavailable, open_bus
+    from buildtel.shared import codec
+    from buildtel.shared.bus import ensure_streams
+
+    states: dict[str, str] = {}
+    try:
+        # Imports publish finished sessions straight to history: the stack owner's operator role.
+        async with open_bus(settings, role="operator") as bus:
+            await ensure_streams(bus.js, bus.subjects)
+            payloads = [(s, codec.encode(s)) for _, r in loaded for s in r.sessions]
+            limit = min(bus.nc.max_payload or codec.MAX_MESSAGE_BYTES, 32 * 1024 * 1024)
+            for s, data in payloads:  # check all before publishing any
+                if len(data) > limit:
+                    raise CLIError(f"session {s.id} ({s.name}) encodes to {len(data)} bytes, over the "
+                                   f"server's {limit}-byte message limit; nothing was imported")
+            subject = bus.subjects.sessions_completed
+            for s, data in payloads:
+                ack = await bus.js.publish(subject, data, headers={"Nats-Msg-Id": s.id})
+                state = "already stored" if getattr(ack, "duplicate", False) else "stored"
+                states[s.id] = state
+                if not as_json:
+                    print(f"{state} {s.id} {s.name}: {s.totals.targets} targets, {s.duration_s:.3f}s")
+    except StackUnavailable as exc:
+        raise CLIError(str(exc)) from None
+    except (nats.errors.Error, TimeoutError, OSError) as exc:
+        raise CLIError(f"publishing failed ({type(exc).__name__}: {exc}); re-running the import is safe: "
+                       "session ids are stable and duplicates are dropped") from None
+    if as_json:
+        from buildtel.cli.jsonout import emit
+
+        emit({"dry_run": False, **report(loaded, states)})
+    return 0

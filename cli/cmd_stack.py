@@ -1,0 +1,265 @@
+"""``buildtel up | down | serve``: run the stack on this machine, or one service of a farm.
+
+``up`` with no ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` starts the embedded
+nats-server and redis-server (data under ``<cache_dir>/engines``) on free
+loopback ports, then every service in this one process, and writes
+``<cache_dir>/stack.json`` so other commands on this machine find it: first in
+state ``starting`` with its own and the engines' pids (so ``down`` can stop a
+stack that never got ready), then ``running``.  SIGTERM stops it at any point,
+engines included; ``down`` also stops engines a SIGKILLed stack left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from buildtel.services import registry
+from buildtel.cli.common import (
+    _same_process,
+    data_dir,
+    process_record,
+    read_stack,
+    read_stack_file,
+    resolve,
+    stack_file,
+    stop_stack,
+)
+from buildtel.cli.main import CLIError
+from buildtel.shared.auth import ROLES, StackAuth
+from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
+from buildtel.shared.files import private_dir, tighten_tree, write_private
+from buildtel.shared.runner import run_until_signal
+from buildtel.shared.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = sub.add_parser("up", help="run all services in one process (embedded NATS and Redis unless configured)")
+    up.add_argument("--quiet", action="store_true", help="do not print where the stack listens")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop the stack 'buildtel up' started on this machine")
+    down.set_defaults(func=cmd_down)
+    creds = sub.add_parser(
+        "credentials",
+        help="write a role's credentials of the local stack to a file for another machine or tool",
+        description="Write the NATS URL and one role's password of the stack 'buildtel up' runs here to a "
+                    "0600 file. Hand 'agent' credentials to build machines: there, set "
+                    "BUILDER_TELEMETRY_STACK_CREDENTIALS=FILE (the URL must be reachable from them: start the "
+                    "stack's NATS beyond loopback or use a farm's NATS). Roles: " + ", ".join(ROLES) + ".")
+    creds.add_argument("role", choices=ROLES, help="which role (agent: publish builds only; reader: queries only)")
+    creds.add_argument("-o", "--output", required=True, help="file to write (created with mode 0600)")
+    creds.set_defaults(func=cmd_credentials)
+    serve = sub.add_parser("serve", help="run one service against the configured NATS and Redis")
+    serve.add_argument("service", choices=sorted(registry.SERVICES), help="which service")
+    from buildtel.services.tracer.service import add_serve_arguments
+
+    add_serve_arguments(serve.add_argument_group("tracer options (serve tracer)"))  # type: ignore[arg-type]
+    serve.set_defaults(func=cmd_serve)
+
+
+class LocalStack:
+    """Engines (when not configured) plus services, started and stopped as one unit."""
+
+    def __init__(self, settings: Settings, services: list[str] | None = None) -> None:
+        self.settings = settings
+        self.names = services or list(registry.SERVICES)
+        self.engines: list[Any] = []
+        self.services: list[Any] = []
+        self.nats_url = settings.nats_url or ""
+        self.redis_url = settings.redis_url or ""
+        # Fresh credentials for every stack: one NATS password per role, one Redis password.
+        self.auth = StackAuth.generate()
+
+    @property
+    def embedded_nats(self) -> bool:
+        return any(isinstance(e, NatsEngine) for e in self.engines)
+
+    @property
+    def service_settings(self) -> Settings:
+        """What the services (and the commands of this stack) connect with: the generated role
+        credentials when NATS is embedded, the configured ones otherwise."""
+        s = self.settings.with_(nats_url=self.nats_url, redis_url=self.redis_url)
+        return s.with_(stack_auth=self.auth) if self.embedded_nats else s
+
+    def start_engines(self) -> None:
+        engines_dir = private_dir(self.settings.engines_dir)
+        if not self.nats_url:
+            eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.settings.namespace).start()
+            self.engines.append(eng)
+            self.nats_url = eng.url
+        if not self.redis_url:
+            eng = RedisEngine(engines_dir / "redis", auth=self.auth).start()
+            self.engines.append(eng)
+            self.redis_url = eng.url
+
+    def create_services(self) -> list[Any]:
+        s = self.service_settings
+        self.services = [registry.create(n, s, self.nats_url, self.redis_url) for n in self.names]
+        return self.services
+
+    async def __aenter__(self) -> LocalStack:
+        await asyncio.to_thread(self.start_engines)
+        started = []
+        try:
+            for svc in self.create_services():
+                await svc.start()
+                started.append(svc)
+        except BaseException:
+            for svc in reversed(started):
+                with contextlib.suppress(Exception):
+                    await svc.stop()
+            self.stop_engines()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for svc in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(svc.stop(), 10)
+        self.stop_engines()
+
+    def stop_engines(self) -> None:
+        for eng in reversed(self.engines):
+            eng.stop()
+        self.engines.clear()
+
+
+def make_private(settings: Settings) -> None:
+    """The stack's files are its owner's alone: umask 077 for this process and what it starts, and
+    an existing cache directory an older version left readable to others tightened, with a log line."""
+    os.umask(0o077)
+    if settings.cache_dir.exists():
+        changed = tighten_tree(settings.cache_dir)
+        if changed:
+            print(f"buildtel: removed group/other access from {changed} entries under {settings.cache_dir}",
+                  file=sys.stderr, flush=True)
+    data_dir(settings)
+
+
+def stack_record(stack: LocalStack) -> dict[str, Any]:
+    """What ``stack.json`` says of a stack whose engines run: URLs, engines (pid + start time, for
+    ``down``) and, for embedded NATS, the role credentials (the file is 0600)."""
+    info: dict[str, Any] = {"nats_url": stack.nats_url, "redis_url": stack.redis_url,
+                            "embedded": [e.name for e in stack.engines],
+                            "engines": [{"name": e.name, **process_record(e.pid)} for e in stack.engines if e.pid]}
+    if stack.embedded_nats:
+        info["auth"] = stack.auth.to_json()
+    return info
+
+
+def stack_running(settings: Settings) -> dict[str, Any] | None:
+    """``stack.json`` when its process is alive (starting or running), else None."""
+    info = read_stack_file(settings)
+    if info is None:
+        return None
+    if "pid_created" not in info:  # written by an older version: trust it only when it answers
+        return read_stack(settings)
+    return info if _same_process({"pid": info.get("pid", 0), "created": info["pid_created"]}) else None
+
+
+async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    if stack_running(settings) is not None:
+        raise CLIError(f"a stack is already running for {settings.cache_dir} (see {stack_file(settings)}); "
+                       "stop it with 'buildtel down'")
+    make_private(settings)
+    # SIGTERM/SIGINT from here on stop the stack cleanly, even while engines or services start.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    stack = LocalStack(settings)
+    path = stack_file(settings)
+    me = process_record(os.getpid())
+    info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",
+                            "namespace": settings.namespace, "services": stack.names, "started": time.time(),
+                            "engines": []}
+    write_private(path, json.dumps(info, indent=2))
+    try:
+        await asyncio.to_thread(stack.start_engines)
+        info.update(stack_record(stack))
+        write_private(path, json.dumps(info, indent=2))
+        if stop.is_set():
+            return 0
+        services = stack.create_services()
+
+        def announce() -> None:
+            info["state"] = "running"
+            write_private(path, json.dumps(info, indent=2))
+            if not args.quiet:
+                where = "embedded" if stack.engines else "configured"
+                print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
+                      f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
+                      f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
+                if stack.embedded_nats:
+                    print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
+                          "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)
+
+        await run_until_signal(services, stop_event=stop, on_started=announce)
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        stack.stop_engines()
+    return 0
+
+
+def cmd_credentials(args: argparse.Namespace, settings: Settings) -> int:
+    info = read_stack(settings)
+    if info is None:
+        raise CLIError("no stack is running here: start one with 'buildtel up'")
+    if not info.get("auth"):
+        raise CLIError("this stack joined a configured NATS: its credentials are the ones you configured")
+    auth = StackAuth.from_json(info["auth"]).only(args.role)
+    out = Path(args.output)
+    write_private(out, json.dumps({"nats_url": info["nats_url"], "namespace": info.get("namespace"),
+                                   **auth.to_json()}, indent=2))
+    print(f"buildtel: wrote {args.role} credentials to {out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    path = stack_file(settings)
+    info = read_stack_file(settings)
+    if info is None or ("pid_created" not in info and read_stack(settings) is None):
+        if info is not None:  # an older version's file whose stack is gone
+            path.unlink(missing_ok=True)
+        print(f"buildtel: no stack is running (data directory {settings.cache_dir})", file=sys.stderr)
+        return 0
+    # Whatever the stack's state (starting, running, SIGKILLed with engines left): stop all of it.
+    done = stop_stack(info, path=path)
+    if not done:
+        path.unlink(missing_ok=True)
+        print(f"buildtel: no stack is running (removed the stale {path})", file=sys.stderr)
+    for line in done:
+        print(f"buildtel: {line}", file=sys.stderr)
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    nats_url, redis_url = settings.nats_url, settings.redis_url
+    if not (nats_url and redis_url):
+        info = read_stack(settings)
+        if info is None:
+            raise CLIError("serve needs BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL "
+                           "(or a local stack from 'buildtel up')")
+        nats_url, redis_url = nats_url or info["nats_url"], redis_url or info["redis_url"]
+        settings = resolve(settings, autostart=False)
+    os.umask(0o077)
+    if args.service == "tracer":
+        from buildtel.services.tracer.service import service_from_args
+
+        svc = service_from_args(args, settings, nats_url, redis_url)
+    else:
+        svc = registry.create(args.service, settings, nats_url, redis_url)
+    print(f"buildtel: serving {args.service} on {public_url(nats_url)}", file=sys.stderr, flush=True)
+    await run_until_signal([svc])
+    return 0
