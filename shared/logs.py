@@ -52,5 +52,10 @@ def configure(level: str = "info", fmt: str = "auto", *, force: bool = False) ->
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
-    log = structlog.get_logger(name)
+    """A logger whose lines say where they come from: ``name``'s first part is bound as ``service``
+    (``"tracer.http"`` -> ``service="tracer"``, ``logger="tracer.http"``).  structlog's print
+    logger factory drops the name argument, so it is bound rather than passed."""
+    if name:
+        initial = {"service": name.split(".", 1)[0], **({"logger": name} if "." in name else {}), **initial}
+    log = structlog.get_logger()
     return log.bind(**initial) if initial else log
