@@ -10,11 +10,10 @@ early (``buildtel sessions | head``) ends the command quietly with exit code 141
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import inspect
 import os
 import sys
+import types
 from typing import Any
 
 from buildtel.cli.errors import CLIError
@@ -24,11 +23,12 @@ __all__ = ["CLIError", "build_parser", "main"]
 
 # Command -> module that registers it.  ``buildtel CMD`` imports only CMD's module, so a quick
 # command (``run`` on a build's critical path) does not pay for every other command's imports.
+# Listed in the order --help shows them (each module's registration order).
 COMMANDS: dict[str, str] = {
     "up": "buildtel.cli.cmd_stack",
     "down": "buildtel.cli.cmd_stack",
-    "serve": "buildtel.cli.cmd_stack",
     "credentials": "buildtel.cli.cmd_stack",
+    "serve": "buildtel.cli.cmd_stack",
     "demo": "buildtel.cli.cmd_demo",
     "sessions": "buildtel.cli.cmd_sessions",
     "show": "buildtel.cli.cmd_sessions",
@@ -44,6 +44,31 @@ COMMANDS: dict[str, str] = {
     "alerts": "buildtel.cli.cmd_analyze",
     "watch": "buildtel.cli.cmd_watch",
     "flamegraph": "buildtel.cli.cmd_flamegraph",
+}
+# Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
+# from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
+# services (~0.5-1.5 s), where the listing needs none of it.  tests/cli/test_main.py checks that
+# this table says exactly what the modules register.
+COMMAND_HELP: dict[str, str] = {
+    "up": "run all services in one process (embedded NATS and Redis unless configured)",
+    "down": "stop the stack 'buildtel up' started on this machine",
+    "credentials": "write a role's credentials of the local stack to a file for another machine or tool",
+    "serve": "run one service against the configured NATS and Redis",
+    "demo": "run a simulated build farm against the stack and report what was stored",
+    "sessions": "list stored build sessions, newest first",
+    "show": "show one stored session with its targets",
+    "import": "import ninja logs, Bazel BEP streams or Chrome traces as sessions",
+    "run": "run a build command as one telemetry session",
+    "replay": "replay, inspect or republish a recorded build",
+    "diff": "compare two recordings or two stored sessions",
+    "recordings": "list local recordings",
+    "trace": "show a build's trace (span tree with timings), or export it",
+    "w3c-testpoint": "serve POST /test for the W3C Trace Context test suite",
+    "report": "build analytics: build times, trends, targets, flakiness, bottlenecks",
+    "export": "write a report to a file: json, csv (sessions + targets files) or summary",
+    "alerts": "regression alerts (build and target durations)",
+    "watch": "show running builds live (health checkpoints)",
+    "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}
@@ -67,7 +92,11 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, *, listing: bool = False) -> argparse.ArgumentParser:
+    """The parser with ``only``'s module registered (None: every module).  ``listing`` (no command
+    named: ``buildtel --help``, a typo) imports no command module: each command is a stand-in
+    with its help line from :data:`COMMAND_HELP`, which :func:`main` swaps for the real one if a
+    command is parsed after all."""
     parser = argparse.ArgumentParser(
         prog="buildtel",
         description="Builder Telemetry: build observability for distributed build farms.",
@@ -79,6 +108,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="data directory (overrides BUILDER_TELEMETRY_CACHE_DIR)")
     parser.add_argument("--namespace", help="subject/stream/key prefix (overrides BUILDER_TELEMETRY_NAMESPACE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if listing and only not in COMMANDS:
+        for command, text in COMMAND_HELP.items():
+            sub.add_parser(command, help=text, add_help=False).set_defaults(_stand_in=command)
+        return parser
     modules = [COMMANDS[only]] if only in COMMANDS and COMMANDS[only] in COMMAND_MODULES else COMMAND_MODULES
     for name in modules:
         importlib.import_module(name).register(sub)
@@ -115,8 +148,13 @@ def _closed_pipe() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command_of(argv))
-    args = parser.parse_args(argv)
+    parser = build_parser(_command_of(argv), listing=True)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "_stand_in", None):  # a command _command_of did not spot: parse with its module
+        parser = build_parser(args._stand_in)
+        args = parser.parse_args(argv)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # parse_args' own words
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -130,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             level = "warning"
         logs.configure(level, settings.log_format)
         result: Any = args.func(args, settings)
-        if inspect.iscoroutine(result):
+        if isinstance(result, types.CoroutineType):  # an async command (asyncio loads only for those)
+            import asyncio
+
             result = asyncio.run(result)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's teardown
         return int(result or 0)

@@ -1,9 +1,12 @@
-"""The CLI's command map matches what the command modules register, and --help lists them all."""
+"""The CLI's command map matches what the command modules register, and --help lists them all
+from its static table without importing a command module."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+import pytest
 
 from buildtel.cli import main as cli
 
@@ -15,9 +18,54 @@ def _registered(module: str) -> set[str]:
     return set(sub.choices)
 
 
+def _listed(parser: argparse.ArgumentParser) -> list[tuple[str, str | None]]:
+    """(command, help line) as the parser's help lists them, in order."""
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [(a.dest, a.help) for a in sub._choices_actions]
+
+
 def test_every_command_is_mapped_to_the_module_that_registers_it() -> None:
     for module in cli.COMMAND_MODULES:
         assert _registered(module) == {c for c, m in cli.COMMANDS.items() if m == module}, module
+
+
+def test_the_static_help_table_says_what_the_modules_register() -> None:
+    # --help lists COMMAND_HELP without importing the modules: it must be what they register,
+    # command for command, help line for help line, in the same order.
+    real = _listed(cli.build_parser())
+    assert real == list(cli.COMMAND_HELP.items())
+    assert [c for c, _ in real] == list(cli.COMMANDS)
+    assert _listed(cli.build_parser(None, listing=True)) == real
+
+
+def test_help_imports_no_command_module() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom buildtel.cli import main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in sys.modules if m.startswith(('buildtel.cli.cmd_', 'buildtel.services',"
+            " 'nats', 'aiohttp', 'numpy', 'redis', 'msgspec', 'asyncio'))), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "flamegraph" in done.stdout and "BUILDER_TELEMETRY_MAX_SESSIONS" in done.stdout
+    assert done.stderr.strip() == "[]"
+
+
+def test_a_command_the_quick_scan_misses_still_parses_with_its_module() -> None:
+    # _command_of picks the command out of argv before parsing; if it ever misses one, the
+    # listing parser's stand-in names it and main parses again with the real module.
+    args, _ = cli.build_parser(None, listing=True).parse_known_args(["sessions", "--limit", "3"])
+    assert args._stand_in == "sessions" and not hasattr(args, "func")
+    args = cli.build_parser(args._stand_in).parse_args(["sessions", "--limit", "3"])
+    assert args.limit == 3 and args.func
+
+
+def test_unknown_arguments_are_refused_as_before(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sessions", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_full_help_lists_every_command_and_every_setting() -> None:
