@@ -70,8 +70,10 @@ class StackAuth:
 
 
 def _stream(ns: str, suffix: str) -> str:
-    # Same rule as Subjects.*_stream; "*" (any namespace) stays a one-token wildcard.
-    return "*" if ns == "*" else f"{ns.upper().replace('.', '_').replace('-', '_')}_{suffix}"
+    # The one stream-name rule; "*" (any namespace) stays a one-token wildcard.
+    from buildtel.shared.subjects import stream_name
+
+    return stream_name(ns, suffix)
 
 
 def _declare(stream: str) -> list[str]:

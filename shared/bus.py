@@ -153,13 +153,18 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
     ]
 
 
+async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    """Declare one stream, idempotently."""
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        # Exists with other limits (an older version declared it): converge on ours.
+        await js.update_stream(cfg)
+
+
 async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None) -> None:
     for cfg in stream_configs(subjects) + list(extra or []):
-        try:
-            await js.add_stream(cfg)
-        except BadRequestError:
-            # Exists with other limits (an older version declared it): converge on ours.
-            await js.update_stream(cfg)
+        await ensure_stream(js, cfg)
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -195,7 +200,7 @@ async def publish_dead_letter(
     try:
         await nc.publish(subjects.dead_letter(service), _dl_encoder.encode(msg))
         if r is not None:
-            await r.incr(keys.counter(f"deadletter:{service}"))
+            await r.incr(keys.dead_letters(service))
     except Exception:  # noqa: BLE001 - a failing dead-letter path must not take the service down
         pass
 
@@ -224,8 +229,7 @@ def max_deliveries_subject(stream: str, consumer: str) -> str:
 
 
 def _failures_key(keys: Keys, stream: str, consumer: str) -> str:
-    # Hash: stream seq -> why its last delivery failed; read by whichever replica gets the advisory.
-    return f"{keys.ns}:poison:{stream}:{consumer}"
+    return keys.poison(stream, consumer)
 
 
 async def note_failure(r: aioredis.Redis | None, keys: Keys, *, stream: str, consumer: str, seq: int,

@@ -29,6 +29,10 @@ class Keys:
     def session_prefix(self, sid: str) -> str:
         return f"{self.ns}:sess:{sid}:"
 
+    def session_lock(self, sid: str) -> str:
+        """String with TTL: the completion lease one collector holds on a session."""
+        return f"{self.ns}:sess:{sid}:lock"
+
     @property
     def active(self) -> str:
         """Sorted set: in-flight session -> last activity (Unix s), for the inactivity timeout."""
@@ -47,9 +51,36 @@ class Keys:
         """Integer counters shared by all replicas (dead letters, late events…)."""
         return f"{self.ns}:count:{name}"
 
+    def dead_letters(self, service: str, code: str | None = None) -> str:
+        """Counter: dead letters a service published (per cause when ``code`` is given)."""
+        return self.counter(f"deadletter:{service}" + (f":{code}" if code else ""))
+
+    def poison(self, stream: str, consumer: str) -> str:
+        """Hash: stream seq -> why its last delivery failed; read by whichever replica gets the
+        max-deliveries advisory (shared/bus.py)."""
+        return f"{self.ns}:poison:{stream}:{consumer}"
+
     def recorder_flag(self, sid: str) -> str:
         """String "1"/"0" with TTL: whether the session asked to be recorded (BuildStarted.record)."""
         return f"{self.ns}:recorder:flag:{sid}"
 
     def analyzer(self, suffix: str) -> str:
         return f"{self.ns}:analyzer:{suffix}"
+
+    def analyzer_series(self, series: str) -> str:
+        """Hash: one detector series' state ``s`` and its compare-and-set version ``v``."""
+        return self.analyzer(f"series:{series}")
+
+    def analyzer_done(self, sid: str) -> str:
+        """Hash with TTL: series -> 1 once this session was folded into it."""
+        return self.analyzer(f"done:{sid}")
+
+    @property
+    def analyzer_outbox(self) -> str:
+        """Hash: alert id -> encoded alert committed but not yet published."""
+        return self.analyzer("outbox")
+
+    @property
+    def analyzer_stats(self) -> str:
+        """Hash: the analyzer's shared counters (sessions, points, alerts, late, redelivered)."""
+        return self.analyzer("stats")

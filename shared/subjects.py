@@ -4,16 +4,41 @@ All names hang off a *namespace* (``BUILDER_TELEMETRY_NAMESPACE``, default
 ``buildtel``) so that several farms, or parallel test runs, share one NATS
 cluster without seeing each other.  ``docs/protocol.md`` lists who publishes
 and subscribes to each.
+
+One rule builds every stream name (:func:`stream_name`) and one every request
+subject (:meth:`Subjects.endpoint`); the analyzer's and tracer's views
+(``services/analyzer/subjects.py``, ``services/tracer/subjects.py``) only
+delegate here, so a name on the wire is spelled once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+_BAD = frozenset(".*>")
+
+
+def stream_name(ns: str, suffix: str) -> str:
+    """``<NS>_<SUFFIX>``: the namespace upper-cased, ``.`` and ``-`` (not allowed in stream
+    names) as ``_``.  ``*`` (any namespace, in permissions) stays a one-token wildcard."""
+    if ns == "*":
+        return "*"
+    return f"{ns.upper().replace('.', '_').replace('-', '_')}_{suffix}"
+
+
+def token(value: str | None) -> str:
+    """``value`` as one NATS subject token (lossy but stable; ``_`` for empty or None)."""
+    if not value:
+        return "_"
+    return "".join("_" if (c in _BAD or c.isspace() or not c.isprintable()) else c for c in value)
+
 
 @dataclass(frozen=True, slots=True)
 class Subjects:
     ns: str = "buildtel"
+
+    def stream(self, suffix: str) -> str:
+        return stream_name(self.ns, suffix)
 
     # -- agent -> collector (JetStream: must not be lost) ---------------------------------
     def events(self, session_id: str) -> str:
@@ -25,16 +50,16 @@ class Subjects:
 
     @property
     def events_stream(self) -> str:
-        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_EVENTS"
+        return self.stream("EVENTS")
 
-    # -- collector -> storage, analyzer (JetStream) ----------------------------------------
+    # -- collector -> storage, analyzer, tracer (JetStream) --------------------------------
     @property
     def sessions_completed(self) -> str:
         return f"{self.ns}.sessions.completed"
 
     @property
     def sessions_stream(self) -> str:
-        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_SESSIONS"
+        return self.stream("SESSIONS")
 
     # -- live, best effort (core NATS) -----------------------------------------------------
     def health(self, session_id: str) -> str:
@@ -54,12 +79,45 @@ class Subjects:
 
     @property
     def dead_letter_stream(self) -> str:
-        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_DEADLETTER"
+        return self.stream("DEADLETTER")
+
+    # -- analyzer alerts (JetStream; see services/analyzer/subjects.py) ---------------------
+    def alert(self, kind: str, branch: str | None, target: str | None) -> str:
+        return f"{self.ns}.alerts.{kind}.{token(branch)}.{token(target)}"
+
+    def alerts_filter(self, *, kind: str | None = None, branch: str | None = None, target: str | None = None) -> str:
+        """A subscription subject: ``None`` parts match anything."""
+        parts = [kind or "*", token(branch) if branch else "*", token(target) if target else "*"]
+        return f"{self.ns}.alerts." + ".".join(parts)
+
+    @property
+    def alerts_all(self) -> str:
+        return f"{self.ns}.alerts.>"
+
+    @property
+    def alerts_stream(self) -> str:
+        return self.stream("ALERTS")
+
+    # -- tracer span batches (JetStream) ---------------------------------------------------
+    @property
+    def spans(self) -> str:
+        return f"{self.ns}.spans"
+
+    @property
+    def spans_stream(self) -> str:
+        return self.stream("SPANS")
 
     # -- request/reply micro services ------------------------------------------------------
+    def api(self, service: str) -> str:
+        """Subject prefix of a service's request endpoints (the tracer's is ``<ns>.traces``)."""
+        return f"{self.ns}.{_API_TOKEN.get(service, service)}"
+
+    def endpoint(self, service: str, name: str) -> str:
+        return f"{self.api(service)}.{name}"
+
     @property
     def storage_api(self) -> str:
-        return f"{self.ns}.storage"
+        return self.api("storage")
 
     @property
     def micro_prefix(self) -> str:
@@ -69,3 +127,7 @@ class Subjects:
 
     def service_name(self, service: str) -> str:
         return f"{self.ns.replace('.', '-')}-{service}"
+
+
+# Request subjects named otherwise than their service (kept: they are on the wire).
+_API_TOKEN = {"tracer": "traces"}

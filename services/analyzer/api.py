@@ -81,13 +81,9 @@ def alerts_stream_config(subjects: AnalyzerSubjects) -> StreamConfig:
 
 
 async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects) -> None:
-    from nats.js.errors import BadRequestError
+    from buildtel.shared.bus import ensure_stream
 
-    cfg = alerts_stream_config(subjects)
-    try:
-        await js.add_stream(cfg)
-    except BadRequestError:  # exists with other limits (an older version): converge on ours
-        await js.update_stream(cfg)
+    await ensure_stream(js, alerts_stream_config(subjects))
 
 
 class AnalyzerError(Exception):

@@ -24,20 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from buildtel.shared.subjects import Subjects
+from buildtel.shared.subjects import Subjects, token
 
-_BAD = frozenset(".*>")
-
-
-def token(value: str | None) -> str:
-    """``value`` as one NATS subject token (lossy but stable; ``_`` for empty or None)."""
-    if not value:
-        return "_"
-    return "".join("_" if (c in _BAD or c.isspace() or not c.isprintable()) else c for c in value)
+__all__ = ["AnalyzerSubjects", "token"]
 
 
 @dataclass(frozen=True, slots=True)
 class AnalyzerSubjects:
+    """The analyzer's names; every one is built by :class:`Subjects` (the one builder)."""
+
     base: Subjects
 
     @classmethod
@@ -50,28 +45,27 @@ class AnalyzerSubjects:
 
     # -- alerts (JetStream) ----------------------------------------------------------------
     def alert(self, kind: str, branch: str | None, target: str | None) -> str:
-        return f"{self.ns}.alerts.{kind}.{token(branch)}.{token(target)}"
+        return self.base.alert(kind, branch, target)
 
     def alerts_filter(self, *, kind: str | None = None, branch: str | None = None, target: str | None = None) -> str:
         """A subscription subject: ``None`` parts match anything."""
-        parts = [kind or "*", token(branch) if branch else "*", token(target) if target else "*"]
-        return f"{self.ns}.alerts." + ".".join(parts)
+        return self.base.alerts_filter(kind=kind, branch=branch, target=target)
 
     @property
     def alerts_all(self) -> str:
-        return f"{self.ns}.alerts.>"
+        return self.base.alerts_all
 
     @property
     def alerts_stream(self) -> str:
-        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_ALERTS"
+        return self.base.alerts_stream
 
     # -- request/reply ---------------------------------------------------------------------
     @property
     def api(self) -> str:
-        return f"{self.ns}.analyzer"
+        return self.base.api("analyzer")
 
     def endpoint(self, name: str) -> str:
-        return f"{self.api}.{name}"
+        return self.base.endpoint("analyzer", name)
 
     @property
     def service_name(self) -> str:

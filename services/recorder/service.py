@@ -21,37 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
 from collections import OrderedDict
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-from buildtel.services.recorder.store import RecordingStore
-from buildtel.shared import metrics as metrics_http
-from buildtel.shared.bus import (
-    MAX_DELIVER,
-    close_nats,
-    connect_nats,
-    connect_redis,
-    ensure_streams,
-    note_failure,
-    watch_max_deliveries,
-)
+from buildtel.shared.recording.store import RecordingStore
+from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_batch
 from buildtel.shared.keys import Keys
-from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch
 from buildtel.shared.redaction import redact_batch
-from buildtel.shared.runner import finish_tasks
+from buildtel.shared.service import BusService, Consumer, Worker
 from buildtel.shared.settings import Settings
-from buildtel.shared.subjects import Subjects
 from buildtel.shared.validate import Rejected, check_batch
-
-log = get_logger("recorder")
 
 FETCH_BATCH = 256
 SWEEP_INTERVAL_S = 0.2
@@ -61,6 +43,7 @@ MAX_HELD = 20_000  # batches held unacknowledged at once (bounded by max_ack_pen
 GC_INTERVAL_S = 3600.0
 COMPACT_DELAY_S = 5.0
 SAVE_RETRY_S = 5.0  # a batch that could not be written comes back after this
+DURABLE = "recorder"
 
 
 def flag_key(ns: str, sid: str) -> str:
@@ -68,25 +51,14 @@ def flag_key(ns: str, sid: str) -> str:
     return Keys(ns).recorder_flag(sid)
 
 
-class RecorderService:
+class RecorderService(BusService):
     name = "recorder"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, hold_s: float = 60.0,
                  store: RecordingStore | None = None, metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
-        self.nats_url = nats_url
-        self.redis_url = redis_url
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self.hold_s = hold_s
-        self.subjects = Subjects(settings.namespace)
-        self.keys = Keys(settings.namespace)
         self.store = store or RecordingStore.from_settings(settings)
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.nc: Any = None
-        self.redis: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self._stopped = False
         self._flags: OrderedDict[str, bool] = OrderedDict()
         self._held: dict[str, list[tuple[Any, EventBatch, float]]] = {}
         self._compact_at: dict[str, float] = {}
@@ -96,56 +68,36 @@ class RecorderService:
         self.events_persisted = 0
         self.events_ignored = 0
         self.events_dropped_unflagged = 0
-        self.dead_letters = 0
         self.batches_invalid = 0  # refused batches, left to the collector's dead letter
 
-    async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-recorder-{self.owner}", role="recorder")
-        self.redis = connect_redis(self.redis_url)
-        self.js = self.nc.jetstream()
-        await ensure_streams(self.js, self.subjects)
-        self.sub = await self.js.pull_subscribe(
-            self.subjects.events_all,
-            durable="recorder",
-            stream=self.subjects.events_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self.hold_s + 30.0,  # held batches must not be redelivered while held
-                max_ack_pending=MAX_HELD * 2,
-                max_deliver=MAX_DELIVER,
-            ),
-        )
-        # A batch that keeps failing here (a disk error on it, a recorder dying on it) is parked
-        # on NS.deadletter.recorder once the server gives up on it.
-        self.advisories = await watch_max_deliveries(
-            self.nc, self.redis, self.subjects, self.keys, service="recorder",
-            stream=self.subjects.events_stream, consumer="recorder", counter=self._count_dead_letter)
-        self._tasks = [asyncio.create_task(self._consume(), name="recorder.consume"),
-                       asyncio.create_task(self._sweep(), name="recorder.sweep")]
-        await metrics_http.attach(self, self.settings, port=self.metrics_port)
-        log.info("recorder.started", owner=self.owner, store=str(self.store.root))
+    # -- declarations (shared/service.py) -------------------------------------------------------
+    def consumers(self) -> list[Consumer]:
+        # Its own durable on the events stream (limits retention: the collectors read it too).  A
+        # batch that keeps failing here (a disk error on it, a recorder dying on it) is parked on
+        # NS.deadletter.recorder once the server gives up on it.
+        return [Consumer(stream=self.subjects.events_stream, subject=self.subjects.events_all, durable=DURABLE,
+                         handler=self._handle, batch=True, fetch=FETCH_BATCH,
+                         ack_wait_s=self.hold_s + 30.0,  # held batches must not be redelivered while held
+                         max_ack_pending=MAX_HELD * 2, max_deliver=MAX_DELIVER,
+                         nak_delay=lambda _delivered: SAVE_RETRY_S)]
 
-    async def metrics(self) -> dict[str, float]:
-        """Counters for /metrics (shared/metrics.py)."""
+    def workers(self) -> list[Worker]:
+        return [Worker("sweep", self._sweep)]
+
+    async def prepare(self, stack: contextlib.AsyncExitStack) -> None:
+        # Held batches stay unacknowledged on stop (after the consume loop ended): the next
+        # recorder gets them again.
+        stack.callback(self._held.clear)
+
+    def counters(self) -> dict[str, float]:
         return {"batches_in_total": self.batches_in, "events_persisted_total": self.events_persisted,
-                "events_ignored_total": self.events_ignored, "dead_letters_total": self.dead_letters,
-                "batches_invalid_total": self.batches_invalid,
-                "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "recorder")}
+                "events_ignored_total": self.events_ignored, "batches_invalid_total": self.batches_invalid}
 
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        await metrics_http.detach(self)
-        self._stopping.set()
-        await finish_tasks(self._tasks)
-        # Held batches stay unacknowledged: the next recorder gets them again.
-        self._held.clear()
-        await close_nats(self.nc, [getattr(self, "sub", None), getattr(self, "advisories", None)])
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
-        log.info("recorder.stopped", persisted=self.events_persisted, ignored=self.events_ignored)
+    async def started_fields(self) -> dict[str, Any]:
+        return {"store": str(self.store.root)}
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"persisted": self.events_persisted, "ignored": self.events_ignored}
 
     # -- flags ----------------------------------------------------------------------------------
     def _remember(self, sid: str, flag: bool) -> None:
@@ -164,24 +116,6 @@ class RecorderService:
                 self._remember(sid, v == b"1")
 
     # -- consuming ------------------------------------------------------------------------------
-    async def _consume(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
-            except NatsTimeout:
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection blips: fetch again
-                if self._stopping.is_set():
-                    return
-                log.warning("recorder.fetch_failed", error=str(exc))
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                await self._handle(msgs)
-            except Exception as exc:  # noqa: BLE001 - unacked messages come back
-                log.error("recorder.handle_failed", error=f"{type(exc).__name__}: {exc}", messages=len(msgs))
-                await asyncio.sleep(0.5)
-
     async def _handle(self, msgs: list[Any]) -> None:
         decoded: list[tuple[Any, EventBatch]] = []
         now = time.time()
@@ -228,14 +162,10 @@ class RecorderService:
                 data = redact_batch(batch, msg.data)
                 await asyncio.to_thread(self.store.save_batch, batch.session_id, batch.agent_id, first, data)
             except OSError as exc:  # disk full, permissions: retried, then dead-lettered (max_deliver)
-                meta = msg.metadata
                 error = f"{type(exc).__name__}: {exc}"
-                log.error("recorder.save_failed", session_id=batch.session_id, error=error,
-                          delivery=meta.num_delivered)
-                await note_failure(self.redis, self.keys, stream=self.subjects.events_stream, consumer="recorder",
-                                   seq=meta.sequence.stream, reason=error)
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=SAVE_RETRY_S)
+                self.log.error("recorder.save_failed", session_id=batch.session_id, error=error,
+                               delivery=msg.metadata.num_delivered)
+                await self.retry_later(self.consumers()[0], msg, error)
                 return
             self.events_persisted += len(batch.events)
             if any(isinstance(ev, BuildFinished) for ev in batch.events):
@@ -255,31 +185,23 @@ class RecorderService:
             self.events_dropped_unflagged += len(batch.events)
             with contextlib.suppress(Exception):
                 await msg.ack()
-        log.warning("recorder.dropped_unknown_session", session_id=sid, batches=len(items), reason=why)
+        self.log.warning("recorder.dropped_unknown_session", session_id=sid, batches=len(items), reason=why)
 
     def _invalid(self, msg: Any, exc: Exception) -> None:
         """A batch the collector refuses too: the collector reads the same stream and dead-letters
         it (once, with the reason), so here it is only counted and logged, never kept."""
         self.batches_invalid += 1
         code = exc.code if isinstance(exc, Rejected) else "undecodable"
-        log.info("recorder.invalid_batch", subject=msg.subject, code=code, reason=str(exc)[:300],
+        self.log.info("recorder.invalid_batch", subject=msg.subject, code=code, reason=str(exc)[:300],
                  size=len(msg.data), dead_letter="collector")
-
-    def _count_dead_letter(self, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning("recorder.dead_letter", reason=reason[:300])
 
     # -- held batches, compaction, retention ----------------------------------------------------
     async def _sweep(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), SWEEP_INTERVAL_S)
-            if self._stopping.is_set():
-                return
+        while not await self.idle(SWEEP_INTERVAL_S):
             try:
                 await self.sweep_once()
             except Exception as exc:  # noqa: BLE001 - Redis/disk blips: next sweep retries
-                log.warning("recorder.sweep_failed", error=repr(exc))
+                self.log.warning("recorder.sweep_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
 
     async def sweep_once(self) -> None:
@@ -302,4 +224,4 @@ class RecorderService:
             self._last_gc = now
             result = await asyncio.to_thread(self.store.gc)
             if any(result.values()):
-                log.info("recorder.gc", **result)
+                self.log.info("recorder.gc", **result)

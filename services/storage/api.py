@@ -112,7 +112,7 @@ _EMPTY_MAP = encode({})
 
 
 def endpoint_subject(subjects: Subjects, endpoint: str) -> str:
-    return f"{subjects.storage_api}.{endpoint}"
+    return subjects.endpoint("storage", endpoint)
 
 
 def decode_request(endpoint: str, data: bytes) -> Any:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -36,15 +35,11 @@ from functools import partial
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.micro
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro.request import Request
 
 from buildtel.services.tracer import query
 from buildtel.services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
 from buildtel.services.tracer.http import RunningReceiver, start_receiver
-from buildtel.services.tracer.model import SpanRecord, check_span, span_batch_decoder
+from buildtel.shared.tracemodel import SpanRecord, check_span, span_batch_decoder
 from buildtel.services.tracer.redact import redact_spans
 from buildtel.services.tracer.sessions import session_spans
 from buildtel.services.tracer.store import (
@@ -53,27 +48,12 @@ from buildtel.services.tracer.store import (
     DEFAULT_SEGMENT_BYTES,
     TraceStore,
 )
-from buildtel.services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from buildtel.shared import metrics as metrics_http
-from buildtel.shared.bus import (
-    MAX_DELIVER,
-    close_nats,
-    connect_nats,
-    connect_redis,
-    ensure_streams,
-    note_failure,
-    publish_dead_letter,
-    watch_max_deliveries,
-)
+from buildtel.services.tracer.subjects import TracerSubjects
+from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import DecodeError, decode_session
-from buildtel.shared.keys import Keys
-from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import is_session_id
-from buildtel.shared.runner import finish_tasks
+from buildtel.shared.service import BusService, Consumer, Endpoint, ServiceError, Worker
 from buildtel.shared.settings import Settings
-from buildtel.shared.subjects import Subjects
-
-log = get_logger("tracer")
 
 DURABLE = "tracer"
 DEFAULT_OTLP_PORT = 4318
@@ -82,37 +62,28 @@ SYNC_INTERVAL_S = 1.0
 RETENTION_INTERVAL_S = 60.0
 
 
-class TracerService:
+class TracerService(BusService):
     name = "tracer"
+    api_version = query.API_VERSION
+    description = "Builder Telemetry traces"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, otlp_port: int | None = None,
                  forward_otlp: Sequence[str] = (), forward_otlp_protocol: str = "protobuf",
                  forward_zipkin: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES,
                  max_traces: int = DEFAULT_MAX_TRACES, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
                  metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
-        self.nats_url = nats_url
-        self.redis_url = redis_url
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self.otlp_port = DEFAULT_OTLP_PORT if otlp_port is None else otlp_port
         self._otlp_port_required = otlp_port is not None
-        self.subjects = Subjects(settings.namespace)
         self.tsubjects = TracerSubjects(self.subjects)
-        self.keys = Keys(settings.namespace)
         self.store = TraceStore(settings.traces_dir, retention_s=settings.retention_s, max_bytes=max_bytes,
                                 max_traces=max_traces, segment_bytes=segment_bytes, fsync=settings.fsync)
         self.forwarders = [Forwarder(OtlpHttpExporter(u, protocol=forward_otlp_protocol)) for u in forward_otlp]
         self.forwarders += [Forwarder(ZipkinExporter(u)) for u in forward_zipkin]
         self.receiver: RunningReceiver | None = None
-        self.nc: Any = None
-        self.redis: Any = None
-        self._stack: AsyncExitStack | None = None
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self.sessions_synthesized = 0
         self.redacted_values = 0  # span attribute values redacted on receipt
         self.bus_batches = 0
-        self.dead_letters = 0
 
     @property
     def otlp_url(self) -> str:
@@ -121,92 +92,57 @@ class TracerService:
             raise RuntimeError("the OTLP receiver is not listening (service not started, or port taken)")
         return self.receiver.url
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
-        stack = AsyncExitStack()
-        try:
-            await self._start(stack)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        await metrics_http.attach(self, self.settings, port=self.metrics_port)
-        log.info("tracer.started", otlp=self.receiver.url if self.receiver else None, traces=len(self.store.traces),
-                 forward=[f.exporter.url for f in self.forwarders])
+    # -- declarations (shared/service.py) -------------------------------------------------------
+    def streams(self) -> list[Any]:
+        return [self.tsubjects.spans_stream_config()]
 
-    async def _start(self, stack: AsyncExitStack) -> None:
+    def consumers(self) -> list[Consumer]:
+        # Input that fails ingest on every delivery is parked on the dead-letter subject (advisory).
+        common = dict(durable=DURABLE, what="ingest", fetch=FETCH_BATCH, ack_wait_s=30.0, max_deliver=MAX_DELIVER,
+                      max_ack_pending=10_000)
+        return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
+                         handler=self._on_session, **common),  # type: ignore[arg-type]
+                Consumer(stream=self.tsubjects.spans_stream, subject=self.tsubjects.spans, handler=self._on_spans,
+                         lag_metric="spans_consumer_lag", **common)]  # type: ignore[arg-type]
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint(ep, self.tsubjects.endpoint(ep), partial(self._query, ep)) for ep in query.ENDPOINTS]
+
+    def workers(self) -> list[Worker]:
+        return [Worker("housekeeping", self._housekeeping)]
+
+    def counters(self) -> dict[str, float]:
+        return {"sessions_synthesized_total": self.sessions_synthesized, "bus_batches_total": self.bus_batches}
+
+    async def open(self, stack: AsyncExitStack) -> None:
         report = self.store.open()
         stack.callback(self.store.close)  # closed last, after every writer has stopped
         if report.damaged_regions or report.truncated_bytes:
-            log.warning("tracer.store.damage", damaged_regions=report.damaged_regions,
-                        truncated_bytes=report.truncated_bytes)
+            self.log.warning("tracer.store.damage", damaged_regions=report.damaged_regions,
+                             truncated_bytes=report.truncated_bytes)
         self.store.enforce_retention()
-        self.redis = connect_redis(self.redis_url)
-        stack.push_async_callback(self.redis.aclose)
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"{self.settings.namespace}-tracer", role="tracer")
-        stack.push_async_callback(close_nats, self.nc)
-        js = self.nc.jetstream()
-        await ensure_streams(js, self.subjects)
-        await ensure_spans_stream(js, self.tsubjects)
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
         for fwd in self.forwarders:
             fwd.start()
             stack.push_async_callback(fwd.stop)
-        config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30.0,
-                                max_deliver=MAX_DELIVER, max_ack_pending=10_000)
-        sessions_sub = await js.pull_subscribe(self.subjects.sessions_completed, durable=DURABLE,
-                                               stream=self.subjects.sessions_stream, config=config)
-        spans_sub = await js.pull_subscribe(self.tsubjects.spans, durable=DURABLE,
-                                            stream=self.tsubjects.spans_stream, config=config)
-        # Input that fails ingest on every delivery is parked on the dead-letter subject, not retried forever.
-        for stream in (self.subjects.sessions_stream, self.tsubjects.spans_stream):
-            watch = await watch_max_deliveries(self.nc, self.redis, self.subjects, self.keys, service=self.name,
-                                               stream=stream, consumer=DURABLE, counter=self._count_advisory)
-            stack.push_async_callback(watch.unsubscribe)
-        micro = await nats.micro.add_service(
-            self.nc, name=self.tsubjects.service_name, version=query.API_VERSION,
-            description="Builder Telemetry traces", metadata={"namespace": self.settings.namespace})
-        stack.push_async_callback(micro.stop)
-        for ep in query.ENDPOINTS:
-            await micro.add_endpoint(name=ep, subject=self.tsubjects.endpoint(ep), handler=partial(self._query, ep))
         try:
             self.receiver = await start_receiver(self.ingest_otlp, host=self.settings.http_host,
                                                  port=self.otlp_port, token=self.settings.http_token)
         except OSError as exc:
             if self._otlp_port_required or exc.errno != errno.EADDRINUSE:
                 raise
-            log.error("tracer.otlp_unavailable", port=self.otlp_port, error=str(exc),
-                      hint="another process (a local Jaeger?) has the port: pass --otlp-port")
+            self.log.error("tracer.otlp_unavailable", port=self.otlp_port, error=str(exc),
+                           hint="another process (a local Jaeger?) has the port: pass --otlp-port")
         else:
             stack.push_async_callback(self.receiver.close)
-        self._tasks = [
-            asyncio.create_task(self._consume(sessions_sub, self._on_session), name="tracer.sessions"),
-            asyncio.create_task(self._consume(spans_sub, self._on_spans), name="tracer.spans"),
-            asyncio.create_task(self._housekeeping(), name="tracer.housekeeping"),
-        ]
-        stack.push_async_callback(self._stop_tasks)  # runs first on stop: no new work
-        await self.nc.flush()  # the query subscriptions are live on the server when start() returns
 
-    async def metrics(self) -> dict[str, float]:
-        """Counters for /metrics (shared/metrics.py)."""
-        js = self.nc.jetstream()
-        return {"sessions_synthesized_total": self.sessions_synthesized, "bus_batches_total": self.bus_batches,
-                "dead_letters_total": self.dead_letters,
-                "consumer_lag": await metrics_http.consumer_lag(js, self.subjects.sessions_stream, DURABLE),
-                "spans_consumer_lag": await metrics_http.consumer_lag(js, self.tsubjects.spans_stream, DURABLE)}
+    async def started_fields(self) -> dict[str, Any]:
+        return {"otlp": self.receiver.url if self.receiver else None, "traces": len(self.store.traces),
+                "forward": [f.exporter.url for f in self.forwarders]}
 
-    async def stop(self) -> None:
-        """Stop taking input, finish what is in flight, flush forwarders, close. Idempotent."""
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        await metrics_http.detach(self)
-        await stack.aclose()
-        log.info("tracer.stopped", spans=self.store.spans_written, sessions=self.sessions_synthesized)
-
-    async def _stop_tasks(self) -> None:
-        self._stopping.set()
-        await finish_tasks(self._tasks)
-        self._tasks = []
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"spans": self.store.spans_written, "sessions": self.sessions_synthesized}
 
     # -- ingest --------------------------------------------------------------------------------
     async def ingest(self, spans: list[SpanRecord], *, source: str, session_id: str = "") -> None:
@@ -214,7 +150,7 @@ class TracerService:
         redacted = redact_spans(spans)  # a tool that recorded a secret in an attribute: never stored
         if redacted:
             self.redacted_values += redacted
-            log.warning("tracer.redacted", values=redacted, source=source)
+            self.log.warning("tracer.redacted", values=redacted, source=source)
         self.store.append(spans, source=source, session_id=session_id)
         for fwd in self.forwarders:
             fwd.offer(spans)
@@ -222,95 +158,53 @@ class TracerService:
     async def ingest_otlp(self, spans: list[SpanRecord]) -> None:
         await self.ingest(spans, source="otlp")
 
-    async def _consume(self, sub: Any, handle: Any) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            except Exception as exc:  # noqa: BLE001 - NATS away: the client reconnects, keep polling
-                if self._stopping.is_set():
-                    return
-                log.warning("tracer.fetch_failed", error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    await handle(msg)
-                except Exception as exc:  # noqa: BLE001 - unacked: redelivered after ack_wait, then dead-lettered
-                    error = f"{type(exc).__name__}: {exc}"
-                    log.error("tracer.ingest_failed", subject=msg.subject, error=error)
-                    with contextlib.suppress(Exception):
-                        meta = msg.metadata
-                        await note_failure(self.redis, self.keys, stream=meta.stream, consumer=DURABLE,
-                                           seq=meta.sequence.stream, reason=error)
-
     async def _on_session(self, msg: Any) -> None:
         try:
             session = decode_session(msg.data)
         except DecodeError as exc:
-            return await self._dead_letter(msg, f"undecodable session: {exc}")
+            return await self.dead_letter(msg, f"undecodable session: {exc}")
         if not is_session_id(session.id):
-            return await self._dead_letter(msg, f"session id {session.id[:80]!r} is not 32 lowercase hex digits")
+            return await self.dead_letter(msg, f"session id {session.id[:80]!r} is not 32 lowercase hex digits")
         if not self.store.has_synthesized(session.id):
             await self.ingest(session_spans(session), source="session", session_id=session.id)
             self.sessions_synthesized += 1
-            log.info("tracer.session_traced", session_id=session.id, targets=len(session.targets))
+            self.log.info("tracer.session_traced", session_id=session.id, targets=len(session.targets))
         await msg.ack()
 
     async def _on_spans(self, msg: Any) -> None:
         try:
             batch = span_batch_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return await self._dead_letter(msg, f"undecodable span batch: {exc}")
+            return await self.dead_letter(msg, f"undecodable span batch: {exc}")
         good = [s for s in batch.spans if check_span(s) is None]
         if len(good) < len(batch.spans):
-            log.warning("tracer.bus_spans_rejected", rejected=len(batch.spans) - len(good))
+            self.log.warning("tracer.bus_spans_rejected", rejected=len(batch.spans) - len(good))
         if good:
             await self.ingest(good, source="bus")
         self.bus_batches += 1
         await msg.ack()
 
-    async def _dead_letter(self, msg: Any, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning("tracer.dead_letter", subject=msg.subject, reason=reason[:300])
-        await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service=self.name,
-                                  subject=msg.subject, reason=reason, data=msg.data,
-                                  headers=dict(msg.headers or {}))
-        await msg.ack()
-
-    def _count_advisory(self, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning("tracer.dead_letter", reason=reason[:300], code="max_deliver")
-
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + RETENTION_INTERVAL_S
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), SYNC_INTERVAL_S)
+        while True:
+            stopping = await self.idle(SYNC_INTERVAL_S)
             try:
                 self.store.sync()
                 if loop.time() >= next_retention:
                     next_retention = loop.time() + RETENTION_INTERVAL_S
                     self.store.enforce_retention()
             except OSError as exc:
-                log.error("tracer.store.housekeeping_failed", error=repr(exc))
+                self.log.error("tracer.store.housekeeping_failed", error=repr(exc))
+            if stopping:
+                return
 
     # -- queries -------------------------------------------------------------------------------
-    async def _query(self, endpoint: str, req: Request) -> None:
+    async def _query(self, endpoint: str, data: bytes) -> bytes:
         try:
-            body = _encode_stats(self.stats()) if endpoint == "stats" else query.answer(self.store, endpoint, req.data)
+            return _encode_stats(self.stats()) if endpoint == "stats" else query.answer(self.store, endpoint, data)
         except query.QueryError as exc:
-            await req.respond_error(str(exc.code), exc.description)
-            return
-        except Exception as exc:  # noqa: BLE001 - answer 500 instead of leaving the caller to time out
-            log.error("tracer.query_failed", endpoint=endpoint, error=repr(exc))
-            await req.respond_error("500", f"{type(exc).__name__}: {exc}")
-            return
-        await req.respond(body)
+            raise ServiceError(exc.code, exc.description) from None
 
     def stats(self) -> query.StatsReply:
         rs = self.receiver.stats if self.receiver else None

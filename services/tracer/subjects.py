@@ -1,8 +1,8 @@
 """NATS subjects and JetStream names of the tracer, derived from ``buildtel.shared.subjects.Subjects``.
 
-``shared/subjects.py`` is shared by every service and owned by the lead; the
-tracer's own names live here, hanging off the same namespace so parallel farms
-and test runs stay apart.
+Every name is built by :class:`buildtel.shared.subjects.Subjects` (the one builder,
+same namespace rules); this view keeps the tracer's spelling for its callers, and
+the spans stream's limits.
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ class TracerSubjects:
     # -- span batches from processes using the tracing API (JetStream) ---------------------
     @property
     def spans(self) -> str:
-        return f"{self.ns}.spans"
+        return self.subjects.spans
 
     @property
     def spans_stream(self) -> str:
-        return f"{self.ns.upper().replace('.', '_').replace('-', '_')}_SPANS"
+        return self.subjects.spans_stream
 
     # -- trace queries (nats.micro request/reply) ------------------------------------------
     @property
     def traces_api(self) -> str:
-        return f"{self.ns}.traces"
+        return self.subjects.api("tracer")
 
     def endpoint(self, name: str) -> str:
-        return f"{self.traces_api}.{name}"
+        return self.subjects.endpoint("tracer", name)
 
     @property
     def service_name(self) -> str:
@@ -64,10 +64,6 @@ class TracerSubjects:
 
 async def ensure_spans_stream(js, tsubjects: TracerSubjects) -> None:
     """Declare the spans stream (idempotent; converges on our limits if it exists)."""
-    from nats.js.errors import BadRequestError
+    from buildtel.shared.bus import ensure_stream
 
-    cfg = tsubjects.spans_stream_config()
-    try:
-        await js.add_stream(cfg)
-    except BadRequestError:
-        await js.update_stream(cfg)
+    await ensure_stream(js, tsubjects.spans_stream_config())
