@@ -7,14 +7,15 @@ Pure functions over sessions and :mod:`buildtel.shared.flamegraph`; the wire mes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from buildtel.services.analyzer.api import FLAME_OPTIONS, FlameGraphReply, FlameGraphRequest
 from buildtel.shared.protocol import BuildSession
 
-_enc = msgspec.msgpack.Encoder()
+if TYPE_CHECKING:
+    from buildtel.services.analyzer.api import FlameGraphRequest
+
+# api.py (and the bus clients it brings: nats, aiohttp, numpy) loads only where the wire messages
+# are needed: `buildtel flamegraph --folded` draws with these functions and no bus.
 
 
 def readable(sessions: list[Any]) -> tuple[list[Any], int]:
@@ -33,7 +34,7 @@ def readable(sessions: list[Any]) -> tuple[list[Any], int]:
 
 def flame_options(req: Any) -> Any:
     """``FlameGraphOptions`` from anything with the :data:`FLAME_OPTIONS` attributes (raises ValueError)."""
-    from buildtel.shared.flamegraph import FlameGraphOptions
+    from buildtel.shared.flamegraph.svg import FLAME_OPTIONS, FlameGraphOptions
 
     return FlameGraphOptions(**{k: getattr(req, k) for k in FLAME_OPTIONS})
 
@@ -163,6 +164,9 @@ def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: l
     what still does not fit.  Raises ValueError for requests that cannot be drawn."""
     from dataclasses import replace
 
+    import msgspec
+
+    from buildtel.services.analyzer.api import FlameGraphReply
     from buildtel.services.analyzer.columns import gc_paused
 
     if r.chart and (len(sessions) != 1 or not r.session or chart_conflicts(r)):
@@ -194,7 +198,7 @@ def flame_reply(r: FlameGraphRequest, options: Any, sessions: list[Any], base: l
                 stacks, opts, base=base_stacks, widths=r.diff_widths, color_by=r.diff_color, normalize=normalize,
                 marks=marks)
             dropped = ["search data dropped to fit one NATS message"] if search != r.search_data else []
-            data = _enc.encode(FlameGraphReply(
+            data = msgspec.msgpack.encode(FlameGraphReply(
                 svg=svg.encode(), folded=folded_text(stacks) if r.folded else None, sessions=len(sessions),
                 base_sessions=len(base or ()), total_us=stacks_total(stacks), search_data=search, partial=partial,
                 notes=[*(notes or ()), *dropped]))

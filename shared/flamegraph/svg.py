@@ -47,10 +47,16 @@ from .folded import FoldedStacks, iter_folded, read_folded
 from .layout import Layout, layout_merged, layout_sequence, reverse_key
 from .svg_script import CSS, SCRIPT
 
-__all__ = ["FlameGraphOptions", "SVGFlameGraphGenerator", "escape_xml"]
+__all__ = ["FLAME_OPTIONS", "FlameGraphOptions", "SVGFlameGraphGenerator", "escape_xml"]
 
 XPAD = 10  # flamegraph.pl: pad left and right
 FRAMEPAD = 1  # vertical gap between frames
+
+
+# The FlameGraphOptions a caller sets (the CLI's flags, the analyzer's request fields); the rest
+# keep flamegraph.pl's defaults.  Here, beside the options, so drawing needs no bus module.
+FLAME_OPTIONS = ("title", "subtitle", "width", "height", "minwidth", "countname", "colors", "hash", "reverse",
+                 "inverted", "flamechart", "negate", "search_data")
 
 
 @dataclass(frozen=True, slots=True)
