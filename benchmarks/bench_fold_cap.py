@@ -1,7 +1,7 @@
 """The collector's fold of one capped batch (MAX_BATCH_EVENTS events) against a real redis-server.
 
 Times the three steps a batch goes through in the collector: decode + bound checks
-(``buildtel.shared.codec.decode_batch`` + ``buildtel.shared.validate.check_batch``), the script payloads
+(``buildtel.shared.codec.decode_batch_raw`` + ``buildtel.shared.validate.check_batch``), the script payloads
 (``fold.ops_payloads``) and the Redis fold (the ``APPLY`` script, one call per
 ``FOLD_CHUNK_EVENTS``), and the longest single script call (how long Redis is busy at once).
 docs/protocol.md records a run and derives the batch cap from it.
@@ -20,7 +20,7 @@ from pathlib import Path
 from buildtel.services.collector import fold, lua
 from buildtel.services.collector.service import FOLD_CHUNK_EVENTS
 from buildtel.shared.bus import connect_redis
-from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.codec import decode_batch_raw, encode
 from buildtel.shared.engines import RedisEngine
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import EventBatch
@@ -37,10 +37,10 @@ async def run(url: str, events: int, repeat: int) -> None:
         evs = per_agent["agent-a"][:events]
         data = encode(EventBatch(session_id=sid, agent_id="agent-a", events=evs))
         t0 = time.perf_counter()
-        batch = decode_batch(data)
+        batch, raws = decode_batch_raw(data)
         check_batch(batch, time.time())
         t1 = time.perf_counter()
-        payloads = fold.ops_payloads(data, batch.events, FOLD_CHUNK_EVENTS)
+        payloads = fold.ops_payloads(raws, batch.events, FOLD_CHUNK_EVENTS)
         t2 = time.perf_counter()
         longest = 0.0
         for p in payloads:

@@ -99,9 +99,91 @@ def check_envelope(batch: EventBatch) -> None:
                        f"batch of {len(batch.events)} events exceeds the cap of {MAX_BATCH_EVENTS} per batch")
 
 
+# -- fast path ---------------------------------------------------------------------------------
+# Walking every field of every event with _walk cost ~3.4 us/event, more than decoding the batch
+# (the collector's biggest cost).  So each event type gets a checker generated from its schema
+# (msgspec.inspect): one boolean expression, no recursion, no paths built.  It only says "all
+# good"; when it says no, _walk runs and names the bound and the value.  Each expression is at
+# least as strict as _walk (it never passes what _walk refuses), so the outcome is the same.
+_INF = math.inf
+_FAST_GLOBALS: dict[str, Any] = {"_INF": _INF, "_S": MAX_STRING_CHARS, "_N": MAX_ITEMS, "_walk_ok": None}
+_fast_struct: dict[type, str] = {}  # struct type -> name of its generated checker
+
+
+def _walk_ok(value: Any) -> bool:
+    try:
+        _walk(value, "")
+    except Rejected:
+        return False
+    return True
+
+
+_FAST_GLOBALS["_walk_ok"] = _walk_ok
+
+
+def _expr(t: Any, v: str, name: str, depth: int = 0) -> str:
+    """A Python expression, True when value ``v`` of msgspec type ``t`` passes every bound."""
+    mi = msgspec.inspect
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.FloatType):
+        return f"(0.0 <= {v} < _INF)"  # False for NaN, inf and negatives
+    if isinstance(t, mi.IntType):
+        return "True" if name in _SIGNED_INTS else f"({v} >= 0)"
+    if isinstance(t, (mi.BoolType, mi.NoneType)):
+        return "True"
+    if isinstance(t, mi.StrType):
+        return f"(len({v}) <= _S)"
+    if isinstance(t, mi.LiteralType) and all(type(x) is str and len(x) <= MAX_STRING_CHARS for x in t.values):
+        return "True"  # msgspec already checked it is one of these short values
+    if isinstance(t, mi.UnionType):
+        rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(rest) == 1 and len(rest) < len(t.types):
+            return f"({v} is None or {_expr(rest[0], v, name, depth)})"
+    if isinstance(t, mi.ListType) and depth < 3:
+        item = t.item_type
+        inner = item.type if isinstance(item, mi.Metadata) else item
+        if isinstance(inner, mi.StrType):
+            return f"(not {v} or (len({v}) <= _N and max(map(len, {v})) <= _S))"
+        x = f"_x{depth}"
+        return f"(len({v}) <= _N and all({_expr(item, x, name, depth + 1)} for {x} in {v}))"
+    if isinstance(t, mi.DictType) and depth < 3:
+        k, x = f"_k{depth}", f"_x{depth}"
+        return (f"(len({v}) <= _N and all({_expr(t.key_type, k, '', depth + 1)} and "
+                f"{_expr(t.value_type, x, '', depth + 1)} for {k}, {x} in {v}.items()))")
+    if isinstance(t, mi.StructType):
+        return f"{_fast_checker(t.cls)}({v})"
+    return f"_walk_ok({v})"  # anything else: the generic walk, as a yes/no
+
+
+def _fast_checker(cls: type) -> str:
+    """Name of the generated checker of struct type ``cls`` (generated on first use)."""
+    name = _fast_struct.get(cls)
+    if name is None:
+        name = _fast_struct[cls] = f"_ok_{cls.__name__}_{len(_fast_struct)}"
+        info = msgspec.inspect.type_info(cls)
+        body = " and ".join(_expr(f.type, f"v.{f.name}", f.name) for f in info.fields) or "True"
+        exec(f"def {name}(v):\n    return {body}\n", _FAST_GLOBALS)  # noqa: S102 - code built from our schema
+    return name
+
+
+_FAST: dict[type, Any] = {cls: _FAST_GLOBALS[_fast_checker(cls)] for cls in Event.__args__}  # type: ignore[attr-defined]
+
+
+def _fast_ok(ev: Event, hi: float) -> bool:
+    """True when ``ev`` passes every bound of :func:`check_event` (``hi``: latest plausible time)."""
+    if not (MIN_TIMESTAMP <= ev.ts <= hi and _FAST[type(ev)](ev)):
+        return False
+    if type(ev) is TargetFinished:
+        return MIN_TIMESTAMP <= ev.start <= hi and ev.start + ev.duration_s <= hi
+    return True
+
+
 def check_event(ev: Event, now: float) -> None:
     """Raise :class:`Rejected` if one event breaks a bound.  Every such bound is local to the
     event, so the other events of its batch stay good (the collector keeps them)."""
+    if _fast_ok(ev, now + FUTURE_MARGIN_S):
+        return
     where = f"event seq {ev.seq} ({type(ev).__name__})"
     _walk(ev, where)
     _check_time(ev.ts, f"{where}.ts", now)
@@ -114,7 +196,10 @@ def refused_events(batch: EventBatch, now: float) -> dict[int, Rejected]:
     """Index in ``batch.events`` -> why that event is refused, for the events that break a bound
     (empty when all are good).  Call :func:`check_envelope` first."""
     out: dict[int, Rejected] = {}
+    hi = now + FUTURE_MARGIN_S
     for i, ev in enumerate(batch.events):
+        if _fast_ok(ev, hi):
+            continue
         try:
             check_event(ev, now)
         except Rejected as exc:

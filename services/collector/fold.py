@@ -52,14 +52,20 @@ class _RawBatch(msgspec.Struct, gc=False):
 _raw_batch_decoder = msgspec.msgpack.Decoder(_RawBatch)
 
 
-def ops_payloads(data: bytes, events: list[Event], chunk: int,
+def raw_events(data: bytes) -> list[msgspec.Raw]:
+    """Each event's MessagePack bytes of an encoded batch (for bytes not decoded by
+    ``codec.decode_batch_raw``, e.g. a batch re-encoded after redaction)."""
+    return _raw_batch_decoder.decode(data).events
+
+
+def ops_payloads(raws: list[msgspec.Raw] | list[bytes], events: list[Event], chunk: int,
                  refused: Mapping[int, tuple[str, str]] | None = None) -> list[bytes]:
     """Encode one validated batch for the Lua script as records Redis' ``struct`` can read,
     ``chunk`` events per payload (one script call each).
 
     Each record is ``>I4 c1 H c0 I4 c0``: seq, kind, an ordering timestamp (for
     BuildStarted / HealthCheckpoint) and the event's raw MessagePack, sliced out
-    of the message instead of re-encoded (Redis' cmsgpack predates the msgpack
+    of the message (``raws``, one per event) instead of re-encoded (Redis' cmsgpack predates the msgpack
     bin type, hence no msgpack framing here).  Chunks keep every script call
     short, so a large batch never holds Redis for long; folding is idempotent
     per (agent, seq), so a batch folded in several calls, or partly folded
@@ -70,7 +76,6 @@ def ops_payloads(data: bytes, events: list[Event], chunk: int,
     them as lost (once, like any seq) and completion knows the session is short of them.
     """
     refused = refused or {}
-    raws = _raw_batch_decoder.decode(data).events
     payloads: list[bytes] = []
     out = bytearray()
     pack = _HEAD.pack

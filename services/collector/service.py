@@ -39,7 +39,7 @@ from buildtel.shared.bus import (
     publish_dead_letter,
     watch_max_deliveries,
 )
-from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.codec import decode_batch_raw, encode
 from buildtel.shared.keys import Keys
 from buildtel.shared.logs import get_logger
 from buildtel.shared.redaction import redact_batch
@@ -181,20 +181,21 @@ class CollectorService:
         loop = asyncio.get_running_loop()
         now = time.time()
         alive = loop.time()
-        work: list[tuple[Any, Any, dict[int, Rejected]]] = []
+        work: list[tuple[Any, Any, list[Any], dict[int, Rejected]]] = []
         events = 0
         for i, msg in enumerate(msgs):
             if loop.time() - alive > ACK_WAIT_S / 3:
-                await asyncio.gather(*(m.in_progress() for m in msgs[i:]), *(m.in_progress() for m, _, _ in work),
+                await asyncio.gather(*(m.in_progress() for m in msgs[i:]), *(m.in_progress() for m, *_ in work),
                                      return_exceptions=True)
                 alive = loop.time()
-            batch = None
+            batch = raws = None
             try:
-                batch = decode_batch(msg.data)
+                # Decoded once: the typed events are validated, their raw bytes kept in Redis.
+                batch, raws = decode_batch_raw(msg.data)
                 check_envelope(batch)
             except Rejected as exc:
                 # Refused whole (version, size): its events are lost to the session, and it says so.
-                await self._record_lost(msg, batch, exc, now)
+                await self._record_lost(msg, batch, raws, exc, now)
                 await self._dead_letter(msg, exc.reason, code=exc.code)
                 continue
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
@@ -210,22 +211,26 @@ class CollectorService:
                 work, events = [], 0
             # Events that break a bound of their own are dropped and recorded as lost; the others
             # of the batch are folded (docs/protocol.md "Limits on a batch").
-            work.append((msg, batch, refused_events(batch, now)))
+            work.append((msg, batch, raws, refused_events(batch, now)))
             events += len(batch.events)
         if work:
             await self._fold_round(work, now)
 
-    async def _fold_round(self, work: list[tuple[Any, Any, dict[int, Rejected]]], now: float) -> None:
+    async def _fold_round(self, work: list[tuple[Any, Any, list[Any], dict[int, Rejected]]], now: float) -> None:
         """Fold each batch in script calls of FOLD_CHUNK_EVENTS; ack the batches that folded, and
         hand the ones that failed to :meth:`_failed` (the others in the round are unaffected)."""
         pipe = self.redis.pipeline(transaction=False)
         calls: list[int] = []  # index in work of each script call
         k = self.keys
-        for n, (msg, batch, refused) in enumerate(work):
+        for n, (msg, batch, raws, refused) in enumerate(work):
             sid, agent = batch.session_id, batch.agent_id
             notes = {i: (r.code, r.reason) for i, r in refused.items()}
-            # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md).
-            for payload in fold.ops_payloads(redact_batch(batch, msg.data), batch.events, FOLD_CHUNK_EVENTS, notes):
+            # Any agent's BuildStarted is redacted again before it is stored (docs/protocol.md);
+            # only a batch that held a secret is re-encoded (and its new bytes sliced again).
+            kept = redact_batch(batch, msg.data)
+            if kept is not msg.data:
+                raws = fold.raw_events(kept)
+            for payload in fold.ops_payloads(raws, batch.events, FOLD_CHUNK_EVENTS, notes):
                 await self._apply(
                     keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
                           k.active, k.finishing, k.completed(sid)],
@@ -251,7 +256,7 @@ class CollectorService:
             finished_any |= bool(finished)
         acks = []
         partly: list[tuple[Any, Any, dict[int, Rejected]]] = []
-        for n, (msg, batch, refused) in enumerate(work):
+        for n, (msg, batch, _, refused) in enumerate(work):
             if n in errors:
                 await self._failed(msg, f"{type(errors[n]).__name__}: {errors[n]}")
                 continue
@@ -320,14 +325,15 @@ class CollectorService:
             code=first.code, ack=False,
             headers={"Buildtel-Events-Refused": str(len(refused)), "Buildtel-Events-Kept": str(kept)})
 
-    async def _record_lost(self, msg: Any, batch: EventBatch | None, exc: Rejected, now: float) -> None:
+    async def _record_lost(self, msg: Any, batch: EventBatch | None, raws: list[Any] | None, exc: Rejected,
+                           now: float) -> None:
         """Record every event of a batch refused whole as lost in its session's hot state."""
-        if batch is None or not batch.events:
+        if batch is None or raws is None or not batch.events:
             return
         sid, agent, k = batch.session_id, batch.agent_id, self.keys
         note = (exc.code, f"batch refused whole: {exc.reason}")
         try:
-            for payload in fold.ops_payloads(msg.data, batch.events, FOLD_CHUNK_EVENTS,
+            for payload in fold.ops_payloads(raws, batch.events, FOLD_CHUNK_EVENTS,
                                              dict.fromkeys(range(len(batch.events)), note)):
                 await self._apply(keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
                                         k.active, k.finishing, k.completed(sid)],
