@@ -26,7 +26,7 @@ from buildtel.services.analyzer.api import (
 )
 from buildtel.services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
 from buildtel.cli.common import open_bus
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import json_safe, safe, safe_block
 from buildtel.shared.settings import Settings
 

@@ -35,7 +35,7 @@ from buildtel.cli.common import (
     read_stack,
     stack_file,
 )
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.shared.demo.farm import FarmPlan, run_farm
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.shared.engines import public_url

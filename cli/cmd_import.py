@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.shared.importers.common import ImportFormatError, ImportResult, iso, parse_time
 
 MAX_WARNINGS_SHOWN = 20

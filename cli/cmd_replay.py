@@ -2,7 +2,7 @@
 
 ``replay ID`` alone describes a recording and runs nothing.  ``--execute``
 first checks that the manifest is the one written at record time (refused
-otherwise, nothing runs: ``services/recorder/trust.py``), prints the exact
+otherwise, nothing runs: ``shared/recording/trust.py``), prints the exact
 command, working directory and environment it will run (on stderr with
 ``--json``), then re-runs it in a fresh sandbox and compares outputs (exit 0
 reproducible, 1 not);
@@ -37,13 +37,13 @@ from buildtel.cli.ids import (
     resolve_recording,
     resolve_session_id,
 )
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe, safe_block
-from buildtel.services.recorder import diff as diffmod
-from buildtel.services.recorder.manifest import RecordingManifest
-from buildtel.services.recorder.replay import ReplayEngine, ReplayError, ReplayPlan, cleanup
-from buildtel.services.recorder.store import RecordingNotFound, RecordingStore
-from buildtel.services.recorder.timetravel import Timeline, render, republish
+from buildtel.shared.recording import diff as diffmod
+from buildtel.shared.recording.manifest import RecordingManifest
+from buildtel.shared.recording.replay import ReplayEngine, ReplayError, ReplayPlan, cleanup
+from buildtel.shared.recording.store import RecordingNotFound, RecordingStore
+from buildtel.shared.recording.timetravel import Timeline, render, republish
 from buildtel.shared.settings import Settings
 
 

@@ -12,7 +12,7 @@ descendant it waited for) and peak RSS, and exit with the command's own code
 still runs and its code still passes through; one warning line says why the
 session was not recorded.
 
-Per-target capture plugs in as a :class:`TargetSource`: ``shared/capture`` (make recipes,
+Per-target capture plugs in as a :class:`~buildtel.shared.capture.TargetSource`: ``shared/capture`` (make recipes,
 ninja edges, health checkpoints; ``docs/live-capture.md``).
 """
 
@@ -28,13 +28,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from buildtel.shared.protocol import new_session_id
-from buildtel.services.tracer.model import session_span_id
+from buildtel.shared.tracemodel import session_span_id
 from buildtel.shared.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: `run` imports the capture package when it is used
+    from buildtel.shared.capture.source import TargetSource
 
 ENV_SESSION_ID = "BUILDER_TELEMETRY_SESSION_ID"
 SAMPLE_INTERVAL_S = 0.25  # process-tree memory sampling; a /proc walk of the tree costs ~30 µs
@@ -42,20 +45,6 @@ ENVIRONMENT_WAIT_S = 2.0  # after the command exits, how long BuildStarted waits
 SOURCE_DRAIN_S = 5.0
 NICENESS = 10  # the environment probes yield CPU to the build they describe
 _SOURCE_EMITS = frozenset({"target_started", "target_finished", "health"})
-
-
-class TargetSource(Protocol):
-    """Per-target events of one run, e.g. make recipes or ninja edges (``shared/capture``)."""
-
-    def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
-        """Before spawning: may edit ``env`` in place and return a rewritten argv."""
-        ...
-
-    def targets(self, done: threading.Event) -> Iterable[Mapping[str, Any]]:
-        """Yield keyword arguments of ``target_finished`` (or of ``target_started``/``health``,
-        named under ``"event"``) while the command runs; finish soon after ``done`` is set
-        (the command has exited).  A source may also have ``spawned(pid)``, called after the spawn."""
-        ...
 
 
 def register(subparsers: Any) -> None:
@@ -143,8 +132,8 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     for src in sources:
         argv = src.prepare(argv, env)
     capture = None
-    if record:  # files read and written, for `buildtel replay` (services/recorder/capture.py)
-        from buildtel.services.recorder.capture import start_run_capture
+    if record:  # files read and written, for `buildtel replay` (shared/recording/capture.py)
+        from buildtel.shared.recording.capture import start_run_capture
         capture = start_run_capture(settings, command, user_env, session_id)
     # Machine and checkout (commit, branch, remote) are read now, before the build starts and at
     # any load: a few small file reads, under 1 ms with starting `git status` (docs/sdk.md).  Only the
@@ -191,7 +180,7 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     if run is not None:
         run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak)
     if capture is not None:
-        from buildtel.services.recorder.capture import finish_run_capture
+        from buildtel.shared.recording.capture import finish_run_capture
         finish_run_capture(capture, code, quiet=quiet)
     if not quiet:
         for src in sources:  # what per-target capture saw, or why it saw nothing (docs/live-capture.md)

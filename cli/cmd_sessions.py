@@ -9,7 +9,7 @@ import time
 from buildtel.cli.common import open_bus
 from buildtel.cli.ids import GRAMMAR, parse_id, resolve_session
 from buildtel.cli.jsonout import dumps
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.shared.protocol import BuildSession

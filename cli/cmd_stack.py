@@ -33,7 +33,7 @@ from buildtel.cli.common import (
     stack_file,
     stop_stack,
 )
-from buildtel.cli.main import CLIError
+from buildtel.cli.errors import CLIError
 from buildtel.shared.auth import ROLES, StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
 from buildtel.shared.files import private_dir, tighten_tree, write_private

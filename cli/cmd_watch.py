@@ -28,7 +28,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from buildtel.cli.common import CLIError, connect_cli, resolve
+from buildtel.cli.common import connect_cli, resolve
+from buildtel.cli.errors import CLIError
 from buildtel.cli.jsonout import emit
 from buildtel.cli.textsafe import safe
 from buildtel.shared.engines import public_url

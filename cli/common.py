@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from buildtel.cli.errors import CLIError
 from buildtel.shared.auth import StackAuth
@@ -33,9 +31,18 @@ from buildtel.shared.engines import public_url
 from buildtel.shared.files import open_private, private_dir, write_private
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
+
+# Reading stack.json is shared with the SDK and the tracing API (shared/stackfile.py); the names
+# stay importable from here for the commands.
+from buildtel.shared.stackfile import (  # noqa: F401 - re-exported for cli/cmd_*
+    STACK_FILE,
+    read_stack,
+    read_stack_file,
+    stack_auth_of,
+    stack_file,
+)
 from buildtel.shared.subjects import Subjects
 
-STACK_FILE = "stack.json"
 AUTOSTART_TIMEOUT_S = 30.0
 # A CLI connection: each try waits CONNECT_TIMEOUT_S for the server; CONNECT_DEADLINE_S bounds
 # all of them, so an unreachable (silently dropping) address fails in seconds, not half a minute.
@@ -48,10 +55,6 @@ class StackUnavailable(CLIError):
     pass
 
 
-def stack_file(settings: Settings) -> Path:
-    return settings.cache_dir / STACK_FILE
-
-
 def data_dir(settings: Settings) -> Path:
     """The data directory, created 0700; a ``.gitignore`` of ``*`` keeps a per-project one out of commits."""
     d = private_dir(settings.cache_dir)
@@ -60,46 +63,6 @@ def data_dir(settings: Settings) -> Path:
         with contextlib.suppress(OSError):
             write_private(ignore, "# Builder Telemetry data: never commit it\n*\n")
     return d
-
-
-def _reachable(url: str) -> bool:
-    u = urlparse(url.split(",")[0])
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 4222), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_stack_file(settings: Settings) -> dict[str, Any] | None:
-    """``stack.json`` as written, whatever state the stack is in (``down`` uses it)."""
-    try:
-        info = json.loads(stack_file(settings).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def read_stack(settings: Settings) -> dict[str, Any] | None:
-    """The local stack's description, when it is running and ready for commands."""
-    info = read_stack_file(settings)
-    if info is None or info.get("state", "running") != "running":
-        return None
-    if not _pid_alive(int(info.get("pid", 0))) or not _reachable(info.get("nats_url", "")):
-        return None
-    return info
 
 
 def no_stack_message(settings: Settings) -> str:
@@ -129,14 +92,6 @@ def resolve(settings: Settings, *, autostart: bool, need_redis: bool = True) -> 
         auth = StackAuth.from_json(info["auth"])
     return settings.with_(nats_url=settings.nats_url or info["nats_url"],
                           redis_url=settings.redis_url or info["redis_url"], stack_auth=auth)
-
-
-def stack_auth_of(settings: Settings) -> StackAuth | None:
-    """The local stack's credentials when the NATS URL comes from it (for the SDK's resolver)."""
-    if settings.nats_url:
-        return settings.stack_auth
-    info = read_stack(settings)
-    return StackAuth.from_json(info["auth"]) if info and info.get("auth") else None
 
 
 def _live_stack_file(settings: Settings) -> dict[str, Any] | None:

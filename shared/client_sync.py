@@ -1,16 +1,6 @@
-"""The synchronous side of the SDK: the thread-safe event buffer and :class:`SyncTelemetryClient`
-(argument sanitising is ``buildtel.shared.sanitize``).
-
-:class:`Emitter` holds what every emit method touches: the pending list, the seq
-counter and the counters, under one ``threading.Lock`` so that any thread may emit.
-Emit methods validate with a few ``type(x) is …`` checks on the common path and
-fall back to sanitisers that turn bad values into defaults, so a call never raises;
-what only fails at encoding time (lone surrogates, huge ints, oversize values) is
-sanitised when the batch is cut, so every accepted event reaches the collector in a
-form its typed decoder takes.  The
-asynchronous transport (batching, publishing, connecting) is
-:class:`buildtel.shared.client.TelemetryClient`, which extends :class:`Emitter`;
-:class:`SyncTelemetryClient` runs it on a private event loop in a daemon thread.
+"""The SDK for synchronous code: :class:`SyncTelemetryClient` runs the asynchronous
+:class:`buildtel.shared.client_async.TelemetryClient` on a private event loop in a daemon
+thread.  The event buffer and emit methods both share are :class:`buildtel.shared.emitter.Emitter`.
 """
 
 from __future__ import annotations
@@ -19,231 +9,14 @@ import asyncio
 import atexit
 import os
 import threading
-import time
 import weakref
-from typing import TYPE_CHECKING, Any, Self
+from typing import Self
 
-import msgspec
-
-from buildtel.shared.identity import default_agent_id
-from buildtel.shared.protocol import (
-    BuildFinished,
-    BuildStarted,
-    HealthCheckpoint,
-    TargetFinished,
-    TargetStarted,
-    is_session_id,
-    new_session_id,
-)
-from buildtel.shared.sanitize import (
-    _CACHES,
-    _HEALTH_FIELDS,
-    _STATUSES,
-    MAX_SEQ,
-    _agent_id,
-    _now,
-    _phases,
-    _str_list,
-    _text,
-    fix_event,
-)
+from buildtel.shared.client_async import TelemetryClient, UrlSource
+from buildtel.shared.emitter import ClientStats
 from buildtel.shared.settings import Settings
 
-if TYPE_CHECKING:
-    from buildtel.shared.client import TelemetryClient, UrlSource
-
-class ClientStats(msgspec.Struct, kw_only=True):
-    sent: int = 0  # events acknowledged by JetStream
-    dropped: int = 0  # events refused (buffer full, closed, invalid) or unsent at close
-    buffered_max: int = 0  # most events held un-acknowledged at once
-    retries: int = 0  # batch re-publishes
-
-
-class Emitter:
-    """Identity, buffer and emit methods; thread-safe.  Subclasses provide ``_kick``."""
-
-    def __init__(self, settings: Settings, *, session_id: str | None = None, agent_id: str | None = None,
-                 name: str = "") -> None:
-        if session_id is not None and not is_session_id(session_id):
-            raise ValueError(f"session_id must be 32 lowercase hex digits, got {str(session_id)[:80]!r}")
-        self._settings = settings
-        self._on = settings.enabled
-        self._sid = session_id or new_session_id()
-        # Default: the machine, plus a per-process sub-id when joining a given session (shared/identity.py).
-        self._aid = _agent_id(agent_id or default_agent_id(settings.agent_id, joining=session_id is not None))
-        self._name = _text(name)
-        self._bs = settings.batch_size
-        self._limit = settings.buffer_limit
-        self._lock = threading.Lock()
-        self._pending: list[Any] = []
-        self._seq = 0
-        self._acked = 0  # events since acknowledged, or dropped after acceptance
-        # Events that may still be accepted: min(buffer_limit - un-acknowledged, MAX_SEQ - seq);
-        # 0 once closed.  One counter keeps the emit path's check to a single comparison.
-        self._room = min(self._limit, MAX_SEQ)
-        self._open = True
-        self._started = False
-        self._sent = self._dropped = self._buffered_max = self._retries = 0
-
-    def _kick(self) -> None:
-        """Called (from any thread) when a full batch is pending."""
-
-    def _live(self, ev: HealthCheckpoint) -> None:
-        """Called with each accepted health checkpoint, for the live (best-effort) subject."""
-
-    @property
-    def session_id(self) -> str:
-        return self._sid
-
-    @property
-    def agent_id(self) -> str:
-        return self._aid
-
-    @property
-    def events_emitted(self) -> int:
-        """The next seq: events accepted so far."""
-        return self._seq
-
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    @property
-    def stats(self) -> ClientStats:
-        return ClientStats(sent=self._sent, dropped=self._dropped,
-                           buffered_max=max(self._buffered_max, self._buffered), retries=self._retries)
-
-    @property
-    def _buffered(self) -> int:
-        """Accepted but not yet acknowledged (pending, in a batch, or in flight)."""
-        return self._seq - self._acked
-
-    def _update_room(self) -> None:
-        """After acknowledgements; call with the lock held."""
-        if self._open:
-            self._room = min(self._limit - (self._seq - self._acked), MAX_SEQ - self._seq)
-
-    def _stop_accepting(self) -> bool:
-        """Refuse every later event; True if this call closed the client."""
-        with self._lock:
-            was_open, self._open, self._room = self._open, False, 0
-        return was_open
-
-    # -- emit: never raise, never block (a lock held for a few list operations) ---------------
-    def _push(self, ev: Any) -> bool:
-        with self._lock:
-            if self._room <= 0:
-                self._dropped += 1
-                return False
-            self._room -= 1
-            ev.seq = self._seq
-            self._seq += 1
-            p = self._pending
-            p.append(ev)
-            n = len(p)
-        if n == self._bs and self._started:
-            self._kick()
-        return True
-
-    def _reject(self) -> None:
-        with self._lock:
-            self._dropped += 1
-
-    def build_started(self, name: str = "", command: Any = None, environment: Any = None, labels: Any = None,
-                      record: bool = False, traceparent: str | None = None, *, ts: float | None = None) -> None:
-        """Once per session, first.  The environment's env and the command are redacted here too;
-        ``ts`` backdates the event (e.g. to when the build process was spawned)."""
-        if not self._on:
-            return
-        try:
-            self._push(fix_event(BuildStarted(
-                session_id=self._sid, agent_id=self._aid, seq=0, ts=ts, name=name or self._name,
-                command=command, environment=environment, labels=labels, record=record,
-                traceparent=traceparent)))
-        except Exception:  # noqa: BLE001 - telemetry must never break the build
-            self._reject()
-
-    def target_started(self, target: str, worker: str = "", *, ts: float | None = None) -> None:
-        """``ts`` (Unix s) defaults to now; importers and simulations pass the real time."""
-        if not self._on:
-            return
-        try:
-            ev = TargetStarted(session_id=self._sid, agent_id=self._aid, seq=0,
-                               ts=time.time() if ts is None else ts, target=target, worker=worker)
-            if not (type(target) is str and type(worker) is str and type(ev.ts) is float):
-                fix_event(ev)
-            self._push(ev)
-        except Exception:  # noqa: BLE001
-            self._reject()
-
-    def target_finished(self, target: str, *, start: float, duration_s: float, status: str = "success",
-                        cache: str = "miss", worker: str = "", exit_code: int | None = None,
-                        kind: str | None = None, mnemonic: str | None = None, cpu_s: float | None = None,
-                        peak_rss_bytes: int | None = None, deps: Any = None, phases: Any = None,
-                        ts: float | None = None) -> None:
-        if not self._on:
-            return
-        try:
-            ev = TargetFinished(session_id=self._sid, agent_id=self._aid, seq=0,
-                                ts=_now() if ts is None else ts, target=target,
-                                start=start, duration_s=duration_s, status=status, cache=cache, worker=worker,
-                                exit_code=exit_code, kind=kind, mnemonic=mnemonic, cpu_s=cpu_s,
-                                peak_rss_bytes=peak_rss_bytes)
-            # Cheap checks for what the collector's decoder would reject; what only fails to
-            # encode (lone surrogates, huge ints, oversize strings) is fixed at batch time.
-            if not (type(target) is str and type(start) is float and type(duration_s) is float
-                    and type(ev.ts) is float
-                    and status in _STATUSES and cache in _CACHES and type(worker) is str
-                    and (exit_code is None or type(exit_code) is int)
-                    and (cpu_s is None or type(cpu_s) is float)
-                    and (peak_rss_bytes is None or type(peak_rss_bytes) is int)
-                    and (kind is None or type(kind) is str) and (mnemonic is None or type(mnemonic) is str)):
-                fix_event(ev)
-            # Set only when given: passing empty lists to the constructor costs more than the rest.
-            if deps is not None:
-                ev.deps = _str_list(deps)
-            if phases is not None:
-                ev.phases = _phases(phases)
-            with self._lock:  # _push, inlined on the hottest path
-                if self._room <= 0:
-                    self._dropped += 1
-                    return
-                self._room -= 1
-                ev.seq = self._seq
-                self._seq += 1
-                p = self._pending
-                p.append(ev)
-                n = len(p)
-            if n == self._bs and self._started:
-                self._kick()
-        except Exception:  # noqa: BLE001
-            self._reject()
-
-    def health(self, *, ts: float | None = None, **fields: Any) -> None:
-        """A :class:`HealthCheckpoint`; unknown field names are ignored, bad values defaulted."""
-        if not self._on:
-            return
-        try:
-            known = {k: v for k, v in fields.items() if k in _HEALTH_FIELDS}
-            ev = fix_event(HealthCheckpoint(session_id=self._sid, agent_id=self._aid, seq=0,
-                                            ts=time.time() if ts is None else ts, **known))
-            if self._push(ev):
-                self._live(ev)
-        except Exception:  # noqa: BLE001
-            self._reject()
-
-    def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
-                       expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None) -> None:
-        """This agent's last event: the collector completes the session once it is folded."""
-        if not self._on:
-            return
-        try:
-            self._push(fix_event(BuildFinished(session_id=self._sid, agent_id=self._aid, seq=0,
-                                               ts=time.time() if ts is None else ts,
-                                               exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
-                                               expected_events=expected_events, up_to_date=up_to_date)))
-        except Exception:  # noqa: BLE001
-            self._reject()
+__all__ = ["ClientStats", "SyncTelemetryClient"]
 
 
 class SyncTelemetryClient:
@@ -256,8 +29,6 @@ class SyncTelemetryClient:
 
     def __init__(self, settings: Settings, *, nats_url: UrlSource = None, session_id: str | None = None,
                  agent_id: str | None = None, name: str = "") -> None:
-        from buildtel.shared.client import TelemetryClient
-
         self._client: TelemetryClient = TelemetryClient(settings, nats_url=nats_url, session_id=session_id,
                                                         agent_id=agent_id, name=name)
         c = self._client

@@ -21,21 +21,15 @@ import msgspec
 
 from buildtel.services.storage import format as fmt
 from buildtel.services.storage.index import Snapshot, Summary, summarize, view_decoder
+from buildtel.services.storage.segments import DamageReport, RetentionReport, Segment
 from buildtel.shared.codec import DecodeError
 
-if TYPE_CHECKING:
-    from buildtel.services.storage.store import (
-        DamageReport,
-        RetentionReport,
-        Segment,
-        TelemetryStorage,
-    )
+if TYPE_CHECKING:  # annotations only: store.py imports this module, never the other way round
+    from buildtel.services.storage.store import TelemetryStorage
 
 
 def load(store: TelemetryStorage) -> DamageReport:
     """Scan every segment into the store's index (runs in a worker thread, before open returns)."""
-    from buildtel.services.storage.store import DamageReport
-
     fmt.remove_leftovers(store.directory)
     found = fmt.list_segments(store.directory)
     report = DamageReport(segments=len(found))
@@ -66,8 +60,6 @@ def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
 
 def _load_segment(store: TelemetryStorage, report: DamageReport, summaries: dict[str, Summary],
                   segments: list[Segment], number: int, path: Path, data: bytes | mmap.mmap, *, last: bool) -> None:
-    from buildtel.services.storage.store import Segment
-
     res = fmt.scan(data, str(path))
     if res.header is not None and res.header.version != fmt.FORMAT_VERSION:
         # A newer writer's file: not ours to read, index, append to, compact or delete.
@@ -125,8 +117,6 @@ def _mostly_dead(seg: Segment, live: int, threshold: float) -> bool:
 
 
 async def enforce_retention(store: TelemetryStorage, now: float) -> RetentionReport:
-    from buildtel.services.storage.store import RetentionReport
-
     report = RetentionReport()
     async with store._retention_lock:
         async with store._write_lock:
@@ -191,8 +181,6 @@ def _unlink(paths: list[Path], fsync: bool) -> None:
 def _rewrite(store: TelemetryStorage, seg: Segment, members: list[Summary]) -> tuple[Segment, dict[str, Summary | None]]:
     """Copy the live records of ``seg`` (verbatim: same bytes, same stored_at) into a new file
     that atomically replaces it.  Runs in a worker thread."""
-    from buildtel.services.storage.store import Segment
-
     header = fmt.encode_header()
     members = sorted(members, key=lambda s: s.offset)  # sequential reads, original order
     chunks: list[bytes] = [header]

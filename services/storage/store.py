@@ -28,11 +28,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from buildtel.services.storage import format as fmt
+from buildtel.services.storage import maintenance
 from buildtel.services.storage.index import (
     Filters,
     Key,
@@ -41,6 +42,10 @@ from buildtel.services.storage.index import (
     summarize,
     view_decoder,
 )
+
+# Segment and the reports live in segments.py so maintenance.py need not import this module;
+# they stay importable from here.
+from buildtel.services.storage.segments import DamageReport, RetentionReport, Segment
 from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.files import private_dir
 from buildtel.shared.logs import get_logger
@@ -56,32 +61,35 @@ def _prepare(payloads: Sequence[bytes], stored_at: float) -> list[Summary]:
     return [summarize(view_decoder.decode(p), stored_at, None, 0, len(p)) for p in payloads]
 
 
+class SessionFacts(NamedTuple):
+    """What the index needs of a session its caller has decoded already (duck-types
+    ``index.SessionView`` for ``summarize``): storage validates a session by decoding it in full,
+    and the summary is taken from that decode instead of decoding the bytes a second time."""
+
+    id: str
+    start: float
+    finish: float
+    outcome: str
+    labels: dict[str, str]
+    agents: list[str]
+    environment: Any
+    names: list[str]
+
+    @classmethod
+    def of(cls, session: BuildSession) -> SessionFacts:
+        return cls(session.id, session.start, session.finish, session.outcome, session.labels, session.agents,
+                   session.environment, [t.name for t in session.targets])
+
+    def target_names(self) -> list[str]:
+        return self.names
+
+
 class StorageClosed(RuntimeError):
     """The store is not open (never opened, or closed)."""
 
 
 class StorageLocked(RuntimeError):
     """Another process has this directory open: two writers would interleave their appends."""
-
-
-class DamageReport(msgspec.Struct, kw_only=True):
-    """What :meth:`TelemetryStorage.open` found: every damaged region, and what was kept."""
-
-    damages: list[fmt.Damage] = []
-    segments: int = 0
-    records: int = 0  # intact records read
-    sessions: int = 0  # indexed after de-duplication (before retention)
-    duplicates: int = 0  # intact records whose id was already indexed
-
-    @property
-    def ok(self) -> bool:
-        return not self.damages
-
-
-class RetentionReport(msgspec.Struct, kw_only=True):
-    dropped: int = 0
-    segments_deleted: int = 0
-    segments_compacted: int = 0
 
 
 class StoreStats(msgspec.Struct, kw_only=True):
@@ -99,39 +107,6 @@ class Page:
 
     payloads: list[bytes] = field(default_factory=list)
     cursor: Key | None = None
-
-
-class Segment:
-    """One segment file: a read descriptor for everyone, a write descriptor while active.
-
-    Summaries reference their Segment, so the descriptor lives exactly as long as
-    something can still read through it (closed in ``__del__`` or by ``close()``).
-    """
-
-    __slots__ = ("__weakref__", "fd", "header_len", "number", "path", "size", "wfd")
-
-    def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False) -> None:
-        self.number = number
-        self.path = path
-        self.fd = self.wfd = -1
-        self.fd = os.open(path, os.O_RDONLY)
-        self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1  # __del__ closes fd on error
-        self.size = size
-        self.header_len = header_len
-
-    def close_writer(self) -> None:
-        if self.wfd >= 0:
-            os.close(self.wfd)
-            self.wfd = -1
-
-    def close(self) -> None:
-        self.close_writer()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class TelemetryStorage:
@@ -231,12 +206,19 @@ class TelemetryStorage:
         # so the index never disagrees with what is on disk.
         return await asyncio.shield(self._append(ids, get, None, time.time()))
 
-    async def append_encoded(self, payloads: Sequence[bytes]) -> list[bool]:
+    async def append_encoded(self, payloads: Sequence[bytes],
+                             facts: Sequence[SessionFacts] | None = None) -> list[bool]:
         """:meth:`append_many` for sessions as received on the bus (msgpack ``BuildSession``s the
-        caller has validated), stored verbatim; the caller need not keep decoded sessions around."""
+        caller has validated), stored verbatim; the caller need not keep decoded sessions around.
+        ``facts[i]`` (from the caller's own decode of ``payloads[i]``) spares decoding them again."""
         self._check_open()
         now = time.time()
-        prepared = await asyncio.to_thread(_prepare, payloads, now)
+        if facts is None:
+            prepared = await asyncio.to_thread(_prepare, payloads, now)
+        else:
+            if len(facts) != len(payloads):
+                raise ValueError(f"facts must have one entry per payload ({len(facts)} for {len(payloads)})")
+            prepared = [summarize(f, now, None, 0, len(p)) for f, p in zip(facts, payloads, strict=True)]
         return await asyncio.shield(self._append([p.id for p in prepared], payloads.__getitem__, prepared, now))
 
     async def _append(self, ids: list[str], get: Callable[[int], bytes],
@@ -428,14 +410,10 @@ class TelemetryStorage:
 
     # -- loading and retention (services/storage/maintenance.py, to keep modules small) -----
     def _load(self) -> DamageReport:
-        from buildtel.services.storage.maintenance import load
-
-        return load(self)
+        return maintenance.load(self)
 
     async def enforce_retention(self, now: float | None = None) -> RetentionReport:
         """Drop sessions beyond ``max_sessions`` (oldest first) or finished before
         ``now - retention_s``; delete segments with nothing live, rewrite mostly-dead ones."""
-        from buildtel.services.storage.maintenance import enforce_retention
-
         self._check_open()
-        return await enforce_retention(self, time.time() if now is None else now)
+        return await maintenance.enforce_retention(self, time.time() if now is None else now)

@@ -49,7 +49,7 @@ from opentelemetry.trace import (
 )
 
 from buildtel.services.tracer import propagation
-from buildtel.services.tracer.model import SESSION_ATTR, session_span_id
+from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 from buildtel.shared.logs import get_logger
 from buildtel.shared.settings import Settings
 
@@ -88,7 +88,7 @@ def _nats_url(settings: Settings) -> str | None:
     if settings.nats_url:
         return settings.nats_url
     try:  # a local stack started by `buildtel up`
-        from buildtel.cli.common import read_stack
+        from buildtel.shared.stackfile import read_stack
 
         info = read_stack(settings)
     except Exception:  # noqa: BLE001 - no stack file, unreadable: run without export

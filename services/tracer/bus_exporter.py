@@ -7,7 +7,7 @@ exporter owns a private event loop in a daemon thread and blocks on it; this
 also works when the application itself runs an event loop, because the two
 loops never meet.
 
-Each batch becomes one or more MessagePack :class:`~buildtel.services.tracer.model.SpanBatch`
+Each batch becomes one or more MessagePack :class:`~buildtel.shared.tracemodel.SpanBatch`
 messages under ``max_message_bytes`` on ``<ns>.spans``, published with a
 ``Nats-Msg-Id`` derived from the payload so a retried publish is dropped by
 JetStream's duplicate window.  JetStream acknowledges each message, so
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from buildtel.services.tracer.model import (
+from buildtel.shared.tracemodel import (
     SpanBatch,
     SpanEvent,
     SpanLink,

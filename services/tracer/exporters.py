@@ -34,7 +34,7 @@ from yarl import URL
 
 from buildtel.services.tracer import otlp, otlp_json
 from buildtel.services.tracer.formats import jaeger_document, to_zipkin
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.logs import get_logger
 
 log = get_logger("tracer.exporters")

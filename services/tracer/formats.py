@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from buildtel.services.tracer.model import (
+from buildtel.shared.tracemodel import (
     KIND_CLIENT,
     KIND_CONSUMER,
     KIND_NAMES,

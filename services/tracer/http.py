@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from buildtel.services.tracer import otlp, otlp_json
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
 from buildtel.shared.logs import get_logger
 

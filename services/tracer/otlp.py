@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 
-from buildtel.services.tracer.model import SpanEvent, SpanLink, SpanRecord
+from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord
 
 __all__ = [
     "DecodeResult",

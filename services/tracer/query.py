@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from buildtel.services.tracer.model import STATUS_ERROR, STATUS_OK, SpanRecord
+from buildtel.shared.tracemodel import STATUS_ERROR, STATUS_OK, SpanRecord
 from buildtel.services.tracer.store import TraceStore, TraceSummary, span_order
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared import micro

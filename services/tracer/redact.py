@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.redaction import REDACTED, redact_argv, redact_text
 
 # Keys (OpenTelemetry semantic conventions) whose values are command lines or URLs.

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 
 FORMAT_VERSION = 1
 FILE_MAGIC = b"\x89BTTRC\r\n"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from buildtel.services.tracer.model import (
+from buildtel.shared.tracemodel import (
     KIND_INTERNAL,
     SESSION_ATTR,
     STATUS_ERROR,

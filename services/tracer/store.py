@@ -35,7 +35,7 @@ from pathlib import Path
 import msgspec
 
 from buildtel.services.tracer import segments as fmt
-from buildtel.services.tracer.model import SpanRecord, span_session_id
+from buildtel.shared.tracemodel import SpanRecord, span_session_id
 from buildtel.shared.files import private_dir
 from buildtel.shared.logs import get_logger
 

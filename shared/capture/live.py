@@ -1,4 +1,4 @@
-"""The :class:`~buildtel.cli.cmd_run.TargetSource` ``buildtel run`` plugs in: per-target
+"""The :class:`~buildtel.shared.capture.source.TargetSource` ``buildtel run`` plugs in: per-target
 capture for make/ninja/cmake, and health checkpoints for every command.
 
 One thread (``cmd_run``'s source thread) iterates :meth:`LiveSource.targets`; it

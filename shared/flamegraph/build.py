@@ -118,7 +118,8 @@ class BuildMarks:
 def legend_svg(entries: list[tuple[str, str]], *, y: float, fontsize: float, fontwidth: float, xpad: int) -> str:
     """One row of colour swatches with their meaning (outside the frames group, so tools that read
     frames do not see it)."""
-    from .svg import _num, escape_xml
+    from .xmltext import escape_xml
+    from .xmltext import perl_num as _num
 
     out = ['<g id="legend">\n']
     x = float(xpad)

@@ -46,6 +46,8 @@ from .colors import PALETTES, background_colors, diff_color, frame_color
 from .folded import FoldedStacks, iter_folded, read_folded
 from .layout import Layout, layout_merged, layout_sequence, reverse_key
 from .svg_script import CSS, SCRIPT
+from .xmltext import escape_xml
+from .xmltext import perl_num as _num
 
 __all__ = ["FLAME_OPTIONS", "FlameGraphOptions", "SVGFlameGraphGenerator", "escape_xml"]
 
@@ -119,20 +121,6 @@ class FlameGraphOptions:
         if self.flamechart:
             return "Flame Chart"
         return "Icicle Graph" if self.inverted else "Flame Graph"
-
-
-_XML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})
-# C0 controls are not allowed in XML 1.0 at all; show them as U+FFFD.
-_XML_ESCAPES.update({c: "\ufffd" for c in range(32) if c not in (9, 10, 13)})
-
-
-def escape_xml(text: str) -> str:
-    return text.translate(_XML_ESCAPES)
-
-
-def _num(v: float) -> str:
-    """Perl's number stringification (%.15g): 101.0 -> '101', 111.5 -> '111.5'."""
-    return str(v) if isinstance(v, int) else format(v, ".15g")
 
 
 def _strip_annotation(name: str) -> str:

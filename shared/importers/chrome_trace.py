@@ -30,52 +30,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from buildtel.shared.importers.common import (
     ImportFormatError,
-    ImportResult,
     ParseWarning,
     clean_text,
     decode_utf8,
     maybe_gunzip,
 )
 
+# The span types live in trace_spans.py (trace_targets.py needs them too); importable from here.
+from buildtel.shared.importers.trace_spans import ChromeTraceImport, TraceSpan
+from buildtel.shared.importers.trace_targets import build_session
+
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-
-
-class TraceSpan(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One timed slice of a trace: an ``X`` event or a matched ``B``/``E`` pair.
-
-    ``start_us``/``dur_us`` are in the file's own clock (microseconds); the import's
-    ``time_base_s`` converts them to Unix time.  ``parent`` is the index (in the same
-    list) of the innermost span enclosing this one on the same pid/tid, or -1.
-    """
-
-    name: str
-    category: str = ""
-    pid: int | str = 0
-    tid: int | str = 0
-    start_us: float
-    dur_us: float
-    parent: int = -1
-    args: dict[str, Any] = {}
-
-    @property
-    def end_us(self) -> float:
-        return self.start_us + self.dur_us
-
-
-@dataclass
-class ChromeTraceImport(ImportResult):
-    """An import result that also carries the spans, thread names and the clock."""
-
-    spans: list[TraceSpan] = field(default_factory=list)
-    threads: dict[tuple[int | str, int | str], str] = field(default_factory=dict)
-    processes: dict[int | str, str] = field(default_factory=dict)
-    producer: str = "generic"
-    time_base_s: float = 0.0  # Unix time of ts == 0
-    time_source: str = "none"
 
 
 def _clean(v: Any, depth: int = 0) -> Any:
@@ -294,8 +261,6 @@ def parse_chrome_trace(
     the producer's own clock is used (clang ``beginningOfTime``, Bazel
     ``otherData.date``), else ``file_mtime`` as the end of the last span.
     """
-    from buildtel.shared.importers.trace_targets import build_session
-
     raw = maybe_gunzip(data)
     text = decode_utf8(raw, "trace")
     doc = _load(text)

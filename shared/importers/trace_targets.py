@@ -27,13 +27,13 @@ from collections import Counter
 from pathlib import PurePath
 from typing import Any
 
-from buildtel.shared.importers.chrome_trace import ChromeTraceImport, TraceSpan
 from buildtel.shared.importers.common import (
     ParseWarning,
     content_id,
     make_session,
     unique_names,
 )
+from buildtel.shared.importers.trace_spans import ChromeTraceImport, TraceSpan
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics
 
 AGENT = "import:chrome-trace"

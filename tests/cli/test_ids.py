@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import parse_id, pick, resolve_recording
-from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode

@@ -16,7 +16,7 @@ import pytest
 from buildtel.cli.cmd_run import run_build
 from buildtel.shared.bus import connect_nats
 from buildtel.shared.engines import free_port
-from buildtel.services.tracer.model import session_span_id
+from buildtel.shared.tracemodel import session_span_id
 from buildtel.shared.protocol import BuildFinished, BuildStarted, TargetFinished
 from buildtel.shared.redaction import REDACTED
 from tests.client.helpers import stream_batches

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from buildtel.services.recorder.capture import RunCapture
-from buildtel.services.recorder.manifest import FileEntry, RecordingManifest, UnsafePath, encode
-from buildtel.services.recorder.replay import ReplayEngine, ReplayError
-from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.recording.capture import RunCapture
+from buildtel.shared.recording.manifest import FileEntry, RecordingManifest, UnsafePath, encode
+from buildtel.shared.recording.replay import ReplayEngine, ReplayError
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 from tests.recorder.cproject import write_project
 
@@ -205,7 +205,7 @@ def test_system_headers_from_dependency_files_are_external_inputs(local_settings
 
 def test_second_recording_rehashes_only_what_changed(local_settings: Settings, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from buildtel.services.recorder import capture
+    from buildtel.shared.recording import capture
 
     root = write_project(tmp_path / "proj")
     old = 1_600_000_000

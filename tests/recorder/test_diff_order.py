@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from buildtel.services.recorder.diff import diff, render, side_from_session
+from buildtel.shared.recording.diff import diff, render, side_from_session
 from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from buildtel.services.recorder.manifest import decode_manifest, encode
-from buildtel.services.recorder.replay import ReplayEngine, ReplayError
-from buildtel.services.recorder.store import RecordingStore
-from buildtel.services.recorder.trust import KEY_NAME
+from buildtel.shared.recording.manifest import decode_manifest, encode
+from buildtel.shared.recording.replay import ReplayEngine, ReplayError
+from buildtel.shared.recording.store import RecordingStore
+from buildtel.shared.recording.trust import KEY_NAME
 from buildtel.shared.settings import Settings
 from tests.recorder.cproject import write_project
 from tests.recorder.test_capture_replay import record_build

@@ -12,7 +12,7 @@ import pytest
 
 from buildtel.cli.main import main
 from buildtel.services.recorder.service import RecorderService
-from buildtel.services.recorder.store import RecordingStore
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.codec import decode_batch
 from buildtel.shared.protocol import BuildStarted
 from buildtel.shared.settings import Settings
@@ -191,7 +191,7 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
 async def test_buildtel_run_record_captures_files_and_events_then_replays(
         settings: Settings, nc, recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from buildtel.services.recorder.replay import ReplayEngine
+    from buildtel.shared.recording.replay import ReplayEngine
     from buildtel.shared.protocol import BuildFinished
     from tests.recorder.cproject import write_project
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from buildtel.services.recorder.manifest import (
+from buildtel.shared.recording.manifest import (
     FORMAT_VERSION,
     UnsafePath,
     UnsupportedFormat,
     decode_manifest,
     encode,
 )
-from buildtel.services.recorder.recorder import BuildRecorder
-from buildtel.services.recorder.store import RecordingNotFound, RecordingStore
+from buildtel.shared.recording.recorder import BuildRecorder
+from buildtel.shared.recording.store import RecordingNotFound, RecordingStore
 from buildtel.shared.protocol import BuildStarted, TargetFinished
 
 
@@ -158,7 +158,7 @@ def test_recording_is_readable_by_a_new_process(store: RecordingStore, work: Pat
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from buildtel.services.recorder.store import RecordingStore\n"
+        "from buildtel.shared.recording.store import RecordingStore\n"
         "s = RecordingStore(Path(sys.argv[1]))\n"
         "m = s.load_manifest(sys.argv[2])\n"
         "ev = s.load_events(m.session_id)\n"

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from buildtel.services.tracer.http import RunningReceiver, start_receiver
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 from buildtel.services.tracer.service import TracerService
 from buildtel.services.tracer.testpoint import start_testpoint
 from buildtel.shared.httpserver import DEFAULT_LIMITS, BodyError, HttpLimits, decode_json, json_depth

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from buildtel.services.tracer.model import session_span_id
+from buildtel.shared.tracemodel import session_span_id
 
 PROBE = Path(__file__).with_name("api_probe.py")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buildtel.services.tracer.model import SESSION_ATTR, session_span_id
+from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 from buildtel.services.tracer.query import render_tree
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from buildtel.services.tracer.bus_exporter import BusSpanExporter
-from buildtel.services.tracer.model import SpanBatch, SpanRecord, span_batch_encoder
+from buildtel.shared.tracemodel import SpanBatch, SpanRecord, span_batch_encoder
 from buildtel.services.tracer.service import TracerService
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared.bus import dead_letter_decoder

@@ -29,7 +29,7 @@ from buildtel.services.tracer.exporters import (
     parse_retry_after,
     write_jaeger_file,
 )
-from buildtel.services.tracer.model import SpanEvent, SpanLink, SpanRecord
+from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord
 from buildtel.services.tracer.otlp import any_value
 from tests.tracer.helpers import eventually
 

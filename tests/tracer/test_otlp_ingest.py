@@ -31,7 +31,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from buildtel.services.tracer.model import SpanRecord
+from buildtel.shared.tracemodel import SpanRecord
 from buildtel.services.tracer.query import QueryError
 from tests.tracer.helpers import eventually
 

@@ -10,7 +10,7 @@ import aiohttp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buildtel.services.tracer.model import SpanEvent, SpanRecord
+from buildtel.shared.tracemodel import SpanEvent, SpanRecord
 from buildtel.services.tracer.otlp import encode_request
 from buildtel.services.tracer.redact import redact_spans
 from buildtel.services.tracer.service import TracerService

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from buildtel.services.tracer import segments as fmt
-from buildtel.services.tracer.model import SESSION_ATTR, SpanRecord
+from buildtel.shared.tracemodel import SESSION_ATTR, SpanRecord
 from buildtel.services.tracer.store import TraceStore
 
 

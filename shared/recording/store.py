@@ -4,7 +4,7 @@ Layout (``settings.recordings_dir``, by default ``.builder-cache/recordings/``):
 
     objects/ab/cdef…            file contents, named by SHA-256; shared by every recording
     manifests/<id>.rec          RecordingManifest (msgpack)
-    manifests/<id>.sig          its record-time SHA-256 and a MAC of it (services/recorder/trust.py)
+    manifests/<id>.sig          its record-time SHA-256 and a MAC of it (shared/recording/trust.py)
     manifest.key                the store's MAC key, 0600
     events/<session>/b-*.msgpack  EventBatch messages as the recorder service received them
     events/<session>/log.msgpack  EventLog: the batches compacted into one file
@@ -34,7 +34,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from buildtel.services.recorder.manifest import (
+from buildtel.shared.codec import DecodeError, batch_decoder
+from buildtel.shared.files import private_dir
+from buildtel.shared.protocol import Event
+from buildtel.shared.recording.manifest import (
     EventLog,
     RecordingManifest,
     decode_event_log,
@@ -42,10 +45,7 @@ from buildtel.services.recorder.manifest import (
     encode,
     is_recording_id,
 )
-from buildtel.services.recorder.trust import ManifestSigner
-from buildtel.shared.codec import DecodeError, batch_decoder
-from buildtel.shared.files import private_dir
-from buildtel.shared.protocol import Event
+from buildtel.shared.recording.trust import ManifestSigner
 from buildtel.shared.settings import Settings
 
 GiB = 1024**3

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from buildtel.services.recorder.manifest import RecordingManifest
 from buildtel.shared.protocol import (
     BuildFinished,
     BuildSession,
@@ -27,6 +26,7 @@ from buildtel.shared.protocol import (
     TargetFinished,
     TargetStarted,
 )
+from buildtel.shared.recording.manifest import RecordingManifest
 
 
 @dataclass

@@ -13,7 +13,7 @@ Paths are relative to the working directory.  A path that leaves it — absolute
 record time, so it never reaches a manifest.  The environment is redacted by
 ``buildtel.shared.redaction`` *before* it is stored (secret values are replaced, names
 are kept), and so is the command line; nothing else of the environment is
-written.  ``services/recorder/capture.py`` decides which files to record for
+written.  ``shared/recording/capture.py`` decides which files to record for
 ``buildtel run --record``.
 """
 
@@ -26,7 +26,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from buildtel.services.recorder.manifest import (
+from buildtel.shared.environment import DEFAULT_TOOLS, capture
+from buildtel.shared.files import write_private
+from buildtel.shared.protocol import BuildEnvironment, Event, new_session_id
+from buildtel.shared.recording.manifest import (
     ExternalInput,
     FileEntry,
     RecordingManifest,
@@ -35,10 +38,7 @@ from buildtel.services.recorder.manifest import (
     normalize_relpath,
     safe_relpath,
 )
-from buildtel.services.recorder.store import RecordingStore
-from buildtel.shared.environment import DEFAULT_TOOLS, capture
-from buildtel.shared.files import write_private
-from buildtel.shared.protocol import BuildEnvironment, Event, new_session_id
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.redaction import redact_argv, redact_env
 from buildtel.shared.settings import Settings
 

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import msgspec
 
-from buildtel.services.recorder import toolquery
-from buildtel.services.recorder.manifest import FileEntry, UnsafePath, is_recording_id
-from buildtel.services.recorder.recorder import BuildRecorder
-from buildtel.services.recorder.store import RecordingStore
 from buildtel.shared.files import write_private
 from buildtel.shared.logs import get_logger
+from buildtel.shared.recording import toolquery
+from buildtel.shared.recording.manifest import FileEntry, UnsafePath, is_recording_id
+from buildtel.shared.recording.recorder import BuildRecorder
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 
 log = get_logger("recorder.capture")

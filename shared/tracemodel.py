@@ -1,4 +1,4 @@
-"""The tracer's internal span record, shared by every ingest path, the store and the exporters.
+"""The span record (the tracer's schema), shared by every ingest path, the store, the exporters and the CLI.
 
 OTLP (protobuf and JSON), the bus exporter and the session synthesizer all
 produce :class:`SpanRecord`; the store keeps them as MessagePack; the Zipkin,

@@ -3,7 +3,7 @@
 What replay will run is limited on purpose: only the command of a manifest in the
 *local* store (no command can be passed in), only once that manifest is shown to
 be byte for byte the one written at record time (its SHA-256 and a MAC with the
-store's key, ``services/recorder/trust.py``; an edited manifest is refused before
+store's key, ``shared/recording/trust.py``; an edited manifest is refused before
 anything is restored or run), only with its working directory inside a new
 sandbox directory, and the CLI only when asked with ``--execute``, after it has
 printed the exact command and environment (:meth:`ReplayEngine.plan`).
@@ -30,16 +30,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from buildtel.services.recorder.capture import PER_RUN_VARS, VOLATILE, scan_tree
-from buildtel.services.recorder.manifest import (
+from buildtel.shared.protocol import Event
+from buildtel.shared.recording.capture import PER_RUN_VARS, VOLATILE, scan_tree
+from buildtel.shared.recording.manifest import (
     FileEntry,
     RecordingManifest,
     UnsafePath,
     check_entry,
 )
-from buildtel.services.recorder.store import RecordingStore
-from buildtel.services.recorder.trust import ManifestUntrusted
-from buildtel.shared.protocol import Event
+from buildtel.shared.recording.store import RecordingStore
+from buildtel.shared.recording.trust import ManifestUntrusted
 from buildtel.shared.redaction import REDACTED
 from buildtel.shared.settings import Settings
 

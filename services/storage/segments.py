@@ -1,0 +1,68 @@
+"""The pieces of the store that opening and retention (``maintenance.py``) work on: one segment
+file, and the reports of an open and of a retention run.
+
+Kept apart from ``store.py`` so that ``store -> maintenance -> segments`` points one way
+(``store.py`` re-exports these names).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from buildtel.services.storage import format as fmt
+
+
+class DamageReport(msgspec.Struct, kw_only=True):
+    """What :meth:`TelemetryStorage.open` found: every damaged region, and what was kept."""
+
+    damages: list[fmt.Damage] = []
+    segments: int = 0
+    records: int = 0  # intact records read
+    sessions: int = 0  # indexed after de-duplication (before retention)
+    duplicates: int = 0  # intact records whose id was already indexed
+
+    @property
+    def ok(self) -> bool:
+        return not self.damages
+
+
+class RetentionReport(msgspec.Struct, kw_only=True):
+    dropped: int = 0
+    segments_deleted: int = 0
+    segments_compacted: int = 0
+
+
+class Segment:
+    """One segment file: a read descriptor for everyone, a write descriptor while active.
+
+    Summaries reference their Segment, so the descriptor lives exactly as long as
+    something can still read through it (closed in ``__del__`` or by ``close()``).
+    """
+
+    __slots__ = ("__weakref__", "fd", "header_len", "number", "path", "size", "wfd")
+
+    def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False) -> None:
+        self.number = number
+        self.path = path
+        self.fd = self.wfd = -1
+        self.fd = os.open(path, os.O_RDONLY)
+        self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1  # __del__ closes fd on error
+        self.size = size
+        self.header_len = header_len
+
+    def close_writer(self) -> None:
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
+
+    def close(self) -> None:
+        self.close_writer()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
