@@ -332,7 +332,7 @@ class BusService:
         if decl.poison_after is not None and delivered >= decl.poison_after:
             if on_poison is not None:
                 await on_poison()
-            await self.dead_letter(msg, f"{decl.what} failed on each of {delivered} deliveries: {error}", code="poison")
+            await self.dead_letter(msg, f"{decl.what} failed {delivered} times (each delivery): {error}", code="poison")
             return
         await note_failure(self.redis, self.keys, stream=decl.stream, consumer=decl.durable,
                            seq=meta.sequence.stream, reason=error)

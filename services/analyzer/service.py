@@ -23,18 +23,12 @@ Nothing lives only in a replica's memory, so SIGKILL loses no state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import socket
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import msgspec
-import nats.micro
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro.request import Request, ServiceError
 
 from buildtel.services.analyzer import lua
 from buildtel.services.analyzer.alerts import (
@@ -57,25 +51,21 @@ from buildtel.services.analyzer.flamerender import flame_options, flame_reply
 from buildtel.services.analyzer.columns import gc_paused
 from buildtel.services.analyzer.history import History, from_storage
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
-from buildtel.shared import metrics as metrics_http
-from buildtel.shared.bus import (
-    MAX_DELIVER,
-    close_nats,
-    connect_nats,
-    connect_redis,
-    ensure_streams,
-    note_failure,
-    publish_dead_letter,
-    watch_max_deliveries,
-)
+from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
-from buildtel.shared.keys import Keys
-from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import BuildSession
-from buildtel.shared.runner import finish_tasks
+from buildtel.shared.service import (
+    BAD_GATEWAY,
+    BAD_REQUEST,
+    NOT_FOUND,
+    TOO_LARGE,
+    BusService,
+    Consumer,
+    Endpoint,
+    ServiceError,
+    Worker,
+)
 from buildtel.shared.settings import Settings
-
-log = get_logger("analyzer")
 
 DURABLE = "analyzer"
 # One session per fetch: nats-py's fetch(n > 1) waits for n messages or its timeout once it is
@@ -95,129 +85,69 @@ FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (
 _enc = msgspec.msgpack.Encoder()
 
 
-class AnalyzerService:
+class AnalyzerService(BusService):
     name = "analyzer"
+    api_version = API_VERSION
+    description = "Builder Telemetry analytics and regression alerts"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, ack_wait_s: float = ACK_WAIT_S,
                  history_cap: int | None = None, storage_timeout_s: float = 10.0,
                  metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
-        self.nats_url = nats_url
-        self.redis_url = redis_url
-        self.subjects = AnalyzerSubjects.of(settings.namespace)
-        self.keys = Keys(settings.namespace)
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
+        self.asubjects = AnalyzerSubjects(self.subjects)
         self.ack_wait_s = ack_wait_s
         self.history_cap = history_cap or settings.max_sessions
         self.storage_timeout_s = storage_timeout_s
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.nc: Any = None
-        self.redis: Any = None
-        self.sub: Any = None
-        self.micro: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self._started = False
-        self._stopped = False
-        self.outbox_key = self.keys.analyzer("outbox")
-        self.stats_key = self.keys.analyzer("stats")
+        self.outbox_key = self.keys.analyzer_outbox
+        self.stats_key = self.keys.analyzer_stats
         # Counters of this replica, for tests and logs.
         self.sessions_in = 0
         self.alerts_out = 0
         self.requests = 0
-        self.dead_letters = 0
         self.conflicts = 0
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-analyzer-{self.owner}", role="analyzer")
-        self.redis = connect_redis(self.redis_url)
-        self.js = self.nc.jetstream()
-        await ensure_streams(self.js, self.subjects.base, extra=[alerts_stream_config(self.subjects)])
+    # -- declarations (shared/service.py) -------------------------------------------------------
+    def streams(self) -> list[Any]:
+        return [alerts_stream_config(self.asubjects)]
+
+    def consumers(self) -> list[Consumer]:
+        # Sessions that fail in _handle are dead-lettered on their POISON_DELIVERIES-th delivery; one a
+        # replica never finishes (dies on, or is too slow for) from the server's advisory.
+        return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
+                         durable=DURABLE, handler=self._handle, what="session", fetch=FETCH_BATCH,
+                         fetch_timeout_s=1.0, ack_wait_s=self.ack_wait_s, max_ack_pending=256,
+                         max_deliver=MAX_DELIVER, poison_after=POISON_DELIVERIES, failure_pause_s=0.2)]
+
+    def endpoints(self) -> list[Endpoint]:
+        e = self.asubjects.endpoint
+        return [Endpoint("report", e("report"), self._api_report), Endpoint("stats", e("stats"), self._api_stats),
+                Endpoint("flamegraph", e("flamegraph"), self._api_flamegraph)]
+
+    def workers(self) -> list[Worker]:
+        return [Worker("outbox", self._sweep_outbox)]
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
         self._commit = self.redis.register_script(lua.COMMIT)
         self._hist_add = self.redis.register_script(lua.HISTORY_ADD)
         self.history = History(self.redis, self.keys, self.history_cap)
-        self.sub = await self.js.pull_subscribe(
-            self.subjects.base.sessions_completed, durable=DURABLE, stream=self.subjects.base.sessions_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=self.ack_wait_s, max_ack_pending=256, max_deliver=MAX_DELIVER))
-        # Sessions that fail in _handle are dead-lettered there on their last delivery; one a replica
-        # never finishes (dies on, or is too slow for) is dead-lettered from the server's advisory.
-        self.advisories = await watch_max_deliveries(
-            self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
-            stream=self.subjects.base.sessions_stream, consumer=DURABLE, counter=self._count_advisory)
-        self.micro = await nats.micro.add_service(
-            self.nc, name=self.subjects.service_name, version=API_VERSION,
-            description="Builder Telemetry analytics and regression alerts",
-            metadata={"namespace": self.settings.namespace})
-        await self.micro.add_endpoint(name="report", subject=self.subjects.endpoint("report"), handler=self._api_report)
-        await self.micro.add_endpoint(name="stats", subject=self.subjects.endpoint("stats"), handler=self._api_stats)
-        await self.micro.add_endpoint(name="flamegraph", subject=self.subjects.endpoint("flamegraph"),
-                                      handler=self._api_flamegraph)
-        await self.nc.flush()  # the server knows the endpoints before start() says we are ready
-        self._tasks = [asyncio.create_task(self._consume(), name="analyzer.consume"),
-                       asyncio.create_task(self._sweep_outbox(), name="analyzer.outbox")]
-        self._started = True
-        await metrics_http.attach(self, self.settings, port=self.metrics_port)
-        log.info("analyzer.started", owner=self.owner, stream=self.subjects.base.sessions_stream,
-                 alerts=self.subjects.alerts_stream)
 
-    async def metrics(self) -> dict[str, float]:
-        """Counters for /metrics (shared/metrics.py)."""
-        lag = await metrics_http.consumer_lag(self.js, self.subjects.base.sessions_stream, DURABLE)
+    def counters(self) -> dict[str, float]:
         return {"sessions_in_total": self.sessions_in, "alerts_total": self.alerts_out, "requests_total": self.requests,
-                "dead_letters_total": self.dead_letters, "conflicts_total": self.conflicts, "consumer_lag": lag}
+                "conflicts_total": self.conflicts}
 
-    async def stop(self) -> None:
-        """Stop taking sessions and requests, finish the session in hand (bounded), close. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await metrics_http.detach(self)
-        self._stopping.set()
-        if self.micro is not None:
-            with contextlib.suppress(Exception):
-                await self.micro.stop()
-        await finish_tasks(self._tasks)
-        await close_nats(self.nc, [self.sub, getattr(self, "advisories", None)])
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
-        log.info("analyzer.stopped", sessions=self.sessions_in, alerts=self.alerts_out, requests=self.requests)
+    async def started_fields(self) -> dict[str, Any]:
+        return {"stream": self.subjects.sessions_stream, "alerts": self.subjects.alerts_stream}
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"sessions": self.sessions_in, "alerts": self.alerts_out, "requests": self.requests}
 
     # -- sessions ----------------------------------------------------------------------------
-    async def _consume(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self.sub.fetch(FETCH_BATCH, timeout=1.0)
-            except (TimeoutError, NatsTimeout):  # nats-py raises either, depending on the path
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
-                if self._stopping.is_set():
-                    return
-                log.warning("analyzer.fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.2)
-                continue
-            for msg in msgs:
-                try:
-                    await self._handle(msg)
-                except Exception as exc:  # noqa: BLE001 - not acked: redelivered, folded idempotently
-                    reason = f"{type(exc).__name__}: {exc}"
-                    log.error("analyzer.session_failed", error=reason)
-                    with contextlib.suppress(Exception):
-                        if msg.metadata.num_delivered >= POISON_DELIVERIES:
-                            await self._dead_letter(msg, f"failed {POISON_DELIVERIES} times: {reason}")
-                        else:
-                            await note_failure(self.redis, self.keys, stream=self.subjects.base.sessions_stream,
-                                               consumer=DURABLE, seq=msg.metadata.sequence.stream, reason=reason)
-                    await asyncio.sleep(0.2)
-
     async def _handle(self, msg: Any) -> None:
         try:
             with gc_paused():
                 session = decode_session(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._dead_letter(msg, f"undecodable session: {exc}")
+            await self.dead_letter(msg, f"undecodable session: {exc}")
             return
         await self.history.add(self._hist_add, session, msg.data)
         meta = msg.metadata
@@ -229,26 +159,15 @@ class AnalyzerService:
         await msg.ack()
         self.sessions_in += 1
 
-    async def _dead_letter(self, msg: Any, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning("analyzer.dead_letter", subject=msg.subject, reason=reason[:300])
-        await publish_dead_letter(self.nc, self.redis, self.subjects.base, self.keys, service="analyzer",
-                                  subject=msg.subject, reason=reason, data=msg.data, headers=dict(msg.headers or {}))
-        await msg.ack()
-
-    def _count_advisory(self, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning("analyzer.dead_letter", reason=reason[:300], code="max_deliver")
-
     def _series_key(self, series: str) -> str:
-        return self.keys.analyzer(f"series:{series}")
+        return self.keys.analyzer_series(series)
 
     async def fold_session(self, session: BuildSession, seq: int | None = None) -> list[Alert]:
         """Fold every series point of ``session`` exactly once; return the alerts this call committed.
 
         ``seq`` (the session's stream sequence) lets a late redelivery be recognised (alerts.LATE_WINDOW)."""
         pending = {p.series: p for p in series_points(session)}
-        done_key = self.keys.analyzer(f"done:{session.id}")
+        done_key = self.keys.analyzer_done(session.id)
         committed: list[Alert] = []
         for attempt in range(MAX_CAS_ATTEMPTS):
             if not pending:
@@ -307,24 +226,20 @@ class AnalyzerService:
             await self.js.publish(subject, encode_alert(alert), timeout=5.0,
                                   headers={"Nats-Msg-Id": alert.id, "Buildtel-Alert-Direction": alert.direction})
         except Exception as exc:  # noqa: BLE001 - it stays in the outbox; the sweeper retries
-            log.warning("analyzer.alert_publish_failed", alert=alert.id, error=repr(exc))
+            self.log.warning("analyzer.alert_publish_failed", alert=alert.id, error=repr(exc))
             return
         await self.redis.hdel(self.outbox_key, alert.id)
         self.alerts_out += 1
-        log.info("analyzer.alert", id=alert.id, series=alert.series, direction=alert.direction,
+        self.log.info("analyzer.alert", id=alert.id, series=alert.series, direction=alert.direction,
                  change_pct=round(alert.change_pct, 1), session_id=alert.first_session_id,
                  commits=alert.commit_range)
 
     async def _sweep_outbox(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), OUTBOX_INTERVAL_S)
-            if self._stopping.is_set():
-                return
+        while not await self.idle(OUTBOX_INTERVAL_S):
             try:
                 await self.sweep_outbox_once()
             except Exception as exc:  # noqa: BLE001 - Redis/NATS blips: next round retries
-                log.warning("analyzer.outbox_failed", error=repr(exc))
+                self.log.warning("analyzer.outbox_failed", error=repr(exc))
 
     async def sweep_outbox_once(self, grace_s: float = OUTBOX_GRACE_S) -> int:
         entries = await self.redis.hgetall(self.outbox_key)
@@ -341,12 +256,12 @@ class AnalyzerService:
         return n
 
     # -- requests ----------------------------------------------------------------------------
-    async def _api_report(self, req: Request) -> None:
+    async def _api_report(self, data: bytes) -> bytes:
         self.requests += 1
         try:
-            r = request_decoder.decode(req.data or b"\x80")
+            r = request_decoder.decode(data or b"\x80")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ServiceError("400", f"bad report request: {exc}") from None
+            raise ServiceError(BAD_REQUEST, f"bad report request: {exc}") from None
         f = r.filter()
         notes: list[str] = []
         partial = False
@@ -360,7 +275,7 @@ class AnalyzerService:
                 notes.append("sessions from the storage service")
             except Exception as exc:  # noqa: BLE001 - StorageError or import failure: say so, serve history
                 if r.source == "storage":
-                    raise ServiceError("502", f"storage service: {exc}") from None
+                    raise ServiceError(BAD_GATEWAY, f"storage service: {exc}") from None
                 partial = True
                 notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
         analyzer = TelemetryAnalyzer(critical_paths=r.critical_paths, speedup_pct=r.speedup_pct)
@@ -375,11 +290,11 @@ class AnalyzerService:
         data = await asyncio.to_thread(compute)
         budget = max(1024, int(self.nc.max_payload) - _REPLY_OVERHEAD)
         if len(data) > budget:
-            raise ServiceError("413", f"report is {len(data)} bytes, more than one NATS message ({budget}) holds: "
+            raise ServiceError(TOO_LARGE, f"report is {len(data)} bytes, more than one NATS message ({budget}) holds: "
                                       "ask for fewer sessions, no session rows or fewer targets")
-        await req.respond(data)
+        return data
 
-    async def _api_stats(self, req: Request) -> None:
+    async def _api_stats(self, data: bytes) -> bytes:
         self.requests += 1
         raw = await self.redis.hgetall(self.stats_key)
         c = {k.decode(): int(v) for k, v in raw.items()}
@@ -387,32 +302,32 @@ class AnalyzerService:
                               late=c.get("late", 0), redelivered=c.get("redelivered", 0),
                               outbox=int(await self.redis.hlen(self.outbox_key)),
                               history=await self.history.count(), history_cap=self.history_cap, replica=self.owner)
-        await req.respond(_enc.encode(stats))
+        return _enc.encode(stats)
 
     # -- flame graphs (see api.FlameGraphRequest) ----------------------------------------------
-    async def _api_flamegraph(self, req: Request) -> None:
+    async def _api_flamegraph(self, body: bytes) -> bytes:
         self.requests += 1
         try:
-            r = flame_request_decoder.decode(req.data or b"\x80")
+            r = flame_request_decoder.decode(body or b"\x80")
             options = flame_options(r)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
-            raise ServiceError("400", f"bad flamegraph request: {exc}") from None
+            raise ServiceError(BAD_REQUEST, f"bad flamegraph request: {exc}") from None
         notes: list[str] = []
         sessions, partial = await self._flame_select(r, r.source, notes)
         base, base_partial = await self._flame_select(r.diff, r.source, notes) if r.diff else (None, False)
         if not sessions or (base is not None and not base):
-            raise ServiceError("404", f"no sessions match the {'diff base' if sessions else 'selection'}")
+            raise ServiceError(NOT_FOUND, f"no sessions match the {'diff base' if sessions else 'selection'}")
         budget = max(1024, (FLAME_REPLY_LIMIT or int(self.nc.max_payload)) - _REPLY_OVERHEAD)
         try:
             data = await asyncio.to_thread(flame_reply, r, options, sessions, base, budget,
                                            partial=partial or base_partial, notes=notes)
         except ValueError as exc:
-            raise ServiceError("400", f"bad flamegraph request: {exc}") from None
+            raise ServiceError(BAD_REQUEST, f"bad flamegraph request: {exc}") from None
         if len(data) > budget:
-            raise ServiceError("413", f"flame graph is {len(data)} bytes even without search data, more than one "
+            raise ServiceError(TOO_LARGE, f"flame graph is {len(data)} bytes even without search data, more than one "
                                       f"NATS message ({budget}) holds: raise minwidth (e.g. 1 px or '0.5%'), select "
                                       f"fewer sessions{' or leave out the folded stacks' if r.folded else ''}")
-        await req.respond(data)
+        return data
 
     async def _flame_select(self, sel: FlameGraphSelection, source: str,
                             notes: list[str]) -> tuple[list[BuildSession], bool]:
@@ -422,15 +337,17 @@ class AnalyzerService:
 
         if sel.session:
             if sel.filter() != ReportFilter():
-                raise ServiceError("400", "give a session or a window (last/since/until/branch/outcome), not both")
+                raise ServiceError(BAD_REQUEST,
+                                   "give a session or a window (last/since/until/branch/outcome), not both")
             raw = None if source == "storage" else await self.redis.hget(self.history.data, sel.session)
             if raw is not None:
                 return [decode_session(raw)], False
             try:
-                return [await StorageClient(self.nc, self.subjects.base, timeout=self.storage_timeout_s)
+                return [await StorageClient(self.nc, self.subjects, timeout=self.storage_timeout_s)
                         .get(sel.session)], False
             except StorageError as exc:
-                raise ServiceError("404" if exc.not_found else "502", f"session {sel.session!r}: {exc}") from None
+                code = NOT_FOUND if exc.not_found else BAD_GATEWAY
+                raise ServiceError(code, f"session {sel.session!r}: {exc}") from None
         f = sel.filter()
         sessions, covered = ([], False) if source == "storage" else await self.history.load(f)
         if source == "storage" or (source == "auto" and not covered):
@@ -439,7 +356,7 @@ class AnalyzerService:
                 notes.append("sessions from the storage service")
             except Exception as exc:  # noqa: BLE001 - as the report: say so, serve the history
                 if source == "storage":
-                    raise ServiceError("502", f"storage service: {exc}") from None
+                    raise ServiceError(BAD_GATEWAY, f"storage service: {exc}") from None
                 notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
                 return sessions, True
         return sessions, False
