@@ -1,0 +1,92 @@
+"""The service skeleton (shared/service.py) on real NATS and Redis: one declaration gives a
+durable consumer whose failing message is retried then dead-lettered, micro endpoints whose
+typed errors reach the client as codes, /metrics counters, and an idempotent start/stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from buildtel.shared import micro
+from buildtel.shared.bus import dead_letter_decoder
+from buildtel.shared.service import NOT_FOUND, BusService, Consumer, Endpoint, ServiceError
+from buildtel.shared.settings import Settings
+
+
+class _Err(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code, self.text = code, text
+
+
+class Probe(BusService):
+    """A small service: the tracer's role (its permissions), its own durable on the sessions stream."""
+
+    name = "tracer"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.seen: list[bytes] = []
+
+    def consumers(self) -> list[Consumer]:
+        return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
+                         durable="probe", handler=self._on, what="probe", ack_wait_s=1.0,
+                         poison_after=2, nak_delay=lambda n: 0.1)]
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("echo", self.subjects.endpoint("tracer", "echo"), self._echo)]
+
+    def counters(self) -> dict[str, float]:
+        return {"seen_total": len(self.seen)}
+
+    async def _on(self, msg: Any) -> None:
+        if msg.data == b"bad":
+            raise RuntimeError("cannot use this")
+        self.seen.append(msg.data)
+        await msg.ack()
+
+    async def _echo(self, data: bytes) -> bytes:
+        if data == b"missing":
+            raise ServiceError(NOT_FOUND, "no such thing")
+        if data == b"crash":
+            raise ValueError("unexpected")
+        return data.upper()
+
+
+@pytest.mark.timeout(60)
+async def test_a_declared_service_consumes_dead_letters_serves_and_stops(settings: Settings, nc: Any) -> None:
+    svc = Probe(settings, settings.nats_url or "", settings.redis_url or "")
+    sub = await nc.subscribe(svc.subjects.dead_letter("tracer"))
+    await svc.start()
+    await svc.start()  # already started: nothing happens
+    try:
+        js = nc.jetstream()
+        await js.publish(svc.subjects.sessions_completed, b"good")
+        await js.publish(svc.subjects.sessions_completed, b"bad")
+        letter = dead_letter_decoder.decode((await sub.next_msg(timeout=20)).data)
+        assert letter.service == "tracer" and letter.data == b"bad"
+        assert letter.reason == "probe failed 2 times (each delivery): RuntimeError: cannot use this"
+        assert letter.headers["Buildtel-Reason-Code"] == "poison"
+        assert svc.seen == [b"good"] and svc.rejected == {"poison": 1}
+
+        async def ask(body: bytes) -> bytes:
+            return await micro.request(nc, svc.subjects.endpoint("tracer", "echo"), body, timeout=5,
+                                       service="probe", error=_Err)
+
+        assert await ask(b"hi") == b"HI"
+        with pytest.raises(_Err) as err:
+            await ask(b"missing")
+        assert (err.value.code, err.value.text) == (404, "no such thing")
+        with pytest.raises(_Err) as err:
+            await ask(b"crash")
+        assert err.value.code == 500 and "ValueError: unexpected" in err.value.text
+        m = await svc.metrics()
+        assert m["seen_total"] == 1 and m["dead_letters_total"] == 1 and m["consumer_lag"] == 0
+    finally:
+        await svc.stop()
+        await svc.stop()  # idempotent
+        await sub.unsubscribe()
+    assert svc.nc.is_closed and all(t.done() for t in svc._tasks)
+    msgspec.msgpack.encode(svc.stopped_fields())  # plain data for the log
