@@ -43,6 +43,7 @@ from buildtel.services.storage.store import (
     DEFAULT_SEGMENT_BYTES,
     DamageReport,
     Page,
+    SessionFacts,
     StorageClosed,
     TelemetryStorage,
 )
@@ -79,6 +80,7 @@ class _Facts(NamedTuple):
     id: str
     outcome: str
     targets: int
+    index: SessionFacts  # what the store's index needs, from the one decode of the session
 
 
 class StorageService:
@@ -255,7 +257,7 @@ class StorageService:
         try:
             # The bytes as published are stored (validated above, not re-encoded): fields a newer
             # collector added survive, and no decoded batch is held while it is written.
-            flags = await store.append_encoded([m.data for m, _ in good])
+            flags = await store.append_encoded([m.data for m, _ in good], [f.index for _, f in good])
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: retry later, never ack
             self.write_failures += 1
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
@@ -288,7 +290,7 @@ class StorageService:
             return f"not a BuildSession: {exc}"
         if not _SESSION_ID.match(session.id):
             return f"invalid session id {session.id[:80]!r}"
-        return _Facts(session.id, session.outcome, len(session.targets))
+        return _Facts(session.id, session.outcome, len(session.targets), SessionFacts.of(session))
 
     async def _dead_letter(self, bad: list[tuple[Msg, str]]) -> None:
         for msg, reason in bad:
