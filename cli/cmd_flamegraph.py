@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -301,17 +300,6 @@ def _write(dest: str, data: bytes) -> None:
 
 
 async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
-    # Parsing and drawing allocate a few objects per input line and free nothing until the SVG is
-    # written: the cyclic GC's passes over that growing heap find no garbage (~20% of a 100k-line
-    # --folded run).  This process ends after one drawing, so it is off for the command.
-    gc.disable()
-    try:
-        return await _flamegraph(args, settings)
-    finally:
-        gc.enable()
-
-
-async def _flamegraph(args: argparse.Namespace, settings: Settings) -> int:
     from buildtel.services.analyzer.flamerender import (
         auto_normalize,
         build_marks,

@@ -8,10 +8,6 @@ try to decode.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable
-from typing import TypeVar
-
 import msgspec
 
 from buildtel.shared.protocol import PROTOCOL_VERSION, BuildSession, Event, EventBatch, is_session_id
@@ -20,7 +16,6 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SEQ = 1 << 24
 
 DecodeError = (msgspec.DecodeError, msgspec.ValidationError)
-T = TypeVar("T")
 
 encoder = msgspec.msgpack.Encoder()
 batch_decoder = msgspec.msgpack.Decoder(EventBatch)
@@ -95,23 +90,4 @@ def _checked(batch: EventBatch) -> EventBatch:
 
 
 def decode_session(data: bytes) -> BuildSession:
-    """Decode a stored/completed session; the cyclic garbage collector is paused meanwhile."""
-    return without_gc(session_decoder.decode, data)
-
-
-def without_gc(decode: Callable[[bytes], T], data: bytes) -> T:
-    """``decode(data)`` with the cyclic garbage collector paused.
-
-    A session decodes into thousands of new lists (each target's ``deps`` and ``phases``) that
-    the collector tracks, so it would run a young-generation pass every 700 of them (and now and
-    then a full one over the whole heap) looking for cycles that decoded data cannot contain
-    (structs are ``gc=False``): ~20 % of decoding time.  Left alone if something else has
-    paused it; another thread meanwhile only runs without collections for that long.
-    """
-    if not gc.isenabled():
-        return decode(data)
-    gc.disable()
-    try:
-        return decode(data)
-    finally:
-        gc.enable()
+    return session_decoder.decode(data)

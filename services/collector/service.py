@@ -378,14 +378,11 @@ class CollectorService:
         for raw_sid, due in finishing:
             sid = raw_sid.decode()
             meta = await self.redis.hgetall(k.session_meta(sid))
-            fin = fold.finished_event(meta)  # decoded once per sweep, handed to each check
-            if fold.is_ready(meta, fin):
-                # Every event it expects is folded, so this read is its final state (anything
-                # later is a redelivered duplicate, a no-op): completed without reading it again.
-                done += await self._complete(sid, now, meta, fin)
+            if fold.is_ready(meta):
+                done += await self._complete(sid, now)
             elif due <= now:
                 last = float(meta.get(b"last", b"0") or 0)
-                if fold.missing_events(meta, fin) and now - last < self.settings.gap_wait_s:
+                if fold.missing_events(meta) and now - last < self.settings.gap_wait_s:
                     continue  # known events may still come (redeliveries): wait, boundedly
                 done += await self._complete(sid, now)
         stale = await self.redis.zrangebyscore(k.active, "-inf", now - self.settings.session_timeout_s)
@@ -409,39 +406,25 @@ class CollectorService:
                   targets_kept=len(slim.targets), targets=len(session.targets))
         return data
 
-    async def _complete(self, sid: str, now: float, meta: dict[bytes, bytes] | None = None,
-                        fin: Any = fold.UNREAD) -> int:
-        """Claim, fold and publish one session, then retire its hot state.  ``meta`` (and its
-        decoded ``fin``): the session's meta hash as the sweep read it, when that read is final;
-        otherwise it is read here, after the claim."""
+    async def _complete(self, sid: str, now: float) -> int:
         k = self.keys
         if not await self._claim(keys=[k.session_prefix(sid) + "lock"], args=[self.owner, LEASE_MS]):
             return 0
         pipe = self.redis.pipeline(transaction=False)
-        if meta is None:
-            pipe.hgetall(k.session_meta(sid))
-            pipe.hgetall(k.session_fragments(sid))
-            meta, frags = await pipe.execute()
-            fin = fold.UNREAD
-            agents = list(fold.agent_counts(meta))
-            bitmaps = await self.redis.mget([k.session_seen(sid, a) for a in agents]) if agents else []
-        else:  # fragments and seen bitmaps in one round trip
-            agents = list(fold.agent_counts(meta))
-            pipe.hgetall(k.session_fragments(sid))
-            if agents:
-                pipe.mget([k.session_seen(sid, a) for a in agents])
-            frags, *rest = await pipe.execute()
-            bitmaps = rest[0] if agents else []
+        pipe.hgetall(k.session_meta(sid))
+        pipe.hgetall(k.session_fragments(sid))
+        meta, frags = await pipe.execute()
         fragments = [frags[f] for f in sorted(frags)]  # a fixed order, whatever Redis returns
         if not meta:
             await self.redis.zrem(k.finishing, sid)
             await self.redis.zrem(k.active, sid)
             return 0
-        if fin is fold.UNREAD:
-            fin = fold.finished_event(meta)
+        agents = list(fold.agent_counts(meta))
+        bitmaps = await self.redis.mget([k.session_seen(sid, a) for a in agents]) if agents else []
+        fin = fold.finished_event(meta)
         record = completeness(meta, {a: b or b"" for a, b in zip(agents, bitmaps, strict=True)}, fin,
                               gap_wait_s=self.settings.gap_wait_s)
-        session = fold.build_session(sid, meta, fragments, now=now, completeness=record, finished=fin)
+        session = fold.build_session(sid, meta, fragments, now=now, completeness=record)
         data = encode(session)
         if len(data) > self.nc.max_payload:
             data = self._shrink(session, len(data))
