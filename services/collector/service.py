@@ -12,41 +12,27 @@ session, publishes the folded ``BuildSession`` to the sessions stream with
 ``Nats-Msg-Id`` = session id (JetStream drops a second publish), then retires
 the hot state.  A collector dying half-way leaves the lease to expire and
 another collector completes the session; storage is idempotent by id too.
+
+The consume loop, dead letters, the max-deliveries advisory, lifecycle and /metrics are the
+service skeleton's (``shared/service.py``); this module declares them and holds the handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import socket
 import time
+from contextlib import AsyncExitStack
 from typing import Any
-
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from buildtel.services.collector import fold, lua
 from buildtel.services.collector.completeness import completeness
-from buildtel.shared import metrics as metrics_http
-from buildtel.shared.bus import (
-    MAX_DELIVER,
-    close_nats,
-    connect_nats,
-    connect_redis,
-    ensure_streams,
-    note_failure,
-    publish_dead_letter,
-    watch_max_deliveries,
-)
+from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_batch_raw, encode
-from buildtel.shared.keys import Keys
 from buildtel.shared.logs import get_logger
-from buildtel.shared.redaction import redact_batch
-from buildtel.shared.runner import finish_tasks
-from buildtel.shared.settings import Settings
-from buildtel.shared.subjects import Subjects
 from buildtel.shared.protocol import EventBatch, is_session_id
+from buildtel.shared.redaction import redact_batch
+from buildtel.shared.service import BusService, Consumer, Worker
+from buildtel.shared.settings import Settings
 from buildtel.shared.validate import Rejected, check_envelope, refused_events
 
 log = get_logger("collector")
@@ -64,112 +50,60 @@ DONE_TTL_S = 24 * 3600
 SWEEP_INTERVAL_S = 0.1
 
 
-class CollectorService:
+class CollectorService(BusService):
     name = "collector"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
-        self.nats_url = nats_url
-        self.redis_url = redis_url
-        self.subjects = Subjects(settings.namespace)
-        self.keys = Keys(settings.namespace)
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.nc: Any = None
-        self.redis: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self._wake_sweeper = asyncio.Event()
-        self._stopped = False
-        # Counters for /metrics and tests.
+        # One consumer, whole fetches.  ack_wait is short: folding is idempotent, so a slow
+        # collector's batch redelivered to another costs nothing, while a crashed collector's
+        # batches wait out this long.  A batch that keeps failing is dead-lettered by _failed()
+        # on its MAX_DELIVER-th delivery; one that never gets that far (a collector dying on it)
+        # by the server's advisory, which also marks its session as having lost a batch.
+        self._events = Consumer(
+            stream=self.subjects.events_stream, subject=self.subjects.events_all, durable="collector",
+            handler=self._fold, batch=True, what="fold", fetch=FETCH_BATCH, fetch_timeout_s=0.5,
+            ack_wait_s=ACK_WAIT_S, max_ack_pending=20_000, max_deliver=MAX_DELIVER, poison_after=MAX_DELIVER,
+            poison_reason="fold failed on each of {delivered} deliveries: {error}",
+            nak_delay=lambda delivered: NAK_DELAY_S * delivered,  # module global read late: tests shorten it
+            lost=lambda subject, reason: self._record_undecodable(subject, f"batch dead-lettered: {reason}",
+                                                                  time.time()))
+        # Counters for /metrics and tests (dead_letters and rejected, by cause, are the skeleton's).
         self.events_in = 0
         self.batches_in = 0
         self.sessions_completed = 0
-        self.dead_letters = 0
-        self.rejected: dict[str, int] = {}  # dead letters by cause (validate.Rejected.code, ...)
         self.fold_failures = 0
         self.late_events = 0
         self.events_refused = 0  # events dropped from batches whose other events were kept
         self.sessions_incomplete = 0
 
-    async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, self.nats_url, name=f"buildtel-collector-{self.owner}", role="collector")
-        self.redis = connect_redis(self.redis_url)
-        self.js = self.nc.jetstream()
-        await ensure_streams(self.js, self.subjects)
+    # -- declarations (shared/service.py) -------------------------------------------------------
+    def consumers(self) -> list[Consumer]:
+        return [self._events]
+
+    def workers(self) -> list[Worker]:
+        return [Worker("sweep", self._sweep)]
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
         self._apply = self.redis.register_script(lua.APPLY)
         self._claim = self.redis.register_script(lua.CLAIM)
         self._retire = self.redis.register_script(lua.RETIRE)
         self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
-        self.sub = await self.js.pull_subscribe(
-            self.subjects.events_all,
-            durable="collector",
-            stream=self.subjects.events_stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                # Short: folding is idempotent, so a slow collector's batch redelivered to another
-                # costs nothing, while a crashed collector's batches wait out this long.
-                ack_wait=ACK_WAIT_S,
-                max_ack_pending=20_000,
-                # A batch that keeps failing is dead-lettered by _failed() on its last delivery;
-                # one that never gets that far (a collector dying on it) by the advisory below.
-                max_deliver=MAX_DELIVER,
-            ),
-        )
-        self.advisories = await watch_max_deliveries(
-            self.nc, self.redis, self.subjects, self.keys, service="collector",
-            stream=self.subjects.events_stream, consumer="collector", counter=self._count_advisory,
-            lost=lambda subject, reason: self._record_undecodable(subject, f"batch dead-lettered: {reason}",
-                                                                  time.time()))
-        self._tasks = [
-            asyncio.create_task(self._consume(), name="collector.consume"),
-            asyncio.create_task(self._sweep(), name="collector.sweep"),
-        ]
-        await metrics_http.attach(self, self.settings, port=self.metrics_port)
-        log.info("collector.started", owner=self.owner, stream=self.subjects.events_stream)
 
-    async def stop(self) -> None:
-        """Stop taking work, let the current batch finish (bounded), then close. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await metrics_http.detach(self)
-        self._stopping.set()
-        self._wake_sweeper.set()
-        await finish_tasks(self._tasks)
-        await close_nats(self.nc, [getattr(self, "sub", None), getattr(self, "advisories", None)])
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
-        log.info("collector.stopped", events=self.events_in, sessions=self.sessions_completed)
-
-    async def metrics(self) -> dict[str, float]:
-        """Counters for /metrics (shared/metrics.py)."""
+    def counters(self) -> dict[str, float]:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
-                "sessions_completed_total": self.sessions_completed, "dead_letters_total": self.dead_letters,
-                "late_events_total": self.late_events, "fold_failures_total": self.fold_failures,
-                "events_refused_total": self.events_refused, "sessions_incomplete_total": self.sessions_incomplete,
-                "consumer_lag": await metrics_http.consumer_lag(self.js, self.subjects.events_stream, "collector")}
+                "sessions_completed_total": self.sessions_completed, "late_events_total": self.late_events,
+                "fold_failures_total": self.fold_failures, "events_refused_total": self.events_refused,
+                "sessions_incomplete_total": self.sessions_incomplete}
+
+    async def started_fields(self) -> dict[str, Any]:
+        return {"stream": self.subjects.events_stream}
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"events": self.events_in, "sessions": self.sessions_completed}
 
     # -- folding ---------------------------------------------------------------------------
-    async def _consume(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self.sub.fetch(FETCH_BATCH, timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection blips: wait and fetch again
-                if self._stopping.is_set():
-                    return
-                log.warning("collector.fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                await self._fold(msgs)
-            except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered later
-                log.error("collector.fold_failed", error=f"{type(exc).__name__}: {exc}", messages=len(msgs))
-                await asyncio.sleep(0.5)
-
     async def _fold(self, msgs: list[Any]) -> None:
         """Validate a fetch, dead-letter what breaks a bound, fold the rest in bounded rounds.
 
@@ -196,12 +130,12 @@ class CollectorService:
             except Rejected as exc:
                 # Refused whole (version, size): its events are lost to the session, and it says so.
                 await self._record_lost(msg, batch, raws, exc, now)
-                await self._dead_letter(msg, exc.reason, code=exc.code)
+                await self.dead_letter(msg, exc.reason, code=exc.code)
                 continue
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
                 reason = f"undecodable event batch: {exc}"
                 await self._record_undecodable(msg.subject, reason, now)
-                await self._dead_letter(msg, reason, code="undecodable")
+                await self.dead_letter(msg, reason, code="undecodable")
                 continue
             if not batch.events:
                 await msg.ack()
@@ -278,40 +212,15 @@ class CollectorService:
             self._wake_sweeper.set()
 
     async def _failed(self, msg: Any, error: str) -> None:
-        """A batch whose fold failed: retried a few times, then dead-lettered with the error."""
+        """A batch whose fold failed (the others of its round are unaffected): NAKed to come back
+        later; on its MAX_DELIVER-th delivery dead-lettered with the error (code ``poison``), its
+        session first marked as having lost a batch, so it is never stored as whole."""
         self.fold_failures += 1
         meta = msg.metadata
-        delivered = meta.num_delivered
-        log.error("collector.fold_failed", subject=msg.subject, error=error[:300], delivery=delivered,
+        log.error("collector.fold_failed", subject=msg.subject, error=error[:300], delivery=meta.num_delivered,
                   stream_seq=meta.sequence.stream)
-        if delivered >= MAX_DELIVER:
-            reason = f"fold failed on each of {delivered} deliveries: {error}"
-            # Its session lost these events: never stored as whole (marked without the fold that fails).
-            await self._record_undecodable(msg.subject, f"batch dead-lettered (poison): {error}", time.time())
-            await self._dead_letter(msg, reason, code="poison")
-            return
-        await note_failure(self.redis, self.keys, stream=self.subjects.events_stream, consumer="collector",
-                           seq=meta.sequence.stream, reason=error)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=NAK_DELAY_S * delivered)
-
-    def _count_advisory(self, reason: str) -> None:
-        self.dead_letters += 1
-        self.rejected["max_deliver"] = self.rejected.get("max_deliver", 0) + 1
-        log.warning("collector.dead_letter", reason=reason[:300], code="max_deliver")
-
-    async def _dead_letter(self, msg: Any, reason: str, *, code: str, ack: bool = True,
-                           headers: dict[str, str] | None = None) -> None:
-        self.dead_letters += 1
-        self.rejected[code] = self.rejected.get(code, 0) + 1
-        log.warning("collector.dead_letter", subject=msg.subject, reason=reason[:300], code=code, size=len(msg.data))
-        await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="collector",
-                                  subject=msg.subject, reason=reason, data=msg.data,
-                                  headers={**dict(msg.headers or {}), "Buildtel-Reason-Code": code, **(headers or {})})
-        with contextlib.suppress(Exception):  # per-cause count shared by every replica
-            await self.redis.incr(self.keys.counter(f"deadletter:collector:{code}"))
-        if ack:
-            await msg.ack()
+        await self.retry_later(self._events, msg, error, on_poison=lambda: self._record_undecodable(
+            msg.subject, f"batch dead-lettered (poison): {error}", time.time()))
 
     async def _dead_letter_partly(self, msg: Any, batch: EventBatch, refused: dict[int, Rejected]) -> None:
         """A batch whose good events were folded: the whole original goes to the dead letters
@@ -319,7 +228,7 @@ class CollectorService:
         first = refused[min(refused)]
         kept = len(batch.events) - len(refused)
         self.events_refused += len(refused)
-        await self._dead_letter(
+        await self.dead_letter(
             msg, f"{len(refused)} of {len(batch.events)} events refused, the other {kept} kept "
                  f"(session {batch.session_id}, agent {batch.agent_id}): {first.reason}",
             code=first.code, ack=False,
@@ -358,12 +267,7 @@ class CollectorService:
 
     # -- completion ------------------------------------------------------------------------
     async def _sweep(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake_sweeper.wait(), SWEEP_INTERVAL_S)
-            self._wake_sweeper.clear()
-            if self._stopping.is_set():
-                return
+        while not await self.idle(SWEEP_INTERVAL_S, self._wake_sweeper):
             try:
                 await self.sweep_once()
             except Exception as exc:  # noqa: BLE001 - Redis/NATS blips: next sweep retries
@@ -378,11 +282,14 @@ class CollectorService:
         for raw_sid, due in finishing:
             sid = raw_sid.decode()
             meta = await self.redis.hgetall(k.session_meta(sid))
-            if fold.is_ready(meta):
-                done += await self._complete(sid, now)
+            fin = fold.finished_event(meta)  # decoded once per sweep, handed to each check
+            if fold.is_ready(meta, fin):
+                # Every event it expects is folded, so this read is its final state (anything
+                # later is a redelivered duplicate, a no-op): completed without reading it again.
+                done += await self._complete(sid, now, meta, fin)
             elif due <= now:
                 last = float(meta.get(b"last", b"0") or 0)
-                if fold.missing_events(meta) and now - last < self.settings.gap_wait_s:
+                if fold.missing_events(meta, fin) and now - last < self.settings.gap_wait_s:
                     continue  # known events may still come (redeliveries): wait, boundedly
                 done += await self._complete(sid, now)
         stale = await self.redis.zrangebyscore(k.active, "-inf", now - self.settings.session_timeout_s)
@@ -406,25 +313,39 @@ class CollectorService:
                   targets_kept=len(slim.targets), targets=len(session.targets))
         return data
 
-    async def _complete(self, sid: str, now: float) -> int:
+    async def _complete(self, sid: str, now: float, meta: dict[bytes, bytes] | None = None,
+                        fin: Any = fold.UNREAD) -> int:
+        """Claim, fold and publish one session, then retire its hot state.  ``meta`` (and its
+        decoded ``fin``): the session's meta hash as the sweep read it, when that read is final;
+        otherwise it is read here, after the claim."""
         k = self.keys
-        if not await self._claim(keys=[k.session_prefix(sid) + "lock"], args=[self.owner, LEASE_MS]):
+        if not await self._claim(keys=[k.session_lock(sid)], args=[self.owner, LEASE_MS]):
             return 0
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(k.session_meta(sid))
-        pipe.hgetall(k.session_fragments(sid))
-        meta, frags = await pipe.execute()
+        if meta is None:
+            pipe.hgetall(k.session_meta(sid))
+            pipe.hgetall(k.session_fragments(sid))
+            meta, frags = await pipe.execute()
+            fin = fold.UNREAD
+            agents = list(fold.agent_counts(meta))
+            bitmaps = await self.redis.mget([k.session_seen(sid, a) for a in agents]) if agents else []
+        else:  # fragments and seen bitmaps in one round trip
+            agents = list(fold.agent_counts(meta))
+            pipe.hgetall(k.session_fragments(sid))
+            if agents:
+                pipe.mget([k.session_seen(sid, a) for a in agents])
+            frags, *rest = await pipe.execute()
+            bitmaps = rest[0] if agents else []
         fragments = [frags[f] for f in sorted(frags)]  # a fixed order, whatever Redis returns
         if not meta:
             await self.redis.zrem(k.finishing, sid)
             await self.redis.zrem(k.active, sid)
             return 0
-        agents = list(fold.agent_counts(meta))
-        bitmaps = await self.redis.mget([k.session_seen(sid, a) for a in agents]) if agents else []
-        fin = fold.finished_event(meta)
+        if fin is fold.UNREAD:
+            fin = fold.finished_event(meta)
         record = completeness(meta, {a: b or b"" for a, b in zip(agents, bitmaps, strict=True)}, fin,
                               gap_wait_s=self.settings.gap_wait_s)
-        session = fold.build_session(sid, meta, fragments, now=now, completeness=record)
+        session = fold.build_session(sid, meta, fragments, now=now, completeness=record, finished=fin)
         data = encode(session)
         if len(data) > self.nc.max_payload:
             data = self._shrink(session, len(data))
@@ -432,7 +353,7 @@ class CollectorService:
                               headers={"Nats-Msg-Id": sid}, timeout=10.0)
         await self._retire(
             keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
-                  k.session_prefix(sid) + "lock"]
+                  k.session_lock(sid)]
             + [k.session_seen(sid, a) for a in agents],
             args=[sid, DONE_TTL_S],
         )
