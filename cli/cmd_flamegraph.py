@@ -20,7 +20,7 @@ What is drawn, in integer microseconds:
 timeline instead (time on the x axis, one lane per worker).  ``-o -`` writes the SVG to
 standard output; ``--folded-out FILE`` also writes the drawn stacks (not the base's).
 
-Sessions are rendered with ``buildtel.services.analyzer.flamerender.render_flamegraph``, the function behind the
+Sessions are rendered with ``buildtel.shared.flamegraph.sessions.render_flamegraph``, the function behind the
 analyzer's ``flamegraph`` endpoint, so both give the same SVG bytes for the same sessions.
 """
 
@@ -143,9 +143,9 @@ class Sources:
             return self._folded(spec.value)
         if spec.kind == "trace":
             return await self._trace(spec.value)
-        from buildtel.services.analyzer.flamerender import flame_stacks, sessions_label
         from buildtel.cli.ids import parse_id, resolve_session
         from buildtel.services.storage.api import StorageClient, StorageError
+        from buildtel.shared.flamegraph.sessions import flame_stacks, sessions_label
 
         ref = parse_id(spec.value) if spec.kind == "session" else None  # refused before the bus is reached
         client = StorageClient((await self.bus()).nc, (await self.bus()).subjects)
@@ -265,7 +265,7 @@ def _minwidth(text: str) -> float | str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from buildtel.services.analyzer.flamerender import chart_conflicts
+    from buildtel.shared.flamegraph.sessions import chart_conflicts
 
     if args.last is not None and args.last < 1:
         raise CLIError("--last must be at least 1")
@@ -300,7 +300,7 @@ def _write(dest: str, data: bytes) -> None:
 
 
 async def cmd_flamegraph(args: argparse.Namespace, settings: Settings) -> int:
-    from buildtel.services.analyzer.flamerender import (
+    from buildtel.shared.flamegraph.sessions import (
         auto_normalize,
         build_marks,
         flame_options,

@@ -59,9 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     creds.set_defaults(func=cmd_credentials)
     serve = sub.add_parser("serve", help="run one service against the configured NATS and Redis")
     serve.add_argument("service", choices=sorted(registry.SERVICES), help="which service")
-    from buildtel.services.tracer.service import add_serve_arguments
-
-    add_serve_arguments(serve.add_argument_group("tracer options (serve tracer)"))  # type: ignore[arg-type]
+    registry.add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -254,12 +252,7 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         nats_url, redis_url = nats_url or info["nats_url"], redis_url or info["redis_url"]
         settings = resolve(settings, autostart=False)
     os.umask(0o077)
-    if args.service == "tracer":
-        from buildtel.services.tracer.service import service_from_args
-
-        svc = service_from_args(args, settings, nats_url, redis_url)
-    else:
-        svc = registry.create(args.service, settings, nats_url, redis_url)
+    svc = registry.create_from_args(args.service, args, settings, nats_url, redis_url)
     print(f"buildtel: serving {args.service} on {public_url(nats_url)}", file=sys.stderr, flush=True)
     await run_until_signal([svc])
     return 0

@@ -3,6 +3,7 @@ load into another's process.  ``buildtel up`` runs all of them; ``buildtel serve
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from typing import Any
 
@@ -15,6 +16,27 @@ SERVICES: dict[str, str] = {
     "tracer": "buildtel.services.tracer.service:TracerService",
     "recorder": "buildtel.services.recorder.service:RecorderService",
 }
+
+# Services with their own serve options: a module with ``add_serve_arguments(parser)`` and
+# ``options_from_args(args) -> dict`` (the service's keyword arguments).
+SERVE_OPTIONS: dict[str, str] = {
+    "tracer": "buildtel.services.tracer.options",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Each service's serve options, in a group named after it (``buildtel serve``)."""
+    for name, module in SERVE_OPTIONS.items():
+        group = parser.add_argument_group(f"{name} options (serve {name})")
+        importlib.import_module(module).add_serve_arguments(group)
+
+
+def create_from_args(name: str, args: argparse.Namespace, settings: Settings, nats_url: str, redis_url: str) -> Any:
+    """:func:`create` with the service's serve options taken from ``args`` (parsed with
+    :func:`add_serve_arguments`)."""
+    module = SERVE_OPTIONS.get(name)
+    options = importlib.import_module(module).options_from_args(args) if module else {}
+    return create(name, settings, nats_url, redis_url, **options)
 
 
 def create(name: str, settings: Settings, nats_url: str, redis_url: str, **options: Any) -> Any:

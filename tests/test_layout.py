@@ -101,6 +101,32 @@ def test_nothing_in_services_imports_cli() -> None:
     assert not bad, "services/ never import the CLI (docs/architecture.md):\n" + "\n".join(bad)
 
 
+# What the CLI may import from services/: each service's public modules (docs/architecture.md
+# "Public modules of the services"), never a service.py or other internals.
+PUBLIC_SERVICE_MODULES = {
+    "buildtel.services.registry",  # name -> service class, serve options
+    "buildtel.services.storage.api",  # StorageClient and its wire messages
+    "buildtel.services.analyzer.api",  # AnalyzerClient and its wire messages
+    "buildtel.services.analyzer.alerts",  # the alert message and its decoder
+    "buildtel.services.analyzer.analytics",  # reports computed from sessions (also offline)
+    "buildtel.services.analyzer.export",  # report export formats
+    "buildtel.services.tracer.query",  # TraceClient
+    "buildtel.services.tracer.subjects",
+    "buildtel.services.tracer.exporters",  # span exporters (OTLP, Zipkin)
+    "buildtel.services.tracer.testpoint",
+    "buildtel.services.tracer.options",  # the tracer's serve options (through the registry)
+}
+
+
+def test_cli_imports_only_the_public_modules_of_services() -> None:
+    bad = [f"{MODULES[m][0].relative_to(ROOT)}:{line} imports {t}"
+           for m in MODULES if _layer(m) == "cli"
+           for t, line, _ in _imports(m) if _layer(t) == "services" and t not in PUBLIC_SERVICE_MODULES]
+    assert not bad, ("the CLI talks to services only through their public modules (docs/architecture.md):\n"
+                     + "\n".join(bad))
+    assert PUBLIC_SERVICE_MODULES <= set(MODULES), "a listed public module does not exist"
+
+
 def test_no_import_cycles() -> None:
     graph = {m: sorted({t for t, _, typing_only in _imports(m) if t in MODULES and t != m and not typing_only})
              for m in MODULES}

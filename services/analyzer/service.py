@@ -47,7 +47,8 @@ from buildtel.services.analyzer.api import (
     flame_request_decoder,
     request_decoder,
 )
-from buildtel.services.analyzer.flamerender import flame_options, flame_reply
+from buildtel.services.analyzer.flamerender import flame_reply
+from buildtel.shared.flamegraph.sessions import flame_options
 from buildtel.services.analyzer.columns import gc_paused
 from buildtel.services.analyzer.history import History, from_storage
 from buildtel.services.analyzer.subjects import AnalyzerSubjects

@@ -5,7 +5,8 @@ import argparse
 import asyncio
 import sys
 
-from buildtel.services.tracer.service import add_serve_arguments, service_from_args
+from buildtel.services.tracer.options import add_serve_arguments, options_from_args
+from buildtel.services.tracer.service import TracerService
 from buildtel.shared.logs import configure
 from buildtel.shared.runner import run_until_signal
 from buildtel.shared.settings import Settings
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (settings.nats_url and settings.redis_url):
         print("tracer: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signal([service_from_args(args, settings, settings.nats_url, settings.redis_url)]))
+    service = TracerService(settings, settings.nats_url, settings.redis_url, **options_from_args(args))
+    asyncio.run(run_until_signal([service]))
     return 0
 
 

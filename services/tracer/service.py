@@ -26,7 +26,6 @@ it; an explicitly requested port that cannot be bound fails ``start()``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import msgspec
 from buildtel.services.tracer import query
 from buildtel.services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
 from buildtel.services.tracer.http import RunningReceiver, start_receiver
+from buildtel.services.tracer.options import DEFAULT_OTLP_PORT
 from buildtel.shared.tracemodel import SpanRecord, check_span, span_batch_decoder
 from buildtel.services.tracer.redact import redact_spans
 from buildtel.services.tracer.sessions import session_spans
@@ -56,7 +56,6 @@ from buildtel.shared.service import BusService, Consumer, Endpoint, ServiceError
 from buildtel.shared.settings import Settings
 
 DURABLE = "tracer"
-DEFAULT_OTLP_PORT = 4318
 FETCH_BATCH = 64
 SYNC_INTERVAL_S = 1.0
 RETENTION_INTERVAL_S = 60.0
@@ -222,30 +221,3 @@ class TracerService(BusService):
 
 def _encode_stats(stats: query.StatsReply) -> bytes:
     return msgspec.msgpack.encode(stats)
-
-
-# -- CLI wiring (``buildtel serve tracer`` and ``python -m buildtel.services.tracer``) -----------------
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the tracer service; the lead wires them under ``buildtel serve tracer``."""
-    parser.add_argument("--otlp-port", type=int, default=None,
-                        help=f"OTLP/HTTP port on BUILDER_TELEMETRY_HTTP_HOST (default {DEFAULT_OTLP_PORT}, skipped "
-                             "with an error logged if taken; an explicit port must bind; 0 = any free port)")
-    parser.add_argument("--forward-otlp", action="append", default=[], metavar="URL",
-                        help="also send every span to this OTLP/HTTP endpoint (repeatable), e.g. http://jaeger:4318")
-    parser.add_argument("--forward-otlp-protocol", choices=("protobuf", "json"), default="protobuf",
-                        help="encoding for --forward-otlp (default protobuf)")
-    parser.add_argument("--forward-zipkin", action="append", default=[], metavar="URL",
-                        help="also send every span to this Zipkin endpoint (repeatable), e.g. http://zipkin:9411")
-    parser.add_argument("--max-trace-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
-                        help=f"trace store size cap, oldest segments dropped first (default {DEFAULT_MAX_BYTES})")
-    parser.add_argument("--max-traces", type=int, default=DEFAULT_MAX_TRACES, metavar="N",
-                        help=f"traces the store keeps at most (default {DEFAULT_MAX_TRACES})")
-
-
-def service_from_args(args: argparse.Namespace, settings: Settings, nats_url: str, redis_url: str) -> TracerService:
-    return TracerService(settings, nats_url, redis_url, otlp_port=getattr(args, "otlp_port", None),
-                         forward_otlp=args.forward_otlp or (), forward_otlp_protocol=args.forward_otlp_protocol,
-                         forward_zipkin=args.forward_zipkin or (),
-                         max_bytes=getattr(args, "max_trace_bytes", DEFAULT_MAX_BYTES),
-                         max_traces=getattr(args, "max_traces", DEFAULT_MAX_TRACES))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buildtel.services.analyzer.flamerender import (
+from buildtel.shared.flamegraph.sessions import (
     auto_normalize,
     build_marks,
     flame_stacks,

@@ -1,5 +1,5 @@
 """``buildtel flamegraph --folded`` draws with the folded parser and the SVG writer alone: no bus
-client (nats, aiohttp, redis), no numpy, no service modules beyond the pure flamerender."""
+client (nats, aiohttp, redis), no numpy, no service module (the session drawing is the library shared/flamegraph/sessions.py)."""
 
 from __future__ import annotations
 

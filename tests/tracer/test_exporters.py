@@ -259,18 +259,19 @@ async def test_service_forwards_everything_it_ingests(receiver, tracer_settings,
 def test_serve_arguments_configure_port_forwarding_and_caps(settings) -> None:
     import argparse
 
-    from buildtel.services.tracer.service import add_serve_arguments, service_from_args
+    from buildtel.services import registry
 
+    # Through the registry, as `buildtel serve tracer` does (the options live in tracer/options.py).
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    registry.add_serve_arguments(parser)
     args = parser.parse_args(["--otlp-port", "0", "--forward-otlp", "http://jaeger:4318", "--forward-otlp",
                               "http://tempo:4318/v1/traces", "--forward-otlp-protocol", "json",
                               "--forward-zipkin", "http://zipkin:9411", "--max-traces", "50"])
-    svc = service_from_args(args, settings, "nats://x", "redis://x")
+    svc = registry.create_from_args("tracer", args, settings, "nats://x", "redis://x")
     assert svc.otlp_port == 0 and svc.store.max_traces == 50
     assert [(f.exporter.kind, f.exporter.url) for f in svc.forwarders] == [
         ("otlp", "http://jaeger:4318/v1/traces"), ("otlp", "http://tempo:4318/v1/traces"),
         ("zipkin", "http://zipkin:9411/api/v2/spans")]
     assert all(f.exporter.protocol == "json" for f in svc.forwarders if f.exporter.kind == "otlp")
-    defaults = service_from_args(parser.parse_args([]), settings, "nats://x", "redis://x")
+    defaults = registry.create_from_args("tracer", parser.parse_args([]), settings, "nats://x", "redis://x")
     assert defaults.otlp_port == 4318 and defaults.forwarders == []

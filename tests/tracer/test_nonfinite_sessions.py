@@ -8,7 +8,7 @@ import math
 import msgspec
 from hypothesis import given, settings as hsettings, strategies as st
 
-from buildtel.services.analyzer.flamerender import flame_stacks, folded_text, readable
+from buildtel.shared.flamegraph.sessions import flame_stacks, folded_text, readable
 from buildtel.services.tracer.sessions import session_spans
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 
