@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from operator import attrgetter
+from typing import Any
 
 import msgspec
 
@@ -144,18 +145,21 @@ def finished_event(meta: Mapping[bytes, bytes]) -> BuildFinished | None:
     return fin if isinstance(fin, BuildFinished) else None
 
 
-def is_ready(meta: Mapping[bytes, bytes]) -> bool:
+# "Not decoded yet": the functions below take the session's BuildFinished when their caller has
+# decoded it already (the sweep decodes it once per session and hands it to each of them).
+UNREAD: Any = object()
+
+
+def is_ready(meta: Mapping[bytes, bytes], fin: BuildFinished | None = UNREAD) -> bool:
     """True when a finished session has folded every event it will get.
 
     With ``expected_events`` from the finishing agent we know exactly; without,
     a single-agent session is ready once its sequence has no gaps.  Multi-agent
     sessions without counts wait for the grace period instead.
     """
-    raw = meta.get(b"finished")
-    if raw is None:
-        return False
-    fin = _decode(raw)
-    if not isinstance(fin, BuildFinished):
+    if fin is UNREAD:
+        fin = finished_event(meta)
+    if fin is None:
         return False
     counts = agent_counts(meta)
     if fin.expected_events:
@@ -166,15 +170,15 @@ def is_ready(meta: Mapping[bytes, bytes]) -> bool:
     return n == high + 1 and high == fin.seq
 
 
-def missing_events(meta: Mapping[bytes, bytes]) -> bool:
+def missing_events(meta: Mapping[bytes, bytes], fin: BuildFinished | None = UNREAD) -> bool:
     """True when a finished session is known to lack events still in flight: the finishing
     agent gave counts that are not reached, or (alone) has a gap in its sequence.  Such a
     session waits for them (redeliveries after a collector crash) up to ``gap_wait_s`` after its
     last event rather than completing at the end of the grace period with part of its targets;
     then it completes marked incomplete (``completeness.py``)."""
-    raw = meta.get(b"finished")
-    fin = _decode(raw) if raw is not None else None
-    if not isinstance(fin, BuildFinished):
+    if fin is UNREAD:
+        fin = finished_event(meta)
+    if fin is None:
         return False
     counts = agent_counts(meta)
     if fin.expected_events:
@@ -223,14 +227,16 @@ def build_session(
     *,
     now: float,
     completeness: Completeness | None = None,
+    finished: BuildFinished | None = UNREAD,
 ) -> BuildSession:
     """Fold the hot state of one session into its completed form (abandoned if never finished);
-    ``completeness`` (``completeness.py``) is stored with it as it is."""
+    ``completeness`` (``completeness.py``) is stored with it as it is; ``finished``: the
+    session's BuildFinished if the caller has decoded it (:func:`finished_event`)."""
     started = _decode(meta[b"started"]) if b"started" in meta else None
-    finished = _decode(meta[b"finished"]) if b"finished" in meta else None
+    if finished is UNREAD:
+        finished = finished_event(meta)
     health = _decode(meta[b"health"]) if b"health" in meta else None
     started = started if isinstance(started, BuildStarted) else None
-    finished = finished if isinstance(finished, BuildFinished) else None
 
     by_name: dict[str, TargetFinished] = {}
     retried: dict[str, int] = {}
