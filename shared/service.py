@@ -92,6 +92,8 @@ class Consumer:
     # max-deliveries advisory does it once max_deliver is reached).
     poison_after: int | None = None
     nak_delay: Callable[[int], float] | None = None  # delivery count -> redelivery delay; None: no NAK
+    # The dead letter's reason once poison_after is reached ({what}, {delivered}, {error} filled in).
+    poison_reason: str = "{what} failed {delivered} times (each delivery): {error}"
     failure_pause_s: float = 0.0  # after a failed message or fetch, before the next
     cancel_idle_fetch: bool = False  # on stop, cancel a fetch waiting for messages (nothing in flight)
     stop_timeout_s: float = 5.0  # on stop, how long the batch in hand may take
@@ -332,7 +334,8 @@ class BusService:
         if decl.poison_after is not None and delivered >= decl.poison_after:
             if on_poison is not None:
                 await on_poison()
-            await self.dead_letter(msg, f"{decl.what} failed {delivered} times (each delivery): {error}", code="poison")
+            reason = decl.poison_reason.format(what=decl.what, delivered=delivered, error=error)
+            await self.dead_letter(msg, reason, code="poison")
             return
         await note_failure(self.redis, self.keys, stream=decl.stream, consumer=decl.durable,
                            seq=meta.sequence.stream, reason=error)
@@ -364,6 +367,18 @@ class BusService:
             except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
                 self.log.warning(f"{self.name}.dead_letter_flush_failed", error=repr(exc))
         if ack:
+            await msg.ack()
+
+    async def dead_letter_many(self, bad: list[tuple[Any, str]], *, code: str | None = None) -> None:
+        """:meth:`dead_letter` for a fetch's bad messages: all published, one flush (they reach the
+        server before any original is acked), then every original acked."""
+        for msg, reason in bad:
+            await self.dead_letter(msg, reason, code=code, ack=False)
+        try:
+            await self.nc.flush(timeout=5)
+        except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
+            self.log.warning(f"{self.name}.dead_letter_flush_failed", error=repr(exc))
+        for msg, _ in bad:
             await msg.ack()
 
     def _count_advisory(self, reason: str) -> None:

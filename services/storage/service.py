@@ -12,6 +12,9 @@ stored exactly once.
 Queries: a ``nats.micro`` service (see ``services/storage/api.py``).  Retention
 runs every ``retention_interval_s`` and as soon as an append takes the store
 over ``max_sessions``.
+
+The consume loop, dead letters, endpoints, lifecycle and /metrics are the service
+skeleton's (``shared/service.py``); this module declares them and holds the handlers.
 """
 
 from __future__ import annotations
@@ -23,11 +26,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import msgspec
-import nats.errors
-import nats.micro
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro.request import Request, ServiceError
 
 from buildtel.services.storage.api import (
     API_VERSION,
@@ -43,24 +42,23 @@ from buildtel.services.storage.store import (
     DEFAULT_SEGMENT_BYTES,
     DamageReport,
     Page,
+    SessionFacts,
     StorageClosed,
     TelemetryStorage,
 )
-from buildtel.shared import metrics as metrics_http
-from buildtel.shared.bus import (
-    MAX_DELIVER,
-    connect_nats,
-    connect_redis,
-    ensure_streams,
-    note_failure,
-    publish_dead_letter,
-    watch_max_deliveries,
-)
+from buildtel.shared.bus import MAX_DELIVER, note_failure
 from buildtel.shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
-from buildtel.shared.keys import Keys
-from buildtel.shared.logs import get_logger
+from buildtel.shared.service import (
+    BAD_REQUEST,
+    NOT_FOUND,
+    TOO_LARGE,
+    BusService,
+    Consumer,
+    Endpoint,
+    ServiceError,
+    Worker,
+)
 from buildtel.shared.settings import Settings
-from buildtel.shared.subjects import Subjects
 
 DURABLE = "storage"
 # Ids become index keys and log fields; the protocol's are 32 hex digits, this is the lenient bound.
@@ -79,24 +77,22 @@ class _Facts(NamedTuple):
     id: str
     outcome: str
     targets: int
+    index: SessionFacts  # what the store's index needs, from the one decode of the session
 
 
-class StorageService:
+class StorageService(BusService):
     """The storage process: one store, one durable consumer, one micro service."""
 
     name = "storage"
+    api_version = API_VERSION
+    description = "Builder Telemetry session store"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 32,
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None,
                  metrics_port: int | None = None) -> None:
-        self.settings = settings
-        self.metrics_port = metrics_port  # /metrics + /healthz (shared/metrics.py); None: none
-        self.nats_url = nats_url
-        self.redis_url = redis_url
-        self.subjects = Subjects(settings.namespace)
-        self.keys = Keys(settings.namespace)
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self.batch_size = batch_size
         self.fetch_timeout_s = fetch_timeout_s
         self.ack_wait_s = ack_wait_s
@@ -107,135 +103,52 @@ class StorageService:
         # Replies are paged to fit one NATS message (the server's max_payload), or this if smaller:
         # small pages answer the first screenful sooner and bound the memory a query holds.
         self.max_reply_bytes = max_reply_bytes
-        self.log = get_logger("storage", service="storage", namespace=settings.namespace)
-        # Counters for /metrics (monotonic since start).
+        # Counters for /metrics (monotonic since start); dead_letters is the skeleton's.
         self.stored = 0
         self.duplicates = 0
-        self.dead_letters = 0
         self.write_failures = 0
         self.store: TelemetryStorage | None = None
         self.damage: DamageReport | None = None
-        self.nc: Any = None
-        self.redis: Any = None
-        self._stack: AsyncExitStack | None = None
-        self._stopping = False
-        self._fetching = False
-        self._consumer: asyncio.Task[None] | None = None
-        self._retention: asyncio.Task[None] | None = None
         self._wake_retention = asyncio.Event()
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._stack is not None:
-            return
-        self._stopping = False
-        stack = AsyncExitStack()
-        try:
-            await self._start(stack)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        await metrics_http.attach(self, self.settings, port=self.metrics_port)
-        store = self.store
-        assert store is not None
-        self.log.info("storage.started", directory=str(store.directory), sessions=await store.count(),
-                      damaged_regions=len(store.last_report.damages), max_sessions=store.max_sessions)
+    # -- declarations (shared/service.py) -------------------------------------------------------
+    def consumers(self) -> list[Consumer]:
+        # Whole fetches: the good sessions of one are appended with one fsync, then acked.  A fetch
+        # in hand on stop is finished (append + acks, up to 10 s); an idle fetch is cancelled.
+        return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
+                         durable=DURABLE, handler=self.process, batch=True, what="process", fetch=self.batch_size,
+                         fetch_timeout_s=self.fetch_timeout_s, ack_wait_s=self.ack_wait_s,
+                         max_ack_pending=self.max_ack_pending, max_deliver=STORAGE_MAX_DELIVER,
+                         cancel_idle_fetch=True, stop_timeout_s=10.0)]
 
-    async def _start(self, stack: AsyncExitStack) -> None:
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS]
+
+    def workers(self) -> list[Worker]:
+        return [Worker("retention", self._retention_loop, cancel_on_stop=True)]
+
+    def counters(self) -> dict[str, float]:
+        return {"sessions_stored_total": self.stored, "duplicates_total": self.duplicates,
+                "write_failures_total": self.write_failures}
+
+    async def open(self, stack: AsyncExitStack) -> None:
         s = self.settings
         store = TelemetryStorage(s.telemetry_dir, max_sessions=s.max_sessions, retention_s=s.retention_s,
                                  fsync=s.fsync, segment_bytes=self.segment_bytes)
         self.damage = await store.open()
         stack.push_async_callback(store.close)  # closed last: after every reader and the writer
         self.store = store
-        self.nc = await connect_nats(s, self.nats_url, name=f"{s.namespace}-storage", role="storage")
-        stack.push_async_callback(self._close_nats)
-        self.redis = connect_redis(self.redis_url)
-        stack.push_async_callback(self.redis.aclose)
-        js = self.nc.jetstream()
-        await ensure_streams(js, self.subjects)
-        psub = await js.pull_subscribe(
-            self.subjects.sessions_completed, durable=DURABLE, stream=self.subjects.sessions_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s,
-                                  max_ack_pending=self.max_ack_pending, deliver_policy=DeliverPolicy.ALL,
-                                  max_deliver=STORAGE_MAX_DELIVER),
-        )
-        stack.push_async_callback(psub.unsubscribe)
-        advisories = await watch_max_deliveries(
-            self.nc, self.redis, self.subjects, self.keys, service="storage", stream=self.subjects.sessions_stream,
-            consumer=DURABLE, counter=self._count_advisory)
-        stack.push_async_callback(advisories.unsubscribe)
-        micro = await nats.micro.add_service(
-            self.nc, name=self.subjects.service_name("storage"), version=API_VERSION,
-            description="Builder Telemetry session store", metadata={"namespace": s.namespace})
-        stack.push_async_callback(micro.stop)
-        for ep in ENDPOINTS:
-            await micro.add_endpoint(name=ep, subject=endpoint_subject(self.subjects, ep),
-                                     handler=partial(self._handle, ep))
-        await self.nc.flush()  # the server knows the endpoints before start() says we are ready
-        self._consumer = asyncio.create_task(self._consume(psub), name="storage-consume")
-        self._retention = asyncio.create_task(self._retention_loop(), name="storage-retention")
-        stack.push_async_callback(self._stop_tasks)  # first to run on stop: no new work
 
-    async def stop(self) -> None:
-        """Stop taking messages, finish the batch in flight (append + acks), stop answering,
-        drain NATS, close the store.  Idempotent."""
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        await metrics_http.detach(self)
-        await stack.aclose()
-        self.log.info("storage.stopped", stored=self.stored, duplicates=self.duplicates,
-                      dead_letters=self.dead_letters)
+    async def started_fields(self) -> dict[str, Any]:
+        store = self.store
+        assert store is not None
+        return {"directory": str(store.directory), "sessions": await store.count(),
+                "damaged_regions": len(store.last_report.damages), "max_sessions": store.max_sessions}
 
-    async def _stop_tasks(self) -> None:
-        self._stopping = True
-        tasks = [t for t in (self._retention, self._consumer) if t is not None]
-        if self._retention is not None:
-            self._retention.cancel()
-        if self._consumer is not None:
-            if self._fetching:
-                self._consumer.cancel()  # idle in a fetch: nothing in flight to lose
-            else:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._consumer), 10.0)
-                except Exception:  # noqa: BLE001 - timed out or failed: cancel below either way
-                    self._consumer.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _close_nats(self) -> None:
-        try:
-            await self.nc.drain()  # flushes acks still buffered
-        except Exception:  # noqa: BLE001 - already closed or unreachable: close quietly
-            await self.nc.close()
-
-    async def metrics(self) -> dict[str, float]:
-        """Counters for /metrics (shared/metrics.py)."""
-        lag = await metrics_http.consumer_lag(self.nc.jetstream(), self.subjects.sessions_stream, DURABLE)
-        return {"sessions_stored_total": self.stored, "duplicates_total": self.duplicates,
-                "dead_letters_total": self.dead_letters, "write_failures_total": self.write_failures,
-                "consumer_lag": lag}
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"stored": self.stored, "duplicates": self.duplicates, "dead_letters": self.dead_letters}
 
     # -- ingest ------------------------------------------------------------------------------
-    async def _consume(self, psub: Any) -> None:
-        while not self._stopping:
-            self._fetching = True
-            try:
-                msgs = await psub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            except Exception as exc:  # noqa: BLE001 - NATS away: the client reconnects, keep polling
-                self.log.warning("storage.fetch_failed", error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            finally:
-                self._fetching = False
-            await self.process(msgs)
-            del msgs  # do not hold a batch of payloads across the next (possibly long) fetch
-
     async def process(self, msgs: list[Msg]) -> None:
         """Dead-letter the bad messages, append the good ones (one fsync), then ack."""
         good: list[tuple[Msg, _Facts]] = []
@@ -255,7 +168,7 @@ class StorageService:
         try:
             # The bytes as published are stored (validated above, not re-encoded): fields a newer
             # collector added survive, and no decoded batch is held while it is written.
-            flags = await store.append_encoded([m.data for m, _ in good])
+            flags = await store.append_encoded([m.data for m, _ in good], [f.index for _, f in good])
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: retry later, never ack
             self.write_failures += 1
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
@@ -288,34 +201,17 @@ class StorageService:
             return f"not a BuildSession: {exc}"
         if not _SESSION_ID.match(session.id):
             return f"invalid session id {session.id[:80]!r}"
-        return _Facts(session.id, session.outcome, len(session.targets))
+        return _Facts(session.id, session.outcome, len(session.targets), SessionFacts.of(session))
 
     async def _dead_letter(self, bad: list[tuple[Msg, str]]) -> None:
-        for msg, reason in bad:
-            await publish_dead_letter(self.nc, self.redis, self.subjects, self.keys, service="storage",
-                                      subject=msg.subject, reason=reason, data=msg.data,
-                                      headers=dict(msg.headers or {}))
-        try:
-            await self.nc.flush(timeout=5)  # the dead letters leave before the originals are acked
-        except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
-            self.log.warning("storage.dead_letter_flush_failed", error=repr(exc))
-        for msg, reason in bad:
-            await msg.ack()
-            self.dead_letters += 1
-            self.log.warning("storage.dead_letter", reason=reason, subject=msg.subject, bytes=len(msg.data))
-
-    def _count_advisory(self, reason: str) -> None:
-        self.dead_letters += 1
-        self.log.warning("storage.dead_letter", reason=reason[:300], code="max_deliver")
+        # Published together, flushed once, then acked: the dead letters leave before the originals go.
+        await self.dead_letter_many(bad)
 
     async def _retention_loop(self) -> None:
         assert self.store is not None
-        while not self._stopping:
-            try:
-                await asyncio.wait_for(self._wake_retention.wait(), self.retention_interval_s)
-            except TimeoutError:
-                pass
-            self._wake_retention.clear()
+        while not self.stopping.is_set():
+            if await self.idle(self.retention_interval_s, self._wake_retention):
+                return
             try:
                 await self.store.enforce_retention()
             except StorageClosed:
@@ -324,19 +220,13 @@ class StorageService:
                 self.log.error("storage.retention_failed", error=repr(exc))
 
     # -- query API ---------------------------------------------------------------------------
-    async def _handle(self, endpoint: str, req: Request) -> None:
+    async def _handle(self, endpoint: str, data: bytes) -> bytes:
         try:
-            request = decode_request(endpoint, req.data)
+            request = decode_request(endpoint, data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ServiceError("400", f"bad {endpoint} request: {exc}") from None
-        try:
-            data = await getattr(self, f"_api_{endpoint}")(request)
-        except ServiceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the caller gets a 500 naming it; we log it
-            self.log.error("storage.api_failed", endpoint=endpoint, error=repr(exc))
-            raise ServiceError("500", f"{type(exc).__name__}: {exc}") from None
-        await req.respond(data)
+            raise ServiceError(BAD_REQUEST, f"bad {endpoint} request: {exc}") from None
+        # Any other failure: the skeleton answers 500 naming it, and logs storage.api_failed.
+        return await getattr(self, f"_api_{endpoint}")(request)
 
     @property
     def _budget(self) -> int:
@@ -347,13 +237,13 @@ class StorageService:
 
     def _check_size(self, what: str, size: int) -> None:
         if size > self._budget:
-            raise ServiceError("413", f"{what} is {size} bytes, more than one reply may carry ({self._budget})")
+            raise ServiceError(TOO_LARGE, f"{what} is {size} bytes, more than one reply may carry ({self._budget})")
 
     async def _api_get(self, req: Any) -> bytes:
         assert self.store is not None
         raw = await self.store.get_raw(req.id)
         if raw is None:
-            raise ServiceError("404", f"session {req.id} is not stored")
+            raise ServiceError(NOT_FOUND, f"session {req.id} is not stored")
         self._check_size(f"session {req.id}", len(raw))
         return raw
 
@@ -372,13 +262,13 @@ class StorageService:
 
     async def _api_range(self, req: Any) -> bytes:
         if req.end < req.start:
-            raise ServiceError("400", f"bad range request: end {req.end} is before start {req.start}")
+            raise ServiceError(BAD_REQUEST, f"bad range request: end {req.end} is before start {req.start}")
         return await self._page(Filters(since=req.start, until=req.end), desc=False, limit=req.limit,
                                 cursor=req.cursor)
 
     async def _api_query(self, req: Any) -> bytes:
         if req.since is not None and req.until is not None and req.until < req.since:
-            raise ServiceError("400", f"bad query request: until {req.until} is before since {req.since}")
+            raise ServiceError(BAD_REQUEST, f"bad query request: until {req.until} is before since {req.since}")
         f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, target=req.target,
                     since=req.since, until=req.until)
         return await self._page(f, desc=True, limit=req.limit, cursor=req.cursor)
