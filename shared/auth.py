@@ -112,7 +112,7 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
     micro_sub = ["$SRV.>"]
 
     def service(own: list[str], declare: list[str], consume: list[str], sub: list[str]) -> dict[str, object]:
-        pub = own + [f"{ns}.deadletter.{role}"] + lookup
+        pub = [*own, f"{ns}.deadletter.{role}", *lookup]
         for s in declare:
             pub += _declare(s)
         subs = inbox + sub
@@ -130,18 +130,18 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
         case "collector":
             return service([f"{ns}.sessions.completed"], base_streams, [ev], [])
         case "storage":
-            return service([], base_streams, [se], [storage_q] + micro_sub)
+            return service([], base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
-            return service([f"{ns}.alerts.>", storage_q], base_streams + [al], [se], [analyzer_q] + micro_sub)
+            return service([f"{ns}.alerts.>", storage_q], [*base_streams, al], [se], [analyzer_q, *micro_sub])
         case "tracer":
-            return service([storage_q], base_streams + [sp], [se, sp], [traces_q] + micro_sub)
+            return service([storage_q], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
             return service([storage_q], base_streams, [ev], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.
-            pub = [storage_q, analyzer_q, traces_q, "$SRV.>"] + lookup + _consume(al)
-            return {"publish": _dedupe(pub), "subscribe": inbox + [f"{ns}.health.>"], "allow_responses": False}
+            pub = [storage_q, analyzer_q, traces_q, "$SRV.>", *lookup, *_consume(al)]
+            return {"publish": _dedupe(pub), "subscribe": [*inbox, f"{ns}.health.>"], "allow_responses": False}
         case "operator":
             # The stack's owner: imports, republishing recordings, stream maintenance.
             return {"publish": [">"], "subscribe": [">"], "allow_responses": True}

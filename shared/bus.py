@@ -52,7 +52,8 @@ def nats_options(settings: Settings, *, name: str, role: str) -> dict[str, Any]:
     if settings.nats_tls_ca or settings.nats_tls_cert:
         ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None)
         if settings.nats_tls_cert:
-            ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None)
+            ctx.load_cert_chain(str(settings.nats_tls_cert),
+                                str(settings.nats_tls_key) if settings.nats_tls_key else None)
         opts["tls"] = ctx
     return opts
 
@@ -239,7 +240,10 @@ async def note_failure(r: aioredis.Redis | None, keys: Keys, *, stream: str, con
         return
     key = _failures_key(keys, stream, consumer)
     with contextlib.suppress(Exception):  # only enriches a later reason; the failure is logged by the caller
-        await r.pipeline(transaction=False).hset(key, str(seq), reason[:2000]).expire(key, int(7 * DAY_S)).execute()
+        pipe = r.pipeline(transaction=False)
+        pipe.hset(key, str(seq), reason[:2000])
+        pipe.expire(key, int(7 * DAY_S))
+        await pipe.execute()
 
 
 async def watch_max_deliveries(nc: NATS, r: aioredis.Redis | None, subjects: Subjects, keys: Keys, *,
@@ -269,7 +273,7 @@ async def watch_max_deliveries(nc: NATS, r: aioredis.Redis | None, subjects: Sub
             with contextlib.suppress(Exception):
                 last = await r.hget(key, str(seq))
         if last:
-            reason += f"; last failure: {last.decode(errors='replace')}"
+            reason += f"; last failure: {last.decode(errors='replace') if isinstance(last, bytes) else last}"
         data, subject, headers = b"", "", {}
         try:
             raw = await js.get_msg(stream, seq)

@@ -106,7 +106,7 @@ class TelemetryClient(Emitter):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self) -> TelemetryClient:
+    async def start(self) -> Self:
         """Start the background tasks and return at once; connecting happens in the background."""
         if not self._on or self._loop is not None or not self._open:
             return self
@@ -376,7 +376,7 @@ class TelemetryClient(Emitter):
         # without permission to declare streams relies on the services having done it.
         try:
             await ensure_streams(js, Subjects(self._settings.namespace))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure is kept in last_error; the client must start anyway
             self.last_error = f"ensure_streams: {exc!r}"
 
 

@@ -54,7 +54,7 @@ class SyncTelemetryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> SyncTelemetryClient:
+    def start(self) -> Self:
         if not self._client._on or self._thread is not None or self._closed is not None:
             return self
         loop = asyncio.new_event_loop()
@@ -65,7 +65,7 @@ class SyncTelemetryClient:
         atexit.register(self._atexit)
         if hasattr(os, "register_at_fork"):
             ref = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: (c := ref()) is not None and c._forked())
+            os.register_at_fork(after_in_child=lambda: _forked_child(ref))
         return self
 
     def _forked(self) -> None:
@@ -94,6 +94,13 @@ class SyncTelemetryClient:
 
     def _atexit(self) -> None:
         self.close(timeout=2.0)
+
+
+def _forked_child(ref: weakref.ReferenceType[SyncTelemetryClient]) -> None:
+    """After os.fork(), in the child: a client still alive stops accepting (it has no loop thread)."""
+    client = ref()
+    if client is not None:
+        client._forked()
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

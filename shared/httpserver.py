@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-__all__ = ["HttpLimits", "BodyError", "DEFAULT_LIMITS", "start_site", "read_body", "decode_json", "json_depth"]
+__all__ = ["DEFAULT_LIMITS", "BodyError", "HttpLimits", "decode_json", "json_depth", "read_body", "start_site"]
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ async def run_until_signal(services: Sequence[Service], *, stop_event: asyncio.E
         for svc in reversed(started):
             try:
                 await asyncio.wait_for(svc.stop(), shutdown_timeout)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - keep stopping the others
+            except (TimeoutError, Exception):  # noqa: BLE001 - keep stopping the others
                 pass
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:

@@ -73,7 +73,7 @@ def _number(v: Any, default: float | None) -> float | None:
             return default
         try:
             v = float(v)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - float() of arbitrary input: anything unusable is the default
             return default
     return v if -_BIG < v < _BIG else default  # also rejects NaN and infinities
 
@@ -84,7 +84,7 @@ def _integer(v: Any, default: int | None = None, *, lo: int = -_BIG) -> int | No
             return default
         try:
             v = int(v) if not isinstance(v, float) or -_BIG < v < _BIG else default
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - int() of arbitrary input: anything unusable is the default
             return default
     return v if v is not None and lo <= v < _BIG else default
 
@@ -94,7 +94,7 @@ def _choice(v: Any, allowed: tuple[str, ...], default: Any) -> Any:
         for a in allowed:
             if v == a:
                 return a
-    except Exception:  # noqa: BLE001, S110 - an __eq__ that raises
+    except Exception:  # noqa: BLE001 - an __eq__ that raises
         pass
     return default
 
@@ -106,7 +106,7 @@ def _str_list(v: Any) -> list[str]:
         return [_text(v)]
     try:
         return [_text(x) for x in itertools.islice(iter(v), _MAX_ITEMS)]
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - iterating caller input may raise anything; unusable is empty
         return []
 
 
@@ -114,7 +114,7 @@ def _str_dict(v: Any) -> dict[str, str]:
     try:
         items = v.items() if hasattr(v, "items") else v
         return {_text(k): _text(x) for k, x in itertools.islice(iter(items), _MAX_ITEMS)} if v else {}
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - iterating caller input may raise anything; unusable is empty
         return {}
 
 
@@ -139,9 +139,9 @@ def _phases(v: Any) -> list[Phase]:
                 else:
                     name, dur = p  # (name, seconds)
                 out.append(Phase(_text(name), _number(dur, 0.0)))  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001, S112 - skip the one bad phase
+            except Exception:  # noqa: BLE001 - skip the one bad phase
                 continue
-    except Exception:  # noqa: BLE001, S110 - not iterable
+    except Exception:  # noqa: BLE001 - not iterable
         pass
     return out
 
@@ -152,7 +152,7 @@ def _environment(v: Any) -> BuildEnvironment | None:
     try:
         env = msgspec.convert(msgspec.to_builtins(v) if isinstance(v, msgspec.Struct) else v,
                               BuildEnvironment, strict=False)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - an unusable environment is dropped, never raised
         return None
     for f in ("os", "os_release", "arch", "hostname", "user", "cwd", "python"):
         setattr(env, f, _text(getattr(env, f)))
@@ -197,7 +197,8 @@ def _rate(v: Any) -> float:
 # between types are overridden per type.  seq, session_id and agent_id are the client's own.
 _FIX: dict[str, Any] = {
     "ts": lambda v: _number(v, None) or time.time(), "name": _text, "target": _text, "worker": _text,
-    "command": _argv, "environment": _environment, "labels": _str_dict, "record": lambda v: type(v) in (bool, int) and bool(v),
+    "command": _argv, "environment": _environment, "labels": _str_dict,
+    "record": lambda v: type(v) in (bool, int) and bool(v),
     "traceparent": lambda v: v if type(v) is str and _TRACEPARENT.fullmatch(v) else None,
     "start": _rate, "duration_s": _rate, "cache": lambda v: _choice(v, _CACHES, "miss"),
     "status": lambda v: _choice(v, _STATUSES, "success"), "exit_code": _integer, "kind": _opt_text,

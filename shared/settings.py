@@ -59,25 +59,26 @@ class Settings:
     enabled: bool = _help("Master switch; false makes the client SDK a no-op.", default=True)
     max_sessions: int = _help("Sessions the store retains (oldest dropped first).", default=1000)
     retention_days: float = _help("Age after which stored sessions and traces are dropped.", default=90.0)
-    cache_dir: Path = _help(
+    cache_dir: Path = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
         "Data directory (telemetry/, traces/, recordings/, engines/, stack.json). The default is one per user "
         "and machine, shared by all builds; set a directory per project only if you want separate histories.",
         default_factory=default_data_dir)
     namespace: str = _help("Prefix of every subject, stream and Redis key.", default="buildtel")
     nats_url: str | None = _help("Join this NATS cluster instead of starting an embedded server.", default=None)
     redis_url: str | None = _help("Use this Redis instead of starting an embedded one.", default=None)
-    nats_creds: Path | None = _help("NATS .creds file (JWT + nkey).", default=None)
+    nats_creds: Path | None = _help("NATS .creds file (JWT + nkey).", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
     nats_user: str | None = _help("NATS user.", default=None)
     nats_password: str | None = _help("NATS password.", default=None)
     nats_token: str | None = _help("NATS auth token.", default=None)
-    nats_tls_ca: Path | None = _help("CA bundle to verify the NATS server.", default=None)
-    nats_tls_cert: Path | None = _help("Client certificate for NATS mutual TLS.", default=None)
-    nats_tls_key: Path | None = _help("Client key for NATS mutual TLS.", default=None)
+    nats_tls_ca: Path | None = _help("CA bundle to verify the NATS server.", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+    nats_tls_cert: Path | None = _help("Client certificate for NATS mutual TLS.", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+    nats_tls_key: Path | None = _help("Client key for NATS mutual TLS.", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
     http_host: str = _help("Address HTTP endpoints (metrics, OTLP) bind to.", default="127.0.0.1")
     http_token: str | None = _help("Bearer token required by HTTP endpoints when set.", default=None)
     metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
-    agent_id: str | None = _help("This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",
-                                  default=None)
+    agent_id: str | None = _help(
+        "This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",
+        default=None)
     session_timeout_s: float = _help("Inactivity after which a session completes as abandoned.", default=300.0)
     finish_grace_s: float = _help("Wait after BuildFinished for other agents' in-flight events.", default=2.0)
     gap_wait_s: float = _help("Wait after the last event for a finished session's missing events "
@@ -88,8 +89,9 @@ class Settings:
     fsync: bool = _help("fsync each stored batch before acknowledging it.", default=True)
     log_level: str = _help("debug, info, warning or error.", default="info")
     log_format: str = _help("auto (JSON off a TTY), json or console.", default="auto")
-    stack_credentials: Path | None = _help(
-        "Credentials file of a stack ('buildtel credentials ROLE -o FILE' writes one): its NATS URL and role passwords.",
+    stack_credentials: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+        "Credentials file of a stack ('buildtel credentials ROLE -o FILE' writes one): "
+        "its NATS URL and role passwords.",
         default=None)
     # Per-role NATS passwords and the Redis password of a local stack (from stack.json or a
     # credentials file); never read from a variable of its own.

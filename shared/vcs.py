@@ -250,8 +250,8 @@ class StatusProbe:
         self._lock = threading.Lock()
         self._done = False
         # Closed by result(), which every owner calls (EnvironmentSnapshot.result/close).
-        self._out = tempfile.TemporaryFile()  # noqa: SIM115
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; closed by result()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; closed by result()
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 ["git", "status", "--porcelain", "--untracked-files=no"], cwd=worktree, stdin=subprocess.DEVNULL,

@@ -226,7 +226,7 @@ class MakeCapture:
             env["BUILDTEL_ORIG_LD_PRELOAD"] = orig
         self._tail = FileTail(events, from_end=False)
         self.method, self.active = "preload", True
-        return argv[:args.end] + [f"--eval=export {TARGET_VAR} = $@"] + argv[args.end:]
+        return [*argv[:args.end], f"--eval=export {TARGET_VAR} = $@", *argv[args.end:]]
 
     def _prepare_wrapper(self, argv: list[str], args: MakeArgs) -> list[str]:
         files = list(args.files)

@@ -131,15 +131,16 @@ async def _publish_build(settings: Settings, nats_url: str, sid: str, b: int, ag
     owner = clients[0]
     workers_per_agent = 8
     owner.build_started(name=f"ci-main #{b + 1}", command=["ninja", "-j", str(8 * len(agents)), "all"],
-                        environment=_env(agents[0], commit, 16, branch), labels={"pipeline": "ci-main", "build": str(b + 1)},
-                        ts=t0)
+                        environment=_env(agents[0], commit, 16, branch),
+                        labels={"pipeline": "ci-main", "build": str(b + 1)}, ts=t0)
     plan = schedule(repo, durations, workers_per_agent * len(agents), t0)
     failing = rng.choice([t.name for t in repo if t.kind == "test"]) if fail else None
     for t, start, end, lane in plan:
         client = clients[lane // workers_per_agent]
         worker = f"{agents[lane // workers_per_agent]}/w{lane % workers_per_agent}"
         hit = cached[t.name]
-        phases = [] if hit else [Phase("parse", round((end - start) * 0.3, 4)), Phase("codegen", round((end - start) * 0.7, 4))]
+        phases = [] if hit else [Phase("parse", round((end - start) * 0.3, 4)),
+                                 Phase("codegen", round((end - start) * 0.7, 4))]
         client.target_finished(t.name, start=start, duration_s=round(end - start, 4),
                                status="failed" if t.name == failing else "success",
                                cache=("remote_hit" if hit else "miss") if t.kind != "test" or hit else "miss",

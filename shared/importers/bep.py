@@ -244,7 +244,8 @@ def _read(data: bytes, st: _State) -> None:
         if "aborted" in ev and kind not in _QUIET_ABORTS:
             ab = ev["aborted"] if isinstance(ev["aborted"], dict) else {}
             what = str(body.get("label", "")) or kind
-            st.warn(n, f"{kind} {what} aborted: {ab.get('reason', 'no reason given')} {ab.get('description', '')}".rstrip())
+            reason = f"{ab.get('reason', 'no reason given')} {ab.get('description', '')}"
+            st.warn(n, f"{kind} {what} aborted: {reason}".rstrip())
         if kind not in KNOWN_KINDS:
             st.warn(n, f"unknown event kind {kind!r} ignored")
             continue

@@ -198,7 +198,8 @@ def _read_events(events: list[Any], line_of: Any) -> _Parsed:
             else:
                 stack = stacks.get((pid, tid))
                 if not stack:
-                    out.warnings.append(ParseWarning(line_of(i), f"E event without a matching B on {pid}/{tid}; ignored"))
+                    out.warnings.append(ParseWarning(line_of(i),
+                                                     f"E event without a matching B on {pid}/{tid}; ignored"))
                     continue
                 _, begin, bts = stack.pop()
                 if ts < bts:

@@ -22,9 +22,9 @@ from typing import Any
 import msgspec
 
 from buildtel.shared.codec import encoder
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 from buildtel.shared.redaction import redact_argv
 from buildtel.shared.totals import summarize_targets
-from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Decompressed inputs above this are refused: a build log or trace this large is not a

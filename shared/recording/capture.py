@@ -30,7 +30,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +167,7 @@ class RunCapture:
             return None
         try:
             return self._after(exit_code)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a failed recording is reported, never fails the build
             self._fail("after", exc)
             return None
 
@@ -237,7 +237,7 @@ class RunCapture:
                 self._record(rec.record_output, rel)
         return rec.stop_recording(exit_code, input_method=method)
 
-    def _record(self, fn, rel: str, expect: str | None = None) -> None:
+    def _record(self, fn: Callable[[str], list[FileEntry]], rel: str, expect: str | None = None) -> None:
         try:
             entries = fn(rel)
         except UnsafePath as exc:

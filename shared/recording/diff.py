@@ -81,15 +81,16 @@ def side_from_events(sid: str, events: list[Event]) -> Side:
     started = next((e for e in events if isinstance(e, BuildStarted)), None)
     env = started.environment if started else None
     finished = next((e for e in events if isinstance(e, BuildFinished)), None)
-    return Side(id=sid, kind="recording", command=list(started.command) if started else [], missing_probes=_missing(env),
-                cwd=env.cwd if env else "", env=dict(env.env) if env else {},
+    return Side(id=sid, kind="recording", command=list(started.command) if started else [],
+                missing_probes=_missing(env), cwd=env.cwd if env else "", env=dict(env.env) if env else {},
                 tool_versions=dict(env.tool_versions) if env else {}, targets=targets_from_events(events),
                 events=events, exit_code=finished.exit_code if finished else None)
 
 
 def side_from_session(s: BuildSession) -> Side:
     env = s.environment
-    return Side(id=s.id, kind="session", command=list(s.command), cwd=env.cwd if env else "", missing_probes=_missing(env),
+    return Side(id=s.id, kind="session", command=list(s.command), cwd=env.cwd if env else "",
+                missing_probes=_missing(env),
                 env=dict(env.env) if env else {}, tool_versions=dict(env.tool_versions) if env else {},
                 targets={t.name: TargetInfo(t.duration_s, t.cache, t.status) for t in s.targets},
                 exit_code=s.exit_code)
@@ -160,7 +161,7 @@ def first_divergence(a: Sequence[Event], b: Sequence[Event]) -> dict[str, Any] |
         return [s for s in (_signature(e) for e in ordered if not isinstance(e, HealthCheckpoint)) if s]
 
     sa, sb = sigs(a), sigs(b)
-    for i, (x, y) in enumerate(zip(sa, sb)):
+    for i, (x, y) in enumerate(zip(sa, sb, strict=False)):  # unequal lengths: handled below
         if x != y:
             return {"index": i, "a": " ".join(map(str, x)), "b": " ".join(map(str, y))}
     if len(sa) != len(sb):
@@ -184,7 +185,7 @@ def diff(a: Side, b: Side, *, min_delta_s: float = 0.05, min_ratio: float = 0.10
     # Largest change first (slower or faster alike), so the top lines are the ones that explain
     # the difference; ties by name for a stable order.
     timing.sort(key=lambda x: (-abs(x["delta_s"]), x["target"]))
-    divergence: dict[str, Any] | None | str
+    divergence: dict[str, Any] | str | None
     if a.events is None or b.events is None:
         divergence = "unavailable"
     else:
