@@ -1,4 +1,5 @@
-"""``python -m buildtel.services.analyzer``: run one analyzer replica until SIGTERM/SIGINT (URLs from the environment)."""
+"""``python -m buildtel.services.analyzer``: run one analyzer replica until SIGTERM/SIGINT (URLs from the
+environment)."""
 
 import sys
 

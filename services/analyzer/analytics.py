@@ -10,8 +10,8 @@ MessagePack and the exporters turn them into JSON/CSV unchanged.
 
 Conventions: build-time statistics use sessions that finished (success or
 failed) and are complete, not abandoned ones, whose "duration" is only how long
-we heard from them, nor ones that lost events (counted as ``incomplete``); target statistics use targets that ran (success or failed), not skipped
-or cancelled ones.  Sessions are ordered by start time.
+we heard from them, nor ones that lost events (counted as ``incomplete``); target statistics use
+targets that ran (success or failed), not skipped or cancelled ones.  Sessions are ordered by start time.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Literal
 
 import msgspec
 
-from buildtel.shared.health.trends import HealthTrends, health_trends
 from buildtel.services.analyzer import columns
 from buildtel.services.analyzer.bottlenecks import Bottlenecks, bottlenecks
 from buildtel.services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
+from buildtel.shared.health.trends import HealthTrends, health_trends
 from buildtel.shared.protocol import BuildSession, is_complete
 
 REPORT_VERSION = 1

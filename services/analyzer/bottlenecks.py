@@ -250,7 +250,8 @@ def bottlenecks(sessions: Sequence[BuildSession], *, speedup_pct: float = 50.0, 
         chosen += extra[:max(1, top // 2)]
     out = []
     for name in chosen:
-        out.append(Bottleneck(name=name, critical_s=crit.get(name, 0.0), critical_share=crit.get(name, 0.0) / crit_total,
+        out.append(Bottleneck(name=name, critical_s=crit.get(name, 0.0),
+                              critical_share=crit.get(name, 0.0) / crit_total,
                               on_critical_path=hits.get(name, 0), total_s=(totals or {}).get(name, 0.0),
                               share_of_total=(totals or {}).get(name, 0.0) / all_total,
                               what_if=_what_if(graphs, name, speedup_pct)))

@@ -148,7 +148,7 @@ class Engine(msgspec.Struct):
             w, a = min((srt[a + h - 1] - srt[a], a) for a in range(len(srt) - h + 1))
             lvl = median(srt[a:a + h])
             far = self._far_limit(p, max(min(sig, w / 1.349), p.sigma_floor))
-            for j, y in zip(pos, ys):
+            for j, y in zip(pos, ys, strict=True):
                 d = y - lvl
                 flags[j] = 0 if abs(d) <= far else (1 if d > 0 else -1)
             prev, diffs = None, []
@@ -164,7 +164,7 @@ class Engine(msgspec.Struct):
             if self.diffs:
                 self.sigma = noise(self.d_sorted, self.d_ss)
                 sig = self._sig(p)
-        inl = [(j, y) for j, y in zip(pos, ys) if flags[j] == 0]
+        inl = [(j, y) for j, y in zip(pos, ys, strict=True) if flags[j] == 0]
         lvl = median([y for _, y in inl]) if inl else 0.0
         c = p.clip * sig
         for j, y in inl:
@@ -178,7 +178,7 @@ class Engine(msgspec.Struct):
         """Restart the far-share counts at ``start`` and re-derive the current far run."""
         self.rate_start = start
         self.hi_cs, self.lo_cs = [0], [0]
-        for i, f in zip(self.h_idx, self.h_flag):
+        for i, f in zip(self.h_idx, self.h_flag, strict=True):
             if i >= start:
                 self.hi_cs.append(self.hi_cs[-1] + (f > 0))
                 self.lo_cs.append(self.lo_cs[-1] + (f < 0))

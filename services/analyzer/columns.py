@@ -202,7 +202,7 @@ def _numpy_columns(flat: list, counts: list[int], interner: _Interner, days: lis
     gd = d[np.argsort(small, kind="stable")]
     ends = np.cumsum(n)
     starts = ends - n
-    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+    for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
         gd[s0:e0].sort()  # in place, segment by segment: no copies, no Python floats
     runs = n.tolist()
     cols = TargetColumns()
@@ -219,7 +219,7 @@ def _numpy_columns(flat: list, counts: list[int], interner: _Interner, days: lis
     cols.total = sy.tolist()
     cols.mean = (sy / nz).tolist()
     syy_l = syy.tolist()
-    cols.stdev = [math.sqrt(v / (k - 1)) if k > 1 else 0.0 for v, k in zip(syy_l, runs)]
+    cols.stdev = [math.sqrt(v / (k - 1)) if k > 1 else 0.0 for v, k in zip(syy_l, runs, strict=True)]
     cols.hits = [int(v) for v in hits.tolist()]
     cols.misses = [int(v) for v in misses.tolist()]
     _finish(cols, runs, cols.total, syy_l, *(a.tolist() for a in sums))
@@ -241,7 +241,15 @@ def _python_columns(flat: list, counts: list[int], interner: _Interner, days: li
     # Bucket element positions by target id without a Python-level loop body.
     deque(map(call, map(appends.__getitem__, pos_ids), positions), maxlen=0)
     cols = TargetColumns()
-    n_l, sy_l, syy_l, sxb_l, sxyb_l, sxxb_l, sxd_l, sxyd_l, sxxd_l = ([] for _ in range(9))
+    n_l: list[int] = []
+    sy_l: list[float] = []
+    syy_l: list[float] = []
+    sxb_l: list[float] = []
+    sxyb_l: list[float] = []
+    sxxb_l: list[float] = []
+    sxd_l: list[float] = []
+    sxyd_l: list[float] = []
+    sxxd_l: list[float] = []
     for idx in groups:
         n = len(idx)
         if n == 0:  # a target that was only ever skipped or cancelled
@@ -260,9 +268,15 @@ def _python_columns(flat: list, counts: list[int], interner: _Interner, days: li
         xdm = sum(xd) / n
         dxd = [v - xdm for v in xd]
         srt = sorted(y)
-        n_l.append(n), sy_l.append(sy), syy_l.append(syy)
-        sxb_l.append(sum(xb)), sxyb_l.append(sum(map(mul, dxb, dy))), sxxb_l.append(sum(map(mul, dxb, dxb)))
-        sxd_l.append(sum(xd)), sxyd_l.append(sum(map(mul, dxd, dy))), sxxd_l.append(sum(map(mul, dxd, dxd)))
+        n_l.append(n)
+        sy_l.append(sy)
+        syy_l.append(syy)
+        sxb_l.append(sum(xb))
+        sxyb_l.append(sum(map(mul, dxb, dy)))
+        sxxb_l.append(sum(map(mul, dxb, dxb)))
+        sxd_l.append(sum(xd))
+        sxyd_l.append(sum(map(mul, dxd, dy)))
+        sxxd_l.append(sum(map(mul, dxd, dxd)))
         cols.mean.append(mean)
         cols.stdev.append(math.sqrt(syy / (n - 1)) if n > 1 else 0.0)
         cols.median.append(percentile_sorted(srt, 0.5))

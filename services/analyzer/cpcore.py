@@ -136,7 +136,7 @@ def hinge(xs: list[int], ys: list[float]) -> tuple[float, int, float]:
     n = len(ys)
     x0 = xs[0]
     px, pxx, py, pxy = [0.0], [0.0], [0.0], [0.0]
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         x -= x0
         px.append(px[-1] + x)
         pxx.append(pxx[-1] + x * x)

@@ -205,9 +205,9 @@ class StreamingDetector:
             if same_way and abs(cp.index - ev.index) <= window:
                 return None
         members = _members(channel)
-        before = [v for j, v, c in zip(s.r_idx, s.r_val, s.r_ch)
+        before = [v for j, v, c in zip(s.r_idx, s.r_val, s.r_ch, strict=True)
                   if c in members and ev.prev <= j < ev.index]
-        after = [v for j, v, c in zip(s.r_idx, s.r_val, s.r_ch) if c in members and j >= ev.index]
+        after = [v for j, v, c in zip(s.r_idx, s.r_val, s.r_ch, strict=True) if c in members and j >= ev.index]
         b, a, pct = _summary(before, after, ev.kind)
         cp = ChangePoint(index=ev.index, before_median=b, after_median=a, change_pct=pct,
                          confidence=ev.confidence,

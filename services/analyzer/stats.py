@@ -94,7 +94,7 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Fit:
     mx = math.fsum(xs) / n
     my = math.fsum(ys) / n
     sxx = math.fsum((x - mx) * (x - mx) for x in xs)
-    sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     syy = math.fsum((y - my) * (y - my) for y in ys)
     return fit_from_sums(n, mx * n, my * n, sxx, sxy, syy)
 

@@ -25,11 +25,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_batch
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.redaction import redact_batch
 from buildtel.shared.service import BusService, Consumer, Worker
 from buildtel.shared.settings import Settings

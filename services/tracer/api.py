@@ -49,9 +49,9 @@ from opentelemetry.trace import (
 )
 
 from buildtel.services.tracer import propagation
-from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 from buildtel.shared.logs import get_logger
 from buildtel.shared.settings import Settings
+from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 
 __all__ = [
     "SpanHandle",
@@ -187,7 +187,8 @@ class SpanHandle:
         self.span.record_exception(exc, attributes or None)
         return self
 
-    def set_status(self, status: Literal["ok", "error", "unset"] | StatusCode, description: str | None = None) -> SpanHandle:
+    def set_status(self, status: Literal["ok", "error", "unset"] | StatusCode,
+                   description: str | None = None) -> SpanHandle:
         set_status(status, description, span=self.span)
         return self
 
@@ -251,8 +252,9 @@ def start_trace(name: str, *, session_id: str | None = None, trace_id: str | Non
     return SpanHandle(span)
 
 
-def start_span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, parent: SpanHandle | trace.Span | Context | None = None,
-               links: list[trace.Link] | None = None, attributes: Mapping[str, Any] | None = None,
+def start_span(name: str, *, kind: SpanKind = SpanKind.INTERNAL,
+               parent: SpanHandle | trace.Span | Context | None = None, links: list[trace.Link] | None = None,
+               attributes: Mapping[str, Any] | None = None,
                **attrs: Any) -> SpanHandle:
     """Start a child of the current span (or of ``parent``) and make it current."""
     if isinstance(parent, SpanHandle):

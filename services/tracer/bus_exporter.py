@@ -26,6 +26,11 @@ from typing import Any, TypeVar
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from buildtel.services.tracer.subjects import TracerSubjects, ensure_spans_stream
+from buildtel.shared.bus import close_nats, connect_nats, has_credentials
+from buildtel.shared.logs import get_logger
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
 from buildtel.shared.tracemodel import (
     SpanBatch,
     SpanEvent,
@@ -33,11 +38,6 @@ from buildtel.shared.tracemodel import (
     SpanRecord,
     span_batch_encoder,
 )
-from buildtel.services.tracer.subjects import TracerSubjects, ensure_spans_stream
-from buildtel.shared.bus import close_nats, connect_nats, has_credentials
-from buildtel.shared.logs import get_logger
-from buildtel.shared.settings import Settings
-from buildtel.shared.subjects import Subjects
 
 log = get_logger("tracer.bus_exporter")
 T = TypeVar("T")

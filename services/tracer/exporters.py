@@ -34,8 +34,8 @@ from yarl import URL
 
 from buildtel.services.tracer import otlp, otlp_json
 from buildtel.services.tracer.formats import jaeger_document, to_zipkin
-from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.logs import get_logger
+from buildtel.shared.tracemodel import SpanRecord
 
 log = get_logger("tracer.exporters")
 

@@ -84,8 +84,8 @@ def zipkin_span(span: SpanRecord) -> dict[str, Any]:
     if span.events:
         out["annotations"] = [
             {"timestamp": _us(e.time_ns),
-             "value": e.name if not e.attributes else json.dumps({e.name: {k: _text(v) for k, v in e.attributes.items()}},
-                                                                  separators=(",", ":"))}
+             "value": e.name if not e.attributes else json.dumps(
+                 {e.name: {k: _text(v) for k, v in e.attributes.items()}}, separators=(",", ":"))}
             for e in span.events]
     return out
 

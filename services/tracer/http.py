@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from buildtel.services.tracer import otlp, otlp_json
-from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
 from buildtel.shared.logs import get_logger
+from buildtel.shared.tracemodel import SpanRecord
 
 log = get_logger("tracer.http")
 
@@ -159,7 +159,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 def _bad(stats: ReceiverStats, ctype: str, reason: str) -> web.Response:
     stats.bad_requests += 1
-    stats.last_errors = (stats.last_errors + [reason[:300]])[-5:]
+    stats.last_errors = ([*stats.last_errors, reason[:300]])[-5:]
     log.warning("tracer.http.bad_request", reason=reason[:300])
     return _status(400, RPC_INVALID_ARGUMENT, reason[:1000], ctype)
 

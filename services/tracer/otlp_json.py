@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord, check_span
 from buildtel.services.tracer.otlp import DecodeResult, OtlpDecodeError, _group
+from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord, check_span
 
 __all__ = ["decode_document", "decode_request", "encode_request", "encode_response", "encode_status", "request_dict"]
 

@@ -44,11 +44,29 @@ from opentelemetry.propagators.textmap import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 __all__ = [
-    "TRACEPARENT_HEADER", "TRACESTATE_HEADER", "TRACEPARENT_ENV", "TRACESTATE_ENV",
-    "MAX_TRACESTATE_MEMBERS", "KeyGrammar", "Traceparent", "HeaderGetter", "HeaderSetter", "EnvGetter",
-    "EnvSetter", "W3CTraceContextPropagator", "DEFAULT_PROPAGATOR", "parse_traceparent",
-    "parse_tracestate", "format_traceparent", "format_tracestate", "is_valid_tracestate_key",
-    "is_valid_tracestate_value", "inject_headers", "extract_headers", "inject_env", "extract_env",
+    "DEFAULT_PROPAGATOR",
+    "MAX_TRACESTATE_MEMBERS",
+    "TRACEPARENT_ENV",
+    "TRACEPARENT_HEADER",
+    "TRACESTATE_ENV",
+    "TRACESTATE_HEADER",
+    "EnvGetter",
+    "EnvSetter",
+    "HeaderGetter",
+    "HeaderSetter",
+    "KeyGrammar",
+    "Traceparent",
+    "W3CTraceContextPropagator",
+    "extract_env",
+    "extract_headers",
+    "format_traceparent",
+    "format_tracestate",
+    "inject_env",
+    "inject_headers",
+    "is_valid_tracestate_key",
+    "is_valid_tracestate_value",
+    "parse_traceparent",
+    "parse_tracestate",
 ]
 
 TRACEPARENT_HEADER = "traceparent"

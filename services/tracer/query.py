@@ -24,10 +24,10 @@ from typing import Annotated, Any
 
 import msgspec
 
-from buildtel.shared.tracemodel import STATUS_ERROR, STATUS_OK, SpanRecord
 from buildtel.services.tracer.store import TraceStore, TraceSummary, span_order
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared import micro
+from buildtel.shared.tracemodel import STATUS_ERROR, STATUS_OK, SpanRecord
 
 API_VERSION = "1.0.0"
 ENDPOINTS = ("get", "session", "find", "recent", "stats")

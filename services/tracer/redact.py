@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from buildtel.shared.tracemodel import SpanRecord
 from buildtel.shared.redaction import REDACTED, redact_argv, redact_text
+from buildtel.shared.tracemodel import SpanRecord
 
 # Keys (OpenTelemetry semantic conventions) whose values are command lines or URLs.
 TEXT_KEYS = frozenset({"process.command_line", "process.command", "url.full", "url.query", "http.url",

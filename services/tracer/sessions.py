@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from buildtel.shared.logs import get_logger
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 from buildtel.shared.tracemodel import (
     KIND_INTERNAL,
     SESSION_ATTR,
@@ -28,8 +30,6 @@ from buildtel.shared.tracemodel import (
     is_hex_id,
     session_span_id,
 )
-from buildtel.shared.logs import get_logger
-from buildtel.shared.protocol import BuildSession, TargetMetrics
 from buildtel.shared.validate import clean_session
 
 log = get_logger("tracer")

@@ -35,9 +35,9 @@ from pathlib import Path
 import msgspec
 
 from buildtel.services.tracer import segments as fmt
-from buildtel.shared.tracemodel import SpanRecord, span_session_id
 from buildtel.shared.files import private_dir
 from buildtel.shared.logs import get_logger
+from buildtel.shared.tracemodel import SpanRecord, span_session_id
 
 log = get_logger("tracer.store")
 

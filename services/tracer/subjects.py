@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from buildtel.shared.subjects import Subjects
@@ -62,7 +63,7 @@ class TracerSubjects:
         )
 
 
-async def ensure_spans_stream(js, tsubjects: TracerSubjects) -> None:
+async def ensure_spans_stream(js: JetStreamContext, tsubjects: TracerSubjects) -> None:
     """Declare the spans stream (idempotent; converges on our limits if it exists)."""
     from buildtel.shared.bus import ensure_stream
 

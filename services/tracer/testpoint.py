@@ -38,9 +38,9 @@ __all__ = [
     "MAX_ACTIONS",
     "RunningTestpoint",
     "create_app",
-    "start_testpoint",
-    "serve_testpoint",
     "run_testpoint",
+    "serve_testpoint",
+    "start_testpoint",
 ]
 
 _log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ async def _call(request: web.Request, url: str, arguments: Any) -> dict[str, Any
             async with request.app[_SESSION].post(url, json=arguments, headers=headers) as response:
                 await response.read()
                 return {"url": url, "status": response.status}
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             return {"url": url, "error": f"{type(exc).__name__}: {exc}"}
 
