@@ -16,7 +16,11 @@ from pathlib import Path
 
 import msgspec
 
+from buildtel.cli.common import open_bus
+from buildtel.cli.errors import CLIError
+from buildtel.cli.textsafe import json_safe, safe, safe_block
 from buildtel.services.analyzer.alerts import Alert
+from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.analyzer.api import (
     AnalyzerClient,
     AnalyzerError,
@@ -25,9 +29,6 @@ from buildtel.services.analyzer.api import (
     read_alerts,
 )
 from buildtel.services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
-from buildtel.cli.common import open_bus
-from buildtel.cli.errors import CLIError
-from buildtel.cli.textsafe import json_safe, safe, safe_block
 from buildtel.shared.settings import Settings
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -105,7 +106,7 @@ def _request(args: argparse.Namespace, *, sessions: bool) -> ReportRequest:
                          speedup_pct=args.speedup, source=args.source)
 
 
-async def _fetch(settings: Settings, req: ReportRequest, timeout: float):
+async def _fetch(settings: Settings, req: ReportRequest, timeout: float) -> AnalyticsReport:
     async with open_bus(settings) as bus:
         try:
             return await AnalyzerClient(bus.nc, settings.namespace, timeout=timeout).report(req)

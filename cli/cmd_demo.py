@@ -23,9 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buildtel.services.analyzer.alerts import Alert
-from buildtel.services.analyzer.api import AnalyzerClient, read_alerts
-from buildtel.services.analyzer.export import summary
 from buildtel.cli.cmd_sessions import session_line
 from buildtel.cli.cmd_stack import LocalStack, stack_record, stack_running
 from buildtel.cli.common import (
@@ -36,8 +33,11 @@ from buildtel.cli.common import (
     stack_file,
 )
 from buildtel.cli.errors import CLIError
-from buildtel.shared.demo.farm import FarmPlan, run_farm
+from buildtel.services.analyzer.alerts import Alert
+from buildtel.services.analyzer.api import AnalyzerClient, read_alerts
+from buildtel.services.analyzer.export import summary
 from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.shared.demo.farm import FarmPlan, run_farm
 from buildtel.shared.engines import public_url
 from buildtel.shared.files import open_private, write_private
 from buildtel.shared.protocol import BuildSession
@@ -176,7 +176,7 @@ async def _analytics(bus: Any, plan: FarmPlan, timeout: float) -> tuple[str, boo
         except Exception as exc:  # noqa: BLE001 - the demo still reports what storage holds
             if time.monotonic() >= deadline:
                 return f"(analyzer report unavailable: {exc})", False
-        if rep is not None and rep.sessions >= want or time.monotonic() >= deadline:
+        if (rep is not None and rep.sessions >= want) or time.monotonic() >= deadline:
             break
         await asyncio.sleep(0.5)
     if rep is None:
@@ -208,7 +208,7 @@ def report(plan: FarmPlan, sessions: list[BuildSession], elapsed: float) -> str:
     lines.append(f"builds published {len(plan.session_ids)}, sessions stored {len(sessions)} "
                  f"({elapsed:.1f} s); agents {', '.join(plan.agents)}")
     if not sessions:
-        return "\n".join(lines + ["nothing was stored — see the stack's log"])
+        return "\n".join([*lines, "nothing was stored — see the stack's log"])
     events = sum(s.totals.events for s in sessions)
     ok = sum(s.outcome == "success" for s in sessions)
     durs = sorted(s.duration_s for s in sessions)

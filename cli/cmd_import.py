@@ -45,7 +45,8 @@ def _trace(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> Im
 PARSERS: dict[str, tuple[Callable[..., ImportResult], str, bool]] = {
     "ninja": (_ninja, "a .ninja_log (v5-v7); one session per build it holds", True),
     "bep": (_bep, "a Bazel --build_event_json_file stream", False),
-    "chrome-trace": (_trace, "a Trace Event Format file: Bazel --profile, clang -ftime-trace, CMake --profiling-output", True),
+    "chrome-trace": (_trace, "a Trace Event Format file: Bazel --profile, clang -ftime-trace, "
+                             "CMake --profiling-output", True),
 }
 
 

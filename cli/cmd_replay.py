@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import (
     GRAMMAR,
     IdRef,
@@ -37,7 +38,6 @@ from buildtel.cli.ids import (
     resolve_recording,
     resolve_session_id,
 )
-from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe, safe_block
 from buildtel.shared.recording import diff as diffmod
 from buildtel.shared.recording.manifest import RecordingManifest

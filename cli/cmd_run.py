@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from buildtel.shared.protocol import new_session_id
-from buildtel.shared.tracemodel import session_span_id
 from buildtel.shared.settings import Settings
+from buildtel.shared.tracemodel import session_span_id
 
 if TYPE_CHECKING:  # annotations only: `run` imports the capture package when it is used
     from buildtel.shared.capture.source import TargetSource
@@ -62,7 +62,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the session (id, outcome, exit code, how to show it) as one JSON object on "
                         "stdout; CMD's own stdout goes to stderr so stdout holds only that object")
-    p.add_argument("--no-capture", action="store_true", help="no per-target capture of make/ninja (docs/live-capture.md)")
+    p.add_argument("--no-capture", action="store_true",
+                   help="no per-target capture of make/ninja (docs/live-capture.md)")
     p.add_argument("--health-interval", type=float, default=5.0, metavar="S", help="seconds between health checkpoints")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run_command)
@@ -279,7 +280,7 @@ class _Telemetry:
                 from buildtel.shared.environment import capture
 
                 environment = capture(environ=env)  # redacted by capture (and again by the client)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the environment is optional; the build runs without it
                 environment = None
         with self._start_lock:  # exactly one BuildStarted, whoever gets here first
             if not self.started.is_set():
@@ -296,7 +297,7 @@ class _Telemetry:
                 # A record names its emit method under "event" (default: target_finished).
                 emit = rec.pop("event", "target_finished")
                 getattr(self.client, emit if emit in _SOURCE_EMITS else "target_finished")(**rec)
-        except Exception:  # noqa: BLE001, S110 - a broken source loses its targets, not the build
+        except Exception:  # noqa: BLE001 - a broken source loses its targets, not the build
             pass
 
     def finish(self, *, exit_code: int, cpu_s: float, peak_rss_bytes: int) -> None:

@@ -7,9 +7,9 @@ import sys
 import time
 
 from buildtel.cli.common import open_bus
+from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import GRAMMAR, parse_id, resolve_session
 from buildtel.cli.jsonout import dumps
-from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.shared.protocol import BuildSession
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     p.add_argument("--outcome", choices=["success", "failed", "abandoned"], help="only this outcome")
     p.add_argument("--branch", help="only builds of this VCS branch")
-    p.add_argument("--agent", help="only builds an agent took part in; a machine also matches its MACHINE/PID.START agents")
+    p.add_argument("--agent",
+                   help="only builds an agent took part in; a machine also matches its MACHINE/PID.START agents")
     p.add_argument("--target", help="only builds that ran this target")
     p.add_argument("--json", action="store_true",
                    help="one JSON document: a list of sessions, each as 'show --json' prints it")

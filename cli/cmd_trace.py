@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 from buildtel.cli.common import open_bus
+from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import GRAMMAR, parse_id, resolve_trace_id
 from buildtel.cli.jsonout import emit
-from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe, safe_block
 from buildtel.shared.settings import Settings
 

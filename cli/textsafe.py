@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["safe", "safe_block", "json_safe", "UNSAFE"]
+__all__ = ["UNSAFE", "json_safe", "safe", "safe_block"]
 
 _BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 UNSAFE = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f\u2028\u2029{_BIDI}\\ud800-\\udfff]")
