@@ -194,14 +194,15 @@ def main() -> None:
         print(f"BuildFinished -> alert: p50 {pct(lat, 0.5):.1f} ms, p90 {pct(lat, 0.9):.1f} ms, "
               f"p99 {pct(lat, 0.99):.1f} ms, max {max(lat):.1f} ms over {len(lat)} alerts")
     if col and ana:
-        print(f"  collector (BuildFinished -> session completed): p50 {pct(col, 0.5):.1f} ms, p99 {pct(col, 0.99):.1f} ms"
-              f" over {len(col)} sessions")
+        print(f"  collector (BuildFinished -> session completed): p50 {pct(col, 0.5):.1f} ms, "
+              f"p99 {pct(col, 0.99):.1f} ms over {len(col)} sessions")
         print(f"  analyzer (session completed -> alert): p50 {pct(ana, 0.5):.1f} ms, p99 {pct(ana, 0.99):.1f} ms")
     p99 = pct(lat, 0.99) if lat else None
     print(f"target: alert_p99_ms <= 250: {'PASS' if p99 is not None and p99 <= 250 else 'FAIL'}")
     print(json.dumps({
         "alert_p50_ms": round(pct(lat, 0.5), 1) if lat else None, "alert_p99_ms": round(p99, 1) if p99 else None,
-        "alert_max_ms": round(max(lat), 1) if lat else None, "alerts": res["alerts"], "expected_alerts": res["expected"],
+        "alert_max_ms": round(max(lat), 1) if lat else None,
+        "alerts": res["alerts"], "expected_alerts": res["expected"],
         "duplicates": res["duplicates"], "rate": round(float(res["rate"]), 1),  # type: ignore[arg-type]
         "collector_p99_ms": round(pct(col, 0.99), 1) if col else None,
         "analyzer_p99_ms": round(pct(ana, 0.99), 1) if ana else None,

@@ -54,7 +54,7 @@ def bench_sdk(n: int, url: str, *, buffer_limit: int) -> dict[str, float]:
     emit = client.target_finished
     now = time.time()
     p0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
-    for i in range(n):
+    for _i in range(n):
         emit("//src/pkg:target", start=now, duration_s=0.25, status="success", cache="miss",
              worker="worker-1", exit_code=0, cpu_s=0.2)
     t1 = time.thread_time()
@@ -70,8 +70,8 @@ def make_project(root: Path, files: int) -> None:
     src.mkdir(parents=True)
     for i in range(files):
         body = "\n".join(
-            f"static int f{i}_{k}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {k + 1}) ^ {i}; return s; }}"
-            for k in range(8))
+            f"static int f{i}_{k}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {k + 1}) ^ {i};"
+            " return s; }" for k in range(8))
         calls = " + ".join(f"f{i}_{k}(x)" for k in range(8))
         (src / f"u{i}.c").write_text(f"#include <stdio.h>\n#include <string.h>\n{body}\n"
                                      f"int unit{i}(int x) {{ return {calls}; }}\n")
@@ -197,8 +197,9 @@ def main() -> None:
                           sdk_bus_away_us_per_event=round(away["us_per_event"], 3))
             if not args.skip_run:
                 env = dict(os.environ)
-                env.update(BUILDER_TELEMETRY_NATS_URL=nats_eng.url_for("operator"), BUILDER_TELEMETRY_REDIS_URL=redis_eng.url,
-                           BUILDER_TELEMETRY_NAMESPACE=NS, BUILDER_TELEMETRY_CACHE_DIR=str(tmp / "cache"))
+                env.update(BUILDER_TELEMETRY_NATS_URL=nats_eng.url_for("operator"),
+                           BUILDER_TELEMETRY_REDIS_URL=redis_eng.url, BUILDER_TELEMETRY_NAMESPACE=NS,
+                           BUILDER_TELEMETRY_CACHE_DIR=str(tmp / "cache"))
                 root = tmp / "project"
                 make_project(root, args.files)
                 print(f"(b) make -j{args.jobs} of {args.files} C files, {args.runs} runs each, alternating; "
@@ -207,7 +208,8 @@ def main() -> None:
                 fixed = bench_latency(env, root)
                 sessions = asyncio.run(count_finished(nats_eng.url_for("operator")))
                 print(f"    plain make median {run['plain_median_s']:.3f}s (spread {run['plain_spread'] * 100:.0f}%), "
-                      f"buildtel run median {run['wrapped_median_s']:.3f}s: overhead {run['overhead_ratio'] * 100:+.2f}%")
+                      f"buildtel run median {run['wrapped_median_s']:.3f}s: "
+                      f"overhead {run['overhead_ratio'] * 100:+.2f}%")
                 print(f"    CPU medians: plain {run['plain_cpu_s']:.2f}s, wrapped {run['wrapped_cpu_s']:.2f}s "
                       f"({run['wrapped_cpu_s'] - run['plain_cpu_s']:+.2f}s)")
                 print(f"    buildtel run latency: {fixed['pre_spawn_s'] * 1000:.0f} ms launch-to-spawn (CLI start-up), "

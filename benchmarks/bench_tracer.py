@@ -38,9 +38,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from buildtel.services.tracer import otlp
 from buildtel.services.tracer.query import TraceClient
 from buildtel.services.tracer.subjects import TracerSubjects
@@ -48,6 +45,8 @@ from buildtel.shared.bus import connect_nats
 from buildtel.shared.engines import NatsEngine, RedisEngine, free_port
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL = 20_000
 
@@ -161,8 +160,8 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
     env = dict(os.environ, BUILDER_TELEMETRY_NATS_URL=nats_url, BUILDER_TELEMETRY_REDIS_URL=redis_url,
                BUILDER_TELEMETRY_NAMESPACE=namespace, BUILDER_TELEMETRY_CACHE_DIR=str(workdir / "cache"),
                BUILDER_TELEMETRY_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "buildtel.services.tracer", "--otlp-port", str(port),
-                                                env=env, cwd=ROOT)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "buildtel.services.tracer",
+                                                "--otlp-port", str(port), env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1/traces"
     try:
         await wait_ready(url, proc)
@@ -185,7 +184,8 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str, workdir: 
     disk = stats.disk_bytes
     rate, bare_rate, ours_rate = total / wall, total / bare_s, total / ours_s
     print(f"bare decode (opentelemetry-proto FromString): {bare_rate:12,.0f} spans/s  ({bare_s * 1e3:.0f} ms)")
-    print(f"decode to span records (buildtel.services.tracer.otlp): {ours_rate:11,.0f} spans/s  ({ours_s * 1e3:.0f} ms)")
+    print(f"decode to span records (buildtel.services.tracer.otlp): {ours_rate:11,.0f} spans/s  "
+          f"({ours_s * 1e3:.0f} ms)")
     print(f"OTLP/HTTP ingest, 1 tracer process:           {rate:12,.0f} spans/s  ({wall:.2f} s wall, "
           f"{cpu:.2f} s tracer CPU, {total / max(cpu, 1e-9):,.0f} spans per CPU-second; "
           f"client {client_cpu:.2f} s CPU)")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from buildtel.shared.environment import capture
 from buildtel.shared.redaction import REDACTED, redact_argv, redact_env
@@ -71,7 +72,8 @@ def test_make_variables_in_makeflags_are_redacted_word_by_word() -> None:
 def test_ordinary_command_lines_are_kept_verbatim() -> None:
     argv = ["cc", "-O2", "-Wall", "-DFOO=1", "-I/usr/include", "-std=c++17", "-o", "out/a.o", "src/a.c", "a" * 40,
             "make", "-C", "build", "-j8", "PREFIX=/usr/local", "CFLAGS=-O2 -g", "ninja", "-t", "targets",
-            "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "123e4567-e89b-12d3-a456-426614174000", "git@github.com:o/r.git"]
+            "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "123e4567-e89b-12d3-a456-426614174000",
+            "git@github.com:o/r.git"]
     assert redact_argv(argv) == argv
 
 

@@ -30,7 +30,8 @@ def session(k: int, dur: float, *, start: float | None = None, outcome: str = "s
     tot = SessionTotals()
     if totals:
         tot = SessionTotals(targets=len(ts), succeeded=sum(t.status == "success" for t in ts),
-                            failed=sum(t.status == "failed" for t in ts), skipped=sum(t.status == "skipped" for t in ts),
+                            failed=sum(t.status == "failed" for t in ts),
+                            skipped=sum(t.status == "skipped" for t in ts),
                             cancelled=sum(t.status == "cancelled" for t in ts),
                             target_time_s=sum(t.duration_s for t in ts))
     return BuildSession(id=f"{k:032x}", name="b", start=start, finish=start + dur, duration_s=dur,

@@ -68,7 +68,7 @@ def test_branches_are_separate_series() -> None:
     main = _builds([100.0] * 60, seed=4)
     dev = [session(100 + k, v, branch="dev") for k, v in
            enumerate(x.duration_s * (1.4 if k >= 30 else 1.0) for k, x in enumerate(_builds([100.0] * 60, seed=5)))]
-    interleaved = [s for pair in zip(main, dev) for s in pair]
+    interleaved = [s for pair in zip(main, dev, strict=True) for s in pair]
     [a] = _run(interleaved)
     assert a.branch == "dev" and a.series == "build|dev"
     assert a.first_session_id == dev[30].id

@@ -84,8 +84,8 @@ def test_p_value_and_interval_by_hand() -> None:
     fit = linear_fit(xs, ys)
     mx, my = 3.0, sum(ys) / 5
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, ys)]
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, ys, strict=True)]
     se = math.sqrt(sum(r * r for r in resid) / 3 / sxx)
     assert fit.slope == pytest.approx(slope)
     assert fit.ci_high - fit.slope == pytest.approx(3.18245 * se, rel=1e-4)
@@ -140,7 +140,8 @@ def test_engines_agree_on_a_realistic_history() -> None:
 
 
 def test_flaky_means_failing_and_passing_at_the_same_commit() -> None:
-    t = lambda k, name, status: target(name, T0 + 3600 * k, 1.0, status=status)
+    def t(k, name, status):
+        return target(name, T0 + 3600 * k, 1.0, status=status)
     sessions = [
         session(0, 10, targets=[t(0, "//flaky", "failed"), t(0, "//fixed", "failed")], commit="aaa", outcome="failed"),
         session(1, 10, targets=[t(1, "//flaky", "success"), t(1, "//fixed", "failed")], commit="aaa",

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from buildtel.cli.cmd_analyze import parse_when
+from buildtel.cli.main import CLIError
 from buildtel.services.analyzer.analytics import TelemetryAnalyzer
 from buildtel.services.analyzer.api import AnalyzerClient, wait_for_alerts
 from buildtel.services.analyzer.service import AnalyzerService
-from buildtel.cli.cmd_analyze import parse_when
-from buildtel.cli.main import CLIError
 from buildtel.shared.codec import encode
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects

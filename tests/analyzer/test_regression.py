@@ -119,8 +119,8 @@ def test_cache_hit_slowdown_is_one_alert_on_the_hit_channel(seed: int) -> None:
     assert (cp.channel, cp.direction, cp.kind) == ("hit", "regression", "level")
     assert abs(cp.index - 200) <= 6
     [off] = find_changes(values, cached=cached)
-    hits_before = [v for v, c in zip(values[:off.index], cached[:off.index]) if c]
-    hits_after = [v for v, c in zip(values[off.index:], cached[off.index:]) if c]
+    hits_before = [v for v, c in zip(values[:off.index], cached[:off.index], strict=True) if c]
+    hits_after = [v for v, c in zip(values[off.index:], cached[off.index:], strict=True) if c]
     assert off.before_median == statistics.median(hits_before)
     assert off.after_median == statistics.median(hits_after)
 
@@ -141,7 +141,7 @@ def test_streaming_emits_exactly_one_alert_per_step(seed: int) -> None:
     values = _series(seed, _steps(320, 50.0, truth))
     alerts = _stream(values)
     assert len(alerts) == len(truth)
-    for cp, (at, mag) in zip(alerts, truth.items()):
+    for cp, (at, mag) in zip(alerts, truth.items(), strict=True):
         assert abs(cp.index - at) <= 3
         assert cp.direction == ("regression" if mag > 0 else "improvement")
         assert cp.detected_at - at <= 10  # builds seen after the change when it fired
@@ -152,10 +152,10 @@ def test_state_round_trips_through_bytes_and_a_restored_replica_continues_exactl
     values, cached = _cache_series(3, n=300, hit_shift_at=150, hit_shift=0.2)
     flags: list[bool | None] = [None if i % 7 == 0 else c for i, c in enumerate(cached)]
     whole = StreamingDetector()
-    expected = [whole.update(v, cached=f) for v, f in zip(values, flags)]
+    expected = [whole.update(v, cached=f) for v, f in zip(values, flags, strict=True)]
     got = []
     det = StreamingDetector()
-    for v, f in zip(values, flags):
+    for v, f in zip(values, flags, strict=True):
         det = StreamingDetector.from_bytes(det.to_bytes())  # a new replica for every build
         got.append(det.update(v, cached=f))
     assert got == expected and any(e is not None for e in expected)

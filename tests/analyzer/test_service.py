@@ -133,7 +133,7 @@ async def test_two_replicas_folding_one_series_serialise(settings, nc, redis_cli
         assert sorted(e.sid for e in state.ring[-80:]) == sorted(s.id for s in sessions)
         assert len([x for x in alerts if x.kind == "build"]) == 1
         assert a.conflicts + b.conflicts > 0  # they really did collide
-        again = await asyncio.gather(*(svc.fold_session(s) for s, svc in zip(sessions, [b, a] * 40)))
+        again = await asyncio.gather(*(svc.fold_session(s) for s, svc in zip(sessions, [b, a] * 40, strict=True)))
         assert not any(again)
     finally:
         await a.stop()

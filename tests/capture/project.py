@@ -17,8 +17,8 @@ def write_sources(root: Path, files: int = FILES) -> list[str]:
     src.mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(files):
-        body = "\n".join(f"static int f{i}_{k}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {k + 1}) ^ {i};"
-                         f" return s; }}" for k in range(6))
+        body = "\n".join(f"static int f{i}_{k}(int x) {{ int s = 0; "
+                         f"for (int j = 0; j < x; j++) s += (j * {k + 1}) ^ {i}; return s; }}" for k in range(6))
         calls = " + ".join(f"f{i}_{k}(x)" for k in range(6))
         (src / f"u{i}.c").write_text(f"{body}\nint unit{i}(int x) {{ return {calls}; }}\n")
         names.append(f"u{i}.c")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from buildtel.shared.capture.live import LiveSource
 from buildtel.cli.cmd_run import run_build
 from buildtel.services.collector.service import CollectorService
+from buildtel.shared.capture.live import LiveSource
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects

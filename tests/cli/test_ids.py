@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 
 from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import parse_id, pick, resolve_recording
-from buildtel.shared.recording.store import RecordingStore
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildEnvironment, BuildSession, TargetMetrics, VcsInfo
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.util import stack_env, synthetic_build
@@ -51,8 +51,8 @@ def test_last_tilde_n(n: int) -> None:
 
 
 @given(st.text(min_size=0, max_size=40).filter(
-    lambda w: not (w.strip().lower().startswith("last") or all(c in HEX for c in w.strip().lower())
-                   and 6 <= len(w.strip()) <= 32)))
+    lambda w: not (w.strip().lower().startswith("last") or (all(c in HEX for c in w.strip().lower())
+                   and 6 <= len(w.strip()) <= 32))))
 def test_anything_else_is_refused_with_a_reason(word: str) -> None:
     with pytest.raises(CLIError) as err:
         parse_id(word)

@@ -83,7 +83,7 @@ def test_a_command_parses_with_only_its_own_module() -> None:
     assert cli._command_of(["--cache-dir", "d", "run", "--", "make"]) == "run"
 
 
-def test_w3c_testpoint_command_propagates_context(tmp_path) -> None:  # noqa: ANN001
+def test_w3c_testpoint_command_propagates_context(tmp_path) -> None:
     import json
     import os
     import socket
@@ -97,7 +97,7 @@ def test_w3c_testpoint_command_propagates_context(tmp_path) -> None:  # noqa: AN
     seen: list[str] = []
 
     class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             seen.append(self.headers.get("traceparent", ""))
             self.send_response(200)
             self.end_headers()

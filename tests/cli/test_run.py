@@ -16,9 +16,9 @@ import pytest
 from buildtel.cli.cmd_run import run_build
 from buildtel.shared.bus import connect_nats
 from buildtel.shared.engines import free_port
-from buildtel.shared.tracemodel import session_span_id
 from buildtel.shared.protocol import BuildFinished, BuildStarted, TargetFinished
 from buildtel.shared.redaction import REDACTED
+from buildtel.shared.tracemodel import session_span_id
 from tests.client.helpers import stream_batches
 from tests.util import stack_env
 
@@ -84,7 +84,8 @@ def test_bus_down_with_the_stack_unresolvable_still_runs_the_command(tmp_path: P
 async def test_session_events_carry_command_exit_code_cpu_and_redacted_env(bus_env, settings, tmp_path: Path) -> None:
     out = tmp_path / "child-env"
     burn = ("import os, time\n"
-            f"open({str(out)!r}, 'w').write(os.environ['BUILDER_TELEMETRY_SESSION_ID'] + ' ' + os.environ['TRACEPARENT'])\n"
+            f"open({str(out)!r}, 'w')"
+            ".write(os.environ['BUILDER_TELEMETRY_SESSION_ID'] + ' ' + os.environ['TRACEPARENT'])\n"
             "t = time.process_time()\n"
             "while time.process_time() - t < 0.4: pass\n"
             "raise SystemExit(3)\n")
@@ -158,5 +159,5 @@ async def test_a_build_run_under_a_traced_job_joins_its_trace(bus_env, settings,
         batches = await stream_batches(nc.jetstream(), settings, events=2)
     finally:
         await nc.close()
-    started = [ev for _, b in batches for ev in b.events][0]
+    started = next(ev for _, b in batches for ev in b.events)
     assert isinstance(started, BuildStarted) and started.traceparent == caller

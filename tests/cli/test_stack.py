@@ -18,7 +18,7 @@ import pytest
 
 from buildtel.shared.codec import encode
 from buildtel.shared.subjects import Subjects
-from tests.util import synthetic_build, stack_env
+from tests.util import stack_env, synthetic_build
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
@@ -47,7 +47,7 @@ def _wait_stack(cache: Path, proc: subprocess.Popen[bytes], log: Path, timeout: 
 
 
 @pytest.fixture
-def embedded_stack(tmp_path: Path):  # noqa: ANN201
+def embedded_stack(tmp_path: Path):
     cache = tmp_path / ".builder-cache"
     env = _env(cache)
     log = tmp_path / "up.log"
@@ -63,7 +63,7 @@ def embedded_stack(tmp_path: Path):  # noqa: ANN201
             proc.wait(timeout=30)
 
 
-def test_up_with_no_urls_starts_embedded_engines_on_loopback(embedded_stack) -> None:  # noqa: ANN001
+def test_up_with_no_urls_starts_embedded_engines_on_loopback(embedded_stack) -> None:
     cache, env, info, proc = embedded_stack
     assert info["embedded"] == ["nats-server", "redis-server"]
     assert info["nats_url"].startswith("nats://127.0.0.1:") and not info["nats_url"].endswith(":4222")
@@ -81,10 +81,10 @@ def test_up_with_no_urls_starts_embedded_engines_on_loopback(embedded_stack) -> 
     assert not (cache / "stack.json").exists()
 
 
-async def test_a_build_published_to_the_embedded_stack_shows_up_in_sessions_and_show(embedded_stack) -> None:  # noqa: ANN001
+async def test_a_build_published_to_the_embedded_stack_shows_up_in_sessions_and_show(embedded_stack) -> None:
     import nats
 
-    cache, env, info, _ = embedded_stack
+    _cache, env, info, _ = embedded_stack
     subjects = Subjects("buildtel")
     sid, per_agent, expected = synthetic_build(targets=25, seed=4)
     # An agent of this stack: the role's password from stack.json (what 'buildtel credentials
@@ -118,13 +118,14 @@ def test_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     env = _env(tmp_path / "c", BUILDER_TELEMETRY_MAX_SESSIONS="many")
     res = buildtel("sessions", env=env)
     assert res.returncode == 2
-    assert res.stderr.strip() == "buildtel: error: BUILDER_TELEMETRY_MAX_SESSIONS: cannot use 'many': invalid literal for int() with base 10: 'many'"
+    assert res.stderr.strip() == ("buildtel: error: BUILDER_TELEMETRY_MAX_SESSIONS: cannot use 'many': "
+                                  "invalid literal for int() with base 10: 'many'")
     res = buildtel("serve", "collector", env=_env(tmp_path / "d"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and "BUILDER_TELEMETRY_NATS_URL" in res.stderr
 
 
-def test_serve_runs_one_service_against_a_configured_cluster(settings, nats_url, redis_url, tmp_path: Path) -> None:  # noqa: ANN001
+def test_serve_runs_one_service_against_a_configured_cluster(settings, nats_url, redis_url, tmp_path: Path) -> None:
     env = _env(tmp_path / "c", **stack_env(settings))
     proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "serve", "storage"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -96,13 +96,14 @@ def test_default_data_dir_follows_the_platform_convention(tmp_path: Path) -> Non
     assert default_data_dir({"HOME": home}, "linux") == tmp_path / ".local/share/builder-telemetry"
     assert default_data_dir({"HOME": home, "XDG_DATA_HOME": "/x/data"}, "linux") == Path("/x/data/builder-telemetry")
     # The XDG spec: a relative XDG_DATA_HOME is invalid and ignored.
-    assert default_data_dir({"HOME": home, "XDG_DATA_HOME": "rel"}, "linux") == tmp_path / ".local/share/builder-telemetry"
+    expected = tmp_path / ".local/share/builder-telemetry"
+    assert default_data_dir({"HOME": home, "XDG_DATA_HOME": "rel"}, "linux") == expected
     assert default_data_dir({"HOME": home}, "darwin") == tmp_path / "Library/Application Support/builder-telemetry"
     assert Settings.from_env({"HOME": home}).cache_dir == default_data_dir({"HOME": home})
     assert Settings.from_env({"HOME": home, "BUILDER_TELEMETRY_CACHE_DIR": "proj/.bt"}).cache_dir == Path("proj/.bt")
 
 
-def test_one_stack_per_user_and_after_down_read_commands_start_nothing(up, tmp_path: Path) -> None:  # noqa: ANN001
+def test_one_stack_per_user_and_after_down_read_commands_start_nothing(up, tmp_path: Path) -> None:
     env, project, proc, log = up
     data = tmp_path / "home" / "xdg" / "builder-telemetry"
     info = _wait_state(data / "stack.json", proc, "running", log)
@@ -170,8 +171,8 @@ def test_sigterm_while_services_wait_for_an_unreachable_nats_stops_the_stack_and
             proc.wait(30)
 
 
-def test_sigterm_to_the_stack_leaves_no_engine(up, tmp_path: Path) -> None:  # noqa: ANN001
-    env, project, proc, log = up
+def test_sigterm_to_the_stack_leaves_no_engine(up, tmp_path: Path) -> None:
+    _env, _project, proc, log = up
     info = _wait_state(tmp_path / "home/xdg/builder-telemetry/stack.json", proc, "running", log)
     assert [e["name"] for e in info["engines"]] == ["nats-server", "redis-server"]
     proc.send_signal(signal.SIGTERM)
@@ -179,7 +180,7 @@ def test_sigterm_to_the_stack_leaves_no_engine(up, tmp_path: Path) -> None:  # n
     assert not any(_alive(e) for e in info["engines"])
 
 
-def test_down_after_the_stack_was_sigkilled_stops_its_engines(up, tmp_path: Path) -> None:  # noqa: ANN001
+def test_down_after_the_stack_was_sigkilled_stops_its_engines(up, tmp_path: Path) -> None:
     env, project, proc, log = up
     data = tmp_path / "home/xdg/builder-telemetry"
     info = _wait_state(data / "stack.json", proc, "running", log)
@@ -200,7 +201,8 @@ def test_stop_stack_stops_an_engine_that_outlived_its_stack(tmp_path: Path) -> N
         path = tmp_path / "stack.json"
         dead = subprocess.Popen(["true"])
         dead.wait()
-        info = {"pid": dead.pid, "pid_created": 0.0, "engines": [{"name": "redis-server", **process_record(orphan.pid)}]}
+        info = {"pid": dead.pid, "pid_created": 0.0,
+                "engines": [{"name": "redis-server", **process_record(orphan.pid)}]}
         path.write_text(json.dumps(info))
         done = stop_stack(info, path=path)
         assert done == [f"redis-server (pid {orphan.pid}) outlived the stack: stopped"]

@@ -87,7 +87,8 @@ def test_unusual_but_meaningful_values_are_coerced_not_dropped() -> None:
     assert (t1.status, t1.cache, t1.exit_code, t1.deps) == ("failed", "local_hit", 1, ["a", "b", "3"])
     assert t1.phases == [Phase("compile", 1.0), Phase("link", 0.5), Phase("test", 2.0)]
     assert t2.target == "?bad" and t2.start == 0.0 and t2.duration_s == 0.0 and len(t2.worker) == 4096
-    assert isinstance(h, HealthCheckpoint) and (h.completed_tasks, h.status, h.reasons) == (7, "critical", ["disk full"])
+    assert isinstance(h, HealthCheckpoint)
+    assert (h.completed_tasks, h.status, h.reasons) == (7, "critical", ["disk full"])
     assert isinstance(bs, BuildStarted) and bs.command == ["make", f"TOKEN={REDACTED}", "--password", REDACTED, "-j8"]
     assert bs.environment is not None and bs.environment.env["MY_API_TOKEN"] == REDACTED and bs.environment.cpus == 4
     assert isinstance(bf, BuildFinished) and bf.exit_code == 3 and bf.cpu_s == 1.0

@@ -20,14 +20,14 @@ async def _wait(cond, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def _own(settings, **changes):  # noqa: ANN001, ANN202
+def _own(settings, **changes):
     """Settings for an engine this test starts itself: the session's credentials when the test
     servers are embedded, fresh ones when they were joined by URL."""
     changes.setdefault("stack_auth", settings.stack_auth or StackAuth.generate())
     return settings.with_(**changes)
 
 
-async def _declare(settings, url: str) -> None:  # noqa: ANN001
+async def _declare(settings, url: str) -> None:
     """Declare the streams on an engine this test started, as the services would."""
     from buildtel.shared.bus import ensure_streams
     from buildtel.shared.subjects import Subjects

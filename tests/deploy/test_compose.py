@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from buildtel.services import registry
 from buildtel.cli.main import build_parser
+from buildtel.services import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEEL = "docker-compose==1.29.2"

@@ -40,7 +40,8 @@ def test_committed_page_and_schemas_match_the_structs() -> None:
 def test_every_field_says_what_it_means() -> None:
     missing = gen.undocumented()
     assert not missing, (f"fields without a meaning: {', '.join(missing)}: annotate them with "
-                         "Annotated[..., _doc(meaning, unit)] in shared/protocol.py, then run python docs/gen_protocol.py")
+                         "Annotated[..., _doc(meaning, unit)] in shared/protocol.py, "
+                         "then run python docs/gen_protocol.py")
 
 
 def test_a_new_field_gets_a_row_with_type_unit_and_default() -> None:

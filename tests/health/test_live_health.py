@@ -70,8 +70,8 @@ async def test_watch_once_shows_running_builds(settings, nc, tmp_path: Path) -> 
     clients = []
     for i, status_fields in enumerate([
         {"completed_tasks": 12, "active_tasks": 2, "worker_count": 2, "active_workers": 2, "utilisation": 1.0},
-        {"completed_tasks": 7, "failed_tasks": 3, "status": "critical", "reasons": ["3 of 7 finished tasks failed (43%)"],
-         "pending_tasks": 4, "eta_s": 95.0},
+        {"completed_tasks": 7, "failed_tasks": 3, "status": "critical",
+         "reasons": ["3 of 7 finished tasks failed (43%)"], "pending_tasks": 4, "eta_s": 95.0},
     ]):
         c = SyncTelemetryClient(settings, name=f"watched-{i}", agent_id=f"agent-{i}").start()
         clients.append((c, status_fields))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.importers.bep import parse_bep
 from buildtel.shared.importers.common import ImportFormatError
-from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import BEP, bep_events, bep_kind
 
 KAHLYS = BEP / "kahlys-battools_bazel7.1.2_test_build_events.json"
@@ -117,7 +117,8 @@ def test_synthetic_actions_attempts_and_aborted_targets() -> None:
         _ev({"testResult": {"label": "//t:t", "run": 1, "shard": 1, "attempt": 2}},
             testResult={"status": "PASSED", "cachedLocally": True, "testAttemptDuration": "0.250s",
                         "testAttemptStart": "2024-01-01T00:00:06Z",
-                        "executionInfo": {"timingBreakdown": {"child": [{"name": "executionWallTime", "time": "0.2s"}]}}}),
+                        "executionInfo": {"timingBreakdown": {
+                            "child": [{"name": "executionWallTime", "time": "0.2s"}]}}}),
         _ev({"buildFinished": {}}, finished={"exitCode": {"name": "BUILD_FAILURE", "code": 1},
                                              "finishTime": "2024-01-01T00:00:10Z"}, lastMessage=True),
     ])

@@ -10,9 +10,9 @@ from collections import Counter
 import msgspec
 import pytest
 
+from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.importers.chrome_trace import TraceSpan, parse_chrome_trace
 from buildtel.shared.importers.common import ImportFormatError
-from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import (
     TRACE,
     be_durations,
@@ -35,7 +35,8 @@ def test_every_slice_becomes_a_span(name: str) -> None:
     assert len(result.spans) == len(xs) + len(pairs)
     assert sorted(s.dur_us for s in result.spans) == sorted([e["dur"] for e in xs] + pairs)
     if result.producer == "cmake":  # CMake's clock is monotonic: without a base time it says so
-        assert [w.message.split(":")[0] for w in result.warnings] == ["the trace has no wall clock and no base time was given"]
+        assert [w.message.split(":")[0] for w in result.warnings] == [
+            "the trace has no wall clock and no base time was given"]
     else:
         assert result.warnings == []
     for i, s in enumerate(result.spans):  # a parent encloses its child on the same thread

@@ -8,8 +8,8 @@ import pytest
 
 import buildtel.cli.main as cli_main
 from buildtel.cli import cmd_import
-from buildtel.shared.importers.ninja import parse_ninja_log
 from buildtel.shared.codec import decode_session
+from buildtel.shared.importers.ninja import parse_ninja_log
 from buildtel.shared.subjects import Subjects
 from tests.importers.importer_samples import (
     BEP,

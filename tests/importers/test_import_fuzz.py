@@ -12,11 +12,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.importers.bep import parse_bep
 from buildtel.shared.importers.chrome_trace import parse_chrome_trace
 from buildtel.shared.importers.common import ImportFormatError, ImportResult
 from buildtel.shared.importers.ninja import parse_ninja_log
-from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import BEP, NINJA, TRACE
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
+from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.importers.common import ImportFormatError
 from buildtel.shared.importers.ninja import parse_ninja_log
-from buildtel.shared.codec import decode_session, encode
 from tests.importers.importer_samples import (
     NINJA,
     ninja_builds,

@@ -55,7 +55,8 @@ class AsyncFake(Fake):
 
 async def test_one_endpoint_serves_every_attached_service() -> None:
     settings = Settings()
-    a, b = Fake("collector", {"events_in_total": 5, "consumer_lag": 2}), AsyncFake("storage", {"sessions_stored_total": 1})
+    a = Fake("collector", {"events_in_total": 5, "consumer_lag": 2})
+    b = AsyncFake("storage", {"sessions_stored_total": 1})
     server = await metrics.attach(a, settings, port=0)
     assert server is not None and server.port > 0
     assert await metrics.attach(b, settings, port=12345) is server  # the running endpoint is shared
@@ -162,7 +163,8 @@ async def test_every_service_of_the_stack_serves_its_counters(settings, nc, redi
     from buildtel.services.tracer.service import TracerService
 
     url, rurl = settings.nats_url or "", settings.redis_url or ""
-    services = [RecorderService(settings, url, rurl, metrics_port=0), AnalyzerService(settings, url, rurl, metrics_port=0),
+    services = [RecorderService(settings, url, rurl, metrics_port=0),
+                AnalyzerService(settings, url, rurl, metrics_port=0),
                 TracerService(settings, url, rurl, otlp_port=0, metrics_port=0)]
     for svc in services:
         await svc.start()

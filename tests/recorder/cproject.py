@@ -8,7 +8,8 @@ SOURCES = {
     "include/util.h": "#ifndef UTIL_H\n#define UTIL_H\nint add(int a, int b);\nint mul(int a, int b);\n#endif\n",
     "include/config.h": "#define GREETING \"hello\"\n",
     "src/add.c": "#include \"util.h\"\nint add(int a, int b) { return a + b; }\n",
-    "src/mul.c": "#include \"util.h\"\nint mul(int a, int b) { int r = 0; for (int i = 0; i < b; i++) r = add(r, a); return r; }\n",
+    "src/mul.c": "#include \"util.h\"\n"
+                 "int mul(int a, int b) { int r = 0; for (int i = 0; i < b; i++) r = add(r, a); return r; }\n",
     "src/greet.c": "#include <stdio.h>\n#include \"config.h\"\nvoid greet(void) { puts(GREETING); }\n",
     "src/main.c": "#include <stdio.h>\n#include \"util.h\"\nvoid greet(void);\n"
                   "int main(void) { greet(); printf(\"%d\\n\", mul(add(2, 3), 4)); return 0; }\n",

@@ -16,7 +16,6 @@ from buildtel.shared.settings import Settings
 from tests.recorder.cproject import write_project
 
 
-
 @pytest.fixture
 def local_settings(tmp_path: Path) -> Settings:
     # The cache dir sits inside the project, as the default relative .builder-cache does:

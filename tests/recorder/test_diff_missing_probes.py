@@ -3,8 +3,8 @@ environment at all) is "unknown" with the reason, never reported as removed or a
 
 from __future__ import annotations
 
-from buildtel.shared.recording.diff import diff, render, side_from_session
 from buildtel.shared.protocol import BuildEnvironment, BuildSession
+from buildtel.shared.recording.diff import diff, render, side_from_session
 
 TOOLS = {"gcc": "gcc 13.2", "make": "GNU Make 4.3", "cmake": "cmake 3.28"}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from buildtel.shared.recording.diff import diff, render, side_from_session
 from buildtel.shared.protocol import BuildSession, TargetMetrics
+from buildtel.shared.recording.diff import diff, render, side_from_session
 
 
 def _session(sid: str, durations: dict[str, float]) -> BuildSession:

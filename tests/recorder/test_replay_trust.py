@@ -60,7 +60,7 @@ def edit_command(settings: Settings, rid: str, marker: Path) -> None:
 
 def test_execute_shows_command_and_env_then_runs(recorded: tuple[Settings, str], cache: Path,
                                                  tmp_path: Path) -> None:
-    settings, rid = recorded
+    _settings, rid = recorded
     res = buildtel(cache, "replay", rid, "--execute", "--sandbox-dir", str(tmp_path / "boxes"))
     assert res.returncode == 0, res.stderr
     out = res.stdout

@@ -12,12 +12,12 @@ import pytest
 
 from buildtel.cli.main import main
 from buildtel.services.recorder.service import RecorderService
-from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.codec import decode_batch
 from buildtel.shared.protocol import BuildStarted
+from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import publish_events, synthetic_build, stack_env
+from tests.util import publish_events, stack_env, synthetic_build
 
 
 def flagged_build(targets: int, seed: int, agents: tuple[str, ...] = ("agent-a",), record: bool = True):
@@ -191,8 +191,8 @@ async def test_diff_of_two_stored_sessions_goes_through_the_storage_service(
 async def test_buildtel_run_record_captures_files_and_events_then_replays(
         settings: Settings, nc, recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from buildtel.shared.recording.replay import ReplayEngine
     from buildtel.shared.protocol import BuildFinished
+    from buildtel.shared.recording.replay import ReplayEngine
     from tests.recorder.cproject import write_project
 
     root = write_project(tmp_path / "proj")

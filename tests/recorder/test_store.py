@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from buildtel.shared.protocol import BuildStarted, TargetFinished
 from buildtel.shared.recording.manifest import (
     FORMAT_VERSION,
     UnsafePath,
@@ -21,7 +22,6 @@ from buildtel.shared.recording.manifest import (
 )
 from buildtel.shared.recording.recorder import BuildRecorder
 from buildtel.shared.recording.store import RecordingNotFound, RecordingStore
-from buildtel.shared.protocol import BuildStarted, TargetFinished
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import pytest
 
 from buildtel.cli.cmd_replay import interactive
 from buildtel.cli.main import main
+from buildtel.shared.protocol import CACHE_HITS, TargetFinished, TargetStarted
 from buildtel.shared.recording.diff import diff, side_from_recording
 from buildtel.shared.recording.recorder import BuildRecorder
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.recording.timetravel import Timeline, rewrite
-from buildtel.shared.protocol import CACHE_HITS, TargetFinished, TargetStarted
 from buildtel.shared.settings import Settings
 from tests.util import synthetic_build
 

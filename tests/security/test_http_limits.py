@@ -16,12 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from buildtel.services.tracer.http import RunningReceiver, start_receiver
-from buildtel.shared.tracemodel import SpanRecord
 from buildtel.services.tracer.service import TracerService
 from buildtel.services.tracer.testpoint import start_testpoint
 from buildtel.shared.httpserver import DEFAULT_LIMITS, BodyError, HttpLimits, decode_json, json_depth
 from buildtel.shared.metrics import MetricsServer
 from buildtel.shared.settings import Settings
+from buildtel.shared.tracemodel import SpanRecord
 
 SHORT = HttpLimits(idle_timeout=1.0, body_timeout=1.0, max_body_bytes=1024 * 1024)
 HEAD = b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import (
@@ -92,7 +94,7 @@ def _placements(s: list[str]) -> tuple[list[str], dict[str, str]]:
     return make_vars, env
 
 
-async def _until(pred, timeout: float = 30.0) -> None:  # noqa: ANN001
+async def _until(pred, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -101,7 +103,7 @@ async def _until(pred, timeout: float = 30.0) -> None:  # noqa: ANN001
 
 @HYPO
 @given(secrets=st.lists(SECRET, min_size=SLOTS, max_size=SLOTS, unique=True))
-async def test_buildtel_run_of_make_publishes_and_stores_no_secret(bus_env, settings, nc, tmp_path, secrets) -> None:  # noqa: F811
+async def test_buildtel_run_of_make_publishes_and_stores_no_secret(bus_env, settings, nc, tmp_path, secrets) -> None:  # noqa: F811 - bus_env: the imported fixture, by name
     bus = _Bus()
     sub = await nc.subscribe(">", cb=bus.cb)
     proj = Path(tempfile.mkdtemp(dir=tmp_path, prefix="proj-"))
@@ -200,7 +202,8 @@ async def test_a_foreign_agents_unredacted_build_is_redacted_before_it_is_stored
     finally:
         await sub.unsubscribe()
     # The foreign agent's own message carries its secrets; nothing after it may.
-    leaks = {x: bus.leaks(x, skip_subject=subjects.events(sid)) for x in s if bus.leaks(x, skip_subject=subjects.events(sid))}
+    events = subjects.events(sid)
+    leaks = {x: bus.leaks(x, skip_subject=events) for x in s if bus.leaks(x, skip_subject=events)}
     assert not leaks, f"secrets republished on {leaks}"
     assert not _files_holding(settings.cache_dir, s)
     stored = await _redis_values(redis_client, settings.namespace)

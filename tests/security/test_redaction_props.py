@@ -3,10 +3,11 @@ environment can carry it never survives redaction, and ordinary values pass unch
 
 from __future__ import annotations
 
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from buildtel.shared.protocol import BuildEnvironment, BuildStarted, EventBatch, VcsInfo
 from buildtel.shared.codec import decode_batch, encode
+from buildtel.shared.protocol import BuildEnvironment, BuildStarted, EventBatch, VcsInfo
 from buildtel.shared.redaction import REDACTED, redact_argv, redact_batch, redact_env, redact_started, redact_text
 
 # What a secret may contain in every position below (no '/', '?', '#', '@' or whitespace: those
@@ -108,7 +109,8 @@ def test_received_build_started_is_redacted_and_re_encoded(s1: str, s2: str, s3:
     for s in (s1, s2, s3):
         assert s.encode() not in kept
     [again] = decode_batch(kept).events
-    assert isinstance(again, BuildStarted) and again.command == ["deploy", "--token", REDACTED, f"DB_PASSWORD={REDACTED}"]
+    assert isinstance(again, BuildStarted)
+    assert again.command == ["deploy", "--token", REDACTED, f"DB_PASSWORD={REDACTED}"]
     assert again.environment is not None and again.environment.env == {"API_TOKEN": REDACTED, "PATH": "/bin"}
     assert again.environment.vcs is not None and again.environment.vcs.remote == f"https://{REDACTED}@git.example/r"
     assert redact_batch(decode_batch(kept), kept) is kept  # nothing left to redact: the same bytes

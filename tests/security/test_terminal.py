@@ -21,15 +21,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buildtel.services.analyzer.alerts import Alert
 from buildtel.cli.cmd_analyze import alert_line
 from buildtel.cli.cmd_sessions import session_line
 from buildtel.cli.cmd_watch import plain_line, row_cells
 from buildtel.cli.textsafe import UNSAFE, json_safe, safe, safe_block
+from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode
-from buildtel.shared.protocol import BuildEnvironment, BuildSession, HealthCheckpoint, TargetMetrics, VcsInfo, new_session_id
+from buildtel.shared.protocol import (
+    BuildEnvironment,
+    BuildSession,
+    HealthCheckpoint,
+    TargetMetrics,
+    VcsInfo,
+    new_session_id,
+)
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.util import stack_env

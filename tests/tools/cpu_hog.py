@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu_hog: {args.procs} spinner(s) running, pids "
           f"{' '.join(str(p.pid) for p in procs)}; stop with SIGINT/SIGTERM", file=sys.stderr, flush=True)
 
-    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+    def _stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)

@@ -13,7 +13,7 @@ from buildtel.shared.tracemodel import session_span_id
 PROBE = Path(__file__).with_name("api_probe.py")
 
 
-def test_api_spans_parents_statuses_events_and_propagation(nats_url: str, stack_auth) -> None:  # noqa: ANN001
+def test_api_spans_parents_statuses_events_and_propagation(nats_url: str, stack_auth) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("TRACEPARENT", "TRACESTATE")}
     if stack_auth is not None:  # the probe's raw NATS round trip, as the embedded engine's operator
         nats_url = nats_url.replace("nats://", f"nats://operator:{stack_auth.password('operator')}@", 1)

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 from buildtel.services.tracer.query import render_tree
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from buildtel.shared.tracemodel import SESSION_ATTR, session_span_id
 from tests.tracer.helpers import eventually
 from tests.util import stack_env
 

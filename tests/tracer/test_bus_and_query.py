@@ -11,11 +11,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from buildtel.services.tracer.bus_exporter import BusSpanExporter
-from buildtel.shared.tracemodel import SpanBatch, SpanRecord, span_batch_encoder
 from buildtel.services.tracer.service import TracerService
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared.bus import dead_letter_decoder
 from buildtel.shared.subjects import Subjects
+from buildtel.shared.tracemodel import SpanBatch, SpanRecord, span_batch_encoder
 from tests.tracer.helpers import eventually
 
 
@@ -94,8 +94,9 @@ def test_pages_of_a_growing_trace_neither_repeat_nor_skip_what_was_there(tmp_pat
     store = TraceStore(tmp_path, retention_s=3600, fsync=False)
     store.open()
     tid = "ab" * 16
-    mk = lambda i: SpanRecord(trace_id=tid, span_id=f"{i + 1:016x}", name=f"s{i}", start_ns=i * 10,
-                              end_ns=i * 10 + 5, attributes={"pad": "x" * 200})
+    def mk(i):
+        return SpanRecord(trace_id=tid, span_id=f"{i + 1:016x}", name=f"s{i}", start_ns=i * 10,
+                          end_ns=i * 10 + 5, attributes={"pad": "x" * 200})
     store.append([mk(i) for i in range(0, 40, 2)], source="bus")  # even starts first
     dec = msgspec.msgpack.Decoder(query.TraceReply)
     first = dec.decode(query.answer(store, "get", msgspec.msgpack.encode({"id": tid})))

@@ -29,8 +29,8 @@ from buildtel.services.tracer.exporters import (
     parse_retry_after,
     write_jaeger_file,
 )
-from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord
 from buildtel.services.tracer.otlp import any_value
+from buildtel.shared.tracemodel import SpanEvent, SpanLink, SpanRecord
 from tests.tracer.helpers import eventually
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

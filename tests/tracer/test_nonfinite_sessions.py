@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import msgspec
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from buildtel.shared.flamegraph.sessions import flame_stacks, folded_text, readable
 from buildtel.services.tracer.sessions import session_spans
@@ -45,7 +47,7 @@ def test_nan_inf_and_millisecond_times_are_left_out_of_the_trace() -> None:
 
 def test_a_flame_graph_of_old_sessions_leaves_the_bad_values_out() -> None:
     session = _roundtrip(_session([math.nan, -math.inf, -1.0]))
-    cleaned, missing = readable([session])
+    _cleaned, missing = readable([session])
     assert missing > 0
     text = folded_text(flame_stacks([session]))
     assert "ok" in text and "odd" not in text  # each odd target has a NaN, infinite or negative time

@@ -31,8 +31,8 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from buildtel.shared.tracemodel import SpanRecord
 from buildtel.services.tracer.query import QueryError
+from buildtel.shared.tracemodel import SpanRecord
 from tests.tracer.helpers import eventually
 
 ATTRS: dict[str, Any] = {
@@ -150,7 +150,8 @@ JSON_TRACE = "5b8efff798038103d269b633813fc60c"
 
 
 def _json_request(trace_id: str = JSON_TRACE, bad_span_id: bool = False) -> bytes:
-    kv = lambda k, v: {"key": k, "value": v}
+    def kv(k, v):
+        return {"key": k, "value": v}
     span = {
         "traceId": trace_id, "spanId": "eee19b7ec3c1b174", "parentSpanId": "eee19b7ec3c1b173",
         "name": "json-span", "kind": 3, "startTimeUnixNano": "1544712660000000000",

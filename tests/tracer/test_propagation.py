@@ -53,7 +53,8 @@ def tracer() -> trace.Tracer:
 
 VALID_TRACEPARENTS = [
     (VALID, Traceparent(0, int(TID, 16), int(PID, 16), 1)),
-    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", Traceparent(0, 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 0)),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+     Traceparent(0, 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 0)),
     (f"00-{TID}-{PID}-02", Traceparent(0, int(TID, 16), int(PID, 16), 2)),  # random flag
     (f"00-{TID}-{PID}-ff", Traceparent(0, int(TID, 16), int(PID, 16), 0xFF)),  # unknown flags parse
     (f" \t00-{TID}-{PID}-01 \t", Traceparent(0, int(TID, 16), int(PID, 16), 1)),  # OWS
@@ -325,11 +326,11 @@ def test_vendor_key_truncates_to_32_members(tracer: trace.Tracer) -> None:
     with tracer.start_as_current_span("s", context=parent):
         first = inject_headers(propagator=propagator)["tracestate"].split(",")
     # Entries over 128 characters go first, so the 31 short members survive.
-    assert first == ["t1@buildtel=v"] + MEMBERS_32[:31]
+    assert first == ["t1@buildtel=v", *MEMBERS_32[:31]]
     parent = extract_headers({"traceparent": VALID, "tracestate": ",".join(MEMBERS_32)})
     with tracer.start_as_current_span("s", context=parent):
         second = inject_headers(propagator=propagator)["tracestate"].split(",")
-    assert second == ["t1@buildtel=v"] + MEMBERS_32[:31]  # then from the end
+    assert second == ["t1@buildtel=v", *MEMBERS_32[:31]]  # then from the end
 
 
 def test_invalid_vendor_settings() -> None:
@@ -383,7 +384,8 @@ def test_env_reaches_a_child_process(tracer: trace.Tracer) -> None:
     with tracer.start_as_current_span("s", context=parent) as span:
         env = inject_env()
     env["PYTHONPATH"] = str(REPO_ROOT)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
     assert json.loads(out.stdout) == [int(TID, 16), span.get_span_context().span_id, {"foo": "1"}]
 
 

@@ -10,11 +10,11 @@ import aiohttp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buildtel.shared.tracemodel import SpanEvent, SpanRecord
 from buildtel.services.tracer.otlp import encode_request
 from buildtel.services.tracer.redact import redact_spans
 from buildtel.services.tracer.service import TracerService
 from buildtel.shared.settings import Settings
+from buildtel.shared.tracemodel import SpanEvent, SpanRecord
 
 SECRET = "s3cr3t-Zq8vK2pLm9Xw4Rt7"
 
@@ -44,14 +44,14 @@ def test_ordinary_attributes_pass_unchanged(value: str) -> None:
     assert redact_spans([span]) == 0 and span.attributes == {"code.filepath": value, "build.worker": value}
 
 
-async def test_a_tool_span_with_a_secret_is_stored_redacted(settings: Settings, nc, tmp_path: Path) -> None:  # noqa: ANN001
+async def test_a_tool_span_with_a_secret_is_stored_redacted(settings: Settings, nc, tmp_path: Path) -> None:
     svc = TracerService(settings, settings.nats_url or "", settings.redis_url or "", otlp_port=0)
     await svc.start()
     try:
         body = encode_request([_span(**{"process.command_line": f"deploy --password {SECRET}"})])
-        async with aiohttp.ClientSession() as http:
-            async with http.post(svc.otlp_url, data=body, headers={"Content-Type": "application/x-protobuf"}) as resp:
-                assert resp.status == 200
+        headers = {"Content-Type": "application/x-protobuf"}
+        async with aiohttp.ClientSession() as http, http.post(svc.otlp_url, data=body, headers=headers) as resp:
+            assert resp.status == 200
         for _ in range(200):
             if svc.store.spans_written:
                 break

@@ -8,7 +8,7 @@ from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildFinished, BuildStarted, new_session_id
 
 
-def _session(traceparent: str | None):  # noqa: ANN202
+def _session(traceparent: str | None):
     sid = new_session_id()
     meta = {b"started": encode(BuildStarted(session_id=sid, agent_id="a", seq=0, ts=10.0, traceparent=traceparent)),
             b"finished": encode(BuildFinished(session_id=sid, agent_id="a", seq=1, ts=12.0))}

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from buildtel.services.tracer import segments as fmt
-from buildtel.shared.tracemodel import SESSION_ATTR, SpanRecord
 from buildtel.services.tracer.store import TraceStore
+from buildtel.shared.tracemodel import SESSION_ATTR, SpanRecord
 
 
 def _trace(i: int, spans: int = 3, session: str = "") -> list[SpanRecord]:

@@ -34,7 +34,7 @@ class Receiver:
     def callback(self, name: str) -> str:
         return f"{self.url}/{name}"
 
-    def traceparent(self, name: str):  # noqa: ANN201 - a parsed Traceparent
+    def traceparent(self, name: str):
         values = self.calls[name]["headers"].getall("traceparent")
         assert len(values) == 1, values
         parsed = parse_traceparent(values[0])
@@ -78,9 +78,8 @@ async def testpoint(exporter: InMemorySpanExporter) -> AsyncIterator[RunningTest
 
 
 async def post_test(url: str, body: Any, headers: list[tuple[str, str]] = ()) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body, headers=list(headers)) as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=list(headers)) as response:
+        return response.status, await response.json()
 
 
 async def test_test_endpoint_propagates_context(testpoint: RunningTestpoint, receiver: Receiver) -> None:
@@ -161,9 +160,8 @@ async def test_bad_bodies_are_refused_before_any_call(testpoint: RunningTestpoin
 
 
 async def test_non_json_body_is_refused(testpoint: RunningTestpoint) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(testpoint.url, data=b"not json") as response:
-            assert response.status == 400
+    async with aiohttp.ClientSession() as session, session.post(testpoint.url, data=b"not json") as response:
+        assert response.status == 400
 
 
 async def test_unreachable_callback_is_reported(testpoint: RunningTestpoint, receiver: Receiver) -> None:
