@@ -240,9 +240,12 @@ async def detach(svc: Any) -> None:
 
 
 async def consumer_lag(js: Any, stream: str, durable: str) -> float:
-    """``num_pending`` of a durable JetStream consumer: messages not yet delivered to it."""
+    """Messages a durable JetStream consumer has not finished: not yet delivered (``num_pending``)
+    plus delivered and not acknowledged (``num_ack_pending``).  The second part matters: a message
+    handed to a pull request of an instance that then stopped is not pending any more, but it is not
+    processed either until its ack wait sends it again."""
     try:
         info = await asyncio.wait_for(js.consumer_info(stream, durable), 2.0)
     except Exception:  # noqa: BLE001 - bus away: report NaN rather than fail the scrape
         return float("nan")
-    return float(info.num_pending or 0)
+    return float((info.num_pending or 0) + (info.num_ack_pending or 0))
