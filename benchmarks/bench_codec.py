@@ -6,13 +6,14 @@ validated, typed BuildSession structs.  Two baselines: the session as a JSON doc
 fields (what a JSON history file holds; the headline figure), and JSON of exactly our layout
 (targets as arrays), which isolates the codec from the layout.
 
-    python benchmarks/bench_codec.py [--sessions 200] [--repeat 5]
+    python -m benchmarks.bench_codec [--sessions 200] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import msgspec
@@ -21,12 +22,19 @@ from benchmarks.reference import reference_session
 from buildtel.shared.codec import decode_session, encode
 
 
-def best_of(repeat: int, fn) -> float:  # noqa: ANN001
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+def best_of(repeat: int, *fns, rounds: int = 3) -> list[float]:  # noqa: ANN002
+    """Best time of each of ``fns``: ``rounds`` rounds, each running every fn ``repeat`` times in a
+    row (warm, as timeit does) before the next fn, so that a load change on a shared machine hits
+    them alike.  Interleaving single runs instead (A, B, A, B…) measures each one cold, right
+    after the other has churned ~100 MB of memory: that doubles our decode time and the json
+    baseline's much less, so it measures the cache more than the codec."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(repeat):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -54,14 +62,15 @@ def main() -> None:
     same_texts = [json.dumps(d) for d in same]
     assert all(decode_session(p) == s for p, s in zip(packed, sessions, strict=True))
 
-    ours = best_of(args.repeat, lambda: [decode_session(encode(s)) for s in sessions])
-    base = best_of(args.repeat, lambda: [json.loads(json.dumps(d)) for d in dicts])
-    base_same = best_of(args.repeat, lambda: [json.loads(json.dumps(d)) for d in same])
+    load = os.getloadavg()[0]
+    ours, base, base_same = best_of(args.repeat, lambda: [decode_session(encode(s)) for s in sessions],
+                                    lambda: [json.loads(json.dumps(d)) for d in dicts],
+                                    lambda: [json.loads(json.dumps(d)) for d in same])
     size_ours = sum(map(len, packed))
     size_json = sum(len(t.encode()) for t in texts)
     size_same = sum(len(t.encode()) for t in same_texts)
     n = len(sessions)
-    print(f"sessions: {n} × 200 targets, 40 env vars")
+    print(f"sessions: {n} × 200 targets, 40 env vars; 1-min load average {load:.2f}; best of 3 rounds × {args.repeat}")
     print(f"msgspec msgpack encode+decode: {ours / n * 1e6:8.1f} µs/session")
     print(f"stdlib json     encode+decode: {base / n * 1e6:8.1f} µs/session (named fields)")
     print(f"stdlib json     encode+decode: {base_same / n * 1e6:8.1f} µs/session (our array layout)")
