@@ -22,7 +22,7 @@ from benchmarks.reference import reference_session
 from buildtel.shared.codec import decode_session, encode
 
 
-def best_of(repeat: int, *fns, rounds: int = 3) -> list[float]:  # noqa: ANN002
+def best_of(repeat: int, *fns, rounds: int = 3) -> list[float]:
     """Best time of each of ``fns``: ``rounds`` rounds, each running every fn ``repeat`` times in a
     row (warm, as timeit does) before the next fn, so that a load change on a shared machine hits
     them alike.  Interleaving single runs instead (A, B, A, B…) measures each one cold, right

@@ -42,7 +42,8 @@ from buildtel.shared.subjects import Subjects
 NS = "bench"
 
 
-def make_batches(agents: int, sessions: int, events: int, batch: int) -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
+def make_batches(agents: int, sessions: int, events: int,
+                 batch: int) -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
     """(subject, msg id, bytes) per batch, sessions spread over agents; expected events per session."""
     subjects = Subjects(NS)
     out: list[tuple[str, str, bytes]] = []
@@ -71,7 +72,7 @@ def bare_subscriber(url: str, subject: str, count: int) -> None:
         done = asyncio.Event()
         seen = [0, 0]
 
-        async def cb(msg) -> None:  # noqa: ANN001
+        async def cb(msg) -> None:
             seen[0] += len(batch_decoder.decode(msg.data).events)
             seen[1] += 1
             if seen[1] == count:
@@ -90,7 +91,8 @@ def bare_subscriber(url: str, subject: str, count: int) -> None:
 async def run_bare(url: str, batches: list[tuple[str, str, bytes]]) -> float:
     # The URL carries credentials: it goes to the child in its environment, not its command line.
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest", "--bare-subscriber", f"{NS}.bare",
-                             str(len(batches))], stdout=subprocess.PIPE, text=True, env=dict(os.environ, BENCH_NATS_URL=url))
+                             str(len(batches))], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BENCH_NATS_URL=url))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     nc = await nats.connect(url)

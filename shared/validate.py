@@ -7,7 +7,8 @@ under documented lengths, and that timestamps fall in a plausible window.  A
 batch that breaks a bound is refused whole with a :class:`Rejected` naming the
 bound (``code``, a stable word for counters) and the offending value (``reason``,
 for people).  Bounds on one event (:func:`check_event`) let the collector keep the
-other events of its batch; bounds on the batch (:func:`check_envelope`) do not.  ``docs/protocol.md`` lists every limit here.
+other events of its batch; bounds on the batch (:func:`check_envelope`) do not.
+``docs/protocol.md`` lists every limit here.
 
 It also reads *old* data defensively: :func:`finite` and :func:`clean_session`
 turn non-finite numbers that older versions stored into "missing" instead of
@@ -162,12 +163,13 @@ def _fast_checker(cls: type) -> str:
     if name is None:
         name = _fast_struct[cls] = f"_ok_{cls.__name__}_{len(_fast_struct)}"
         info = msgspec.inspect.type_info(cls)
+        assert isinstance(info, msgspec.inspect.StructType), f"{cls!r} is not a struct"
         body = " and ".join(_expr(f.type, f"v.{f.name}", f.name) for f in info.fields) or "True"
-        exec(f"def {name}(v):\n    return {body}\n", _FAST_GLOBALS)  # noqa: S102 - code built from our schema
+        exec(f"def {name}(v):\n    return {body}\n", _FAST_GLOBALS)
     return name
 
 
-_FAST: dict[type, Any] = {cls: _FAST_GLOBALS[_fast_checker(cls)] for cls in Event.__args__}  # type: ignore[attr-defined]
+_FAST: dict[type, Any] = {cls: _FAST_GLOBALS[_fast_checker(cls)] for cls in Event.__args__}
 
 
 def _fast_ok(ev: Event, hi: float) -> bool:

@@ -129,7 +129,8 @@ def completeness(meta: Mapping[bytes, bytes], seen: Mapping[str, bytes], finishe
         if r.code == "undecodable" and not r.agent_id:
             reasons.append(r.reason)
             continue
-        where = f" ({_span(r.first_seq, r.last_seq)})" if r.first_seq is not None and r.first_seq >= 0 else ""
+        first, last = r.first_seq, r.last_seq
+        where = f" ({_span(first, last)})" if first is not None and last is not None and first >= 0 else ""
         reasons.append(f"agent {r.agent_id}: {r.events} event(s) refused{where}, {r.code}: {r.reason}")
     if finished is None:
         reasons.insert(0, "abandoned: no build_finished arrived before the inactivity timeout "

@@ -21,7 +21,6 @@ from typing import Any
 import msgspec
 
 from buildtel.shared.codec import event_decoder
-from buildtel.shared.totals import summarize_targets
 from buildtel.shared.protocol import (
     BuildFinished,
     BuildSession,
@@ -33,6 +32,7 @@ from buildtel.shared.protocol import (
     TargetMetrics,
     TargetStarted,
 )
+from buildtel.shared.totals import summarize_targets
 
 # Event kinds the Lua script treats specially (one byte each); everything else is a fragment.
 OP_STARTED = b"S"
@@ -269,7 +269,7 @@ def build_session(
     if finished is not None:
         finish_ts = finished.ts
         exit_code: int | None = finished.exit_code
-        outcome = finished.outcome or ("success" if finished.exit_code == 0 else "failed")
+        outcome: str = finished.outcome or ("success" if finished.exit_code == 0 else "failed")
     else:
         finish_ts = max([float(meta.get(b"last", b"0") or 0)] + [m.end for m in metrics]) or now
         exit_code, outcome = None, "abandoned"

@@ -218,7 +218,9 @@ class TelemetryStorage:
         else:
             if len(facts) != len(payloads):
                 raise ValueError(f"facts must have one entry per payload ({len(facts)} for {len(payloads)})")
-            prepared = [summarize(f, now, None, 0, len(p)) for f, p in zip(facts, payloads, strict=True)]
+            # SessionFacts has the attributes of index.SessionView that summarize reads.
+            prepared = [summarize(f, now, None, 0, len(p))  # type: ignore[arg-type]
+                        for f, p in zip(facts, payloads, strict=True)]
         return await asyncio.shield(self._append([p.id for p in prepared], payloads.__getitem__, prepared, now))
 
     async def _append(self, ids: list[str], get: Callable[[int], bytes],

@@ -11,7 +11,9 @@ import math
 import time
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from buildtel.shared.protocol import (
     BuildEnvironment,
