@@ -28,9 +28,10 @@ import base64
 import json
 import os
 import sys
+import threading
 import zlib
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
 from .build import (
@@ -53,6 +54,7 @@ __all__ = ["FLAME_OPTIONS", "FlameGraphOptions", "SVGFlameGraphGenerator", "esca
 
 XPAD = 10  # flamegraph.pl: pad left and right
 FRAMEPAD = 1  # vertical gap between frames
+_BACKGROUND_LINES = 20_000  # from this many input lines the search data is deflated in a thread
 
 
 # The FlameGraphOptions a caller sets (the CLI's flags, the analyzer's request fields); the rest
@@ -140,7 +142,7 @@ def _keys_counts(stacks: StacksInput) -> tuple[dict[str, int], str | None]:
         stacks = builder_stacks
     if isinstance(stacks, FoldedStacks):
         return stacks.keys_counts, stacks.unit
-    fs = FoldedStacks(stacks)  # type: ignore[arg-type]
+    fs = FoldedStacks(stacks)
     return fs.keys_counts, None
 
 
@@ -261,6 +263,7 @@ class SVGFlameGraphGenerator:
         cats = lay.cats if palette == "cache" else None
         root_name = marks.root if marks is not None else o.root_name
 
+        tail = self._tail_beside(lay)
         out: list[str] = []
         add = out.append
         for i, (name, depth, start, tstart, total, self_count) in enumerate(
@@ -307,8 +310,10 @@ class SVGFlameGraphGenerator:
             elif cats is not None:
                 color = category_color(category_name(cats[i]), cname)
             else:
-                color = colors.get(cname)
-                if color is None:
+                known = colors.get(cname)
+                if known is not None:
+                    color = known
+                else:
                     if cname == "--":
                         color = "rgb(160,160,160)"
                     elif cname == "-":
@@ -331,7 +336,7 @@ class SVGFlameGraphGenerator:
                                         fontwidth=o.fontwidth, xpad=XPAD))
         parts.extend(out)
         del out
-        parts.extend(self._tail(lay))
+        parts.extend(tail())
         return "".join(parts)
 
     # ------------------------------------------------------------------ pieces
@@ -390,6 +395,31 @@ class SVGFlameGraphGenerator:
         parts.append(f'<text id="matched" x="{width - XPAD - 100:.2f}" y="{text_y}" class="hide"> </text>\n')
         parts.append('<g id="frames">\n')
         return parts
+
+    def _tail_beside(self, lay: Layout) -> Callable[[], list[str]]:
+        """:meth:`_tail`, for a large input computed in a thread while the frames are drawn: the
+        search data is every input line deflated (a third of a 100k-line drawing's time), needs
+        nothing from the frames, and zlib releases the GIL while it works."""
+        if not (self.options.search_data and len(lay.line_keys) >= _BACKGROUND_LINES):
+            return lambda: self._tail(lay)
+        box: list[list[str] | BaseException] = []
+
+        def run() -> None:
+            try:
+                box.append(self._tail(lay))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box.append(exc)
+
+        worker = threading.Thread(target=run, name="flamegraph-search-data", daemon=True)
+        worker.start()
+
+        def result() -> list[str]:
+            worker.join()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            return box[0]
+
+        return result
 
     def _tail(self, lay: Layout) -> list[str]:
         if not (self.options.search_data and lay.line_keys):
