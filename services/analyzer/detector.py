@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # imported lazily at run time (see Detector.new): only its type is needed here
-    from buildtel.services.analyzer.regression import StreamingDetector
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +77,7 @@ class Detector:
 
     __slots__ = ("inner",)
 
-    def __init__(self, inner: StreamingDetector) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     @classmethod
