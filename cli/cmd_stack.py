@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buildtel.services import registry
 from buildtel.cli.common import (
     _same_process,
     data_dir,
@@ -34,6 +33,7 @@ from buildtel.cli.common import (
     stop_stack,
 )
 from buildtel.cli.errors import CLIError
+from buildtel.services import registry
 from buildtel.shared.auth import ROLES, StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
 from buildtel.shared.files import private_dir, tighten_tree, write_private

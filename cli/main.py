@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, SettingsError) as exc:
         print(f"buildtel: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback
+    except Exception as exc:
         if os.environ.get("BUILDTEL_DEBUG"):
             raise
         print(f"buildtel: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-import msgspec
+import msgspec  # noqa: E402 - after the sys.path set-up above, for a run as a script
 
-from buildtel.shared import protocol
+from buildtel.shared import protocol  # noqa: E402 - same
 
 PAGE = ROOT / "docs" / "protocol.md"
 SCHEMAS = ROOT / "docs" / "schemas"
@@ -117,7 +117,8 @@ def struct_table(name: str, cls: type, schema: dict[str, Any]) -> str:
                    "their default may be absent."), ""]
     elif info.tag is not None:
         lines += [f'Encoded as a map with `"{info.tag_field}": "{info.tag}"` and the fields below'
-                  + ("; a field at its default may be absent (read it as the default)." if cls.__struct_config__.omit_defaults
+                  + ("; a field at its default may be absent (read it as the default)."
+                     if cls.__struct_config__.omit_defaults
                      else "."), ""]
     elif cls.__struct_config__.omit_defaults:
         lines += ["Encoded as a map; a field at its default may be absent (read it as the default).", ""]

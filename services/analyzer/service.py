@@ -47,13 +47,13 @@ from buildtel.services.analyzer.api import (
     flame_request_decoder,
     request_decoder,
 )
-from buildtel.services.analyzer.flamerender import flame_reply
-from buildtel.shared.flamegraph.sessions import flame_options
 from buildtel.services.analyzer.columns import gc_paused
+from buildtel.services.analyzer.flamerender import flame_reply
 from buildtel.services.analyzer.history import History, from_storage
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
+from buildtel.shared.flamegraph.sessions import flame_options
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.service import (
     BAD_GATEWAY,
@@ -191,7 +191,7 @@ class AnalyzerService(BusService):
                 return committed
             statuses = await self._commit(keys=keys, args=args)
             retry = {}
-            for (name, alert), status in zip(tried, statuses):
+            for (name, alert), status in zip(tried, statuses, strict=True):
                 if int(status) == 0:
                     retry[name] = pending[name]
                 elif int(status) == 1 and alert is not None:
@@ -211,7 +211,7 @@ class AnalyzerService(BusService):
         keys: list[str] = []
         args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
         tried: list[tuple[str, Alert | None]] = []
-        for name, (version, state), done in zip(names, states, done_flags):
+        for name, (version, state), done in zip(names, states, done_flags, strict=True):
             if done is not None:
                 continue  # folded before (a redelivery): nothing to do for this series
             new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)

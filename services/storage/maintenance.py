@@ -178,7 +178,8 @@ def _unlink(paths: list[Path], fsync: bool) -> None:
         fmt.fsync_dir(paths[0].parent)
 
 
-def _rewrite(store: TelemetryStorage, seg: Segment, members: list[Summary]) -> tuple[Segment, dict[str, Summary | None]]:
+def _rewrite(store: TelemetryStorage, seg: Segment,
+             members: list[Summary]) -> tuple[Segment, dict[str, Summary | None]]:
     """Copy the live records of ``seg`` (verbatim: same bytes, same stored_at) into a new file
     that atomically replaces it.  Runs in a worker thread."""
     header = fmt.encode_header()

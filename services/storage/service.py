@@ -179,7 +179,7 @@ class StorageService(BusService):
                 await msg.nak(delay=min(60.0, WRITE_RETRY_S * meta.num_delivered))
             await asyncio.sleep(1.0)
             return
-        for (msg, facts), new in zip(good, flags):
+        for (msg, facts), new in zip(good, flags, strict=True):
             await msg.ack()
             if new:
                 self.stored += 1

@@ -39,7 +39,6 @@ from buildtel.services.tracer import query
 from buildtel.services.tracer.exporters import Forwarder, OtlpHttpExporter, ZipkinExporter
 from buildtel.services.tracer.http import RunningReceiver, start_receiver
 from buildtel.services.tracer.options import DEFAULT_OTLP_PORT
-from buildtel.shared.tracemodel import SpanRecord, check_span, span_batch_decoder
 from buildtel.services.tracer.redact import redact_spans
 from buildtel.services.tracer.sessions import session_spans
 from buildtel.services.tracer.store import (
@@ -54,6 +53,7 @@ from buildtel.shared.codec import DecodeError, decode_session
 from buildtel.shared.protocol import is_session_id
 from buildtel.shared.service import BusService, Consumer, Endpoint, ServiceError, Worker
 from buildtel.shared.settings import Settings
+from buildtel.shared.tracemodel import SpanRecord, check_span, span_batch_decoder
 
 DURABLE = "tracer"
 FETCH_BATCH = 64

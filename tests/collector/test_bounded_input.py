@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from buildtel.services.collector import service as collector_mod
 from buildtel.services.collector.service import CollectorService
@@ -66,7 +67,8 @@ def _bad_batches() -> dict[str, bytes]:
     big_sid = new_session_id()
     now = time.time()
     oversized = EventBatch(session_id=big_sid, agent_id="bad", events=[
-        TargetStarted(session_id=big_sid, agent_id="bad", seq=i, ts=now, target="t") for i in range(MAX_BATCH_EVENTS + 1)])
+        TargetStarted(session_id=big_sid, agent_id="bad", seq=i, ts=now, target="t")
+        for i in range(MAX_BATCH_EVENTS + 1)])
     v2_sid = new_session_id()
     return {
         "too_many_events": encode(oversized),
@@ -82,7 +84,7 @@ def _bad_batches() -> dict[str, bytes]:
 async def test_bad_batches_are_dead_lettered_once_each_and_good_sessions_are_stored_exactly(
         settings: Settings, nc, redis_client, farm, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(collector_mod, "NAK_DELAY_S", 0.1)  # the poison batch's retries come back quickly
-    collector, storage, recorder = farm
+    collector, _storage, recorder = farm
     js = nc.jetstream()
     subjects, keys = Subjects(settings.namespace), Keys(settings.namespace)
     letters = await js.subscribe(subjects.dead_letter_all, ordered_consumer=True)
@@ -135,7 +137,7 @@ async def test_bad_batches_are_dead_lettered_once_each_and_good_sessions_are_sto
     assert "nan" in by_code["non_finite"].reason and "duration_s" in by_code["non_finite"].reason
     assert "milliseconds" in by_code["timestamp_out_of_window"].reason
     assert "version 2" in by_code["unknown_version"].reason
-    assert f"deliveries" in by_code["poison"].reason and "WRONGTYPE" in by_code["poison"].reason
+    assert "deliveries" in by_code["poison"].reason and "WRONGTYPE" in by_code["poison"].reason
     # The poison batch's session knows it lost a batch: it will be stored incomplete, never whole.
     meta = await redis_client.hgetall(keys.session_meta(psid))
     assert int(meta[b"ub"]) == 1 and b"poison" in meta[b"ubr"]

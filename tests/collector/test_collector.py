@@ -10,7 +10,9 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from buildtel.services.collector.service import CollectorService
 from buildtel.shared.bus import dead_letter_decoder, ensure_streams
@@ -18,7 +20,7 @@ from buildtel.shared.codec import encode
 from buildtel.shared.protocol import EventBatch, TargetFinished, TargetStarted, new_session_id
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import batches, completed_sessions, publish_events, synthetic_build, stack_env
+from tests.util import batches, completed_sessions, publish_events, stack_env, synthetic_build
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ async def collector(settings: Settings, redis_client: object) -> AsyncIterator[C
     await svc.stop()
 
 
-def _assert_matches(session, expected, sid):  # noqa: ANN001
+def _assert_matches(session, expected, sid):
     assert session.id == sid
     assert len(session.targets) == expected["targets"]
     assert session.cache_hits == expected["hits"]
@@ -108,11 +110,11 @@ async def test_inactive_session_completes_as_abandoned_with_its_partial_data(set
     try:
         js = nc.jetstream()
         subjects = Subjects(settings.namespace)
-        sid, per_agent, expected = synthetic_build(targets=10, finish=False)
+        sid, per_agent, _expected = synthetic_build(targets=10, finish=False)
         events = per_agent["agent-a"]
         dangling = TargetStarted(session_id=sid, agent_id="agent-a", seq=len(events), ts=events[-1].ts,
                                  target="//still:running", worker="w9")
-        await publish_events(js, subjects, sid, "agent-a", events + [dangling])
+        await publish_events(js, subjects, sid, "agent-a", [*events, dangling])
         [session] = await completed_sessions(js, subjects, 1)
         assert session.outcome == "abandoned"
         assert session.exit_code is None
@@ -123,7 +125,8 @@ async def test_inactive_session_completes_as_abandoned_with_its_partial_data(set
         await svc.stop()
 
 
-async def test_malformed_messages_go_to_dead_letters_and_good_data_survives(settings, nc, collector, redis_client) -> None:
+async def test_malformed_messages_go_to_dead_letters_and_good_data_survives(
+        settings, nc, collector, redis_client) -> None:
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     dl = await nc.subscribe(subjects.dead_letter("collector"))

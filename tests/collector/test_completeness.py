@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from buildtel.services.collector.completeness import missing_ranges
 from buildtel.services.collector.service import CollectorService
@@ -23,7 +24,7 @@ from buildtel.services.storage.service import StorageService
 from buildtel.shared.bus import dead_letter_decoder
 from buildtel.shared.codec import encode
 from buildtel.shared.keys import Keys
-from buildtel.shared.protocol import BuildSession, EventBatch, SeqRange, TargetFinished, TargetStarted, new_session_id
+from buildtel.shared.protocol import BuildSession, EventBatch, SeqRange, TargetFinished, TargetStarted
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, stack_env, synthetic_build

@@ -70,7 +70,7 @@ def page(browser: Browser) -> Iterator[Page]:
     assert errors == []
 
 
-def frame(page: Page, name: str):  # noqa: ANN201 - playwright Locator
+def frame(page: Page, name: str):
     return page.locator("#frames > g", has=page.locator("title", has_text=f"{name} (")).first
 
 

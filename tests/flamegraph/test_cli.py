@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 
 from buildtel.services.collector.service import CollectorService
-from buildtel.shared.flamegraph import FlameGraphBuilder, read_folded, target_frames
 from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.services.storage.service import StorageService
 from buildtel.services.tracer.query import TraceClient
 from buildtel.services.tracer.service import TracerService
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared.codec import encode
+from buildtel.shared.flamegraph import FlameGraphBuilder, read_folded, target_frames
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import publish_events, synthetic_build, stack_env
+from tests.util import publish_events, stack_env, synthetic_build
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 _TITLE = re.compile(r"^(.*) \([^()]*, [\d.]+%")

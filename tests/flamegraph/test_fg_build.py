@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from buildtel.shared.flamegraph import FlameGraphOptions, Ignored, fmt_duration, iter_folded, parse_folded
+from buildtel.shared.flamegraph.build import category_color
 from buildtel.shared.flamegraph.sessions import (
     auto_normalize,
     build_marks,
@@ -19,8 +21,6 @@ from buildtel.shared.flamegraph.sessions import (
     render_flamegraph,
     sessions_label,
 )
-from buildtel.shared.flamegraph import FlameGraphOptions, Ignored, fmt_duration, iter_folded, parse_folded
-from buildtel.shared.flamegraph.build import category_color
 from buildtel.shared.protocol import BuildEnvironment, BuildSession, Phase, TargetMetrics, VcsInfo
 from tests.flamegraph.test_fg_svg import by_name, frames
 

@@ -1,5 +1,6 @@
 """``buildtel flamegraph --folded`` draws with the folded parser and the SVG writer alone: no bus
-client (nats, aiohttp, redis), no numpy, no service module (the session drawing is the library shared/flamegraph/sessions.py)."""
+client (nats, aiohttp, redis), no numpy, no service module (the session drawing is the library
+shared/flamegraph/sessions.py)."""
 
 from __future__ import annotations
 

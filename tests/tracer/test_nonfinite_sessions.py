@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from buildtel.shared.flamegraph.sessions import flame_stacks, folded_text, readable
 from buildtel.services.tracer.sessions import session_spans
+from buildtel.shared.flamegraph.sessions import flame_stacks, folded_text, readable
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 
 INT64 = 2**63 - 1
