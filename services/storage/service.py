@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, NamedTuple
@@ -77,7 +78,7 @@ class _Facts(NamedTuple):
     id: str
     outcome: str
     targets: int
-    index: SessionFacts  # what the store's index needs, from the one decode of the session
+    facts: SessionFacts  # what the store's index needs, from the one decode of the session
 
 
 class StorageService(BusService):
@@ -168,7 +169,7 @@ class StorageService(BusService):
         try:
             # The bytes as published are stored (validated above, not re-encoded): fields a newer
             # collector added survive, and no decoded batch is held while it is written.
-            flags = await store.append_encoded([m.data for m, _ in good], [f.index for _, f in good])
+            flags = await store.append_encoded([m.data for m, _ in good], [f.facts for _, f in good])
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: retry later, never ack
             self.write_failures += 1
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
@@ -226,7 +227,8 @@ class StorageService(BusService):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ServiceError(BAD_REQUEST, f"bad {endpoint} request: {exc}") from None
         # Any other failure: the skeleton answers 500 naming it, and logs storage.api_failed.
-        return await getattr(self, f"_api_{endpoint}")(request)
+        handler: Callable[[Any], Awaitable[bytes]] = getattr(self, f"_api_{endpoint}")
+        return await handler(request)
 
     @property
     def _budget(self) -> int:

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -45,11 +45,15 @@ from buildtel.services.storage.index import (
 
 # Segment and the reports live in segments.py so maintenance.py need not import this module;
 # they stay importable from here.
-from buildtel.services.storage.segments import DamageReport, RetentionReport, Segment
+from buildtel.services.storage.segments import DamageReport as DamageReport  # re-exported: service.py
+from buildtel.services.storage.segments import RetentionReport as RetentionReport
+from buildtel.services.storage.segments import Segment
 from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.files import private_dir
 from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import BuildSession
+
+T = TypeVar("T")
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 LOCK_FILE = "LOCK"
@@ -396,7 +400,7 @@ class TelemetryStorage:
                          bytes_skipped=fmt.RECORD_HEADER_LEN + s.length, reason=reason, session_id=s.id)
         return None
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         self._inflight += 1
         self._idle.clear()
         try:
