@@ -299,7 +299,7 @@ class TelemetryClient(Emitter):
         # A daemon thread, not the loop's executor: resolving may block (auto-starting a
         # stack) and asyncio.run() would otherwise wait for it on exit.
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[str | tuple[str, Any]] = loop.create_future()
 
         def work() -> None:
             try:
@@ -343,7 +343,8 @@ class TelemetryClient(Emitter):
                 # after one quick retry instead of sleeping between 60 attempts.)
                 await nc.connect(servers=[u.strip() for u in url.split(",")], allow_reconnect=False,
                                  max_reconnect_attempts=1, reconnect_time_wait=0,
-                                 connect_timeout=CONNECT_TIMEOUT_S, error_cb=on_error,
+                                 connect_timeout=CONNECT_TIMEOUT_S,  # type: ignore[arg-type]  # nats-py says int; a wait_for timeout
+                                 error_cb=on_error,
                                  disconnected_cb=on_lost, closed_cb=on_lost, **opts)
             except BaseException as exc:
                 with contextlib.suppress(Exception):

@@ -64,7 +64,7 @@ class SyncTelemetryClient:
         asyncio.run_coroutine_threadsafe(self._client.start(), loop).result()
         atexit.register(self._atexit)
         if hasattr(os, "register_at_fork"):
-            ref = weakref.ref(self)
+            ref: weakref.ReferenceType[SyncTelemetryClient] = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: _forked_child(ref))
         return self
 

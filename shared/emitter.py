@@ -151,8 +151,8 @@ class Emitter:
             return
         try:
             self._push(fix_event(BuildStarted(
-                session_id=self._sid, agent_id=self._aid, seq=0, ts=ts, name=name or self._name,
-                command=command, environment=environment, labels=labels, record=record,
+                session_id=self._sid, agent_id=self._aid, seq=0, ts=_now() if ts is None else ts,
+                name=name or self._name, command=command, environment=environment, labels=labels, record=record,
                 traceparent=traceparent)))
         except Exception:  # noqa: BLE001 - telemetry must never break the build
             self._reject()
@@ -180,7 +180,9 @@ class Emitter:
         try:
             ev = TargetFinished(session_id=self._sid, agent_id=self._aid, seq=0,
                                 ts=_now() if ts is None else ts, target=target,
-                                start=start, duration_s=duration_s, status=status, cache=cache, worker=worker,
+                                start=start, duration_s=duration_s, worker=worker,
+                                # Any str here: the check below sends an unknown one through fix_event.
+                                status=status, cache=cache,  # type: ignore[arg-type]  # see the line above
                                 exit_code=exit_code, kind=kind, mnemonic=mnemonic, cpu_s=cpu_s,
                                 peak_rss_bytes=peak_rss_bytes)
             # Cheap checks for what the collector's decoder would reject; what only fails to

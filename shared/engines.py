@@ -75,7 +75,8 @@ def find_redis_server() -> str:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for AF_INET; typeshed says Any
+        return port
 
 
 def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:

@@ -13,11 +13,12 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 _configured = False
 
 
-def _add_otel_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_otel_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     try:
         from opentelemetry import trace
     except ImportError:  # pragma: no cover - opentelemetry is a dependency of record

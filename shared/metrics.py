@@ -72,7 +72,7 @@ class _SnapshotCollector:
         self.snapshot, self.errors = snapshot, errors
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for service, (ns, values) in sorted(self.snapshot.items()):
             for key, value in sorted({**values, "up": 1.0}.items()):
                 counter = key.endswith("_total")
@@ -148,7 +148,7 @@ class MetricsServer:
 
         snap = await self.snapshot()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotCollector(snap, self.scrape_errors))  # type: ignore[arg-type]
+        registry.register(_SnapshotCollector(snap, self.scrape_errors))
         return generate_latest(registry)
 
     def _authorised(self, request: web.Request) -> bool:

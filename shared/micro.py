@@ -31,4 +31,5 @@ async def request(nc: Any, subject: str, body: bytes, *, timeout: float, service
     code = headers.get(ERROR_CODE_HEADER)
     if code:
         raise error(int(code) if code.isdigit() else 500, headers.get(ERROR_HEADER, ""))
-    return msg.data
+    data: bytes = msg.data  # nats-py leaves Msg.data untyped; it is the reply's body
+    return data

@@ -14,7 +14,9 @@ from typing import Protocol
 
 
 class Service(Protocol):
-    name: str
+    # Read-only: a service names itself with a class attribute (BusService.name is a ClassVar).
+    @property
+    def name(self) -> str: ...
 
     async def start(self) -> None: ...
 

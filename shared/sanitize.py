@@ -15,7 +15,7 @@ import shlex
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import msgspec
 
@@ -56,17 +56,24 @@ def _text(v: Any, default: str = "") -> str:
                 v = str.__str__(v) if isinstance(v, str) else str(v)
         except Exception:  # noqa: BLE001 - a __str__ that raises
             return default
-    if len(v) > _MAX_STR:
-        v = v[:_MAX_STR]
-    if not v.isascii():  # lone surrogates cannot be encoded as UTF-8
-        v = v.encode("utf-8", "replace").decode("utf-8")
-    return v
+    text: str = v  # a str by now, whichever branch ran
+    if len(text) > _MAX_STR:
+        text = text[:_MAX_STR]
+    if not text.isascii():  # lone surrogates cannot be encoded as UTF-8
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _opt_text(v: Any) -> str | None:
     return None if v is None else _text(v)
 
 
+# Overloads: with a number as the default the result is never None (the fixers of fields that
+# require a value rely on that).
+@overload
+def _number(v: Any, default: float) -> float: ...
+@overload
+def _number(v: Any, default: None) -> float | None: ...
 def _number(v: Any, default: float | None) -> float | None:
     if type(v) is not float:
         if v is None:
@@ -78,6 +85,10 @@ def _number(v: Any, default: float | None) -> float | None:
     return v if -_BIG < v < _BIG else default  # also rejects NaN and infinities
 
 
+@overload
+def _integer(v: Any, default: int, *, lo: int = ...) -> int: ...
+@overload
+def _integer(v: Any, default: None = None, *, lo: int = ...) -> int | None: ...
 def _integer(v: Any, default: int | None = None, *, lo: int = -_BIG) -> int | None:
     if type(v) is not int:
         if v is None:
@@ -129,6 +140,8 @@ def _argv(v: Any) -> list[str]:
 
 def _phases(v: Any) -> list[Phase]:
     out: list[Phase] = []
+    name: Any
+    dur: Any
     try:
         for p in itertools.islice(iter(v), _MAX_ITEMS):
             try:
@@ -138,7 +151,7 @@ def _phases(v: Any) -> list[Phase]:
                     name, dur = p.get("name"), p.get("duration_s")
                 else:
                     name, dur = p  # (name, seconds)
-                out.append(Phase(_text(name), _number(dur, 0.0)))  # type: ignore[arg-type]
+                out.append(Phase(_text(name), _number(dur, 0.0)))
             except Exception:  # noqa: BLE001 - skip the one bad phase
                 continue
     except Exception:  # noqa: BLE001 - not iterable
@@ -186,11 +199,11 @@ def _nonneg(v: Any) -> int | None:
 
 
 def _count(v: Any) -> int:
-    return _integer(v, 0, lo=0)  # type: ignore[return-value]
+    return _integer(v, 0, lo=0)
 
 
 def _rate(v: Any) -> float:
-    return _number(v, 0.0)  # type: ignore[return-value]
+    return _number(v, 0.0)
 
 
 # Field name -> sanitiser, shared by every event type; the few names whose meaning differs
@@ -229,7 +242,8 @@ def fix_event(ev: Any) -> Any:
 
 def shrink(ev: Any) -> Any:
     """The event without its collections: what survives when it alone exceeds a batch."""
-    changes = {f: type(x)() for f in ev.__struct_fields__ if isinstance(x := getattr(ev, f), (list, dict))}
+    changes: dict[str, Any] = {
+        f: type(x)() for f in ev.__struct_fields__ if isinstance(x := getattr(ev, f), (list, dict))}
     if isinstance(ev, BuildStarted):
         changes["environment"] = None
     return msgspec.structs.replace(ev, **changes)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -115,7 +115,7 @@ class Worker:
     """A background loop; it should return once :attr:`BusService.stopping` is set."""
 
     name: str
-    run: Callable[[], Awaitable[None]]
+    run: Callable[[], Coroutine[Any, Any, None]]  # a coroutine: it runs as its own task
     cancel_on_stop: bool = False  # cancelled at once on stop instead of awaited (bounded)
 
 

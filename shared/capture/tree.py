@@ -115,8 +115,8 @@ class TreeCapture:
     def _line(self, line: bytes, make_lines: list[bytes]) -> None:
         kind = line[:2]
         if kind == b"M\t":
-            _, pid, _ppid, _start, cwd = line.split(b"\t", 4)
-            if _scratch(cwd.decode("utf-8", "replace")):
+            _, pid, _ppid, _start, cwd_b = line.split(b"\t", 4)
+            if _scratch(cwd_b.decode("utf-8", "replace")):
                 self._scratch_pids.add(pid)
                 self.scratch += 1
                 return

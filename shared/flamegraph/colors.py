@@ -112,7 +112,7 @@ def _resolve(palette: str, name: str) -> str:
     return palette
 
 
-def frame_color(palette: str, name: str, *, hash: bool = False) -> str:  # noqa: A002
+def frame_color(palette: str, name: str, *, hash: bool = False) -> str:
     """``rgb(r,g,b)`` for a frame, as flamegraph.pl ``--colors=palette``."""
     if hash:
         v1 = namehash(name)

@@ -200,7 +200,7 @@ class FoldedStacks:
         if not isinstance(frames, (str, Sequence)):
             return False
         try:
-            return _key(frames) in self._counts  # type: ignore[arg-type]
+            return _key(frames) in self._counts
         except (TypeError, ValueError):
             return False
 
@@ -268,7 +268,7 @@ def _merge_chunk(
     """
     get = counts.get
     lineno = first_lineno - 1
-    for lineno, line in enumerate(lines, first_lineno):  # noqa: B007
+    for lineno, line in enumerate(lines, first_lineno):
         stack, sep, c = line.rpartition(" ")
         if sep and stack and c.isdigit() and c.isascii():
             counts[stack] = get(stack, 0) + int(c)

@@ -69,7 +69,12 @@ class Layout:
         return list(zip(self.names, self.depths, self.starts, self.totals, self.selfs, strict=True))
 
 
-def _prefix_sums(vals: list[int]) -> array | list[int]:
+# A child frame waiting to be queued: (prefix, lo, hi, depth, name, self, delta) -- a work item
+# of layout_merged without its x, which is known only once its preceding siblings are placed.
+_Child = tuple[str, int, int, int, str, int, int]
+
+
+def _prefix_sums(vals: list[int]) -> array[int] | list[int]:
     """Cumulative counts.  A machine-integer array holds a million of them in
     8 MB instead of ~40 MB of int objects; totals beyond 2**63 (not a real
     profile, but legal input) fall back to a list."""
@@ -122,7 +127,7 @@ def layout_merged(
             raise ValueError("delta_mode is 'self' or 'total'")
 
     # Category bits of a key run: bit b is set when its prefix count grows over the run.
-    bitcums: list[tuple[int, array | list[int]]] = []
+    bitcums: list[tuple[int, array[int] | list[int]]] = []
     out_cats: list[int] | None = None
     if categories is not None:
         out_cats = out.cats = []
@@ -173,7 +178,7 @@ def layout_merged(
         # `pending`.  (Where X also has self time flamegraph.pl splits X in
         # two around the block -- its duplicate-frame bug -- and we keep X
         # whole, before the block.)
-        pending: list[tuple[int, tuple | None, int]] = []
+        pending: list[tuple[int, _Child | None, int]] = []
         while True:
             limit = pending[-1][0] if pending else hi
             if i >= limit:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .build import target_category
 from .folded import (
@@ -39,9 +39,17 @@ from .folded import (
 )
 
 if TYPE_CHECKING:
-    from buildtel.shared.protocol import BuildSession
+    from buildtel.shared.protocol import TargetMetrics
 
-__all__ = ["FlameGraphBuilder", "FlameNode", "Span", "target_frames"]
+__all__ = ["FlameGraphBuilder", "FlameNode", "SessionLike", "Span", "target_frames"]
+
+
+class SessionLike(Protocol):
+    """What :meth:`FlameGraphBuilder.add_session` reads of a ``BuildSession``: its targets (a
+    protocol, so a stand-in holding one target -- ``flame_stacks``' flame chart -- is typed too)."""
+
+    @property
+    def targets(self) -> Sequence[TargetMetrics]: ...
 
 
 @dataclass(slots=True, eq=True)
@@ -232,7 +240,7 @@ class FlameGraphBuilder:
                 key = SEP.join(frames)
                 cats[key] = cats.get(key, 0) | category
 
-    def add_session(self, session: BuildSession) -> None:
+    def add_session(self, session: SessionLike) -> None:
         """Every target of a session (phases when reported, else the action mnemonic).
 
         Works on anything shaped like ``buildtel.shared.protocol.BuildSession``:

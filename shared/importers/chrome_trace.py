@@ -38,8 +38,9 @@ from buildtel.shared.importers.common import (
     maybe_gunzip,
 )
 
-# The span types live in trace_spans.py (trace_targets.py needs them too); importable from here.
-from buildtel.shared.importers.trace_spans import ChromeTraceImport, TraceSpan
+# The span types live in trace_spans.py (trace_targets.py needs them too); re-exported from here.
+from buildtel.shared.importers.trace_spans import ChromeTraceImport as ChromeTraceImport
+from buildtel.shared.importers.trace_spans import TraceSpan as TraceSpan
 from buildtel.shared.importers.trace_targets import build_session
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1

@@ -110,7 +110,8 @@ def _clang_source(spans: list[TraceSpan], pid: int | str, source: str) -> str:
 def _select(producer: str, spans: list[TraceSpan], source: str) -> list[tuple[int, str, str | None]]:
     """(span index, target name, kind) of the spans that become targets."""
     if producer == "bazel":
-        picked = [(i, s.name, "action") for i, s in enumerate(spans) if s.category == "action processing"]
+        picked: list[tuple[int, str, str | None]] = [
+            (i, s.name, "action") for i, s in enumerate(spans) if s.category == "action processing"]
         if picked:
             return picked
     elif producer == "clang":

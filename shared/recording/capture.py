@@ -26,6 +26,7 @@ log them, and ``after`` then returns ``None`` (``error`` says why).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -231,7 +232,7 @@ class RunCapture:
                                                     mtime_ns=old.mtime_ns, stored=False))
         for rel in sorted(chosen):
             known = self._before[rel].sha256
-            self._record(lambda p, k=known: rec.record_input(p, known_sha256=k), rel, expect=known)
+            self._record(functools.partial(rec.record_input, known_sha256=known), rel, expect=known)
         for rel in sorted(written):
             if rel.rsplit("/", 1)[-1] not in VOLATILE:
                 self._record(rec.record_output, rel)

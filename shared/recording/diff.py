@@ -172,7 +172,9 @@ def first_divergence(a: Sequence[Event], b: Sequence[Event]) -> dict[str, Any] |
 
 
 def diff(a: Side, b: Side, *, min_delta_s: float = 0.05, min_ratio: float = 0.10) -> dict[str, Any]:
-    timing, cache, status = [], [], []
+    timing: list[dict[str, Any]] = []
+    cache: list[dict[str, Any]] = []
+    status: list[dict[str, Any]] = []
     for name in sorted(a.targets.keys() & b.targets.keys()):
         ta, tb = a.targets[name], b.targets[name]
         delta = tb.duration_s - ta.duration_s
