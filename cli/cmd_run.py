@@ -220,9 +220,9 @@ class _Telemetry:
         self._start_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def begin(self, *, name: str, command: list[str], labels: dict[str, str], record: bool, traceparent: str,
-              ts: float, env: dict[str, str], sources: Sequence[TargetSource], nice: bool = True,
-              snapshot: Any = None) -> None:
+    def begin(self, *, name: str, command: list[str], labels: dict[str, str], record: bool,
+              traceparent: str | None, ts: float, env: dict[str, str], sources: Sequence[TargetSource],
+              nice: bool = True, snapshot: Any = None) -> None:
         self.snapshot = snapshot
         try:
             # Imported only now, while the command already runs: nats costs ~150 ms to import.
@@ -295,8 +295,10 @@ class _Telemetry:
         try:
             for rec in src.targets(self.done):
                 # A record names its emit method under "event" (default: target_finished).
-                emit = rec.pop("event", "target_finished")
-                getattr(self.client, emit if emit in _SOURCE_EMITS else "target_finished")(**rec)
+                # A copy: the source's mapping is its own (the Protocol promises no mutable dict).
+                kwargs = dict(rec)
+                emit = kwargs.pop("event", "target_finished")
+                getattr(self.client, emit if emit in _SOURCE_EMITS else "target_finished")(**kwargs)
         except Exception:  # noqa: BLE001 - a broken source loses its targets, not the build
             pass
 

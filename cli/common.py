@@ -33,14 +33,12 @@ from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
 
 # Reading stack.json is shared with the SDK and the tracing API (shared/stackfile.py); the names
-# stay importable from here for the commands.
-from buildtel.shared.stackfile import (  # noqa: F401 - re-exported for cli/cmd_*
-    STACK_FILE,
-    read_stack,
-    read_stack_file,
-    stack_auth_of,
-    stack_file,
-)
+# stay importable from here for the commands ("x as x": an explicit re-export).
+from buildtel.shared.stackfile import STACK_FILE as STACK_FILE
+from buildtel.shared.stackfile import read_stack as read_stack
+from buildtel.shared.stackfile import read_stack_file as read_stack_file
+from buildtel.shared.stackfile import stack_auth_of as stack_auth_of
+from buildtel.shared.stackfile import stack_file as stack_file
 from buildtel.shared.subjects import Subjects
 
 AUTOSTART_TIMEOUT_S = 30.0

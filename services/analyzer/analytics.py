@@ -354,8 +354,8 @@ def flaky_commits(sessions: Sequence[BuildSession], failed: dict[str, set[int]],
 
     out: dict[str, int] = {}
     for name, where in failed.items():
-        commits = {commit_of(sessions[i]) for i in where} - {None}
-        n = sum(1 for c in commits if any(passed(j, name) for j in by_commit.get(c, ()) if j not in where))  # type: ignore[arg-type]
+        commits = {c for i in where if (c := commit_of(sessions[i])) is not None}
+        n = sum(1 for c in commits if any(passed(j, name) for j in by_commit.get(c, ()) if j not in where))
         if n:
             out[name] = n
     return out

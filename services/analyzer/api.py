@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 import msgspec
@@ -130,7 +130,7 @@ class AnalyzerClient:
 
 
 async def follow_alerts(js: Any, namespace: str, *, branch: str | None = None, target: str | None = None,
-                        kind: str | None = None, from_start: bool = True) -> AsyncIterator[Alert]:
+                        kind: str | None = None, from_start: bool = True) -> AsyncGenerator[Alert, None]:
     """Yield alerts as they are published (from the stream's start, or only new ones)."""
     subjects = AnalyzerSubjects.of(namespace)
     # The analyzer declares the alerts stream; a follower (reader role) may not, so it waits for it.

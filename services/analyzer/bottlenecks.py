@@ -37,7 +37,7 @@ Via = Literal["root", "dep", "lane", "inferred"]
 Basis = Literal["", "dependencies", "lane order"]  # "": a report written before the field existed
 DEPS_LABEL = "derived from dependencies"
 LANES_LABEL = "lane order (no dependency data)"
-_VIA_RANK = {"dep": 0, "lane": 1, "inferred": 2}
+_VIA_RANK: dict[Via, int] = {"dep": 0, "lane": 1, "inferred": 2}
 
 
 class PathStep(msgspec.Struct, kw_only=True):
@@ -105,10 +105,10 @@ class SessionGraph:
         for lane in lanes.values():
             lane.sort()
         lane_ends = {w: [e for e, _ in lane] for w, lane in lanes.items()}
-        self.preds: list[list[tuple[int, str]]] = []
+        self.preds: list[list[tuple[int, Via]]] = []
         self.binding: list[int] = []  # the predecessor that ended last: what the target waited for
         for i, t in enumerate(self.t):
-            preds: dict[int, str] = {}
+            preds: dict[int, Via] = {}
             for dep in t.deps:
                 j = index.get(dep)
                 # A declared dependency counts even if it "ended" a little after this target
@@ -142,9 +142,11 @@ class SessionGraph:
     def critical_path(self) -> CriticalPath:
         sid = self.session.id
         if not self.t:
-            return CriticalPath(session_id=sid, wall_s=self.wall, path_s=0.0, wait_s=self.wall, **self._basis([]))
+            basis, label = self._basis([])
+            return CriticalPath(session_id=sid, wall_s=self.wall, path_s=0.0, wait_s=self.wall, basis=basis,
+                                label=label)
         cur = max(range(len(self.t)), key=lambda i: (self.t[i].end, self.t[i].start))
-        chain: list[tuple[int, str, float]] = []
+        chain: list[tuple[int, Via, float]] = []
         seen: set[int] = set()
         while True:
             t = self.t[cur]
@@ -158,21 +160,23 @@ class SessionGraph:
             cur = j
         chain.reverse()
         steps = [PathStep(name=self.t[i].name, start_s=self.t[i].start - self.origin, duration_s=self.t[i].duration_s,
-                          wait_s=w, worker=self.t[i].worker, via=via) for i, via, w in chain]  # type: ignore[arg-type]
+                          wait_s=w, worker=self.t[i].worker, via=via) for i, via, w in chain]
         path_s = sum(s.duration_s for s in steps)
+        basis, label = self._basis(steps)
         return CriticalPath(session_id=sid, wall_s=self.wall, path_s=path_s, wait_s=max(0.0, self.wall - path_s),
-                            steps=steps, **self._basis(steps))
+                            steps=steps, basis=basis, label=label)
 
-    def _basis(self, steps: Sequence[PathStep]) -> dict[str, str]:
+    def _basis(self, steps: Sequence[PathStep]) -> tuple[Basis, str]:
+        """(basis, label) of a critical path made of ``steps``."""
         if not self.has_deps:
-            return {"basis": "lane order", "label": LANES_LABEL}
+            return "lane order", LANES_LABEL
         links = steps[1:]  # the first step is the root: it has no link
         guessed = sum(1 for s in links if s.via != "dep")
         label = DEPS_LABEL
         if guessed:
             # Dependencies were recorded, but some links of this path are not one of them.
             label += f" ({guessed} of {len(links)} links by lane order or timing)"
-        return {"basis": "dependencies", "label": label}
+        return "dependencies", label
 
     def replay(self, target: str, speedup_pct: float) -> float:
         """Makespan (from the session start) with ``target`` ``speedup_pct`` % faster."""

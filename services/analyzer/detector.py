@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily at run time (see Detector.new): only its type is needed here
+    from buildtel.services.analyzer.regression import StreamingDetector
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,7 @@ class Detector:
 
     __slots__ = ("inner",)
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: StreamingDetector) -> None:
         self.inner = inner
 
     @classmethod

@@ -158,11 +158,11 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
         else:
             basis = "lane order (no dependency data)"
         lines.append(f"Bottlenecks (critical paths of the last {b.sessions_analysed} builds, {basis}):")
-        for x in b.targets[:top]:
-            wi = x.what_if
+        for bn in b.targets[:top]:
+            wi = bn.what_if
             gain = f"; {b.speedup_pct:.0f}% faster saves {fmt_s(wi.saved_s)} per build" if wi else ""
-            lines.append(f"  {x.name}: {_pct(x.critical_share)} of critical-path time, on the path in "
-                         f"{x.on_critical_path} builds{gain}")
+            lines.append(f"  {bn.name}: {_pct(bn.critical_share)} of critical-path time, on the path in "
+                         f"{bn.on_critical_path} builds{gain}")
         if b.latest and b.latest.steps:
             cp = b.latest
             label = f", {cp.label}" if cp.label else ""

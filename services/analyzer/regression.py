@@ -174,7 +174,7 @@ class StreamingDetector:
         eng = s.engines.get(name)
         if eng is None:
             eng = s.engines[name] = Engine()
-        events: list[tuple[Event, str]] = []
+        events: list[tuple[Event, Channel]] = []
         ev = eng.push(i, value, p)
         if ev is not None:
             events.append((ev, name))

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildSession,
+    CacheResult,
     SessionTotals,
     TargetMetrics,
+    TargetStatus,
     VcsInfo,
 )
 
@@ -74,6 +76,7 @@ def generate(sc: Scenario) -> list[BuildSession]:
             ready = max((ends[j] for j in dep_idx[i]), default=t0)
             wfree, w = heapq.heappop(free)
             start = max(ready, wfree) + 0.001
+            cache: CacheResult
             if not cacheable[i]:
                 cache = "uncacheable"
             else:
@@ -85,7 +88,7 @@ def generate(sc: Scenario) -> list[BuildSession]:
                 for (tn, at), m in sc.target_steps.items():
                     if tn == name and k >= at:
                         dur *= m
-            status = "success"
+            status: TargetStatus = "success"
             if name == broken or (name in sc.flaky and rng.random() < 0.1):
                 status = "failed"
             ends[i] = start + dur
@@ -94,7 +97,7 @@ def generate(sc: Scenario) -> list[BuildSession]:
             misses += cache == "miss"
             failed += status == "failed"
             metrics.append(TargetMetrics(name=name, start=start, end=start + dur, duration_s=dur, status=status,
-                                         cache=cache, worker=f"w{w}", deps=deps[i]))  # type: ignore[arg-type]
+                                         cache=cache, worker=f"w{w}", deps=deps[i]))
         finish = max(ends) + 0.01
         metrics.sort(key=lambda m: (m.start, m.name))
         out.append(BuildSession(

@@ -31,6 +31,7 @@ length is caught instead of making the reader skip a random distance.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import time
@@ -40,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+
+# A segment image: read into memory, or mapped (recovery maps whole segments rather than copy them).
+Image = bytes | mmap.mmap
 
 FORMAT_VERSION = 1
 FILE_MAGIC = b"\x89BTSEG\r\n"
@@ -132,7 +136,7 @@ def encode_record(payload: bytes, *, stored_at: float | None = None, kind: int =
 
 # -- decoding ---------------------------------------------------------------------------------
 
-def parse_header(data: bytes) -> tuple[SegmentHeader | None, str | None]:
+def parse_header(data: Image) -> tuple[SegmentHeader | None, str | None]:
     """The header, or ``(None, reason)``; a newer version is reported with its number."""
     if len(data) < _HEADER_PREFIX.size:
         return None, BAD_HEADER
@@ -148,7 +152,7 @@ def parse_header(data: bytes) -> tuple[SegmentHeader | None, str | None]:
     return SegmentHeader(version, hdr_len, created), None
 
 
-def check_record(data: bytes | memoryview, pos: int) -> RecordRef | str:
+def check_record(data: Image | memoryview, pos: int) -> RecordRef | str:
     """The intact record at ``pos``, or the reason it is not one."""
     size = len(data)
     if size - pos < RECORD_HEADER_LEN:
@@ -171,11 +175,11 @@ def check_record(data: bytes | memoryview, pos: int) -> RecordRef | str:
     return RecordRef(pos, length, stored_at, kind)
 
 
-def payload_of(data: bytes, ref: RecordRef) -> bytes:
+def payload_of(data: Image, ref: RecordRef) -> bytes:
     return data[ref.offset + RECORD_HEADER_LEN : ref.end]
 
 
-def _resync(data: bytes, start: int) -> RecordRef | None:
+def _resync(data: Image, start: int) -> RecordRef | None:
     """The next intact record at or after ``start``, found by its magic."""
     pos = data.find(REC_MAGIC, start)
     while pos != -1:
@@ -186,7 +190,7 @@ def _resync(data: bytes, start: int) -> RecordRef | None:
     return None
 
 
-def scan(data: bytes, file: str) -> ScanResult:
+def scan(data: Image, file: str) -> ScanResult:
     """Every intact record of a segment image, and a :class:`Damage` per damaged region.
 
     Never raises on bad input: a reader must come up with whatever survived.
@@ -227,7 +231,7 @@ def scan(data: bytes, file: str) -> ScanResult:
     return result
 
 
-def _looks_torn(data: bytes, pos: int, reason: str) -> bool:
+def _looks_torn(data: Image, pos: int, reason: str) -> bool:
     """A partial last record (an interrupted append), as opposed to a corrupted one.
 
     A record running past the end of file is what a crash mid-write leaves; an all-zero

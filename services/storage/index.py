@@ -14,7 +14,7 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -65,7 +65,11 @@ class SessionView(msgspec.Struct, tag="session", tag_field="type"):
 
 
 view_decoder = msgspec.msgpack.Decoder(SessionView)
-_EMPTY_HASHES = array("I")
+if TYPE_CHECKING:
+    HashArray = array[int]
+else:  # array.array cannot be subscripted at run time before Python 3.12
+    HashArray = array
+_EMPTY_HASHES: HashArray = array("I")
 
 
 def target_hash(name: str) -> int:
@@ -82,7 +86,7 @@ class Summary(msgspec.Struct, frozen=True, gc=False):
     outcome: str
     branch: str | None
     agents: tuple[str, ...]
-    target_hashes: array  # sorted, 32-bit
+    target_hashes: HashArray  # sorted, 32-bit
     segment: Any  # store.Segment: holds the file descriptor reads use
     offset: int  # of the record header
     length: int  # payload bytes

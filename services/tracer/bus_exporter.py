@@ -53,6 +53,8 @@ def _attrs(attributes: Any) -> dict[str, Any]:
 def record_from_readable(span: ReadableSpan) -> SpanRecord:
     """The SDK's finished span as a :class:`SpanRecord` (OTLP numbering for kind and status)."""
     ctx = span.get_span_context()
+    if ctx is None:  # the SDK gives every span it started a context; a hand-made ReadableSpan may lack one
+        raise ValueError(f"span {span.name!r} has no span context: its trace and span ids are unknown")
     parent = span.parent
     status = span.status
     scope = span.instrumentation_scope

@@ -255,7 +255,8 @@ def build_request(spans: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
 
 def encode_request(spans: Sequence[SpanRecord]) -> bytes:
     """An OTLP/protobuf ``ExportTraceServiceRequest`` body carrying ``spans``."""
-    return build_request(spans).SerializeToString()
+    body: bytes = build_request(spans).SerializeToString()  # the protobuf stubs leave it untyped
+    return body
 
 
 def encode_response(rejected: int = 0, error_message: str = "") -> bytes:
@@ -263,7 +264,8 @@ def encode_response(rejected: int = 0, error_message: str = "") -> bytes:
     if rejected or error_message:
         resp.partial_success.rejected_spans = rejected
         resp.partial_success.error_message = error_message
-    return resp.SerializeToString()
+    body: bytes = resp.SerializeToString()  # the protobuf stubs leave it untyped
+    return body
 
 
 def decode_response(body: bytes) -> tuple[int, str]:
