@@ -129,7 +129,7 @@ def _path(host: str, path: str) -> str:
     for i, seg in enumerate(segs):
         low = seg.lower()
         if low in _WEBHOOK_SEGMENTS and any(segs[i + 1:]):
-            return "/".join(segs[:i + 1] + [REDACTED])
+            return "/".join([*segs[:i + 1], REDACTED])
         if low in _SECRET_SEGMENTS and i + 1 < len(segs) and segs[i + 1]:
             segs[i + 1] = REDACTED
     return "/".join(segs)
