@@ -30,6 +30,10 @@ def _add_otel_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure(level: str = "info", fmt: str = "auto", *, force: bool = False) -> None:
     global _configured
     if _configured and not force:
@@ -46,7 +50,9 @@ def configure(level: str = "info", fmt: str = "auto", *, force: bool = False) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr as it is when a line is written, not when logging was configured: a process
+        # (or a test run) may replace it later, and the old one may be closed by then.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     _configured = True
