@@ -20,6 +20,7 @@ SERVICES: dict[str, str] = {
 # Services with their own serve options: a module with ``add_serve_arguments(parser)`` and
 # ``options_from_args(args) -> dict`` (the service's keyword arguments).
 SERVE_OPTIONS: dict[str, str] = {
+    "storage": "buildtel.services.storage.options",
     "tracer": "buildtel.services.tracer.options",
 }
 
@@ -49,17 +50,24 @@ def create(name: str, settings: Settings, nats_url: str, redis_url: str, **optio
     return factory(settings, nats_url, redis_url, **options)
 
 
-def main_for(name: str) -> int:
-    """``python -m buildtel.services.<name>``: run that one service until SIGTERM/SIGINT, joining the NATS and
-    Redis named by ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` (``buildtel serve`` does the same
-    and also finds a local stack)."""
+def main_for(name: str, argv: list[str] | None = None) -> int:
+    """``python -m buildtel.services.<name> [options]``: run that one service until SIGTERM/SIGINT,
+    joining the NATS and Redis named by ``BUILDER_TELEMETRY_NATS_URL``/``_REDIS_URL`` (``buildtel
+    serve`` does the same and also finds a local stack).  Exit codes: 0 after a signal, 1 when
+    start-up fails (one log line, no traceback), 2 on bad configuration."""
     import asyncio
     import sys
 
-    from buildtel.shared.logs import configure
+    from buildtel.shared.logs import configure, get_logger
     from buildtel.shared.runner import run_until_signal
     from buildtel.shared.settings import SettingsError
 
+    parser = argparse.ArgumentParser(prog=f"python -m buildtel.services.{name}",
+                                     description=f"Run the {name} service until SIGTERM/SIGINT.")
+    module = SERVE_OPTIONS.get(name)
+    if module:
+        importlib.import_module(module).add_serve_arguments(parser)
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -69,5 +77,10 @@ def main_for(name: str) -> int:
     if not (settings.nats_url and settings.redis_url):
         print(f"{name}: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signal([create(name, settings, settings.nats_url, settings.redis_url)]))
+    service = create_from_args(name, args, settings, settings.nats_url, settings.redis_url)
+    try:
+        asyncio.run(run_until_signal([service]))
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
+        get_logger(name).error(f"{name}.failed", error=repr(exc))
+        return 1
     return 0
