@@ -27,7 +27,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-__all__ = ["DEFAULT_LIMITS", "BodyError", "HttpLimits", "decode_json", "json_depth", "read_body", "start_site"]
+__all__ = ["DEFAULT_LIMITS", "BodyError", "HttpLimits", "RunningSite", "decode_json", "json_depth", "read_body",
+           "start_site"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,24 @@ class BodyError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass
+class RunningSite:
+    """A started HTTP endpoint: where it listens, the path it serves, ``await close()`` to stop it."""
+
+    runner: web.AppRunner
+    host: str
+    port: int
+    path: str = "/"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
 
 
 async def start_site(app: web.Application, host: str, port: int, limits: HttpLimits = DEFAULT_LIMITS,

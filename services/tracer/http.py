@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from buildtel.services.tracer import otlp, otlp_json
-from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
+from buildtel.shared.httpserver import BodyError, HttpLimits, RunningSite, decode_json, read_body, start_site
 from buildtel.shared.logs import get_logger
 from buildtel.shared.tracemodel import SpanRecord
 
@@ -176,19 +176,10 @@ def create_app(sink: Sink, *, token: str | None = None, stats: ReceiverStats | N
 
 
 @dataclass
-class RunningReceiver:
-    runner: web.AppRunner
-    host: str
-    port: int
-    stats: ReceiverStats
+class RunningReceiver(RunningSite):
+    """The started OTLP/HTTP receiver (``url`` ends in ``/v1/traces``) and its counters."""
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1/traces"
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
+    stats: ReceiverStats = field(default_factory=lambda: ReceiverStats())
 
 
 async def start_receiver(sink: Sink, *, host: str, port: int, token: str | None = None,
@@ -197,4 +188,4 @@ async def start_receiver(sink: Sink, *, host: str, port: int, token: str | None 
     stats = ReceiverStats()
     runner = await start_site(create_app(sink, token=token, stats=stats, limits=limits), host, port, limits,
                               auto_decompress=False)
-    return RunningReceiver(runner, host, runner.addresses[0][1], stats)
+    return RunningReceiver(runner, host, runner.addresses[0][1], "/v1/traces", stats)

@@ -18,7 +18,6 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -28,7 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from yarl import URL
 
-from buildtel.shared.httpserver import BodyError, HttpLimits, decode_json, read_body, start_site
+from buildtel.shared.httpserver import BodyError, HttpLimits, RunningSite, decode_json, read_body, start_site
 
 from .propagation import W3CTraceContextPropagator, extract_headers, inject_headers
 
@@ -165,21 +164,7 @@ def create_app(
     return app
 
 
-@dataclass
-class RunningTestpoint:
-    """A started testpoint; ``await close()`` stops it."""
-
-    runner: web.AppRunner
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/test"
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
+RunningTestpoint = RunningSite  # a started testpoint (url ends in /test); ``await close()`` stops it
 
 
 async def start_testpoint(
@@ -189,7 +174,7 @@ async def start_testpoint(
     limits = app_options.get("limits", LIMITS)
     runner = await start_site(create_app(**app_options), host, port, limits)
     bound_port = runner.addresses[0][1]
-    return RunningTestpoint(runner=runner, host=host, port=bound_port)
+    return RunningSite(runner=runner, host=host, port=bound_port, path="/test")
 
 
 async def serve_testpoint(

@@ -14,7 +14,9 @@ T = TypeVar("T")
 
 async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 15.0,
                      ok: Callable[[T], bool] = bool) -> T:
-    """Poll ``probe`` until ``ok(result)``; a 404 from the tracer means "not yet"."""
+    """Poll ``probe`` until ``ok(result)``; a 404 from the tracer means "not yet", and so do 503
+    and 504 (no instance answering yet, or none in time): transient on a loaded machine, and the
+    wait is bounded by ``timeout`` all the same."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -23,7 +25,7 @@ async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 15.0
             if ok(last):
                 return last
         except QueryError as exc:
-            if exc.code != 404:
+            if exc.code not in (404, 503, 504):
                 raise
             last = exc
         if time.monotonic() > deadline:
