@@ -132,7 +132,7 @@ async def run_pipeline(nats_url: str, redis_url: str, cache: Path, agents: int,
             try:
                 await client.stats()
                 break
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - not up yet: poll again (bounded)
                 await asyncio.sleep(0.1)
         # ... and for the collector's durable consumer: the clock measures ingest, not process start
         # (the bare subscriber is likewise ready before its clock starts).
@@ -140,7 +140,7 @@ async def run_pipeline(nats_url: str, redis_url: str, cache: Path, agents: int,
             try:
                 await js.consumer_info(Subjects(NS).events_stream, "collector")
                 break
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - not up yet: poll again (bounded)
                 await asyncio.sleep(0.1)
         # Each agent publishes its own batches, in order, with a bounded window of acks in flight.
         per_agent: dict[str, list[tuple[str, str, bytes]]] = {}

@@ -129,7 +129,7 @@ async def test_retention_by_count_while_reading(tmp_path: Path, make_session) ->
                 for s in got:
                     assert s == sessions[int(s.labels["job"])]
                 reads += 1
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - every failure of a reader is the test's finding
                 errors.append(exc)
                 return
             await asyncio.sleep(0)
@@ -174,7 +174,7 @@ async def test_retention_by_age_and_compaction(tmp_path: Path, make_session) -> 
                 for s in survivors:
                     got = await store.get(s.id)
                     assert got is None or got == s
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - every failure of a reader is the test's finding
                 seen_errors.append(exc)
                 return
 
