@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,17 @@ def ninja_targets(argv: list[str]) -> list[str]:
             out.append(a)
         i += 1
     return out
+
+
+def needed_total(invocations: Iterable[tuple[str, Path, list[str]]]) -> int | None:
+    """:func:`needed_edges` summed over ninja invocations; None as soon as one cannot say."""
+    total = 0
+    for exe, cwd, argv in invocations:
+        n = needed_edges(exe, cwd, argv)
+        if n is None:
+            return None
+        total += n
+    return total
 
 
 def needed_edges(ninja: str, cwd: Path, argv: list[str], timeout: float = 4.0) -> int | None:
@@ -253,13 +265,8 @@ class NinjaCapture:
         ninja's own ``-t commands``; None when not known."""
         if not self.invocations:
             return None
-        needed = 0
-        for exe, cwd, argv in self.invocations:
-            n = needed_edges(exe, cwd, argv)
-            if n is None:
-                return None
-            needed += n
-        return max(needed - self.edges, 0)
+        needed = needed_total(self.invocations)
+        return None if needed is None else max(needed - self.edges, 0)
 
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
         self._t0 = time.time()

@@ -176,15 +176,12 @@ class TreeCapture:
         not say)."""
         if self.make.makes or not self.ninja_runs:
             return None
-        total = 0
-        # A ninja with nothing to do never opens its log for writing: count it on its own.
-        for exe, cwd, argv in self._pending_invocations:
-            from buildtel.shared.capture.ninja import needed_edges
+        from buildtel.shared.capture.ninja import needed_total
 
-            n = needed_edges(exe, cwd, argv)
-            if n is None:
-                return None
-            total += n
+        # A ninja with nothing to do never opens its log for writing: count it on its own.
+        total = needed_total(self._pending_invocations)
+        if total is None:
+            return None
         for cap in self.ninjas.values():
             n = cap.up_to_date()
             if n is None:
