@@ -8,6 +8,7 @@ first; limits are documented in ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 import time
@@ -94,6 +95,22 @@ async def connect_nats(settings: Settings, url: str, *, name: str, role: str, **
     return await nats.connect(**opts)
 
 
+async def flush(nc: NATS, timeout: float = 5) -> None:
+    """Return when the server has processed every command this connection sent so far.
+
+    ``nc.flush()`` alone does not promise that in nats-py 2.16: its PING is written to the
+    socket ahead of the commands still queued for the flusher task (subscriptions,
+    publishes), so the PONG can arrive before the server has seen them.  A service that
+    answered "started" after such a flush got "no responders" on its first request about
+    once in ten starts on a loaded machine.  Writing the queue out first (and waiting for
+    it) puts the PING behind everything sent before it.
+    """
+    push = getattr(nc, "_flush_pending", None)  # private, but the only way to wait for the queue
+    if push is not None:
+        await asyncio.wait_for(push(force_flush=True), timeout)
+    await nc.flush(timeout=timeout)  # type: ignore[arg-type]  # nats-py annotates timeout as int
+
+
 async def close_nats(nc: NATS | None, subscriptions: list[Any] | None = None) -> None:
     """Unsubscribe, flush what was published, close. Idempotent.
 
@@ -108,7 +125,7 @@ async def close_nats(nc: NATS | None, subscriptions: list[Any] | None = None) ->
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
     with contextlib.suppress(Exception):
-        await nc.flush(timeout=2)
+        await flush(nc, timeout=2)
     with contextlib.suppress(Exception):
         await nc.close()
 

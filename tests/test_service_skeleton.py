@@ -90,3 +90,43 @@ async def test_a_declared_service_consumes_dead_letters_serves_and_stops(setting
         await sub.unsubscribe()
     assert svc.nc.is_closed and all(t.done() for t in svc._tasks)
     msgspec.msgpack.encode(svc.stopped_fields())  # plain data for the log
+
+
+@pytest.mark.timeout(120)
+async def test_a_started_service_answers_its_very_first_request(settings: Settings, nc: Any) -> None:
+    # start() returns once the server has the endpoints: a CLI asking right after `up` must not
+    # hear "no service is answering".  nats-py's own flush() let its PING overtake the queued
+    # SUBs, which showed as a 503 on about one start in ten on a loaded machine.
+    for attempt in range(10):
+        svc = Probe(settings, settings.nats_url or "", settings.redis_url or "")
+        await svc.start()
+        try:
+            reply = await micro.request(nc, svc.subjects.endpoint("tracer", "echo"), b"hi", timeout=10,
+                                        service="probe", error=_Err)
+            assert reply == b"HI", attempt
+        except _Err as exc:
+            raise AssertionError(f"start {attempt + 1}: {exc}") from None
+        finally:
+            await svc.stop()
+
+
+async def test_bus_flush_is_a_barrier_for_queued_subscriptions(settings: Settings, nc: Any) -> None:
+    from buildtel.shared.bus import connect_nats, flush
+
+    server = await connect_nats(settings, settings.nats_url or "", name="barrier", role="operator")
+    try:
+        for i in range(300):
+            subject = f"{settings.namespace}.barrier.{i}"
+
+            async def answer(msg: Any) -> None:
+                await msg.respond(b"ok")
+
+            sub = await server.subscribe(subject, cb=answer)  # queued, not yet on the wire
+            await flush(server)
+            try:
+                assert (await nc.request(subject, b"", timeout=10)).data == b"ok"
+            except Exception as exc:
+                raise AssertionError(f"subscription {i}: {exc!r} after flush()") from None
+            await sub.unsubscribe()
+    finally:
+        await server.close()
