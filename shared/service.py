@@ -44,10 +44,12 @@ from buildtel.shared.bus import (
     connect_nats,
     connect_redis,
     ensure_streams,
-    flush,
     note_failure,
     publish_dead_letter,
     watch_max_deliveries,
+)
+from buildtel.shared.bus import (
+    flush as flush_nats,
 )
 from buildtel.shared.keys import Keys
 from buildtel.shared.logs import get_logger
@@ -251,7 +253,7 @@ class BusService:
             for ep in endpoints:
                 await self.micro.add_endpoint(name=ep.name, subject=ep.subject,
                                               handler=lambda req, ep=ep: self._serve(ep, req))
-        await flush(self.nc)  # the server knows the endpoints before start() says we are ready
+        await flush_nats(self.nc)  # the server knows the endpoints before start() says we are ready
         for run in state.consumers:
             run.task = asyncio.create_task(self._consume(run), name=f"{self.name}.consume.{run.decl.stream}")
         state.workers = [(w, asyncio.create_task(w.run(), name=f"{self.name}.{w.name}")) for w in self.workers()]
@@ -364,7 +366,7 @@ class BusService:
                 await self.redis.incr(self.keys.dead_letters(self.name, code))
         if flush:
             try:
-                await flush(self.nc, timeout=5)
+                await flush_nats(self.nc, timeout=5)
             except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
                 self.log.warning(f"{self.name}.dead_letter_flush_failed", error=repr(exc))
         if ack:
@@ -376,7 +378,7 @@ class BusService:
         for msg, reason in bad:
             await self.dead_letter(msg, reason, code=code, ack=False)
         try:
-            await flush(self.nc, timeout=5)
+            await flush_nats(self.nc, timeout=5)
         except Exception as exc:  # noqa: BLE001 - acking anyway: redelivery would fail identically
             self.log.warning(f"{self.name}.dead_letter_flush_failed", error=repr(exc))
         for msg, _ in bad:
