@@ -120,6 +120,13 @@ def encode_header(created: float | None = None) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def new_created(previous: float) -> float:
+    """A header time for a rewrite of a segment created at ``previous``: now, and never equal to
+    it (index files are matched to their segment by it)."""
+    now = time.time()
+    return now if now != previous else now + 1e-6
+
+
 def record_header(payload: bytes, *, stored_at: float | None = None, kind: int = KIND_SESSION) -> bytes:
     """The 24 bytes that precede ``payload`` on disk (written with it via writev: no copy)."""
     if len(payload) > MAX_RECORD_BYTES:
@@ -190,8 +197,10 @@ def _resync(data: Image, start: int) -> RecordRef | None:
     return None
 
 
-def scan(data: Image, file: str) -> ScanResult:
-    """Every intact record of a segment image, and a :class:`Damage` per damaged region.
+def scan(data: Image, file: str, start: int | None = None) -> ScanResult:
+    """Every intact record of a segment image, and a :class:`Damage` per damaged region;
+    from ``start`` (a record boundary past the header) when given: the bytes before it are
+    known already (a verified index file describes them).
 
     Never raises on bad input: a reader must come up with whatever survived.
     """
@@ -202,6 +211,8 @@ def scan(data: Image, file: str) -> ScanResult:
                                                   reason=UNSUPPORTED_VERSION, action="skipped")])
     result = ScanResult(header)
     pos = header.header_len if header else 0
+    if start is not None and header is not None:
+        pos = max(pos, start)
     if header is None:
         # Unreadable header: salvage records by scanning for their magic from the start.
         first = _resync(data, 0)
@@ -316,7 +327,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes], *, fsync: bool = True) -> 
 def remove_leftovers(directory: Path) -> list[Path]:
     """Temporary files of an interrupted create or compaction: never the only copy of anything."""
     removed = []
-    for p in directory.glob(f"seg-*{SEGMENT_SUFFIX}{TMP_SUFFIX}"):
+    for p in [*directory.glob(f"seg-*{SEGMENT_SUFFIX}{TMP_SUFFIX}"), *directory.glob(f"seg-*.idx{TMP_SUFFIX}")]:
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed

@@ -8,7 +8,9 @@ Kept apart from ``store.py`` so that ``store -> maintenance -> segments`` points
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -20,9 +22,11 @@ class DamageReport(msgspec.Struct, kw_only=True):
 
     damages: list[fmt.Damage] = []
     segments: int = 0
-    records: int = 0  # intact records read
+    records: int = 0  # intact records read (from index files or by scanning)
     sessions: int = 0  # indexed after de-duplication (before retention)
     duplicates: int = 0  # intact records whose id was already indexed
+    indexed_from_sidecars: int = 0  # segments whose records came from a verified index file
+    scanned_bytes: int = 0  # segment bytes read and checksummed at open (the rest: see verify())
 
     @property
     def ok(self) -> bool:
@@ -40,11 +44,15 @@ class Segment:
 
     Summaries reference their Segment, so the descriptor lives exactly as long as
     something can still read through it (closed in ``__del__`` or by ``close()``).
+    ``rows``/``hashes``: while the segment takes appends, the index rows of its records so far,
+    for its index file (``sidecar.py``) when it is sealed; None once sealed.
     """
 
-    __slots__ = ("__weakref__", "fd", "header_len", "number", "path", "size", "wfd")
+    __slots__ = ("__weakref__", "created", "fd", "hashes", "header_len", "number", "path", "rows", "size",
+                 "verified", "wfd")
 
-    def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False) -> None:
+    def __init__(self, number: int, path: Path, size: int, header_len: int, *, writable: bool = False,
+                 created: float = 0.0) -> None:
         self.number = number
         self.path = path
         self.fd = self.wfd = -1
@@ -52,6 +60,10 @@ class Segment:
         self.wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1  # __del__ closes fd on error
         self.size = size
         self.header_len = header_len
+        self.created = created
+        self.rows: list[Any] | None = None
+        self.hashes: list[array[int]] | None = None
+        self.verified = False  # every record checksummed since open (a scan, or verify())
 
     def close_writer(self) -> None:
         if self.wfd >= 0:

@@ -43,10 +43,10 @@ from buildtel.services.storage.store import (
     DEFAULT_SEGMENT_BYTES,
     DamageReport,
     Page,
-    SessionFacts,
     StorageClosed,
     TelemetryStorage,
 )
+from buildtel.services.storage.summary import SessionFacts
 from buildtel.shared.bus import MAX_DELIVER, note_failure
 from buildtel.shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
 from buildtel.shared.service import (

@@ -1,13 +1,15 @@
-"""TelemetryStorage: the append-only session store (segment files + an in-memory index).
+"""TelemetryStorage: the append-only session store (segment files, their index files, and an
+in-memory index of compact summaries with postings).
 
 Concurrency model.  One writer at a time (``_write_lock``) appends to the
-*active* segment and publishes a new immutable :class:`Snapshot`; readers take
-whatever snapshot is current and ``pread`` records through the file
-descriptors the summaries point at, in worker threads, so a read never waits
-for a write, a fsync or a compaction.  Retention swaps in a smaller snapshot
-and then deletes or rewrites (atomically) segments nobody new can reach; a
-reader still holding the old snapshot keeps the old descriptor alive, and on
-POSIX an unlinked or replaced file stays readable through it.
+*active* segment and then adds the new summaries to the :class:`Index` (which
+only grows at its ends, never copied: ``index.py``); readers take a
+:class:`Snapshot` (the index's bounds at that moment) and ``pread`` records
+through the file descriptors the summaries point at, in worker threads, so a
+read never waits for a write, a fsync or a compaction.  Retention moves the
+index's bounds and then deletes or rewrites (atomically) segments nobody new can
+reach; a reader still holding an older snapshot keeps the old descriptor alive,
+and on POSIX an unlinked or replaced file stays readable through it.
 
 fsync policy (``fsync=True``, the default): :meth:`append_many` writes every
 new record of the batch and then calls fsync once on each file it touched
@@ -25,29 +27,32 @@ import fcntl
 import os
 import time
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from buildtel.services.storage import format as fmt
 from buildtel.services.storage import maintenance
-from buildtel.services.storage.index import (
-    Filters,
-    Key,
-    Snapshot,
-    Summary,
-    summarize,
-    view_decoder,
-)
+from buildtel.services.storage.index import Filters, Index, Key, Snapshot
 
 # Segment and the reports live in segments.py so maintenance.py need not import this module;
 # they stay importable from here.
 from buildtel.services.storage.segments import DamageReport as DamageReport  # re-exported: service.py
 from buildtel.services.storage.segments import RetentionReport as RetentionReport
 from buildtel.services.storage.segments import Segment
+from buildtel.services.storage.summary import (
+    Prepared,
+    SessionFacts,
+    Summary,
+    prepare,
+    sorted_hashes,
+    summarize,
+    view_decoder,
+)
 from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.files import private_dir
 from buildtel.shared.logs import get_logger
@@ -59,33 +64,22 @@ DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 LOCK_FILE = "LOCK"
 
 
-def _prepare(payloads: Sequence[bytes], stored_at: float) -> list[Summary]:
-    """Index summaries (not yet placed in a file) for encoded sessions; raises on a payload that
-    is no session.  Only the small summaries outlive this call, not the decoded views."""
-    return [summarize(view_decoder.decode(p), stored_at, None, 0, len(p)) for p in payloads]
+def _commit_rows(seg: Segment, placed: list[Prepared]) -> None:
+    """Record written (and flushed) records in the rows of the segment's future index file."""
+    if seg.rows is not None and seg.hashes is not None:
+        for summary, hashes in placed:
+            seg.rows.append(summary)
+            seg.hashes.append(hashes)
 
 
-class SessionFacts(NamedTuple):
-    """What the index needs of a session its caller has decoded already (duck-types
-    ``index.SessionView`` for ``summarize``): storage validates a session by decoding it in full,
-    and the summary is taken from that decode instead of decoding the bytes a second time."""
-
-    id: str
-    start: float
-    finish: float
-    outcome: str
-    labels: dict[str, str]
-    agents: list[str]
-    environment: Any
-    names: list[str]
-
-    @classmethod
-    def of(cls, session: BuildSession) -> SessionFacts:
-        return cls(session.id, session.start, session.finish, session.outcome, session.labels, session.agents,
-                   session.environment, [t.name for t in session.targets])
-
-    def target_names(self) -> list[str]:
-        return self.names
+def _take(snap: Snapshot, filters: Filters, desc: bool, limit: int, cursor: Key | None
+          ) -> tuple[list[Summary], Key | None]:
+    out: list[Summary] = []
+    for s in snap.select(filters, desc=desc, cursor=cursor):
+        if len(out) >= limit:
+            return out, out[-1].key
+        out.append(s)
+    return out, None
 
 
 class StorageClosed(RuntimeError):
@@ -102,7 +96,8 @@ class StoreStats(msgspec.Struct, kw_only=True):
     disk_bytes: int
     oldest: float | None
     newest: float | None
-    damaged_regions: int  # found by the last open()
+    damaged_regions: int  # found by the last open() (and verify())
+    unverified_segments: int = 0  # opened from index files and not yet checksummed by verify()
 
 
 @dataclass
@@ -128,7 +123,9 @@ class TelemetryStorage:
         self.segment_bytes = segment_bytes
         self.compact_below = compact_below  # rewrite a segment once live bytes fall below this share
         self.log = get_logger("storage", directory=str(self.directory))
-        self._snap = Snapshot.empty()
+        self._index = Index()
+        self._live: dict[Segment, int] = {}  # bytes of indexed records per segment
+        self._retention_dirty = True  # the first run after open looks at every segment
         self._segments: list[Segment] = []
         self._all_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
         self._active: Segment | None = None
@@ -170,11 +167,14 @@ class TelemetryStorage:
         self._closed = True
         async with self._retention_lock, self._write_lock:
             await self._idle.wait()
+            active = self._active
+            if active is not None:
+                await asyncio.to_thread(maintenance.seal, self, active)  # the next open reads it
             for seg in list(self._all_segments):
                 seg.close()
             self._segments = []
             self._active = None
-            self._snap = Snapshot.empty()
+            self._index = Index()
             self._unlock()
 
     def _lock(self) -> None:
@@ -218,20 +218,20 @@ class TelemetryStorage:
         self._check_open()
         now = time.time()
         if facts is None:
-            prepared = await asyncio.to_thread(_prepare, payloads, now)
+            prepared = await asyncio.to_thread(prepare, payloads, now)
         else:
             if len(facts) != len(payloads):
                 raise ValueError(f"facts must have one entry per payload ({len(facts)} for {len(payloads)})")
             # SessionFacts has the attributes of index.SessionView that summarize reads.
-            prepared = [summarize(f, now, None, 0, len(p))  # type: ignore[arg-type]
+            prepared = [(summarize(f, now, None, 0, len(p)), array("I", sorted_hashes(f.names)))
                         for f, p in zip(facts, payloads, strict=True)]
-        return await asyncio.shield(self._append([p.id for p in prepared], payloads.__getitem__, prepared, now))
+        return await asyncio.shield(self._append([p[0].id for p in prepared], payloads.__getitem__, prepared, now))
 
     async def _append(self, ids: list[str], get: Callable[[int], bytes],
-                      prepared: list[Summary] | None, now: float) -> list[bool]:
+                      prepared: list[Prepared] | None, now: float) -> list[bool]:
         async with self._write_lock:
             self._check_open()
-            known = self._snap.by_id
+            known = self._index
             flags: list[bool] = []
             todo: list[int] = []
             seen: set[str] = set()
@@ -242,29 +242,39 @@ class TelemetryStorage:
                     seen.add(sid)
                     todo.append(i)
             if todo:
-                summaries = await asyncio.to_thread(self._write_batch, [get(i) for i in todo],
-                                                    None if prepared is None else [prepared[i] for i in todo], now)
-                self._snap = self._snap.with_added(summaries)
+                placed = await asyncio.to_thread(self._write_batch, [get(i) for i in todo],
+                                                 None if prepared is None else [prepared[i] for i in todo], now,
+                                                 self._index.next_ord)
+                self._index.add(placed)  # visible to readers from here on: after the fsync
+                live = self._live
+                for summary, _ in placed:
+                    live[summary.segment] = live.get(summary.segment, 0) + fmt.RECORD_HEADER_LEN + summary.length
             return flags
 
-    def _write_batch(self, payloads: list[bytes], prepared: list[Summary] | None, now: float) -> list[Summary]:
+    def _write_batch(self, payloads: list[bytes], prepared: list[Prepared] | None, now: float,
+                     first_ord: int) -> list[Prepared]:
         if prepared is None:
-            prepared = _prepare(payloads, now)  # fails before anything is written
+            prepared = prepare(payloads, now)  # fails before anything is written
         seg = self._active or self._new_segment()
         base = seg.size  # where this batch starts in the current segment
-        out: list[Summary] = []
+        out: list[Prepared] = []
+        placed: list[Prepared] = []  # in ``seg``, not yet in its rows (see _commit_rows)
         chunks: list[bytes] = []  # header, payload, header, payload…: written by writev, never joined
         pending = 0
         try:
-            for p, summary in zip(payloads, prepared, strict=True):
+            for k, (p, item) in enumerate(zip(payloads, prepared, strict=True)):
                 head = fmt.record_header(p, stored_at=now)
                 size = len(head) + len(p)
                 if chunks and seg.size + pending + size > self.segment_bytes:
                     self._flush(seg, chunks, pending)
+                    _commit_rows(seg, placed)
                     seg = self._roll()
                     base = seg.size
-                    chunks, pending = [], 0
-                out.append(msgspec.structs.replace(summary, segment=seg, offset=seg.size + pending))
+                    chunks, pending, placed = [], 0, []
+                summary = item[0]  # ours alone until the index publishes it: filled in place
+                summary.segment, summary.offset, summary.ord = seg, seg.size + pending, first_ord + k
+                placed.append(item)
+                out.append(item)
                 chunks += (head, p)
                 pending += size
             self._flush(seg, chunks, pending)
@@ -273,9 +283,11 @@ class TelemetryStorage:
         except BaseException:
             self._abandon(seg, base)
             raise
+        _commit_rows(seg, placed)
         if seg.size >= self.segment_bytes:
             seg.close_writer()  # full: the next append starts a new segment
             self._active = None
+            maintenance.seal(self, seg)
         return out
 
     def _flush(self, seg: Segment, chunks: list[bytes], pending: int) -> None:
@@ -293,6 +305,7 @@ class TelemetryStorage:
         except OSError:
             pass
         seg.close_writer()
+        seg.rows = seg.hashes = None  # no index file: the next open scans it (and reports any torn tail)
         if self._active is seg:
             self._active = None
 
@@ -300,20 +313,24 @@ class TelemetryStorage:
         number = self._next_number
         self._next_number += 1
         path = self.directory / fmt.segment_name(number)
-        header = fmt.encode_header()
+        created = time.time()
+        header = fmt.encode_header(created)
         fmt.atomic_write(path, [header], fsync=self.fsync)
-        seg = Segment(number, path, len(header), len(header), writable=True)
+        seg = Segment(number, path, len(header), len(header), writable=True, created=created)
+        seg.rows, seg.hashes, seg.verified = [], [], True
         self._all_segments.add(seg)
         self._segments.append(seg)
         self._active = seg
         return seg
 
     def _roll(self) -> Segment:
-        if self._active is not None:
+        old = self._active
+        if old is not None:
             if self.fsync:
-                os.fsync(self._active.wfd)
-            self._active.close_writer()
+                os.fsync(old.wfd)
+            old.close_writer()
             self._active = None
+            maintenance.seal(self, old)
         return self._new_segment()
 
     # -- reads -------------------------------------------------------------------------------
@@ -323,7 +340,7 @@ class TelemetryStorage:
 
     async def get_raw(self, session_id: str) -> bytes | None:
         self._check_open()
-        s = self._snap.by_id.get(session_id)
+        s = self._index.snapshot().get(session_id)
         if s is None:
             return None
         return await self._in_thread(self._read, s)
@@ -338,27 +355,48 @@ class TelemetryStorage:
 
     async def query(self, outcome: str | None = None, branch: str | None = None, agent: str | None = None,
                     target: str | None = None, since: float | None = None, until: float | None = None,
-                    limit: int = 100) -> list[BuildSession]:
+                    limit: int = 100, *, name: str | None = None, label: str | None = None) -> list[BuildSession]:
         """Sessions matching every given filter, newest first; times are finish times."""
-        f = Filters(outcome=outcome, branch=branch, agent=agent, target=target, since=since, until=until)
+        f = Filters(outcome=outcome, branch=branch, agent=agent, name=name, label=label, target=target,
+                    since=since, until=until)
         return await self._sessions(f, desc=True, limit=limit)
+
+    async def summaries(self, filters: Filters, *, desc: bool = True, limit: int = 100,
+                        cursor: Key | None = None) -> tuple[list[Summary], Key | None]:
+        """Compact summaries (no record is read) and the cursor of the next page (None: no more).
+
+        A target filter matches by name hash here; a collision (1 in 4 billion per pair of
+        names) would list a session that lacks the target."""
+        self._check_open()
+        snap = self._index.snapshot()
+        return await self._in_thread(_take, snap, filters, desc, limit, cursor)
+
+    async def verify(self) -> DamageReport:
+        """Checksum every record not checksummed since open (segments opened from their index
+        files); logs and returns the damage found."""
+        self._check_open()
+        report = await self._in_thread(maintenance.verify, self)
+        self.last_report.damages.extend(report.damages)
+        return report
 
     async def page(self, filters: Filters, *, desc: bool = True, limit: int | None = None,
                    cursor: Key | None = None, max_bytes: int | None = None) -> Page:
         """Raw payloads for the query API: keyset-paginated and bounded in bytes (at least one item)."""
         self._check_open()
-        snap = self._snap
+        snap = self._index.snapshot()
         return await self._in_thread(self._collect, snap, filters, desc, limit, cursor, max_bytes)
 
     async def count(self) -> int:
-        return len(self._snap.order)
+        return self._index.count
 
     def stats(self) -> StoreStats:
-        order = self._snap.order
-        return StoreStats(sessions=len(order), segments=len(self._segments),
+        snap = self._index.snapshot()
+        oldest, newest = snap.oldest(), snap.newest()
+        return StoreStats(sessions=snap.count, segments=len(self._segments),
                           disk_bytes=sum(s.size for s in self._segments),
-                          oldest=order[0].t if order else None, newest=order[-1].t if order else None,
-                          damaged_regions=len(self.last_report.damages))
+                          oldest=oldest.t if oldest else None, newest=newest.t if newest else None,
+                          damaged_regions=len(self.last_report.damages),
+                          unverified_segments=sum(1 for s in self._segments if not s.verified))
 
     async def _sessions(self, filters: Filters, *, desc: bool, limit: int | None) -> list[BuildSession]:
         if limit is not None and limit <= 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from buildtel.services.storage import format as fmt
 from buildtel.services.storage.api import StorageClient, StorageError
-from buildtel.services.storage.index import view_decoder
+from buildtel.services.storage.summary import view_decoder
 from buildtel.shared.codec import encode
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects

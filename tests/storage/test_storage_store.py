@@ -250,7 +250,7 @@ def test_index_reads_targets_encoded_as_arrays_or_maps() -> None:
     """Records written while TargetMetrics was a map and after it became array_like both index."""
     import msgspec
 
-    from buildtel.services.storage.index import view_decoder
+    from buildtel.services.storage.summary import view_decoder
 
     old = msgspec.msgpack.encode({"type": "session", "id": "a" * 32,
                                   "targets": [{"name": "//old:t", "start": 1.0, "end": 2.0, "duration_s": 1.0}]})
