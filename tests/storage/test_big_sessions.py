@@ -101,7 +101,8 @@ async def test_import_over_the_limit_reads_back_whole_in_show_and_lists(
     small = [make_session(i, finish=time.time() - 100 + i * 50) for i in range(2)]
     js = nc.jetstream()
     await js.publish(subjects.sessions_completed, encode(small[0]), headers={"Nats-Msg-Id": small[0].id})
-    args = argparse.Namespace(importer="ninja", files=[str(log)], base_time="1700000000", dry_run=False)
+    args = argparse.Namespace(importer="ninja", files=[str(log)], base_time=str(time.time() - 3600),
+                              dry_run=False)  # recent: inside the store's retention
     assert await cmd_import.run_import(args, settings) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("stored ")]  # (logs aside)
     sid = line.split()[1]
@@ -187,3 +188,66 @@ async def test_missing_and_damaged_objects_are_dead_lettered_with_their_reason(
     # The letter keeps the reference, so an operator can see which object it was.
     assert by_id["m1"].headers[bigmsg.OBJECT_HEADER] == f"{bucket}/{name}"
     assert storage.stored == 1
+
+
+# The real case of issue 14: a 638,000-edge ninja build (a 64 MB session).  It runs the real CLI
+# in child processes and prints its figures (docs/performance.md keeps them).
+WRAP = ("import atexit, resource, runpy, sys; atexit.register(lambda: sys.stderr.write("
+        "f'\\nmaxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')); "
+        "runpy.run_module('buildtel.cli.main', run_name='__main__')")
+
+
+async def _cli(settings: Settings, *args: str) -> tuple[str, float, float]:
+    """Run ``buildtel ARGS``; (stdout, seconds, peak RSS in MB)."""
+    import os
+    import re
+    import sys
+
+    from tests.util import stack_env
+
+    env = dict(os.environ, **stack_env(settings))
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRAP, "--nats-url", settings.nats_url or "", "--redis-url", settings.redis_url or "",
+        "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, limit=1 << 30)
+    out, err = await proc.communicate()
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, err.decode()[-2000:]
+    rss = re.search(r"maxrss_kb=(\d+)", err.decode())
+    return out.decode(), seconds, int(rss.group(1)) / 1024 if rss else float("nan")
+
+
+@pytest.mark.timeout(900)
+async def test_a_638000_edge_ninja_build_imports_is_stored_and_reads_back(
+        settings: Settings, nc: Any, storage: StorageService, tmp_path: Any) -> None:
+    from tests.importers.big_ninja import write_ninja_log
+
+    edges = 638_000
+    log = write_ninja_log(tmp_path / "huge.ninja_log", edges)
+    subjects = Subjects(settings.namespace)
+    out, import_s, import_mb = await _cli(settings, "import", "ninja", "--base-time",
+                                            str(int(time.time()) - 3600), str(log))
+    [line] = [x for x in out.splitlines() if x.startswith("stored ")]
+    sid = line.split()[1]
+    t0 = time.monotonic()
+    client = StorageClient(nc, subjects, timeout=60.0)
+    await eventually(lambda: _count(client, 1), timeout=300.0)
+    stored_s = time.monotonic() - t0
+    record = (await client.stats()).disk_bytes
+    t0 = time.monotonic()
+    session = await client.get(sid)
+    get_s = time.monotonic() - t0
+    assert len(session.targets) == session.totals.targets == edges
+    size = len(encode(session))
+    del session
+    text, show_s, show_mb = await _cli(settings, "show", sid)
+    assert f"targets   {edges} ({edges} ok" in text
+    doc, json_s, json_mb = await _cli(settings, "show", "--json", sid)
+    assert len(json.loads(doc)["targets"]) == edges
+    listed, list_s, _ = await _cli(settings, "sessions")
+    assert sid in listed
+    print(f"\nhuge build: {edges} edges, session {size} bytes, store {record} bytes on disk; "
+          f"import {import_s:.1f} s ({import_mb:.0f} MB RSS), stored {stored_s:.1f} s after, "
+          f"StorageClient.get {get_s:.2f} s, show {show_s:.1f} s ({show_mb:.0f} MB), "
+          f"show --json {json_s:.1f} s ({json_mb:.0f} MB, {len(doc)} bytes), sessions {list_s:.1f} s")
