@@ -344,7 +344,7 @@ class BusService:
             try:
                 ref = bigmsg.reference(msg.headers)
             except bigmsg.ObjectUnusable as exc:
-                await self.dead_letter(msg, exc.reason, code=exc.code)
+                await self.dead_letter(msg, exc.reason, code=exc.code, flush=True)
                 continue
             if ref is not None:
                 if part and decl.batch:
@@ -367,7 +367,7 @@ class BusService:
         try:
             msg.data = await bigmsg.resolve(self.js, ref, expected_bucket=self.subjects.sessions_bucket)
         except bigmsg.ObjectUnusable as exc:
-            await self.dead_letter(msg, exc.reason, code=exc.code)
+            await self.dead_letter(msg, exc.reason, code=exc.code, flush=True)
             return False
         except Exception as exc:  # noqa: BLE001 - NATS away or slow: retried like a failed handler
             error = f"fetching object {ref.bucket}/{ref.name}: {type(exc).__name__}: {exc}"
