@@ -49,7 +49,7 @@ SESSION_MSG_BYTES = 8 * 1024 * 1024  # the sessions stream's max_msg_size (share
 HEADROOM = 4096  # of a message's room, kept for its headers
 CHUNK_BYTES = 1024 * 1024
 BUCKET_MAX_AGE_S = 30 * 86400.0  # as the sessions stream: an object lives as long as its reference
-BUCKET_MAX_BYTES = 8 * 1024**3
+BUCKET_MAX_BYTES = 4 * 1024**3  # as the sessions stream; objects are needed only until consumed
 _DIGEST_PREFIX = "SHA-256="
 
 
