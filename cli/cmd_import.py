@@ -4,8 +4,9 @@
 ``buildtel import chrome-trace FILE… [--base-time ISO]`` parse every file first
 (all or nothing: one bad file and nothing is published), then publish each
 BuildSession to the completed-sessions subject — the same path the collector
-uses — with ``Nats-Msg-Id`` = session id, so re-importing a file within the
-stream's duplicate window is a no-op and ids stay stable beyond it.
+uses, a session over one message through the object store — with ``Nats-Msg-Id`` =
+session id, so re-importing a file within the stream's duplicate window is a no-op and
+ids stay stable beyond it.
 ``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
 JSON document instead (docs/importers.md), warnings included.
 """
@@ -148,6 +149,7 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_j
 
     from buildtel.cli.common import StackUnavailable, open_bus
     from buildtel.shared import codec
+    from buildtel.shared.bigmsg import publish_session
     from buildtel.shared.bus import ensure_streams
 
     states: dict[str, str] = {}
@@ -156,14 +158,14 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_j
         async with open_bus(settings, role="operator") as bus:
             await ensure_streams(bus.js, bus.subjects)
             payloads = [(s, codec.encode(s)) for _, r in loaded for s in r.sessions]
-            limit = min(bus.nc.max_payload or codec.MAX_MESSAGE_BYTES, 32 * 1024 * 1024)
+            limit = codec.MAX_SESSION_BYTES
             for s, data in payloads:  # check all before publishing any
                 if len(data) > limit:
                     raise CLIError(f"session {s.id} ({s.name}) encodes to {len(data)} bytes, over the "
-                                   f"server's {limit}-byte message limit; nothing was imported")
-            subject = bus.subjects.sessions_completed
+                                   f"{limit}-byte limit of a session; nothing was imported")
             for s, data in payloads:
-                ack = await bus.js.publish(subject, data, headers={"Nats-Msg-Id": s.id})
+                # Over one message's size, the session goes through the object store (shared/bigmsg.py).
+                ack = await publish_session(bus.js, bus.nc, bus.subjects, data, msg_id=s.id, timeout=60.0)
                 state = "already stored" if getattr(ack, "duplicate", False) else "stored"
                 states[s.id] = state
                 if not as_json:

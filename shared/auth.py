@@ -97,6 +97,26 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
+def _bucket(ns: str) -> tuple[str, str]:
+    """(bucket, its stream) of the sessions over one message (shared/bigmsg.py); ``*`` for any namespace."""
+    if ns == "*":
+        return "*", "*"
+    bucket = _stream(ns, "SESSION_OBJECTS")
+    return bucket, f"OBJ_{bucket}"
+
+
+def _object_read(ns: str) -> list[str]:
+    """Read objects of the bucket: direct gets only (its meta by subject, its chunks by sequence)."""
+    stream = _bucket(ns)[1]
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
+
+
+def _object_write(ns: str) -> list[str]:
+    """Write objects: publish chunks and meta, and read (an object already there is not rewritten)."""
+    bucket = _bucket(ns)[0]
+    return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>", *_object_read(ns)]
+
+
 def _advisories(stream: str) -> list[str]:
     return [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>"]
 
@@ -105,7 +125,7 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
     """``{"publish": [...], "subscribe": [...], "allow_responses": bool}`` of ``role`` in namespace
     ``ns`` (``"*"``: every namespace, for a shared test server)."""
     ev, se, dl, al, sp = (_stream(ns, s) for s in ("EVENTS", "SESSIONS", "DEADLETTER", "ALERTS", "SPANS"))
-    base_streams = [ev, se, dl]
+    base_streams = [ev, se, dl, _bucket(ns)[1]]  # every service declares them (shared/bus.py)
     lookup = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
     inbox = [f"{inbox_prefix(role)}.>"]
     storage_q, analyzer_q, traces_q = f"{ns}.storage.>", f"{ns}.analyzer.>", f"{ns}.traces.>"
@@ -128,13 +148,14 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans"],
                     "subscribe": inbox, "allow_responses": False}
         case "collector":
-            return service([f"{ns}.sessions.completed"], base_streams, [ev], [])
+            return service([f"{ns}.sessions.completed", *_object_write(ns)], base_streams, [ev], [])
         case "storage":
-            return service([], base_streams, [se], [storage_q, *micro_sub])
+            return service(_object_read(ns), base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
-            return service([f"{ns}.alerts.>", storage_q], [*base_streams, al], [se], [analyzer_q, *micro_sub])
+            return service([f"{ns}.alerts.>", storage_q, *_object_read(ns)], [*base_streams, al], [se],
+                           [analyzer_q, *micro_sub])
         case "tracer":
-            return service([storage_q], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
+            return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
             return service([storage_q], base_streams, [ev], [])
         case "reader":

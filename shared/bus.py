@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from buildtel.shared import bigmsg
 from buildtel.shared.auth import inbox_prefix
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
@@ -156,7 +157,7 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=30 * DAY_S,
             max_bytes=4 * GiB,
-            max_msg_size=8 * 1024 * 1024,
+            max_msg_size=bigmsg.SESSION_MSG_BYTES,  # larger sessions go through the object store
             duplicate_window=600.0,
         ),
         StreamConfig(
@@ -168,6 +169,8 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
             max_age=7 * DAY_S,
             max_bytes=GiB,
         ),
+        # Sessions too large for one message of NS_SESSIONS (shared/bigmsg.py).
+        bigmsg.stream_config(subjects),
     ]
 
 

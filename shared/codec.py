@@ -3,7 +3,7 @@
 msgspec decoders validate while they decode, so a malformed message fails here
 with a ``msgspec.ValidationError``/``DecodeError`` naming the bad field instead
 of deep inside a service.  ``MAX_MESSAGE_BYTES`` bounds what any service will
-try to decode.
+try to decode as one message, ``MAX_SESSION_BYTES`` as one completed session.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import msgspec
 from buildtel.shared.protocol import PROTOCOL_VERSION, BuildSession, Event, EventBatch, is_session_id
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# A completed session may be larger than one message: it then travels through the object store
+# (shared/bigmsg.py).  This bounds what a service will fetch, hold and decode as one session.
+MAX_SESSION_BYTES = 1024**3
 MAX_SEQ = 1 << 24
 
 DecodeError = (msgspec.DecodeError, msgspec.ValidationError)

@@ -6,7 +6,9 @@ what it needs and the skeleton does the plumbing, the same way for all:
 * :meth:`BusService.consumers` -> :class:`Consumer` declarations: one durable pull consumer
   each (explicit ack, ``max_deliver``), its max-deliveries advisory turned into a dead letter
   (``shared/bus.py``), and one pull-consume loop (fetch / timeout / retry) calling the handler
-  with a whole fetch (``batch=True``) or message by message;
+  with a whole fetch (``batch=True``) or message by message; a completed session too large for
+  one message arrives as an object reference, which the loop resolves first (``shared/bigmsg.py``),
+  so handlers always see the whole session;
 * :meth:`BusService.streams` -> stream configs declared beside the shared three;
 * :meth:`BusService.endpoints` -> :class:`Endpoint` s of one NATS micro service; a handler
   takes the request body and returns the reply, or raises :class:`ServiceError` (a typed code,
@@ -37,6 +39,7 @@ import nats.errors
 import nats.micro
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
+from buildtel.shared import bigmsg
 from buildtel.shared import metrics as metrics_http
 from buildtel.shared.bus import (
     MAX_DELIVER,
@@ -305,24 +308,75 @@ class BusService:
                 continue
             finally:
                 run.fetching = False
-            if decl.batch:
-                try:
-                    await decl.handler(msgs)
-                except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered later
-                    self.log.error(f"{self.name}.{decl.what}_failed", error=f"{type(exc).__name__}: {exc}",
-                                   messages=len(msgs))
-                    await asyncio.sleep(decl.failure_pause_s or 0.5)
+            if decl.subject == self.subjects.sessions_completed:
+                await self._deliver_sessions(decl, msgs)
+            elif decl.batch:
+                await self._handle_batch(decl, msgs)
             else:
                 for msg in msgs:
-                    try:
-                        await decl.handler(msg)
-                    except Exception as exc:  # noqa: BLE001 - not acked: retried, then dead-lettered
-                        error = f"{type(exc).__name__}: {exc}"
-                        self.log.error(f"{self.name}.{decl.what}_failed", subject=msg.subject, error=error)
-                        await self.retry_later(decl, msg, error)
-                        if decl.failure_pause_s:
-                            await asyncio.sleep(decl.failure_pause_s)
+                    await self._handle_one(decl, msg)
             del msgs  # do not hold a batch of payloads across the next (possibly long) fetch
+
+    async def _handle_batch(self, decl: Consumer, msgs: list[Any]) -> None:
+        try:
+            await decl.handler(msgs)
+        except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered later
+            self.log.error(f"{self.name}.{decl.what}_failed", error=f"{type(exc).__name__}: {exc}",
+                           messages=len(msgs))
+            await asyncio.sleep(decl.failure_pause_s or 0.5)
+
+    async def _handle_one(self, decl: Consumer, msg: Any) -> None:
+        try:
+            await decl.handler(msg)
+        except Exception as exc:  # noqa: BLE001 - not acked: retried, then dead-lettered
+            error = f"{type(exc).__name__}: {exc}"
+            self.log.error(f"{self.name}.{decl.what}_failed", subject=msg.subject, error=error)
+            await self.retry_later(decl, msg, error)
+            if decl.failure_pause_s:
+                await asyncio.sleep(decl.failure_pause_s)
+
+    async def _deliver_sessions(self, decl: Consumer, msgs: list[Any]) -> None:
+        """Completed sessions, with every object reference resolved (``shared/bigmsg.py``): the
+        handler sees each session's whole bytes in ``msg.data``.  A batch handler gets the fetch in
+        parts, one large session per part at most, so a fetch of them is never all in memory."""
+        part: list[Any] = []
+        for msg in msgs:
+            try:
+                ref = bigmsg.reference(msg.headers)
+            except bigmsg.ObjectUnusable as exc:
+                await self.dead_letter(msg, exc.reason, code=exc.code, flush=True)
+                continue
+            if ref is not None:
+                if part and decl.batch:
+                    await self._handle_batch(decl, part)
+                part = []
+                if not await self._resolve(decl, msg, ref):
+                    continue
+            if decl.batch:
+                part.append(msg)
+            else:
+                await self._handle_one(decl, msg)
+        if part:
+            await self._handle_batch(decl, part)
+
+    async def _resolve(self, decl: Consumer, msg: Any, ref: bigmsg.Reference) -> bool:
+        """Put the referenced session's bytes in ``msg.data``; False when it is not to be handled
+        now (dead-lettered: the object can never be had; or left for redelivery: NATS failed)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            msg.data = await bigmsg.resolve(self.js, ref, expected_bucket=self.subjects.sessions_bucket)
+        except bigmsg.ObjectUnusable as exc:
+            await self.dead_letter(msg, exc.reason, code=exc.code, flush=True)
+            return False
+        except Exception as exc:  # noqa: BLE001 - NATS away or slow: retried like a failed handler
+            error = f"fetching object {ref.bucket}/{ref.name}: {type(exc).__name__}: {exc}"
+            self.log.error(f"{self.name}.object_fetch_failed", subject=msg.subject, error=error)
+            await self.retry_later(decl, msg, error)
+            return False
+        self.log.info(f"{self.name}.object_fetched", object=f"{ref.bucket}/{ref.name}", bytes=ref.size,
+                      seconds=round(loop.time() - t0, 3))
+        return True
 
     async def retry_later(self, decl: Consumer, msg: Any, error: str,
                           on_poison: Callable[[], Awaitable[None]] | None = None) -> None:

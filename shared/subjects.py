@@ -61,6 +61,12 @@ class Subjects:
     def sessions_stream(self) -> str:
         return self.stream("SESSIONS")
 
+    @property
+    def sessions_bucket(self) -> str:
+        """JetStream object store bucket of the sessions too large for one message
+        (``shared/bigmsg.py``); its stream is ``OBJ_<bucket>``."""
+        return self.stream("SESSION_OBJECTS")
+
     # -- live, best effort (core NATS) -----------------------------------------------------
     def health(self, session_id: str) -> str:
         return f"{self.ns}.health.{session_id}"

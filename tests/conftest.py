@@ -101,7 +101,7 @@ async def nc(settings: Settings) -> AsyncIterator[object]:
     prefix = settings.namespace.upper()
     try:
         for name in await js.streams_info():
-            if name.config.name.startswith(prefix):
+            if name.config.name.startswith((prefix, f"OBJ_{prefix}")):  # OBJ_: its object store bucket
                 await js.delete_stream(name.config.name)
     except Exception:  # noqa: BLE001 - cleanup is best effort
         pass

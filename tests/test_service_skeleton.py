@@ -4,6 +4,7 @@ typed errors reach the client as codes, /metrics counters, and an idempotent sta
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -132,3 +133,31 @@ async def test_bus_flush_is_a_barrier_for_queued_subscriptions(settings: Setting
             await sub.unsubscribe()
     finally:
         await server.close()
+
+
+class BigProbe(Probe):
+    def consumers(self) -> list[Consumer]:
+        return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
+                         durable="bigprobe", handler=self._on, what="probe", ack_wait_s=30.0)]
+
+
+@pytest.mark.timeout(60)
+async def test_a_message_over_the_limit_reaches_the_handler_whole(settings: Settings, nc: Any) -> None:
+    # Published through the object store (shared/bigmsg.py): the handler sees the bytes, not the reference.
+    from buildtel.shared import bigmsg
+
+    svc = BigProbe(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    try:
+        big = bytes(range(256)) * (12 * 4096)  # 12 MiB
+        ack = await bigmsg.publish_session(nc.jetstream(), nc, svc.subjects, big, msg_id="big-1")
+        raw = await nc.jetstream().get_msg(svc.subjects.sessions_stream, ack.seq)
+        assert not raw.data and raw.headers[bigmsg.SIZE_HEADER] == str(len(big))
+        await nc.jetstream().publish(svc.subjects.sessions_completed, b"small")
+        for _ in range(400):
+            if len(svc.seen) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert svc.seen == [big, b"small"] and svc.dead_letters == 0
+    finally:
+        await svc.stop()

@@ -6,6 +6,7 @@ import random
 import time
 from typing import Any
 
+from buildtel.shared import bigmsg
 from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.protocol import (
     BuildFinished,
@@ -102,7 +103,9 @@ async def completed_sessions(js: Any, subjects: Subjects, count: int, timeout: f
                 msg = await sub.next_msg(timeout=left)
             except Exception:  # noqa: BLE001 - timeout: return what arrived
                 break
-            out.append(decode_session(msg.data))
+            ref = bigmsg.reference(msg.headers)  # a session over one message: read its object
+            data = msg.data if ref is None else await bigmsg.resolve(js, ref, expected_bucket=subjects.sessions_bucket)
+            out.append(decode_session(data))
     finally:
         await sub.unsubscribe()
     return out

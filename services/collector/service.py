@@ -26,8 +26,9 @@ from typing import Any
 
 from buildtel.services.collector import fold, lua
 from buildtel.services.collector.completeness import completeness
+from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
-from buildtel.shared.codec import decode_batch_raw, encode
+from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
 from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import EventBatch, is_session_id
 from buildtel.shared.redaction import redact_batch
@@ -300,16 +301,17 @@ class CollectorService(BusService):
         return done
 
     def _shrink(self, session: Any, size: int) -> bytes:
-        """Fit a huge session into the server's max payload rather than lose it: drop phases
-        and dependencies first, then the shortest targets (totals keep the full figures)."""
-        limit = self.nc.max_payload - 4096
+        """Fit a session over the size bound of any session (MAX_SESSION_BYTES; smaller ones travel
+        through the object store, shared/bigmsg.py) rather than lose it: drop phases and
+        dependencies first, then the shortest targets (totals keep the full figures)."""
+        limit = MAX_SESSION_BYTES - 4096
         slim = fold.without_detail(session)
         data = encode(slim)
         if len(data) > limit:
             keep = max(1, int(len(slim.targets) * limit / len(data) * 0.9))
             slim = fold.longest_targets(slim, keep)
             data = encode(slim)
-        log.error("session.truncated", session_id=session.id, bytes=size, max_payload=self.nc.max_payload,
+        log.error("session.truncated", session_id=session.id, bytes=size, max_bytes=MAX_SESSION_BYTES,
                   targets_kept=len(slim.targets), targets=len(session.targets))
         return data
 
@@ -347,10 +349,10 @@ class CollectorService(BusService):
                               gap_wait_s=self.settings.gap_wait_s)
         session = fold.build_session(sid, meta, fragments, now=now, completeness=record, finished=fin)
         data = encode(session)
-        if len(data) > self.nc.max_payload:
+        if len(data) > MAX_SESSION_BYTES:
             data = self._shrink(session, len(data))
-        await self.js.publish(self.subjects.sessions_completed, data,
-                              headers={"Nats-Msg-Id": sid}, timeout=10.0)
+        # One message, or (over one message's size) the object store and a reference to it.
+        await publish_session(self.js, self.nc, self.subjects, data, msg_id=sid, timeout=10.0)
         await self._retire(
             keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
                   k.session_lock(sid)]

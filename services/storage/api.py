@@ -8,10 +8,16 @@ MessagePack (buildtel.shared.codec) of the structs below; an empty request body 
 session larger than a NATS message, 500 internal) and ``Nats-Service-Error``
 (description); the client raises them as :class:`StorageError`.
 
+A session larger than one reply (``get`` answers 413) is read in parts: ``chunk``
+returns the stored bytes from an offset, as many as one reply holds, with the
+total size; :meth:`StorageClient.get` does this by itself and reassembles.
+
 Lists are keyset-paginated: a reply carries at most what fits in one NATS
 message plus a ``cursor`` when more may follow; :class:`StorageClient` follows
 cursors for you, so ``recent(500)`` returns 500 sessions even though no
-single reply could hold them.
+single reply could hold them.  A session too large for any page comes as
+``oversized`` (its id, in its place in the order, in a page of its own), and
+the client fetches it with ``get``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from buildtel.shared.codec import decode_session, encode
 from buildtel.shared.protocol import BuildSession, Outcome
 from buildtel.shared.subjects import Subjects
 
-API_VERSION = "1.0.0"
-ENDPOINTS = ("get", "recent", "range", "query", "stats")
+API_VERSION = "1.1.0"  # 1.1: `chunk`, and `oversized` in list replies
+ENDPOINTS = ("get", "chunk", "recent", "range", "query", "stats")
 MAX_ITEMS = 10_000  # per request; the client pages beyond one reply's worth by itself
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEMS)]
@@ -43,6 +49,19 @@ class Cursor(msgspec.Struct, array_like=True, frozen=True):
 
 class GetRequest(msgspec.Struct, kw_only=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class ChunkRequest(msgspec.Struct, kw_only=True):
+    """Part of a stored session's bytes, from ``offset`` (as many as one reply holds)."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class ChunkReply(msgspec.Struct, kw_only=True):
+    size: int  # of the whole stored session
+    offset: int
+    data: bytes
 
 
 class RecentRequest(msgspec.Struct, kw_only=True):
@@ -77,6 +96,7 @@ class SessionsReply(msgspec.Struct, kw_only=True):
 
     sessions: list[BuildSession] = []
     cursor: Cursor | None = None
+    oversized: str | None = None  # the id of the next session, too large for a page: `get` it
 
 
 class RawSessionsReply(msgspec.Struct, kw_only=True):
@@ -85,6 +105,7 @@ class RawSessionsReply(msgspec.Struct, kw_only=True):
 
     sessions: list[msgspec.Raw] = []
     cursor: Cursor | None = None
+    oversized: str | None = None
 
 
 class StatsReply(msgspec.Struct, kw_only=True):
@@ -103,11 +124,13 @@ class StatsReply(msgspec.Struct, kw_only=True):
 
 
 REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {
-    "get": GetRequest, "recent": RecentRequest, "range": RangeRequest, "query": QueryRequest, "stats": StatsRequest,
+    "get": GetRequest, "chunk": ChunkRequest, "recent": RecentRequest, "range": RangeRequest,
+    "query": QueryRequest, "stats": StatsRequest,
 }
 _decoders = {name: msgspec.msgpack.Decoder(t) for name, t in REQUEST_TYPES.items()}
 _sessions_decoder = msgspec.msgpack.Decoder(SessionsReply)
 _stats_decoder = msgspec.msgpack.Decoder(StatsReply)
+_chunk_decoder = msgspec.msgpack.Decoder(ChunkReply)
 _EMPTY_MAP = encode({})
 
 
@@ -147,8 +170,33 @@ class StorageClient:
                                    timeout=self.timeout, service="storage service", error=StorageError)
 
     async def get(self, session_id: str) -> BuildSession:
-        """The stored session; ``StorageError`` with ``not_found`` when it is not stored."""
-        return decode_session(await self._request("get", GetRequest(id=session_id)))
+        """The stored session; ``StorageError`` with ``not_found`` when it is not stored.  One
+        larger than a reply is fetched in parts (``chunk``) and reassembled."""
+        try:
+            data = await self._request("get", GetRequest(id=session_id))
+        except StorageError as exc:
+            if exc.code != 413:
+                raise
+            data = await self.get_raw_chunked(session_id)
+        return decode_session(data)
+
+    async def get_raw_chunked(self, session_id: str) -> bytes:
+        """A stored session's bytes, fetched in parts of one reply each."""
+        parts: list[bytes] = []
+        offset, size = 0, None
+        while size is None or offset < size:
+            try:
+                reply = _chunk_decoder.decode(await self._request("chunk", ChunkRequest(id=session_id, offset=offset)))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise StorageError(500, f"malformed reply from storage: {exc}") from None
+            if size is None:
+                size = reply.size
+            if reply.size != size or reply.offset != offset or (not reply.data and offset < size):
+                raise StorageError(500, f"session {session_id} changed or stalled while read in parts "
+                                        f"(size {size} -> {reply.size}, offset {offset} -> {reply.offset})")
+            parts.append(reply.data)
+            offset += len(reply.data)
+        return b"".join(parts)
 
     async def recent(self, n: int = 20) -> list[BuildSession]:
         """The ``n`` most recently finished sessions, newest first."""
@@ -185,7 +233,9 @@ class StorageClient:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise StorageError(500, f"malformed reply from storage: {exc}") from None
             out.extend(reply.sessions)
-            if reply.cursor is None or not reply.sessions:
+            if reply.oversized is not None:
+                out.append(await self.get(reply.oversized))
+            if reply.cursor is None or not (reply.sessions or reply.oversized):
                 break
             cursor = reply.cursor
         return out

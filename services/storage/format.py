@@ -59,8 +59,10 @@ REC_MAGIC = b"\xd3BTR"
 KIND_SESSION = 1
 _REC = struct.Struct("<4sBBHIdI")
 RECORD_HEADER_LEN = _REC.size  # 24
-# A sanity bound, far above the bus limit (32 MiB): a length beyond it is damage, not data.
-MAX_RECORD_BYTES = 64 * 1024 * 1024
+# A sanity bound: a length beyond it is damage, not data.  It is the bound of one completed session
+# (shared/codec.py MAX_SESSION_BYTES; sessions over one message come through the object store).
+# It was 64 MiB before: an older reader reports a longer record as `bad_length` (docs/storage-format.md).
+MAX_RECORD_BYTES = 1024 * 1024 * 1024
 
 # Damage reasons (stable strings: logs and tests match on them).
 BAD_HEADER = "bad_header"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -32,6 +33,7 @@ from nats.aio.msg import Msg
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
+    ChunkReply,
     Cursor,
     RawSessionsReply,
     StatsReply,
@@ -48,7 +50,7 @@ from buildtel.services.storage.store import (
 )
 from buildtel.services.storage.summary import SessionFacts
 from buildtel.shared.bus import MAX_DELIVER, note_failure
-from buildtel.shared.codec import MAX_MESSAGE_BYTES, DecodeError, decode_session
+from buildtel.shared.codec import MAX_SESSION_BYTES, DecodeError, decode_session
 from buildtel.shared.service import (
     BAD_REQUEST,
     NOT_FOUND,
@@ -67,6 +69,16 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
 _REPLY_OVERHEAD = 4096  # bytes of a reply that are not session payload (array header, cursor)
 
 _encoder = msgspec.msgpack.Encoder()
+CHUNK_CACHE_S = 60.0  # how long a session being read in parts is kept for the next part
+
+
+class _Id(msgspec.Struct):
+    """Only the id of a stored session (the rest of its bytes is skipped, not built)."""
+
+    id: str
+
+
+_id_decoder = msgspec.msgpack.Decoder(_Id)
 # A write failure is usually the disk (full, read-only), not the session: give it longer than the
 # other consumers' MAX_DELIVER before a session is parked on the dead-letter subject (~15 min with
 # the growing delay below).  The sessions stream still holds it for 30 days after that.
@@ -90,7 +102,7 @@ class StorageService(BusService):
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, batch_size: int = 32,
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
-                 retention_interval_s: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 retention_interval_s: float = 30.0, max_message_bytes: int = MAX_SESSION_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None,
                  metrics_port: int | None = None) -> None:
         super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
@@ -111,6 +123,9 @@ class StorageService(BusService):
         self.store: TelemetryStorage | None = None
         self.damage: DamageReport | None = None
         self._wake_retention = asyncio.Event()
+        # The last session read in parts (`chunk`): (id, bytes, when), so a client reading one
+        # session of many replies costs one read of the record, not one per part.
+        self._chunked: tuple[str, bytes, float] | None = None
 
     # -- declarations (shared/service.py) -------------------------------------------------------
     def consumers(self) -> list[Consumer]:
@@ -237,26 +252,44 @@ class StorageService(BusService):
             limit = min(limit, self.max_reply_bytes)
         return max(1024, limit - _REPLY_OVERHEAD)
 
-    def _check_size(self, what: str, size: int) -> None:
-        if size > self._budget:
-            raise ServiceError(TOO_LARGE, f"{what} is {size} bytes, more than one reply may carry ({self._budget})")
-
     async def _api_get(self, req: Any) -> bytes:
         assert self.store is not None
         raw = await self.store.get_raw(req.id)
         if raw is None:
             raise ServiceError(NOT_FOUND, f"session {req.id} is not stored")
-        self._check_size(f"session {req.id}", len(raw))
+        if len(raw) > self._budget:
+            self._chunked = (req.id, raw, time.monotonic())  # the client comes for its parts next
+            raise ServiceError(TOO_LARGE, f"session {req.id} is {len(raw)} bytes, more than one reply may carry "
+                                          f"({self._budget}): read it in parts with `chunk`")
         return raw
+
+    async def _api_chunk(self, req: Any) -> bytes:
+        """Stored bytes of one session from ``offset``, as many as one reply holds."""
+        assert self.store is not None
+        cached = self._chunked
+        fresh = cached is not None and cached[0] == req.id and time.monotonic() - cached[2] < CHUNK_CACHE_S
+        raw = cached[1] if cached is not None and fresh else await self.store.get_raw(req.id)
+        if raw is None:
+            raise ServiceError(NOT_FOUND, f"session {req.id} is not stored")
+        if req.offset > len(raw):
+            raise ServiceError(BAD_REQUEST, f"offset {req.offset} is past the end of session {req.id} "
+                                            f"({len(raw)} bytes)")
+        end = min(len(raw), req.offset + self._budget)
+        # The last part read lets go of the bytes; a client that stops half-way leaves them for
+        # CHUNK_CACHE_S (or until the next session read in parts).
+        self._chunked = None if end == len(raw) else (req.id, raw, time.monotonic())
+        return _encoder.encode(ChunkReply(size=len(raw), offset=req.offset, data=raw[req.offset:end]))
 
     async def _page(self, filters: Filters, *, desc: bool, limit: int | None, cursor: Cursor | None) -> bytes:
         assert self.store is not None
         page: Page = await self.store.page(filters, desc=desc, limit=limit,
                                            cursor=(cursor.t, cursor.id) if cursor else None, max_bytes=self._budget)
-        if len(page.payloads) == 1:
-            self._check_size("a matching session", len(page.payloads[0]))
-        reply = RawSessionsReply(sessions=[msgspec.Raw(p) for p in page.payloads],
-                                 cursor=Cursor(*page.cursor) if page.cursor else None)
+        cursor_out = Cursor(*page.cursor) if page.cursor else None
+        if len(page.payloads) == 1 and len(page.payloads[0]) > self._budget:
+            # A session larger than any page comes alone, by id: the client `get`s it in parts.
+            sid = _id_decoder.decode(page.payloads[0]).id
+            return _encoder.encode(RawSessionsReply(oversized=sid, cursor=cursor_out))
+        reply = RawSessionsReply(sessions=[msgspec.Raw(p) for p in page.payloads], cursor=cursor_out)
         return _encoder.encode(reply)
 
     async def _api_recent(self, req: Any) -> bytes:

@@ -43,6 +43,7 @@ log = get_logger("tracer.store")
 
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024 * 1024
+SPANS_PER_RECORD = 5_000  # ~6 MB of typical spans: far under the 64 MiB record bound
 DEFAULT_MAX_TRACES = 100_000
 
 
@@ -184,12 +185,16 @@ class TraceStore:
         placed = []
         for trace_id, members in groups.items():
             sid = session_id or next((s for s in map(span_session_id, members) if s), "")
-            chunk = fmt.SpanChunk(trace_id=trace_id, session_id=sid, source=source,
-                                  start_ns=min(s.start_ns for s in members), end_ns=max(s.end_ns for s in members),
-                                  spans=members)
-            payload = fmt.chunk_encoder.encode(chunk)
-            placed.append((seg.size + len(blob), len(payload), chunk))
-            blob += fmt.encode_record(payload, now)
+            # A huge trace (a 638,000-target build) is several records: one must stay under the
+            # record bound, and a trace may have any number of them (TraceEntry.refs).
+            for i in range(0, len(members), SPANS_PER_RECORD):
+                part = members[i:i + SPANS_PER_RECORD]
+                chunk = fmt.SpanChunk(trace_id=trace_id, session_id=sid, source=source,
+                                      start_ns=min(s.start_ns for s in part), end_ns=max(s.end_ns for s in part),
+                                      spans=part)
+                payload = fmt.chunk_encoder.encode(chunk)
+                placed.append((seg.size + len(blob), len(payload), chunk))
+                blob += fmt.encode_record(payload, now)
         view = memoryview(blob)
         while view:
             written = os.write(seg.fd, view)

@@ -18,6 +18,7 @@ import nats
 import pytest
 import redis
 
+from buildtel.shared import bigmsg
 from buildtel.shared.auth import ROLES, StackAuth, inbox_prefix
 from buildtel.shared.bus import ensure_streams
 from buildtel.shared.codec import encode
@@ -26,6 +27,7 @@ from buildtel.shared.protocol import BuildSession, new_session_id
 from buildtel.shared.subjects import Subjects
 
 NS = "farm" + uuid.uuid4().hex[:6]
+BUCKET = Subjects(NS).sessions_bucket  # sessions over one message (shared/bigmsg.py)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ async def _publish_reaches_operator(conns: dict[str, Conn], role: str, subject: 
     ("agent", f"{NS}.health.0123456789abcdef0123456789abcdef"),
     ("collector", f"{NS}.sessions.completed"),
     ("collector", f"{NS}.deadletter.collector"),
+    ("collector", f"$O.{BUCKET}.C.chunk"),
     ("analyzer", f"{NS}.alerts.target.main.cc"),
     ("reader", f"{NS}.storage.get"),
     ("reader", f"{NS}.analyzer.report"),
@@ -134,6 +137,16 @@ async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: st
     ("analyzer", f"{NS}.events.0123456789abcdef0123456789abcdef"),
     ("tracer", f"{NS}.sessions.completed"),
     ("recorder", f"{NS}.deadletter.collector"),
+    # Only the producers write the bucket of large sessions; its readers only read it.
+    ("agent", f"$O.{BUCKET}.C.chunk"),
+    ("agent", f"$O.{BUCKET}.M.meta"),
+    ("agent", f"$JS.API.DIRECT.GET.OBJ_{BUCKET}"),
+    ("reader", f"$O.{BUCKET}.C.chunk"),
+    ("reader", f"$JS.API.DIRECT.GET.OBJ_{BUCKET}"),
+    ("storage", f"$O.{BUCKET}.C.chunk"),
+    ("analyzer", f"$O.{BUCKET}.M.meta"),
+    ("tracer", f"$O.{BUCKET}.C.chunk"),
+    ("storage", f"$JS.API.STREAM.PURGE.OBJ_{BUCKET}"),
 ])
 async def test_a_role_may_not_publish_the_rest(conns: dict[str, Conn], role: str, subject: str) -> None:
     assert await conns[role].denied("Publish", subject) if not await _publish_reaches_operator(
@@ -200,6 +213,25 @@ async def test_a_forged_session_from_an_agent_never_reaches_history(conns: dict[
     # While the agent's own events are stored and acknowledged.
     ack = await agent.jetstream(timeout=5).publish(subjects.events(new_session_id()), b"\x80")
     assert ack.stream == subjects.events_stream
+
+
+async def test_only_producers_write_the_large_session_bucket_and_consumers_read_it(conns: dict[str, Conn]) -> None:
+    op, collector, storage, agent = (conns[r].nc for r in ("operator", "collector", "storage", "agent"))
+    assert op is not None and collector is not None and storage is not None and agent is not None
+    subjects = Subjects(NS)
+    await ensure_streams(op.jetstream(), subjects)
+    stream = bigmsg.object_stream(BUCKET)
+    data = bytes(range(256)) * 12_000  # 3 MB: three chunks
+    ref = await bigmsg.put(collector.jetstream(timeout=5), BUCKET, data)
+    assert await bigmsg.resolve(storage.jetstream(timeout=5), ref, expected_bucket=BUCKET) == data
+    before = (await op.jetstream().stream_info(stream)).state.messages
+    with pytest.raises(Exception):  # noqa: B017 - refused: a permissions error or no acknowledgement
+        await bigmsg.put(storage.jetstream(timeout=2), BUCKET, b"forged by a reader" * 1000)
+    with pytest.raises(Exception):  # noqa: B017 - the agent may not even read it
+        await bigmsg.resolve(agent.jetstream(timeout=2), ref, expected_bucket=BUCKET)
+    with pytest.raises(Exception):  # noqa: B017
+        await agent.jetstream(timeout=2).publish(bigmsg.chunk_subject(BUCKET, "forged"), b"x")
+    assert (await op.jetstream().stream_info(stream)).state.messages == before
 
 
 async def test_connections_without_the_stack_credentials_are_refused(engine: NatsEngine) -> None:

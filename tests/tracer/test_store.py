@@ -118,3 +118,16 @@ def test_fsync_mode_writes_and_syncs(tmp_path: Path) -> None:
     store.sync()
     store.close()
     assert os.path.getsize(next(tmp_path.glob("*.btt"))) > fmt.HEADER_LEN
+
+
+def test_a_trace_larger_than_a_record_is_stored_in_several(tmp_path: Path) -> None:
+    # A 638,000-target build is one trace of as many spans: more than one record may hold.
+    from buildtel.services.tracer.store import SPANS_PER_RECORD
+
+    store = _open(tmp_path)
+    spans = _trace(0, spans=2 * SPANS_PER_RECORD + 7, session="b" * 32)
+    assert store.append(spans, source="session", session_id="b" * 32) == 3
+    store.close()
+    again = _open(tmp_path)
+    assert again.get_trace(f"{1:032x}") == sorted(spans, key=lambda s: s.start_ns)
+    assert again.has_synthesized("b" * 32)
