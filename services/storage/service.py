@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
+from buildtel.services.storage import columns
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -123,7 +124,8 @@ class StorageService(BusService):
                          cancel_idle_fetch=True, stop_timeout_s=10.0)]
 
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS]
+        return [*(Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS),
+                Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns)]
 
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True)]
@@ -283,3 +285,14 @@ class StorageService(BusService):
             newest=st.newest, damaged_regions=st.damaged_regions, stored=self.stored,
             duplicates=self.duplicates, dead_letters=self.dead_letters, max_sessions=self.store.max_sessions,
             retention_s=self.store.retention_s))
+
+    async def _api_columns(self, data: bytes) -> bytes:
+        """Report rows (services/storage/columns.py): compact per-session facts and per-target columns."""
+        try:
+            req = columns.request_decoder.decode(data or b"\x80")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ServiceError(BAD_REQUEST, f"bad columns request: {exc}") from None
+        if req.since is not None and req.until is not None and req.until < req.since:
+            raise ServiceError(BAD_REQUEST, f"bad columns request: until {req.until} is before since {req.since}")
+        assert self.store is not None
+        return await columns.serve_page(self.store, req, self._budget)
