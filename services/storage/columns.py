@@ -130,7 +130,7 @@ class _Completeness(msgspec.Struct, gc=False):
     complete: bool = True
 
 
-class ReportView(msgspec.Struct, kw_only=True, tag="session", tag_field="type", gc=False):
+class _ViewBase(msgspec.Struct, kw_only=True, tag="session", tag_field="type", gc=False):
     """The fields of ``BuildSession`` a report reads, same names and defaults; the rest is skipped."""
 
     id: str
@@ -140,7 +140,6 @@ class ReportView(msgspec.Struct, kw_only=True, tag="session", tag_field="type", 
     duration_s: float = 0.0
     outcome: str = "success"
     environment: _Env | None = None
-    targets: list[_Target | dict[str, msgspec.Raw]] = []
     cache_hits: int = 0
     cache_misses: int = 0
     cache_hit_rate: float = 0.0
@@ -149,22 +148,36 @@ class ReportView(msgspec.Struct, kw_only=True, tag="session", tag_field="type", 
     completeness: _Completeness | None = None
 
 
+class ReportView(_ViewBase, kw_only=True, tag="session", tag_field="type", gc=False):
+    targets: list[_Target] = []
+
+
+class _AnyTargetsView(_ViewBase, kw_only=True, tag="session", tag_field="type", gc=False):
+    # Arrays as the protocol encodes targets now, maps as records written before TargetMetrics
+    # became array_like (a second, slower decoder: only such records pay for it).
+    targets: list[_Target | dict[str, msgspec.Raw]] = []
+
+
 view_decoder = msgspec.msgpack.Decoder(ReportView)
+_any_view_decoder = msgspec.msgpack.Decoder(_AnyTargetsView)
 request_decoder = msgspec.msgpack.Decoder(ColumnsRequest)
 reply_decoder = msgspec.msgpack.Decoder(ColumnsReply)
 _enc = msgspec.msgpack.Encoder()
 _map_target = msgspec.msgpack.Decoder(_MapTarget)
 _name, _dur, _status, _cache = (attrgetter("name"), attrgetter("duration_s"), attrgetter("status"),
                                 attrgetter("cache"))
-_CODE = {(c, s): cv | (sv << 2) for c, cv in CACHE_CODES.items() for s, sv in STATUS_CODES.items()}
+_STATUS_BITS = {k: v << 2 for k, v in STATUS_CODES.items()}
 
 
-def _targets(view: ReportView) -> list[Any]:
-    ts = view.targets
-    if all(isinstance(t, _Target) for t in ts):
-        return ts
+def decode_view(payload: bytes) -> tuple[_ViewBase, list[Any]]:
+    """The view of a stored session and its targets (objects with name, duration_s, status, cache)."""
+    try:
+        v = view_decoder.decode(payload)
+        return v, v.targets
+    except msgspec.ValidationError:
+        w = _any_view_decoder.decode(payload)
     # Old map-encoded targets: re-encode the few fields read and decode them as a struct.
-    return [t if isinstance(t, _Target) else _map_target.decode(_enc.encode(t)) for t in ts]
+    return w, [t if isinstance(t, _Target) else _map_target.decode(_enc.encode(t)) for t in w.targets]
 
 
 class _Interner(dict):  # type: ignore[type-arg]
@@ -186,7 +199,7 @@ class PageBuilder:
         self.size = 64
         self.last: Cursor | None = None  # key of the last row added, when it has one
 
-    def matches(self, v: ReportView) -> bool:
+    def matches(self, v: _ViewBase) -> bool:
         """The filters storage's index cannot decide exactly (name, VCS branch, finish bounds)."""
         r = self.req
         if r.name is not None and v.name != r.name:
@@ -201,16 +214,19 @@ class PageBuilder:
 
     def add(self, payload: bytes) -> int | None:
         """Add one stored session; its estimated bytes, or None when the filters leave it out."""
-        v = view_decoder.decode(payload)
+        v, ts = decode_view(payload)
         if not self.matches(v):
             return None
-        ts = _targets(v)
         if self.req.target is not None and not any(t.name == self.req.target for t in ts):
             return None  # a 32-bit hash collision in the index
         known = len(self.names)
         self.ids.extend(map(self.names.__getitem__, map(_name, ts)))
         self.durations.extend(map(_dur, ts))
-        self.codes.extend(map(_CODE.__getitem__, zip(map(_cache, ts), map(_status, ts), strict=True)))
+        codes = bytes(map(CACHE_CODES.__getitem__, map(_cache, ts)))
+        statuses = list(map(_status, ts))
+        if statuses.count("success") != len(statuses):  # rare: only then is the status merged in
+            codes = bytes(c | _STATUS_BITS[st] for c, st in zip(codes, statuses, strict=True))
+        self.codes += codes
         vcs = v.environment.vcs if v.environment is not None else None
         row = ReportRow(id=v.id, name=v.name, start=v.start, finish=v.finish, duration_s=v.duration_s,
                         outcome=sys.intern(v.outcome), branch=vcs.branch if vcs else None,
@@ -219,9 +235,9 @@ class PageBuilder:
                         cache_misses=v.cache_misses, cache_hit_rate=v.cache_hit_rate, totals=v.totals,
                         targets=len(ts), health=v.health)
         self.rows.append(row)
-        new_names = list(self.names)[known:] if len(self.names) > known else []
-        added = (_ROW_BYTES + len(v.id) + len(v.name) + 2 * 40 + _TARGET_BYTES * len(ts)
-                 + sum(len(n) + 5 for n in new_names))
+        added = _ROW_BYTES + len(v.id) + len(v.name) + 2 * 40 + _TARGET_BYTES * len(ts)
+        if len(self.names) > known:
+            added += sum(len(n) + 5 for n in list(self.names)[known:])
         if v.health is not None:
             added += 256 + sum(len(r) + 3 for r in v.health.reasons)
         self.size += added
@@ -291,13 +307,16 @@ async def column_pages(nc: Any, subjects: Subjects, req: ColumnsRequest, *, limi
 
 # -- the service side ------------------------------------------------------------------------------
 def _add_all(b: PageBuilder, payloads: list[bytes], budget: int, per_session: list[int]) -> int:
-    """Add payloads while the reply stays within ``budget``; how many were consumed."""
+    """Add payloads while the reply stays within ``budget``; how many were consumed.
+    ``per_session`` is [sessions added, their bytes, the largest]: the estimates that size chunks."""
     for i, payload in enumerate(payloads):
-        if b.rows and b.last is not None and b.size + max(per_session) > budget:
+        if b.rows and b.last is not None and b.size + per_session[2] > budget:
             return i  # the next one might not fit: resume after the last row
         added = b.add(payload)
         if added is not None:
-            per_session.append(added)
+            per_session[0] += 1
+            per_session[1] += added
+            per_session[2] = max(per_session[2], added)
     return len(payloads)
 
 
@@ -309,12 +328,12 @@ async def serve_page(store: Any, req: ColumnsRequest, budget: int) -> bytes:
                 until=req.until)
     b = PageBuilder(req)
     cursor: tuple[float, str] | None = (req.cursor.t, req.cursor.id) if req.cursor else None
-    per_session = [_ROW_BYTES]
+    per_session = [1, _ROW_BYTES, _ROW_BYTES]
     scanned = 0
     out: Cursor | None = None
     while True:
         room = req.limit - len(b.rows)
-        avg = sum(per_session) / len(per_session)
+        avg = per_session[1] / per_session[0]
         chunk = max(1, min(room, 512, int((budget - b.size) // max(avg, 1.0))))
         page = await store.page(f, desc=True, limit=chunk, cursor=cursor)
         used = await asyncio.to_thread(_add_all, b, page.payloads, budget, per_session)
