@@ -12,6 +12,7 @@ fetches (:meth:`Frame.recent_ids`) and passes in.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -104,13 +105,30 @@ class FrameBuilder:
         ids = ids[gather]
         # Number the names by first appearance in chronological order, as the session path does:
         # sums over targets then add in the same order, to the last bit.
-        uniq, first = np.unique(ids, return_index=True)
-        by_first = uniq[np.argsort(first)]
+        by_first = _first_appearance(ids, np.concatenate(([0], np.cumsum(c))).tolist(), len(self.names))
         renumber = np.zeros(len(self.names), dtype=np.int64)
         renumber[by_first] = np.arange(len(by_first))
         names = list(self.names)
         return Frame([rows[i] for i in order], [names[k] for k in by_first.tolist()], renumber[ids],
                      dur[gather], codes[gather])
+
+
+def _first_appearance(ids: Any, offsets: list[int], n_names: int) -> Any:
+    """The name ids in the order they first appear, session by session (most sessions add none:
+    the loop stops once every name was seen)."""
+    seen = np.zeros(n_names, dtype=bool)
+    order: list[int] = []
+    for a, b in itertools.pairwise(offsets):
+        seg = ids[a:b]
+        new = seg[~seen[seg]]
+        if len(new):
+            for k in new.tolist():
+                if not seen[k]:
+                    seen[k] = True
+                    order.append(k)
+            if len(order) == n_names:
+                break
+    return np.asarray(order, dtype=np.int64)
 
 
 def _statuses(fr: Frame) -> tuple[list[int], dict[str, set[int]], dict[int, dict[str, str]]]:
