@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import math
 import threading
 from collections import deque
@@ -30,12 +31,21 @@ from typing import Any
 from buildtel.services.analyzer.stats import Fit, fit_from_sums, percentile_sorted
 from buildtel.shared.protocol import CACHE_HITS, BuildSession
 
-try:  # numpy is optional: only the 10k-session benchmark needs its speed
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised by forcing engine="python"
-    np = None  # type: ignore[assignment]
+# numpy is imported on first use, not with this module: the CLI imports it (through analytics.py)
+# for the report's types only, and numpy's import was a fifth of `buildtel report`'s start-up.
+ENGINE = "numpy" if importlib.util.find_spec("numpy") is not None else "python"
 
-ENGINE = "numpy" if np is not None else "python"
+
+def _numpy() -> Any:
+    import numpy
+
+    return numpy
+
+
+def __getattr__(name: str) -> Any:
+    if name == "np":  # ``columns.np``: numpy, or None where it is not installed
+        return _numpy() if ENGINE == "numpy" else None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 DAY_S = 86400.0
 
 _name, _dur, _cache, _targets = attrgetter("name"), attrgetter("duration_s"), attrgetter("cache"), attrgetter("targets")
@@ -146,6 +156,7 @@ def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "a
     not_run, failed, bad = _scan_statuses(sessions, offsets)
     days = [(s.start - t0) / DAY_S for s in sessions]
     if use_numpy:
+        np = _numpy()
         ids: Any = np.fromiter(map(interner.__getitem__, map(_name, flat)), dtype=np.int64, count=len(flat))
         dur: Any = np.fromiter(map(_dur, flat), dtype=np.float64, count=len(flat))
         cc: Any = np.fromiter(map(CACHE_CODE.__getitem__, map(_cache, flat)), dtype=np.int8, count=len(flat))
@@ -157,9 +168,9 @@ def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "a
 
 
 def _use_numpy(engine: str) -> bool:
-    if engine == "numpy" and np is None:
+    if engine == "numpy" and ENGINE != "numpy":
         raise RuntimeError("numpy is not installed")
-    return np is not None and engine in ("auto", "numpy")
+    return ENGINE == "numpy" and engine in ("auto", "numpy")
 
 
 def columns_from_arrays(ids: Any, dur: Any, cc: Any, counts: list[int], names: list[str], days: list[float],
@@ -194,6 +205,7 @@ def _finish(cols: TargetColumns, n: list[int], sy: list[float], syy: list[float]
 
 def _numpy_columns(ids: Any, d: Any, cc: Any, counts: list[int], g_count: int, days: list[float],
                    not_run: list[int]) -> TargetColumns:
+    np = _numpy()
     total_n = len(ids)
     # x of the per-build trend: the session's position in the window; per-day: its start in days.
     xb = np.repeat(np.arange(len(counts), dtype=np.float64), counts)

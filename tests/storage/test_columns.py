@@ -18,6 +18,7 @@ from buildtel.services.storage.columns import (
     decode_durations,
     decode_ids,
 )
+from buildtel.services.storage.rowcache import RowCache, peek_id
 from buildtel.services.storage.service import StorageService
 from buildtel.shared import micro
 from buildtel.shared.codec import encode
@@ -109,3 +110,31 @@ async def test_bad_requests_are_refused(stored, settings, nc) -> None:
         assert err.value.code == 400 and words in err.value.description
     # and the service goes on answering
     assert len(await _all(nc, settings, ColumnsRequest(), limit=3)) == 1
+
+
+def test_the_row_cache_is_bounded_and_serves_what_a_fresh_reduction_gives(make_session) -> None:
+    sessions = [make_session(i, targets=20) for i in range(50)]
+    payloads = [encode(s) for s in sessions]
+    sizes = [RowCache().reduce(p).size for p in payloads]
+    cache = RowCache(max_bytes=sum(sizes[-10:]))  # room for the newest ten
+    first = [cache.entry(p) for p in payloads]
+    assert cache.misses == 50 and cache.bytes <= cache.max_bytes and len(cache.entries) == 10
+    again = [cache.entry(p) for p in payloads[-10:]]  # the newest ten stayed: served without a decode
+    assert cache.hits == 10 and [e.row for e in again] == [e.row for e in first[-10:]]
+    fresh = RowCache()
+    for p, e in zip(payloads, first, strict=True):
+        f = fresh.entry(p)
+        assert f.row == e.row and list(f.durations) == list(e.durations) and f.codes == e.codes
+        assert [fresh.names.order[i] for i in f.ids] == [cache.names.order[i] for i in e.ids]
+
+
+def test_the_session_id_is_read_from_the_first_bytes_or_not_at_all(make_session) -> None:
+    s = make_session(1)
+    payload = encode(s)
+    assert peek_id(payload) == (s.id, len(payload))
+    # Another writer's field order (id first): no guess, the record is decoded instead.
+    reordered = msgspec.msgpack.encode({"id": s.id, **msgspec.to_builtins(s)})
+    assert peek_id(reordered) is None
+    cache = RowCache()
+    assert cache.entry(reordered).row.id == s.id and cache.entry(reordered).row.id == s.id
+    assert (cache.hits, cache.misses) == (0, 2)  # without the id up front, it is reduced each time
