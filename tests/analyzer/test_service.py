@@ -10,7 +10,13 @@ import pytest
 
 from buildtel.services.analyzer.alerts import decode_state
 from buildtel.services.analyzer.analytics import TelemetryAnalyzer
-from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, read_alerts
+from buildtel.services.analyzer.api import (
+    REPORT_S_PER_SESSION,
+    AnalyzerClient,
+    AnalyzerError,
+    ReportRequest,
+    read_alerts,
+)
 from buildtel.services.analyzer.service import AnalyzerService
 from buildtel.services.storage.api import StorageClient
 from buildtel.services.storage.service import StorageService
@@ -215,6 +221,9 @@ async def test_a_report_over_more_history_than_redis_holds(settings, nc, redis_c
         offline = TelemetryAnalyzer().report(sessions, filters=full.filters, include_sessions=True)
         full.generated_at = offline.generated_at = 0.0
         assert full == offline  # the rows storage sent give the report the sessions give
+        # The wait grows with what the window may hold (here all 40 stored), not a fixed timeout.
+        assert await client.report_timeout(ReportRequest()) == pytest.approx(10 + 40 * REPORT_S_PER_SESSION)
+        assert await client.report_timeout(ReportRequest(last=5)) == pytest.approx(10 + 5 * REPORT_S_PER_SESSION)
         since = await client.report(since=sessions[5].finish)  # no `last`: paged the same way
         assert since.sessions == 35 and since.window_start == sessions[5].start
         # Redis holds hot state only: detector series, fold markers, the outbox, counters.
