@@ -2,7 +2,7 @@
 
 Reducing a stored 200-target session to its report row costs ~0.2 ms (decoding the partial view,
 building the columns); the columns of a report of 10,000 sessions would cost 2 s each time.
-The cache keeps, per session, the :class:`Entry` that reduction made (~3 KB for 200 targets:
+The cache keeps, per session, the :class:`Entry` that reduction made (~3.8 KB for 200 targets:
 its row, name ids into one interning table, durations and code bytes), least recently used
 dropped first beyond ``max_bytes``.  It fills as reports read sessions, and a warm-up pass
 (:func:`warm`) fills it with the newest sessions after the store opens.
@@ -38,7 +38,7 @@ _NAMES_RESERVE = 256 * 1024  # name tables up to this size are counted whole in 
 _ROW_BYTES = 160  # a row without its strings and health checkpoint, encoded (an estimate for paging)
 _TARGET_BYTES = 13  # 4 + 8 + 1
 WARM_CHUNK = 256
-_ENTRY_OVERHEAD = 700  # the row object, its strings and the dict slot (measured, rounded up)
+_ENTRY_OVERHEAD = 1100  # row object, strings, array headers, dict slot: 3.76 KB an entry of 200 targets (tracemalloc)
 _name, _dur, _status, _cache = (attrgetter("name"), attrgetter("duration_s"), attrgetter("status"),
                                 attrgetter("cache"))
 _STATUS_BITS = {k: v << 2 for k, v in STATUS_CODES.items()}
