@@ -1,7 +1,7 @@
 """``buildtel report``, ``buildtel export`` and ``buildtel alerts``: analytics and regression alerts.
 
-Reports are computed by the analyzer service (any replica answers) over its
-session history; alerts are read from the alerts stream.  See
+Reports are computed by the analyzer service (any replica answers) over the history the
+storage service holds (it must be running); alerts are read from the alerts stream.  See
 ``docs/analytics.md`` and ``docs/export.md``.
 """
 
@@ -65,9 +65,9 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="only builds that ran this target")
     p.add_argument("--top", type=int, help="keep only the N targets with the most total time")
     p.add_argument("--speedup", type=float, default=50.0, help="what-if speed-up in %% (default 50)")
-    p.add_argument("--source", choices=["auto", "history", "storage"], default="auto",
-                   help="analyzer history, storage service, or auto (history, storage when it reaches further)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the analyzer (default 60)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the analyzer (default 60), plus 2 ms for every session the window "
+                        "may hold, so a long history is never cut off")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -103,7 +103,7 @@ def _request(args: argparse.Namespace, *, sessions: bool) -> ReportRequest:
     return ReportRequest(last=args.last, since=parse_when(args.since) if args.since else None,
                          until=parse_when(args.until) if args.until else None, branch=args.branch,
                          outcome=args.outcome, target=args.target, include_sessions=sessions, top_targets=args.top,
-                         speedup_pct=args.speedup, source=args.source)
+                         speedup_pct=args.speedup)
 
 
 async def _fetch(settings: Settings, req: ReportRequest, timeout: float) -> AnalyticsReport:

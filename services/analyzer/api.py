@@ -30,10 +30,17 @@ from buildtel.shared import micro
 
 API_VERSION = "1.0.0"
 DAY_S = 86400.0
+# Allowance per session a report may cover, on top of the client's timeout: the analyzer takes
+# ~0.1-0.3 ms per 200-target session end to end (docs/performance.md); 2 ms leaves room for a
+# slow or busy machine, so only a stalled request reaches it.
+REPORT_S_PER_SESSION = 0.002
 
 
 class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A report over a window of sessions; no window at all means "everything in the history"."""
+    """A report over a window of stored sessions; no window at all means "everything storage holds".
+
+    The analyzer reads the window from the storage service (report rows, page by page), however
+    large: ``last`` is bounded only by what storage holds.  Without storage it answers 503."""
 
     last: int | None = None
     since: float | None = None  # finish time, Unix s, inclusive
@@ -46,7 +53,6 @@ class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     top_targets: int | None = None  # keep only the N targets with the most total time
     critical_paths: int = 10  # most recent sessions whose critical paths are analysed
     speedup_pct: float = 50.0  # the what-if speed-up
-    source: Literal["auto", "history", "storage"] = "auto"
 
     def filter(self) -> ReportFilter:
         return ReportFilter(last=self.last, since=self.since, until=self.until, branch=self.branch,
@@ -54,14 +60,12 @@ class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class AnalyzerStats(msgspec.Struct, kw_only=True):
-    sessions: int = 0  # sessions added to the history (each once)
+    sessions: int = 0  # sessions folded (each once)
     points: int = 0  # series points folded (each once)
     alerts: int = 0  # alerts committed (each once)
     late: int = 0  # points recorded but not fed to a detector (a redelivery long after newer ones)
     redelivered: int = 0  # session deliveries after the first (a replica died or was too slow)
     outbox: int = 0  # alerts committed but not yet confirmed published
-    history: int = 0
-    history_cap: int = 0
     replica: str = ""  # the replica that answered
     version: str = API_VERSION
 
@@ -95,20 +99,24 @@ class AnalyzerError(Exception):
 
 class AnalyzerClient:
     """Ask the analyzer service.  A request that times out or finds no responder (a replica died
-    holding it, or replicas are restarting) is retried: reports are reads, so this is safe."""
+    holding it, or replicas are restarting) is retried: reports are reads, so this is safe.
+
+    ``timeout`` is the wait for a small request; a report's wait grows with its window (see
+    :meth:`report_timeout`), so a valid report over a long history is never cut off by it."""
 
     def __init__(self, nc: Any, namespace: str, *, timeout: float = 30.0, attempts: int = 3) -> None:
         self.nc = nc
+        self.namespace = namespace
         self.subjects = AnalyzerSubjects.of(namespace)
         self.timeout = timeout
         self.attempts = attempts
 
-    async def _request(self, endpoint: str, body: bytes) -> bytes:
+    async def _request(self, endpoint: str, body: bytes, timeout: float | None = None) -> bytes:
         # A replica killed mid-request leaves it unanswered: ask again (another replica answers).
         for attempt in range(self.attempts):
             try:
-                return await micro.request(self.nc, self.subjects.endpoint(endpoint), body, timeout=self.timeout,
-                                           service="analyzer", error=AnalyzerError)
+                return await micro.request(self.nc, self.subjects.endpoint(endpoint), body,
+                                           timeout=timeout or self.timeout, service="analyzer", error=AnalyzerError)
             except AnalyzerError as exc:
                 if exc.code not in (503, 504) or attempt == self.attempts - 1:
                     raise
@@ -118,7 +126,23 @@ class AnalyzerClient:
 
     async def report(self, request: ReportRequest | None = None, **kw: Any) -> AnalyticsReport:
         req = request or ReportRequest(**kw)
-        return report_decoder.decode(await self._request("report", _enc.encode(req)))
+        timeout = await self.report_timeout(req)
+        return report_decoder.decode(await self._request("report", _enc.encode(req), timeout))
+
+    async def report_timeout(self, req: ReportRequest) -> float:
+        """``timeout`` plus :data:`REPORT_S_PER_SESSION` for every session the window may hold:
+        ``last``, at most what storage stores (asked of it; ``timeout`` alone when it does not answer,
+        as the analyzer will then refuse at once)."""
+        from buildtel.services.storage.api import StorageClient, StorageError
+        from buildtel.shared.subjects import Subjects
+
+        try:
+            stored = (await StorageClient(self.nc, Subjects(self.namespace), timeout=min(5.0, self.timeout))
+                      .stats()).sessions
+        except StorageError:
+            return self.timeout
+        window = stored if req.last is None else min(max(req.last, 0), stored)
+        return self.timeout + REPORT_S_PER_SESSION * window
 
     async def stats(self) -> AnalyzerStats:
         return stats_decoder.decode(await self._request("stats", b""))
@@ -245,7 +269,6 @@ class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):
     normalize: bool | None = None  # unset: on when the two sides cover different numbers of sessions
     chart: bool = False
     folded: bool = False
-    source: Literal["auto", "history", "storage"] = "auto"
     title: str | None = None
     subtitle: str = ""
     width: int = 1200

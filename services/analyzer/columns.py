@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import math
 import threading
 from collections import deque
@@ -25,16 +26,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, call, itemgetter, mul
+from typing import Any
 
 from buildtel.services.analyzer.stats import Fit, fit_from_sums, percentile_sorted
 from buildtel.shared.protocol import CACHE_HITS, BuildSession
 
-try:  # numpy is optional: only the 10k-session benchmark needs its speed
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised by forcing engine="python"
-    np = None  # type: ignore[assignment]
+# numpy is imported on first use, not with this module: the CLI imports it (through analytics.py)
+# for the report's types only, and numpy's import was a fifth of `buildtel report`'s start-up.
+ENGINE = "numpy" if importlib.util.find_spec("numpy") is not None else "python"
 
-ENGINE = "numpy" if np is not None else "python"
+
+def _numpy() -> Any:
+    import numpy
+
+    return numpy
+
+
+def __getattr__(name: str) -> Any:
+    if name == "np":  # ``columns.np``: numpy, or None where it is not installed
+        return _numpy() if ENGINE == "numpy" else None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 DAY_S = 86400.0
 
 _name, _dur, _cache, _targets = attrgetter("name"), attrgetter("duration_s"), attrgetter("cache"), attrgetter("targets")
@@ -132,9 +143,7 @@ def _scan_statuses(sessions: Sequence[BuildSession], offsets: list[int]
 
 def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "auto") -> TargetColumns:
     """Aggregate every target of ``sessions`` (chronological order); ``t0`` is the day-trend origin."""
-    use_numpy = np is not None and engine in ("auto", "numpy")
-    if engine == "numpy" and np is None:
-        raise RuntimeError("numpy is not installed")
+    use_numpy = _use_numpy(engine)
     tl = list(map(_targets, sessions))
     counts = list(map(len, tl))
     offsets = [0]
@@ -146,9 +155,36 @@ def target_columns(sessions: Sequence[BuildSession], t0: float, engine: str = "a
     interner = _Interner()
     not_run, failed, bad = _scan_statuses(sessions, offsets)
     days = [(s.start - t0) / DAY_S for s in sessions]
+    if use_numpy:
+        np = _numpy()
+        ids: Any = np.fromiter(map(interner.__getitem__, map(_name, flat)), dtype=np.int64, count=len(flat))
+        dur: Any = np.fromiter(map(_dur, flat), dtype=np.float64, count=len(flat))
+        cc: Any = np.fromiter(map(CACHE_CODE.__getitem__, map(_cache, flat)), dtype=np.int8, count=len(flat))
+    else:
+        ids = list(map(interner.__getitem__, map(_name, flat)))
+        dur = list(map(_dur, flat))
+        cc = list(map(CACHE_CODE.__getitem__, map(_cache, flat)))
+    return columns_from_arrays(ids, dur, cc, counts, list(interner), days, not_run, failed, bad, use_numpy)
+
+
+def _use_numpy(engine: str) -> bool:
+    if engine == "numpy" and ENGINE != "numpy":
+        raise RuntimeError("numpy is not installed")
+    return ENGINE == "numpy" and engine in ("auto", "numpy")
+
+
+def columns_from_arrays(ids: Any, dur: Any, cc: Any, counts: list[int], names: list[str], days: list[float],
+                        not_run: list[int], failed: dict[str, set[int]], bad: dict[int, dict[str, str]],
+                        use_numpy: bool) -> TargetColumns:
+    """The aggregation proper, from flat columns (one entry per target run, sessions in order):
+    ``ids`` index ``names``, ``cc`` is :data:`CACHE_CODE`; numpy arrays (int64, float64, int8)
+    when ``use_numpy``, else lists.  ``not_run`` are the positions of skipped or cancelled runs,
+    ``failed`` and ``bad`` as :class:`TargetColumns` ``failed_keys`` and ``not_success``."""
+    if not len(ids):
+        return TargetColumns()
     fn = _numpy_columns if use_numpy else _python_columns
-    cols = fn(flat, counts, interner, days, not_run)
-    cols.names = list(interner)
+    cols = fn(ids, dur, cc, counts, len(names), days, not_run)
+    cols.names = list(names)
     cols.failed_keys = failed
     cols.not_success = bad
     ix = {n: i for i, n in enumerate(cols.names)}
@@ -167,16 +203,13 @@ def _finish(cols: TargetColumns, n: list[int], sy: list[float], syy: list[float]
         cols.per_day.append(fit_from_sums(n[g], sxd[g], sy[g], sxxd[g], sxyd[g], syy[g]))
 
 
-def _numpy_columns(flat: list, counts: list[int], interner: _Interner, days: list[float],  # type: ignore[type-arg]
+def _numpy_columns(ids: Any, d: Any, cc: Any, counts: list[int], g_count: int, days: list[float],
                    not_run: list[int]) -> TargetColumns:
-    total_n = len(flat)
-    ids = np.fromiter(map(interner.__getitem__, map(_name, flat)), dtype=np.int64, count=total_n)
-    d = np.fromiter(map(_dur, flat), dtype=np.float64, count=total_n)
-    cc = np.fromiter(map(CACHE_CODE.__getitem__, map(_cache, flat)), dtype=np.int8, count=total_n)
+    np = _numpy()
+    total_n = len(ids)
     # x of the per-build trend: the session's position in the window; per-day: its start in days.
     xb = np.repeat(np.arange(len(counts), dtype=np.float64), counts)
     xd = np.repeat(np.asarray(days, dtype=np.float64), counts)
-    g_count = len(interner)
     if not_run:
         keep = np.ones(total_n, dtype=bool)
         keep[not_run] = False
@@ -226,17 +259,14 @@ def _numpy_columns(flat: list, counts: list[int], interner: _Interner, days: lis
     return cols
 
 
-def _python_columns(flat: list, counts: list[int], interner: _Interner, days: list[float],  # type: ignore[type-arg]
-                    not_run: list[int]) -> TargetColumns:
-    ids = list(map(interner.__getitem__, map(_name, flat)))
-    dur = list(map(_dur, flat))
-    cc = list(map(CACHE_CODE.__getitem__, map(_cache, flat)))
+def _python_columns(ids: list[int], dur: list[float], cc: list[int], counts: list[int], g_count: int,
+                    days: list[float], not_run: list[int]) -> TargetColumns:
     x_day = list(chain.from_iterable(map(repeat, days, counts)))
     x_build = list(chain.from_iterable(map(repeat, map(float, range(len(counts))), counts)))
-    groups: list[list[int]] = [[] for _ in range(len(interner))]
+    groups: list[list[int]] = [[] for _ in range(g_count)]
     appends = [g.append for g in groups]
     skip = set(not_run)
-    positions = range(len(flat)) if not skip else [i for i in range(len(flat)) if i not in skip]
+    positions = range(len(ids)) if not skip else [i for i in range(len(ids)) if i not in skip]
     pos_ids = ids if not skip else [ids[i] for i in positions]
     # Bucket element positions by target id without a Python-level loop body.
     deque(map(call, map(appends.__getitem__, pos_ids), positions), maxlen=0)

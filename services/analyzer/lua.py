@@ -50,21 +50,13 @@ redis.call('EXPIRE', done, done_ttl)
 return out
 """
 
-# Bounded history of completed sessions: a sorted set by finish time and a hash of their bytes.
-# KEYS: zset, hash, stats-hash; ARGV: session id, finish time, bytes, cap.  Returns 1 when new.
-HISTORY_ADD = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3]) == 0 then
+# A session counted once: a marker field in its done hash (the series names are the other fields).
+# KEYS: done-hash, stats-hash; ARGV: done-ttl-s.  Returns 1 the first time.
+SESSION_SEEN = """
+if redis.call('HSETNX', KEYS[1], '#session', 1) == 0 then
   return 0
 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'sessions', 1)
-local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
-if extra > 0 then
-  local old = redis.call('ZRANGE', KEYS[1], 0, extra - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1)
-  for _, id in ipairs(old) do
-    redis.call('HDEL', KEYS[2], id)
-  end
-end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('HINCRBY', KEYS[2], 'sessions', 1)
 return 1
 """

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from buildtel.services.analyzer import lua
+from buildtel.services.analyzer import fetch, lua
 from buildtel.services.analyzer.alerts import (
     Alert,
     alert_decoder,
@@ -49,7 +49,7 @@ from buildtel.services.analyzer.api import (
 )
 from buildtel.services.analyzer.columns import gc_paused
 from buildtel.services.analyzer.flamerender import flame_reply
-from buildtel.services.analyzer.history import History, from_storage
+from buildtel.services.analyzer.rowreport import report_from_frame
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
@@ -92,13 +92,11 @@ class AnalyzerService(BusService):
     description = "Builder Telemetry analytics and regression alerts"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, ack_wait_s: float = ACK_WAIT_S,
-                 history_cap: int | None = None, storage_timeout_s: float = 10.0,
-                 metrics_port: int | None = None) -> None:
+                 storage_timeout_s: float = 10.0, metrics_port: int | None = None) -> None:
         super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self.asubjects = AnalyzerSubjects(self.subjects)
         self.ack_wait_s = ack_wait_s
-        self.history_cap = history_cap or settings.max_sessions
-        self.storage_timeout_s = storage_timeout_s
+        self.storage_timeout_s = storage_timeout_s  # per request to storage (a report pages: many requests)
         self.outbox_key = self.keys.analyzer_outbox
         self.stats_key = self.keys.analyzer_stats
         # Counters of this replica, for tests and logs.
@@ -129,8 +127,7 @@ class AnalyzerService(BusService):
 
     async def prepare(self, stack: AsyncExitStack) -> None:
         self._commit = self.redis.register_script(lua.COMMIT)
-        self._hist_add = self.redis.register_script(lua.HISTORY_ADD)
-        self.history = History(self.redis, self.keys, self.history_cap)
+        self._seen = self.redis.register_script(lua.SESSION_SEEN)
 
     def counters(self) -> dict[str, float]:
         return {"sessions_in_total": self.sessions_in, "alerts_total": self.alerts_out, "requests_total": self.requests,
@@ -150,13 +147,14 @@ class AnalyzerService(BusService):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self.dead_letter(msg, f"undecodable session: {exc}")
             return
-        await self.history.add(self._hist_add, session, msg.data)
         meta = msg.metadata
         if meta.num_delivered > 1:
             await self.redis.hincrby(self.stats_key, "redelivered", 1)
         alerts = await self.fold_session(session, seq=meta.sequence.stream)
         for a in alerts:
             await self._publish(a)
+        # Counted once per session id (a marker in its done hash), after all its series are folded.
+        await self._seen(keys=[self.keys.analyzer_done(session.id), self.stats_key], args=[DONE_TTL_S])
         await msg.ack()
         self.sessions_in += 1
 
@@ -264,29 +262,25 @@ class AnalyzerService(BusService):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ServiceError(BAD_REQUEST, f"bad report request: {exc}") from None
         f = r.filter()
-        notes: list[str] = []
-        partial = False
-        sessions: list[BuildSession] = []
-        covered = False
-        if r.source != "storage":
-            sessions, covered = await self.history.load(f)
-        if r.source == "storage" or (r.source == "auto" and not covered):
-            try:
-                sessions = await from_storage(self.nc, self.settings.namespace, f, self.storage_timeout_s)
-                notes.append("sessions from the storage service")
-            except Exception as exc:  # noqa: BLE001 - StorageError or import failure: say so, serve history
-                if r.source == "storage":
-                    raise ServiceError(BAD_GATEWAY, f"storage service: {exc}") from None
-                partial = True
-                notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
         analyzer = TelemetryAnalyzer(critical_paths=r.critical_paths, speedup_pct=r.speedup_pct)
+        notes: list[str] = []
+        try:
+            # Report rows, not sessions (storage/columns.py); whole sessions only for the critical paths.
+            frame = await fetch.load_frame(self.nc, self.settings.namespace, f, self.storage_timeout_s)
+            recent, gone = await fetch.sessions_by_id(self.nc, self.settings.namespace,
+                                                      frame.recent_ids(analyzer.critical_paths),
+                                                      self.storage_timeout_s)
+        except fetch.SourceError as exc:
+            raise ServiceError(exc.code if exc.code == 503 else BAD_GATEWAY, exc.description) from None
+        if gone:
+            notes.append(f"{len(gone)} of the most recent sessions left storage (retention) before their critical "
+                         f"paths were read; the bottlenecks cover the other {len(recent)}")
 
         def compute() -> bytes:
-            with gc_paused():
-                rep = analyzer.report(sessions, filters=f, include_sessions=r.include_sessions,
-                                      top_targets=r.top_targets)
-                rep.partial, rep.notes = partial, notes
-                return _enc.encode(rep)
+            rep = report_from_frame(analyzer, frame, filters=f, recent=recent, include_sessions=r.include_sessions,
+                                    top_targets=r.top_targets)
+            rep.notes = notes
+            return _enc.encode(rep)
 
         data = await asyncio.to_thread(compute)
         budget = max(1024, int(self.nc.max_payload) - _REPLY_OVERHEAD)
@@ -301,8 +295,7 @@ class AnalyzerService(BusService):
         c = {k.decode(): int(v) for k, v in raw.items()}
         stats = AnalyzerStats(sessions=c.get("sessions", 0), points=c.get("points", 0), alerts=c.get("alerts", 0),
                               late=c.get("late", 0), redelivered=c.get("redelivered", 0),
-                              outbox=int(await self.redis.hlen(self.outbox_key)),
-                              history=await self.history.count(), history_cap=self.history_cap, replica=self.owner)
+                              outbox=int(await self.redis.hlen(self.outbox_key)), replica=self.owner)
         return _enc.encode(stats)
 
     # -- flame graphs (see api.FlameGraphRequest) ----------------------------------------------
@@ -314,14 +307,14 @@ class AnalyzerService(BusService):
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
             raise ServiceError(BAD_REQUEST, f"bad flamegraph request: {exc}") from None
         notes: list[str] = []
-        sessions, partial = await self._flame_select(r, r.source, notes)
-        base, base_partial = await self._flame_select(r.diff, r.source, notes) if r.diff else (None, False)
+        sessions = await self._flame_select(r)
+        base = await self._flame_select(r.diff) if r.diff else None
         if not sessions or (base is not None and not base):
             raise ServiceError(NOT_FOUND, f"no sessions match the {'diff base' if sessions else 'selection'}")
         budget = max(1024, (FLAME_REPLY_LIMIT or int(self.nc.max_payload)) - _REPLY_OVERHEAD)
         try:
             data = await asyncio.to_thread(flame_reply, r, options, sessions, base, budget,
-                                           partial=partial or base_partial, notes=notes)
+                                           partial=False, notes=notes)
         except ValueError as exc:
             raise ServiceError(BAD_REQUEST, f"bad flamegraph request: {exc}") from None
         if len(data) > budget:
@@ -330,34 +323,15 @@ class AnalyzerService(BusService):
                                       f"fewer sessions{' or leave out the folded stacks' if r.folded else ''}")
         return data
 
-    async def _flame_select(self, sel: FlameGraphSelection, source: str,
-                            notes: list[str]) -> tuple[list[BuildSession], bool]:
-        """(sessions, partial): one session by id (history, else storage), or a window loaded the
-        way a report loads it (history; storage when the history may not hold all of it)."""
-        from buildtel.services.storage.api import StorageClient, StorageError
-
-        if sel.session:
-            if sel.filter() != ReportFilter():
-                raise ServiceError(BAD_REQUEST,
-                                   "give a session or a window (last/since/until/branch/outcome), not both")
-            raw = None if source == "storage" else await self.redis.hget(self.history.data, sel.session)
-            if raw is not None:
-                return [decode_session(raw)], False
-            try:
-                return [await StorageClient(self.nc, self.subjects, timeout=self.storage_timeout_s)
-                        .get(sel.session)], False
-            except StorageError as exc:
-                code = NOT_FOUND if exc.not_found else BAD_GATEWAY
-                raise ServiceError(code, f"session {sel.session!r}: {exc}") from None
-        f = sel.filter()
-        sessions, covered = ([], False) if source == "storage" else await self.history.load(f)
-        if source == "storage" or (source == "auto" and not covered):
-            try:
-                sessions = await from_storage(self.nc, self.settings.namespace, f, self.storage_timeout_s)
-                notes.append("sessions from the storage service")
-            except Exception as exc:  # noqa: BLE001 - as the report: say so, serve the history
-                if source == "storage":
-                    raise ServiceError(BAD_GATEWAY, f"storage service: {exc}") from None
-                notes.append(f"history holds only the newest {self.history_cap} sessions and storage failed: {exc}")
-                return sessions, True
-        return sessions, False
+    async def _flame_select(self, sel: FlameGraphSelection) -> list[BuildSession]:
+        """One session by id, or a window, from storage (the analyzer keeps no history)."""
+        if sel.session and sel.filter() != ReportFilter():
+            raise ServiceError(BAD_REQUEST, "give a session or a window (last/since/until/branch/outcome), not both")
+        try:
+            if sel.session:
+                return [await fetch.session(self.nc, self.settings.namespace, sel.session, self.storage_timeout_s)]
+            return await fetch.window(self.nc, self.settings.namespace, sel.filter(), self.storage_timeout_s)
+        except fetch.SourceError as exc:
+            what = f"session {sel.session!r}: " if sel.session else ""
+            code = NOT_FOUND if exc.code == 404 else (exc.code if exc.code == 503 else BAD_GATEWAY)
+            raise ServiceError(code, what + exc.description) from None

@@ -1,7 +1,8 @@
 """The storage query API: request/reply messages and :class:`StorageClient`.
 
 The storage service answers NATS requests (a ``nats.micro`` service named
-``<ns>-storage``) on ``<ns>.storage.get|recent|range|query|stats``.  Bodies are
+``<ns>-storage``) on ``<ns>.storage.get|recent|range|query|stats`` (and ``columns``, the
+report rows of ``columns.py``).  Bodies are
 MessagePack (buildtel.shared.codec) of the structs below; an empty request body means
 "all defaults".  Errors come back as NATS micro errors: headers
 ``Nats-Service-Error-Code`` (400 bad request, 404 not found, 413 a single

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
+from buildtel.services.storage import columns, rowcache
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -104,7 +105,7 @@ class StorageService(BusService):
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_SESSION_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None,
-                 metrics_port: int | None = None) -> None:
+                 row_cache_bytes: int = rowcache.DEFAULT_MAX_BYTES, metrics_port: int | None = None) -> None:
         super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
         self.batch_size = batch_size
         self.fetch_timeout_s = fetch_timeout_s
@@ -126,6 +127,8 @@ class StorageService(BusService):
         # The last session read in parts (`chunk`): (id, bytes, when), so a client reading one
         # session of many replies costs one read of the record, not one per part.
         self._chunked: tuple[str, bytes, float] | None = None
+        # Report rows of recent sessions, decoded once (services/storage/rowcache.py); bounded.
+        self.row_cache = rowcache.RowCache(row_cache_bytes)
 
     # -- declarations (shared/service.py) -------------------------------------------------------
     def consumers(self) -> list[Consumer]:
@@ -138,10 +141,12 @@ class StorageService(BusService):
                          cancel_idle_fetch=True, stop_timeout_s=10.0)]
 
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS]
+        return [*(Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS),
+                Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns)]
 
     def workers(self) -> list[Worker]:
-        return [Worker("retention", self._retention_loop, cancel_on_stop=True)]
+        return [Worker("retention", self._retention_loop, cancel_on_stop=True),
+                Worker("row-cache", self._warm_rows, cancel_on_stop=True)]
 
     def counters(self) -> dict[str, float]:
         return {"sessions_stored_total": self.stored, "duplicates_total": self.duplicates,
@@ -316,3 +321,24 @@ class StorageService(BusService):
             newest=st.newest, damaged_regions=st.damaged_regions, stored=self.stored,
             duplicates=self.duplicates, dead_letters=self.dead_letters, max_sessions=self.store.max_sessions,
             retention_s=self.store.retention_s))
+
+    async def _api_columns(self, data: bytes) -> bytes:
+        """Report rows (services/storage/columns.py): compact per-session facts and per-target columns."""
+        try:
+            req = columns.request_decoder.decode(data or b"\x80")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ServiceError(BAD_REQUEST, f"bad columns request: {exc}") from None
+        if req.since is not None and req.until is not None and req.until < req.since:
+            raise ServiceError(BAD_REQUEST, f"bad columns request: until {req.until} is before since {req.since}")
+        assert self.store is not None
+        return await rowcache.serve_page(self.store, req, self._budget, self.row_cache)
+
+    async def _warm_rows(self) -> None:
+        """Reduce the newest sessions into the row cache once the store is open (reports then skip it)."""
+        assert self.store is not None
+        try:
+            await rowcache.warm(self.store, self.row_cache, self.stopping)
+        except StorageClosed:
+            return
+        except Exception as exc:  # noqa: BLE001 - only a warm-up: reports reduce what they read anyway
+            self.log.warning("storage.row_cache_warm_failed", error=repr(exc))

@@ -15,10 +15,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
+from typing import Protocol
 
 import msgspec
 
-from buildtel.shared.protocol import BuildSession
+from buildtel.shared.protocol import HealthCheckpoint
 
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
@@ -58,7 +59,18 @@ def _slope(ys: list[float]) -> float:
     return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sxx
 
 
-def health_trends(sessions: Iterable[BuildSession], *, top: int = 5, points: bool = False) -> HealthTrends:
+class WithHealth(Protocol):
+    """What is read of a session: a ``BuildSession``, or a report row that carries these fields."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def start(self) -> float: ...
+    @property
+    def health(self) -> HealthCheckpoint | None: ...
+
+
+def health_trends(sessions: Iterable[WithHealth], *, top: int = 5, points: bool = False) -> HealthTrends:
     """Summary of the checkpoints of ``sessions`` (taken in start order)."""
     ordered = sorted(sessions, key=lambda s: s.start)
     out = HealthTrends(sessions=len(ordered))

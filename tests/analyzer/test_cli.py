@@ -19,6 +19,8 @@ from buildtel.cli.main import CLIError
 from buildtel.services.analyzer.analytics import TelemetryAnalyzer
 from buildtel.services.analyzer.api import AnalyzerClient, wait_for_alerts
 from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.services.storage.api import StorageClient
+from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
@@ -39,18 +41,23 @@ async def _cli(settings: Settings, *args: str, namespace: str | None = None) -> 
 
 @pytest.fixture
 async def loaded(settings: Settings, nc, redis_client) -> AsyncIterator[list]:
+    """An analyzer and the storage service it reports from, both holding the same 60 sessions."""
     svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+    storage = StorageService(settings.with_(fsync=False), settings.nats_url or "", settings.redis_url or "")
     await svc.start()
+    await storage.start()
     sessions = _step_history(n=60, at=35, seed=6)
     js = nc.jetstream()
     for s in sessions:
         await js.publish(Subjects(settings.namespace).sessions_completed, encode(s), headers={"Nats-Msg-Id": s.id})
     client = AnalyzerClient(nc, settings.namespace, timeout=5)
+    stored = StorageClient(nc, Subjects(settings.namespace))
     for _ in range(200):
-        if (await client.stats()).sessions == len(sessions):
+        if (await client.stats()).sessions == len(sessions) and (await stored.stats()).sessions == len(sessions):
             break
         await asyncio.sleep(0.05)
     yield sessions
+    await storage.stop()
     await svc.stop()
 
 

@@ -1,4 +1,4 @@
-"""The analyzer's ``flamegraph`` endpoint: the CLI's SVG bytes, history or storage, size limits, errors.
+"""The analyzer's ``flamegraph`` endpoint: the CLI's SVG bytes, sessions from storage, size limits, errors.
 
 Storage and the analyzer run in this process on the test's NATS/Redis; the CLI runs as a
 subprocess against them (``tests/flamegraph/test_cli.py`` has the helpers).
@@ -103,23 +103,21 @@ async def test_endpoint_and_cli_give_the_same_bytes(farm, nc, tmp_path: Path) ->
     assert chart.svg.count(b'class="lane-group"') == len({t.worker for t in main[2].targets})
 
 
-async def test_beyond_the_history_the_sessions_come_from_storage(settings, nc, redis_client, tmp_path: Path) -> None:
+async def test_sessions_come_from_storage_and_without_it_the_reply_says_so(settings, nc, redis_client,
+                                                                          tmp_path: Path) -> None:
     quick = settings.with_(fsync=False)
     sessions = [_varied(k, age_s=5000 - 600 * k) for k in range(5)]
-    svcs = await _started(quick, nc, sessions, history_cap=2)
+    svcs = await _started(quick, nc, sessions)
     try:
         reply = await _same(quick, nc, tmp_path, ["--last", "4"], last=4)
-        assert reply.sessions == 4 and reply.notes == ["sessions from the storage service"]
-        # A session trimmed from the history is fetched from storage by id.
+        assert reply.sessions == 4 and not reply.partial
         await _same(quick, nc, tmp_path, ["--session", sessions[0].id], session=sessions[0].id)
         client = AnalyzerClient(nc, quick.namespace, timeout=10)
-        assert (await client.flamegraph(last=2, source="history")).notes == []
-        await svcs[0].stop()  # no storage: the history answers, marked partial
-        partial = await client.flamegraph(last=4)
-        assert partial.partial and partial.sessions == 2 and "storage failed" in partial.notes[0]
-        with pytest.raises(AnalyzerError) as err:
-            await client.flamegraph(last=4, source="storage")
-        assert err.value.code == 502
+        await svcs[0].stop()  # no storage: a clear refusal, never a partial flame graph
+        for request in ({"last": 4}, {"session": sessions[0].id}):
+            with pytest.raises(AnalyzerError) as err:
+                await client.flamegraph(**request)
+            assert err.value.code == 503 and "storage service is not answering" in err.value.description
     finally:
         for svc in reversed(svcs):
             await svc.stop()

@@ -10,8 +10,16 @@ import pytest
 
 from buildtel.services.analyzer.alerts import decode_state
 from buildtel.services.analyzer.analytics import TelemetryAnalyzer
-from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, read_alerts
+from buildtel.services.analyzer.api import (
+    REPORT_S_PER_SESSION,
+    AnalyzerClient,
+    AnalyzerError,
+    ReportRequest,
+    read_alerts,
+)
 from buildtel.services.analyzer.service import AnalyzerService
+from buildtel.services.storage.api import StorageClient
+from buildtel.services.storage.service import StorageService
 from buildtel.shared.bus import dead_letter_decoder, ensure_streams
 from buildtel.shared.codec import encode
 from buildtel.shared.keys import Keys
@@ -53,11 +61,25 @@ async def analyzer(settings: Settings, nc, redis_client) -> AsyncIterator[Analyz
     await svc.stop()  # idempotent
 
 
+@pytest.fixture
+async def storage(settings: Settings, nc, redis_client) -> AsyncIterator[StorageService]:
+    svc = StorageService(settings.with_(fsync=False), settings.nats_url or "", settings.redis_url or "")
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
 async def _stats(nc, settings):
     return await AnalyzerClient(nc, settings.namespace, timeout=5).stats()
 
 
-async def test_a_step_raises_one_alert_and_reports_match_offline_figures(settings, nc, analyzer) -> None:
+async def _stored(nc, settings, n: int) -> None:
+    async def check() -> bool:
+        return (await StorageClient(nc, Subjects(settings.namespace)).stats()).sessions >= n
+    await _until(check)
+
+
+async def test_a_step_raises_one_alert_and_reports_match_offline_figures(settings, nc, analyzer, storage) -> None:
     js = nc.jetstream()
     sessions = _step_history()
     await _publish(js, Subjects(settings.namespace), sessions)
@@ -66,6 +88,7 @@ async def test_a_step_raises_one_alert_and_reports_match_offline_figures(setting
         return (await _stats(nc, settings)).sessions == len(sessions)
 
     await _until(all_folded)
+    await _stored(nc, settings, len(sessions))
     alerts = await read_alerts(js, settings.namespace)
     builds = [a for a in alerts if a.kind == "build"]
     assert len(builds) == 1 and builds[0].direction == "regression"
@@ -171,39 +194,48 @@ async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc,
     assert exc.value.code == 400
 
 
-async def test_history_is_bounded_and_storage_fills_the_gap(settings, nc, redis_client) -> None:
+async def test_a_report_over_more_history_than_redis_holds(settings, nc, redis_client) -> None:
+    """Reports read storage, paged: a window of many pages, ``last`` above the old Redis cap and a
+    ``since`` without ``last`` all come whole; Redis holds no sessions; without storage, a clear 503."""
     from buildtel.services.storage.service import StorageService
 
-    svc = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "", history_cap=5,
-                          storage_timeout_s=3)
+    small = settings.with_(max_sessions=40, fsync=False)  # the old cap of the analyzer's Redis copy was this
+    svc = AnalyzerService(small, small.nats_url or "", small.redis_url or "", storage_timeout_s=3)
+    # Replies of at most ~2 KB: a report of 40 sessions is many columns pages (and many requests).
+    storage = StorageService(small, small.nats_url or "", small.redis_url or "", max_reply_bytes=6 * 1024)
     await svc.start()
-    storage = None
+    await storage.start()
     try:
-        sessions = _step_history(n=12, seed=9)
-        await _publish(nc.jetstream(), Subjects(settings.namespace), sessions)
+        sessions = _step_history(n=40, seed=9)
+        await _publish(nc.jetstream(), Subjects(small.namespace), sessions)
 
         async def folded() -> bool:
-            return svc.sessions_in == 12
-
+            return (await _stats(nc, small)).sessions == 40
         await _until(folded)
-        client = AnalyzerClient(nc, settings.namespace, timeout=10)
-        assert (await _stats(nc, settings)).history == 5
-        recent = await client.report(last=3)  # within the history: no storage needed
-        assert recent.sessions == 3 and not recent.partial and not recent.notes
-        gap = await client.report(last=10)  # beyond it, and no storage service runs
-        assert gap.partial and gap.sessions == 5 and "storage" in gap.notes[0]
-        storage = StorageService(settings, settings.nats_url or "", settings.redis_url or "")
-        await storage.start()
-        for _ in range(200):
-            full = await client.report(last=10, include_sessions=True)
-            if full.sessions == 10:
-                break
-            await asyncio.sleep(0.05)
-        assert not full.partial and full.notes == ["sessions from the storage service"]
-        assert [r.id for r in full.session_rows] == [s.id for s in sessions[-10:]]
+        await _stored(nc, small, 40)
+        client = AnalyzerClient(nc, small.namespace, timeout=10)
+        full = await client.report(last=1000, include_sessions=True)
+        assert full.sessions == 40 and not full.partial and not full.notes
+        assert [r.id for r in full.session_rows] == [s.id for s in sessions]
+        assert full.bottlenecks is not None and full.bottlenecks.sessions_analysed == 10
+        offline = TelemetryAnalyzer().report(sessions, filters=full.filters, include_sessions=True)
+        full.generated_at = offline.generated_at = 0.0
+        assert full == offline  # the rows storage sent give the report the sessions give
+        # The wait grows with what the window may hold (here all 40 stored), not a fixed timeout.
+        assert await client.report_timeout(ReportRequest()) == pytest.approx(10 + 40 * REPORT_S_PER_SESSION)
+        assert await client.report_timeout(ReportRequest(last=5)) == pytest.approx(10 + 5 * REPORT_S_PER_SESSION)
+        since = await client.report(since=sessions[5].finish)  # no `last`: paged the same way
+        assert since.sessions == 35 and since.window_start == sessions[5].start
+        # Redis holds hot state only: detector series, fold markers, the outbox, counters.
+        keys = [k.decode() async for k in redis_client.scan_iter(f"{Keys(small.namespace).analyzer('')}*")]
+        kinds = {k.split(":")[2] for k in keys}
+        assert kinds <= {"series", "done", "outbox", "stats"}, kinds
+        await storage.stop()
+        with pytest.raises(AnalyzerError) as err:
+            await client.report(last=5)
+        assert err.value.code == 503 and "storage service is not answering" in err.value.description
     finally:
-        if storage is not None:
-            await storage.stop()
+        await storage.stop()
         await svc.stop()
 
 
