@@ -7,16 +7,18 @@
    farm-shaped history (``benchmarks.scale_gen``: 10,000 builds a day) through the public store
    API, ``TelemetryStorage.append_encoded`` in batches of ``--batch`` with fsync off; kept for
    later runs (generation resumes if interrupted).  Bulk append rate: first and last tenth.
-2. **Store process** (a child): ``open()`` time and index RSS; then ``--tail`` new sessions
-   appended as the service appends (batches of 32, fsync, retention check after each: the store
-   is full, so each batch drops the oldest) against a raw-write baseline (same bytes, same
-   batches, one fsync each, same file system); random stored ids sampled for ``get``.
+2. **Store process** (a child, ``benchmarks.scale_probes``): ``open()`` time and index RSS; then
+   ``--tail`` new sessions appended as the service appends (batches of 32, fsync, retention check
+   after each: the store is full, so each batch drops the oldest) against a raw-write baseline
+   (same bytes, same batches, one fsync each, same file system); random stored ids sampled for ``get``.
 3. **Storage service** (``python -m buildtel.services.storage``, embedded NATS + Redis): process
    start to the first ``stats`` reply (``open_s``), against the same on an empty store; RSS after
    open against the empty store's (``rss_mb_per_100k``).  Then, round-robin until ``--requests``
    rounds or ``--budget-s``: a bare NATS request/reply to a trivial responder process (the
    baseline), ``get`` of a random id, the list (``recent(50)``, or ``summaries`` once the API has
    it), and selective filters (rare branch, one agent of 100, rare target, failed, absent branch).
+   Then ``--tail`` more sessions published on ``sessions.completed`` as the collector would:
+   time until the service has stored them all (``append_per_s``) and retention is back to N.
 4. **Report end to end**: the analyzer service too, then ``buildtel report --last 10000 --source
    storage`` as a whole process (and ``--last 100000`` when the store holds that many): wall time,
    the CLI's peak RSS and the peak RSS growth of the analyzer and storage processes.  Stopped (and
@@ -33,12 +35,10 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,180 +46,23 @@ import nats
 
 from benchmarks import scale_gen as gen
 from benchmarks import scale_procs as procs
+from benchmarks.scale_probes import (
+    FILTERS,
+    NS,
+    ROOT,
+    buildtel,
+    dir_bytes,
+    latencies,
+    pct,
+    run_child,
+    service_append,
+    service_env,
+    start_storage,
+    wait_analyzer,
+)
 from buildtel.services.storage.api import StorageClient
 from buildtel.shared.engines import NatsEngine, RedisEngine
 from buildtel.shared.subjects import Subjects
-
-ROOT = Path(__file__).resolve().parent.parent
-NS = "benchscale"
-ECHO = f"{NS}.bench.echo"
-FILTERS: dict[str, dict[str, str]] = {
-    "branch_rare": {"branch": gen.RARE_BRANCH}, "agent": {"agent": "agent-042"},
-    "target_rare": {"target": gen.RARE_TARGET}, "failed": {"outcome": "failed"},
-    "branch_absent": {"branch": "no/such-branch"},
-}
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
-
-
-def dir_bytes(d: Path) -> tuple[int, int]:
-    """(apparent, allocated) bytes of every file under ``d``."""
-    apparent = allocated = 0
-    for p in d.rglob("*"):
-        if p.is_file():
-            st = p.stat()
-            apparent += st.st_size
-            allocated += st.st_blocks * 512
-    return apparent, allocated
-
-
-# -- children -----------------------------------------------------------------------------------------
-
-async def child_store(root: str, n: int, tail: int, samples: int) -> dict[str, Any]:
-    """Open the store, sample ids, append ``tail`` sessions as the service would; figures as JSON."""
-    from buildtel.services.storage.store import TelemetryStorage
-
-    meta = gen.read_meta(Path(root))
-    assert meta is not None
-    rss0 = procs.rss_mb(os.getpid())
-    store = TelemetryStorage(Path(root) / "telemetry", max_sessions=n, retention_s=gen.RETENTION_S, fsync=True)
-    t = time.perf_counter()
-    await store.open()
-    open_s = time.perf_counter() - t
-    rss1, hwm1 = procs.rss_mb(os.getpid()), procs.hwm_mb(os.getpid())
-    count, st = await store.count(), store.stats()
-    rng = random.Random(7)
-    assert st.oldest is not None and st.newest is not None
-    # New sessions after everything stored, built before the clock starts.
-    shape = gen.HistoryShape(sessions=tail, targets=meta.shape.targets, seed=0x7A000000 + rng.randrange(1 << 24),
-                             t_end=max(time.time(), st.newest + tail * gen.SPACING_S) + 1)
-    fac = gen.Factory(shape)
-    payloads = [fac.encoded(k) for k in range(tail)]
-    append_s = retention_s = 0.0
-    for lo in range(0, tail, 32):
-        t0 = time.perf_counter()
-        await store.append_encoded(payloads[lo:lo + 32])
-        t1 = time.perf_counter()
-        await store.enforce_retention()
-        append_s += t1 - t0
-        retention_s += time.perf_counter() - t1
-    after = await store.count()
-    st2 = store.stats()  # ids to get: uniform over what is stored now (the tail dropped the oldest)
-    assert st2.oldest is not None and st2.newest is not None
-    ids = []
-    for _ in range(samples):
-        at = st2.oldest + rng.random() * (st2.newest - st2.oldest)
-        ids += [s.id for s in await store.range(at, st2.newest + 1, limit=1)]
-    await store.close()
-    raw = Path(root) / "raw-write-baseline.tmp"
-    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    t = time.perf_counter()
-    for lo in range(0, tail, 32):
-        for p in payloads[lo:lo + 32]:
-            os.write(fd, p)
-        os.fsync(fd)
-    raw_s = time.perf_counter() - t
-    os.close(fd)
-    raw.unlink()
-    return {"open_s": open_s, "rss_before_mb": rss0, "rss_open_mb": rss1, "hwm_open_mb": hwm1, "count": count,
-            "count_after_tail": after, "segments": st.segments, "ids": ids, "tail": tail, "tail_append_s": append_s,
-            "tail_retention_s": retention_s, "raw_write_s": raw_s}
-
-
-async def child_echo(url: str) -> None:
-    """The baseline's trivial responder: replies ``ok`` to every request."""
-    nc = await nats.connect(url)
-
-    async def cb(msg: Any) -> None:
-        await msg.respond(b"ok")
-
-    await nc.subscribe(ECHO, cb=cb)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-
-def run_child(argv: list[str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", "--child", *argv], cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"child {argv[0]} failed ({done.returncode})")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-# -- the services -------------------------------------------------------------------------------------
-
-def service_env(nats_url: str, redis_url: str, cache: Path, n: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
-    env.update(BUILDER_TELEMETRY_NATS_URL=nats_url, BUILDER_TELEMETRY_REDIS_URL=redis_url,
-               BUILDER_TELEMETRY_NAMESPACE=NS, BUILDER_TELEMETRY_CACHE_DIR=str(cache),
-               BUILDER_TELEMETRY_MAX_SESSIONS=str(n), BUILDER_TELEMETRY_RETENTION_DAYS=str(gen.RETENTION_S / 86400),
-               BUILDER_TELEMETRY_LOG_LEVEL="info", BUILDER_TELEMETRY_LOG_FORMAT="json")
-    return env
-
-
-async def start_storage(nc: Any, env: dict[str, str], log: Path, limit_s: float) -> tuple[Any, float]:
-    """(process, seconds from its start to its first ``stats`` reply)."""
-    client = StorageClient(nc, Subjects(NS), timeout=2.0)
-    t = time.perf_counter()
-    proc = procs.spawn_service("buildtel.services.storage", env, log)
-    while True:
-        try:
-            await client.stats()
-            return proc, time.perf_counter() - t
-        except Exception:  # noqa: BLE001 - not up yet (no responders): poll again, bounded below
-            if proc.poll() is not None or time.perf_counter() - t > limit_s:
-                raise SystemExit(f"storage service did not answer ({proc.poll()}): "
-                                 f"{log.read_text(errors='replace')[-800:]}") from None
-            await asyncio.sleep(0.02)
-
-
-async def latencies(nc: Any, ids: list[str], rounds: int, budget_s: float) -> dict[str, list[float]]:
-    """Round-robin over every kind of request (a busy neighbour slows them alike); ms each."""
-    client = StorageClient(nc, Subjects(NS), timeout=120.0)
-    summaries = getattr(client, "summaries", None)
-    kinds: dict[str, Callable[[int], Awaitable[Any]]] = {
-        "bare_nats": lambda i: nc.request(ECHO, b"x", timeout=10),
-        "get": lambda i: client.get(ids[i % len(ids)]),
-        "list_recent": lambda i: client.recent(50),
-    }
-    if summaries is not None:  # the summaries endpoint of issue 14 point 3, when the API has it
-        kinds["list_summaries"] = lambda i: summaries(50)
-    for name, f in FILTERS.items():
-        kinds[f"filter_{name}"] = lambda i, f=f: client.query(limit=50, **f)  # type: ignore[arg-type]
-    out: dict[str, list[float]] = {k: [] for k in kinds}
-    t_end = time.perf_counter() + budget_s
-    for i in range(rounds):
-        for name, call in kinds.items():
-            t = time.perf_counter()
-            await call(i)
-            out[name].append((time.perf_counter() - t) * 1e3)
-        if time.perf_counter() > t_end and i >= 19:
-            break
-    return out
-
-
-def buildtel() -> list[str]:
-    script = Path(sys.executable).parent / "buildtel"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "buildtel.cli.main"]
-
-
-async def wait_analyzer(nc: Any, proc: Any, limit_s: float = 60) -> None:
-    from buildtel.services.analyzer.api import AnalyzerClient
-
-    client = AnalyzerClient(nc, NS, timeout=2.0, attempts=1)
-    t = time.perf_counter()
-    while True:
-        try:
-            await client.stats()
-            return
-        except Exception:  # noqa: BLE001 - not up yet: poll again, bounded
-            if proc.poll() is not None or time.perf_counter() - t > limit_s:
-                raise SystemExit("analyzer service did not start") from None
-            await asyncio.sleep(0.05)
 
 
 async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls: tuple[str, str],
@@ -227,7 +70,7 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
     nats_url, redis_url = urls
     res: dict[str, Any] = {}
     nc = await nats.connect(nats_url)
-    echo = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_scale", "--child", "echo"], cwd=ROOT,
+    echo = subprocess.Popen([sys.executable, "-m", "benchmarks.scale_probes", "echo"], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, BENCH_NATS_URL=nats_url))
     running: list[Any] = [echo]
     try:
@@ -258,6 +101,10 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
         res["rss_after_queries_mb"] = procs.rss_mb(storage.pid)
         res["list_reply_bytes"] = sum(len(gen._encoder.encode(s))
                                       for s in await StorageClient(nc, Subjects(NS), timeout=60).recent(50))
+        if args.tail:
+            print(f"publishing {args.tail:,} sessions to the running service ...", flush=True)
+            res["service_append"] = await service_append(nc, n, args.tail, args.targets)
+            res["service_sessions"] = (await StorageClient(nc, Subjects(NS), timeout=60).stats()).sessions
         if args.no_report:
             return res
         analyzer = procs.spawn_service("buildtel.services.analyzer",
@@ -313,16 +160,6 @@ def ensure_store(args: argparse.Namespace, root: Path) -> gen.BuildFigures:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        from buildtel.shared.logs import configure
-
-        configure("warning", "json")  # logs to stderr; stdout carries the result
-        if sys.argv[2] == "echo":
-            asyncio.run(child_echo(os.environ["BENCH_NATS_URL"]))
-            return
-        root, n, tail, samples = sys.argv[3:7]
-        print(json.dumps(asyncio.run(child_store(root, int(n), int(tail), int(samples)))), flush=True)
-        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=1_000_000)
     ap.add_argument("--targets", type=int, default=20)
@@ -384,6 +221,14 @@ def print_results(args: argparse.Namespace, n: int, fig: gen.BuildFigures, st: d
           f"for recent(50))")
     grow = res["rss_open_mb"] - res["rss_empty_mb"]
     per_100k = grow / n * 1e5
+    sa = res.get("service_append")
+    svc_per_s = None
+    if sa:
+        svc_per_s = sa["tail"] / sa["stored_s"] if sa["stored_s"] else None
+        print(f"append through the service (JetStream -> storage, store full): {sa['tail']:,} sessions published in "
+              f"{sa['published_s']:.2f} s, all stored after {sa['stored_s']:.2f} s "
+              f"({svc_per_s or 0:,.0f} sessions/s), retention back to {n:,} after {sa['settled_s']:.2f} s "
+              f"(0 = not within the limit)")
     print(f"storage RSS: {res['rss_open_mb']:,.0f} MB after open, {res['rss_empty_mb']:,.0f} MB on an empty store "
           f"-> {per_100k:,.0f} MB per 100,000 sessions; {res['rss_after_queries_mb']:,.0f} MB after the queries")
     out: dict[str, Any] = {
@@ -395,7 +240,10 @@ def print_results(args: argparse.Namespace, n: int, fig: gen.BuildFigures, st: d
         "list_recent_p95_ms": lat["list_recent"]["p95"], "filter_p95_ms": round(filter_p95, 2),
         **{f"filter_{k}_p95_ms": lat[f"filter_{k}"]["p95"] for k in FILTERS},
         "bare_nats_p95_ms": base, "rounds": rounds,
-        "append_per_s": round(append_per_s), "raw_write_per_s": round(raw_per_s),
+        "append_per_s": round(svc_per_s) if svc_per_s else None, "append_per_s_store": round(append_per_s),
+        "append_only_per_s_store": round(st["tail"] / st["tail_append_s"]),
+        "retention_ms_per_batch": round(st["tail_retention_s"] / st["tail"] * 32 * 1e3, 1),
+        "raw_write_per_s": round(raw_per_s),
         "bulk_append_per_s_first": round(fig.append_per_s_first),
         "bulk_append_per_s_last": round(fig.append_per_s_last),
         "mean_session_bytes": round(fig.mean_payload_bytes), "rss_open_mb": round(res["rss_open_mb"]),
