@@ -103,7 +103,7 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
                                       for s in await StorageClient(nc, Subjects(NS), timeout=60).recent(50))
         if args.tail:
             print(f"publishing {args.tail:,} sessions to the running service ...", flush=True)
-            res["service_append"] = await service_append(nc, n, args.tail, args.targets)
+            res["service_append"] = await service_append(nc, n, args.tail, args.targets, ids)
             res["service_sessions"] = (await StorageClient(nc, Subjects(NS), timeout=60).stats()).sessions
         if args.no_report:
             return res
@@ -210,11 +210,13 @@ def print_results(args: argparse.Namespace, n: int, fig: gen.BuildFigures, st: d
     lat = res["latency_ms"]
     base = lat["bare_nats"]["p95"]
     rounds = lat["bare_nats"]["n"]
-    print(f"requests through the storage service ({rounds} rounds, round-robin), p50 / p95 ms and p95 vs bare NATS "
-          f"request/reply ({lat['bare_nats']['p50']:.2f} / {base:.2f} ms):")
+    base50 = lat["bare_nats"]["p50"]
+    print(f"requests through the storage service ({rounds} rounds, round-robin), p50 / p95 ms, each vs bare NATS "
+          f"request/reply ({base50:.2f} / {base:.2f} ms):")
     for name, v in lat.items():
         if name != "bare_nats":
-            print(f"  {name:<22} {v['p50']:>9.2f} {v['p95']:>9.2f}   x{v['p95'] / base:,.0f}")
+            print(f"  {name:<22} {v['p50']:>9.2f} {v['p95']:>9.2f}   x{v['p50'] / base50:,.1f} / "
+                  f"x{v['p95'] / base:,.1f}")
     filter_p95 = pct(res["filter_all_ms"], 0.95)
     list_kind = "list_summaries" if "list_summaries" in lat else "list_recent"
     print(f"  filters pooled: p95 {filter_p95:.2f} ms; list = {list_kind} ({res['list_reply_bytes'] / 1e6:.2f} MB "
@@ -229,6 +231,9 @@ def print_results(args: argparse.Namespace, n: int, fig: gen.BuildFigures, st: d
               f"{sa['published_s']:.2f} s, all stored after {sa['stored_s']:.2f} s "
               f"({svc_per_s or 0:,.0f} sessions/s), retention back to {n:,} after {sa['settled_s']:.2f} s "
               f"(0 = not within the limit)")
+        during = sa["get_during_ms"]
+        print(f"  get meanwhile: p50 {pct(during, 0.5):.2f} ms, p95 {pct(during, 0.95):.2f} ms, "
+              f"max {max(during, default=0):.0f} ms over {len(during)} requests")
     print(f"storage RSS: {res['rss_open_mb']:,.0f} MB after open, {res['rss_empty_mb']:,.0f} MB on an empty store "
           f"-> {per_100k:,.0f} MB per 100,000 sessions; {res['rss_after_queries_mb']:,.0f} MB after the queries")
     out: dict[str, Any] = {
@@ -240,7 +245,9 @@ def print_results(args: argparse.Namespace, n: int, fig: gen.BuildFigures, st: d
         "list_recent_p95_ms": lat["list_recent"]["p95"], "filter_p95_ms": round(filter_p95, 2),
         **{f"filter_{k}_p95_ms": lat[f"filter_{k}"]["p95"] for k in FILTERS},
         "bare_nats_p95_ms": base, "rounds": rounds,
-        "append_per_s": round(svc_per_s) if svc_per_s else None, "append_per_s_store": round(append_per_s),
+        "append_per_s": round(svc_per_s) if svc_per_s else None,
+        "get_p95_ms_during_ingest": round(pct(sa["get_during_ms"], 0.95), 2) if sa else None,
+        "append_per_s_store": round(append_per_s),
         "append_only_per_s_store": round(st["tail"] / st["tail_append_s"]),
         "retention_ms_per_batch": round(st["tail_retention_s"] / st["tail"] * 32 * 1e3, 1),
         "raw_write_per_s": round(raw_per_s),

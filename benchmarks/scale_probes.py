@@ -22,7 +22,7 @@ import nats
 
 from benchmarks import scale_gen as gen
 from benchmarks import scale_procs as procs
-from buildtel.services.storage.api import StorageClient
+from buildtel.services.storage.api import StorageClient, StorageError
 from buildtel.shared.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,10 +197,27 @@ async def wait_analyzer(nc: Any, proc: Any, limit_s: float = 60) -> None:
             await asyncio.sleep(0.05)
 
 
-async def service_append(nc: Any, n: int, tail: int, targets: int, limit_s: float = 900) -> dict[str, float]:
+async def service_append(nc: Any, n: int, tail: int, targets: int, ids: list[str],
+                         limit_s: float = 900) -> dict[str, Any]:
     """Publish ``tail`` new sessions on ``sessions.completed``, as the collector does, and time the
-    running storage service until it has stored them all and its retention is back to ``n``."""
+    running storage service until it has stored them all and its retention is back to ``n``.
+    Meanwhile ``get`` requests of stored ids, one after another: what a reader sees during ingest."""
     client = StorageClient(nc, Subjects(NS), timeout=60.0)
+    during: list[float] = []
+    ingesting = True
+
+    async def reader() -> None:
+        i = 0
+        while ingesting:
+            t = time.perf_counter()
+            try:
+                await client.get(ids[i % len(ids)])
+            except StorageError as exc:  # retention may drop the oldest sampled ids meanwhile: still a reply
+                if not exc.not_found:
+                    raise
+            during.append((time.perf_counter() - t) * 1e3)
+            i += 1
+
     st = await client.stats()
     newest = st.newest or time.time()
     shape = gen.HistoryShape(sessions=tail, targets=targets, seed=0x7B000000 + random.randrange(1 << 24),
@@ -210,6 +227,7 @@ async def service_append(nc: Any, n: int, tail: int, targets: int, limit_s: floa
     js = nc.jetstream()
     subject = Subjects(NS).sessions_completed
     t0 = time.perf_counter()
+    task = asyncio.create_task(reader())
     window: list[Any] = []
     for k, p in enumerate(payloads):
         window.append(await js.publish_async(subject, p, headers={"Nats-Msg-Id": fac.session_id(k)}))
@@ -227,7 +245,10 @@ async def service_append(nc: Any, n: int, tail: int, targets: int, limit_s: floa
             settled_s = time.perf_counter() - t0
             break
         await asyncio.sleep(0.05)
-    return {"published_s": published, "stored_s": stored_s, "settled_s": settled_s, "tail": tail}
+    ingesting = False
+    await task
+    return {"published_s": published, "stored_s": stored_s, "settled_s": settled_s, "tail": tail,
+            "get_during_ms": during}
 
 
 def main() -> None:
