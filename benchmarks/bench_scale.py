@@ -18,7 +18,8 @@
    baseline), ``get`` of a random id, the list (``recent(50)``, or ``summaries`` once the API has
    it), and selective filters (rare branch, one agent of 100, rare target, failed, absent branch).
    Then ``--tail`` more sessions published on ``sessions.completed`` as the collector would:
-   time until the service has stored them all (``append_per_s``) and retention is back to N.
+   time until the service has stored them all (``append_per_s``) and retention is back to N,
+   with ``get`` requests running meanwhile (what a reader sees while a full store ingests).
 4. **Report end to end**: the analyzer service too, then ``buildtel report --last 10000 --source
    storage`` as a whole process (and ``--last 100000`` when the store holds that many): wall time,
    the CLI's peak RSS and the peak RSS growth of the analyzer and storage processes.  Stopped (and

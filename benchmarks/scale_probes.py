@@ -161,7 +161,9 @@ async def latencies(nc: Any, ids: list[str], rounds: int, budget_s: float) -> di
         "get": lambda i: client.get(ids[i % len(ids)]),
         "list_recent": lambda i: client.recent(50),
     }
-    if summaries is not None:  # the summaries endpoint of issue 14 point 3, when the API has it
+    if summaries is not None:
+        # The summaries endpoint of issue 14 point 3, once StorageClient has it; its signature is not
+        # settled yet: the newest 50, positionally, is assumed here (adjust when it lands).
         kinds["list_summaries"] = lambda i: summaries(50)
     for name, f in FILTERS.items():
         kinds[f"filter_{name}"] = lambda i, f=f: client.query(limit=50, **f)  # type: ignore[arg-type]
