@@ -90,6 +90,10 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
             if '"storage.started"' in line:
                 res["started_log"] = {k: v for k, v in json.loads(line).items()
                                       if k not in ("event", "level", "timestamp", "owner", "directory")}
+        extra = {k: v for k, v in res.get("started_log", {}).items()
+                 if k not in ("sessions", "damaged_regions", "max_sessions", "service", "namespace")}
+        if extra:  # e.g. an open duration, should the service start logging one
+            print(f"storage.started also logged: {extra}")
         stats = await StorageClient(nc, Subjects(NS)).stats()
         res["service_sessions"] = stats.sessions
         print(f"storage service ready after {res['open_s']:.2f} s (empty store: {res['open_s_empty']:.2f} s); "
