@@ -11,7 +11,7 @@ from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import GRAMMAR, parse_id, resolve_session
 from buildtel.cli.jsonout import dumps
 from buildtel.cli.textsafe import safe
-from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.api import SessionSummary, StorageClient, StorageError
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 
@@ -39,22 +39,28 @@ def _fmt_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def session_line(s: BuildSession) -> str:
-    branch = s.environment.vcs.branch if s.environment and s.environment.vcs else ""
+def session_line(s: BuildSession | SessionSummary) -> str:
+    """One line per session, from a stored session or from its summary (what lists fetch)."""
+    if isinstance(s, SessionSummary):
+        branch, targets, reasons = s.branch, s.targets, s.incomplete_reasons + [""] * s.more_reasons
+        complete = s.complete
+    else:
+        branch = s.environment.vcs.branch if s.environment and s.environment.vcs else ""
+        targets, c = len(s.targets), s.completeness
+        complete, reasons = c is None or c.complete, (c.reasons if c is not None else [])
     # Names, branch and ids come from publishers: escaped (cli/textsafe.py); not in --json.
     return (f"{safe(s.id)}  {_fmt_time(s.start)}  {safe(s.outcome):<9} {s.duration_s:9.1f}s  "
-            f"{len(s.targets):5d} targets  cache {s.cache_hit_rate:5.1%}  {safe(branch or '-'):<10} {safe(s.name)}"
-            + incomplete_note(s))
+            f"{targets:5d} targets  cache {s.cache_hit_rate:5.1%}  {safe(branch or '-'):<10} {safe(s.name)}"
+            + incomplete_note(complete, reasons))
 
 
-def incomplete_note(s: BuildSession, width: int = 100) -> str:
+def incomplete_note(complete: bool, reasons: list[str], width: int = 100) -> str:
     """``  INCOMPLETE: <first reason>`` for a session that lost events, else "" (an outcome alone
     would read as a whole build)."""
-    c = s.completeness
-    if c is None or c.complete:
+    if complete:
         return ""
-    why = c.reasons[0] if c.reasons else "events were lost"
-    more = f" (+{len(c.reasons) - 1} more)" if len(c.reasons) > 1 else ""
+    why = reasons[0] if reasons and reasons[0] else "events were lost"
+    more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
     return f"  INCOMPLETE: {safe(why if len(why) <= width else why[: width - 1] + '…')}{more}"
 
 
@@ -64,11 +70,9 @@ async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     async with open_bus(settings) as bus:
         client = StorageClient(bus.nc, bus.subjects)
         try:
-            if any((args.outcome, args.branch, args.agent, args.target)):
-                sessions = await client.query(outcome=args.outcome, branch=args.branch, agent=args.agent,
+            # Summaries, not whole sessions: a line needs a few hundred bytes of a session.
+            sessions = await client.summaries(outcome=args.outcome, branch=args.branch, agent=args.agent,
                                               target=args.target, limit=args.limit)
-            else:
-                sessions = await client.recent(args.limit)
             # An empty filtered list: say whether the filters or an empty store are why.
             stored = (await client.stats()).sessions if not sessions and not args.json else None
         except StorageError as exc:

@@ -23,7 +23,7 @@ the client fetches it with ``get``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -34,7 +34,7 @@ from buildtel.shared.protocol import BuildSession, Outcome
 from buildtel.shared.subjects import Subjects
 
 API_VERSION = "1.1.0"  # 1.1: `chunk`, and `oversized` in list replies
-ENDPOINTS = ("get", "chunk", "recent", "range", "query", "stats")
+ENDPOINTS = ("get", "chunk", "recent", "range", "query", "summaries", "stats")
 MAX_ITEMS = 10_000  # per request; the client pages beyond one reply's worth by itself
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ITEMS)]
@@ -86,6 +86,57 @@ class QueryRequest(msgspec.Struct, kw_only=True):
     until: Time | None = None  # finish time, exclusive
     limit: Count = 100
     cursor: Cursor | None = None
+    name: str | None = None
+    label: str | None = None  # "key=value"
+
+
+class SummariesRequest(msgspec.Struct, kw_only=True):
+    """Compact summaries of the sessions matching every given filter (no record is read)."""
+
+    outcome: Outcome | None = None
+    branch: str | None = None
+    agent: str | None = None  # an agent id, or a machine (its "machine/pid.start" agents too)
+    name: str | None = None
+    label: str | None = None  # "key=value"
+    target: str | None = None
+    since: Time | None = None  # finish time, inclusive
+    until: Time | None = None  # finish time, exclusive
+    order: Literal["newest", "oldest"] = "newest"
+    limit: Count = 100
+    cursor: Cursor | None = None
+
+
+class SessionSummary(msgspec.Struct, kw_only=True):
+    """One stored session in a line: what lists, dashboards and scripts need of it."""
+
+    id: str
+    name: str = ""
+    start: float = 0.0
+    finish: float = 0.0
+    duration_s: float = 0.0
+    outcome: str = "success"
+    exit_code: int | None = None
+    branch: str | None = None
+    commit: str | None = None
+    agents: list[str] = []
+    labels: dict[str, str] = {}
+    targets: int = 0
+    failed: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_hit_rate: float = 0.0
+    cpu_s: float | None = None
+    peak_rss_bytes: int | None = None
+    up_to_date: int | None = None
+    complete: bool = True
+    incomplete_reasons: list[str] = []  # the first reason the completeness record gives, if any
+    more_reasons: int = 0  # reasons beyond the first
+    stored_bytes: int = 0
+
+
+class SummariesReply(msgspec.Struct, kw_only=True):
+    summaries: list[SessionSummary] = []
+    cursor: Cursor | None = None
 
 
 class StatsRequest(msgspec.Struct, kw_only=True):
@@ -126,11 +177,12 @@ class StatsReply(msgspec.Struct, kw_only=True):
 
 REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {
     "get": GetRequest, "chunk": ChunkRequest, "recent": RecentRequest, "range": RangeRequest,
-    "query": QueryRequest, "stats": StatsRequest,
+    "query": QueryRequest, "summaries": SummariesRequest, "stats": StatsRequest,
 }
 _decoders = {name: msgspec.msgpack.Decoder(t) for name, t in REQUEST_TYPES.items()}
 _sessions_decoder = msgspec.msgpack.Decoder(SessionsReply)
 _stats_decoder = msgspec.msgpack.Decoder(StatsReply)
+_summaries_decoder = msgspec.msgpack.Decoder(SummariesReply)
 _chunk_decoder = msgspec.msgpack.Decoder(ChunkReply)
 _EMPTY_MAP = encode({})
 
@@ -220,6 +272,28 @@ class StorageClient:
                                            target=target, since=since, until=until,
                                            limit=min(left, MAX_ITEMS), cursor=cur),
             "query", limit)
+
+    async def summaries(self, *, outcome: str | None = None, branch: str | None = None, agent: str | None = None,
+                        name: str | None = None, label: str | None = None, target: str | None = None,
+                        since: float | None = None, until: float | None = None, order: str = "newest",
+                        limit: int = 100) -> list[SessionSummary]:
+        """Compact summaries of the matching sessions (at most ``limit``), newest first unless
+        ``order="oldest"``; pages through the service's replies."""
+        out: list[SessionSummary] = []
+        cursor: Cursor | None = None
+        while len(out) < limit:
+            req = SummariesRequest(outcome=outcome, branch=branch, agent=agent, name=name, label=label,  # type: ignore[arg-type]
+                                   target=target, since=since, until=until, order=order,  # type: ignore[arg-type]
+                                   limit=min(limit - len(out), MAX_ITEMS), cursor=cursor)
+            try:
+                reply = _summaries_decoder.decode(await self._request("summaries", req))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise StorageError(500, f"malformed reply from storage: {exc}") from None
+            out.extend(reply.summaries)
+            if reply.cursor is None or not reply.summaries:
+                break
+            cursor = reply.cursor
+        return out
 
     async def stats(self) -> StatsReply:
         return _stats_decoder.decode(await self._request("stats", StatsRequest()))

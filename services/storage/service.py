@@ -37,7 +37,9 @@ from buildtel.services.storage.api import (
     ChunkReply,
     Cursor,
     RawSessionsReply,
+    SessionSummary,
     StatsReply,
+    SummariesReply,
     decode_request,
     endpoint_subject,
 )
@@ -49,7 +51,7 @@ from buildtel.services.storage.store import (
     StorageClosed,
     TelemetryStorage,
 )
-from buildtel.services.storage.summary import SessionFacts
+from buildtel.services.storage.summary import SessionFacts, Summary
 from buildtel.shared.bus import MAX_DELIVER, note_failure
 from buildtel.shared.codec import MAX_SESSION_BYTES, DecodeError, decode_session
 from buildtel.shared.service import (
@@ -309,9 +311,22 @@ class StorageService(BusService):
     async def _api_query(self, req: Any) -> bytes:
         if req.since is not None and req.until is not None and req.until < req.since:
             raise ServiceError(BAD_REQUEST, f"bad query request: until {req.until} is before since {req.since}")
-        f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, target=req.target,
-                    since=req.since, until=req.until)
+        f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, name=req.name, label=req.label,
+                    target=req.target, since=req.since, until=req.until)
         return await self._page(f, desc=True, limit=req.limit, cursor=req.cursor)
+
+    async def _api_summaries(self, req: Any) -> bytes:
+        assert self.store is not None
+        if req.since is not None and req.until is not None and req.until < req.since:
+            raise ServiceError(BAD_REQUEST, f"bad summaries request: until {req.until} is before since {req.since}")
+        f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, name=req.name, label=req.label,
+                    target=req.target, since=req.since, until=req.until)
+        # A summary is at most ~1 KB plus its names and labels: a page that surely fits one reply.
+        limit = max(1, min(req.limit, self._budget // 2048))
+        rows, cursor = await self.store.summaries(f, desc=req.order == "newest", limit=limit,
+                                                  cursor=(req.cursor.t, req.cursor.id) if req.cursor else None)
+        return _encoder.encode(SummariesReply(summaries=[summary_of(s) for s in rows],
+                                              cursor=Cursor(*cursor) if cursor else None))
 
     async def _api_stats(self, req: Any) -> bytes:
         assert self.store is not None
@@ -342,3 +357,15 @@ class StorageService(BusService):
             return
         except Exception as exc:  # noqa: BLE001 - only a warm-up: reports reduce what they read anyway
             self.log.warning("storage.row_cache_warm_failed", error=repr(exc))
+
+
+def summary_of(s: Summary) -> SessionSummary:
+    """The API's view of an index summary (labels back to a mapping, the hit rate computed)."""
+    done = s.cache_hits + s.cache_misses
+    return SessionSummary(
+        id=s.id, name=s.name, start=s.start, finish=s.finish, duration_s=s.duration_s, outcome=s.outcome,
+        exit_code=s.exit_code, branch=s.branch, commit=s.commit, agents=list(s.agents),
+        labels=dict(lab.split("=", 1) for lab in s.labels), targets=s.targets, failed=s.failed,
+        cache_hits=s.cache_hits, cache_misses=s.cache_misses, cache_hit_rate=s.cache_hits / done if done else 0.0,
+        cpu_s=s.cpu_s, peak_rss_bytes=s.peak_rss_bytes, up_to_date=s.up_to_date, complete=s.complete,
+        incomplete_reasons=[s.reason] if s.reason else [], more_reasons=max(0, s.reasons - 1), stored_bytes=s.length)

@@ -32,6 +32,7 @@ class _TotalsView(msgspec.Struct):
 
 class _CompletenessView(msgspec.Struct):
     complete: bool = True
+    reasons: list[str] = []
 
 
 class _TargetView(msgspec.Struct, array_like=True):
@@ -122,6 +123,8 @@ class Summary(msgspec.Struct, array_like=True, gc=False):
     complete: bool
     offset: int  # of the record header
     length: int  # payload bytes
+    reasons: int = 0  # how many reasons the completeness record gives (lost events)
+    reason: str = ""  # the first one (at most 200 characters)
     segment: Any = None  # segments.Segment: holds the file descriptor reads use (not persisted)
     ord: int = -1  # arrival number in the index, set when indexed (not persisted)
 
@@ -150,7 +153,8 @@ def summarize(view: Any, stored_at: float, segment: Any, offset: int, length: in
         cache_hits=view.cache_hits, cache_misses=view.cache_misses, cpu_s=view.cpu_s,
         peak_rss_bytes=view.peak_rss_bytes, up_to_date=view.up_to_date,
         complete=comp is None or comp.complete,
-        offset=offset, length=length, segment=segment, ord=ord)
+        offset=offset, length=length, reasons=len(comp.reasons) if comp is not None else 0,
+        reason=comp.reasons[0][:200] if comp is not None and comp.reasons else "", segment=segment, ord=ord)
 
 
 def sorted_hashes(names: Iterable[str]) -> list[int]:

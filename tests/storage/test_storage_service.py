@@ -79,6 +79,18 @@ async def test_published_sessions_are_queryable_with_filters(service: StorageSer
     assert all(by_id[s.id] == s for s in window)
     stats = await client.stats()
     assert stats.stored == len(sessions) and stats.dead_letters == 0 and service.stored == len(sessions)
+    # Summaries: the same filters, a line per session, no record read.
+    summaries = await client.summaries(outcome="failed", branch="main")
+    assert [s.id for s in summaries] == [s.id for s in failed_main]
+    first = summaries[0]
+    src = by_id[first.id]
+    assert (first.targets, first.failed, first.branch, first.commit, first.agents, first.labels) == (
+        len(src.targets), src.totals.failed, "main", src.environment.vcs.commit, src.agents, src.labels)
+    assert first.cache_hit_rate == pytest.approx(src.cache_hit_rate) and first.stored_bytes == len(encode(src))
+    assert [s.id for s in await client.summaries(label="job=3")] == [sessions[3].id]
+    assert [s.id for s in await client.summaries(order="oldest", limit=3)] == [s.id for s in sessions[:3]]
+    assert {s.id for s in await client.summaries(target="//lib:2", agent="a3")} == {
+        s.id for s in sessions if s.targets[0].name.startswith("//lib:") and "a3" in s.agents}
 
 
 async def test_api_errors_are_clear(service: StorageService, settings: Settings, nc) -> None:
@@ -134,6 +146,8 @@ async def test_large_results_span_several_replies(service: StorageService, setti
     assert [s.id for s in got] == [s.id for s in reversed(sessions)]
     assert got[0] == sessions[-1]
     assert len(await client.range(0, time.time())) == 40
+    # Summaries page too: 40 in replies of at most 512 KiB // 2 KiB = 256 each, limit 25 per ask.
+    assert [s.id for s in await client.summaries(limit=25)] == [s.id for s in reversed(sessions)][:25]
 
 
 @pytest.mark.parametrize("service", [{"max_message_bytes": 64 * 1024}], indirect=True)
