@@ -162,11 +162,13 @@ async def latencies(nc: Any, ids: list[str], rounds: int, budget_s: float) -> di
         "list_recent": lambda i: client.recent(50),
     }
     if summaries is not None:
-        # The summaries endpoint of issue 14 point 3, once StorageClient has it; its signature is not
-        # settled yet: the newest 50, positionally, is assumed here (adjust when it lands).
-        kinds["list_summaries"] = lambda i: summaries(50)
+        # What `buildtel sessions` asks (issue 14 point 3): the newest 50 summaries, and filtered.
+        kinds["list_summaries"] = lambda i: summaries(limit=50)
     for name, f in FILTERS.items():
-        kinds[f"filter_{name}"] = lambda i, f=f: client.query(limit=50, **f)  # type: ignore[arg-type]
+        if summaries is not None:
+            kinds[f"filter_{name}"] = lambda i, f=f: summaries(limit=50, **f)
+        else:  # the code before summaries: whole sessions
+            kinds[f"filter_{name}"] = lambda i, f=f: client.query(limit=50, **f)  # type: ignore[arg-type]
     out: dict[str, list[float]] = {k: [] for k in kinds}
     t_end = time.perf_counter() + budget_s
     for i in range(rounds):

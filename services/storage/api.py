@@ -173,6 +173,8 @@ class StatsReply(msgspec.Struct, kw_only=True):
     max_sessions: int = 0
     retention_s: float = 0.0
     version: str = API_VERSION
+    open_s: float = 0.0  # how long opening the store took (index files, else scans)
+    unverified_segments: int = 0  # opened from index files, not yet checksummed (verify runs after open)
 
 
 REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {

@@ -124,6 +124,7 @@ class StorageService(BusService):
         self.duplicates = 0
         self.write_failures = 0
         self.store: TelemetryStorage | None = None
+        self.open_s = 0.0
         self.damage: DamageReport | None = None
         self._wake_retention = asyncio.Event()
         # The last session read in parts (`chunk`): (id, bytes, when), so a client reading one
@@ -148,7 +149,8 @@ class StorageService(BusService):
 
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True),
-                Worker("row-cache", self._warm_rows, cancel_on_stop=True)]
+                Worker("row-cache", self._warm_rows, cancel_on_stop=True),
+                Worker("verify", self._verify, cancel_on_stop=True)]
 
     def counters(self) -> dict[str, float]:
         return {"sessions_stored_total": self.stored, "duplicates_total": self.duplicates,
@@ -158,15 +160,20 @@ class StorageService(BusService):
         s = self.settings
         store = TelemetryStorage(s.telemetry_dir, max_sessions=s.max_sessions, retention_s=s.retention_s,
                                  fsync=s.fsync, segment_bytes=self.segment_bytes)
+        t0 = time.perf_counter()
         self.damage = await store.open()
+        self.open_s = time.perf_counter() - t0
         stack.push_async_callback(store.close)  # closed last: after every reader and the writer
         self.store = store
 
     async def started_fields(self) -> dict[str, Any]:
         store = self.store
         assert store is not None
+        rep = store.last_report
         return {"directory": str(store.directory), "sessions": await store.count(),
-                "damaged_regions": len(store.last_report.damages), "max_sessions": store.max_sessions}
+                "damaged_regions": len(rep.damages), "max_sessions": store.max_sessions,
+                "open_s": round(self.open_s, 3), "segments": rep.segments,
+                "from_index_files": rep.indexed_from_sidecars, "scanned_bytes": rep.scanned_bytes}
 
     def stopped_fields(self) -> dict[str, Any]:
         return {"stored": self.stored, "duplicates": self.duplicates, "dead_letters": self.dead_letters}
@@ -335,7 +342,16 @@ class StorageService(BusService):
             sessions=st.sessions, segments=st.segments, disk_bytes=st.disk_bytes, oldest=st.oldest,
             newest=st.newest, damaged_regions=st.damaged_regions, stored=self.stored,
             duplicates=self.duplicates, dead_letters=self.dead_letters, max_sessions=self.store.max_sessions,
-            retention_s=self.store.retention_s))
+            retention_s=self.store.retention_s, open_s=self.open_s, unverified_segments=st.unverified_segments))
+
+    async def _verify(self) -> None:
+        """Checksum, once, what the open took on trust from index files (a worker thread; logged)."""
+        assert self.store is not None
+        if not self.store.stats().unverified_segments:
+            return
+        rep = await self.store.verify()
+        self.log.info("storage.verified", segments=rep.segments, records=rep.records, bytes=rep.scanned_bytes,
+                      damaged_regions=len(rep.damages))
 
     async def _api_columns(self, data: bytes) -> bytes:
         """Report rows (services/storage/columns.py): compact per-session facts and per-target columns."""

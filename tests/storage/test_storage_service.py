@@ -224,5 +224,14 @@ async def test_restart_resumes_without_duplicates(settings: Settings, nc, make_s
         await eventually(await count_is(8))
         assert {s.id for s in await client.recent(20)} == {s.id for s in first + later}
         assert svc.stored == 3 and svc.duplicates == 0  # the durable consumer resumed where it was
+        # The restart opened the first five from the index file written at stop; the background
+        # verify then checksums that segment.
+        assert svc.store is not None and svc.store.last_report.indexed_from_sidecars == 1
+
+        async def verified() -> bool:
+            return (await client.stats()).unverified_segments == 0
+
+        await eventually(verified)
+        assert (await client.stats()).open_s > 0
     finally:
         await svc.stop()
