@@ -106,7 +106,7 @@ async def test_every_state_an_index_file_can_be_left_in_reopens_whole(history, s
 
 
 async def test_rot_an_index_file_would_hide_is_found_by_verify(history) -> None:
-    d, ids = history
+    d, _ = history
     victim = sorted(d.glob("seg-*.btl"))[1]
     st = victim.stat()
     data = bytearray(victim.read_bytes())
