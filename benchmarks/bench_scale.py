@@ -20,8 +20,9 @@
    Then ``--tail`` more sessions published on ``sessions.completed`` as the collector would:
    time until the service has stored them all (``append_per_s``) and retention is back to N,
    with ``get`` requests running meanwhile (what a reader sees while a full store ingests).
-4. **Report end to end**: the analyzer service too, then ``buildtel report --last 10000 --source
-   storage`` as a whole process (and ``--last 100000`` when the store holds that many): wall time,
+4. **Report end to end**: the analyzer service too, then ``buildtel report --last 10000`` (the
+   analyzer reads storage's report rows) as a whole process (and ``--last 100000`` when the store
+   holds that many): wall time,
    the CLI's peak RSS and the peak RSS growth of the analyzer and storage processes.  Stopped (and
    reported as such) if their sum passes ``--mem-cap-mb``.
 
@@ -122,9 +123,8 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
         for last in (10_000, 100_000):
             if last > n:
                 continue
-            argv = [*buildtel(), "report", "--last", str(last), "--source", "storage",
-                    "--timeout", str(args.report_timeout)]
-            print(f"running {' '.join(argv[-7:])} ...", flush=True)
+            argv = [*buildtel(), "report", "--last", str(last), "--timeout", str(args.report_timeout)]
+            print(f"running {' '.join(argv[-5:])} ...", flush=True)
             run = await asyncio.to_thread(procs.run_cli, argv, cli_env,
                                           {"analyzer": analyzer.pid, "storage": storage.pid}, args.mem_cap_mb,
                                           tmp / f"report-{last}.out")
