@@ -23,8 +23,10 @@ Nothing lives only in a replica's memory, so SIGKILL loses no state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -80,6 +82,7 @@ OUTBOX_INTERVAL_S = 1.0
 OUTBOX_GRACE_S = 2.0  # leave a fresh outbox entry to the replica that is publishing it
 MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
+COMMIT_CHUNK = 2000  # series read, folded and committed per Redis round trip (bounded replies and scripts)
 POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lettered, not retried forever
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
@@ -150,7 +153,7 @@ class AnalyzerService(BusService):
         meta = msg.metadata
         if meta.num_delivered > 1:
             await self.redis.hincrby(self.stats_key, "redelivered", 1)
-        alerts = await self.fold_session(session, seq=meta.sequence.stream)
+        alerts = await self.fold_session(session, seq=meta.sequence.stream, progress=msg.in_progress)
         for a in alerts:
             await self._publish(a)
         # Counted once per session id (a marker in its done hash), after all its series are folded.
@@ -161,44 +164,57 @@ class AnalyzerService(BusService):
     def _series_key(self, series: str) -> str:
         return self.keys.analyzer_series(series)
 
-    async def fold_session(self, session: BuildSession, seq: int | None = None) -> list[Alert]:
+    async def fold_session(self, session: BuildSession, seq: int | None = None,
+                           progress: Callable[[], Awaitable[Any]] | None = None) -> list[Alert]:
         """Fold every series point of ``session`` exactly once; return the alerts this call committed.
 
-        ``seq`` (the session's stream sequence) lets a late redelivery be recognised (alerts.LATE_WINDOW)."""
+        ``seq`` (the session's stream sequence) lets a late redelivery be recognised (alerts.LATE_WINDOW).
+        ``progress`` is called after every chunk of series: JetStream's "in progress", so a build
+        whose folding outlasts the ack wait is not redelivered (and counted towards poison) meanwhile."""
         pending = {p.series: p for p in series_points(session)}
         done_key = self.keys.analyzer_done(session.id)
         committed: list[Alert] = []
         for attempt in range(MAX_CAS_ATTEMPTS):
             if not pending:
                 return committed
-            names = list(pending)
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.hmget(self._series_key(name), "v", "s")
-            pipe.hmget(done_key, names)
-            *states, done_flags = await pipe.execute()
-            batch = (session, seq, names, states, done_flags, pending, time.time())
-            if len(names) > THREAD_FOLD_OVER:
-                # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
-                # and with it the replies of this replica's analytics API.
-                series_keys, args, tried = await asyncio.to_thread(self._fold_batch, *batch)
-            else:
-                series_keys, args, tried = self._fold_batch(*batch)
-            keys = [done_key, self.outbox_key, self.stats_key, *series_keys]
-            if not tried:
-                return committed
-            statuses = await self._commit(keys=keys, args=args)
-            retry = {}
-            for (name, alert), status in zip(tried, statuses, strict=True):
-                if int(status) == 0:
-                    retry[name] = pending[name]
-                elif int(status) == 1 and alert is not None:
-                    committed.append(alert)
+            retry: dict[str, Any] = {}
+            every = list(pending)
+            # In bounded chunks: each series commits on its own (per-series compare-and-set and done
+            # marker), and one script call or pipeline over the ~640,000 series of a huge build
+            # timed out writing to Redis and had the session dead-lettered.
+            for i in range(0, len(every), COMMIT_CHUNK):
+                names = every[i:i + COMMIT_CHUNK]
+                pipe = self.redis.pipeline(transaction=False)
+                for name in names:
+                    pipe.hmget(self._series_key(name), "v", "s")
+                pipe.hmget(done_key, names)
+                *states, done_flags = await pipe.execute()
+                batch = (session, seq, names, states, done_flags, pending, time.time())
+                if len(names) > THREAD_FOLD_OVER:
+                    # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
+                    # and with it the replies of this replica's analytics API.
+                    series_keys, args, tried = await asyncio.to_thread(self._fold_batch, *batch)
+                else:
+                    series_keys, args, tried = self._fold_batch(*batch)
+                if not tried:
+                    continue
+                statuses = await self._commit(keys=[done_key, self.outbox_key, self.stats_key, *series_keys],
+                                              args=args)
+                for (name, alert), status in zip(tried, statuses, strict=True):
+                    if int(status) == 0:
+                        retry[name] = pending[name]
+                    elif int(status) == 1 and alert is not None:
+                        committed.append(alert)
+                if progress is not None and len(every) > COMMIT_CHUNK:
+                    with contextlib.suppress(Exception):  # the ack wait is a hint; folding goes on
+                        await progress()
             if retry:
                 self.conflicts += len(retry)
                 # Another replica is folding the same series: back off a little, re-read, re-fold.
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
             pending = retry
+        if not pending:
+            return committed
         raise RuntimeError(f"session {session.id}: series kept changing under {MAX_CAS_ATTEMPTS} attempts")
 
     def _fold_batch(self, session: BuildSession, seq: int | None, names: list[str], states: list[Any],

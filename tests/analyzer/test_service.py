@@ -274,3 +274,25 @@ async def test_a_session_that_keeps_failing_is_dead_lettered(settings, nc, redis
         await _until(good_folded)
     finally:
         await svc.stop()
+
+
+async def test_a_build_with_more_series_than_one_commit_folds_whole_and_once(settings, nc, analyzer) -> None:
+    # A huge build (here 5,000 targets: three COMMIT_CHUNKs) folds in bounded Redis round trips;
+    # every series gets its point once, and a redelivery adds none.
+    from buildtel.services.analyzer.alerts import series_points
+    from buildtel.services.analyzer.service import COMMIT_CHUNK
+
+    big = session(1, 900.0, targets=[target(f"//huge:t{i}", T0 + 3600 + i * 0.1, 1.0) for i in range(5000)])
+    points = len(series_points(big))
+    assert points > 2 * COMMIT_CHUNK
+    before = await _stats(nc, settings)
+    told: list[int] = []
+
+    async def in_progress() -> None:  # what JetStream hears between chunks: no redelivery meanwhile
+        told.append(1)
+
+    assert await analyzer.fold_session(big, progress=in_progress) == []
+    assert len(told) >= points // COMMIT_CHUNK
+    assert await analyzer.fold_session(big) == []  # a redelivery: nothing new
+    after = await _stats(nc, settings)
+    assert after.points - before.points == points
