@@ -80,7 +80,7 @@ def crash(store: TelemetryStorage) -> None:
     store._unlock()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(params=st.lists(session_params, min_size=30, max_size=30), plan=st.lists(steps, min_size=1, max_size=10),
        queries=st.lists(filters, min_size=3, max_size=3), segment_bytes=st.sampled_from([700, 4096, 1 << 20]))
 def test_index_agrees_with_the_sessions(params: list[dict], plan: list, queries: list[Filters],
