@@ -280,9 +280,6 @@ class Index:
         return (bisect_left(self.order, (cutoff, ""), lo=self.lo, key=_key) - self.lo
                 + bisect_left(self.late, (cutoff, ""), key=_key))
 
-    def oldest_first(self) -> Iterator[Summary]:
-        yield from heapq.merge(self.order[self.lo:], self.late, key=_key)
-
     def replace(self, old: Summary, new: Summary) -> None:
         """Swap a summary for one at a new place on disk (compaction): same id, key and ord."""
         self.by_id[new.id] = new
