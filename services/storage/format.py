@@ -329,7 +329,8 @@ def atomic_write(path: Path, chunks: Iterable[bytes], *, fsync: bool = True) -> 
 def remove_leftovers(directory: Path) -> list[Path]:
     """Temporary files of an interrupted create or compaction: never the only copy of anything."""
     removed = []
-    for p in [*directory.glob(f"seg-*{SEGMENT_SUFFIX}{TMP_SUFFIX}"), *directory.glob(f"seg-*.idx{TMP_SUFFIX}")]:
+    for p in [*directory.glob(f"seg-*{SEGMENT_SUFFIX}{TMP_SUFFIX}"), *directory.glob(f"seg-*.idx{TMP_SUFFIX}"),
+              *directory.glob(f"seg-*.rows{TMP_SUFFIX}")]:
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from buildtel.services.storage import format as fmt
-from buildtel.services.storage import sidecar
+from buildtel.services.storage import rowfile, sidecar
 from buildtel.services.storage.index import Index
 from buildtel.services.storage.segments import DamageReport, RetentionReport, Segment
 from buildtel.services.storage.summary import Summary, sorted_hashes, summarize, view_decoder
@@ -53,9 +53,10 @@ def load(store: TelemetryStorage) -> DamageReport:
         if part is not None:
             parts.append(part)
             first += len(part[0])
-    for idx_path in store.directory.glob(f"seg-*{sidecar.SUFFIX}"):
-        if not idx_path.with_suffix(fmt.SEGMENT_SUFFIX).exists():
-            idx_path.unlink(missing_ok=True)  # its segment was deleted after retention
+    for suffix in (sidecar.SUFFIX, rowfile.SUFFIX):
+        for idx_path in store.directory.glob(f"seg-*{suffix}"):
+            if not idx_path.with_suffix(fmt.SEGMENT_SUFFIX).exists():
+                idx_path.unlink(missing_ok=True)  # its segment was deleted after retention
     store._segments = segments
     store._index = Index.from_segments(parts)
     store._live = {}
@@ -266,6 +267,7 @@ def _unlink(paths: list[Path], fsync: bool) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
         sidecar.remove(p)
+        rowfile.remove(p)
     if fsync and paths:
         fmt.fsync_dir(paths[0].parent)
 

@@ -1,11 +1,15 @@
-"""A bounded cache of report rows in the storage process: each session's row and columns, decoded once.
+"""A bounded cache of report rows in the storage process: each session's row and columns, made once.
 
 Reducing a stored 200-target session to its report row costs ~0.2 ms (decoding the partial view,
 building the columns); the columns of a report of 10,000 sessions would cost 2 s each time.
-The cache keeps, per session, the :class:`Entry` that reduction made (~3.8 KB for 200 targets:
-its row, name ids into one interning table, durations and code bytes), least recently used
-dropped first beyond ``max_bytes``.  It fills as reports read sessions, and a warm-up pass
-(:func:`warm`) fills it with the newest sessions after the store opens.
+The cache keeps, per session, the :class:`Entry` that reduction made (~4.6 KB for 200 targets:
+its row, name and worker ids into one interning table, durations and code bytes), least
+recently used dropped first beyond ``max_bytes``.
+
+An entry comes from, in this order: the cache; the report-row file of the session's sealed
+segment (``rowfile.py``, loaded whole: every session of that segment enters the cache); else
+the stored record, reduced here.  :meth:`RowCache.body_for` makes a row file's contents from
+entries, for the background worker that writes them (``rowwork.py``).
 
 Entries are keyed by (session id, stored length): a session's stored bytes never change (the
 store is idempotent by id), and the length tells a session stored again under the same id
@@ -16,31 +20,29 @@ store is idempotent by id), and the length tells a session stored again under th
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 import structlog
 
-from buildtel.services.storage.api import Cursor
-from buildtel.services.storage.columns import CACHE_CODES, STATUS_CODES, ColumnsReply, ColumnsRequest, ReportRow
+from buildtel.services.storage import rowfile
+from buildtel.services.storage.columns import CACHE_CODES, STATUS_CODES, ReportRow
 from buildtel.services.storage.index import Filters
 from buildtel.shared.protocol import CacheResult, HealthCheckpoint, SessionTotals, TargetStatus
-from buildtel.shared.service import TOO_LARGE, ServiceError
 
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
-SCAN_BYTES = 64 * 1024 * 1024  # stored bytes one request reads at most (filters that match little)
-_NAMES_RESERVE = 256 * 1024  # name tables up to this size are counted whole in every page's estimate
-_ROW_BYTES = 160  # a row without its strings and health checkpoint, encoded (an estimate for paging)
-_TARGET_BYTES = 13  # 4 + 8 + 1
 WARM_CHUNK = 256
 _ENTRY_OVERHEAD = 1100  # row object, strings, array headers, dict slot: 3.76 KB an entry of 200 targets (tracemalloc)
-_name, _dur, _status, _cache = (attrgetter("name"), attrgetter("duration_s"), attrgetter("status"),
-                                attrgetter("cache"))
+_name, _dur, _status, _cache, _worker = (attrgetter("name"), attrgetter("duration_s"), attrgetter("status"),
+                                         attrgetter("cache"), attrgetter("worker"))
 _STATUS_BITS = {k: v << 2 for k, v in STATUS_CODES.items()}
 Key = tuple[str, int]
 _PREFIX = b"\xa4type\xa7session\xa2id"  # "type": "session", "id" as msgpack fixstrs
@@ -48,7 +50,7 @@ log = structlog.get_logger("buildtel.storage")
 
 
 class _Target(msgspec.Struct, array_like=True, gc=False):
-    """The first six fields of ``TargetMetrics`` (array_like: the rest of the array is skipped)."""
+    """The first seven fields of ``TargetMetrics`` (array_like: the rest of the array is skipped)."""
 
     name: str
     start: float = 0.0
@@ -56,6 +58,7 @@ class _Target(msgspec.Struct, array_like=True, gc=False):
     duration_s: float = 0.0
     status: TargetStatus = "success"
     cache: CacheResult = "miss"
+    worker: str = ""
 
 
 class _MapTarget(msgspec.Struct, gc=False):
@@ -65,6 +68,7 @@ class _MapTarget(msgspec.Struct, gc=False):
     duration_s: float = 0.0
     status: TargetStatus = "success"
     cache: CacheResult = "miss"
+    worker: str = ""
 
 
 class _Vcs(msgspec.Struct, gc=False):
@@ -131,6 +135,7 @@ class Entry(NamedTuple):
     durations: array[float]  # 'd'
     codes: bytes  # cache code | status code << 2 (columns.py)
     size: int  # bytes it holds, about
+    workers: array[int]  # 'I': ids into RowCache.names of each target's worker
 
 
 class _Interner(dict):  # type: ignore[type-arg]
@@ -194,6 +199,9 @@ class RowCache:
         self.names = _Interner()
         self.hits = 0
         self.misses = 0
+        self.rows_loaded = 0  # row files read
+        self.no_rows: dict[tuple[int, float, int], str] = {}  # sealed segments without a usable row file: why
+        self.wake: Callable[[], None] | None = None  # called (from any thread) when a row file is refused
         self._lock = threading.Lock()
 
     def entry(self, payload: bytes) -> Entry:
@@ -226,10 +234,16 @@ class RowCache:
                         complete=v.completeness is None or v.completeness.complete, cache_hits=v.cache_hits,
                         cache_misses=v.cache_misses, cache_hit_rate=v.cache_hit_rate, totals=v.totals,
                         targets=len(ts), health=v.health)
-        size = _ENTRY_OVERHEAD + 13 * len(ts) + len(v.id) + len(v.name)
-        if v.health is not None:
-            size += 400 + sum(len(r) + 50 for r in v.health.reasons)
-        return Entry(row, ids, durations, codes, size)
+        workers = array("I", map(self.names.__getitem__, map(_worker, ts)))
+        return Entry(row, ids, durations, codes, _size(row), workers)
+
+    def lookup_or_reduce(self, payload: bytes) -> Entry:
+        """The cached entry of a stored session, else its reduction (not added to the cache,
+        nothing counted: for a row file written in the background)."""
+        key = peek_id(payload)
+        with self._lock:
+            got = self.entries.get(key) if key is not None else None
+            return got if got is not None else self.reduce(payload)
 
     def _put(self, key: Key, e: Entry) -> None:
         if e.size > self.max_bytes:
@@ -246,146 +260,130 @@ class RowCache:
     def full(self) -> bool:
         return self.bytes >= self.max_bytes * 0.95
 
+    # -- entries by summary: the cache, else the segment's row file, else the record -------------
+    def entry_of(self, s: Any, read: Any, spent: list[int]) -> Entry | None:
+        """The entry of the session an index ``Summary`` describes; ``read(s)`` gives its stored
+        bytes (None when damaged: no entry).  Adds the bytes read from disk to ``spent[0]``."""
+        key = (s.id, s.length)
+        with self._lock:
+            got = self.entries.get(key)
+            if got is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return got
+            seg = s.segment
+            if seg is not None and seg.wfd < 0 and _seg_key(seg) not in self.no_rows:
+                e = self._load_rows(seg, key, spent)
+                if e is not None:
+                    return e
+        payload = read(s)
+        if payload is None:
+            return None
+        spent[0] += len(payload)
+        return self.entry(payload)
 
-def _reduce_all(cache: RowCache, payloads: list[bytes]) -> None:
-    for p in payloads:
-        cache.entry(p)
+    def _load_rows(self, seg: Any, key: Key, spent: list[int]) -> Entry | None:
+        """Every entry of ``seg``'s row file into the cache (the lock is held); ``key``'s, or None."""
+        try:
+            st = os.fstat(seg.fd)
+            body = rowfile.read(seg.path, seg.number, seg.created, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            body = f"unreadable: {exc}"
+        if isinstance(body, str):
+            self.no_rows[_seg_key(seg)] = body
+            if self.wake is not None:
+                self.wake()  # the row-file worker writes it (again)
+            return None
+        self.rows_loaded += 1
+        spent[0] += len(body.name_ids) + len(body.durations) + len(body.codes) + len(body.worker_ids)
+        found = None
+        for k, e in self.from_body(body):
+            if k not in self.entries:
+                self._put(k, e)
+            if k == key:
+                found = e
+        if found is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def from_body(self, body: rowfile.Body) -> list[tuple[Key, Entry]]:
+        """The entries a row file holds (its name ids mapped onto this cache's table)."""
+        lut = np.fromiter(map(self.names.__getitem__, body.names), dtype=np.uint32, count=len(body.names))
+        ids = lut[np.frombuffer(body.name_ids, dtype="<u4")] if body.names else np.zeros(0, np.uint32)
+        wids = lut[np.frombuffer(body.worker_ids, dtype="<u4")] if body.names else np.zeros(0, np.uint32)
+        ids_b, wids_b = ids.astype(np.uint32).tobytes(), wids.astype(np.uint32).tobytes()
+        durs = np.frombuffer(body.durations, dtype="<f8").astype(np.float64).tobytes()
+        out = []
+        pos = 0
+        for row, n, length in zip(body.rows, rowfile.u32(body.counts), rowfile.u32(body.lengths), strict=True):
+            a, w, d = array("I"), array("I"), array("d")
+            a.frombytes(ids_b[4 * pos:4 * (pos + n)])
+            w.frombytes(wids_b[4 * pos:4 * (pos + n)])
+            d.frombytes(durs[8 * pos:8 * (pos + n)])
+            out.append(((row.id, length), Entry(row, a, d, body.codes[pos:pos + n], _size(row), w)))
+            pos += n
+        return out
+
+    def body_for(self, entries: list[tuple[int, Entry]]) -> rowfile.Body:
+        """A row file's contents: (stored length, entry) per session in file order."""
+        with self._lock:
+            order = self.names.order
+        local: dict[int, int] = {}
+        ids, wids, counts, lengths = array("I"), array("I"), array("I"), array("I")
+        durs = array("d")
+        codes = bytearray()
+        for length, e in entries:
+            ids.extend(local.setdefault(i, len(local)) for i in e.ids)
+            wids.extend(local.setdefault(i, len(local)) for i in e.workers)
+            durs.extend(e.durations)
+            codes += e.codes
+            counts.append(len(e.ids))
+            lengths.append(length)
+        return rowfile.Body(rows=[e.row for _, e in entries], lengths=rowfile.le(lengths),
+                            names=[order[i] for i in local], counts=rowfile.le(counts), name_ids=rowfile.le(ids),
+                            durations=rowfile.le(durs), codes=bytes(codes), worker_ids=rowfile.le(wids))
+
+    def refused(self) -> dict[tuple[int, float, int], str]:
+        """Sealed segments whose row file a request found missing or not matching: why."""
+        with self._lock:
+            return dict(self.no_rows)
+
+    def rows_written(self, seg: Any) -> None:
+        """``seg`` has a row file now: try it again."""
+        with self._lock:
+            self.no_rows.pop(_seg_key(seg), None)
+
+
+def _seg_key(seg: Any) -> tuple[int, float, int]:
+    return seg.number, seg.created, seg.size
+
+
+def _size(row: ReportRow) -> int:
+    """What an entry holds, about: 17 bytes a target (id, worker id, duration, code)."""
+    size = _ENTRY_OVERHEAD + 17 * row.targets + len(row.id) + len(row.name)
+    if row.health is not None:
+        size += 400 + sum(len(r) + 50 for r in row.health.reasons)
+    return size
+
+
+def _warm_all(cache: RowCache, summaries: list[Any], read: Any) -> None:
+    spent = [0]
+    for s in summaries:
+        cache.entry_of(s, read, spent)
 
 
 async def warm(store: Any, cache: RowCache, stopping: Any) -> int:
-    """Reduce the newest stored sessions into ``cache`` until it is full or every session is in;
-    how many were reduced.  Runs beside the service's requests (chunks, in a thread each)."""
+    """Fill ``cache`` with the newest stored sessions (row files where their segments have them)
+    until it is full or every session is in; how many.  Runs beside the service's requests."""
     cursor = None
     n = 0
     while not cache.full() and not stopping.is_set():
-        page = await store.page(Filters(), desc=True, limit=WARM_CHUNK, cursor=cursor)
-        await asyncio.to_thread(_reduce_all, cache, page.payloads)
-        n += len(page.payloads)
-        if page.cursor is None:
-            break
-        cursor = page.cursor
-    log.info("storage.row_cache_warm", sessions=n, bytes=cache.bytes, max_bytes=cache.max_bytes)
-    return n
-
-
-# -- pages of the columns endpoint ---------------------------------------------------------------
-class PageBuilder:
-    """Accumulates rows and columns of one reply; ``size`` estimates its encoded bytes.  Sessions
-    are reduced through ``cache`` (``rowcache.RowCache``; a private one when none is given)."""
-
-    def __init__(self, req: ColumnsRequest, cache: RowCache | None = None) -> None:
-        self.req = req
-        self.cache = cache if cache is not None else RowCache()
-        self.rows: list[ReportRow] = []
-        self.ids = array("I")  # ids of cache.names; encode() renumbers them into the page's own table
-        self.durations = array("d")
-        self.codes = bytearray()
-        # The page's name table: the whole cache's (an upper bound) when that is small, else counted.
-        self.names_bytes = 0
-        self.seen: set[int] | None = set() if self.cache.names.bytes > _NAMES_RESERVE else None
-        self.size = 64
-        self.last: Cursor | None = None  # key of the last row added, when it has one
-
-    def matches(self, r: ReportRow) -> bool:
-        """The filters storage's index cannot decide exactly (name, VCS branch, finish bounds)."""
-        q = self.req
-        if q.name is not None and r.name != q.name:
-            return False
-        if q.branch is not None and r.branch != q.branch:
-            return False  # the index also matches a "branch" label; reports mean the VCS branch
-        if q.since is not None and r.finish < q.since:
-            return False
-        return q.until is None or r.finish < q.until
-
-    def add(self, payload: bytes) -> int | None:
-        """Add one stored session; its estimated bytes, or None when the filters leave it out."""
-        e = self.cache.entry(payload)
-        r = e.row
-        if not self.matches(r):
-            return None
-        if self.req.target is not None:
-            tid = self.cache.names.get(self.req.target)
-            if tid is None or tid not in e.ids:
-                return None  # a 32-bit hash collision in the index
-        self.rows.append(r)
-        self.ids += e.ids
-        self.durations += e.durations
-        self.codes += e.codes
-        added = _ROW_BYTES + len(r.id) + len(r.name) + 2 * 40 + _TARGET_BYTES * r.targets
-        if r.health is not None:
-            added += 256 + sum(len(x) + 3 for x in r.health.reasons)
-        if self.seen is not None:
-            new = set(e.ids) - self.seen
-            if new:
-                self.seen |= new
-                order = self.cache.names.order
-                added += sum(len(order[i]) + 5 for i in new)
-        elif not self.names_bytes:
-            self.names_bytes = self.cache.names.bytes
-            added += self.names_bytes
-        self.size += added
-        # Storage orders by finish (start when there is none): the key to resume after this row.
-        t = r.finish if r.finish > 0 else r.start
-        self.last = Cursor(t, r.id) if t > 0 else None
-        return added
-
-    def encode(self, cursor: Cursor | None) -> bytes:
-        import numpy as np
-
-        order = self.cache.names.order
-        ids = np.frombuffer(self.ids, dtype=np.uint32)
-        used = np.flatnonzero(np.bincount(ids, minlength=len(order))) if len(ids) else ids
-        lut = np.zeros(len(order), dtype="<u4")
-        lut[used] = np.arange(len(used), dtype="<u4")
-        durs = np.frombuffer(self.durations, dtype=np.float64).astype("<f8")
-        return _enc.encode(ColumnsReply(sessions=self.rows, names=[order[i] for i in used.tolist()],
-                                        name_ids=lut[ids].tobytes(), durations=durs.tobytes(),
-                                        codes=bytes(self.codes), cursor=cursor))
-
-
-def _add_all(b: PageBuilder, payloads: list[bytes], budget: int, per_session: list[int]) -> int:
-    """Add payloads while the reply stays within ``budget``; how many were consumed.
-    ``per_session`` is [sessions added, their bytes, the largest]: the estimates that size chunks."""
-    for i, payload in enumerate(payloads):
-        if b.rows and b.last is not None and b.size + per_session[2] > budget:
-            return i  # the next one might not fit: resume after the last row
-        added = b.add(payload)
-        if added is not None:
-            per_session[0] += 1
-            per_session[1] += added
-            per_session[2] = max(per_session[2], added)
-    return len(payloads)
-
-
-async def serve_page(store: Any, req: ColumnsRequest, budget: int, cache: RowCache | None = None) -> bytes:
-    """One reply of the ``columns`` endpoint from ``store`` (a ``TelemetryStorage``): stored records
-    are read through ``store.page`` in small chunks and reduced to rows as they come, so the
-    request holds one chunk of whole records at a time, and the reply stays within ``budget``."""
-    f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, target=req.target, since=req.since,
-                until=req.until)
-    b = PageBuilder(req, cache)
-    cursor: tuple[float, str] | None = (req.cursor.t, req.cursor.id) if req.cursor else None
-    per_session = [1, _ROW_BYTES, _ROW_BYTES]
-    scanned = 0
-    out: Cursor | None = None
-    while True:
-        room = req.limit - len(b.rows)
-        avg = per_session[1] / per_session[0]
-        chunk = max(1, min(room, 512, int((budget - b.size) // max(avg, 1.0))))
-        page = await store.page(f, desc=True, limit=chunk, cursor=cursor)
-        used = await asyncio.to_thread(_add_all, b, page.payloads, budget, per_session)
-        if used < len(page.payloads):
-            out = b.last  # stopped for size: resume after the last row taken
-            break
-        cursor = page.cursor
-        scanned += sum(map(len, page.payloads))
+        summaries, cursor = await store.summaries(Filters(), desc=True, limit=WARM_CHUNK, cursor=cursor)
+        await asyncio.to_thread(_warm_all, cache, summaries, store.read_summary)
+        n += len(summaries)
         if cursor is None:
-            break  # nothing more matches
-        if len(b.rows) >= req.limit or scanned >= SCAN_BYTES:
-            out = Cursor(*cursor)
             break
-    data = await asyncio.to_thread(b.encode, out)
-    if len(data) > budget:
-        raise ServiceError(TOO_LARGE, f"the report rows of session {b.rows[-1].id} are {len(data)} bytes, more "
-                                      f"than one reply may carry ({budget})")
-    return data
+    log.info("storage.row_cache_warm", sessions=n, bytes=cache.bytes, max_bytes=cache.max_bytes,
+             row_files=cache.rows_loaded)
+    return n

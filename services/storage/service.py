@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
-from buildtel.services.storage import columns, rowcache
+from buildtel.services.storage import columns, pages, rowcache, rowwork
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -132,6 +132,7 @@ class StorageService(BusService):
         self._chunked: tuple[str, bytes, float] | None = None
         # Report rows of recent sessions, decoded once (services/storage/rowcache.py); bounded.
         self.row_cache = rowcache.RowCache(row_cache_bytes)
+        self._rows_due = asyncio.Event()  # appends or retention may have sealed a segment
 
     # -- declarations (shared/service.py) -------------------------------------------------------
     def consumers(self) -> list[Consumer]:
@@ -150,6 +151,7 @@ class StorageService(BusService):
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True),
                 Worker("row-cache", self._warm_rows, cancel_on_stop=True),
+                Worker("row-files", self._row_files, cancel_on_stop=True),
                 Worker("verify", self._verify, cancel_on_stop=True)]
 
     def counters(self) -> dict[str, float]:
@@ -220,6 +222,7 @@ class StorageService(BusService):
                 self.log.info("session.duplicate", session_id=facts.id)
         if await store.count() > store.max_sessions:
             self._wake_retention.set()
+        self._rows_due.set()  # a segment may have been sealed: its row file (rowwork.py)
 
     def _check(self, data: bytes) -> _Facts | str:
         """What the log needs to know of a valid session, or why the message is not one."""
@@ -243,7 +246,8 @@ class StorageService(BusService):
             if await self.idle(self.retention_interval_s, self._wake_retention):
                 return
             try:
-                await self.store.enforce_retention()
+                if (await self.store.enforce_retention()).segments_compacted:
+                    self._rows_due.set()  # compacted segments need new row files
             except StorageClosed:
                 return
             except Exception as exc:  # noqa: BLE001 - retry next round; ingest goes on
@@ -362,7 +366,17 @@ class StorageService(BusService):
         if req.since is not None and req.until is not None and req.until < req.since:
             raise ServiceError(BAD_REQUEST, f"bad columns request: until {req.until} is before since {req.since}")
         assert self.store is not None
-        return await rowcache.serve_page(self.store, req, self._budget, self.row_cache)
+        return await pages.serve_page(self.store, req, self._budget, self.row_cache)
+
+    async def _row_files(self) -> None:
+        """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        self.row_cache.wake = lambda: loop.call_soon_threadsafe(self._rows_due.set)
+        try:
+            await rowwork.maintain(self.store, self.row_cache, self.stopping, self._rows_due, self.log)
+        except StorageClosed:
+            return
 
     async def _warm_rows(self) -> None:
         """Reduce the newest sessions into the row cache once the store is open (reports then skip it)."""

@@ -424,6 +424,15 @@ class TelemetryStorage:
             last = s.key
         return page
 
+    def read_summary(self, s: Summary) -> bytes | None:
+        """The stored bytes of the session ``s`` describes (from ``summaries``), None when they
+        went bad since they were indexed (logged).  Blocking: call it from a worker thread."""
+        return self._read(s)
+
+    def sealed_segments(self) -> list[Segment]:
+        """The segments that take no more appends, oldest first (their files no longer change)."""
+        return [s for s in self._segments if s is not self._active and s.wfd < 0]
+
     def _read(self, s: Summary) -> bytes | None:
         seg = s.segment
         if seg.fd < 0:

@@ -16,7 +16,7 @@ from buildtel.services.analyzer.analytics import AnalyticsReport, ReportFilter, 
 from buildtel.services.analyzer.rowreport import FrameBuilder, report_from_frame
 from buildtel.services.analyzer.synthetic import Scenario, generate
 from buildtel.services.storage.columns import ColumnsRequest, reply_decoder
-from buildtel.services.storage.rowcache import PageBuilder
+from buildtel.services.storage.pages import PageBuilder
 from buildtel.shared.protocol import BuildSession, Completeness, HealthCheckpoint
 
 

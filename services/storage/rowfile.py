@@ -1,0 +1,149 @@
+"""Report-row files: one ``seg-N.rows`` beside each sealed segment, so a report reads ~3 KB of
+ready rows per 200-target session instead of decoding its ~40 KB record (docs/storage-format.md
+"Report-row files").
+
+A row file holds, for every record of its segment that is a session (file order), the
+:class:`~buildtel.services.storage.columns.ReportRow` and the per-target columns of
+``rowcache.Entry``: target-name ids into the file's own name table, durations, one code byte
+(cache | status << 2) and worker-name ids.  The storage service writes it in the background
+once a segment is sealed (full, retired or compacted) and for sealed segments of stores written
+before row files existed; until then, and for the segment still taking appends, reports reduce
+the records themselves (``rowcache.RowCache``).
+
+Like an index file (``sidecar.py``), a row file is a cache of its segment and is used only when
+it matches it: CRC, segment number, the segment header's ``created`` time, and the segment's
+size and modification time exactly as when the file was written.  Anything else, and it is
+ignored (and rewritten by the background worker).
+
+Layout (little-endian): the same 48-byte head as an index file with magic ``b"\\x89BTROW\\r\\n"``,
+then a msgpack :class:`Body`, then a u32 crc32 of everything before it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import zlib
+from array import array
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.columns import ReportRow
+
+SUFFIX = ".rows"
+MAGIC = b"\x89BTROW\r\n"
+VERSION = 1
+_HEAD = struct.Struct("<8sHHQdQQI")  # magic, version, reserved, segment, created, covered, mtime_ns, rows
+
+
+class Body(msgspec.Struct, array_like=True):
+    """The columns of one segment's sessions; ``counts[i]`` targets belong to ``rows[i]``."""
+
+    rows: list[ReportRow]
+    lengths: bytes  # u32 per row: the record's stored length (with the id, the cache key)
+    names: list[str]  # target and worker names, the ids' table
+    counts: bytes  # u32 per row
+    name_ids: bytes  # u32 per target
+    durations: bytes  # f64 per target
+    codes: bytes  # u8 per target: cache code | status code << 2 (columns.py)
+    worker_ids: bytes  # u32 per target
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Body)
+
+
+def path_for(segment_path: Path) -> Path:
+    return segment_path.with_suffix(SUFFIX)
+
+
+def encode(number: int, created: float, covered: int, mtime_ns: int, body: Body) -> bytes:
+    data = _encoder.encode(body)
+    head = _HEAD.pack(MAGIC, VERSION, 0, number, created, covered, mtime_ns, len(body.rows))
+    crc = zlib.crc32(data, zlib.crc32(head))
+    return head + data + struct.pack("<I", crc)
+
+
+def write(segment_path: Path, number: int, created: float, covered: int, mtime_ns: int, body: Body,
+          *, fsync: bool) -> int:
+    """Atomically (re)place the row file of a segment that takes no more appends; its bytes."""
+    data = encode(number, created, covered, mtime_ns, body)
+    fmt.atomic_write(path_for(segment_path), [data], fsync=fsync)
+    return len(data)
+
+
+def read(segment_path: Path, number: int, created: float, size: int, mtime_ns: int) -> Body | str:
+    """The row file of a segment when it matches the segment as it is (``size``, ``mtime_ns``),
+    else why not."""
+    try:
+        data = path_for(segment_path).read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if len(data) < _HEAD.size + 4:
+        return "short"
+    magic, version, _, seg_no, seg_created, covered, seg_mtime, count = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        return "bad magic"
+    if version != VERSION:
+        return f"version {version}"
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(memoryview(data)[:-4]) != crc:
+        return "checksum mismatch"
+    if seg_no != number or seg_created != created:
+        return "written for another file"
+    if covered != size or seg_mtime != mtime_ns:
+        return "the segment changed since"
+    try:
+        body = _decoder.decode(memoryview(data)[_HEAD.size:-4])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return f"undecodable: {exc}"
+    n = sum(u32(body.counts))
+    if (len(body.rows) != count or len(body.lengths) != 4 * count or len(body.counts) != 4 * count
+            or len(body.name_ids) != 4 * n or len(body.durations) != 8 * n or len(body.codes) != n
+            or len(body.worker_ids) != 4 * n):
+        return "column lengths do not match"
+    return body
+
+
+def remove(segment_path: Path) -> None:
+    try:
+        os.unlink(path_for(segment_path))
+    except FileNotFoundError:
+        pass
+
+
+def matches(segment_path: Path, number: int, created: float, size: int, mtime_ns: int) -> bool:
+    """Whether the row file's head says it was written for the segment as it is (no CRC check)."""
+    try:
+        with open(path_for(segment_path), "rb") as f:
+            head = f.read(_HEAD.size)
+    except OSError:
+        return False
+    if len(head) < _HEAD.size:
+        return False
+    magic, version, _, seg_no, seg_created, covered, seg_mtime, _count = _HEAD.unpack(head)
+    return (magic, version, seg_no, seg_created, covered, seg_mtime) == (MAGIC, VERSION, number, created, size,
+                                                                          mtime_ns)
+
+
+def u32(data: bytes) -> array[int]:
+    """A little-endian u32 column as an array."""
+    a = array("I")
+    a.frombytes(data)
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian everywhere
+        a.byteswap()
+    return a
+
+
+def le(a: array[Any]) -> bytes:
+    """An array's bytes, little-endian."""
+    if sys.byteorder != "little":  # pragma: no cover
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
