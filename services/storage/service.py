@@ -372,7 +372,11 @@ class StorageService(BusService):
         """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""
         assert self.store is not None
         loop = asyncio.get_running_loop()
-        self.row_cache.wake = lambda: loop.call_soon_threadsafe(self._rows_due.set)
+
+        def wake() -> None:  # from a request's worker thread
+            loop.call_soon_threadsafe(self._rows_due.set)
+
+        self.row_cache.wake = wake
         try:
             await rowwork.maintain(self.store, self.row_cache, self.stopping, self._rows_due, self.log)
         except StorageClosed:
