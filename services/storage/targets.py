@@ -28,20 +28,41 @@ if TYPE_CHECKING:
 
 TAIL_SESSIONS = 65536  # sessions per appended chunk
 TAIL_HASHES = 1 << 21  # or this many hashes, whichever comes first
+MEMO = 32  # remembered answers per sealed chunk (each at most 1/8 of its sessions: ~1 MB a chunk at most)
 
 
 class Chunk:
-    __slots__ = ("first", "hashes", "n", "offsets")
+    """Sealed columns (immutable).  ``memo`` keeps the answers of the last ``MEMO`` names asked
+    whose sessions are few (at most 1/8 of the chunk's): a dashboard asks for the same target
+    again and again, and a rare one would otherwise cost a compare of every hash each time."""
+
+    __slots__ = ("first", "hashes", "memo", "n", "offsets")
 
     def __init__(self, first: int, offsets: Any, hashes: Any) -> None:
         self.first = first
         self.n = len(offsets) - 1
         self.offsets = offsets  # int64, n + 1 entries, offsets[0] == 0
         self.hashes = hashes  # uint32
+        self.memo: dict[int, Ords] = {}
 
     def ords_of(self, h: int, limit: int) -> Ords:
         """Ordinals below ``limit`` whose sessions have hash ``h``."""
-        n = min(self.n, limit - self.first)
+        if limit - self.first >= self.n:  # the whole chunk: answers can be kept
+            got = self.memo.get(h)
+            if got is None:
+                got = self._ords_of(h, self.n)
+                if len(got) * 8 <= self.n:
+                    if len(self.memo) >= MEMO:
+                        try:  # oldest first; two reader threads at once may drop one more
+                            self.memo.pop(next(iter(self.memo)), None)
+                        except (RuntimeError, StopIteration):
+                            pass
+                    self.memo[h] = got
+            return got
+        return self._ords_of(h, limit - self.first)
+
+    def _ords_of(self, h: int, n: int) -> Ords:
+        n = min(self.n, n)
         if n <= 0:
             return np.empty(0, dtype=np.int64)
         end = int(self.offsets[n])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from array import array
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,3 +163,24 @@ async def _check(store: TelemetryStorage, live: dict[str, BuildSession], queries
         assert s.agents == tuple(src.agents) and s.labels == tuple(sorted(f"{k}={v}" for k, v in src.labels.items()))
         assert s.failed == src.totals.failed and s.cache_hits == 1
         assert s.commit == ("c" * 40 if src.environment else None)
+
+
+def test_target_lookups_are_remembered_per_chunk_only_for_rare_names() -> None:
+    """A sealed chunk answers a repeated rare name from memory (the same ordinals), never a
+    common one, and never beyond what a snapshot may see."""
+    import numpy as np
+
+    from buildtel.services.storage.targets import MEMO, chunk_from_lists
+
+    rare, common = 7, 9
+    per_session = [array("I", sorted({common} | ({rare} if i % 50 == 0 else set()))) for i in range(400)]
+    chunk = chunk_from_lists(1000, per_session)
+    want = np.arange(1000, 1400, 50)
+    assert chunk.ords_of(rare, 2000).tolist() == want.tolist() and rare in chunk.memo
+    assert chunk.ords_of(rare, 2000) is chunk.memo[rare]  # the second answer is the first
+    assert chunk.ords_of(rare, 1100).tolist() == [1000, 1050]  # a snapshot before the chunk's end
+    assert len(chunk.ords_of(common, 2000)) == 400 and common not in chunk.memo
+    for h in range(100, 100 + 2 * MEMO):  # names no session has: remembered, the oldest forgotten
+        assert chunk.ords_of(h, 2000).tolist() == []
+    assert len(chunk.memo) == MEMO and rare not in chunk.memo
+    assert chunk.ords_of(rare, 2000).tolist() == want.tolist()
