@@ -129,8 +129,8 @@ async def serve_page(store: Any, req: ColumnsRequest, budget: int, cache: RowCac
     """One reply of the ``columns`` endpoint from ``store`` (a ``TelemetryStorage``): the index
     picks the sessions in small chunks and each becomes its entry (``RowCache.entry_of``), so the
     request holds no whole records beyond the few it reduces, and the reply stays within ``budget``."""
-    f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, target=req.target, since=req.since,
-                until=req.until)
+    f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, name=req.name, target=req.target,
+                since=req.since, until=req.until)
     b = PageBuilder(req, cache)
     cursor: tuple[float, str] | None = (req.cursor.t, req.cursor.id) if req.cursor else None
     per_session = [1, _ROW_BYTES, _ROW_BYTES]
