@@ -22,9 +22,7 @@ then a msgpack :class:`Body`, then a u32 crc32 of everything before it.
 from __future__ import annotations
 
 import os
-import struct
 import sys
-import zlib
 from array import array
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,12 @@ from typing import Any
 import msgspec
 
 from buildtel.services.storage import format as fmt
+from buildtel.services.storage import sidecar
 from buildtel.services.storage.columns import ReportRow
 
 SUFFIX = ".rows"
 MAGIC = b"\x89BTROW\r\n"
 VERSION = 1
-_HEAD = struct.Struct("<8sHHQdQQI")  # magic, version, reserved, segment, created, covered, mtime_ns, rows
 
 
 class Body(msgspec.Struct, array_like=True):
@@ -62,10 +60,7 @@ def path_for(segment_path: Path) -> Path:
 
 
 def encode(number: int, created: float, covered: int, mtime_ns: int, body: Body) -> bytes:
-    data = _encoder.encode(body)
-    head = _HEAD.pack(MAGIC, VERSION, 0, number, created, covered, mtime_ns, len(body.rows))
-    crc = zlib.crc32(data, zlib.crc32(head))
-    return head + data + struct.pack("<I", crc)
+    return sidecar.frame(MAGIC, VERSION, number, created, covered, mtime_ns, len(body.rows), _encoder.encode(body))
 
 
 def write(segment_path: Path, number: int, created: float, covered: int, mtime_ns: int, body: Body,
@@ -79,28 +74,12 @@ def write(segment_path: Path, number: int, created: float, covered: int, mtime_n
 def read(segment_path: Path, number: int, created: float, size: int, mtime_ns: int) -> Body | str:
     """The row file of a segment when it matches the segment as it is (``size``, ``mtime_ns``),
     else why not."""
+    got = sidecar.unframe(path_for(segment_path), MAGIC, VERSION, number, created, size, mtime_ns)
+    if isinstance(got, str):
+        return got
+    data, count, _ = got
     try:
-        data = path_for(segment_path).read_bytes()
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    if len(data) < _HEAD.size + 4:
-        return "short"
-    magic, version, _, seg_no, seg_created, covered, seg_mtime, count = _HEAD.unpack_from(data)
-    if magic != MAGIC:
-        return "bad magic"
-    if version != VERSION:
-        return f"version {version}"
-    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-    if zlib.crc32(memoryview(data)[:-4]) != crc:
-        return "checksum mismatch"
-    if seg_no != number or seg_created != created:
-        return "written for another file"
-    if covered != size or seg_mtime != mtime_ns:
-        return "the segment changed since"
-    try:
-        body = _decoder.decode(memoryview(data)[_HEAD.size:-4])
+        body = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return f"undecodable: {exc}"
     n = sum(u32(body.counts))
@@ -120,16 +99,7 @@ def remove(segment_path: Path) -> None:
 
 def matches(segment_path: Path, number: int, created: float, size: int, mtime_ns: int) -> bool:
     """Whether the row file's head says it was written for the segment as it is (no CRC check)."""
-    try:
-        with open(path_for(segment_path), "rb") as f:
-            head = f.read(_HEAD.size)
-    except OSError:
-        return False
-    if len(head) < _HEAD.size:
-        return False
-    magic, version, _, seg_no, seg_created, covered, seg_mtime, _count = _HEAD.unpack(head)
-    return (magic, version, seg_no, seg_created, covered, seg_mtime) == (MAGIC, VERSION, number, created, size,
-                                                                          mtime_ns)
+    return sidecar.head_matches(path_for(segment_path), MAGIC, VERSION, number, created, size, mtime_ns)
 
 
 def u32(data: bytes) -> array[int]:

@@ -76,9 +76,57 @@ def encode(number: int, created: float, covered: int, mtime_ns: int, rows: list[
         counts.byteswap()
         flat.byteswap()
     body = _encoder.encode((rows, counts.tobytes(), flat.tobytes()))
-    head = _HEAD.pack(MAGIC, VERSION, 0, number, created, covered, mtime_ns, len(rows))
+    return frame(MAGIC, VERSION, number, created, covered, mtime_ns, len(rows), body)
+
+
+def frame(magic: bytes, version: int, number: int, created: float, covered: int, mtime_ns: int, count: int,
+          body: bytes) -> bytes:
+    """A file that caches something of one segment (this module's index files, ``rowfile.py``'s row
+    files): the head naming the segment as it was, the body, and the CRC-32 of both."""
+    head = _HEAD.pack(magic, version, 0, number, created, covered, mtime_ns, count)
     crc = zlib.crc32(body, zlib.crc32(head))
     return head + body + struct.pack("<I", crc)
+
+
+def unframe(path: Path, magic: bytes, version: int, number: int, created: float, size: int,
+            mtime_ns: int) -> tuple[memoryview, int, int] | str:
+    """(body, row count, covered size) of a file :func:`frame` wrote, when its CRC holds and its head
+    names the segment as it is now (number, ``created``, ``size``, ``mtime_ns``); else why not."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if len(data) < _HEAD.size + 4:
+        return "short"
+    got_magic, got_version, _, seg_no, seg_created, covered, seg_mtime, count = _HEAD.unpack_from(data)
+    if got_magic != magic:
+        return "bad magic"
+    if got_version != version:
+        return f"version {got_version}"
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(memoryview(data)[:-4]) != crc:
+        return "checksum mismatch"
+    if seg_no != number or seg_created != created:
+        return "written for another file"  # e.g. a segment compacted after this was written
+    if covered != size or seg_mtime != mtime_ns:
+        return "the segment changed since"
+    return memoryview(data)[_HEAD.size:-4], count, covered
+
+
+def head_matches(path: Path, magic: bytes, version: int, number: int, created: float, size: int,
+                 mtime_ns: int) -> bool:
+    """Whether the head of a :func:`frame` file names the segment as it is (no CRC check)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD.size)
+    except OSError:
+        return False
+    if len(head) < _HEAD.size:
+        return False
+    got = _HEAD.unpack(head)
+    return (got[0], got[1], got[3], got[4], got[5], got[6]) == (magic, version, number, created, size, mtime_ns)
 
 
 def write(segment_path: Path, number: int, created: float, rows: list[Summary], hashes: list[array[int]],
@@ -100,29 +148,12 @@ class Loaded:
 def read(segment_path: Path, number: int, created: float, image: fmt.Image, mtime_ns: int) -> Loaded | str:
     """The sidecar's rows when it verifies against ``image`` (the segment's bytes) and the
     segment's ``mtime_ns``, else why not."""
-    path = path_for(segment_path)
+    got = unframe(path_for(segment_path), MAGIC, VERSION, number, created, len(image), mtime_ns)
+    if isinstance(got, str):
+        return got
+    body, count, covered = got
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    if len(data) < _HEAD.size + 4:
-        return "short"
-    magic, version, _, seg_no, seg_created, covered, seg_mtime, count = _HEAD.unpack_from(data)
-    if magic != MAGIC:
-        return "bad magic"
-    if version != VERSION:
-        return f"version {version}"
-    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-    if zlib.crc32(memoryview(data)[:-4]) != crc:
-        return "checksum mismatch"
-    if seg_no != number or seg_created != created:
-        return "written for another file"  # e.g. a segment compacted after this was written
-    if covered != len(image) or seg_mtime != mtime_ns:
-        return "the segment changed since"
-    try:
-        rows, counts, hashes = _decoder.decode(memoryview(data)[_HEAD.size:-4])
+        rows, counts, hashes = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         return f"undecodable: {exc}"
     if len(rows) != count or len(counts) != 4 * count or len(hashes) % 4:

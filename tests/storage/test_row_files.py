@@ -68,16 +68,14 @@ async def _report(nc, settings: Settings) -> list[ColumnsReply]:
     return [p async for p in column_pages(nc, Subjects(settings.namespace), ColumnsRequest())]
 
 
-async def test_sealed_segments_get_row_files_and_reports_read_them_after_a_restart(settings, nc) -> None:
-    cfg = settings.with_(fsync=False)
-    now = time.time()
-    sessions = [build_session(i, targets=40, finish=now - 500 + i, outcome="failed" if i % 4 == 0 else "success")
-                for i in range(24)]
+def _service(cfg: Settings) -> StorageService:
+    return StorageService(cfg, cfg.nats_url or "", cfg.redis_url or "", segment_bytes=SEGMENT_BYTES)
 
-    def service() -> StorageService:
-        return StorageService(cfg, cfg.nats_url or "", cfg.redis_url or "", segment_bytes=SEGMENT_BYTES)
 
-    svc = service()
+async def _store(cfg: Settings, nc, sessions: list[BuildSession]) -> Path:
+    """Store ``sessions`` through a storage service (small segments) and wait until every sealed
+    segment has its row file; the store's directory, the service stopped, a report checked."""
+    svc = _service(cfg)
     await svc.start()
     try:
         for s in sessions:
@@ -91,12 +89,22 @@ async def test_sealed_segments_get_row_files_and_reports_read_them_after_a_resta
         directory = Path(svc.store.directory)
         await eventually(lambda: _true(_row_files_current(directory)), timeout=60)
         _check_pages(await _report(nc, cfg), sessions)
+        return directory
     finally:
         await svc.stop()
 
+
+async def test_sealed_segments_get_row_files_and_reports_read_them_after_a_restart(settings, nc) -> None:
+    cfg = settings.with_(fsync=False)
+    now = time.time()
+    sessions = [build_session(i, targets=40, finish=now - 500 + i, outcome="failed" if i % 4 == 0 else "success")
+                for i in range(24)]
+
+    await _store(cfg, nc, sessions)
+
     # A new process: a report of the whole history reads the row files, decoding only the
     # records of the segment that was still taking appends.
-    svc = service()
+    svc = _service(cfg)
     await svc.start()
     try:
         sealed = svc.store.sealed_segments()
@@ -112,21 +120,7 @@ async def test_a_damaged_or_stale_row_file_is_ignored_and_rewritten(settings, nc
     cfg = settings.with_(fsync=False)
     now = time.time()
     sessions = [build_session(i, targets=40, finish=now - 500 + i) for i in range(16)]
-    svc = StorageService(cfg, cfg.nats_url or "", cfg.redis_url or "", segment_bytes=SEGMENT_BYTES)
-    await svc.start()
-    try:
-        for s in sessions:
-            await publish(nc, cfg, encode(s), s.id)
-        client = StorageClient(nc, Subjects(cfg.namespace))
-
-        async def all_stored() -> bool:
-            return (await client.stats()).sessions == len(sessions)
-
-        await eventually(all_stored, timeout=60)
-        directory = Path(svc.store.directory)
-        await eventually(lambda: _true(_row_files_current(directory)), timeout=60)
-    finally:
-        await svc.stop()
+    directory = await _store(cfg, nc, sessions)
     segments = sorted(directory.glob("seg-*.btl"))
     flipped, swapped = rowfile.path_for(segments[0]), rowfile.path_for(segments[1])
     data = bytearray(flipped.read_bytes())
@@ -134,7 +128,7 @@ async def test_a_damaged_or_stale_row_file_is_ignored_and_rewritten(settings, nc
     flipped.write_bytes(data)
     swapped.write_bytes(rowfile.path_for(segments[2]).read_bytes())  # another segment's rows
 
-    svc = StorageService(cfg, cfg.nats_url or "", cfg.redis_url or "", segment_bytes=SEGMENT_BYTES)
+    svc = _service(cfg)
     await svc.start()
     try:
         _check_pages(await _report(nc, cfg), sessions)  # from the records where the rows do not match
