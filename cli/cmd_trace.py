@@ -1,7 +1,8 @@
 """``buildtel trace``: show a build's trace as a span tree, or export it to Jaeger/Zipkin/OTLP.
 
     buildtel trace ID [--json]
-    buildtel trace export ID --otlp URL [--otlp-protocol json] | --zipkin URL | --jaeger-file FILE [--json]
+    buildtel trace export ID --otlp URL [--otlp-protocol json] | --zipkin URL | --jaeger-file FILE
+                             | --chrome-trace FILE [--json]
     buildtel trace --recent [N] [--json]
 
 ID is a session id or a trace id in the CLI's one id grammar (cli/ids.py):
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "trace", help="show a build's trace (span tree with timings), or export it",
         description="Show the trace of a build session (or any trace id) as a span tree, or export it: "
                     "'buildtel trace export ID --jaeger-file trace.json' (open it in the Jaeger UI), "
-                    "'--zipkin http://zipkin:9411', '--otlp http://jaeger:4318'.")
+                    "'--chrome-trace build.json' (open it in ui.perfetto.dev or chrome://tracing: one track per "
+                    "worker), '--zipkin http://zipkin:9411', '--otlp http://jaeger:4318'.")
     p.add_argument("words", nargs="*", metavar="[export] ID", help=f"a session or trace id: {GRAMMAR}")
     p.add_argument("--json", action="store_true", help="print the spans as JSON instead of a tree")
     p.add_argument("--recent", type=int, nargs="?", const=20, metavar="N", help="list the N newest traces")
@@ -41,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="export: OTLP encoding (default protobuf)")
     p.add_argument("--zipkin", metavar="URL", help="export: POST Zipkin v2 JSON to this endpoint")
     p.add_argument("--jaeger-file", metavar="FILE", help="export: write a Jaeger UI JSON file")
+    p.add_argument("--chrome-trace", metavar="FILE",
+                   help="export: write Chrome Trace Event JSON (Perfetto, chrome://tracing), a track per worker")
     p.set_defaults(func=cmd_trace, quiet_logs=True)
 
 
@@ -52,10 +56,10 @@ async def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     exporting = bool(words) and words[0] == "export"
     if exporting:
         words = words[1:]
-        if not (args.otlp or args.zipkin or args.jaeger_file):
-            raise CLIError("trace export needs --otlp URL, --zipkin URL or --jaeger-file FILE")
-    elif args.otlp or args.zipkin or args.jaeger_file:
-        raise CLIError("--otlp/--zipkin/--jaeger-file belong to 'buildtel trace export ID'")
+        if not (args.otlp or args.zipkin or args.jaeger_file or args.chrome_trace):
+            raise CLIError("trace export needs --otlp URL, --zipkin URL, --jaeger-file FILE or --chrome-trace FILE")
+    elif args.otlp or args.zipkin or args.jaeger_file or args.chrome_trace:
+        raise CLIError("--otlp/--zipkin/--jaeger-file/--chrome-trace belong to 'buildtel trace export ID'")
     if args.recent is None and len(words) != 1:
         raise CLIError("give one session id or trace id (or --recent)")
     ref = parse_id(words[0]) if args.recent is None else None
@@ -104,6 +108,7 @@ async def _export(trace: Any, args: argparse.Namespace) -> int:
         ExportError,
         OtlpHttpExporter,
         ZipkinExporter,
+        write_chrome_trace,
         write_jaeger_file,
     )
 
@@ -111,6 +116,9 @@ async def _export(trace: Any, args: argparse.Namespace) -> int:
     if args.jaeger_file:
         path = write_jaeger_file(args.jaeger_file, {trace.trace_id: trace.spans})
         done.append(f"wrote {path} (Jaeger UI: Search -> JSON File)")
+    if args.chrome_trace:
+        chrome = write_chrome_trace(args.chrome_trace, trace.spans)
+        done.append(f"wrote {chrome} (ui.perfetto.dev: Open trace file; or chrome://tracing: Load)")
     for exporter in ([OtlpHttpExporter(args.otlp, protocol=args.otlp_protocol)] if args.otlp else []) + \
                     ([ZipkinExporter(args.zipkin)] if args.zipkin else []):
         try:
@@ -123,6 +131,7 @@ async def _export(trace: Any, args: argparse.Namespace) -> int:
     if args.json:
         emit({"trace_id": trace.trace_id, "session_ids": trace.session_ids, "spans": len(trace.spans),
               "jaeger_file": str(path) if args.jaeger_file else None,
+              "chrome_trace": str(chrome) if args.chrome_trace else None,
               "sent_to": [line.removeprefix("sent to ") for line in done if line.startswith("sent to ")]})
         return 0
     for line in done:

@@ -34,6 +34,7 @@ from yarl import URL
 
 from buildtel.services.tracer import otlp, otlp_json
 from buildtel.services.tracer.formats import jaeger_document, to_zipkin
+from buildtel.shared.files import open_private
 from buildtel.shared.logs import get_logger
 from buildtel.shared.tracemodel import SpanRecord
 
@@ -201,9 +202,23 @@ class ZipkinExporter(HttpSpanExporter):
 
 def write_jaeger_file(path: str | Path, traces: dict[str, Sequence[SpanRecord]]) -> Path:
     """Write traces as a Jaeger UI JSON file, atomically (a viewer never sees half a file)."""
+    return _write_json(path, jaeger_document(traces))
+
+
+def write_chrome_trace(path: str | Path, spans: Sequence[SpanRecord]) -> Path:
+    """Write spans as a Chrome Trace Event Format file (Perfetto, chrome://tracing), atomically."""
+    from buildtel.services.tracer.chrometrace import chrome_trace
+
+    return _write_json(path, chrome_trace(spans))
+
+
+def _write_json(path: str | Path, document: Any) -> Path:
+    # 0600: a trace carries command lines and host names (redacted, but still the farm's own).
+    # The folder is the user's: it is not tightened.
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.encode(jaeger_document(traces)))
+    with open_private(tmp, "wb") as f:
+        f.write(msgspec.json.encode(document))
     os.replace(tmp, path)
     return path
 

@@ -61,9 +61,20 @@ def _resource(session: BuildSession) -> dict[str, Any]:
     return res
 
 
+# OpenTelemetry CI/CD semantic conventions (development status), beside the build.* attributes:
+# https://opentelemetry.io/docs/specs/semconv/registry/attributes/cicd/ .  "abandoned" (the build
+# stopped reporting) is the convention's "error": a failure of the CI/CD system, not of the code.
+_PIPELINE_RESULT = {"success": "success", "failed": "failure", "abandoned": "error"}
+_TASK_RESULT = {"success": "success", "failed": "failure", "skipped": "skip", "cancelled": "cancellation"}
+
+
 def _session_attrs(s: BuildSession) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         SESSION_ATTR: s.id,
+        "cicd.pipeline.name": s.name or "build",
+        "cicd.pipeline.run.id": s.id,
+        "cicd.pipeline.result": _PIPELINE_RESULT.get(s.outcome, "error"),
+        "cicd.pipeline.action.name": "BUILD",
         "build.name": s.name,
         "build.outcome": s.outcome,
         "build.targets": len(s.targets),
@@ -97,6 +108,9 @@ def _session_attrs(s: BuildSession) -> dict[str, Any]:
 def _target_attrs(t: TargetMetrics, session_id: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         SESSION_ATTR: session_id,
+        "cicd.pipeline.task.name": t.name,
+        "cicd.pipeline.task.run.id": f"{session_id}/{t.name}",
+        "cicd.pipeline.task.run.result": _TASK_RESULT.get(t.status, "error"),
         "build.target": t.name,
         "build.status": t.status,
         "build.cache": t.cache,
@@ -109,6 +123,8 @@ def _target_attrs(t: TargetMetrics, session_id: str) -> dict[str, Any]:
     for key, value in optional:
         if value is not None:
             attrs[key] = value
+    if t.kind:  # a Bazel rule kind such as cc_test / go_test names a test
+        attrs["cicd.pipeline.task.type"] = "test" if t.kind.endswith("test") else "build"
     if t.deps:
         attrs["build.deps"] = list(t.deps[:MAX_DEPS])
         if len(t.deps) > MAX_DEPS:

@@ -42,7 +42,7 @@ async def test_trace_by_prefix_last_and_last_tilde(tracer, client, nc, settings,
     code, out, err = await _buildtel(settings, "trace", "export", "last", "--jaeger-file", str(path), "--json")
     assert code == 0, err
     assert json.loads(out) == {"trace_id": newest, "session_ids": [newest], "spans": 6,
-                               "jaeger_file": str(path), "sent_to": []}
+                               "jaeger_file": str(path), "chrome_trace": None, "sent_to": []}
     code, out, err = await _buildtel(settings, "trace", "0f0f0f0f")
     assert (code, out) == (2, "")
     assert err.strip() == "buildtel: error: no session or trace id starts with 0f0f0f0f"
