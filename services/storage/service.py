@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
-from buildtel.services.storage import columns, pages, rowcache, rowwork
+from buildtel.services.storage import columns, history, pages, rowcache, rowwork
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -146,7 +146,10 @@ class StorageService(BusService):
 
     def endpoints(self) -> list[Endpoint]:
         return [*(Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS),
-                Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns)]
+                Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns),
+                Endpoint(history.TREND, endpoint_subject(self.subjects, history.TREND), self._api_trend),
+                Endpoint(history.TARGET_HISTORY, endpoint_subject(self.subjects, history.TARGET_HISTORY),
+                         self._api_target_history)]
 
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True),
@@ -367,6 +370,16 @@ class StorageService(BusService):
             raise ServiceError(BAD_REQUEST, f"bad columns request: until {req.until} is before since {req.since}")
         assert self.store is not None
         return await pages.serve_page(self.store, req, self._budget, self.row_cache)
+
+    async def _api_trend(self, data: bytes) -> bytes:
+        """Builds per time bucket (services/storage/history.py)."""
+        assert self.store is not None
+        return await history.serve_trend(self.store, data)
+
+    async def _api_target_history(self, data: bytes) -> bytes:
+        """One target's runs across sessions (services/storage/history.py)."""
+        assert self.store is not None
+        return await history.serve_target_history(self.store, self.row_cache, data, self._budget)
 
     async def _row_files(self) -> None:
         """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""

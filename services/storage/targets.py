@@ -28,40 +28,48 @@ if TYPE_CHECKING:
 
 TAIL_SESSIONS = 65536  # sessions per appended chunk
 TAIL_HASHES = 1 << 21  # or this many hashes, whichever comes first
-MEMO = 32  # remembered answers per sealed chunk (each at most 1/8 of its sessions: ~1 MB a chunk at most)
+MEMO_BYTES = 64 * 1024  # remembered answers per chunk: ~26 MB in all for 100k x 200 or 1M x 20 at most
 
 
 class Chunk:
-    """Sealed columns (immutable).  ``memo`` keeps the answers of the last ``MEMO`` names asked
-    whose sessions are few (at most 1/8 of the chunk's): a dashboard asks for the same target
-    again and again, and a rare one would otherwise cost a compare of every hash each time."""
+    """Sealed columns (immutable).  ``memo`` keeps the answers for the names asked last, as
+    chunk-local ordinals (uint16 where the chunk allows, ~2 bytes a session), within ``MEMO_BYTES``
+    a chunk: a dashboard asks for the same targets again and again, and each answer would
+    otherwise cost a compare of every hash of the chunk."""
 
-    __slots__ = ("first", "hashes", "memo", "n", "offsets")
+    __slots__ = ("first", "hashes", "memo", "memo_bytes", "n", "offsets")
 
     def __init__(self, first: int, offsets: Any, hashes: Any) -> None:
         self.first = first
         self.n = len(offsets) - 1
         self.offsets = offsets  # int64, n + 1 entries, offsets[0] == 0
         self.hashes = hashes  # uint32
-        self.memo: dict[int, Ords] = {}
+        self.memo: dict[int, Any] = {}
+        self.memo_bytes = 0
 
     def ords_of(self, h: int, limit: int) -> Ords:
         """Ordinals below ``limit`` whose sessions have hash ``h``."""
-        if limit - self.first >= self.n:  # the whole chunk: answers can be kept
-            got = self.memo.get(h)
-            if got is None:
-                got = self._ords_of(h, self.n)
-                if len(got) * 8 <= self.n:
-                    if len(self.memo) >= MEMO:
-                        try:  # oldest first; two reader threads at once may drop one more
-                            self.memo.pop(next(iter(self.memo)), None)
-                        except (RuntimeError, StopIteration):
-                            pass
-                    self.memo[h] = got
-            return got
-        return self._ords_of(h, limit - self.first)
+        if limit - self.first < self.n:  # part of the chunk (a snapshot taken while it filled)
+            return self._ords_of(h, limit - self.first) + self.first
+        got = self.memo.get(h)
+        if got is None:
+            got = self._ords_of(h, self.n).astype(np.uint16 if self.n <= 65536 else np.uint32)
+            self._remember(h, got)
+        return got.astype(np.int64) + self.first
+
+    def _remember(self, h: int, local: Any) -> None:
+        if local.nbytes > MEMO_BYTES:
+            return
+        try:  # oldest first; reader threads racing here may forget one more than needed
+            while self.memo and self.memo_bytes + local.nbytes > MEMO_BYTES:
+                self.memo_bytes -= self.memo.pop(next(iter(self.memo))).nbytes
+        except (RuntimeError, StopIteration, KeyError):
+            return
+        self.memo[h] = local
+        self.memo_bytes += local.nbytes
 
     def _ords_of(self, h: int, n: int) -> Ords:
+        """Chunk-local ordinals (below ``n``) of the sessions with hash ``h``."""
         n = min(self.n, n)
         if n <= 0:
             return np.empty(0, dtype=np.int64)
@@ -70,7 +78,7 @@ class Chunk:
         if not len(pos):
             return np.empty(0, dtype=np.int64)
         local = np.searchsorted(self.offsets, pos, side="right") - 1
-        return _distinct_sorted(local) + self.first  # a name twice in one session counts once
+        return _distinct_sorted(local)  # chunk-local; a name twice in one session counts once
 
 
 def _distinct_sorted(a: Ords) -> Ords:

@@ -165,22 +165,24 @@ async def _check(store: TelemetryStorage, live: dict[str, BuildSession], queries
         assert s.commit == ("c" * 40 if src.environment else None)
 
 
-def test_target_lookups_are_remembered_per_chunk_only_for_rare_names() -> None:
-    """A sealed chunk answers a repeated rare name from memory (the same ordinals), never a
-    common one, and never beyond what a snapshot may see."""
+def test_target_lookups_are_remembered_per_chunk_within_a_byte_budget() -> None:
+    """A sealed chunk answers a repeated name from memory with the same ordinals, within its
+    byte budget (oldest answers forgotten first), and never beyond what a snapshot may see."""
     import numpy as np
 
-    from buildtel.services.storage.targets import MEMO, chunk_from_lists
+    from buildtel.services.storage import targets
 
     rare, common = 7, 9
     per_session = [array("I", sorted({common} | ({rare} if i % 50 == 0 else set()))) for i in range(400)]
-    chunk = chunk_from_lists(1000, per_session)
+    chunk = targets.chunk_from_lists(1000, per_session)
     want = np.arange(1000, 1400, 50)
     assert chunk.ords_of(rare, 2000).tolist() == want.tolist() and rare in chunk.memo
-    assert chunk.ords_of(rare, 2000) is chunk.memo[rare]  # the second answer is the first
+    assert chunk.memo[rare].dtype == np.uint16  # 2 bytes a session remembered
     assert chunk.ords_of(rare, 1100).tolist() == [1000, 1050]  # a snapshot before the chunk's end
-    assert len(chunk.ords_of(common, 2000)) == 400 and common not in chunk.memo
-    for h in range(100, 100 + 2 * MEMO):  # names no session has: remembered, the oldest forgotten
-        assert chunk.ords_of(h, 2000).tolist() == []
-    assert len(chunk.memo) == MEMO and rare not in chunk.memo
+    assert chunk.ords_of(common, 2000).tolist() == list(range(1000, 1400)) and common in chunk.memo
+    assert chunk.ords_of(common, 2000).tolist() == list(range(1000, 1400))  # from memory, the same
+    budget = targets.MEMO_BYTES
+    for h in range(100, 100 + budget // 800 + 2):  # names of every session's size: the oldest go first
+        chunk._remember(h, np.zeros(400, dtype=np.uint16))
+    assert chunk.memo_bytes <= budget and rare not in chunk.memo and common not in chunk.memo
     assert chunk.ords_of(rare, 2000).tolist() == want.tolist()
