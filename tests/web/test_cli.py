@@ -1,0 +1,94 @@
+"""The web service as a user meets it: ``buildtel up`` starts it and says where, ``buildtel run``
+ends with the session's link, and the link answers with the session."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
+    env.update(BUILDER_TELEMETRY_CACHE_DIR=str(cache), BUILDER_TELEMETRY_FINISH_GRACE_S="0.3", **extra)
+    return env
+
+
+def buildtel(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "buildtel.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, Any], Path]]:
+    cache = tmp_path / "data"
+    env = _env(cache)
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        info: dict[str, Any] = {}
+        while info.get("state") != "running":
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"buildtel up never got ready: {log.read_text()}"
+            path = cache / "stack.json"
+            if path.exists():
+                info = json.loads(path.read_text())
+            time.sleep(0.1)
+        yield env, info, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+async def _get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_up_serves_the_api_and_run_ends_with_a_link_that_answers(up: Any, tmp_path: Path) -> None:
+    env, info, log = up
+    web = info["web_url"]
+    assert web.startswith("http://127.0.0.1:") and "web" in info["services"]
+    assert f"web API {web}/api/v1/ (open: no token set, loopback only)" in log.read_text()
+    status, health = await _get(web + "/healthz")
+    assert (status, health["status"]) == (200, "ok")
+
+    run = buildtel("run", "--json", "--", sys.executable, "-c", "pass", env=env)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    sid = summary["session_id"]
+    assert summary["url"] == f"{web}/sessions/{sid}"
+    assert run.stderr.rstrip().endswith(f"buildtel: {web}/sessions/{sid}")
+
+    deadline = time.monotonic() + 30
+    while True:  # storage files the session moments after the run ends
+        status, body = await _get(summary["url"])
+        if status == 200 or time.monotonic() > deadline:
+            break
+        assert status == 404, body
+        await _sleep_briefly()
+    assert (status, body["id"], body["outcome"]) == (200, sid, "success")
+
+    behind = buildtel("run", "--json", "--", sys.executable, "-c", "pass",
+                      env={**env, "BUILDER_TELEMETRY_WEB_URL": "https://builds.example.com/"})
+    summary = json.loads(behind.stdout)
+    assert summary["url"] == f"https://builds.example.com/sessions/{summary['session_id']}"
+
+
+async def _sleep_briefly() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.1)
