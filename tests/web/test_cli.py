@@ -92,3 +92,34 @@ async def _sleep_briefly() -> None:
     import asyncio
 
     await asyncio.sleep(0.1)
+
+
+async def test_keys_create_list_revoke_close_and_reopen_the_api(up: Any) -> None:
+    env, info, _ = up
+    url = info["web_url"] + "/api/v1/sessions"
+    listed = buildtel("keys", "list", env=env)
+    assert listed.returncode == 0 and "no API keys" in listed.stderr
+    created = buildtel("keys", "create", "--tenant", "buildtel", "--scope", "read", "--name", "grafana", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("btk_") and "shown only now" in created.stderr and key not in created.stderr
+    key_id = key[4:16]
+    listed = buildtel("keys", "list", "--json", env=env)
+    [record] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert record == {"id": key_id, "tenant": "buildtel", "scope": "read", "name": "grafana",
+                      "created": record["created"]}
+    assert key not in listed.stdout
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert resp.status == 401  # a key exists: the API is no longer open
+        async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200
+        revoked = buildtel("keys", "revoke", key_id, env=env)
+        assert revoked.returncode == 0 and f"revoked key {key_id}" in revoked.stderr
+        async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200  # no keys left: open again on loopback
+    again = buildtel("keys", "revoke", key_id, env=env)
+    assert again.returncode != 0 and "no API key has id" in again.stderr
+    bad = buildtel("keys", "create", "--tenant", "no spaces please", env=env)
+    assert bad.returncode != 0 and "is not a namespace" in bad.stderr
