@@ -189,10 +189,11 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
             if line:
                 print(f"buildtel: {line}", file=sys.stderr)
         outcome = "success" if code == 0 else "failed"
-        print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)
+        # The link ends the last line; the line keeps its shape ("buildtel: session ID …"),
+        # which scripts read the id from.
         url = session_url(settings, session_id) if _recorded(run) else None
-        if url:
-            print(f"buildtel: {url}", file=sys.stderr)
+        link = f" — {url}" if url else ""
+        print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s{link}", file=sys.stderr)
     if json_out:
         from buildtel.cli.jsonout import emit
 

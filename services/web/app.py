@@ -41,6 +41,10 @@ class NotFound(Exception):
     pass
 
 
+class BadGateway(Exception):
+    """A backend service answered with a failure of its own (502, its message passed on)."""
+
+
 class Unauthorized(Exception):
     """No key, or one that is not (or no longer) a key: 401."""
 
@@ -106,6 +110,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return resp
     except Unavailable as exc:
         return problem(503, "Service Unavailable", str(exc))
+    except BadGateway as exc:
+        return problem(502, "Bad Gateway", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

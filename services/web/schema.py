@@ -78,6 +78,10 @@ def _json(ref: str, text: str) -> dict[str, Any]:
     return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
+# Every data endpoint can answer these (bad input, keys, rate, a backend's failure or absence).
+_COMMON = (400, 401, 403, 429, 502, 503)
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     ref = {"$ref": "#/components/schemas/Problem"}
     return {str(c): {"description": "problem details", "content": {PROBLEM: {"schema": ref}}} for c in codes}
@@ -98,23 +102,23 @@ def openapi() -> dict[str, Any]:
             "parameters": [*filters, _param("order", "newest or oldest", {"enum": ["newest", "oldest"]}),
                            _param("limit", f"page size, at most {MAX_LIMIT}", limit),
                            _param("cursor", "next_cursor of the previous page")],
-            "responses": {"200": _json(c + "SessionPage", "a page of sessions"), **_errors(400, 401, 403, 429, 503)}}},
+            "responses": {"200": _json(c + "SessionPage", "a page of sessions"), **_errors(*_COMMON)}}},
         "/api/v1/sessions/{id}": {get: {
             "summary": "One stored session: targets as keyed objects, environment, agents, health, completeness",
             "parameters": [_param("id", "a full id (32 hex digits) or a unique prefix of at least 6",
                                   where="path")],
-            "responses": {"200": _json(c + "BuildSession", "the session"), **_errors(400, 401, 403, 404, 429, 503)}}},
+            "responses": {"200": _json(c + "BuildSession", "the session"), **_errors(*_COMMON, 404)}}},
         "/api/v1/report": {get: {
             "summary": "The `buildtel report` figures over a window of sessions",
             "parameters": [_param("last", "the last N sessions", {"type": "integer", "minimum": 1}),
                            *[p for p in filters if p["name"] in ("branch", "outcome", "name", "target", "since",
                                                                  "until")]],
-            "responses": {"200": _json(c + "AnalyticsReport", "the report"), **_errors(400, 401, 403, 429, 503)}}},
+            "responses": {"200": _json(c + "AnalyticsReport", "the report"), **_errors(*_COMMON)}}},
         "/api/v1/alerts": {get: {
             "summary": "Regression and improvement alerts, newest first",
             "parameters": [_param("branch", "VCS branch"), _param("target", "target name"),
                            _param("kind", "alert kind"), _param("limit", f"at most {MAX_LIMIT}", limit)],
-            "responses": {"200": _json(c + "AlertPage", "alerts"), **_errors(400, 401, 403, 429, 503)}}},
+            "responses": {"200": _json(c + "AlertPage", "alerts"), **_errors(*_COMMON)}}},
         "/api/v1/openapi.json": {get: {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},

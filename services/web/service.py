@@ -35,7 +35,15 @@ from buildtel.services.storage.api import (
     SummariesRequest,
     endpoint_subject,
 )
-from buildtel.services.web.app import Forbidden, NotFound, RateLimited, Unauthorized, Unavailable, create_app
+from buildtel.services.web.app import (
+    BadGateway,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    create_app,
+)
 from buildtel.services.web.query import (
     FULL_LEN,
     AlertsQuery,
@@ -191,7 +199,7 @@ class WebService(BusService):
                 raise BadInput(exc.description) from None
             if exc.code in (503, 504):
                 raise Unavailable(f"the analyzer did not answer: {exc.description}") from None
-            raise
+            raise BadGateway(f"the analyzer failed the report: {exc.description}") from None
 
     async def alerts(self, tenant: str, q: AlertsQuery) -> AlertPage:
         try:
@@ -216,4 +224,4 @@ class WebService(BusService):
             return BadInput(exc.description)
         if exc.code in (503, 504):
             return Unavailable(f"the storage service did not answer: {exc.description}")
-        return exc
+        return BadGateway(f"the storage service failed the request: {exc.description}")

@@ -71,7 +71,8 @@ async def test_up_serves_the_api_and_run_ends_with_a_link_that_answers(up: Any, 
     summary = json.loads(run.stdout)
     sid = summary["session_id"]
     assert summary["url"] == f"{web}/sessions/{sid}"
-    assert run.stderr.rstrip().endswith(f"buildtel: {web}/sessions/{sid}")
+    last = run.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"buildtel: session {sid} success in ") and last.endswith(f"s — {web}/sessions/{sid}")
 
     deadline = time.monotonic() + 30
     while True:  # storage files the session moments after the run ends
