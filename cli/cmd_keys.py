@@ -21,7 +21,7 @@ from buildtel.shared.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="create, list or revoke API keys of the web API",
                           description="API keys of the web API (docs/api.md). A key reads one tenant (a namespace); "
-                                      "once any key exists, every API request needs one.")
+                                      "once any key exists, every API request (but /healthz and /api/v1/openapi.json) needs one.")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
     create = ksub.add_parser("create", help="create a key and print it once (stdout)")
     create.add_argument("--tenant", default=None,
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                              "(default read)")
     create.add_argument("--name", default="", help="what the key is for (shown by 'keys list')")
     create.set_defaults(func=cmd_create)
-    listing = ksub.add_parser("list", help="list keys: id, tenant, scope, name, created (never the key)")
+    listing = ksub.add_parser("list", help="list keys: id, tenant, scope, created, name (never the key)")
     listing.add_argument("--json", action="store_true", help="one JSON object per key")
     listing.set_defaults(func=cmd_list)
     revoke = ksub.add_parser("revoke", help="revoke a key by its id; it stops working at once")
