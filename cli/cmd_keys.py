@@ -21,7 +21,8 @@ from buildtel.shared.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="create, list or revoke API keys of the web API",
                           description="API keys of the web API (docs/api.md). A key reads one tenant (a namespace); "
-                                      "once any key exists, every API request (but /healthz and /api/v1/openapi.json) needs one.")
+                                      "once any key exists, every API request (but /healthz and "
+                                      "/api/v1/openapi.json) needs one.")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
     create = ksub.add_parser("create", help="create a key and print it once (stdout)")
     create.add_argument("--tenant", default=None,
