@@ -189,22 +189,46 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
             if line:
                 print(f"buildtel: {line}", file=sys.stderr)
         outcome = "success" if code == 0 else "failed"
-        print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s", file=sys.stderr)
+        # The link ends the last line; the line keeps its shape ("buildtel: session ID …"),
+        # which scripts read the id from.
+        url = session_url(settings, session_id) if _recorded(run) else None
+        link = f" — {url}" if url else ""
+        print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s{link}", file=sys.stderr)
     if json_out:
         from buildtel.cli.jsonout import emit
 
-        emit(run_summary(session_id, trace_id, code, wall, run))
+        emit(run_summary(session_id, trace_id, code, wall, run, settings))
     return code
 
 
-def run_summary(session_id: str, trace_id: str, code: int, wall_s: float, run: Any) -> dict[str, Any]:
-    """``run --json``: the session and how to see it (docs/cli.md).  ``url`` is null until an
-    HTTP server exists; ``show`` is the command that shows the session meanwhile."""
+def session_url(settings: Settings, session_id: str) -> str | None:
+    """The session's link: under ``BUILDER_TELEMETRY_WEB_URL`` (the external base URL behind a
+    proxy), else under the web service of the local stack (``web_url`` in stack.json); None when
+    neither exists (docs/api.md)."""
+    from buildtel.shared.stackfile import read_stack_file
+
+    base = settings.web_url
+    if not base:
+        info = read_stack_file(settings)
+        base = str(info.get("web_url") or "") if info else ""
+    return f"{base.rstrip('/')}/sessions/{session_id}" if base else None
+
+
+def _recorded(run: Any) -> bool:
     client = getattr(run, "client", None)
+    return bool(client is not None and getattr(client, "reached_bus", False))
+
+
+def run_summary(session_id: str, trace_id: str, code: int, wall_s: float, run: Any,
+                settings: Settings | None = None) -> dict[str, Any]:
+    """``run --json``: the session and how to see it (docs/cli.md).  ``url`` is its link when a web
+    service is known (:func:`session_url`) and the session was recorded, else null; ``show`` is
+    the command that shows it."""
+    recorded = _recorded(run)
+    url = session_url(settings, session_id) if settings is not None and recorded else None
     return {"session_id": session_id, "trace_id": trace_id, "outcome": "success" if code == 0 else "failed",
-            "exit_code": code, "duration_s": round(wall_s, 3),
-            "recorded": bool(client is not None and getattr(client, "reached_bus", False)),
-            "show": f"buildtel show {session_id}", "url": None}
+            "exit_code": code, "duration_s": round(wall_s, 3), "recorded": recorded,
+            "show": f"buildtel show {session_id}", "url": url}
 
 
 class _Telemetry:

@@ -191,12 +191,19 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
         def announce() -> None:
             info["state"] = "running"
+            web = next((s for s in services if getattr(s, "name", "") == "web"), None)
+            if web is not None:  # where `buildtel run` links sessions to (docs/api.md)
+                info["web_url"] = web.url
             write_private(path, json.dumps(info, indent=2))
             if not args.quiet:
                 where = "embedded" if stack.engines else "configured"
                 print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
                       f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
                       f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
+                if web is not None:
+                    open_note = "" if settings.http_token or web.keyed else \
+                        " (open: no API key or token set, loopback only)"
+                    print(f"buildtel: web API {web.url}/api/v1/{open_note}", file=sys.stderr, flush=True)
                 if stack.embedded_nats:
                     print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
                           "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)

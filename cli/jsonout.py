@@ -20,27 +20,11 @@ from typing import Any, TextIO
 import msgspec
 
 from buildtel.cli.textsafe import json_safe
+from buildtel.shared.keyed import keyed
 
 __all__ = ["dumps", "emit", "keyed"]
 
 _enc = msgspec.json.Encoder()
-
-
-def keyed(obj: Any) -> Any:
-    """``obj`` as plain data: structs as objects with every field (by its encoded name)."""
-    if isinstance(obj, msgspec.Struct):
-        cfg = obj.__struct_config__
-        out: dict[str, Any] = {}
-        if cfg.tag is not None:
-            out[cfg.tag_field or "type"] = cfg.tag
-        for attr, name in zip(obj.__struct_fields__, obj.__struct_encode_fields__, strict=True):
-            out[name] = keyed(getattr(obj, attr))
-        return out
-    if isinstance(obj, dict):
-        return {k: keyed(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [keyed(v) for v in obj]
-    return obj
 
 
 def dumps(obj: Any) -> str:

@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "alerts": "buildtel.cli.cmd_analyze",
     "watch": "buildtel.cli.cmd_watch",
     "flamegraph": "buildtel.cli.cmd_flamegraph",
+    "keys": "buildtel.cli.cmd_keys",
 }
 # Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
 # from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
@@ -69,6 +70,7 @@ COMMAND_HELP: dict[str, str] = {
     "alerts": "regression alerts (build and target durations)",
     "watch": "show running builds live (health checkpoints)",
     "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
+    "keys": "create, list or revoke API keys of the web API",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}

@@ -15,6 +15,7 @@ SERVICES: dict[str, str] = {
     "analyzer": "buildtel.services.analyzer.service:AnalyzerService",
     "tracer": "buildtel.services.tracer.service:TracerService",
     "recorder": "buildtel.services.recorder.service:RecorderService",
+    "web": "buildtel.services.web.service:WebService",
 }
 
 # Services with their own serve options: a module with ``add_serve_arguments(parser)`` and
@@ -22,6 +23,7 @@ SERVICES: dict[str, str] = {
 SERVE_OPTIONS: dict[str, str] = {
     "storage": "buildtel.services.storage.options",
     "tracer": "buildtel.services.tracer.options",
+    "web": "buildtel.services.web.options",
 }
 
 

@@ -23,8 +23,9 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "reader", "operator")
-SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder")
+ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "web", "reader",
+                          "operator")
+SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "web")
 
 
 class AuthError(ValueError):
@@ -158,6 +159,10 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
             return service([storage_q], base_streams, [ev], [])
+        case "web":
+            # The HTTP API: query requests and reading alerts (an ordered consumer on the alerts
+            # stream), like a reader; it declares the shared streams as every service does.
+            return service([storage_q, analyzer_q, "$SRV.>", *_consume(al)], base_streams, [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

@@ -81,6 +81,19 @@ class Keys:
         return self.analyzer("outbox")
 
     @property
+    def api_key_ids(self) -> str:
+        """Set: ids of the web API's keys (shared/apikeys.py); none means the API may be open."""
+        return f"{self.ns}:apikeys"
+
+    def api_key(self, key_id: str) -> str:
+        """Hash: one API key's SHA-256 digest (never the key), tenant, scope, name, created."""
+        return f"{self.ns}:apikey:{key_id}"
+
+    def api_key_rate(self, key_id: str, window: int) -> str:
+        """Counter with TTL: an API key's requests in one rate-limit window."""
+        return f"{self.ns}:apikey:{key_id}:rate:{window}"
+
+    @property
     def analyzer_stats(self) -> str:
         """Hash: the analyzer's shared counters (sessions, points, alerts, late, redelivered)."""
         return self.analyzer("stats")

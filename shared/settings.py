@@ -75,6 +75,14 @@ class Settings:
     nats_tls_key: Path | None = _help("Client key for NATS mutual TLS.", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
     http_host: str = _help("Address HTTP endpoints (metrics, OTLP) bind to.", default="127.0.0.1")
     http_token: str | None = _help("Bearer token required by HTTP endpoints when set.", default=None)
+    web_port: int | None = _help(
+        "Port of the web API (/api/v1) on http_host: 'buildtel serve web' uses 8480 when unset, "
+        "'buildtel up' any free port (written to stack.json).", default=None)
+    web_url: str | None = _help(
+        "External base URL of the web API (behind a proxy), used in the session links 'buildtel run' prints.",
+        default=None)
+    web_rate_limit: int = _help("Requests per minute one API key may make to the web API (then 429).",
+                                default=600)
     metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
     agent_id: str | None = _help(
         "This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",
@@ -141,6 +149,7 @@ class Settings:
             ("max_sessions", self.max_sessions >= 1),
             ("retention_days", self.retention_days > 0),
             # The collector refuses batches over buildtel.shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
+            ("web_rate_limit", self.web_rate_limit >= 1),
             ("batch_size", 1 <= self.batch_size <= 10_000),
             ("buffer_limit", self.buffer_limit >= 1),
             ("flush_interval_s", self.flush_interval_s > 0),

@@ -1,0 +1,179 @@
+"""The HTTP side of the web service: routes, problem-details errors and the key check.
+
+Handlers ask the :class:`Backend` (storage and the analyzer over NATS) and answer JSON; the
+backend also says which tenant (namespace) a request's key may read, or refuses it (401 no or
+bad key, 403 scope, 429 rate, with ``Retry-After``).  Every
+error, ours or aiohttp's (unknown path, wrong method, oversized headers), leaves as an RFC 9457
+``application/problem+json`` body through :func:`_problems`; a backend that does not answer is
+a 503 naming it, bad input a 4xx saying what to change.  An unexpected exception is logged and
+answered 500 without its text (it may hold data of another request).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from buildtel.services.web.query import (
+    AlertsQuery,
+    BadInput,
+    ReportQuery,
+    SessionsQuery,
+    parse_query,
+    parse_session_id,
+    parse_time,
+)
+from buildtel.services.web.schema import PROBLEM, Problem, openapi
+
+_enc = msgspec.json.Encoder()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Unavailable(Exception):
+    """A backend service did not answer (503) or timed out (504 from NATS, 503 to the client)."""
+
+
+class NotFound(Exception):
+    pass
+
+
+class BadGateway(Exception):
+    """A backend service answered with a failure of its own (502, its message passed on)."""
+
+
+class Unauthorized(Exception):
+    """No key, or one that is not (or no longer) a key: 401."""
+
+
+class Forbidden(Exception):
+    """A live key whose scope does not cover the request: 403."""
+
+
+class RateLimited(Exception):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """What the routes need of the stack (``service.py`` implements it over NATS)."""
+
+    async def authorize(self, header: str | None) -> str:
+        """The tenant a request with this ``Authorization`` header may read, or an exception above."""
+        ...
+
+    async def sessions(self, tenant: str, q: SessionsQuery, since: float | None, until: float | None) -> Any: ...
+    async def session(self, tenant: str, id_or_prefix: str) -> Any: ...
+    async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any: ...
+    async def alerts(self, tenant: str, q: AlertsQuery) -> Any: ...
+    def health(self) -> Any: ...
+
+
+BACKEND = web.AppKey("backend", object)
+LOG = web.AppKey("log", object)
+TENANT = web.RequestKey("tenant", str)  # the namespace the request's key may read
+PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json"})  # answered without a key
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_enc.encode(body), status=status, content_type="application/json")
+
+
+def problem(status: int, title: str, detail: str) -> web.Response:
+    body = _enc.encode(Problem(title=title, status=status, detail=detail))
+    return web.Response(body=body, status=status, content_type=PROBLEM)
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if request.path not in PUBLIC:
+            request[TENANT] = await _backend(request).authorize(request.headers.get("Authorization"))
+        return await handler(request)
+    except BadInput as exc:
+        return problem(400, "Bad Request", str(exc))
+    except NotFound as exc:
+        return problem(404, "Not Found", str(exc))
+    except Unauthorized as exc:
+        resp = problem(401, "Unauthorized", str(exc))
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    except Forbidden as exc:
+        return problem(403, "Forbidden", str(exc))
+    except RateLimited as exc:
+        resp = problem(429, "Too Many Requests", str(exc))
+        resp.headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        return resp
+    except Unavailable as exc:
+        return problem(503, "Service Unavailable", str(exc))
+    except BadGateway as exc:
+        return problem(502, "Bad Gateway", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = f"no such endpoint: {request.method} {request.path[:200]} (see /api/v1/openapi.json)" \
+            if exc.status in (404, 405) else exc.text or exc.reason
+        resp = problem(exc.status, exc.reason, detail)
+        if exc.status == 405:
+            resp.headers["Allow"] = exc.headers.get("Allow", "GET")
+        return resp
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, answered without its text
+        request.app[LOG].error("web.request_failed", path=request.path[:200], error=repr(exc))  # type: ignore[attr-defined]
+        return problem(500, "Internal Server Error", "the request failed inside the web service (logged)")
+
+
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]  # type: ignore[return-value]
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    q = parse_query(request.query, SessionsQuery)
+    since, until = parse_time("since", q.since), parse_time("until", q.until)
+    return json_response(await _backend(request).sessions(request[TENANT], q, since, until))
+
+
+async def get_session(request: web.Request) -> web.Response:
+    word = parse_session_id(request.match_info["id"])
+    return json_response(await _backend(request).session(request[TENANT], word))
+
+
+async def get_report(request: web.Request) -> web.Response:
+    q = parse_query(request.query, ReportQuery)
+    since, until = parse_time("since", q.since), parse_time("until", q.until)
+    return json_response(await _backend(request).report(request[TENANT], q, since, until))
+
+
+async def list_alerts(request: web.Request) -> web.Response:
+    q = parse_query(request.query, AlertsQuery)
+    return json_response(await _backend(request).alerts(request[TENANT], q))
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return json_response(openapi())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(_backend(request).health())
+
+
+async def session_page(request: web.Request) -> web.Response:
+    """``/sessions/<id>``, the link ``buildtel run`` prints: the session's JSON until the dashboard
+    adds its page (docs/api.md)."""
+    return await get_session(request)
+
+
+def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[_problems], client_max_size=max_body_bytes)
+    app[BACKEND], app[LOG] = backend, log
+    app.router.add_get("/api/v1/sessions", list_sessions)
+    app.router.add_get("/api/v1/sessions/{id}", get_session)
+    app.router.add_get("/api/v1/report", get_report)
+    app.router.add_get("/api/v1/alerts", list_alerts)
+    app.router.add_get("/api/v1/openapi.json", get_openapi)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/sessions/{id}", session_page)
+    return app

@@ -1,0 +1,139 @@
+"""The API's response types and its OpenAPI 3.1 document, generated from them.
+
+Every JSON body the API sends is one of the types here (or a :func:`~buildtel.shared.keyed.keyed_type`
+of a wire struct: a session, a report, an alert), and :func:`openapi` builds the document from
+those same types with ``msgspec.json.schema_components``, so the schema cannot drift from what
+is sent.  Errors are RFC 9457 problem details (:class:`Problem`, ``application/problem+json``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import msgspec
+
+from buildtel.services.analyzer.alerts import Alert
+from buildtel.services.analyzer.analytics import AnalyticsReport
+from buildtel.services.storage.api import SessionSummary
+from buildtel.shared.keyed import keyed_type
+from buildtel.shared.protocol import BuildSession
+
+API_VERSION = "1.0.0"
+PROBLEM = "application/problem+json"
+MAX_LIMIT = 1000  # sessions or alerts per page
+DEFAULT_LIMIT = 50
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """RFC 9457 problem details: what every error answer carries."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class SessionPage(msgspec.Struct, kw_only=True):
+    """One page of session summaries; ``next_cursor`` set means more follow (pass it as ``cursor``)."""
+
+    sessions: list[SessionSummary]
+    next_cursor: str | None
+
+
+class AlertPage(msgspec.Struct, kw_only=True):
+    """Alerts, newest first."""
+
+    alerts: list[Alert]
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str  # "ok", or "degraded" while NATS is away
+    nats: bool
+    version: str = API_VERSION
+
+
+Session = keyed_type(BuildSession)
+Report = keyed_type(AnalyticsReport)
+AlertView = keyed_type(Alert)
+
+_FILTERS: list[tuple[str, str]] = [
+    ("outcome", "success, failed or abandoned"),
+    ("branch", "VCS branch"),
+    ("agent", "an agent id, or a machine (its agents too)"),
+    ("name", "session name"),
+    ("label", "key=value"),
+    ("target", "sessions that built this target"),
+    ("since", "finished at or after: Unix seconds or ISO 8601"),
+    ("until", "finished before: Unix seconds or ISO 8601"),
+]
+
+
+def _param(name: str, text: str, schema: dict[str, Any] | None = None, where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "description": text,
+            "schema": schema or {"type": "string"}}
+
+
+def _json(ref: str, text: str) -> dict[str, Any]:
+    return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+
+# Every data endpoint can answer these (bad input, keys, rate, a backend's failure or absence).
+_COMMON = (400, 401, 403, 429, 502, 503)
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    ref = {"$ref": "#/components/schemas/Problem"}
+    return {str(c): {"description": "problem details", "content": {PROBLEM: {"schema": ref}}} for c in codes}
+
+
+@cache
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
+    types_ = [Problem, SessionPage, AlertPage, Health, Session, Report]
+    _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
+    c = "#/components/schemas/"
+    limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
+    filters = [_param(n, t) for n, t in _FILTERS]
+    get = "get"
+    paths: dict[str, Any] = {
+        "/api/v1/sessions": {get: {
+            "summary": "Stored sessions matching every given filter, newest first (or oldest with order=oldest)",
+            "parameters": [*filters, _param("order", "newest or oldest", {"enum": ["newest", "oldest"]}),
+                           _param("limit", f"page size, at most {MAX_LIMIT}", limit),
+                           _param("cursor", "next_cursor of the previous page")],
+            "responses": {"200": _json(c + "SessionPage", "a page of sessions"), **_errors(*_COMMON)}}},
+        "/api/v1/sessions/{id}": {get: {
+            "summary": "One stored session: targets as keyed objects, environment, agents, health, completeness",
+            "parameters": [_param("id", "a full id (32 hex digits) or a unique prefix of at least 6",
+                                  where="path")],
+            "responses": {"200": _json(c + "BuildSession", "the session"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/report": {get: {
+            "summary": "The `buildtel report` figures over a window of sessions",
+            "parameters": [_param("last", "the last N sessions", {"type": "integer", "minimum": 1}),
+                           *[p for p in filters if p["name"] in ("branch", "outcome", "name", "target", "since",
+                                                                 "until")]],
+            "responses": {"200": _json(c + "AnalyticsReport", "the report"), **_errors(*_COMMON)}}},
+        "/api/v1/alerts": {get: {
+            "summary": "Regression and improvement alerts, newest first",
+            "parameters": [_param("branch", "VCS branch"), _param("target", "target name"),
+                           _param("kind", "alert kind"), _param("limit", f"at most {MAX_LIMIT}", limit)],
+            "responses": {"200": _json(c + "AlertPage", "alerts"), **_errors(*_COMMON)}}},
+        "/api/v1/openapi.json": {get: {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+        "/healthz": {get: {
+            "summary": "Liveness: the service runs and whether it reaches NATS",
+            "responses": {"200": _json(c + "Health", "running")}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Builder Telemetry API", "version": API_VERSION,
+                 "description": "Build sessions, reports and alerts of one tenant (namespace). Errors are "
+                                "RFC 9457 problem details (application/problem+json)."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {"schemas": comps,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+    }

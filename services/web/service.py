@@ -1,0 +1,227 @@
+"""The web service: the HTTP API of ``app.py`` on ``settings.http_host``, answered over NATS.
+
+It keeps no history of its own: a list is a storage ``summaries`` request, a session a storage
+``get`` (a prefix is resolved against the stored ids first), a report the analyzer's ``report``
+and alerts are read from the alerts stream.  It connects to NATS as its own role ``web``
+(``shared/auth.py``): query requests and reading alerts, nothing that changes history.
+
+Requests carry an API key (``shared/apikeys.py``, ``buildtel keys``) as a bearer token; the key
+names its tenant (a namespace), whose storage and analyzer are asked, so one web service serves
+several tenants (as far as its NATS role reaches: the embedded stack grants one namespace).
+``BUILDER_TELEMETRY_HTTP_TOKEN``, when set, is also accepted, for this service's own namespace.
+With neither keys nor token the API is open on loopback (the start-up log says so); binding
+beyond loopback without them is refused.
+
+The port is ``port``, else ``settings.web_port``, else ``default_port`` (``buildtel up``: any
+free port, recorded in ``stack.json``; ``buildtel serve web``: 8480).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from contextlib import AsyncExitStack
+from typing import Any, ClassVar
+
+import msgspec
+
+from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, ReportRequest, read_alerts
+from buildtel.services.storage.api import (
+    MAX_ITEMS,
+    SessionSummary,
+    StorageClient,
+    StorageError,
+    SummariesReply,
+    SummariesRequest,
+    endpoint_subject,
+)
+from buildtel.services.web.app import (
+    BadGateway,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    create_app,
+)
+from buildtel.services.web.query import (
+    FULL_LEN,
+    AlertsQuery,
+    BadInput,
+    ReportQuery,
+    SessionsQuery,
+    decode_cursor,
+    encode_cursor,
+)
+from buildtel.services.web.schema import AlertPage, Health, SessionPage
+from buildtel.shared import apikeys, micro
+from buildtel.shared.codec import encode
+from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
+from buildtel.shared.keyed import keyed
+from buildtel.shared.service import BusService
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+
+_summaries = msgspec.msgpack.Decoder(SummariesReply)
+SHOWN_CANDIDATES = 8
+
+
+class InsecureBind(ValueError):
+    """Refusing to serve the API beyond loopback without a token."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
+
+
+class WebService(BusService):
+    name: ClassVar[str] = "web"
+    description: ClassVar[str] = "HTTP API over the stack's sessions, reports and alerts"
+
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, port: int | None = None,
+                 default_port: int = 0, metrics_port: int | None = None) -> None:
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
+        self.requested_port = port if port is not None else (
+            settings.web_port if settings.web_port is not None else default_port)
+        self.host = settings.http_host
+        self.port = 0
+        self.keyed = False  # whether API keys existed at start (the start-up log says so)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` once started (the real port when it was 0)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
+        # Before listening: a configuration that would expose the API to anyone is refused.
+        self.keyed = await apikeys.any_keys(self.redis, self.keys)
+        if not is_loopback(self.host) and not self.settings.http_token and not self.keyed:
+            raise InsecureBind(f"the web API would listen on {self.host}, beyond loopback, without keys: create "
+                               "one with 'buildtel keys create --tenant T --scope read' (or set "
+                               "BUILDER_TELEMETRY_HTTP_TOKEN), or bind to 127.0.0.1")
+        app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
+        runner = await start_site(app, self.host, self.requested_port)
+        stack.push_async_callback(runner.cleanup)
+        self.port = runner.addresses[0][1]
+
+    async def started_fields(self) -> dict[str, Any]:
+        auth = "api keys" if self.keyed else "token" if self.settings.http_token else \
+            "open: no API key or token configured (loopback only)"
+        return {"url": self.url, "auth": auth}
+
+    # -- the Backend of app.py -----------------------------------------------------------------
+    async def authorize(self, header: str | None) -> str:
+        """The tenant of the request's key.  The service's own token (``http_token``) reads this
+        namespace; with no key and no token at all, a loopback API is open on this namespace.
+        A key reads its tenant only, so another tenant's session is simply not found (404)."""
+        given = header[7:].strip() if header and header[:7].lower() == "bearer " else ""
+        token = self.settings.http_token
+        if token and hmac.compare_digest(given.encode(), token.encode()):
+            return self.settings.namespace
+        try:
+            keyed = await apikeys.any_keys(self.redis, self.keys)
+            record = await apikeys.verify(self.redis, self.keys, given) if keyed and given else None
+            if record is not None and apikeys.allows(record.scope, "read"):
+                wait = await apikeys.over_limit(self.redis, self.keys, record.id, self.settings.web_rate_limit)
+            else:
+                wait = None
+        except Exception as exc:  # noqa: BLE001 - Redis away: refuse (never open), say why
+            raise Unavailable(f"API keys cannot be checked: {type(exc).__name__}") from None
+        if not keyed and not token and is_loopback(self.host):
+            return self.settings.namespace  # open: on loopback, while no key exists
+        if record is None:
+            raise Unauthorized("missing, unknown or revoked API key (send 'Authorization: Bearer <key>')")
+        if not apikeys.allows(record.scope, "read"):
+            raise Forbidden(f"key {record.id} has scope {record.scope!r}; reading needs 'read' or 'admin'")
+        if wait is not None:
+            raise RateLimited(f"key {record.id} made more than {self.settings.web_rate_limit} requests this "
+                              "minute", wait)
+        return record.tenant
+
+    def health(self) -> Health:
+        up = bool(self.nc is not None and self.nc.is_connected)
+        return Health(status="ok" if up else "degraded", nats=up)
+
+    async def sessions(self, tenant: str, q: SessionsQuery, since: float | None, until: float | None) -> SessionPage:
+        cursor = decode_cursor(q.cursor)
+        out: list[SessionSummary] = []
+        while True:  # one storage reply holds what fits in a NATS message: ask until the page is full
+            req = SummariesRequest(outcome=q.outcome, branch=q.branch, agent=q.agent, name=q.name, label=q.label,
+                                   target=q.target, since=since, until=until, order=q.order,
+                                   limit=q.limit - len(out), cursor=cursor)
+            reply = _summaries.decode(await self._storage_request(tenant, "summaries", req))
+            out.extend(reply.summaries)
+            cursor = reply.cursor
+            if cursor is None or not reply.summaries or len(out) >= q.limit:
+                break
+        return SessionPage(sessions=out, next_cursor=encode_cursor(cursor))
+
+    async def session(self, tenant: str, id_or_prefix: str) -> Any:
+        sid = id_or_prefix if len(id_or_prefix) == FULL_LEN else await self._resolve_prefix(tenant, id_or_prefix)
+        try:
+            return keyed(await StorageClient(self.nc, Subjects(tenant)).get(sid))
+        except StorageError as exc:
+            raise self._storage_failure(exc, f"no session {sid} is stored") from None
+
+    async def _resolve_prefix(self, tenant: str, prefix: str) -> str:
+        """The one stored id starting with ``prefix`` (the summaries carry ids without targets)."""
+        matches: list[SessionSummary] = []
+        cursor = None
+        while True:
+            reply = _summaries.decode(await self._storage_request(
+                tenant, "summaries", SummariesRequest(limit=MAX_ITEMS, cursor=cursor)))
+            matches.extend(s for s in reply.summaries if s.id.startswith(prefix))
+            cursor = reply.cursor
+            if cursor is None or not reply.summaries:
+                break
+        ids = sorted({s.id for s in matches})
+        if not ids:
+            raise NotFound(f"no stored session id starts with {prefix}")
+        if len(ids) > 1:
+            shown = ", ".join(i[:12] + "…" for i in ids[:SHOWN_CANDIDATES])
+            raise BadInput(f"prefix {prefix} is ambiguous: {len(ids)} session ids start with it ({shown}); "
+                           "give more digits")
+        return ids[0]
+
+    async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any:
+        req = ReportRequest(last=q.last, since=since, until=until, branch=q.branch, outcome=q.outcome,
+                            name=q.name, target=q.target)
+        try:
+            return keyed(await AnalyzerClient(self.nc, tenant, attempts=1).report(req))
+        except AnalyzerError as exc:
+            if exc.code == 400:
+                raise BadInput(exc.description) from None
+            if exc.code in (503, 504):
+                raise Unavailable(f"the analyzer did not answer: {exc.description}") from None
+            raise BadGateway(f"the analyzer failed the report: {exc.description}") from None
+
+    async def alerts(self, tenant: str, q: AlertsQuery) -> AlertPage:
+        try:
+            found = await read_alerts(self.js, tenant, branch=q.branch, target=q.target,
+                                      kind=q.kind, idle=1.0)
+        except Exception as exc:  # noqa: BLE001 - NATS away: the client learns it, the service goes on
+            raise Unavailable(f"alerts could not be read from NATS: {type(exc).__name__}") from None
+        return AlertPage(alerts=list(reversed(found))[:q.limit])
+
+    async def _storage_request(self, tenant: str, endpoint: str, req: msgspec.Struct) -> bytes:
+        try:
+            return await micro.request(self.nc, endpoint_subject(Subjects(tenant), endpoint), encode(req),
+                                       timeout=5.0, service="storage service", error=StorageError)
+        except StorageError as exc:
+            raise self._storage_failure(exc, exc.description) from None
+
+    @staticmethod
+    def _storage_failure(exc: StorageError, not_found: str) -> Exception:
+        if exc.code == 404:
+            return NotFound(not_found)
+        if exc.code == 400:
+            return BadInput(exc.description)
+        if exc.code in (503, 504):
+            return Unavailable(f"the storage service did not answer: {exc.description}")
+        return BadGateway(f"the storage service failed the request: {exc.description}")

@@ -1,0 +1,126 @@
+"""The web service as a user meets it: ``buildtel up`` starts it and says where, ``buildtel run``
+ends with the session's link, and the link answers with the session."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
+    env.update(BUILDER_TELEMETRY_CACHE_DIR=str(cache), BUILDER_TELEMETRY_FINISH_GRACE_S="0.3", **extra)
+    return env
+
+
+def buildtel(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "buildtel.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, Any], Path]]:
+    cache = tmp_path / "data"
+    env = _env(cache)
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        info: dict[str, Any] = {}
+        while info.get("state") != "running":
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"buildtel up never got ready: {log.read_text()}"
+            path = cache / "stack.json"
+            if path.exists():
+                info = json.loads(path.read_text())
+            time.sleep(0.1)
+        yield env, info, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+async def _get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_up_serves_the_api_and_run_ends_with_a_link_that_answers(up: Any, tmp_path: Path) -> None:
+    env, info, log = up
+    web = info["web_url"]
+    assert web.startswith("http://127.0.0.1:") and "web" in info["services"]
+    assert f"web API {web}/api/v1/ (open: no API key or token set, loopback only)" in log.read_text()
+    status, health = await _get(web + "/healthz")
+    assert (status, health["status"]) == (200, "ok")
+
+    run = buildtel("run", "--json", "--", sys.executable, "-c", "pass", env=env)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    sid = summary["session_id"]
+    assert summary["url"] == f"{web}/sessions/{sid}"
+    last = run.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"buildtel: session {sid} success in ") and last.endswith(f"s — {web}/sessions/{sid}")
+
+    deadline = time.monotonic() + 30
+    while True:  # storage files the session moments after the run ends
+        status, body = await _get(summary["url"])
+        if status == 200 or time.monotonic() > deadline:
+            break
+        assert status == 404, body
+        await _sleep_briefly()
+    assert (status, body["id"], body["outcome"]) == (200, sid, "success")
+
+    behind = buildtel("run", "--json", "--", sys.executable, "-c", "pass",
+                      env={**env, "BUILDER_TELEMETRY_WEB_URL": "https://builds.example.com/"})
+    summary = json.loads(behind.stdout)
+    assert summary["url"] == f"https://builds.example.com/sessions/{summary['session_id']}"
+
+
+async def _sleep_briefly() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.1)
+
+
+async def test_keys_create_list_revoke_close_and_reopen_the_api(up: Any) -> None:
+    env, info, _ = up
+    url = info["web_url"] + "/api/v1/sessions"
+    listed = buildtel("keys", "list", env=env)
+    assert listed.returncode == 0 and "no API keys" in listed.stderr
+    created = buildtel("keys", "create", "--tenant", "buildtel", "--scope", "read", "--name", "grafana", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("btk_") and "shown only now" in created.stderr and key not in created.stderr
+    key_id = key[4:16]
+    listed = buildtel("keys", "list", "--json", env=env)
+    [record] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert record == {"id": key_id, "tenant": "buildtel", "scope": "read", "name": "grafana",
+                      "created": record["created"]}
+    assert key not in listed.stdout
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert resp.status == 401  # a key exists: the API is no longer open
+        async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200
+        revoked = buildtel("keys", "revoke", key_id, env=env)
+        assert revoked.returncode == 0 and f"revoked key {key_id}" in revoked.stderr
+        async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200  # no keys left: open again on loopback
+    again = buildtel("keys", "revoke", key_id, env=env)
+    assert again.returncode != 0 and "no API key has id" in again.stderr
+    bad = buildtel("keys", "create", "--tenant", "no spaces please", env=env)
+    assert bad.returncode != 0 and "is not a namespace" in bad.stderr
