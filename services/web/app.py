@@ -23,6 +23,8 @@ from buildtel.services.web.query import (
     BadInput,
     ReportQuery,
     SessionsQuery,
+    TargetHistoryQuery,
+    TrendsQuery,
     parse_query,
     parse_session_id,
     parse_time,
@@ -70,6 +72,9 @@ class Backend(Protocol):
     async def session(self, tenant: str, id_or_prefix: str) -> Any: ...
     async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any: ...
     async def alerts(self, tenant: str, q: AlertsQuery) -> Any: ...
+    async def trends(self, tenant: str, q: TrendsQuery, since: float | None, until: float | None) -> Any: ...
+    async def target_history(self, tenant: str, q: TargetHistoryQuery, since: float | None,
+                             until: float | None) -> Any: ...
     def health(self) -> Any: ...
 
 
@@ -152,6 +157,18 @@ async def list_alerts(request: web.Request) -> web.Response:
     return json_response(await _backend(request).alerts(request[TENANT], q))
 
 
+async def get_trends(request: web.Request) -> web.Response:
+    q = parse_query(request.query, TrendsQuery)
+    since, until = parse_time("since", q.since), parse_time("until", q.until)
+    return json_response(await _backend(request).trends(request[TENANT], q, since, until))
+
+
+async def get_target_history(request: web.Request) -> web.Response:
+    q = parse_query(request.query, TargetHistoryQuery)
+    since, until = parse_time("since", q.since), parse_time("until", q.until)
+    return json_response(await _backend(request).target_history(request[TENANT], q, since, until))
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return json_response(openapi())
 
@@ -173,6 +190,8 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app.router.add_get("/api/v1/sessions/{id}", get_session)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/alerts", list_alerts)
+    app.router.add_get("/api/v1/trends", get_trends)
+    app.router.add_get("/api/v1/targets/history", get_target_history)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/sessions/{id}", session_page)

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 
 from buildtel.services.storage.api import Cursor
+from buildtel.services.storage.history import MAX_RUNS
 from buildtel.services.web.schema import DEFAULT_LIMIT, MAX_LIMIT
 
 FULL_LEN = 32
@@ -56,6 +57,32 @@ class AlertsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     target: Text | None = None
     kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,64}$")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
+
+
+class TrendsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    since: str | None = None  # default: 30 days before until
+    until: str | None = None  # default: now
+    bucket: Literal["hour", "day", "week"] = "day"
+    branch: Text | None = None
+    agent: Text | None = None
+    name: Text | None = None
+    label: Text | None = None
+    target: Text | None = None
+
+
+class TargetHistoryQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    target: Text
+    since: str | None = None
+    until: str | None = None
+    branch: Text | None = None
+    outcome: Literal["success", "failed", "abandoned"] | None = None
+    agent: Text | None = None
+    label: Text | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNS)] = 1000
+    cursor: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
+BUCKETS = {"hour": 3600.0, "day": 86_400.0, "week": 7 * 86_400.0}
 
 
 def parse_query(query: Mapping[str, str], typ: type[Q]) -> Q:

@@ -16,6 +16,7 @@ import msgspec
 from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.storage.api import SessionSummary
+from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
 from buildtel.shared.keyed import keyed_type
 from buildtel.shared.protocol import BuildSession
 
@@ -45,6 +46,16 @@ class AlertPage(msgspec.Struct, kw_only=True):
     """Alerts, newest first."""
 
     alerts: list[Alert]
+
+
+class TargetHistory(msgspec.Struct, kw_only=True):
+    """One target's runs across sessions, newest first (``next_cursor``: older runs follow), and the
+    change points the analyzer reported for it (its alerts naming the target, newest first)."""
+
+    target: str
+    runs: list[TargetRun]
+    next_cursor: str | None
+    change_points: list[Alert]
 
 
 class Health(msgspec.Struct, kw_only=True):
@@ -90,7 +101,7 @@ def _errors(*codes: int) -> dict[str, Any]:
 @cache
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
-    types_ = [Problem, SessionPage, AlertPage, Health, Session, Report]
+    types_ = [Problem, SessionPage, AlertPage, Health, Session, Report, TrendReply, TargetHistory]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
@@ -114,6 +125,24 @@ def openapi() -> dict[str, Any]:
                            *[p for p in filters if p["name"] in ("branch", "outcome", "name", "target", "since",
                                                                  "until")]],
             "responses": {"200": _json(c + "AnalyticsReport", "the report"), **_errors(*_COMMON)}}},
+        "/api/v1/trends": {get: {
+            "summary": "Builds per hour, day or week (UTC buckets, empty ones listed): outcomes, success rate, "
+                       "p50/p95 build time, cache hit rate",
+            "parameters": [_param("bucket", "hour, day (default) or week", {"enum": ["hour", "day", "week"]}),
+                           *[p for p in filters if p["name"] in ("branch", "agent", "name", "label", "target")],
+                           _param("since", "first bucket from here: Unix seconds or ISO 8601 (default: 30 days "
+                                           "before until)"),
+                           _param("until", "finished before: Unix seconds or ISO 8601 (default: now)")],
+            "responses": {"200": _json(c + "TrendReply", "the buckets"), **_errors(*_COMMON)}}},
+        "/api/v1/targets/history": {get: {
+            "summary": "One target's runs across sessions, newest first, and its change points",
+            "parameters": [{**_param("target", "the target's name"), "required": True},
+                           *[p for p in filters if p["name"] in ("branch", "outcome", "agent", "label", "since",
+                                                                 "until")],
+                           _param("limit", f"runs per page, at most {MAX_RUNS}",
+                                  {"type": "integer", "minimum": 1, "maximum": MAX_RUNS, "default": 1000}),
+                           _param("cursor", "next_cursor of the previous page")],
+            "responses": {"200": _json(c + "TargetHistory", "the runs"), **_errors(*_COMMON)}}},
         "/api/v1/alerts": {get: {
             "summary": "Regression and improvement alerts, newest first",
             "parameters": [_param("branch", "VCS branch"), _param("target", "target name"),

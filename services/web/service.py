@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, ReportRequest, read_alerts
+from buildtel.services.storage import history
 from buildtel.services.storage.api import (
     MAX_ITEMS,
     SessionSummary,
@@ -35,6 +36,7 @@ from buildtel.services.storage.api import (
     SummariesRequest,
     endpoint_subject,
 )
+from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
 from buildtel.services.web.app import (
     BadGateway,
     Forbidden,
@@ -45,15 +47,18 @@ from buildtel.services.web.app import (
     create_app,
 )
 from buildtel.services.web.query import (
+    BUCKETS,
     FULL_LEN,
     AlertsQuery,
     BadInput,
     ReportQuery,
     SessionsQuery,
+    TargetHistoryQuery,
+    TrendsQuery,
     decode_cursor,
     encode_cursor,
 )
-from buildtel.services.web.schema import AlertPage, Health, SessionPage
+from buildtel.services.web.schema import MAX_LIMIT, AlertPage, Health, SessionPage, TargetHistory
 from buildtel.shared import apikeys, micro
 from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
@@ -208,6 +213,26 @@ class WebService(BusService):
         except Exception as exc:  # noqa: BLE001 - NATS away: the client learns it, the service goes on
             raise Unavailable(f"alerts could not be read from NATS: {type(exc).__name__}") from None
         return AlertPage(alerts=list(reversed(found))[:q.limit])
+
+    async def trends(self, tenant: str, q: TrendsQuery, since: float | None, until: float | None) -> TrendReply:
+        req = TrendRequest(since=since, until=until, bucket_s=BUCKETS[q.bucket], branch=q.branch, agent=q.agent,
+                           name=q.name, label=q.label, target=q.target)
+        try:
+            return await history.trend(self.nc, Subjects(tenant), req)
+        except StorageError as exc:
+            raise self._storage_failure(exc, exc.description) from None
+
+    async def target_history(self, tenant: str, q: TargetHistoryQuery, since: float | None,
+                             until: float | None) -> TargetHistory:
+        req = TargetHistoryRequest(target=q.target, since=since, until=until, branch=q.branch, outcome=q.outcome,
+                                   agent=q.agent, label=q.label, limit=q.limit, cursor=decode_cursor(q.cursor))
+        try:
+            got = await history.target_history(self.nc, Subjects(tenant), req)
+        except StorageError as exc:
+            raise self._storage_failure(exc, exc.description) from None
+        alerts = await self.alerts(tenant, AlertsQuery(target=q.target, limit=MAX_LIMIT))
+        return TargetHistory(target=q.target, runs=got.runs, next_cursor=encode_cursor(got.cursor),
+                             change_points=alerts.alerts)
 
     async def _storage_request(self, tenant: str, endpoint: str, req: msgspec.Struct) -> bytes:
         try:

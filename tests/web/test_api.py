@@ -156,3 +156,44 @@ async def test_a_token_is_required_when_set_and_beyond_loopback_without_one_it_r
                 assert resp.status == 200
     finally:
         await web.stop()
+
+
+async def test_trends_and_one_targets_history(api: Api, settings: Settings, nc: Any, make_session: Any) -> None:
+    """Daily buckets a chart can draw (empty days listed), and one target's runs with the
+    analyzer's change points for it, both valid against the OpenAPI document."""
+    day = 86_400.0
+    today = time.time() // day * day
+    sessions = [make_session(i, finish=today - 2 * day + 3600 * (i + 1), outcome="failed" if i == 0 else "success")
+                for i in range(4)]  # all four two days ago; yesterday has none
+    await publish(nc, settings, sessions)
+    await stored(nc, settings, 4)
+
+    status, _, trend = await api.get("/api/v1/trends", since=str(today - 2 * day), until=str(today + day))
+    assert status == 200
+    api.check(trend, "TrendReply")
+    assert [b["builds"] for b in trend["buckets"]] == [4, 0, 0] and trend["builds"] == 4
+    first = trend["buckets"][0]
+    assert (first["succeeded"], first["failed"], first["success_rate"]) == (3, 1, 0.75)
+    assert trend["buckets"][1]["success_rate"] is None  # no builds: no rate, not 0 %
+    _, _, hourly = await api.get("/api/v1/trends", bucket="hour", since=str(today - 2 * day),
+                                 until=str(today - day))
+    assert len(hourly["buckets"]) == 24 and sum(b["builds"] for b in hourly["buckets"]) == 4
+
+    target = sessions[0].targets[1].name
+    status, _, hist = await api.get("/api/v1/targets/history", target=target, limit=3)
+    assert status == 200
+    api.check(hist, "TargetHistory")
+    assert [r["session_id"] for r in hist["runs"]] == [s.id for s in reversed(sessions)][:3]
+    assert hist["next_cursor"] is not None and hist["change_points"] == []
+    run = hist["runs"][0]
+    mine = sessions[-1].targets[1]
+    assert (run["duration_s"], run["status"], run["worker"]) == (mine.duration_s, mine.status, mine.worker)
+    _, _, rest = await api.get("/api/v1/targets/history", target=target, limit=3, cursor=hist["next_cursor"])
+    assert [r["session_id"] for r in rest["runs"]] == [sessions[0].id] and rest["next_cursor"] is None
+
+    for path, params, words in (("/api/v1/trends", {"bucket": "month"}, "bucket"),
+                                ("/api/v1/targets/history", {}, "target"),
+                                ("/api/v1/targets/history", {"target": "x", "limit": "0"}, "limit")):
+        status, ctype, body = await api.get(path, **params)
+        api.check_problem(status, ctype, body, 400)
+        assert words in body["detail"]
