@@ -158,15 +158,18 @@ async def list_alerts(request: web.Request) -> web.Response:
 
 
 async def get_trends(request: web.Request) -> web.Response:
-    q = parse_query(request.query, TrendsQuery)
-    since, until = parse_time("since", q.since), parse_time("until", q.until)
-    return json_response(await _backend(request).trends(request[TENANT], q, since, until))
+    return await _windowed(request, TrendsQuery, _backend(request).trends)
 
 
 async def get_target_history(request: web.Request) -> web.Response:
-    q = parse_query(request.query, TargetHistoryQuery)
+    return await _windowed(request, TargetHistoryQuery, _backend(request).target_history)
+
+
+async def _windowed(request: web.Request, typ: Any, ask: Callable[..., Awaitable[Any]]) -> web.Response:
+    """A query with a ``since``/``until`` window, asked of the backend for the request's tenant."""
+    q = parse_query(request.query, typ)
     since, until = parse_time("since", q.since), parse_time("until", q.until)
-    return json_response(await _backend(request).target_history(request[TENANT], q, since, until))
+    return json_response(await ask(request[TENANT], q, since, until))
 
 
 async def get_openapi(request: web.Request) -> web.Response:

@@ -4,7 +4,6 @@ ends with the session's link, and the link answers with the session."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,16 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-
-def _env(cache: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
-    env.update(BUILDER_TELEMETRY_CACHE_DIR=str(cache), BUILDER_TELEMETRY_FINISH_GRACE_S="0.3", **extra)
-    return env
-
-
-def buildtel(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "buildtel.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+from tests.cli.test_stack import _env, buildtel
 
 
 @pytest.fixture
