@@ -160,9 +160,10 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
         case "recorder":
             return service([storage_q], base_streams, [ev], [])
         case "web":
-            # The HTTP API: query requests and reading alerts (an ordered consumer on the alerts
-            # stream), like a reader; it declares the shared streams as every service does.
-            return service([storage_q, analyzer_q, "$SRV.>", *_consume(al)], base_streams, [], [])
+            # The HTTP API: query requests (storage, analyzer, traces) and reading alerts (an ordered
+            # consumer on the alerts stream), like a reader; it declares the shared streams as every
+            # service does.
+            return service([storage_q, analyzer_q, traces_q, "$SRV.>", *_consume(al)], base_streams, [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

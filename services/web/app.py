@@ -72,6 +72,7 @@ class Backend(Protocol):
     async def session(self, tenant: str, id_or_prefix: str) -> Any: ...
     async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any: ...
     async def alerts(self, tenant: str, q: AlertsQuery) -> Any: ...
+    async def trace_spans(self, tenant: str, id_or_prefix: str) -> list[Any]: ...
     async def trends(self, tenant: str, q: TrendsQuery, since: float | None, until: float | None) -> Any: ...
     async def target_history(self, tenant: str, q: TargetHistoryQuery, since: float | None,
                              until: float | None) -> Any: ...
@@ -157,6 +158,22 @@ async def list_alerts(request: web.Request) -> web.Response:
     return json_response(await _backend(request).alerts(request[TENANT], q))
 
 
+async def get_trace(request: web.Request) -> web.Response:
+    """The session's trace as OTLP/JSON (an ExportTraceServiceRequest: what OTLP/HTTP JSON carries)."""
+    from buildtel.services.tracer.otlp_json import request_dict
+
+    word = parse_session_id(request.match_info["id"])
+    return json_response(request_dict(await _backend(request).trace_spans(request[TENANT], word)))
+
+
+async def get_chrome_trace(request: web.Request) -> web.Response:
+    """The session's trace as Chrome Trace Event JSON (Perfetto, chrome://tracing)."""
+    from buildtel.services.tracer.chrometrace import chrome_trace
+
+    word = parse_session_id(request.match_info["id"])
+    return json_response(chrome_trace(await _backend(request).trace_spans(request[TENANT], word)))
+
+
 async def get_trends(request: web.Request) -> web.Response:
     return await _windowed(request, TrendsQuery, _backend(request).trends)
 
@@ -191,6 +208,8 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app[BACKEND], app[LOG] = backend, log
     app.router.add_get("/api/v1/sessions", list_sessions)
     app.router.add_get("/api/v1/sessions/{id}", get_session)
+    app.router.add_get("/api/v1/sessions/{id}/trace", get_trace)
+    app.router.add_get("/api/v1/sessions/{id}/chrome-trace", get_chrome_trace)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/alerts", list_alerts)
     app.router.add_get("/api/v1/trends", get_trends)

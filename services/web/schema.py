@@ -89,6 +89,11 @@ def _json(ref: str, text: str) -> dict[str, Any]:
     return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
+def _object(text: str) -> dict[str, Any]:
+    """A JSON document whose format another specification defines (OTLP, Chrome trace events)."""
+    return {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
 # Every data endpoint can answer these (bad input, keys, rate, a backend's failure or absence).
 _COMMON = (400, 401, 403, 429, 502, 503)
 
@@ -119,6 +124,15 @@ def openapi() -> dict[str, Any]:
             "parameters": [_param("id", "a full id (32 hex digits) or a unique prefix of at least 6",
                                   where="path")],
             "responses": {"200": _json(c + "BuildSession", "the session"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/sessions/{id}/trace": {get: {
+            "summary": "The session's trace as OTLP/JSON (an ExportTraceServiceRequest, as OTLP/HTTP JSON carries it)",
+            "parameters": [_param("id", "a full id or a unique prefix of at least 6", where="path")],
+            "responses": {"200": _object("resourceSpans: resources, scopes and spans"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/sessions/{id}/chrome-trace": {get: {
+            "summary": "The session's trace as Chrome Trace Event JSON for ui.perfetto.dev or chrome://tracing: "
+                       "a track per worker",
+            "parameters": [_param("id", "a full id or a unique prefix of at least 6", where="path")],
+            "responses": {"200": _object("traceEvents, displayTimeUnit, otherData"), **_errors(*_COMMON, 404)}}},
         "/api/v1/report": {get: {
             "summary": "The `buildtel report` figures over a window of sessions",
             "parameters": [_param("last", "the last N sessions", {"type": "integer", "minimum": 1}),

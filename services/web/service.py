@@ -174,6 +174,21 @@ class WebService(BusService):
         except StorageError as exc:
             raise self._storage_failure(exc, f"no session {sid} is stored") from None
 
+    async def trace_spans(self, tenant: str, id_or_prefix: str) -> list[Any]:
+        """The spans of a stored session's trace, from the tracer."""
+        from buildtel.services.tracer.query import QueryError, TraceClient
+        from buildtel.services.tracer.subjects import TracerSubjects
+
+        sid = id_or_prefix if len(id_or_prefix) == FULL_LEN else await self._resolve_prefix(tenant, id_or_prefix)
+        try:
+            return (await TraceClient(self.nc, TracerSubjects(Subjects(tenant))).session(sid)).spans
+        except QueryError as exc:
+            if exc.code == 404:
+                raise NotFound(f"no trace is stored for session {sid}") from None
+            if exc.code in (503, 504):
+                raise Unavailable(f"the tracer did not answer: {exc}") from None
+            raise BadGateway(f"the tracer failed the request: {exc}") from None
+
     async def _resolve_prefix(self, tenant: str, prefix: str) -> str:
         """The one stored id starting with ``prefix`` (the summaries carry ids without targets)."""
         matches: list[SessionSummary] = []

@@ -17,6 +17,7 @@ from referencing.jsonschema import DRAFT202012
 from buildtel.services.analyzer.service import AnalyzerService
 from buildtel.services.storage.api import StorageClient
 from buildtel.services.storage.service import StorageService
+from buildtel.services.tracer.service import TracerService
 from buildtel.services.web.service import WebService
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildSession
@@ -76,6 +77,9 @@ async def stack(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator
             svc = cls(settings, settings.nats_url or "", settings.redis_url or "")
             await svc.start()
             services.append(svc)
+        tracer = TracerService(settings, settings.nats_url or "", settings.redis_url or "", otlp_port=0)
+        await tracer.start()
+        services.append(tracer)
         yield services
     finally:
         for svc in reversed(services):

@@ -11,7 +11,7 @@ from openapi_spec_validator import validate
 
 from buildtel.services.web.service import WebService
 from buildtel.shared.settings import Settings
-from tests.web.conftest import Api, publish, stored
+from tests.web.conftest import Api, eventually, publish, stored
 
 
 async def test_openapi_document_is_valid_openapi_3_1(api: Api) -> None:
@@ -197,3 +197,34 @@ async def test_trends_and_one_targets_history(api: Api, settings: Settings, nc: 
         status, ctype, body = await api.get(path, **params)
         api.check_problem(status, ctype, body, 400)
         assert words in body["detail"]
+
+
+async def test_a_sessions_trace_as_otlp_json_and_as_a_chrome_trace(api: Api, settings: Settings, nc: Any,
+                                                                   make_session: Any) -> None:
+    from buildtel.services.tracer.query import TraceClient
+    from buildtel.services.tracer.subjects import TracerSubjects
+    from buildtel.shared.subjects import Subjects
+
+    s = make_session(1, targets=3)
+    await publish(nc, settings, [s])
+    client = TraceClient(nc, TracerSubjects(Subjects(settings.namespace)))
+
+    async def traced() -> bool:
+        try:
+            return bool((await client.session(s.id)).spans)
+        except Exception:  # noqa: BLE001 - 404 until the tracer has it
+            return False
+
+    await eventually(traced)
+    status, ctype, otlp = await api.get(f"/api/v1/sessions/{s.id[:8]}/trace")
+    assert (status, ctype) == (200, "application/json")
+    spans = [sp for rs in otlp["resourceSpans"] for ss in rs["scopeSpans"] for sp in ss["spans"]]
+    assert {sp["name"] for sp in spans} >= {t.name for t in s.targets} and all(sp["traceId"] for sp in spans)
+    status, _, chrome = await api.get(f"/api/v1/sessions/{s.id}/chrome-trace")
+    assert status == 200
+    events = [e for e in chrome["traceEvents"] if e["ph"] == "X"]
+    assert len(events) == len(spans) and chrome["displayTimeUnit"] == "ms"
+    tracks = {e["args"]["name"] for e in chrome["traceEvents"] if e["name"] == "thread_name"}
+    assert "build" in tracks and any(t.startswith("worker ") for t in tracks)
+    status, ctype, body = await api.get("/api/v1/sessions/" + "e" * 32 + "/chrome-trace")
+    api.check_problem(status, ctype, body, 404)
