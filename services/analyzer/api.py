@@ -191,6 +191,12 @@ async def read_alerts(js: Any, namespace: str, *, branch: str | None = None, tar
     except Exception:  # noqa: BLE001 - no alerts stream yet: no alert was ever published
         return out
     try:
+        # Nothing stored matches: say so at once instead of waiting ``idle`` for a first message.
+        # (A consumer's counts are exact when it is created; none delivered and none pending.)
+        with contextlib.suppress(Exception):
+            info = await sub.consumer_info()
+            if not info.num_pending and not (info.delivered and info.delivered.stream_seq):
+                return out
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)

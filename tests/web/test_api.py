@@ -228,3 +228,18 @@ async def test_a_sessions_trace_as_otlp_json_and_as_a_chrome_trace(api: Api, set
     assert "build" in tracks and any(t.startswith("worker ") for t in tracks)
     status, ctype, body = await api.get("/api/v1/sessions/" + "e" * 32 + "/chrome-trace")
     api.check_problem(status, ctype, body, 404)
+
+
+async def test_reading_alerts_that_match_nothing_does_not_wait_for_the_idle_timeout(api: Api, settings: Settings,
+                                                                                   nc: Any) -> None:
+    """No stored alert matches: the answer is an empty list at once, not after ``idle`` (a target's
+    history asks for its alerts on every request)."""
+    import asyncio
+
+    from buildtel.services.analyzer.api import read_alerts
+
+    got = await asyncio.wait_for(read_alerts(nc.jetstream(), settings.namespace, target="//no:such", idle=600),
+                                 timeout=60)
+    assert got == []
+    status, _, body = await api.get("/api/v1/alerts", target="//no:such")
+    assert status == 200 and body["alerts"] == []
