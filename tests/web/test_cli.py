@@ -4,8 +4,6 @@ ends with the session's link, and the link answers with the session."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,32 +13,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cli.test_stack import _env, buildtel
+from tests.cli.test_stack import _env, buildtel, embedded_stack  # noqa: F401 - embedded_stack: a fixture
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, Any], Path]]:
-    cache = tmp_path / "data"
-    env = _env(cache)
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        info: dict[str, Any] = {}
-        while info.get("state") != "running":
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"buildtel up never got ready: {log.read_text()}"
-            path = cache / "stack.json"
-            if path.exists():
-                info = json.loads(path.read_text())
-            time.sleep(0.1)
-        yield env, info, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, Any], Path]]:
+    """``buildtel up`` running (tests/cli/test_stack.py's fixture): its environment, stack.json and log."""
+    _cache, env, info, _proc = request.getfixturevalue("embedded_stack")
+    yield env, info, tmp_path / "up.log"
 
 
 async def _get(url: str) -> tuple[int, Any]:
