@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cli.test_stack import _env, buildtel, embedded_stack  # noqa: F401 - embedded_stack: a fixture
+from tests.cli.test_stack import buildtel
+from tests.cli.test_stack import embedded_stack  # noqa: F401 - a fixture the up fixture asks for by name
 
 
 @pytest.fixture
