@@ -13,8 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cli.test_stack import buildtel
-from tests.cli.test_stack import embedded_stack  # noqa: F401 - a fixture the up fixture asks for by name
+from tests.cli.test_stack import (
+    buildtel,
+    embedded_stack,  # noqa: F401 - a fixture the up fixture asks for by name
+)
 
 
 @pytest.fixture
