@@ -191,7 +191,7 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
         outcome = "success" if code == 0 else "failed"
         # The link ends the last line; the line keeps its shape ("buildtel: session ID …"),
         # which scripts read the id from.
-        url = session_url(settings, session_id) if _recorded(run) else None
+        url = _session_url(settings, session_id) if _recorded(run) else None
         link = f" — {url}" if url else ""
         print(f"buildtel: session {session_id} {outcome} in {wall:.2f}s{link}", file=sys.stderr)
     if json_out:
@@ -201,17 +201,10 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     return code
 
 
-def session_url(settings: Settings, session_id: str) -> str | None:
-    """The session's link: under ``BUILDER_TELEMETRY_WEB_URL`` (the external base URL behind a
-    proxy), else under the web service of the local stack (``web_url`` in stack.json); None when
-    neither exists (docs/api.md)."""
-    from buildtel.shared.stackfile import read_stack_file
+def _session_url(settings: Settings, session_id: str) -> str | None:
+    from buildtel.shared.stackfile import session_url  # after the build: not on its start-up path
 
-    base = settings.web_url
-    if not base:
-        info = read_stack_file(settings)
-        base = str(info.get("web_url") or "") if info else ""
-    return f"{base.rstrip('/')}/sessions/{session_id}" if base else None
+    return session_url(settings, session_id)
 
 
 def _recorded(run: Any) -> bool:
@@ -222,10 +215,10 @@ def _recorded(run: Any) -> bool:
 def run_summary(session_id: str, trace_id: str, code: int, wall_s: float, run: Any,
                 settings: Settings | None = None) -> dict[str, Any]:
     """``run --json``: the session and how to see it (docs/cli.md).  ``url`` is its link when a web
-    service is known (:func:`session_url`) and the session was recorded, else null; ``show`` is
+    service is known (``stackfile.session_url``) and the session was recorded, else null; ``show`` is
     the command that shows it."""
     recorded = _recorded(run)
-    url = session_url(settings, session_id) if settings is not None and recorded else None
+    url = _session_url(settings, session_id) if settings is not None and recorded else None
     return {"session_id": session_id, "trace_id": trace_id, "outcome": "success" if code == 0 else "failed",
             "exit_code": code, "duration_s": round(wall_s, 3), "recorded": recorded,
             "show": f"buildtel show {session_id}", "url": url}

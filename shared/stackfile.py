@@ -67,6 +67,17 @@ def read_stack(settings: Settings) -> dict[str, Any] | None:
     return info
 
 
+def session_url(settings: Settings, session_id: str) -> str | None:
+    """A session's link: under ``BUILDER_TELEMETRY_WEB_URL`` (the external base URL behind a
+    proxy), else under the web service of the local stack (``web_url`` in stack.json); None when
+    neither exists (docs/api.md)."""
+    base = settings.web_url
+    if not base:
+        info = read_stack_file(settings)
+        base = str(info.get("web_url") or "") if info else ""
+    return f"{base.rstrip('/')}/sessions/{session_id}" if base else None
+
+
 def stack_auth_of(settings: Settings) -> StackAuth | None:
     """The local stack's credentials when the NATS URL comes from it (for the SDK's resolver)."""
     if settings.nats_url:
