@@ -4,8 +4,9 @@ a request's filters select, newest first, bounded in bytes and in the work one r
 The index (``index.py``) chooses the sessions without reading a record; each one's row and columns
 come from the row cache (``rowcache.py``), which takes them from its memory, a segment's report-row
 file, or, failing both, the record itself.  A request stops after reading ``SCAN_BYTES`` from disk
-(a filter the index cannot decide, such as a build name, may have to look at much of the history)
-and answers with a cursor to go on from.
+or looking at ``SCAN_SESSIONS`` sessions (a filter the index cannot decide exactly, such as the VCS
+branch against a "branch" label, may have to look at much of the history) and answers with a
+cursor to go on from.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from buildtel.services.storage.rowcache import Entry, RowCache
 from buildtel.shared.service import TOO_LARGE, ServiceError
 
 SCAN_BYTES = 64 * 1024 * 1024  # bytes one request reads from disk at most (filters that match little)
+SCAN_SESSIONS = 200_000  # and sessions it looks at, per chunk (cached ones a filter the index cannot decide drops)
 _NAMES_RESERVE = 256 * 1024  # name tables up to this size are counted whole in every page's estimate
 _ROW_BYTES = 160  # a row without its strings and health checkpoint, encoded (an estimate for paging)
 _TARGET_BYTES = 13  # 4 + 8 + 1
@@ -135,6 +137,7 @@ async def serve_page(store: Any, req: ColumnsRequest, budget: int, cache: RowCac
     cursor: tuple[float, str] | None = (req.cursor.t, req.cursor.id) if req.cursor else None
     per_session = [1, _ROW_BYTES, _ROW_BYTES]
     spent = [0]
+    visited = 0
     out: Cursor | None = None
     while True:
         room = req.limit - len(b.rows)
@@ -147,7 +150,8 @@ async def serve_page(store: Any, req: ColumnsRequest, budget: int, cache: RowCac
             break
         if cursor is None:
             break  # nothing more matches
-        if len(b.rows) >= req.limit or spent[0] >= SCAN_BYTES:
+        visited += len(summaries)
+        if len(b.rows) >= req.limit or spent[0] >= SCAN_BYTES or visited >= SCAN_SESSIONS:
             out = Cursor(*cursor)
             break
     data = await asyncio.to_thread(b.encode, out)

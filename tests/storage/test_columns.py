@@ -138,3 +138,18 @@ def test_the_session_id_is_read_from_the_first_bytes_or_not_at_all(make_session)
     cache = RowCache()
     assert cache.entry(reordered).row.id == s.id and cache.entry(reordered).row.id == s.id
     assert (cache.hits, cache.misses) == (0, 2)  # without the id up front, it is reduced each time
+
+
+async def test_a_request_looks_at_a_bounded_number_of_sessions_and_the_client_goes_on(stored, settings, nc,
+                                                                                      monkeypatch) -> None:
+    """A filter the index cannot decide exactly (the VCS branch, which a "branch" label also matches
+    in the index) stops a request once it has looked at SCAN_SESSIONS sessions (checked per chunk
+    it takes from the index) with a cursor; following the cursors gives the whole answer."""
+    from buildtel.services.storage import pages
+
+    monkeypatch.setattr(pages, "SCAN_SESSIONS", 4)
+    replies = await _all(nc, settings, ColumnsRequest(branch="dev"))
+    assert len(replies) >= 2 and replies[0].cursor is not None  # stopped early, said where to go on
+    newest_first = sorted(stored, key=lambda s: s.finish, reverse=True)
+    assert [r.id for p in replies for r in p.sessions] == [s.id for s in newest_first
+                                                            if s.environment.vcs.branch == "dev"]
