@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -75,7 +76,7 @@ async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client
         durable_name="analyzer", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=2.0,
         max_ack_pending=256, max_deliver=-1, filter_subject=subjects.sessions_completed))
     sessions = _history()
-    procs = [_spawn(settings) for _ in range(3)]
+    procs = [_spawn(settings)]
     replies: Counter[int] = Counter()
     inbox = f"_INBOX.{uuid.uuid4().hex}"
 
@@ -85,30 +86,50 @@ async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client
     rsub = await nc.subscribe(f"{inbox}.*.*", cb=on_reply)
     try:
         client = AnalyzerClient(nc, settings.namespace, timeout=5, attempts=20)
-        # Every replica is up, consuming and in the stats queue group before the first session:
-        # the one killed below must be holding sessions when it dies.  (A fixed 1 s sleep stood in
-        # for this; under load replica 0 was still starting when it was killed, held nothing, and
-        # nothing was redelivered.)  A stats reply names its replica by pid, and a replica starts
-        # consuming right after it registers its endpoints (services/analyzer/service.py).
-        pids = {p.pid for p in procs}
-        seen: set[int] = set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while seen != pids and loop.time() < deadline:
-            seen.add(int((await client.stats()).replica.split("-")[-2]))
-        assert seen == pids, f"replicas answering: {sorted(seen)}, started: {sorted(pids)}"
+
+        async def answering(expected: set[int]) -> None:
+            # A stats reply names its replica by pid; a replica consumes right after it registers
+            # its endpoints (services/analyzer/service.py).
+            seen: set[int] = set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while seen != expected and loop.time() < deadline:
+                seen.add(int((await client.stats()).replica.split("-")[-2]))
+            assert seen == expected, f"replicas answering: {sorted(seen)}, started: {sorted(expected)}"
+
+        # The replica to be killed must die holding sessions it fetched and did not acknowledge, or
+        # nothing is redelivered and the test proves nothing.  Killing one of three at a moment in
+        # the stream did not ensure it under load (it held nothing, twice), so replica 0 runs alone
+        # first: it takes a burst of sessions, is frozen (SIGSTOP), and is killed once the consumer
+        # shows unacknowledged sessions, which then can only be its own.  Then the other two start.
+        await answering({procs[0].pid})
         asks = []
-        for n, s in enumerate(sessions):
-            await js.publish(subjects.sessions_completed, encode(s), headers={"Nats-Msg-Id": s.id})
+        n = 0
+
+        def publish_next() -> Any:
+            nonlocal n
+            s = sessions[n]
             if n % 6 == 0:
                 asks.append(asyncio.create_task(_ask(nc, asubj.endpoint("stats"), inbox, replies, n)))
-            if n == len(sessions) // 3:
-                # Mid-stream: the sessions so far went out in one burst, so every replica is busy
-                # with fetched, unacknowledged sessions when this one dies.
-                procs[0].send_signal(signal.SIGKILL)
-                procs[0].wait()
-            if n > len(sessions) // 3:
-                await asyncio.sleep(0.01)
+            n += 1
+            return js.publish(subjects.sessions_completed, encode(s), headers={"Nats-Msg-Id": s.id})
+
+        held = 0
+        while not held and n < len(sessions) // 2:
+            for _ in range(min(20, len(sessions) // 2 - n)):
+                await publish_next()
+            procs[0].send_signal(signal.SIGSTOP)
+            held = (await js.consumer_info(subjects.sessions_stream, "analyzer")).num_ack_pending
+            if not held:
+                procs[0].send_signal(signal.SIGCONT)  # it finished them all already: another burst
+        assert held, "replica 0 never held an unacknowledged session"
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        procs += [_spawn(settings) for _ in range(2)]
+        await answering({p.pid for p in procs[1:]})
+        while n < len(sessions):
+            await publish_next()
+            await asyncio.sleep(0.01)
         await asyncio.gather(*asks)
 
         expected_points = sum(len(series_points(s)) for s in sessions)

@@ -214,8 +214,19 @@ async def test_buildtel_run_record_captures_files_and_events_then_replays(
     assert "build/app" in {e.path for e in m.outputs}
     assert m.environment is not None and m.environment.env["MY_API_TOKEN"] == "[REDACTED]"
     assert "BUILDER_TELEMETRY_SESSION_ID" not in m.environment.env
-    # The recorder service kept the session's events under the same id.
-    await wait_for(lambda: any(isinstance(e, BuildFinished) for e in store.load_events(rid)))
+    # The recorder service kept the session's events under the same id: all of them, that is
+    # BuildFinished and, per agent, every seq from 0 to the highest.  (Waiting for BuildFinished
+    # alone failed once under load: a batch stored after it, redelivered late, held events that sort
+    # before it, so stepping through the events counted then did not reach the end.)
+    def recorded_whole() -> bool:
+        evs = store.load_events(rid)
+        seqs: dict[str, set[int]] = {}
+        for e in evs:
+            seqs.setdefault(e.agent_id, set()).add(e.seq)
+        return any(isinstance(e, BuildFinished) for e in evs) and all(
+            s == set(range(max(s) + 1)) for s in seqs.values())
+
+    await wait_for(recorded_whole, timeout=60)
     events = store.load_events(rid)
     assert isinstance(events[0], BuildStarted) and events[0].record and events[0].command == ["make", "-j2"]
 
