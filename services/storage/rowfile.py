@@ -31,7 +31,7 @@ import msgspec
 
 from buildtel.services.storage import format as fmt
 from buildtel.services.storage import sidecar
-from buildtel.services.storage.columns import ReportRow
+from buildtel.services.storage.columns import ReportRow, decode_ids
 
 SUFFIX = ".rows"
 MAGIC = b"\x89BTROW\r\n"
@@ -102,13 +102,7 @@ def matches(segment_path: Path, number: int, created: float, size: int, mtime_ns
     return sidecar.head_matches(path_for(segment_path), MAGIC, VERSION, number, created, size, mtime_ns)
 
 
-def u32(data: bytes) -> array[int]:
-    """A little-endian u32 column as an array."""
-    a = array("I")
-    a.frombytes(data)
-    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian everywhere
-        a.byteswap()
-    return a
+u32 = decode_ids  # a little-endian u32 column as an array (the same columns the wire carries)
 
 
 def le(a: array[Any]) -> bytes:
