@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     create.add_argument("--tenant", default=None,
                         help="namespace the key may read (default: BUILDER_TELEMETRY_NAMESPACE)")
     create.add_argument("--scope", choices=apikeys.SCOPES, default="read",
-                        help="read: query the API; ingest: send builds (no HTTP ingest yet); admin: everything "
-                             "(default read)")
+                        help="read: query the API; write: read, and acknowledge and mute alerts; ingest: send "
+                             "builds (no HTTP ingest yet); admin: everything (default read)")
     create.add_argument("--name", default="", help="what the key is for (shown by 'keys list')")
     create.set_defaults(func=cmd_create)
     listing = ksub.add_parser("list", help="list keys: id, tenant, scope, created, name (never the key)")

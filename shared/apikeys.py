@@ -22,8 +22,8 @@ import msgspec
 
 from buildtel.shared.keys import Keys
 
-Scope = Literal["read", "ingest", "admin"]
-SCOPES: tuple[str, ...] = ("read", "ingest", "admin")
+Scope = Literal["read", "write", "ingest", "admin"]
+SCOPES: tuple[str, ...] = ("read", "write", "ingest", "admin")
 PREFIX = "btk_"
 _FORM = re.compile(r"btk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _TENANT = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -48,8 +48,9 @@ def digest(key: str) -> str:
 
 
 def allows(scope: str, needed: Scope) -> bool:
-    """``admin`` may do everything; ``read`` and ``ingest`` only what they name."""
-    return scope == "admin" or scope == needed
+    """``admin`` may do everything; ``write`` reads and changes what people decide about the data
+    (acknowledge and mute alerts); ``read`` and ``ingest`` only what they name."""
+    return scope == "admin" or scope == needed or (scope == "write" and needed == "read")
 
 
 async def create(redis: Any, keys: Keys, *, tenant: str, scope: str, name: str = "") -> tuple[str, ApiKey]:

@@ -93,6 +93,15 @@ class Keys:
         """Counter with TTL: an API key's requests in one rate-limit window."""
         return f"{self.ns}:apikey:{key_id}:rate:{window}"
 
+    def alert_state(self, alert_id: str) -> str:
+        """Hash: an alert's acknowledgement (by, at, note), set through the web API (shared/alertstate.py)."""
+        return f"{self.ns}:alert:{alert_id}:state"
+
+    @property
+    def alert_mutes(self) -> str:
+        """Hash: muted alert series (``kind|branch|target``) -> msgpack (until, by, note)."""
+        return f"{self.ns}:alerts:mutes"
+
     @property
     def analyzer_stats(self) -> str:
         """Hash: the analyzer's shared counters (sessions, points, alerts, late, redelivered)."""

@@ -25,11 +25,14 @@ from buildtel.services.web.query import (
     SessionsQuery,
     TargetHistoryQuery,
     TrendsQuery,
+    parse_alert_id,
+    parse_body,
     parse_query,
     parse_session_id,
     parse_time,
 )
-from buildtel.services.web.schema import PROBLEM, Problem, openapi
+from buildtel.services.web.schema import PROBLEM, AcknowledgeBody, Caller, MuteBody, Problem, openapi
+from buildtel.shared.apikeys import Scope
 
 _enc = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,14 +67,17 @@ class RateLimited(Exception):
 class Backend(Protocol):
     """What the routes need of the stack (``service.py`` implements it over NATS)."""
 
-    async def authorize(self, header: str | None) -> str:
-        """The tenant a request with this ``Authorization`` header may read, or an exception above."""
+    async def authorize(self, header: str | None, need: Scope = "read") -> Caller:
+        """Who sends this ``Authorization`` header and which tenant it acts on, when its key has scope
+        ``need``; else an exception above."""
         ...
 
     async def sessions(self, tenant: str, q: SessionsQuery, since: float | None, until: float | None) -> Any: ...
     async def session(self, tenant: str, id_or_prefix: str) -> Any: ...
     async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any: ...
     async def alerts(self, tenant: str, q: AlertsQuery) -> Any: ...
+    async def alert(self, tenant: str, alert_id: str) -> Any: ...
+    async def change_alert(self, caller: Caller, alert_id: str, action: str, body: Any) -> Any: ...
     async def trace_spans(self, tenant: str, id_or_prefix: str) -> list[Any]: ...
     async def trends(self, tenant: str, q: TrendsQuery, since: float | None, until: float | None) -> Any: ...
     async def target_history(self, tenant: str, q: TargetHistoryQuery, since: float | None,
@@ -82,6 +88,8 @@ class Backend(Protocol):
 BACKEND = web.AppKey("backend", object)
 LOG = web.AppKey("log", object)
 TENANT = web.RequestKey("tenant", str)  # the namespace the request's key may read
+CALLER = web.RequestKey("caller", Caller)
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # need the write scope
 PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json"})  # answered without a key
 
 
@@ -98,7 +106,9 @@ def problem(status: int, title: str, detail: str) -> web.Response:
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if request.path not in PUBLIC:
-            request[TENANT] = await _backend(request).authorize(request.headers.get("Authorization"))
+            caller = await _backend(request).authorize(request.headers.get("Authorization"),
+                                                       "write" if request.method in WRITES else "read")
+            request[CALLER], request[TENANT] = caller, caller.tenant
         return await handler(request)
     except BadInput as exc:
         return problem(400, "Bad Request", str(exc))
@@ -158,6 +168,25 @@ async def list_alerts(request: web.Request) -> web.Response:
     return json_response(await _backend(request).alerts(request[TENANT], q))
 
 
+async def get_alert(request: web.Request) -> web.Response:
+    alert_id = parse_alert_id(request.match_info["id"])
+    return json_response(await _backend(request).alert(request[TENANT], alert_id))
+
+
+_ALERT_ACTIONS = {("POST", "acknowledge"): ("acknowledge", AcknowledgeBody),
+                  ("DELETE", "acknowledge"): ("unacknowledge", None),
+                  ("POST", "mute"): ("mute", MuteBody),
+                  ("DELETE", "mute"): ("unmute", None)}
+
+
+async def change_alert(request: web.Request) -> web.Response:
+    """Acknowledge or mute an alert (POST), or take it back (DELETE): needs the write scope."""
+    alert_id = parse_alert_id(request.match_info["id"])
+    action, body_type = _ALERT_ACTIONS[(request.method, request.match_info["action"])]
+    body = parse_body(await request.read(), body_type) if body_type is not None else None
+    return json_response(await _backend(request).change_alert(request[CALLER], alert_id, action, body))
+
+
 async def get_trace(request: web.Request) -> web.Response:
     """The session's trace as OTLP/JSON (an ExportTraceServiceRequest: what OTLP/HTTP JSON carries)."""
     from buildtel.services.tracer.otlp_json import request_dict
@@ -212,6 +241,10 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app.router.add_get("/api/v1/sessions/{id}/chrome-trace", get_chrome_trace)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/alerts", list_alerts)
+    app.router.add_get("/api/v1/alerts/{id}", get_alert)
+    for action in ("acknowledge", "mute"):
+        app.router.add_post(f"/api/v1/alerts/{{id}}/{{action:{action}}}", change_alert)
+        app.router.add_delete(f"/api/v1/alerts/{{id}}/{{action:{action}}}", change_alert)
     app.router.add_get("/api/v1/trends", get_trends)
     app.router.add_get("/api/v1/targets/history", get_target_history)
     app.router.add_get("/api/v1/openapi.json", get_openapi)

@@ -56,6 +56,7 @@ class AlertsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     branch: Text | None = None
     target: Text | None = None
     kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,64}$")] | None = None
+    status: Literal["open", "acknowledged", "muted"] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
 
 
@@ -149,3 +150,29 @@ def parse_session_id(text: str) -> str:
     if len(word) < MIN_PREFIX:
         raise BadInput(f"id prefix {word!r} is too short: give at least {MIN_PREFIX} hex digits")
     return word
+
+
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_alert_id(text: str) -> str:
+    word = text.strip().lower()
+    if len(word) != FULL_LEN or not _HEX.fullmatch(word):
+        raise BadInput(f"{text[:64]!r} is not an alert id: give its {FULL_LEN} hex digits (from /api/v1/alerts)")
+    return word
+
+
+def parse_duration(text: str) -> float:
+    """``"90"`` (seconds), ``"90m"``, ``"24h"``, ``"7d"``: seconds (the body's pattern checked the form)."""
+    unit = text[-1] if text[-1] in _UNIT_S else "s"
+    return float(text.rstrip("smhd")) * _UNIT_S[unit]
+
+
+def parse_body(raw: bytes, typ: type[Q]) -> Q:
+    """A JSON request body as ``typ``; an empty body is ``{}`` (every field defaulted or missing)."""
+    try:
+        return msgspec.json.decode(raw or b"{}", type=typ)
+    except msgspec.ValidationError as exc:
+        raise BadInput("request body: " + _explain(str(exc)).replace("parameter", "field")) from None
+    except msgspec.DecodeError as exc:
+        raise BadInput(f"request body is not JSON: {exc}") from None

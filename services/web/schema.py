@@ -9,7 +9,7 @@ is sent.  Errors are RFC 9457 problem details (:class:`Problem`, ``application/p
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -17,6 +17,7 @@ from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.storage.api import SessionSummary
 from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
+from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
 from buildtel.shared.protocol import BuildSession
 
@@ -42,10 +43,38 @@ class SessionPage(msgspec.Struct, kw_only=True):
     next_cursor: str | None
 
 
+class AlertWithState(Alert, kw_only=True):
+    """An alert as the analyzer published it, and what people decided about it (``state``)."""
+
+    state: AlertState
+
+
 class AlertPage(msgspec.Struct, kw_only=True):
     """Alerts, newest first."""
 
-    alerts: list[Alert]
+    alerts: list[AlertWithState]
+
+
+class Caller(msgspec.Struct, kw_only=True, frozen=True):
+    """Who made a request: the tenant it acts on and the key id (``token`` or ``open`` without keys)."""
+
+    tenant: str
+    who: str
+
+
+class AcknowledgeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/alerts/{id}/acknowledge`` (the body may be empty)."""
+
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
+
+
+class MuteBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/alerts/{id}/mute``: mute the alert's series (kind, branch, target) for a while."""
+
+    duration: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,7}(\.[0-9]+)?[smhd]?$",
+                                          description="seconds, or a number with s, m, h or d (e.g. 24h, 7d); "
+                                                      "at most 90 days")]
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
 
 
 class TargetHistory(msgspec.Struct, kw_only=True):
@@ -55,7 +84,7 @@ class TargetHistory(msgspec.Struct, kw_only=True):
     target: str
     runs: list[TargetRun]
     next_cursor: str | None
-    change_points: list[Alert]
+    change_points: list[AlertWithState]
 
 
 class Health(msgspec.Struct, kw_only=True):
@@ -66,7 +95,6 @@ class Health(msgspec.Struct, kw_only=True):
 
 Session = keyed_type(BuildSession)
 Report = keyed_type(AnalyticsReport)
-AlertView = keyed_type(Alert)
 
 _FILTERS: list[tuple[str, str]] = [
     ("outcome", "success, failed or abandoned"),
@@ -89,6 +117,10 @@ def _json(ref: str, text: str) -> dict[str, Any]:
     return {"description": text, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
+def _body(ref: str, *, required: bool) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+
 def _object(text: str) -> dict[str, Any]:
     """A JSON document whose format another specification defines (OTLP, Chrome trace events)."""
     return {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -106,11 +138,13 @@ def _errors(*codes: int) -> dict[str, Any]:
 @cache
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
-    types_ = [Problem, SessionPage, AlertPage, Health, Session, Report, TrendReply, TargetHistory]
+    types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
+              TrendReply, TargetHistory]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
     filters = [_param(n, t) for n, t in _FILTERS]
+    alert_id = _param("id", "the alert's id (32 hex digits)", where="path")
     get = "get"
     paths: dict[str, Any] = {
         "/api/v1/sessions": {get: {
@@ -158,10 +192,33 @@ def openapi() -> dict[str, Any]:
                            _param("cursor", "next_cursor of the previous page")],
             "responses": {"200": _json(c + "TargetHistory", "the runs"), **_errors(*_COMMON)}}},
         "/api/v1/alerts": {get: {
-            "summary": "Regression and improvement alerts, newest first",
+            "summary": "Regression and improvement alerts, newest first, each with its state (open, acknowledged, "
+                       "muted)",
             "parameters": [_param("branch", "VCS branch"), _param("target", "target name"),
-                           _param("kind", "alert kind"), _param("limit", f"at most {MAX_LIMIT}", limit)],
+                           _param("kind", "alert kind"),
+                           _param("status", "open, acknowledged or muted",
+                                  {"enum": ["open", "acknowledged", "muted"]}),
+                           _param("limit", f"at most {MAX_LIMIT}", limit)],
             "responses": {"200": _json(c + "AlertPage", "alerts"), **_errors(*_COMMON)}}},
+        "/api/v1/alerts/{id}": {get: {
+            "summary": "One alert and its state",
+            "parameters": [alert_id],
+            "responses": {"200": _json(c + "AlertWithState", "the alert"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/alerts/{id}/acknowledge": {
+            "post": {"summary": "Acknowledge the alert (write scope); again replaces the note",
+                     "parameters": [alert_id], "requestBody": _body(c + "AcknowledgeBody", required=False),
+                     "responses": {"200": _json(c + "AlertWithState", "the alert, acknowledged"),
+                                   **_errors(*_COMMON, 404)}},
+            "delete": {"summary": "Take the acknowledgement back (write scope)", "parameters": [alert_id],
+                       "responses": {"200": _json(c + "AlertWithState", "the alert"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/alerts/{id}/mute": {
+            "post": {"summary": "Mute the alert's series (kind, branch, target) for a duration (write scope): its "
+                                "alerts detected until then show as muted",
+                     "parameters": [alert_id], "requestBody": _body(c + "MuteBody", required=True),
+                     "responses": {"200": _json(c + "AlertWithState", "the alert, muted"),
+                                   **_errors(*_COMMON, 404)}},
+            "delete": {"summary": "End the mute of the alert's series now (write scope)", "parameters": [alert_id],
+                       "responses": {"200": _json(c + "AlertWithState", "the alert"), **_errors(*_COMMON, 404)}}},
         "/api/v1/openapi.json": {get: {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},

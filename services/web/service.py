@@ -2,8 +2,10 @@
 
 It keeps no history of its own: a list is a storage ``summaries`` request, a session a storage
 ``get`` (a prefix is resolved against the stored ids first), a report the analyzer's ``report``
-and alerts are read from the alerts stream.  It connects to NATS as its own role ``web``
-(``shared/auth.py``): query requests and reading alerts, nothing that changes history.
+and alerts are read from the alerts stream; what people decide about alerts (acknowledged, muted:
+``shared/alertstate.py``) is the one thing it writes, to Redis, for keys with the write scope.
+It connects to NATS as its own role ``web`` (``shared/auth.py``): query requests and reading
+alerts, nothing that changes history.
 
 Requests carry an API key (``shared/apikeys.py``, ``buildtel keys``) as a bearer token; the key
 names its tenant (a namespace), whose storage and analyzer are asked, so one web service serves
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.api import AnalyzerClient, AnalyzerError, ReportRequest, read_alerts
 from buildtel.services.storage import history
 from buildtel.services.storage.api import (
@@ -57,16 +61,27 @@ from buildtel.services.web.query import (
     TrendsQuery,
     decode_cursor,
     encode_cursor,
+    parse_duration,
 )
-from buildtel.services.web.schema import MAX_LIMIT, AlertPage, Health, SessionPage, TargetHistory
-from buildtel.shared import apikeys, micro
+from buildtel.services.web.schema import (
+    MAX_LIMIT,
+    AlertPage,
+    AlertWithState,
+    Caller,
+    Health,
+    SessionPage,
+    TargetHistory,
+)
+from buildtel.shared import alertstate, apikeys, micro
 from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
 from buildtel.shared.keyed import keyed
+from buildtel.shared.keys import Keys
 from buildtel.shared.service import BusService
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 
+T = TypeVar("T")
 _summaries = msgspec.msgpack.Decoder(SummariesReply)
 SHOWN_CANDIDATES = 8
 
@@ -121,33 +136,34 @@ class WebService(BusService):
         return {"url": self.url, "auth": auth}
 
     # -- the Backend of app.py -----------------------------------------------------------------
-    async def authorize(self, header: str | None) -> str:
-        """The tenant of the request's key.  The service's own token (``http_token``) reads this
-        namespace; with no key and no token at all, a loopback API is open on this namespace.
-        A key reads its tenant only, so another tenant's session is simply not found (404)."""
+    async def authorize(self, header: str | None, need: apikeys.Scope = "read") -> Caller:
+        """Who asks, for which tenant.  The service's own token (``http_token``) may do anything in
+        this namespace; with no key and no token at all, a loopback API is open on this namespace.
+        A key acts on its tenant only, so another tenant's session is simply not found (404)."""
         given = header[7:].strip() if header and header[:7].lower() == "bearer " else ""
         token = self.settings.http_token
         if token and hmac.compare_digest(given.encode(), token.encode()):
-            return self.settings.namespace
+            return Caller(tenant=self.settings.namespace, who="token")
         try:
             keyed = await apikeys.any_keys(self.redis, self.keys)
             record = await apikeys.verify(self.redis, self.keys, given) if keyed and given else None
-            if record is not None and apikeys.allows(record.scope, "read"):
+            if record is not None and apikeys.allows(record.scope, need):
                 wait = await apikeys.over_limit(self.redis, self.keys, record.id, self.settings.web_rate_limit)
             else:
                 wait = None
         except Exception as exc:  # noqa: BLE001 - Redis away: refuse (never open), say why
             raise Unavailable(f"API keys cannot be checked: {type(exc).__name__}") from None
         if not keyed and not token and is_loopback(self.host):
-            return self.settings.namespace  # open: on loopback, while no key exists
+            return Caller(tenant=self.settings.namespace, who="open")  # on loopback, while no key exists
         if record is None:
             raise Unauthorized("missing, unknown or revoked API key (send 'Authorization: Bearer <key>')")
-        if not apikeys.allows(record.scope, "read"):
-            raise Forbidden(f"key {record.id} has scope {record.scope!r}; reading needs 'read' or 'admin'")
+        if not apikeys.allows(record.scope, need):
+            wanted = "'write' or 'admin'" if need == "write" else f"{need!r} or 'admin'"
+            raise Forbidden(f"key {record.id} has scope {record.scope!r}; this request needs {wanted}")
         if wait is not None:
             raise RateLimited(f"key {record.id} made more than {self.settings.web_rate_limit} requests this "
                               "minute", wait)
-        return record.tenant
+        return Caller(tenant=record.tenant, who=record.id)
 
     def health(self) -> Health:
         up = bool(self.nc is not None and self.nc.is_connected)
@@ -222,12 +238,68 @@ class WebService(BusService):
             raise BadGateway(f"the analyzer failed the report: {exc.description}") from None
 
     async def alerts(self, tenant: str, q: AlertsQuery) -> AlertPage:
+        found = list(reversed(await self._read_alerts(tenant, branch=q.branch, target=q.target, kind=q.kind)))
+        out: list[AlertWithState] = []
+        mutes = await self._redis_call(alertstate.mutes(self.redis, Keys(tenant)))
+        for start in range(0, len(found), 500):  # states in pages: one MGET each
+            chunk = found[start:start + 500]
+            out.extend(a for a in await self._with_states(tenant, chunk, mutes)
+                       if q.status is None or a.state.status == q.status)
+            if len(out) >= q.limit:
+                break
+        return AlertPage(alerts=out[:q.limit])
+
+    async def alert(self, tenant: str, alert_id: str) -> AlertWithState:
+        return (await self._with_states(tenant, [await self._find_alert(tenant, alert_id)]))[0]
+
+    async def _find_alert(self, tenant: str, alert_id: str) -> Alert:
+        for a in await self._read_alerts(tenant):
+            if a.id == alert_id:
+                return a
+        raise NotFound(f"no alert {alert_id}")
+
+    async def change_alert(self, caller: Caller, alert_id: str, action: str, body: Any) -> AlertWithState:
+        """Acknowledge, unacknowledge, mute or unmute (``action``) the alert, as ``caller``."""
+        found = await self._find_alert(caller.tenant, alert_id)
+        keys = Keys(caller.tenant)
+        series = alertstate.series_key(found.kind, found.branch, found.target)
+        match action:
+            case "acknowledge":
+                await self._redis_call(alertstate.acknowledge(self.redis, keys, alert_id, by=caller.who,
+                                                              note=body.note))
+            case "unacknowledge":
+                await self._redis_call(alertstate.unacknowledge(self.redis, keys, alert_id))
+            case "mute":
+                seconds = parse_duration(body.duration)
+                try:
+                    await alertstate.mute(self.redis, keys, series, seconds=seconds, by=caller.who, note=body.note)
+                except ValueError as exc:
+                    raise BadInput(f"field 'duration': {exc}") from None
+                except Exception as exc:  # noqa: BLE001 - Redis away
+                    raise Unavailable(f"Redis did not answer: {type(exc).__name__}") from None
+            case "unmute":
+                await self._redis_call(alertstate.unmute(self.redis, keys, series))
+        self.log.info("web.alert_changed", tenant=caller.tenant, alert_id=alert_id, action=action, by=caller.who)
+        return (await self._with_states(caller.tenant, [found]))[0]
+
+    async def _read_alerts(self, tenant: str, **filters: str | None) -> list[Alert]:
         try:
-            found = await read_alerts(self.js, tenant, branch=q.branch, target=q.target,
-                                      kind=q.kind, idle=1.0)
+            return await read_alerts(self.js, tenant, idle=1.0, **filters)
         except Exception as exc:  # noqa: BLE001 - NATS away: the client learns it, the service goes on
             raise Unavailable(f"alerts could not be read from NATS: {type(exc).__name__}") from None
-        return AlertPage(alerts=list(reversed(found))[:q.limit])
+
+    async def _with_states(self, tenant: str, alerts: list[Alert],
+                           mutes: dict[str, alertstate.Mute] | None = None) -> list[AlertWithState]:
+        got = await self._redis_call(alertstate.states(
+            self.redis, Keys(tenant),
+            [(a.id, alertstate.series_key(a.kind, a.branch, a.target), a.detected_at) for a in alerts], mutes))
+        return [AlertWithState(**msgspec.structs.asdict(a), state=st) for a, st in zip(alerts, got, strict=True)]
+
+    async def _redis_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except Exception as exc:  # noqa: BLE001 - Redis away: the client learns it, the service goes on
+            raise Unavailable(f"Redis did not answer: {type(exc).__name__}") from None
 
     async def trends(self, tenant: str, q: TrendsQuery, since: float | None, until: float | None) -> TrendReply:
         req = TrendRequest(since=since, until=until, bucket_s=BUCKETS[q.bucket], branch=q.branch, agent=q.agent,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from buildtel.shared.protocol import (
     BuildEnvironment,
     BuildSession,
@@ -38,3 +40,16 @@ def session(k: int, dur: float, *, start: float | None = None, outcome: str = "s
                         outcome=outcome, targets=ts, cache_hits=hits, cache_misses=misses,  # type: ignore[arg-type]
                         cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0, totals=tot,
                         environment=BuildEnvironment(vcs=VcsInfo(commit=commit or f"c{k:039x}", branch=branch)))
+
+
+def step_history(n: int = 60, at: int = 35, seed: int = 1, branch: str = "main") -> list[BuildSession]:
+    """``n`` hourly builds whose wall time steps from 100 s to 140 s at build ``at`` (targets steady):
+    one build-level regression for the analyzer to find."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        level = 100.0 if k < at else 140.0
+        ts = [target("//svc:build", T0 + 3600 * k, 2.0 * rng.gauss(1, 0.01), worker="w1"),
+              target("//svc:test", T0 + 3600 * k + 2, 1.0 * rng.gauss(1, 0.01), worker="w1", deps=["//svc:build"])]
+        out.append(session(k, level * rng.gauss(1, 0.01), targets=ts, branch=branch))
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,18 +24,9 @@ from buildtel.shared.codec import encode
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.analyzer.helpers import T0, session, target
+from tests.analyzer.helpers import T0, session, step_history, target
 
-
-def _step_history(n: int = 60, at: int = 35, seed: int = 1, branch: str = "main") -> list:
-    rng = random.Random(seed)
-    out = []
-    for k in range(n):
-        level = 100.0 if k < at else 140.0
-        ts = [target("//svc:build", T0 + 3600 * k, 2.0 * rng.gauss(1, 0.01), worker="w1"),
-              target("//svc:test", T0 + 3600 * k + 2, 1.0 * rng.gauss(1, 0.01), worker="w1", deps=["//svc:build"])]
-        out.append(session(k, level * rng.gauss(1, 0.01), targets=ts, branch=branch))
-    return out
+_step_history = step_history
 
 
 async def _publish(js, subjects: Subjects, sessions, prefix: str = "") -> None:

@@ -54,6 +54,7 @@ async def test_keys_scopes_revocation_and_tenant_isolation(settings: Settings, s
     read_key, read_rec = await apikeys.create(redis_client, keys, tenant=settings.namespace, scope="read")
     admin_key, _ = await apikeys.create(redis_client, keys, tenant=settings.namespace, scope="admin")
     ingest_key, _ = await apikeys.create(redis_client, keys, tenant=settings.namespace, scope="ingest")
+    write_key, _ = await apikeys.create(redis_client, keys, tenant=settings.namespace, scope="write")
     other_key, _ = await apikeys.create(redis_client, keys, tenant=other_tenant.namespace, scope="read")
     assert read_key.startswith("btk_") and read_rec.id in read_key
     stored_fields = await redis_client.hgetall(keys.api_key(read_rec.id))
@@ -70,7 +71,7 @@ async def test_keys_scopes_revocation_and_tenant_isolation(settings: Settings, s
                     assert (status, ctype) == (401, "application/problem+json"), (path, key, body)
                 status, _, body = await _status(http, url, ingest_key)
                 assert status == 403 and "scope 'ingest'" in body["detail"]
-                for key in (read_key, admin_key):
+                for key in (read_key, write_key, admin_key):
                     status, _, body = await _status(http, url, key)
                     assert status == 200, (path, body)
             # Each tenant sees its own sessions only; the other's id is not found, not forbidden.
@@ -92,7 +93,7 @@ async def test_keys_scopes_revocation_and_tenant_isolation(settings: Settings, s
     finally:
         await web.stop()
     out = capfd.readouterr()
-    for key in (read_key, admin_key, ingest_key, other_key):
+    for key in (read_key, admin_key, ingest_key, write_key, other_key):
         assert key not in out.out + out.err, "a key was logged"
 
 
