@@ -90,7 +90,7 @@ class LocalStack:
     def start_engines(self) -> None:
         engines_dir = private_dir(self.settings.engines_dir)
         if not self.nats_url:
-            eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.settings.namespace).start()
+            eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.namespaces).start()
             self.engines.append(eng)
             self.nats_url = eng.url
         if not self.redis_url:
@@ -98,9 +98,21 @@ class LocalStack:
             self.engines.append(eng)
             self.redis_url = eng.url
 
+    @property
+    def namespaces(self) -> list[str]:
+        """The stack's own namespace, then its further tenants (``BUILDER_TELEMETRY_TENANTS``)."""
+        return [self.settings.namespace, *self.settings.tenant_list]
+
     def create_services(self) -> list[Any]:
+        """Every service for the stack's namespace; for each further tenant every service but the
+        web API (one web service serves all tenants, by the tenant its keys name)."""
         s = self.service_settings
         self.services = [registry.create(n, s, self.nats_url, self.redis_url) for n in self.names]
+        for tenant in self.settings.tenant_list:
+            ts = s.for_tenant(tenant)
+            private_dir(ts.cache_dir)
+            self.services += [registry.create(n, ts, self.nats_url, self.redis_url) for n in self.names
+                              if n != "web"]
         return self.services
 
     async def __aenter__(self) -> LocalStack:
@@ -178,7 +190,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     path = stack_file(settings)
     me = process_record(os.getpid())
     info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",
-                            "namespace": settings.namespace, "services": stack.names, "started": time.time(),
+                            "namespace": settings.namespace, "tenants": settings.tenant_list,
+                            "services": stack.names, "started": time.time(),
                             "engines": []}
     write_private(path, json.dumps(info, indent=2))
     try:
@@ -197,8 +210,9 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             write_private(path, json.dumps(info, indent=2))
             if not args.quiet:
                 where = "embedded" if stack.engines else "configured"
+                tenants = f"; tenants: {', '.join(stack.namespaces)}" if settings.tenant_list else ""
                 print(f"buildtel: stack up ({where}) — NATS {public_url(stack.nats_url)}, "
-                      f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}; "
+                      f"Redis {public_url(stack.redis_url)}; services: {', '.join(stack.names)}{tenants}; "
                       f"data in {settings.cache_dir}", file=sys.stderr, flush=True)
                 if web is not None:
                     open_note = "" if settings.http_token or web.keyed else \

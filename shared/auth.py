@@ -184,17 +184,32 @@ def password_variable(role: str) -> str:
     return f"BUILDTEL_NATS_{role.upper()}_PASSWORD"
 
 
-def nats_authorization(auth: StackAuth | None, namespace: str) -> str:
+def merged_permissions(role: str, namespaces: Iterable[str]) -> dict[str, object]:
+    """``role``'s permissions in every namespace of ``namespaces`` (a stack serving several tenants)."""
+    pub: list[str] = []
+    sub: list[str] = []
+    responses = False
+    for ns in namespaces:
+        perm = role_permissions(role, ns)
+        pub += perm["publish"]  # type: ignore[arg-type]
+        sub += perm["subscribe"]  # type: ignore[arg-type]
+        responses = responses or bool(perm["allow_responses"])
+    return {"publish": _dedupe(pub), "subscribe": _dedupe(sub), "allow_responses": responses}
+
+
+def nats_authorization(auth: StackAuth | None, namespace: str | Iterable[str]) -> str:
     """The ``authorization { users = [...] }`` block of a nats-server configuration giving each
-    role in ``auth`` its permissions in ``namespace`` (``"*"`` for any namespace).
+    role in ``auth`` its permissions in ``namespace`` (``"*"`` for any namespace; several
+    namespaces: the stack's tenants, each role in each).
 
     With ``auth=None`` every role is listed and its password is a reference to the environment
     variable :func:`password_variable` names (nats-server resolves ``$VAR``), for deployments whose
     secrets come from the environment (``deploy/nats.conf``)."""
     users = []
     pairs = auth.nats if auth is not None else tuple((r, f"${password_variable(r)}") for r in ROLES)
+    namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
     for role, password in pairs:
-        perm = role_permissions(role, namespace)
+        perm = merged_permissions(role, namespaces)
         entry = {"user": role, "password": password,
                  "permissions": {"publish": {"allow": perm["publish"]},
                                  "subscribe": {"allow": perm["subscribe"]}}}

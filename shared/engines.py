@@ -181,7 +181,7 @@ class NatsEngine(Engine):
     name = "nats-server"
 
     def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1",
-                 auth: StackAuth | None = None, namespace: str = "buildtel") -> None:
+                 auth: StackAuth | None = None, namespace: str | list[str] = "buildtel") -> None:
         super().__init__(data_dir, port, host, auth)
         self.namespace = namespace
 

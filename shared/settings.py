@@ -64,6 +64,10 @@ class Settings:
         "and machine, shared by all builds; set a directory per project only if you want separate histories.",
         default_factory=default_data_dir)
     namespace: str = _help("Prefix of every subject, stream and Redis key.", default="buildtel")
+    tenants: str = _help(
+        "Further namespaces (comma-separated) 'buildtel up' serves beside NAMESPACE: each tenant gets its own "
+        "services, store (DATA_DIR/tenants/<name>/) and NATS permissions; one web API serves them all.",
+        default="")
     nats_url: str | None = _help("Join this NATS cluster instead of starting an embedded server.", default=None)
     redis_url: str | None = _help("Use this Redis instead of starting an embedded one.", default=None)
     nats_creds: Path | None = _help("NATS .creds file (JWT + nkey).", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
@@ -156,13 +160,26 @@ class Settings:
             ("session_timeout_s", self.session_timeout_s > 0),
             ("finish_grace_s", self.finish_grace_s >= 0),
             ("gap_wait_s", self.gap_wait_s >= 0),
-            ("namespace", bool(self.namespace) and all(c.isalnum() or c in "-_" for c in self.namespace)),
+            ("namespace", _is_namespace(self.namespace)),
+            ("tenants", all(_is_namespace(t) for t in self.tenant_list)),
             ("log_format", self.log_format in {"auto", "json", "console"}),
             ("log_level", self.log_level.lower() in {"debug", "info", "warning", "error"}),
         ]
         for name, ok in checks:
             if not ok:
                 raise SettingsError(f"{PREFIX}{name.upper()}: invalid value {getattr(self, name)!r}")
+
+    @property
+    def tenant_list(self) -> list[str]:
+        """The further tenants of ``tenants``, in order, without repeats or the stack's own namespace."""
+        return [t for t in dict.fromkeys(t.strip() for t in self.tenants.split(",")) if t and t != self.namespace]
+
+    def for_tenant(self, tenant: str) -> Settings:
+        """The settings of a service of ``tenant``: its namespace and its own data directory (the
+        stack's own namespace keeps the data directory itself)."""
+        if tenant == self.namespace:
+            return self
+        return replace(self, namespace=tenant, tenants="", cache_dir=self.cache_dir / "tenants" / tenant)
 
     # -- derived paths ----------------------------------------------------------------------
     @property
@@ -184,6 +201,10 @@ class Settings:
     @property
     def retention_s(self) -> float:
         return self.retention_days * 86400.0
+
+
+def _is_namespace(name: str) -> bool:
+    return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_" for c in name)
 
 
 def _convert(key: str, raw: str, typ: Any) -> Any:

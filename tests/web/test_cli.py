@@ -97,3 +97,60 @@ async def test_keys_create_list_revoke_close_and_reopen_the_api(up: Any) -> None
     assert again.returncode != 0 and "no API key has id" in again.stderr
     bad = buildtel("keys", "create", "--tenant", "no spaces please", env=env)
     assert bad.returncode != 0 and "is not a namespace" in bad.stderr
+
+
+@pytest.fixture
+def two_tenant_stack(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], dict[str, Any]]]:
+    """``buildtel up`` serving two tenants: its own namespace and ``teamb``."""
+    import signal
+    import subprocess
+
+    from tests.cli.test_stack import _env, _wait_stack
+
+    cache = tmp_path / ".builder-cache"
+    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        info = _wait_stack(cache, proc, log, timeout=120)
+        yield cache, env, {**info, "log": log.read_text()}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+async def test_one_stack_serves_two_tenants_each_key_sees_its_own(two_tenant_stack: Any) -> None:
+    cache, env, info = two_tenant_stack
+    assert info["tenants"] == ["teamb"] and "tenants: buildtel, teamb" in info["log"]
+    web = info["web_url"]
+    ids = {}
+    for ns in ("buildtel", "teamb"):
+        run = buildtel("run", "--json", "--", sys.executable, "-c", "pass",
+                       env={**env, "BUILDER_TELEMETRY_NAMESPACE": ns})
+        assert run.returncode == 0, run.stderr
+        ids[ns] = json.loads(run.stdout)["session_id"]
+    assert (cache / "tenants" / "teamb" / "telemetry").is_dir()  # the tenant's own store
+    keys = {}
+    for ns in ("buildtel", "teamb"):
+        made = buildtel("keys", "create", "--tenant", ns, env=env)
+        assert made.returncode == 0, made.stderr
+        keys[ns] = made.stdout.strip()
+    async with aiohttp.ClientSession() as http:
+        for ns, other in (("buildtel", "teamb"), ("teamb", "buildtel")):
+            auth = {"Authorization": f"Bearer {keys[ns]}"}
+            deadline = time.monotonic() + 60
+            while True:  # storage files each session moments after its run ends
+                async with http.get(f"{web}/api/v1/sessions", headers=auth) as resp:
+                    assert resp.status == 200
+                    page = await resp.json()
+                if page["sessions"] or time.monotonic() > deadline:
+                    break
+                await _sleep_briefly()
+            assert [s["id"] for s in page["sessions"]] == [ids[ns]]
+            async with http.get(f"{web}/api/v1/sessions/{ids[ns]}", headers=auth) as resp:
+                assert resp.status == 200
+            async with http.get(f"{web}/api/v1/sessions/{ids[other]}", headers=auth) as resp:
+                assert resp.status == 404  # another tenant's build does not exist for this key
