@@ -90,7 +90,7 @@ LOG = web.AppKey("log", object)
 TENANT = web.RequestKey("tenant", str)  # the namespace the request's key may read
 CALLER = web.RequestKey("caller", Caller)
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # need the write scope
-PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json"})  # answered without a key
+PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json", "/login"})  # answered without a key
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -102,14 +102,62 @@ def problem(status: int, title: str, detail: str) -> web.Response:
     return web.Response(body=body, status=status, content_type=PROBLEM)
 
 
+def _is_public(path: str) -> bool:
+    return path in PUBLIC or path.startswith("/static/")
+
+
+def _is_page(path: str) -> bool:
+    """A dashboard page (HTML errors, a login redirect) rather than the API (problem+json)."""
+    return not path.startswith("/api/") and path not in ("/healthz", "/metrics")
+
+
+async def _authorize(request: web.Request) -> None:
+    """The caller from ``Authorization``, else from the dashboard's cookie.  A change sent with the
+    cookie must also carry the dashboard's header: a form of another site cannot set it."""
+    from buildtel.services.web.pages import COOKIE, CSRF_HEADER
+
+    header = request.headers.get("Authorization")
+    from_cookie = header is None and COOKIE in request.cookies
+    if from_cookie:
+        header = "Bearer " + request.cookies[COOKIE]
+    need: Scope = "write" if request.method in WRITES else "read"
+    caller = await _backend(request).authorize(header, need)
+    if from_cookie and need == "write" and request.headers.get(CSRF_HEADER) != "1":
+        raise Forbidden(f"a change made with the dashboard's cookie needs the {CSRF_HEADER} header")
+    request[CALLER], request[TENANT] = caller, caller.tenant
+
+
 @web.middleware
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        if request.path not in PUBLIC:
-            caller = await _backend(request).authorize(request.headers.get("Authorization"),
-                                                       "write" if request.method in WRITES else "read")
-            request[CALLER], request[TENANT] = caller, caller.tenant
+        if not _is_public(request.path):
+            await _authorize(request)
         return await handler(request)
+    except Exception as exc:  # noqa: BLE001 - each kind answered below, as a page or a problem
+        if _is_page(request.path) and request.method == "GET":
+            return await _page_error(request, exc)
+        return _problem_of(request, exc)
+
+
+async def _page_error(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """A page's failure for people: the login page when a key is needed, else the error as HTML."""
+    from urllib.parse import quote
+
+    from buildtel.services.web.pages import render
+
+    if isinstance(exc, Unauthorized):
+        raise web.HTTPSeeOther("/login?next=" + quote(request.path_qs, safe="/"))
+    if isinstance(exc, web.HTTPException) and exc.status < 400:
+        raise exc
+    answer = _problem_of(request, exc)
+    detail = msgspec.json.decode(answer.body) if isinstance(answer.body, bytes) else {}
+    return render(request, "error.html", status=answer.status, title=detail.get("title", "Error"),
+                  detail=detail.get("detail", ""))
+
+
+def _problem_of(request: web.Request, exc: Exception) -> web.Response:
+    try:
+        raise exc
     except BadInput as exc:
         return problem(400, "Bad Request", str(exc))
     except NotFound as exc:
@@ -130,7 +178,7 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return problem(502, "Bad Gateway", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
-            raise
+            raise exc
         detail = f"no such endpoint: {request.method} {request.path[:200]} (see /api/v1/openapi.json)" \
             if exc.status in (404, 405) else exc.text or exc.reason
         resp = problem(exc.status, exc.reason, detail)
@@ -226,12 +274,6 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response(_backend(request).health())
 
 
-async def session_page(request: web.Request) -> web.Response:
-    """``/sessions/<id>``, the link ``buildtel run`` prints: the session's JSON until the dashboard
-    adds its page (docs/api.md)."""
-    return await get_session(request)
-
-
 def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=max_body_bytes)
     app[BACKEND], app[LOG] = backend, log
@@ -249,5 +291,7 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app.router.add_get("/api/v1/targets/history", get_target_history)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/sessions/{id}", session_page)
+    from buildtel.services.web.pages import add_routes
+
+    add_routes(app)
     return app

@@ -77,6 +77,7 @@ from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
 from buildtel.shared.keyed import keyed
 from buildtel.shared.keys import Keys
+from buildtel.shared.protocol import BuildSession
 from buildtel.shared.service import BusService
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
@@ -184,9 +185,12 @@ class WebService(BusService):
         return SessionPage(sessions=out, next_cursor=encode_cursor(cursor))
 
     async def session(self, tenant: str, id_or_prefix: str) -> Any:
+        return keyed(await self.session_struct(tenant, id_or_prefix))
+
+    async def session_struct(self, tenant: str, id_or_prefix: str) -> BuildSession:
         sid = id_or_prefix if len(id_or_prefix) == FULL_LEN else await self._resolve_prefix(tenant, id_or_prefix)
         try:
-            return keyed(await StorageClient(self.nc, Subjects(tenant)).get(sid))
+            return await StorageClient(self.nc, Subjects(tenant)).get(sid)
         except StorageError as exc:
             raise self._storage_failure(exc, f"no session {sid} is stored") from None
 
