@@ -106,9 +106,13 @@ def _is_public(path: str) -> bool:
     return path in PUBLIC or path.startswith("/static/")
 
 
-def _is_page(path: str) -> bool:
-    """A dashboard page (HTML errors, a login redirect) rather than the API (problem+json)."""
-    return not path.startswith("/api/") and path not in ("/healthz", "/metrics")
+def _is_page(request: web.Request) -> bool:
+    """A dashboard page (HTML errors, a login redirect) rather than the API (problem+json): not
+    under ``/api/``, and not asked for as JSON (``curl -H 'Accept: application/json'`` of a link)."""
+    path, accept = request.path, request.headers.get("Accept", "")
+    if path.startswith("/api/") or path in ("/healthz", "/metrics"):
+        return False
+    return not ("application/json" in accept and "text/html" not in accept)
 
 
 async def _authorize(request: web.Request) -> None:
@@ -134,7 +138,7 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
             await _authorize(request)
         return await handler(request)
     except Exception as exc:  # noqa: BLE001 - each kind answered below, as a page or a problem
-        if _is_page(request.path) and request.method == "GET":
+        if request.method == "GET" and _is_page(request):
             return await _page_error(request, exc)
         return _problem_of(request, exc)
 

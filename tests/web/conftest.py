@@ -24,6 +24,7 @@ from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.storage.conftest import build_session
+from tests.web.farm import farm  # noqa: F401 - a fixture: a real farm for every module that asks (farm.py)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:

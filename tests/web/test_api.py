@@ -68,8 +68,12 @@ async def test_one_session_by_full_id_and_by_prefix_with_keyed_targets(api: Api,
         assert body["id"] == s.id and body["exit_code"] == 0
         assert [t["name"] for t in body["targets"]] == [t.name for t in s.targets]
         assert body["targets"][0]["phases"][0] == {"name": "compile", "duration_s": 0.3}
-    status, _, body = await api.get(f"/sessions/{s.id[:10]}")
-    assert (status, body["id"]) == (200, s.id)
+    # The link `buildtel run` prints: the build's page, or its JSON for a client that asks for JSON.
+    async with api.http.get(f"{api.web.url}/sessions/{s.id[:10]}", headers={"Accept": "application/json"}) as resp:
+        assert (resp.status, (await resp.json())["id"]) == (200, s.id)
+    async with api.http.get(f"{api.web.url}/sessions/{s.id[:10]}") as resp:
+        assert (resp.status, resp.content_type) == (200, "text/html")
+        assert s.id[:12] in await resp.text()
 
 
 async def test_bad_input_is_a_problem_never_a_500(api: Api, settings: Settings, nc: Any, make_session: Any) -> None:

@@ -27,7 +27,7 @@ def up(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[dict[st
 
 
 async def _get(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+    async with aiohttp.ClientSession() as http, http.get(url, headers={"Accept": "application/json"}) as resp:
         return resp.status, await resp.json(content_type=None)
 
 

@@ -12,114 +12,15 @@ read key may not POST or DELETE (403), a write key may.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 import aiohttp
 import jsonschema
-import pytest
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from tests.cli.test_stack import _env, _wait_stack, buildtel
-
-MAKEFILE = """\
-all: app
-app: lib.o main.o
-\t@echo link app
-lib.o:
-\t@echo compile lib
-main.o:
-\t@echo compile main
-broken:
-\t@echo 'main.c:3: error: expected ;' >&2; exit 1
-"""
-PUBLIC = ("/healthz", "/api/v1/openapi.json")
-
-
-class Farm:
-    def __init__(self, cache: Path, env: dict[str, str], info: dict[str, Any]) -> None:
-        self.cache, self.env, self.info = cache, env, info
-        self.web: str = info["web_url"]
-        self.keys: dict[str, str] = {}
-        self.ids: dict[str, str] = {}  # what the id parameters of the paths are filled with
-
-
-def _build(env: dict[str, str], workdir: Path, *args: str) -> str:
-    run = buildtel("run", "--json", "--", "make", "-C", str(workdir), *args, env=env, timeout=120)
-    return str(json.loads(run.stdout)["session_id"])
-
-
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
-    tmp = tmp_path_factory.mktemp("farm")
-    cache = tmp / ".builder-cache"
-    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
-    log = tmp / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        farm = Farm(cache, env, _wait_stack(cache, proc, log, timeout=120))
-        demo = buildtel("demo", "--builds", "18", "--targets", "60", env=env, timeout=300)
-        assert demo.returncode == 0, demo.stderr[-2000:]
-        src = tmp / "src"
-        src.mkdir()
-        (src / "Makefile").write_text(MAKEFILE)
-        farm.ids["ok"] = _build(env, src)
-        farm.ids["failed"] = _build(env, src, "broken")
-        farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
-        for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
-                                    ("revoked", "buildtel", "read"), ("teamb", "teamb", "read")):
-            made = buildtel("keys", "create", "--tenant", tenant, "--scope", scope, env=env)
-            assert made.returncode == 0, made.stderr
-            farm.keys[name] = made.stdout.strip()
-        assert buildtel("keys", "revoke", farm.keys["revoked"][4:16], env=env).returncode == 0
-        yield farm
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-
-
-async def _get_json(http: aiohttp.ClientSession, url: str, key: str) -> Any:
-    async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
-        assert resp.status == 200, (url, await resp.text())
-        return await resp.json()
-
-
-async def _ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
-    """Wait (bounded) until storage holds every build and the demo's alert is out; the document."""
-    key = farm.keys["read"]
-    deadline = time.monotonic() + 120
-    while True:
-        page = await _get_json(http, f"{farm.web}/api/v1/sessions?limit=100", key)
-        alerts = await _get_json(http, f"{farm.web}/api/v1/alerts", key)
-        theirs = await _get_json(http, f"{farm.web}/api/v1/sessions", farm.keys["teamb"])
-        stored = {s["id"] for s in page["sessions"]}
-        if ({farm.ids["ok"], farm.ids["failed"]} <= stored and len(stored) >= 20 and alerts["alerts"]
-                and theirs["sessions"]):
-            break
-        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]))
-        await _pause()
-    session = await _get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['ok']}", key)
-    farm.ids["session"] = farm.ids["ok"]
-    farm.ids["other"] = farm.ids["failed"]
-    farm.ids["alert"] = alerts["alerts"][0]["id"]
-    farm.ids["target"] = session["targets"][0]["name"]
-    return dict(await _get_json(http, f"{farm.web}/api/v1/openapi.json", key))
-
-
-async def _pause() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.2)
+from tests.web.farm import PUBLIC, Farm, get_json, ready
 
 
 def _fill(path: str, ids: dict[str, str], mine: bool = True) -> str:
@@ -166,7 +67,7 @@ def _operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 async def test_every_documented_endpoint_answers_a_key_and_validates(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
-        doc = await _ready(farm, http)
+        doc = await ready(farm, http)
         assert len(doc["paths"]) >= 12
         read = {"Authorization": f"Bearer {farm.keys['read']}"}
         for path, method, op in _operations(doc):
@@ -182,7 +83,7 @@ async def test_every_documented_endpoint_answers_a_key_and_validates(farm: Farm)
 
 async def test_every_endpoint_refuses_no_key_a_bad_key_and_a_revoked_key(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
-        doc = await _ready(farm, http)
+        doc = await ready(farm, http)
         for path, method, op in _operations(doc):
             url = farm.web + _fill(path, farm.ids)
             for key in (None, "btk_0123456789ab_" + "x" * 43, farm.keys["revoked"]):
@@ -199,7 +100,7 @@ async def test_every_endpoint_refuses_no_key_a_bad_key_and_a_revoked_key(farm: F
 
 async def test_another_tenants_key_finds_none_of_this_tenants_builds(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
-        doc = await _ready(farm, http)
+        doc = await ready(farm, http)
         theirs = {"Authorization": f"Bearer {farm.keys['teamb']}"}
         mine = {farm.ids["ok"], farm.ids["failed"], farm.ids["alert"]}
         for path, method, op in _operations(doc):
@@ -216,13 +117,13 @@ async def test_another_tenants_key_finds_none_of_this_tenants_builds(farm: Farm)
                 text = await resp.text()
                 assert not [i for i in mine if i in text], path  # nothing of this tenant leaks
         # Its own build, through its own key, is there.
-        own = await _get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['teamb']}", farm.keys["teamb"])
+        own = await get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['teamb']}", farm.keys["teamb"])
         assert own["id"] == farm.ids["teamb"]
 
 
 async def test_changes_need_a_write_key(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
-        doc = await _ready(farm, http)
+        doc = await ready(farm, http)
         changes = [(p, m, op) for p, m, op in _operations(doc) if m in ("POST", "DELETE")]
         assert changes
         bodies = {"mute": {"duration": "1h"}}
@@ -240,10 +141,10 @@ async def test_changes_need_a_write_key(farm: Farm) -> None:
 
 async def test_a_failed_make_build_is_stored_as_failed_with_its_failing_target(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
-        await _ready(farm, http)
-        failed = await _get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['failed']}", farm.keys["read"])
+        await ready(farm, http)
+        failed = await get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['failed']}", farm.keys["read"])
         assert failed["outcome"] == "failed" and failed["exit_code"] != 0
         assert [t["name"].rsplit("/", 1)[-1] for t in failed["targets"] if t["status"] == "failed"] == ["broken"]
-        page = await _get_json(http, f"{farm.web}/api/v1/sessions?outcome=failed", farm.keys["read"])
+        page = await get_json(http, f"{farm.web}/api/v1/sessions?outcome=failed", farm.keys["read"])
         assert farm.ids["failed"] in {s["id"] for s in page["sessions"]}
         assert farm.ids["ok"] not in {s["id"] for s in page["sessions"]}

@@ -1,0 +1,111 @@
+"""A farm for the web tests: ``buildtel up`` serving two tenants (its own namespace and ``teamb``),
+filled by ``buildtel demo`` (with its injected regression and alert) and real ``buildtel run`` make
+builds, one of them failing; keys of each scope.  Module-scoped: each test module gets its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.cli.test_stack import _env, _wait_stack, buildtel
+
+MAKEFILE = """\
+all: app
+app: lib.o main.o
+\t@echo link app
+lib.o:
+\t@echo compile lib
+main.o:
+\t@echo compile main
+broken:
+\t@echo 'main.c:3: error: expected ;' >&2; exit 1
+"""
+PUBLIC = ("/healthz", "/api/v1/openapi.json")
+
+
+class Farm:
+    def __init__(self, cache: Path, env: dict[str, str], info: dict[str, Any]) -> None:
+        self.cache, self.env, self.info = cache, env, info
+        self.web: str = info["web_url"]
+        self.keys: dict[str, str] = {}
+        self.ids: dict[str, str] = {}  # what the id parameters of the paths are filled with
+
+
+def _build(env: dict[str, str], workdir: Path, *args: str) -> str:
+    run = buildtel("run", "--json", "--", "make", "-C", str(workdir), *args, env=env, timeout=120)
+    return str(json.loads(run.stdout)["session_id"])
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    tmp = tmp_path_factory.mktemp("farm")
+    cache = tmp / ".builder-cache"
+    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
+    log = tmp / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        farm = Farm(cache, env, _wait_stack(cache, proc, log, timeout=120))
+        demo = buildtel("demo", "--builds", "18", "--targets", "60", env=env, timeout=300)
+        assert demo.returncode == 0, demo.stderr[-2000:]
+        src = tmp / "src"
+        src.mkdir()
+        (src / "Makefile").write_text(MAKEFILE)
+        farm.ids["ok"] = _build(env, src)
+        farm.ids["failed"] = _build(env, src, "broken")
+        farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
+        for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
+                                    ("revoked", "buildtel", "read"), ("teamb", "teamb", "read")):
+            made = buildtel("keys", "create", "--tenant", tenant, "--scope", scope, env=env)
+            assert made.returncode == 0, made.stderr
+            farm.keys[name] = made.stdout.strip()
+        assert buildtel("keys", "revoke", farm.keys["revoked"][4:16], env=env).returncode == 0
+        yield farm
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, key: str) -> Any:
+    async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200, (url, await resp.text())
+        return await resp.json()
+
+
+async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
+    """Wait (bounded) until storage holds every build and the demo's alert is out; the document."""
+    key = farm.keys["read"]
+    deadline = time.monotonic() + 120
+    while True:
+        page = await get_json(http, f"{farm.web}/api/v1/sessions?limit=100", key)
+        alerts = await get_json(http, f"{farm.web}/api/v1/alerts", key)
+        theirs = await get_json(http, f"{farm.web}/api/v1/sessions", farm.keys["teamb"])
+        stored = {s["id"] for s in page["sessions"]}
+        if ({farm.ids["ok"], farm.ids["failed"]} <= stored and len(stored) >= 20 and alerts["alerts"]
+                and theirs["sessions"]):
+            break
+        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]))
+        await _pause()
+    session = await get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['ok']}", key)
+    farm.ids["session"] = farm.ids["ok"]
+    farm.ids["demo"] = next(s["id"] for s in page["sessions"] if s["targets"] >= 60)
+    farm.ids["other"] = farm.ids["failed"]
+    farm.ids["alert"] = alerts["alerts"][0]["id"]
+    farm.ids["target"] = session["targets"][0]["name"]
+    return dict(await get_json(http, f"{farm.web}/api/v1/openapi.json", key))
+
+
+async def _pause() -> None:
+    await asyncio.sleep(0.2)

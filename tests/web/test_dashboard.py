@@ -1,0 +1,213 @@
+"""The dashboard in a real browser (Debian's Chromium through Playwright) against a real farm
+(``farm.py``: ``buildtel up``, the demo, real make builds, keys): every page loads with no console
+error and no failed request, the timeline has a bar per target, filters change the rows,
+acknowledging an alert changes the feed, and nothing is shown without a key.  A screenshot of each
+page is kept in the farm's data directory (``screenshots/``), for CI to pick up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+from tests.web.farm import Farm, get_json, ready
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(farm: Farm) -> Farm:
+    """The farm once every build is stored and the demo's alert is out (ids filled in)."""
+
+    async def wait() -> None:
+        async with aiohttp.ClientSession() as http:
+            await ready(farm, http)
+
+    _in_thread(wait())
+    return farm
+
+
+def _in_thread(coro: Any) -> Any:
+    """Run ``coro`` to its end on a loop of its own thread (pytest-asyncio may own this one)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class Watched:
+    """A page whose console errors and failed requests are collected."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        page.on("console", lambda m: self.problems.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url} {r.failure}"))
+        page.on("response", lambda r: self.problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+
+
+def _login(browser: Browser, farm: Farm, key: str) -> BrowserContext:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.goto(farm.web + "/")
+    assert page.url.startswith(farm.web + "/login")
+    page.fill("#key", farm.keys[key])
+    page.click("form.login button[type=submit]")
+    page.wait_for_url(farm.web + "/")
+    page.close()
+    return ctx
+
+
+def _shot(page: Page, farm: Farm, name: str) -> None:
+    out = farm.cache / "screenshots"
+    out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+
+def _pages(farm: Farm) -> dict[str, str]:
+    i = farm.ids
+    return {"overview": "/", "overview-7d": "/?days=7", "builds": "/sessions", "build": f"/sessions/{i['ok']}",
+            "build-failed": f"/sessions/{i['failed']}", "demo-build": f"/sessions/{i['demo']}",
+            "target": "/targets/" + quote(i["target"], safe=""), "alerts": "/alerts"}
+
+
+def test_every_page_loads_without_errors_and_is_kept_as_a_screenshot(browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "read")
+    try:
+        for name, path in _pages(loaded).items():
+            w = Watched(ctx.new_page())
+            w.page.goto(loaded.web + path)
+            w.page.wait_for_load_state("load")
+            if w.page.locator("[data-chart]").count():
+                w.page.wait_for_selector(".uplot")  # the charts were drawn
+            assert w.page.locator("h1").count() == 1, name
+            assert not w.problems, (name, w.problems)
+            _shot(w.page, loaded, name)
+            w.page.close()
+        assert len(list((loaded.cache / "screenshots").glob("*.png"))) == len(_pages(loaded))
+    finally:
+        ctx.close()
+
+
+def test_the_timeline_has_a_bar_per_target_and_marks_the_critical_path(browser: Browser, loaded: Farm) -> None:
+    async def session() -> Any:
+        async with aiohttp.ClientSession() as http:
+            return await get_json(http, f"{loaded.web}/api/v1/sessions/{loaded.ids['demo']}", loaded.keys["read"])
+
+    s = _in_thread(session())
+    ctx = _login(browser, loaded, "read")
+    try:
+        page = ctx.new_page()
+        page.goto(f"{loaded.web}/sessions/{s['id']}")
+        assert page.locator("#timeline rect.bar").count() == len(s["targets"])
+        assert page.locator("#timeline rect.bar.crit").count() >= 1
+        assert page.locator("#targets tbody tr").count() == len(s["targets"])
+        # The targets table sorts by a column with the keyboard.
+        page.locator("#targets thead th").nth(3).locator("button").focus()
+        page.keyboard.press("Enter")
+        assert page.locator("#targets thead th").nth(3).get_attribute("aria-sort") == "ascending"
+        first = page.locator("#targets tbody tr").first.locator("td").nth(3).get_attribute("data-v")
+        assert float(first or "nan") == min(t["duration_s"] for t in s["targets"])
+        # A failed build lists its failed target first.
+        page.goto(f"{loaded.web}/sessions/{loaded.ids['failed']}")
+        assert "broken" in page.locator("#targets tbody tr").first.inner_text()
+        assert page.locator("#timeline rect.bar.failed").count() == 1
+    finally:
+        ctx.close()
+
+
+def test_filters_change_the_rows(browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "read")
+    try:
+        page = ctx.new_page()
+        page.goto(f"{loaded.web}/sessions?limit=100")
+        everything = page.locator("#sessions tbody tr").count()
+        page.select_option("select[name=outcome]", "failed")
+        page.click(".filters button[type=submit]")
+        page.wait_for_url("**outcome=failed**")
+        failed = page.locator("#sessions tbody tr")
+        assert 1 <= failed.count() < everything
+        for i in range(failed.count()):
+            assert "failed" in failed.nth(i).locator("td").nth(1).inner_text()
+        page.fill("input[name=branch]", "no-such-branch")
+        page.click(".filters button[type=submit]")
+        page.wait_for_url("**branch=no-such-branch**")
+        assert page.locator("#sessions").count() == 0 and "No build matches" in page.content()
+    finally:
+        ctx.close()
+
+
+def test_acknowledging_an_alert_changes_the_feed(browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "write")
+    try:
+        w = Watched(ctx.new_page())
+        w.page.goto(f"{loaded.web}/alerts?status=open")
+        item = w.page.locator(f"#alert-{loaded.ids['alert']}")
+        assert item.locator("[data-state]").inner_text() == "open"
+        item.locator("button", has_text="Acknowledge").click()
+        w.page.wait_for_load_state("load")
+        w.page.goto(f"{loaded.web}/alerts?status=acknowledged")
+        item = w.page.locator(f"#alert-{loaded.ids['alert']}")
+        assert item.locator("[data-state]").inner_text() == "acknowledged"
+        assert "acknowledged by" in item.inner_text()
+        item.locator("button", has_text="Take back").click()
+        w.page.wait_for_function("document.querySelector('.result') === null || "
+                                 "document.querySelector('.result').textContent.startsWith('now')")
+        assert not w.problems, w.problems
+    finally:
+        ctx.close()
+
+
+def test_a_read_key_cannot_change_an_alert_from_the_page(browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "read")
+    try:
+        page = ctx.new_page()
+        page.goto(f"{loaded.web}/alerts")
+        item = page.locator(f"#alert-{loaded.ids['alert']}")
+        item.locator("button", has_text="Acknowledge").click()
+        page.wait_for_selector(f"#alert-{loaded.ids['alert']} .result.error")
+        assert "needs 'write' or 'admin'" in item.locator(".result").inner_text()
+    finally:
+        ctx.close()
+
+
+def test_no_page_without_a_key(browser: Browser, loaded: Farm, tmp_path: Path) -> None:
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        for path in _pages(loaded).values():
+            page.goto(loaded.web + path)
+            assert page.url.startswith(loaded.web + "/login?next="), path
+            assert page.locator("#key").count() == 1 and page.locator("h1").inner_text() == "Log in"
+            assert page.locator("table, svg.timeline, [data-chart]").count() == 0  # no data on it
+        # A wrong key is refused on the login page; a revoked one too.
+        for key in ("btk_0123456789ab_" + "x" * 43, loaded.keys["revoked"]):
+            page.goto(loaded.web + "/login")
+            page.fill("#key", key)
+            page.click("form.login button[type=submit]")
+            assert "missing, unknown or revoked" in page.locator(".error").inner_text()
+        # The login page sends nowhere but this site.
+        page.goto(loaded.web + "/login?next=//evil.example/")
+        page.fill("#key", loaded.keys["read"])
+        page.click("form.login button[type=submit]")
+        page.wait_for_url(loaded.web + "/")
+    finally:
+        ctx.close()
