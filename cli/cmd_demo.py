@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--builds", type=int, default=24, help="builds to run (default 24)")
     p.add_argument("--targets", type=int, default=300, help="targets per build (default 300)")
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.add_argument("--serve", action="store_true",
+                   help="when the demo starts its own stack, keep it (and the dashboard) running after the report "
+                        "until Ctrl-C")
     p.set_defaults(func=cmd_demo, quiet_logs=True)
 
 
@@ -87,7 +90,9 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     log_path = _logs_to_file(settings)
     stack: LocalStack | None = None
     announced: Path | None = None
-    if not (settings.nats_url and settings.redis_url) and read_stack(settings) is None:
+    running = read_stack(settings)
+    web_url = running.get("web_url") if running else None
+    if not (settings.nats_url and settings.redis_url) and running is None:
         if stack_running(settings) is not None:
             raise CLIError(f"a stack for {settings.cache_dir} is still starting (see {stack_file(settings)}): "
                            "try again in a moment, or stop it with 'buildtel down'")
@@ -95,7 +100,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         stack = LocalStack(settings)
         await stack.__aenter__()
         settings = stack.service_settings
-        announced = _announce(stack)
+        web_url = next((svc.url for svc in stack.services if getattr(svc, "name", "") == "web"), None)
+        announced = _announce(stack, web_url)
     try:
         async with open_bus(settings) as bus:
             print(f"buildtel demo: NATS {public_url(bus.nats_url)}, Redis {public_url(bus.redis_url)}",
@@ -111,7 +117,16 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print(text)
             print(_alerts_text(plan, alerts))
             print(f"buildtel demo: service logs in {log_path}", file=sys.stderr)
+            if web_url:
+                print(f"Dashboard: {web_url}/?branch={branch}  (this demo's builds; all builds: {web_url}/)")
             missing = len(plan.session_ids) - len(sessions)
+            if stack is not None and web_url:
+                if args.serve:
+                    print("buildtel demo: serving the dashboard; Ctrl-C stops the stack", file=sys.stderr, flush=True)
+                    await _until_signal()
+                else:
+                    print("buildtel demo: the demo's own stack stops now; 'buildtel demo --serve' keeps it (and the "
+                          "dashboard) running, or start one with 'buildtel up'", file=sys.stderr)
             return 0 if missing == 0 and complete else 1
     finally:
         if stack is not None:
@@ -123,7 +138,18 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     announced.unlink()
 
 
-def _announce(stack: LocalStack) -> Path:
+async def _until_signal() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _announce(stack: LocalStack, web_url: str | None) -> Path:
     """``stack.json`` for the demo's own stack while it runs: a ``buildtel run`` meanwhile joins it
     instead of starting a second stack on the same data, and ``down`` can stop it."""
     me = process_record(os.getpid())
@@ -131,6 +157,8 @@ def _announce(stack: LocalStack) -> Path:
     info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "running",
                             "namespace": stack.settings.namespace, "services": stack.names, "started": time.time(),
                             "demo": True, **stack_record(stack)}
+    if web_url:
+        info["web_url"] = web_url
     write_private(path, json.dumps(info, indent=2))
     return path
 

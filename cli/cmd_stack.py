@@ -217,7 +217,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 if web is not None:
                     open_note = "" if settings.http_token or web.keyed else \
                         " (open: no API key or token set, loopback only)"
-                    print(f"buildtel: web API {web.url}/api/v1/{open_note}", file=sys.stderr, flush=True)
+                    print(f"buildtel: dashboard {web.url}/ · web API {web.url}/api/v1/{open_note}", file=sys.stderr,
+                          flush=True)
                 if stack.embedded_nats:
                     print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
                           "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)

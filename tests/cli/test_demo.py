@@ -38,5 +38,8 @@ def test_demo_stores_every_build_and_catches_its_regression(tmp_path: Path) -> N
                 pass
         assert '"level":' not in line and "[warning" not in line and "[info" not in line, line
     assert (tmp_path / ".builder-cache" / "demo.log").stat().st_size > 0
+    # The dashboard's address, for this demo's builds, and how to keep it running.
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/\?branch=demo-[0-9a-f]{8}", out), out
+    assert "'buildtel demo --serve' keeps it" in res.stderr
     assert re.search(r"regression\s+//src/\S+\s+[\d.]+ s -> [\d.]+ s \(\+\d+%", out), out
     assert "injected regression caught" in out

@@ -35,7 +35,8 @@ async def test_up_serves_the_api_and_run_ends_with_a_link_that_answers(up: Any, 
     env, info, log = up
     web = info["web_url"]
     assert web.startswith("http://127.0.0.1:") and "web" in info["services"]
-    assert f"web API {web}/api/v1/ (open: no API key or token set, loopback only)" in log.read_text()
+    assert f"dashboard {web}/ · web API {web}/api/v1/ (open: no API key or token set, loopback only)" \
+        in log.read_text()
     status, health = await _get(web + "/healthz")
     assert (status, health["status"]) == (200, "ok")
 
