@@ -12,6 +12,7 @@ answered 500 without its text (it may hold data of another request).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -133,14 +134,20 @@ async def _authorize(request: web.Request) -> None:
 
 @web.middleware
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    t0 = time.perf_counter()
     try:
         if not _is_public(request.path):
             await _authorize(request)
-        return await handler(request)
+        resp = await handler(request)
     except Exception as exc:  # noqa: BLE001 - each kind answered below, as a page or a problem
         if request.method == "GET" and _is_page(request):
-            return await _page_error(request, exc)
-        return _problem_of(request, exc)
+            resp = await _page_error(request, exc)
+        else:
+            resp = _problem_of(request, exc)
+    if not resp.prepared:  # a stream's headers are gone already
+        # How long the answer took inside this service (browsers' devtools and the benchmarks read it).
+        resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1e3:.1f}"
+    return resp
 
 
 async def _page_error(request: web.Request, exc: Exception) -> web.StreamResponse:
