@@ -211,3 +211,19 @@ def test_no_page_without_a_key(browser: Browser, loaded: Farm, tmp_path: Path) -
         page.wait_for_url(loaded.web + "/")
     finally:
         ctx.close()
+
+
+def test_pages_fit_a_phone_screen(browser: Browser, loaded: Farm) -> None:
+    """At 390 px nothing makes the page scroll sideways (wide tables scroll inside themselves)."""
+    ctx = _login(browser, loaded, "read")
+    try:
+        page = ctx.new_page()
+        page.set_viewport_size({"width": 390, "height": 844})
+        for name, path in _pages(loaded).items():
+            page.goto(loaded.web + path)
+            page.wait_for_load_state("load")
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= 390, (name, wide)
+            _shot(page, loaded, f"{name}-phone")
+    finally:
+        ctx.close()
