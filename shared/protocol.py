@@ -139,6 +139,21 @@ class HealthCheckpoint(_Event, tag="health"):
     reasons: Annotated[list[str], _doc("one sentence per health rule that fired")] = []
 
 
+class HealthPoint(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """One health checkpoint of a build as kept with it (``BuildSession.health_series``)."""
+
+    ts: Annotated[float, _doc("when the agent took the checkpoint", "Unix s")]
+    status: Annotated[HealthState, _doc("verdict of the health rules")] = "healthy"
+    active_workers: Annotated[int, _doc("slots busy", "workers")] = 0
+    worker_count: Annotated[int, _doc("parallel slots of the build; 0 when unknown", "workers")] = 0
+    memory_bytes: Annotated[int, _doc("resident memory of the build's processes", "bytes")] = 0
+    memory_percent: Annotated[float, _doc("memory of the host in use", "%")] = 0.0
+    velocity: Annotated[float, _doc("tasks completed per second over the last interval", "tasks/s")] = 0.0
+    completed_tasks: Annotated[int, _doc("tasks that ended so far", "tasks")] = 0
+    failed_tasks: Annotated[int, _doc("the part of `completed_tasks` that failed", "tasks")] = 0
+    agent_id: Annotated[str, _doc("agent that sent it")] = ""
+
+
 class BuildFinished(_Event, tag="build_finished"):
     exit_code: Annotated[int, _doc("exit status of the build command")] = 0
     outcome: Annotated[Literal["success", "failed"] | None, _doc(
@@ -270,6 +285,12 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     totals: Annotated[SessionTotals, _doc(
         "counts and sums over the targets")] = msgspec.field(default_factory=SessionTotals)
     health: Annotated[HealthCheckpoint | None, _doc("the last health checkpoint; null when none was sent")] = None
+    health_series: Annotated[list[HealthPoint], _doc(
+        "health over the build: one checkpoint per 5 s slot (the earliest of each), oldest first, "
+        "each a 10-array (see HealthPoint)")] = []
+    health_series_dropped: Annotated[int, _doc(
+        "checkpoints past the series' cap (2160 slots: 3 hours) not kept; the last one is still `health`",
+        "checkpoints")] = 0
     cpu_s: Annotated[float | None, _doc("from `build_finished`; null when unknown", "s")] = None
     peak_rss_bytes: Annotated[int | None, _doc("from `build_finished`; null when unknown", "bytes")] = None
     up_to_date: Annotated[int | None, _doc(

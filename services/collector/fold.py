@@ -28,6 +28,7 @@ from buildtel.shared.protocol import (
     Completeness,
     Event,
     HealthCheckpoint,
+    HealthPoint,
     TargetFinished,
     TargetMetrics,
     TargetStarted,
@@ -138,6 +139,21 @@ def agent_counts(meta: Mapping[bytes, bytes]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def health_series(meta: Mapping[bytes, bytes]) -> list[HealthPoint]:
+    """The checkpoints the fold kept (``hh:<5 s slot>``), oldest first, as compact points."""
+    out = []
+    for k, v in meta.items():
+        if k.startswith(b"hh:"):
+            ev = _decode(v)
+            if isinstance(ev, HealthCheckpoint):
+                out.append(HealthPoint(ts=ev.ts, status=ev.status, active_workers=ev.active_workers,
+                                       worker_count=ev.worker_count, memory_bytes=ev.memory_bytes,
+                                       memory_percent=ev.memory_percent, velocity=ev.velocity,
+                                       completed_tasks=ev.completed_tasks, failed_tasks=ev.failed_tasks,
+                                       agent_id=ev.agent_id))
+    return sorted(out, key=lambda p: p.ts)
+
+
 def finished_event(meta: Mapping[bytes, bytes]) -> BuildFinished | None:
     """The session's BuildFinished, if it has one."""
     raw = meta.get(b"finished")
@@ -236,6 +252,7 @@ def build_session(
     if finished is UNREAD:
         finished = finished_event(meta)
     health = _decode(meta[b"health"]) if b"health" in meta else None
+    series = health_series(meta)
     started = started if isinstance(started, BuildStarted) else None
 
     by_name: dict[str, TargetFinished] = {}
@@ -296,6 +313,8 @@ def build_session(
         cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
         totals=totals,
         health=health if isinstance(health, HealthCheckpoint) else None,
+        health_series=series,
+        health_series_dropped=int(meta.get(b"hdrop", b"0")),
         cpu_s=finished.cpu_s if finished else None,
         peak_rss_bytes=finished.peak_rss_bytes if finished else None,
         up_to_date=finished.up_to_date if finished else None,

@@ -58,6 +58,23 @@ while pos <= n do
       if (not cur) or (kind == 'S' and t < tonumber(cur)) or (kind == 'H' and t >= tonumber(cur)) then
         redis.call('HSET', KEYS[1], field, raw, field .. '_ts', ts)
       end
+      if kind == 'H' then
+        -- Health over time: one checkpoint per 5 s slot (the run's default interval), at most 2160 slots (3 hours); a
+        -- checkpoint past the cap is counted, never silently gone (the latest is 'health' above).
+        -- The earliest of a slot wins, whatever order batches arrive in (as for BuildStarted).
+        local n = string.format('%d', math.floor(t / 5))
+        local held = redis.call('HGET', KEYS[1], 'ht:' .. n)
+        if held then
+          if t < tonumber(held) then
+            redis.call('HSET', KEYS[1], 'hh:' .. n, raw, 'ht:' .. n, ts)
+          end
+        elseif tonumber(redis.call('HGET', KEYS[1], 'hn') or '0') < 2160 then
+          redis.call('HSET', KEYS[1], 'hh:' .. n, raw, 'ht:' .. n, ts)
+          redis.call('HINCRBY', KEYS[1], 'hn', 1)
+        else
+          redis.call('HINCRBY', KEYS[1], 'hdrop', 1)
+        end
+      end
     elseif kind == 'E' then
       redis.call('HSET', KEYS[1], 'finished', raw)
       redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), sid)

@@ -142,7 +142,8 @@ async def session(request: web.Request) -> web.StreamResponse:
         prev = await backend.sessions(tenant, SessionsQuery(branch=branch, limit=2), None, s.finish)
         previous = next((p.id for p in prev.sessions if p.id != s.id), None)
     return render(request, "session.html", s=s, crit=crit, timeline=views.timeline(s, crit_names),
-                  rows=views.target_rows(s, crit_names), alerts=alerts, branch=branch, previous=previous)
+                  rows=views.target_rows(s, crit_names), alerts=alerts, branch=branch, previous=previous,
+                  health=views.health_data(s))
 
 
 async def target(request: web.Request) -> web.Response:

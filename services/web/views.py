@@ -237,3 +237,12 @@ def target_series(runs: Sequence[Any]) -> dict[str, list[Any]]:
 def flips(runs: Sequence[Any]) -> int:
     statuses = [r.status for r in sorted(runs, key=lambda r: r.t) if r.status in ("success", "failed")]
     return sum(1 for a, b in itertools.pairwise(statuses) if a != b)
+
+
+def health_data(session: BuildSession) -> dict[str, list[Any]]:
+    """The build's health over time for a chart: busy workers, slots, memory (MiB), status."""
+    pts = session.health_series
+    return {"t": [p.ts for p in pts], "active": [p.active_workers for p in pts],
+            "workers": [p.worker_count or None for p in pts],
+            "memory_mib": [round(p.memory_bytes / 2**20, 1) for p in pts],
+            "status": [p.status for p in pts]}

@@ -185,3 +185,33 @@ def test_watch_exits_cleanly_on_ctrl_c(settings, tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+async def test_health_over_time_is_kept_one_checkpoint_per_5_s(settings, nc, redis_client) -> None:
+    """Checkpoints every 1.25 s over half a minute: the stored build keeps the earliest of each 5 s
+    slot, oldest first, with what the session page charts (busy workers, memory, status)."""
+    from buildtel.shared.protocol import BuildFinished, BuildStarted, new_session_id
+    from tests.util import publish_events
+
+    sid, agent = new_session_id(), "agent-h"
+    t0 = (time.time() - 600) // 5 * 5  # on a slot boundary: 24 checkpoints fill exactly 6 slots
+    events: list = [BuildStarted(session_id=sid, agent_id=agent, seq=0, ts=t0, name="healthy")]
+    for i in range(24):
+        events.append(HealthCheckpoint(session_id=sid, agent_id=agent, seq=i + 1, ts=t0 + 1.25 * i,
+                                       active_workers=(i // 4) % 4, worker_count=4, memory_bytes=(i + 1) << 20,
+                                       status="degraded" if i == 13 else "healthy"))
+    events.append(BuildFinished(session_id=sid, agent_id=agent, seq=25, ts=t0 + 31, exit_code=0))
+    collector = CollectorService(settings.with_(finish_grace_s=0.1), settings.nats_url or "",
+                                 settings.redis_url or "")
+    await collector.start()
+    try:
+        # Newest batches first: the earliest checkpoint of a slot is kept, whatever the order.
+        await publish_events(nc.jetstream(), Subjects(settings.namespace), sid, agent, events[1:-1][::-1], size=1)
+        await publish_events(nc.jetstream(), Subjects(settings.namespace), sid, agent, [events[0], events[-1]])
+        [s] = await completed_sessions(nc.jetstream(), Subjects(settings.namespace), 1, timeout=30)
+    finally:
+        await collector.stop()
+    assert [p.ts for p in s.health_series] == [t0 + 5 * k for k in range(6)]
+    assert [p.active_workers for p in s.health_series] == [0, 1, 2, 3, 0, 1]
+    assert s.health_series[3].memory_bytes == 13 << 20 and s.health_series_dropped == 0
+    assert s.health is not None and s.health.ts == t0 + 1.25 * 23  # the latest is still the session's health

@@ -57,6 +57,14 @@ const CHARTS = {
     return new uPlot(chartOpts(el, [{ label: "hit %", stroke: C.green, width: 2 }]),
                      [d.x, d.ys.cache_hit_rate], el);
   },
+  health(el, d) {
+    const opts = chartOpts(el, [
+      { label: "busy workers", stroke: C.blue, width: 2 },
+      { label: "slots", stroke: C.grey, width: 1, dash: [4, 4] },
+      { label: "memory MiB", stroke: C.purple, width: 2, scale: "mib" },
+    ], [{}, {}, { scale: "mib", side: 1, grid: { show: false } }]);
+    return new uPlot(opts, [d.t, d.active, d.workers, d.memory_mib], el);
+  },
   "target-duration"(el, d) {
     const marks = data(el.dataset.marks) || [];
     const drawMarks = (u) => {
