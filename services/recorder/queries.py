@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
 
 import msgspec
 
@@ -146,11 +145,17 @@ def answer(store: RecordingStore, endpoint: str, body: bytes) -> bytes:
         req = _requests[endpoint].decode(body or b"\x80")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ServiceError(BAD_REQUEST, f"bad {endpoint} request: {exc}") from None
-    handlers: dict[str, Callable[[object], msgspec.Struct]] = {
-        "list": lambda r: list_page(store, r),  # type: ignore[arg-type]
-        "get": lambda r: describe(store, resolve(store, r.id)),  # type: ignore[attr-defined]
-        "events": lambda r: events_page(store, r),  # type: ignore[arg-type]
-        "diff": lambda r: typed_diff(_side(store, r.a), _side(store, r.b),  # type: ignore[attr-defined]
-                                     min_delta_s=r.min_delta_s, min_ratio=r.min_ratio),  # type: ignore[attr-defined]
-    }
-    return _enc.encode(handlers[endpoint](req))
+    reply: msgspec.Struct
+    match req:
+        case ListRequest():
+            reply = list_page(store, req)
+        case GetRequest():
+            reply = describe(store, resolve(store, req.id))
+        case EventsRequest():
+            reply = events_page(store, req)
+        case DiffRequest():
+            reply = typed_diff(_side(store, req.a), _side(store, req.b), min_delta_s=req.min_delta_s,
+                               min_ratio=req.min_ratio)
+        case _:
+            raise AssertionError(f"no handler for {endpoint}")
+    return _enc.encode(reply)

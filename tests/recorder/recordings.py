@@ -4,6 +4,8 @@ and event streams kept by the recorder service from flagged sessions on the bus.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,19 @@ def make_recording(settings: Settings, work: Path, source: str, durations: dict[
     return rec.stop_recording(0, events=events)
 
 
-async def flagged_stream(js: Any, settings: Settings, targets: int = 12, seed: int = 3) -> tuple[str, int]:
-    """Publish a build that asks to be recorded, as agents do; (its session id, its event count)."""
+async def flagged_stream(js: Any, settings: Settings, targets: int = 12, seed: int = 3, *,
+                         newer_than: str | None = None) -> tuple[str, int]:
+    """Publish a build that asks to be recorded, as agents do; (its session id, its event count).
+
+    ``newer_than`` (a recording id): first wait until the clock is past that recording's time by
+    more than a file-time tick, so the stream's directory (timed by its mtime, which the kernel
+    keeps at a coarse, jiffy granularity) sorts after it."""
+    if newer_than is not None:
+        created = RecordingStore.from_settings(settings).load_manifest(newer_than).created
+        deadline = time.monotonic() + 5.0
+        while time.time() <= created + 0.05:
+            assert time.monotonic() < deadline, "the clock did not move"
+            await asyncio.sleep(0.01)
     sid, per_agent, _ = synthetic_build(targets=targets, seed=seed)
     events = per_agent["agent-a"]
     events[0] = msgspec.structs.replace(events[0], record=True)

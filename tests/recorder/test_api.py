@@ -46,7 +46,7 @@ async def recordings(settings: Settings, nc: Any, recorder: RecorderService, tmp
     a = make_recording(settings, tmp_path / "a", "int main(){return 0;}\n", {"t0": 1.0, "t1": 2.0, "t2": 3.0})
     b = make_recording(settings, tmp_path / "b", "int main(){return 1;}\n", {"t0": 1.0, "t1": 2.0, "t2": 4.5},
                        cache="remote_hit")
-    sid, n = await flagged_stream(nc.jetstream(), settings)
+    sid, n = await flagged_stream(nc.jetstream(), settings, newer_than=b)
     store = RecordingStore.from_settings(settings)
 
     async def kept() -> bool:

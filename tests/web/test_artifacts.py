@@ -94,6 +94,10 @@ async def test_flame_graphs_are_the_svgs_buildtel_flamegraph_writes(api: Api, se
     summed = await _svg(api, "/api/v1/flamegraph.svg", last=2, branch="main", minwidth="1%")
     assert summed == await _cli_svg(settings, tmp_path, "--last", "2", "--branch", "main", "--minwidth", "1%")
     assert svg_frames(summed)[("all",)] == sum(round(t.duration_s * 1e6) for s in (s1, s2) for t in s.targets)
+    # The sessions that built one target (a filter the CLI has not: the frames say which were summed).
+    built = svg_frames(await _svg(api, "/api/v1/flamegraph.svg", target="//extra/k1:t", minwidth="0"))
+    assert built[("all",)] == sum(round(t.duration_s * 1e6) for t in s1.targets)
+    assert ("all", "extra", "k1", "t") in built and not any("k2" in k for k in built)
     everything = await _svg(api, "/api/v1/flamegraph.svg")
     assert everything == await _cli_svg(settings, tmp_path, "--last", "20")
     assert b"k3" in everything and b"k0" in everything
@@ -125,7 +129,7 @@ async def test_recordings_listed_described_paged_and_diffed(api: Api, settings: 
     a = make_recording(settings, tmp_path / "a", "int main(){return 0;}\n", {"t0": 1.0, "t1": 2.0, "t2": 3.0})
     b = make_recording(settings, tmp_path / "b", "int main(){return 1;}\n", {"t0": 1.0, "t1": 2.0, "t2": 4.5},
                        cache="remote_hit", targets=40)
-    sid, n = await flagged_stream(nc.jetstream(), settings)
+    sid, n = await flagged_stream(nc.jetstream(), settings, newer_than=b)
     store = RecordingStore.from_settings(settings)
 
     async def kept() -> bool:
