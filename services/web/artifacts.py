@@ -127,8 +127,12 @@ async def session_flamechart(request: web.Request) -> web.Response:
 async def window_flamegraph(request: web.Request) -> web.Response:
     q = parse_query(request.query, WindowQuery)
     since, until = parse_time("since", q.since), parse_time("until", q.until)
-    # Each session is read whole: with no window at all, the last few rather than all of history.
-    last = q.last if q.last is not None or since is not None or until is not None else DEFAULT_FLAME_LAST
+    # The analyzer reads each session whole: never all of history at once.  No window at all is the
+    # last few sessions; a time window at most the last MAX_FLAME_LAST of it.
+    if q.last is not None:
+        last = q.last
+    else:
+        last = MAX_FLAME_LAST if since is not None or until is not None else DEFAULT_FLAME_LAST
     return await _svg(request, FlameGraphRequest(last=last, branch=q.branch, outcome=q.outcome, target=q.target,
                                                  since=since, until=until, **_look(q)))
 

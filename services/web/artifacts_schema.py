@@ -67,8 +67,8 @@ def paths() -> dict[str, Any]:
                                                       "default": 1200}),
             _param("minwidth", "omit frames narrower than this: pixels (0.5) or a percentage of the total (0.5%)",
                    {"type": "string", "default": "0.1"})]
-    window = [_param("last", f"the last N sessions, at most {MAX_FLAME_LAST} (default {DEFAULT_FLAME_LAST} when "
-                             "neither since nor until is given)",
+    window = [_param("last", f"the last N sessions, at most {MAX_FLAME_LAST} (default: {DEFAULT_FLAME_LAST}, or "
+                             f"{MAX_FLAME_LAST} when since or until is given)",
                      {"type": "integer", "minimum": 1, "maximum": MAX_FLAME_LAST}),
               _param("branch", "VCS branch"),
               _param("outcome", "success, failed or abandoned", {"enum": ["success", "failed", "abandoned"]}),

@@ -75,7 +75,7 @@ async def _cli_svg(settings: Settings, tmp_path: Path, *args: str) -> bytes:
 
 async def test_flame_graphs_are_the_svgs_buildtel_flamegraph_writes(api: Api, settings: Settings, sessions: list[Any],
                                                                     tmp_path: Path) -> None:
-    s0, s1, s2 = sessions[:3]
+    s0, s1, s2, s3 = sessions
     # One session (by a prefix), with a title and width.
     svg = await _svg(api, f"/api/v1/sessions/{s1.id[:8]}/flamegraph.svg", title="Build <1>", width=900)
     assert svg == await _cli_svg(settings, tmp_path, "--session", s1.id[:8], "--title", "Build <1>", "--width", "900")
@@ -98,6 +98,8 @@ async def test_flame_graphs_are_the_svgs_buildtel_flamegraph_writes(api: Api, se
     built = svg_frames(await _svg(api, "/api/v1/flamegraph.svg", target="//extra/k1:t", minwidth="0"))
     assert built[("all",)] == sum(round(t.duration_s * 1e6) for t in s1.targets)
     assert ("all", "extra", "k1", "t") in built and not any("k2" in k for k in built)
+    dev = await _svg(api, "/api/v1/flamegraph.svg", since=str(s3.finish - 1), branch="dev")
+    assert svg_frames(dev)[("all",)] == sum(round(t.duration_s * 1e6) for t in s3.targets)
     everything = await _svg(api, "/api/v1/flamegraph.svg")
     assert everything == await _cli_svg(settings, tmp_path, "--last", "20")
     assert b"k3" in everything and b"k0" in everything
