@@ -223,26 +223,17 @@ def interactive(tl: Timeline, step: int, stdin: TextIO, stdout: TextIO) -> int:
             stdout.write("?\n")
 
 
-def _local_side(store: RecordingStore, rid: str) -> diffmod.Side | None:
-    if store.has_manifest(rid):
-        m = store.load_manifest(rid)
-        return diffmod.side_from_recording(m, store.load_events(m.session_id or rid))
-    if store.has_events(rid):
-        return diffmod.side_from_events(rid, store.load_events(rid))
-    return None
-
-
 async def _side(store: RecordingStore, ref: IdRef, client: Any) -> diffmod.Side:
     """A local recording when one matches ``ref``, else the stored session it names."""
     from buildtel.services.storage.api import StorageError
 
     rid = local_recording(store, ref)  # an ambiguous local prefix is refused here, with candidates
     if rid is not None:
-        return _local_side(store, rid)  # type: ignore[return-value]
+        return diffmod.side_from_store(store, rid)  # type: ignore[return-value]
     if client is None:
         raise CLIError(f"no local recording matches {ref.text!r}")
     sid = await resolve_session_id(client, ref)
-    local = _local_side(store, sid) if ref.kind == "last" else None
+    local = diffmod.side_from_store(store, sid) if ref.kind == "last" else None
     if local is not None:
         return local
     try:

@@ -130,6 +130,9 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
     lookup = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
     inbox = [f"{inbox_prefix(role)}.>"]
     storage_q, analyzer_q, traces_q = f"{ns}.storage.>", f"{ns}.analyzer.>", f"{ns}.traces.>"
+    # The recorder's read endpoints one by one (services/recorder/api.py ENDPOINTS), not its whole
+    # prefix: a later endpoint that changes recordings is not granted by this.
+    recorder_q = [f"{ns}.recorder.{ep}" for ep in ("list", "get", "events", "diff")]
     micro_sub = ["$SRV.>"]
 
     def service(own: list[str], declare: list[str], consume: list[str], sub: list[str]) -> dict[str, object]:
@@ -158,12 +161,13 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
         case "tracer":
             return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
-            return service([storage_q], base_streams, [ev], [])
+            return service([storage_q], base_streams, [ev], [f"{ns}.recorder.>", *micro_sub])
         case "web":
-            # The HTTP API: query requests (storage, analyzer, traces) and reading alerts (an ordered
-            # consumer on the alerts stream), like a reader; it declares the shared streams as every
-            # service does.
-            return service([storage_q, analyzer_q, traces_q, "$SRV.>", *_consume(al)], base_streams, [], [])
+            # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads) and reading
+            # alerts (an ordered consumer on the alerts stream), like a reader; it declares the shared
+            # streams as every service does.
+            return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al)], base_streams,
+                           [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

@@ -245,7 +245,8 @@ FLAME_OPTIONS = ("title", "subtitle", "width", "height", "minwidth", "countname"
 
 class FlameGraphSelection(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Which sessions: one ``session`` (full id or a unique prefix of >= 6 hex digits), or a window
-    like a report's (``last``/``since``/``until``/``branch``/``outcome``; none = the whole history)."""
+    like a report's (``last``/``since``/``until``/``branch``/``outcome``/``target``; none = the whole
+    history).  ``target`` (sessions that ran it) was added later: unset, a request means what it did."""
 
     session: str | None = None
     last: int | None = None
@@ -253,10 +254,11 @@ class FlameGraphSelection(msgspec.Struct, kw_only=True, omit_defaults=True):
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
     outcome: Literal["success", "failed", "abandoned"] | None = None
+    target: str | None = None
 
     def filter(self) -> ReportFilter:
         return ReportFilter(last=self.last, since=self.since, until=self.until, branch=self.branch,
-                            outcome=self.outcome)
+                            outcome=self.outcome, target=self.target)
 
 
 class FlameGraphRequest(FlameGraphSelection, kw_only=True, omit_defaults=True):

@@ -342,7 +342,8 @@ class AnalyzerService(BusService):
     async def _flame_select(self, sel: FlameGraphSelection) -> list[BuildSession]:
         """One session by id, or a window, from storage (the analyzer keeps no history)."""
         if sel.session and sel.filter() != ReportFilter():
-            raise ServiceError(BAD_REQUEST, "give a session or a window (last/since/until/branch/outcome), not both")
+            raise ServiceError(BAD_REQUEST, "give a session or a window (last/since/until/branch/outcome/target), "
+                                            "not both")
         try:
             if sel.session:
                 return [await fetch.session(self.nc, self.settings.namespace, sel.session, self.storage_timeout_s)]

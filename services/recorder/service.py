@@ -15,6 +15,9 @@ nothing: unacknowledged batches come back.
 
 A session's batch files are compacted into one log a little after its
 BuildFinished; retention and the size cap are applied hourly.
+
+It also answers requests about the recordings in its store (``api.py``: list, describe, events,
+diff; answered by ``queries.py``), so the web service can serve them without a copy.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.redaction import redact_batch
-from buildtel.shared.service import BusService, Consumer, Worker
+from buildtel.shared.service import TOO_LARGE, BusService, Consumer, Endpoint, ServiceError, Worker
 from buildtel.shared.settings import Settings
 from buildtel.shared.validate import Rejected, check_batch
 
@@ -42,6 +45,7 @@ FLAG_CACHE = 100_000
 MAX_HELD = 20_000  # batches held unacknowledged at once (bounded by max_ack_pending too)
 GC_INTERVAL_S = 3600.0
 COMPACT_DELAY_S = 5.0
+_REPLY_OVERHEAD = 4096  # bytes of a NATS reply that are not its body (headers)
 SAVE_RETRY_S = 5.0  # a batch that could not be written comes back after this
 DURABLE = "recorder"
 
@@ -53,6 +57,7 @@ def flag_key(ns: str, sid: str) -> str:
 
 class RecorderService(BusService):
     name = "recorder"
+    description = "Builder Telemetry recordings: keeps flagged sessions' event streams and answers about them"
 
     def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, hold_s: float = 60.0,
                  store: RecordingStore | None = None, metrics_port: int | None = None) -> None:
@@ -83,6 +88,23 @@ class RecorderService(BusService):
 
     def workers(self) -> list[Worker]:
         return [Worker("sweep", self._sweep)]
+
+    def endpoints(self) -> list[Endpoint]:
+        from functools import partial
+
+        from buildtel.services.recorder.api import ENDPOINTS, endpoint_subject
+
+        return [Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._api, ep)) for ep in ENDPOINTS]
+
+    async def _api(self, endpoint: str, body: bytes) -> bytes:
+        from buildtel.services.recorder.queries import answer
+
+        data = await asyncio.to_thread(answer, self.store, endpoint, body)  # file reads: off the loop
+        budget = max(1024, int(self.nc.max_payload) - _REPLY_OVERHEAD)
+        if len(data) > budget:
+            raise ServiceError(TOO_LARGE, f"the {endpoint} reply is {len(data)} bytes, more than one NATS message "
+                                          f"({budget}) holds: ask for fewer (limit)")
+        return data
 
     async def prepare(self, stack: contextlib.AsyncExitStack) -> None:
         # Held batches stay unacknowledged on stop (after the consume loop ended): the next

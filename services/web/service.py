@@ -41,6 +41,7 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
+from buildtel.services.web import artifacts
 from buildtel.services.web.app import (
     BadGateway,
     Forbidden,
@@ -127,6 +128,7 @@ class WebService(BusService):
                                "one with 'buildtel keys create --tenant T --scope read' (or set "
                                "BUILDER_TELEMETRY_HTTP_TOKEN), or bind to 127.0.0.1")
         app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
+        artifacts.register(app)  # flame graphs, diffs, recordings
         runner = await start_site(app, self.host, self.requested_port)
         stack.push_async_callback(runner.cleanup)
         self.port = runner.addresses[0][1]
@@ -193,6 +195,10 @@ class WebService(BusService):
             return await StorageClient(self.nc, Subjects(tenant)).get(sid)
         except StorageError as exc:
             raise self._storage_failure(exc, f"no session {sid} is stored") from None
+
+    async def session_id(self, tenant: str, word: str) -> str:
+        """The full stored id a full id or a unique prefix names (``artifacts.py``)."""
+        return word if len(word) == FULL_LEN else await self._resolve_prefix(tenant, word)
 
     async def trace_spans(self, tenant: str, id_or_prefix: str) -> list[Any]:
         """The spans of a stored session's trace, from the tracer."""

@@ -87,6 +87,18 @@ def side_from_events(sid: str, events: list[Event]) -> Side:
                 events=events, exit_code=finished.exit_code if finished else None)
 
 
+def side_from_store(store: Any, rid: str) -> Side | None:
+    """The side of a recording in a :class:`~buildtel.shared.recording.store.RecordingStore`: its
+    manifest with the event stream of its session, or an event stream the recorder service kept
+    alone; ``None`` when the store holds neither (``buildtel diff`` and the recorder's ``diff``)."""
+    if store.has_manifest(rid):
+        m = store.load_manifest(rid)
+        return side_from_recording(m, store.load_events(m.session_id or rid))
+    if store.has_events(rid):
+        return side_from_events(rid, store.load_events(rid))
+    return None
+
+
 def side_from_session(s: BuildSession) -> Side:
     env = s.environment
     return Side(id=s.id, kind="session", command=list(s.command), cwd=env.cwd if env else "",

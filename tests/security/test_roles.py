@@ -114,6 +114,7 @@ async def _publish_reaches_operator(conns: dict[str, Conn], role: str, subject: 
     ("storage", f"{NS}.deadletter.storage"),
     ("tracer", f"{NS}.storage.get"),
     ("recorder", f"{NS}.deadletter.recorder"),
+    *(("web", f"{NS}.recorder.{ep}") for ep in ("list", "get", "events", "diff")),
 ])
 async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: str, subject: str) -> None:
     nc = conns[role].nc
@@ -137,6 +138,10 @@ async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: st
     ("analyzer", f"{NS}.events.0123456789abcdef0123456789abcdef"),
     ("tracer", f"{NS}.sessions.completed"),
     ("recorder", f"{NS}.deadletter.collector"),
+    # The web role may ask the recorder's read endpoints, nothing else of it; others not even those.
+    ("web", f"{NS}.recorder.delete"),
+    ("reader", f"{NS}.recorder.list"),
+    ("agent", f"{NS}.recorder.get"),
     # Only the producers write the bucket of large sessions; its readers only read it.
     ("agent", f"$O.{BUCKET}.C.chunk"),
     ("agent", f"$O.{BUCKET}.M.meta"),
@@ -158,6 +163,7 @@ async def test_a_role_may_not_publish_the_rest(conns: dict[str, Conn], role: str
     ("storage", f"{NS}.storage.get"),
     ("analyzer", f"{NS}.analyzer.report"),
     ("tracer", f"{NS}.traces.get"),
+    ("recorder", f"{NS}.recorder.get"),
     ("reader", f"{NS}.health.0123456789abcdef0123456789abcdef"),
     ("reader", "_INBOX.reader.x1"),
 ])
@@ -197,6 +203,26 @@ async def test_a_role_may_not_subscribe_beyond_its_needs(conns: dict[str, Conn],
     await nc.subscribe(subject)
     await nc.flush()
     assert await conns[role].denied("Subscription", subject)
+
+
+async def test_the_web_role_can_request_the_recorder_endpoints(conns: dict[str, Conn]) -> None:
+    """A request of the web role reaches a responder of the recorder role, and its reply comes back
+    to the web role's inbox (allow_responses), for each of the endpoints the web API uses."""
+    recorder, web = conns["recorder"].nc, conns["web"].nc
+    assert recorder is not None and web is not None
+
+    async def answer(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b"reply to " + msg.subject.encode())
+
+    sub = await recorder.subscribe(f"{NS}.recorder.>", queue="q", cb=answer)
+    await recorder.flush()
+    try:
+        for ep in ("list", "get", "events", "diff"):
+            reply = await web.request(f"{NS}.recorder.{ep}", b"{}", timeout=10)
+            assert reply.data == f"reply to {NS}.recorder.{ep}".encode()
+    finally:
+        await sub.unsubscribe()
+    assert not conns["recorder"].errors and not conns["web"].errors
 
 
 async def test_a_forged_session_from_an_agent_never_reaches_history(conns: dict[str, Conn]) -> None:

@@ -41,8 +41,9 @@ class Farm:
         self.ids: dict[str, str] = {}  # what the id parameters of the paths are filled with
 
 
-def _build(env: dict[str, str], workdir: Path, *args: str) -> str:
-    run = buildtel("run", "--json", "--", "make", "-C", str(workdir), *args, env=env, timeout=120)
+def _build(env: dict[str, str], workdir: Path, *args: str, record: bool = False) -> str:
+    run = buildtel("run", "--json", *(["--record"] if record else []), "--", "make", "-C", str(workdir), *args,
+                   env=env, timeout=120)
     return str(json.loads(run.stdout)["session_id"])
 
 
@@ -64,6 +65,8 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         (src / "Makefile").write_text(MAKEFILE)
         farm.ids["ok"] = _build(env, src)
         farm.ids["failed"] = _build(env, src, "broken")
+        farm.ids["rec_a"] = _build(env, src, record=True)
+        farm.ids["rec_b"] = _build(env, src, "lib.o", record=True)
         farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
         for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
                                     ("revoked", "buildtel", "read"), ("teamb", "teamb", "read")):
@@ -92,9 +95,11 @@ async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
         page = await get_json(http, f"{farm.web}/api/v1/sessions?limit=100", key)
         alerts = await get_json(http, f"{farm.web}/api/v1/alerts", key)
         theirs = await get_json(http, f"{farm.web}/api/v1/sessions", farm.keys["teamb"])
+        recorded = await get_json(http, f"{farm.web}/api/v1/recordings", key)
         stored = {s["id"] for s in page["sessions"]}
-        if ({farm.ids["ok"], farm.ids["failed"]} <= stored and len(stored) >= 20 and alerts["alerts"]
-                and theirs["sessions"]):
+        kept = {r["id"] for r in recorded["recordings"]}
+        if ({farm.ids["ok"], farm.ids["failed"], farm.ids["rec_a"], farm.ids["rec_b"]} <= stored and len(stored) >= 20
+                and alerts["alerts"] and theirs["sessions"] and {farm.ids["rec_a"], farm.ids["rec_b"]} <= kept):
             break
         assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]))
         await _pause()

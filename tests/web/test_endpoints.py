@@ -30,6 +30,8 @@ def _fill(path: str, ids: dict[str, str], mine: bool = True) -> str:
         return path.replace("{id}", ids["alert"])
     if path.startswith(("/api/v1/sessions/{id}", "/sessions/{id}")):
         return path.replace("{id}", session)
+    if path.startswith("/api/v1/recordings/{"):
+        return path.replace("{id}", ids["rec_b"]).replace("{a}", ids["rec_a"]).replace("{b}", ids["rec_b"])
     if path.startswith("/api/v1/diff/{a}/{b}"):
         return path.replace("{a}", ids["other"] if mine else session).replace("{b}", session)
     assert "{" not in path, f"tests/web/test_endpoints.py cannot fill the parameters of {path}: add it to _fill"
