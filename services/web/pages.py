@@ -41,6 +41,7 @@ COOKIE = "buildtel_key"
 CSRF_HEADER = "X-Buildtel-Request"
 STATIC = Path(__file__).with_name("static")
 WINDOWS = (7, 30, 90)
+COMPARE_ROWS = 100  # timing changes listed on the compare page (largest first)
 REPORT_BUILDS = 200  # builds the overview's slowest targets are taken over
 
 
@@ -163,6 +164,20 @@ async def alerts(request: web.Request) -> web.Response:
     return render(request, "alerts.html", alerts=page.alerts, filters=f)
 
 
+async def compare(request: web.Request) -> web.Response:
+    """Two builds side by side: what ``GET /api/v1/diff/{a}/{b}`` answers, laid out, with the
+    differential flame graph (B against A)."""
+    from buildtel.shared.recording.diff import side_from_session
+    from buildtel.shared.recording.diffview import typed_diff
+
+    backend, tenant = _backend(request), _tenant(request)
+    a, b = await asyncio.gather(backend.session_struct(tenant, parse_session_id(request.match_info["a"])),
+                                backend.session_struct(tenant, parse_session_id(request.match_info["b"])))
+    d = typed_diff(side_from_session(a), side_from_session(b))
+    return render(request, "compare.html", a=a, b=b, d=d, timing=d.targets.timing[:COMPARE_ROWS],
+                  more_timing=max(0, len(d.targets.timing) - COMPARE_ROWS))
+
+
 async def login_form(request: web.Request) -> web.Response:
     return render(request, "login.html", next=_safe_next(request.query.get("next")), error=None)
 
@@ -202,6 +217,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sessions/{id}", session)
     app.router.add_get("/targets/{name:.+}", target)
     app.router.add_get("/alerts", alerts)
+    app.router.add_get("/compare/{a}/{b}", compare)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

@@ -86,7 +86,8 @@ def _pages(farm: Farm) -> dict[str, str]:
     i = farm.ids
     return {"overview": "/", "overview-7d": "/?days=7", "builds": "/sessions", "build": f"/sessions/{i['ok']}",
             "build-failed": f"/sessions/{i['failed']}", "demo-build": f"/sessions/{i['demo']}",
-            "target": "/targets/" + quote(i["target"], safe=""), "alerts": "/alerts"}
+            "target": "/targets/" + quote(i["target"], safe=""), "alerts": "/alerts",
+            "compare": f"/compare/{i['rec_a']}/{i['rec_b']}"}
 
 
 def test_every_page_loads_without_errors_and_is_kept_as_a_screenshot(browser: Browser, loaded: Farm) -> None:
@@ -225,5 +226,24 @@ def test_pages_fit_a_phone_screen(browser: Browser, loaded: Farm) -> None:
             wide = page.evaluate("document.documentElement.scrollWidth")
             assert wide <= 390, (name, wide)
             _shot(page, loaded, f"{name}-phone")
+    finally:
+        ctx.close()
+
+
+def test_flame_graphs_open_in_the_page_and_compare_shows_the_diff(browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "read")
+    try:
+        w = Watched(ctx.new_page())
+        w.page.goto(f"{loaded.web}/sessions/{loaded.ids['demo']}")
+        w.page.click("details.flame-box summary")
+        frame = w.page.frame_locator("details.flame-box iframe")
+        frame.locator("svg").first.wait_for()
+        assert frame.locator("text=Flame Graph").count() >= 1 or frame.locator("svg g").count() > 10
+        # Two builds of the same Makefile, the second building one target: the diff says so.
+        w.page.goto(f"{loaded.web}/compare/{loaded.ids['rec_a']}/{loaded.ids['rec_b']}")
+        removed = w.page.locator("#targets-h + ul").inner_text()
+        assert "main.o" in removed and "(only in A)" in removed
+        w.page.frame_locator("iframe.flame").locator("svg").first.wait_for()
+        assert not w.problems, w.problems
     finally:
         ctx.close()

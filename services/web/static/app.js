@@ -180,7 +180,18 @@ function live() {
   });
 }
 
+// Flame graphs cost the analyzer a drawing: load one only when its box is opened.
+function flameBoxes() {
+  for (const box of document.querySelectorAll("details.flame-box")) {
+    box.addEventListener("toggle", () => {
+      const f = box.querySelector("iframe[data-src]");
+      if (box.open && f && !f.src) f.src = f.dataset.src;
+    });
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  flameBoxes();
   document.querySelectorAll("table.sortable").forEach(sortable);
   drawCharts();
   alertActions();
