@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,30 @@ def _build(env: dict[str, str], workdir: Path, *args: str, record: bool = False)
     return str(json.loads(run.stdout)["session_id"])
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
-    tmp = tmp_path_factory.mktemp("farm")
+@contextmanager
+def running_stack(tmp: Path, **extra: str) -> Iterator[tuple[Path, dict[str, str], dict[str, Any]]]:
+    """``buildtel up`` in a process of its own, its data in ``tmp``: (data dir, environment,
+    stack.json with the start-up log as ``log``); stopped with SIGTERM at the end."""
     cache = tmp / ".builder-cache"
-    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
+    env = _env(cache, **extra)
     log = tmp / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        farm = Farm(cache, env, _wait_stack(cache, proc, log, timeout=120))
+        info = _wait_stack(cache, proc, log, timeout=120)
+        yield cache, env, {**info, "log": log.read_text()}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    tmp = tmp_path_factory.mktemp("farm")
+    with running_stack(tmp, BUILDER_TELEMETRY_TENANTS="teamb") as (cache, env, info):
+        farm = Farm(cache, env, info)
         demo = buildtel("demo", "--builds", "18", "--targets", "60", env=env, timeout=300)
         assert demo.returncode == 0, demo.stderr[-2000:]
         src = tmp / "src"
@@ -75,10 +89,6 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
             farm.keys[name] = made.stdout.strip()
         assert buildtel("keys", "revoke", farm.keys["revoked"][4:16], env=env).returncode == 0
         yield farm
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, key: str) -> Any:
