@@ -27,6 +27,7 @@ from buildtel.services.analyzer.alerts import Alert, alert_decoder
 from buildtel.services.analyzer.analytics import AnalyticsReport, ReportFilter
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared import micro
+from buildtel.shared.micro import ServiceError
 
 API_VERSION = "1.0.0"
 DAY_S = 86400.0
@@ -90,11 +91,8 @@ async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects) -> None:
     await ensure_stream(js, alerts_stream_config(subjects))
 
 
-class AnalyzerError(Exception):
-    def __init__(self, code: int, description: str) -> None:
-        super().__init__(f"analyzer error {code}: {description}")
-        self.code = code
-        self.description = description
+class AnalyzerError(ServiceError):
+    service = "analyzer"
 
 
 class AnalyzerClient:
