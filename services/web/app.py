@@ -125,7 +125,8 @@ async def _authorize(request: web.Request) -> None:
     from_cookie = header is None and COOKIE in request.cookies
     if from_cookie:
         header = "Bearer " + request.cookies[COOKIE]
-    need: Scope = "write" if request.method in WRITES else "read"
+    need: Scope = "admin" if request.path.startswith("/api/v1/keys") else \
+        "write" if request.method in WRITES else "read"
     caller = await _backend(request).authorize(header, need)
     if from_cookie and need == "write" and request.headers.get(CSRF_HEADER) != "1":
         raise Forbidden(f"a change made with the dashboard's cookie needs the {CSRF_HEADER} header")
@@ -302,7 +303,9 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app.router.add_get("/api/v1/targets/history", get_target_history)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.router.add_get("/healthz", healthz)
+    from buildtel.services.web import keys_api
     from buildtel.services.web.pages import add_routes
 
+    keys_api.register(app)
     add_routes(app)
     return app

@@ -18,6 +18,7 @@ from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.storage.api import SessionSummary
 from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
 from buildtel.services.web import artifacts_schema
+from buildtel.shared import apikeys
 from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
 from buildtel.shared.protocol import BuildSession
@@ -88,6 +89,27 @@ class TargetHistory(msgspec.Struct, kw_only=True):
     change_points: list[AlertWithState]
 
 
+class KeyList(msgspec.Struct, kw_only=True):
+    """The tenant's keys, oldest first (ids, scopes, names: never a key)."""
+
+    keys: list[apikeys.ApiKey]
+
+
+class NewKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/keys``: the tenant is the caller's (``tenant``, when given, must name it)."""
+
+    scope: apikeys.Scope = "read"
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    tenant: str | None = None
+
+
+class CreatedKey(msgspec.Struct, kw_only=True):
+    """The new key, shown this once, and its record."""
+
+    key: str
+    record: apikeys.ApiKey
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: str  # "ok", or "degraded" while NATS is away
     nats: bool
@@ -140,7 +162,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
     types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
-              TrendReply, TargetHistory, *artifacts_schema.TYPES]
+              TrendReply, TargetHistory, *artifacts_schema.TYPES, KeyList, NewKey,
+              CreatedKey]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
@@ -220,6 +243,16 @@ def openapi() -> dict[str, Any]:
                                    **_errors(*_COMMON, 404)}},
             "delete": {"summary": "End the mute of the alert's series now (write scope)", "parameters": [alert_id],
                        "responses": {"200": _json(c + "AlertWithState", "the alert"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/keys": {
+            get: {"summary": "The tenant's API keys: ids, scopes, names, never a key (admin scope)",
+                  "responses": {"200": _json(c + "KeyList", "the keys"), **_errors(*_COMMON)}},
+            "post": {"summary": "A new key of the tenant (admin scope), shown in this answer only",
+                     "requestBody": _body(c + "NewKey", required=True),
+                     "responses": {"201": _json(c + "CreatedKey", "the key and its record"), **_errors(*_COMMON)}}},
+        "/api/v1/keys/{id}": {"delete": {
+            "summary": "Revoke one of the tenant's keys (admin scope): it stops working at once",
+            "parameters": [_param("id", "the key's id (12 hex digits)", where="path")],
+            "responses": {"204": {"description": "revoked"}, **_errors(*_COMMON, 404)}}},
         "/api/v1/openapi.json": {get: {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},

@@ -161,7 +161,7 @@ class WebService(BusService):
         if record is None:
             raise Unauthorized("missing, unknown or revoked API key (send 'Authorization: Bearer <key>')")
         if not apikeys.allows(record.scope, need):
-            wanted = "'write' or 'admin'" if need == "write" else f"{need!r} or 'admin'"
+            wanted = {"write": "'write' or 'admin'", "admin": "'admin'"}.get(need, f"{need!r} or 'admin'")
             raise Forbidden(f"key {record.id} has scope {record.scope!r}; this request needs {wanted}")
         if wait is not None:
             raise RateLimited(f"key {record.id} made more than {self.settings.web_rate_limit} requests this "
@@ -250,7 +250,7 @@ class WebService(BusService):
     async def alerts(self, tenant: str, q: AlertsQuery) -> AlertPage:
         found = list(reversed(await self._read_alerts(tenant, branch=q.branch, target=q.target, kind=q.kind)))
         out: list[AlertWithState] = []
-        mutes = await self._redis_call(alertstate.mutes(self.redis, Keys(tenant)))
+        mutes = await self.redis_call(alertstate.mutes(self.redis, Keys(tenant)))
         for start in range(0, len(found), 500):  # states in pages: one MGET each
             chunk = found[start:start + 500]
             out.extend(a for a in await self._with_states(tenant, chunk, mutes)
@@ -275,10 +275,10 @@ class WebService(BusService):
         series = alertstate.series_key(found.kind, found.branch, found.target)
         match action:
             case "acknowledge":
-                await self._redis_call(alertstate.acknowledge(self.redis, keys, alert_id, by=caller.who,
+                await self.redis_call(alertstate.acknowledge(self.redis, keys, alert_id, by=caller.who,
                                                               note=body.note))
             case "unacknowledge":
-                await self._redis_call(alertstate.unacknowledge(self.redis, keys, alert_id))
+                await self.redis_call(alertstate.unacknowledge(self.redis, keys, alert_id))
             case "mute":
                 seconds = parse_duration(body.duration)
                 try:
@@ -288,7 +288,7 @@ class WebService(BusService):
                 except Exception as exc:  # noqa: BLE001 - Redis away
                     raise Unavailable(f"Redis did not answer: {type(exc).__name__}") from None
             case "unmute":
-                await self._redis_call(alertstate.unmute(self.redis, keys, series))
+                await self.redis_call(alertstate.unmute(self.redis, keys, series))
         self.log.info("web.alert_changed", tenant=caller.tenant, alert_id=alert_id, action=action, by=caller.who)
         return (await self._with_states(caller.tenant, [found]))[0]
 
@@ -300,12 +300,12 @@ class WebService(BusService):
 
     async def _with_states(self, tenant: str, alerts: list[Alert],
                            mutes: dict[str, alertstate.Mute] | None = None) -> list[AlertWithState]:
-        got = await self._redis_call(alertstate.states(
+        got = await self.redis_call(alertstate.states(
             self.redis, Keys(tenant),
             [(a.id, alertstate.series_key(a.kind, a.branch, a.target), a.detected_at) for a in alerts], mutes))
         return [AlertWithState(**msgspec.structs.asdict(a), state=st) for a, st in zip(alerts, got, strict=True)]
 
-    async def _redis_call(self, call: Awaitable[T]) -> T:
+    async def redis_call(self, call: Awaitable[T]) -> T:
         try:
             return await call
         except Exception as exc:  # noqa: BLE001 - Redis away: the client learns it, the service goes on

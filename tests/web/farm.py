@@ -70,7 +70,10 @@ def running_stack(tmp: Path, **extra: str) -> Iterator[tuple[Path, dict[str, str
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     tmp = tmp_path_factory.mktemp("farm")
-    with running_stack(tmp, BUILDER_TELEMETRY_TENANTS="teamb") as (cache, env, info):
+    # The tests poll and sweep every endpoint with a few keys: no rate limit in their way (its own
+    # test is test_keys.py's).
+    with running_stack(tmp, BUILDER_TELEMETRY_TENANTS="teamb", BUILDER_TELEMETRY_WEB_RATE_LIMIT="100000") as (
+            cache, env, info):
         farm = Farm(cache, env, info)
         demo = buildtel("demo", "--builds", "18", "--targets", "60", env=env, timeout=300)
         assert demo.returncode == 0, demo.stderr[-2000:]
@@ -83,11 +86,14 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         farm.ids["rec_b"] = _build(env, src, "lib.o", record=True)
         farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
         for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
-                                    ("revoked", "buildtel", "read"), ("teamb", "teamb", "read")):
+                                    ("admin", "buildtel", "admin"), ("revoked", "buildtel", "read"),
+                                    ("spare", "buildtel", "read"), ("teamb", "teamb", "read"),
+                                    ("teamb_admin", "teamb", "admin")):
             made = buildtel("keys", "create", "--tenant", tenant, "--scope", scope, env=env)
             assert made.returncode == 0, made.stderr
             farm.keys[name] = made.stdout.strip()
         assert buildtel("keys", "revoke", farm.keys["revoked"][4:16], env=env).returncode == 0
+        farm.ids["key"] = farm.keys["spare"][4:16]  # a key the tests may revoke
         yield farm
 
 
@@ -111,7 +117,7 @@ async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
         if ({farm.ids["ok"], farm.ids["failed"], farm.ids["rec_a"], farm.ids["rec_b"]} <= stored and len(stored) >= 20
                 and alerts["alerts"] and theirs["sessions"] and {farm.ids["rec_a"], farm.ids["rec_b"]} <= kept):
             break
-        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]))
+        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]), len(theirs["sessions"]), kept)
         await _pause()
     session = await get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['ok']}", key)
     farm.ids["session"] = farm.ids["ok"]
