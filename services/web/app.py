@@ -19,6 +19,22 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from buildtel.services.web.base import (
+    BACKEND,
+    CALLER,
+    COOKIE,
+    CSRF_HEADER,
+    LOG,
+    TENANT,
+    BadGateway,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    json_response,
+    problem,
+)
 from buildtel.services.web.query import (
     AlertsQuery,
     BadInput,
@@ -32,37 +48,10 @@ from buildtel.services.web.query import (
     parse_session_id,
     parse_time,
 )
-from buildtel.services.web.schema import PROBLEM, AcknowledgeBody, Caller, MuteBody, Problem, openapi
+from buildtel.services.web.schema import AcknowledgeBody, Caller, MuteBody, openapi
 from buildtel.shared.apikeys import Scope
 
-_enc = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Unavailable(Exception):
-    """A backend service did not answer (503) or timed out (504 from NATS, 503 to the client)."""
-
-
-class NotFound(Exception):
-    pass
-
-
-class BadGateway(Exception):
-    """A backend service answered with a failure of its own (502, its message passed on)."""
-
-
-class Unauthorized(Exception):
-    """No key, or one that is not (or no longer) a key: 401."""
-
-
-class Forbidden(Exception):
-    """A live key whose scope does not cover the request: 403."""
-
-
-class RateLimited(Exception):
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Backend(Protocol):
@@ -86,21 +75,8 @@ class Backend(Protocol):
     def health(self) -> Any: ...
 
 
-BACKEND = web.AppKey("backend", object)
-LOG = web.AppKey("log", object)
-TENANT = web.RequestKey("tenant", str)  # the namespace the request's key may read
-CALLER = web.RequestKey("caller", Caller)
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # need the write scope
 PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json", "/login"})  # answered without a key
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_enc.encode(body), status=status, content_type="application/json")
-
-
-def problem(status: int, title: str, detail: str) -> web.Response:
-    body = _enc.encode(Problem(title=title, status=status, detail=detail))
-    return web.Response(body=body, status=status, content_type=PROBLEM)
 
 
 def _is_public(path: str) -> bool:
@@ -119,7 +95,6 @@ def _is_page(request: web.Request) -> bool:
 async def _authorize(request: web.Request) -> None:
     """The caller from ``Authorization``, else from the dashboard's cookie.  A change sent with the
     cookie must also carry the dashboard's header: a form of another site cannot set it."""
-    from buildtel.services.web.pages import COOKIE, CSRF_HEADER
 
     header = request.headers.get("Authorization")
     from_cookie = header is None and COOKIE in request.cookies

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from buildtel.services.web.app import BACKEND, CALLER, Forbidden, NotFound, json_response
+from buildtel.services.web.base import BACKEND, CALLER, Forbidden, NotFound, json_response
 from buildtel.services.web.query import BadInput, parse_body
 from buildtel.services.web.schema import CreatedKey, KeyList, NewKey
 from buildtel.shared import apikeys

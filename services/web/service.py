@@ -42,14 +42,14 @@ from buildtel.services.storage.api import (
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
 from buildtel.services.web import artifacts
-from buildtel.services.web.app import (
+from buildtel.services.web.app import create_app
+from buildtel.services.web.base import (
     BadGateway,
     Forbidden,
     NotFound,
     RateLimited,
     Unauthorized,
     Unavailable,
-    create_app,
 )
 from buildtel.services.web.query import (
     BUCKETS,
