@@ -158,37 +158,42 @@ def _check(path: Path, cfg: AlertsConfig, environ: Any, warnings: tuple[str, ...
     subs: list[Subscription] = []
     for i, s in enumerate(cfg.subscription):
         where = f"{path}: subscription[{i}]"
-
-        def bad(key: str, why: str, where: str = where) -> ConfigError:
-            return ConfigError(f"{where}.{key}: {why}")
-
         if not ID.match(s.id):
-            raise bad("id", f"{s.id!r}: 1-64 letters, digits, '_' or '-'")
+            raise ConfigError(f"{where}.id: {s.id!r}: 1-64 letters, digits, '_' or '-'")
         if any(o.id == s.id for o in subs):
-            raise bad("id", f"{s.id!r} is used twice")
-        where = f"{path}: subscription {s.id!r}"
-        if s.kind in ("webhook", "slack"):
-            u = urlsplit(s.url or "")
-            if u.scheme not in ("http", "https") or not u.hostname:
-                raise bad("url", "an http:// or https:// URL is required")
-        if s.kind == "nats" and not (s.subject and SUBJECT.match(s.subject)):
-            raise bad("subject", "dot-separated tokens of letters, digits, '_' or '-' (no wildcards) are required")
-        if s.secret and s.secret_env:
-            raise bad("secret", "give secret or secret_env, not both")
-        secret = s.secret
-        if s.secret_env:
-            secret = environ.get(s.secret_env)
-            if not secret:
-                raise bad("secret_env", f"the variable {s.secret_env} is not set")
-        if s.kind == "webhook" and not secret:
-            raise bad("secret", "a webhook is signed: set secret or secret_env")
-        if not 0 <= s.min_confidence <= 1:
-            raise bad("min_confidence", "between 0 and 1")
-        if s.min_change_pct < 0:
-            raise bad("min_change_pct", "0 or more")
-        if s.digest_hour is not None and not 0 <= s.digest_hour <= 23:
-            raise bad("digest_hour", "an hour 0-23 (UTC)")
+            raise ConfigError(f"{where}.id: {s.id!r} is used twice")
+        secret = _check_one(f"{path}: subscription {s.id!r}", s, environ)
         if secret:
             secrets[s.id] = secret.encode()
         subs.append(msgspec.structs.replace(s, secret=None))
     return Loaded(delivery=d, subscriptions=tuple(subs), secrets=secrets, warnings=warnings)
+
+
+def _check_one(where: str, s: Subscription, environ: Any) -> str | None:
+    """The subscription's secret, once its fields are checked (ConfigError names the bad one)."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}.{key}: {why}")
+
+    if s.kind in ("webhook", "slack"):
+        u = urlsplit(s.url or "")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise bad("url", "an http:// or https:// URL is required")
+    if s.kind == "nats" and not (s.subject and SUBJECT.match(s.subject)):
+        raise bad("subject", "dot-separated tokens of letters, digits, '_' or '-' (no wildcards) are required")
+    if s.secret and s.secret_env:
+        raise bad("secret", "give secret or secret_env, not both")
+    secret = s.secret
+    if s.secret_env:
+        secret = environ.get(s.secret_env)
+        if not secret:
+            raise bad("secret_env", f"the variable {s.secret_env} is not set")
+    if s.kind == "webhook" and not secret:
+        raise bad("secret", "a webhook is signed: set secret or secret_env")
+    if not 0 <= s.min_confidence <= 1:
+        raise bad("min_confidence", "between 0 and 1")
+    if s.min_change_pct < 0:
+        raise bad("min_change_pct", "0 or more")
+    if s.digest_hour is not None and not 0 <= s.digest_hour <= 23:
+        raise bad("digest_hour", "an hour 0-23 (UTC)")
+    return secret
