@@ -23,9 +23,9 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "web", "reader",
-                          "operator")
-SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "web")
+ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web",
+                          "reader", "operator")
+SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web")
 
 
 class AuthError(ValueError):
@@ -162,6 +162,11 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
             return service([storage_q], base_streams, [ev], [f"{ns}.recorder.>", *micro_sub])
+        case "notifier":
+            # Delivers alerts: one durable consumer on the alerts stream (declared too, so it may start
+            # before the analyzer), its dead letters, and republishing under NS.notify.> (a
+            # subscription of kind nats).  It reads no sessions and asks no service.
+            return service([f"{ns}.notify.>"], [*base_streams, al], [al], [])
         case "web":
             # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads) and reading
             # alerts (an ordered consumer on the alerts stream), like a reader; it declares the shared

@@ -87,6 +87,9 @@ class Settings:
         default=None)
     web_rate_limit: int = _help("Requests per minute one API key may make to the web API (then 429).",
                                 default=600)
+    alerts_config: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+        "Subscriptions file (TOML, mode 0600) of the notifier: where regression alerts are delivered "
+        "(webhook, Slack, NATS), with routing rules, retries and digests (docs/alerts.md).", default=None)
     metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
     agent_id: str | None = _help(
         "This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",

@@ -104,6 +104,14 @@ class Subjects:
     def alerts_stream(self) -> str:
         return self.stream("ALERTS")
 
+    # -- the notifier's republished alerts (core NATS; a subscription's ``subject``) ----------
+    def notify(self, suffix: str) -> str:
+        return f"{self.ns}.notify.{suffix}"
+
+    @property
+    def notify_all(self) -> str:
+        return f"{self.ns}.notify.>"
+
     # -- tracer span batches (JetStream) ---------------------------------------------------
     @property
     def spans(self) -> str:

@@ -110,6 +110,7 @@ PUBLIC_SERVICE_MODULES = {
     "buildtel.services.analyzer.alerts",  # the alert message and its decoder
     "buildtel.services.analyzer.analytics",  # reports computed from sessions (also offline)
     "buildtel.services.analyzer.export",  # report export formats
+    "buildtel.services.notifier.api",  # the subscriptions file and delivery counts
     "buildtel.services.tracer.query",  # TraceClient
     "buildtel.services.tracer.subjects",
     "buildtel.services.tracer.exporters",  # span exporters (OTLP, Zipkin)
