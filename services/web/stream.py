@@ -145,7 +145,7 @@ class Feed:
         """Follow stream ``i`` from where it ends now, for as long as the hub runs (re-subscribing
         after the position reached when a subscription fails)."""
         js, (stream, subject) = self.hub.js, self.where(i)
-        pos = -1
+        pos, pause = -1, 0.5
         while not self.hub.stopping.is_set():
             try:
                 if pos < 0:
@@ -154,9 +154,14 @@ class Feed:
                 sub = await js.subscribe(subject, stream=stream, ordered_consumer=True,
                                          deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                          config=ConsumerConfig(opt_start_seq=pos + 1))
-            except Exception:  # noqa: BLE001 - the stream does not exist yet (or NATS away): try again
+            except NotFoundError:  # no such stream yet (no analyzer started): look again each second
                 await self.hub.idle(1.0)
                 continue
+            except Exception:  # noqa: BLE001 - NATS away or not permitted: try again, less and less often
+                pause = min(30.0, pause * 2)  # (a refused subscription is logged by the connection each time)
+                await self.hub.idle(pause)
+                continue
+            pause = 0.5
             try:
                 while not self.hub.stopping.is_set():
                     try:
@@ -297,6 +302,11 @@ class Hub:
             await self._live(st.client, st.pos, send, closed)
         except ConnectionError:
             pass  # the client went away (or was cut off above)
+        except Exception as exc:  # noqa: BLE001 - NATS failed mid-replay: say so; the client resumes
+            st.client.end(f"the stream failed ({type(exc).__name__}); reconnect with Last-Event-ID to resume")
+            self.log.error("web.stream_failed", tenant=st.feed.tenant, error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await send(f": {st.client.reason}\n\n".encode())
         finally:
             st.feed.clients.discard(st.client)
             if task is not None:
