@@ -331,6 +331,8 @@ class Hub:
                 pos[i] = msg.metadata.sequence.stream
                 if ev is not None:
                     await self._send(ev, pos, write)
+                if not msg.metadata.num_pending:
+                    break  # the stream holds nothing more (``end`` itself was removed): live goes on from here
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -328,3 +328,20 @@ async def test_openapi_describes_the_stream_and_its_event_payloads(settings: Set
         ref = events[got.event]["$ref"].replace("#", "urn:api#", 1)
         jsonschema.Draft202012Validator({"$ref": ref}, registry=registry).validate(got.data)
     sse.resp.close()
+
+
+async def test_a_session_over_one_message_arrives_whole(settings: Settings, nc: Any, make_session: Any,
+                                                        web: WebService, key: str, http: Any) -> None:
+    from buildtel.shared import bigmsg
+    from buildtel.shared.codec import encode
+
+    big = make_session(0, targets=50)
+    big.environment.env = {"PAD": "x" * 9_000_000}  # not in a summary: the event stays small
+    data = encode(big)
+    assert len(data) > bigmsg.message_limit(nc)  # so it travels as an object reference
+    sse = await open_stream(http, web.url, key)
+    await bigmsg.publish_session(nc.jetstream(), nc, Subjects(settings.namespace), data, msg_id=big.id)
+    got = await sse.next()
+    assert (got.event, got.data["id"], got.data["targets"]) == ("session.finished", big.id, 50)
+    assert got.data["stored_bytes"] == len(data)
+    sse.resp.close()
