@@ -213,6 +213,7 @@ async def live_stream(request: web.Request) -> web.StreamResponse:
     stream = await backend.open_stream(request[TENANT], start)  # limits and NATS: a problem answer
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
+    resp.force_close()  # a stream's end is the connection's (no keep-alive wait for a next request)
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:  # bound what the kernel holds for a client that stops reading (stream.py)

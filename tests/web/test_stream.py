@@ -238,6 +238,16 @@ async def test_no_key_wrong_key_bad_id_and_limits_are_problems(settings: Setting
         (await open_stream(http, web.url, key)).resp.close()  # the slot is free again
     finally:
         await web.stop()
+    web = await start_web(settings, max_streams=1)  # the service's own limit: 503
+    try:
+        sse = await open_stream(http, web.url, key)
+        async with http.get(web.url + "/api/v1/stream", headers={"Authorization": f"Bearer {key}"}) as resp:
+            body = await resp.json(content_type=None)
+            assert (resp.status, resp.content_type) == (503, "application/problem+json"), body
+            assert "already serves 1 streams" in body["detail"]
+        sse.resp.close()
+    finally:
+        await web.stop()
 
 
 async def _no_clients(web: WebService) -> bool:
@@ -276,6 +286,41 @@ async def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory(settin
         while sock.recv(65536):
             pass
         sock.close()
+    finally:
+        await web.stop()
+
+
+async def test_a_client_that_falls_behind_gets_a_final_comment_saying_why(settings: Settings, nc: Any,
+                                                                          make_session: Any, key: str,
+                                                                          redis_client: Any) -> None:
+    web = await start_web(settings, queue_events=4)  # writes may block long (the default 30 s)
+    try:
+        assert web.hub is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((web.host, web.port))
+        sock.sendall(f"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        await eventually(lambda: _clients(web, 1))
+        feed = web.hub.feeds[settings.namespace]
+        n = 0
+        while all(c.reason is None for c in feed.clients):  # until its queue overflows
+            assert n < 400, "the client's queue never overflowed"
+            batch = [make_session(n + i) for i in range(20)]
+            for s in batch:
+                s.labels = {"padding": "x" * 4000}
+            await publish(nc, settings, batch)
+            n += 20
+            await eventually(lambda: _feed_caught_up(web, settings, nc), timeout=20)
+        # Now it reads: it gets what was queued, then the reason, then the end of the stream.
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        async with asyncio.timeout(30):
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+        sock.close()
+        assert b": disconnected: client too slow (4 events queued)" in received
+        await eventually(lambda: _dropped(web))
     finally:
         await web.stop()
 
