@@ -390,3 +390,16 @@ async def test_a_session_over_one_message_arrives_whole(settings: Settings, nc: 
     assert (got.event, got.data["id"], got.data["targets"]) == ("session.finished", big.id, 50)
     assert got.data["stored_bytes"] == len(data)
     sse.resp.close()
+
+
+async def test_an_idle_stream_gets_keep_alive_comments(settings: Settings, key: str, http: Any,
+                                                       redis_client: Any) -> None:
+    web = await start_web(settings, keepalive_s=0.2)
+    try:
+        sse = await open_stream(http, web.url, key)
+        async with asyncio.timeout(20):
+            while sse.comments.count("keep-alive") < 2:
+                assert await sse._block() is None  # comment blocks only: nothing was published
+        sse.resp.close()
+    finally:
+        await web.stop()
