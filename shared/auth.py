@@ -98,6 +98,19 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
+def _follow(stream: str) -> list[str]:
+    """Publish rights to follow a stream through ordered consumers only: create ephemeral ones
+    (the one create subject that names no consumer, so no durable of another service can be
+    created, changed or deleted), inspect them and answer flow control.  No acks, no fetches:
+    nothing another service's consumer relies on can be touched."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
 def _bucket(ns: str) -> tuple[str, str]:
     """(bucket, its stream) of the sessions over one message (shared/bigmsg.py); ``*`` for any namespace."""
     if ns == "*":
@@ -152,7 +165,8 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans"],
                     "subscribe": inbox, "allow_responses": False}
         case "collector":
-            return service([f"{ns}.sessions.completed", *_object_write(ns)], base_streams, [ev], [])
+            return service([f"{ns}.sessions.completed", f"{ns}.sessions.started", *_object_write(ns)], base_streams,
+                           [ev], [])
         case "storage":
             return service(_object_read(ns), base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
@@ -168,11 +182,13 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             # subscription of kind nats).  It reads no sessions and asks no service.
             return service([f"{ns}.notify.>"], [*base_streams, al], [al], [])
         case "web":
-            # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads) and reading
-            # alerts (an ordered consumer on the alerts stream), like a reader; it declares the shared
-            # streams as every service does.
-            return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al)], base_streams,
-                           [], [])
+            # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads), reading
+            # alerts and following sessions (ordered consumers on the alerts and sessions streams: the
+            # live stream and the build metrics), and fetching the objects of sessions over one
+            # message; like a reader, nothing that changes history; it declares the shared streams as
+            # every service does.
+            return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al), *_follow(se),
+                            *_object_read(ns)], base_streams, [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

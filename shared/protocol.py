@@ -309,6 +309,31 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
         "check, read as complete")] = None
 
 
+class SessionStarted(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session_started", tag_field="type",
+                     gc=False):
+    """A build has begun: published once per session on ``NS.sessions.started`` by the collector
+    that first folds one of its ``build_started`` events (live followers: the web API's stream)."""
+
+    id: Annotated[str, _doc("session id (32 lowercase hex digits)")]
+    name: Annotated[str, _doc("build name, from `build_started`")] = ""
+    start: Annotated[float, _doc("`ts` of the `build_started`", "Unix s")] = 0.0
+    agent: Annotated[str, _doc("agent that sent the `build_started`")] = ""
+    host: Annotated[str, _doc("host name of its machine; empty when not captured")] = ""
+    branch: Annotated[str | None, _doc("VCS branch (else the `branch` label); null when unknown")] = None
+    commit: Annotated[str | None, _doc("VCS commit; null when unknown")] = None
+    labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}
+
+
+def session_started(ev: BuildStarted) -> SessionStarted:
+    """The announcement of the build ``ev`` starts."""
+    env = ev.environment
+    vcs = env.vcs if env is not None else None
+    return SessionStarted(id=ev.session_id, name=ev.name, start=ev.ts, agent=ev.agent_id,
+                          host=env.hostname if env is not None else "",
+                          branch=(vcs.branch if vcs is not None else None) or ev.labels.get("branch"),
+                          commit=vcs.commit if vcs is not None else None, labels=dict(ev.labels))
+
+
 def is_complete(session: BuildSession) -> bool:
     """False when ``session`` is known to lack events (unknown, i.e. old sessions, reads as complete)."""
     return session.completeness is None or session.completeness.complete

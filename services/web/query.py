@@ -60,6 +60,11 @@ class AlertsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
 
 
+class StreamQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # For clients that cannot set headers (the Last-Event-ID header wins when both are given).
+    last_event_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
 class TrendsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     since: str | None = None  # default: 30 days before until
     until: str | None = None  # default: now

@@ -21,7 +21,7 @@ from buildtel.services.web import artifacts_schema
 from buildtel.shared import apikeys
 from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
-from buildtel.shared.protocol import BuildSession
+from buildtel.shared.protocol import BuildSession, SessionStarted
 
 API_VERSION = "1.0.0"
 PROBLEM = "application/problem+json"
@@ -162,8 +162,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
     types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
-              TrendReply, TargetHistory, *artifacts_schema.TYPES, KeyList, NewKey,
-              CreatedKey]
+              TrendReply, TargetHistory, *artifacts_schema.TYPES, KeyList, NewKey, CreatedKey, SessionStarted,
+              SessionSummary, Alert]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
@@ -253,6 +253,29 @@ def openapi() -> dict[str, Any]:
             "summary": "Revoke one of the tenant's keys (admin scope): it stops working at once",
             "parameters": [_param("id", "the key's id (12 hex digits)", where="path")],
             "responses": {"204": {"description": "revoked"}, **_errors(*_COMMON, 404)}}},
+        "/api/v1/stream": {get: {
+            "summary": "Live server-sent events of the tenant's builds and alerts, resumable (docs/api.md)",
+            "description": "Events: `session.started` (data: SessionStarted), `session.finished` (data: "
+                           "SessionSummary), `alert` (data: Alert); each `data:` is one JSON line. Every event's "
+                           "`id` is `<sessions seq>-<alerts seq>`; reconnecting with it as `Last-Event-ID` (or "
+                           "`last_event_id`) gives exactly the events after it. Without one the stream starts "
+                           "now. The first block is `retry:` and an `id:` without data (the start position); "
+                           "comment lines keep an idle stream open and say why the server ends one.",
+            "parameters": [_param("last_event_id", "resume after this event id (for clients that cannot set "
+                                                   "the Last-Event-ID header, which wins)"),
+                           _param("Last-Event-ID", "resume after this event id", where="header")],
+            "responses": {"200": {"description": "an endless text/event-stream",
+                                  "content": {"text/event-stream": {
+                                      "schema": {"type": "string"},
+                                      "x-events": {"session.started": {"$ref": c + "SessionStarted"},
+                                                   "session.finished": {"$ref": c + "SessionSummary"},
+                                                   "alert": {"$ref": c + "Alert"}}}}},
+                          **_errors(*_COMMON)}}},
+        "/metrics": {get: {
+            "summary": "The tenant's build figures, Prometheus text format (docs/metrics.md)",
+            "responses": {"200": {"description": "Prometheus text exposition 0.0.4",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(401, 403, 429, 503)}}},
         "/api/v1/openapi.json": {get: {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},

@@ -156,14 +156,14 @@ def test_acknowledging_an_alert_changes_the_feed(browser: Browser, loaded: Farm)
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "open"
         item.locator("button", has_text="Acknowledge").click()
-        w.page.wait_for_load_state("load")
+        item.locator(".result", has_text="now acknowledged").wait_for()  # the API answered
         w.page.goto(f"{loaded.web}/alerts?status=acknowledged")
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "acknowledged"
         assert "acknowledged by" in item.inner_text()
         item.locator("button", has_text="Take back").click()
-        w.page.wait_for_function("document.querySelector('.result') === null || "
-                                 "document.querySelector('.result').textContent.startsWith('now')")
+        item.locator(".result", has_text="now open").wait_for()
+        w.page.wait_for_load_state("load")
         assert not w.problems, w.problems
     finally:
         ctx.close()
