@@ -239,3 +239,37 @@ def test_flame_graphs_open_in_the_page_and_compare_shows_the_diff(browser: Brows
         assert not w.problems, w.problems
     finally:
         ctx.close()
+
+
+def test_a_running_build_appears_live_and_goes_when_it_finishes(browser: Browser, loaded: Farm,
+                                                                tmp_path: Path) -> None:
+    """The overview's "Running now" follows the live stream: a build shows while it runs (the
+    test decides when it ends: it waits for a file) and leaves the list when it finishes."""
+    import subprocess
+    import sys
+
+    stop = tmp_path / "stop"
+    ctx = _login(browser, loaded, "read")
+    build = None
+    try:
+        w = Watched(ctx.new_page())
+        w.page.goto(loaded.web + "/")
+        w.page.locator("#live li", has_text="No build running").wait_for()
+        script = f"import os, time\nwhile not os.path.exists({str(stop)!r}):\n    time.sleep(0.05)\n"
+        build = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "run", "--name", "live-one", "--",
+                                  sys.executable, "-c", script], env=loaded.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        row = w.page.locator("#live li[data-session]", has_text="live-one")
+        row.wait_for(timeout=60_000)
+        assert w.page.locator("#running-count").inner_text() == "1"
+        stop.write_text("done")
+        _out, err = build.communicate(timeout=60)
+        assert build.returncode == 0, err
+        row.wait_for(state="detached", timeout=60_000)
+        assert w.page.locator("#running-count").inner_text() == "0"
+        assert not w.problems, w.problems
+    finally:
+        stop.write_text("done")
+        if build is not None and build.poll() is None:
+            build.kill()
+        ctx.close()
