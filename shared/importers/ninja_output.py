@@ -28,7 +28,7 @@ from buildtel.shared.importers.common import outcome_of_exit_code, signal_name
 MAX_ERROR_BYTES = 16 * 1024  # per failed edge: a compiler can print megabytes; the start says why
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
-_STATUS = re.compile(r"\[(\d+)/(\d+)\]( |$)")
+_STATUS = re.compile(r"\[(\d{1,18})/(\d{1,18})\]( |$)")  # bounded: int() of 5000 digits raises
 _FAILED = re.compile(r"FAILED: (?:\[code=(-?\d+)\] )?(.*)")
 _STOPPED = "ninja: build stopped: "
 

@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from buildtel.shared.importers import ImportFormatError, parse_bep, parse_chrome_trace, parse_ninja_log
@@ -188,6 +188,7 @@ def test_bep_cut_before_build_finished_is_unknown_never_success() -> None:
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=2000) | st.text(max_size=400).map(str.encode))
+@example(b"[" + b"9" * 5000 + b"/1] CC a.o\nFAILED: [code=" + b"7" * 5000 + b"] a.o\n\x1b[31m\r\xff")
 def test_the_output_parser_never_raises(data: bytes) -> None:
     out = parse_ninja_output(data)
     assert ninja_outcome(out, None)[0] in ("success", "failed", "cancelled", "unknown")
