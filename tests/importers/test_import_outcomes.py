@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from buildtel.shared.importers import ImportFormatError, parse_bep, parse_chrome_trace, parse_ninja_log
@@ -186,7 +186,11 @@ def test_bep_cut_before_build_finished_is_unknown_never_success() -> None:
 
 # -- the console-output parser ------------------------------------------------------------------------
 
-@settings(max_examples=300, deadline=None, database=None)
+# No health check that times data generation: a loaded machine must not fail the test.
+PROPERTY = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                        HealthCheck.data_too_large])
+
+@settings(PROPERTY, max_examples=300)
 @given(st.binary(max_size=2000) | st.text(max_size=400).map(str.encode))
 @example(b"[" + b"9" * 5000 + b"/1] CC a.o\nFAILED: [code=" + b"7" * 5000 + b"] a.o\n\x1b[31m\r\xff")
 def test_the_output_parser_never_raises(data: bytes) -> None:
@@ -199,7 +203,7 @@ _LINE = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=40).f
     lambda s: not re.match(r"\[\d+/\d+\]|FAILED: |ninja: ", s))
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(PROPERTY, max_examples=200)
 @given(st.lists(st.tuples(st.lists(_WORD, min_size=1, max_size=3), st.none() | st.integers(-5, 300),
                           st.lists(_LINE, max_size=6)), max_size=5), st.integers(0, 3))
 def test_failed_blocks_round_trip(blocks: list[tuple[list[str], int | None, list[str]]], ok_edges: int) -> None:
