@@ -31,6 +31,7 @@ from buildtel.services.analyzer.api import (
     read_alerts,
 )
 from buildtel.services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
+from buildtel.shared.protocol import OUTCOMES
 from buildtel.shared.settings import Settings
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -63,7 +64,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="builds that finished since DATE (2026-01-31, ISO time, 7d, 12h)")
     p.add_argument("--until", help="builds that finished before DATE")
     p.add_argument("--branch", help="only builds of this VCS branch")
-    p.add_argument("--outcome", choices=["success", "failed", "abandoned"], help="only this outcome")
+    p.add_argument("--outcome", choices=OUTCOMES, help="only this outcome")
     p.add_argument("--target", help="only builds that ran this target")
     p.add_argument("--top", type=int, help="keep only the N targets with the most total time")
     p.add_argument("--speedup", type=float, default=50.0, help="what-if speed-up in %% (default 50)")

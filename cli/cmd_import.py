@@ -7,6 +7,10 @@ BuildSession to the completed-sessions subject — the same path the collector
 uses, a session over one message through the object store — with ``Nats-Msg-Id`` =
 session id, so re-importing a file within the stream's duplicate window is a no-op and
 ids stay stable beyond it.
+How a build ended is taken only from evidence: ``import ninja`` takes ninja's console output
+(``--output FILE``) and/or exit code (``--exit-code N``) of the run that wrote the log's last
+build, ``import chrome-trace`` an exit code, ``import bep`` its ``buildFinished`` event; without
+evidence the outcome is ``unknown``, never ``success`` (docs/importers.md, "Outcome").
 ``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
 JSON document instead (docs/importers.md), warnings included.
 """
@@ -28,7 +32,8 @@ MAX_WARNINGS_SHOWN = 20
 def _ninja(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
     from buildtel.shared.importers.ninja import parse_ninja_log
 
-    return parse_ninja_log(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+    return parse_ninja_log(data, base_time=args.base_time_s, file_mtime=mtime, source=path,
+                           output=args.output_data, exit_code=args.exit_code)
 
 
 def _bep(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
@@ -40,7 +45,8 @@ def _bep(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> Impo
 def _trace(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
     from buildtel.shared.importers.chrome_trace import parse_chrome_trace
 
-    return parse_chrome_trace(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+    return parse_chrome_trace(data, base_time=args.base_time_s, file_mtime=mtime, source=path,
+                              exit_code=args.exit_code)
 
 
 PARSERS: dict[str, tuple[Callable[..., ImportResult], str, bool]] = {
@@ -62,6 +68,15 @@ def register(subparsers: Any) -> None:
             q.add_argument("--base-time", metavar="ISO",
                            help="wall-clock start (ISO-8601 or Unix seconds) of the first build/trace; "
                                 "default: the clock recorded in the file, else its modification time")
+        if fmt == "ninja":
+            q.add_argument("--output", metavar="FILE",
+                           help="ninja's console output (stdout and stderr) of the run that wrote the log's last "
+                                "build: its FAILED: edges become failed targets with their error text, and "
+                                "'interrupted by user' makes the build cancelled")
+        if fmt != "bep":  # a BEP stream carries its own exit code (buildFinished)
+            q.add_argument("--exit-code", metavar="N", type=int,
+                           help="exit code of that run: 0 success, 1-127 failed, >= 128 (a signal: 130 SIGINT, "
+                                "143 SIGTERM) cancelled; without it and --output the outcome is unknown")
         q.add_argument("--dry-run", action="store_true", help="parse and print a summary; publish nothing")
         q.add_argument("--json", action="store_true",
                        help="one JSON document on stdout: per file its figures, warnings and sessions "
@@ -73,6 +88,17 @@ def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
     """Parse every file before anything is published; the first bad file aborts the import."""
     parser = PARSERS[args.importer][0]
     args.base_time_s = None
+    args.exit_code = getattr(args, "exit_code", None)
+    args.output_data = None
+    if getattr(args, "output", None):
+        if len(args.files) != 1:  # evidence of one run: which log it belongs to must not be guessed
+            raise CLIError("--output and --exit-code describe one ninja run: give exactly one log with them")
+        try:
+            args.output_data = Path(args.output).read_bytes()
+        except OSError as exc:
+            raise CLIError(f"cannot read --output {args.output}: {exc.strerror or exc}") from None
+    if args.exit_code is not None and len(args.files) != 1:
+        raise CLIError("--exit-code describes one run: give exactly one file with it")
     if getattr(args, "base_time", None):
         try:
             args.base_time_s = parse_time(args.base_time)

@@ -29,7 +29,15 @@ def _doc(meaning: str, unit: str | None = None) -> msgspec.Meta:
 
 TargetStatus = Literal["success", "failed", "skipped", "cancelled"]
 CacheResult = Literal["local_hit", "remote_hit", "miss", "uncacheable"]
-Outcome = Literal["success", "failed", "abandoned"]
+# "cancelled" (stopped by a user or a signal) and "unknown" (no evidence of how the build ended, e.g. an
+# imported .ninja_log alone) were added later: older stored sessions keep their values.
+Outcome = Literal["success", "failed", "abandoned", "cancelled", "unknown"]
+OUTCOMES: tuple[str, ...] = ("success", "failed", "abandoned", "cancelled", "unknown")
+# Outcomes that say whether a build succeeded: the denominator of success rates.  A cancelled build
+# was stopped before it could say, an unknown one never told us (docs/analytics.md).
+RATED_OUTCOMES: frozenset[str] = frozenset({"success", "failed", "abandoned"})
+# Outcomes whose duration is a whole build's: the only ones in build-time figures.
+TIMED_OUTCOMES: frozenset[str] = frozenset({"success", "failed"})
 HealthState = Literal["healthy", "degraded", "critical"]
 
 CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
@@ -206,6 +214,10 @@ class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
         "times the target finished in this session (retries + 1); the last attempt is the one kept")] = 1
     deps: Annotated[list[str], _doc("names of the targets it depends on")] = []
     phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
+    # Last, with a default: an array-like struct only grows at its end (older records lack it).
+    error: Annotated[str | None, _doc(
+        "what its failing action printed (command and messages, at most 16 KiB, a cut marked with `…`); "
+        "null when none was captured")] = None
 
 
 class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
@@ -270,8 +282,11 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     finish: Annotated[float, _doc(
         "when it finished: its `build_finished`, else the last event heard", "Unix s")] = 0.0
     duration_s: Annotated[float, _doc("`finish - start`", "s")] = 0.0
-    outcome: Annotated[Outcome, _doc("`abandoned`: no `build_finished` before the inactivity timeout")] = "success"
-    exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned")] = None
+    outcome: Annotated[Outcome, _doc(
+        "`abandoned`: no `build_finished` before the inactivity timeout; `cancelled`: stopped by a user or "
+        "a signal (SIGINT, exit code 130/143); `unknown`: nothing said how it ended (an imported log "
+        "without the tool's output or exit code)")] = "success"
+    exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned or not known")] = None
     command: Annotated[list[str], _doc("command line, redacted")] = []
     labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}
     agents: Annotated[list[str], _doc("agents that sent events, sorted")] = []

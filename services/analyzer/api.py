@@ -47,7 +47,7 @@ class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float | None = None  # finish time, Unix s, inclusive
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     name: str | None = None
     target: str | None = None
     include_sessions: bool = False  # add one row per session (for CSV export)
@@ -251,7 +251,7 @@ class FlameGraphSelection(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float | None = None  # finish time, Unix s, inclusive
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     target: str | None = None
 
     def filter(self) -> ReportFilter:

@@ -69,7 +69,7 @@ class LookQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class WindowQuery(LookQuery, kw_only=True, forbid_unknown_fields=True):
     last: Annotated[int, msgspec.Meta(ge=1, le=MAX_FLAME_LAST)] | None = None
     branch: Text | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     target: Text | None = None
     since: str | None = None
     until: str | None = None

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 # Our outcome -> cicd.pipeline.result.  "abandoned" (no build_finished before the inactivity
-# timeout: the agent died or lost the bus) is the CI system's failure, not the build's: "error".
-RESULTS = {"success": "success", "failed": "failure", "abandoned": "error"}
+# timeout: the agent died or lost the bus) is the CI system's failure, not the build's: "error";
+# "cancelled" is the convention's "cancellation"; "unknown" (an import without evidence) claims
+# nothing: "error" as well, never "success".
+RESULTS = {"success": "success", "failed": "failure", "abandoned": "error", "cancelled": "cancellation",
+           "unknown": "error"}
 UNKNOWN_RESULT = "error"  # an outcome a newer collector invents still lands in a fixed label set
 # Build durations, seconds: from a no-op rebuild to a long release build.
 BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)

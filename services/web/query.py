@@ -29,7 +29,7 @@ class BadInput(ValueError):
 
 
 class SessionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     branch: Text | None = None
     agent: Text | None = None
     name: Text | None = None
@@ -44,7 +44,7 @@ class SessionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ReportQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     last: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     branch: Text | None = None
     name: Text | None = None
     target: Text | None = None
@@ -81,7 +81,7 @@ class TargetHistoryQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     since: str | None = None
     until: str | None = None
     branch: Text | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     agent: Text | None = None
     label: Text | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNS)] = 1000

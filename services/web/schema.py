@@ -21,7 +21,7 @@ from buildtel.services.web import artifacts_schema
 from buildtel.shared import apikeys
 from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
-from buildtel.shared.protocol import BuildSession, SessionStarted
+from buildtel.shared.protocol import OUTCOMES, BuildSession, SessionStarted
 
 API_VERSION = "1.0.0"
 PROBLEM = "application/problem+json"
@@ -120,7 +120,7 @@ Session = keyed_type(BuildSession)
 Report = keyed_type(AnalyticsReport)
 
 _FILTERS: list[tuple[str, str]] = [
-    ("outcome", "success, failed or abandoned"),
+    ("outcome", ", ".join(OUTCOMES)),
     ("branch", "VCS branch"),
     ("agent", "an agent id, or a machine (its agents too)"),
     ("name", "session name"),
@@ -167,7 +167,7 @@ def openapi() -> dict[str, Any]:
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
-    filters = [_param(n, t) for n, t in _FILTERS]
+    filters = [_param(n, t, {"enum": list(OUTCOMES)} if n == "outcome" else None) for n, t in _FILTERS]
     alert_id = _param("id", "the alert's id (32 hex digits)", where="path")
     get = "get"
     paths: dict[str, Any] = {
