@@ -53,6 +53,7 @@ class JUnitReport:
     suites: int = 0
     warnings: list[str] = field(default_factory=list)
     timestamp: float | None = None  # the first suite's `timestamp`, Unix s, when it has one
+    wall_s: float | None = None  # sum of the outermost suites' `time` (the run's wall time); None: none had one
 
     def counts(self) -> dict[str, int]:
         out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
@@ -118,6 +119,8 @@ class _Handler:
         if tag == "testsuite":
             self.suites.append(attrs.get("name", ""))
             self.report.suites += 1
+            if len(self.suites) == 1 and attrs.get("time"):
+                self.report.wall_s = (self.report.wall_s or 0.0) + _seconds(attrs.get("time"))
             if self.report.timestamp is None:
                 self.report.timestamp = _timestamp(attrs.get("timestamp"))
         elif tag == "testcase":

@@ -38,13 +38,16 @@ def junit_session(files: list[tuple[str, JUnitImport]], *, vcs: VcsInfo | None =
     """The one session of an import: every file's cases in the order given.
 
     Its id derives from the files' contents and the commit, so importing the same reports
-    twice is idempotent.  Time: the first suite ``timestamp`` when a report has one, else the
-    newest file's mtime less the cases' summed time; it lasts that summed time."""
+    twice is idempotent.  It lasts the reports' suite times (the outermost suites' ``time``,
+    summed; else the cases' times, summed) and starts at the first suite ``timestamp`` when a
+    report has one, else that long before the newest file's mtime."""
     cases: list[TestCase] = [c for _, f in files for c in f.report.cases]
     if len(cases) > MAX_CASES:
         raise JUnitError(f"the files hold {len(cases)} test cases together, more than the {MAX_CASES} "
                          "a session keeps")
-    serial = sum(c.duration_s for c in cases)
+    walls = [f.report.wall_s for _, f in files]
+    serial = (sum(w or 0.0 for w in walls) if all(w is not None for w in walls)
+              else sum(c.duration_s for c in cases))
     stamps = [f.report.timestamp for _, f in files if f.report.timestamp is not None]
     end_guess = max((f.mtime for _, f in files), default=0.0)
     start = min(stamps) if stamps else max(0.0, end_guess - serial)

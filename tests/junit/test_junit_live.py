@@ -138,3 +138,24 @@ async def test_import_junit_stores_one_session_and_refuses_malformed_files_whole
     assert [(t.suite, t.name, t.outcome) for t in full.tests] == [("A", "one", "passed"), ("B", "two", "error")]
     code, out, _ = await cli(stack, "import", "junit", "--commit", "c" * 40, str(a), str(b))
     assert code == 0 and out.startswith("already stored")
+
+
+async def test_100k_cases_import_and_live_run_are_stored_whole_over_the_message_limit(stack: Settings, nc: Any,
+                                                                                       tmp_path: Path) -> None:
+    from benchmarks.bench_tests import generate
+    from buildtel.shared.bigmsg import SESSION_MSG_BYTES
+    from buildtel.shared.codec import encode
+
+    report = tmp_path / "big.xml"
+    counts = generate(report, 100_000, fail_every=10)  # 10,000 failures with messages: well over 8 MiB
+    code, out, err = await cli(stack, "import", "junit", "--commit", "a" * 40, str(report))
+    assert code == 0, err
+    code, _, err = await cli(stack, "run", "--junit", str(report), "--", sys.executable, "-c",
+                             f"import os; os.utime({str(report)!r})", cwd=tmp_path)
+    assert code == 0 and "junit: 1 report(s), 100000 test(s)" in err, err
+    client = StorageClient(nc, Subjects(stack.namespace))
+    for s in await _stored(nc, stack, 2):
+        full = await client.get(s.id)
+        assert len(full.tests) == 100_000 and full.tests_dropped == 0
+        assert sum(t.outcome == "failed" for t in full.tests) == counts["failed"]
+        assert len(encode(full)) > SESSION_MSG_BYTES  # so it went through the object store
