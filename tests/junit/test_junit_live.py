@@ -148,7 +148,7 @@ async def test_100k_cases_import_and_live_run_are_stored_whole_over_the_message_
 
     report = tmp_path / "big.xml"
     counts = generate(report, 100_000, fail_every=10)  # 10,000 failures with messages: well over 8 MiB
-    code, out, err = await cli(stack, "import", "junit", "--commit", "a" * 40, str(report))
+    code, _, err = await cli(stack, "import", "junit", "--commit", "a" * 40, str(report))
     assert code == 0, err
     code, _, err = await cli(stack, "run", "--junit", str(report), "--", sys.executable, "-c",
                              f"import os; os.utime({str(report)!r})", cwd=tmp_path)
