@@ -41,7 +41,7 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
-from buildtel.services.web import artifacts
+from buildtel.services.web import artifacts, tests_api
 from buildtel.services.web.app import (
     BadGateway,
     Forbidden,
@@ -129,6 +129,7 @@ class WebService(BusService):
                                "BUILDER_TELEMETRY_HTTP_TOKEN), or bind to 127.0.0.1")
         app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
         artifacts.register(app)  # flame graphs, diffs, recordings
+        tests_api.register(app)  # test results, flaky tests
         runner = await start_site(app, self.host, self.requested_port)
         stack.push_async_callback(runner.cleanup)
         self.port = runner.addresses[0][1]
