@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "watch": "buildtel.cli.cmd_watch",
     "flamegraph": "buildtel.cli.cmd_flamegraph",
     "keys": "buildtel.cli.cmd_keys",
+    "tests": "buildtel.cli.cmd_tests",
 }
 # Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
 # from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
@@ -58,7 +59,7 @@ COMMAND_HELP: dict[str, str] = {
     "demo": "run a simulated build farm against the stack and report what was stored",
     "sessions": "list stored build sessions, newest first",
     "show": "show one stored session with its targets",
-    "import": "import ninja logs, Bazel BEP streams or Chrome traces as sessions",
+    "import": "import ninja logs, Bazel BEP streams, Chrome traces or JUnit XML test reports as sessions",
     "run": "run a build command as one telemetry session",
     "replay": "replay, inspect or republish a recorded build",
     "diff": "compare two recordings or two stored sessions",
@@ -71,6 +72,7 @@ COMMAND_HELP: dict[str, str] = {
     "watch": "show running builds live (health checkpoints)",
     "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
     "keys": "create, list or revoke API keys of the web API",
+    "tests": "test results across stored builds: flaky, slowest, failing tests",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}

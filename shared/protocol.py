@@ -39,6 +39,7 @@ RATED_OUTCOMES: frozenset[str] = frozenset({"success", "failed", "abandoned"})
 # Outcomes whose duration is a whole build's: the only ones in build-time figures.
 TIMED_OUTCOMES: frozenset[str] = frozenset({"success", "failed"})
 HealthState = Literal["healthy", "degraded", "critical"]
+TestOutcome = Literal["passed", "failed", "error", "skipped"]
 
 CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
 
@@ -179,7 +180,32 @@ class BuildFinished(_Event, tag="build_finished"):
         "does not say (make) or the build failed", "targets")] = None
 
 
-Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished
+class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """One test case run, from a JUnit XML report (shared/junit.py, docs/tests.md)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    suite: Annotated[str, _doc("the case's `classname`, else the name of its `testsuite`")]
+    name: Annotated[str, _doc("the case's `name`")]
+    duration_s: Annotated[float, _doc("the case's `time`; 0 when absent or not a number", "s")] = 0.0
+    outcome: Annotated[TestOutcome, _doc(
+        "`failed`: a `<failure>` (an assertion); `error`: an `<error>` (the test could not run to its "
+        "end); `skipped`: a `<skipped>`; else `passed`")] = "passed"
+    message: Annotated[str, _doc(
+        "failure, error or skip message with the start of its text, secrets redacted, at most 1000 "
+        "characters; empty for passed cases")] = ""
+
+
+class TestResults(_Event, tag="test_results"):
+    __test__ = False
+
+    cases: Annotated[list[TestCase], _doc(
+        "test cases of one JUnit XML file, in file order, each an array (see TestCase); at most 2000 "
+        "per event (a larger file is sent as several events)")] = []
+    source: Annotated[str, _doc("the file they were read from")] = ""
+
+
+Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished | TestResults
 
 
 class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type", gc=False):
@@ -322,6 +348,10 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     completeness: Annotated[Completeness | None, _doc(
         "whether the session holds every event its agents sent; null: stored by a version that did not "
         "check, read as complete")] = None
+    tests: Annotated[list[TestCase], _doc(
+        "test cases run by the build (JUnit XML it wrote, `test_results` events), in the order "
+        "received, each an array (see TestCase); at most 200 000")] = []
+    tests_dropped: Annotated[int, _doc("test cases past the cap of `tests`, not kept", "test cases")] = 0
 
 
 class SessionStarted(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session_started", tag_field="type",

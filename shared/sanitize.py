@@ -27,6 +27,7 @@ from buildtel.shared.protocol import (
     Phase,
     TargetFinished,
     TargetStarted,
+    TestResults,
 )
 from buildtel.shared.redaction import redact_argv, redact_env, redact_text
 
@@ -224,7 +225,7 @@ _FIX: dict[str, Any] = {
 }
 _FIXERS: dict[type, dict[str, Any]] = {
     cls: {f: _FIX[f] for f in cls.__struct_fields__ if f in _FIX}
-    for cls in (BuildStarted, TargetStarted, TargetFinished, HealthCheckpoint, BuildFinished)
+    for cls in (BuildStarted, TargetStarted, TargetFinished, HealthCheckpoint, BuildFinished, TestResults)
 }
 _FIXERS[HealthCheckpoint]["status"] = lambda v: _choice(v, ("healthy", "degraded", "critical"), "healthy")
 _FIXERS[BuildFinished]["exit_code"] = lambda v: _integer(v, 0)

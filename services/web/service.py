@@ -47,7 +47,7 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
-from buildtel.services.web import artifacts
+from buildtel.services.web import artifacts, tests_api
 from buildtel.services.web.app import create_app
 from buildtel.services.web.base import (
     BadGateway,
@@ -144,6 +144,7 @@ class WebService(BusService):
         stack.push_async_callback(hub.stop)  # its feeds stop even if the server below fails to start
         app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
         artifacts.register(app)  # flame graphs, diffs, recordings
+        tests_api.register(app)  # test results, flaky tests
         runner = await start_site(app, self.host, self.requested_port)
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(hub.stop)  # streams end (with a comment) before the server closes

@@ -45,8 +45,9 @@ def _query(op: dict[str, Any], ids: dict[str, str]) -> dict[str, str]:
     out = {}
     for p in op.get("parameters", []):
         if p["in"] == "query" and p.get("required"):
-            assert p["name"] == "target", f"no value for required parameter {p['name']}: add it to _query"
-            out["target"] = ids["target"]
+            assert p["name"] in ("target", "name"), f"no value for required parameter {p['name']}: add it to _query"
+            # name: a test's id (/api/v1/tests/history); a test that never ran has no runs, still a 200
+            out[p["name"]] = ids["target"] if p["name"] == "target" else "suite::test"
     return out
 
 
