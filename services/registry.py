@@ -16,6 +16,7 @@ SERVICES: dict[str, str] = {
     "tracer": "buildtel.services.tracer.service:TracerService",
     "recorder": "buildtel.services.recorder.service:RecorderService",
     "web": "buildtel.services.web.service:WebService",
+    "bes": "buildtel.services.bes.service:BesService",
 }
 
 # Services with their own serve options: a module with ``add_serve_arguments(parser)`` and

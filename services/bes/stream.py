@@ -1,0 +1,143 @@
+"""One ``PublishBuildToolEventStream`` call: map, publish durably, acknowledge in order.
+
+Each request's ``OrderedBuildEvent`` carries a ``build_event_stream.BuildEvent`` (a protobuf
+``Any``), turned into proto3 JSON by protobuf's own ``json_format`` and mapped by
+:class:`~buildtel.shared.importers.bep_stream.StreamMapper`.  The project's events it gives are
+published to ``<ns>.events.<session>`` (JetStream, ``Nats-Msg-Id`` = session:agent:first seq,
+so a re-published batch is dropped as a duplicate) and a request is acknowledged only once
+JetStream has acknowledged the publish that carries its information.  Acknowledgements go out
+in request order (Bazel requires it).
+
+Back-pressure: at most ``window`` requests are between receipt and acknowledgement per stream;
+when that many wait, this stops reading the call, so gRPC's flow control makes Bazel wait
+(Bazel keeps un-acknowledged events in its own memory and retries them on a new stream).
+Memory per stream is therefore bounded by the window (times the message size cap) plus the
+mapper's per-target state (one small entry per target, as the session itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+
+from buildtel.services.bes.gen import build_event_stream_pb2, publish_build_event_pb2
+from buildtel.shared.importers.bep_stream import StreamMapper
+from buildtel.shared.importers.common import content_id
+from buildtel.shared.protocol import Event
+
+Publish = Callable[[str, str, list[Event]], Awaitable[None]]  # (session id, agent id, events)
+WINDOW = 1000  # requests between receipt and acknowledgement, per stream
+
+
+def session_id_for(invocation_id: str, build_id: str = "") -> str:
+    """The session id of a Bazel invocation: its UUID without dashes (what the results link shows)."""
+    hexid = invocation_id.replace("-", "").lower()
+    if re.fullmatch(r"[0-9a-f]{32}", hexid) and hexid != "0" * 32:
+        return hexid
+    return content_id("bes", build_id, invocation_id)
+
+
+@dataclass
+class Invocation:
+    """What outlives one stream of an invocation: Bazel retries a broken stream from its first
+    un-acknowledged event, and events already mapped (and published) must not be mapped twice."""
+
+    mapper: StreamMapper
+    mapped_up_to: int = 0  # highest sequence number whose events are published
+    streams: int = 0
+    unpublished: bool = False  # a stream broke with mapped events unpublished: start afresh
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _Pending:
+    request: Any  # the OrderedBuildEvent
+    done: asyncio.Future[None] | None  # None: acknowledgeable once every earlier one is
+
+
+class StreamHandler:
+    """Serves one call; ``run`` is the response iterator grpc.aio sends back."""
+
+    def __init__(self, invocations: dict[str, Invocation], publish: Publish, new_agent: Callable[[], str],
+                 window: int = WINDOW) -> None:
+        self.invocations, self.publish, self.new_agent = invocations, publish, new_agent
+        self.window = window
+        self.events = 0
+
+    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(self.window)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if item.done is not None:
+                    await item.done  # raises if its publish failed: the call ends with an error
+                obe = item.request
+                yield publish_build_event_pb2.PublishBuildToolEventStreamResponse(
+                    stream_id=obe.stream_id, sequence_number=obe.sequence_number)
+            await reader  # re-raises a failure of the reader
+        finally:
+            reader.cancel()
+
+    async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[_Pending | None]) -> None:
+        inv: Invocation | None = None
+        held: list[Any] = []  # requests whose information waits for a later publish
+        try:
+            async for req in requests:
+                obe = req.ordered_build_event
+                if inv is None:
+                    inv = self._invocation(obe.stream_id)
+                    inv.streams += 1
+                events: list[Event] = []
+                bazel = obe.event.WhichOneof("event") == "bazel_event"
+                if obe.sequence_number > inv.mapped_up_to and bazel:
+                    msg = build_event_stream_pb2.BuildEvent()
+                    if obe.event.bazel_event.Unpack(msg):
+                        events = inv.mapper.feed(json_format.MessageToDict(msg))
+                        self.events += 1
+                elif obe.sequence_number > inv.mapped_up_to and obe.event.HasField("component_stream_finished"):
+                    events = inv.mapper.close()
+                if events:
+                    done = asyncio.ensure_future(self._publish(inv, events, obe.sequence_number))
+                    for h in held:
+                        await queue.put(_Pending(h, done))
+                    held.clear()
+                    await queue.put(_Pending(obe, done))
+                elif inv.mapper.holding or held:
+                    held.append(obe)
+                    if not inv.mapper.holding:  # released without a publish (nothing new to say)
+                        for h in held:
+                            await queue.put(_Pending(h, None))
+                        held.clear()
+                else:
+                    await queue.put(_Pending(obe, None))
+            if held and inv is not None and not inv.mapper.holding:
+                for h in held:
+                    await queue.put(_Pending(h, None))
+        finally:
+            if inv is not None and held:
+                inv.unpublished = True  # the stream broke with information held: not acknowledged
+            if inv is not None and inv.mapper.finished:
+                self.invocations.pop(inv.mapper.session_id, None)
+            await queue.put(None)
+
+    def _invocation(self, stream_id: Any) -> Invocation:
+        sid = session_id_for(stream_id.invocation_id, stream_id.build_id)
+        inv = self.invocations.get(sid)
+        if inv is None or inv.unpublished:
+            inv = Invocation(StreamMapper(sid, self.new_agent()))
+            self.invocations[sid] = inv
+        return inv
+
+    async def _publish(self, inv: Invocation, events: list[Event], seq: int) -> None:
+        async with inv.lock:  # batches of one invocation reach the bus in order
+            try:
+                await self.publish(inv.mapper.session_id, inv.mapper.agent_id, events)
+            except BaseException:
+                inv.unpublished = True
+                raise
+            inv.mapped_up_to = max(inv.mapped_up_to, seq)
