@@ -8,8 +8,8 @@ so a re-published batch is dropped as a duplicate) and a request is acknowledged
 JetStream has acknowledged the publish that carries its information.  Acknowledgements go out
 in request order (Bazel requires it).
 
-Back-pressure: at most ``window`` requests are between receipt and acknowledgement per stream;
-when that many wait, this stops reading the call, so gRPC's flow control makes Bazel wait
+Back-pressure: at most ``window`` requests wait to be mapped and ``window`` to be acknowledged
+per stream; when the queues are full, this stops reading the call, so gRPC's flow control makes Bazel wait
 (Bazel keeps un-acknowledged events in its own memory and retries them on a new stream).
 Memory per stream is therefore bounded by the window (times the message size cap) plus the
 mapper's per-target state (one small entry per target, as the session itself).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
@@ -31,7 +31,8 @@ from buildtel.shared.importers.common import content_id
 from buildtel.shared.protocol import Event
 
 Publish = Callable[[str, str, list[Event]], Awaitable[None]]  # (session id, agent id, events)
-WINDOW = 1000  # requests between receipt and acknowledgement, per stream
+WINDOW = 1000  # requests between receipt and acknowledgement, per stream (each queue)
+MAX_BATCH = 500  # events per published batch (the SDK's batch size)
 
 
 def session_id_for(invocation_id: str, build_id: str = "") -> str:
@@ -51,7 +52,6 @@ class Invocation:
     mapped_up_to: int = 0  # highest sequence number whose events are published
     streams: int = 0
     unpublished: bool = False  # a stream broke with mapped events unpublished: start afresh
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -61,7 +61,13 @@ class _Pending:
 
 
 class StreamHandler:
-    """Serves one call; ``run`` is the response iterator grpc.aio sends back."""
+    """Serves one call; ``run`` is the response iterator grpc.aio sends back.
+
+    Three steps joined by bounded queues: a pump reads the call, the mapper maps and publishes
+    (coalescing the events of requests that arrived together into one batch, flushed as soon as
+    no further request is waiting or ``MAX_BATCH`` events are pending), the writer acknowledges
+    in order once each request's publish is acknowledged.
+    """
 
     def __init__(self, invocations: dict[str, Invocation], publish: Publish, new_agent: Callable[[], str],
                  window: int = WINDOW) -> None:
@@ -70,60 +76,73 @@ class StreamHandler:
         self.events = 0
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(self.window)
-        reader = asyncio.get_running_loop().create_task(self._read(requests, queue))
+        inbox: asyncio.Queue[Any] = asyncio.Queue(self.window)
+        acks: asyncio.Queue[_Pending | None] = asyncio.Queue(self.window)
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(self._pump(requests, inbox))
+        mapper = loop.create_task(self._map(inbox, acks))
         try:
-            while (item := await queue.get()) is not None:
+            while (item := await acks.get()) is not None:
                 if item.done is not None:
                     await item.done  # raises if its publish failed: the call ends with an error
                 obe = item.request
                 yield publish_build_event_pb2.PublishBuildToolEventStreamResponse(
                     stream_id=obe.stream_id, sequence_number=obe.sequence_number)
-            await reader  # re-raises a failure of the reader
+            await mapper  # re-raises a failure of the mapper
+            await pump
         finally:
-            reader.cancel()
+            pump.cancel()
+            mapper.cancel()
 
-    async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[_Pending | None]) -> None:
-        inv: Invocation | None = None
-        held: list[Any] = []  # requests whose information waits for a later publish
+    async def _pump(self, requests: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
         try:
             async for req in requests:
-                obe = req.ordered_build_event
+                await inbox.put(req.ordered_build_event)  # blocks when the mapper is a window behind
+        finally:
+            await inbox.put(None)
+
+    async def _map(self, inbox: asyncio.Queue[Any], acks: asyncio.Queue[_Pending | None]) -> None:
+        inv: Invocation | None = None
+        waiting: list[Any] = []  # requests whose acknowledgement waits for the next publish
+        batch: list[Event] = []
+        try:
+            while (obe := await inbox.get()) is not None:
                 if inv is None:
                     inv = self._invocation(obe.stream_id)
                     inv.streams += 1
-                events: list[Event] = []
-                bazel = obe.event.WhichOneof("event") == "bazel_event"
-                if obe.sequence_number > inv.mapped_up_to and bazel:
-                    msg = build_event_stream_pb2.BuildEvent()
-                    if obe.event.bazel_event.Unpack(msg):
-                        events = inv.mapper.feed(json_format.MessageToDict(msg))
-                        self.events += 1
-                elif obe.sequence_number > inv.mapped_up_to and obe.event.HasField("component_stream_finished"):
-                    events = inv.mapper.close()
-                if events:
-                    done = asyncio.ensure_future(self._publish(inv, events, obe.sequence_number))
-                    for h in held:
-                        await queue.put(_Pending(h, done))
-                    held.clear()
-                    await queue.put(_Pending(obe, done))
-                elif inv.mapper.holding or held:
-                    held.append(obe)
-                    if not inv.mapper.holding:  # released without a publish (nothing new to say)
-                        for h in held:
-                            await queue.put(_Pending(h, None))
-                        held.clear()
+                events = self._events(inv, obe)
+                if events or waiting or inv.mapper.holding:
+                    batch += events
+                    waiting.append(obe)
                 else:
-                    await queue.put(_Pending(obe, None))
-            if held and inv is not None and not inv.mapper.holding:
-                for h in held:
-                    await queue.put(_Pending(h, None))
+                    await acks.put(_Pending(obe, None))
+                if batch and (inbox.empty() or len(batch) >= MAX_BATCH):
+                    done = asyncio.ensure_future(self._publish(inv, batch, obe.sequence_number))
+                    for w in waiting:
+                        await acks.put(_Pending(w, done))
+                    waiting, batch = [], []
+                elif waiting and not batch and not inv.mapper.holding:  # released with nothing to say
+                    for w in waiting:
+                        await acks.put(_Pending(w, None))
+                    waiting = []
         finally:
-            if inv is not None and held:
-                inv.unpublished = True  # the stream broke with information held: not acknowledged
+            if inv is not None and (waiting or batch):
+                inv.unpublished = True  # the stream broke with information unpublished: not acknowledged
             if inv is not None and inv.mapper.finished:
                 self.invocations.pop(inv.mapper.session_id, None)
-            await queue.put(None)
+            await acks.put(None)
+
+    def _events(self, inv: Invocation, obe: Any) -> list[Event]:
+        if obe.sequence_number <= inv.mapped_up_to:  # resent after a broken stream: already published
+            return []
+        if obe.event.WhichOneof("event") == "bazel_event":
+            msg = build_event_stream_pb2.BuildEvent()
+            if obe.event.bazel_event.Unpack(msg):
+                self.events += 1
+                return inv.mapper.feed(json_format.MessageToDict(msg))
+        elif obe.event.HasField("component_stream_finished"):
+            return inv.mapper.close()
+        return []
 
     def _invocation(self, stream_id: Any) -> Invocation:
         sid = session_id_for(stream_id.invocation_id, stream_id.build_id)
@@ -134,10 +153,11 @@ class StreamHandler:
         return inv
 
     async def _publish(self, inv: Invocation, events: list[Event], seq: int) -> None:
-        async with inv.lock:  # batches of one invocation reach the bus in order
-            try:
-                await self.publish(inv.mapper.session_id, inv.mapper.agent_id, events)
-            except BaseException:
-                inv.unpublished = True
-                raise
-            inv.mapped_up_to = max(inv.mapped_up_to, seq)
+        # Batches of a call are published concurrently (one connection keeps them in order on the
+        # wire); a failure marks the invocation so a retried stream starts afresh.
+        try:
+            await self.publish(inv.mapper.session_id, inv.mapper.agent_id, events)
+        except BaseException:
+            inv.unpublished = True
+            raise
+        inv.mapped_up_to = max(inv.mapped_up_to, seq)
