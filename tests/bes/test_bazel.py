@@ -44,6 +44,10 @@ def _workspace(tmp_path: Path, delay: str = "1") -> Path:
     (ws / "WORKSPACE").write_text("")
     (ws / "BUILD").write_text(BUILD + 'exports_files(["delay"])\n')
     (ws / "delay").write_text(delay)
+    status = ws / "status.sh"  # what a --workspace_status_command script of a git checkout prints
+    status.write_text("#!/bin/sh\necho BUILD_SCM_REVISION 0123456789abcdef0123456789abcdef01234567\n"
+                      "echo BUILD_SCM_BRANCH feature/bes\necho BUILD_SCM_STATUS Modified\n")
+    status.chmod(0o755)
     return ws
 
 
@@ -80,7 +84,8 @@ async def test_bazel_build_streams_live_and_matches_what_bazel_printed(bes: BesS
     ws = _workspace(tmp_path)
     bep_file = tmp_path / "bep.json"
     rc, printed = await _bazel(ws, tmp_path, "-k", "--jobs=4", "//:all", f"--bes_backend={bes.url}",
-                               f"--bes_results_url={RESULTS}", f"--build_event_json_file={bep_file}")
+                               f"--bes_results_url={RESULTS}", f"--build_event_json_file={bep_file}",
+                               f"--workspace_status_command={ws / 'status.sh'}")
     assert rc == 1, printed  # BUILD_FAILURE, with -k the other targets still built
     live = await _session(nc, bes)
     imported = parse_bep(bep_file.read_bytes()).sessions[0]
@@ -98,6 +103,9 @@ async def test_bazel_build_streams_live_and_matches_what_bazel_printed(bes: BesS
     assert (live.environment.user, live.environment.hostname) == (imported.environment.user,
                                                                   imported.environment.hostname)
     assert is_complete(live)
+    vcs = live.environment.vcs
+    assert vcs is not None
+    assert (vcs.commit, vcs.branch, vcs.dirty) == ("0123456789abcdef0123456789abcdef01234567", "feature/bes", True)
 
 
 async def test_sigint_mid_build_is_never_stored_as_success(bes: BesService, nc, tmp_path) -> None:

@@ -80,3 +80,17 @@ async def test_broken_stream_is_stored_incomplete_never_success(bes: BesService,
     assert live.id == invocation.replace("-", "")
     assert live.outcome == "abandoned" and not is_complete(live) and live.exit_code is None
     assert live.name == "bazel test //go/..." and len(live.targets) == 1
+
+
+async def test_a_small_window_still_acknowledges_every_event_in_order(bes_settings, collector, nc) -> None:
+    # Two requests per queue: the reader stops reading the call while acknowledgements are due.
+    svc = BesService(bes_settings, bes_settings.nats_url or "", bes_settings.redis_url or "", port=0, window=2)
+    await svc.start()
+    try:
+        events = read_bep_json(KAHLYS)
+        result = await replay(svc.url.removeprefix("grpc://"), events, events[0].started.uuid)
+        assert result.acks == list(range(1, len(events) + 2))
+        [live] = await completed_sessions(nc.jetstream(), Subjects(bes_settings.namespace), 1)
+        _same_as_import(live, parse_bep(KAHLYS.read_bytes()).sessions[0])
+    finally:
+        await svc.stop()
