@@ -224,7 +224,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                     print(f"buildtel: dashboard {web.url}/ · web API {web.url}/api/v1/{open_note}", file=sys.stderr,
                           flush=True)
                 if bes is not None:
-                    results = f" --bes_results_url={web.url}/sessions/" if web is not None else ""
+                    base = settings.web_url or (web.url if web is not None else None)  # as `buildtel run` links
+                    results = f" --bes_results_url={base.rstrip('/')}/sessions/" if base else ""
                     print(f"buildtel: Bazel: --bes_backend={bes.url}{results}", file=sys.stderr, flush=True)
                 if stack.embedded_nats:
                     print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
