@@ -17,6 +17,7 @@ SERVICES: dict[str, str] = {
     "recorder": "buildtel.services.recorder.service:RecorderService",
     "notifier": "buildtel.services.notifier.service:NotifierService",
     "web": "buildtel.services.web.service:WebService",
+    "bes": "buildtel.services.bes.service:BesService",
 }
 
 # Services with their own serve options: a module with ``add_serve_arguments(parser)`` and

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web",
-                          "reader", "operator")
-SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web")
+                          "reader", "operator", "bes")
+SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web", "bes")
 
 
 class AuthError(ValueError):
@@ -189,6 +189,10 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             # every service does.
             return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al), *_follow(se),
                             *_object_read(ns)], base_streams, [], [])
+        case "bes":
+            # The Build Event Service endpoint publishes build events as an agent does (and declares
+            # the shared streams as every service does); it reads nothing.
+            return service([f"{ns}.events.>"], base_streams, [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

@@ -165,8 +165,8 @@ class HealthPoint(msgspec.Struct, kw_only=True, array_like=True, gc=False):
 
 class BuildFinished(_Event, tag="build_finished"):
     exit_code: Annotated[int, _doc("exit status of the build command")] = 0
-    outcome: Annotated[Literal["success", "failed"] | None, _doc(
-        "`success` or `failed`; null: derived from `exit_code` (0 is success)")] = None
+    outcome: Annotated[Literal["success", "failed", "cancelled"] | None, _doc(
+        "`success`, `failed` or `cancelled` (interrupted); null: derived from `exit_code` (0 is success)")] = None
     cpu_s: Annotated[float | None, _doc(
         "CPU time of the build's process tree, user + system; null when unknown", "s")] = None
     peak_rss_bytes: Annotated[int | None, _doc(

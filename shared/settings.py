@@ -82,6 +82,9 @@ class Settings:
     web_port: int | None = _help(
         "Port of the web API (/api/v1) on http_host: 'buildtel serve web' uses 8480 when unset, "
         "'buildtel up' any free port (written to stack.json).", default=None)
+    bes_port: int = _help(
+        "Port of the Build Event Service endpoint (gRPC, --bes_backend=grpc://HOST:PORT) on http_host; "
+        "0: any free port (written to stack.json).", default=0)
     web_url: str | None = _help(
         "External base URL of the web API (behind a proxy), used in the session links 'buildtel run' prints.",
         default=None)

@@ -20,6 +20,7 @@ from buildtel.services.web.schema import DEFAULT_LIMIT, MAX_LIMIT
 FULL_LEN = 32
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 Q = TypeVar("Q", bound=msgspec.Struct)
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
@@ -147,8 +148,12 @@ def decode_cursor(text: str | None) -> Cursor | None:
 
 
 def parse_session_id(text: str) -> str:
-    """The lowercase hex of a full id or prefix; :class:`BadInput` says what is accepted."""
+    """The lowercase hex of a full id or prefix; :class:`BadInput` says what is accepted.  A UUID
+    (``8-4-4-4-12``) is the same id with dashes: Bazel's invocation id in the link it prints with
+    ``--bes_results_url`` (docs/bazel.md)."""
     word = text.strip().lower()
+    if _UUID.fullmatch(word):
+        word = word.replace("-", "")
     if not word or not _HEX.fullmatch(word) or len(word) > FULL_LEN:
         raise BadInput(f"{text[:64]!r} is not a session id: give a full id ({FULL_LEN} hex digits) "
                        f"or a unique prefix of at least {MIN_PREFIX}")

@@ -48,7 +48,7 @@ from buildtel.shared.importers.common import (
     maybe_gunzip,
     unique_names,
 )
-from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Completeness, Phase, TargetMetrics
+from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Completeness, Outcome, Phase, TargetMetrics
 
 AGENT = "import:bep"
 
@@ -297,6 +297,17 @@ def parse_bep(data: bytes, *, source: str = "") -> ImportResult:
     return _assemble(st, data, source)
 
 
+def finished_outcome(finished: dict[str, Any]) -> tuple[int, Outcome]:
+    """(exit code, outcome) of a ``buildFinished`` payload: the one rule of ``buildtel import bep``
+    and the live BES endpoint (``bep_stream.py``).  Bazel's exit code 8 (``INTERRUPTED``: Ctrl-C or
+    a cancelled remote build) is cancelled."""
+    code = pj.obj(pj.get(finished, "exitCode", {}))
+    exit_code = pj.int64(code.get("code")) or 0  # proto3 omits code 0 (SUCCESS)
+    ok = exit_code == 0 and finished.get("overallSuccess", True) is not False
+    interrupted = exit_code == 8 or code.get("name") == "INTERRUPTED"
+    return exit_code, "success" if ok else "cancelled" if interrupted else "failed"
+
+
 def _targets(st: _State, start: float) -> list[TargetMetrics]:
     """Completed targets, tests and actions; events without times are placed at the build's start."""
     targets: list[TargetMetrics] = []
@@ -375,12 +386,8 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
     duration_s: float | None = None
     if st.finished is not None:
         try:
-            code = pj.obj(pj.get(st.finished, "exitCode", {}))
-            exit_code = pj.int64(code.get("code")) or 0  # proto3 omits code 0 (SUCCESS)
-            exit_name = code.get("name")
-            ok = exit_code == 0 and st.finished.get("overallSuccess", True) is not False
-            # Bazel's exit code 8 (INTERRUPTED): Ctrl-C or a cancelled remote build.
-            outcome = "success" if ok else "cancelled" if exit_code == 8 or exit_name == "INTERRUPTED" else "failed"
+            exit_code, outcome = finished_outcome(st.finished)
+            exit_name = pj.obj(pj.get(st.finished, "exitCode", {})).get("name")
             finish_ms = pj.epoch_ms(st.finished, "finishTime", "finishTimeMillis")
             if finish_ms is not None:
                 finish = finish_ms / 1000.0
