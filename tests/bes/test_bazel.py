@@ -25,8 +25,12 @@ from buildtel.shared.protocol import BuildSession, is_complete
 from buildtel.shared.subjects import Subjects
 from tests.util import completed_sessions
 
-pytestmark = pytest.mark.skipif(shutil.which("bazel") is None,
-                                reason="no bazel on PATH (Debian: apt-get install bazel-bootstrap; .ci/run does)")
+
+
+@pytest.fixture(autouse=True)
+def _bazel_installed() -> None:
+    """Never skipped: without a Bazel these tests fail and say how to install one."""
+    assert shutil.which("bazel"), "no bazel on PATH: apt-get install bazel-bootstrap (.ci/run does)"
 
 BUILD = """
 genrule(name = "a", outs = ["a.txt"], cmd = "echo a > $@")
