@@ -26,7 +26,6 @@ from buildtel.shared.subjects import Subjects
 from tests.util import completed_sessions
 
 
-
 @pytest.fixture(autouse=True)
 def _bazel_installed() -> None:
     """Never skipped: without a Bazel these tests fail and say how to install one."""
