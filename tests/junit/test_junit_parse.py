@@ -75,8 +75,8 @@ def _cmake_bin(name: str) -> str | None:
     return found
 
 
-@pytest.mark.skipif(_cmake_bin("ctest") is None, reason="ctest not installed (the cmake test dependency)")
 def test_a_real_ctest_report(tmp_path: Path) -> None:
+    assert _cmake_bin("ctest"), "ctest not found: it comes with the cmake test dependency (pip install -e '.[test]')"
     src, build = tmp_path / "src", tmp_path / "build"
     src.mkdir()
     (src / "CMakeLists.txt").write_text(CMAKE_PROJECT.format(py=sys.executable))
