@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--json", action="store_true",
                    help="the whole session as one JSON object (targets as objects, every field stated)")
     s.add_argument("--top", type=int, default=15, help="targets to list, longest first (default 15)")
+    s.add_argument("--failures", action="store_true",
+                   help="only the failed targets, each with its error lines and output (docs/failures.md); "
+                        "with --json: {session_id, outcome, failures: [...]}")
     s.set_defaults(func=cmd_show, quiet_logs=True)
 
 
@@ -103,6 +106,10 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     ref = parse_id(args.id)  # a malformed id is refused before any stack is reached or started
     async with open_bus(settings) as bus:
         s = await resolve_session(StorageClient(bus.nc, bus.subjects), ref)
+    if getattr(args, "failures", False):
+        from buildtel.cli.failures_view import print_failures
+
+        return print_failures(s, json_out=args.json)
     if args.json:
         sys.stdout.write(dumps(s) + "\n")
         return 0
