@@ -80,6 +80,10 @@ class RunLog:
         assert self.tee is not None
         buf = self.tee.buffer
         log = BuildLog(bytes=buf.total, kept_bytes=buf.kept, cut_bytes=buf.cut)
+        if not client.connected and client.last_error:
+            # Not reached (and already said: the session itself is not recorded); no wait for it.
+            log.error = "the bus was not reached"
+            return log
         try:
             data = compress(redact_log(buf.text()))
             from buildtel.shared.logstore import put_log

@@ -198,9 +198,9 @@ async def test_ninja_failures_are_targets_with_output(settings, nc, services, tm
     assert out["bad.o"].errors and not out["bad.o"].errors[0].startswith("cc ")
     shown = await _cli(["show", sid, "--failures"], root, env)
     assert "== app" in shown.stdout and "undefined reference" in shown.stdout
-    page_status, _, page = await _http(services, f"/sessions/{sid}")
-    if page_status == 200:  # served without a key to this test's client
-        assert '<pre class="output">' in page and "missing_fn" in page
+    page_status, _, page = await _http(services, f"/sessions/{sid}")  # the dashboard: open without keys
+    assert page_status == 200 and '<pre class="output">' in page and "missing_fn" in page
+    assert page.index('id="failures-h"') < page.index('id="targets-h"')
 
 
 async def test_log_over_the_limit_keeps_head_and_tail(settings, nc, services, tmp_path: Path) -> None:
