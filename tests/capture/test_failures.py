@@ -231,3 +231,18 @@ async def test_no_log_has_no_log(settings, nc, services, tmp_path: Path) -> None
     assert (status, ctype) == (404, "application/problem+json") and "no build log" in body
     res = await _cli(["log", sid], tmp_path, env)
     assert res.returncode == 2 and "no build log" in res.stderr
+
+
+async def test_a_log_that_cannot_be_stored_does_not_fail_the_build(settings, nc, services, tmp_path: Path) -> None:
+    """The logs bucket is gone (and the agent may not declare it): the build's code passes
+    through, one warning says so, and the session keeps the failures and why the log is missing."""
+    await nc.jetstream().delete_stream(f"OBJ_{Subjects(settings.namespace).logs_bucket}")
+    env = _env(settings, tmp_path)
+    res, sid = await _build(["sh", "-c", "echo 'src/x.c:3:1: error: nope' >&2; exit 4"], tmp_path, env, merged=True)
+    assert res.returncode == 4
+    assert "buildtel: warning: build log not stored: " in res.stdout, res.stdout
+    s = await _stored(nc, settings, sid)
+    assert s.outcome == "failed" and s.log is not None and not s.log.object
+    assert s.log.error.startswith("build log not stored: ") and s.log.bytes == len("src/x.c:3:1: error: nope\n")
+    status, _, body = await _http(services, f"/api/v1/sessions/{sid}/log")
+    assert status == 404 and "build log not stored" in body
