@@ -140,6 +140,10 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"process   cpu {s.cpu_s:.2f} s  peak rss {(s.peak_rss_bytes or 0) / 2**20:.1f} MiB")
     if s.up_to_date is not None:
         print(f"avoided   {s.up_to_date} targets up to date, not rebuilt")
+    if s.failures or (s.log is not None and s.log.object):
+        what = [f"output of {len(s.failures)} failed targets: buildtel show {s.id} --failures"] if s.failures else []
+        what += [f"console log: buildtel log {s.id}"] if s.log is not None and s.log.object else []
+        print(f"kept      {safe('; '.join(what))}")
     if s.targets:
         print(f"\n{'DURATION':>10}  {'STATUS':<9} {'CACHE':<11} TARGET")
         for m in sorted(s.targets, key=lambda m: -m.duration_s)[: args.top]:

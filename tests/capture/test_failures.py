@@ -120,18 +120,22 @@ async def _http(web: WebService, path: str) -> tuple[int, str, str]:
         return resp.status, resp.content_type, await resp.text()
 
 
-async def test_make_failures_keep_their_output(settings, nc, services, tmp_path: Path) -> None:
+@pytest.mark.parametrize("merged", [True, False], ids=["one-pipe", "two-pipes"])
+async def test_make_failures_keep_their_output(settings, nc, services, tmp_path: Path, merged: bool) -> None:
+    """``one-pipe``: stdout and stderr to the same place (a terminal, a CI log): exact order;
+    ``two-pipes``: apart, so the order across them is the order read (docs/failures.md)."""
     root = tmp_path / "proj"
     root.mkdir()
     (root / "Makefile").write_text(MAKEFILE)
     (root / "bad.c").write_text(BAD_C)
     (root / "main.c").write_text(MAIN_C)
     env = _env(settings, tmp_path)
-    res, sid = await _build(["make", "-k", "-j1"], root, env, merged=True)
+    res, sid = await _build(["make", "-k", "-j1"], root, env, merged=merged)
     assert res.returncode == 2, res.stdout  # make's own code passes through
-    # The terminal still got the build's output, unchanged (and the secret: it is the user's own console).
-    assert "error:" in res.stdout and f"AWS_SECRET_ACCESS_KEY={SECRET}" in res.stdout
-    assert "buildtel: warning" not in res.stdout, res.stdout
+    # The terminal still got the build's output, unchanged, each stream where it belongs (and the
+    # secret: it is the user's own console).
+    assert "error:" in (res.stdout if merged else res.stderr) and f"AWS_SECRET_ACCESS_KEY={SECRET}" in res.stdout
+    assert "buildtel: warning" not in res.stdout + (res.stderr or ""), res.stdout
     s = await _stored(nc, settings, sid)
     failed = {t.name: t for t in s.targets if t.status == "failed"}
     assert set(failed) == {"bad.o", "app", "secret.txt", "killed.txt", "shellfail.txt"}
@@ -151,10 +155,10 @@ async def test_make_failures_keep_their_output(settings, nc, services, tmp_path:
     assert "about to die" in text["killed.txt"] and "Killed" in text["killed.txt"]
     assert "Error: /nonexistent/input is missing" in text["shellfail.txt"]
     assert out["shellfail.txt"].signature == "Error: input is missing"
-    # one stream in the order written: each failed recipe's lines, none of its neighbours'
-    assert text["killed.txt"].splitlines() == ["echo about to die; kill -9 $$", "about to die",
-                                               "make: *** [Makefile:11: killed.txt] Killed"]
-    assert all("echo fine" not in t for k, t in text.items() if k != "bad.o")  # the passing recipe's echo
+    if merged:  # one stream in the order written: each failed recipe's lines, none of its neighbours'
+        assert text["killed.txt"].splitlines() == ["echo about to die; kill -9 $$", "about to die",
+                                                   "make: *** [Makefile:11: killed.txt] Killed"]
+        assert all("echo fine" not in t for k, t in text.items() if k != "bad.o")  # the passing recipe's echo
     # secrets redacted in the target's output...
     assert SECRET not in text["secret.txt"] and GH_TOKEN not in text["secret.txt"]
     assert "AWS_SECRET_ACCESS_KEY=[REDACTED]" in text["secret.txt"] and "[REDACTED]" in text["secret.txt"]
@@ -170,6 +174,8 @@ async def test_make_failures_keep_their_output(settings, nc, services, tmp_path:
     shown = await _cli(["show", sid, "--failures"], root, env)
     assert shown.returncode == 0, shown.stderr
     assert "== bad.o" in shown.stdout and "error:" in shown.stdout and "about to die" in shown.stdout
+    plain = (await _cli(["show", sid], root, env)).stdout  # the plain view says what is kept
+    assert f"buildtel show {sid} --failures" in plain and f"buildtel log {sid}" in plain
     doc = json.loads((await _cli(["show", sid, "--failures", "--json"], root, env)).stdout)
     assert [f["target"] for f in doc["failures"]] == [t.name for t in s.targets if t.status == "failed"]
     # the API: the whole log as text, the output in the session's JSON, the page shows it in a <pre>
