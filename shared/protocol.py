@@ -166,7 +166,8 @@ class TargetFailure(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
         "`BUILDER_TELEMETRY_FAILURE_OUTPUT_KIB` KiB and 400 lines, each at most 4096 characters")] = []
     output_cut_bytes: Annotated[int, _doc("bytes of its output before the lines kept", "bytes")] = 0
     errors: Annotated[list[str], _doc(
-        "its first error lines (`error:`, `Error`, `FAILED`, `undefined reference`…), at most 10")] = []
+        "its first error lines (`error:`, `Error`, `FAILED`, `undefined reference`…): at most 10, each at most "
+        "300 characters")] = []
     signature: Annotated[str | None, _doc(
         "its first error line normalised (paths, numbers, hashes, temp names stripped), to group identical "
         "failures across builds; null when no error line was found")] = None

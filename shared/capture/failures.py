@@ -20,6 +20,8 @@ Output, error lines and signatures are redacted (``buildlog.redact_line``) and b
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ GRACE_S = 0.5
 MAX_FAILURES = 100
 MAX_LINES = 400
 LINE_CHARS = 4096  # the longest string an event may carry (shared/validate.py)
+ERROR_CHARS = 300  # of each error line: 100 failures' error lines stay well within one bus message
 OUTPUT_BUDGET = 256 * 1024  # failure output in one build_finished event, all targets together
 _NINJA_FAILED = re.compile(r"^FAILED: (?:\[code=\d+\] )?(?P<outputs>.*)$")
 _NINJA_END = re.compile(r"^(?:\[\d+/\d+\]|FAILED: |ninja: )")
@@ -101,7 +104,19 @@ def _window(f: Seen, others: list[Seen]) -> tuple[float, float]:
     return lo, hi
 
 
-def make_output(f: Seen, seen: list[Seen], lines: list[Line]) -> tuple[list[tuple[int, str]] | None, str]:
+class Console:
+    """The console's lines with what every failed recipe looks up: read times made non-decreasing
+    (for bisection; a wall clock stepping back does not reorder lines) and make's ``***`` lines."""
+
+    def __init__(self, lines: list[Line]) -> None:
+        self.lines = lines
+        self.times = list(itertools.accumulate((t for t, _, _ in lines), max))
+        self.anchors = [(i, self.times[i], a) for i, (_, stream, line) in enumerate(lines)
+                        if stream != 1 and (a := make_anchor(line)) is not None]
+        self.apart = any(stream == 1 for _, stream, _ in lines)
+
+
+def make_output(f: Seen, seen: list[Seen], con: Console) -> tuple[list[tuple[int, str]] | None, str]:
     """(the (stream, line)s ``f`` printed, how they were found); None when they cannot be told apart.
 
     Within one stream the order is exact (stdout and stderr are one stream when they went to the
@@ -119,25 +134,24 @@ def make_output(f: Seen, seen: list[Seen], lines: list[Line]) -> tuple[list[tupl
         return None, (f"not attributed: {len(during)} other recipe(s) ran at the same time ({names}); parallel or "
                       "recursive make interleaves their output; see the build log")
     lo, hi = _window(f, others)
+    lines, times = con.lines, con.times
     first, anchor = -1, None  # on make's stream: after the previous recipe's *** line, up to ours
-    for i, (t, stream, line) in enumerate(lines):
-        a = make_anchor(line) if stream != 1 else None
-        if a is None:
-            continue
+    for i, t, a in con.anchors:
         if t >= lo and (f.target == a or f.target.endswith("/" + a)):
             anchor = i
             break
         first = i
+    start = bisect.bisect_left(times, lo)
     if anchor is None:
-        out = [(stream, line) for t, stream, line in lines if lo <= t <= hi]
+        out = [(stream, line) for _, stream, line in lines[start:bisect.bisect_right(times, hi)]]
         return out, f"the console from the recipe's start to its end (+{GRACE_S} s)"
-    until = lines[anchor][0] + GRACE_S
-    out = [(stream, line) for i, (t, stream, line) in enumerate(lines)
-           if (first < i <= anchor and t >= lo if stream != 1 else lo <= t <= until)]
-    apart = any(stream == 1 for _, stream, _ in lines)
+    until = times[anchor] + GRACE_S
+    end = max(anchor + 1, bisect.bisect_right(times, until))
+    out = [(lines[i][1], lines[i][2]) for i in range(start, end)
+           if (first < i <= anchor if lines[i][1] != 1 else times[i] <= until)]
     return out, ("the console from the recipe's start to make's *** line for it"
                  + ("; stdout and stderr went to different places, so their lines are in the order read and "
-                    "stdout may hold lines of the next recipe" if apart else ""))
+                    "stdout may hold lines of the next recipe" if con.apart else ""))
 
 
 def _bounded(lines: list[str], budget: int) -> tuple[list[str], int]:
@@ -159,21 +173,24 @@ def _failure(target: str, note: str, output: list[tuple[int, str]] | None, outpu
              skip_for_errors: int = 0) -> tuple[TargetFailure, int]:
     if output is None:
         return TargetFailure(target=target, attributed=False, note=note), 0
-    red = [(stream, redact_line(line)) for stream, line in output]
-    searched = red[skip_for_errors:]
-    errors = [e[:LINE_CHARS] for e in error_lines([line for _, line in searched])]
+    searched = output[skip_for_errors:]
+    errors = [redact_line(e)[:ERROR_CHARS] for e in error_lines([line for _, line in searched])]
     # The signature comes from the tool's own words: stderr first (make echoes commands on stdout),
     # lines whose error word stands outside quotes first, make's "*** [...] Error 1" last.
     own = [e for stream in (2, 0, 1) for e in error_lines([x for fd, x in searched if fd == stream], len(searched))
            if make_anchor(e) is None]
     own.sort(key=quoted_only)  # stable: an echoed command that prints an error message comes last
-    text = [line for _, line in red]
+    text = [line for _, line in output]
     room = min(output_kib * 1024, budget)
     kept, cut = _bounded(text, room) if room > 0 else ([], sum(len(x) + 1 for x in text))
-    if room <= 0 and text:
-        note += f"; output not kept: a session keeps at most {OUTPUT_BUDGET // 1024} KiB of failure output"
+    if room < output_kib * 1024 and cut:
+        note += (f"; output cut short: a session keeps at most {OUTPUT_BUDGET // 1024} KiB of failure output "
+                 "(see the build log)")
+    # Redacted once bounded: only what is kept pays for it ("[REDACTED]" may lengthen a line by a few bytes).
+    kept = [redact_line(line)[:LINE_CHARS] for line in kept]
+    first = redact_line(own[0]) if own else (errors[0] if errors else None)
     return TargetFailure(target=target, note=note, output=kept, output_cut_bytes=cut, errors=errors,
-                         signature=signature((own or errors)[0]) if errors else None), sum(len(x) + 1 for x in kept)
+                         signature=signature(first) if first is not None else None), sum(len(x) + 1 for x in kept)
 
 
 def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16,
@@ -181,6 +198,7 @@ def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16
     """The failures of a build and the failed ninja edges that are not targets yet (to report as
     targets).  ``cut_between``: the times around the part of the console the log cut."""
     lines = timed_lines(chunks)
+    con = Console(lines)
     known = {s.target for s in seen}
     failures: list[TargetFailure] = []
     new_targets: list[Seen] = []
@@ -199,7 +217,7 @@ def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16
         if f.status != "failed" or f.target in done:
             continue
         done.add(f.target)
-        out, note = make_output(f, seen, lines)
+        out, note = make_output(f, seen, con)
         if out is not None and cut_between is not None and f.start - GRACE_S < cut_between[1] \
                 and f.end + GRACE_S > cut_between[0]:
             note += "; part of it fell in the part of the log that was cut (BUILDER_TELEMETRY_LOG_LIMIT)"

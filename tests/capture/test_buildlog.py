@@ -122,3 +122,18 @@ def test_error_lines_and_signatures() -> None:
     assert signature("cc1: out of memory allocating 65536 bytes after 0xdeadbeef, hash 0123abcdef99") == \
         "cc1: out of memory allocating N bytes after <hex>, hash <hex>"
     assert signature("x86_64 bad2.c tmpq1w2e3r4.txt") == "x86_64 bad2.c <tmp>.txt"
+
+
+def test_failure_output_of_a_build_is_bounded_together() -> None:
+    chunks, seen, t = [], [], 1000.0
+    for k in range(30):
+        body = "".join(f"line {i} of target {k}, long enough to fill a kibibyte soon\n" for i in range(400))
+        chunks += _chunks((t, f"cc -c f{k}.c\n{body}f{k}.c:1:1: error: {'x' * 500}\n", 0),
+                          (t + 0.9, f"make: *** [Makefile:1: f{k}.o] Error 1\n", 0))
+        seen.append(Seen(f"f{k}.o", t, t + 0.8, "failed"))
+        t += 1
+    failures, _ = find_failures(chunks, seen)
+    sizes = [sum(len(x) + 1 for x in f.output) for f in failures]
+    assert all(s <= 16 * 1024 for s in sizes) and sum(sizes) <= 256 * 1024
+    assert "output cut short" not in failures[0].note and "output cut short" in failures[-1].note
+    assert all(f.errors and len(f.errors[0]) <= 300 and f.signature for f in failures)
