@@ -70,8 +70,12 @@ class LogBuffer:
         return self._head_bytes + self._tail_bytes
 
     def chunks(self) -> list[Chunk]:
-        """Every chunk kept, in order (the cut, if any, lies between the head's and the tail's)."""
-        return [*self.head, *self.tail]
+        """Every chunk kept, in order; where the log was cut, a line break on each stream of the
+        head, so no line is made of the two sides of the cut."""
+        if not self.cut or not self.head:
+            return [*self.head, *self.tail]
+        t = self.head[-1][0]
+        return [*self.head, *((t, b"\n", s) for s in sorted({c[2] for c in self.head})), *self.tail]
 
     def marker(self) -> bytes:
         return MARKER.format(cut=self.cut, lines=self.cut_lines, head=self._head_bytes, tail=self._tail_bytes,

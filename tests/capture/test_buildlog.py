@@ -137,3 +137,12 @@ def test_failure_output_of_a_build_is_bounded_together() -> None:
     assert all(s <= 16 * 1024 for s in sizes) and sum(sizes) <= 256 * 1024
     assert "output cut short" not in failures[0].note and "output cut short" in failures[-1].note
     assert all(f.errors and len(f.errors[0]) <= 300 and f.signature for f in failures)
+
+
+def test_no_line_spans_the_cut() -> None:
+    buf = LogBuffer(80)  # head: the first 20 bytes
+    buf.append(1.0, b"head line 1\nhead partial", 0)
+    buf.append(2.0, b"x" * 100 + b" tail partial\nlast line\n", 0)
+    lines = [line for _, _, line in timed_lines(buf.chunks())]
+    assert lines[0] == "head line 1" and lines[-1] == "last line"
+    assert not any("head" in line and "tail" in line for line in lines)
