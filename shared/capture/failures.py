@@ -33,6 +33,7 @@ GRACE_S = 0.5
 MAX_FAILURES = 100
 MAX_LINES = 400
 LINE_CHARS = 4096  # the longest string an event may carry (shared/validate.py)
+NOTE_CHARS = 1000  # notes name other targets: bounded, so an event never breaks a string limit
 ERROR_CHARS = 300  # of each error line: 100 failures' error lines stay well within one bus message
 OUTPUT_BUDGET = 256 * 1024  # failure output in one build_finished event, all targets together
 _NINJA_FAILED = re.compile(r"^FAILED: (?:\[code=\d+\] )?(?P<outputs>.*)$")
@@ -171,6 +172,7 @@ def _bounded(lines: list[str], budget: int) -> tuple[list[str], int]:
 
 def _failure(target: str, note: str, output: list[tuple[int, str]] | None, output_kib: int, budget: int,
              skip_for_errors: int = 0) -> tuple[TargetFailure, int]:
+    note = note[:NOTE_CHARS]
     if output is None:
         return TargetFailure(target=target, attributed=False, note=note), 0
     searched = output[skip_for_errors:]

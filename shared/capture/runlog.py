@@ -23,6 +23,7 @@ from buildtel.shared.protocol import BuildLog, TargetFailure
 from buildtel.shared.settings import Settings
 
 STORE_TIMEOUT_S = 10.0  # connected: a few MiB take well under a second
+ERROR_CHARS = 1000  # of BuildLog.error (an event's strings are bounded: shared/validate.py)
 
 
 class RunLog:
@@ -95,10 +96,10 @@ class RunLog:
         except Exception as exc:  # noqa: BLE001 - the log is lost (said), the build is not
             why = str(exc) or type(exc).__name__
             self._note(f"build log not stored: {why}")
-            log.error = self.error
+            log.error = self.error[:ERROR_CHARS]
             return log
         log.object, log.compressed_bytes = session_id, len(data)
-        log.error = self.error
+        log.error = self.error[:ERROR_CHARS]
         return log
 
     def _note(self, why: str) -> None:
