@@ -22,11 +22,8 @@ The last line is JSON: ``list_p95_ms``, ``session_p95_ms``, ``trend_ms`` (p50), 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,50 +32,21 @@ from typing import Any
 import aiohttp
 import nats
 
-from benchmarks import bench_scale
-from benchmarks import scale_procs as procs
-from benchmarks.scale_probes import NS, ROOT, pct, service_env, start_storage, wait_analyzer
+from benchmarks.scale_probes import NS, pct
+from benchmarks.web_stack import scale_args, start_web, stop_all, with_engines
 from buildtel.services.storage import history
 from buildtel.services.storage.api import StorageClient
-from buildtel.shared.engines import NatsEngine, RedisEngine
 from buildtel.shared.subjects import Subjects
 
 DAY = 86_400.0
 TARGET = "//src/pkg0/mod0:target_0"  # scale_gen's first target: every build runs it
 
 
-async def _wait_web(url: str, proc: Any, limit_s: float = 60) -> None:
-    t = time.perf_counter()
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url + "/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t > limit_s:
-                raise SystemExit("web service did not start")
-            await asyncio.sleep(0.05)
-
-
 async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls: tuple[str, str]) -> dict[str, Any]:
-    nats_url, redis_url = urls
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(urls[0])
     running: list[Any] = []
     try:
-        storage, _ = await start_storage(nc, service_env(nats_url, redis_url, root, n), tmp / "storage.log", 600)
-        running.append(storage)
-        analyzer = procs.spawn_service("buildtel.services.analyzer", service_env(nats_url, redis_url, tmp / "an", n),
-                                       tmp / "analyzer.log")
-        running.append(analyzer)
-        await wait_analyzer(nc, analyzer)
-        port = 20000 + random.randrange(20000)
-        wenv = service_env(nats_url, redis_url, tmp / "web", n) | {"BUILDER_TELEMETRY_WEB_PORT": str(port)}
-        web = procs.spawn_service("buildtel.services.web", wenv, tmp / "web.log")
-        running.append(web)
-        base = f"http://127.0.0.1:{port}"
-        await _wait_web(base, web)
+        base = await start_web(nc, urls, root, n, tmp, running)
         subjects = Subjects(NS)
         client = StorageClient(nc, subjects, timeout=60)
         stats = await client.stats()
@@ -116,27 +84,14 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
         runs = len((await history.target_history(nc, subjects, hist_req, timeout=60)).runs)
         return {"ms": out, "sessions_stored": stats.sessions, "runs": runs}
     finally:
-        for p in reversed(running):
-            procs.stop(p)
+        stop_all(running)
         await nc.close()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sessions", type=int, default=100_000)
-    ap.add_argument("--targets", type=int, default=200)
-    ap.add_argument("--reuse", metavar="DIR", help="the cached store (default .builder-cache/bench-scale/<N>x<T>)")
-    ap.add_argument("--batch", type=int, default=2000, help="sessions per append while generating (default 2000)")
-    ap.add_argument("--rounds", type=int, default=50, help="rounds of every request (default 50)")
-    args = ap.parse_args()
+    args, root = scale_args(__doc__.splitlines()[0], rounds=50)
     n = args.sessions
-    root = Path(args.reuse) if args.reuse else ROOT / ".builder-cache" / "bench-scale" / f"{n}x{args.targets}"
-    bench_scale.ensure_store(args, root)
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-api-") as t:
-        tmp = Path(t)
-        with NatsEngine(tmp / "nats", namespace=NS) as ne, RedisEngine(tmp / "redis") as re_:
-            res = asyncio.run(measure(args, root, n, tmp, (ne.url_for("operator"), re_.url)))
+    res = with_engines("bench-api-", lambda tmp, urls: measure(args, root, n, tmp, urls))
     ms = res["ms"]
     print(f"{res['sessions_stored']:,} sessions stored; {args.rounds} rounds; ms p50 / p95 (HTTP vs NATS):")
     for kind in ("list", "session", "trend", "target_history"):

@@ -16,11 +16,8 @@ table), ``/targets/<name>`` of a target every build runs (1,000 runs), ``/alerts
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,12 +27,10 @@ from urllib.parse import quote
 import aiohttp
 import nats
 
-from benchmarks import bench_scale
-from benchmarks import scale_procs as procs
-from benchmarks.bench_api import TARGET, _wait_web
-from benchmarks.scale_probes import NS, ROOT, pct, service_env, start_storage, wait_analyzer
+from benchmarks.bench_api import TARGET
+from benchmarks.scale_probes import NS, pct
+from benchmarks.web_stack import scale_args, start_web, stop_all, with_engines
 from buildtel.services.storage.api import StorageClient
-from buildtel.shared.engines import NatsEngine, RedisEngine
 from buildtel.shared.subjects import Subjects
 
 
@@ -48,22 +43,10 @@ def _server_ms(header: str | None) -> float:
 
 
 async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls: tuple[str, str]) -> dict[str, Any]:
-    nats_url, redis_url = urls
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(urls[0])
     running: list[Any] = []
     try:
-        storage, _ = await start_storage(nc, service_env(nats_url, redis_url, root, n), tmp / "storage.log", 600)
-        running.append(storage)
-        analyzer = procs.spawn_service("buildtel.services.analyzer", service_env(nats_url, redis_url, tmp / "an", n),
-                                       tmp / "analyzer.log")
-        running.append(analyzer)
-        await wait_analyzer(nc, analyzer)
-        port = 20000 + random.randrange(20000)
-        wenv = service_env(nats_url, redis_url, tmp / "web", n) | {"BUILDER_TELEMETRY_WEB_PORT": str(port)}
-        web = procs.spawn_service("buildtel.services.web", wenv, tmp / "web.log")
-        running.append(web)
-        base = f"http://127.0.0.1:{port}"
-        await _wait_web(base, web)
+        base = await start_web(nc, urls, root, n, tmp, running)
         client = StorageClient(nc, Subjects(NS), timeout=60)
         stats = await client.stats()
         ids = [s.id for s in await client.summaries(limit=2000)]
@@ -92,27 +75,14 @@ async def measure(args: argparse.Namespace, root: Path, n: int, tmp: Path, urls:
                 total["baseline_nats"].append((time.perf_counter() - t) * 1e3)
         return {"server": server, "total": total, "sessions_stored": stats.sessions}
     finally:
-        for p in reversed(running):
-            procs.stop(p)
+        stop_all(running)
         await nc.close()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sessions", type=int, default=100_000)
-    ap.add_argument("--targets", type=int, default=200)
-    ap.add_argument("--reuse", metavar="DIR", help="the cached store (default .builder-cache/bench-scale/<N>x<T>)")
-    ap.add_argument("--batch", type=int, default=2000, help="sessions per append while generating (default 2000)")
-    ap.add_argument("--rounds", type=int, default=20, help="rounds of every page (default 20)")
-    args = ap.parse_args()
+    args, root = scale_args(__doc__.splitlines()[0], rounds=20)
     n = args.sessions
-    root = Path(args.reuse) if args.reuse else ROOT / ".builder-cache" / "bench-scale" / f"{n}x{args.targets}"
-    bench_scale.ensure_store(args, root)
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-dash-") as t:
-        tmp = Path(t)
-        with NatsEngine(tmp / "nats", namespace=NS) as ne, RedisEngine(tmp / "redis") as re_:
-            res = asyncio.run(measure(args, root, n, tmp, (ne.url_for("operator"), re_.url)))
+    res = with_engines("bench-dash-", lambda tmp, urls: measure(args, root, n, tmp, urls))
     server, total = res["server"], res["total"]
     base = pct(total["baseline_nats"], .5)
     print(f"{res['sessions_stored']:,} sessions stored; {args.rounds} rounds; ms p50 / p95:")

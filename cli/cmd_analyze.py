@@ -1,4 +1,5 @@
-"""``buildtel report``, ``buildtel export`` and ``buildtel alerts``: analytics and regression alerts.
+"""``buildtel report``, ``buildtel export`` and ``buildtel alerts``: analytics and regression alerts
+(``alerts ack|mute|unmute|subscriptions`` and ``--status``: ``cli/cmd_alerts.py``).
 
 Reports are computed by the analyzer service (any replica answers) over the history the
 storage service holds (it must be running); alerts are read from the alerts stream.  See
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 
+from buildtel.cli import cmd_alerts as cmd_alerts_state
 from buildtel.cli.common import open_bus
 from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import json_safe, safe, safe_block
@@ -29,6 +31,7 @@ from buildtel.services.analyzer.api import (
     read_alerts,
 )
 from buildtel.services.analyzer.export import fmt_s, sessions_csv, summary, targets_csv, to_json
+from buildtel.shared.protocol import OUTCOMES
 from buildtel.shared.settings import Settings
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -61,7 +64,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="builds that finished since DATE (2026-01-31, ISO time, 7d, 12h)")
     p.add_argument("--until", help="builds that finished before DATE")
     p.add_argument("--branch", help="only builds of this VCS branch")
-    p.add_argument("--outcome", choices=["success", "failed", "abandoned"], help="only this outcome")
+    p.add_argument("--outcome", choices=OUTCOMES, help="only this outcome")
     p.add_argument("--target", help="only builds that ran this target")
     p.add_argument("--top", type=int, help="keep only the N targets with the most total time")
     p.add_argument("--speedup", type=float, default=50.0, help="what-if speed-up in %% (default 50)")
@@ -85,14 +88,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--format", choices=["json", "csv", "summary"], required=True)
     e.add_argument("-o", "--output", required=True, help="FILE; csv also writes FILE's stem + '.targets.csv'")
     e.set_defaults(func=cmd_export, quiet_logs=True)
-    a = sub.add_parser("alerts", help="regression alerts (build and target durations)")
+    a = sub.add_parser("alerts",
+                       help="regression alerts (build and target durations); ack, mute, unmute, subscriptions")
     a.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts until Ctrl-C")
     a.add_argument("--branch", help="only alerts of this branch")
     a.add_argument("--target", help="only alerts of this target")
     a.add_argument("--kind", choices=["build", "target"], help="only whole-build or only target alerts")
     a.add_argument("--last", type=int, help="show only the N newest stored alerts")
+    a.add_argument("--status", choices=cmd_alerts_state.STATUSES,
+                   help="only alerts open, acknowledged or muted (their state in the stack's Redis)")
     a.add_argument("--json", action="store_true", help="one JSON object per line")
     a.set_defaults(func=cmd_alerts, quiet_logs=True)
+    cmd_alerts_state.add_subcommands(a)
 
 
 def _request(args: argparse.Namespace, *, sessions: bool) -> ReportRequest:
@@ -182,24 +189,31 @@ def _print_alert(a: Alert, as_json: bool) -> None:
 async def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
     if args.last is not None and args.last < 1:
         raise CLIError("--last must be at least 1")
-    async with open_bus(settings) as bus:
+    async with cmd_alerts_state.status_filter(settings, args.status) as keep, open_bus(settings) as bus:
+
+        async def show(alerts: list[Alert]) -> None:
+            for a in (await keep(alerts) if keep is not None else alerts):
+                _print_alert(a, args.json)
+
         if args.follow and args.last is None:
             # One reader from the stream's start: nothing falls between "stored" and "new".
             async for a in follow_alerts(bus.js, settings.namespace, branch=args.branch, target=args.target,
                                          kind=args.kind, from_start=True):
-                _print_alert(a, args.json)
+                await show([a])
             return 0
         stored = await read_alerts(bus.js, settings.namespace, branch=args.branch, target=args.target,
                                    kind=args.kind)
+        if keep is not None:
+            stored = await keep(stored)  # --last: the N newest of that status
         if args.last is not None:
             stored = stored[-args.last:]
         for a in stored:
             _print_alert(a, args.json)
         if not args.follow:
             if not stored and not args.json:
-                print("no alerts", file=sys.stderr)
+                print("no alerts" + (f" {args.status}" if args.status else ""), file=sys.stderr)
             return 0
         async for a in follow_alerts(bus.js, settings.namespace, branch=args.branch, target=args.target,
                                      kind=args.kind, from_start=False):
-            _print_alert(a, args.json)
+            await show([a])
     return 0

@@ -1,12 +1,18 @@
 """``buildtel import``: turn existing build-tool output into stored sessions.
 
-``buildtel import ninja FILE… [--base-time ISO]``, ``buildtel import bep FILE…`` and
-``buildtel import chrome-trace FILE… [--base-time ISO]`` parse every file first
+``buildtel import ninja FILE… [--base-time ISO]``, ``buildtel import bep FILE…``,
+``buildtel import chrome-trace FILE… [--base-time ISO]`` and ``buildtel import junit FILE…
+[--commit SHA] [--name NAME]`` (all its files: one session of test results, docs/tests.md)
+parse every file first
 (all or nothing: one bad file and nothing is published), then publish each
 BuildSession to the completed-sessions subject — the same path the collector
 uses, a session over one message through the object store — with ``Nats-Msg-Id`` =
 session id, so re-importing a file within the stream's duplicate window is a no-op and
 ids stay stable beyond it.
+How a build ended is taken only from evidence: ``import ninja`` takes ninja's console output
+(``--output FILE``) and/or exit code (``--exit-code N``) of the run that wrote the log's last
+build, ``import chrome-trace`` an exit code, ``import bep`` its ``buildFinished`` event; without
+evidence the outcome is ``unknown``, never ``success`` (docs/importers.md, "Outcome").
 ``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
 JSON document instead (docs/importers.md), warnings included.
 """
@@ -28,7 +34,8 @@ MAX_WARNINGS_SHOWN = 20
 def _ninja(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
     from buildtel.shared.importers.ninja import parse_ninja_log
 
-    return parse_ninja_log(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+    return parse_ninja_log(data, base_time=args.base_time_s, file_mtime=mtime, source=path,
+                           output=args.output_data, exit_code=args.exit_code)
 
 
 def _bep(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
@@ -40,7 +47,14 @@ def _bep(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> Impo
 def _trace(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
     from buildtel.shared.importers.chrome_trace import parse_chrome_trace
 
-    return parse_chrome_trace(data, base_time=args.base_time_s, file_mtime=mtime, source=path)
+    return parse_chrome_trace(data, base_time=args.base_time_s, file_mtime=mtime, source=path,
+                              exit_code=args.exit_code)
+
+
+def _junit(data: bytes, args: argparse.Namespace, mtime: float, path: str) -> ImportResult:
+    from buildtel.shared.importers.junit import parse_junit_file
+
+    return parse_junit_file(data, source=path, file_mtime=mtime)
 
 
 PARSERS: dict[str, tuple[Callable[..., ImportResult], str, bool]] = {
@@ -48,11 +62,14 @@ PARSERS: dict[str, tuple[Callable[..., ImportResult], str, bool]] = {
     "bep": (_bep, "a Bazel --build_event_json_file stream", False),
     "chrome-trace": (_trace, "a Trace Event Format file: Bazel --profile, clang -ftime-trace, "
                              "CMake --profiling-output", True),
+    "junit": (_junit, "JUnit XML test reports (pytest, ctest, Gradle, Maven, gotestsum, Jest): "
+                      "one session holding their test cases", False),
 }
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("import", help="import ninja logs, Bazel BEP streams or Chrome traces as sessions",
+    p = subparsers.add_parser("import", help="import ninja logs, Bazel BEP streams, Chrome traces or JUnit XML test "
+                                              "reports as sessions",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="import_format", metavar="FORMAT", required=True)
     for fmt, (_, text, timed) in PARSERS.items():
@@ -62,6 +79,20 @@ def register(subparsers: Any) -> None:
             q.add_argument("--base-time", metavar="ISO",
                            help="wall-clock start (ISO-8601 or Unix seconds) of the first build/trace; "
                                 "default: the clock recorded in the file, else its modification time")
+        if fmt == "ninja":
+            q.add_argument("--output", metavar="FILE",
+                           help="ninja's console output (stdout and stderr) of the run that wrote the log's last "
+                                "build: its FAILED: edges become failed targets with their error text, and "
+                                "'interrupted by user' makes the build cancelled")
+        if fmt not in ("bep", "junit"):  # BEP carries its exit code; a JUnit session is its test results
+            q.add_argument("--exit-code", metavar="N", type=int,
+                           help="exit code of that run: 0 success, 1-127 failed, >= 128 (a signal: 130 SIGINT, "
+                                "143 SIGTERM) cancelled; without it and --output the outcome is unknown")
+        if fmt == "junit":
+            q.add_argument("--commit", metavar="SHA",
+                           help="commit the tests ran on (flaky tests are found per commit); default: the "
+                                "checkout of the current directory, if any")
+            q.add_argument("--name", default="", help="session name (default: junit FIRST-FILE)")
         q.add_argument("--dry-run", action="store_true", help="parse and print a summary; publish nothing")
         q.add_argument("--json", action="store_true",
                        help="one JSON document on stdout: per file its figures, warnings and sessions "
@@ -73,6 +104,17 @@ def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
     """Parse every file before anything is published; the first bad file aborts the import."""
     parser = PARSERS[args.importer][0]
     args.base_time_s = None
+    args.exit_code = getattr(args, "exit_code", None)
+    args.output_data = None
+    if getattr(args, "output", None):
+        if len(args.files) != 1:  # evidence of one run: which log it belongs to must not be guessed
+            raise CLIError("--output and --exit-code describe one ninja run: give exactly one log with them")
+        try:
+            args.output_data = Path(args.output).read_bytes()
+        except OSError as exc:
+            raise CLIError(f"cannot read --output {args.output}: {exc.strerror or exc}") from None
+    if args.exit_code is not None and len(args.files) != 1:
+        raise CLIError("--exit-code describes one run: give exactly one file with it")
     if getattr(args, "base_time", None):
         try:
             args.base_time_s = parse_time(args.base_time)
@@ -89,7 +131,28 @@ def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
             out.append((name, parser(data, args, mtime, name)))
         except ImportFormatError as exc:
             raise CLIError(f"{name}: {exc} (nothing was imported)") from None
+    if args.importer == "junit":
+        _junit_session(out, args)
     return out
+
+
+def _junit_session(out: list[tuple[str, ImportResult]], args: argparse.Namespace) -> None:
+    """All the files' cases as one session, listed with the first file."""
+    import os
+
+    from buildtel.shared.importers.junit import junit_session
+    from buildtel.shared.protocol import VcsInfo
+
+    if args.commit:
+        vcs: VcsInfo | None = VcsInfo(commit=args.commit)
+    else:
+        from buildtel.shared.environment import vcs_info
+
+        vcs = vcs_info(os.getcwd())
+    try:
+        out[0][1].sessions.append(junit_session(out, vcs=vcs, name=args.name))  # type: ignore[arg-type]
+    except ImportFormatError as exc:
+        raise CLIError(f"{exc.reason} (nothing was imported)") from None
 
 
 def summary(path: str, result: ImportResult) -> list[str]:
@@ -99,12 +162,17 @@ def summary(path: str, result: ImportResult) -> list[str]:
                          f"{d['entries']} entries, {d['edges']} edges",
         "bep": lambda: f"BEP: {d['events']} events, {d['target_completed']} targetCompleted, "
                        f"{d['test_results']} testResult, {d['actions']} actions",
+        "junit": lambda: f"JUnit XML: {d['suites']} suite(s), {d['cases']} test case(s): {d['passed']} passed, "
+                         f"{d['failed']} failed, {d['error']} error(s), {d['skipped']} skipped",
         "chrome-trace": lambda: f"trace ({getattr(result, 'producer', '?')}): {d['events']} events, "
                                 f"{d['x_events']} X, {d['be_pairs']} B/E pairs, {d['spans']} spans",
     }[result.format]()
     lines = [f"{path}: {figures}, {len(result.warnings)} warning(s)"]
     for s in result.sessions:
         t = s.totals
+        if s.tests:
+            lines.append(f"  {s.id}  {s.name}: {len(s.tests)} test case(s), {s.outcome}, start {iso(s.start)}")
+            continue
         lines.append(f"  {s.id}  {s.name}: {t.targets} targets ({t.succeeded} ok, {t.failed} failed, "
                      f"{t.skipped + t.cancelled} not run), duration {s.duration_s:.3f}s, "
                      f"target time {t.target_time_s:.3f}s, {s.outcome}, start {iso(s.start)}")
@@ -121,6 +189,7 @@ def report(loaded: list[tuple[str, ImportResult]], states: dict[str, str]) -> di
         {"path": path, "format": r.format, "details": r.details, "warnings": list(r.warnings),
          "sessions": [{"id": s.id, "name": s.name, "state": states.get(s.id, "parsed"), "outcome": s.outcome,
                        "start": s.start, "duration_s": s.duration_s, "targets": s.totals.targets,
+                       "tests": len(s.tests),
                        "show": f"buildtel show {s.id}"} for s in r.sessions]}
         for path, r in loaded]}
 
@@ -169,7 +238,8 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_j
                 state = "already stored" if getattr(ack, "duplicate", False) else "stored"
                 states[s.id] = state
                 if not as_json:
-                    print(f"{state} {s.id} {s.name}: {s.totals.targets} targets, {s.duration_s:.3f}s")
+                    what = f"{len(s.tests)} test cases" if s.tests else f"{s.totals.targets} targets"
+                    print(f"{state} {s.id} {s.name}: {what}, {s.duration_s:.3f}s")
     except StackUnavailable as exc:
         raise CLIError(str(exc)) from None
     except (nats.errors.Error, TimeoutError, OSError) as exc:

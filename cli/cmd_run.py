@@ -68,6 +68,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-log", action="store_true",
                    help="leave CMD's stdout and stderr on the terminal: no build log, no output of failed targets "
                         "(docs/failures.md)")
+    p.add_argument("--junit", action="append", default=[], metavar="GLOB",
+                   help="JUnit XML reports the build writes ('build/**/*.xml'; repeatable): those modified "
+                        "after the build started are read when it exits and kept with the session (docs/tests.md)")
     p.add_argument("--health-interval", type=float, default=5.0, metavar="S", help="seconds between health checkpoints")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run_command)
@@ -93,7 +96,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     sources = live_sources(argv, settings.cache_dir, capture=not args.no_capture,
                            health_interval_s=max(args.health_interval, 0.1))
     code = run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet,
-                     sources=sources, json_out=getattr(args, "json", False), log=not args.no_log)
+                     sources=sources, json_out=getattr(args, "json", False), log=not args.no_log, junit=args.junit)
     if _is_cli_process():
         # The session is flushed and the exit code known: skip the interpreter's teardown of
         # everything the CLI imported (0.1-0.3 s, and it sits on the build's critical path).
@@ -117,7 +120,7 @@ _TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Mapping[str, str] | None = None,
               record: bool = False, quiet: bool = False, sources: Sequence[TargetSource] = (),
               url_resolver: Callable[[], str] | None = None, lower_priority: bool = True,
-              json_out: bool = False, log: bool = True) -> int:
+              json_out: bool = False, log: bool = True, junit: Sequence[str] = ()) -> int:
     """Run ``argv`` as one session and return its exit code (128+n when killed by signal n).
 
     ``lower_priority=False`` keeps the environment probes at normal priority."""
@@ -190,6 +193,9 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     peak = max(sampler.peak_rss, maxrss * (1 if sys.platform == "darwin" else 1024))
 
     if run is not None:
+        if junit:  # the build's test reports, before build_finished (shared/junit_capture.py)
+            from buildtel.shared.junit_capture import send_reports
+            send_reports(run.client, junit, since=t0, quiet=quiet)
         run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak, console=console)
     if capture is not None:
         from buildtel.shared.recording.capture import finish_run_capture

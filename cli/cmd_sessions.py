@@ -12,14 +12,14 @@ from buildtel.cli.ids import GRAMMAR, parse_id, resolve_session
 from buildtel.cli.jsonout import dumps
 from buildtel.cli.textsafe import safe
 from buildtel.services.storage.api import SessionSummary, StorageClient, StorageError
-from buildtel.shared.protocol import BuildSession
+from buildtel.shared.protocol import OUTCOMES, BuildSession
 from buildtel.shared.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("sessions", help="list stored build sessions, newest first")
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    p.add_argument("--outcome", choices=["success", "failed", "abandoned"], help="only this outcome")
+    p.add_argument("--outcome", choices=OUTCOMES, help="only this outcome")
     p.add_argument("--branch", help="only builds of this VCS branch")
     p.add_argument("--agent",
                    help="only builds an agent took part in; a machine also matches its MACHINE/PID.START agents")
@@ -148,4 +148,20 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\n{'DURATION':>10}  {'STATUS':<9} {'CACHE':<11} TARGET")
         for m in sorted(s.targets, key=lambda m: -m.duration_s)[: args.top]:
             print(f"{m.duration_s:9.3f}s  {safe(m.status):<9} {safe(m.cache):<11} {safe(m.name)}")
+    _print_errors(s, args.top)
     return 0
+
+
+def _print_errors(s: BuildSession, top: int, lines: int = 20) -> None:
+    """What the failed targets printed (``TargetMetrics.error``), the first ``lines`` lines of each."""
+    failed = [m for m in s.targets if m.status == "failed" and m.error]
+    if not failed:
+        return
+    print(f"\nERRORS of {len(failed)} failed target(s)" + (f", the first {top}" if len(failed) > top else ""))
+    for m in failed[:top]:
+        print(f"  {safe(m.name)}")
+        text = (m.error or "").splitlines()
+        for line in text[:lines]:
+            print(f"    {safe(line)}")
+        if len(text) > lines:
+            print(f"    … {len(text) - lines} more line(s) (buildtel show --json)")

@@ -105,14 +105,15 @@ class LocalStack:
 
     def create_services(self) -> list[Any]:
         """Every service for the stack's namespace; for each further tenant every service but the
-        web API (one web service serves all tenants, by the tenant its keys name)."""
+        web API (one web service serves all tenants, by the tenant its keys name) and the BES
+        endpoint (one port; Bazel builds land in the stack's own namespace)."""
         s = self.service_settings
         self.services = [registry.create(n, s, self.nats_url, self.redis_url) for n in self.names]
         for tenant in self.settings.tenant_list:
             ts = s.for_tenant(tenant)
             private_dir(ts.cache_dir)
             self.services += [registry.create(n, ts, self.nats_url, self.redis_url) for n in self.names
-                              if n != "web"]
+                              if n not in ("web", "bes")]
         return self.services
 
     async def __aenter__(self) -> LocalStack:
@@ -207,6 +208,9 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             web = next((s for s in services if getattr(s, "name", "") == "web"), None)
             if web is not None:  # where `buildtel run` links sessions to (docs/api.md)
                 info["web_url"] = web.url
+            bes = next((s for s in services if getattr(s, "name", "") == "bes"), None)
+            if bes is not None:  # where Bazel streams to (docs/bazel.md)
+                info["bes_url"] = bes.url
             write_private(path, json.dumps(info, indent=2))
             if not args.quiet:
                 where = "embedded" if stack.engines else "configured"
@@ -219,6 +223,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                         " (open: no API key or token set, loopback only)"
                     print(f"buildtel: dashboard {web.url}/ · web API {web.url}/api/v1/{open_note}", file=sys.stderr,
                           flush=True)
+                if bes is not None:
+                    base = settings.web_url or (web.url if web is not None else None)  # as `buildtel run` links
+                    results = f" --bes_results_url={base.rstrip('/')}/sessions/" if base else ""
+                    print(f"buildtel: Bazel: --bes_backend={bes.url}{results}", file=sys.stderr, flush=True)
                 if stack.embedded_nats:
                     print("buildtel: engines require credentials (in stack.json, mode 0600); for a build machine: "
                           "'buildtel credentials agent -o agent.creds'", file=sys.stderr, flush=True)

@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "watch": "buildtel.cli.cmd_watch",
     "flamegraph": "buildtel.cli.cmd_flamegraph",
     "keys": "buildtel.cli.cmd_keys",
+    "tests": "buildtel.cli.cmd_tests",
 }
 # Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
 # from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
@@ -60,7 +61,7 @@ COMMAND_HELP: dict[str, str] = {
     "sessions": "list stored build sessions, newest first",
     "show": "show one stored session with its targets",
     "log": "print a build's console log, or one failed target's output",
-    "import": "import ninja logs, Bazel BEP streams or Chrome traces as sessions",
+    "import": "import ninja logs, Bazel BEP streams, Chrome traces or JUnit XML test reports as sessions",
     "run": "run a build command as one telemetry session",
     "replay": "replay, inspect or republish a recorded build",
     "diff": "compare two recordings or two stored sessions",
@@ -69,10 +70,11 @@ COMMAND_HELP: dict[str, str] = {
     "w3c-testpoint": "serve POST /test for the W3C Trace Context test suite",
     "report": "build analytics: build times, trends, targets, flakiness, bottlenecks",
     "export": "write a report to a file: json, csv (sessions + targets files) or summary",
-    "alerts": "regression alerts (build and target durations)",
+    "alerts": "regression alerts (build and target durations); ack, mute, unmute, subscriptions",
     "watch": "show running builds live (health checkpoints)",
     "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
     "keys": "create, list or revoke API keys of the web API",
+    "tests": "test results across stored builds: flaky, slowest, failing tests",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}

@@ -15,7 +15,9 @@ SERVICES: dict[str, str] = {
     "analyzer": "buildtel.services.analyzer.service:AnalyzerService",
     "tracer": "buildtel.services.tracer.service:TracerService",
     "recorder": "buildtel.services.recorder.service:RecorderService",
+    "notifier": "buildtel.services.notifier.service:NotifierService",
     "web": "buildtel.services.web.service:WebService",
+    "bes": "buildtel.services.bes.service:BesService",
 }
 
 # Services with their own serve options: a module with ``add_serve_arguments(parser)`` and
@@ -79,7 +81,11 @@ def main_for(name: str, argv: list[str] | None = None) -> int:
     if not (settings.nats_url and settings.redis_url):
         print(f"{name}: BUILDER_TELEMETRY_NATS_URL and BUILDER_TELEMETRY_REDIS_URL must be set", file=sys.stderr)
         return 2
-    service = create_from_args(name, args, settings, settings.nats_url, settings.redis_url)
+    try:
+        service = create_from_args(name, args, settings, settings.nats_url, settings.redis_url)
+    except ValueError as exc:  # a configuration file it reads (the notifier's subscriptions)
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run_until_signal([service]))
     except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback

@@ -23,9 +23,9 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "web", "reader",
-                          "operator")
-SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "web")
+ROLES: tuple[str, ...] = ("agent", "collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web",
+                          "reader", "operator", "bes")
+SERVICE_ROLES: tuple[str, ...] = ("collector", "storage", "analyzer", "tracer", "recorder", "notifier", "web", "bes")
 
 
 class AuthError(ValueError):
@@ -94,6 +94,19 @@ def _consume(stream: str) -> list[str]:
         f"$JS.API.CONSUMER.DELETE.{stream}.>",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _follow(stream: str) -> list[str]:
+    """Publish rights to follow a stream through ordered consumers only: create ephemeral ones
+    (the one create subject that names no consumer, so no durable of another service can be
+    created, changed or deleted), inspect them and answer flow control.  No acks, no fetches:
+    nothing another service's consumer relies on can be touched."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
         f"$JS.FC.{stream}.>",
     ]
 
@@ -171,7 +184,8 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans", *_log_write(ns)],
                     "subscribe": inbox, "allow_responses": False}
         case "collector":
-            return service([f"{ns}.sessions.completed", *_object_write(ns)], base_streams, [ev], [])
+            return service([f"{ns}.sessions.completed", f"{ns}.sessions.started", *_object_write(ns)], base_streams,
+                           [ev], [])
         case "storage":
             # Retention deletes a dropped session's log (a purge of its subjects).
             return service([*_object_read(ns), *_log_read(ns), f"$JS.API.STREAM.PURGE.{_logs(ns)[1]}"],
@@ -183,13 +197,23 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])
         case "recorder":
             return service([storage_q], base_streams, [ev], [f"{ns}.recorder.>", *micro_sub])
+        case "notifier":
+            # Delivers alerts: one durable consumer on the alerts stream (declared too, so it may start
+            # before the analyzer), its dead letters, and republishing under NS.notify.> (a
+            # subscription of kind nats).  It reads no sessions and asks no service.
+            return service([f"{ns}.notify.>"], [*base_streams, al], [al], [])
         case "web":
-            # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads) and reading
-            # alerts (an ordered consumer on the alerts stream), like a reader; it declares the shared
-            # streams as every service does.
-            return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al), *_log_read(ns)],
-                           base_streams,
-                           [], [])
+            # The HTTP API: query requests (storage, analyzer, traces, the recorder's reads), reading
+            # alerts and following sessions (ordered consumers on the alerts and sessions streams: the
+            # live stream and the build metrics), and fetching the objects of sessions over one
+            # message; like a reader, nothing that changes history; it declares the shared streams as
+            # every service does.
+            return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al), *_follow(se),
+                            *_object_read(ns), *_log_read(ns)], base_streams, [], [])
+        case "bes":
+            # The Build Event Service endpoint publishes build events as an agent does (and declares
+            # the shared streams as every service does); it reads nothing.
+            return service([f"{ns}.events.>"], base_streams, [], [])
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.

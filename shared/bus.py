@@ -152,7 +152,9 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.sessions_stream,
-            subjects=[subjects.sessions_completed],
+            # Durable consumers (storage, analyzer, tracer) filter on sessions.completed; the
+            # started announcements are for live followers (the web API's stream).
+            subjects=[subjects.sessions_completed, subjects.sessions_started],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=30 * DAY_S,

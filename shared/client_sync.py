@@ -37,7 +37,7 @@ class SyncTelemetryClient:
         c = self._client
         self.build_started, self.target_started, self.target_finished = (
             c.build_started, c.target_started, c.target_finished)
-        self.health, self.build_finished = c.health, c.build_finished
+        self.health, self.build_finished, self.test_results = c.health, c.build_finished, c.test_results
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed: ClientStats | None = None

@@ -28,6 +28,8 @@ from buildtel.shared.protocol import (
     HealthCheckpoint,
     TargetFinished,
     TargetStarted,
+    TestCase,
+    TestResults,
     is_session_id,
     new_session_id,
 )
@@ -44,6 +46,11 @@ from buildtel.shared.sanitize import (
     fix_event,
 )
 from buildtel.shared.settings import Settings
+
+# Cases per test_results event: under the collector's bound on a list (2000), and a batch of
+# one event stays far below MAX_BATCH_BYTES even with every name and message at its cap.
+TEST_CASES_PER_EVENT = 500
+TEST_EVENT_CHARS = 128 * 1024
 
 
 class ClientStats(msgspec.Struct, kw_only=True):
@@ -227,6 +234,26 @@ class Emitter:
                 self._live(ev)
         except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()
+
+    def test_results(self, cases: list[TestCase], *, source: str = "", ts: float | None = None) -> int:
+        """Test cases of one report (shared/junit.py), as as many ``test_results`` events as keep
+        each well inside a batch (at most ``TEST_CASES_PER_EVENT`` cases or ~128 KiB of text);
+        returns the number of events."""
+        if not self._on:
+            return 0
+        n = 0
+        try:
+            start, size = 0, 0
+            for i, c in enumerate(cases):
+                size += len(c.suite) + len(c.name) + len(c.message) + 40
+                if i + 1 - start >= TEST_CASES_PER_EVENT or size >= TEST_EVENT_CHARS or i + 1 == len(cases):
+                    n += self._push(TestResults(session_id=self._sid, agent_id=self._aid, seq=0,
+                                                ts=time.time() if ts is None else ts,
+                                                cases=cases[start:i + 1], source=source[:4096]))
+                    start, size = i + 1, 0
+        except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
+            self._reject()
+        return n
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
                        expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None,

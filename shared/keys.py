@@ -102,6 +102,39 @@ class Keys:
         """Hash: muted alert series (``kind|branch|target``) -> msgpack (until, by, note)."""
         return f"{self.ns}:alerts:mutes"
 
+    # -- the notifier (services/notifier/) ------------------------------------------------------
+    def notifier(self, suffix: str) -> str:
+        return f"{self.ns}:notifier:{suffix}"
+
+    @property
+    def notifier_due(self) -> str:
+        """Sorted set: delivery ``<subscription>|<item>`` -> when it is next due (Unix s)."""
+        return self.notifier("due")
+
+    @property
+    def notifier_jobs(self) -> str:
+        """Hash: delivery ``<subscription>|<item>`` -> msgpack job (alerts, attempts, last error)."""
+        return self.notifier("jobs")
+
+    def notifier_claim(self, delivery: str) -> str:
+        """String: the lease one replica holds on a delivery (its owner, with a TTL), then its end
+        (``done``/``dead``/``suppressed``, kept for days): the exactly-once marker."""
+        return self.notifier(f"claim:{delivery}")
+
+    @property
+    def notifier_digests(self) -> str:
+        """Sorted set: digest ``<subscription>|<period>`` -> when it is to be sent (Unix s)."""
+        return self.notifier("digests")
+
+    def notifier_digest(self, subscription: str, period: str) -> str:
+        """Hash with TTL: alert id -> msgpack alert, the alerts waiting for one daily digest."""
+        return self.notifier(f"digest:{subscription}:{period}")
+
+    @property
+    def notifier_counts(self) -> str:
+        """Hash: ``<subscription>|<result>`` -> deliveries with that result, shared by every replica."""
+        return self.notifier("counts")
+
     @property
     def analyzer_stats(self) -> str:
         """Hash: the analyzer's shared counters (sessions, points, alerts, late, redelivered)."""

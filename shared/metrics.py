@@ -17,6 +17,10 @@ Design (``docs/metrics.md``):
 * ``Authorization: Bearer <settings.http_token>`` is required on both paths when
   the token is set (constant-time comparison).
 
+A service may also offer whole metric families (labels of its own, histograms) through an async
+``metric_families() -> list[Metric]`` (the web service's per-tenant build figures); they are
+served beside the counters.
+
 ``/healthz`` answers 200 with the attached services while the process serves, 503
 while it is stopping (a service's ``healthy()`` may also say no).
 
@@ -68,8 +72,8 @@ def _namespace(svc: Any) -> str:
 class _SnapshotCollector:
     """A prometheus-client collector over one snapshot (so ``generate_latest`` stays sync)."""
 
-    def __init__(self, snapshot: Snapshot, errors: int) -> None:
-        self.snapshot, self.errors = snapshot, errors
+    def __init__(self, snapshot: Snapshot, errors: int, extra: list[Metric] | None = None) -> None:
+        self.snapshot, self.errors, self.extra = snapshot, errors, extra or []
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
@@ -87,6 +91,24 @@ class _SnapshotCollector:
         fam.add_metric([], float(self.errors))
         families["metrics_scrape_errors"] = fam
         yield from families.values()
+        yield from self.extra
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def render_families(families: list[Metric]) -> bytes:
+    """Prometheus text of ready-made families (no service counters)."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
 
 
 class MetricsServer:
@@ -147,8 +169,17 @@ class MetricsServer:
         from prometheus_client import CollectorRegistry
 
         snap = await self.snapshot()
+        extra: list[Metric] = []
+        for svc in list(self.services.values()):
+            get = getattr(svc, "metric_families", None)
+            if get is None:
+                continue
+            try:
+                extra.extend(await asyncio.wait_for(get(), 5.0))
+            except Exception:  # noqa: BLE001 - one broken service must not hide the others
+                self.scrape_errors += 1
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotCollector(snap, self.scrape_errors))
+        registry.register(_SnapshotCollector(snap, self.scrape_errors, extra))
         return generate_latest(registry)
 
     def _authorised(self, request: web.Request) -> bool:

@@ -14,6 +14,20 @@ from typing import Any
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+
+class ServiceError(Exception):
+    """A service refused or failed a request; ``code`` is HTTP-like (404 = not found, 503 = no
+    instance listening, 504 = none answered in time).  Each client has its subclass, whose
+    ``service`` names it in the message."""
+
+    service = "service"
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"{self.service} error {code}: {description}")
+        self.code = code
+        self.description = description
+
+
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 

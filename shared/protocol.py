@@ -29,8 +29,17 @@ def _doc(meaning: str, unit: str | None = None) -> msgspec.Meta:
 
 TargetStatus = Literal["success", "failed", "skipped", "cancelled"]
 CacheResult = Literal["local_hit", "remote_hit", "miss", "uncacheable"]
-Outcome = Literal["success", "failed", "abandoned"]
+# "cancelled" (stopped by a user or a signal) and "unknown" (no evidence of how the build ended, e.g. an
+# imported .ninja_log alone) were added later: older stored sessions keep their values.
+Outcome = Literal["success", "failed", "abandoned", "cancelled", "unknown"]
+OUTCOMES: tuple[str, ...] = ("success", "failed", "abandoned", "cancelled", "unknown")
+# Outcomes that say whether a build succeeded: the denominator of success rates.  A cancelled build
+# was stopped before it could say, an unknown one never told us (docs/analytics.md).
+RATED_OUTCOMES: frozenset[str] = frozenset({"success", "failed", "abandoned"})
+# Outcomes whose duration is a whole build's: the only ones in build-time figures.
+TIMED_OUTCOMES: frozenset[str] = frozenset({"success", "failed"})
 HealthState = Literal["healthy", "degraded", "critical"]
+TestOutcome = Literal["passed", "failed", "error", "skipped"]
 
 CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
 
@@ -187,8 +196,8 @@ class BuildLog(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 class BuildFinished(_Event, tag="build_finished"):
     exit_code: Annotated[int, _doc("exit status of the build command")] = 0
-    outcome: Annotated[Literal["success", "failed"] | None, _doc(
-        "`success` or `failed`; null: derived from `exit_code` (0 is success)")] = None
+    outcome: Annotated[Literal["success", "failed", "cancelled"] | None, _doc(
+        "`success`, `failed` or `cancelled` (interrupted); null: derived from `exit_code` (0 is success)")] = None
     cpu_s: Annotated[float | None, _doc(
         "CPU time of the build's process tree, user + system; null when unknown", "s")] = None
     peak_rss_bytes: Annotated[int | None, _doc(
@@ -205,7 +214,32 @@ class BuildFinished(_Event, tag="build_finished"):
     log: Annotated[BuildLog | None, _doc("where the build's console log is kept; null when it was not captured")] = None
 
 
-Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished
+class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """One test case run, from a JUnit XML report (shared/junit.py, docs/tests.md)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    suite: Annotated[str, _doc("the case's `classname`, else the name of its `testsuite`")]
+    name: Annotated[str, _doc("the case's `name`")]
+    duration_s: Annotated[float, _doc("the case's `time`; 0 when absent or not a number", "s")] = 0.0
+    outcome: Annotated[TestOutcome, _doc(
+        "`failed`: a `<failure>` (an assertion); `error`: an `<error>` (the test could not run to its "
+        "end); `skipped`: a `<skipped>`; else `passed`")] = "passed"
+    message: Annotated[str, _doc(
+        "failure, error or skip message with the start of its text, secrets redacted, at most 1000 "
+        "characters; empty for passed cases")] = ""
+
+
+class TestResults(_Event, tag="test_results"):
+    __test__ = False
+
+    cases: Annotated[list[TestCase], _doc(
+        "test cases of one JUnit XML file, in file order, each an array (see TestCase); at most 2000 "
+        "per event (a larger file is sent as several events)")] = []
+    source: Annotated[str, _doc("the file they were read from")] = ""
+
+
+Event = BuildStarted | TargetStarted | TargetFinished | HealthCheckpoint | BuildFinished | TestResults
 
 
 class EventBatch(msgspec.Struct, kw_only=True, tag="batch", tag_field="type", gc=False):
@@ -240,6 +274,10 @@ class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
         "times the target finished in this session (retries + 1); the last attempt is the one kept")] = 1
     deps: Annotated[list[str], _doc("names of the targets it depends on")] = []
     phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
+    # Last, with a default: an array-like struct only grows at its end (older records lack it).
+    error: Annotated[str | None, _doc(
+        "what its failing action printed (command and messages, at most 16 KiB, a cut marked with `…`); "
+        "null when none was captured")] = None
 
 
 class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
@@ -304,8 +342,11 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     finish: Annotated[float, _doc(
         "when it finished: its `build_finished`, else the last event heard", "Unix s")] = 0.0
     duration_s: Annotated[float, _doc("`finish - start`", "s")] = 0.0
-    outcome: Annotated[Outcome, _doc("`abandoned`: no `build_finished` before the inactivity timeout")] = "success"
-    exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned")] = None
+    outcome: Annotated[Outcome, _doc(
+        "`abandoned`: no `build_finished` before the inactivity timeout; `cancelled`: stopped by a user or "
+        "a signal (SIGINT, exit code 130/143); `unknown`: nothing said how it ended (an imported log "
+        "without the tool's output or exit code)")] = "success"
+    exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned or not known")] = None
     command: Annotated[list[str], _doc("command line, redacted")] = []
     labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}
     agents: Annotated[list[str], _doc("agents that sent events, sorted")] = []
@@ -345,6 +386,35 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
         "from `build_finished`: what its failed targets printed (docs/failures.md)")] = []
     log: Annotated[BuildLog | None, _doc(
         "from `build_finished`: where its console log is kept (`GET /api/v1/sessions/{id}/log`); null: none")] = None
+    tests: Annotated[list[TestCase], _doc(
+        "test cases run by the build (JUnit XML it wrote, `test_results` events), in the order "
+        "received, each an array (see TestCase); at most 200 000")] = []
+    tests_dropped: Annotated[int, _doc("test cases past the cap of `tests`, not kept", "test cases")] = 0
+
+
+class SessionStarted(msgspec.Struct, kw_only=True, omit_defaults=True, tag="session_started", tag_field="type",
+                     gc=False):
+    """A build has begun: published once per session on ``NS.sessions.started`` by the collector
+    that first folds one of its ``build_started`` events (live followers: the web API's stream)."""
+
+    id: Annotated[str, _doc("session id (32 lowercase hex digits)")]
+    name: Annotated[str, _doc("build name, from `build_started`")] = ""
+    start: Annotated[float, _doc("`ts` of the `build_started`", "Unix s")] = 0.0
+    agent: Annotated[str, _doc("agent that sent the `build_started`")] = ""
+    host: Annotated[str, _doc("host name of its machine; empty when not captured")] = ""
+    branch: Annotated[str | None, _doc("VCS branch (else the `branch` label); null when unknown")] = None
+    commit: Annotated[str | None, _doc("VCS commit; null when unknown")] = None
+    labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}
+
+
+def session_started(ev: BuildStarted) -> SessionStarted:
+    """The announcement of the build ``ev`` starts."""
+    env = ev.environment
+    vcs = env.vcs if env is not None else None
+    return SessionStarted(id=ev.session_id, name=ev.name, start=ev.ts, agent=ev.agent_id,
+                          host=env.hostname if env is not None else "",
+                          branch=(vcs.branch if vcs is not None else None) or ev.labels.get("branch"),
+                          commit=vcs.commit if vcs is not None else None, labels=dict(ev.labels))
 
 
 def is_complete(session: BuildSession) -> bool:

@@ -27,6 +27,7 @@ from buildtel.shared.protocol import (
     Phase,
     TargetFinished,
     TargetStarted,
+    TestResults,
 )
 from buildtel.shared.redaction import redact_argv, redact_env, redact_text
 
@@ -217,14 +218,14 @@ _FIX: dict[str, Any] = {
     "status": lambda v: _choice(v, _STATUSES, "success"), "exit_code": _integer, "kind": _opt_text,
     "mnemonic": _opt_text, "cpu_s": lambda v: _number(v, None), "peak_rss_bytes": _nonneg, "deps": _str_list,
     "phases": _phases, "reasons": _str_list, "eta_s": lambda v: _number(v, None), "expected_events": _counts,
-    "outcome": lambda v: _choice(v, ("success", "failed"), None),
+    "outcome": lambda v: _choice(v, ("success", "failed", "cancelled"), None),
     **dict.fromkeys(("completed_tasks", "failed_tasks", "active_tasks", "pending_tasks", "worker_count",
                      "active_workers", "memory_bytes"), _count),
     **dict.fromkeys(("memory_percent", "velocity", "throughput", "utilisation"), _rate),
 }
 _FIXERS: dict[type, dict[str, Any]] = {
     cls: {f: _FIX[f] for f in cls.__struct_fields__ if f in _FIX}
-    for cls in (BuildStarted, TargetStarted, TargetFinished, HealthCheckpoint, BuildFinished)
+    for cls in (BuildStarted, TargetStarted, TargetFinished, HealthCheckpoint, BuildFinished, TestResults)
 }
 _FIXERS[HealthCheckpoint]["status"] = lambda v: _choice(v, ("healthy", "degraded", "critical"), "healthy")
 _FIXERS[BuildFinished]["exit_code"] = lambda v: _integer(v, 0)

@@ -82,11 +82,17 @@ class Settings:
     web_port: int | None = _help(
         "Port of the web API (/api/v1) on http_host: 'buildtel serve web' uses 8480 when unset, "
         "'buildtel up' any free port (written to stack.json).", default=None)
+    bes_port: int = _help(
+        "Port of the Build Event Service endpoint (gRPC, --bes_backend=grpc://HOST:PORT) on http_host; "
+        "0: any free port (written to stack.json).", default=0)
     web_url: str | None = _help(
         "External base URL of the web API (behind a proxy), used in the session links 'buildtel run' prints.",
         default=None)
     web_rate_limit: int = _help("Requests per minute one API key may make to the web API (then 429).",
                                 default=600)
+    alerts_config: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+        "Subscriptions file (TOML, mode 0600) of the notifier: where regression alerts are delivered "
+        "(webhook, Slack, NATS), with routing rules, retries and digests (docs/alerts.md).", default=None)
     metrics_port: int | None = _help("Port of the /metrics and /healthz endpoint (0: any free port).", default=None)
     agent_id: str | None = _help(
         "This machine's agent id (default: the hostname; a client joining a given session adds /<pid>.<start>).",

@@ -58,6 +58,16 @@ class Subjects:
         return f"{self.ns}.sessions.completed"
 
     @property
+    def sessions_started(self) -> str:
+        """A build's first BuildStarted, announced once by the collector (``SessionStarted``)."""
+        return f"{self.ns}.sessions.started"
+
+    @property
+    def sessions_all(self) -> str:
+        """Everything of the sessions stream: started announcements and completed sessions."""
+        return f"{self.ns}.sessions.>"
+
+    @property
     def sessions_stream(self) -> str:
         return self.stream("SESSIONS")
 
@@ -109,6 +119,14 @@ class Subjects:
     @property
     def alerts_stream(self) -> str:
         return self.stream("ALERTS")
+
+    # -- the notifier's republished alerts (core NATS; a subscription's ``subject``) ----------
+    def notify(self, suffix: str) -> str:
+        return f"{self.ns}.notify.{suffix}"
+
+    @property
+    def notify_all(self) -> str:
+        return f"{self.ns}.notify.>"
 
     # -- tracer span batches (JetStream) ---------------------------------------------------
     @property

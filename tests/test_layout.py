@@ -106,10 +106,12 @@ def test_nothing_in_services_imports_cli() -> None:
 PUBLIC_SERVICE_MODULES = {
     "buildtel.services.registry",  # name -> service class, serve options
     "buildtel.services.storage.api",  # StorageClient and its wire messages
+    "buildtel.services.storage.tests_history",  # per-test figures, flaky tests: clients and messages
     "buildtel.services.analyzer.api",  # AnalyzerClient and its wire messages
     "buildtel.services.analyzer.alerts",  # the alert message and its decoder
     "buildtel.services.analyzer.analytics",  # reports computed from sessions (also offline)
     "buildtel.services.analyzer.export",  # report export formats
+    "buildtel.services.notifier.api",  # the subscriptions file and delivery counts
     "buildtel.services.tracer.query",  # TraceClient
     "buildtel.services.tracer.subjects",
     "buildtel.services.tracer.exporters",  # span exporters (OTLP, Zipkin)

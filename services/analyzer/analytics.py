@@ -10,7 +10,10 @@ MessagePack and the exporters turn them into JSON/CSV unchanged.
 
 Conventions: build-time statistics use sessions that finished (success or
 failed) and are complete, not abandoned ones, whose "duration" is only how long
-we heard from them, nor ones that lost events (counted as ``incomplete``); target statistics use
+we heard from them, nor cancelled or unknown ones (stopped early, or not known to have run to
+the end), nor ones that lost events (counted as ``incomplete``); success rates count success
+out of the builds whose outcome says whether they succeeded (``RATED_OUTCOMES``: not cancelled
+or unknown ones, which are counted on their own); target statistics use
 targets that ran (success or failed), not skipped or cancelled ones.  Sessions are ordered by start time.
 """
 
@@ -29,7 +32,7 @@ from buildtel.services.analyzer import columns
 from buildtel.services.analyzer.bottlenecks import Bottlenecks, bottlenecks
 from buildtel.services.analyzer.stats import Fit, linear_fit, mean_std, percentile_sorted
 from buildtel.shared.health.trends import HealthTrends, health_trends
-from buildtel.shared.protocol import BuildSession, is_complete
+from buildtel.shared.protocol import RATED_OUTCOMES, TIMED_OUTCOMES, BuildSession, is_complete
 
 REPORT_VERSION = 1
 _NAME = attrgetter("name")
@@ -49,7 +52,7 @@ class ReportFilter(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float | None = None  # finish time, Unix s, inclusive
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     name: str | None = None  # build name (BuildStarted.name)
     target: str | None = None  # sessions that ran this target
 
@@ -160,6 +163,8 @@ class AnalyticsReport(msgspec.Struct, kw_only=True):
     succeeded: int = 0
     failed: int = 0
     abandoned: int = 0
+    cancelled: int = 0  # stopped by a user or a signal: in no build-time figure, not in the success rate
+    unknown: int = 0  # nothing said how they ended (imports without evidence): likewise
     # Sessions that lost events (BuildSession.completeness), whatever their outcome: counted here,
     # left out of the build-time figures (duration, trend, daily times) like abandoned ones.
     incomplete: int = 0
@@ -277,10 +282,13 @@ class TelemetryAnalyzer:
         rep.sessions = len(ss)
         rep.succeeded = sum(1 for s in ss if s.outcome == "success")
         rep.abandoned = sum(1 for s in ss if s.outcome == "abandoned")
-        rep.failed = rep.sessions - rep.succeeded - rep.abandoned
+        rep.cancelled = sum(1 for s in ss if s.outcome == "cancelled")
+        rep.unknown = sum(1 for s in ss if s.outcome == "unknown")
+        rep.failed = sum(1 for s in ss if s.outcome == "failed")
         rep.incomplete = sum(1 for s in ss if not is_complete(s))
-        rep.success_rate = rep.succeeded / rep.sessions
-        finished = [s for s in ss if s.outcome != "abandoned" and is_complete(s)]
+        rated = rep.succeeded + rep.failed + rep.abandoned
+        rep.success_rate = rep.succeeded / rated if rated else 0.0
+        finished = [s for s in ss if s.outcome in TIMED_OUTCOMES and is_complete(s)]
         rep.duration = duration_stats(finished)
         rep.cache_hits = sum(s.cache_hits for s in ss)
         rep.cache_misses = sum(s.cache_misses for s in ss)
@@ -368,13 +376,15 @@ def daily_series(sessions: Sequence[BuildSession]) -> list[DailyPoint]:
     out = []
     for day in sorted(days):
         group = days[day]
-        durs = sorted(s.duration_s for s in group if s.outcome != "abandoned" and is_complete(s))
+        durs = sorted(s.duration_s for s in group if s.outcome in TIMED_OUTCOMES and is_complete(s))
         ok = sum(1 for s in group if s.outcome == "success")
+        rated = sum(1 for s in group if s.outcome in RATED_OUTCOMES)
         hits = sum(s.cache_hits for s in group)
         misses = sum(s.cache_misses for s in group)
         out.append(DailyPoint(
             date=datetime.fromtimestamp(day * DAY_S, UTC).strftime("%Y-%m-%d"), sessions=len(group),
-            succeeded=ok, success_rate=ok / len(group), mean_s=math.fsum(durs) / len(durs) if durs else 0.0,
+            succeeded=ok, success_rate=ok / rated if rated else 0.0,
+            mean_s=math.fsum(durs) / len(durs) if durs else 0.0,
             median_s=percentile_sorted(durs, 0.5), p95_s=percentile_sorted(durs, 0.95),
             cache_hit_rate=_rate(hits, misses)))
     return out

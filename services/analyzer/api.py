@@ -27,6 +27,7 @@ from buildtel.services.analyzer.alerts import Alert, alert_decoder
 from buildtel.services.analyzer.analytics import AnalyticsReport, ReportFilter
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared import micro
+from buildtel.shared.micro import ServiceError
 
 API_VERSION = "1.0.0"
 DAY_S = 86400.0
@@ -46,7 +47,7 @@ class ReportRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float | None = None  # finish time, Unix s, inclusive
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     name: str | None = None
     target: str | None = None
     include_sessions: bool = False  # add one row per session (for CSV export)
@@ -90,11 +91,8 @@ async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects) -> None:
     await ensure_stream(js, alerts_stream_config(subjects))
 
 
-class AnalyzerError(Exception):
-    def __init__(self, code: int, description: str) -> None:
-        super().__init__(f"analyzer error {code}: {description}")
-        self.code = code
-        self.description = description
+class AnalyzerError(ServiceError):
+    service = "analyzer"
 
 
 class AnalyzerClient:
@@ -253,7 +251,7 @@ class FlameGraphSelection(msgspec.Struct, kw_only=True, omit_defaults=True):
     since: float | None = None  # finish time, Unix s, inclusive
     until: float | None = None  # finish time, Unix s, exclusive
     branch: str | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     target: str | None = None
 
     def filter(self) -> ReportFilter:

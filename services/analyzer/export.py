@@ -130,6 +130,9 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
         + (" (partial: " + "; ".join(r.notes) + ")" if r.partial else ""),
         (f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
          f"(success rate {_pct(r.success_rate)})"
+         # Stopped early or not known how they ended: outside the rate and the build times.
+         + (f"; {r.cancelled} cancelled, {r.unknown} unknown (in neither the success rate nor build times)"
+            if r.cancelled or r.unknown else "")
          + (f"; {r.incomplete} INCOMPLETE (lost events; left out of build times)" if r.incomplete else "")),
         (f"Build time: median {fmt_s(d.median_s)}, mean {fmt_s(d.mean_s)}, p90 {fmt_s(d.p90_s)}, "
          f"p95 {fmt_s(d.p95_s)}, sd {fmt_s(d.stdev_s)}"),

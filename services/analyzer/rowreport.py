@@ -38,7 +38,7 @@ from buildtel.services.analyzer.bottlenecks import bottlenecks
 from buildtel.services.analyzer.stats import linear_fit, mean_std, percentile_sorted
 from buildtel.services.storage.columns import STATUSES, ColumnsReply, ReportRow
 from buildtel.shared.health.trends import health_trends
-from buildtel.shared.protocol import BuildSession
+from buildtel.shared.protocol import RATED_OUTCOMES, TIMED_OUTCOMES, BuildSession
 
 _FAILED, _SKIPPED, _CANCELLED = 1, 2, 3
 
@@ -192,13 +192,15 @@ def daily_series(rows: Sequence[ReportRow]) -> list[DailyPoint]:
     out = []
     for day in sorted(days):
         group = days[day]
-        durs = sorted(r.duration_s for r in group if r.outcome != "abandoned" and r.complete)
+        durs = sorted(r.duration_s for r in group if r.outcome in TIMED_OUTCOMES and r.complete)
         ok = sum(1 for r in group if r.outcome == "success")
+        rated = sum(1 for r in group if r.outcome in RATED_OUTCOMES)
         hits = sum(r.cache_hits for r in group)
         misses = sum(r.cache_misses for r in group)
         out.append(DailyPoint(
             date=datetime.fromtimestamp(day * DAY_S, UTC).strftime("%Y-%m-%d"), sessions=len(group),
-            succeeded=ok, success_rate=ok / len(group), mean_s=math.fsum(durs) / len(durs) if durs else 0.0,
+            succeeded=ok, success_rate=ok / rated if rated else 0.0,
+            mean_s=math.fsum(durs) / len(durs) if durs else 0.0,
             median_s=percentile_sorted(durs, 0.5), p95_s=percentile_sorted(durs, 0.95),
             cache_hit_rate=_rate(hits, misses)))
     return out
@@ -290,10 +292,13 @@ def _report(an: TelemetryAnalyzer, fr: Frame, f: ReportFilter, recent: Sequence[
     rep.sessions = len(rows)
     rep.succeeded = sum(1 for r in rows if r.outcome == "success")
     rep.abandoned = sum(1 for r in rows if r.outcome == "abandoned")
-    rep.failed = rep.sessions - rep.succeeded - rep.abandoned
+    rep.cancelled = sum(1 for r in rows if r.outcome == "cancelled")
+    rep.unknown = sum(1 for r in rows if r.outcome == "unknown")
+    rep.failed = sum(1 for r in rows if r.outcome == "failed")
     rep.incomplete = sum(1 for r in rows if not r.complete)
-    rep.success_rate = rep.succeeded / rep.sessions
-    finished = [r for r in rows if r.outcome != "abandoned" and r.complete]
+    rated = rep.succeeded + rep.failed + rep.abandoned
+    rep.success_rate = rep.succeeded / rated if rated else 0.0
+    finished = [r for r in rows if r.outcome in TIMED_OUTCOMES and r.complete]
     rep.duration = duration_stats(finished)
     rep.cache_hits = sum(r.cache_hits for r in rows)
     rep.cache_misses = sum(r.cache_misses for r in rows)

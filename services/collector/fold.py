@@ -32,6 +32,8 @@ from buildtel.shared.protocol import (
     TargetFinished,
     TargetMetrics,
     TargetStarted,
+    TestCase,
+    TestResults,
 )
 from buildtel.shared.totals import summarize_targets
 
@@ -43,6 +45,7 @@ OP_TARGET = b"T"
 OP_LOST = b"X"  # a refused event: its raw bytes are replaced by "code<TAB>reason"
 
 _HEAD = struct.Struct(">IcH")
+MAX_SESSION_TESTS = 200_000  # test cases kept per session (BuildSession.tests); shared/junit.py's MAX_CASES
 REASON_CHARS = 300  # of a refused event's reason kept in Redis and in the stored session
 _fragments_decoder = msgspec.msgpack.Decoder(list[Event])
 
@@ -93,7 +96,7 @@ def ops_payloads(raws: list[msgspec.Raw] | list[bytes], events: list[Event], chu
             out += note
             continue
         match ev:
-            case TargetFinished() | TargetStarted():
+            case TargetFinished() | TargetStarted() | TestResults():  # all kept as fragments
                 out += pack(ev.seq, OP_TARGET, 0)
             case BuildStarted(ts=ts) | HealthCheckpoint(ts=ts):
                 ts_b = repr(ts).encode()
@@ -258,6 +261,8 @@ def build_session(
     by_name: dict[str, TargetFinished] = {}
     retried: dict[str, int] = {}
     running: dict[tuple[str, str], TargetStarted] = {}
+    tests: list[TestCase] = []
+    tests_dropped = 0
     for ev in fragment_events(fragments):
         if type(ev) is TargetFinished:
             prev = by_name.get(ev.target)
@@ -268,6 +273,11 @@ def build_session(
                 retried[ev.target] = retried.get(ev.target, 1) + 1
         elif type(ev) is TargetStarted:
             running[(ev.agent_id, ev.target)] = ev
+        elif type(ev) is TestResults:
+            # Bounded like every part of a session: past the cap, counted, not kept.
+            room = MAX_SESSION_TESTS - len(tests)
+            tests.extend(ev.cases[:max(room, 0)])
+            tests_dropped += max(0, len(ev.cases) - max(room, 0))
     metrics = [_metrics(ev, retried.get(name, 1)) for name, ev in by_name.items()]
     metrics.sort(key=_by_start)
 
@@ -324,6 +334,8 @@ def build_session(
         parent_span_id=parent_span_id,
         record=started.record if started else False,
         completeness=completeness,
+        tests=tests,
+        tests_dropped=tests_dropped,
     )
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 # KEYS: meta, fragments, seen(agent), active, finishing, done
 # ARGV: now, agent, session_id, payload (records, see fold.ops_payload), finish_grace_s
 # Record kinds: T target event, S started, H health, E finished, X refused (raw = code TAB reason).
-# Returns {folded, finished_in_batch, late}
+# Returns {folded, finished_in_batch, late, announce}: announce = 1 when this call folded the
+# session's first BuildStarted (meta field 'sa' = "agent:seq" claims it, once per session), or holds
+# that same event again (a redelivery after a crash between fold and announcement: the collector
+# announces again and JetStream's Nats-Msg-Id drops the duplicate).
 APPLY = r"""
 if redis.call('EXISTS', KEYS[6]) == 1 then
-  return {0, 0, 1}
+  return {0, 0, 1, 0}
 end
 local now = tonumber(ARGV[1])
 local agent = ARGV[2]
@@ -28,11 +31,14 @@ local high = -1
 local first_new = -1
 local finished = 0
 local lost = 0
+local announce = 0
 local parts = {}
 while pos <= n do
   local seq, kind, ts, raw, nextpos = struct.unpack('>I4c1Hc0I4c0', payload, pos)
   pos = nextpos
-  if redis.call('SETBIT', KEYS[3], seq, 1) == 0 then
+  if redis.call('SETBIT', KEYS[3], seq, 1) == 1 then
+    if kind == 'S' and redis.call('HGET', KEYS[1], 'sa') == agent .. ':' .. seq then announce = 1 end
+  else
     if seq > high then high = seq end
     if kind ~= 'X' then new = new + 1 end
     if kind == 'X' then
@@ -58,6 +64,7 @@ while pos <= n do
       if (not cur) or (kind == 'S' and t < tonumber(cur)) or (kind == 'H' and t >= tonumber(cur)) then
         redis.call('HSET', KEYS[1], field, raw, field .. '_ts', ts)
       end
+      if kind == 'S' and redis.call('HSETNX', KEYS[1], 'sa', agent .. ':' .. seq) == 1 then announce = 1 end
       if kind == 'H' then
         -- Health over time: one checkpoint per 5 s slot (the run's default interval), at most 2160 slots (3 hours); a
         -- checkpoint past the cap is counted, never silently gone (the latest is 'health' above).
@@ -100,7 +107,7 @@ if new + lost > 0 then
   redis.call('HSET', KEYS[1], 'last', ARGV[1])
   redis.call('ZADD', KEYS[4], now, sid)
 end
-return {new, finished, 0}
+return {new, finished, 0, announce}
 """
 
 # KEYS: lock; ARGV: owner, lease_ms.  A lease, not a permanent lock: a collector killed

@@ -30,7 +30,7 @@ from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
 from buildtel.shared.logs import get_logger
-from buildtel.shared.protocol import EventBatch, is_session_id
+from buildtel.shared.protocol import BuildStarted, EventBatch, is_session_id, session_started
 from buildtel.shared.redaction import redact_batch
 from buildtel.shared.service import BusService, Consumer, Worker
 from buildtel.shared.settings import Settings
@@ -74,6 +74,8 @@ class CollectorService(BusService):
         self.events_in = 0
         self.batches_in = 0
         self.sessions_completed = 0
+        self.sessions_started = 0  # SessionStarted announcements published (duplicates included)
+        self.announce_failures = 0
         self.fold_failures = 0
         self.late_events = 0
         self.events_refused = 0  # events dropped from batches whose other events were kept
@@ -96,7 +98,8 @@ class CollectorService(BusService):
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
                 "sessions_completed_total": self.sessions_completed, "late_events_total": self.late_events,
                 "fold_failures_total": self.fold_failures, "events_refused_total": self.events_refused,
-                "sessions_incomplete_total": self.sessions_incomplete}
+                "sessions_incomplete_total": self.sessions_incomplete,
+                "sessions_started_total": self.sessions_started, "announce_failures_total": self.announce_failures}
 
     async def started_fields(self) -> dict[str, Any]:
         return {"stream": self.subjects.events_stream}
@@ -180,14 +183,16 @@ class CollectorService(BusService):
         errors: dict[int, BaseException] = {}
         new = [0] * len(work)
         late = [False] * len(work)
+        announce = [False] * len(work)
         finished_any = False
         for n, res in zip(calls, results, strict=True):
             if isinstance(res, BaseException):
                 errors.setdefault(n, res)
                 continue
-            folded, finished, was_late = res
+            folded, finished, was_late, first_start = res
             new[n] += int(folded)
             late[n] |= bool(was_late)
+            announce[n] |= bool(first_start)
             finished_any |= bool(finished)
         acks = []
         partly: list[tuple[Any, Any, dict[int, Rejected]]] = []
@@ -203,6 +208,8 @@ class CollectorService(BusService):
                             events=len(batch.events))
             if refused:
                 partly.append((msg, batch, refused))
+            if announce[n]:
+                await self._announce(batch)
             acks.append(msg.ack())
         # Ack only now that Redis holds the fold: a crash before this line means redelivery,
         # which the seen-bitmaps turn into a no-op.
@@ -211,6 +218,21 @@ class CollectorService(BusService):
             await self._dead_letter_partly(msg, batch, refused)
         if finished_any:
             self._wake_sweeper.set()
+
+    async def _announce(self, batch: EventBatch) -> None:
+        """Publish the session's SessionStarted (before the batch is acked, so a crash re-announces:
+        ``Nats-Msg-Id`` makes that, and several collectors, one message).  A failure is logged and
+        counted, never a reason to refold: the session itself is unaffected."""
+        ev = next((e for e in batch.events if isinstance(e, BuildStarted)), None)
+        if ev is None:
+            return
+        try:
+            await self.js.publish(self.subjects.sessions_started, encode(session_started(ev)),
+                                  headers={"Nats-Msg-Id": f"{ev.session_id}.started"}, timeout=5.0)
+            self.sessions_started += 1
+        except Exception as exc:  # noqa: BLE001 - NATS away, or a stream without the subject
+            self.announce_failures += 1
+            log.error("collector.announce_failed", session_id=ev.session_id, error=f"{type(exc).__name__}: {exc}")
 
     async def _failed(self, msg: Any, error: str) -> None:
         """A batch whose fold failed (the others of its round are unaffected): NAKed to come back

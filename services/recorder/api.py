@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import msgspec
 
 from buildtel.shared import micro
+from buildtel.shared.micro import ServiceError
 from buildtel.shared.protocol import BuildEnvironment, Event
 from buildtel.shared.recording.diffview import BuildDiff
 from buildtel.shared.recording.manifest import ExternalInput, FileEntry
@@ -133,11 +134,8 @@ class DiffRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     min_ratio: Annotated[float, msgspec.Meta(ge=0)] = 0.10
 
 
-class RecorderError(Exception):
-    def __init__(self, code: int, description: str) -> None:
-        super().__init__(f"recorder error {code}: {description}")
-        self.code = code
-        self.description = description
+class RecorderError(ServiceError):
+    service = "recorder"
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 
 from buildtel.shared import micro
 from buildtel.shared.codec import decode_session, encode
+from buildtel.shared.micro import ServiceError
 from buildtel.shared.protocol import BuildSession, Outcome
 from buildtel.shared.subjects import Subjects
 
@@ -198,13 +199,10 @@ def decode_request(endpoint: str, data: bytes) -> Any:
     return _decoders[endpoint].decode(data or _EMPTY_MAP)
 
 
-class StorageError(Exception):
+class StorageError(ServiceError):
     """The storage service refused or failed a request; ``code`` is HTTP-like (404 = not found)."""
 
-    def __init__(self, code: int, description: str) -> None:
-        super().__init__(f"storage error {code}: {description}")
-        self.code = code
-        self.description = description
+    service = "storage"
 
     @property
     def not_found(self) -> bool:

@@ -8,9 +8,10 @@ structs below, errors as the other storage endpoints (400 with the reason):
 
 * ``trend``: per bucket of ``bucket_s`` seconds (aligned to the Unix epoch, so a day is a UTC day)
   over the builds that *finished* in ``[since, until)`` and match the filters: builds by outcome,
-  success rate (succeeded / builds, as ``buildtel report``), build-time p50/p95 (linear
-  interpolation, as the report), cache hits, misses and hit rate, incomplete builds.  Empty
-  buckets are listed (zeros, no rates), so a chart's x axis has no gaps that hide "no builds".
+  success rate (succeeded / builds that were not cancelled or unknown, as ``buildtel report``),
+  build-time p50/p95 (linear interpolation, as the report; cancelled and unknown builds left
+  out), cache hits, misses and hit rate, incomplete builds.  Empty buckets are listed (zeros, no
+  rates), so a chart's x axis has no gaps that hide "no builds".
 * ``target_history``: the newest ``limit`` runs of one target (sessions that ran it, matching the
   filters), newest first, keyset-paginated like ``summaries``: the session's id, time, branch,
   commit and outcome, and the target's duration, status, cache result and worker.
@@ -63,8 +64,11 @@ class TrendBucket(msgspec.Struct, kw_only=True):
     succeeded: int = 0
     failed: int = 0
     abandoned: int = 0
+    cancelled: int = 0  # stopped by a user or a signal: not in success_rate nor the durations
+    unknown: int = 0  # nothing said how they ended (imports without evidence): likewise
     incomplete: int = 0  # builds that lost events (counted in their outcome too)
-    success_rate: float | None = None  # succeeded / builds; None without builds
+    # succeeded / (builds - cancelled - unknown); None without such builds
+    success_rate: float | None = None
     duration_p50_s: float | None = None
     duration_p95_s: float | None = None
     cache_hits: int = 0
@@ -146,17 +150,22 @@ def buckets(summaries: list[Any], since: float, until: float, bucket_s: float) -
             b.succeeded += 1
         elif s.outcome == "failed":
             b.failed += 1
+        elif s.outcome == "cancelled":
+            b.cancelled += 1
+        elif s.outcome == "unknown":
+            b.unknown += 1
         else:
             b.abandoned += 1
         if not s.complete:
             b.incomplete += 1
         b.cache_hits += s.cache_hits
         b.cache_misses += s.cache_misses
-        if s.duration_s > 0:
+        # A cancelled or unknown build's duration is not known to be a whole build's.
+        if s.duration_s > 0 and s.outcome not in ("cancelled", "unknown"):
             durations[i].append(s.duration_s)
     for b, ds in zip(out, durations, strict=True):
-        if b.builds:
-            b.success_rate = b.succeeded / b.builds
+        if rated := b.builds - b.cancelled - b.unknown:
+            b.success_rate = b.succeeded / rated
         if ds:
             p50, p95 = np.percentile(np.asarray(ds), [50, 95], method="linear").tolist()
             b.duration_p50_s, b.duration_p95_s = float(p50), float(p95)

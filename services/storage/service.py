@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
-from buildtel.services.storage import columns, history, pages, rowcache, rowwork
+from buildtel.services.storage import columns, history, pages, rowcache, rowwork, tests_history
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -149,7 +149,10 @@ class StorageService(BusService):
                 Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns),
                 Endpoint(history.TREND, endpoint_subject(self.subjects, history.TREND), self._api_trend),
                 Endpoint(history.TARGET_HISTORY, endpoint_subject(self.subjects, history.TARGET_HISTORY),
-                         self._api_target_history)]
+                         self._api_target_history),
+                Endpoint(tests_history.TESTS, endpoint_subject(self.subjects, tests_history.TESTS), self._api_tests),
+                Endpoint(tests_history.TEST_HISTORY, endpoint_subject(self.subjects, tests_history.TEST_HISTORY),
+                         self._api_test_history)]
 
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True),
@@ -391,6 +394,16 @@ class StorageService(BusService):
         """One target's runs across sessions (services/storage/history.py)."""
         assert self.store is not None
         return await history.serve_target_history(self.store, self.row_cache, data, self._budget)
+
+    async def _api_tests(self, data: bytes) -> bytes:
+        """Per-test figures and flaky tests (services/storage/tests_history.py)."""
+        assert self.store is not None
+        return await tests_history.serve_tests(self.store, data, self._budget)
+
+    async def _api_test_history(self, data: bytes) -> bytes:
+        """One test's runs (services/storage/tests_history.py)."""
+        assert self.store is not None
+        return await tests_history.serve_test_history(self.store, data, self._budget)
 
     async def _row_files(self) -> None:
         """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""

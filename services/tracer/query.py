@@ -27,6 +27,7 @@ import msgspec
 from buildtel.services.tracer.store import TraceStore, TraceSummary, span_order
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared import micro
+from buildtel.shared.micro import ServiceError
 from buildtel.shared.tracemodel import STATUS_ERROR, STATUS_OK, SpanRecord
 
 API_VERSION = "1.0.0"
@@ -81,13 +82,10 @@ class StatsReply(msgspec.Struct, kw_only=True):
     version: str = API_VERSION
 
 
-class QueryError(Exception):
+class QueryError(ServiceError):
     """The tracer refused or failed a query; ``code`` is HTTP-like (404 = no such trace)."""
 
-    def __init__(self, code: int, description: str) -> None:
-        super().__init__(f"tracer error {code}: {description}")
-        self.code = code
-        self.description = description
+    service = "tracer"
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -64,7 +64,8 @@ def _resource(session: BuildSession) -> dict[str, Any]:
 # OpenTelemetry CI/CD semantic conventions (development status), beside the build.* attributes:
 # https://opentelemetry.io/docs/specs/semconv/registry/attributes/cicd/ .  "abandoned" (the build
 # stopped reporting) is the convention's "error": a failure of the CI/CD system, not of the code.
-_PIPELINE_RESULT = {"success": "success", "failed": "failure", "abandoned": "error"}
+# An "unknown" outcome has no result: the attribute is left out rather than guessed.
+_PIPELINE_RESULT = {"success": "success", "failed": "failure", "abandoned": "error", "cancelled": "cancellation"}
 _TASK_RESULT = {"success": "success", "failed": "failure", "skipped": "skip", "cancelled": "cancellation"}
 
 
@@ -73,10 +74,10 @@ def _session_attrs(s: BuildSession) -> dict[str, Any]:
         SESSION_ATTR: s.id,
         "cicd.pipeline.name": s.name or "build",
         "cicd.pipeline.run.id": s.id,
-        "cicd.pipeline.result": _PIPELINE_RESULT.get(s.outcome, "error"),
         "cicd.pipeline.action.name": "BUILD",
         "build.name": s.name,
         "build.outcome": s.outcome,
+        **({"cicd.pipeline.result": _PIPELINE_RESULT[s.outcome]} if s.outcome in _PIPELINE_RESULT else {}),
         "build.targets": len(s.targets),
         "build.cache_hits": s.cache_hits,
         "build.cache_misses": s.cache_misses,
@@ -137,6 +138,10 @@ def _session_status(s: BuildSession) -> tuple[int, str]:
         return STATUS_OK, ""
     if s.outcome == "abandoned":
         return STATUS_ERROR, "abandoned: the build stopped reporting before it finished"
+    if s.outcome == "cancelled":
+        return STATUS_ERROR, "cancelled: stopped by a user or a signal before it finished"
+    if s.outcome == "unknown":
+        return STATUS_UNSET, ""  # nothing said how the build ended
     code = f" (exit code {s.exit_code})" if s.exit_code is not None else ""
     return STATUS_ERROR, f"build failed{code}"
 

@@ -11,7 +11,9 @@ answered 500 without its text (it may hold data of another request).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,11 +21,28 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from buildtel.services.web.base import (
+    BACKEND,
+    CALLER,
+    COOKIE,
+    CSRF_HEADER,
+    LOG,
+    TENANT,
+    BadGateway,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    json_response,
+    problem,
+)
 from buildtel.services.web.query import (
     AlertsQuery,
     BadInput,
     ReportQuery,
     SessionsQuery,
+    StreamQuery,
     TargetHistoryQuery,
     TrendsQuery,
     parse_alert_id,
@@ -32,37 +51,10 @@ from buildtel.services.web.query import (
     parse_session_id,
     parse_time,
 )
-from buildtel.services.web.schema import PROBLEM, AcknowledgeBody, Caller, MuteBody, Problem, openapi
+from buildtel.services.web.schema import AcknowledgeBody, Caller, MuteBody, openapi
 from buildtel.shared.apikeys import Scope
 
-_enc = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Unavailable(Exception):
-    """A backend service did not answer (503) or timed out (504 from NATS, 503 to the client)."""
-
-
-class NotFound(Exception):
-    pass
-
-
-class BadGateway(Exception):
-    """A backend service answered with a failure of its own (502, its message passed on)."""
-
-
-class Unauthorized(Exception):
-    """No key, or one that is not (or no longer) a key: 401."""
-
-
-class Forbidden(Exception):
-    """A live key whose scope does not cover the request: 403."""
-
-
-class RateLimited(Exception):
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Backend(Protocol):
@@ -85,23 +77,15 @@ class Backend(Protocol):
     async def target_history(self, tenant: str, q: TargetHistoryQuery, since: float | None,
                              until: float | None) -> Any: ...
     def health(self) -> Any: ...
+    async def open_stream(self, tenant: str, start: tuple[int, int] | None) -> Any: ...
+    async def serve_stream(self, stream: Any, write: Callable[[bytes], Awaitable[None]],
+                           closed: Callable[[], bool], abort: Callable[[], None]) -> None: ...
+    async def metrics_text(self, tenant: str) -> bytes: ...
 
 
-BACKEND = web.AppKey("backend", object)
-LOG = web.AppKey("log", object)
-TENANT = web.RequestKey("tenant", str)  # the namespace the request's key may read
-CALLER = web.RequestKey("caller", Caller)
+SSE_SEND_BUFFER = 256 * 1024  # socket send buffer of a live stream (the kernel may double it)
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # need the write scope
 PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json", "/login"})  # answered without a key
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_enc.encode(body), status=status, content_type="application/json")
-
-
-def problem(status: int, title: str, detail: str) -> web.Response:
-    body = _enc.encode(Problem(title=title, status=status, detail=detail))
-    return web.Response(body=body, status=status, content_type=PROBLEM)
 
 
 def _is_public(path: str) -> bool:
@@ -120,13 +104,13 @@ def _is_page(request: web.Request) -> bool:
 async def _authorize(request: web.Request) -> None:
     """The caller from ``Authorization``, else from the dashboard's cookie.  A change sent with the
     cookie must also carry the dashboard's header: a form of another site cannot set it."""
-    from buildtel.services.web.pages import COOKIE, CSRF_HEADER
 
     header = request.headers.get("Authorization")
     from_cookie = header is None and COOKIE in request.cookies
     if from_cookie:
         header = "Bearer " + request.cookies[COOKIE]
-    need: Scope = "write" if request.method in WRITES else "read"
+    need: Scope = "admin" if request.path.startswith("/api/v1/keys") else \
+        "write" if request.method in WRITES else "read"
     caller = await _backend(request).authorize(header, need)
     if from_cookie and need == "write" and request.headers.get(CSRF_HEADER) != "1":
         raise Forbidden(f"a change made with the dashboard's cookie needs the {CSRF_HEADER} header")
@@ -286,6 +270,49 @@ async def _windowed(request: web.Request, typ: Any, ask: Callable[..., Awaitable
     return json_response(await ask(request[TENANT], q, since, until))
 
 
+async def live_stream(request: web.Request) -> web.StreamResponse:
+    """``/api/v1/stream``: server-sent events of the tenant's builds and alerts (``stream.py``)."""
+    from buildtel.services.web.stream import parse_position
+
+    q = parse_query(request.query, StreamQuery)
+    given = request.headers.get("Last-Event-ID") or q.last_event_id
+    start = None
+    if given:
+        start = parse_position(given)
+        if start is None:
+            raise BadInput(f"Last-Event-ID {given[:64]!r} is not an id this stream sent ('<sessions>-<alerts>', "
+                           "two sequence numbers)")
+    backend = _backend(request)
+    stream = await backend.open_stream(request[TENANT], start)  # limits and NATS: a problem answer
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    resp.force_close()  # a stream's end is the connection's (no keep-alive wait for a next request)
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:  # bound what the kernel holds for a client that stops reading (stream.py)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
+    await resp.prepare(request)
+
+    def closed() -> bool:
+        return transport is None or transport.is_closing()
+
+    def abort() -> None:
+        if transport is not None:
+            transport.abort()
+
+    await backend.serve_stream(stream, resp.write, closed, abort)
+    return resp
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """The tenant's build figures, Prometheus text (docs/metrics.md)."""
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+    body = await _backend(request).metrics_text(request[TENANT])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return json_response(openapi())
 
@@ -310,9 +337,13 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
         app.router.add_delete(f"/api/v1/alerts/{{id}}/{{action:{action}}}", change_alert)
     app.router.add_get("/api/v1/trends", get_trends)
     app.router.add_get("/api/v1/targets/history", get_target_history)
+    app.router.add_get("/api/v1/stream", live_stream)
     app.router.add_get("/api/v1/openapi.json", get_openapi)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
+    from buildtel.services.web import keys_api
     from buildtel.services.web.pages import add_routes
 
+    keys_api.register(app)
     add_routes(app)
     return app

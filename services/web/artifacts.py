@@ -32,7 +32,6 @@ from buildtel.services.recorder.api import (
     RecorderError,
 )
 from buildtel.services.storage.api import StorageClient, StorageError
-from buildtel.services.web.app import BACKEND, TENANT, BadGateway, NotFound, Unavailable, json_response
 from buildtel.services.web.artifacts_schema import (
     DEFAULT_EVENTS,
     DEFAULT_FLAME_LAST,
@@ -41,6 +40,7 @@ from buildtel.services.web.artifacts_schema import (
     SVG,
     RecordingPage,
 )
+from buildtel.services.web.base import BACKEND, TENANT, BadGateway, NotFound, Unavailable, json_response
 from buildtel.services.web.query import BadInput, parse_query, parse_session_id, parse_time
 from buildtel.shared.keyed import keyed
 from buildtel.shared.recording.diff import side_from_session
@@ -69,7 +69,7 @@ class LookQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class WindowQuery(LookQuery, kw_only=True, forbid_unknown_fields=True):
     last: Annotated[int, msgspec.Meta(ge=1, le=MAX_FLAME_LAST)] | None = None
     branch: Text | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     target: Text | None = None
     since: str | None = None
     until: str | None = None

@@ -13,6 +13,7 @@ import msgspec
 
 from buildtel.services.recorder.api import MAX_EVENTS, MAX_PAGE, RecordingEvents, RecordingInfo, RecordingSummary
 from buildtel.shared.keyed import keyed_type
+from buildtel.shared.protocol import OUTCOMES
 from buildtel.shared.recording.diffview import BuildDiff
 
 SVG = "image/svg+xml"
@@ -71,7 +72,7 @@ def paths() -> dict[str, Any]:
                              f"{MAX_FLAME_LAST} when since or until is given)",
                      {"type": "integer", "minimum": 1, "maximum": MAX_FLAME_LAST}),
               _param("branch", "VCS branch"),
-              _param("outcome", "success, failed or abandoned", {"enum": ["success", "failed", "abandoned"]}),
+              _param("outcome", ", ".join(OUTCOMES), {"enum": list(OUTCOMES)}),
               _param("target", "sessions that built this target"),
               _param("since", "finished at or after: Unix seconds or ISO 8601"),
               _param("until", "finished before: Unix seconds or ISO 8601")]

@@ -25,6 +25,16 @@ import msgspec
 from aiohttp import web
 
 from buildtel.services.web import views
+from buildtel.services.web.base import (
+    BACKEND,
+    CALLER,
+    COOKIE,
+    CSRF_HEADER,
+    TENANT,
+    Forbidden,
+    Unauthorized,
+    json_response,
+)
 from buildtel.services.web.query import (
     AlertsQuery,
     BadInput,
@@ -38,8 +48,6 @@ from buildtel.services.web.query import (
 )
 from buildtel.shared.failsig import failed_targets
 
-COOKIE = "buildtel_key"
-CSRF_HEADER = "X-Buildtel-Request"
 STATIC = Path(__file__).with_name("static")
 WINDOWS = (7, 30, 90)
 COMPARE_ROWS = 100  # timing changes listed on the compare page (largest first)
@@ -58,8 +66,6 @@ def environment() -> jinja2.Environment:
 
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
-    from buildtel.services.web.app import CALLER
-
     caller = request.get(CALLER)
     body = environment().get_template(template).render(
         tenant=caller.tenant if caller else None, who=caller.who if caller else None, path=request.path,
@@ -72,14 +78,10 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
 
 
 def _backend(request: web.Request) -> Any:
-    from buildtel.services.web.app import BACKEND
-
     return request.app[BACKEND]
 
 
 def _tenant(request: web.Request) -> str:
-    from buildtel.services.web.app import TENANT
-
     return request[TENANT]
 
 
@@ -128,9 +130,8 @@ async def session(request: web.Request) -> web.StreamResponse:
     word = parse_session_id(request.match_info["id"])
     accept = request.headers.get("Accept", "")
     if "application/json" in accept and "text/html" not in accept:
-        from buildtel.services.web.app import get_session
-
-        return await get_session(request)  # what `curl` of the printed link gets
+        # what `curl -H 'Accept: application/json'` of the printed link gets
+        return json_response(await _backend(request).session(_tenant(request), word))
     backend, tenant = _backend(request), _tenant(request)
     s = await backend.session_struct(tenant, word)
     from buildtel.services.analyzer.bottlenecks import critical_path
@@ -184,8 +185,6 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    from buildtel.services.web.app import Forbidden, Unauthorized
-
     form = await request.post()
     key = str(form.get("key", "")).strip()
     target_path = _safe_next(str(form.get("next", "/")))

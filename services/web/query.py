@@ -20,6 +20,7 @@ from buildtel.services.web.schema import DEFAULT_LIMIT, MAX_LIMIT
 FULL_LEN = 32
 MIN_PREFIX = 6
 _HEX = re.compile(r"[0-9a-f]+")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 Q = TypeVar("Q", bound=msgspec.Struct)
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
@@ -29,7 +30,7 @@ class BadInput(ValueError):
 
 
 class SessionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     branch: Text | None = None
     agent: Text | None = None
     name: Text | None = None
@@ -44,7 +45,7 @@ class SessionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ReportQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     last: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     branch: Text | None = None
     name: Text | None = None
     target: Text | None = None
@@ -58,6 +59,11 @@ class AlertsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,64}$")] | None = None
     status: Literal["open", "acknowledged", "muted"] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT
+
+
+class StreamQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # For clients that cannot set headers (the Last-Event-ID header wins when both are given).
+    last_event_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class TrendsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -76,7 +82,7 @@ class TargetHistoryQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     since: str | None = None
     until: str | None = None
     branch: Text | None = None
-    outcome: Literal["success", "failed", "abandoned"] | None = None
+    outcome: Literal["success", "failed", "abandoned", "cancelled", "unknown"] | None = None
     agent: Text | None = None
     label: Text | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNS)] = 1000
@@ -142,8 +148,12 @@ def decode_cursor(text: str | None) -> Cursor | None:
 
 
 def parse_session_id(text: str) -> str:
-    """The lowercase hex of a full id or prefix; :class:`BadInput` says what is accepted."""
+    """The lowercase hex of a full id or prefix; :class:`BadInput` says what is accepted.  A UUID
+    (``8-4-4-4-12``) is the same id with dashes: Bazel's invocation id in the link it prints with
+    ``--bes_results_url`` (docs/bazel.md)."""
     word = text.strip().lower()
+    if _UUID.fullmatch(word):
+        word = word.replace("-", "")
     if not word or not _HEX.fullmatch(word) or len(word) > FULL_LEN:
         raise BadInput(f"{text[:64]!r} is not a session id: give a full id ({FULL_LEN} hex digits) "
                        f"or a unique prefix of at least {MIN_PREFIX}")

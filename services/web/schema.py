@@ -17,10 +17,11 @@ from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.storage.api import SessionSummary
 from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
-from buildtel.services.web import artifacts_schema
+from buildtel.services.web import artifacts_schema, tests_schema
+from buildtel.shared import apikeys
 from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
-from buildtel.shared.protocol import BuildSession
+from buildtel.shared.protocol import OUTCOMES, BuildSession, SessionStarted
 
 API_VERSION = "1.0.0"
 PROBLEM = "application/problem+json"
@@ -88,6 +89,27 @@ class TargetHistory(msgspec.Struct, kw_only=True):
     change_points: list[AlertWithState]
 
 
+class KeyList(msgspec.Struct, kw_only=True):
+    """The tenant's keys, oldest first (ids, scopes, names: never a key)."""
+
+    keys: list[apikeys.ApiKey]
+
+
+class NewKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/keys``: the tenant is the caller's (``tenant``, when given, must name it)."""
+
+    scope: apikeys.Scope = "read"
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    tenant: str | None = None
+
+
+class CreatedKey(msgspec.Struct, kw_only=True):
+    """The new key, shown this once, and its record."""
+
+    key: str
+    record: apikeys.ApiKey
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: str  # "ok", or "degraded" while NATS is away
     nats: bool
@@ -98,7 +120,7 @@ Session = keyed_type(BuildSession)
 Report = keyed_type(AnalyticsReport)
 
 _FILTERS: list[tuple[str, str]] = [
-    ("outcome", "success, failed or abandoned"),
+    ("outcome", ", ".join(OUTCOMES)),
     ("branch", "VCS branch"),
     ("agent", "an agent id, or a machine (its agents too)"),
     ("name", "session name"),
@@ -140,11 +162,12 @@ def _errors(*codes: int) -> dict[str, Any]:
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
     types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
-              TrendReply, TargetHistory, *artifacts_schema.TYPES]
+              TrendReply, TargetHistory, *artifacts_schema.TYPES, *tests_schema.TYPES, KeyList, NewKey, CreatedKey,
+              SessionStarted, SessionSummary, Alert]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
-    filters = [_param(n, t) for n, t in _FILTERS]
+    filters = [_param(n, t, {"enum": list(OUTCOMES)} if n == "outcome" else None) for n, t in _FILTERS]
     alert_id = _param("id", "the alert's id (32 hex digits)", where="path")
     get = "get"
     paths: dict[str, Any] = {
@@ -227,6 +250,39 @@ def openapi() -> dict[str, Any]:
                                    **_errors(*_COMMON, 404)}},
             "delete": {"summary": "End the mute of the alert's series now (write scope)", "parameters": [alert_id],
                        "responses": {"200": _json(c + "AlertWithState", "the alert"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/keys": {
+            get: {"summary": "The tenant's API keys: ids, scopes, names, never a key (admin scope)",
+                  "responses": {"200": _json(c + "KeyList", "the keys"), **_errors(*_COMMON)}},
+            "post": {"summary": "A new key of the tenant (admin scope), shown in this answer only",
+                     "requestBody": _body(c + "NewKey", required=True),
+                     "responses": {"201": _json(c + "CreatedKey", "the key and its record"), **_errors(*_COMMON)}}},
+        "/api/v1/keys/{id}": {"delete": {
+            "summary": "Revoke one of the tenant's keys (admin scope): it stops working at once",
+            "parameters": [_param("id", "the key's id (12 hex digits)", where="path")],
+            "responses": {"204": {"description": "revoked"}, **_errors(*_COMMON, 404)}}},
+        "/api/v1/stream": {get: {
+            "summary": "Live server-sent events of the tenant's builds and alerts, resumable (docs/api.md)",
+            "description": "Events: `session.started` (data: SessionStarted), `session.finished` (data: "
+                           "SessionSummary), `alert` (data: Alert); each `data:` is one JSON line. Every event's "
+                           "`id` is `<sessions seq>-<alerts seq>`; reconnecting with it as `Last-Event-ID` (or "
+                           "`last_event_id`) gives exactly the events after it. Without one the stream starts "
+                           "now. The first block is `retry:` and an `id:` without data (the start position); "
+                           "comment lines keep an idle stream open and say why the server ends one.",
+            "parameters": [_param("last_event_id", "resume after this event id (for clients that cannot set "
+                                                   "the Last-Event-ID header, which wins)"),
+                           _param("Last-Event-ID", "resume after this event id", where="header")],
+            "responses": {"200": {"description": "an endless text/event-stream",
+                                  "content": {"text/event-stream": {
+                                      "schema": {"type": "string"},
+                                      "x-events": {"session.started": {"$ref": c + "SessionStarted"},
+                                                   "session.finished": {"$ref": c + "SessionSummary"},
+                                                   "alert": {"$ref": c + "Alert"}}}}},
+                          **_errors(*_COMMON)}}},
+        "/metrics": {get: {
+            "summary": "The tenant's build figures, Prometheus text format (docs/metrics.md)",
+            "responses": {"200": {"description": "Prometheus text exposition 0.0.4",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(401, 403, 429, 503)}}},
         "/api/v1/openapi.json": {get: {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -234,6 +290,7 @@ def openapi() -> dict[str, Any]:
             "summary": "Liveness: the service runs and whether it reaches NATS",
             "responses": {"200": _json(c + "Health", "running")}}},
         **artifacts_schema.paths(),  # flame graphs, diffs, recordings (artifacts.py)
+        **tests_schema.paths(),  # test results, flaky tests (tests_api.py)
     }
     return {
         "openapi": "3.1.0",

@@ -14,12 +14,18 @@ several tenants (as far as its NATS role reaches: the embedded stack grants one 
 With neither keys nor token the API is open on loopback (the start-up log says so); binding
 beyond loopback without them is refused.
 
+The live stream (``GET /api/v1/stream``) and the per-tenant build figures of ``/metrics`` come
+from one feed per tenant (``stream.py``, ``figures.py``): the service's own namespace and every
+tenant an API key names are followed from the start, others when a client first asks.
+
 The port is ``port``, else ``settings.web_port``, else ``default_port`` (``buildtel up``: any
 free port, recorded in ``stack.json``; ``buildtel serve web``: 8480).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 from collections.abc import Awaitable
@@ -41,16 +47,17 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
-from buildtel.services.web import artifacts
-from buildtel.services.web.app import (
+from buildtel.services.web import artifacts, tests_api
+from buildtel.services.web.app import create_app
+from buildtel.services.web.base import (
     BadGateway,
     Forbidden,
     NotFound,
     RateLimited,
     Unauthorized,
     Unavailable,
-    create_app,
 )
+from buildtel.services.web.figures import families
 from buildtel.services.web.query import (
     BUCKETS,
     FULL_LEN,
@@ -73,19 +80,22 @@ from buildtel.services.web.schema import (
     SessionPage,
     TargetHistory,
 )
+from buildtel.services.web.stream import Hub, Stream, TooMany
 from buildtel.shared import alertstate, apikeys, micro
+from buildtel.shared import metrics as metrics_http
 from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
 from buildtel.shared.keyed import keyed
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildSession
-from buildtel.shared.service import BusService
+from buildtel.shared.service import BusService, Worker
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 
 T = TypeVar("T")
 _summaries = msgspec.msgpack.Decoder(SummariesReply)
 SHOWN_CANDIDATES = 8
+TENANTS_EVERY_S = 30.0  # how often the tenants API keys name are looked up (their feeds started)
 
 
 class InsecureBind(ValueError):
@@ -113,6 +123,8 @@ class WebService(BusService):
         self.host = settings.http_host
         self.port = 0
         self.keyed = False  # whether API keys existed at start (the start-up log says so)
+        self.hub: Hub | None = None  # the live feeds (stream.py), made once connected
+        self.hub_options: dict[str, Any] = {}  # Hub limits (tests lower them)
 
     @property
     def url(self) -> str:
@@ -127,11 +139,78 @@ class WebService(BusService):
             raise InsecureBind(f"the web API would listen on {self.host}, beyond loopback, without keys: create "
                                "one with 'buildtel keys create --tenant T --scope read' (or set "
                                "BUILDER_TELEMETRY_HTTP_TOKEN), or bind to 127.0.0.1")
+        hub = self.hub = Hub(self.js, self.log, **self.hub_options)
+        hub.feed(self.settings.namespace)  # its figures count from the start, client or not
+        stack.push_async_callback(hub.stop)  # its feeds stop even if the server below fails to start
         app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
         artifacts.register(app)  # flame graphs, diffs, recordings
+        tests_api.register(app)  # test results, flaky tests
         runner = await start_site(app, self.host, self.requested_port)
         stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(hub.stop)  # streams end (with a comment) before the server closes
         self.port = runner.addresses[0][1]
+
+    def workers(self) -> list[Worker]:
+        return [Worker("tenants", self._follow_tenants)]
+
+    async def _follow_tenants(self) -> None:
+        """Start the feed of every tenant an API key names (their build figures), now and then."""
+        while not self.stopping.is_set():
+            try:
+                for key in await apikeys.list_keys(self.redis, self.keys):
+                    if self.hub is not None and key.tenant not in self.hub.feeds:
+                        self.hub.feed(key.tenant)
+            except TooMany:
+                pass  # logged by the hub
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next round tries again
+                self.log.warning("web.tenants_failed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), TENANTS_EVERY_S)
+
+    def counters(self) -> dict[str, float]:
+        hub = self.hub
+        if hub is None:
+            return {}
+        return {"sse_clients": hub.clients, "sse_events_sent_total": hub.events_sent,
+                "sse_slow_clients_dropped_total": hub.clients_dropped["slow"],
+                "sse_streams_stopped_total": hub.clients_dropped["shutdown"],
+                "feed_undecodable_total": hub.undecodable, "feeds": len(hub.feeds)}
+
+    async def metric_families(self, tenant: str | None = None) -> list[Any]:
+        """The build figures (``figures.py``) of every followed tenant, or of ``tenant`` only."""
+        hub = self.hub
+        if hub is None:
+            return []
+        figures = {t: f.figures for t, f in hub.feeds.items() if tenant is None or t == tenant}
+        active: dict[str, float] = {}
+        for t in figures:
+            try:
+                active[t] = float(await self.redis.zcard(Keys(t).active))
+            except Exception:  # noqa: BLE001 - Redis away: unknown, not zero
+                active[t] = float("nan")
+        return list(families(figures, active))
+
+    # -- the live stream and /metrics of app.py ------------------------------------------------
+    async def open_stream(self, tenant: str, start: tuple[int, int] | None) -> Stream:
+        if self.hub is None:
+            raise Unavailable("the web service is not started")
+        try:
+            return await self.hub.open(tenant, start)
+        except TooMany as exc:
+            if exc.per_tenant:
+                raise RateLimited(str(exc), 5.0) from None
+            raise Unavailable(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - NATS away: the client learns it, the service goes on
+            raise Unavailable(f"the streams could not be read from NATS: {type(exc).__name__}") from None
+
+    async def serve_stream(self, stream: Any, write: Any, closed: Any, abort: Any) -> None:
+        if self.hub is not None:
+            await self.hub.serve(stream, write, closed, abort)
+
+    async def metrics_text(self, tenant: str) -> bytes:
+        """The tenant's build figures only: a key sees nothing of other tenants, and the service's
+        own counters stay on the operator's metrics port."""
+        return metrics_http.render_families(await self.metric_families(tenant))
 
     async def started_fields(self) -> dict[str, Any]:
         auth = "api keys" if self.keyed else "token" if self.settings.http_token else \
@@ -161,7 +240,7 @@ class WebService(BusService):
         if record is None:
             raise Unauthorized("missing, unknown or revoked API key (send 'Authorization: Bearer <key>')")
         if not apikeys.allows(record.scope, need):
-            wanted = "'write' or 'admin'" if need == "write" else f"{need!r} or 'admin'"
+            wanted = {"write": "'write' or 'admin'", "admin": "'admin'"}.get(need, f"{need!r} or 'admin'")
             raise Forbidden(f"key {record.id} has scope {record.scope!r}; this request needs {wanted}")
         if wait is not None:
             raise RateLimited(f"key {record.id} made more than {self.settings.web_rate_limit} requests this "
@@ -268,7 +347,7 @@ class WebService(BusService):
     async def alerts(self, tenant: str, q: AlertsQuery) -> AlertPage:
         found = list(reversed(await self._read_alerts(tenant, branch=q.branch, target=q.target, kind=q.kind)))
         out: list[AlertWithState] = []
-        mutes = await self._redis_call(alertstate.mutes(self.redis, Keys(tenant)))
+        mutes = await self.redis_call(alertstate.mutes(self.redis, Keys(tenant)))
         for start in range(0, len(found), 500):  # states in pages: one MGET each
             chunk = found[start:start + 500]
             out.extend(a for a in await self._with_states(tenant, chunk, mutes)
@@ -293,10 +372,10 @@ class WebService(BusService):
         series = alertstate.series_key(found.kind, found.branch, found.target)
         match action:
             case "acknowledge":
-                await self._redis_call(alertstate.acknowledge(self.redis, keys, alert_id, by=caller.who,
+                await self.redis_call(alertstate.acknowledge(self.redis, keys, alert_id, by=caller.who,
                                                               note=body.note))
             case "unacknowledge":
-                await self._redis_call(alertstate.unacknowledge(self.redis, keys, alert_id))
+                await self.redis_call(alertstate.unacknowledge(self.redis, keys, alert_id))
             case "mute":
                 seconds = parse_duration(body.duration)
                 try:
@@ -306,7 +385,7 @@ class WebService(BusService):
                 except Exception as exc:  # noqa: BLE001 - Redis away
                     raise Unavailable(f"Redis did not answer: {type(exc).__name__}") from None
             case "unmute":
-                await self._redis_call(alertstate.unmute(self.redis, keys, series))
+                await self.redis_call(alertstate.unmute(self.redis, keys, series))
         self.log.info("web.alert_changed", tenant=caller.tenant, alert_id=alert_id, action=action, by=caller.who)
         return (await self._with_states(caller.tenant, [found]))[0]
 
@@ -318,12 +397,12 @@ class WebService(BusService):
 
     async def _with_states(self, tenant: str, alerts: list[Alert],
                            mutes: dict[str, alertstate.Mute] | None = None) -> list[AlertWithState]:
-        got = await self._redis_call(alertstate.states(
+        got = await self.redis_call(alertstate.states(
             self.redis, Keys(tenant),
             [(a.id, alertstate.series_key(a.kind, a.branch, a.target), a.detected_at) for a in alerts], mutes))
         return [AlertWithState(**msgspec.structs.asdict(a), state=st) for a, st in zip(alerts, got, strict=True)]
 
-    async def _redis_call(self, call: Awaitable[T]) -> T:
+    async def redis_call(self, call: Awaitable[T]) -> T:
         try:
             return await call
         except Exception as exc:  # noqa: BLE001 - Redis away: the client learns it, the service goes on

@@ -198,14 +198,14 @@ class Series:
 
 
 def trend_series(trend: Any) -> Series:
-    # "other": abandoned builds (neither succeeded nor failed)
+    # "other": abandoned, cancelled and unknown builds (neither succeeded nor failed)
     s = Series(ys={"succeeded": [], "failed": [], "other": [], "success_rate": [], "p50": [], "p95": [],
                    "cache_hit_rate": []})
     for b in trend.buckets:
         s.x.append(b.start)
         s.ys["succeeded"].append(b.succeeded)
         s.ys["failed"].append(b.failed)
-        s.ys["other"].append(b.abandoned)
+        s.ys["other"].append(b.abandoned + b.cancelled + b.unknown)
         s.ys["success_rate"].append(None if b.success_rate is None else b.success_rate * 100)
         s.ys["p50"].append(b.duration_p50_s)
         s.ys["p95"].append(b.duration_p95_s)

@@ -9,11 +9,14 @@ strings, zero values omitted).  Mapped:
 * ``structuredCommandLine`` (label ``original``) → ``command``, minus the options the
   Bazel client injects (``--client_env`` would leak the user's environment);
 * ``pattern`` → session name; ``workspaceStatus`` → host and user;
-* ``buildFinished`` → finish time, exit code, outcome; ``buildMetrics`` → action
+* ``buildFinished`` → finish time, exit code, outcome (``INTERRUPTED``, code 8: cancelled);
+  without it the outcome is ``unknown`` and the session incomplete, or ``cancelled`` when an
+  event was aborted ``USER_INTERRUPTED``; ``buildMetrics`` → action
   cache hits/misses (these count *actions*; they become the session's cache
   figures), actions executed, remote cache hits, CPU time;
 * ``targetConfigured`` → the target's kind; ``targetCompleted`` → one target per
-  label and configuration (success/failed; aborted → skipped/cancelled).  BEP has
+  label and configuration (success/failed with ``failureDetail.message`` as its error;
+  aborted → skipped/cancelled).  BEP has
   no per-target timing, so these targets have duration 0 at the build's start;
 * ``testResult`` → one target per test label, run and shard (attempts folded, the
   last attempt wins) with status, start, duration, local/remote cache hit,
@@ -45,7 +48,7 @@ from buildtel.shared.importers.common import (
     maybe_gunzip,
     unique_names,
 )
-from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Phase, TargetMetrics
+from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Completeness, Outcome, Phase, TargetMetrics
 
 AGENT = "import:bep"
 
@@ -96,6 +99,8 @@ class _State:
     configs: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     completed: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → status
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → failure message
+    aborts: list[tuple[int, str]] = field(default_factory=list)  # (line, reason) of aborted events
     completed_events: int = 0
     tests: dict[tuple[str, str, int, int], _Test] = field(default_factory=dict)
     actions: list[tuple[TargetMetrics, bool]] = field(default_factory=list)  # (metrics, has_times)
@@ -150,7 +155,10 @@ def _on_configured(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: in
 def _on_completed(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
     key = (str(idv["label"]), str(pj.obj(idv.get("configuration", {})).get("id", "")))
     if "completed" in ev:
-        status = "success" if pj.obj(ev["completed"]).get("success") else "failed"
+        done = pj.obj(ev["completed"])
+        status = "success" if done.get("success") else "failed"
+        if status == "failed" and (msg := pj.get(pj.obj(pj.get(done, "failureDetail", {})), "message")):
+            st.errors[key] = str(msg)
     else:
         reason = pj.obj(ev.get("aborted", {})).get("reason", "")
         status = "skipped" if reason == "SKIPPED" else "cancelled"
@@ -245,6 +253,7 @@ def _read(data: bytes, st: _State) -> None:
             ab = ev["aborted"] if isinstance(ev["aborted"], dict) else {}
             what = str(body.get("label", "")) or kind
             reason = f"{ab.get('reason', 'no reason given')} {ab.get('description', '')}"
+            st.aborts.append((n, reason.strip()))
             st.warn(n, f"{kind} {what} aborted: {reason}".rstrip())
         if kind not in KNOWN_KINDS:
             st.warn(n, f"unknown event kind {kind!r} ignored")
@@ -288,6 +297,17 @@ def parse_bep(data: bytes, *, source: str = "") -> ImportResult:
     return _assemble(st, data, source)
 
 
+def finished_outcome(finished: dict[str, Any]) -> tuple[int, Outcome]:
+    """(exit code, outcome) of a ``buildFinished`` payload: the one rule of ``buildtel import bep``
+    and the live BES endpoint (``bep_stream.py``).  Bazel's exit code 8 (``INTERRUPTED``: Ctrl-C or
+    a cancelled remote build) is cancelled."""
+    code = pj.obj(pj.get(finished, "exitCode", {}))
+    exit_code = pj.int64(code.get("code")) or 0  # proto3 omits code 0 (SUCCESS)
+    ok = exit_code == 0 and finished.get("overallSuccess", True) is not False
+    interrupted = exit_code == 8 or code.get("name") == "INTERRUPTED"
+    return exit_code, "success" if ok else "cancelled" if interrupted else "failed"
+
+
 def _targets(st: _State, start: float) -> list[TargetMetrics]:
     """Completed targets, tests and actions; events without times are placed at the build's start."""
     targets: list[TargetMetrics] = []
@@ -297,7 +317,8 @@ def _targets(st: _State, start: float) -> list[TargetMetrics]:
     for (label, cfg), status in st.completed.items():
         name = label if configs_per_label[label] == 1 else f"{label} ({st.configs.get(cfg) or cfg[:12]})"
         targets.append(TargetMetrics(name=name, start=start, end=start, duration_s=0.0, status=status,  # type: ignore[arg-type]
-                                     agent_id=AGENT, kind=st.kinds.get(label) or None))
+                                     agent_id=AGENT, kind=st.kinds.get(label) or None,
+                                     error=st.errors.get((label, cfg))))
     runs: dict[str, set[tuple[int, int]]] = {}
     for label, _cfg, run, shard in st.tests:
         runs.setdefault(label, set()).add((run, shard))
@@ -356,16 +377,17 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
 
     exit_code: int | None = None
     exit_name = None
-    outcome = "abandoned"
+    # Without buildFinished nothing says how the build ended (cut short, or still running): unknown,
+    # unless an event was aborted because the user interrupted it.
+    interrupted = next((line for line, why in st.aborts if why.startswith("USER_INTERRUPTED")), None)
+    outcome = "unknown" if interrupted is None else "cancelled"
+    completeness = None
     finish = max([start] + [t.end for t in targets])
     duration_s: float | None = None
     if st.finished is not None:
         try:
-            code = pj.obj(pj.get(st.finished, "exitCode", {}))
-            exit_code = pj.int64(code.get("code")) or 0  # proto3 omits code 0 (SUCCESS)
-            exit_name = code.get("name")
-            ok = exit_code == 0 and st.finished.get("overallSuccess", True) is not False
-            outcome = "success" if ok else "failed"
+            exit_code, outcome = finished_outcome(st.finished)
+            exit_name = pj.obj(pj.get(st.finished, "exitCode", {})).get("name")
             finish_ms = pj.epoch_ms(st.finished, "finishTime", "finishTimeMillis")
             if finish_ms is not None:
                 finish = finish_ms / 1000.0
@@ -374,14 +396,18 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
         except (TypeError, ValueError, OverflowError) as exc:
             st.warn(warn_line, f"unusable buildFinished payload ({exc})")
     else:
-        st.warn(warn_line, "no buildFinished event: session recorded as abandoned")
+        why = "no buildFinished event: the stream was cut before the build ended"
+        st.warn(warn_line, f"{why}; outcome {outcome}" + (f" (line {interrupted}: aborted USER_INTERRUPTED)"
+                                                           if interrupted else "") + ", session incomplete")
+        completeness = Completeness(complete=False, reasons=[why])
 
     labels = {"importer": "bep"}
     cache, cpu_s = _metrics(st, labels, warn_line)
     bazel_cmd = str(st.started.get("command", ""))
     version = pj.get(st.started, "buildToolVersion")
     for key, value in (("invocation_id", st.started.get("uuid")), ("bazel_command", bazel_cmd),
-                       ("bazel_version", version), ("exit_name", exit_name), ("source", source)):
+                       ("bazel_version", version), ("exit_name", exit_name), ("source", source),
+                       ("aborted", next((why for line, why in st.aborts if line == interrupted), None))):
         if value:
             labels[key] = str(value)
     env = BuildEnvironment(
@@ -396,6 +422,7 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
         outcome=outcome, exit_code=exit_code,
         command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
         labels=labels, agent=AGENT, cache=cache, duration_s=duration_s, environment=env, cpu_s=cpu_s,
+        completeness=completeness,
     )
     details = {
         "events": st.events, "target_completed": st.completed_events,

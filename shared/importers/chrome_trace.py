@@ -255,13 +255,16 @@ def nest(spans: list[TraceSpan]) -> list[TraceSpan]:
 
 
 def parse_chrome_trace(
-    data: bytes, *, base_time: float | None = None, file_mtime: float | None = None, source: str = ""
+    data: bytes, *, base_time: float | None = None, file_mtime: float | None = None, source: str = "",
+    exit_code: int | None = None,
 ) -> ChromeTraceImport:
     """Parse a trace into one BuildSession and its spans.
 
     ``base_time`` (Unix seconds) is when the trace's first span started; without it
     the producer's own clock is used (clang ``beginningOfTime``, Bazel
-    ``otherData.date``), else ``file_mtime`` as the end of the last span.
+    ``otherData.date``), else ``file_mtime`` as the end of the last span.  A trace says
+    nothing of how the build ended: the outcome is ``unknown`` unless ``exit_code`` (of the
+    command that wrote the trace) is given.
     """
     raw = maybe_gunzip(data)
     text = decode_utf8(raw, "trace")
@@ -281,5 +284,5 @@ def parse_chrome_trace(
     result.details.update(events=len(events), x_events=parsed.x_events, be_pairs=parsed.be_pairs,
                           spans=len(spans), threads=len({(s.pid, s.tid) for s in spans}), ignored=parsed.ignored)
     result.sessions.append(build_session(result, meta, raw, base_time=base_time, file_mtime=file_mtime,
-                                         source=source))
+                                         source=source, exit_code=exit_code))
     return result

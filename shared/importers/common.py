@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import heapq
+import signal
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -137,6 +138,26 @@ def iso(ts: float) -> str:
         return f"{ts:.3f}"
 
 
+def signal_name(code: int) -> str | None:
+    """``SIGINT`` for exit code 130 (or -2, Python's way), else None when ``code`` is no signal."""
+    num = -code if code < 0 else code - 128 if code > 128 else None
+    if num is None:
+        return None
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def outcome_of_exit_code(code: int) -> str:
+    """0 → success; a signal (≥ 128: 130 SIGINT, 143 SIGTERM…; negative: -N) → cancelled; else failed."""
+    if code == 0:
+        return "success"
+    if code < 0 or code >= 128:
+        return "cancelled"
+    return "failed"
+
+
 def assign_lanes(intervals: Iterable[tuple[float, float]]) -> list[int]:
     """Greedy interval partitioning: a lane number per interval, overlapping ones never share.
 
@@ -216,7 +237,7 @@ def make_session(
     finish: float,
     targets: list[TargetMetrics],
     events: int,
-    outcome: str = "success",
+    outcome: str,  # every importer decides it: "unknown" when its input does not say
     exit_code: int | None = None,
     command: list[str] | None = None,
     labels: dict[str, str] | None = None,

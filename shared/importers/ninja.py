@@ -28,7 +28,15 @@ for v6+, whose restat/generator outputs record end-ish mtimes) can only come
 from a later invocation.  A repeated header line (concatenated logs) also starts
 a build.  A log rewritten by ninja's recompaction keeps one entry per output and
 loses the boundaries; nothing can recover them.  No-op builds write nothing and
-failed edges are never logged, so neither is visible.
+failed edges are never logged, so neither is visible in the log.
+
+**Outcome.**  A log alone cannot say how a build ended: its sessions are ``unknown``.  ninja's
+console output and/or exit code (``ninja_output.py``) of the run that wrote the log's *last*
+build decide that build's outcome, add its ``FAILED:`` edges as failed targets (error text
+included; ninja logs no times for them: duration 0, placed when the edge finished before them
+ended) and change its id (the evidence is part of it, so an import with evidence is never
+dropped as a duplicate of one without).  An output showing that the run finished no edge
+successfully means the log holds nothing of that run: refused rather than pinned on an older build.
 
 Edges: consecutive lines with the same (start, end, hash) are the outputs of one
 edge → one target named after the first output; the others are kept as zero-length
@@ -52,7 +60,9 @@ from buildtel.shared.importers.common import (
     decode_utf8,
     make_session,
     maybe_gunzip,
+    unique_names,
 )
+from buildtel.shared.importers.ninja_output import NinjaOutput, ninja_outcome, parse_ninja_output
 from buildtel.shared.protocol import Phase, TargetMetrics
 
 AGENT = "import:ninja"
@@ -250,18 +260,57 @@ def _anchors(builds: list[_Build], base_time: float | None, file_mtime: float | 
     return [(a or 0.0, s) for a, s in zip(anchors, source, strict=True)]
 
 
+def _failed_targets(out: NinjaOutput, edges: list[list[_Entry]], anchor: float) -> list[TargetMetrics]:
+    """The output's FAILED edges as failed targets.  ninja logs no times for them, so each sits,
+    with duration 0, where the successful edge that finished just before it ended."""
+    ends = [edge[0].end for edge in edges]  # log order = the order edges finished
+    targets = []
+    for fe in out.failed:
+        k = min(fe.finished_before, len(ends))
+        at = anchor + (max(ends[:k]) if k else 0) / 1000.0
+        targets.append(TargetMetrics(
+            name=fe.outputs[0] if fe.outputs else f"FAILED edge (output line {fe.line})", start=at, end=at,
+            duration_s=0.0, status="failed", agent_id=AGENT, exit_code=fe.code, error=fe.text or None,
+            phases=[Phase(f"output:{o}", 0.0) for o in fe.outputs[1:]]))
+    return targets
+
+
+def _check_evidence(out: NinjaOutput | None, builds: list[_Build], warnings: list[ParseWarning]) -> None:
+    """Refuse evidence that cannot belong to the log's last build (ninja logs successes only)."""
+    if not builds:
+        raise ImportFormatError("the log holds no build to apply --output/--exit-code to "
+                                "(ninja logs only edges that succeeded)")
+    done = out.succeeded_edges if out is not None else None
+    if done == 0:
+        raise ImportFormatError("the ninja output shows no edge finished successfully in that run, so the log "
+                                "holds nothing of it (its last build is an earlier run); nothing was imported")
+    logged = len(_edges(builds[-1], []))
+    if done is not None and done != logged:
+        warnings.append(ParseWarning(builds[-1].entries[0].line, f"the output shows {done} edge(s) finished "
+                                     f"successfully, the log's last build {logged}: is it the same run?"))
+
+
 def parse_ninja_log(
-    data: bytes, *, base_time: float | None = None, file_mtime: float | None = None, source: str = ""
+    data: bytes, *, base_time: float | None = None, file_mtime: float | None = None, source: str = "",
+    output: bytes | None = None, exit_code: int | None = None,
 ) -> ImportResult:
     """Parse a whole ``.ninja_log``: one BuildSession per build, oldest first.
 
     ``base_time`` (Unix seconds) is when the first build's ninja started; without it
     each build is placed by the wall clock in its mtimes, else by ``file_mtime``
-    (the log's modification time = end of the last build).
+    (the log's modification time = end of the last build).  ``output`` (ninja's console
+    output) and ``exit_code`` of the run that wrote the last build decide its outcome;
+    without them every build is ``unknown``.
     """
     text = decode_utf8(maybe_gunzip(data), "ninja log")
     builds = _split_builds(text)
     warnings: list[ParseWarning] = []
+    out = parse_ninja_output(maybe_gunzip(output)) if output is not None else None
+    evidence = output is not None or exit_code is not None
+    outcome, said, disagreements = ninja_outcome(out, exit_code)
+    if evidence:
+        _check_evidence(out, builds, warnings)
+        warnings += [ParseWarning(1, f"--output/--exit-code: {w}") for w in disagreements]
     anchors = _anchors(builds, base_time, file_mtime) if builds else []
     if any(s == "none" for _, s in anchors):
         warnings.append(ParseWarning(1, "no wall clock in the log (mtimes are 0) and no base time: "
@@ -294,8 +343,20 @@ def parse_ninja_log(
         }
         if source:
             labels["source"] = source
+        last = evidence and i == len(builds) - 1
+        ident = ["ninja-log", str(i), "\n".join(build.lines)]
+        labels["outcome_evidence"] = said if last else "none"
+        if last:
+            if out is not None:
+                targets += _failed_targets(out, edges, anchor)
+                unique_names(targets)
+                if out.stopped:
+                    labels["ninja_stopped"] = out.stopped
+                if out.failed:
+                    labels["failed_edge_times"] = "not logged by ninja: duration 0, at the end of the edge before"
+            ident += [said, "" if output is None else content_id(output)]
         sessions.append(make_session(
-            session_id=content_id("ninja-log", str(i), "\n".join(build.lines)),
+            session_id=content_id(*ident),
             name=f"ninja build {i + 1}/{len(builds)}" + (f" of {source}" if source else ""),
             start=anchor,
             finish=anchor + build.max_end / 1000.0,
@@ -304,11 +365,14 @@ def parse_ninja_log(
             duration_s=build.max_end / 1000.0,
             labels=labels,
             agent=AGENT,
+            outcome=outcome if last else "unknown",
+            exit_code=exit_code if last else None,
         ))
     details = {
         "builds": len(builds),
         "entries": sum(len(b.entries) for b in builds),
-        "edges": sum(len(s.targets) for s in sessions),
+        "edges": sum(len(s.targets) for s in sessions) - (len(out.failed) if evidence and out is not None else 0),
+        "failed_edges": len(out.failed) if out is not None else 0,  # from --output; not in the log
         "versions": sorted({b.version for b in builds}),
     }
     return ImportResult("ninja", sessions, warnings, details)

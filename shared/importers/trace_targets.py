@@ -31,6 +31,7 @@ from buildtel.shared.importers.common import (
     ParseWarning,
     content_id,
     make_session,
+    outcome_of_exit_code,
     unique_names,
 )
 from buildtel.shared.importers.trace_spans import ChromeTraceImport, TraceSpan
@@ -145,7 +146,7 @@ def _clock(producer: str, result: ChromeTraceImport, meta: dict[str, Any], base_
 
 
 def build_session(result: ChromeTraceImport, meta: dict[str, Any], raw: bytes, *, base_time: float | None,
-                  file_mtime: float | None, source: str) -> BuildSession:
+                  file_mtime: float | None, source: str, exit_code: int | None = None) -> BuildSession:
     spans = result.spans
     producer = detect(result, meta)
     lo = min(s.start_us for s in spans)
@@ -178,11 +179,15 @@ def build_session(result: ChromeTraceImport, meta: dict[str, Any], raw: bytes, *
         labels["critical_path_s"] = f"{crit:.3f}"
     if source:
         labels["source"] = source
+    labels["outcome_evidence"] = "none" if exit_code is None else f"exit code {exit_code}"
     names = {"bazel": "bazel profile", "clang": f"clang {targets[0].name}" if targets else "clang",
              "cmake": "cmake profile", "generic": "trace"}
+    # The exit code is part of the id: an import with it is never dropped as a duplicate of one without.
+    ident = ("chrome-trace", raw) if exit_code is None else ("chrome-trace", raw, str(exit_code))
     return make_session(
-        session_id=content_id("chrome-trace", raw),
+        session_id=content_id(*ident),
         name=names[producer] + (f" ({PurePath(source).name})" if source and producer != "clang" else ""),
         start=base + lo / 1e6, finish=base + hi / 1e6, duration_s=(hi - lo) / 1e6,
         targets=targets, events=int(result.details.get("events", len(spans))), labels=labels, agent=AGENT,
+        outcome="unknown" if exit_code is None else outcome_of_exit_code(exit_code), exit_code=exit_code,
     )

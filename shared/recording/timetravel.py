@@ -30,6 +30,7 @@ from buildtel.shared.protocol import (
     HealthCheckpoint,
     TargetFinished,
     TargetStarted,
+    TestResults,
     is_session_id,
     new_session_id,
 )
@@ -78,6 +79,8 @@ def describe(ev: Event) -> str:
         return f"build_started {' '.join(ev.command)[:80]}"
     if isinstance(ev, BuildFinished):
         return f"build_finished exit {ev.exit_code}"
+    if isinstance(ev, TestResults):
+        return f"test_results {len(ev.cases)} case(s)" + (f" of {ev.source}" if ev.source else "")
     return f"health {ev.status}"
 
 

@@ -22,7 +22,8 @@ from buildtel.shared.protocol import BuildSession, Completeness, HealthCheckpoin
 
 def _history(n: int = 240, targets: int = 30, seed: int = 3) -> list[BuildSession]:
     """Synthetic sessions with everything a report reads: failures, a flaky target, skipped and
-    cancelled targets (with and without totals that say so), incomplete and abandoned sessions,
+    cancelled targets (with and without totals that say so), incomplete, abandoned, cancelled and
+    unknown sessions,
     health checkpoints, two branches and two build names."""
     ss = generate(Scenario(sessions=n, targets=targets, seed=seed, flaky=("//pkg5/lib5:t5",), fail_rate=0.1,
                            branches=("main", "dev")))
@@ -39,6 +40,10 @@ def _history(n: int = 240, targets: int = 30, seed: int = 3) -> list[BuildSessio
             kw["completeness"] = Completeness(complete=False, reasons=["lost events"])
         if i % 17 == 0:
             kw["outcome"] = "abandoned"
+        elif i % 19 == 0:
+            kw["outcome"], kw["exit_code"] = "cancelled", 130
+        elif i % 23 == 0:
+            kw["outcome"], kw["exit_code"] = "unknown", None
         if i % 13 == 0:
             ts = list(s.targets)
             ts[2] = msgspec.structs.replace(ts[2], status="skipped")
@@ -79,7 +84,7 @@ def _via_rows(an: TelemetryAnalyzer, sessions: list[BuildSession], f: ReportFilt
 
 FILTERS = [ReportFilter(), ReportFilter(last=50), ReportFilter(branch="dev"), ReportFilter(outcome="failed"),
            ReportFilter(name="nightly", last=30), ReportFilter(target="//pkg5/lib5:t5", last=100),
-           ReportFilter(last=0), ReportFilter(branch="nope")]
+           ReportFilter(last=0), ReportFilter(branch="nope"), ReportFilter(outcome="unknown")]
 
 
 @pytest.mark.parametrize("engine", ["numpy", "python"])
@@ -93,6 +98,7 @@ def test_rows_give_the_same_report_as_sessions(engine: str, f: ReportFilter) -> 
     assert msgspec.to_builtins(new) == msgspec.to_builtins(old)
     if f == ReportFilter():  # the history exercises what it is meant to
         assert old.incomplete and old.abandoned and old.health and old.health.with_health
+        assert old.cancelled and old.unknown
         assert any(t.flaky for t in old.targets) and old.bottlenecks is not None
 
 

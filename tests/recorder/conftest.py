@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from buildtel.shared import logs
+from tests.recorder.recordings import recorder  # noqa: F401 - a fixture: the recorder service
 
 
 class _CurrentStderr:

@@ -6,17 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
+from buildtel.services.recorder.service import RecorderService
 from buildtel.shared.protocol import BuildStarted, TargetFinished
 from buildtel.shared.recording.recorder import BuildRecorder
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.util import publish_events, synthetic_build
+
+
+@pytest.fixture
+async def recorder(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[RecorderService]:
+    """The recorder service on the test NATS and Redis (a fixture: import it by name)."""
+    svc = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
 
 
 def make_recording(settings: Settings, work: Path, source: str, durations: dict[str, float],

@@ -5,7 +5,6 @@ to ``buildtel diff --json``; bad and path-like ids refused before any file is na
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ from buildtel.shared.subjects import Subjects
 from tests.flamegraph.test_cli import cli
 from tests.recorder.recordings import flagged_stream, make_recording
 from tests.web.conftest import eventually
-
-
-@pytest.fixture
-async def recorder(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[RecorderService]:
-    svc = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
 
 
 @pytest.fixture

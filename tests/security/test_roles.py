@@ -152,6 +152,17 @@ async def test_a_role_may_publish_what_it_needs(conns: dict[str, Conn], role: st
     ("analyzer", f"$O.{BUCKET}.M.meta"),
     ("tracer", f"$O.{BUCKET}.C.chunk"),
     ("storage", f"$JS.API.STREAM.PURGE.OBJ_{BUCKET}"),
+    # The web service follows the sessions stream but can neither write it nor touch the durable
+    # consumers of the services that store and analyze it (no ack, delete, durable create, fetch).
+    ("agent", f"{NS}.sessions.started"),
+    ("web", f"{NS}.sessions.completed"),
+    ("web", f"{NS}.sessions.started"),
+    ("web", f"$JS.API.CONSUMER.DELETE.{Subjects(NS).sessions_stream}.storage"),
+    ("web", f"$JS.API.CONSUMER.DURABLE.CREATE.{Subjects(NS).sessions_stream}.storage"),
+    ("web", f"$JS.API.CONSUMER.CREATE.{Subjects(NS).sessions_stream}.storage.{NS}.sessions.completed"),
+    ("web", f"$JS.API.CONSUMER.MSG.NEXT.{Subjects(NS).sessions_stream}.storage"),
+    ("web", f"$JS.ACK.{Subjects(NS).sessions_stream}.storage.1.7.7.0.0"),
+    ("web", f"$O.{BUCKET}.C.chunk"),
 ])
 async def test_a_role_may_not_publish_the_rest(conns: dict[str, Conn], role: str, subject: str) -> None:
     assert await conns[role].denied("Publish", subject) if not await _publish_reaches_operator(
@@ -239,6 +250,33 @@ async def test_a_forged_session_from_an_agent_never_reaches_history(conns: dict[
     # While the agent's own events are stored and acknowledged.
     ack = await agent.jetstream(timeout=5).publish(subjects.events(new_session_id()), b"\x80")
     assert ack.stream == subjects.events_stream
+
+
+async def test_the_web_role_follows_sessions_the_collector_announces_and_cannot_forge_them(
+        conns: dict[str, Conn]) -> None:
+    from nats.js.api import DeliverPolicy
+
+    from buildtel.shared.protocol import SessionStarted
+
+    op, collector, web = (conns[r].nc for r in ("operator", "collector", "web"))
+    assert op is not None and collector is not None and web is not None
+    subjects = Subjects(NS)
+    await ensure_streams(op.jetstream(), subjects)
+    sid = new_session_id()
+    await collector.jetstream(timeout=5).publish(subjects.sessions_started, encode(SessionStarted(id=sid)),
+                                                 headers={"Nats-Msg-Id": f"{sid}.started"})
+    sub = await web.jetstream(timeout=5).subscribe(subjects.sessions_all, stream=subjects.sessions_stream,
+                                                   ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    seen = []
+    while sid.encode() not in b"".join(seen):
+        seen.append((await sub.next_msg(timeout=10)).data)
+    await sub.unsubscribe()
+    before = (await op.jetstream().stream_info(subjects.sessions_stream)).state.messages
+    with pytest.raises(Exception):  # noqa: B017 - refused: a permissions error or no acknowledgement
+        await web.jetstream(timeout=2).publish(subjects.sessions_started, encode(SessionStarted(id=sid[::-1])))
+    assert await conns["web"].denied("Publish", subjects.sessions_started)
+    assert (await op.jetstream().stream_info(subjects.sessions_stream)).state.messages == before
+    assert not [e for e in conns["collector"].errors if "sessions" in e]
 
 
 async def test_only_producers_write_the_large_session_bucket_and_consumers_read_it(conns: dict[str, Conn]) -> None:

@@ -81,7 +81,8 @@ async def test_collector_session_over_the_limit_is_stored_whole(settings: Settin
     assert all(len(t.deps) == 40 for t in session.targets)
     assert len(encode(session)) > OVER
     # It travelled as a reference to an object of the namespace's bucket.
-    msg = await js.get_msg(subjects.sessions_stream, 1)
+    # (The stream's first message is the collector's SessionStarted announcement.)
+    msg = await js.get_msg(subjects.sessions_stream, subject=subjects.sessions_completed)
     assert msg.data in (None, b"") and msg.headers["Nats-Msg-Id"] == sid
     assert msg.headers[bigmsg.OBJECT_HEADER].startswith(subjects.sessions_bucket + "/")
     assert int(msg.headers[bigmsg.SIZE_HEADER]) > OVER

@@ -23,6 +23,7 @@ from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from tests.recorder.recordings import recorder  # noqa: F401 - a fixture: the recorder service
 from tests.storage.conftest import build_session
 from tests.web.farm import farm  # noqa: F401 - a fixture: a real farm for every module that asks (farm.py)
 

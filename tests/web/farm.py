@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,33 @@ def _build(env: dict[str, str], workdir: Path, *args: str, record: bool = False)
     return str(json.loads(run.stdout)["session_id"])
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
-    tmp = tmp_path_factory.mktemp("farm")
+@contextmanager
+def running_stack(tmp: Path, **extra: str) -> Iterator[tuple[Path, dict[str, str], dict[str, Any]]]:
+    """``buildtel up`` in a process of its own, its data in ``tmp``: (data dir, environment,
+    stack.json with the start-up log as ``log``); stopped with SIGTERM at the end."""
     cache = tmp / ".builder-cache"
-    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
+    env = _env(cache, **extra)
     log = tmp / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        farm = Farm(cache, env, _wait_stack(cache, proc, log, timeout=120))
+        info = _wait_stack(cache, proc, log, timeout=120)
+        yield cache, env, {**info, "log": log.read_text()}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    tmp = tmp_path_factory.mktemp("farm")
+    # The tests poll and sweep every endpoint with a few keys: no rate limit in their way (its own
+    # test is test_keys.py's).
+    with running_stack(tmp, BUILDER_TELEMETRY_TENANTS="teamb", BUILDER_TELEMETRY_WEB_RATE_LIMIT="100000") as (
+            cache, env, info):
+        farm = Farm(cache, env, info)
         demo = buildtel("demo", "--builds", "18", "--targets", "60", env=env, timeout=300)
         assert demo.returncode == 0, demo.stderr[-2000:]
         src = tmp / "src"
@@ -69,16 +86,15 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         farm.ids["rec_b"] = _build(env, src, "lib.o", record=True)
         farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
         for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
-                                    ("revoked", "buildtel", "read"), ("teamb", "teamb", "read")):
+                                    ("admin", "buildtel", "admin"), ("revoked", "buildtel", "read"),
+                                    ("spare", "buildtel", "read"), ("teamb", "teamb", "read"),
+                                    ("teamb_admin", "teamb", "admin")):
             made = buildtel("keys", "create", "--tenant", tenant, "--scope", scope, env=env)
             assert made.returncode == 0, made.stderr
             farm.keys[name] = made.stdout.strip()
         assert buildtel("keys", "revoke", farm.keys["revoked"][4:16], env=env).returncode == 0
+        farm.ids["key"] = farm.keys["spare"][4:16]  # a key the tests may revoke
         yield farm
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, key: str) -> Any:
@@ -101,7 +117,7 @@ async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
         if ({farm.ids["ok"], farm.ids["failed"], farm.ids["rec_a"], farm.ids["rec_b"]} <= stored and len(stored) >= 20
                 and alerts["alerts"] and theirs["sessions"] and {farm.ids["rec_a"], farm.ids["rec_b"]} <= kept):
             break
-        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]))
+        assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]), len(theirs["sessions"]), kept)
         await _pause()
     session = await get_json(http, f"{farm.web}/api/v1/sessions/{farm.ids['ok']}", key)
     farm.ids["session"] = farm.ids["ok"]

@@ -220,7 +220,7 @@ async def test_a_sessions_trace_as_otlp_json_and_as_a_chrome_trace(api: Api, set
             return False
 
     await eventually(traced)
-    await stored(nc, settings, 1)  # a prefix is resolved against the stored sessions
+    await stored(nc, settings, 1)  # a prefix is resolved by storage, which may store it after the tracer
     status, ctype, otlp = await api.get(f"/api/v1/sessions/{s.id[:8]}/trace")
     assert (status, ctype) == (200, "application/json")
     spans = [sp for rs in otlp["resourceSpans"] for ss in rs["scopeSpans"] for sp in ss["spans"]]

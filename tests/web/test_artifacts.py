@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,6 @@ def _session(k: int, age_s: float, branch: str = "main") -> Any:
     extra = TargetMetrics(name=f"//extra/k{k}:t", start=t0, end=t0 + 1.0, duration_s=1.0, worker="w3",
                           phases=[Phase("compile", 1.0)])
     return msgspec.structs.replace(s, targets=[*targets, extra])
-
-
-@pytest.fixture
-async def recorder(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[RecorderService]:
-    svc = RecorderService(settings, settings.nats_url or "", settings.redis_url or "", hold_s=2.0)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
 
 
 @pytest.fixture

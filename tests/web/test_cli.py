@@ -103,24 +103,10 @@ async def test_keys_create_list_revoke_close_and_reopen_the_api(up: Any) -> None
 @pytest.fixture
 def two_tenant_stack(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], dict[str, Any]]]:
     """``buildtel up`` serving two tenants: its own namespace and ``teamb``."""
-    import signal
-    import subprocess
+    from tests.web.farm import running_stack
 
-    from tests.cli.test_stack import _env, _wait_stack
-
-    cache = tmp_path / ".builder-cache"
-    env = _env(cache, BUILDER_TELEMETRY_TENANTS="teamb")
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "up"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        info = _wait_stack(cache, proc, log, timeout=120)
-        yield cache, env, {**info, "log": log.read_text()}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    with running_stack(tmp_path, BUILDER_TELEMETRY_TENANTS="teamb") as stack:
+        yield stack
 
 
 async def test_one_stack_serves_two_tenants_each_key_sees_its_own(two_tenant_stack: Any) -> None:

@@ -15,23 +15,15 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page
 
+from tests.browser import chromium
 from tests.web.farm import Farm, get_json, ready
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    yield from chromium()
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +156,14 @@ def test_acknowledging_an_alert_changes_the_feed(browser: Browser, loaded: Farm)
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "open"
         item.locator("button", has_text="Acknowledge").click()
-        w.page.wait_for_load_state("load")
+        item.locator(".result", has_text="now acknowledged").wait_for()  # the API answered
         w.page.goto(f"{loaded.web}/alerts?status=acknowledged")
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "acknowledged"
         assert "acknowledged by" in item.inner_text()
         item.locator("button", has_text="Take back").click()
-        w.page.wait_for_function("document.querySelector('.result') === null || "
-                                 "document.querySelector('.result').textContent.startsWith('now')")
+        item.locator(".result", has_text="now open").wait_for()
+        w.page.wait_for_load_state("load")
         assert not w.problems, w.problems
     finally:
         ctx.close()
@@ -246,4 +238,38 @@ def test_flame_graphs_open_in_the_page_and_compare_shows_the_diff(browser: Brows
         w.page.frame_locator("iframe.flame").locator("svg").first.wait_for()
         assert not w.problems, w.problems
     finally:
+        ctx.close()
+
+
+def test_a_running_build_appears_live_and_goes_when_it_finishes(browser: Browser, loaded: Farm,
+                                                                tmp_path: Path) -> None:
+    """The overview's "Running now" follows the live stream: a build shows while it runs (the
+    test decides when it ends: it waits for a file) and leaves the list when it finishes."""
+    import subprocess
+    import sys
+
+    stop = tmp_path / "stop"
+    ctx = _login(browser, loaded, "read")
+    build = None
+    try:
+        w = Watched(ctx.new_page())
+        w.page.goto(loaded.web + "/")
+        w.page.locator("#live li", has_text="No build running").wait_for()
+        script = f"import os, time\nwhile not os.path.exists({str(stop)!r}):\n    time.sleep(0.05)\n"
+        build = subprocess.Popen([sys.executable, "-m", "buildtel.cli.main", "run", "--name", "live-one", "--",
+                                  sys.executable, "-c", script], env=loaded.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        row = w.page.locator("#live li[data-session]", has_text="live-one")
+        row.wait_for(timeout=60_000)
+        assert w.page.locator("#running-count").inner_text() == "1"
+        stop.write_text("done")
+        _out, err = build.communicate(timeout=60)
+        assert build.returncode == 0, err
+        row.wait_for(state="detached", timeout=60_000)
+        assert w.page.locator("#running-count").inner_text() == "0"
+        assert not w.problems, w.problems
+    finally:
+        stop.write_text("done")
+        if build is not None and build.poll() is None:
+            build.kill()
         ctx.close()

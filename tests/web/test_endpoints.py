@@ -30,6 +30,8 @@ def _fill(path: str, ids: dict[str, str], mine: bool = True) -> str:
         return path.replace("{id}", ids["alert"])
     if path.startswith(("/api/v1/sessions/{id}", "/sessions/{id}")):
         return path.replace("{id}", session)
+    if path == "/api/v1/keys/{id}":
+        return path.replace("{id}", ids["key"])
     if path.startswith("/api/v1/recordings/{"):
         return path.replace("{id}", ids["rec_b"]).replace("{a}", ids["rec_a"]).replace("{b}", ids["rec_b"])
     if path.startswith("/api/v1/diff/{a}/{b}"):
@@ -43,14 +45,15 @@ def _query(op: dict[str, Any], ids: dict[str, str]) -> dict[str, str]:
     out = {}
     for p in op.get("parameters", []):
         if p["in"] == "query" and p.get("required"):
-            assert p["name"] == "target", f"no value for required parameter {p['name']}: add it to _query"
-            out["target"] = ids["target"]
+            assert p["name"] in ("target", "name"), f"no value for required parameter {p['name']}: add it to _query"
+            # name: a test's id (/api/v1/tests/history); a test that never ran has no runs, still a 200
+            out[p["name"]] = ids["target"] if p["name"] == "target" else "suite::test"
     return out
 
 
-def _validate(doc: dict[str, Any], op: dict[str, Any], ctype: str, body: bytes) -> None:
-    """The body as the document says the 200 answer looks."""
-    content = op["responses"]["200"].get("content", {})
+def _validate(doc: dict[str, Any], op: dict[str, Any], ctype: str, body: bytes, status: int = 200) -> None:
+    """The body as the document says the answer of ``status`` looks."""
+    content = op["responses"][str(status)].get("content", {})
     assert ctype in content or not content, (ctype, list(content))
     if ctype == "application/json":
         schema = content[ctype].get("schema")
@@ -76,7 +79,8 @@ async def test_every_documented_endpoint_answers_a_key_and_validates(farm: Farm)
             if method != "GET":
                 continue
             url = farm.web + _fill(path, farm.ids)
-            async with http.get(url, headers=read, params=_query(op, farm.ids)) as resp:
+            headers = {"Authorization": f"Bearer {farm.keys['admin']}"} if path.startswith("/api/v1/keys") else read
+            async with http.get(url, headers=headers, params=_query(op, farm.ids)) as resp:
                 assert resp.status == 200, (path, await resp.text())
                 if resp.content_type == "text/event-stream":
                     continue  # a live stream: its events are checked by its own tests
@@ -113,6 +117,9 @@ async def test_another_tenants_key_finds_none_of_this_tenants_builds(farm: Farm)
                 if "{" in path:
                     assert resp.status == 404, (path, await resp.text())
                     continue
+                if path.startswith("/api/v1/keys"):
+                    assert resp.status == 403, path  # a read key manages no keys, of any tenant
+                    continue
                 assert resp.status == 200, (path, await resp.text())
                 if resp.content_type == "text/event-stream":
                     continue
@@ -123,7 +130,7 @@ async def test_another_tenants_key_finds_none_of_this_tenants_builds(farm: Farm)
         assert own["id"] == farm.ids["teamb"]
 
 
-async def test_changes_need_a_write_key(farm: Farm) -> None:
+async def test_changes_need_a_write_key_and_keys_an_admin_key(farm: Farm) -> None:
     async with aiohttp.ClientSession() as http:
         doc = await ready(farm, http)
         changes = [(p, m, op) for p, m, op in _operations(doc) if m in ("POST", "DELETE")]
@@ -132,13 +139,19 @@ async def test_changes_need_a_write_key(farm: Farm) -> None:
         for path, method, op in changes:
             url = farm.web + _fill(path, farm.ids)
             body = next((b for word, b in bodies.items() if path.endswith(word)), {}) if method == "POST" else None
-            for key, expected in (("read", 403), ("teamb", 403), ("write", 200)):
+            admin = path.startswith("/api/v1/keys")
+            ok = 201 if (admin and method == "POST") else 204 if admin else 200
+            tries = (("read", 403), ("teamb", 403), ("write", 403), ("teamb_admin", 404 if "{" in path else 201),
+                     ("admin", ok)) if admin else (("read", 403), ("teamb", 403), ("write", 200))
+            for key, expected in tries:
+                if admin and key == "teamb_admin" and method == "POST":
+                    continue  # it may create keys, for its own tenant: test_keys_over_http
                 async with http.request(method, url, json=body,
                                         headers={"Authorization": f"Bearer {farm.keys[key]}"}) as resp:
                     got = await resp.read()
                     assert resp.status == expected, (path, method, key, got[:500])
-                    if expected == 200:
-                        _validate(doc, op, resp.content_type, got)
+                    if expected in (200, 201):
+                        _validate(doc, op, resp.content_type, got, expected)
 
 
 async def test_a_failed_make_build_is_stored_as_failed_with_its_failing_target(farm: Farm) -> None:
@@ -150,3 +163,27 @@ async def test_a_failed_make_build_is_stored_as_failed_with_its_failing_target(f
         page = await get_json(http, f"{farm.web}/api/v1/sessions?outcome=failed", farm.keys["read"])
         assert farm.ids["failed"] in {s["id"] for s in page["sessions"]}
         assert farm.ids["ok"] not in {s["id"] for s in page["sessions"]}
+
+
+async def test_keys_over_http_an_admin_manages_its_tenants_keys(farm: Farm) -> None:
+    async with aiohttp.ClientSession() as http:
+        await ready(farm, http)
+        admin = {"Authorization": f"Bearer {farm.keys['admin']}"}
+        async with http.post(f"{farm.web}/api/v1/keys", json={"scope": "read", "name": "grafana"},
+                             headers=admin) as resp:
+            assert resp.status == 201
+            made = await resp.json()
+        key, rec = made["key"], made["record"]
+        assert key.startswith("btk_") and (rec["tenant"], rec["scope"], rec["name"]) == ("buildtel", "read", "grafana")
+        listed = await get_json(http, f"{farm.web}/api/v1/keys", farm.keys["admin"])
+        assert rec["id"] in {k["id"] for k in listed["keys"]} and key not in json.dumps(listed)
+        assert {k["tenant"] for k in listed["keys"]} == {"buildtel"}  # teamb's keys are not shown
+        assert (await get_json(http, f"{farm.web}/api/v1/sessions", key))["sessions"]
+        theirs = await get_json(http, f"{farm.web}/api/v1/keys", farm.keys["teamb_admin"])
+        assert rec["id"] not in {k["id"] for k in theirs["keys"]}
+        async with http.post(f"{farm.web}/api/v1/keys", json={"tenant": "teamb"}, headers=admin) as resp:
+            assert resp.status == 403  # an admin of one tenant makes no keys for another
+        async with http.delete(f"{farm.web}/api/v1/keys/{rec['id']}", headers=admin) as resp:
+            assert resp.status == 204
+        async with http.get(f"{farm.web}/api/v1/sessions", headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 401  # revoked: at once

@@ -140,3 +140,21 @@ async def test_beyond_loopback_it_starts_only_with_keys(settings: Settings, stac
                 assert resp.status == 401
     finally:
         await web.stop()
+
+
+async def test_an_open_api_hands_out_no_keys(settings: Settings, stack: Any) -> None:
+    """With no key at all the API is open on loopback, to anyone on the machine: it must not let
+    them make the first (admin) key; that takes `buildtel keys create` and the stack's Redis."""
+    web = WebService(settings, settings.nats_url or "", settings.redis_url or "")
+    await web.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(web.url + "/api/v1/keys", json={"scope": "admin"}) as resp:
+                body = await resp.json(content_type=None)
+                assert resp.status == 403 and "buildtel keys create" in body["detail"]
+            async with http.get(web.url + "/api/v1/keys") as resp:
+                assert resp.status == 403
+            async with http.get(web.url + "/api/v1/sessions") as resp:
+                assert resp.status == 200  # still open for reading
+    finally:
+        await web.stop()

@@ -34,7 +34,7 @@ const CHARTS = {
     const s = d.ys.succeeded, f = d.ys.failed, o = d.ys.other;
     const top = s.map((v, i) => v + f[i] + o[i]), mid = s.map((v, i) => v + f[i]);
     return new uPlot(chartOpts(el, [
-      { label: "abandoned", stroke: C.grey, fill: C.grey, paths: bars(), points: { show: false },
+      { label: "abandoned, cancelled, unknown", stroke: C.grey, fill: C.grey, paths: bars(), points: { show: false },
         value: (u, v, si, i) => i == null ? "—" : o[i] },
       { label: "failed", stroke: C.verm, fill: C.verm, paths: bars(), points: { show: false },
         value: (u, v, si, i) => i == null ? "—" : f[i] },

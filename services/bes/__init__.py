@@ -1,0 +1,1 @@
+"""The Build Event Service endpoint: Bazel streams its Build Event Protocol here (docs/bazel.md)."""

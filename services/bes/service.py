@@ -1,0 +1,110 @@
+"""The ``bes`` service: Bazel's Build Event Service (``google.devtools.build.v1.PublishBuildEvent``)
+on grpcio, publishing the mapped events to the bus like an agent (docs/bazel.md).
+
+Bazel connects with ``--bes_backend=grpc://HOST:PORT`` and prints ``--bes_results_url`` +
+invocation id; the session id is that id without dashes, so ``<web_url>/sessions/`` is the
+results URL.  The port is ``BUILDER_TELEMETRY_BES_PORT`` (unset: any free port, in stack.json),
+on ``BUILDER_TELEMETRY_HTTP_HOST`` (loopback by default).  ``PublishLifecycleEvent`` is
+accepted and not mapped: the BEP stream says everything the session needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from buildtel.services.bes.gen import publish_build_event_pb2_grpc
+from buildtel.services.bes.stream import WINDOW, Invocation, StreamHandler
+from buildtel.shared.codec import encode
+from buildtel.shared.protocol import Event, EventBatch
+from buildtel.shared.service import BusService
+from buildtel.shared.settings import Settings
+
+PUBLISH_TIMEOUT_S = 5.0
+PUBLISH_ATTEMPTS = 6  # ~30 s of a bus away before the stream fails (Bazel then retries it)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a BEP event can be large (a long command line, many outputs)
+MAX_INVOCATIONS = 10_000  # invocations remembered for stream retries (oldest dropped)
+
+
+class _Servicer(publish_build_event_pb2_grpc.PublishBuildEventServicer):  # type: ignore[misc]  # generated, untyped
+    def __init__(self, service: BesService) -> None:
+        self.service = service
+
+    async def PublishLifecycleEvent(self, request: Any, context: Any) -> Any:
+        self.service.lifecycle_events += 1
+        return empty_pb2.Empty()
+
+    async def PublishBuildToolEventStream(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        # An async generator: what grpc.aio takes as a bidirectional streaming handler.
+        svc = self.service
+        svc.stream_calls += 1
+        while len(svc.invocations) > MAX_INVOCATIONS:  # unfinished ones Bazel gave up on
+            svc.invocations.pop(next(iter(svc.invocations)))
+        handler = StreamHandler(svc.invocations, svc.publish, svc.new_agent, window=svc.window)
+        async for response in handler.run(request_iterator):
+            yield response
+
+
+class BesService(BusService):
+    name = "bes"
+    description = "Builder Telemetry Build Event Service endpoint"
+
+    def __init__(self, settings: Settings, nats_url: str, redis_url: str, *, port: int | None = None,
+                 window: int = WINDOW, metrics_port: int | None = None) -> None:
+        super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
+        self.port = settings.bes_port if port is None else port
+        self.window = window
+        self.invocations: dict[str, Invocation] = {}
+        self.server: Any = None
+        self.bound_port = 0
+        self.stream_calls = self.lifecycle_events = self.batches = 0
+
+    @property
+    def url(self) -> str:
+        """``grpc://host:port`` once started: what ``--bes_backend`` takes."""
+        if not self.bound_port:
+            raise RuntimeError("the BES endpoint is not listening (service not started)")
+        return f"grpc://{self.settings.http_host}:{self.bound_port}"
+
+    def counters(self) -> dict[str, float]:
+        return {"bes_streams_total": self.stream_calls, "bes_lifecycle_events_total": self.lifecycle_events,
+                "bes_batches_total": self.batches, "bes_invocations": len(self.invocations)}
+
+    def new_agent(self) -> str:
+        # One agent per mapper: its seqs start at 0, apart from any earlier mapper of the invocation.
+        return f"bes.{secrets.token_hex(4)}"
+
+    async def publish(self, session_id: str, agent_id: str, events: list[Event]) -> None:
+        """Publish one batch durably (JetStream ack), retrying with the same Msg-Id."""
+        data = encode(EventBatch(session_id=session_id, agent_id=agent_id, events=events))
+        headers = {"Nats-Msg-Id": f"{session_id}:{agent_id}:{events[0].seq}"}
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.js.publish(self.subjects.events(session_id), data, timeout=PUBLISH_TIMEOUT_S,
+                                      headers=headers)
+                self.batches += 1
+                return
+            except Exception as exc:  # noqa: BLE001 - any bus failure: retry, then fail the stream
+                self.log.warning("bes.publish_retry", session=session_id, attempt=attempt + 1, error=repr(exc))
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+        raise RuntimeError(f"could not publish the events of session {session_id} to the bus")
+
+    async def prepare(self, stack: AsyncExitStack) -> None:
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        server = grpc.aio.server(options=opts)
+        publish_build_event_pb2_grpc.add_PublishBuildEventServicer_to_server(_Servicer(self), server)
+        self.bound_port = server.add_insecure_port(f"{self.settings.http_host}:{self.port}")
+        if not self.bound_port:
+            raise OSError(f"cannot listen on {self.settings.http_host}:{self.port} for the BES endpoint")
+        await server.start()
+        self.server = server
+        stack.push_async_callback(server.stop, 5.0)  # streams in flight get 5 s to finish
+
+    async def started_fields(self) -> dict[str, Any]:
+        return {"bes": self.url}

@@ -1,0 +1,1 @@
+"""Alert delivery: regression alerts to webhooks, Slack/Mattermost and NATS subjects (docs/alerts.md)."""

@@ -1,0 +1,142 @@
+"""A real Bazel (Debian's bazel-bootstrap, which .ci/run installs) streams to the BES endpoint.
+
+The workspace is genrules only: without network Bazel cannot fetch the external repositories
+that cc rules and ``bazel test`` need.  Each build also writes ``--build_event_json_file``, so
+the live session is checked against ``buildtel import bep`` of the very same invocation, and
+against what Bazel itself printed (exit code, the failed target, the results link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from buildtel.services.bes.service import BesService
+from buildtel.services.web.query import parse_session_id
+from buildtel.shared.importers.bep import parse_bep
+from buildtel.shared.protocol import BuildSession, is_complete
+from buildtel.shared.subjects import Subjects
+from tests.util import completed_sessions
+
+
+@pytest.fixture(autouse=True)
+def _bazel_installed() -> None:
+    """Never skipped: without a Bazel these tests fail and say how to install one."""
+    assert shutil.which("bazel"), "no bazel on PATH: apt-get install bazel-bootstrap (.ci/run does)"
+
+BUILD = """
+genrule(name = "a", outs = ["a.txt"], cmd = "echo a > $@")
+genrule(name = "b", outs = ["b.txt"], cmd = "echo b > $@")
+genrule(name = "c", srcs = [":a", ":b"], outs = ["c.txt"], cmd = "cat $(SRCS) > $@")
+genrule(name = "bad", outs = ["bad.txt"], cmd = "echo 'boom on stderr' >&2; exit 3")
+genrule(name = "slow", outs = ["slow.txt"], cmd = "sleep $$(cat $(location :delay)); echo s > $@", srcs = [":delay"])
+"""
+RESULTS = "http://dashboard.invalid/sessions/"
+
+
+def _workspace(tmp_path: Path, delay: str = "1") -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "WORKSPACE").write_text("")
+    (ws / "BUILD").write_text(BUILD + 'exports_files(["delay"])\n')
+    (ws / "delay").write_text(delay)
+    status = ws / "status.sh"  # what a --workspace_status_command script of a git checkout prints
+    status.write_text("#!/bin/sh\necho BUILD_SCM_REVISION 0123456789abcdef0123456789abcdef01234567\n"
+                      "echo BUILD_SCM_BRANCH feature/bes\necho BUILD_SCM_STATUS Modified\n")
+    status.chmod(0o755)
+    return ws
+
+
+async def _bazel(ws: Path, tmp_path: Path, *args: str, interrupt_on: str | None = None) -> tuple[int, str]:
+    """Run ``bazel build`` in ``ws``; ``interrupt_on``: send SIGINT once this text is printed."""
+    startup = [f"--output_user_root={tmp_path / 'bazel-root'}", "--max_idle_secs=30"]
+    proc = await asyncio.create_subprocess_exec(
+        "bazel", *startup, "build", "--color=no", "--curses=no", "--noshow_progress", *args, cwd=ws,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.stdout is not None
+    out = []
+    interrupted = False
+    while line := await proc.stdout.readline():
+        text = line.decode(errors="replace")
+        out.append(text)
+        if interrupt_on and not interrupted and interrupt_on in text:
+            proc.send_signal(signal.SIGINT)
+            interrupted = True
+    rc = await proc.wait()
+    return rc, "".join(out)
+
+
+def _targets(s: BuildSession) -> list[tuple[str, str]]:
+    return sorted((t.name, t.status) for t in s.targets)
+
+
+async def _session(nc: object, bes: BesService) -> BuildSession:
+    [s] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1, timeout=60)  # type: ignore[attr-defined]
+    return s
+
+
+async def test_bazel_build_streams_live_and_matches_what_bazel_printed(bes: BesService, nc, tmp_path) -> None:
+    ws = _workspace(tmp_path)
+    bep_file = tmp_path / "bep.json"
+    rc, printed = await _bazel(ws, tmp_path, "-k", "--jobs=4", "//:all", f"--bes_backend={bes.url}",
+                               f"--bes_results_url={RESULTS}", f"--build_event_json_file={bep_file}",
+                               f"--workspace_status_command={ws / 'status.sh'}")
+    assert rc == 1, printed  # BUILD_FAILURE, with -k the other targets still built
+    live = await _session(nc, bes)
+    imported = parse_bep(bep_file.read_bytes()).sessions[0]
+    # The link Bazel printed opens this session.
+    link = re.search(re.escape(RESULTS) + r"(\S+)", printed)
+    assert link is not None, printed
+    assert parse_session_id(link.group(1)) == live.id == imported.id
+    assert (live.outcome, live.exit_code) == ("failed", 1) == (imported.outcome, imported.exit_code)
+    assert _targets(live) == _targets(imported)
+    assert ("//:bad", "failed") in _targets(live)
+    assert {n for n, st in _targets(live) if st == "success"} >= {"//:a", "//:b", "//:c", "//:slow"}
+    assert "//:bad failed" in printed and "Exit 3" in printed, printed  # what Bazel printed of the failure
+    assert (live.name, live.command) == (imported.name, imported.command)
+    assert live.environment is not None and imported.environment is not None
+    assert (live.environment.user, live.environment.hostname) == (imported.environment.user,
+                                                                  imported.environment.hostname)
+    assert is_complete(live)
+    vcs = live.environment.vcs
+    assert vcs is not None
+    assert (vcs.commit, vcs.branch, vcs.dirty) == ("0123456789abcdef0123456789abcdef01234567", "feature/bes", True)
+
+
+async def test_sigint_mid_build_is_never_stored_as_success(bes: BesService, nc, tmp_path) -> None:
+    ws = _workspace(tmp_path, delay="60")
+    # The slow genrule runs for a minute; interrupt once Bazel says it is executing it.
+    rc, printed = await _bazel(ws, tmp_path, "--jobs=4", "--show_progress", "--show_progress_rate_limit=0",
+                               "//:slow", f"--bes_backend={bes.url}", interrupt_on="Executing genrule //:slow")
+    assert rc == 8, printed  # INTERRUPTED
+    live = await _session(nc, bes)
+    # Bazel's INTERRUPTED exit code: cancelled, as `buildtel import bep` decides it (one rule,
+    # bep.finished_outcome); its unfinished target cancelled (docs/bazel.md).
+    assert (live.outcome, live.exit_code) == ("cancelled", 8)
+    assert [(t.name, t.status) for t in live.targets if t.name == "//:slow"] == [("//:slow", "cancelled")]
+
+
+async def test_unreachable_endpoint_never_fails_the_actions(tmp_path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws = _workspace(tmp_path)
+    bes = f"--bes_backend=grpc://127.0.0.1:{port}"
+    # Bazel's fully asynchronous upload mode: the build's result is the build's, whatever the endpoint.
+    rc, printed = await _bazel(ws, tmp_path, "//:a", "//:b", "//:c", bes, "--bes_upload_mode=fully_async")
+    assert rc == 0, printed
+    assert (ws / "bazel-bin" / "c.txt").read_text() == "a\nb\n"
+    # Bazel's default mode waits for the upload at the end: every action still ran, then Bazel itself
+    # reports the upload failure with its exit code 38 once --bes_timeout has passed (docs/bazel.md).
+    (ws / "bazel-bin" / "c.txt").unlink()
+    rc, printed = await _bazel(ws, tmp_path, "//:a", "//:b", "//:c", bes, "--bes_timeout=5s")
+    assert rc == 38 and "Build Event Protocol upload" in printed, printed
+    assert (ws / "bazel-bin" / "c.txt").read_text() == "a\nb\n"

@@ -1,0 +1,96 @@
+"""Imported outcomes end to end: real ninja builds (a compile error, a SIGINT mid-build, a success)
+imported by ``buildtel import ninja`` with their output and/or exit code, and without, stored by a
+real storage service, listed by ``buildtel sessions --outcome`` and shown by ``buildtel show``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+from tests.importers.ninja_runs import project, run
+from tests.util import stack_env
+
+
+@pytest.fixture
+async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
+    quick = settings.with_(fsync=False)
+    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
+    await svc.start()
+    yield quick
+    await svc.stop()
+
+
+async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
+    env.update(stack_env(settings))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
+        str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_imported_outcomes_are_stored_listed_and_shown(storage: Settings, nc: Any, tmp_path: Path) -> None:
+    ok, failed, interrupted = await asyncio.gather(
+        asyncio.to_thread(run, project(tmp_path / "ok")),
+        asyncio.to_thread(run, project(tmp_path / "failed", bad=True)),
+        asyncio.to_thread(run, project(tmp_path / "interrupted", slow=True), interrupt=True))
+    assert (ok.exit_code, failed.exit_code, interrupted.exit_code) == (0, 1, 130)
+    imports = {
+        "failed": [str(failed.log), "--output", str(failed.output), "--exit-code", str(failed.exit_code)],
+        "cancelled": [str(interrupted.log), "--exit-code", str(interrupted.exit_code)],
+        "success": [str(ok.log), "--output", str(ok.output)],
+        "unknown": [str(ok.log)],  # the same log without evidence: another session, outcome unknown
+    }
+    ids = {}
+    for outcome, argv in imports.items():
+        code, out, err = await cli(storage, "import", "ninja", *argv, "--json")
+        assert code == 0, err
+        (s,) = json.loads(out)["files"][0]["sessions"]
+        assert (s["state"], s["outcome"]) == ("stored", outcome)
+        ids[outcome] = s["id"]
+    assert len(set(ids.values())) == 4
+
+    client = StorageClient(nc, Subjects(storage.namespace))
+    deadline = time.monotonic() + 30
+    while True:  # storage stores what arrives on the stream asynchronously
+        try:
+            if len(await client.summaries(limit=10)) == 4:
+                break
+        except StorageError:
+            pass
+        assert time.monotonic() < deadline, "storage did not store the imported sessions"
+        await asyncio.sleep(0.1)
+
+    for outcome, sid in ids.items():
+        code, out, err = await cli(storage, "sessions", "--outcome", outcome, "--json")
+        assert code == 0, err
+        assert [s["id"] for s in json.loads(out)] == [sid], outcome
+    code, out, _ = await cli(storage, "sessions")
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert all(f"  {o} " in lines[sid] for o, sid in ids.items())
+
+    code, out, err = await cli(storage, "show", ids["failed"])
+    assert code == 0, err
+    assert "outcome   failed  exit code 1" in out
+    assert "ERRORS of 1 failed target(s)" in out and "\n  obj/bad.o\n" in out
+    diagnostic = next(line for line in failed.output.read_text().splitlines() if "bad.c" in line and "error" in line)
+    assert f"    {diagnostic}" in out.splitlines()
+    code, out, _ = await cli(storage, "show", ids["unknown"])
+    assert "outcome   unknown  exit code -" in out and "ERRORS" not in out
+    code, out, _ = await cli(storage, "show", ids["cancelled"], "--json")
+    shown = json.loads(out)
+    assert (shown["outcome"], shown["exit_code"], shown["labels"]["outcome_evidence"]) == \
+        ("cancelled", 130, "exit code 130 (SIGINT)")
