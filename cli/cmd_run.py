@@ -1,6 +1,7 @@
 """``buildtel run -- CMD…``: run any build command as one telemetry session.
 
-The command is spawned *first*, with inherited stdio and two extra variables
+The command is spawned *first*, its stdout and stderr passed on unchanged and kept as the build's
+log (``shared/capture/runlog.py``; ``--no-log``: inherited stdio), with two extra variables
 (``BUILDER_TELEMETRY_SESSION_ID`` so nested tools can report into the session,
 ``TRACEPARENT`` so traced tools join the trace).  Everything telemetry does
 happens while it runs: importing the client, resolving/auto-starting the stack,
@@ -64,6 +65,9 @@ def register(subparsers: Any) -> None:
                         "stdout; CMD's own stdout goes to stderr so stdout holds only that object")
     p.add_argument("--no-capture", action="store_true",
                    help="no per-target capture of make/ninja (docs/live-capture.md)")
+    p.add_argument("--no-log", action="store_true",
+                   help="leave CMD's stdout and stderr on the terminal: no build log, no output of failed targets "
+                        "(docs/failures.md)")
     p.add_argument("--junit", action="append", default=[], metavar="GLOB",
                    help="JUnit XML reports the build writes ('build/**/*.xml'; repeatable): those modified "
                         "after the build started are read when it exits and kept with the session (docs/tests.md)")
@@ -92,7 +96,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     sources = live_sources(argv, settings.cache_dir, capture=not args.no_capture,
                            health_interval_s=max(args.health_interval, 0.1))
     code = run_build(argv, settings, name=args.name, labels=dict(args.label), record=args.record, quiet=args.quiet,
-                     sources=sources, json_out=getattr(args, "json", False), junit=args.junit)
+                     sources=sources, json_out=getattr(args, "json", False), log=not args.no_log, junit=args.junit)
     if _is_cli_process():
         # The session is flushed and the exit code known: skip the interpreter's teardown of
         # everything the CLI imported (0.1-0.3 s, and it sits on the build's critical path).
@@ -116,7 +120,7 @@ _TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Mapping[str, str] | None = None,
               record: bool = False, quiet: bool = False, sources: Sequence[TargetSource] = (),
               url_resolver: Callable[[], str] | None = None, lower_priority: bool = True,
-              json_out: bool = False, junit: Sequence[str] = ()) -> int:
+              json_out: bool = False, log: bool = True, junit: Sequence[str] = ()) -> int:
     """Run ``argv`` as one session and return its exit code (128+n when killed by signal n).
 
     ``lower_priority=False`` keeps the environment probes at normal priority."""
@@ -144,17 +148,23 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     # slow probes (tool versions) wait for the thread that runs at a lowered priority.
     snapshot = _snapshot(user_env) if settings.enabled else None
 
+    # The console, passed on unchanged and kept (shared/capture/runlog.py, docs/failures.md).
+    from buildtel.shared.capture.runlog import RunLog
+
+    console = RunLog(settings, json_out=json_out, enabled=log and settings.enabled)
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
     try:
-        # Inherited stdio (with --json the command's stdout goes to our stderr: stdout is the JSON
-        # object's); same process group, so ^C reaches it.
-        proc = subprocess.Popen(argv, env=env, stdout=2 if json_out else None)
+        # Its stdout and stderr through the console's pipes (with --json its stdout goes to our stderr:
+        # stdout is the JSON object's); same process group, so ^C reaches it.
+        proc = subprocess.Popen(argv, env=env, **console.popen_kwargs())  # type: ignore[call-overload]
     except OSError as exc:
+        console.abandon()
         print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         if snapshot is not None:
             snapshot.close()
         return 127 if isinstance(exc, FileNotFoundError) else 126
+    console.spawned()
     restore = _forward_signals(proc.pid)
     for src in sources:  # optional hook: sources that sample the build's process tree
         getattr(src, "spawned", lambda _pid: None)(proc.pid)
@@ -169,6 +179,7 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
 
     code, usage = _wait(proc)
     wall = time.monotonic() - m0
+    console.drain()
     restore()
     sampler.stop()
     if usage is None:  # no wait4: what all our waited-for children used since the spawn
@@ -185,11 +196,13 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
         if junit:  # the build's test reports, before build_finished (shared/junit_capture.py)
             from buildtel.shared.junit_capture import send_reports
             send_reports(run.client, junit, since=t0, quiet=quiet)
-        run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak)
+        run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak, console=console)
     if capture is not None:
         from buildtel.shared.recording.capture import finish_run_capture
         finish_run_capture(capture, code, quiet=quiet)
     if not quiet:
+        if console.warning():
+            print(f"buildtel: {console.warning()}", file=sys.stderr)
         for src in sources:  # what per-target capture saw, or why it saw nothing (docs/live-capture.md)
             line = getattr(src, "end_line", lambda _code: "")(code)
             if line:
@@ -325,7 +338,7 @@ class _Telemetry:
         except Exception:  # noqa: BLE001 - a broken source loses its targets, not the build
             pass
 
-    def finish(self, *, exit_code: int, cpu_s: float, peak_rss_bytes: int) -> None:
+    def finish(self, *, exit_code: int, cpu_s: float, peak_rss_bytes: int, console: Any = None) -> None:
         client = self.client
         if client is None:
             print(f"buildtel: warning: telemetry unavailable ({getattr(self, 'error', '?')}); "
@@ -339,8 +352,9 @@ class _Telemetry:
         deadline = time.monotonic() + SOURCE_DRAIN_S
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0))
+        kept = console.conclude(client, getattr(self, "_sources", ()), self.session_id) if console is not None else {}
         client.build_finished(exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
-                              up_to_date=self._up_to_date(exit_code))
+                              up_to_date=self._up_to_date(exit_code), **kept)
         # Connected: a flush takes milliseconds.  Never reached: close returns at once.
         # Still resolving or connecting (a stack being auto-started): bounded wait.
         timeout = 5.0 if client.connected else 2.0

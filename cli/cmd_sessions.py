@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--json", action="store_true",
                    help="the whole session as one JSON object (targets as objects, every field stated)")
     s.add_argument("--top", type=int, default=15, help="targets to list, longest first (default 15)")
+    s.add_argument("--failures", action="store_true",
+                   help="only the failed targets, each with its error lines and output (docs/failures.md); "
+                        "with --json: {session_id, outcome, failures: [...]}")
     s.set_defaults(func=cmd_show, quiet_logs=True)
 
 
@@ -103,6 +106,10 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     ref = parse_id(args.id)  # a malformed id is refused before any stack is reached or started
     async with open_bus(settings) as bus:
         s = await resolve_session(StorageClient(bus.nc, bus.subjects), ref)
+    if getattr(args, "failures", False):
+        from buildtel.cli.failures_view import print_failures
+
+        return print_failures(s, json_out=args.json)
     if args.json:
         sys.stdout.write(dumps(s) + "\n")
         return 0
@@ -133,6 +140,10 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"process   cpu {s.cpu_s:.2f} s  peak rss {(s.peak_rss_bytes or 0) / 2**20:.1f} MiB")
     if s.up_to_date is not None:
         print(f"avoided   {s.up_to_date} targets up to date, not rebuilt")
+    if s.failures or (s.log is not None and s.log.object):
+        what = [f"output of {len(s.failures)} failed targets: buildtel show {s.id} --failures"] if s.failures else []
+        what += [f"console log: buildtel log {s.id}"] if s.log is not None and s.log.object else []
+        print(f"kept      {safe('; '.join(what))}")
     if s.targets:
         print(f"\n{'DURATION':>10}  {'STATUS':<9} {'CACHE':<11} TARGET")
         for m in sorted(s.targets, key=lambda m: -m.duration_s)[: args.top]:

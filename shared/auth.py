@@ -131,6 +131,25 @@ def _object_write(ns: str) -> list[str]:
     return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>", *_object_read(ns)]
 
 
+def _logs(ns: str) -> tuple[str, str]:
+    """(bucket, its stream) of the builds' console logs (shared/logstore.py)."""
+    if ns == "*":
+        return "*", "*"
+    bucket = _stream(ns, "BUILD_LOGS")
+    return bucket, f"OBJ_{bucket}"
+
+
+def _log_read(ns: str) -> list[str]:
+    stream = _logs(ns)[1]
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
+
+
+def _log_write(ns: str) -> list[str]:
+    """An agent writes its build's log: chunks and meta, publish only."""
+    bucket = _logs(ns)[0]
+    return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
+
+
 def _advisories(stream: str) -> list[str]:
     return [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.>"]
 
@@ -139,7 +158,7 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
     """``{"publish": [...], "subscribe": [...], "allow_responses": bool}`` of ``role`` in namespace
     ``ns`` (``"*"``: every namespace, for a shared test server)."""
     ev, se, dl, al, sp = (_stream(ns, s) for s in ("EVENTS", "SESSIONS", "DEADLETTER", "ALERTS", "SPANS"))
-    base_streams = [ev, se, dl, _bucket(ns)[1]]  # every service declares them (shared/bus.py)
+    base_streams = [ev, se, dl, _bucket(ns)[1], _logs(ns)[1]]  # every service declares them (shared/bus.py)
     lookup = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
     inbox = [f"{inbox_prefix(role)}.>"]
     storage_q, analyzer_q, traces_q = f"{ns}.storage.>", f"{ns}.analyzer.>", f"{ns}.traces.>"
@@ -162,13 +181,15 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
         case "agent":
             # Publish events, live health and tool spans; JetStream's publish acks come back to the
             # agent's own inbox.  No stream management, no reading.
-            return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans"],
+            return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans", *_log_write(ns)],
                     "subscribe": inbox, "allow_responses": False}
         case "collector":
             return service([f"{ns}.sessions.completed", f"{ns}.sessions.started", *_object_write(ns)], base_streams,
                            [ev], [])
         case "storage":
-            return service(_object_read(ns), base_streams, [se], [storage_q, *micro_sub])
+            # Retention deletes a dropped session's log (a purge of its subjects).
+            return service([*_object_read(ns), *_log_read(ns), f"$JS.API.STREAM.PURGE.{_logs(ns)[1]}"],
+                           base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
             return service([f"{ns}.alerts.>", storage_q, *_object_read(ns)], [*base_streams, al], [se],
                            [analyzer_q, *micro_sub])
@@ -188,7 +209,7 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             # message; like a reader, nothing that changes history; it declares the shared streams as
             # every service does.
             return service([storage_q, analyzer_q, traces_q, *recorder_q, "$SRV.>", *_consume(al), *_follow(se),
-                            *_object_read(ns)], base_streams, [], [])
+                            *_object_read(ns), *_log_read(ns)], base_streams, [], [])
         case "bes":
             # The Build Event Service endpoint publishes build events as an agent does (and declares
             # the shared streams as every service does); it reads nothing.
@@ -196,7 +217,7 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
         case "reader":
             # Query requests, micro discovery, following alerts (an ephemeral consumer on the alerts
             # stream) and live health.  Nothing it sends can change history.
-            pub = [storage_q, analyzer_q, traces_q, "$SRV.>", *lookup, *_consume(al)]
+            pub = [storage_q, analyzer_q, traces_q, "$SRV.>", *lookup, *_consume(al), *_log_read(ns)]
             return {"publish": _dedupe(pub), "subscribe": [*inbox, f"{ns}.health.>"], "allow_responses": False}
         case "operator":
             # The stack's owner: imports, republishing recordings, stream maintenance.

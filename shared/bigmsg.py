@@ -124,6 +124,12 @@ async def _info(js: Any, bucket: str, name: str) -> api.ObjectInfo | None:
     return None if info.deleted else info
 
 
+async def object_info(js: Any, bucket: str, name: str) -> api.ObjectInfo | None:
+    """The meta of object ``name`` of ``bucket``; None when there is none (:class:`ObjectUnusable`
+    when it is unreadable).  Direct gets only, as every reader here."""
+    return await _info(js, bucket, name)
+
+
 async def _whole(js: Any, bucket: str, info: api.ObjectInfo) -> bool:
     """Whether every chunk of an existing object is still in the bucket (the oldest go first)."""
     subject = chunk_subject(bucket, info.nuid or "")

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from buildtel.shared import bigmsg
+from buildtel.shared import bigmsg, logstore
 from buildtel.shared.auth import inbox_prefix
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
@@ -173,6 +173,8 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
         ),
         # Sessions too large for one message of NS_SESSIONS (shared/bigmsg.py).
         bigmsg.stream_config(subjects),
+        # Console logs of builds, beside their sessions (shared/logstore.py).
+        logstore.stream_config(subjects),
     ]
 
 

@@ -24,8 +24,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Self
+from collections.abc import Awaitable, Callable
+from typing import Any, Self, TypeVar
 
 # nats (with aiohttp) costs ~150 ms to import: pay it when the client module is imported,
 # not in the background thread while the build emits its first events.
@@ -39,6 +39,8 @@ from buildtel.shared.protocol import EventBatch, TargetStarted
 from buildtel.shared.sanitize import fix_event, shrink
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+
+T = TypeVar("T")
 
 __all__ = ["ClientStats", "TelemetryClient", "UrlSource"]
 
@@ -117,6 +119,15 @@ class TelemetryClient(Emitter):
         if len(self._pending) >= self._bs:  # emitted before start
             self._wake.set()
         return self
+
+    async def with_jetstream(self, fn: Callable[[Any], Awaitable[T]], timeout: float) -> T:
+        """``await fn(js)`` on this client's connection, waiting at most ``timeout`` for it (and for
+        ``fn``); raises when the bus is not reached (``buildtel run`` stores the build's log so)."""
+        await asyncio.wait_for(self._up.wait(), timeout)
+        js = self._js
+        if js is None:
+            raise ConnectionError("not connected to the bus")
+        return await asyncio.wait_for(fn(js), timeout)
 
     async def close(self, timeout: float = 2.0, *, warn: bool = True) -> ClientStats:
         """Flush and disconnect within ``timeout`` seconds; unsent events count as dropped.

@@ -10,11 +10,14 @@ import atexit
 import os
 import threading
 import weakref
-from typing import Self
+from collections.abc import Awaitable, Callable
+from typing import Any, Self, TypeVar
 
 from buildtel.shared.client_async import TelemetryClient, UrlSource
 from buildtel.shared.emitter import ClientStats
 from buildtel.shared.settings import Settings
+
+T = TypeVar("T")
 
 __all__ = ["ClientStats", "SyncTelemetryClient"]
 
@@ -73,6 +76,13 @@ class SyncTelemetryClient:
         self._client._stop_accepting()
         self._closed = ClientStats()
         atexit.unregister(self._atexit)
+
+    def with_jetstream(self, fn: Callable[[Any], Awaitable[T]], timeout: float) -> T:
+        """``fn(js)`` run on the client's loop (see ``TelemetryClient.with_jetstream``)."""
+        loop = self._loop
+        if loop is None or self._closed is not None:
+            raise ConnectionError("telemetry client not running")
+        return asyncio.run_coroutine_threadsafe(self._client.with_jetstream(fn, timeout), loop).result(timeout + 1.0)
 
     def close(self, timeout: float = 2.0, *, warn: bool = True) -> ClientStats:
         if self._closed is not None:

@@ -256,7 +256,8 @@ class Emitter:
         return n
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
-                       expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None) -> None:
+                       expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None,
+                       failures: Any = (), log: Any = None) -> None:
         """This agent's last event: the collector completes the session once it is folded."""
         if not self._on:
             return
@@ -264,6 +265,7 @@ class Emitter:
             self._push(fix_event(BuildFinished(session_id=self._sid, agent_id=self._aid, seq=0,
                                                ts=time.time() if ts is None else ts,
                                                exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
-                                               expected_events=expected_events, up_to_date=up_to_date)))
+                                               expected_events=expected_events, up_to_date=up_to_date,
+                                               failures=list(failures), log=log)))
         except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()

@@ -163,6 +163,37 @@ class HealthPoint(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     agent_id: Annotated[str, _doc("agent that sent it")] = ""
 
 
+class TargetFailure(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """What a failed target printed, kept with its session (``docs/failures.md``); redacted by the agent."""
+
+    target: Annotated[str, _doc("the failed target (as named in `targets`)")]
+    attributed: Annotated[bool, _doc(
+        "false: its output could not be told apart from other output (`note` says why; see the build log)")] = True
+    note: Annotated[str, _doc("how the output was found, or why it was not")] = ""
+    output: Annotated[list[str], _doc(
+        "its output as the build printed it (stdout and stderr interleaved), the last lines: at most "
+        "`BUILDER_TELEMETRY_FAILURE_OUTPUT_KIB` KiB and 400 lines, each at most 4096 characters")] = []
+    output_cut_bytes: Annotated[int, _doc("bytes of its output before the lines kept", "bytes")] = 0
+    errors: Annotated[list[str], _doc(
+        "its first error lines (`error:`, `Error`, `FAILED`, `undefined reference`…): at most 10, each at most "
+        "300 characters")] = []
+    signature: Annotated[str | None, _doc(
+        "its first error line normalised (paths, numbers, hashes, temp names stripped), to group identical "
+        "failures across builds; null when no error line was found")] = None
+
+
+class BuildLog(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """The build's console log: kept compressed in the logs bucket, beside the session (``docs/failures.md``)."""
+
+    object: Annotated[str, _doc(
+        "object name in the namespace's logs bucket (`<NS>_BUILD_LOGS`); empty when the log was not kept")] = ""
+    bytes: Annotated[int, _doc("bytes the build printed (stdout and stderr)", "bytes")] = 0
+    kept_bytes: Annotated[int, _doc("bytes of it kept: the head and the tail when over the limit", "bytes")] = 0
+    cut_bytes: Annotated[int, _doc("bytes cut between the head and the tail (a marker line says where)", "bytes")] = 0
+    compressed_bytes: Annotated[int, _doc("size of the stored object (zlib)", "bytes")] = 0
+    error: Annotated[str, _doc("why the log was not kept; empty when it was")] = ""
+
+
 class BuildFinished(_Event, tag="build_finished"):
     exit_code: Annotated[int, _doc("exit status of the build command")] = 0
     outcome: Annotated[Literal["success", "failed", "cancelled"] | None, _doc(
@@ -178,6 +209,9 @@ class BuildFinished(_Event, tag="build_finished"):
     up_to_date: Annotated[int | None, _doc(
         "targets the build tool found up to date and did not rebuild (avoided work); null: the tool "
         "does not say (make) or the build failed", "targets")] = None
+    failures: Annotated[list[TargetFailure], _doc(
+        "output of the build's failed targets (at most 100; output kept for the first 256 KiB of it)")] = []
+    log: Annotated[BuildLog | None, _doc("where the build's console log is kept; null when it was not captured")] = None
 
 
 class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -348,6 +382,10 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     completeness: Annotated[Completeness | None, _doc(
         "whether the session holds every event its agents sent; null: stored by a version that did not "
         "check, read as complete")] = None
+    failures: Annotated[list[TargetFailure], _doc(
+        "from `build_finished`: what its failed targets printed (docs/failures.md)")] = []
+    log: Annotated[BuildLog | None, _doc(
+        "from `build_finished`: where its console log is kept (`GET /api/v1/sessions/{id}/log`); null: none")] = None
     tests: Annotated[list[TestCase], _doc(
         "test cases run by the build (JUnit XML it wrote, `test_results` events), in the order "
         "received, each an array (see TestCase); at most 200 000")] = []

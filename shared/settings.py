@@ -107,6 +107,11 @@ class Settings:
     fsync: bool = _help("fsync each stored batch before acknowledging it.", default=True)
     log_level: str = _help("debug, info, warning or error.", default="info")
     log_format: str = _help("auto (JSON off a TTY), json or console.", default="auto")
+    log_limit: int = _help(
+        "Bytes of a build's console log 'buildtel run' keeps (before compression): over it, the first "
+        "quarter and the last three quarters are kept with a marker where the rest was cut (docs/failures.md).",
+        default=4 * 1024 * 1024)
+    failure_output_kib: int = _help("KiB of a failed target's output kept with it (its last lines).", default=16)
     stack_credentials: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
         "Credentials file of a stack ('buildtel credentials ROLE -o FILE' writes one): "
         "its NATS URL and role passwords.",
@@ -169,6 +174,8 @@ class Settings:
             ("namespace", _is_namespace(self.namespace)),
             ("tenants", all(_is_namespace(t) for t in self.tenant_list)),
             ("log_format", self.log_format in {"auto", "json", "console"}),
+            ("log_limit", self.log_limit >= 4096),
+            ("failure_output_kib", 1 <= self.failure_output_kib <= 64),
             ("log_level", self.log_level.lower() in {"debug", "info", "warning", "error"}),
         ]
         for name, ok in checks:

@@ -77,6 +77,12 @@ class Subjects:
         (``shared/bigmsg.py``); its stream is ``OBJ_<bucket>``."""
         return self.stream("SESSION_OBJECTS")
 
+    @property
+    def logs_bucket(self) -> str:
+        """JetStream object store bucket of the builds' console logs, one object per session named
+        by its id (``shared/logstore.py``); its stream is ``OBJ_<bucket>``."""
+        return self.stream("BUILD_LOGS")
+
     # -- live, best effort (core NATS) -----------------------------------------------------
     def health(self, session_id: str) -> str:
         return f"{self.ns}.health.{session_id}"

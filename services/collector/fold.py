@@ -328,6 +328,8 @@ def build_session(
         cpu_s=finished.cpu_s if finished else None,
         peak_rss_bytes=finished.peak_rss_bytes if finished else None,
         up_to_date=finished.up_to_date if finished else None,
+        failures=finished.failures if finished else [],
+        log=finished.log if finished else None,
         trace_id=trace_id,
         parent_span_id=parent_span_id,
         record=started.record if started else False,

@@ -220,6 +220,7 @@ async def enforce_retention(store: TelemetryStorage, now: float) -> RetentionRep
             store._retention_dirty = False
             for s in index.drop_oldest(drop):
                 store._live[s.segment] -= fmt.RECORD_HEADER_LEN + s.length
+                report.dropped_ids.append(s.id)
             report.dropped = max(drop, 0)
             live = store._live
             active = store._active

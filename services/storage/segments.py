@@ -37,6 +37,7 @@ class RetentionReport(msgspec.Struct, kw_only=True):
     dropped: int = 0
     segments_deleted: int = 0
     segments_compacted: int = 0
+    dropped_ids: list[str] = []  # sessions dropped: their build logs are deleted too (service.py)
 
 
 class Segment:

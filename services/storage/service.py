@@ -252,12 +252,23 @@ class StorageService(BusService):
             if await self.idle(self.retention_interval_s, self._wake_retention):
                 return
             try:
-                if (await self.store.enforce_retention()).segments_compacted:
+                report = await self.store.enforce_retention()
+                if report.segments_compacted:
                     self._rows_due.set()  # compacted segments need new row files
+                await self._delete_logs(report.dropped_ids)
             except StorageClosed:
                 return
             except Exception as exc:  # noqa: BLE001 - retry next round; ingest goes on
                 self.log.error("storage.retention_failed", error=repr(exc))
+
+    async def _delete_logs(self, ids: list[str]) -> None:
+        """The build logs of sessions retention dropped go with them; one that cannot be deleted
+        now ages out with the logs bucket (``shared/logstore.py``)."""
+        from buildtel.shared.logstore import delete_logs
+
+        deleted, error = await delete_logs(self.js, self.subjects, ids, stop=self.stopping)
+        if deleted or error:
+            self.log.info("storage.logs_deleted", logs=deleted, error=error or None)
 
     # -- query API ---------------------------------------------------------------------------
     async def _handle(self, endpoint: str, data: bytes) -> bytes:

@@ -67,6 +67,7 @@ class Backend(Protocol):
 
     async def sessions(self, tenant: str, q: SessionsQuery, since: float | None, until: float | None) -> Any: ...
     async def session(self, tenant: str, id_or_prefix: str) -> Any: ...
+    async def build_log(self, tenant: str, id_or_prefix: str) -> bytes: ...
     async def report(self, tenant: str, q: ReportQuery, since: float | None, until: float | None) -> Any: ...
     async def alerts(self, tenant: str, q: AlertsQuery) -> Any: ...
     async def alert(self, tenant: str, alert_id: str) -> Any: ...
@@ -200,6 +201,14 @@ async def get_session(request: web.Request) -> web.Response:
     return json_response(await _backend(request).session(request[TENANT], word))
 
 
+async def get_session_log(request: web.Request) -> web.Response:
+    """The build's console log as ``buildtel run`` kept it (redacted; cut with a marker when over
+    ``BUILDER_TELEMETRY_LOG_LIMIT``); 404 when it has none."""
+    word = parse_session_id(request.match_info["id"])
+    data = await _backend(request).build_log(request[TENANT], word)
+    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+
 async def get_report(request: web.Request) -> web.Response:
     q = parse_query(request.query, ReportQuery)
     since, until = parse_time("since", q.since), parse_time("until", q.until)
@@ -317,6 +326,7 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app[BACKEND], app[LOG] = backend, log
     app.router.add_get("/api/v1/sessions", list_sessions)
     app.router.add_get("/api/v1/sessions/{id}", get_session)
+    app.router.add_get("/api/v1/sessions/{id}/log", get_session_log)
     app.router.add_get("/api/v1/sessions/{id}/trace", get_trace)
     app.router.add_get("/api/v1/sessions/{id}/chrome-trace", get_chrome_trace)
     app.router.add_get("/api/v1/report", get_report)

@@ -46,6 +46,7 @@ from buildtel.services.web.query import (
     parse_session_id,
     parse_time,
 )
+from buildtel.shared.failsig import failed_targets
 
 STATIC = Path(__file__).with_name("static")
 WINDOWS = (7, 30, 90)
@@ -145,7 +146,7 @@ async def session(request: web.Request) -> web.StreamResponse:
         previous = next((p.id for p in prev.sessions if p.id != s.id), None)
     return render(request, "session.html", s=s, crit=crit, timeline=views.timeline(s, crit_names),
                   rows=views.target_rows(s, crit_names), alerts=alerts, branch=branch, previous=previous,
-                  health=views.health_data(s))
+                  health=views.health_data(s), failures=failed_targets(s))
 
 
 async def target(request: web.Request) -> web.Response:

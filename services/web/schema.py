@@ -186,6 +186,13 @@ def openapi() -> dict[str, Any]:
             "summary": "The session's trace as OTLP/JSON (an ExportTraceServiceRequest, as OTLP/HTTP JSON carries it)",
             "parameters": [_param("id", "a full id or a unique prefix of at least 6", where="path")],
             "responses": {"200": _object("resourceSpans: resources, scopes and spans"), **_errors(*_COMMON, 404)}}},
+        "/api/v1/sessions/{id}/log": {get: {
+            "summary": "The build's console log as `buildtel run` kept it: stdout and stderr as printed, redacted, "
+                       "its head and tail with a marker line where it was cut (docs/failures.md); 404 when none",
+            "parameters": [_param("id", "a full id or a unique prefix of at least 6", where="path")],
+            "responses": {"200": {"description": "the log, UTF-8 text (bytes that were not UTF-8 kept as they were)",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(*_COMMON, 404)}}},
         "/api/v1/sessions/{id}/chrome-trace": {get: {
             "summary": "The session's trace as Chrome Trace Event JSON for ui.perfetto.dev or chrome://tracing: "
                        "a track per worker",

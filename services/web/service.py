@@ -275,6 +275,24 @@ class WebService(BusService):
         except StorageError as exc:
             raise self._storage_failure(exc, f"no session {sid} is stored") from None
 
+    async def build_log(self, tenant: str, id_or_prefix: str) -> bytes:
+        """The stored session's console log, decompressed (``docs/failures.md``)."""
+        from buildtel.shared.bigmsg import ObjectUnusable
+        from buildtel.shared.buildlog import decompress
+        from buildtel.shared.logstore import get_log
+
+        s = await self.session_struct(tenant, id_or_prefix)
+        if s.log is None or not s.log.object:
+            why = s.log.error if s.log is not None and s.log.error else "the build ran without log capture"
+            raise NotFound(f"session {s.id} has no build log: {why}")
+        try:
+            data = await get_log(self.js, Subjects(tenant), s.log.object)
+        except ObjectUnusable as exc:
+            raise NotFound(f"the build log of session {s.id} is damaged: {exc.reason}") from None
+        if data is None:
+            raise NotFound(f"the build log of session {s.id} is no longer stored")
+        return decompress(data)
+
     async def session_id(self, tenant: str, word: str) -> str:
         """The full stored id a full id or a unique prefix names (``artifacts.py``)."""
         return word if len(word) == FULL_LEN else await self._resolve_prefix(tenant, word)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from buildtel.shared.capture.failures import Seen
 from buildtel.shared.health.monitor import DEFAULT_INTERVAL_S, HealthMonitor
 from buildtel.shared.health.sampler import host_memory_percent, sample_tree
 
@@ -52,6 +53,7 @@ class LiveSource:
         self.note = ""
         self.emitted = 0
         self.emitted_targets = 0  # target_finished records
+        self.seen: list[Seen] = []  # every target reported, for finding what failed ones printed (failures.py)
 
     # -- TargetSource ----------------------------------------------------------------------------
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
@@ -116,6 +118,9 @@ class LiveSource:
                         self._feed(mon, rec)
                         self.emitted += 1
                         self.emitted_targets += rec.get("event") == "target_finished"
+                        if rec.get("event") == "target_finished":
+                            self.seen.append(Seen(rec["target"], rec["start"], rec["start"] + rec["duration_s"],
+                                                  rec.get("status", "success")))
                         yield rec
                     if cap is not None and cap.kind in ("make", "tree"):
                         # Recipes with a line running; a finished one lingers before it is reported.
