@@ -93,6 +93,7 @@ def test_redaction_keeps_every_name_and_never_invents_values(env: dict[str, str]
 def test_imported_sessions_carry_a_redacted_command() -> None:
     from buildtel.shared.importers.common import make_session
 
-    s = make_session(session_id="ab" * 16, name="bazel", start=0.0, finish=1.0, targets=[], events=0, agent="import", outcome="unknown",
+    s = make_session(session_id="ab" * 16, name="bazel", start=0.0, finish=1.0, targets=[], events=0, agent="import",
+                     outcome="unknown",
                      command=["bazel", "build", "--remote_header=Authorization=Bearer abcdefgh12", "//..."])
     assert "abcdefgh12" not in repr(s.command) and s.command[:2] == ["bazel", "build"] and s.command[-1] == "//..."
