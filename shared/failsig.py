@@ -76,6 +76,11 @@ def failed_targets(s: BuildSession) -> list[dict[str, Any]]:
         if m.status != "failed":
             continue
         f = kept.get(m.name)
+        if f is None and m.error:  # an import's error text (TargetMetrics.error): what the tool printed
+            rows.append({"target": m.name, "exit_code": m.exit_code, "duration_s": m.duration_s, "attributed": True,
+                         "note": "its error text, as the importer found it in the tool's output", "errors": [],
+                         "signature": None, "output": m.error.splitlines(), "output_cut_bytes": 0})
+            continue
         rows.append({"target": m.name, "exit_code": m.exit_code, "duration_s": m.duration_s,
                      "attributed": f.attributed if f else False,
                      "note": f.note if f else "no output kept for it (captured by another tool, or not captured)",

@@ -301,7 +301,10 @@ async def live_stream(request: web.Request) -> web.StreamResponse:
         if transport is not None:
             transport.abort()
 
-    await backend.serve_stream(stream, resp.write, closed, abort)
+    try:
+        await backend.serve_stream(stream, resp.write, closed, abort)
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too: the client went away
+        pass  # a reader closing its stream is how streams end; nothing failed
     return resp
 
 

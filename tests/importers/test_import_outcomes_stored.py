@@ -88,6 +88,10 @@ async def test_imported_outcomes_are_stored_listed_and_shown(storage: Settings, 
     assert "ERRORS of 1 failed target(s)" in out and "\n  obj/bad.o\n" in out
     diagnostic = next(line for line in failed.output.read_text().splitlines() if "bad.c" in line and "error" in line)
     assert f"    {diagnostic}" in out.splitlines()
+    # `show --failures` (and the dashboard, through the same function) shows the imported error text.
+    code, out, err = await cli(storage, "show", ids["failed"], "--failures")
+    assert code == 0, err
+    assert "== obj/bad.o  (exit code 1)" in out and "int broken(void)" in out
     code, out, _ = await cli(storage, "show", ids["unknown"])
     assert "outcome   unknown  exit code -" in out and "ERRORS" not in out
     code, out, _ = await cli(storage, "show", ids["cancelled"], "--json")
