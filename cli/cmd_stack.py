@@ -112,8 +112,11 @@ class LocalStack:
         for tenant in self.settings.tenant_list:
             ts = s.for_tenant(tenant)
             private_dir(ts.cache_dir)
-            self.services += [registry.create(n, ts, self.nats_url, self.redis_url) for n in self.names
-                              if n not in ("web", "bes")]
+            # A tenant's tracer takes OTLP on a port of its own (any free one: stack.json's
+            # tenant_otlp), not the stack's 4318, which the stack's own tracer holds.
+            self.services += [registry.create(n, ts, self.nats_url, self.redis_url,
+                                              **({"otlp_port": 0} if n == "tracer" else {}))
+                              for n in self.names if n not in ("web", "bes")]
         return self.services
 
     async def __aenter__(self) -> LocalStack:
@@ -211,6 +214,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             bes = next((s for s in services if getattr(s, "name", "") == "bes"), None)
             if bes is not None:  # where Bazel streams to (docs/bazel.md)
                 info["bes_url"] = bes.url
+            if settings.tenant_list:  # each further tenant's OTLP/HTTP endpoint (its tracer's own port)
+                info["tenant_otlp"] = {t.settings.namespace: t.otlp_url for t in services
+                                       if getattr(t, "name", "") == "tracer" and t.receiver is not None
+                                       and t.settings.namespace != settings.namespace}
             write_private(path, json.dumps(info, indent=2))
             if not args.quiet:
                 where = "embedded" if stack.engines else "configured"

@@ -112,6 +112,8 @@ def two_tenant_stack(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], dic
 async def test_one_stack_serves_two_tenants_each_key_sees_its_own(two_tenant_stack: Any) -> None:
     cache, env, info = two_tenant_stack
     assert info["tenants"] == ["teamb"] and "tenants: buildtel, teamb" in info["log"]
+    # teamb's tracer takes OTLP on a port of its own, not the stack's 4318.
+    assert info["tenant_otlp"]["teamb"].startswith("http://127.0.0.1:") and ":4318/" not in info["tenant_otlp"]["teamb"]
     web = info["web_url"]
     ids = {}
     for ns in ("buildtel", "teamb"):
