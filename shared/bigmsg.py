@@ -87,14 +87,19 @@ def stream_config(subjects: Subjects) -> StreamConfig:
     """The bucket's stream, as ``create_object_store`` would make it, with our limits.  Discard
     old: a full bucket drops its oldest chunks (whose references are the oldest too) rather than
     refuse a new session."""
-    bucket = subjects.sessions_bucket
+    return bucket_stream_config(subjects.sessions_bucket, max_age_s=BUCKET_MAX_AGE_S, max_bytes=BUCKET_MAX_BYTES)
+
+
+def bucket_stream_config(bucket: str, *, max_age_s: float, max_bytes: int) -> StreamConfig:
+    """The stream of object-store bucket ``bucket`` as ``create_object_store`` makes it (chunk and
+    meta subjects, rollups, direct gets), with these limits; oldest chunks dropped when full."""
     return StreamConfig(
         name=object_stream(bucket),
         subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=BUCKET_MAX_AGE_S,
-        max_bytes=BUCKET_MAX_BYTES,
+        max_age=max_age_s,
+        max_bytes=max_bytes,
         discard=DiscardPolicy.OLD,
         allow_rollup_hdrs=True,
         allow_direct=True,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import api
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from buildtel.shared import bigmsg
 from buildtel.shared.subjects import Subjects
@@ -28,18 +28,8 @@ CHUNK_BYTES = 256 * 1024  # an agent's connection may have a small max_payload
 
 
 def stream_config(subjects: Subjects) -> StreamConfig:
-    bucket = subjects.logs_bucket
-    return StreamConfig(
-        name=bigmsg.object_stream(bucket),
-        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=BUCKET_MAX_AGE_S,
-        max_bytes=BUCKET_MAX_BYTES,
-        discard=DiscardPolicy.OLD,
-        allow_rollup_hdrs=True,
-        allow_direct=True,
-    )
+    """The logs bucket's stream (``bigmsg.bucket_stream_config``), with the logs' limits."""
+    return bigmsg.bucket_stream_config(subjects.logs_bucket, max_age_s=BUCKET_MAX_AGE_S, max_bytes=BUCKET_MAX_BYTES)
 
 
 async def put_log(js: Any, subjects: Subjects, name: str, data: bytes, *, timeout: float = 10.0) -> None:
