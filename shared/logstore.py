@@ -69,8 +69,10 @@ async def delete_log(js: Any, subjects: Subjects, name: str) -> bool:
     if info is None:
         return False
     stream = bigmsg.object_stream(bucket)
-    await js.purge_stream(stream, subject=bigmsg.chunk_subject(bucket, info.nuid or ""))
+    # The meta first: from then on a reader finds no log, rather than a log whose chunks are
+    # already gone (chunks first left that window open; a loaded test run read into it).
     await js.purge_stream(stream, subject=bigmsg.meta_subject(bucket, name))
+    await js.purge_stream(stream, subject=bigmsg.chunk_subject(bucket, info.nuid or ""))
     return True
 
 
