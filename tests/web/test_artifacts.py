@@ -18,6 +18,7 @@ from yarl import URL
 
 from buildtel.services.recorder.service import RecorderService
 from buildtel.services.web.service import WebService
+from buildtel.shared.bus import flush
 from buildtel.shared.protocol import Phase, TargetMetrics
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
@@ -210,6 +211,7 @@ async def test_bad_input_and_unknown_ids_are_problems_and_no_file_is_read(api: A
     # Path-like recording ids: refused by the web service itself; none reaches the recorder, so no
     # file is named, let alone read (an operator connection sees every request on its subjects).
     asked = await nc.subscribe(f"{settings.namespace}.recorder.>")
+    await flush(nc)  # the subscription is at the server before any request is sent (a barrier)
     for raw in ("..%2Fsecret.rec", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "..", "secret.rec",
                 "..%2Fsecret.rec/events", "%2F" + str(secret).replace("/", "%2F")):
         async with api.http.get(URL(api.web.url + "/api/v1/recordings/" + raw, encoded=True)) as resp:
