@@ -6,9 +6,10 @@ them, in this order (the first that answers wins, and ``labels.source_file_from`
 
 1. ``OptModule`` (and the other module-level optimiser events: their ``detail`` is the LLVM
    module's name, which clang sets to the main file as given on the command line);
-2. ``ParseDeclarationOrFunctionDefinition`` (clang >= 15) details ``FILE:LINE:COL`` of the
+2. ``ParseDeclarationOrFunctionDefinition`` (clang >= 17) details ``FILE:LINE:COL`` of the
    declarations parsed outside every ``Source`` slice (``Source`` slices are the included files,
-   so a declaration outside all of them is in the main file);
+   so a declaration outside all of them is in the main file; clang >= 19 writes ``Source`` as
+   async ``b``/``e`` events, which the parser puts on a lane of their own);
 3. the trace file's own name: clang writes ``<object>.json`` next to the object file
    (``deflate.c.o`` -> ``deflate.c.json``), so the name less ``.json``/``.o``/``.obj`` -- with a
    warning, since that is a file name rather than what the compiler said.
@@ -37,11 +38,13 @@ one another: flame graphs and traces leave them out (:func:`buildtel.shared.phas
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from pathlib import PurePath
 
 from buildtel.shared.importers.common import ParseWarning
-from buildtel.shared.importers.trace_spans import TraceSpan
+from buildtel.shared.importers.trace_spans import TraceSpan, async_lane
 from buildtel.shared.phases import HEADER, OTHER, TEMPLATE
 from buildtel.shared.protocol import Phase
 
@@ -67,15 +70,31 @@ def _descendants_of(spans: list[TraceSpan], root: int) -> list[int]:
     return out
 
 
+def _compile_spans(spans: list[TraceSpan], root: int) -> list[int]:
+    """The compile's spans: those under ``root`` on its thread, and the included-file slices
+    clang >= 19 writes as async events (a lane of their own, ``async_lane``) within its time."""
+    r = spans[root]
+    lane = async_lane(r.tid)
+    return _descendants_of(spans, root) + [
+        i for i, s in enumerate(spans) if s.pid == r.pid and s.tid == lane and r.start_us <= s.start_us < r.end_us]
+
+
+def _in_any(intervals: list[tuple[float, float]], t: float) -> bool:
+    """Whether ``t`` lies in one of the sorted, disjoint ``intervals``."""
+    k = bisect.bisect_right(intervals, (t, math.inf)) - 1
+    return k >= 0 and intervals[k][0] <= t < intervals[k][1]
+
+
 def _detail(s: TraceSpan) -> str | None:
     d = s.args.get("detail")
     return d if isinstance(d, str) and d else None
 
 
-def _inside(spans: list[TraceSpan], i: int, root: int, name: str) -> bool:
+def _inside(spans: list[TraceSpan], i: int, among: set[int]) -> bool:
+    """Whether span ``i`` has an ancestor in ``among``."""
     p = spans[i].parent
-    while p >= 0 and p != root:
-        if spans[p].name == name:
+    while p >= 0:
+        if p in among:
             return True
         p = spans[p].parent
     return False
@@ -84,8 +103,11 @@ def _inside(spans: list[TraceSpan], i: int, root: int, name: str) -> bool:
 def source_file(spans: list[TraceSpan], root: int, trace_path: str,
                 warnings: list[ParseWarning]) -> tuple[str, str]:
     """(the compiled file, which event told it) for the ``ExecuteCompiler`` span ``root``."""
-    under = _descendants_of(spans, root)
-    included = {d for i in under if spans[i].name == "Source" and (d := _detail(spans[i]))}
+    under = _compile_spans(spans, root)
+    sources = [i for i in under if spans[i].name == "Source"]
+    included = {d for i in sources if (d := _detail(spans[i]))}
+    source_set = set(sources)
+    top_level = sorted((spans[i].start_us, spans[i].end_us) for i in sources if not _inside(spans, i, source_set))
     for event in _MODULE_EVENTS:
         for i in under:
             d = _detail(spans[i])
@@ -95,7 +117,7 @@ def source_file(spans: list[TraceSpan], root: int, trace_path: str,
     for i in under:
         if spans[i].name == "ParseDeclarationOrFunctionDefinition" and (d := _detail(spans[i])):
             m = _LOCATION.fullmatch(d)
-            if m and m.group(1) not in included and not _inside(spans, i, root, "Source"):
+            if m and m.group(1) not in included and not _in_any(top_level, spans[i].start_us):
                 counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     if counts:
         return max(counts, key=lambda k: counts[k]), "ParseDeclarationOrFunctionDefinition"
@@ -157,7 +179,7 @@ def _top(prefix: str, totals: dict[str, float], top_n: int) -> tuple[list[Phase]
 
 def cost_phases(spans: list[TraceSpan], root: int, top_n: int = TOP_N) -> tuple[list[Phase], dict[str, str]]:
     """The ``header:`` and ``template:`` phases of the compile ``root``, and labels counting them."""
-    under = _descendants_of(spans, root)
+    under = _compile_spans(spans, root)
     headers = {i: d for i in under if spans[i].name == "Source" and (d := _detail(spans[i]))}
     templates = {i: template_name(d) for i in under
                  if spans[i].name in ("InstantiateClass", "InstantiateFunction") and (d := _detail(spans[i]))}
