@@ -1,7 +1,7 @@
 """``buildtel import``: turn existing build-tool output into stored sessions.
 
-``buildtel import ninja FILE… [--base-time ISO]``, ``buildtel import bep FILE…``,
-``buildtel import chrome-trace FILE… [--base-time ISO]`` and ``buildtel import junit FILE…
+``buildtel import ninja FILE… [--start ISO] [--last-build]``, ``buildtel import bep FILE…``,
+``buildtel import chrome-trace FILE… [--start ISO] [--merge]`` and ``buildtel import junit FILE…
 [--commit SHA] [--name NAME]`` (all its files: one session of test results, docs/tests.md)
 parse every file first
 (all or nothing: one bad file and nothing is published), then publish each
@@ -13,8 +13,10 @@ How a build ended is taken only from evidence: ``import ninja`` takes ninja's co
 (``--output FILE``) and/or exit code (``--exit-code N``) of the run that wrote the log's last
 build, ``import chrome-trace`` an exit code, ``import bep`` its ``buildFinished`` event; without
 evidence the outcome is ``unknown``, never ``success`` (docs/importers.md, "Outcome").
-``--dry-run`` prints what would be stored and touches no server.  ``--json`` prints one
-JSON document instead (docs/importers.md), warnings included.
+``--dry-run`` prints what would be stored and publishes nothing.  Both first ask the storage
+service how many stored sessions the import would evict (BUILDER_TELEMETRY_MAX_SESSIONS) and say
+so (docs/importers.md, "Retention, said first").  ``--json`` prints one JSON document instead
+(docs/importers.md), warnings and retention included.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
         try:
             args.base_time_s = parse_time(args.base_time)
         except ValueError as exc:
-            raise CLIError(f"--base-time: {exc}") from None
+            raise CLIError(f"--start: {exc}") from None
     out = []
     for name in args.files:
         path = Path(name)
