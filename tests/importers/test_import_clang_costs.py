@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from buildtel.services.tracer.sessions import session_spans
 from buildtel.shared.flamegraph.model import FlameGraphBuilder
 from buildtel.shared.importers.chrome_trace import TraceSpan, nest, parse_chrome_trace
 from buildtel.shared.importers.clang_trace import TOP_N, cost_phases, template_name
@@ -136,6 +137,16 @@ def test_breakdown_phases_stay_out_of_flame_graphs() -> None:
     fg = FlameGraphBuilder()
     fg.add_session(session)
     assert fg.stacks.total == pytest.approx(target.duration_s * 1e6, abs=2)  # time counted once
+
+
+def test_breakdown_phases_stay_out_of_the_build_trace() -> None:
+    (session,) = parse_chrome_trace(REGISTRY.read_bytes()).sessions
+    (target,) = session.targets
+    spans = session_spans(session)
+    phases = [sp for sp in spans if sp.parent_span_id and sp.name in ("Frontend", "Backend")]
+    assert [sp.name for sp in phases] == ["Frontend", "Backend"]  # back to back, as before
+    assert not any(breakdown(sp.name) for sp in spans)
+    assert phases[-1].end_ns <= int(target.end * 1e9) + 1_000
 
 
 def test_rank_adds_costs_up_across_compiles() -> None:
