@@ -130,6 +130,10 @@ def load(args: argparse.Namespace) -> list[tuple[str, ImportResult]]:
             raise CLIError(f"cannot read --output {args.output}: {exc.strerror or exc}") from None
     if args.exit_code is not None and len(args.files) != 1:
         raise CLIError("--exit-code describes one run: give exactly one file with it")
+    if args.importer == "chrome-trace" and args.merge and args.exit_code is not None:
+        raise CLIError("--exit-code describes one trace's run, not a merged build: leave one of them out")
+    if args.importer == "chrome-trace" and args.name and not args.merge:
+        raise CLIError("--name names the merged session: give it with --merge")
     if getattr(args, "base_time", None):
         try:
             args.base_time_s = parse_time(args.base_time)
