@@ -108,10 +108,12 @@ def register(subparsers: Any) -> None:
                            help="commit the tests ran on (flaky tests are found per commit); default: the "
                                 "checkout of the current directory, if any")
             q.add_argument("--name", default="", help="session name (default: junit FIRST-FILE)")
-        q.add_argument("--dry-run", action="store_true", help="parse and print a summary; publish nothing")
+        q.add_argument("--dry-run", action="store_true",
+                       help="parse and print a summary, and how many stored sessions the import would evict "
+                            "(storage is asked); publish nothing")
         q.add_argument("--json", action="store_true",
                        help="one JSON document on stdout: per file its figures, warnings and sessions "
-                            "(each with state stored / already stored / parsed)")
+                            "(each with state stored / already stored / parsed), and the retention figures")
         q.set_defaults(func=run_import, importer=fmt)
 
 
