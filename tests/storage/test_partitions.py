@@ -1,0 +1,203 @@
+"""Partitioned storage (docs/scaling.md, Partitions) on the real nats-server: sessions spread by
+id through the stream's subject transform, one store per partition, queries merged across
+partitions, a partition SIGKILLed while builds go on (partial answers, then nothing lost)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from buildtel.services.storage import format as fmt
+from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.service import StorageService
+from buildtel.services.storage.summary import view_decoder
+from buildtel.shared.bus import ensure_streams
+from buildtel.shared.codec import encode
+from buildtel.shared.partitions import partition_dirs, partition_of, store_dir
+from buildtel.shared.protocol import BuildSession
+from buildtel.shared.settings import Settings
+from buildtel.shared.subjects import Subjects
+from tests.util import stack_env
+
+P = 3
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def publish(nc, subjects: Subjects, sessions: list[BuildSession]) -> None:
+    """As the collector does with P > 1: the id as the subject's last token."""
+    js = nc.jetstream()
+    for s in sessions:
+        await js.publish(subjects.sessions_completed_for(s.id), encode(s), headers={"Nats-Msg-Id": s.id})
+
+
+def ids_on_disk(directory: Path) -> list[str]:
+    out = []
+    for _, path in fmt.list_segments(directory):
+        data = path.read_bytes()
+        out += [view_decoder.decode(fmt.payload_of(data, ref)).id for ref in fmt.scan(data, str(path)).records]
+    return out
+
+
+async def test_partition_of_is_the_servers_mapping(settings: Settings, nc, make_session) -> None:
+    subjects = Subjects(settings.namespace)
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, partitions=5)
+    sessions = [make_session(i) for i in range(40)]
+    await publish(nc, subjects, sessions)
+    for seq, s in enumerate(sessions, start=1):
+        msg = await js.get_msg(subjects.sessions_stream, seq)
+        assert msg.subject == f"{subjects.sessions_completed}.{partition_of(s.id, 5)}.{s.id}"
+    assert len({partition_of(s.id, 5) for s in sessions}) == 5  # spread over all of them
+
+
+@pytest.fixture
+async def partitioned(settings: Settings, nc) -> AsyncIterator[list[StorageService]]:
+    s = settings.with_(storage_partitions=P)
+    # Small reply pages: merged answers then span several pages of several partitions.
+    svcs = [StorageService(s, s.nats_url or "", s.redis_url or "", partition=k, max_reply_bytes=6000)
+            for k in range(P)]
+    try:
+        for svc in svcs:
+            await svc.start()
+        yield svcs
+    finally:
+        for svc in svcs:
+            await svc.stop()
+
+
+async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
+        partitioned: list[StorageService], settings: Settings, nc, make_session) -> None:
+    subjects = Subjects(settings.namespace)
+    now = time.time()
+    sessions = [make_session(i, finish=now - 500 + i * 3, outcome="failed" if i % 4 == 0 else "success",
+                             branch="dev" if i % 3 == 0 else "main") for i in range(90)]
+    sessions.append(make_session(99, finish=sessions[10].finish))  # a tie on finish time: the id orders
+    await publish(nc, subjects, sessions)
+    client = StorageClient(nc, subjects, timeout=10.0)
+
+    async def all_stored() -> bool:
+        return (await client.stats()).sessions == len(sessions)
+
+    await eventually(all_stored, what="every session stored")
+    stats = await client.stats()
+    assert stats.partitions == P and stats.partial == []
+    # Each session in the store of the partition its id maps to, once.
+    for k in range(P):
+        on_disk = ids_on_disk(store_dir(settings.telemetry_dir, k))
+        assert sorted(on_disk) == sorted(s.id for s in sessions if partition_of(s.id, P) == k)
+        assert on_disk, f"partition {k} got nothing"
+    assert set(partition_dirs(settings.telemetry_dir)) == set(range(P))
+    assert not fmt.list_segments(settings.telemetry_dir)  # nothing in the unpartitioned place
+
+    def newest(xs: list[BuildSession]) -> list[str]:
+        return [s.id for s in sorted(xs, key=lambda s: (s.finish, s.id), reverse=True)]
+
+    assert [s.id for s in await client.recent(37)] == newest(sessions)[:37]
+    assert [s.id for s in await client.recent(500)] == newest(sessions)
+    failed = [s for s in sessions if s.outcome == "failed"]
+    assert [s.id for s in await client.query(outcome="failed", limit=100)] == newest(failed)
+    assert [s.id for s in await client.query(branch="dev", limit=5)] == newest(
+        [s for s in sessions if s.environment.vcs and s.environment.vcs.branch == "dev"])[:5]
+    window = [s for s in sessions if now - 400 <= s.finish < now - 200]
+    assert [s.id for s in await client.range(now - 400, now - 200)] == newest(window)[::-1]
+    summaries = await client.summaries(limit=1000)
+    assert [s.id for s in summaries] == newest(sessions)
+    oldest = await client.summaries(order="oldest", limit=50, outcome="success")
+    assert [s.id for s in oldest] == newest([s for s in sessions if s.outcome == "success"])[::-1][:50]
+    for s in sessions[::17]:
+        assert (await client.get(s.id)).id == s.id
+    with pytest.raises(StorageError) as err:
+        await client.get("0" * 32)
+    assert err.value.code == 404
+    assert client.partial == []
+
+
+def spawn(settings: Settings, k: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **stack_env(settings), "BUILDER_TELEMETRY_CACHE_DIR": str(settings.cache_dir),
+           "BUILDER_TELEMETRY_STORAGE_PARTITIONS": str(P), "BUILDER_TELEMETRY_LOG_FORMAT": "json"}
+    cmd = [sys.executable, "-m", "buildtel.services.storage", "--partition", str(k), "--ack-wait-s", "1"]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_lost(
+        settings: Settings, nc, tmp_path: Path, make_session) -> None:
+    subjects = Subjects(settings.namespace)
+    client = StorageClient(nc, subjects, timeout=10.0)
+    logs = [tmp_path / f"p{k}.log" for k in range(P)]
+    procs = [spawn(settings, k, logs[k]) for k in range(P)]
+    try:
+        async def answers() -> bool:
+            for k, proc in enumerate(procs):
+                assert proc.poll() is None, logs[k].read_text()
+            try:
+                st = await client.stats()
+            except StorageError:
+                return False
+            return st.partial == []
+
+        await eventually(answers, what="every partition answers")
+        now = time.time()
+        first = [make_session(i, finish=now - 1000 + i) for i in range(45)]
+        await publish(nc, subjects, first)
+
+        async def count(n: int) -> bool:
+            return (await client.stats()).sessions == n
+
+        await eventually(lambda: count(len(first)), what="the first builds stored")
+        victim = 1
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait(10)
+        # Builds go on while partition 1 is down: its share waits in its durable consumer.
+        second = [make_session(100 + i, finish=now - 500 + i) for i in range(45)]
+        await publish(nc, subjects, second)
+        live = [s for s in first + second if partition_of(s.id, P) != victim]
+        mine = [s for s in first + second if partition_of(s.id, P) == victim]
+        assert mine and live
+
+        async def others_stored() -> bool:
+            return (await client.stats()).sessions == len(live)
+
+        await eventually(others_stored, what="the live partitions stored their share")
+        note = f"partial: partition {victim} did not answer"
+        got = await client.recent(1000)
+        assert {s.id for s in got} == {s.id for s in live}  # the others' data, nothing of the dead one
+        assert client.partial == [note]
+        summaries = await client.summaries(limit=1000)
+        assert len(summaries) == len(live) and client.partial == [note]
+        assert (await client.stats()).partial == [note]
+        with pytest.raises(StorageError) as err:
+            await client.get(mine[0].id)
+        assert err.value.code == 503 and note in str(err.value)
+
+        procs[victim] = spawn(settings, victim, logs[victim])
+        await eventually(answers, what="partition 1 answers again")
+        await eventually(lambda: count(len(first) + len(second)), what="partition 1 caught up")
+        stored = [s.id for s in await client.recent(1000)]
+        assert client.partial == []
+        assert sorted(stored) == sorted(s.id for s in first + second)  # exact: nothing lost, nothing twice
+        assert sorted(ids_on_disk(store_dir(settings.telemetry_dir, victim))) == sorted(s.id for s in mine)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
