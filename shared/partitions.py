@@ -81,10 +81,11 @@ def store_dir(telemetry_dir: Path, partition: int | None) -> Path:
 
 
 def unpartitioned_files(telemetry_dir: Path) -> list[Path]:
-    """Store files of a P = 1 store directly in ``telemetry/`` (what rebalancing re-homes)."""
+    """Segment files (``seg-*``) of a P = 1 store directly in ``telemetry/`` (sessions that
+    rebalancing re-homes; a store that never stored one holds none)."""
     if not telemetry_dir.is_dir():
         return []
-    return sorted(p for p in telemetry_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in telemetry_dir.iterdir() if p.is_file() and p.name.startswith("seg-"))
 
 
 def partition_dirs(telemetry_dir: Path) -> dict[int, Path]:
