@@ -201,3 +201,53 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+async def test_up_with_partitions_runs_one_storage_per_partition_fed_by_the_collector(
+        settings: Settings, nc) -> None:
+    """``buildtel up``'s stack with P = 3: the collector publishes with the id in the subject, the
+    stream maps it, three storage instances store their share; the analyzer's durable, made before
+    the rebalance with the bare filter only, is converged on start and gets every session too."""
+    from buildtel.cli.cmd_stack import LocalStack
+    from buildtel.shared.partitions import consumer_filters
+    from tests.util import publish_events, synthetic_build
+
+    subjects = Subjects(settings.namespace)
+    js = nc.jetstream()
+    async with LocalStack(settings, services=["analyzer"]):  # P = 1: the analyzer's durable, bare filter
+        pass
+    info = await js.consumer_info(subjects.sessions_stream, "analyzer")
+    assert info.config.filter_subject == subjects.sessions_completed
+    # The farm grows: partitioned with the documented command (no storage ran: nothing to re-home).
+    from buildtel.services.storage.rebalance import rebalance
+
+    assert (await rebalance(settings, nc, P)).sessions == 0
+    s = settings.with_(storage_partitions=P)
+    async with LocalStack(s, services=["collector", "storage", "analyzer"]) as stack:
+        storages = [svc for svc in stack.services if svc.name == "storage"]
+        assert sorted(svc.partition for svc in storages) == list(range(P))
+        info = await js.consumer_info(subjects.sessions_stream, "analyzer")
+        assert set(info.config.filter_subjects or []) == set(consumer_filters(subjects, P))
+        sids = []
+        for n in range(12):
+            sid, per_agent, _ = synthetic_build(targets=5, seed=n)
+            sids.append(sid)
+            for agent, events in per_agent.items():
+                await publish_events(js, subjects, sid, agent, events)
+        client = StorageClient(nc, subjects, timeout=10.0)
+
+        async def all_stored() -> bool:
+            return (await client.stats()).sessions == len(sids)
+
+        await eventually(all_stored, what="the collector's sessions stored")
+        for k in range(P):
+            assert sorted(ids_on_disk(store_dir(s.telemetry_dir, k))) == sorted(
+                i for i in sids if partition_of(i, P) == k)
+
+        async def analyzer_done() -> bool:
+            c = await js.consumer_info(subjects.sessions_stream, "analyzer")
+            return c.delivered.stream_seq > 0 and c.num_pending == 0 and c.num_ack_pending == 0
+
+        await eventually(analyzer_done, what="the analyzer consumed the partitioned sessions")
+        c = await js.consumer_info(subjects.sessions_stream, "analyzer")
+        assert c.num_redelivered == 0 and c.delivered.consumer_seq == len(sids)  # each session once
