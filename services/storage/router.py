@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from buildtel.services.storage import columns, pages
 from buildtel.services.storage.api import (
     Cursor,
     RawSessionsReply,
@@ -38,7 +39,7 @@ from buildtel.shared import micro
 from buildtel.shared.service import BAD_REQUEST, NOT_FOUND, ServiceError
 from buildtel.shared.subjects import Subjects
 
-MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats")
+MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats", columns.ENDPOINT)
 PARTITION_TIMEOUT_S = 2.5  # below the clients' 5 s: a missing partition is reported, not a timeout
 _enc = msgspec.msgpack.Encoder()
 _raw_dec = msgspec.msgpack.Decoder(RawSessionsReply)
@@ -103,7 +104,8 @@ class Router:
                                     "is not merged across partitions yet; ask one partition on "
                                     f"{self.subjects.storage_partition_endpoint(0, endpoint)} (docs/scaling.md)")
         try:
-            req = decode_request(endpoint, data)
+            req: Any = (columns.request_decoder.decode(data or b"\x80") if endpoint == columns.ENDPOINT
+                        else decode_request(endpoint, data))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ServiceError(BAD_REQUEST, f"bad {endpoint} request: {exc}") from None
         got, partial = await self.ask(endpoint, data)
@@ -114,6 +116,9 @@ class Router:
                 raise ServiceError(503, f"session {req.id} is not in the partitions that answered; "
                                         + "; ".join(partial))
             raise ServiceError(NOT_FOUND, f"session {req.id} is not stored")
+        if endpoint == columns.ENDPOINT:  # report rows: names renumbered into one table (pages.py)
+            return _enc.encode(pages.merge_columns([columns.reply_decoder.decode(b) for b in got.values()],
+                                                   limit=req.limit, budget=self.budget(), partial=partial))
         if endpoint == "stats":
             return _enc.encode(merge_stats([_stats_dec.decode(b) for b in got.values()], self.partitions, partial))
         if endpoint == "summaries":

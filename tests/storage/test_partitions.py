@@ -85,7 +85,8 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
     subjects = Subjects(settings.namespace)
     now = time.time()
     sessions = [make_session(i, finish=now - 500 + i * 3, outcome="failed" if i % 4 == 0 else "success",
-                             branch="dev" if i % 3 == 0 else "main") for i in range(90)]
+                             branch="dev" if i % 3 == 0 else "main", targets=2 + i % 4, target_prefix=f"//p{i % 5}:t")
+                for i in range(90)]
     sessions.append(make_session(99, finish=sessions[10].finish))  # a tie on finish time: the id orders
     await publish(nc, subjects, sessions)
     client = StorageClient(nc, subjects, timeout=10.0)
@@ -119,6 +120,20 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
     assert [s.id for s in summaries] == newest(sessions)
     oldest = await client.summaries(order="oldest", limit=50, outcome="success")
     assert [s.id for s in oldest] == newest([s for s in sessions if s.outcome == "success"])[::-1][:50]
+    # Report rows (the analyzer's reports, the dashboard): merged pages, names renumbered per page.
+    from buildtel.services.storage.columns import ColumnsRequest, column_pages, decode_durations, decode_ids
+
+    rows, by_id = [], {s.id: s for s in sessions}
+    async for page in column_pages(nc, subjects, ColumnsRequest(branch="main")):
+        assert page.partial == []
+        ids, durs, off = decode_ids(page.name_ids), decode_durations(page.durations), 0
+        for row in page.sessions:
+            rows.append(row.id)
+            want = by_id[row.id].targets
+            assert [page.names[i] for i in ids[off:off + row.targets]] == [t.name for t in want]
+            assert list(durs[off:off + row.targets]) == [t.duration_s for t in want]
+            off += row.targets
+    assert rows == newest([s for s in sessions if s.environment.vcs and s.environment.vcs.branch == "main"])
     for s in sessions[::17]:
         assert (await client.get(s.id)).id == s.id
     with pytest.raises(StorageError) as err:
@@ -181,6 +196,10 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
         summaries = await client.summaries(limit=1000)
         assert len(summaries) == len(live) and client.partial == [note]
         assert (await client.stats()).partial == [note]
+        from buildtel.services.storage.columns import ColumnsRequest, column_pages
+
+        pages = [page async for page in column_pages(nc, subjects, ColumnsRequest())]
+        assert sum(len(p.sessions) for p in pages) == len(live) and pages[0].partial == [note]
         with pytest.raises(StorageError) as err:
             await client.get(mine[0].id)
         assert err.value.code == 503 and note in str(err.value)
