@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from buildtel.services.storage import columns, pages
+from buildtel.services.storage import columns, history, pages
 from buildtel.services.storage.api import (
     Cursor,
     RawSessionsReply,
@@ -39,7 +39,8 @@ from buildtel.shared import micro
 from buildtel.shared.service import BAD_REQUEST, NOT_FOUND, ServiceError
 from buildtel.shared.subjects import Subjects
 
-MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats", columns.ENDPOINT)
+MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats", columns.ENDPOINT,
+          history.TARGET_HISTORY)
 PARTITION_TIMEOUT_S = 2.5  # below the clients' 5 s: a missing partition is reported, not a timeout
 _enc = msgspec.msgpack.Encoder()
 _raw_dec = msgspec.msgpack.Decoder(RawSessionsReply)
@@ -105,6 +106,7 @@ class Router:
                                     f"{self.subjects.storage_partition_endpoint(0, endpoint)} (docs/scaling.md)")
         try:
             req: Any = (columns.request_decoder.decode(data or b"\x80") if endpoint == columns.ENDPOINT
+                        else history.target_history_decoder.decode(data) if endpoint == history.TARGET_HISTORY
                         else decode_request(endpoint, data))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ServiceError(BAD_REQUEST, f"bad {endpoint} request: {exc}") from None
@@ -119,6 +121,13 @@ class Router:
         if endpoint == columns.ENDPOINT:  # report rows: names renumbered into one table (pages.py)
             return _enc.encode(pages.merge_columns([columns.reply_decoder.decode(b) for b in got.values()],
                                                    limit=req.limit, budget=self.budget(), partial=partial))
+        if endpoint == history.TARGET_HISTORY:  # one run per session, newest first: merged like a list
+            runs = [history.target_history_reply_decoder.decode(b) for b in got.values()]
+            merged, cursor = _merge([(list(r.runs), [Cursor(x.t, x.session_id) for x in r.runs], r.cursor)
+                                     for r in runs], desc=True,
+                                    limit=max(1, min(req.limit, self.budget() // history.RUN_BYTES)))
+            return _enc.encode(history.TargetHistoryReply(target=req.target, runs=[x for x, _ in merged],
+                                                          cursor=cursor, partial=partial))
         if endpoint == "stats":
             return _enc.encode(merge_stats([_stats_dec.decode(b) for b in got.values()], self.partitions, partial))
         if endpoint == "summaries":

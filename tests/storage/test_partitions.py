@@ -134,6 +134,11 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
             assert list(durs[off:off + row.targets]) == [t.duration_s for t in want]
             off += row.targets
     assert rows == newest([s for s in sessions if s.environment.vcs and s.environment.vcs.branch == "main"])
+    from buildtel.services.storage.history import TargetHistoryRequest, target_history
+
+    runs = await target_history(nc, subjects, TargetHistoryRequest(target="//p1:t1", limit=25))
+    ran = [s for s in sessions if any(t.name == "//p1:t1" for t in s.targets)]
+    assert [r.session_id for r in runs.runs] == newest(ran)[:25] and runs.partial == []
     for s in sessions[::17]:
         assert (await client.get(s.id)).id == s.id
     with pytest.raises(StorageError) as err:
