@@ -208,6 +208,34 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
         with pytest.raises(StorageError) as err:
             await client.get(mine[0].id)
         assert err.value.code == 503 and note in str(err.value)
+        # What a person sees: the CLI's list says so on stderr, the web API in the page and the problem.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
+        env.update(stack_env(settings))
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
+            str(settings.cache_dir), "sessions", "--limit", "500", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env)
+        out, errb = await asyncio.wait_for(cli.communicate(), 90)
+        assert cli.returncode == 0, errb.decode()
+        assert f"buildtel: {note}: its sessions are missing from this list" in errb.decode()
+        assert len(out.decode().splitlines()) == 1 + len(live)  # header + the others' sessions
+        import aiohttp
+
+        from buildtel.services.web.service import WebService
+
+        web = WebService(settings, settings.nats_url or "", settings.redis_url or "")
+        await web.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{web.url}/api/v1/sessions?limit=500") as resp:
+                    assert resp.status == 200
+                    page = await resp.json()
+                assert page["partial"] == [note] and len(page["sessions"]) == len(live)
+                async with http.get(f"{web.url}/api/v1/sessions/{mine[0].id}") as resp:
+                    assert resp.status == 503
+                    assert note in (await resp.json())["detail"]
+        finally:
+            await web.stop()
 
         procs[victim] = spawn(settings, victim, logs[victim])
         await eventually(answers, what="partition 1 answers again")
