@@ -82,6 +82,7 @@ class TrendReply(msgspec.Struct, kw_only=True):
     bucket_s: float
     builds: int
     buckets: list[TrendBucket]
+    partial: list[str] = []  # partitions that did not answer (docs/scaling.md, Partitions)
 
 
 class TargetHistoryRequest(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -21,6 +21,7 @@ the answering partitions lack then fails 503 saying so, never a plain 404.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,11 +29,13 @@ import msgspec
 
 from buildtel.services.storage import columns, history, pages
 from buildtel.services.storage.api import (
+    MAX_ITEMS,
     Cursor,
     RawSessionsReply,
     StatsReply,
     StorageError,
     SummariesReply,
+    SummariesRequest,
     decode_request,
 )
 from buildtel.shared import micro
@@ -40,7 +43,7 @@ from buildtel.shared.service import BAD_REQUEST, NOT_FOUND, ServiceError
 from buildtel.shared.subjects import Subjects
 
 MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats", columns.ENDPOINT,
-          history.TARGET_HISTORY)
+          history.TARGET_HISTORY, history.TREND)
 PARTITION_TIMEOUT_S = 2.5  # below the clients' 5 s: a missing partition is reported, not a timeout
 _enc = msgspec.msgpack.Encoder()
 _raw_dec = msgspec.msgpack.Decoder(RawSessionsReply)
@@ -104,6 +107,8 @@ class Router:
             raise ServiceError(501, f"storage is partitioned ({self.partitions} partitions): the {endpoint} report "
                                     "is not merged across partitions yet; ask one partition on "
                                     f"{self.subjects.storage_partition_endpoint(0, endpoint)} (docs/scaling.md)")
+        if endpoint == history.TREND:
+            return await self._trend(data)
         try:
             req: Any = (columns.request_decoder.decode(data or b"\x80") if endpoint == columns.ENDPOINT
                         else history.target_history_decoder.decode(data) if endpoint == history.TARGET_HISTORY
@@ -138,6 +143,63 @@ class Router:
         limit = req.n if endpoint == "recent" else req.limit
         return _enc.encode(merge_sessions([_raw_dec.decode(b) for b in got.values()], desc=desc, limit=limit,
                                           partial=partial, max_bytes=self.budget()))
+
+
+    async def _trend(self, data: bytes) -> bytes:
+        """Builds per time bucket over all partitions, exactly as one store computes them: the
+        per-bucket duration percentiles need every duration, so each partition's matching
+        summaries (with their order time) are gathered and bucketed here (history.buckets)."""
+        try:
+            req = history.trend_decoder.decode(data or b"\x80")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ServiceError(BAD_REQUEST, f"bad trend request: {exc}") from None
+        until = req.until if req.until is not None else time.time()
+        since = req.since if req.since is not None else max(0.0, until - 30 * history.DAY)
+        if (until - since) / req.bucket_s > history.MAX_BUCKETS:
+            raise ServiceError(BAD_REQUEST, f"bad trend request: {until - since:.0f} s in buckets of "
+                                            f"{req.bucket_s:.0f} s is more than {history.MAX_BUCKETS} buckets; "
+                                            "ask for larger buckets")
+
+        async def every(k: int) -> list[_Timed] | ServiceError:
+            out: list[_Timed] = []
+            cursor = None
+            while True:
+                page = SummariesRequest(branch=req.branch, agent=req.agent, name=req.name, label=req.label,
+                                        target=req.target, since=since, until=until, order="oldest",
+                                        limit=MAX_ITEMS, cursor=cursor)
+                got = await self._one(k, "summaries", _enc.encode(page))
+                if isinstance(got, ServiceError):
+                    return got
+                reply = _sum_dec.decode(got)
+                out += [_Timed(key.t, s) for s, key in zip(reply.summaries, reply.keys, strict=True)]
+                if reply.cursor is None or not reply.summaries:
+                    return out
+                cursor = reply.cursor
+
+        answers = await asyncio.gather(*(every(k) for k in range(self.partitions)))
+        rows: list[_Timed] = []
+        partial: list[str] = []
+        for k, a in enumerate(answers):
+            if isinstance(a, ServiceError):
+                if a.code not in (503, 504):
+                    raise a
+                partial.append(missing(k))
+            else:
+                rows += a
+        out = await asyncio.to_thread(history.buckets, rows, since, until, req.bucket_s)
+        return _enc.encode(history.TrendReply(since=since, until=until, bucket_s=req.bucket_s, builds=len(rows),
+                                              buckets=out, partial=partial))
+
+
+class _Timed:
+    """A summary with the store's order time ``t``, as ``history.buckets`` reads index summaries."""
+
+    __slots__ = ("cache_hits", "cache_misses", "complete", "duration_s", "outcome", "t")
+
+    def __init__(self, t: float, s: Any) -> None:
+        self.t = t
+        self.outcome, self.complete, self.duration_s = s.outcome, s.complete, s.duration_s
+        self.cache_hits, self.cache_misses = s.cache_hits, s.cache_misses
 
 
 def _key(c: Cursor) -> tuple[float, str]:

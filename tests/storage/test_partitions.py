@@ -88,6 +88,8 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
                              branch="dev" if i % 3 == 0 else "main", targets=2 + i % 4, target_prefix=f"//p{i % 5}:t")
                 for i in range(90)]
     sessions.append(make_session(99, finish=sessions[10].finish))  # a tie on finish time: the id orders
+    for i, s in enumerate(sessions):
+        s.duration_s = 10.0 + (i * 7) % 53  # durations that make the trend's percentiles mean something
     await publish(nc, subjects, sessions)
     client = StorageClient(nc, subjects, timeout=10.0)
 
@@ -134,7 +136,14 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
             assert list(durs[off:off + row.targets]) == [t.duration_s for t in want]
             off += row.targets
     assert rows == newest([s for s in sessions if s.environment.vcs and s.environment.vcs.branch == "main"])
-    from buildtel.services.storage.history import TargetHistoryRequest, target_history
+    from buildtel.services.storage.history import TargetHistoryRequest, TrendRequest, buckets, target_history, trend
+
+    # Trend: exactly what one store computes from the same sessions (percentiles need every duration).
+    got_trend = await trend(nc, subjects, TrendRequest(since=now - 600, until=now, bucket_s=120, branch="main"))
+    mains = [_AsSummary(s) for s in sessions if s.environment.vcs and s.environment.vcs.branch == "main"
+             and now - 600 <= s.finish < now]
+    assert got_trend.partial == [] and got_trend.builds == len(mains) > 0
+    assert got_trend.buckets == buckets(mains, now - 600, now, 120)
 
     runs = await target_history(nc, subjects, TargetHistoryRequest(target="//p1:t1", limit=25))
     ran = [s for s in sessions if any(t.name == "//p1:t1" for t in s.targets)]
@@ -145,6 +154,14 @@ async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
         await client.get("0" * 32)
     assert err.value.code == 404
     assert client.partial == []
+
+
+class _AsSummary:
+    """A session as ``history.buckets`` reads an index summary (order time = finish here)."""
+
+    def __init__(self, s: BuildSession) -> None:
+        self.t, self.outcome, self.duration_s, self.complete = s.finish, s.outcome, s.duration_s, True
+        self.cache_hits, self.cache_misses = s.cache_hits, s.cache_misses
 
 
 def spawn(settings: Settings, k: int, log: Path) -> subprocess.Popen[bytes]:
@@ -205,6 +222,10 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
 
         pages = [page async for page in column_pages(nc, subjects, ColumnsRequest())]
         assert sum(len(p.sessions) for p in pages) == len(live) and pages[0].partial == [note]
+        from buildtel.services.storage.history import TrendRequest, trend
+
+        tr = await trend(nc, subjects, TrendRequest(since=now - 2000, until=now + 1, bucket_s=3600))
+        assert tr.builds == len(live) and tr.partial == [note]
         with pytest.raises(StorageError) as err:
             await client.get(mine[0].id)
         assert err.value.code == 503 and note in str(err.value)
