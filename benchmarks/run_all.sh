@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FGPL=.builder-cache/test-assets/flamegraph.pl
-for b in bench_codec bench_ingest bench_memory bench_overhead bench_analyzer bench_alert_latency bench_tracer bench_flamegraph bench_bes bench_scale; do
+for b in bench_codec bench_ingest bench_memory bench_overhead bench_analyzer bench_alert_latency bench_tracer bench_flamegraph bench_bes bench_partitions bench_scale; do
   extra=()
   [ "$b" = bench_flamegraph ] && [ -f "$FGPL" ] && extra=(--flamegraph-pl "$FGPL")
   echo "===== $b  (load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)) $(date +%T)"

@@ -108,16 +108,22 @@ class LocalStack:
         web API (one web service serves all tenants, by the tenant its keys name) and the BES
         endpoint (one port; Bazel builds land in the stack's own namespace)."""
         s = self.service_settings
-        self.services = [registry.create(n, s, self.nats_url, self.redis_url) for n in self.names]
+        self.services = [svc for n in self.names for svc in self._create(n, s)]
         for tenant in self.settings.tenant_list:
             ts = s.for_tenant(tenant)
             private_dir(ts.cache_dir)
             # A tenant's tracer takes OTLP on a port of its own (any free one: stack.json's
             # tenant_otlp), not the stack's 4318, which the stack's own tracer holds.
-            self.services += [registry.create(n, ts, self.nats_url, self.redis_url,
-                                              **({"otlp_port": 0} if n == "tracer" else {}))
-                              for n in self.names if n not in ("web", "bes")]
+            self.services += [svc for n in self.names if n not in ("web", "bes")
+                              for svc in self._create(n, ts, **({"otlp_port": 0} if n == "tracer" else {}))]
         return self.services
+
+    def _create(self, name: str, s: Settings, **options: Any) -> list[Any]:
+        """One service, or P storage instances, one per partition (docs/scaling.md, Partitions)."""
+        if name == "storage" and s.storage_partitions > 1:
+            return [registry.create(name, s, self.nats_url, self.redis_url, partition=k, **options)
+                    for k in range(s.storage_partitions)]
+        return [registry.create(name, s, self.nats_url, self.redis_url, **options)]
 
     async def __aenter__(self) -> LocalStack:
         await asyncio.to_thread(self.start_engines)

@@ -184,11 +184,14 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
             return {"publish": [f"{ns}.events.>", f"{ns}.health.>", f"{ns}.spans", *_log_write(ns)],
                     "subscribe": inbox, "allow_responses": False}
         case "collector":
-            return service([f"{ns}.sessions.completed", f"{ns}.sessions.started", *_object_write(ns)], base_streams,
-                           [ev], [])
+            # sessions.completed.<id>: the partitioned form (storage partitions, shared/partitions.py).
+            return service([f"{ns}.sessions.completed", f"{ns}.sessions.completed.*", f"{ns}.sessions.started",
+                            *_object_write(ns)], base_streams, [ev], [])
         case "storage":
-            # Retention deletes a dropped session's log (a purge of its subjects).
-            return service([*_object_read(ns), *_log_read(ns), f"$JS.API.STREAM.PURGE.{_logs(ns)[1]}"],
+            # Retention deletes a dropped session's log (a purge of its subjects).  A partition asks
+            # the other partitions (<ns>.storage.p<k>.*) to answer a query for all of them.
+            return service([*_object_read(ns), *_log_read(ns), f"$JS.API.STREAM.PURGE.{_logs(ns)[1]}",
+                            f"{ns}.storage.*.>"],
                            base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
             return service([f"{ns}.alerts.>", storage_q, *_object_read(ns)], [*base_streams, al], [se],

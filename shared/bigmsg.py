@@ -172,16 +172,18 @@ def reference_headers(ref: Reference) -> dict[str, str]:
 
 
 async def publish_session(js: Any, nc: Any, subjects: Subjects, data: bytes, *, msg_id: str,
-                          timeout: float = 10.0) -> Any:
+                          timeout: float = 10.0, subject: str | None = None) -> Any:
     """Publish an encoded session on ``NS.sessions.completed``: as one message when it fits,
-    else through the bucket as a reference.  Returns the stream's publish ack."""
+    else through the bucket as a reference.  Returns the stream's publish ack.  ``subject``: the
+    partitioned form (``shared/partitions.py``), else the bare subject."""
     headers = {"Nats-Msg-Id": msg_id}
+    subject = subject or subjects.sessions_completed
     if len(data) <= message_limit(nc):
-        return await js.publish(subjects.sessions_completed, data, headers=headers, timeout=timeout)
+        return await js.publish(subject, data, headers=headers, timeout=timeout)
     if len(data) > MAX_SESSION_BYTES:
         raise ValueError(f"session of {len(data)} bytes exceeds the {MAX_SESSION_BYTES}-byte limit of a session")
     ref = await put(js, subjects.sessions_bucket, data, timeout=timeout)
-    return await js.publish(subjects.sessions_completed, b"", headers={**headers, **reference_headers(ref)},
+    return await js.publish(subject, b"", headers={**headers, **reference_headers(ref)},
                             timeout=timeout)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError
 
 from buildtel.shared import bigmsg, logstore
+from buildtel.shared import partitions as partitions_mod
 from buildtel.shared.auth import inbox_prefix
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
@@ -135,7 +137,12 @@ def connect_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
 
 
-def stream_configs(subjects: Subjects) -> list[StreamConfig]:
+def stream_configs(subjects: Subjects, partitions: int = 1) -> list[StreamConfig]:
+    """The shared streams; ``partitions`` > 1 maps completed sessions to storage partitions
+    (``shared/partitions.py``)."""
+    completed = [subjects.sessions_completed]
+    if partitions > 1:
+        completed.append(f"{subjects.sessions_completed}.*")  # the id, mapped to its partition
     return [
         # Agent events: limits retention (not work-queue) so the recorder can read the same
         # stream as the collectors; Nats-Msg-Id de-duplicates agent retries within 2 min.
@@ -154,7 +161,8 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
             name=subjects.sessions_stream,
             # Durable consumers (storage, analyzer, tracer) filter on sessions.completed; the
             # started announcements are for live followers (the web API's stream).
-            subjects=[subjects.sessions_completed, subjects.sessions_started],
+            subjects=[*completed, subjects.sessions_started],
+            subject_transform=partitions_mod.stream_transform(subjects, partitions),
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=30 * DAY_S,
@@ -179,16 +187,27 @@ def stream_configs(subjects: Subjects) -> list[StreamConfig]:
 
 
 async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
-    """Declare one stream, idempotently."""
+    """Declare one stream, idempotently.  An existing stream keeps its subject transform (the
+    storage partitioning, ``shared/partitions.py``) whatever the declaration says: only ``buildtel
+    storage rebalance`` changes the partition count, never a process that happens to start."""
     try:
         await js.add_stream(cfg)
     except BadRequestError:
         # Exists with other limits (an older version declared it): converge on ours.
+        current = (await js.stream_info(cfg.name or "")).config
+        if _transform(current) != _transform(cfg):
+            cfg = dataclasses.replace(cfg, subject_transform=current.subject_transform, subjects=current.subjects)
         await js.update_stream(cfg)
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None) -> None:
-    for cfg in stream_configs(subjects) + list(extra or []):
+def _transform(cfg: StreamConfig) -> tuple[str, str] | None:
+    t = cfg.subject_transform
+    return None if t is None else (t.src, t.dest)
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None,
+                         *, partitions: int = 1) -> None:
+    for cfg in stream_configs(subjects, partitions) + list(extra or []):
         await ensure_stream(js, cfg)
 
 

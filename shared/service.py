@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import nats.errors
+import nats.js.errors
 import nats.micro
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -105,6 +106,9 @@ class Consumer:
     stop_timeout_s: float = 5.0  # on stop, how long the batch in hand may take
     lag_metric: str = "consumer_lag"
     lost: Callable[[str, str], Awaitable[None]] | None = None  # (subject, reason) of an advisory dead letter
+    # Several filter subjects instead of ``subject`` (storage partitions, shared/partitions.py);
+    # ``subject`` still says what the messages are (completed sessions are resolved, see _consume).
+    filter_subjects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,15 +236,19 @@ class BusService:
         subs: list[Any] = []
         stack.push_async_callback(close_nats, self.nc, subs)  # unsubscribes what is in subs
         self.js = self.nc.jetstream()
-        await ensure_streams(self.js, self.subjects, extra=self.streams())
+        await ensure_streams(self.js, self.subjects, extra=self.streams(),
+                             partitions=self.settings.storage_partitions)
         await self.prepare(stack)
         for decl in self.consumers():
             run = _Running(decl)
+            if decl.filter_subjects:
+                await self._converge_filters(decl)
             run.sub = await self.js.pull_subscribe(
                 decl.subject, durable=decl.durable, stream=decl.stream,
                 config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                                       ack_wait=decl.ack_wait_s, max_ack_pending=decl.max_ack_pending,
-                                      max_deliver=decl.max_deliver))
+                                      max_deliver=decl.max_deliver,
+                                      filter_subjects=list(decl.filter_subjects) or None))
             subs.append(run.sub)
             # What the server gives up on (max_deliver) is parked on NS.deadletter.<service>.
             subs.append(await watch_max_deliveries(
@@ -262,6 +270,24 @@ class BusService:
         state.workers = [(w, asyncio.create_task(w.run(), name=f"{self.name}.{w.name}")) for w in self.workers()]
         self._tasks = [r.task for r in state.consumers if r.task] + [t for _, t in state.workers]
         stack.push_async_callback(self._stop_tasks, state)  # runs first on stop: no new work
+
+    async def _converge_filters(self, decl: Consumer) -> None:
+        """A durable made before storage was partitioned filters on the bare subject only: give it
+        the declared filters (its position is kept), so partitioned sessions reach it too."""
+        try:
+            info = await self.js.consumer_info(decl.stream, decl.durable)
+        except nats.js.errors.NotFoundError:
+            return  # pull_subscribe creates it with the filters
+        have = tuple(info.config.filter_subjects or ([info.config.filter_subject] if info.config.filter_subject
+                                                     else []))
+        if set(have) == set(decl.filter_subjects):
+            return
+        cfg = info.config
+        cfg.filter_subject = None
+        cfg.filter_subjects = list(decl.filter_subjects)
+        await self.js.add_consumer(decl.stream, config=cfg)
+        self.log.info(f"{self.name}.consumer_filters_updated", consumer=decl.durable, before=list(have),
+                      after=list(decl.filter_subjects))
 
     async def _stop_tasks(self, state: _State) -> None:
         self.stopping.set()

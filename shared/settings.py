@@ -58,6 +58,10 @@ def _help(text: str, **kw: Any) -> Any:
 class Settings:
     enabled: bool = _help("Master switch; false makes the client SDK a no-op.", default=True)
     max_sessions: int = _help("Sessions the store retains (oldest dropped first).", default=1000)
+    storage_partitions: int = _help(
+        "Storage partitions: completed sessions are spread over this many storage instances by session id "
+        "(telemetry/p<k>/ each; 1 keeps the single telemetry/ store). Raise it with 'buildtel storage "
+        "rebalance' (docs/scaling.md, Partitions).", default=1)
     retention_days: float = _help("Age after which stored sessions and traces are dropped.", default=90.0)
     cache_dir: Path = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
         "Data directory (telemetry/, traces/, recordings/, engines/, stack.json). The default is one per user "
@@ -162,6 +166,7 @@ class Settings:
     def validate(self) -> None:
         checks = [
             ("max_sessions", self.max_sessions >= 1),
+            ("storage_partitions", 1 <= self.storage_partitions <= 64),
             ("retention_days", self.retention_days > 0),
             # The collector refuses batches over buildtel.shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
             ("web_rate_limit", self.web_rate_limit >= 1),

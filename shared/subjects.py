@@ -57,6 +57,21 @@ class Subjects:
     def sessions_completed(self) -> str:
         return f"{self.ns}.sessions.completed"
 
+    def sessions_completed_for(self, session_id: str) -> str:
+        """Where the collector publishes a completed session when storage is partitioned: the id as
+        the last token, which the sessions stream maps to ``completed.<partition>.<id>``
+        (``shared/partitions.py``)."""
+        return f"{self.ns}.sessions.completed.{token(session_id)}"
+
+    def sessions_partition(self, k: int) -> str:
+        """The completed sessions of storage partition ``k`` (a consumer filter)."""
+        return f"{self.ns}.sessions.completed.{k}.*"
+
+    @property
+    def sessions_completed_any(self) -> str:
+        """Completed sessions published with their id (every partition), for consumer filters."""
+        return f"{self.ns}.sessions.completed.>"
+
     @property
     def sessions_started(self) -> str:
         """A build's first BuildStarted, announced once by the collector (``SessionStarted``)."""
@@ -148,6 +163,11 @@ class Subjects:
     @property
     def storage_api(self) -> str:
         return self.api("storage")
+
+    def storage_partition_endpoint(self, k: int, name: str) -> str:
+        """The request subject of storage partition ``k`` alone (``<ns>.storage.p<k>.<name>``);
+        ``endpoint("storage", name)`` is answered by any partition for all of them, merged."""
+        return f"{self.storage_api}.p{k}.{name}"
 
     @property
     def micro_prefix(self) -> str:

@@ -56,6 +56,7 @@ from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
 from buildtel.shared.flamegraph.sessions import flame_options
+from buildtel.shared.partitions import consumer_filters
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.service import (
     BAD_GATEWAY,
@@ -118,7 +119,8 @@ class AnalyzerService(BusService):
         return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
                          durable=DURABLE, handler=self._handle, what="session", fetch=FETCH_BATCH,
                          fetch_timeout_s=1.0, ack_wait_s=self.ack_wait_s, max_ack_pending=256,
-                         max_deliver=MAX_DELIVER, poison_after=POISON_DELIVERIES, failure_pause_s=0.2)]
+                         max_deliver=MAX_DELIVER, poison_after=POISON_DELIVERIES, failure_pause_s=0.2,
+                         filter_subjects=consumer_filters(self.subjects, self.settings.storage_partitions))]
 
     def endpoints(self) -> list[Endpoint]:
         e = self.asubjects.endpoint

@@ -30,6 +30,7 @@ from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
 from buildtel.shared.logs import get_logger
+from buildtel.shared.partitions import publish_subject
 from buildtel.shared.protocol import BuildStarted, EventBatch, is_session_id, session_started
 from buildtel.shared.redaction import redact_batch
 from buildtel.shared.service import BusService, Consumer, Worker
@@ -374,7 +375,8 @@ class CollectorService(BusService):
         if len(data) > MAX_SESSION_BYTES:
             data = self._shrink(session, len(data))
         # One message, or (over one message's size) the object store and a reference to it.
-        await publish_session(self.js, self.nc, self.subjects, data, msg_id=sid, timeout=10.0)
+        await publish_session(self.js, self.nc, self.subjects, data, msg_id=sid, timeout=10.0,
+                              subject=publish_subject(self.subjects, sid, self.settings.storage_partitions))
         await self._retire(
             keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
                   k.session_lock(sid)]

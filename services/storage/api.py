@@ -138,6 +138,11 @@ class SessionSummary(msgspec.Struct, kw_only=True):
 class SummariesReply(msgspec.Struct, kw_only=True):
     summaries: list[SessionSummary] = []
     cursor: Cursor | None = None
+    # Partitioned storage (docs/scaling.md, Partitions): "partial: partition k did not answer"
+    # for each partition missing from this answer; ``keys``: each summary's order key (between
+    # partitions only, for the merge).
+    partial: list[str] = []
+    keys: list[Cursor] = []
 
 
 class StatsRequest(msgspec.Struct, kw_only=True):
@@ -150,6 +155,7 @@ class SessionsReply(msgspec.Struct, kw_only=True):
     sessions: list[BuildSession] = []
     cursor: Cursor | None = None
     oversized: str | None = None  # the id of the next session, too large for a page: `get` it
+    partial: list[str] = []  # partitions missing from this answer ("partial: partition k did not answer")
 
 
 class RawSessionsReply(msgspec.Struct, kw_only=True):
@@ -159,6 +165,8 @@ class RawSessionsReply(msgspec.Struct, kw_only=True):
     sessions: list[msgspec.Raw] = []
     cursor: Cursor | None = None
     oversized: str | None = None
+    partial: list[str] = []
+    keys: list[Cursor] = []  # each session's order key (between partitions only, for the merge)
 
 
 class StatsReply(msgspec.Struct, kw_only=True):
@@ -176,6 +184,8 @@ class StatsReply(msgspec.Struct, kw_only=True):
     version: str = API_VERSION
     open_s: float = 0.0  # how long opening the store took (index files, else scans)
     unverified_segments: int = 0  # opened from index files, not yet checksummed (verify runs after open)
+    partitions: int = 1  # storage partitions summed up here (docs/scaling.md, Partitions)
+    partial: list[str] = []  # partitions that did not answer: their figures are missing
 
 
 REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -217,8 +227,13 @@ class StorageClient:
         self.nc = nc
         self.subjects = subjects
         self.timeout = timeout
+        # What the last call's answer lacked: "partial: partition k did not answer" per partition
+        # of a partitioned store that was away (empty: the answer is whole).
+        self.partial: list[str] = []
 
     async def _request(self, endpoint: str, req: msgspec.Struct) -> bytes:
+        if endpoint not in ("chunk",):
+            self.partial = []
         return await micro.request(self.nc, endpoint_subject(self.subjects, endpoint), encode(req),
                                    timeout=self.timeout, service="storage service", error=StorageError)
 
@@ -281,6 +296,7 @@ class StorageClient:
         ``order="oldest"``; pages through the service's replies."""
         out: list[SessionSummary] = []
         cursor: Cursor | None = None
+        partial: set[str] = set()
         while len(out) < limit:
             req = SummariesRequest(outcome=outcome, branch=branch, agent=agent, name=name, label=label,  # type: ignore[arg-type]
                                    target=target, since=since, until=until, order=order,  # type: ignore[arg-type]
@@ -289,10 +305,12 @@ class StorageClient:
                 reply = _summaries_decoder.decode(await self._request("summaries", req))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise StorageError(500, f"malformed reply from storage: {exc}") from None
+            partial.update(reply.partial)
             out.extend(reply.summaries)
             if reply.cursor is None or not reply.summaries:
                 break
             cursor = reply.cursor
+        self.partial = sorted(partial)
         return out
 
     async def exists(self, session_id: str) -> bool:
@@ -306,21 +324,26 @@ class StorageClient:
         return True
 
     async def stats(self) -> StatsReply:
-        return _stats_decoder.decode(await self._request("stats", StatsRequest()))
+        reply = _stats_decoder.decode(await self._request("stats", StatsRequest()))
+        self.partial = list(reply.partial)
+        return reply
 
     async def _pages(self, make: Any, endpoint: str, limit: int | None) -> list[BuildSession]:
         out: list[BuildSession] = []
         cursor: Cursor | None = None
+        partial: set[str] = set()
         while limit is None or len(out) < limit:
             left = None if limit is None else limit - len(out)
             try:
                 reply = _sessions_decoder.decode(await self._request(endpoint, make(cursor, left)))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise StorageError(500, f"malformed reply from storage: {exc}") from None
+            partial.update(reply.partial)
             out.extend(reply.sessions)
             if reply.oversized is not None:
                 out.append(await self.get(reply.oversized))
             if reply.cursor is None or not (reply.sessions or reply.oversized):
                 break
             cursor = reply.cursor
+        self.partial = sorted(partial)
         return out

@@ -87,6 +87,7 @@ class ColumnsReply(msgspec.Struct, kw_only=True):
     durations: bytes = b""
     codes: bytes = b""
     cursor: Cursor | None = None
+    partial: list[str] = []  # partitions that did not answer (docs/scaling.md, Partitions)
 
 
 request_decoder = msgspec.msgpack.Decoder(ColumnsRequest)

@@ -40,7 +40,7 @@ TREND, TARGET_HISTORY = "trend", "target_history"
 DAY = 86_400.0
 MAX_BUCKETS = 2_000
 MAX_RUNS = 10_000
-_RUN_BYTES = 200  # a run's encoded bytes with ids, commit, short branch and worker names (paging estimate)
+RUN_BYTES = 200  # a run's encoded bytes with ids, commit, short branch and worker names (paging estimate)
 CACHE_RESULTS = ("miss", "hit", "uncacheable")  # cache codes of columns.py (a hit: local or remote)
 
 Time = Annotated[float, msgspec.Meta(ge=0)]
@@ -82,6 +82,7 @@ class TrendReply(msgspec.Struct, kw_only=True):
     bucket_s: float
     builds: int
     buckets: list[TrendBucket]
+    partial: list[str] = []  # partitions that did not answer (docs/scaling.md, Partitions)
 
 
 class TargetHistoryRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -113,6 +114,7 @@ class TargetHistoryReply(msgspec.Struct, kw_only=True):
     target: str
     runs: list[TargetRun]
     cursor: Cursor | None = None  # set: ask again with it for older runs
+    partial: list[str] = []  # partitions that did not answer (docs/scaling.md, Partitions)
 
 
 trend_decoder = msgspec.msgpack.Decoder(TrendRequest)
@@ -218,7 +220,7 @@ async def serve_target_history(store: Any, cache: RowCache, data: bytes, budget:
     req: TargetHistoryRequest = _decode(target_history_decoder, TARGET_HISTORY, data)
     f = Filters(outcome=req.outcome, branch=req.branch, agent=req.agent, name=req.name, label=req.label,
                 target=req.target, since=req.since, until=req.until)
-    limit = max(1, min(req.limit, budget // _RUN_BYTES))
+    limit = max(1, min(req.limit, budget // RUN_BYTES))
     summaries, cursor = await store.summaries(f, desc=True, limit=limit,
                                               cursor=(req.cursor.t, req.cursor.id) if req.cursor else None)
     runs = await asyncio.to_thread(runs_of, cache, req.target, summaries, store.read_summary)
@@ -243,6 +245,7 @@ async def target_history(nc: Any, subjects: Subjects, req: TargetHistoryRequest,
     """One target's newest runs, following cursors up to ``limit`` (default: the request's)."""
     want = limit if limit is not None else req.limit
     runs: list[TargetRun] = []
+    partial: set[str] = set()
     cursor = req.cursor
     while True:
         page_req = msgspec.structs.replace(req, cursor=cursor, limit=min(MAX_RUNS, want - len(runs)))
@@ -250,6 +253,7 @@ async def target_history(nc: Any, subjects: Subjects, req: TargetHistoryRequest,
                                    timeout=timeout, service="storage service", error=StorageError)
         page = target_history_reply_decoder.decode(data)
         runs += page.runs
+        partial.update(page.partial)
         cursor = page.cursor
         if cursor is None or len(runs) >= want:
-            return TargetHistoryReply(target=req.target, runs=runs[:want], cursor=cursor)
+            return TargetHistoryReply(target=req.target, runs=runs[:want], cursor=cursor, partial=sorted(partial))

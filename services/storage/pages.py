@@ -159,3 +159,50 @@ async def serve_page(store: Any, req: ColumnsRequest, budget: int, cache: RowCac
         raise ServiceError(TOO_LARGE, f"the report rows of session {b.rows[-1].id} are {len(data)} bytes, more "
                                       f"than one reply may carry ({budget})")
     return data
+
+
+def _row_key(r: ReportRow) -> tuple[float, str]:
+    """The store's order key of a row (finish, else start), as :meth:`PageBuilder.add_entry` has it."""
+    return (r.finish if r.finish > 0 else r.start, r.id)
+
+
+def merge_columns(replies: list[ColumnsReply], *, limit: int, budget: int, partial: list[str]) -> ColumnsReply:
+    """One page of several partitions' pages (``router.py``), newest first: rows are taken while
+    every partition that may hold more has shown a row at or past them, within ``limit`` and an
+    estimate of ``budget`` bytes; each row's target columns come along, their names renumbered
+    into the merged page's own table."""
+    items: list[tuple[tuple[float, str], ReportRow, array[int], ColumnsReply, int]] = []
+    horizons = [(r.cursor.t, r.cursor.id) for r in replies if r.cursor is not None]
+    for r in replies:
+        ids = array("I")
+        ids.frombytes(r.name_ids)
+        off = 0
+        for row in r.sessions:
+            items.append((_row_key(row), row, ids, r, off))
+            off += row.targets
+    items.sort(key=lambda it: it[0], reverse=True)
+    horizon = max(horizons) if horizons else None
+    rows: list[ReportRow] = []
+    names: dict[str, int] = {}
+    out_ids = array("I")
+    durations, codes = bytearray(), bytearray()
+    size, more, last = 64, horizon is not None, None
+    for key, row, ids, page, off in items:
+        if horizon is not None and key < horizon:
+            break
+        n = row.targets
+        fresh = {page.names[i] for i in ids[off:off + n]} - names.keys()
+        est = _ROW_BYTES + len(row.id) + len(row.name) + 80 + _TARGET_BYTES * n + sum(len(x) + 5 for x in fresh)
+        if rows and (len(rows) >= limit or size + est > budget):
+            more = True
+            break
+        size += est
+        rows.append(row)
+        for i in ids[off:off + n]:
+            out_ids.append(names.setdefault(page.names[i], len(names)))
+        durations += page.durations[off * 8:(off + n) * 8]
+        codes += page.codes[off:off + n]
+        last = key
+    cursor = Cursor(*last) if more and last is not None else (Cursor(*horizon) if more and horizon else None)
+    return ColumnsReply(sessions=rows, names=list(names), name_ids=out_ids.tobytes(), durations=bytes(durations),
+                        codes=bytes(codes), cursor=cursor, partial=partial)

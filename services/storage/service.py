@@ -31,6 +31,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from buildtel.services.storage import columns, history, pages, rowcache, rowwork, tests_history
+from buildtel.services.storage import partition as layout
 from buildtel.services.storage.api import (
     API_VERSION,
     ENDPOINTS,
@@ -44,6 +45,7 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.index import Filters
+from buildtel.services.storage.router import Router
 from buildtel.services.storage.store import (
     DEFAULT_SEGMENT_BYTES,
     DamageReport,
@@ -52,6 +54,7 @@ from buildtel.services.storage.store import (
     TelemetryStorage,
 )
 from buildtel.services.storage.summary import SessionFacts, Summary
+from buildtel.shared import partitions
 from buildtel.shared.bus import MAX_DELIVER, note_failure
 from buildtel.shared.codec import MAX_SESSION_BYTES, DecodeError, decode_session
 from buildtel.shared.service import (
@@ -107,8 +110,21 @@ class StorageService(BusService):
                  fetch_timeout_s: float = 1.0, ack_wait_s: float = 30.0, max_ack_pending: int = 1024,
                  retention_interval_s: float = 30.0, max_message_bytes: int = MAX_SESSION_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, max_reply_bytes: int | None = None,
-                 row_cache_bytes: int = rowcache.DEFAULT_MAX_BYTES, metrics_port: int | None = None) -> None:
+                 row_cache_bytes: int = rowcache.DEFAULT_MAX_BYTES, metrics_port: int | None = None,
+                 partition: int | None = None) -> None:
         super().__init__(settings, nats_url, redis_url, metrics_port=metrics_port)
+        # Storage partitions (shared/partitions.py): None is the one unpartitioned store (P = 1).
+        self.partitions = settings.storage_partitions
+        if self.partitions == 1:
+            if partition not in (None, 0):
+                raise ValueError(f"--partition {partition}: storage is not partitioned "
+                                 "(BUILDER_TELEMETRY_STORAGE_PARTITIONS is 1)")
+            partition = None
+        elif partition is None or not 0 <= partition < self.partitions:
+            raise ValueError(f"storage is partitioned (BUILDER_TELEMETRY_STORAGE_PARTITIONS={self.partitions}): "
+                             f"give each instance --partition k, k in 0..{self.partitions - 1}")
+        self.partition = partition
+        self.router: Router | None = None
         self.batch_size = batch_size
         self.fetch_timeout_s = fetch_timeout_s
         self.ack_wait_s = ack_wait_s
@@ -139,20 +155,39 @@ class StorageService(BusService):
         # Whole fetches: the good sessions of one are appended with one fsync, then acked.  A fetch
         # in hand on stop is finished (append + acks, up to 10 s); an idle fetch is cancelled.
         return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
-                         durable=DURABLE, handler=self.process, batch=True, what="process", fetch=self.batch_size,
+                         durable=partitions.storage_durable(self.partition), handler=self.process,
+                         filter_subjects=partitions.storage_filters(self.subjects, self.partition), batch=True,
+                         what="process", fetch=self.batch_size,
                          fetch_timeout_s=self.fetch_timeout_s, ack_wait_s=self.ack_wait_s,
                          max_ack_pending=self.max_ack_pending, max_deliver=STORAGE_MAX_DELIVER,
                          cancel_idle_fetch=True, stop_timeout_s=10.0)]
 
+    def _own(self) -> dict[str, Callable[[bytes], Awaitable[bytes]]]:
+        """This store's endpoints by name."""
+        return {**{ep: partial(self._handle, ep) for ep in ENDPOINTS}, columns.ENDPOINT: self._api_columns,
+                history.TREND: self._api_trend, history.TARGET_HISTORY: self._api_target_history,
+                tests_history.TESTS: self._api_tests, tests_history.TEST_HISTORY: self._api_test_history}
+
     def endpoints(self) -> list[Endpoint]:
-        return [*(Endpoint(ep, endpoint_subject(self.subjects, ep), partial(self._handle, ep)) for ep in ENDPOINTS),
-                Endpoint(columns.ENDPOINT, endpoint_subject(self.subjects, columns.ENDPOINT), self._api_columns),
-                Endpoint(history.TREND, endpoint_subject(self.subjects, history.TREND), self._api_trend),
-                Endpoint(history.TARGET_HISTORY, endpoint_subject(self.subjects, history.TARGET_HISTORY),
-                         self._api_target_history),
-                Endpoint(tests_history.TESTS, endpoint_subject(self.subjects, tests_history.TESTS), self._api_tests),
-                Endpoint(tests_history.TEST_HISTORY, endpoint_subject(self.subjects, tests_history.TEST_HISTORY),
-                         self._api_test_history)]
+        own = self._own()
+        if self.partition is None:
+            return [Endpoint(name, endpoint_subject(self.subjects, name), h) for name, h in own.items()]
+        # Partition k: its own store on <ns>.storage.p<k>.*, and the usual subjects (any partition
+        # takes each request, in one queue group) answered for all partitions, merged (router.py).
+        k = self.partition
+        return [*(Endpoint(f"p{k}-{name}", self.subjects.storage_partition_endpoint(k, name), h)
+                  for name, h in own.items()),
+                *(Endpoint(name, endpoint_subject(self.subjects, name), partial(self._route, name)) for name in own)]
+
+    async def _local(self, endpoint: str, data: bytes) -> bytes:
+        return await self._own()[endpoint](data)
+
+    async def _route(self, endpoint: str, data: bytes) -> bytes:
+        if self.router is None:
+            assert self.partition is not None
+            self.router = Router(self.nc, self.subjects, self.partitions, self.partition, self._local,
+                                 lambda: self._budget)
+        return await self.router.handle(endpoint, data)
 
     def workers(self) -> list[Worker]:
         return [Worker("retention", self._retention_loop, cancel_on_stop=True),
@@ -166,7 +201,9 @@ class StorageService(BusService):
 
     async def open(self, stack: AsyncExitStack) -> None:
         s = self.settings
-        store = TelemetryStorage(s.telemetry_dir, max_sessions=s.max_sessions, retention_s=s.retention_s,
+        directory = partitions.store_dir(s.telemetry_dir, self.partition)
+        layout.check_layout(s.telemetry_dir, self.partitions, self.partition)
+        store = TelemetryStorage(directory, max_sessions=s.max_sessions, retention_s=s.retention_s,
                                  fsync=s.fsync, segment_bytes=self.segment_bytes)
         t0 = time.perf_counter()
         self.damage = await store.open()
@@ -174,11 +211,14 @@ class StorageService(BusService):
         stack.push_async_callback(store.close)  # closed last: after every reader and the writer
         self.store = store
 
+    async def prepare(self, stack: AsyncExitStack) -> None:
+        await layout.check_stream(self.js, self.subjects, self.partitions)
+
     async def started_fields(self) -> dict[str, Any]:
         store = self.store
         assert store is not None
         rep = store.last_report
-        return {"directory": str(store.directory), "sessions": await store.count(),
+        return {"directory": str(store.directory), "partition": self.partition, "sessions": await store.count(),
                 "damaged_regions": len(rep.damages), "max_sessions": store.max_sessions,
                 "open_s": round(self.open_s, 3), "segments": rep.segments,
                 "from_index_files": rep.indexed_from_sidecars, "scanned_bytes": rep.scanned_bytes}
@@ -212,7 +252,8 @@ class StorageService(BusService):
             self.log.error("storage.write_failed", error=repr(exc), sessions=len(good))
             for msg, _ in good:
                 meta = msg.metadata
-                await note_failure(self.redis, self.keys, stream=self.subjects.sessions_stream, consumer=DURABLE,
+                await note_failure(self.redis, self.keys, stream=self.subjects.sessions_stream,
+                                   consumer=partitions.storage_durable(self.partition),
                                    seq=meta.sequence.stream, reason=f"write failed: {exc!r}")
                 await msg.nak(delay=min(60.0, WRITE_RETRY_S * meta.num_delivered))
             await asyncio.sleep(1.0)
@@ -324,7 +365,8 @@ class StorageService(BusService):
             # A session larger than any page comes alone, by id: the client `get`s it in parts.
             sid = _id_decoder.decode(page.payloads[0]).id
             return _encoder.encode(RawSessionsReply(oversized=sid, cursor=cursor_out))
-        reply = RawSessionsReply(sessions=[msgspec.Raw(p) for p in page.payloads], cursor=cursor_out)
+        keys = [Cursor(*k) for k in page.keys] if self.partition is not None else []  # for the merge (router.py)
+        reply = RawSessionsReply(sessions=[msgspec.Raw(p) for p in page.payloads], cursor=cursor_out, keys=keys)
         return _encoder.encode(reply)
 
     async def _api_recent(self, req: Any) -> bytes:
@@ -353,8 +395,9 @@ class StorageService(BusService):
         limit = max(1, min(req.limit, self._budget // 2048))
         rows, cursor = await self.store.summaries(f, desc=req.order == "newest", limit=limit,
                                                   cursor=(req.cursor.t, req.cursor.id) if req.cursor else None)
+        keys = [Cursor(*s.key) for s in rows] if self.partition is not None else []  # for the merge (router.py)
         return _encoder.encode(SummariesReply(summaries=[summary_of(s) for s in rows],
-                                              cursor=Cursor(*cursor) if cursor else None))
+                                              cursor=Cursor(*cursor) if cursor else None, keys=keys))
 
     async def _api_stats(self, req: Any) -> bytes:
         assert self.store is not None

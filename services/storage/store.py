@@ -106,6 +106,7 @@ class Page:
 
     payloads: list[bytes] = field(default_factory=list)
     cursor: Key | None = None
+    keys: list[Key] = field(default_factory=list)  # the (t, id) order key of each payload
 
 
 class TelemetryStorage:
@@ -420,6 +421,7 @@ class TelemetryStorage:
             if filters.target is not None and filters.target not in view_decoder.decode(payload).target_names():
                 continue  # a 32-bit hash collision: the index said maybe, the record says no
             page.payloads.append(payload)
+            page.keys.append(s.key)
             total += len(payload)
             last = s.key
         return page

@@ -50,6 +50,7 @@ from buildtel.services.tracer.store import (
 from buildtel.services.tracer.subjects import TracerSubjects
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import DecodeError, decode_session
+from buildtel.shared.partitions import consumer_filters
 from buildtel.shared.protocol import is_session_id
 from buildtel.shared.service import BusService, Consumer, Endpoint, ServiceError, Worker
 from buildtel.shared.settings import Settings
@@ -100,7 +101,9 @@ class TracerService(BusService):
         common = dict(durable=DURABLE, what="ingest", fetch=FETCH_BATCH, ack_wait_s=30.0, max_deliver=MAX_DELIVER,
                       max_ack_pending=10_000)
         return [Consumer(stream=self.subjects.sessions_stream, subject=self.subjects.sessions_completed,
-                         handler=self._on_session, **common),  # type: ignore[arg-type]
+                         handler=self._on_session,
+                         filter_subjects=consumer_filters(self.subjects, self.settings.storage_partitions),
+                         **common),  # type: ignore[arg-type]
                 Consumer(stream=self.tsubjects.spans_stream, subject=self.tsubjects.spans, handler=self._on_spans,
                          lag_metric="spans_consumer_lag", **common)]  # type: ignore[arg-type]
 

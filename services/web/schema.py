@@ -43,6 +43,9 @@ class SessionPage(msgspec.Struct, kw_only=True):
 
     sessions: list[SessionSummary]
     next_cursor: str | None
+    # Partitioned storage with partitions away: "partial: partition k did not answer" each; their
+    # sessions are missing from this page (docs/scaling.md, Partitions).  Empty when whole.
+    partial: list[str] = []
 
 
 class AlertWithState(Alert, kw_only=True):

@@ -254,16 +254,18 @@ class WebService(BusService):
     async def sessions(self, tenant: str, q: SessionsQuery, since: float | None, until: float | None) -> SessionPage:
         cursor = decode_cursor(q.cursor)
         out: list[SessionSummary] = []
+        partial: set[str] = set()
         while True:  # one storage reply holds what fits in a NATS message: ask until the page is full
             req = SummariesRequest(outcome=q.outcome, branch=q.branch, agent=q.agent, name=q.name, label=q.label,
                                    target=q.target, since=since, until=until, order=q.order,
                                    limit=q.limit - len(out), cursor=cursor)
             reply = _summaries.decode(await self._storage_request(tenant, "summaries", req))
             out.extend(reply.summaries)
+            partial.update(reply.partial)
             cursor = reply.cursor
             if cursor is None or not reply.summaries or len(out) >= q.limit:
                 break
-        return SessionPage(sessions=out, next_cursor=encode_cursor(cursor))
+        return SessionPage(sessions=out, next_cursor=encode_cursor(cursor), partial=sorted(partial))
 
     async def session(self, tenant: str, id_or_prefix: str) -> Any:
         return keyed(await self.session_struct(tenant, id_or_prefix))
