@@ -1,4 +1,5 @@
-"""``buildtel alerts ack|mute|unmute|subscriptions`` and the ``--status`` filter of ``buildtel alerts``.
+"""``buildtel alerts ack|mute|unmute|subscriptions``, the ``--status`` filter of ``buildtel alerts`` and the
+alerts section of ``buildtel report``.
 
 What people decide about an alert lives in the stack's Redis (``shared/alertstate.py``, the state
 the web API writes too): these commands write it directly, as ``buildtel keys`` does, and find the
@@ -16,6 +17,8 @@ import sys
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from buildtel.cli.common import open_bus, resolve
 from buildtel.cli.errors import CLIError
@@ -192,3 +195,76 @@ async def status_filter(settings: Settings, status: str | None) -> Any:
 
         yield keep
 
+
+
+class ReportAlert(msgspec.Struct, kw_only=True):
+    """One alert as ``buildtel report`` lists it: what changed, how sure, and what people decided."""
+
+    id: str
+    kind: str
+    series: str
+    target: str | None
+    branch: str | None
+    direction: str
+    change_pct: float
+    before_median_s: float
+    after_median_s: float
+    confidence: float
+    first_session_start: float
+    status: str  # open, acknowledged or muted
+
+
+class ReportAlerts(msgspec.Struct, kw_only=True):
+    """The report's alerts section: alerts whose change began inside the report's window.  ``error``
+    says why the section is empty when the alerts or their states could not be read."""
+
+    since: float | None
+    until: float | None
+    alerts: list[ReportAlert] = []
+    error: str | None = None
+
+
+async def report_alerts(settings: Settings, *, since: float | None, until: float | None, branch: str | None,
+                        target: str | None) -> ReportAlerts:
+    """The alerts whose first bad build started in ``[since, until]`` (a bound left None is open), of the
+    report's branch and target, with their state.  Never raises for an unreachable stream or Redis: the
+    section then carries the reason, and the report itself still prints."""
+    out = ReportAlerts(since=since, until=until)
+    try:
+        async with open_bus(settings) as bus:
+            found = await read_alerts(bus.js, settings.namespace, branch=branch, target=target)
+        found = [a for a in found if (since is None or a.first_session_start >= since)
+                 and (until is None or a.first_session_start <= until)]
+        if not found:
+            return out
+        async with _redis(settings) as r:
+            st = await alertstate.states(r, Keys(settings.namespace),
+                                         [(a.id, _series(a), a.detected_at) for a in found])
+    except (CLIError, OSError, TimeoutError) as exc:
+        out.error = f"alerts could not be read: {exc}"
+        return out
+    out.alerts = [ReportAlert(id=a.id, kind=a.kind, series=a.series, target=a.target, branch=a.branch,
+                              direction=a.direction, change_pct=a.change_pct, before_median_s=a.before_median_s,
+                              after_median_s=a.after_median_s, confidence=a.confidence,
+                              first_session_start=a.first_session_start, status=s.status)
+                  for a, s in zip(found, st, strict=True)]
+    return out
+
+
+def report_alerts_text(sec: ReportAlerts) -> str:
+    """The section as the text report ends with it (publisher-given names escaped by the caller)."""
+    if sec.error:
+        return f"\nAlerts: not shown ({sec.error})\n"
+    if not sec.alerts:
+        return "\nAlerts: none began in this window\n"
+    counts = {s: sum(1 for a in sec.alerts if a.status == s) for s in STATUSES}
+    lines = ["", f"Alerts: {len(sec.alerts)} began in this window ("
+             + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"]
+    for a in sorted(sec.alerts, key=lambda x: (STATUSES.index(x.status) if x.status in STATUSES else 9,
+                                              -x.first_session_start)):
+        what = f"target {a.target}" if a.target is not None else f"{a.kind} (whole build)"
+        when = datetime.fromtimestamp(a.first_session_start, UTC).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"  {a.status:<12}  {a.direction:<11}  {what}  branch {a.branch or '-'}  "
+                     f"{a.before_median_s:.2f}s -> {a.after_median_s:.2f}s ({a.change_pct:+.1f}%)  "
+                     f"confidence {a.confidence:.2f}  since {when}  id {a.id[:12]}")
+    return "\n".join(lines) + "\n"
