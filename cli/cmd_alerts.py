@@ -25,7 +25,7 @@ from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import safe
 from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.api import read_alerts
-from buildtel.services.notifier.api import ConfigError, delivery_counts, load
+from buildtel.services.notifier.api import ConfigError, delivery_counts, describe_stored, load, load_stored
 from buildtel.shared import alertstate
 from buildtel.shared.keys import Keys
 from buildtel.shared.settings import Settings
@@ -53,8 +53,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     unmute = sub.add_parser("unmute", help="end the mute of the alert's series now")
     unmute.add_argument("id", help="an alert of the series (id or unique prefix)")
     unmute.set_defaults(func=cmd_unmute)
-    subs = sub.add_parser("subscriptions", help="the notifier's subscriptions (BUILDER_TELEMETRY_ALERTS_CONFIG) "
-                                                "and their delivery counts; never a secret")
+    subs = sub.add_parser("subscriptions", help="the notifier's subscriptions, from its file "
+                                                "(BUILDER_TELEMETRY_ALERTS_CONFIG) and made over the web API "
+                                                "(/api/v1/subscriptions), and their delivery counts; never a secret")
     subs.add_argument("--json", action="store_true", help="one JSON object per subscription")
     subs.set_defaults(func=cmd_subscriptions)
 
@@ -148,25 +149,38 @@ async def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int
         raise CLIError(str(exc)) from None
     for w in loaded.warnings:
         print(f"buildtel: warning: {w}", file=sys.stderr)
-    if not loaded.subscriptions:
-        print("buildtel: no subscriptions" + ("" if settings.alerts_config else
-                                              " (BUILDER_TELEMETRY_ALERTS_CONFIG is not set)"), file=sys.stderr)
-        return 0
+    keys = Keys(settings.namespace)
     async with _redis(settings) as r:
-        counts = await delivery_counts(r, Keys(settings.namespace))
-    rows = [{**d, "deliveries": counts.get(d["id"], {})} for d in loaded.describe()]
+        counts = await delivery_counts(r, keys)
+        made, bad = await load_stored(r, keys)  # made over the web API (/api/v1/subscriptions)
+    for b in bad:
+        print(f"buildtel: warning: a subscription made over the API cannot be read and is not used: {safe(b)}",
+              file=sys.stderr)
+    taken = {s.id for s in loaded.subscriptions}
+    described = [{**d, "source": "file"} for d in loaded.describe()] + [
+        describe_stored(st, shadowed=st.subscription.id in taken) for st in made]
+    if not described:
+        print("buildtel: no subscriptions" + ("" if settings.alerts_config else
+                                              " (BUILDER_TELEMETRY_ALERTS_CONFIG is not set, and none was made "
+                                              "over the API)"), file=sys.stderr)
+        return 0
+    rows = [{**d, "deliveries": counts.get(d["id"], {})} for d in described]
     if args.json:
         from buildtel.cli.jsonout import emit
 
         for row in rows:
             emit(row)
         return 0
-    print(f"{'ID':<20}  {'KIND':<7}  {'DESTINATION':<32}  {'DONE':>6}  {'DEAD':>5}  {'SUPPR':>5}  {'RETRY':>5}  RULES")
+    print(f"{'ID':<20}  {'KIND':<7}  {'DESTINATION':<32}  {'DONE':>6}  {'DEAD':>5}  {'SUPPR':>5}  {'RETRY':>5}  "
+          f"{'SOURCE':<6}  RULES")
     for row in rows:
         n = row["deliveries"]
         dest = row["url"] or f"<ns>.notify.{row['subject']}"
+        # An API subscription whose id the file uses is not used: say so where it is listed.
+        source = "api" + ("(shadowed)" if row.get("shadowed") else "") if row["source"] == "api" else "file"
         print(f"{safe(row['id']):<20}  {row['kind']:<7}  {safe(dest):<32}  {n.get('done', 0):>6}  "
-              f"{n.get('dead', 0):>5}  {n.get('suppressed', 0):>5}  {n.get('retried', 0):>5}  {_rules(row)}")
+              f"{n.get('dead', 0):>5}  {n.get('suppressed', 0):>5}  {n.get('retried', 0):>5}  {source:<6}  "
+              f"{_rules(row)}")
     return 0
 
 
