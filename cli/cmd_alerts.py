@@ -254,8 +254,8 @@ async def report_alerts(settings: Settings, *, since: float | None, until: float
         async with _redis(settings) as r:
             st = await alertstate.states(r, Keys(settings.namespace),
                                          [(a.id, _series(a), a.detected_at) for a in found])
-    except (CLIError, OSError, TimeoutError) as exc:
-        out.error = f"alerts could not be read: {exc}"
+    except Exception as exc:  # noqa: BLE001 - NATS or Redis away (redis' errors are no OSError): said, not fatal
+        out.error = f"alerts could not be read: {type(exc).__name__}: {exc}"[:300]
         return out
     out.alerts = [ReportAlert(id=a.id, kind=a.kind, series=a.series, target=a.target, branch=a.branch,
                               direction=a.direction, change_pct=a.change_pct, before_median_s=a.before_median_s,

@@ -183,3 +183,12 @@ async def test_report_has_an_alerts_section_with_states(settings, loaded, redis_
     assert code == 0 and "Alerts: none began in this window" in out
     code, out, _ = await _cli(settings, "report", "--until", str(before), "--json")
     assert json.loads(out)["alerts"]["alerts"] == []
+
+    # Redis away: the report still prints, and says why its alerts section is empty.
+    gone = settings.with_(redis_url="redis://127.0.0.1:1/0")
+    code, out, err = await _cli(gone, "report")
+    assert code == 0, err
+    assert "Builds: 60" in out and "Alerts: not shown (alerts could not be read: " in out
+    code, out, _ = await _cli(gone, "report", "--json")
+    section = json.loads(out)["alerts"]
+    assert code == 0 and section["alerts"] == [] and "could not be read" in section["error"]
