@@ -74,7 +74,8 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("report", help="build analytics: build times, trends, targets, flakiness, bottlenecks")
+    p = sub.add_parser("report", help="build analytics: build times, trends, targets, flakiness, bottlenecks, and "
+                                        "the alerts that began in the window (open, acknowledged, muted)")
     _filters(p)
     p.add_argument("--format", choices=["summary", "json", "csv"], default="summary", help="output (default summary)")
     p.add_argument("--json", dest="format", action="store_const", const="json",
@@ -146,12 +147,20 @@ def targets_path(path: str) -> str:
 async def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     rep = await _fetch(settings, _request(args, sessions=args.format == "csv" and args.table == "sessions"),
                        args.timeout)
+    if args.format == "csv":
+        _write(args.output, sessions_csv(rep) if args.table == "sessions" else targets_csv(rep), kind="csv")
+        return 0
+    # The alerts whose change began inside the report's window, with what people decided about them.
+    req = _request(args, sessions=False)
+    section = await cmd_alerts_state.report_alerts(
+        settings, since=req.since if req.since is not None else rep.window_start,
+        until=req.until if req.until is not None else rep.window_end, branch=args.branch, target=args.target)
     if args.format == "json":
-        text = to_json(rep)
-    elif args.format == "csv":
-        text = sessions_csv(rep) if args.table == "sessions" else targets_csv(rep)
+        doc = msgspec.json.decode(to_json(rep))
+        doc["alerts"] = msgspec.to_builtins(section)
+        text = msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n"
     else:
-        text = summary(rep)
+        text = summary(rep) + cmd_alerts_state.report_alerts_text(section)
     _write(args.output, text, kind=args.format)
     return 0
 

@@ -131,6 +131,17 @@ class Keys:
         return self.notifier(f"digest:{subscription}:{period}")
 
     @property
+    def notifier_subscriptions(self) -> str:
+        """Hash: subscription id -> JSON of a subscription made over the web API (with its webhook
+        secret, which the notifier signs with): configuration, kept until it is deleted."""
+        return self.notifier("subscriptions")
+
+    @property
+    def notifier_subscriptions_version(self) -> str:
+        """Integer: bumped on every change of :attr:`notifier_subscriptions`; notifiers reload on a new value."""
+        return self.notifier("subscriptions:version")
+
+    @property
     def notifier_counts(self) -> str:
         """Hash: ``<subscription>|<result>`` -> deliveries with that result, shared by every replica."""
         return self.notifier("counts")

@@ -162,14 +162,14 @@ def _check(path: Path, cfg: AlertsConfig, environ: Any, warnings: tuple[str, ...
             raise ConfigError(f"{where}.id: {s.id!r}: 1-64 letters, digits, '_' or '-'")
         if any(o.id == s.id for o in subs):
             raise ConfigError(f"{where}.id: {s.id!r} is used twice")
-        secret = _check_one(f"{path}: subscription {s.id!r}", s, environ)
+        secret = check_subscription(f"{path}: subscription {s.id!r}", s, environ)
         if secret:
             secrets[s.id] = secret.encode()
         subs.append(msgspec.structs.replace(s, secret=None))
     return Loaded(delivery=d, subscriptions=tuple(subs), secrets=secrets, warnings=warnings)
 
 
-def _check_one(where: str, s: Subscription, environ: Any) -> str | None:
+def check_subscription(where: str, s: Subscription, environ: Any) -> str | None:
     """The subscription's secret, once its fields are checked (ConfigError names the bad one)."""
 
     def bad(key: str, why: str) -> ConfigError:

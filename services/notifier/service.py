@@ -1,4 +1,5 @@
-"""The notifier service: delivers each regression alert to every subscription that wants it.
+"""The notifier service: delivers each regression alert to every subscription that wants it (the file's and
+those made over the web API, reloaded from Redis when they change: stored.py).
 
 It reads the alerts stream with one durable consumer shared by every replica.  An alert message
 is only *routed* there: for each matching subscription (services/notifier/config.py) one
@@ -30,7 +31,7 @@ from nats.js.api import StreamConfig
 from buildtel.services.analyzer.alerts import Alert, alert_decoder
 from buildtel.services.analyzer.api import alerts_stream_config
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
-from buildtel.services.notifier import payload
+from buildtel.services.notifier import payload, stored
 from buildtel.services.notifier.config import Loaded, Subscription, load
 from buildtel.services.notifier.queue import Job, Queue, digest_period
 from buildtel.shared import alertstate
@@ -68,10 +69,22 @@ class NotifierService(BusService):
         self.stale = 0
         self.results: dict[str, int] = {"done": 0, "dead": 0, "suppressed": 0, "failed": 0}
         self.retries = 0
+        # Subscriptions made over the web API (stored.py), reloaded when their version moves.
+        self.api_subs: tuple[Subscription, ...] = ()
+        self.api_secrets: dict[str, bytes] = {}
+        self.api_subs_version = -1
 
     @property
     def subscriptions(self) -> list[Subscription]:
-        return self.config.for_tenant(self.settings.namespace)
+        """The file's subscriptions for this tenant, then the API's whose id the file does not use."""
+        mine = self.config.for_tenant(self.settings.namespace)
+        taken = {s.id for s in self.config.subscriptions}
+        return mine + [s for s in self.api_subs if s.id not in taken]
+
+    def _secret(self, sub_id: str) -> bytes | None:
+        if any(s.id == sub_id for s in self.config.subscriptions):
+            return self.config.secrets.get(sub_id)
+        return self.api_secrets.get(sub_id)
 
     def streams(self) -> list[StreamConfig]:
         return [alerts_stream_config(AnalyzerSubjects(self.subjects))]
@@ -81,7 +94,8 @@ class NotifierService(BusService):
                          handler=self._route, what="route", cancel_idle_fetch=True, nak_delay=lambda n: 1.0)]
 
     def workers(self) -> list[Worker]:
-        return [Worker("deliver", self._deliver_loop), Worker("digest", self._digest_loop)]
+        return [Worker("deliver", self._deliver_loop), Worker("digest", self._digest_loop),
+                Worker("subscriptions", self._subscriptions_loop)]
 
     def counters(self) -> dict[str, float]:
         return {"alerts_routed_total": self.routed, "alerts_stale_total": self.stale,
@@ -96,9 +110,14 @@ class NotifierService(BusService):
         self.queue = Queue(self.redis, self.keys, self.owner)
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.delivery.timeout_s))
         stack.push_async_callback(self.http.close)  # after the workers stopped (callbacks run in reverse)
+        try:
+            await self._reload_api()
+        except Exception as exc:  # noqa: BLE001 - Redis away at start: the loop below tries again
+            self.log.warning("notifier.api_subscriptions_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def started_fields(self) -> dict[str, Any]:
-        return {"subscriptions": [s.id for s in self.subscriptions], "stream": self.subjects.alerts_stream}
+        return {"subscriptions": [s.id for s in self.subscriptions], "stream": self.subjects.alerts_stream,
+                "api_subscriptions": len(self.api_subs)}
 
     def stopped_fields(self) -> dict[str, Any]:
         return {"routed": self.routed, **self.results}
@@ -245,7 +264,7 @@ class NotifierService(BusService):
     async def _send(self, sub: Subscription, job: Job, items: list[tuple[Alert, alertstate.AlertState]]) -> None:
         body = payload.body("digest" if job.period else "alert", delivery=self._delivery_id(job), subscription=sub.id,
                             tenant=self.settings.namespace, items=items, web=self._web_url(), period=job.period)
-        secret = self.config.secrets.get(sub.id)
+        secret = self._secret(sub.id)
         if sub.kind == "nats":
             data = payload.encode(body)
             try:
@@ -271,6 +290,35 @@ class NotifierService(BusService):
             return
         final = 300 <= status < 500 and status not in RETRYABLE_4XX
         raise Failed(f"HTTP {status}", final=final)
+
+    # -- subscriptions made over the API ---------------------------------------------------------
+    async def _reload_api(self) -> None:
+        """Re-read the API's subscriptions when their version moved (one GET when it did not)."""
+        v = await stored.version(self.redis, self.keys)
+        if v == self.api_subs_version:
+            return
+        found, bad = await stored.load_all(self.redis, self.keys)
+        for b in bad:
+            self.log.error("notifier.api_subscription_unreadable", entry=b[:300])
+        taken = {s.id for s in self.config.subscriptions}
+        for st in found:
+            if st.subscription.id in taken:
+                self.log.warning("notifier.api_subscription_shadowed", subscription=st.subscription.id,
+                                 why="the subscriptions file has the same id; the file's is used")
+        self.api_secrets = {st.subscription.id: st.subscription.secret.encode()
+                            for st in found if st.subscription.secret}
+        self.api_subs = tuple(msgspec.structs.replace(st.subscription, secret=None) for st in found)
+        self.api_subs_version = v
+        self.log.info("notifier.api_subscriptions", version=v, subscriptions=[s.id for s in self.api_subs])
+
+    async def _subscriptions_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self._reload_api()
+            except Exception as exc:  # noqa: BLE001 - Redis away: the subscriptions in hand stay in use
+                self.log.warning("notifier.api_subscriptions_failed", error=f"{type(exc).__name__}: {exc}")
+            if await self.idle(self.config.delivery.poll_s):
+                return
 
     # -- daily digests ---------------------------------------------------------------------------
     async def _digest_loop(self) -> None:

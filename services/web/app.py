@@ -29,6 +29,7 @@ from buildtel.services.web.base import (
     LOG,
     TENANT,
     BadGateway,
+    Conflict,
     Forbidden,
     NotFound,
     RateLimited,
@@ -109,8 +110,9 @@ async def _authorize(request: web.Request) -> None:
     from_cookie = header is None and COOKIE in request.cookies
     if from_cookie:
         header = "Bearer " + request.cookies[COOKIE]
-    need: Scope = "admin" if request.path.startswith("/api/v1/keys") else \
-        "write" if request.method in WRITES else "read"
+    admin = request.path.startswith("/api/v1/keys") or (request.path.startswith("/api/v1/subscriptions")
+                                                          and request.method in WRITES)
+    need: Scope = "admin" if admin else "write" if request.method in WRITES else "read"
     caller = await _backend(request).authorize(header, need)
     if from_cookie and need == "write" and request.headers.get(CSRF_HEADER) != "1":
         raise Forbidden(f"a change made with the dashboard's cookie needs the {CSRF_HEADER} header")
@@ -158,6 +160,8 @@ def _problem_of(request: web.Request, exc: Exception) -> web.Response:
         return problem(400, "Bad Request", str(exc))
     except NotFound as exc:
         return problem(404, "Not Found", str(exc))
+    except Conflict as exc:
+        return problem(409, "Conflict", str(exc))
     except Unauthorized as exc:
         resp = problem(401, "Unauthorized", str(exc))
         resp.headers["WWW-Authenticate"] = "Bearer"
@@ -344,9 +348,10 @@ def create_app(backend: Backend, *, log: Any, max_body_bytes: int) -> web.Applic
     app.router.add_get("/api/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
-    from buildtel.services.web import keys_api
+    from buildtel.services.web import keys_api, subscriptions_api
     from buildtel.services.web.pages import add_routes
 
     keys_api.register(app)
+    subscriptions_api.register(app)
     add_routes(app)
     return app

@@ -29,6 +29,10 @@ class BadGateway(Exception):
     """A backend service answered with a failure of its own (502, its message passed on)."""
 
 
+class Conflict(Exception):
+    """The request clashes with what exists (an id taken): 409."""
+
+
 class Unauthorized(Exception):
     """No key, or one that is not (or no longer) a key: 401."""
 

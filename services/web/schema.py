@@ -9,12 +9,13 @@ is sent.  Errors are RFC 9457 problem details (:class:`Problem`, ``application/p
 from __future__ import annotations
 
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.analyzer.analytics import AnalyticsReport
+from buildtel.services.notifier.config import Subscription
 from buildtel.services.storage.api import SessionSummary
 from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
 from buildtel.services.web import artifacts_schema, tests_schema
@@ -113,6 +114,46 @@ class CreatedKey(msgspec.Struct, kw_only=True):
     record: apikeys.ApiKey
 
 
+class SubscriptionInfo(msgspec.Struct, kw_only=True):
+    """An alert subscription as the API shows it: its rules and destination, never its secret (a webhook
+    shows its scheme and host, a Slack URL is ``(hidden)``: its path is the credential)."""
+
+    id: str
+    kind: Literal["webhook", "slack", "nats"]
+    url: str | None
+    subject: str | None
+    tenants: list[str]
+    branches: list[str]
+    targets: list[str]
+    kinds: list[Literal["build", "target", "host"]]
+    direction: Literal["regression", "improvement", "any"]
+    min_change_pct: float
+    min_confidence: float
+    digest: Literal["none", "daily"]
+    digest_hour: int | None
+    source: Literal["file", "api"]  # the subscriptions file, or made over this API
+    secret_hint: str | None = None  # an API webhook's secret: its last four characters
+    created_at: float | None = None  # api only
+    created_by: str | None = None  # api only: the key id that made it
+    shadowed: bool = False  # api only: the file has the same id, and the file's is used
+
+
+class SubscriptionList(msgspec.Struct, kw_only=True):
+    """The tenant's subscriptions: the file's first, then those made over the API (oldest id first);
+    ``notes`` say what could not be read."""
+
+    subscriptions: list[SubscriptionInfo]
+    notes: list[str] = []
+
+
+class CreatedSubscription(msgspec.Struct, kw_only=True):
+    """The new subscription; ``secret`` is the webhook secret the service made up (shown this once), null
+    when the request gave one or the kind is not signed."""
+
+    subscription: SubscriptionInfo
+    secret: str | None
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: str  # "ok", or "degraded" while NATS is away
     nats: bool
@@ -166,7 +207,7 @@ def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
     types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
               TrendReply, TargetHistory, *artifacts_schema.TYPES, *tests_schema.TYPES, KeyList, NewKey, CreatedKey,
-              SessionStarted, SessionSummary, Alert]
+              SessionStarted, SessionSummary, Alert, Subscription, SubscriptionList, CreatedSubscription]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
@@ -263,6 +304,21 @@ def openapi() -> dict[str, Any]:
             "summary": "Revoke one of the tenant's keys (admin scope): it stops working at once",
             "parameters": [_param("id", "the key's id (12 hex digits)", where="path")],
             "responses": {"204": {"description": "revoked"}, **_errors(*_COMMON, 404)}}},
+        "/api/v1/subscriptions": {
+            get: {"summary": "The tenant's alert subscriptions: the subscriptions file's and those made over the API, "
+                             "never a secret (read scope)",
+                  "responses": {"200": _json(c + "SubscriptionList", "the subscriptions"), **_errors(*_COMMON)}},
+            "post": {"summary": "A new subscription of the tenant (admin scope): a webhook (signed; without `secret` "
+                                "one is made up and shown in this answer only), a Slack/Mattermost incoming webhook "
+                                "or a NATS subject, with routing rules as in the subscriptions file (docs/alerts.md); "
+                                "the notifier uses it within its poll_s",
+                     "requestBody": _body(c + "Subscription", required=True),
+                     "responses": {"201": _json(c + "CreatedSubscription", "the subscription"),
+                                   **_errors(*_COMMON, 409)}}},
+        "/api/v1/subscriptions/{id}": {"delete": {
+            "summary": "Delete a subscription made over the API (admin scope): no delivery is started for it after",
+            "parameters": [_param("id", "the subscription's id", where="path")],
+            "responses": {"204": {"description": "deleted"}, **_errors(*_COMMON, 404)}}},
         "/api/v1/stream": {get: {
             "summary": "Live server-sent events of the tenant's builds and alerts, resumable (docs/api.md)",
             "description": "Events: `session.started` (data: SessionStarted), `session.finished` (data: "

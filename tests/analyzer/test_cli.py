@@ -153,3 +153,42 @@ async def test_alerts_follow_prints_new_alerts(settings, nc, redis_client) -> No
         proc.terminate()
         await proc.wait()
         await svc.stop()
+
+
+async def test_report_has_an_alerts_section_with_states(settings, loaded, redis_client) -> None:
+    """The report ends with the alerts whose change began in its window, each with its status; an
+    acknowledgement shows there at once, and a window that ends before the change has none."""
+    from buildtel.shared import alertstate
+    from buildtel.shared.keys import Keys
+
+    code, out, err = await _cli(settings, "report", "--json")
+    assert code == 0, err
+    section = json.loads(out)["alerts"]
+    assert section["error"] is None
+    [a] = section["alerts"]
+    assert a["kind"] == "build" and a["direction"] == "regression" and a["status"] == "open"
+    assert a["change_pct"] > 10 and 0 < a["confidence"] <= 1 and a["series"] == "build|main"
+    code, out, _ = await _cli(settings, "report")
+    assert code == 0 and "Alerts: 1 began in this window (1 open, 0 acknowledged, 0 muted)" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("open"))
+    assert "regression" in line and "build (whole build)" in line and f"{a['change_pct']:+.1f}%" in line
+
+    await alertstate.acknowledge(redis_client, Keys(settings.namespace), a["id"], by="test", note="known")
+    code, out, _ = await _cli(settings, "report")
+    assert code == 0 and "(0 open, 1 acknowledged, 0 muted)" in out
+    assert any(x.strip().startswith("acknowledged") for x in out.splitlines())
+
+    before = loaded[30].finish  # hourly builds; the change starts at build 35
+    code, out, _ = await _cli(settings, "report", "--until", str(before))
+    assert code == 0 and "Alerts: none began in this window" in out
+    code, out, _ = await _cli(settings, "report", "--until", str(before), "--json")
+    assert json.loads(out)["alerts"]["alerts"] == []
+
+    # Redis away: the report still prints, and says why its alerts section is empty.
+    gone = settings.with_(redis_url="redis://127.0.0.1:1/0")
+    code, out, err = await _cli(gone, "report")
+    assert code == 0, err
+    assert "Builds: 60" in out and "Alerts: not shown (alerts could not be read: " in out
+    code, out, _ = await _cli(gone, "report", "--json")
+    section = json.loads(out)["alerts"]
+    assert code == 0 and section["alerts"] == [] and "could not be read" in section["error"]

@@ -155,6 +155,12 @@ async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
     farm.ids["other"] = farm.ids["failed"]
     farm.ids["alert"] = alerts["alerts"][0]["id"]
     farm.ids["target"] = session["targets"][0]["name"]
+    if "subscription" not in farm.ids:  # one the tests may delete (test_endpoints.py)
+        async with http.post(f"{farm.web}/api/v1/subscriptions",
+                             json={"id": "to-delete", "kind": "nats", "subject": "t"},
+                             headers={"Authorization": f"Bearer {farm.keys['admin']}"}) as resp:
+            assert resp.status == 201, await resp.text()
+        farm.ids["subscription"] = "to-delete"
     return dict(await get_json(http, f"{farm.web}/api/v1/openapi.json", key))
 
 

@@ -32,6 +32,8 @@ def _fill(path: str, ids: dict[str, str], mine: bool = True) -> str:
         return path.replace("{id}", session)
     if path == "/api/v1/keys/{id}":
         return path.replace("{id}", ids["key"])
+    if path == "/api/v1/subscriptions/{id}":
+        return path.replace("{id}", ids["subscription"])
     if path.startswith("/api/v1/recordings/{"):
         return path.replace("{id}", ids["rec_b"]).replace("{a}", ids["rec_a"]).replace("{b}", ids["rec_b"])
     if path.startswith("/api/v1/diff/{a}/{b}"):
@@ -135,11 +137,11 @@ async def test_changes_need_a_write_key_and_keys_an_admin_key(farm: Farm) -> Non
         doc = await ready(farm, http)
         changes = [(p, m, op) for p, m, op in _operations(doc) if m in ("POST", "DELETE")]
         assert changes
-        bodies = {"mute": {"duration": "1h"}}
+        bodies = {"mute": {"duration": "1h"}, "subscriptions": {"id": "from-the-sweep", "kind": "nats", "subject": "s"}}
         for path, method, op in changes:
             url = farm.web + _fill(path, farm.ids)
             body = next((b for word, b in bodies.items() if path.endswith(word)), {}) if method == "POST" else None
-            admin = path.startswith("/api/v1/keys")
+            admin = path.startswith(("/api/v1/keys", "/api/v1/subscriptions"))
             ok = 201 if (admin and method == "POST") else 204 if admin else 200
             tries = (("read", 403), ("teamb", 403), ("write", 403), ("teamb_admin", 404 if "{" in path else 201),
                      ("admin", ok)) if admin else (("read", 403), ("teamb", 403), ("write", 200))
@@ -187,3 +189,37 @@ async def test_keys_over_http_an_admin_manages_its_tenants_keys(farm: Farm) -> N
             assert resp.status == 204
         async with http.get(f"{farm.web}/api/v1/sessions", headers={"Authorization": f"Bearer {key}"}) as resp:
             assert resp.status == 401  # revoked: at once
+
+
+async def test_subscriptions_over_http_an_admin_makes_them_and_no_one_reads_a_secret(farm: Farm) -> None:
+    async with aiohttp.ClientSession() as http:
+        await ready(farm, http)
+        admin = {"Authorization": f"Bearer {farm.keys['admin']}"}
+        url = f"{farm.web}/api/v1/subscriptions"
+        hook = {"id": "ci-hook", "kind": "webhook", "url": "https://ci.example.com/hooks/build?token=t0k3n",
+                "branches": ["release/*"], "min_confidence": 0.9}
+        async with http.post(url, json=hook, headers=admin) as resp:
+            assert resp.status == 201, await resp.text()
+            made = await resp.json()
+        secret = made["secret"]
+        assert len(secret) >= 40 and made["subscription"]["secret_hint"] == "…" + secret[-4:]
+        assert made["subscription"]["url"] == "https://ci.example.com/…" and made["subscription"]["source"] == "api"
+        listed = await get_json(http, url, farm.keys["read"])  # a read key lists them
+        mine = next(s for s in listed["subscriptions"] if s["id"] == "ci-hook")
+        assert mine["branches"] == ["release/*"] and mine["tenants"] == ["buildtel"]
+        assert secret not in json.dumps(listed) and "t0k3n" not in json.dumps(listed)
+        theirs = await get_json(http, url, farm.keys["teamb_admin"])
+        assert "ci-hook" not in {s["id"] for s in theirs["subscriptions"]}  # another tenant's are not shown
+        for body, status, words in (({**hook}, 409, "exists already"),
+                                    ({**hook, "id": "x", "url": "ftp://nope"}, 400, "url"),
+                                    ({**hook, "id": "x", "tenants": ["teamb"]}, 400, "tenants"),
+                                    ({**hook, "id": "x", "colour": "red"}, 400, "colour")):
+            async with http.post(url, json=body, headers=admin) as resp:
+                problem = await resp.json(content_type=None)
+                assert resp.status == status and words in problem["detail"], (body, problem)
+        async with http.delete(f"{url}/ci-hook", headers={"Authorization": f"Bearer {farm.keys['teamb_admin']}"}) \
+                as resp:
+            assert resp.status == 404  # another tenant's admin cannot delete it
+        async with http.delete(f"{url}/ci-hook", headers=admin) as resp:
+            assert resp.status == 204
+        assert "ci-hook" not in {s["id"] for s in (await get_json(http, url, farm.keys["read"]))["subscriptions"]}
