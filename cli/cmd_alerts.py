@@ -69,13 +69,15 @@ def parse_duration(text: str) -> float:
 
 @asynccontextmanager
 async def _redis(settings: Settings) -> Any:
+    from redis.exceptions import RedisError
+
     from buildtel.shared.bus import connect_redis
 
     resolved = resolve(settings, autostart=False)
     r = connect_redis(resolved.redis_url or "")
     try:
         yield r
-    except OSError as exc:
+    except (OSError, RedisError) as exc:  # redis-py's connection errors are not OSErrors
         raise CLIError(f"cannot reach Redis: {exc}") from None
     finally:
         await r.aclose()

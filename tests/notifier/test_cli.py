@@ -60,6 +60,16 @@ async def test_ack_mute_unmute_and_status(settings, nc, redis_client) -> None:
     assert rc == 2 and "no alert has id" in err
 
 
+async def test_ack_with_redis_away_is_a_clear_error_not_a_traceback(settings, nc) -> None:
+    a = make_alert(target="//x:away")
+    await publish(nc, settings.namespace, [a])
+    from buildtel.shared.engines import free_port
+
+    away = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    rc, _, err = await _cli(away, "alerts", "ack", a.id)
+    assert rc != 0 and "cannot reach Redis" in err and "Traceback" not in err, err
+
+
 async def test_subscriptions_lists_counts_and_never_a_secret(settings, redis_client, tmp_path) -> None:
     config = write_config(tmp_path, f'[[subscription]]\nid = "hook"\nkind = "webhook"\n'
                                     f'url = "https://ci.example.com/h?token=tok"\nsecret = "{SECRET}"\n'
