@@ -12,14 +12,18 @@ things are known: an importer sees the whole file, a stream only what has arrive
   importer: BEP has no per-target timing); a test target's ``targetCompleted`` announces its
   ``testResult`` children, which gives the runs/shards the importer counts at the end, so
   ``testResult`` → ``TargetFinished`` named as the importer names it, one per attempt (the
-  collector keeps the last and counts attempts); failed ``actionCompleted`` → an action target;
+  collector keeps the last and counts attempts), and each attempt → a ``TestResults`` test
+  case (:mod:`.bep_details`); failed ``actionCompleted`` → an action target, its output kept
+  for the ``BuildFinished`` (read from Bazel's files only under the invocation's output base);
 * ``BuildFinished`` is held from ``buildFinished`` until the ``lastMessage`` (``buildMetrics``,
-  which carries the CPU time, comes after it), with ``expected_events`` so the collector
-  completes the session the moment all are folded.  A stream that ends without ``buildFinished``
+  which carries the CPU time and action cache figures, and ``buildToolLogs``, the critical
+  path, come after it), with ``expected_events`` so the collector completes the session the
+  moment all are folded.  A stream that ends without ``buildFinished``
   sends no ``BuildFinished``: the collector stores it as abandoned (incomplete), never success.
 
 :attr:`StreamMapper.holding` says whether the last event's information is still held (its
-acknowledgement must then wait for a later publish).  Pure: no I/O, no clock unless given.
+acknowledgement must then wait for a later publish).  No I/O but the bounded read of a failed
+action's output files (:mod:`.bep_details`); no clock unless given.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from buildtel.shared.importers import bep
+from buildtel.shared.importers import bep, bep_details
 from buildtel.shared.importers import proto_json as pj
 from buildtel.shared.protocol import (
     BuildEnvironment,
@@ -37,6 +41,7 @@ from buildtel.shared.protocol import (
     Event,
     TargetFinished,
     TargetMetrics,
+    TestResults,
     VcsInfo,
 )
 from buildtel.shared.sanitize import fix_event
@@ -63,9 +68,11 @@ def _first(values: dict[str, str], keys: tuple[str, ...]) -> str | None:
 class StreamMapper:
     """One invocation's BEP events in (``feed``), the project's events out, with their seqs."""
 
-    def __init__(self, session_id: str, agent_id: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, session_id: str, agent_id: str, *, clock: Callable[[], float] = time.time,
+                 output_kib: int = bep_details.OUTPUT_KIB) -> None:
         self.session_id, self.agent_id = session_id, agent_id
         self.st = bep._State()  # the importer's fold state, filled by its own handlers
+        self.st.failures.output_kib = output_kib
         self._clock = clock
         self._seq = 0
         self._header_open = True
@@ -108,8 +115,12 @@ class StreamMapper:
         if handler is not None and all(isinstance(v, dict) for k, v in ev.items() if k not in ("id", "children")
                                        and k != "lastMessage"):
             try:
+                cases = len(self.st.test_cases)
                 handler(self.st, body, ev, self.events)
                 out += self._map(kind, body, ev)
+                if len(self.st.test_cases) > cases:
+                    out.append(TestResults(session_id=self.session_id, agent_id=self.agent_id, seq=self._next(),
+                                           ts=self._clock(), cases=self.st.test_cases[cases:], source="bep"))
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
                 pass  # the importer warns and skips such an event; so do we (no warnings on a live stream)
         elif kind == "buildMetadata" and isinstance(ev.get("buildMetadata"), dict):
@@ -218,11 +229,20 @@ class StreamMapper:
         exit_code, outcome = bep.finished_outcome(fin)  # the importer's rule, not a copy of it
         finish_ms = pj.epoch_ms(fin, "finishTime", "finishTimeMillis")
         cpu_ms = pj.int64(pj.get(pj.obj(pj.get(st.metrics, "timingMetrics", {})), "cpuTimeInMs"))
+        labels = dict(st.tool_labels)
+        try:
+            extra, cache = bep_details.metrics_labels(st.metrics)
+            labels.update(extra)
+        except (TypeError, ValueError, OverflowError):
+            cache = None  # the importer warns and keeps the targets' figures; so do we
+        if name := pj.obj(pj.get(fin, "exitCode", {})).get("name"):
+            labels["exit_name"] = str(name)
         seq = self._next()
         ev: BuildFinished = fix_event(BuildFinished(
             session_id=self.session_id, agent_id=self.agent_id, seq=seq,
             ts=finish_ms / 1000.0 if finish_ms is not None else self._clock(),
             exit_code=exit_code, outcome=outcome,  # type: ignore[arg-type]
             cpu_s=cpu_ms / 1000.0 if cpu_ms is not None else None,
-            expected_events={self.agent_id: seq + 1}))
+            expected_events={self.agent_id: seq + 1}, failures=st.failures.found, labels=labels,
+            cache_hits=cache[0] if cache else None, cache_misses=cache[1] if cache else None))
         return ev

@@ -38,8 +38,12 @@ def _same_as_import(live: BuildSession, imported: BuildSession) -> None:
     assert _target_view(live) == _target_view(imported)
     assert (live.totals.targets, live.totals.failed) == (imported.totals.targets, imported.totals.failed)
     assert live.cpu_s == imported.cpu_s
-    for key in ("invocation_id", "bazel_command", "bazel_version"):
-        assert live.labels.get(key) == imported.labels.get(key)
+    for key in ("invocation_id", "bazel_command", "bazel_version", "exit_name", "critical_path_s", "critical_path",
+                "actions_executed", "action_cache_hits", "action_cache_misses", "remote_cache_hits"):
+        assert live.labels.get(key) == imported.labels.get(key), key
+    assert (live.cache_hits, live.cache_misses) == (imported.cache_hits, imported.cache_misses)
+    assert live.tests == imported.tests
+    assert live.failures == imported.failures
 
 
 async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, nc) -> None:
@@ -52,6 +56,14 @@ async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, n
     _same_as_import(live, imported)
     assert live.id == session_id_for(invocation) == invocation.replace("-", "")
     assert is_complete(live) and live.outcome == "success"
+    # Bazel's critical path and action cache figures (buildToolLogs, buildMetrics) are on the session.
+    assert live.labels["critical_path_s"] == "0.20"
+    assert live.labels["critical_path"] == "0.20s action 'Testing //go/cmd/geninter:geninter_test (run 2 of 2)'"
+    assert (live.cache_hits, live.cache_misses, live.labels["actions_executed"]) == (0, 7, "7")
+    # Every attempt is a test case: geninter_test failed its first run and passed its second.
+    assert [(c.suite, c.name, c.outcome) for c in live.tests if c.name == "geninter_test"] == \
+        [("//go/cmd/geninter", "geninter_test", "failed"), ("//go/cmd/geninter", "geninter_test", "passed")]
+    assert len(live.tests) == 6
     # The flaky test: two runs, one failed, as the importer counts them.
     assert [t.status for t in live.targets if t.name.startswith("//go/pkg/alfred:alfred_test (test run")] == \
         [t.status for t in imported.targets if t.name.startswith("//go/pkg/alfred:alfred_test (test run")]
