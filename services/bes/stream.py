@@ -112,7 +112,7 @@ class StreamHandler:
         try:
             while (obe := await inbox.get()) is not None:
                 if inv is None:
-                    inv = self._invocation(obe.stream_id)
+                    inv = self._invocation(obe.stream_id, obe.sequence_number)
                     inv.streams += 1
                 events = self._events(inv, obe)
                 if events or waiting or inv.mapper.holding:
@@ -154,11 +154,14 @@ class StreamHandler:
             return inv.mapper.close()
         return []
 
-    def _invocation(self, stream_id: Any) -> Invocation:
+    def _invocation(self, stream_id: Any, first_seq: int) -> Invocation:
         sid = session_id_for(stream_id.invocation_id, stream_id.build_id)
         inv = self.invocations.get(self._key(sid))
         if inv is None or inv.unpublished:
-            inv = Invocation(StreamMapper(sid, self.new_agent(), output_kib=self.output_kib))
+            # A stream that starts past 1: Bazel retrying from its first un-acknowledged event; the
+            # header was published by an earlier mapper (or an earlier process, when unknown here).
+            resumed = first_seq > 1 and (inv is None or inv.mapper.header_sent)
+            inv = Invocation(StreamMapper(sid, self.new_agent(), output_kib=self.output_kib, resumed=resumed))
             self.invocations[self._key(sid)] = inv
         return inv
 

@@ -69,13 +69,15 @@ class StreamMapper:
     """One invocation's BEP events in (``feed``), the project's events out, with their seqs."""
 
     def __init__(self, session_id: str, agent_id: str, *, clock: Callable[[], float] = time.time,
-                 output_kib: int = bep_details.OUTPUT_KIB) -> None:
+                 output_kib: int = bep_details.OUTPUT_KIB, resumed: bool = False) -> None:
         self.session_id, self.agent_id = session_id, agent_id
         self.st = bep._State()  # the importer's fold state, filled by its own handlers
         self.st.failures.output_kib = output_kib
         self._clock = clock
         self._seq = 0
-        self._header_open = True
+        # Resumed: the invocation's first events went to an earlier endpoint (restarted since), which
+        # published its BuildStarted; a second one from what this mapper knows would blank its name.
+        self._header_open = not resumed
         self._finished = False  # buildFinished seen
         self._done = False  # BuildFinished emitted
         self._runs: dict[str, set[tuple[int, int]]] = {}  # test label -> (run, shard) announced
@@ -86,6 +88,11 @@ class StreamMapper:
     def holding(self) -> bool:
         """True while information of events already fed waits for a later publish."""
         return self._header_open or (self._finished and not self._done)
+
+    @property
+    def header_sent(self) -> bool:
+        """The BuildStarted is out (or was, by an earlier endpoint: ``resumed``)."""
+        return not self._header_open
 
     @property
     def finished(self) -> bool:
