@@ -233,7 +233,7 @@ def _on_action(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -
         mnemonic=str(act["type"]) if "type" in act else None,
     ), has_times))
     if "action" in ev and not ok:
-        st.failures.on_action(str(pj.get(act, "label", "") or idv.get("label", "") or name), act)
+        st.failures.on_action(str(pj.get(act, "label", "") or idv.get("label", "") or name), act, name)
 
 
 def _on_finished(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:

@@ -103,10 +103,13 @@ class Failures:
     def on_workspace(self, ev: dict[str, Any]) -> None:
         self.base = output_base(pj.obj(ev.get("workspaceInfo", {})))
 
-    def on_action(self, target: str, action: dict[str, Any]) -> None:
-        """Keep a failed action's stdout then stderr (Bazel keeps them apart) for ``target``."""
+    def on_action(self, target: str, action: dict[str, Any], action_target: str = "") -> None:
+        """Keep a failed action's stdout then stderr (Bazel keeps them apart) for ``target`` (its
+        label); the action's own target (``action_target``) gets a record pointing there."""
         if len(self.found) >= MAX_FAILURES or action.get("success"):
             return
+        if action_target and action_target != target:
+            self.found.append(TargetFailure(target=action_target, note=f"its output is kept with {target}"[:1000]))
         if any(f.target == target for f in self.found):
             return  # one record per target: its first failed action
         limit = self.output_kib * 1024

@@ -71,6 +71,7 @@ def _stream(exec_root: str, stdout: dict[str, Any], stderr: dict[str, Any]) -> b
         {"id": {"workspace": {}}, "workspaceInfo": {"localExecRoot": exec_root}},
         {"id": {"actionCompleted": {"primaryOutput": "bazel-out/bin/x.txt", "label": "//:x"}},
          "action": {"exitCode": 3, "type": "Genrule", "label": "//:x", "stdout": stdout, "stderr": stderr}},
+        {"id": {"targetCompleted": {"label": "//:x"}}, "completed": {"success": False}},
         {"id": {"buildFinished": {}}, "finished": {"finishTimeMillis": "1700000001000",
                                                    "exitCode": {"name": "BUILD_FAILURE", "code": 1}},
          "lastMessage": True},
@@ -93,8 +94,8 @@ def test_failed_action_output_is_read_under_the_output_base_only(tmp_path: Path)
     (actions / "stderr-1").write_text("x.c:1: error: boom\napi_key=sk_live_abcdefghijklmnop1234\n")
     [s] = parse_bep(_stream(exec_root, {"name": "stdout", "uri": (actions / "stdout-1").as_uri()},
                             {"name": "stderr", "uri": (actions / "stderr-1").as_uri()})).sessions
-    [f] = s.failures
-    assert f.target == "//:x" and f.output[:2] == ["compiling x", "x.c:1: error: boom"]
+    f = next(f for f in s.failures if f.target == "//:x")
+    assert f.output[:2] == ["compiling x", "x.c:1: error: boom"]
     assert "sk_live_abcdefghijklmnop1234" not in " ".join(f.output)  # redacted as buildtel run's failures
     assert f.errors == ["x.c:1: error: boom"]
 
@@ -104,18 +105,18 @@ def test_failed_action_output_is_read_under_the_output_base_only(tmp_path: Path)
     (actions / "link").symlink_to(secret)
     for uri in (secret.as_uri(), f"file://{actions}/../../../../../../secret.txt", (actions / "link").as_uri()):
         [s] = parse_bep(_stream(exec_root, {"name": "stdout", "uri": uri}, {})).sessions
-        [f] = s.failures
+        f = s.failures[-1]
         assert f.output == [] and "outside the invocation's output base" in f.note, (uri, f)
 
     # A directory without Bazel's marker is no output base, whatever the message says.
     (base / "DO_NOT_BUILD_HERE").unlink()
     [s] = parse_bep(_stream(exec_root, {"name": "stderr", "uri": (actions / "stderr-1").as_uri()}, {})).sessions
-    assert s.failures[0].output == [] and "no Bazel output base" in s.failures[0].note
+    assert s.failures[-1].output == [] and "no Bazel output base" in s.failures[-1].note
 
     # Inline contents are kept as sent; a URI on another machine is named, not fetched.
     inline = {"name": "stderr", "contents": base64.b64encode(b"inline error: bad\n").decode()}
     [s] = parse_bep(_stream(exec_root, {"name": "stdout", "uri": "bytestream://cas/abc"}, inline)).sessions
-    assert s.failures[0].output == ["inline error: bad"] and "bytestream://" in s.failures[0].note
+    assert s.failures[-1].output == ["inline error: bad"] and "bytestream://" in s.failures[-1].note
 
 
 def test_failed_action_output_keeps_its_last_kib(tmp_path: Path) -> None:
@@ -123,6 +124,32 @@ def test_failed_action_output_keeps_its_last_kib(tmp_path: Path) -> None:
     (actions / "stderr-1").write_text("".join(f"line {i}\n" for i in range(10_000)))  # ~89 KB
     [s] = parse_bep(_stream(str(base / "execroot" / "_main"), {},
                             {"name": "stderr", "uri": (actions / "stderr-1").as_uri()})).sessions
-    [f] = s.failures
-    assert f.output[-1] == "line 9999" and f.output_cut_bytes > 70_000
+    f = s.failures[-1]
+    assert f.target == "//:x" and f.output[-1] == "line 9999" and f.output_cut_bytes > 70_000
     assert sum(len(x) + 1 for x in f.output) <= 16 * 1024
+
+
+async def test_live_failed_action_output_shows_in_buildtel_show_and_log(stack: tuple[Settings, BesService], nc: Any,
+                                                                         tmp_path: Path) -> None:
+    settings, bes = stack
+    base, actions = _output_base(tmp_path)
+    (actions / "stderr-1").write_text("x.c:1: error: boom\n")
+    recorded = tmp_path / "bep.json"
+    recorded.write_bytes(_stream(str(base / "execroot" / "_main"), {},
+                                 {"name": "stderr", "uri": (actions / "stderr-1").as_uri()}))
+    events = read_bep_json(recorded)
+    await replay(bes.url.removeprefix("grpc://"), events, events[0].started.uuid)
+    client = StorageClient(nc, Subjects(settings.namespace))
+
+    async def stored() -> Any:
+        return await client.summaries(limit=10)
+
+    [summary] = await eventually(stored)
+    code, out, err = await cli(settings, "show", summary.id, "--failures", "--json")
+    assert code == 0, err
+    # The label keeps the output; the action (named by its output) points there.
+    label, action = sorted(json.loads(out)["failures"], key=lambda f: f["target"] != "//:x")
+    assert label["target"] == "//:x" and label["output"] == ["x.c:1: error: boom"]
+    assert action["target"] == "bazel-out/bin/x.txt" and action["note"] == "its output is kept with //:x"
+    code, out, err = await cli(settings, "log", summary.id, "//:x")
+    assert code == 0 and "x.c:1: error: boom" in out, (out, err)
