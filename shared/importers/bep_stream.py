@@ -7,7 +7,9 @@ used read-only) interpret them exactly as ``buildtel import bep`` does.  What di
 things are known: an importer sees the whole file, a stream only what has arrived.  So:
 
 * ``BuildStarted`` is held until the stream's header is complete: ``workspaceStatus`` (host,
-  user, ``BUILD_SCM_*``) or the first event that makes a target, whichever comes first;
+  user, ``BUILD_SCM_*``) when ``started`` announces it — targets mapped before it (a loaded
+  machine runs the status command late) are held with it, for the first ``MAX_EARLY`` events, and
+  published after it — else the first event that makes a target;
 * ``targetCompleted`` → ``TargetFinished`` at once (duration 0 at the build's start, as the
   importer: BEP has no per-target timing); a test target's ``targetCompleted`` announces its
   ``testResult`` children, which gives the runs/shards the importer counts at the end, so
@@ -59,6 +61,8 @@ _COMMIT_KEYS = ("BUILD_SCM_REVISION", "STABLE_BUILD_SCM_REVISION", "COMMIT_SHA",
 _BRANCH_KEYS = ("BUILD_SCM_BRANCH", "STABLE_BUILD_SCM_BRANCH", "BRANCH_NAME", "STABLE_GIT_BRANCH")
 _REMOTE_KEYS = ("BUILD_SCM_REMOTE", "STABLE_BUILD_SCM_REMOTE", "REPO_URL", "STABLE_REPO_URL")
 INTERRUPTED = 8  # Bazel's ExitCode INTERRUPTED (Ctrl-C)
+_END_KINDS = frozenset({"buildFinished", "buildMetrics", "buildToolLogs"})
+MAX_EARLY = 1000  # BEP events fed while an announced workspaceStatus has not come: then the header goes without it
 
 
 def _first(values: dict[str, str], keys: tuple[str, ...]) -> str | None:
@@ -78,6 +82,8 @@ class StreamMapper:
         # Resumed: the invocation's first events went to an earlier endpoint (restarted since), which
         # published its BuildStarted; a second one from what this mapper knows would blank its name.
         self._header_open = not resumed
+        self._status_expected = False  # started announced a workspaceStatus
+        self._early: list[Event] = []  # mapped while the header waits for it
         self._finished = False  # buildFinished seen
         self._done = False  # BuildFinished emitted
         self._runs: dict[str, set[tuple[int, int]]] = {}  # test label -> (run, shard) announced
@@ -115,7 +121,8 @@ class StreamMapper:
         body = body if isinstance(body, dict) else {}
         self.events += 1
         out: list[Event] = []
-        if self._header_open and kind in _BODY_KINDS:
+        if self._header_open and kind in _BODY_KINDS and (
+                not self._status_expected or kind in _END_KINDS):
             out += self._close_header()
         self._note_children(kind, body, ev)
         handler = bep.HANDLERS.get(kind)
@@ -134,6 +141,11 @@ class StreamMapper:
             meta = ev["buildMetadata"].get("metadata", {})
             self.metadata.update({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
         if self._header_open and kind == "workspaceStatus":
+            out += self._close_header()
+        if self._header_open and out:  # waiting for the announced workspaceStatus: held (not acknowledged)
+            self._early += out
+            out = []
+        if self._header_open and self.events > MAX_EARLY:  # bounded: a status that never comes holds nothing long
             out += self._close_header()
         if ev.get("lastMessage") is True:
             out += self.close()
@@ -158,6 +170,8 @@ class StreamMapper:
         for child in children if isinstance(children, list) else []:
             if not isinstance(child, dict):
                 continue
+            if kind == "started" and "workspaceStatus" in child:
+                self._status_expected = True
             if kind == "started" and isinstance(pat := child.get("pattern"), dict):
                 self.st.requested += [str(p) for p in pat.get("pattern", []) if isinstance(pat.get("pattern"), list)]
             if isinstance(tr := child.get("testResult"), dict):
@@ -165,6 +179,17 @@ class StreamMapper:
                 self._runs.setdefault(str(tr.get("label", "")), set()).add((run, shard))
 
     def _close_header(self) -> list[Event]:
+        """The BuildStarted, then the events held for it, renumbered so that it comes first."""
+        header = self._header()
+        early, self._early = self._early, []
+        if early:
+            first = early[0].seq
+            header.seq = first
+            for i, e in enumerate(early, start=1):
+                e.seq = first + i
+        return [header, *early]
+
+    def _header(self) -> BuildStarted:
         self._header_open = False
         st, start = self.st, self.start
         bazel_cmd = str(st.started.get("command", ""))
@@ -192,7 +217,8 @@ class StreamMapper:
             name=" ".join(["bazel", bazel_cmd, *patterns]).strip() or "bazel",
             command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
             environment=env, labels=labels)
-        return [fix_event(started)]
+        ev: BuildStarted = fix_event(started)
+        return ev
 
     def _target(self, m: TargetMetrics) -> TargetFinished:
         ev: TargetFinished = fix_event(TargetFinished(

@@ -106,3 +106,22 @@ async def test_a_small_window_still_acknowledges_every_event_in_order(bes_settin
         _same_as_import(live, parse_bep(KAHLYS.read_bytes()).sessions[0])
     finally:
         await svc.stop()
+
+
+async def test_workspace_status_after_the_first_targets_still_names_host_and_user(bes: BesService, nc) -> None:
+    # On a loaded machine Bazel runs the workspace status command late: targets come before it.
+    events = read_bep_json(KAHLYS)
+    status = next(i for i, e in enumerate(events) if e.id.HasField("workspace_status"))
+    first_target = next(i for i, e in enumerate(events) if e.id.HasField("target_completed"))
+    assert status < first_target
+    events.insert(first_target + 3, events.pop(status))
+    invocation = str(uuid.uuid4())
+    events[0].started.uuid = invocation
+    result = await replay(bes.url.removeprefix("grpc://"), events, invocation)
+    assert result.acks == list(range(1, len(events) + 2))
+    [live] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1)
+    imported = parse_bep(KAHLYS.read_bytes()).sessions[0]
+    assert live.environment is not None and imported.environment is not None
+    assert (live.environment.hostname, live.environment.user) == (imported.environment.hostname,
+                                                                  imported.environment.user) != ("", "")
+    assert live.name == imported.name and _target_view(live) == _target_view(imported)
