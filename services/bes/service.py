@@ -123,12 +123,18 @@ class BesService(BusService):
         self.gate = Gate(self.redis, self.keys, namespace=self.settings.namespace, tenants=self.settings.tenant_list,
                          host=self.settings.http_host, token=self.settings.http_token or "")
         await self.gate.check_bind()  # before listening: beyond loopback only with keys or a token
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        # No SO_REUSEPORT (grpc's default): a second endpoint on a taken port must fail, not silently
+        # share it and split the builds between two stacks.
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=opts)
         publish_build_event_pb2_grpc.add_PublishBuildEventServicer_to_server(_Servicer(self), server)
-        self.bound_port = server.add_insecure_port(f"{self.settings.http_host}:{self.port}")
+        try:
+            self.bound_port = server.add_insecure_port(f"{self.settings.http_host}:{self.port}")
+        except RuntimeError:  # grpcio's way of saying the bind failed (taken port, bad address)
+            self.bound_port = 0
         if not self.bound_port:
-            raise OSError(f"cannot listen on {self.settings.http_host}:{self.port} for the BES endpoint")
+            raise OSError(f"cannot listen on {self.settings.http_host}:{self.port} for the BES endpoint "
+                          "(BUILDER_TELEMETRY_BES_PORT): the port is taken or the address is not this machine's")
         await server.start()
         self.server = server
         stack.push_async_callback(server.stop, 5.0)  # streams in flight get 5 s to finish

@@ -138,3 +138,12 @@ async def test_beyond_loopback_without_keys_it_refuses_to_start(bes_settings: Se
         await svc.start()
     await svc.stop()  # idempotent: nothing was left listening
     assert svc.bound_port == 0
+
+
+async def test_a_taken_port_is_refused_not_shared(bes: BesService, bes_settings: Settings) -> None:
+    # grpcio would share it (SO_REUSEPORT) and split the builds between two endpoints.
+    second = BesService(bes_settings, bes_settings.nats_url or "", bes_settings.redis_url or "",
+                        port=int(bes.url.rsplit(":", 1)[1]))
+    with pytest.raises(OSError, match="BUILDER_TELEMETRY_BES_PORT"):
+        await second.start()
+    await second.stop()
