@@ -30,14 +30,21 @@ from typing import Any
 from buildtel.shared.capture.failures import MAX_FAILURES, OUTPUT_BUDGET
 from buildtel.shared.capture.failures import _failure as bounded_failure
 from buildtel.shared.importers import proto_json as pj
-from buildtel.shared.junit import clean_message
 from buildtel.shared.protocol import TargetFailure, TestCase
+from buildtel.shared.redaction import redact_text
 
 OUTPUT_KIB = 16  # the default of BUILDER_TELEMETRY_FAILURE_OUTPUT_KIB
 CRITICAL_PATH_CHARS = 1000  # of the critical path's action lines kept as a label
 TEST_OUTCOME = {"PASSED": "passed", "FLAKY": "passed", "FAILED": "failed", "TIMEOUT": "error",
                 "REMOTE_FAILURE": "error", "INCOMPLETE": "error"}  # anything else did not run: skipped
 _CRITICAL = re.compile(r"Critical Path: ([0-9.]+)s")
+MESSAGE_CHARS = 1000  # of a test case's message, as shared/junit.py keeps them
+
+
+def clean_message(text: str) -> str:
+    """Redacted and bounded as shared/junit.py's messages (not imported: junit imports importers)."""
+    text = redact_text(text.strip()[:4 * MESSAGE_CHARS])
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 1] + "…"
 
 
 def output_base(workspace_info: dict[str, Any]) -> Path | None:
