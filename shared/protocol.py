@@ -212,6 +212,14 @@ class BuildFinished(_Event, tag="build_finished"):
     failures: Annotated[list[TargetFailure], _doc(
         "output of the build's failed targets (at most 100; output kept for the first 256 KiB of it)")] = []
     log: Annotated[BuildLog | None, _doc("where the build's console log is kept; null when it was not captured")] = None
+    labels: Annotated[dict[str, str], _doc(
+        "labels known only when the build ends (Bazel's action counts, critical path), added to those of "
+        "`build_started`")] = {}
+    cache_hits: Annotated[int | None, _doc(
+        "the build tool's own cache hits (Bazel's action cache, counting actions): the session's cache figures "
+        "instead of its targets'; null: from the targets", "actions")] = None
+    cache_misses: Annotated[int | None, _doc(
+        "the build tool's own cache misses, with `cache_hits`; null: from the targets", "actions")] = None
 
 
 class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):

@@ -219,6 +219,7 @@ _FIX: dict[str, Any] = {
     "mnemonic": _opt_text, "cpu_s": lambda v: _number(v, None), "peak_rss_bytes": _nonneg, "deps": _str_list,
     "phases": _phases, "reasons": _str_list, "eta_s": lambda v: _number(v, None), "expected_events": _counts,
     "outcome": lambda v: _choice(v, ("success", "failed", "cancelled"), None),
+    "cache_hits": _nonneg, "cache_misses": _nonneg,
     **dict.fromkeys(("completed_tasks", "failed_tasks", "active_tasks", "pending_tasks", "worker_count",
                      "active_workers", "memory_bytes"), _count),
     **dict.fromkeys(("memory_percent", "velocity", "throughput", "utilisation"), _rate),

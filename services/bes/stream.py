@@ -26,7 +26,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from buildtel.services.bes.gen import build_event_stream_pb2, publish_build_event_pb2
-from buildtel.shared.importers import bep
+from buildtel.shared.importers import bep, bep_details
 from buildtel.shared.importers.bep_stream import StreamMapper
 from buildtel.shared.importers.common import content_id
 from buildtel.shared.protocol import Event
@@ -74,9 +74,9 @@ class StreamHandler:
     """
 
     def __init__(self, invocations: dict[str, Invocation], publish: Publish, new_agent: Callable[[], str],
-                 window: int = WINDOW) -> None:
+                 window: int = WINDOW, *, tenant: str = "", output_kib: int = bep_details.OUTPUT_KIB) -> None:
         self.invocations, self.publish, self.new_agent = invocations, publish, new_agent
-        self.window = window
+        self.window, self.tenant, self.output_kib = window, tenant, output_kib
         self.events = 0
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -112,7 +112,7 @@ class StreamHandler:
         try:
             while (obe := await inbox.get()) is not None:
                 if inv is None:
-                    inv = self._invocation(obe.stream_id)
+                    inv = self._invocation(obe.stream_id, obe.sequence_number)
                     inv.streams += 1
                 events = self._events(inv, obe)
                 if events or waiting or inv.mapper.holding:
@@ -133,7 +133,7 @@ class StreamHandler:
             if inv is not None and (waiting or batch):
                 inv.unpublished = True  # the stream broke with information unpublished: not acknowledged
             if inv is not None and inv.mapper.finished:
-                self.invocations.pop(inv.mapper.session_id, None)
+                self.invocations.pop(self._key(inv.mapper.session_id), None)
             await acks.put(None)
 
     def _events(self, inv: Invocation, obe: Any) -> list[Event]:
@@ -154,13 +154,19 @@ class StreamHandler:
             return inv.mapper.close()
         return []
 
-    def _invocation(self, stream_id: Any) -> Invocation:
+    def _invocation(self, stream_id: Any, first_seq: int) -> Invocation:
         sid = session_id_for(stream_id.invocation_id, stream_id.build_id)
-        inv = self.invocations.get(sid)
+        inv = self.invocations.get(self._key(sid))
         if inv is None or inv.unpublished:
-            inv = Invocation(StreamMapper(sid, self.new_agent()))
-            self.invocations[sid] = inv
+            # A stream that starts past 1: Bazel retrying from its first un-acknowledged event; the
+            # header was published by an earlier mapper (or an earlier process, when unknown here).
+            resumed = first_seq > 1 and (inv is None or inv.mapper.header_sent)
+            inv = Invocation(StreamMapper(sid, self.new_agent(), output_kib=self.output_kib, resumed=resumed))
+            self.invocations[self._key(sid)] = inv
         return inv
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.tenant}/{session_id}"  # one tenant's invocation is never continued by another's stream
 
     async def _publish(self, inv: Invocation, events: list[Event], seq: int) -> None:
         # Batches of a call are published concurrently (one connection keeps them in order on the

@@ -302,6 +302,8 @@ def build_session(
         exit_code, outcome = None, "abandoned"
 
     totals, hits, misses = summarize_targets(metrics, events=int(meta.get(b"events", b"0")))
+    if finished is not None and finished.cache_hits is not None and finished.cache_misses is not None:
+        hits, misses = finished.cache_hits, finished.cache_misses  # the tool's own figures (Bazel's action cache)
 
     parts = (started.traceparent or "").split("-") if started else []
     trace_id, parent_span_id = (parts[1], parts[2]) if len(parts) >= 4 else (session_id, None)
@@ -314,7 +316,7 @@ def build_session(
         outcome=outcome,  # type: ignore[arg-type]
         exit_code=exit_code,
         command=started.command if started else [],
-        labels=started.labels if started else {},
+        labels={**(started.labels if started else {}), **(finished.labels if finished else {})},
         agents=sorted(agent_counts(meta)),
         environment=started.environment if started else None,
         targets=metrics,

@@ -22,7 +22,11 @@ strings, zero values omitted).  Mapped:
   last attempt wins) with status, start, duration, local/remote cache hit,
   exit code and the timing breakdown as phases;
 * ``actionCompleted`` (only failed actions unless ``--build_event_publish_all_actions``)
-  → a target per action: mnemonic, exit code, times when present.
+  → a target per action: mnemonic, exit code, times when present; a failed action's
+  stdout/stderr → the failure record of its target (read only under the invocation's
+  output base, ``workspace`` event: :mod:`.bep_details`);
+* ``testResult`` → also a test case per attempt (flaky: failed, then passed);
+  ``buildToolLogs`` → the critical path as labels.
 
 Everything else (progress, namedSet, configuration details, testSummary, …) is
 ignored.  The importer never crashes on a stream: malformed lines, unknown event
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildtel.shared.importers import proto_json as pj
+from buildtel.shared.importers.bep_details import Failures, critical_path, metrics_labels, test_case
 from buildtel.shared.importers.common import (
     ImportFormatError,
     ImportResult,
@@ -48,7 +53,15 @@ from buildtel.shared.importers.common import (
     maybe_gunzip,
     unique_names,
 )
-from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Completeness, Outcome, Phase, TargetMetrics
+from buildtel.shared.protocol import (
+    CACHE_HITS,
+    BuildEnvironment,
+    Completeness,
+    Outcome,
+    Phase,
+    TargetMetrics,
+    TestCase,
+)
 
 AGENT = "import:bep"
 
@@ -105,6 +118,10 @@ class _State:
     tests: dict[tuple[str, str, int, int], _Test] = field(default_factory=dict)
     actions: list[tuple[TargetMetrics, bool]] = field(default_factory=list)  # (metrics, has_times)
     last_message_line: int = 0
+    failures: Failures = field(default_factory=Failures)  # failed actions' output
+    test_cases: list[TestCase] = field(default_factory=list)  # one per testResult attempt
+    shards: dict[str, set[int]] = field(default_factory=dict)  # test label -> shards its targetCompleted announced
+    tool_labels: dict[str, str] = field(default_factory=dict)  # from buildToolLogs (critical path)
 
     def warn(self, line: int, message: str) -> None:
         self.warnings.append(ParseWarning(line, message))
@@ -164,6 +181,9 @@ def _on_completed(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int
         status = "skipped" if reason == "SKIPPED" else "cancelled"
     st.completed[key] = status
     st.completed_events += 1
+    for child in pj.arr(ev.get("children", [])):  # a test's targetCompleted announces its testResults
+        if isinstance(child, dict) and isinstance(tr := child.get("testResult"), dict):
+            st.shards.setdefault(str(tr.get("label", "")), set()).add(pj.int64(tr.get("shard")) or 0)
 
 
 def _on_test_result(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
@@ -172,15 +192,17 @@ def _on_test_result(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: i
     key = (label, str(pj.obj(idv.get("configuration", {})).get("id", "")), run, shard)
     test = st.tests.setdefault(key, _Test(label, run, shard))
     test.attempts += 1
-    if (attempt, line) < test.best:  # an earlier attempt reported late: the later one stands
-        return
     res = pj.obj(ev.get("testResult", {}))
-    info = pj.obj(pj.get(res, "executionInfo", {}))
-    start_ms = pj.epoch_ms(res, "testAttemptStart", "testAttemptStartMillisEpoch")
     dur = pj.duration(pj.get(res, "testAttemptDuration"))
     if dur is None:
         dur = (pj.int64(pj.get(res, "testAttemptDurationMillis")) or 0) / 1000.0
     dur = max(0.0, dur)
+    st.test_cases.append(test_case(label, run, shard, attempt, len(st.shards.get(label, ())) > 1,
+                                   res if "testResult" in ev else {}, dur))
+    if (attempt, line) < test.best:  # an earlier attempt reported late: the later one stands
+        return
+    info = pj.obj(pj.get(res, "executionInfo", {}))
+    start_ms = pj.epoch_ms(res, "testAttemptStart", "testAttemptStartMillisEpoch")
     status = str(res.get("status", "NO_STATUS")) if "testResult" in ev else "NO_STATUS"
     cache = "local_hit" if pj.get(res, "cachedLocally") else "remote_hit" if pj.get(info, "cachedRemotely") else "miss"
     breakdown = pj.obj(pj.get(info, "timingBreakdown", {}))
@@ -210,6 +232,8 @@ def _on_action(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -
         agent_id=AGENT, exit_code=pj.int64(pj.get(act, "exitCode")), kind="action",
         mnemonic=str(act["type"]) if "type" in act else None,
     ), has_times))
+    if "action" in ev and not ok:
+        st.failures.on_action(str(pj.get(act, "label", "") or idv.get("label", "") or name), act, name)
 
 
 def _on_finished(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
@@ -220,11 +244,20 @@ def _on_metrics(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) 
     st.metrics = pj.obj(ev["buildMetrics"])
 
 
+def _on_workspace(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
+    st.failures.on_workspace(ev)
+
+
+def _on_tool_logs(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
+    st.tool_labels = critical_path(pj.obj(ev["buildToolLogs"]))
+
+
 HANDLERS = {
     "started": _on_started, "structuredCommandLine": _on_command_line, "pattern": _on_pattern,
     "workspaceStatus": _on_workspace_status, "configuration": _on_configuration,
     "targetConfigured": _on_configured, "targetCompleted": _on_completed, "testResult": _on_test_result,
     "actionCompleted": _on_action, "buildFinished": _on_finished, "buildMetrics": _on_metrics,
+    "workspace": _on_workspace, "buildToolLogs": _on_tool_logs,
 }
 # Events that carry no payload of their own when a stream is cut short; not worth a warning.
 _QUIET_ABORTS = frozenset({"progress", "namedSet", "buildToolLogs"})
@@ -347,16 +380,9 @@ def _metrics(st: _State, labels: dict[str, str], warn_line: int) -> tuple[tuple[
     cache = (sum(t.cache in CACHE_HITS for t in tests), sum(t.cache == "miss" for t in tests))
     cpu_s: float | None = None
     try:
-        summary = pj.obj(pj.get(st.metrics, "actionSummary", {}))
-        if (stats := pj.get(summary, "actionCacheStatistics")) is not None:
-            stats = pj.obj(stats)
-            cache = (pj.int64(stats.get("hits")) or 0, pj.int64(stats.get("misses")) or 0)
-            labels.update(action_cache_hits=str(cache[0]), action_cache_misses=str(cache[1]))
-        if (executed := pj.int64(pj.get(summary, "actionsExecuted"))) is not None:
-            labels["actions_executed"] = str(executed)
-        for runner in pj.arr(pj.get(summary, "runnerCount", [])):
-            if pj.obj(runner).get("name") == "remote cache hit":
-                labels["remote_cache_hits"] = str(pj.int64(runner.get("count")) or 0)
+        extra, tool_cache = metrics_labels(st.metrics)
+        labels.update(extra)
+        cache = tool_cache or cache
         if (cpu_ms := pj.int64(pj.get(pj.obj(pj.get(st.metrics, "timingMetrics", {})), "cpuTimeInMs"))) is not None:
             cpu_s = cpu_ms / 1000.0
     except (TypeError, ValueError, OverflowError) as exc:
@@ -401,7 +427,7 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
                                                            if interrupted else "") + ", session incomplete")
         completeness = Completeness(complete=False, reasons=[why])
 
-    labels = {"importer": "bep"}
+    labels = {"importer": "bep", **st.tool_labels}
     cache, cpu_s = _metrics(st, labels, warn_line)
     bazel_cmd = str(st.started.get("command", ""))
     version = pj.get(st.started, "buildToolVersion")
@@ -422,7 +448,7 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
         outcome=outcome, exit_code=exit_code,
         command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
         labels=labels, agent=AGENT, cache=cache, duration_s=duration_s, environment=env, cpu_s=cpu_s,
-        completeness=completeness,
+        completeness=completeness, failures=st.failures.found, tests=st.test_cases,
     )
     details = {
         "events": st.events, "target_completed": st.completed_events,

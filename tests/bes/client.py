@@ -63,26 +63,30 @@ def _stream_id(build_id: str, invocation_id: str) -> Any:
                                      component=build_events_pb2.StreamId.TOOL)
 
 
-async def _lifecycle(stub: Any, build_id: str, invocation_id: str, **event: Any) -> None:
+async def _lifecycle(stub: Any, build_id: str, invocation_id: str, metadata: Any = None, **event: Any) -> None:
     obe = publish_build_event_pb2.OrderedBuildEvent(
         stream_id=build_events_pb2.StreamId(build_id=build_id, invocation_id=invocation_id,
                                             component=build_events_pb2.StreamId.CONTROLLER),
         sequence_number=1, event=build_events_pb2.BuildEvent(event_time=_now(), **event))
     await stub.PublishLifecycleEvent(publish_build_event_pb2.PublishLifecycleEventRequest(
-        service_level=publish_build_event_pb2.PublishLifecycleEventRequest.INTERACTIVE, build_event=obe))
+        service_level=publish_build_event_pb2.PublishLifecycleEventRequest.INTERACTIVE, build_event=obe),
+        metadata=metadata)
 
 
 async def replay(target: str, events: list[Any], invocation_id: str, build_id: str = "b" * 8,
-                 finish_stream: bool = True, stop_after: int | None = None) -> Replay:
+                 finish_stream: bool = True, stop_after: int | None = None,
+                 metadata: tuple[tuple[str, str], ...] | None = None) -> Replay:
     """Send ``events`` as Bazel does; returns the acknowledged sequence numbers in arrival order.
     ``stop_after``: send that many events, then break the call once the last is acknowledged (it
-    must be an event the endpoint publishes at once, such as a targetCompleted)."""
+    must be an event the endpoint publishes at once, such as a targetCompleted).  ``metadata``: sent
+    with every call (an API key)."""
     result = Replay()
     sent_at: dict[int, float] = {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = publish_build_event_pb2_grpc.PublishBuildEventStub(channel)
-        await _lifecycle(stub, build_id, invocation_id, build_enqueued=build_events_pb2.BuildEvent.BuildEnqueued())
-        await _lifecycle(stub, build_id, invocation_id,
+        await _lifecycle(stub, build_id, invocation_id, metadata,
+                         build_enqueued=build_events_pb2.BuildEvent.BuildEnqueued())
+        await _lifecycle(stub, build_id, invocation_id, metadata,
                          invocation_attempt_started=build_events_pb2.BuildEvent.InvocationAttemptStarted(
                              attempt_number=1))
         sid = _stream_id(build_id, invocation_id)
@@ -108,7 +112,7 @@ async def replay(target: str, events: list[Any], invocation_id: str, build_id: s
             else:
                 await asyncio.Event().wait()  # hold the call open until it is cancelled
 
-        call = stub.PublishBuildToolEventStream(requests())
+        call = stub.PublishBuildToolEventStream(requests(), metadata=metadata)
         expected = n + (1 if finish_stream and stop_after is None else 0)
         async for resp in call:
             result.acks.append(resp.sequence_number)
@@ -119,7 +123,7 @@ async def replay(target: str, events: list[Any], invocation_id: str, build_id: s
                 break
         call.cancel()
         if stop_after is None:
-            await _lifecycle(stub, build_id, invocation_id,
+            await _lifecycle(stub, build_id, invocation_id, metadata,
                              invocation_attempt_finished=build_events_pb2.BuildEvent.InvocationAttemptFinished(
                                  invocation_status=build_status_pb2.BuildStatus(
                                      result=build_status_pb2.BuildStatus.COMMAND_SUCCEEDED)))

@@ -101,6 +101,13 @@ async def test_bazel_build_streams_live_and_matches_what_bazel_printed(bes: BesS
     assert ("//:bad", "failed") in _targets(live)
     assert {n for n, st in _targets(live) if st == "success"} >= {"//:a", "//:b", "//:c", "//:slow"}
     assert "//:bad failed" in printed and "Exit 3" in printed, printed  # what Bazel printed of the failure
+    # The failed action's output, read from Bazel's action output files under its output base.
+    assert live.failures == imported.failures
+    [bad] = [f for f in live.failures if f.target == "//:bad"]
+    assert "boom on stderr" in bad.output, bad
+    # Bazel's critical path (buildToolLogs) and action count (buildMetrics), as it printed them.
+    assert f"Critical Path: {live.labels['critical_path_s']}s" in printed, (live.labels, printed)
+    assert live.labels["actions_executed"] == imported.labels["actions_executed"]
     assert (live.name, live.command) == (imported.name, imported.command)
     assert live.environment is not None and imported.environment is not None
     assert (live.environment.user, live.environment.hostname) == (imported.environment.user,

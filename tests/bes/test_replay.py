@@ -38,8 +38,12 @@ def _same_as_import(live: BuildSession, imported: BuildSession) -> None:
     assert _target_view(live) == _target_view(imported)
     assert (live.totals.targets, live.totals.failed) == (imported.totals.targets, imported.totals.failed)
     assert live.cpu_s == imported.cpu_s
-    for key in ("invocation_id", "bazel_command", "bazel_version"):
-        assert live.labels.get(key) == imported.labels.get(key)
+    for key in ("invocation_id", "bazel_command", "bazel_version", "exit_name", "critical_path_s", "critical_path",
+                "actions_executed", "action_cache_hits", "action_cache_misses", "remote_cache_hits"):
+        assert live.labels.get(key) == imported.labels.get(key), key
+    assert (live.cache_hits, live.cache_misses) == (imported.cache_hits, imported.cache_misses)
+    assert live.tests == imported.tests
+    assert live.failures == imported.failures
 
 
 async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, nc) -> None:
@@ -52,6 +56,14 @@ async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, n
     _same_as_import(live, imported)
     assert live.id == session_id_for(invocation) == invocation.replace("-", "")
     assert is_complete(live) and live.outcome == "success"
+    # Bazel's critical path and action cache figures (buildToolLogs, buildMetrics) are on the session.
+    assert live.labels["critical_path_s"] == "0.20"
+    assert live.labels["critical_path"] == "0.20s action 'Testing //go/cmd/geninter:geninter_test (run 2 of 2)'"
+    assert (live.cache_hits, live.cache_misses, live.labels["actions_executed"]) == (0, 7, "7")
+    # Every attempt is a test case: geninter_test failed its first run and passed its second.
+    assert [(c.suite, c.name, c.outcome) for c in live.tests if c.name == "geninter_test"] == \
+        [("//go/cmd/geninter", "geninter_test", "failed"), ("//go/cmd/geninter", "geninter_test", "passed")]
+    assert len(live.tests) == 6
     # The flaky test: two runs, one failed, as the importer counts them.
     assert [t.status for t in live.targets if t.name.startswith("//go/pkg/alfred:alfred_test (test run")] == \
         [t.status for t in imported.targets if t.name.startswith("//go/pkg/alfred:alfred_test (test run")]
@@ -94,3 +106,22 @@ async def test_a_small_window_still_acknowledges_every_event_in_order(bes_settin
         _same_as_import(live, parse_bep(KAHLYS.read_bytes()).sessions[0])
     finally:
         await svc.stop()
+
+
+async def test_workspace_status_after_the_first_targets_still_names_host_and_user(bes: BesService, nc) -> None:
+    # On a loaded machine Bazel runs the workspace status command late: targets come before it.
+    events = read_bep_json(KAHLYS)
+    status = next(i for i, e in enumerate(events) if e.id.HasField("workspace_status"))
+    first_target = next(i for i, e in enumerate(events) if e.id.HasField("target_completed"))
+    assert status < first_target
+    events.insert(first_target + 3, events.pop(status))
+    invocation = str(uuid.uuid4())
+    events[0].started.uuid = invocation
+    result = await replay(bes.url.removeprefix("grpc://"), events, invocation)
+    assert result.acks == list(range(1, len(events) + 2))
+    [live] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1)
+    imported = parse_bep(KAHLYS.read_bytes()).sessions[0]
+    assert live.environment is not None and imported.environment is not None
+    assert (live.environment.hostname, live.environment.user) == (imported.environment.hostname,
+                                                                  imported.environment.user) != ("", "")
+    assert live.name == imported.name and _target_view(live) == _target_view(imported)

@@ -72,6 +72,13 @@ def test_up_with_no_urls_starts_embedded_engines_on_loopback(embedded_stack) -> 
     assert set(info["auth"]["nats"]) >= {"agent", "collector", "storage", "reader", "operator"}
     assert (cache / "engines" / "nats" / "jetstream").is_dir()
     assert "collector" in info["services"] and "storage" in info["services"]
+    # The two Bazel flags (docs/bazel.md): the BES endpoint and the dashboard's session pages.
+    flags = f"buildtel: Bazel: --bes_backend={info['bes_url']} --bes_results_url={info['web_url']}/sessions/"
+    deadline = time.monotonic() + 30
+    log = cache.parent / "up.log"  # the fixture's: buildtel up's output
+    while flags not in log.read_text() and time.monotonic() < deadline:  # printed just after stack.json
+        time.sleep(0.1)
+    assert flags in log.read_text(), log.read_text()
     # A second `up` on the same data directory refuses instead of fighting over it.
     second = buildtel("up", env=env, timeout=30)
     assert second.returncode == 2 and "already running" in second.stderr
