@@ -221,3 +221,21 @@ class RedisClusterEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- hooks of buildtel up (cli/cmd_stack.py) --------------------------------------------------------
+def start_cluster(data_dir: Path, masters: int, auth: StackAuth, engines: list[Any]) -> str:
+    """Start an embedded cluster for ``buildtel up --redis-cluster N``; its nodes join ``engines``
+    (each stopped, and recorded in stack.json with its pid, as any engine).  Returns its URL."""
+    cluster = RedisClusterEngine(data_dir, masters=masters, auth=auth)
+    try:
+        cluster.start()
+    finally:
+        engines.extend(n for n in cluster.nodes if n.pid is not None)
+    return cluster.url
+
+
+def cluster_record(engines: list[Any]) -> dict[str, Any]:
+    """stack.json's ``redis_cluster``: each node's address and pid (none without a cluster)."""
+    nodes = [{"url": f"{e.host}:{e.port}", "pid": e.pid} for e in engines if isinstance(e, RedisClusterNode)]
+    return {"redis_cluster": nodes} if nodes else {}

@@ -370,10 +370,9 @@ class CollectorService(BusService):
         else:  # fragments and seen bitmaps in one round trip
             agents = list(fold.agent_counts(meta))
             pipe.hgetall(k.session_fragments(sid))
-            if agents:
-                pipe.mget([k.session_seen(sid, a) for a in agents])
-            frags, *rest = await pipe.execute()
-            bitmaps = rest[0] if agents else []
+            for a in agents:  # GETs, not MGET: a Redis Cluster pipeline refuses MGET
+                pipe.get(k.session_seen(sid, a))
+            frags, *bitmaps = await pipe.execute()
         fragments = [frags[f] for f in sorted(frags)]  # a fixed order, whatever Redis returns
         if not meta:
             await self.redis.zrem(k.finishing_of(sid), sid)
