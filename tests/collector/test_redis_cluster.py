@@ -157,3 +157,34 @@ async def test_the_analyzer_folds_series_of_every_shard_on_a_cluster(on_cluster:
     finally:
         await analyzer.stop()
 
+
+
+async def test_notifier_queue_api_keys_and_acknowledgements_on_a_cluster(on_cluster: Any) -> None:
+    """The other multi-key writers: the notifier's MULTI and scripts (one tag), API keys (ordered
+    writes over two slots), acknowledgements read over many slots."""
+    import time
+
+    from buildtel.services.notifier.queue import Job, Queue
+    from buildtel.shared import alertstate, apikeys
+
+    s, r = on_cluster
+    k = Keys(s.namespace)
+    q = Queue(r, k, "replica-1")
+    await q.enqueue(Job(sub="hook", item="a1", alerts=[], created=time.time()), 0)
+    assert await q.due(time.time(), 10) == ["hook|a1"]
+    job = await q.claim("hook|a1", time.time(), 5)
+    assert job is not None
+    await q.retry(job, 0)
+    job = await q.claim("hook|a1", time.time(), 5)
+    assert job is not None and await q.claim("hook|a1", time.time(), 5) is None  # held: one replica
+    await q.end(job, "done")
+    assert await q.due(time.time() + 10, 10) == []
+    key, record = await apikeys.create(r, k, tenant=s.namespace, scope="read")
+    assert [x.id for x in await apikeys.list_keys(r, k)] == [record.id]
+    assert await apikeys.verify(r, k, key) is not None
+    assert await apikeys.revoke(r, k, record.id) and await apikeys.verify(r, k, key) is None
+    assert not await apikeys.any_keys(r, k)
+    ids = [f"alert-{i}" for i in range(20)]  # over many slots
+    await alertstate.acknowledge(r, k, ids[7], by="me")
+    found = await alertstate.states(r, k, [(a, "build|main|_", 0.0) for a in ids])
+    assert [x.status for x in found] == ["acknowledged" if i == 7 else "open" for i in range(20)]
