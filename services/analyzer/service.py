@@ -53,6 +53,7 @@ from buildtel.services.analyzer.columns import gc_paused
 from buildtel.services.analyzer.flamerender import flame_reply
 from buildtel.services.analyzer.rowreport import report_from_frame
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared import keymigrate
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
 from buildtel.shared.flamegraph.sessions import flame_options
@@ -89,6 +90,14 @@ POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lett
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
+
+
+def _series_of(data: bytes) -> str:
+    """The series of an encoded outbox alert (for shared/keymigrate.py); ValueError if unreadable."""
+    try:
+        return alert_decoder.decode(data).series
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 class AnalyzerService(BusService):
@@ -132,6 +141,7 @@ class AnalyzerService(BusService):
         self._commit = self.redis.register_script(lua.COMMIT)
         self._seen = self.redis.register_script(lua.SESSION_SEEN)
         await load_scripts(self.redis, self._commit)  # a cluster pipeline does not load it itself
+        await keymigrate.run("analyzer", keymigrate.migrate_analyzer(self.redis, self.keys, _series_of))
 
     def counters(self) -> dict[str, float]:
         return {"sessions_in_total": self.sessions_in, "alerts_total": self.alerts_out, "requests_total": self.requests,

@@ -27,6 +27,7 @@ from typing import Any
 
 from buildtel.services.collector import fold, lua
 from buildtel.services.collector.completeness import completeness
+from buildtel.shared import keymigrate
 from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
@@ -97,6 +98,7 @@ class CollectorService(BusService):
         self._retire = self.redis.register_script(lua.RETIRE)
         self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
         await load_scripts(self.redis, self._apply)  # a cluster pipeline does not load it itself
+        await keymigrate.run("collector", keymigrate.migrate_collector(self.redis, self.keys))  # pre-tag keys
 
     def counters(self) -> dict[str, float]:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
