@@ -46,7 +46,7 @@ async def run(url: str, events: int, repeat: int) -> None:
         for p in payloads:
             s = time.perf_counter()
             await apply(keys=[keys.session_meta(sid), keys.session_fragments(sid), keys.session_seen(sid, "agent-a"),
-                              keys.active, keys.finishing, keys.completed(sid)],
+                              keys.active_of(sid), keys.finishing_of(sid), keys.completed(sid)],
                         args=[repr(time.time()), "agent-a", sid, p, "2"])
             longest = max(longest, time.perf_counter() - s)
         t3 = time.perf_counter()

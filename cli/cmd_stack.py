@@ -37,6 +37,7 @@ from buildtel.services import registry
 from buildtel.shared.auth import ROLES, StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
 from buildtel.shared.files import private_dir, tighten_tree, write_private
+from buildtel.shared.rediscluster import cluster_record, start_cluster
 from buildtel.shared.runner import run_until_signal
 from buildtel.shared.settings import Settings
 
@@ -44,6 +45,8 @@ from buildtel.shared.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = sub.add_parser("up", help="run all services in one process (embedded NATS and Redis unless configured)")
     up.add_argument("--quiet", action="store_true", help="do not print where the stack listens")
+    up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                    help="embedded Redis as a Redis Cluster of N masters (docs/scaling.md), not one redis-server")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the stack 'buildtel up' started on this machine")
     down.set_defaults(func=cmd_down)
@@ -66,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 class LocalStack:
     """Engines (when not configured) plus services, started and stopped as one unit."""
 
-    def __init__(self, settings: Settings, services: list[str] | None = None) -> None:
+    def __init__(self, settings: Settings, services: list[str] | None = None, *, redis_cluster: int = 0) -> None:
         self.settings = settings
+        self.redis_cluster = redis_cluster  # masters of an embedded Redis Cluster; 0: one redis-server
         self.names = services or list(registry.SERVICES)
         self.engines: list[Any] = []
         self.services: list[Any] = []
@@ -93,6 +97,8 @@ class LocalStack:
             eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.namespaces).start()
             self.engines.append(eng)
             self.nats_url = eng.url
+        if not self.redis_url and self.redis_cluster:
+            self.redis_url = start_cluster(engines_dir / "redis-cluster", self.redis_cluster, self.auth, self.engines)
         if not self.redis_url:
             eng = RedisEngine(engines_dir / "redis", auth=self.auth).start()
             self.engines.append(eng)
@@ -169,7 +175,8 @@ def stack_record(stack: LocalStack) -> dict[str, Any]:
     ``down``) and, for embedded NATS, the role credentials (the file is 0600)."""
     info: dict[str, Any] = {"nats_url": stack.nats_url, "redis_url": stack.redis_url,
                             "embedded": [e.name for e in stack.engines],
-                            "engines": [{"name": e.name, **process_record(e.pid)} for e in stack.engines if e.pid]}
+                            "engines": [{"name": e.name, **process_record(e.pid)} for e in stack.engines if e.pid],
+                            **cluster_record(stack.engines)}
     if stack.embedded_nats:
         info["auth"] = stack.auth.to_json()
     return info
@@ -196,7 +203,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    stack = LocalStack(settings)
+    if args.redis_cluster and (settings.redis_url or not 1 <= args.redis_cluster <= 16):
+        raise CLIError("--redis-cluster N starts an embedded cluster of 1 to 16 masters; it cannot be combined with "
+                       "BUILDER_TELEMETRY_REDIS_URL (point that at your cluster: redis+cluster://…, docs/scaling.md)")
+    stack = LocalStack(settings, redis_cluster=args.redis_cluster)
     path = stack_file(settings)
     me = process_record(os.getpid())
     info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 
 from buildtel.shared.keys import Keys
+from buildtel.shared.rediscluster import mget_any
 
 Status = Literal["open", "acknowledged", "muted"]
 MAX_MUTE_S = 90 * 86_400.0
@@ -102,7 +103,7 @@ async def states(redis: Any, keys: Keys, alerts: list[tuple[str, str, float]],
     """The state of each ``(alert id, series key, detected_at)``, in one round trip or two."""
     if not alerts:
         return []
-    raws = await redis.mget([keys.alert_state(a) for a, _, _ in alerts])
+    raws = await mget_any(redis, [keys.alert_state(a) for a, _, _ in alerts])  # per slot on a cluster
     found = await mutes(redis, keys) if known_mutes is None else known_mutes
     out = []
     for (_, series, detected), raw in zip(alerts, raws, strict=True):

@@ -62,11 +62,12 @@ async def create(redis: Any, keys: Keys, *, tenant: str, scope: str, name: str =
     key_id = secrets.token_hex(6)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     record = ApiKey(id=key_id, tenant=tenant, scope=scope, name=name[:200], created=time.time())  # type: ignore[arg-type]
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.api_key(key_id), mapping={"digest": digest(key), "tenant": tenant, "scope": scope,
-                                                  "name": record.name, "created": repr(record.created)})
-        pipe.sadd(keys.api_key_ids, key_id)
-        await pipe.execute()
+    # Two keys in two slots on a Redis Cluster, so no MULTI: the record first, then its listing.  A
+    # failure between leaves a record nobody was given the key of (create raised), never a listed
+    # id without its record.
+    await redis.hset(keys.api_key(key_id), mapping={"digest": digest(key), "tenant": tenant, "scope": scope,
+                                                     "name": record.name, "created": repr(record.created)})
+    await redis.sadd(keys.api_key_ids, key_id)
     return key, record
 
 
@@ -87,10 +88,10 @@ async def list_keys(redis: Any, keys: Keys) -> list[ApiKey]:
 
 async def revoke(redis: Any, keys: Keys, key_id: str) -> bool:
     """Remove the key; False when no key has that id."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.api_key(key_id))
-        pipe.srem(keys.api_key_ids, key_id)
-        deleted, _ = await pipe.execute()
+    # The record first (no MULTI: two slots on a Redis Cluster): once it is gone the key no longer
+    # verifies, whatever happens to the listing after.
+    deleted = await redis.delete(keys.api_key(key_id))
+    await redis.srem(keys.api_key_ids, key_id)
     return bool(deleted)
 
 

@@ -134,6 +134,12 @@ async def close_nats(nc: NATS | None, subscriptions: list[Any] | None = None) ->
 
 
 def connect_redis(url: str) -> aioredis.Redis:
+    """A single Redis (``redis://``), or a Redis Cluster (``redis+cluster://``, shared/rediscluster.py)."""
+    from buildtel.shared.rediscluster import connect_cluster, is_cluster_url
+
+    if is_cluster_url(url):
+        cluster: aioredis.Redis = connect_cluster(url)  # the same commands; typed as the single client
+        return cluster
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
 
 

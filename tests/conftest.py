@@ -2,7 +2,8 @@
 
 When ``BUILDER_TELEMETRY_NATS_URL`` / ``BUILDER_TELEMETRY_REDIS_URL`` are set the
 tests join those servers; otherwise one embedded nats-server and redis-server are
-started on free loopback ports for the session.  Each test gets its own
+started on free loopback ports for the session (with ``BUILDER_TELEMETRY_TEST_REDIS=cluster``
+a 3-master Redis Cluster instead of the single redis-server).  Each test gets its own
 namespace (subjects, streams, Redis keys) and data directory, so tests never see
 each other's data even on a shared server.  Fault tests start their own engines
 through ``tests/engines.py`` so they can kill them.
@@ -21,6 +22,7 @@ import pytest
 
 from buildtel.shared.auth import StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine
+from buildtel.shared.rediscluster import RedisClusterEngine
 from buildtel.shared.settings import Settings
 
 # The per-user data directory (XDG) of anything started without BUILDER_TELEMETRY_CACHE_DIR: a
@@ -63,6 +65,15 @@ def redis_url(engines_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
+    mode = os.environ.get("BUILDER_TELEMETRY_TEST_REDIS", "single")
+    if mode == "cluster":
+        # The cluster pass (.ci/run, docs/scaling.md): a real 3-master Redis Cluster; a script or
+        # MULTI touching two slots fails there, so passing tests prove the keys are tagged right.
+        with RedisClusterEngine(engines_dir / "redis-cluster", masters=3) as cluster:
+            yield cluster.url
+        return
+    if mode != "single":
+        raise pytest.UsageError(f"BUILDER_TELEMETRY_TEST_REDIS={mode!r}: choose 'single' (default) or 'cluster'")
     with RedisEngine(engines_dir / "redis") as eng:
         yield eng.url  # carries the generated password
 

@@ -12,7 +12,8 @@ COMMIT folds the points of one session into their series, all or per series:
   the outbox only once JetStream has it; a replica dying in between leaves it for
   the outbox sweeper of any replica.
 
-KEYS: done-hash, outbox-hash, stats-hash, series-hash...
+KEYS: done-hash, outbox-hash, stats-hash, series-hash... all of ONE shard (shared/keys.py: one hash
+slot on a Redis Cluster); a session's series of several shards are committed by one call per shard.
 ARGV: done-ttl-s, series-ttl-s, then per series: name, expected-version, state, alert-id, alert, late (0/1)
 """
 

@@ -53,11 +53,14 @@ from buildtel.services.analyzer.columns import gc_paused
 from buildtel.services.analyzer.flamerender import flame_reply
 from buildtel.services.analyzer.rowreport import report_from_frame
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
+from buildtel.shared import keymigrate
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import decode_session
 from buildtel.shared.flamegraph.sessions import flame_options
+from buildtel.shared.keys import SHARDS, shard
 from buildtel.shared.partitions import consumer_filters
 from buildtel.shared.protocol import BuildSession
+from buildtel.shared.rediscluster import is_noscript, load_scripts
 from buildtel.shared.service import (
     BAD_GATEWAY,
     BAD_REQUEST,
@@ -90,6 +93,14 @@ FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (
 _enc = msgspec.msgpack.Encoder()
 
 
+def _series_of(data: bytes) -> str:
+    """The series of an encoded outbox alert (for shared/keymigrate.py); ValueError if unreadable."""
+    try:
+        return alert_decoder.decode(data).series
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 class AnalyzerService(BusService):
     name = "analyzer"
     api_version = API_VERSION
@@ -101,8 +112,6 @@ class AnalyzerService(BusService):
         self.asubjects = AnalyzerSubjects(self.subjects)
         self.ack_wait_s = ack_wait_s
         self.storage_timeout_s = storage_timeout_s  # per request to storage (a report pages: many requests)
-        self.outbox_key = self.keys.analyzer_outbox
-        self.stats_key = self.keys.analyzer_stats
         # Counters of this replica, for tests and logs.
         self.sessions_in = 0
         self.alerts_out = 0
@@ -133,6 +142,8 @@ class AnalyzerService(BusService):
     async def prepare(self, stack: AsyncExitStack) -> None:
         self._commit = self.redis.register_script(lua.COMMIT)
         self._seen = self.redis.register_script(lua.SESSION_SEEN)
+        await load_scripts(self.redis, self._commit)  # a cluster pipeline does not load it itself
+        await keymigrate.run("analyzer", keymigrate.migrate_analyzer(self.redis, self.keys, _series_of))
 
     def counters(self) -> dict[str, float]:
         return {"sessions_in_total": self.sessions_in, "alerts_total": self.alerts_out, "requests_total": self.requests,
@@ -154,12 +165,13 @@ class AnalyzerService(BusService):
             return
         meta = msg.metadata
         if meta.num_delivered > 1:
-            await self.redis.hincrby(self.stats_key, "redelivered", 1)
+            await self.redis.hincrby(self.keys.analyzer_stats(shard(session.id)), "redelivered", 1)
         alerts = await self.fold_session(session, seq=meta.sequence.stream, progress=msg.in_progress)
         for a in alerts:
             await self._publish(a)
         # Counted once per session id (a marker in its done hash), after all its series are folded.
-        await self._seen(keys=[self.keys.analyzer_done(session.id), self.stats_key], args=[DONE_TTL_S])
+        n = shard(session.id)
+        await self._seen(keys=[self.keys.analyzer_done(session.id, n), self.keys.analyzer_stats(n)], args=[DONE_TTL_S])
         await msg.ack()
         self.sessions_in += 1
 
@@ -174,7 +186,6 @@ class AnalyzerService(BusService):
         ``progress`` is called after every chunk of series: JetStream's "in progress", so a build
         whose folding outlasts the ack wait is not redelivered (and counted towards poison) meanwhile."""
         pending = {p.series: p for p in series_points(session)}
-        done_key = self.keys.analyzer_done(session.id)
         committed: list[Alert] = []
         for attempt in range(MAX_CAS_ATTEMPTS):
             if not pending:
@@ -185,24 +196,31 @@ class AnalyzerService(BusService):
             # marker), and one script call or pipeline over the ~640,000 series of a huge build
             # timed out writing to Redis and had the session dead-lettered.
             for i in range(0, len(every), COMMIT_CHUNK):
-                names = every[i:i + COMMIT_CHUNK]
+                # Grouped by shard (shared/keys.py): a series, its done marker, the outbox and the
+                # counters it commits to share one hash slot, so one COMMIT per shard.
+                groups: dict[int, list[str]] = {}
+                for name in every[i:i + COMMIT_CHUNK]:
+                    groups.setdefault(shard(name), []).append(name)
+                names = [name for group in groups.values() for name in group]
                 pipe = self.redis.pipeline(transaction=False)
                 for name in names:
                     pipe.hmget(self._series_key(name), "v", "s")
-                pipe.hmget(done_key, names)
-                *states, done_flags = await pipe.execute()
+                for n, group in groups.items():
+                    pipe.hmget(self.keys.analyzer_done(session.id, n), group)
+                states = await pipe.execute()
+                done_flags = [f for per in states[len(names):] for f in per]
+                states = states[:len(names)]
                 batch = (session, seq, names, states, done_flags, pending, time.time())
                 if len(names) > THREAD_FOLD_OVER:
                     # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
                     # and with it the replies of this replica's analytics API.
-                    series_keys, args, tried = await asyncio.to_thread(self._fold_batch, *batch)
+                    tried = await asyncio.to_thread(self._fold_batch, *batch)
                 else:
-                    series_keys, args, tried = self._fold_batch(*batch)
+                    tried = self._fold_batch(*batch)
                 if not tried:
                     continue
-                statuses = await self._commit(keys=[done_key, self.outbox_key, self.stats_key, *series_keys],
-                                              args=args)
-                for (name, alert), status in zip(tried, statuses, strict=True):
+                statuses = await self._commit_by_shard(session.id, tried)
+                for (name, alert, _), status in zip(tried, statuses, strict=True):
                     if int(status) == 0:
                         retry[name] = pending[name]
                     elif int(status) == 1 and alert is not None:
@@ -221,21 +239,44 @@ class AnalyzerService(BusService):
 
     def _fold_batch(self, session: BuildSession, seq: int | None, names: list[str], states: list[Any],
                     done_flags: list[Any], pending: dict[str, Any], now: float
-                    ) -> tuple[list[str], list[Any], list[tuple[str, Alert | None]]]:
-        """Fold the series not yet folded for ``session``: their keys, the COMMIT arguments, and
-        (series, alert) in commit order.  CPU only, so it may run in a worker thread."""
-        keys: list[str] = []
-        args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
-        tried: list[tuple[str, Alert | None]] = []
+                    ) -> list[tuple[str, Alert | None, list[Any]]]:
+        """Fold the series not yet folded for ``session``: (series, alert, its six COMMIT
+        arguments) in commit order.  CPU only, so it may run in a worker thread."""
+        tried: list[tuple[str, Alert | None, list[Any]]] = []
         for name, (version, state), done in zip(names, states, done_flags, strict=True):
             if done is not None:
                 continue  # folded before (a redelivery): nothing to do for this series
             new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)
-            keys.append(self._series_key(name))
-            args += [name, int(version or 0), new_state, alert.id if alert else "",
-                     encode_alert(alert) if alert else "", "1" if late else "0"]
-            tried.append((name, alert))
-        return keys, args, tried
+            tried.append((name, alert, [name, int(version or 0), new_state, alert.id if alert else "",
+                                        encode_alert(alert) if alert else "", "1" if late else "0"]))
+        return tried
+
+    async def _commit_by_shard(self, sid: str, tried: list[tuple[str, Alert | None, list[Any]]]) -> list[Any]:
+        """One COMMIT per shard of the ``tried`` series (one round trip for all); their statuses in
+        the order of ``tried``."""
+        groups: dict[int, list[int]] = {}
+        for j, (name, _, _) in enumerate(tried):
+            groups.setdefault(shard(name), []).append(j)
+        pipe = self.redis.pipeline(transaction=False)
+        k = self.keys
+        for n, idx in groups.items():
+            args: list[Any] = [DONE_TTL_S, SERIES_TTL_S]
+            for j in idx:
+                args += tried[j][2]
+            await self._commit(keys=[k.analyzer_done(sid, n), k.analyzer_outbox(n), k.analyzer_stats(n),
+                                     *(self._series_key(tried[j][0]) for j in idx)], args=args, client=pipe)
+        try:
+            results = await pipe.execute()
+        except Exception as exc:
+            if is_noscript(exc):  # a cluster node restarted without its scripts: load them for the retry
+                with contextlib.suppress(Exception):
+                    await load_scripts(self.redis, self._commit)
+            raise
+        statuses: list[Any] = [None] * len(tried)
+        for idx, res in zip(groups.values(), results, strict=True):
+            for j, status in zip(idx, res, strict=True):
+                statuses[j] = status
+        return statuses
 
     async def _publish(self, alert: Alert) -> None:
         subject = self.subjects.alert(alert.kind, alert.branch, alert.target)
@@ -245,7 +286,7 @@ class AnalyzerService(BusService):
         except Exception as exc:  # noqa: BLE001 - it stays in the outbox; the sweeper retries
             self.log.warning("analyzer.alert_publish_failed", alert=alert.id, error=repr(exc))
             return
-        await self.redis.hdel(self.outbox_key, alert.id)
+        await self.redis.hdel(self.keys.analyzer_outbox(shard(alert.series)), alert.id)
         self.alerts_out += 1
         self.log.info("analyzer.alert", id=alert.id, series=alert.series, direction=alert.direction,
                  change_pct=round(alert.change_pct, 1), session_id=alert.first_session_id,
@@ -259,18 +300,29 @@ class AnalyzerService(BusService):
                 self.log.warning("analyzer.outbox_failed", error=repr(exc))
 
     async def sweep_outbox_once(self, grace_s: float = OUTBOX_GRACE_S) -> int:
-        entries = await self.redis.hgetall(self.outbox_key)
+        pipe = self.redis.pipeline(transaction=False)
+        for shard_n in range(SHARDS):
+            pipe.hgetall(self.keys.analyzer_outbox(shard_n))
         now, n = time.time(), 0
-        for raw_id, data in entries.items():
-            try:
-                alert = alert_decoder.decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                await self.redis.hdel(self.outbox_key, raw_id)
-                continue
-            if now - alert.detected_at >= grace_s:
-                await self._publish(alert)
-                n += 1
+        for shard_n, entries in enumerate(await pipe.execute()):
+            for raw_id, data in entries.items():
+                try:
+                    alert = alert_decoder.decode(data)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.log.error("analyzer.outbox_undecodable", alert=raw_id.decode(errors="replace"))
+                    await self.redis.hdel(self.keys.analyzer_outbox(shard_n), raw_id)
+                    continue
+                if now - alert.detected_at >= grace_s:
+                    await self._publish(alert)
+                    n += 1
         return n
+
+    async def outbox_size(self) -> int:
+        """Alerts committed but not yet published, over every shard."""
+        pipe = self.redis.pipeline(transaction=False)
+        for n in range(SHARDS):
+            pipe.hlen(self.keys.analyzer_outbox(n))
+        return sum(int(x) for x in await pipe.execute())
 
     # -- requests ----------------------------------------------------------------------------
     async def _api_report(self, data: bytes) -> bytes:
@@ -309,11 +361,16 @@ class AnalyzerService(BusService):
 
     async def _api_stats(self, data: bytes) -> bytes:
         self.requests += 1
-        raw = await self.redis.hgetall(self.stats_key)
-        c = {k.decode(): int(v) for k, v in raw.items()}
+        pipe = self.redis.pipeline(transaction=False)
+        for n in range(SHARDS):
+            pipe.hgetall(self.keys.analyzer_stats(n))
+        c: dict[str, int] = {}
+        for raw in await pipe.execute():  # the counters are kept per shard: the figures are the sums
+            for k, v in raw.items():
+                c[k.decode()] = c.get(k.decode(), 0) + int(v)
         stats = AnalyzerStats(sessions=c.get("sessions", 0), points=c.get("points", 0), alerts=c.get("alerts", 0),
                               late=c.get("late", 0), redelivered=c.get("redelivered", 0),
-                              outbox=int(await self.redis.hlen(self.outbox_key)), replica=self.owner)
+                              outbox=await self.outbox_size(), replica=self.owner)
         return _enc.encode(stats)
 
     # -- flame graphs (see api.FlameGraphRequest) ----------------------------------------------

@@ -20,19 +20,23 @@ service skeleton's (``shared/service.py``); this module declares them and holds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 from buildtel.services.collector import fold, lua
 from buildtel.services.collector.completeness import completeness
+from buildtel.shared import keymigrate
 from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
+from buildtel.shared.keys import SHARDS
 from buildtel.shared.logs import get_logger
 from buildtel.shared.partitions import publish_subject
 from buildtel.shared.protocol import BuildStarted, EventBatch, is_session_id, session_started
 from buildtel.shared.redaction import redact_batch
+from buildtel.shared.rediscluster import is_noscript, load_scripts
 from buildtel.shared.service import BusService, Consumer, Worker
 from buildtel.shared.settings import Settings
 from buildtel.shared.validate import Rejected, check_envelope, refused_events
@@ -94,6 +98,8 @@ class CollectorService(BusService):
         self._claim = self.redis.register_script(lua.CLAIM)
         self._retire = self.redis.register_script(lua.RETIRE)
         self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
+        await load_scripts(self.redis, self._apply)  # a cluster pipeline does not load it itself
+        await keymigrate.run("collector", keymigrate.migrate_collector(self.redis, self.keys))  # pre-tag keys
 
     def counters(self) -> dict[str, float]:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
@@ -172,7 +178,7 @@ class CollectorService(BusService):
             for payload in fold.ops_payloads(raws, batch.events, FOLD_CHUNK_EVENTS, notes):
                 await self._apply(
                     keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
-                          k.active, k.finishing, k.completed(sid)],
+                          k.active_of(sid), k.finishing_of(sid), k.completed(sid)],
                     args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)],
                     client=pipe,
                 )
@@ -181,6 +187,10 @@ class CollectorService(BusService):
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - Redis unreachable or timed out: every batch failed
             results = [exc] * len(calls)
+        if any(isinstance(r, BaseException) and is_noscript(r) for r in results):
+            # A cluster node restarted without its scripts: load again; these batches come back.
+            with contextlib.suppress(Exception):
+                await load_scripts(self.redis, self._apply)
         errors: dict[int, BaseException] = {}
         new = [0] * len(work)
         late = [False] * len(work)
@@ -269,7 +279,7 @@ class CollectorService(BusService):
             for payload in fold.ops_payloads(raws, batch.events, FOLD_CHUNK_EVENTS,
                                              dict.fromkeys(range(len(batch.events)), note)):
                 await self._apply(keys=[k.session_meta(sid), k.session_fragments(sid), k.session_seen(sid, agent),
-                                        k.active, k.finishing, k.completed(sid)],
+                                        k.active_of(sid), k.finishing_of(sid), k.completed(sid)],
                                   args=[repr(now), agent, sid, payload, repr(self.settings.finish_grace_s)])
         except Exception as exc2:  # noqa: BLE001 - the dead letter still goes out; say what is unrecorded
             log.error("collector.lost_not_recorded", session_id=sid, agent_id=agent, events=len(batch.events),
@@ -284,7 +294,7 @@ class CollectorService(BusService):
             return
         k = self.keys
         try:
-            await self._lost_batch(keys=[k.session_meta(sid), k.active, k.completed(sid)],
+            await self._lost_batch(keys=[k.session_meta(sid), k.active_of(sid), k.completed(sid)],
                                    args=[repr(now), sid, reason[:fold.REASON_CHARS]])
         except Exception as exc:  # noqa: BLE001 - the dead letter still goes out; say what is unrecorded
             log.error("collector.lost_not_recorded", session_id=sid, error=f"{type(exc).__name__}: {exc}")
@@ -302,7 +312,14 @@ class CollectorService(BusService):
         now = time.time() if now is None else now
         k = self.keys
         done = 0
-        finishing = await self.redis.zrange(k.finishing, 0, -1, withscores=True)
+        # Every shard's sets in one round trip (shared/keys.py: a shard's sets live in its slot).
+        pipe = self.redis.pipeline(transaction=False)
+        for n in range(SHARDS):
+            pipe.zrange(k.finishing(n), 0, -1, withscores=True)
+            pipe.zrangebyscore(k.active(n), "-inf", now - self.settings.session_timeout_s)
+        found = await pipe.execute()
+        finishing = [one for per in found[0::2] for one in per]
+        stale = [one for per in found[1::2] for one in per]
         for raw_sid, due in finishing:
             sid = raw_sid.decode()
             meta = await self.redis.hgetall(k.session_meta(sid))
@@ -316,10 +333,9 @@ class CollectorService(BusService):
                 if fold.missing_events(meta, fin) and now - last < self.settings.gap_wait_s:
                     continue  # known events may still come (redeliveries): wait, boundedly
                 done += await self._complete(sid, now)
-        stale = await self.redis.zrangebyscore(k.active, "-inf", now - self.settings.session_timeout_s)
         for raw_sid in stale:
             sid = raw_sid.decode()
-            if await self.redis.zscore(k.finishing, sid) is None:
+            if await self.redis.zscore(k.finishing_of(sid), sid) is None:
                 done += await self._complete(sid, now)
         return done
 
@@ -357,14 +373,13 @@ class CollectorService(BusService):
         else:  # fragments and seen bitmaps in one round trip
             agents = list(fold.agent_counts(meta))
             pipe.hgetall(k.session_fragments(sid))
-            if agents:
-                pipe.mget([k.session_seen(sid, a) for a in agents])
-            frags, *rest = await pipe.execute()
-            bitmaps = rest[0] if agents else []
+            for a in agents:  # GETs, not MGET: a Redis Cluster pipeline refuses MGET
+                pipe.get(k.session_seen(sid, a))
+            frags, *bitmaps = await pipe.execute()
         fragments = [frags[f] for f in sorted(frags)]  # a fixed order, whatever Redis returns
         if not meta:
-            await self.redis.zrem(k.finishing, sid)
-            await self.redis.zrem(k.active, sid)
+            await self.redis.zrem(k.finishing_of(sid), sid)
+            await self.redis.zrem(k.active_of(sid), sid)
             return 0
         if fin is fold.UNREAD:
             fin = fold.finished_event(meta)
@@ -378,8 +393,8 @@ class CollectorService(BusService):
         await publish_session(self.js, self.nc, self.subjects, data, msg_id=sid, timeout=10.0,
                               subject=publish_subject(self.subjects, sid, self.settings.storage_partitions))
         await self._retire(
-            keys=[k.completed(sid), k.active, k.finishing, k.session_meta(sid), k.session_fragments(sid),
-                  k.session_lock(sid)]
+            keys=[k.completed(sid), k.active_of(sid), k.finishing_of(sid), k.session_meta(sid),
+                  k.session_fragments(sid), k.session_lock(sid)]
             + [k.session_seen(sid, a) for a in agents],
             args=[sid, DONE_TTL_S],
         )

@@ -34,7 +34,7 @@ from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.services.notifier import payload, stored
 from buildtel.services.notifier.config import Loaded, Subscription, load
 from buildtel.services.notifier.queue import Job, Queue, digest_period
-from buildtel.shared import alertstate
+from buildtel.shared import alertstate, keymigrate
 from buildtel.shared.bus import publish_dead_letter
 from buildtel.shared.service import BusService, Consumer, Worker
 from buildtel.shared.settings import Settings
@@ -108,6 +108,7 @@ class NotifierService(BusService):
         for w in self.config.warnings:
             self.log.warning("notifier.config_readable", warning=w)
         self.queue = Queue(self.redis, self.keys, self.owner)
+        await keymigrate.run("notifier", keymigrate.migrate_notifier(self.redis, self.keys))  # pre-tag keys
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.delivery.timeout_s))
         stack.push_async_callback(self.http.close)  # after the workers stopped (callbacks run in reverse)
         try:

@@ -34,6 +34,7 @@ from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildFinished, BuildStarted, EventBatch
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.redaction import redact_batch
+from buildtel.shared.rediscluster import mget_any
 from buildtel.shared.service import TOO_LARGE, BusService, Consumer, Endpoint, ServiceError, Worker
 from buildtel.shared.settings import Settings
 from buildtel.shared.validate import Rejected, check_batch
@@ -132,7 +133,8 @@ class RecorderService(BusService):
         unknown = [s for s in sids if s not in self._flags]
         if not unknown:
             return
-        values = await self.redis.mget([flag_key(self.settings.namespace, s) for s in unknown])
+        # Flags of many sessions: one MGET, or one per slot on a Redis Cluster.
+        values = await mget_any(self.redis, [flag_key(self.settings.namespace, s) for s in unknown])
         for sid, v in zip(unknown, values, strict=True):
             if v is not None:
                 self._remember(sid, v == b"1")

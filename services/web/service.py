@@ -86,7 +86,7 @@ from buildtel.shared import metrics as metrics_http
 from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
 from buildtel.shared.keyed import keyed
-from buildtel.shared.keys import Keys
+from buildtel.shared.keys import SHARDS, Keys
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.service import BusService, Worker
 from buildtel.shared.settings import Settings
@@ -185,7 +185,11 @@ class WebService(BusService):
         active: dict[str, float] = {}
         for t in figures:
             try:
-                active[t] = float(await self.redis.zcard(Keys(t).active))
+                # Sharded (shared/keys.py): the sum of every shard's set, in one round trip.
+                pipe = self.redis.pipeline(transaction=False)
+                for n in range(SHARDS):
+                    pipe.zcard(Keys(t).active(n))
+                active[t] = float(sum(await pipe.execute()))
             except Exception:  # noqa: BLE001 - Redis away: unknown, not zero
                 active[t] = float("nan")
         return list(families(figures, active))

@@ -146,7 +146,7 @@ async def test_three_replicas_one_killed_exactly_once(settings, nc, redis_client
         # Every series saw each of its points once.
         keys = Keys(settings.namespace)
         for branch in BRANCHES:
-            state = decode_state(await redis_client.hget(keys.analyzer(f"series:build|{branch}"), "s"))
+            state = decode_state(await redis_client.hget(keys.analyzer_series(f"build|{branch}"), "s"))
             # Every point once: fed to the detector, or recorded as late (the killed replica's).
             assert state.n + state.late == PER_BRANCH
             assert len({e.sid for e in state.ring}) == state.n

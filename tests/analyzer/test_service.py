@@ -123,7 +123,7 @@ async def test_redelivered_sessions_are_not_counted_twice(settings, nc, analyzer
     after = await _stats(nc, settings)
     assert (after.points, after.alerts, after.sessions) == (before.points, before.alerts, before.sessions)
     assert len(await read_alerts(js, settings.namespace, kind="build")) == 1
-    state = decode_state(await analyzer.redis.hget(Keys(settings.namespace).analyzer("series:build|main"), "s"))
+    state = decode_state(await analyzer.redis.hget(Keys(settings.namespace).analyzer_series("build|main"), "s"))
     assert state.n == 50
 
 
@@ -141,7 +141,7 @@ async def test_two_replicas_folding_one_series_serialise(settings, nc, redis_cli
         for k in range(0, 80, 2):
             for r in await asyncio.gather(a.fold_session(sessions[k]), b.fold_session(sessions[k + 1])):
                 alerts += r
-        state = decode_state(await a.redis.hget(Keys(settings.namespace).analyzer("series:build|main"), "s"))
+        state = decode_state(await a.redis.hget(Keys(settings.namespace).analyzer_series("build|main"), "s"))
         assert state.n == 80
         assert sorted(e.sid for e in state.ring[-80:]) == sorted(s.id for s in sessions)
         assert len([x for x in alerts if x.kind == "build"]) == 1
@@ -159,14 +159,14 @@ async def test_outbox_alert_survives_a_crash_between_commit_and_publish(settings
     # fold_session commits alerts to the outbox; not publishing them is what a SIGKILL would leave.
     committed = [a for s in sessions for a in await analyzer.fold_session(s)]
     assert len(committed) == 1
-    assert await analyzer.redis.hlen(analyzer.outbox_key) == 1
+    assert await analyzer.outbox_size() == 1
     assert await read_alerts(js, settings.namespace) == []
     assert await analyzer.sweep_outbox_once(grace_s=0) == 1
     # A second replica's sweep racing the first publish: JetStream's duplicate window drops it.
     await analyzer._publish(committed[0])
     alerts = await read_alerts(js, settings.namespace)
     assert [x.id for x in alerts] == [committed[0].id]
-    assert await analyzer.redis.hlen(analyzer.outbox_key) == 0
+    assert await analyzer.outbox_size() == 0
 
 
 async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc, analyzer) -> None:
@@ -218,7 +218,7 @@ async def test_a_report_over_more_history_than_redis_holds(settings, nc, redis_c
         assert since.sessions == 35 and since.window_start == sessions[5].start
         # Redis holds hot state only: detector series, fold markers, the outbox, counters.
         keys = [k.decode() async for k in redis_client.scan_iter(f"{Keys(small.namespace).analyzer('')}*")]
-        kinds = {k.split(":")[2] for k in keys}
+        kinds = {k.split(":")[3] for k in keys}  # ns:analyzer:{shard}:kind:…
         assert kinds <= {"series", "done", "outbox", "stats"}, kinds
         await storage.stop()
         with pytest.raises(AnalyzerError) as err:
