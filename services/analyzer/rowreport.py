@@ -55,6 +55,9 @@ class Frame:
         self.codes = codes  # uint8: cache | status << 2
         counts = np.fromiter((r.targets for r in rows), dtype=np.int64, count=len(rows))
         self.offsets = np.concatenate(([0], np.cumsum(counts))).tolist()
+        # Storage partitions that did not answer ("partial: partition k did not answer"): the rows
+        # lack their sessions, and the report must say so (docs/scaling.md, Partitions).
+        self.partial: list[str] = []
 
     def recent_ids(self, n: int) -> list[str]:
         """The ``n`` most recent sessions with targets, chronologically (those a critical-path
@@ -75,8 +78,10 @@ class FrameBuilder:
         self.ids: list[Any] = []
         self.dur: list[Any] = []
         self.codes: list[Any] = []
+        self.partial: set[str] = set()
 
     def add(self, page: ColumnsReply) -> None:
+        self.partial.update(page.partial)
         n = len(page.names)
         remap = np.fromiter((self.names.setdefault(name, len(self.names)) for name in page.names), dtype=np.int64,
                             count=n)
@@ -109,8 +114,10 @@ class FrameBuilder:
         renumber = np.zeros(len(self.names), dtype=np.int64)
         renumber[by_first] = np.arange(len(by_first))
         names = list(self.names)
-        return Frame([rows[i] for i in order], [names[k] for k in by_first.tolist()], renumber[ids],
-                     dur[gather], codes[gather])
+        frame = Frame([rows[i] for i in order], [names[k] for k in by_first.tolist()], renumber[ids],
+                      dur[gather], codes[gather])
+        frame.partial = sorted(self.partial)
+        return frame
 
 
 def _first_appearance(ids: Any, offsets: list[int], n_names: int) -> Any:

@@ -349,7 +349,8 @@ class AnalyzerService(BusService):
         def compute() -> bytes:
             rep = report_from_frame(analyzer, frame, filters=f, recent=recent, include_sessions=r.include_sessions,
                                     top_targets=r.top_targets)
-            rep.notes = notes
+            rep.notes = notes + frame.partial
+            rep.partial = rep.partial or bool(frame.partial)
             return _enc.encode(rep)
 
         data = await asyncio.to_thread(compute)

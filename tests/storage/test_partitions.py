@@ -229,6 +229,19 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
         with pytest.raises(StorageError) as err:
             await client.get(mine[0].id)
         assert err.value.code == 503 and note in str(err.value)
+        # A report over what answered says it is partial and which partition it lacks.
+        from buildtel.services.analyzer.api import AnalyzerClient
+        from buildtel.services.analyzer.export import summary
+        from buildtel.services.analyzer.service import AnalyzerService
+
+        analyzer = AnalyzerService(settings, settings.nats_url or "", settings.redis_url or "")
+        await analyzer.start()
+        try:
+            rep = await AnalyzerClient(nc, settings.namespace).report(critical_paths=0)
+        finally:
+            await analyzer.stop()
+        assert rep.sessions == len(live) and rep.partial and note in rep.notes
+        assert f"(partial: {note})" in summary(rep)
         # What a person sees: the CLI's list says so on stderr, the web API in the page and the problem.
         env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
         env.update(stack_env(settings))
