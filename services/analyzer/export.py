@@ -127,7 +127,7 @@ def summary(report: AnalyticsReport, *, top: int = 10) -> str:
     d = r.duration
     lines = [
         f"Builds: {r.sessions} from {_iso(r.window_start)[:16]} to {_iso(r.window_end)[:16]} UTC"
-        + (" (partial: " + "; ".join(r.notes) + ")" if r.partial else ""),
+        + (" (partial: " + "; ".join(n.removeprefix("partial: ") for n in r.notes) + ")" if r.partial else ""),
         (f"Outcome: {r.succeeded} succeeded, {r.failed} failed, {r.abandoned} abandoned "
          f"(success rate {_pct(r.success_rate)})"
          # Stopped early or not known how they ended: outside the rate and the build times.
