@@ -8,7 +8,7 @@ from typing import Any
 
 from buildtel.cli.jsonout import dumps
 from buildtel.cli.textsafe import safe
-from buildtel.shared.failsig import failed_targets
+from buildtel.shared.failrecord import failed_targets
 from buildtel.shared.protocol import BuildSession
 
 

@@ -29,11 +29,12 @@ from buildtel.services.collector.completeness import completeness
 from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
+from buildtel.shared.failrecord import unify
 from buildtel.shared.logs import get_logger
 from buildtel.shared.protocol import BuildStarted, EventBatch, is_session_id, session_started
 from buildtel.shared.redaction import redact_batch
 from buildtel.shared.service import BusService, Consumer, Worker
-from buildtel.shared.settings import Settings
+from buildtel.shared.settings import Settings, SettingsError
 from buildtel.shared.validate import Rejected, check_envelope, refused_events
 
 log = get_logger("collector")
@@ -93,6 +94,15 @@ class CollectorService(BusService):
         self._claim = self.redis.register_script(lua.CLAIM)
         self._retire = self.redis.register_script(lua.RETIRE)
         self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
+
+    def _failure_rules(self) -> tuple[Any, ...]:
+        """The farm's failure-class rules; a file that became unusable is logged and the built-in
+        rules alone are used (failures are still classified; the log line says which file)."""
+        try:
+            return self.settings.failure_rule_table()
+        except SettingsError as exc:
+            log.warning("failure_rules.unusable", error=str(exc))
+            return ()
 
     def counters(self) -> dict[str, float]:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
@@ -370,6 +380,7 @@ class CollectorService(BusService):
         record = completeness(meta, {a: b or b"" for a, b in zip(agents, bitmaps, strict=True)}, fin,
                               gap_wait_s=self.settings.gap_wait_s)
         session = fold.build_session(sid, meta, fragments, now=now, completeness=record, finished=fin)
+        session = unify(session, self._failure_rules())  # one classified record per failed target
         data = encode(session)
         if len(data) > MAX_SESSION_BYTES:
             data = self._shrink(session, len(data))

@@ -46,7 +46,7 @@ from buildtel.services.web.query import (
     parse_session_id,
     parse_time,
 )
-from buildtel.shared.failsig import failed_targets
+from buildtel.shared.failrecord import failed_targets
 
 STATIC = Path(__file__).with_name("static")
 WINDOWS = (7, 30, 90)
