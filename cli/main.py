@@ -47,6 +47,7 @@ COMMANDS: dict[str, str] = {
     "flamegraph": "buildtel.cli.cmd_flamegraph",
     "keys": "buildtel.cli.cmd_keys",
     "tests": "buildtel.cli.cmd_tests",
+    "failures": "buildtel.cli.cmd_failures",
 }
 # Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
 # from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
@@ -75,6 +76,7 @@ COMMAND_HELP: dict[str, str] = {
     "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
     "keys": "create, list or revoke API keys of the web API",
     "tests": "test results across stored builds: flaky, slowest, failing tests",
+    "failures": "failed targets across stored builds, grouped by signature and class",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}
