@@ -10,8 +10,8 @@ process tree's memory.  When the command exits we publish ``BuildFinished``
 with its exit code, CPU time (``wait4`` rusage of the child, which includes every
 descendant it waited for) and peak RSS, and exit with the command's own code
 (128+n for signal n).  A command stopped by ^C (SIGINT reaches it and us), SIGTERM or SIGHUP
-is stored as ``cancelled``, not ``failed`` (``run_process.run_outcome``).  No bus, no stack, a broken configuration: the command
-still runs and its code still passes through; one warning line says why the
+is stored as ``cancelled``, not ``failed`` (``run_process.run_outcome``).  No bus, no stack, a
+broken configuration: the command still runs and its code still passes through; one warning line says why the
 session was not recorded.
 
 Per-target capture plugs in as a :class:`~buildtel.shared.capture.TargetSource`: ``shared/capture`` (make recipes,
