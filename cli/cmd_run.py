@@ -151,18 +151,20 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     console = RunLog(settings, json_out=json_out, enabled=log and settings.enabled)
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, m0 = time.time(), time.monotonic()
+    guard = SignalGuard()
     try:
         # Its stdout and stderr through the console's pipes (with --json its stdout goes to our stderr:
         # stdout is the JSON object's); same process group, so ^C reaches it.
         proc = subprocess.Popen(argv, env=env, **console.popen_kwargs())  # type: ignore[call-overload]
     except OSError as exc:
+        guard.restore()
         console.abandon()
         print(f"buildtel: error: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         if snapshot is not None:
             snapshot.close()
         return 127 if isinstance(exc, FileNotFoundError) else 126
     console.spawned()
-    guard = SignalGuard(proc.pid)
+    guard.pid = proc.pid
     for src in sources:  # optional hook: sources that sample the build's process tree
         getattr(src, "spawned", lambda _pid: None)(proc.pid)
 

@@ -87,9 +87,11 @@ def wait_child(proc: subprocess.Popen[bytes]) -> tuple[int, Any]:
 class SignalGuard:
     """While the command runs: ^C reaches it directly (same process group), so we ignore SIGINT
     rather than die first; SIGTERM/SIGHUP sent to us are passed on.  ``received`` lists the
-    signals that came: the build was stopped, not failed (``run_outcome``)."""
+    signals that came: the build was stopped, not failed (``run_outcome``).  Made before the
+    command is spawned (a ^C at once must not kill us first and lose the session); ``pid`` is set
+    once it runs (a SIGTERM before that is noted, not forwarded: the command gets none)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         self.pid = pid
         self.received: list[int] = []
         self._previous: dict[int, Any] = {}
@@ -107,6 +109,8 @@ class SignalGuard:
 
     def _forward(self, signum: int, _frame: Any) -> None:
         self.received.append(signum)
+        if self.pid is None:
+            return
         try:
             os.kill(self.pid, signum)
         except OSError:

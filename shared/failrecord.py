@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from buildtel.shared.failclass import Evidence, Rule, classify
-from buildtel.shared.failsig import error_lines, signature
+from buildtel.shared.failsig import error_lines, quoted_only, signature
 from buildtel.shared.protocol import BuildSession, TargetFailure, TargetMetrics
 
 MAX_RECORDS = 500  # failure records stored per session (readers make the rest's on read)
@@ -35,7 +35,9 @@ def from_error(m: TargetMetrics) -> TargetFailure:
     """The record of an imported target's error text (``TargetMetrics.error``)."""
     lines = (m.error or "").splitlines()
     errors = error_lines(lines)
-    first = errors[0] if errors else next((x for x in lines if x.strip()), None)
+    # The tool's own words first: not ninja's "FAILED: <outputs>" header, not an echoed message.
+    own = sorted((e for e in errors if not e.startswith("FAILED: ")), key=quoted_only)
+    first = own[0] if own else errors[0] if errors else next((x for x in lines if x.strip()), None)
     return TargetFailure(target=m.name, note=IMPORTED, output=lines, errors=errors, exit_code=m.exit_code,
                          signature=signature(first) if first else None, source="import")
 
