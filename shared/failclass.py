@@ -121,7 +121,7 @@ def classify(ev: Evidence, rules: tuple[Rule, ...] = ()) -> tuple[str, str]:
     text = ev.text[:TEXT_CHARS]
     sig = ev.signal
     for r in (*rules, *BUILTIN):
-        if r.pattern is not None and not r.pattern.search(text):
+        if r.pattern is not None and not _outside_quotes(r.pattern, text):
             continue
         if r.exit_codes and ev.exit_code not in r.exit_codes:
             continue
@@ -133,6 +133,22 @@ def classify(ev: Evidence, rules: tuple[Rule, ...] = ()) -> tuple[str, str]:
             continue
         return r.cls, r.name
     return "unknown", ""
+
+
+_ECHO = re.compile(r"\b(?:echo|printf)\b")
+
+
+def _outside_quotes(pattern: re.Pattern[str], text: str) -> bool:
+    """Whether ``pattern`` matches ``text`` somewhere but in the quoted argument of an ``echo`` or
+    ``printf`` command line: an echoed command that prints a message (``echo "No space left on
+    device" >&2``, as make echoes it, or as the console of a neighbour's recipe brings it in) is
+    not the failure itself (``'std::bad_alloc'`` in a message is)."""
+    for m in pattern.finditer(text):
+        before = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+        quoted = before.count('"') % 2 == 1 or before.count("'") % 2 == 1
+        if not (quoted and _ECHO.search(before)):
+            return True
+    return False
 
 
 def _code_matches(code: str, codes: frozenset[str]) -> bool:

@@ -16,7 +16,10 @@ SIGNATURE_CHARS = 240
 
 _ERROR = re.compile(
     r"error:|error\[|\bError\b|\bERROR\b|FAILED|undefined reference|multiple definition|fatal:|"
-    r"Segmentation fault|\bKilled\b|\bAborted\b|Traceback \(most recent call last\)|\bpanic:")
+    r"Segmentation fault|\bKilled\b|\bAborted\b|Traceback \(most recent call last\)|\bpanic:|"
+    # what the machine or the network says (failure classes: shared/failclass.py)
+    r"No space left on device|Cannot allocate memory|[Oo]ut of memory|std::bad_alloc|Could not resolve host|"
+    r"Temporary failure in name resolution|Connection refused|Connection reset")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # A path under a temporary directory, whole (its name is random too).
 _TEMP_PATH = re.compile(r"(?:/tmp|/var/tmp|/private/var/folders|/dev/shm)/[^\s:'\"`()\[\]]*")

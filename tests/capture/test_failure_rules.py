@@ -129,3 +129,11 @@ def test_an_older_session_decodes_and_gets_one_classified_record_per_failed_targ
     new = unify(again)
     assert all(m.error is None for m in new.targets) and [f.target for f in new.failures] == list(recs)
     assert all(f.failure_class for f in new.failures)
+
+
+def test_an_echoed_message_is_not_the_failure() -> None:
+    # make echoes a recipe's command line; a neighbour's echo can land in a failure's output
+    echoed = 'echo writing; echo "cp: error writing: No space left on device" >&2; exit 1'
+    assert classify(Evidence(text=echoed, exit_code=1)) == ("unknown", "")
+    assert classify(Evidence(text=echoed + "\ncp: error writing: No space left on device", exit_code=1)) == (
+        "infra", "no-space")
