@@ -81,6 +81,18 @@ def _backend(request: web.Request) -> Any:
     return request.app[BACKEND]
 
 
+def _failure_rules(backend: Any) -> tuple[Any, ...]:
+    """The farm's failure-class rules, for records of older sessions (classified on read); a file
+    that went bad is said in the web service's log and the built-in rules used."""
+    from buildtel.shared.settings import SettingsError
+
+    try:
+        return tuple(backend.settings.failure_rule_table())
+    except SettingsError as exc:
+        backend.log.warning("failure_rules.unusable", error=str(exc))
+        return ()
+
+
 def _tenant(request: web.Request) -> str:
     return request[TENANT]
 
