@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ import aiohttp
 import pytest
 
 from buildtel.services.collector.service import CollectorService
+from buildtel.services.storage.api import StorageClient
 from buildtel.services.storage.service import StorageService
 from buildtel.services.web.service import WebService
 from buildtel.shared.failclass import Evidence, classify
+from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
-from tests.capture.test_failures import BAD_C, PY, REPO, _build, _cli, _stored
+from buildtel.shared.subjects import Subjects
+from tests.capture.test_failures import BAD_C, PY, REPO, _build, _cli
 from tests.util import stack_env
 
 pytestmark = pytest.mark.timeout(240)
@@ -81,6 +85,18 @@ async def web(settings: Settings, nc: Any, redis_client: Any, rules_file: Path) 
 def _env(settings: Settings, tmp_path: Path, rules: Path) -> dict[str, str]:
     return dict(os.environ, **stack_env(settings), BUILDER_TELEMETRY_CACHE_DIR=str(tmp_path / "cache"),
                 BUILDER_TELEMETRY_FAILURE_RULES=str(rules), PYTHONPATH=str(REPO))
+
+
+async def _stored(nc: Any, settings: Settings, sid: str) -> BuildSession:
+    """The session once stored: a generous deadline (the collector's grace, storage's fetch, a loaded machine)."""
+    client = StorageClient(nc, Subjects(settings.namespace))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return await client.get(sid)
+        except Exception:  # noqa: BLE001 - not stored yet
+            assert time.monotonic() < deadline, f"session {sid} was not stored"
+            await asyncio.sleep(0.1)
 
 
 def _checkout(root: Path) -> None:
