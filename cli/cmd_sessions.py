@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--failures", action="store_true",
                    help="only the failed targets, each with its error lines and output (docs/failures.md); "
                         "with --json: {session_id, outcome, failures: [...]}")
+    costs = s.add_mutually_exclusive_group()
+    costs.add_argument("--headers", action="store_const", const="headers", dest="costs",
+                       help="included files by self time added up across the session's clang -ftime-trace "
+                            "compiles, --top of them (docs/importers.md); with --json: {session_id, total_s, costs}")
+    costs.add_argument("--templates", action="store_const", const="templates", dest="costs",
+                       help="template instantiations by self time, likewise")
     s.set_defaults(func=cmd_show, quiet_logs=True)
 
 
@@ -110,6 +116,10 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         from buildtel.cli.failures_view import print_failures
 
         return print_failures(s, json_out=args.json)
+    if getattr(args, "costs", None):
+        from buildtel.cli.costs_view import print_costs
+
+        return print_costs(s, args.costs, top=args.top, json_out=args.json)
     if args.json:
         sys.stdout.write(dumps(s) + "\n")
         return 0

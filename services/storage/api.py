@@ -295,6 +295,16 @@ class StorageClient:
             cursor = reply.cursor
         return out
 
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session is stored, asking for its first part only (never the whole session)."""
+        try:
+            await self._request("chunk", ChunkRequest(id=session_id, offset=0))
+        except StorageError as exc:
+            if exc.code == 404:
+                return False
+            raise
+        return True
+
     async def stats(self) -> StatsReply:
         return _stats_decoder.decode(await self._request("stats", StatsRequest()))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from buildtel.shared.logs import get_logger
+from buildtel.shared.phases import breakdown
 from buildtel.shared.protocol import BuildSession, TargetMetrics
 from buildtel.shared.tracemodel import (
     KIND_INTERNAL,
@@ -205,6 +206,8 @@ def session_spans(session: BuildSession) -> list[SpanRecord]:
         # Phases carry only durations; they ran back to back from the target's start.
         offset = t.start
         for i, phase in enumerate(t.phases):
+            if breakdown(phase.name):
+                continue  # header:/template: costs overlap Frontend: not a slice of the target's time
             duration = max(0.0, phase.duration_s)
             if not _representable(offset + duration):
                 break  # phases running past what a span can hold: the rest are left out

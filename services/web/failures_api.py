@@ -13,7 +13,7 @@ from buildtel.services.storage.api import StorageError
 from buildtel.services.storage.failures import MAX_GROUPS, MAX_SESSIONS, FailuresRequest, failures
 from buildtel.services.web.base import TENANT, json_response
 from buildtel.services.web.query import parse_query, parse_time
-from buildtel.services.web.tests_api import Text, _failure, _nc
+from buildtel.services.web.tests_api import Text, _nc, storage_failure
 from buildtel.shared.protocol import FailureClass
 from buildtel.shared.subjects import Subjects
 
@@ -38,7 +38,7 @@ async def list_failures(request: web.Request) -> web.Response:
     try:
         reply: Any = await failures(_nc(request), Subjects(request[TENANT]), req)
     except StorageError as exc:
-        raise _failure(exc) from None
+        raise storage_failure(exc) from None
     return json_response(reply)
 
 

@@ -24,7 +24,7 @@ import jinja2
 import msgspec
 from aiohttp import web
 
-from buildtel.services.web import views
+from buildtel.services.web import tests_pages, views
 from buildtel.services.web.base import (
     BACKEND,
     CALLER,
@@ -158,7 +158,8 @@ async def session(request: web.Request) -> web.StreamResponse:
         previous = next((p.id for p in prev.sessions if p.id != s.id), None)
     return render(request, "session.html", s=s, crit=crit, timeline=views.timeline(s, crit_names),
                   rows=views.target_rows(s, crit_names), alerts=alerts, branch=branch, previous=previous,
-                  health=views.health_data(s), failures=failed_targets(s))
+                  health=views.health_data(s), failures=failed_targets(s),
+                  tests=await tests_pages.session_tests(request, s))
 
 
 async def target(request: web.Request) -> web.Response:
@@ -169,6 +170,14 @@ async def target(request: web.Request) -> web.Response:
                                                   parse_time("until", q.until))
     return render(request, "target.html", name=name, hist=hist, series=views.target_series(hist.runs),
                   flips=views.flips(hist.runs), filters=f)
+
+
+async def tests_index(request: web.Request) -> web.Response:
+    return render(request, "tests.html", **await tests_pages.index_context(request))
+
+
+async def test_page(request: web.Request) -> web.Response:
+    return render(request, "test.html", **await tests_pages.test_context(request))
 
 
 async def alerts(request: web.Request) -> web.Response:
@@ -228,6 +237,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sessions", sessions)
     app.router.add_get("/sessions/{id}", session)
     app.router.add_get("/targets/{name:.+}", target)
+    app.router.add_get("/tests", tests_index)
+    app.router.add_get("/tests/{name:.+}", test_page)
     app.router.add_get("/alerts", alerts)
     app.router.add_get("/compare/{a}/{b}", compare)
     app.router.add_get("/login", login_form)

@@ -59,7 +59,8 @@ def _nc(request: web.Request) -> Any:
     return backend.nc
 
 
-def _failure(exc: StorageError) -> Exception:
+def storage_failure(exc: StorageError) -> Exception:
+    """The API error a storage failure is answered with (also the test pages', tests_pages.py)."""
     if exc.code == 400:
         return BadInput(exc.description)
     if exc.code in (503, 504):
@@ -75,7 +76,7 @@ async def list_tests(request: web.Request) -> web.Response:
     try:
         reply = await tests(_nc(request), Subjects(request[TENANT]), req)
     except StorageError as exc:
-        raise _failure(exc) from None
+        raise storage_failure(exc) from None
     return json_response(reply)
 
 
@@ -86,7 +87,7 @@ async def get_test_history(request: web.Request) -> web.Response:
     try:
         reply = await test_history(_nc(request), Subjects(request[TENANT]), req)
     except StorageError as exc:
-        raise _failure(exc) from None
+        raise storage_failure(exc) from None
     return json_response(reply)
 
 

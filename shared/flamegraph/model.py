@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from buildtel.shared.phases import breakdown
+
 from .build import target_category
 from .folded import (
     DEFAULT_UNIT,
@@ -248,7 +250,8 @@ class FlameGraphBuilder:
         (``name``, ``duration_s``) and optionally ``mnemonic``.
         """
         for t in session.targets:
-            phases = [(p.name, _us(p.duration_s)) for p in getattr(t, "phases", None) or ()]
+            # header:/template: costs overlap the Frontend phase: stacking them would count time twice.
+            phases = [(p.name, _us(p.duration_s)) for p in getattr(t, "phases", None) or () if not breakdown(p.name)]
             duration = _us(t.duration_s)
             mnemonic = getattr(t, "mnemonic", None)
             if not phases and mnemonic:

@@ -6,7 +6,8 @@ Input: a JSON object with ``traceEvents`` or a bare JSON array of events
 detected by the gzip magic bytes.  Timed slices are ``X`` events (``ts`` + ``dur``)
 and ``B``/``E`` pairs, matched per (pid, tid) as a stack; times are microseconds.
 ``M`` events name processes and threads (the lanes, used as workers).  Everything
-else (counters ``C``, instants ``i``/``I``, async, flow, samples, objects) is
+else (counters ``C``, instants ``i``/``I``, async — except clang's ``Source`` ``b``/``e`` pairs,
+matched like ``B``/``E`` on a lane of their own —, flow, samples, objects) is
 counted in ``details["ignored"]`` and otherwise ignored.  Every slice becomes a
 :class:`TraceSpan` (times as in the file, ``parent`` = innermost enclosing span on
 the same thread) so the trace can be stored or re-exported later.
@@ -41,6 +42,7 @@ from buildtel.shared.importers.common import (
 # The span types live in trace_spans.py (trace_targets.py needs them too); re-exported from here.
 from buildtel.shared.importers.trace_spans import ChromeTraceImport as ChromeTraceImport
 from buildtel.shared.importers.trace_spans import TraceSpan as TraceSpan
+from buildtel.shared.importers.trace_spans import async_lane
 from buildtel.shared.importers.trace_targets import build_session
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
@@ -182,7 +184,11 @@ def _read_events(events: list[Any], line_of: Any) -> _Parsed:
                 elif ev.get("name") == "process_name" and label is not None:
                     out.processes[pid] = clean_text(str(label))
                 continue
-            if ph not in ("X", "B", "E"):
+            if ph in ("b", "e") and ev.get("name") == "Source" and ev.get("cat") == "Source":
+                # clang >= 19 writes its included-file slices as nestable async events (they need not
+                # nest with the parser's slices): matched on a lane of their own, like B/E.
+                tid, ph = async_lane(tid), "B" if ph == "b" else "E"
+            elif ph not in ("X", "B", "E"):
                 out.ignored[ph] = out.ignored.get(ph, 0) + 1
                 continue
             ts = _num(ev, "ts", ph)

@@ -292,7 +292,7 @@ def _check_evidence(out: NinjaOutput | None, builds: list[_Build], warnings: lis
 
 def parse_ninja_log(
     data: bytes, *, base_time: float | None = None, file_mtime: float | None = None, source: str = "",
-    output: bytes | None = None, exit_code: int | None = None,
+    output: bytes | None = None, exit_code: int | None = None, last_build: bool = False,
 ) -> ImportResult:
     """Parse a whole ``.ninja_log``: one BuildSession per build, oldest first.
 
@@ -300,7 +300,8 @@ def parse_ninja_log(
     each build is placed by the wall clock in its mtimes, else by ``file_mtime``
     (the log's modification time = end of the last build).  ``output`` (ninja's console
     output) and ``exit_code`` of the run that wrote the last build decide its outcome;
-    without them every build is ``unknown``.
+    without them every build is ``unknown``.  ``last_build`` keeps only the newest build (found by
+    the same rules; same id and labels as in a whole-log import), ``base_time`` then being its start.
     """
     text = decode_utf8(maybe_gunzip(data), "ninja log")
     builds = _split_builds(text)
@@ -311,12 +312,13 @@ def parse_ninja_log(
     if evidence:
         _check_evidence(out, builds, warnings)
         warnings += [ParseWarning(1, f"--output/--exit-code: {w}") for w in disagreements]
-    anchors = _anchors(builds, base_time, file_mtime) if builds else []
+    first = max(0, len(builds) - 1) if last_build else 0  # index in the log of the first build imported
+    anchors = _anchors(builds[first:], base_time, file_mtime) if builds else []
     if any(s == "none" for _, s in anchors):
         warnings.append(ParseWarning(1, "no wall clock in the log (mtimes are 0) and no base time: "
                                         "times are relative to the Unix epoch"))
     sessions = []
-    for i, (build, (anchor, time_source)) in enumerate(zip(builds, anchors, strict=True)):
+    for i, (build, (anchor, time_source)) in enumerate(zip(builds[first:], anchors, strict=True), start=first):
         edges = _edges(build, warnings)
         lanes = assign_lanes([(edge[0].start, edge[0].end) for edge in edges])
         targets = [
@@ -375,4 +377,7 @@ def parse_ninja_log(
         "failed_edges": len(out.failed) if out is not None else 0,  # from --output; not in the log
         "versions": sorted({b.version for b in builds}),
     }
+    if last_build:  # the figures above are the whole log's; say what was left out
+        details["builds_skipped"] = first
+        details["entries_skipped"] = sum(len(b.entries) for b in builds[:first])
     return ImportResult("ninja", sessions, warnings, details)

@@ -48,3 +48,8 @@ class ChromeTraceImport(ImportResult):
     producer: str = "generic"
     time_base_s: float = 0.0  # Unix time of ts == 0
     time_source: str = "none"
+
+
+def async_lane(tid: int | str) -> str:
+    """The lane of clang's async ``Source`` slices on thread ``tid`` (they nest among themselves)."""
+    return f"{tid}/Source"

@@ -9,14 +9,15 @@ Which slices are "targets" differs by tool, so the producer is recognised first:
   profile's ``otherData.date`` (second precision) anchors the clock;
   ``critical path component`` slices are summed into a ``critical_path_s`` label.
 * **clang** (``ExecuteCompiler`` slices): one target per compiler run, named after
-  the source file (the most frequent ``args.detail`` that is a source file, else
-  the trace file name), phases = direct children (``Frontend``, ``Backend``…).
-  ``beginningOfTime`` anchors the clock.  The ``Total …`` summary slices clang
+  the source file the compiler says it compiled (``clang_trace.py``: ``OptModule``, then
+  top-level ``ParseDeclarationOrFunctionDefinition``, then the trace file name), phases =
+  direct children (``Frontend``, ``Backend``…) plus the ``header:``/``template:`` cost
+  breakdown.  ``beginningOfTime`` anchors the clock.  The ``Total …`` summary slices clang
   writes on extra threads stay in the spans but are not targets.
 * **cmake** (``cat == "cmake"``): one target per top-level command invocation,
   named ``<command> <file:line>``, phases = the commands it ran directly.  CMake
-  uses a monotonic clock, so times need ``--base-time`` or fall back to the file's
-  mtime as the end of the trace.
+  uses a monotonic clock and says so nowhere in the file: times need ``--start``/``--base-time``
+  or fall back to the file's mtime as the end of the trace, with a warning saying which.
 * **generic**: the top-level slices of every thread.
 """
 
@@ -27,9 +28,13 @@ from collections import Counter
 from pathlib import PurePath
 from typing import Any
 
+import msgspec
+
+from buildtel.shared.importers.clang_trace import cost_phases, source_file
 from buildtel.shared.importers.common import (
     ParseWarning,
     content_id,
+    iso,
     make_session,
     outcome_of_exit_code,
     unique_names,
@@ -38,7 +43,11 @@ from buildtel.shared.importers.trace_spans import ChromeTraceImport, TraceSpan
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics
 
 AGENT = "import:chrome-trace"
-SOURCE_SUFFIXES = (".c", ".cc", ".cpp", ".cxx", ".c++", ".cp", ".m", ".mm", ".cu", ".s", ".S")
+# labels.start_from: where the session's start came from, in words (a guess is never silent).
+START_FROM = {"base_time": "--start (given to the import)", "beginningOfTime": "the trace (clang beginningOfTime)",
+              "otherData.date": "the trace (Bazel otherData.date, 1 s precision)",
+              "file_mtime": "the file's modification time (the trace has no wall clock)",
+              "none": "nowhere: no clock in the trace and none given (times from the Unix epoch)"}
 # Java's Date.toString() zone abbreviations Bazel writes into otherData.date; CST is read as US Central.
 _TZ_HOURS = {
     "UTC": 0, "GMT": 0, "Z": 0, "WET": 0, "WEST": 1, "BST": 1, "CET": 1, "CEST": 2, "EET": 2, "EEST": 3,
@@ -98,16 +107,6 @@ def _phases(spans: list[TraceSpan], kids: list[int]) -> list[Phase]:
     return [Phase(name, dur / 1e6) for name, dur in total.items()]
 
 
-def _clang_source(spans: list[TraceSpan], pid: int | str, source: str) -> str:
-    details = Counter(
-        d for s in spans if s.pid == pid and isinstance(d := s.args.get("detail"), str) and d.endswith(SOURCE_SUFFIXES)
-    )
-    if details:
-        return details.most_common(1)[0][0]
-    name = PurePath(source).name if source else ""
-    return name.removesuffix(".gz").removesuffix(".json") or "clang compilation"
-
-
 def _select(producer: str, spans: list[TraceSpan], source: str) -> list[tuple[int, str, str | None]]:
     """(span index, target name, kind) of the spans that become targets."""
     if producer == "bazel":
@@ -116,8 +115,7 @@ def _select(producer: str, spans: list[TraceSpan], source: str) -> list[tuple[in
         if picked:
             return picked
     elif producer == "clang":
-        return [(i, _clang_source(spans, s.pid, source), "compile")
-                for i, s in enumerate(spans) if s.name == "ExecuteCompiler"]
+        return [(i, "", "compile") for i, s in enumerate(spans) if s.name == "ExecuteCompiler"]
     elif producer == "cmake":
         return [(i, f"{s.name} {s.args.get('location', '')}".strip(), "cmake_command")
                 for i, s in enumerate(spans) if s.parent < 0]
@@ -139,6 +137,11 @@ def _clock(producer: str, result: ChromeTraceImport, meta: dict[str, Any], base_
         if when is not None:
             return when, "otherData.date"
     if file_mtime is not None:
+        why = {"cmake": "CMake profiles record a monotonic clock, not the time of day",
+               "clang": "no beginningOfTime", "bazel": "no usable otherData.date"}.get(producer, "no clock field")
+        result.warnings.append(ParseWarning(1, f"the trace has no wall clock ({why}): its start, "
+                                               f"{iso(file_mtime - (hi - lo) / 1e6)}, was taken from the file's "
+                                               "modification time (as the end of the trace); give --start to set it"))
         return file_mtime - hi / 1e6, "file_mtime"
     result.warnings.append(ParseWarning(1, "the trace has no wall clock and no base time was given: "
                                            "times are relative to the Unix epoch"))
@@ -159,18 +162,26 @@ def build_session(result: ChromeTraceImport, meta: dict[str, Any], raw: bytes, *
         result.warnings.append(ParseWarning(1, "Bazel profile without 'action processing' events: "
                                                "top-level slices used as targets"))
     targets = []
+    clang_labels: dict[str, str] = {}
     for i, name, kind in picked:
         s = spans[i]
+        phases = _phases(spans, kids[i])
+        if producer == "clang":
+            name, clang_labels["source_file_from"] = source_file(spans, i, source, result.warnings)
+            costs, counts = cost_phases(spans, i)
+            phases += costs
+            clang_labels.update(counts)
         thread = result.threads.get((s.pid, s.tid)) or f"{result.processes.get(s.pid, s.pid)}/{s.tid}"
         mnemonic = s.args.get("mnemonic")
         targets.append(TargetMetrics(
             name=name or "(unnamed)", start=base + s.start_us / 1e6, end=base + s.end_us / 1e6,
             duration_s=s.dur_us / 1e6, worker=thread, agent_id=AGENT, kind=kind,
-            mnemonic=mnemonic if isinstance(mnemonic, str) else None, phases=_phases(spans, kids[i]),
+            mnemonic=mnemonic if isinstance(mnemonic, str) else None, phases=phases,
         ))
     unique_names(targets)
     labels = {"importer": "chrome-trace", "producer": producer, "time_source": time_source,
-              "spans": str(len(spans))}
+              "start_from": START_FROM[time_source],
+              "spans": str(len(spans)), **clang_labels}
     other = meta.get("otherData")
     if producer == "bazel" and isinstance(other, dict) and other.get("build_id"):
         labels["bazel_build_id"] = str(other["build_id"])  # the invocation id: joins the BEP import
@@ -190,4 +201,21 @@ def build_session(result: ChromeTraceImport, meta: dict[str, Any], raw: bytes, *
         start=base + lo / 1e6, finish=base + hi / 1e6, duration_s=(hi - lo) / 1e6,
         targets=targets, events=int(result.details.get("events", len(spans))), labels=labels, agent=AGENT,
         outcome="unknown" if exit_code is None else outcome_of_exit_code(exit_code), exit_code=exit_code,
+    )
+
+
+def merge_compiles(sessions: list[BuildSession], name: str = "") -> BuildSession:
+    """The compiles of several clang traces (one session each) as one session, one target per
+    compile: a build's ``-ftime-trace`` files imported together, so its header and template costs
+    add up across its files (``buildtel import chrome-trace --merge``)."""
+    targets = [msgspec.structs.replace(t) for s in sessions for t in s.targets]
+    unique_names(targets)
+    sources = sorted({s.labels.get("time_source", "none") for s in sessions})
+    start, finish = min(s.start for s in sessions), max(s.finish for s in sessions)
+    return make_session(
+        session_id=content_id("chrome-trace-merge", *sorted(s.id for s in sessions)),
+        name=name or f"clang build ({len(sessions)} compiles)", start=start, finish=finish,
+        targets=targets, events=sum(s.totals.events for s in sessions), agent=AGENT, outcome="unknown",
+        labels={"importer": "chrome-trace", "producer": "clang", "merged_traces": str(len(sessions)),
+                "time_source": ",".join(sources), "outcome_evidence": "none"},
     )

@@ -89,3 +89,15 @@ async def test_publish_stores_each_session_once(settings, nc, capsys: pytest.Cap
     assert stored == expected.sessions
     assert [m.headers["Nats-Msg-Id"] for m in msgs] == [s.id for s in expected.sessions]
     await sub.unsubscribe()
+
+
+def test_merge_refuses_what_it_would_drop(only_import_command: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """--merge stores clang compiles only; an exit code or a name that would be dropped is refused."""
+    clang, bazel = str(TRACE / "clang-zlib-adler32.c.json"), str(TRACE / "engflow_tiny.json.gz")
+    assert cli_main.main(["import", "chrome-trace", "--merge", "--dry-run", clang, bazel]) == 2
+    assert f"--merge takes clang -ftime-trace files only; {bazel} is not one (nothing was imported)" in \
+        capsys.readouterr().err
+    assert cli_main.main(["import", "chrome-trace", "--merge", "--exit-code", "0", "--dry-run", clang]) == 2
+    assert "--exit-code describes one trace's run, not a merged build" in capsys.readouterr().err
+    assert cli_main.main(["import", "chrome-trace", "--name", "x", "--dry-run", clang]) == 2
+    assert "--name names the merged session: give it with --merge" in capsys.readouterr().err

@@ -30,7 +30,15 @@ main.o:
 \t@echo compile main
 broken:
 \t@echo 'main.c:3: error: expected ;' >&2; exit 1
+check:
+\t@printf '%s\\n' '<testsuite name="farm.unit" tests="3">' \\
+\t  '<testcase classname="farm.unit" name="test_ok" time="0.01"/>' \\
+\t  '<testcase classname="farm.unit" name="test_slow" time="2.5"/>' \\
+\t  '<testcase classname="farm.unit" name="test_flaky" time="0.2">$(FLAKE)</testcase>' \\
+\t  '</testsuite>' > junit.xml
 """
+FLAKE = '<failure message="AssertionError: expected 3, got 4">assert 3 == 4</failure>'
+
 PUBLIC = ("/healthz", "/api/v1/openapi.json")
 
 
@@ -46,6 +54,22 @@ def _build(env: dict[str, str], workdir: Path, *args: str, record: bool = False)
     run = buildtel("run", "--json", *(["--record"] if record else []), "--", "make", "-C", str(workdir), *args,
                    env=env, timeout=120)
     return str(json.loads(run.stdout)["session_id"])
+
+
+def _junit_build(env: dict[str, str], workdir: Path, flake: str = "") -> str:
+    """A ``make check`` writing a JUnit report, run in ``workdir`` (a git repository of its own, so
+    every such build is on one commit and a test that passes in one and fails in another is flaky)."""
+    run = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "run", "--json", "--junit",
+                          str(workdir / "junit.xml"), "--", "make", "-C", str(workdir), "check", f"FLAKE={flake}"],
+                         env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return str(json.loads(run.stdout)["session_id"])
+
+
+def _git_repo(path: Path) -> None:
+    for argv in (["init", "-q", "-b", "main"], ["add", "Makefile"],
+                 ["-c", "user.name=farm", "-c", "user.email=farm@example.invalid", "commit", "-q", "-m", "farm"]):
+        subprocess.run(["git", *argv], cwd=path, check=True, capture_output=True)
 
 
 @contextmanager
@@ -82,10 +106,13 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         src = tmp / "src"
         src.mkdir()
         (src / "Makefile").write_text(MAKEFILE)
+        _git_repo(src)
         farm.ids["ok"] = _build(env, src)
         farm.ids["failed"] = _build(env, src, "broken")
         farm.ids["rec_a"] = _build(env, src, record=True)
         farm.ids["rec_b"] = _build(env, src, "lib.o", record=True)
+        farm.ids["tests_ok"] = _junit_build(env, src)
+        farm.ids["tests_flaky"] = _junit_build(env, src, FLAKE)
         farm.ids["teamb"] = _build({**env, "BUILDER_TELEMETRY_NAMESPACE": "teamb"}, src)
         for name, tenant, scope in (("read", "buildtel", "read"), ("write", "buildtel", "write"),
                                     ("admin", "buildtel", "admin"), ("revoked", "buildtel", "read"),
@@ -116,7 +143,8 @@ async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
         recorded = await get_json(http, f"{farm.web}/api/v1/recordings", key)
         stored = {s["id"] for s in page["sessions"]}
         kept = {r["id"] for r in recorded["recordings"]}
-        if ({farm.ids["ok"], farm.ids["failed"], farm.ids["rec_a"], farm.ids["rec_b"]} <= stored and len(stored) >= 20
+        wanted = {farm.ids[k] for k in ("ok", "failed", "rec_a", "rec_b", "tests_ok", "tests_flaky")}
+        if (wanted <= stored and len(stored) >= 20
                 and alerts["alerts"] and theirs["sessions"] and {farm.ids["rec_a"], farm.ids["rec_b"]} <= kept):
             break
         assert time.monotonic() < deadline, (len(stored), len(alerts["alerts"]), len(theirs["sessions"]), kept)

@@ -79,7 +79,8 @@ def _pages(farm: Farm) -> dict[str, str]:
     return {"overview": "/", "overview-7d": "/?days=7", "builds": "/sessions", "build": f"/sessions/{i['ok']}",
             "build-failed": f"/sessions/{i['failed']}", "demo-build": f"/sessions/{i['demo']}",
             "target": "/targets/" + quote(i["target"], safe=""), "alerts": "/alerts",
-            "compare": f"/compare/{i['rec_a']}/{i['rec_b']}"}
+            "compare": f"/compare/{i['rec_a']}/{i['rec_b']}", "build-tests": f"/sessions/{i['tests_flaky']}",
+            "tests": "/tests", "test": "/tests/" + quote("farm.unit::test_flaky", safe="")}
 
 
 def test_every_page_loads_without_errors_and_is_kept_as_a_screenshot(browser: Browser, loaded: Farm) -> None:
@@ -123,6 +124,45 @@ def test_the_timeline_has_a_bar_per_target_and_marks_the_critical_path(browser: 
         page.goto(f"{loaded.web}/sessions/{loaded.ids['failed']}")
         assert "broken" in page.locator("#targets tbody tr").first.inner_text()
         assert page.locator("#timeline rect.bar.failed").count() == 1
+    finally:
+        ctx.close()
+
+
+def test_a_builds_tests_show_which_failed_and_which_are_flaky_and_link_to_their_history(
+        browser: Browser, loaded: Farm) -> None:
+    ctx = _login(browser, loaded, "read")
+    try:
+        page = ctx.new_page()
+        # The build where test_flaky failed: failed first, marked flaky (it passed on the same commit
+        # in the build before), with its assertion message.
+        page.goto(f"{loaded.web}/sessions/{loaded.ids['tests_flaky']}")
+        assert "2 passed, 1 failed" in page.locator("#tests-h").inner_text()
+        first = page.locator("#tests tbody tr").first
+        assert "farm.unit::test_flaky" in first.inner_text()
+        assert "failed" in first.locator("td").nth(1).inner_text()
+        assert "flaky 50 %" in first.locator("td").nth(3).inner_text()
+        assert "expected 3, got 4" in first.locator("td").nth(4).inner_text()
+        # ... and the build where it passed shows no failure but the same flaky mark.
+        page.goto(f"{loaded.web}/sessions/{loaded.ids['tests_ok']}")
+        assert "3 passed, 0 failed" in page.locator("#tests-h").inner_text()
+        assert page.locator("#tests .badge").count() == 1
+        # Its history: two runs on one commit, one failed; the builds where it flaked are linked.
+        page.goto(f"{loaded.web}/sessions/{loaded.ids['tests_flaky']}")
+        page.locator("#tests tbody tr").first.locator("a").click()
+        page.wait_for_url("**/tests/farm.unit*")
+        assert page.locator("h1").inner_text() == "Test farm.unit::test_flaky"
+        assert page.locator(".strip .cell").count() == 2
+        assert page.locator(".strip .cell.failed").count() == 1
+        assert "yes, 50 %" in page.locator(".tiles").inner_text()
+        assert page.locator(f"a[href='/sessions/{loaded.ids['tests_flaky']}']").count() >= 1
+        # The tests page: the flaky one listed, the slowest first among the slowest.
+        page.goto(f"{loaded.web}/tests")
+        assert [r.inner_text().split("\t")[0] for r in page.locator("#flaky tbody tr").all()] == [
+            "farm.unit::test_flaky"]
+        assert page.locator("#slowest tbody tr").first.inner_text().startswith("farm.unit::test_slow")
+        # A build without test results has no tests section.
+        page.goto(f"{loaded.web}/sessions/{loaded.ids['ok']}")
+        assert page.locator("#tests").count() == 0
     finally:
         ctx.close()
 

@@ -47,7 +47,7 @@ const CHARTS = {
                      [d.x, d.ys.success_rate], el);
   },
   durations(el, d) {
-    const dur = { values: (u, vals) => vals.map(fmtDur) };
+    const dur = { values: (u, vals) => vals.map(fmtDur), size: 72 };
     return new uPlot(chartOpts(el, [
       { label: "p50", stroke: C.blue, width: 2, value: (u, v) => fmtDur(v) },
       { label: "p95", stroke: C.orange, width: 2, dash: [6, 4], value: (u, v) => fmtDur(v) },
@@ -79,7 +79,7 @@ const CHARTS = {
     };
     const opts = chartOpts(el, [{ label: "duration", stroke: C.blue, width: 0, points: { show: true, size: 5 },
                                   paths: () => null, value: (u, v) => fmtDur(v) }],
-                           [{}, { values: (u, vals) => vals.map(fmtDur) }]);
+                           [{}, { values: (u, vals) => vals.map(fmtDur), size: 72 }]);
     opts.hooks = { draw: [drawMarks] };
     return new uPlot(opts, [d.t, d.duration], el);
   },
