@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from buildtel.services.collector.service import CollectorService
@@ -205,3 +206,34 @@ async def test_a_build_stopped_by_ctrl_c_is_stored_cancelled(settings, nc, web, 
     assert (s.outcome, s.exit_code) == ("cancelled", proc.returncode)
     shown = await _cli(["sessions", "--outcome", "cancelled", "--json"], root, env)
     assert [x["id"] for x in json.loads(shown.stdout)] == [s.id]
+
+
+async def test_a_session_stored_by_an_older_version_still_shows_its_failures(settings, nc, web, tmp_path: Path,
+                                                                            rules_file: Path) -> None:
+    # The bytes an older version stored: an importer's text in TargetMetrics.error (the array's last
+    # element) and a `buildtel run` record without class, exit code or source; nothing of the new fields.
+    sid = "c" * 32
+    target = ["imp.o", 1.0, 2.0, 1.0, "failed", "miss", "", "a", 1, None, None, None, None, 1, [], [],
+              "FAILED: imp.o\ncc -c imp.c\n/src/imp.c:3:1: error: unknown type name 'x'"]
+    old = {"type": "session", "id": sid, "name": "old build", "start": 1.0, "finish": 9.0, "duration_s": 8.0,
+           "outcome": "failed", "exit_code": 2,
+           "targets": [target, ["run.o", 2.0, 3.0, 1.0, "failed", "miss", "", "a", 137]],
+           "failures": [{"target": "run.o", "output": ["about to die", "make: *** [Makefile:5: run.o] Killed"],
+                         "errors": ["make: *** [Makefile:5: run.o] Killed"],
+                         "signature": "make: *** [Makefile:N: run.o] Killed"}]}
+    await nc.jetstream().publish(Subjects(settings.namespace).sessions_completed, msgspec.msgpack.encode(old),
+                                 headers={"Nats-Msg-Id": sid})
+    await _stored(nc, settings, sid)
+    env = _env(settings, tmp_path, rules_file)
+    shown = await _cli(["show", sid, "--failures", "--json"], tmp_path, env)
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["target"]: r for r in json.loads(shown.stdout)["failures"]}
+    assert (rows["imp.o"]["failure_class"], rows["imp.o"]["source"], rows["imp.o"]["signature"]) == (
+        "code", "import", "imp.c:N:N: error: unknown type name 'x'")
+    assert (rows["run.o"]["failure_class"], rows["run.o"]["exit_code"]) == ("infra", 137)
+    assert rows["run.o"]["output"] == ["about to die", "make: *** [Makefile:5: run.o] Killed"]
+    groups = json.loads((await _cli(["failures", "--json"], tmp_path, env)).stdout)["groups"]
+    assert {(g["targets"][0], g["failure_class"], g["example_sessions"][0]) for g in groups} == {
+        ("imp.o", "code", sid), ("run.o", "infra", sid)}
+    status, _, page = await _get(web, f"/sessions/{sid}")
+    assert status == 200 and "unknown type name" in page and 'class="badge fc-infra"' in page
