@@ -182,23 +182,41 @@ async def test_a_build_stopped_by_ctrl_c_is_stored_cancelled(settings, nc, web, 
     # A terminal's ^C goes to the whole foreground process group: buildtel run and the build.
     proc = subprocess.Popen([PY, "-m", "buildtel.cli.main", "run", "--", "make"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started = threading.Event()
+    errs: list[str] = []
+
+    def watch() -> None:  # the only reader of its stdout
+        assert proc.stdout is not None
+        for out_line in proc.stdout:
+            if out_line.strip() == "started":
+                started.set()
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        errs.extend(proc.stderr)
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (watch, collect)]
+    for t in readers:
+        t.start()
     try:
-        started = threading.Event()
-
-        def watch() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.strip() == "started":
-                    started.set()
-
-        threading.Thread(target=watch, daemon=True).start()
         assert await asyncio.to_thread(started.wait, 120), "the recipe never started"
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=120)
+        try:
+            await asyncio.to_thread(proc.wait, 180)
+        except subprocess.TimeoutExpired:
+            ps = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(proc.pid)], capture_output=True,
+                                text=True, check=False).stdout
+            raise AssertionError(f"buildtel run still running 180 s after ^C:\n{ps}\n{''.join(errs)}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for t in readers:
+            t.join(30)
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    err = "".join(errs)
     assert proc.returncode in (2, 130), err  # make's code passes through
     line = [x for x in err.splitlines() if x.startswith("buildtel: session ")][-1]
     assert " cancelled in " in line, err
