@@ -292,8 +292,8 @@ class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
     # Last, with a default: an array-like struct only grows at its end (older records lack it).
     error: Annotated[str | None, _doc(
-        "what its failing action printed (command and messages, at most 16 KiB, a cut marked with `…`); "
-        "null when none was captured")] = None
+        "what its failing action printed, as importers of older versions stored it (at most 16 KiB); "
+        "null: none, or (now) kept in the session's `failures` record instead")] = None
 
 
 class SessionTotals(msgspec.Struct, kw_only=True, gc=False):
