@@ -237,7 +237,12 @@ def report(loaded: list[tuple[str, ImportResult]], states: dict[str, str]) -> di
 
 
 def run_import(args: argparse.Namespace, settings: Any) -> int | Coroutine[Any, Any, int]:
+    from buildtel.shared.failrecord import unify
+
     loaded = load(args)
+    rules = settings.failure_rule_table()  # the farm's failure-class rules first (docs/failures.md)
+    for _, result in loaded:  # one classified failure record per failed target
+        result.sessions = [unify(s, rules) for s in result.sessions]
     if args.dry_run:
         return _dry_run(loaded, settings, as_json=getattr(args, "json", False))
     for path, result in loaded:

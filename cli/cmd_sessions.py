@@ -165,14 +165,17 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_errors(s: BuildSession, top: int, lines: int = 20) -> None:
-    """What the failed targets printed (``TargetMetrics.error``), the first ``lines`` lines of each."""
-    failed = [m for m in s.targets if m.status == "failed" and m.error]
+    """What the failed targets of an import printed (their failure records, ``source`` import), the
+    first ``lines`` lines of each, with their class (``buildtel show --failures`` shows them all)."""
+    from buildtel.shared.failrecord import records
+
+    failed = [f for f in records(s) if f.source == "import" and f.output]
     if not failed:
         return
     print(f"\nERRORS of {len(failed)} failed target(s)" + (f", the first {top}" if len(failed) > top else ""))
-    for m in failed[:top]:
-        print(f"  {safe(m.name)}")
-        text = (m.error or "").splitlines()
+    for f in failed[:top]:
+        print(f"  {safe(f.target)}  [{f.failure_class}]")
+        text = f.output
         for line in text[:lines]:
             print(f"    {safe(line)}")
         if len(text) > lines:

@@ -8,7 +8,7 @@ from typing import Any
 
 from buildtel.cli.jsonout import dumps
 from buildtel.cli.textsafe import safe
-from buildtel.shared.failsig import failed_targets
+from buildtel.shared.failrecord import failed_targets
 from buildtel.shared.protocol import BuildSession
 
 
@@ -30,6 +30,9 @@ def print_failures(s: BuildSession, *, json_out: bool) -> int:
     for r in rows:
         code = r["exit_code"] if r["exit_code"] is not None else "-"
         print(f"\n== {safe(r['target'])}  (exit code {code})")
+        rule = f" (rule {safe(r['class_rule'])})" if r["class_rule"] else " (no rule matched)"
+        print(f"class      {safe(r['failure_class'] or 'unknown')}{rule}"
+              + (f"  tool code {safe(r['tool_code'])}" if r["tool_code"] else ""))
         if r["signature"]:
             print(f"signature  {safe(r['signature'])}")
         if not r["attributed"] or not r["output"]:
@@ -40,4 +43,6 @@ def print_failures(s: BuildSession, *, json_out: bool) -> int:
             print(f"  {safe(line)}")
     if rows and doc["log"]:
         print(f"\nthe whole log: buildtel log {s.id}")
+    if rows:
+        print("the same failures in other builds: buildtel failures (docs/failures.md)")
     return 0

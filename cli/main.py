@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "keys": "buildtel.cli.cmd_keys",
     "tests": "buildtel.cli.cmd_tests",
     "storage": "buildtel.cli.cmd_storage",
+    "failures": "buildtel.cli.cmd_failures",
 }
 # Command -> its one-line help, as its module registers it.  ``buildtel --help`` lists every command
 # from this table instead of importing every module: those pull in nats, aiohttp, numpy and the
@@ -77,6 +78,7 @@ COMMAND_HELP: dict[str, str] = {
     "keys": "create, list or revoke API keys of the web API",
     "tests": "test results across stored builds: flaky, slowest, failing tests",
     "storage": "storage maintenance: change the number of partitions",
+    "failures": "failed targets across stored builds, grouped by signature and class",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 _GLOBAL_WITH_VALUE = {"--nats-url", "--redis-url", "--cache-dir", "--namespace"}

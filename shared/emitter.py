@@ -257,8 +257,9 @@ class Emitter:
 
     def build_finished(self, exit_code: int = 0, cpu_s: float | None = None, peak_rss_bytes: int | None = None,
                        expected_events: Any = None, *, ts: float | None = None, up_to_date: int | None = None,
-                       failures: Any = (), log: Any = None) -> None:
-        """This agent's last event: the collector completes the session once it is folded."""
+                       failures: Any = (), log: Any = None, outcome: str | None = None) -> None:
+        """This agent's last event: the collector completes the session once it is folded.
+        ``outcome`` None: derived from ``exit_code``; ``cancelled``: the build was stopped."""
         if not self._on:
             return
         try:
@@ -266,6 +267,7 @@ class Emitter:
                                                ts=time.time() if ts is None else ts,
                                                exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
                                                expected_events=expected_events, up_to_date=up_to_date,
-                                               failures=list(failures), log=log)))
+                                               failures=list(failures), log=log,
+                                               outcome=outcome)))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - telemetry never raises into the build (counted as rejected)
             self._reject()

@@ -10,16 +10,16 @@ failure groups across builds and machines.
 from __future__ import annotations
 
 import re
-from typing import Any
-
-from buildtel.shared.protocol import BuildSession
 
 MAX_ERRORS = 10
 SIGNATURE_CHARS = 240
 
 _ERROR = re.compile(
     r"error:|error\[|\bError\b|\bERROR\b|FAILED|undefined reference|multiple definition|fatal:|"
-    r"Segmentation fault|\bKilled\b|\bAborted\b|Traceback \(most recent call last\)|\bpanic:")
+    r"Segmentation fault|\bKilled\b|\bAborted\b|Traceback \(most recent call last\)|\bpanic:|"
+    # what the machine or the network says (failure classes: shared/failclass.py)
+    r"No space left on device|Cannot allocate memory|[Oo]ut of memory|std::bad_alloc|Could not resolve host|"
+    r"Temporary failure in name resolution|Connection refused|Connection reset")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # A path under a temporary directory, whole (its name is random too).
 _TEMP_PATH = re.compile(r"(?:/tmp|/var/tmp|/private/var/folders|/dev/shm)/[^\s:'\"`()\[\]]*")
@@ -65,25 +65,3 @@ def signature(line: str) -> str:
     s = _HEX.sub("<hex>", s)
     s = _NUMBER.sub("N", s)
     return _SPACE.sub(" ", s).strip()[:SIGNATURE_CHARS]
-
-
-def failed_targets(s: BuildSession) -> list[dict[str, Any]]:
-    """Every failed target of ``s`` (status, exit code) with what it printed when kept: what
-    ``buildtel show --failures`` and the dashboard's session page show."""
-    kept = {f.target: f for f in s.failures}
-    rows: list[dict[str, Any]] = []
-    for m in s.targets:
-        if m.status != "failed":
-            continue
-        f = kept.get(m.name)
-        if f is None and m.error:  # an import's error text (TargetMetrics.error): what the tool printed
-            rows.append({"target": m.name, "exit_code": m.exit_code, "duration_s": m.duration_s, "attributed": True,
-                         "note": "its error text, as the importer found it in the tool's output", "errors": [],
-                         "signature": None, "output": m.error.splitlines(), "output_cut_bytes": 0})
-            continue
-        rows.append({"target": m.name, "exit_code": m.exit_code, "duration_s": m.duration_s,
-                     "attributed": f.attributed if f else False,
-                     "note": f.note if f else "no output kept for it (captured by another tool, or not captured)",
-                     "errors": f.errors if f else [], "signature": f.signature if f else None,
-                     "output": f.output if f else [], "output_cut_bytes": f.output_cut_bytes if f else 0})
-    return rows

@@ -40,6 +40,10 @@ RATED_OUTCOMES: frozenset[str] = frozenset({"success", "failed", "abandoned"})
 TIMED_OUTCOMES: frozenset[str] = frozenset({"success", "failed"})
 HealthState = Literal["healthy", "degraded", "critical"]
 TestOutcome = Literal["passed", "failed", "error", "skipped"]
+# Why a target failed (shared/failclass.py, docs/failures.md): its code, the machine or network
+# under it, a flake (it passed elsewhere on the same commit), or nothing told.
+FailureClass = Literal["code", "infra", "flaky", "unknown"]
+FAILURE_CLASSES: tuple[str, ...] = ("code", "infra", "flaky", "unknown")
 
 CACHE_HITS: frozenset[str] = frozenset({"local_hit", "remote_hit"})
 
@@ -164,7 +168,8 @@ class HealthPoint(msgspec.Struct, kw_only=True, array_like=True, gc=False):
 
 
 class TargetFailure(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """What a failed target printed, kept with its session (``docs/failures.md``); redacted by the agent."""
+    """A failed target: what it printed, its signature and its class; the one failure record of a session
+    (``docs/failures.md``), redacted by the agent."""
 
     target: Annotated[str, _doc("the failed target (as named in `targets`)")]
     attributed: Annotated[bool, _doc(
@@ -180,6 +185,17 @@ class TargetFailure(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     signature: Annotated[str | None, _doc(
         "its first error line normalised (paths, numbers, hashes, temp names stripped), to group identical "
         "failures across builds; null when no error line was found")] = None
+    # Added later (records of older versions lack them: read as not classified, classified on read).
+    failure_class: Annotated[FailureClass | None, _doc(
+        "`code` (compiler, linker, test assertion), `infra` (killed by a signal, out of memory or disk, "
+        "network, remote cache/executor), `flaky` (passed elsewhere on the same commit) or `unknown`, by the "
+        "rules of docs/failures.md; null: not classified yet (an older record: readers classify it)")] = None
+    class_rule: Annotated[str, _doc("the rule that gave `failure_class` (`farm:<name>` for a farm's rule)")] = ""
+    exit_code: Annotated[int | None, _doc("exit status of its action; null when unknown")] = None
+    tool_code: Annotated[str, _doc(
+        "the tool's own failure code, e.g. Bazel's `failureDetail` `spawn.REMOTE_CACHE_FAILED`; empty: none")] = ""
+    source: Annotated[Literal["console", "import"], _doc(
+        "`console`: found in the console `buildtel run` kept; `import`: the error text an importer read")] = "console"
 
 
 class BuildLog(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -284,8 +300,8 @@ class TargetMetrics(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     phases: Annotated[list[Phase], _doc("its time split into named phases, each a 2-array `[name, duration_s]`")] = []
     # Last, with a default: an array-like struct only grows at its end (older records lack it).
     error: Annotated[str | None, _doc(
-        "what its failing action printed (command and messages, at most 16 KiB, a cut marked with `…`); "
-        "null when none was captured")] = None
+        "what its failing action printed, as importers of older versions stored it (at most 16 KiB); "
+        "null: none, or (now) kept in the session's `failures` record instead")] = None
 
 
 class SessionTotals(msgspec.Struct, kw_only=True, gc=False):

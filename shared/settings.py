@@ -116,6 +116,10 @@ class Settings:
         "quarter and the last three quarters are kept with a marker where the rest was cut (docs/failures.md).",
         default=4 * 1024 * 1024)
     failure_output_kib: int = _help("KiB of a failed target's output kept with it (its last lines).", default=16)
+    failure_rules: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
+        "TOML file of the farm's failure-class rules ([[rule]]: class, pattern, exit_code, signal, tool_code), "
+        "tried before the built-in ones where failures are classified: the collector, 'buildtel import', "
+        "readers of older sessions (docs/failures.md).", default=None)
     stack_credentials: Path | None = _help(  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
         "Credentials file of a stack ('buildtel credentials ROLE -o FILE' writes one): "
         "its NATS URL and role passwords.",
@@ -186,6 +190,18 @@ class Settings:
         for name, ok in checks:
             if not ok:
                 raise SettingsError(f"{PREFIX}{name.upper()}: invalid value {getattr(self, name)!r}")
+        self.failure_rule_table()
+
+    def failure_rule_table(self) -> tuple[Any, ...]:
+        """The farm's failure-class rules (shared/failclass.py ``Rule``s; none when unset), read again
+        when the file changes; SettingsError naming the key when the file cannot be used."""
+        from buildtel.shared.failclass import load_rules
+
+        try:
+            return load_rules(self.failure_rules)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SettingsError(f"{PREFIX}FAILURE_RULES: cannot use {str(self.failure_rules)!r}: {why}") from None
 
     @property
     def tenant_list(self) -> list[str]:

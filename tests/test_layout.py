@@ -107,6 +107,7 @@ PUBLIC_SERVICE_MODULES = {
     "buildtel.services.registry",  # name -> service class, serve options
     "buildtel.services.storage.api",  # StorageClient and its wire messages
     "buildtel.services.storage.tests_history",  # per-test figures, flaky tests: clients and messages
+    "buildtel.services.storage.failures",  # failures grouped by signature and class: client and messages
     "buildtel.services.storage.rebalance",  # offline change of the partition count (buildtel storage)
     "buildtel.services.analyzer.api",  # AnalyzerClient and its wire messages
     "buildtel.services.analyzer.alerts",  # the alert message and its decoder

@@ -31,6 +31,7 @@ from buildtel.shared import keymigrate
 from buildtel.shared.bigmsg import publish_session
 from buildtel.shared.bus import MAX_DELIVER
 from buildtel.shared.codec import MAX_SESSION_BYTES, decode_batch_raw, encode
+from buildtel.shared.failrecord import unify
 from buildtel.shared.keys import SHARDS
 from buildtel.shared.logs import get_logger
 from buildtel.shared.partitions import publish_subject
@@ -38,7 +39,7 @@ from buildtel.shared.protocol import BuildStarted, EventBatch, is_session_id, se
 from buildtel.shared.redaction import redact_batch
 from buildtel.shared.rediscluster import is_noscript, load_scripts
 from buildtel.shared.service import BusService, Consumer, Worker
-from buildtel.shared.settings import Settings
+from buildtel.shared.settings import Settings, SettingsError
 from buildtel.shared.validate import Rejected, check_envelope, refused_events
 
 log = get_logger("collector")
@@ -100,6 +101,15 @@ class CollectorService(BusService):
         self._lost_batch = self.redis.register_script(lua.LOST_BATCH)
         await load_scripts(self.redis, self._apply)  # a cluster pipeline does not load it itself
         await keymigrate.run("collector", keymigrate.migrate_collector(self.redis, self.keys))  # pre-tag keys
+
+    def _failure_rules(self) -> tuple[Any, ...]:
+        """The farm's failure-class rules; a file that became unusable is logged and the built-in
+        rules alone are used (failures are still classified; the log line says which file)."""
+        try:
+            return self.settings.failure_rule_table()
+        except SettingsError as exc:
+            log.warning("failure_rules.unusable", error=str(exc))
+            return ()
 
     def counters(self) -> dict[str, float]:
         return {"events_in_total": self.events_in, "batches_in_total": self.batches_in,
@@ -386,6 +396,7 @@ class CollectorService(BusService):
         record = completeness(meta, {a: b or b"" for a, b in zip(agents, bitmaps, strict=True)}, fin,
                               gap_wait_s=self.settings.gap_wait_s)
         session = fold.build_session(sid, meta, fragments, now=now, completeness=record, finished=fin)
+        session = unify(session, self._failure_rules())  # one classified record per failed target
         data = encode(session)
         if len(data) > MAX_SESSION_BYTES:
             data = self._shrink(session, len(data))

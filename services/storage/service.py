@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
-from buildtel.services.storage import columns, history, pages, rowcache, rowwork, tests_history
+from buildtel.services.storage import columns, failures, history, pages, rowcache, rowwork, tests_history
 from buildtel.services.storage import partition as layout
 from buildtel.services.storage.api import (
     API_VERSION,
@@ -67,7 +67,7 @@ from buildtel.shared.service import (
     ServiceError,
     Worker,
 )
-from buildtel.shared.settings import Settings
+from buildtel.shared.settings import Settings, SettingsError
 
 DURABLE = "storage"
 # Ids become index keys and log fields; the protocol's are 32 hex digits, this is the lenient bound.
@@ -166,7 +166,8 @@ class StorageService(BusService):
         """This store's endpoints by name."""
         return {**{ep: partial(self._handle, ep) for ep in ENDPOINTS}, columns.ENDPOINT: self._api_columns,
                 history.TREND: self._api_trend, history.TARGET_HISTORY: self._api_target_history,
-                tests_history.TESTS: self._api_tests, tests_history.TEST_HISTORY: self._api_test_history}
+                tests_history.TESTS: self._api_tests, tests_history.TEST_HISTORY: self._api_test_history,
+                failures.FAILURES: self._api_failures}
 
     def endpoints(self) -> list[Endpoint]:
         own = self._own()
@@ -447,6 +448,16 @@ class StorageService(BusService):
         """One test's runs (services/storage/tests_history.py)."""
         assert self.store is not None
         return await tests_history.serve_test_history(self.store, data, self._budget)
+
+    async def _api_failures(self, data: bytes) -> bytes:
+        """Failures grouped by signature and class (services/storage/failures.py)."""
+        assert self.store is not None
+        try:
+            rules = self.settings.failure_rule_table()
+        except SettingsError as exc:  # the file went bad since start: said, and the built-in rules used
+            self.log.warning("failure_rules.unusable", error=str(exc))
+            rules = ()
+        return await failures.serve_failures(self.store, data, self._budget, rules)
 
     async def _row_files(self) -> None:
         """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""

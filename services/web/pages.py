@@ -46,7 +46,7 @@ from buildtel.services.web.query import (
     parse_session_id,
     parse_time,
 )
-from buildtel.shared.failsig import failed_targets
+from buildtel.shared.failrecord import failed_targets
 
 STATIC = Path(__file__).with_name("static")
 WINDOWS = (7, 30, 90)
@@ -79,6 +79,18 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
 
 def _backend(request: web.Request) -> Any:
     return request.app[BACKEND]
+
+
+def _failure_rules(backend: Any) -> tuple[Any, ...]:
+    """The farm's failure-class rules, for records of older sessions (classified on read); a file
+    that went bad is said in the web service's log and the built-in rules used."""
+    from buildtel.shared.settings import SettingsError
+
+    try:
+        return tuple(backend.settings.failure_rule_table())
+    except SettingsError as exc:
+        backend.log.warning("failure_rules.unusable", error=str(exc))
+        return ()
 
 
 def _tenant(request: web.Request) -> str:

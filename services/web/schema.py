@@ -18,7 +18,7 @@ from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.notifier.config import Subscription
 from buildtel.services.storage.api import SessionSummary
 from buildtel.services.storage.history import MAX_RUNS, TargetRun, TrendReply
-from buildtel.services.web import artifacts_schema, tests_schema
+from buildtel.services.web import artifacts_schema, failures_schema, tests_schema
 from buildtel.shared import apikeys
 from buildtel.shared.alertstate import MAX_NOTE, AlertState
 from buildtel.shared.keyed import keyed_type
@@ -206,8 +206,9 @@ def _errors(*codes: int) -> dict[str, Any]:
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/api/v1`` (cached: the types do not change at run time)."""
     types_ = [Problem, SessionPage, AlertPage, AlertWithState, AcknowledgeBody, MuteBody, Health, Session, Report,
-              TrendReply, TargetHistory, *artifacts_schema.TYPES, *tests_schema.TYPES, KeyList, NewKey, CreatedKey,
-              SessionStarted, SessionSummary, Alert, Subscription, SubscriptionList, CreatedSubscription]
+              TrendReply, TargetHistory, *artifacts_schema.TYPES, *tests_schema.TYPES, *failures_schema.TYPES,
+              KeyList, NewKey, CreatedKey, SessionStarted, SessionSummary, Alert, Subscription, SubscriptionList,
+              CreatedSubscription]
     _, comps = msgspec.json.schema_components(types_, ref_template="#/components/schemas/{name}")
     c = "#/components/schemas/"
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
@@ -350,6 +351,7 @@ def openapi() -> dict[str, Any]:
             "responses": {"200": _json(c + "Health", "running")}}},
         **artifacts_schema.paths(),  # flame graphs, diffs, recordings (artifacts.py)
         **tests_schema.paths(),  # test results, flaky tests (tests_api.py)
+        **failures_schema.paths(),  # failures by signature and class (failures_api.py)
     }
     return {
         "openapi": "3.1.0",

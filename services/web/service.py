@@ -47,7 +47,7 @@ from buildtel.services.storage.api import (
     endpoint_subject,
 )
 from buildtel.services.storage.history import TargetHistoryRequest, TrendReply, TrendRequest
-from buildtel.services.web import artifacts, tests_api
+from buildtel.services.web import artifacts, failures_api, tests_api
 from buildtel.services.web.app import create_app
 from buildtel.services.web.base import (
     BadGateway,
@@ -145,6 +145,7 @@ class WebService(BusService):
         app = create_app(self, log=self.log, max_body_bytes=DEFAULT_LIMITS.max_body_bytes)
         artifacts.register(app)  # flame graphs, diffs, recordings
         tests_api.register(app)  # test results, flaky tests
+        failures_api.register(app)  # failures by signature and class
         runner = await start_site(app, self.host, self.requested_port)
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(hub.stop)  # streams end (with a comment) before the server closes

@@ -179,9 +179,12 @@ def _failure(target: str, note: str, output: list[tuple[int, str]] | None, outpu
     errors = [redact_line(e)[:ERROR_CHARS] for e in error_lines([line for _, line in searched])]
     # The signature comes from the tool's own words: stderr first (make echoes commands on stdout),
     # lines whose error word stands outside quotes first, make's "*** [...] Error 1" last.
-    own = [e for stream in (2, 0, 1) for e in error_lines([x for fd, x in searched if fd == stream], len(searched))
-           if make_anchor(e) is None]
-    own.sort(key=quoted_only)  # stable: an echoed command that prints an error message comes last
+    lines = [e for stream in (2, 0, 1) for e in error_lines([x for fd, x in searched if fd == stream], len(searched))]
+    # An echoed command that prints an error message comes after make's own line: on two pipes the
+    # echoes of neighbouring recipes can be read in this one's window.
+    own = ([e for e in lines if make_anchor(e) is None and not quoted_only(e)]
+           + [e for e in lines if make_anchor(e) is not None]
+           + [e for e in lines if make_anchor(e) is None and quoted_only(e)])
     text = [line for _, line in output]
     room = min(output_kib * 1024, budget)
     kept, cut = _bounded(text, room) if room > 0 else ([], sum(len(x) + 1 for x in text))

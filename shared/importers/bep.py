@@ -42,6 +42,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
+from buildtel.shared.failrecord import from_error
 from buildtel.shared.importers import proto_json as pj
 from buildtel.shared.importers.bep_details import Failures, critical_path, metrics_labels, test_case
 from buildtel.shared.importers.common import (
@@ -59,6 +62,7 @@ from buildtel.shared.protocol import (
     Completeness,
     Outcome,
     Phase,
+    TargetFailure,
     TargetMetrics,
     TestCase,
 )
@@ -113,6 +117,8 @@ class _State:
     kinds: dict[str, str] = field(default_factory=dict)
     completed: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → status
     errors: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → failure message
+    codes: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → failureDetail code
+    target_failures: list[TargetFailure] = field(default_factory=list)  # failed targets' messages (targetCompleted)
     aborts: list[tuple[int, str]] = field(default_factory=list)  # (line, reason) of aborted events
     completed_events: int = 0
     tests: dict[tuple[str, str, int, int], _Test] = field(default_factory=dict)
@@ -174,8 +180,11 @@ def _on_completed(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int
     if "completed" in ev:
         done = pj.obj(ev["completed"])
         status = "success" if done.get("success") else "failed"
-        if status == "failed" and (msg := pj.get(pj.obj(pj.get(done, "failureDetail", {})), "message")):
+        detail = pj.obj(pj.get(done, "failureDetail", {}))
+        if status == "failed" and (msg := pj.get(detail, "message")):
             st.errors[key] = str(msg)
+        if status == "failed" and (code := detail_code(detail)):
+            st.codes[key] = code
     else:
         reason = pj.obj(ev.get("aborted", {})).get("reason", "")
         status = "skipped" if reason == "SKIPPED" else "cancelled"
@@ -330,6 +339,16 @@ def parse_bep(data: bytes, *, source: str = "") -> ImportResult:
     return _assemble(st, data, source)
 
 
+def detail_code(detail: dict[str, Any]) -> str:
+    """``category.CODE`` of a ``failureDetail`` (``{"spawn": {"code": "TIMEOUT"}}`` → ``spawn.TIMEOUT``;
+    ``remoteExecution`` → ``remote_execution``): the first sub-message with a code; empty when none."""
+    for key, value in detail.items():
+        if key != "message" and isinstance(value, dict) and isinstance(value.get("code"), str):
+            snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
+            return f"{snake}.{value['code']}"
+    return ""
+
+
 def finished_outcome(finished: dict[str, Any]) -> tuple[int, Outcome]:
     """(exit code, outcome) of a ``buildFinished`` payload: the one rule of ``buildtel import bep``
     and the live BES endpoint (``bep_stream.py``).  Bazel's exit code 8 (``INTERRUPTED``: Ctrl-C or
@@ -341,6 +360,16 @@ def finished_outcome(finished: dict[str, Any]) -> tuple[int, Outcome]:
     return exit_code, "success" if ok else "cancelled" if interrupted else "failed"
 
 
+def _one_record_each(st: _State) -> list[TargetFailure]:
+    """One failure record per failed target: its failed action's output when Bazel sent it (with
+    the target's failure code), else the message of its ``targetCompleted``."""
+    codes = {f.target: f.tool_code for f in st.target_failures if f.tool_code}
+    found = [msgspec.structs.replace(f, tool_code=codes[f.target]) if not f.tool_code and f.target in codes else f
+             for f in st.failures.found]
+    have = {f.target for f in found}
+    return found + [f for f in st.target_failures if f.target not in have]
+
+
 def _targets(st: _State, start: float) -> list[TargetMetrics]:
     """Completed targets, tests and actions; events without times are placed at the build's start."""
     targets: list[TargetMetrics] = []
@@ -349,9 +378,11 @@ def _targets(st: _State, start: float) -> list[TargetMetrics]:
         configs_per_label[label] = configs_per_label.get(label, 0) + 1
     for (label, cfg), status in st.completed.items():
         name = label if configs_per_label[label] == 1 else f"{label} ({st.configs.get(cfg) or cfg[:12]})"
-        targets.append(TargetMetrics(name=name, start=start, end=start, duration_s=0.0, status=status,  # type: ignore[arg-type]
-                                     agent_id=AGENT, kind=st.kinds.get(label) or None,
-                                     error=st.errors.get((label, cfg))))
+        tm = TargetMetrics(name=name, start=start, end=start, duration_s=0.0, status=status,  # type: ignore[arg-type]
+                           agent_id=AGENT, kind=st.kinds.get(label) or None, error=st.errors.get((label, cfg)))
+        targets.append(tm)
+        if tm.error or (label, cfg) in st.codes:  # the one failure record, with Bazel's own failure code
+            st.target_failures.append(msgspec.structs.replace(from_error(tm), tool_code=st.codes.get((label, cfg), "")))
     runs: dict[str, set[tuple[int, int]]] = {}
     for label, _cfg, run, shard in st.tests:
         runs.setdefault(label, set()).add((run, shard))
@@ -448,7 +479,7 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
         outcome=outcome, exit_code=exit_code,
         command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
         labels=labels, agent=AGENT, cache=cache, duration_s=duration_s, environment=env, cpu_s=cpu_s,
-        completeness=completeness, failures=st.failures.found, tests=st.test_cases,
+        completeness=completeness, failures=_one_record_each(st), tests=st.test_cases,
     )
     details = {
         "events": st.events, "target_completed": st.completed_events,

@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 from buildtel.shared.codec import encoder
-from buildtel.shared.protocol import BuildSession, TargetMetrics
+from buildtel.shared.failrecord import from_error
+from buildtel.shared.protocol import BuildSession, TargetFailure, TargetMetrics
 from buildtel.shared.redaction import redact_argv
 from buildtel.shared.totals import summarize_targets
 
@@ -252,6 +253,16 @@ def make_session(
     tool's own (hits, misses) — e.g. Bazel's action cache, which counts actions.
     """
     targets = sorted(targets, key=lambda t: (t.start, t.name))
+    # One home for a failed target's text: its failure record (shared/failrecord.py), not TargetMetrics.error.
+    failures: list[TargetFailure] = list(extra.pop("failures", []))
+    have = {f.target for f in failures}
+    for i, t in enumerate(targets):
+        if t.error:
+            if t.name not in have:
+                failures.append(from_error(t))
+            targets[i] = msgspec.structs.replace(t, error=None)
+    if failures:
+        extra["failures"] = failures
     totals, hits, misses = summarize_targets(targets, events=events)
     if cache is not None:
         hits, misses = cache

@@ -52,7 +52,10 @@ def test_a_compile_error_is_a_failed_build_with_the_failed_edge_and_its_error(ru
     good = {f"obj/u{i}.o": "success" for i in range(GOOD)}
     assert _statuses(session) == {**good, "obj/bad.o": "failed"}
     (bad,) = [t for t in session.targets if t.status == "failed"]
-    assert bad.error == expected_error and bad.duration_s == 0.0
+    assert bad.error is None and bad.duration_s == 0.0  # its text is in its failure record (one home)
+    (rec,) = session.failures
+    assert (rec.target, rec.source, "\n".join(rec.output)) == ("obj/bad.o", "import", expected_error)
+    assert rec.signature and "bad.c" in rec.signature
     assert bad.exit_code == (1 if "[code=1]" in text else None)  # ninja >= 1.13 prints the code
     assert session.labels["ninja_stopped"] == "subcommand failed"
     assert session.labels["outcome_evidence"] == "exit code 1 + ninja output"
@@ -151,7 +154,10 @@ def test_bep_failed_target_and_exit_code_make_a_failed_build() -> None:
     assert (session.outcome, session.exit_code, session.labels["exit_name"]) == ("failed", 1, "BUILD_FAILURE")
     (failed,) = [t for t in session.targets if t.kind != "test" and t.status == "failed"]
     assert failed.name == broken["id"]["targetCompleted"]["label"]
-    assert failed.error == "Compiling basespy.go failed: (Exit 1): builder failed"
+    (rec,) = session.failures  # one failure record, with Bazel's own failure code
+    assert (rec.target, rec.output, rec.tool_code) == (
+        failed.name, ["Compiling basespy.go failed: (Exit 1): builder failed"], "spawn.NON_ZERO_EXIT")
+    assert failed.error is None
 
 
 def test_bep_interrupted_build_is_cancelled_with_its_reason() -> None:

@@ -85,7 +85,7 @@ async def test_imported_outcomes_are_stored_listed_and_shown(storage: Settings, 
     code, out, err = await cli(storage, "show", ids["failed"])
     assert code == 0, err
     assert "outcome   failed  exit code 1" in out
-    assert "ERRORS of 1 failed target(s)" in out and "\n  obj/bad.o\n" in out
+    assert "ERRORS of 1 failed target(s)" in out and "\n  obj/bad.o  [code]\n" in out  # a compile error
     diagnostic = next(line for line in failed.output.read_text().splitlines() if "bad.c" in line and "error" in line)
     assert f"    {diagnostic}" in out.splitlines()
     # `show --failures` (and the dashboard, through the same function) shows the imported error text.
