@@ -37,6 +37,7 @@ from buildtel.services import registry
 from buildtel.shared.auth import ROLES, StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
 from buildtel.shared.files import private_dir, tighten_tree, write_private
+from buildtel.shared.natscluster import NatsCluster
 from buildtel.shared.runner import run_until_signal
 from buildtel.shared.settings import Settings
 
@@ -44,6 +45,9 @@ from buildtel.shared.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = sub.add_parser("up", help="run all services in one process (embedded NATS and Redis unless configured)")
     up.add_argument("--quiet", action="store_true", help="do not print where the stack listens")
+    up.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                    help="start N embedded nats-server nodes as one JetStream cluster on loopback (streams with "
+                         "N replicas unless BUILDER_TELEMETRY_REPLICAS says otherwise; 1-5) instead of one server")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the stack 'buildtel up' started on this machine")
     down.set_defaults(func=cmd_down)
@@ -66,8 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 class LocalStack:
     """Engines (when not configured) plus services, started and stopped as one unit."""
 
-    def __init__(self, settings: Settings, services: list[str] | None = None) -> None:
+    def __init__(self, settings: Settings, services: list[str] | None = None, nats_cluster: int = 0) -> None:
         self.settings = settings
+        self.nats_cluster = nats_cluster  # >0: that many embedded nodes (shared/natscluster.py)
+        self.cluster: NatsCluster | None = None
         self.names = services or list(registry.SERVICES)
         self.engines: list[Any] = []
         self.services: list[Any] = []
@@ -85,11 +91,21 @@ class LocalStack:
         """What the services (and the commands of this stack) connect with: the generated role
         credentials when NATS is embedded, the configured ones otherwise."""
         s = self.settings.with_(nats_url=self.nats_url, redis_url=self.redis_url)
+        if self.cluster is not None and s.replicas is None:
+            s = s.with_(replicas=self.cluster.size)  # one copy of every stream on each node
         return s.with_(stack_auth=self.auth) if self.embedded_nats else s
 
     def start_engines(self) -> None:
         engines_dir = private_dir(self.settings.engines_dir)
-        if not self.nats_url:
+        if self.nats_cluster and self.nats_url:
+            raise CLIError("--nats-cluster starts embedded NATS servers, but BUILDER_TELEMETRY_NATS_URL names a "
+                           "NATS to join: use one or the other")
+        if self.nats_cluster:
+            self.cluster = NatsCluster(engines_dir / "nats-cluster", self.nats_cluster, auth=self.auth,
+                                       namespace=self.namespaces).start()
+            self.engines += self.cluster.nodes
+            self.nats_url = self.cluster.url
+        elif not self.nats_url:
             eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.namespaces).start()
             self.engines.append(eng)
             self.nats_url = eng.url
@@ -166,6 +182,8 @@ def stack_record(stack: LocalStack) -> dict[str, Any]:
                             "engines": [{"name": e.name, **process_record(e.pid)} for e in stack.engines if e.pid]}
     if stack.embedded_nats:
         info["auth"] = stack.auth.to_json()
+    if stack.cluster is not None:  # each node's pid and URL; nats_url lists them all
+        info["nats_nodes"] = stack.cluster.describe()
     return info
 
 
@@ -190,7 +208,9 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    stack = LocalStack(settings)
+    if not 0 <= args.nats_cluster <= 5:
+        raise CLIError(f"--nats-cluster {args.nats_cluster}: 1 to 5 nodes (JetStream keeps at most 5 replicas)")
+    stack = LocalStack(settings, nats_cluster=args.nats_cluster)
     path = stack_file(settings)
     me = process_record(os.getpid())
     info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",

@@ -232,7 +232,7 @@ class BusService:
         subs: list[Any] = []
         stack.push_async_callback(close_nats, self.nc, subs)  # unsubscribes what is in subs
         self.js = self.nc.jetstream()
-        await ensure_streams(self.js, self.subjects, extra=self.streams())
+        await ensure_streams(self.js, self.subjects, extra=self.streams(), replicas=self.settings.replicas)
         await self.prepare(stack)
         for decl in self.consumers():
             run = _Running(decl)
@@ -240,7 +240,10 @@ class BusService:
                 decl.subject, durable=decl.durable, stream=decl.stream,
                 config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                                       ack_wait=decl.ack_wait_s, max_ack_pending=decl.max_ack_pending,
-                                      max_deliver=decl.max_deliver))
+                                      max_deliver=decl.max_deliver,
+                                      # None: as many as the stream (a new consumer); an existing
+                                      # durable keeps its count (docs/deploy.md, "Scaling replicas")
+                                      num_replicas=self.settings.replicas))
             subs.append(run.sub)
             # What the server gives up on (max_deliver) is parked on NS.deadletter.<service>.
             subs.append(await watch_max_deliveries(
