@@ -27,7 +27,35 @@ from buildtel.shared.engines import EngineError, NatsEngine, free_port
 from buildtel.shared.files import private_dir
 
 READY_TIMEOUT_S = 60.0
+RESTART_TIMEOUT_S = 30.0
 ROUTE_USER = "route"
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems: IANA's is 49152-65535, above this
+
+
+def stable_port(host: str = "127.0.0.1") -> int:
+    """A free port below the kernel's ephemeral range.  A node's ports must stay its own while it
+    is down (a restarted node listens on them again and its peers' routes name them); a port of
+    the ephemeral range is soon taken by some outgoing connection, a port below it is not."""
+    import random
+    import socket
+
+    low, _high = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)  # a crowded range: any free port (a restart may then need a retry)
 
 
 class NatsClusterNode(NatsEngine):
@@ -86,8 +114,8 @@ class NatsCluster:
         raise KeyError(f"no node {server_name!r} in this cluster ({', '.join(n.server_name for n in self.nodes)})")
 
     def _make_nodes(self) -> list[NatsClusterNode]:
-        client_ports = [free_port(self.host) for _ in range(self.size)]
-        cluster_ports = [free_port(self.host) for _ in range(self.size)]
+        client_ports = [stable_port(self.host) for _ in range(self.size)]
+        cluster_ports = [stable_port(self.host) for _ in range(self.size)]
         nodes = []
         for i in range(self.size):
             name = f"n{i + 1}"
@@ -158,8 +186,15 @@ class NatsCluster:
     def restart(self, server_name: str) -> NatsClusterNode:
         """Start a stopped node again on its ports and store; it rejoins and catches up."""
         node = self.node(server_name)
-        if node.pid is None:
-            node.start()
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while node.pid is None:
+            try:
+                node.start()
+            except EngineError:
+                # Its port briefly held by another socket: try again, on the same ports.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         return node
 
     def stop(self) -> None:
