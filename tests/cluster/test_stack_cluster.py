@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -70,6 +71,11 @@ async def test_up_with_a_three_node_cluster(tmp_path: Path) -> None:
             assert events.config.num_replicas == 3 and len(events.cluster.replicas or []) == 2
         finally:
             await nc.close()
+        # One node SIGKILLed: commands still reach the stack through the others.
+        os.kill(pids[0], signal.SIGKILL)
+        listing = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "sessions"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0 and "no sessions stored yet" in listing.stderr, listing.stderr
         down = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "down"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
