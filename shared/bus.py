@@ -240,7 +240,8 @@ async def _declare_stream(js: JetStreamContext, cfg: StreamConfig, replicas: int
         return
     except BadRequestError as exc:
         if exc.err_code != _STREAM_NAME_IN_USE:
-            raise _replicas_error(name, want, exc) if want > 1 else exc from None
+            about_replicas = any(w in (exc.description or "").lower() for w in ("replica", "peer", "placement"))
+            raise _replicas_error(name, want, exc) if want > 1 and about_replicas else exc from None
     except APIError as exc:
         raise _replicas_error(name, want, exc) if exc.err_code == _NOT_CLUSTERED else exc from None
     # Exists with other limits (an older version declared it) or another replica count: converge
@@ -255,6 +256,31 @@ async def _declare_stream(js: JetStreamContext, cfg: StreamConfig, replicas: int
                 f"stream {cfg.name} has {have} replicas, BUILDER_TELEMETRY_REPLICAS asks for {target}, and the "
                 f"server refused the update: {exc.description or exc}") from None
         raise
+
+
+async def converge_consumer_replicas(js: JetStreamContext, stream: str, durable: str,
+                                     replicas: int | None) -> str | None:
+    """Give an existing durable consumer ``replicas`` copies (it keeps its count otherwise: a
+    consumer made before BUILDER_TELEMETRY_REPLICAS changed).  Returns why it could not, for the
+    caller's log line, else None.  0 (follow the stream) already has the stream's count."""
+    if replicas is None:
+        return None
+    info = await js.consumer_info(stream, durable)
+    have = info.config.num_replicas or 0
+    if have in (0, replicas):
+        return None
+    deadline = time.monotonic() + DECLARE_DEADLINE_S / 2
+    while True:
+        try:
+            await js.add_consumer(stream, config=dataclasses.replace(info.config, num_replicas=replicas))
+            return None
+        except APIError as exc:
+            # The stream's own scale-up (just asked by ensure_stream) completes asynchronously.
+            if "exceeds parent stream" in (exc.description or "") and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                continue
+            return (f"consumer {durable} of stream {stream} has {have} replicas, BUILDER_TELEMETRY_REPLICAS asks "
+                    f"for {replicas}: {exc.description or exc}")
 
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None,

@@ -46,6 +46,7 @@ from buildtel.shared.bus import (
     close_nats,
     connect_nats,
     connect_redis,
+    converge_consumer_replicas,
     ensure_streams,
     note_failure,
     publish_dead_letter,
@@ -241,10 +242,12 @@ class BusService:
                 config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                                       ack_wait=decl.ack_wait_s, max_ack_pending=decl.max_ack_pending,
                                       max_deliver=decl.max_deliver,
-                                      # None: as many as the stream (a new consumer); an existing
-                                      # durable keeps its count (docs/deploy.md, "Scaling replicas")
-                                      num_replicas=self.settings.replicas))
+                                      num_replicas=self.settings.replicas))  # None: the stream's
             subs.append(run.sub)
+            problem = await converge_consumer_replicas(self.js, decl.stream, decl.durable, self.settings.replicas)
+            if problem:  # it still works, with fewer copies than asked: said, not hidden
+                self.log.warning(f"{self.name}.consumer_replicas", stream=decl.stream, consumer=decl.durable,
+                                 error=problem)
             # What the server gives up on (max_deliver) is parked on NS.deadletter.<service>.
             subs.append(await watch_max_deliveries(
                 self.nc, self.redis, self.subjects, self.keys, service=self.name, stream=decl.stream,

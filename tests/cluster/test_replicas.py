@@ -95,3 +95,29 @@ def test_the_setting_is_read_and_checked() -> None:
     assert Settings.from_env({}).replicas is None
     with pytest.raises(SettingsError, match="BUILDER_TELEMETRY_REPLICAS"):
         Settings.from_env({"BUILDER_TELEMETRY_REPLICAS": "7"})
+
+
+async def test_raising_the_setting_converges_a_running_farms_streams_and_durable_consumers(
+        cluster: NatsCluster, cluster_settings: Settings) -> None:
+    """A farm first run with 1 replica, restarted with BUILDER_TELEMETRY_REPLICAS=3: its stream and
+    its durable consumer (which JetStream does not scale with the stream) get 3 copies."""
+    subjects = Subjects(cluster_settings.namespace)
+    for replicas in (1, 3):
+        s = cluster_settings.with_(replicas=replicas)
+        svc = registry.create("storage", s, cluster.url, s.redis_url or "")
+        await svc.start()
+        await svc.stop()
+    nc = await connect_nats(cluster_settings, cluster.url, name="test", role="operator")
+    try:
+        js = nc.jetstream()
+
+        async def converged() -> bool:
+            stream = await js.stream_info(subjects.sessions_stream)
+            durables = [c for c in await js.consumers_info(subjects.sessions_stream) if c.config.durable_name]
+            return stream.config.num_replicas == 3 and len(durables) == 1 and all(
+                c.config.num_replicas == 3 and c.cluster is not None and len(c.cluster.replicas or []) == 2
+                for c in durables)
+
+        await eventually(converged, what="the sessions stream and storage's consumer at 3 replicas")
+    finally:
+        await nc.close()
