@@ -92,6 +92,9 @@ async def test_node_sigkill_mid_burst_loses_and_doubles_nothing_and_the_node_rej
         assert len(stored) == len(ids) and set(stored) == set(ids), "lost or doubled sessions"
         assert {x.targets for x in summaries} == {TARGETS} and {x.outcome for x in summaries} == {"success"}
         assert (await storage.stats()).sessions == len(ids)
+        # Upstream of storage's idempotence too: the collectors completed each build once.
+        info = await js.stream_info(subjects.sessions_stream, subjects_filter=subjects.sessions_completed)
+        assert (info.state.subjects or {}).get(subjects.sessions_completed) == len(ids)
 
         # The killed node rejoins: started on its ports and store, its copies catch up.
         await asyncio.to_thread(cluster.restart, killed.server_name)

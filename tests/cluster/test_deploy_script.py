@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_the_deploy_script_starts_nodes_that_form_a_jetstream_cluster(tmp_path: Path) -> None:
-    auth = StackAuth.generate()
-    route_pw = secrets.token_hex(16)
+    # As docs/deploy.md generates them: a letter first (nats-server parses a $VARIABLE's value, and
+    # one starting with a digit as a number); this also checks "p<hex>" values are taken as strings.
+    auth = StackAuth(nats=tuple((r, "p" + secrets.token_hex(16)) for r in ROLES), redis_password="unused")
+    route_pw = "p" + secrets.token_hex(16)
     client = [stable_port() for _ in range(3)]
     cluster = [stable_port() for _ in range(3)]
     base = (ROOT / "deploy" / "nats.conf").read_text()
