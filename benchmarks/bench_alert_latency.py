@@ -93,7 +93,7 @@ def pct(xs: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, nats_url: str, redis_url: str, cache: Path) -> dict[str, object]:
     subjects, asubj = Subjects(NS), AnalyzerSubjects.of(NS)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))  # a cluster's URLs (benchmarks/bench_cluster.py)
     js = nc.jetstream()
     await ensure_streams(js, subjects, extra=[alerts_stream_config(asubj)])
     procs = [spawn("buildtel.services.collector", nats_url, redis_url, cache)]

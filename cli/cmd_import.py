@@ -294,7 +294,7 @@ async def publish(loaded: list[tuple[str, ImportResult]], settings: Any, *, as_j
     try:
         # Imports publish finished sessions straight to history: the stack owner's operator role.
         async with open_bus(settings, role="operator") as bus:
-            await ensure_streams(bus.js, bus.subjects)
+            await ensure_streams(bus.js, bus.subjects, replicas=settings.replicas)
             payloads = [(s, codec.encode(s)) for _, r in loaded for s in r.sessions]
             limit = codec.MAX_SESSION_BYTES
             for s, data in payloads:  # check all before publishing any

@@ -135,7 +135,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         from buildtel.shared.bus import ensure_streams
 
         async with open_bus(settings, autostart=False, name="buildtel-replay", role="operator") as bus:
-            await ensure_streams(bus.js, bus.subjects)
+            await ensure_streams(bus.js, bus.subjects, replicas=settings.replicas)
             new_sid, sent = await republish(bus.js, bus.subjects, events, source=rid)
         if args.json:
             _dump({"republished_from": rid, "session_id": new_sid, "events": sent})

@@ -37,6 +37,7 @@ from buildtel.services import registry
 from buildtel.shared.auth import ROLES, StackAuth
 from buildtel.shared.engines import NatsEngine, RedisEngine, public_url
 from buildtel.shared.files import private_dir, tighten_tree, write_private
+from buildtel.shared.natscluster import NatsCluster
 from buildtel.shared.rediscluster import cluster_record, start_cluster
 from buildtel.shared.runner import run_until_signal
 from buildtel.shared.settings import Settings
@@ -47,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--quiet", action="store_true", help="do not print where the stack listens")
     up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                     help="embedded Redis as a Redis Cluster of N masters (docs/scaling.md), not one redis-server")
+    up.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                    help="start N embedded nats-server nodes as one JetStream cluster on loopback (streams with "
+                         "N replicas unless BUILDER_TELEMETRY_REPLICAS says otherwise; 1-5) instead of one server")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the stack 'buildtel up' started on this machine")
     down.set_defaults(func=cmd_down)
@@ -69,9 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 class LocalStack:
     """Engines (when not configured) plus services, started and stopped as one unit."""
 
-    def __init__(self, settings: Settings, services: list[str] | None = None, *, redis_cluster: int = 0) -> None:
+    def __init__(self, settings: Settings, services: list[str] | None = None, *, redis_cluster: int = 0,
+                 nats_cluster: int = 0) -> None:
         self.settings = settings
         self.redis_cluster = redis_cluster  # masters of an embedded Redis Cluster; 0: one redis-server
+        self.nats_cluster = nats_cluster  # >0: that many embedded nodes (shared/natscluster.py)
+        self.cluster: NatsCluster | None = None
         self.names = services or list(registry.SERVICES)
         self.engines: list[Any] = []
         self.services: list[Any] = []
@@ -89,11 +96,21 @@ class LocalStack:
         """What the services (and the commands of this stack) connect with: the generated role
         credentials when NATS is embedded, the configured ones otherwise."""
         s = self.settings.with_(nats_url=self.nats_url, redis_url=self.redis_url)
+        if self.cluster is not None and s.replicas is None:
+            s = s.with_(replicas=self.cluster.size)  # one copy of every stream on each node
         return s.with_(stack_auth=self.auth) if self.embedded_nats else s
 
     def start_engines(self) -> None:
         engines_dir = private_dir(self.settings.engines_dir)
-        if not self.nats_url:
+        if self.nats_cluster and self.nats_url:
+            raise CLIError("--nats-cluster starts embedded NATS servers, but BUILDER_TELEMETRY_NATS_URL names a "
+                           "NATS to join: use one or the other")
+        if self.nats_cluster:
+            self.cluster = NatsCluster(engines_dir / "nats-cluster", self.nats_cluster, auth=self.auth,
+                                       namespace=self.namespaces).start()
+            self.engines += self.cluster.nodes
+            self.nats_url = self.cluster.url
+        elif not self.nats_url:
             eng = NatsEngine(engines_dir / "nats", auth=self.auth, namespace=self.namespaces).start()
             self.engines.append(eng)
             self.nats_url = eng.url
@@ -179,6 +196,8 @@ def stack_record(stack: LocalStack) -> dict[str, Any]:
                             **cluster_record(stack.engines)}
     if stack.embedded_nats:
         info["auth"] = stack.auth.to_json()
+    if stack.cluster is not None:  # each node's pid and URL; nats_url lists them all
+        info["nats_nodes"] = stack.cluster.describe()
     return info
 
 
@@ -206,7 +225,9 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.redis_cluster and (settings.redis_url or not 1 <= args.redis_cluster <= 16):
         raise CLIError("--redis-cluster N starts an embedded cluster of 1 to 16 masters; it cannot be combined with "
                        "BUILDER_TELEMETRY_REDIS_URL (point that at your cluster: redis+cluster://…, docs/scaling.md)")
-    stack = LocalStack(settings, redis_cluster=args.redis_cluster)
+    if not 0 <= args.nats_cluster <= 5:
+        raise CLIError(f"--nats-cluster {args.nats_cluster}: 1 to 5 nodes (JetStream keeps at most 5 replicas)")
+    stack = LocalStack(settings, redis_cluster=args.redis_cluster, nats_cluster=args.nats_cluster)
     path = stack_file(settings)
     me = process_record(os.getpid())
     info: dict[str, Any] = {"pid": me["pid"], "pid_created": me["created"], "state": "starting",

@@ -17,11 +17,12 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
 
 from buildtel.shared import bigmsg, logstore
 from buildtel.shared import partitions as partitions_mod
@@ -192,18 +193,112 @@ def stream_configs(subjects: Subjects, partitions: int = 1) -> list[StreamConfig
     ]
 
 
-async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
-    """Declare one stream, idempotently.  An existing stream keeps its subject transform (the
-    storage partitioning, ``shared/partitions.py``) whatever the declaration says: only ``buildtel
-    storage rebalance`` changes the partition count, never a process that happens to start."""
+class StreamReplicasError(RuntimeError):
+    """A stream could not be given the replica count asked for; the message says which and why."""
+
+
+# JetStream answers these while a cluster forms (no meta leader yet, too few peers known): a
+# stream declared then is retried, not failed, so services may start before the cluster is whole.
+_TRANSIENT_JS_CODES = {10008, 10023}  # "temporarily unavailable", "insufficient resources"
+DECLARE_DEADLINE_S = 60.0
+_STREAM_NAME_IN_USE = 10058  # exists with another configuration
+_NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
+
+
+def _replicas_error(stream: str, want: int, exc: APIError) -> StreamReplicasError:
+    return StreamReplicasError(f"stream {stream}: cannot create it with {want} replicas "
+                               f"(BUILDER_TELEMETRY_REPLICAS): {exc.description or exc}")
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError,
+                        TimeoutError)):
+        return True
+    return isinstance(exc, APIError) and exc.err_code in _TRANSIENT_JS_CODES
+
+
+async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, replicas: int | None = None) -> None:
+    """Declare one stream, idempotently, with ``replicas`` copies (``BUILDER_TELEMETRY_REPLICAS``).
+
+    ``replicas`` None: a new stream gets ``cfg``'s count (1 unless set) and an existing one keeps
+    its own, so a client with default settings never scales down a farm's R3 streams.  A count
+    the cluster cannot give (fewer servers than replicas) raises :class:`StreamReplicasError`
+    naming the stream and both counts.  While the cluster forms, declaring is retried.
+    """
+    deadline = time.monotonic() + DECLARE_DEADLINE_S
+    while True:
+        try:
+            await _declare_stream(js, cfg, replicas)
+            return
+        except StreamReplicasError:
+            raise
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            if time.monotonic() > deadline:
+                if isinstance(exc, APIError) and exc.err_code == 10023:
+                    raise StreamReplicasError(
+                        f"stream {cfg.name}: the cluster has too few JetStream servers for "
+                        f"{replicas or cfg.num_replicas or 1} replicas (BUILDER_TELEMETRY_REPLICAS): "
+                        f"{exc.description}") from None
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def _declare_stream(js: JetStreamContext, cfg: StreamConfig, replicas: int | None) -> None:
+    want = replicas if replicas is not None else (cfg.num_replicas or 1)
+    name = cfg.name or ""
     try:
-        await js.add_stream(cfg)
-    except BadRequestError:
-        # Exists with other limits (an older version declared it): converge on ours.
-        current = (await js.stream_info(cfg.name or "")).config
-        if _transform(current) != _transform(cfg):
-            cfg = dataclasses.replace(cfg, subject_transform=current.subject_transform, subjects=current.subjects)
-        await js.update_stream(cfg)
+        await js.add_stream(dataclasses.replace(cfg, num_replicas=want))
+        return
+    except BadRequestError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            about_replicas = any(w in (exc.description or "").lower() for w in ("replica", "peer", "placement"))
+            raise _replicas_error(name, want, exc) if want > 1 and about_replicas else exc from None
+    except APIError as exc:
+        raise _replicas_error(name, want, exc) if exc.err_code == _NOT_CLUSTERED else exc from None
+    # Exists with other limits (an older version declared it) or another replica count: converge
+    # on ours, keeping its count unless one was asked for.  An existing stream keeps its subject
+    # transform (the storage partitioning, ``shared/partitions.py``) whatever the declaration says:
+    # only ``buildtel storage rebalance`` changes the partition count, never a process that starts.
+    current = (await js.stream_info(name)).config
+    have = current.num_replicas or 1
+    target = replicas if replicas is not None else have
+    if _transform(current) != _transform(cfg):
+        cfg = dataclasses.replace(cfg, subject_transform=current.subject_transform, subjects=current.subjects)
+    try:
+        await js.update_stream(dataclasses.replace(cfg, num_replicas=target))
+    except APIError as exc:
+        if target != have and not _transient(exc):
+            raise StreamReplicasError(
+                f"stream {cfg.name} has {have} replicas, BUILDER_TELEMETRY_REPLICAS asks for {target}, and the "
+                f"server refused the update: {exc.description or exc}") from None
+        raise
+
+
+async def converge_consumer_replicas(js: JetStreamContext, stream: str, durable: str,
+                                     replicas: int | None) -> str | None:
+    """Give an existing durable consumer ``replicas`` copies (it keeps its count otherwise: a
+    consumer made before BUILDER_TELEMETRY_REPLICAS changed).  Returns why it could not, for the
+    caller's log line, else None.  0 (follow the stream) already has the stream's count."""
+    if replicas is None:
+        return None
+    info = await js.consumer_info(stream, durable)
+    have = info.config.num_replicas or 0
+    if have in (0, replicas):
+        return None
+    deadline = time.monotonic() + DECLARE_DEADLINE_S / 2
+    while True:
+        try:
+            await js.add_consumer(stream, config=dataclasses.replace(info.config, num_replicas=replicas))
+            return None
+        except APIError as exc:
+            # The stream's own scale-up (just asked by ensure_stream) completes asynchronously.
+            if "exceeds parent stream" in (exc.description or "") and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                continue
+            return (f"consumer {durable} of stream {stream} has {have} replicas, BUILDER_TELEMETRY_REPLICAS asks "
+                    f"for {replicas}: {exc.description or exc}")
 
 
 def _transform(cfg: StreamConfig) -> tuple[str, str] | None:
@@ -212,9 +307,9 @@ def _transform(cfg: StreamConfig) -> tuple[str, str] | None:
 
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects, extra: list[StreamConfig] | None = None,
-                         *, partitions: int = 1) -> None:
+                         *, partitions: int = 1, replicas: int | None = None) -> None:
     for cfg in stream_configs(subjects, partitions) + list(extra or []):
-        await ensure_stream(js, cfg)
+        await ensure_stream(js, cfg, replicas=replicas)
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):

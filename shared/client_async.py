@@ -387,7 +387,7 @@ class TelemetryClient(Emitter):
         # Idempotent; lets a client started before the services keep its events.  A client
         # without permission to declare streams relies on the services having done it.
         try:
-            await ensure_streams(js, Subjects(self._settings.namespace))
+            await ensure_streams(js, Subjects(self._settings.namespace), replicas=self._settings.replicas)
         except Exception as exc:  # noqa: BLE001 - any failure is kept in last_error; the client must start anyway
             self.last_error = f"ensure_streams: {exc!r}"
 

@@ -193,6 +193,10 @@ class NatsEngine(Engine):
         """The URL with ``role``'s credentials in it, for a bare ``nats.connect`` (tests, benchmarks)."""
         return f"nats://{role}:{self.auth.password(role)}@{self.host}:{self.port}"
 
+    def extra_conf(self, port: int) -> str:
+        """More nats-server configuration (a cluster node's name and routes: shared/natscluster.py)."""
+        return ""
+
     def _argv(self, port: int) -> list[str]:
         # A completed session of several thousand targets is over the default 1 MiB payload;
         # 8 MiB is the largest size NATS recommends and what the streams are declared for.
@@ -205,6 +209,7 @@ class NatsEngine(Engine):
         write_private(conf, f"max_payload: {MAX_PAYLOAD}\n"
                             f"jetstream {{\n  store_dir: {store}\n"
                             "  max_file_store: 1TB\n  max_memory_store: 256MB\n}\n"
+                            + self.extra_conf(port)
                             + nats_authorization(self.auth, self.namespace))
         return [find_nats_server(), "-c", str(conf), "-a", self.host, "-p", str(port)]
 

@@ -47,6 +47,7 @@ from buildtel.shared.bus import (
     close_nats,
     connect_nats,
     connect_redis,
+    converge_consumer_replicas,
     ensure_streams,
     note_failure,
     publish_dead_letter,
@@ -237,7 +238,7 @@ class BusService:
         stack.push_async_callback(close_nats, self.nc, subs)  # unsubscribes what is in subs
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, self.subjects, extra=self.streams(),
-                             partitions=self.settings.storage_partitions)
+                             partitions=self.settings.storage_partitions, replicas=self.settings.replicas)
         await self.prepare(stack)
         for decl in self.consumers():
             run = _Running(decl)
@@ -248,8 +249,13 @@ class BusService:
                 config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                                       ack_wait=decl.ack_wait_s, max_ack_pending=decl.max_ack_pending,
                                       max_deliver=decl.max_deliver,
-                                      filter_subjects=list(decl.filter_subjects) or None))
+                                      filter_subjects=list(decl.filter_subjects) or None,
+                                      num_replicas=self.settings.replicas))  # None: the stream's
             subs.append(run.sub)
+            problem = await converge_consumer_replicas(self.js, decl.stream, decl.durable, self.settings.replicas)
+            if problem:  # it still works, with fewer copies than asked: said, not hidden
+                self.log.warning(f"{self.name}.consumer_replicas", stream=decl.stream, consumer=decl.durable,
+                                 error=problem)
             # What the server gives up on (max_deliver) is parked on NS.deadletter.<service>.
             subs.append(await watch_max_deliveries(
                 self.nc, self.redis, self.subjects, self.keys, service=self.name, stream=decl.stream,

@@ -72,8 +72,14 @@ class Settings:
         "Further namespaces (comma-separated) 'buildtel up' serves beside NAMESPACE: each tenant gets its own "
         "services, store (DATA_DIR/tenants/<name>/) and NATS permissions; one web API serves them all.",
         default="")
-    nats_url: str | None = _help("Join this NATS cluster instead of starting an embedded server.", default=None)
+    nats_url: str | None = _help(
+        "Join this NATS cluster instead of starting an embedded server: one URL or every server's, "
+        "comma-separated (the client fails over and reconnects among them).", default=None)
     redis_url: str | None = _help("Use this Redis instead of starting an embedded one.", default=None)
+    replicas: int | None = _help(
+        "JetStream replicas of every stream and durable consumer (1-5; 3 on a 3-node cluster). Set, an existing "
+        "stream with another count is updated to it; unset, streams are created with 1 (the size of the "
+        "cluster 'buildtel up --nats-cluster N' starts) and an existing stream keeps its count.", default=None)
     nats_creds: Path | None = _help("NATS .creds file (JWT + nkey).", default=None)  # noqa: RUF009 - _help() is dataclasses.field() plus its help text
     nats_user: str | None = _help("NATS user.", default=None)
     nats_password: str | None = _help("NATS password.", default=None)
@@ -171,6 +177,7 @@ class Settings:
         checks = [
             ("max_sessions", self.max_sessions >= 1),
             ("storage_partitions", 1 <= self.storage_partitions <= 64),
+            ("replicas", self.replicas is None or 1 <= self.replicas <= 5),  # JetStream allows at most 5
             ("retention_days", self.retention_days > 0),
             # The collector refuses batches over buildtel.shared.validate.MAX_BATCH_EVENTS (docs/protocol.md).
             ("web_rate_limit", self.web_rate_limit >= 1),

@@ -28,12 +28,16 @@ def stack_file(settings: Settings) -> Path:
 
 
 def _reachable(url: str) -> bool:
-    u = urlparse(url.split(",")[0])
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 4222), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    """Whether any server of ``url`` (comma-separated: a cluster) answers; one node down is not a
+    stack down."""
+    for one in url.split(","):
+        u = urlparse(one.strip())
+        try:
+            with socket.create_connection((u.hostname or "127.0.0.1", u.port or 4222), timeout=0.5):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -85,10 +85,10 @@ def alerts_stream_config(subjects: AnalyzerSubjects) -> StreamConfig:
                         duplicate_window=DAY_S)
 
 
-async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects) -> None:
+async def ensure_alerts_stream(js: Any, subjects: AnalyzerSubjects, *, replicas: int | None = None) -> None:
     from buildtel.shared.bus import ensure_stream
 
-    await ensure_stream(js, alerts_stream_config(subjects))
+    await ensure_stream(js, alerts_stream_config(subjects), replicas=replicas)
 
 
 class AnalyzerError(ServiceError):

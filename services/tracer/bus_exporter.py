@@ -156,7 +156,7 @@ class BusSpanExporter(SpanExporter):
             self._js = self._nc.jetstream()
             if not has_credentials(self.settings):  # an agent's role may not: the tracer declares it
                 try:
-                    await ensure_spans_stream(self._js, self.tsubjects)
+                    await ensure_spans_stream(self._js, self.tsubjects, replicas=self.settings.replicas)
                 except Exception as exc:  # noqa: BLE001 - publish anyway
                     log.debug("tracer.bus_stream_not_declared", error=repr(exc))
         for payload in encode_batches(records, self.max_message_bytes):

@@ -63,8 +63,8 @@ class TracerSubjects:
         )
 
 
-async def ensure_spans_stream(js: JetStreamContext, tsubjects: TracerSubjects) -> None:
+async def ensure_spans_stream(js: JetStreamContext, tsubjects: TracerSubjects, *, replicas: int | None = None) -> None:
     """Declare the spans stream (idempotent; converges on our limits if it exists)."""
     from buildtel.shared.bus import ensure_stream
 
-    await ensure_stream(js, tsubjects.spans_stream_config())
+    await ensure_stream(js, tsubjects.spans_stream_config(), replicas=replicas)

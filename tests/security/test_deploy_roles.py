@@ -51,7 +51,8 @@ def test_compose_ships_no_secret_and_refuses_to_start_without_each() -> None:
     compose = yaml.safe_load(text)
     # Every secret is required with a message naming it; none has a default.
     required = set(re.findall(r"\$\{([A-Z_]+):\?set \1 ", text))
-    expected = {password_variable(r) for r in ROLES} | {"BUILDTEL_REDIS_PASSWORD", "BUILDER_TELEMETRY_HTTP_TOKEN"}
+    expected = {password_variable(r) for r in ROLES} | {"BUILDTEL_REDIS_PASSWORD", "BUILDER_TELEMETRY_HTTP_TOKEN",
+                                                        "BUILDTEL_NATS_ROUTE_PASSWORD"}
     assert expected <= required
     assert not re.search(r"\$\{[A-Z_]*(PASSWORD|TOKEN)[A-Z_]*:-", text), "a secret with a default value"
     assert "change-me" not in text
@@ -60,8 +61,11 @@ def test_compose_ships_no_secret_and_refuses_to_start_without_each() -> None:
         assert env["BUILDER_TELEMETRY_NATS_USER"] == name, f"{name} connects as its own role"
         assert password_variable(name) in env["BUILDER_TELEMETRY_NATS_PASSWORD"]
         assert env["BUILDER_TELEMETRY_REDIS_URL"].startswith("redis://:${BUILDTEL_REDIS_PASSWORD:?")
-    nats_env = compose["services"]["nats"]["environment"]
-    assert set(nats_env) == {password_variable(r) for r in ROLES}
+    for node in ("nats-1", "nats-2", "nats-3"):  # the cluster's nodes: role passwords, routes, its name
+        nats_env = compose["services"][node]["environment"]
+        assert set(nats_env) == {password_variable(r) for r in ROLES} | {
+            "BUILDTEL_NATS_ROUTE_PASSWORD", "NATS_ROUTES", "NATS_SERVER_NAME"}
+        assert nats_env["NATS_SERVER_NAME"] == node
     assert "--requirepass" not in text, "a Redis password on the command line is visible to every user"
 
 
