@@ -14,8 +14,11 @@ Like is compared with like.  A session feeds:
 Each series has a :class:`SeriesState`: the detector's bytes plus a short ring of
 the latest points (session id, commit, value), enough to name the first session
 after a change, the last one before it (the suspect commit range) and the
-medians either side.  :func:`fold` is pure: state bytes in, state bytes and at
-most one alert out, so the service can run it under a compare-and-set.
+medians either side.  A build judged host-slowed (``hostload.py``: most of its targets slowed
+down together) feeds its points divided by its build-wide factor, and its machine's
+``host|<machine>`` series raises one ``host`` event per slowdown.  :func:`fold` is pure: state
+bytes in, state bytes and at most one alert out, so the service can run it under a
+compare-and-set.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ import msgspec
 
 from buildtel.services.analyzer.analytics import branch_of, commit_of
 from buildtel.services.analyzer.detector import Change, Detector
+from buildtel.services.analyzer.explain import Explanation
+from buildtel.services.analyzer.hostload import (
+    MIN_JUDGED,
+    NORMAL,
+    History,
+    HostState,
+    Judgement,
+    evidence,
+    host_of,
+    host_state_decoder,
+)
 from buildtel.shared.protocol import CACHE_HITS, BuildSession, is_complete
 
 RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
@@ -40,7 +54,7 @@ LATE_WINDOW = 64
 # attention: cache hits and tiny actions move by tens of milliseconds from run to run.
 MIN_ABS_CHANGE_S = 0.25
 
-Kind = Literal["build", "target"]
+Kind = Literal["build", "target", "host"]
 
 
 class Point(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +64,8 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     branch: str | None
     target: str | None = None
     cached: bool | None = None  # None: no cache flag (whole builds)
+    cpu: float | None = None  # the target's CPU time, when captured
+    host: str | None = None  # the machine (host points)
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -59,6 +75,8 @@ class Entry(msgspec.Struct, array_like=True):
     start: float
     value: float
     c: int = 0  # cache flag: 0 none, 1 hit, 2 miss
+    f: float = 1.0  # build-wide load factor the detector's value was divided by (hostload.py); 1: none
+    cpu: float = -1.0  # CPU time of the target; -1: not captured
 
 
 class SeriesState(msgspec.Struct, kw_only=True):
@@ -98,9 +116,21 @@ class Alert(msgspec.Struct, kw_only=True):
     points_before: int  # points of the series kept before / after the change (at most RING in all)
     points_after: int
     change_kind: str = "level"
+    # Later fields (schema evolution: new fields with defaults only).
+    host: str | None = None  # the machine of the first bad build (the subject of a host event)
+    explanation: Explanation | None = None  # why: culprits, critical-path shift, what else changed
 
 
 _state_dec = msgspec.msgpack.Decoder(SeriesState)
+
+
+class _RingOnly(msgspec.Struct):
+    """A series state's ring alone (msgspec skips the detector's bytes)."""
+
+    ring: list[Entry] = []
+
+
+_ring_dec = msgspec.msgpack.Decoder(_RingOnly)
 _enc = msgspec.msgpack.Encoder()
 alert_decoder = msgspec.msgpack.Decoder(Alert)
 
@@ -119,7 +149,28 @@ def series_points(session: BuildSession) -> list[Point]:
             continue
         seen.add(t.name)
         out.append(Point(series=f"target|{b}|{t.name}", kind="target", value=t.duration_s, branch=branch,
-                         target=t.name, cached=t.cache in CACHE_HITS))
+                         target=t.name, cached=t.cache in CACHE_HITS, cpu=t.cpu_s))
+    host = host_of(session)
+    # A build with too few executed targets cannot say anything about its machine.
+    if host is not None and sum(1 for p in out if p.cached is False) >= MIN_JUDGED:
+        out.append(Point(series=f"host|{host}", kind="host", value=session.duration_s, branch=branch, host=host))
+    return out
+
+
+def history(states: dict[str, bytes | None], points: dict[str, Point], session_id: str) -> dict[str, History]:
+    """Target name -> its earlier executed runs (load-normalised), from the series states read for
+    ``session_id`` (its own point, already folded on a redelivery, is left out)."""
+    out: dict[str, History] = {}
+    for name, data in states.items():
+        p = points.get(name)
+        if p is None or p.kind != "target" or p.target is None or not data:
+            continue
+        try:
+            ring = _ring_dec.decode(data).ring
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # fold() starts such a series afresh
+        out[p.target] = History(runs=[(e.value / (e.f or 1.0), e.cpu if e.cpu >= 0 else None)
+                                      for e in ring if e.c == 2 and e.sid != session_id])
     return out
 
 
@@ -142,20 +193,24 @@ def _load(data: bytes | None) -> tuple[SeriesState, Detector]:
 
 
 def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
-         seq: int | None = None) -> tuple[bytes, Alert | None, bool]:
+         seq: int | None = None, judgement: Judgement = NORMAL) -> tuple[bytes, Alert | None, bool]:
     """Feed one point; return the new state, the alert its change confirmed (if any) and whether
-    the point was late (``seq``: the session's stream sequence; None skips the lateness test)."""
+    the point was late (``seq``: the session's stream sequence; None skips the lateness test).
+    ``judgement``: what the build's targets said of its machine (hostload.judge)."""
+    if point.kind == "host":
+        return fold_host(state_bytes, point, session, now=now, judgement=judgement)
     st, det = _load(state_bytes)
     if seq is not None and st.seq and seq < st.seq - LATE_WINDOW:
         st.late += 1
         return _enc.encode(st), None, True
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
+    factor = judgement.factor
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
-                         c=flag))
+                         c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0))
     if len(st.ring) > RING:
         del st.ring[: len(st.ring) - RING]
-    change = det.update(point.value, cached=point.cached)
+    change = det.update(point.value / factor, cached=point.cached)
     st.n = i + 1
     st.last_sid = session.id
     st.seq = max(st.seq, seq or 0)
@@ -178,8 +233,8 @@ def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSess
     after = [e for e in ring if e.i >= k]
     # Fallback medians (the detector did not give one) over the builds of the change's channel.
     want = {"hit": (1,), "miss": (2,)}.get(change.channel, (0, 1, 2))
-    b_vals = [e.value for e in before if e.c in want][-MEDIAN_WINDOW:]
-    a_vals = [e.value for e in after if e.c in want][:MEDIAN_WINDOW]
+    b_vals = [e.value / e.f for e in before if e.c in want][-MEDIAN_WINDOW:]
+    a_vals = [e.value / e.f for e in after if e.c in want][:MEDIAN_WINDOW]
     b_med = change.before if change.before is not None and change.before > 0 else (
         statistics.median(b_vals) if b_vals else None)
     a_med = change.after if change.after is not None and change.after > 0 else (
@@ -203,7 +258,41 @@ def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSess
         last_good_commit=last.commit if last else None, first_bad_commit=first.commit,
         commit_range=f"{last.commit}..{first.commit}" if last and last.commit and first.commit else None,
         detected_session_id=session.id, detected_at=now, points_before=len(before), points_after=len(after),
-        change_kind=change.kind)
+        change_kind=change.kind, host=host_of(session))
+
+
+def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
+              judgement: Judgement) -> tuple[bytes, Alert | None, bool]:
+    """A host's series: one ``host`` event when a slowdown starts, none while it lasts."""
+    try:
+        st = host_state_decoder.decode(state_bytes) if state_bytes else HostState()
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        st = HostState()
+    alert = None
+    if judgement.judged:
+        st.builds += 1
+    if judgement.slowed:
+        st.slowed += 1
+        if not st.slow:
+            st.slow = True
+            st.events += 1
+            j = judgement
+            alert = Alert(
+                id=alert_id(session.id, point.series), kind="host", direction="regression", series=point.series,
+                branch=point.branch, target=None, cache=None, before_median_s=j.baseline_sum_s,
+                after_median_s=j.value_sum_s, change_pct=(j.median_ratio - 1.0) * 100.0,
+                confidence=j.slower_share, p_value=None, first_session_id=session.id,
+                first_session_start=session.start, last_good_session_id=st.last_good_sid,
+                last_good_commit=st.last_good_commit, first_bad_commit=commit_of(session),
+                commit_range=f"{st.last_good_commit}..{commit_of(session)}"
+                if st.last_good_commit and commit_of(session) else None,
+                detected_session_id=session.id, detected_at=now, points_before=0, points_after=1,
+                change_kind="host", host=point.host)
+            alert.explanation = Explanation(summary="", code_change=None, host_slowdown=evidence(session, j))
+    elif judgement.judged:
+        st.slow = False
+        st.last_good_sid, st.last_good_commit, st.last_good_start = session.id, commit_of(session), session.start
+    return _enc.encode(st), alert, False
 
 
 def encode_alert(a: Alert) -> bytes:

@@ -1,0 +1,135 @@
+"""Load-robust detection: was this build slow because the machine was busy? (docs/analytics.md
+"Host slowdowns").
+
+A target's time depends on what else the machine did meanwhile.  When most targets of one build
+are slower than their own recent baseline *together*, the likeliest cause is the machine (a CPU
+hog, a noisy neighbour, thermal throttling), not N code changes at once.  The rule, per build:
+
+* each executed target (a cache miss) with at least ``MIN_HISTORY`` earlier executed runs whose
+  median (the baseline, over the last ``BASELINE_RUNS``) is at least ``MIN_BASE_S`` is *judged*:
+  its ratio is duration / baseline (baselines are taken from load-normalised values, so a
+  baseline built during an earlier slowdown is not inflated);
+* the build is **host-slowed** when at least ``MIN_JUDGED`` targets are judged, the median ratio
+  (the build-wide *factor*) is at least ``HOST_FACTOR`` and at least ``HOST_SHARE`` of the judged
+  targets are ``SLOWER`` times their baseline or more;
+* unless the targets' CPU time rose as much: where the capture has CPU time for the targets and
+  their baselines, a median CPU-time ratio of at least ``SLOWER`` means the targets did more work
+  (a compiler flag, a bigger input), which is a change of the build, not of the machine.
+
+A host-slowed build's points are fed to the detector divided by its factor (its ring keeps the raw
+value and the factor), so the target that got slower *beyond* the build-wide slowdown still
+stands out and the others do not; the host's series raises one ``host`` event when a slowdown
+starts (not one per slow build) and is quiet until a build on that host is judged normal again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import msgspec
+
+from buildtel.services.analyzer.explain import HostSlowdown
+from buildtel.shared.protocol import CACHE_HITS, BuildSession
+
+MIN_HISTORY = 3  # earlier executed runs a target needs before it is judged
+BASELINE_RUNS = 10  # runs its baseline (median) is taken over
+MIN_BASE_S = 0.05  # targets faster than this are timer and start-up noise: not judged
+MIN_JUDGED = 3  # judged targets a build needs to be called host-slowed
+HOST_FACTOR = 1.3  # median ratio at or above which the build is slowed as a whole...
+HOST_SHARE = 0.6  # ...when at least this share of the judged targets...
+SLOWER = 1.2  # ...is at least this much slower than its baseline
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """What a build's targets say about its machine; ``factor`` 1.0 when not host-slowed."""
+
+    judged: int = 0
+    median_ratio: float = 1.0
+    slower_share: float = 0.0
+    cpu_ratio: float | None = None
+    slowed: bool = False
+    baseline_sum_s: float = 0.0  # of the judged targets (the host event's "before")
+    value_sum_s: float = 0.0  # their durations in this build ("after")
+
+    @property
+    def factor(self) -> float:
+        return self.median_ratio if self.slowed else 1.0
+
+
+NORMAL = Judgement()
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A target's earlier executed runs, oldest first: (duration / its build's factor, CPU time or None)."""
+
+    runs: list[tuple[float, float | None]]
+
+
+def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
+    """Judge ``session`` against its targets' ``history`` (target name -> earlier runs)."""
+    ratios: list[float] = []
+    cpu: list[float] = []
+    base_sum = value_sum = 0.0
+    seen: set[str] = set()
+    for t in session.targets:
+        if t.status != "success" or t.cache in CACHE_HITS or t.duration_s <= 0 or t.name in seen:
+            continue
+        seen.add(t.name)
+        h = history.get(t.name)
+        if h is None or len(h.runs) < MIN_HISTORY:
+            continue
+        recent = h.runs[-BASELINE_RUNS:]
+        base = statistics.median(v for v, _ in recent)
+        if base < MIN_BASE_S:
+            continue
+        ratios.append(t.duration_s / base)
+        base_sum += base
+        value_sum += t.duration_s
+        cpus = [c for _, c in recent if c is not None and c > 0]
+        if t.cpu_s is not None and t.cpu_s > 0 and len(cpus) >= MIN_HISTORY:
+            cpu.append(t.cpu_s / statistics.median(cpus))
+    if not ratios:
+        return NORMAL
+    med = statistics.median(ratios)
+    share = sum(1 for r in ratios if r >= SLOWER) / len(ratios)
+    cpu_ratio = statistics.median(cpu) if len(cpu) >= MIN_JUDGED else None
+    slowed = (len(ratios) >= MIN_JUDGED and med >= HOST_FACTOR and share >= HOST_SHARE
+              and (cpu_ratio is None or cpu_ratio < SLOWER))
+    return Judgement(judged=len(ratios), median_ratio=med, slower_share=share, cpu_ratio=cpu_ratio, slowed=slowed,
+                     baseline_sum_s=base_sum, value_sum_s=value_sum)
+
+
+def host_of(session: BuildSession) -> str | None:
+    """The machine a build ran on: its host name, else its (first) agent; None when unknown."""
+    env = session.environment
+    if env is not None and env.hostname:
+        return env.hostname
+    return session.agents[0] if session.agents else None
+
+
+def evidence(session: BuildSession, j: Judgement) -> HostSlowdown:
+    h = session.health
+    workers = h.worker_count if h is not None else 0
+    if not workers and session.health_series:
+        workers = max(p.worker_count for p in session.health_series)
+    cpus = session.environment.cpus if session.environment is not None else 0
+    return HostSlowdown(factor=j.median_ratio, slower_share=j.slower_share, judged=j.judged, cpu_ratio=j.cpu_ratio,
+                        workers=workers, cpus=cpus, build_s=session.duration_s)
+
+
+class HostState(msgspec.Struct, kw_only=True):
+    """A host's series (``host|<machine>``): whether a slowdown is under way, and the last normal build."""
+
+    slow: bool = False
+    builds: int = 0  # builds judged
+    slowed: int = 0  # of which host-slowed
+    events: int = 0  # host events raised (one per slowdown)
+    last_good_sid: str | None = None
+    last_good_commit: str | None = None
+    last_good_start: float = 0.0
+
+
+host_state_decoder = msgspec.msgpack.Decoder(HostState)
