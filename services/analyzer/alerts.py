@@ -31,7 +31,7 @@ import msgspec
 
 from buildtel.services.analyzer.analytics import branch_of, commit_of
 from buildtel.services.analyzer.detector import Change, Detector
-from buildtel.services.analyzer.explain import Explanation
+from buildtel.services.analyzer.explain import Explanation, lines
 from buildtel.services.analyzer.hostload import (
     MIN_JUDGED,
     NORMAL,
@@ -293,6 +293,11 @@ def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *,
         st.slow = False
         st.last_good_sid, st.last_good_commit, st.last_good_start = session.id, commit_of(session), session.start
     return _enc.encode(st), alert, False
+
+
+def explanation_lines(a: Alert) -> list[str]:
+    """The alert's explanation for people (``buildtel alerts``, chat messages); [] when it has none."""
+    return lines(a.explanation) if a.explanation is not None else []
 
 
 def encode_alert(a: Alert) -> bytes:
