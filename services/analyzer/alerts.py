@@ -38,6 +38,7 @@ from buildtel.services.analyzer.hostload import (
     History,
     HostState,
     Judgement,
+    baseline,
     evidence,
     host_of,
     host_state_decoder,
@@ -75,8 +76,13 @@ class Entry(msgspec.Struct, array_like=True):
     start: float
     value: float
     c: int = 0  # cache flag: 0 none, 1 hit, 2 miss
-    f: float = 1.0  # build-wide load factor the detector's value was divided by (hostload.py); 1: none
+    f: float = 1.0  # build-wide load factor of its build (hostload.py); 1: not host-slowed
     cpu: float = -1.0  # CPU time of the target; -1: not captured
+    nv: float = -1.0  # the load-normalised value fed to the detector; -1: ``value`` itself
+
+    @property
+    def fed(self) -> float:
+        return self.nv if self.nv >= 0 else self.value
 
 
 class SeriesState(msgspec.Struct, kw_only=True):
@@ -169,7 +175,7 @@ def history(states: dict[str, bytes | None], points: dict[str, Point], session_i
             ring = _ring_dec.decode(data).ring
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # fold() starts such a series afresh
-        out[p.target] = History(runs=[(e.value / (e.f or 1.0), e.cpu if e.cpu >= 0 else None)
+        out[p.target] = History(runs=[(e.fed, e.cpu if e.cpu >= 0 else None)
                                       for e in ring if e.c == 2 and e.sid != session_id])
     return out
 
@@ -205,12 +211,18 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
         return _enc.encode(st), None, True
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
-    factor = judgement.factor
+    factor, fed = judgement.factor, point.value
+    if factor != 1.0:
+        # A target's baseline is the one it was judged by; the build's, its own recent builds.
+        base = (judgement.bases.get(point.target) if point.target is not None
+                else baseline([e.fed for e in st.ring if e.c == flag]))
+        fed = judgement.normalise(point.value, base)
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
-                         c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0))
+                         c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0,
+                         nv=fed if factor != 1.0 else -1.0))
     if len(st.ring) > RING:
         del st.ring[: len(st.ring) - RING]
-    change = det.update(point.value / factor, cached=point.cached)
+    change = det.update(fed, cached=point.cached)
     st.n = i + 1
     st.last_sid = session.id
     st.seq = max(st.seq, seq or 0)
@@ -233,8 +245,8 @@ def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSess
     after = [e for e in ring if e.i >= k]
     # Fallback medians (the detector did not give one) over the builds of the change's channel.
     want = {"hit": (1,), "miss": (2,)}.get(change.channel, (0, 1, 2))
-    b_vals = [e.value / e.f for e in before if e.c in want][-MEDIAN_WINDOW:]
-    a_vals = [e.value / e.f for e in after if e.c in want][:MEDIAN_WINDOW]
+    b_vals = [e.fed for e in before if e.c in want][-MEDIAN_WINDOW:]
+    a_vals = [e.fed for e in after if e.c in want][:MEDIAN_WINDOW]
     b_med = change.before if change.before is not None and change.before > 0 else (
         statistics.median(b_vals) if b_vals else None)
     a_med = change.after if change.after is not None and change.after > 0 else (

@@ -29,14 +29,17 @@ from buildtel.shared.recording.diff import diff, side_from_session
 NO_CODE_CHANGE = "no code change between these builds"
 MAX_CULPRITS = 5  # culprits named at most (the largest increases)
 MIN_CULPRIT_SHARE = 0.05  # a target adding less than 5 % of the added time explains nothing
+MIN_CULPRIT_S = 0.1  # nor one adding less than this: run-to-run noise of any target
 MAX_DIFFERENCES = 20  # environment differences named at most (the rest are counted)
 
 
 class Culprit(msgspec.Struct, kw_only=True):
     target: str
-    before_s: float  # its duration in the last good build (divided by that build's host factor, if any)
+    before_s: float  # its duration in the last good build
     after_s: float  # and in the first bad one
-    added_s: float  # after_s - before_s
+    # after_s - before_s, less what the load is expected to have added (before_s x (f_bad / f_good - 1),
+    # when a build was judged host-slowed: docs/analytics.md "Host slowdowns")
+    added_s: float
     share: float  # of the added target time: added_s / the sum of every slower target's added_s (0..1)
     on_critical_path: bool = False  # on the bad build's critical path
 
@@ -77,7 +80,7 @@ class Explanation(msgspec.Struct, kw_only=True):
     critical_path: PathShift | None = None
     differences: list[Difference] = []  # environment / tool-version / directory / command changes
     differences_more: int = 0  # differences past MAX_DIFFERENCES, not listed
-    host_factor_before: float = 1.0  # build-wide load factor the last good build was divided by (1: none)
+    host_factor_before: float = 1.0  # build-wide load factor the last good build was judged at (1: none)
     host_factor_after: float = 1.0  # the first bad build's
     host_slowdown: HostSlowdown | None = None  # host events only
     notes: list[str] = []  # what could not be worked out, and why
@@ -88,25 +91,26 @@ def _commit(s: BuildSession) -> str | None:
     return env.vcs.commit if env is not None and env.vcs is not None else None
 
 
-def _durations(s: BuildSession, factor: float) -> dict[str, float]:
+def _durations(s: BuildSession) -> dict[str, float]:
     # Executed runs only: a cache hit against a miss is a change of the cache, not of the target.
     out: dict[str, float] = {}
     for t in s.targets:
         if t.status == "success" and t.cache not in CACHE_HITS and t.name not in out:
-            out[t.name] = t.duration_s / factor
+            out[t.name] = t.duration_s
     return out
 
 
 def culprits(good: BuildSession, bad: BuildSession, f_good: float = 1.0, f_bad: float = 1.0,
              path: set[str] | None = None) -> list[Culprit]:
-    a, b = _durations(good, f_good), _durations(bad, f_bad)
-    added = {n: b[n] - a[n] for n in a.keys() & b.keys() if b[n] > a[n]}
+    a, b = _durations(good), _durations(bad)
+    load = f_bad / f_good if f_good > 0 else 1.0  # what the machine alone is expected to have done
+    added = {n: b[n] - a[n] * load for n in a.keys() & b.keys() if b[n] > a[n] * load}
     total = sum(added.values())
     if total <= 0:
         return []
     out = [Culprit(target=n, before_s=a[n], after_s=b[n], added_s=d, share=d / total,
                    on_critical_path=n in (path or ()))
-           for n, d in added.items() if d / total >= MIN_CULPRIT_SHARE]
+           for n, d in added.items() if d / total >= MIN_CULPRIT_SHARE and d >= MIN_CULPRIT_S]
     out.sort(key=lambda c: (-c.added_s, c.target))
     return out[:MAX_CULPRITS]
 
@@ -162,7 +166,8 @@ def explain(good: BuildSession | None, bad: BuildSession | None, *, f_good: floa
     ca, cb = _commit(good), _commit(bad)
     code_change = None if ca is None or cb is None else ca != cb
     shift, path = path_shift(good, bad)
-    found = culprits(good, bad, f_good, f_bad, path)
+    # A host event is the machine, not a target: its builds' target differences are load, not culprits.
+    found = culprits(good, bad, f_good, f_bad, path) if host is None else []
     diffs, more_notes = differences(good, bad)
     notes += more_notes
     parts: list[str] = []
@@ -220,7 +225,7 @@ def lines(e: Explanation) -> list[str]:
     if e.differences_more:
         out.append(f"  and {e.differences_more} more differences")
     if e.host_factor_before != 1.0 or e.host_factor_after != 1.0:
-        out.append(f"durations divided by the build-wide load factor (last good x{e.host_factor_before:.2f}, "
+        out.append(f"added time net of the machine's load (build-wide factor: last good x{e.host_factor_before:.2f}, "
                    f"first bad x{e.host_factor_after:.2f})")
     out += [f"note: {n}" for n in e.notes]
     return out

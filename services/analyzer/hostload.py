@@ -16,16 +16,19 @@ hog, a noisy neighbour, thermal throttling), not N code changes at once.  The ru
   their baselines, a median CPU-time ratio of at least ``SLOWER`` means the targets did more work
   (a compiler flag, a bigger input), which is a change of the build, not of the machine.
 
-A host-slowed build's points are fed to the detector divided by its factor (its ring keeps the raw
-value and the factor), so the target that got slower *beyond* the build-wide slowdown still
-stands out and the others do not; the host's series raises one ``host`` event when a slowdown
+A host-slowed build's points are fed to the detector *load-normalised*: what the load is
+expected to have added to the point, its baseline x (factor - 1), is taken off (and never more
+than dividing the value by the factor would), so the target that got slower *beyond* the
+build-wide slowdown keeps the whole of its own change (a 3 s sleep stays 3 s) and the others
+fall back to their baseline; a target without a baseline is divided by the factor.  The ring
+keeps the raw value, the factor and the normalised value; the host's series raises one ``host`` event when a slowdown
 starts (not one per slow build) and is quiet until a build on that host is judged normal again.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -52,10 +55,26 @@ class Judgement:
     slowed: bool = False
     baseline_sum_s: float = 0.0  # of the judged targets (the host event's "before")
     value_sum_s: float = 0.0  # their durations in this build ("after")
+    bases: dict[str, float] = field(default_factory=dict)  # judged target -> its baseline
 
     @property
     def factor(self) -> float:
         return self.median_ratio if self.slowed else 1.0
+
+    def normalise(self, value: float, base: float | None) -> float:
+        """``value`` without what the load is expected to have added to a point whose baseline
+        is ``base`` (None: unknown, then divided by the factor)."""
+        f = self.factor
+        if f == 1.0:
+            return value
+        if base is None:
+            return value / f
+        return max(value - base * (f - 1.0), value / f)
+
+
+def baseline(values: list[float]) -> float | None:
+    """The median of the last BASELINE_RUNS values, when there are at least MIN_HISTORY."""
+    return statistics.median(values[-BASELINE_RUNS:]) if len(values) >= MIN_HISTORY else None
 
 
 NORMAL = Judgement()
@@ -63,7 +82,7 @@ NORMAL = Judgement()
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """A target's earlier executed runs, oldest first: (duration / its build's factor, CPU time or None)."""
+    """A target's earlier executed runs, oldest first: (load-normalised duration, CPU time or None)."""
 
     runs: list[tuple[float, float | None]]
 
@@ -71,6 +90,7 @@ class History:
 def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
     """Judge ``session`` against its targets' ``history`` (target name -> earlier runs)."""
     ratios: list[float] = []
+    bases: dict[str, float] = {}
     cpu: list[float] = []
     base_sum = value_sum = 0.0
     seen: set[str] = set()
@@ -86,6 +106,7 @@ def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
         if base < MIN_BASE_S:
             continue
         ratios.append(t.duration_s / base)
+        bases[t.name] = base
         base_sum += base
         value_sum += t.duration_s
         cpus = [c for _, c in recent if c is not None and c > 0]
@@ -99,7 +120,7 @@ def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
     slowed = (len(ratios) >= MIN_JUDGED and med >= HOST_FACTOR and share >= HOST_SHARE
               and (cpu_ratio is None or cpu_ratio < SLOWER))
     return Judgement(judged=len(ratios), median_ratio=med, slower_share=share, cpu_ratio=cpu_ratio, slowed=slowed,
-                     baseline_sum_s=base_sum, value_sum_s=value_sum)
+                     baseline_sum_s=base_sum, value_sum_s=value_sum, bases=bases)
 
 
 def host_of(session: BuildSession) -> str | None:
