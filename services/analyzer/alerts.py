@@ -67,6 +67,7 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     cached: bool | None = None  # None: no cache flag (whole builds)
     cpu: float | None = None  # the target's CPU time, when captured
     host: str | None = None  # the machine (host points)
+    span: float = 0.0  # build points: first target start to last target end (0: no targets)
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -79,6 +80,7 @@ class Entry(msgspec.Struct, array_like=True):
     f: float = 1.0  # build-wide load factor of its build (hostload.py); 1: not host-slowed
     cpu: float = -1.0  # CPU time of the target; -1: not captured
     nv: float = -1.0  # the load-normalised value fed to the detector; -1: ``value`` itself
+    o: float = -1.0  # build points: wall time outside the targets' span (start-up, tail); -1: unknown
 
     @property
     def fed(self) -> float:
@@ -148,7 +150,10 @@ def series_points(session: BuildSession) -> list[Point]:
     # An incomplete build's targets that did arrive are whole measurements and feed their series;
     # its wall time stands for a build we did not fully see, so it does not (docs/analytics.md).
     if session.outcome == "success" and session.duration_s > 0 and is_complete(session):
-        out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch))
+        ran = [t for t in session.targets if t.duration_s > 0]
+        span = max(t.end for t in ran) - min(t.start for t in ran) if ran else 0.0
+        out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch,
+                         span=min(max(span, 0.0), session.duration_s)))
     seen: set[str] = set()
     for t in session.targets:
         if t.status != "success" or t.duration_s <= 0 or t.name in seen:
@@ -175,7 +180,7 @@ def history(states: dict[str, bytes | None], points: dict[str, Point], session_i
             ring = _ring_dec.decode(data).ring
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # fold() starts such a series afresh
-        out[p.target] = History(runs=[(e.fed, e.cpu if e.cpu >= 0 else None)
+        out[p.target] = History(runs=[(e.fed, e.cpu if e.cpu >= 0 else None, e.f == 1.0)
                                       for e in ring if e.c == 2 and e.sid != session_id])
     return out
 
@@ -212,14 +217,13 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
     factor, fed = judgement.factor, point.value
+    overhead = point.value - point.span if point.kind == "build" else -1.0
     if factor != 1.0:
-        # A target's baseline is the one it was judged by; the build's, its own recent builds.
-        base = (judgement.bases.get(point.target) if point.target is not None
-                else baseline([e.fed for e in st.ring if e.c == flag]))
-        fed = judgement.normalise(point.value, base)
+        fed = (_normalise_build(st, point, session, judgement) if point.kind == "build"
+               else judgement.normalise(point.value, judgement.bases.get(point.target or "")))
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
                          c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0,
-                         nv=fed if factor != 1.0 else -1.0))
+                         nv=fed if factor != 1.0 else -1.0, o=overhead))
     if len(st.ring) > RING:
         del st.ring[: len(st.ring) - RING]
     change = det.update(fed, cached=point.cached)
@@ -236,6 +240,22 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
         else:
             st.alerts += 1
     return _enc.encode(st), alert, False
+
+
+def _normalise_build(st: SeriesState, point: Point, session: BuildSession, j: Judgement) -> float:
+    """A host-slowed build's wall time without the load: its targets' span scaled by the share of
+    their time that is not load (each target normalised as its own series is), plus the time
+    outside the targets (start-up, probes, tail) at its usual value in builds judged normal —
+    that part cannot be judged while the machine is busy (docs/analytics.md "Host slowdowns")."""
+    raw = norm = 0.0
+    for t in session.targets:
+        if t.status == "success" and t.duration_s > 0:
+            raw += t.duration_s
+            norm += j.normalise(t.duration_s, j.bases.get(t.name))
+    outside = point.value - point.span
+    usual = baseline([e.o for e in st.ring if e.f == 1.0 and e.o >= 0])
+    outside = min(outside, usual if usual is not None else outside / j.factor)
+    return outside + point.span * (norm / raw if raw > 0 else 1.0 / j.factor)
 
 
 def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSession, *, now: float) -> Alert:

@@ -6,6 +6,8 @@ on it, and the alert goes out (telemetry never holds a regression back for want 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -15,6 +17,10 @@ from buildtel.services.analyzer.alerts import Alert, _ring_dec
 from buildtel.services.analyzer.explain import explain
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildSession
+
+# Storage consumes the sessions stream on its own: a build the analyzer has just folded may not be
+# stored yet.  A build not found is asked for again for this long before the alert goes without it.
+NOT_FOUND_WAIT_S = 5.0
 
 
 async def _factors(redis: Any, keys: Keys, series: list[str]) -> dict[str, float]:
@@ -44,9 +50,15 @@ async def explain_alert(alert: Alert, *, nc: Any, redis: Any, keys: Keys, namesp
     have = {session.id: session} if session is not None else {}
     notes: list[str] = []
     try:
-        got, gone = await fetch.sessions_by_id(nc, namespace, [i for i in ids if i not in have], timeout)
-        have.update((s.id, s) for s in got)
-        notes += [f"build {i} is no longer in storage" for i in gone]
+        want = [i for i in ids if i not in have]
+        deadline = time.monotonic() + NOT_FOUND_WAIT_S
+        while want:
+            got, want = await fetch.sessions_by_id(nc, namespace, want, timeout)
+            have.update((s.id, s) for s in got)
+            if not want or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        notes += [f"build {i} was not found in storage (not stored yet, or dropped by retention)" for i in want]
     except fetch.SourceError as exc:
         notes.append(f"the builds could not be compared: {exc.description}")
     except Exception as exc:  # noqa: BLE001 - a timeout or a closed connection: explain what we can

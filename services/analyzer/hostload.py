@@ -55,7 +55,8 @@ class Judgement:
     slowed: bool = False
     baseline_sum_s: float = 0.0  # of the judged targets (the host event's "before")
     value_sum_s: float = 0.0  # their durations in this build ("after")
-    bases: dict[str, float] = field(default_factory=dict)  # judged target -> its baseline
+    # judged target -> what the load can stretch of it: its baseline, or its CPU-time baseline if lower
+    bases: dict[str, float] = field(default_factory=dict)
 
     @property
     def factor(self) -> float:
@@ -82,9 +83,10 @@ NORMAL = Judgement()
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """A target's earlier executed runs, oldest first: (load-normalised duration, CPU time or None)."""
+    """A target's earlier executed runs, oldest first: (load-normalised duration, CPU time or None,
+    whether its build was judged normal)."""
 
-    runs: list[tuple[float, float | None]]
+    runs: list[tuple[float, float | None, bool]]
 
 
 def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
@@ -101,17 +103,22 @@ def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
         h = history.get(t.name)
         if h is None or len(h.runs) < MIN_HISTORY:
             continue
-        recent = h.runs[-BASELINE_RUNS:]
-        base = statistics.median(v for v, _ in recent)
+        # Runs of builds judged normal, when there are enough: a long slowdown does not become the norm.
+        normal = [r for r in h.runs if r[2]]
+        recent = (normal if len(normal) >= MIN_HISTORY else h.runs)[-BASELINE_RUNS:]
+        base = statistics.median(v for v, _, _ in recent)
         if base < MIN_BASE_S:
             continue
         ratios.append(t.duration_s / base)
-        bases[t.name] = base
         base_sum += base
         value_sum += t.duration_s
-        cpus = [c for _, c in recent if c is not None and c > 0]
-        if t.cpu_s is not None and t.cpu_s > 0 and len(cpus) >= MIN_HISTORY:
-            cpu.append(t.cpu_s / statistics.median(cpus))
+        cpus = [c for _, c, _ in recent if c is not None and c > 0]
+        cpu_base = statistics.median(cpus) if len(cpus) >= MIN_HISTORY else None
+        # What the load can stretch: the CPU-bound part of the baseline when CPU time is captured
+        # (a target that mostly waits — a sleep, the network — is not slowed by a busy CPU).
+        bases[t.name] = min(base, cpu_base) if cpu_base is not None else base
+        if t.cpu_s is not None and t.cpu_s > 0 and cpu_base is not None:
+            cpu.append(t.cpu_s / cpu_base)
     if not ratios:
         return NORMAL
     med = statistics.median(ratios)

@@ -17,10 +17,11 @@ NAMES = [f"//app:t{i}" for i in range(6)]
 
 
 def _build(k: int, durs: dict[str, float], *, host: str = "agent-1", cpu: dict[str, float] | None = None,
-           commit: str | None = None, env: dict[str, str] | None = None) -> BuildSession:
-    """A serial build of the targets (one worker), so its wall time is their sum."""
+           commit: str | None = None, env: dict[str, str] | None = None, outside: float = 0.0) -> BuildSession:
+    """A serial build of the targets (one worker) after ``outside`` seconds of start-up, so its
+    wall time is their sum plus that."""
     start, ts = T0 + 3600 * k, []
-    t = start
+    t = start + outside
     for name in NAMES:
         m = target(name, t, durs[name], worker="w1")
         if cpu is not None:
@@ -47,7 +48,8 @@ def _run(sessions: list[BuildSession]) -> list[Alert]:
 
 
 def _history(load: float, slow: dict[str, float] | None = None, *, seed: int = 1, n_before: int = 12,
-             n_after: int = 8, cpu_grows: bool = False) -> list[BuildSession]:
+             n_after: int = 8, cpu_grows: bool = False, outside: float = 0.0, outside_load: float = 1.0
+             ) -> list[BuildSession]:
     rng = random.Random(seed)
     out = []
     for k in range(n_before + n_after):
@@ -56,7 +58,7 @@ def _history(load: float, slow: dict[str, float] | None = None, *, seed: int = 1
                 for n in NAMES}
         # CPU time: the work done; unchanged by load unless the work itself grew.
         cpu = {n: 0.95 * (load if after and cpu_grows else 1.0) for n in NAMES}
-        out.append(_build(k, durs, cpu=cpu))
+        out.append(_build(k, durs, cpu=cpu, outside=outside * (outside_load if after else 1.0)))
     return out
 
 
@@ -83,8 +85,16 @@ def test_without_judgement_the_same_load_raises_target_alerts() -> None:
     assert kinds.count("target") == len(NAMES)
 
 
+def test_start_up_slowed_more_than_the_targets_is_still_the_machine() -> None:
+    """The build's time outside its targets (tool start-up, probes) slowed 4x while the targets
+    slowed 1.8x: while the machine is busy that part is taken at its usual value."""
+    alerts = _run(_history(load=1.8, outside=1.0, outside_load=4.0))
+    assert [a.kind for a in alerts] == ["host"]
+
+
 def test_one_slower_target_under_load_is_one_target_alert_and_a_build_alert_naming_it() -> None:
-    alerts = _run(_history(load=1.8, slow={"//app:t3": 2.0}))
+    # A long slowdown: the target's new level must not become the baseline the load is taken off.
+    alerts = _run(_history(load=1.8, slow={"//app:t3": 2.0}, n_after=25))
     targets = [a for a in alerts if a.kind == "target"]
     assert [a.target for a in targets] == ["//app:t3"]
     assert targets[0].direction == "regression"

@@ -114,7 +114,10 @@ async def _folded(client: AnalyzerClient, sessions: int, timeout: float = 240.0)
 
 
 def _summary(alerts: list[Alert]) -> str:
-    return "\n".join(f"{a.kind} {a.target or a.host} {a.change_pct:+.0f}% "
+    def cpu(a: Alert) -> str:
+        h = a.explanation.host_slowdown if a.explanation else None
+        return "" if h is None else f" [CPU time x{h.cpu_ratio:.2f}]" if h.cpu_ratio else " [CPU time not captured]"
+    return "\n".join(f"{a.kind} {a.target or a.host} {a.change_pct:+.0f}%{cpu(a)} "
                      f"{a.explanation.summary if a.explanation else ''}" for a in alerts)
 
 
