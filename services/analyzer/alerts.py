@@ -33,6 +33,7 @@ from buildtel.services.analyzer.analytics import branch_of, commit_of
 from buildtel.services.analyzer.detector import Change, Detector
 from buildtel.services.analyzer.explain import Explanation, lines
 from buildtel.services.analyzer.hostload import (
+    HISTORY_RUNS,
     MIN_JUDGED,
     NORMAL,
     History,
@@ -168,20 +169,31 @@ def series_points(session: BuildSession) -> list[Point]:
     return out
 
 
-def history(states: dict[str, bytes | None], points: dict[str, Point], session_id: str) -> dict[str, History]:
+def history(states: dict[str, bytes | None], points: dict[str, Point], session_id: str,
+            decoded: dict[str, tuple[bytes, SeriesState]] | None = None) -> dict[str, History]:
     """Target name -> its earlier executed runs (load-normalised), from the series states read for
-    ``session_id`` (its own point, already folded on a redelivery, is left out)."""
+    ``session_id`` (its own point, already folded on a redelivery, is left out).  ``decoded``, when
+    given, receives each state decoded, for :func:`fold` to reuse rather than decode it again."""
     out: dict[str, History] = {}
     for name, data in states.items():
         p = points.get(name)
         if p is None or p.kind != "target" or p.target is None or not data:
             continue
         try:
-            ring = _ring_dec.decode(data).ring
+            st = _state_dec.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # fold() starts such a series afresh
-        out[p.target] = History(runs=[(e.fed, e.cpu if e.cpu >= 0 else None, e.f == 1.0)
-                                      for e in ring if e.c == 2 and e.sid != session_id])
+        if decoded is not None:
+            decoded[name] = (data, st)
+        ring = st.ring
+        runs: list[tuple[float, float | None, bool]] = []
+        for e in reversed(ring):  # newest first, only as many as a baseline can use
+            if e.c == 2 and e.sid != session_id:
+                runs.append((e.fed, e.cpu if e.cpu >= 0 else None, e.f == 1.0))
+                if len(runs) >= HISTORY_RUNS:
+                    break
+        runs.reverse()
+        out[p.target] = History(runs=runs)
     return out
 
 
@@ -193,24 +205,26 @@ def decode_state(data: bytes | None) -> SeriesState:
     return _state_dec.decode(data) if data else SeriesState()
 
 
-def _load(data: bytes | None) -> tuple[SeriesState, Detector]:
+def _load(data: bytes | None, decoded: SeriesState | None = None) -> tuple[SeriesState, Detector]:
     """The series state and its detector; unreadable state (a format change in a new release)
     starts the series afresh rather than failing every session of it forever."""
     try:
-        st = decode_state(data)
+        st = decoded if decoded is not None else decode_state(data)
         return st, (Detector.load(st.det) if st.det else Detector.new())
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return SeriesState(), Detector.new()
 
 
 def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
-         seq: int | None = None, judgement: Judgement = NORMAL) -> tuple[bytes, Alert | None, bool]:
+         seq: int | None = None, judgement: Judgement = NORMAL,
+         decoded: SeriesState | None = None) -> tuple[bytes, Alert | None, bool]:
     """Feed one point; return the new state, the alert its change confirmed (if any) and whether
     the point was late (``seq``: the session's stream sequence; None skips the lateness test).
-    ``judgement``: what the build's targets said of its machine (hostload.judge)."""
+    ``judgement``: what the build's targets said of its machine (hostload.judge); ``decoded``:
+    ``state_bytes`` already decoded (by :func:`history`; it is changed in place)."""
     if point.kind == "host":
         return fold_host(state_bytes, point, session, now=now, judgement=judgement)
-    st, det = _load(state_bytes)
+    st, det = _load(state_bytes, decoded)
     if seq is not None and st.seq and seq < st.seq - LATE_WINDOW:
         st.late += 1
         return _enc.encode(st), None, True

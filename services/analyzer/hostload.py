@@ -37,6 +37,7 @@ from buildtel.shared.protocol import CACHE_HITS, BuildSession
 
 MIN_HISTORY = 3  # earlier executed runs a target needs before it is judged
 BASELINE_RUNS = 10  # runs its baseline (median) is taken over
+HISTORY_RUNS = 3 * BASELINE_RUNS  # runs read from a ring: enough for BASELINE_RUNS of builds judged normal
 MIN_BASE_S = 0.05  # targets faster than this are timer and start-up noise: not judged
 MIN_JUDGED = 3  # judged targets a build needs to be called host-slowed
 HOST_FACTOR = 1.3  # median ratio at or above which the build is slowed as a whole...

@@ -181,6 +181,7 @@ class AnalyzerService(BusService):
         # What the build's targets say of its machine, judged once from the first chunk's states
         # (all of them up to COMMIT_CHUNK series; a bigger build is judged on its first targets).
         judgement: Judgement | None = None
+        decoded: dict[str, tuple[bytes, Any]] = {}  # states the judgement decoded, for folding to reuse
         for attempt in range(MAX_CAS_ATTEMPTS):
             if not pending:
                 return committed
@@ -198,8 +199,8 @@ class AnalyzerService(BusService):
                 *states, done_flags = await pipe.execute()
                 if judgement is None:
                     judgement = judge(session, history({n: st[1] for n, st in zip(names, states, strict=True)},
-                                                       pending, session.id))
-                batch = (session, seq, names, states, done_flags, pending, time.time(), judgement)
+                                                       pending, session.id, decoded))
+                batch = (session, seq, names, states, done_flags, pending, time.time(), judgement, decoded)
                 if len(names) > THREAD_FOLD_OVER:
                     # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
                     # and with it the replies of this replica's analytics API.
@@ -228,7 +229,8 @@ class AnalyzerService(BusService):
         raise RuntimeError(f"session {session.id}: series kept changing under {MAX_CAS_ATTEMPTS} attempts")
 
     def _fold_batch(self, session: BuildSession, seq: int | None, names: list[str], states: list[Any],
-                    done_flags: list[Any], pending: dict[str, Any], now: float, judgement: Judgement = NORMAL
+                    done_flags: list[Any], pending: dict[str, Any], now: float, judgement: Judgement = NORMAL,
+                    decoded: dict[str, tuple[bytes, Any]] | None = None
                     ) -> tuple[list[str], list[Any], list[tuple[str, Alert | None]]]:
         """Fold the series not yet folded for ``session``: their keys, the COMMIT arguments, and
         (series, alert) in commit order.  CPU only, so it may run in a worker thread."""
@@ -238,7 +240,10 @@ class AnalyzerService(BusService):
         for name, (version, state), done in zip(names, states, done_flags, strict=True):
             if done is not None:
                 continue  # folded before (a redelivery): nothing to do for this series
-            new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq, judgement=judgement)
+            # The judgement's decoded copy, once, and only of these very bytes (a re-read differs).
+            seen = decoded.pop(name, None) if decoded is not None else None
+            new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq, judgement=judgement,
+                                          decoded=seen[1] if seen is not None and seen[0] is state else None)
             keys.append(self._series_key(name))
             args += [name, int(version or 0), new_state, alert.id if alert else "",
                      encode_alert(alert) if alert else "", "1" if late else "0"]

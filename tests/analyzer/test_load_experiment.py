@@ -39,7 +39,12 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["t0.out", "t1.out", "t2.out", "t3.out", "t4.out"]
 SLOWED = "t2.out"
-BEFORE, AFTER = 6, 5  # builds before the hog (baselines), and next to it
+# Builds before the hog (baselines), and next to it.  On a machine other work loads too (a shared
+# agent; this suite next to others), a 0.2 s target's baseline was seen ranging 0.2-3.6 s: the
+# slowed target's step (EXTRA_SLEEP) stands well clear of that, and enough builds either side let
+# the detector confirm it.
+BEFORE, AFTER = 8, 6
+EXTRA_SLEEP = "8"
 # Each target is CPU work (what a compiler does): a busy machine slows them all together.
 WORK = "import sys; s = 0\nfor i in range(1_200_000): s += i * i\nsys.stdout.write(str(s))"
 MAKEFILE = """all: {targets}
@@ -105,7 +110,7 @@ async def _builds(settings: Settings, repo: Path, tmp: Path, client: AnalyzerCli
         await asyncio.to_thread(_build, settings, repo, tmp)
     with cpu_hog():
         for _ in range(AFTER):
-            await asyncio.to_thread(_build, settings, repo, tmp, **({"EXTRA_SLEEP": "3"} if slow_after else {}))
+            await asyncio.to_thread(_build, settings, repo, tmp, **({"EXTRA_SLEEP": EXTRA_SLEEP} if slow_after else {}))
 
 
 async def _folded(client: AnalyzerClient, sessions: int, timeout: float = 240.0) -> None:
@@ -155,7 +160,7 @@ async def test_one_slower_target_next_to_a_cpu_hog_is_one_target_alert_explained
         settings, stack: AnalyzerClient, project: Path, tmp_path: Path, nc, redis_client) -> None:
     await _builds(settings, project, tmp_path, stack, slow_after=True)
     await _folded(stack, BEFORE + AFTER)
-    alerts, hogged, why = await _outcome(settings, nc, redis_client, "one target slowed by 3 s next to the hog")
+    alerts, hogged, why = await _outcome(settings, nc, redis_client, "one target slowed by 8 s next to the hog")
     targets = [a for a in alerts if a.kind == "target"]
     assert [(a.target, a.direction) for a in targets] == [(SLOWED, "regression")], why
     builds = [a for a in alerts if a.kind == "build"]
@@ -169,10 +174,10 @@ async def test_one_slower_target_next_to_a_cpu_hog_is_one_target_alert_explained
         assert a.last_good_session_id and a.first_session_id
         # Every build ran the same commit: the alert says so, and names what did change.
         assert e.code_change is False and NO_CODE_CHANGE in e.summary, e
-        assert any(d.what == "env" and d.key == "EXTRA_SLEEP" and d.before is None and d.after == "3"
+        assert any(d.what == "env" and d.key == "EXTRA_SLEEP" and d.before is None and d.after == EXTRA_SLEEP
                    for d in e.differences), e.differences
         assert e.culprits and e.culprits[0].target == SLOWED, e.culprits
-        assert e.culprits[0].added_s > 2.0 and e.culprits[0].share > 0.5, e.culprits
+        assert e.culprits[0].added_s > 5.0 and e.culprits[0].share > 0.5, e.culprits
         assert e.critical_path is not None
 
 
