@@ -82,9 +82,11 @@ class Entry(msgspec.Struct, array_like=True):
     cpu: float = -1.0  # CPU time of the target; -1: not captured
     nv: float = -1.0  # the load-normalised value fed to the detector; -1: ``value`` itself
     o: float = -1.0  # build points: wall time outside the targets' span (start-up, tail); -1: unknown
+    s: int = 0  # 1: recorded, not fed to the detector (a target in the load band of a host-slowed build)
 
     @property
     def fed(self) -> float:
+        """The value fed to the detector (the measured one for a point not fed)."""
         return self.nv if self.nv >= 0 else self.value
 
 
@@ -97,6 +99,7 @@ class SeriesState(msgspec.Struct, kw_only=True):
     seq: int = 0  # highest stream sequence fed to the detector
     late: int = 0  # points recorded but not fed (see LATE_WINDOW)
     immaterial: int = 0  # changes detected but smaller than MIN_ABS_CHANGE_S: not alerted
+    skipped: int = 0  # points recorded, not fed: in the load band of a host-slowed build (hostload.py)
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -232,14 +235,22 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
     flag = 0 if point.cached is None else (1 if point.cached else 2)
     factor, fed = judgement.factor, point.value
     overhead = point.value - point.span if point.kind == "build" else -1.0
-    if factor != 1.0:
+    base = judgement.bases.get(point.target or "")
+    skip = point.kind == "target" and judgement.in_band(point.value, base)
+    if factor != 1.0 and not skip:
         fed = (_normalise_build(st, point, session, judgement) if point.kind == "build"
-               else judgement.normalise(point.value, judgement.bases.get(point.target or "")))
+               else judgement.normalise(point.value, base))
+    # A point not fed keeps the position of the next fed one (ring positions are the detector's).
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
                          c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0,
-                         nv=fed if factor != 1.0 else -1.0, o=overhead))
+                         nv=fed if factor != 1.0 and not skip else -1.0, o=overhead, s=int(skip)))
     if len(st.ring) > RING:
         del st.ring[: len(st.ring) - RING]
+    st.last_sid = session.id
+    st.seq = max(st.seq, seq or 0)
+    if skip:
+        st.skipped += 1
+        return _enc.encode(st), None, False
     change = det.update(fed, cached=point.cached)
     st.n = i + 1
     st.last_sid = session.id
@@ -275,8 +286,11 @@ def _normalise_build(st: SeriesState, point: Point, session: BuildSession, j: Ju
 def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSession, *, now: float) -> Alert:
     ring = st.ring
     k = min(max(change.index, ring[0].i), ring[-1].i)  # a change older than the ring: name what we have
-    before = [e for e in ring if e.i < k]
-    after = [e for e in ring if e.i >= k]
+    # The first bad build is the first *fed* point of the new level; points not fed (host-slowed
+    # builds in the load band) between it and the last good one widen the range, not name it.
+    fed = [e for e in ring if not e.s]
+    before = [e for e in fed if e.i < k]
+    after = [e for e in fed if e.i >= k] or fed[-1:]
     # Fallback medians (the detector did not give one) over the builds of the change's channel.
     want = {"hit": (1,), "miss": (2,)}.get(change.channel, (0, 1, 2))
     b_vals = [e.fed for e in before if e.c in want][-MEDIAN_WINDOW:]

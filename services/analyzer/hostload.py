@@ -43,6 +43,9 @@ MIN_JUDGED = 3  # judged targets a build needs to be called host-slowed
 HOST_FACTOR = 1.3  # median ratio at or above which the build is slowed as a whole...
 HOST_SHARE = 0.6  # ...when at least this share of the judged targets...
 SLOWER = 1.2  # ...is at least this much slower than its baseline
+# In a host-slowed build, a target slower than OUTLIER x the factor (relative to its baseline)
+# changed beyond the load: it is fed (divided by the factor); the others are recorded, not fed.
+OUTLIER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,22 +59,23 @@ class Judgement:
     slowed: bool = False
     baseline_sum_s: float = 0.0  # of the judged targets (the host event's "before")
     value_sum_s: float = 0.0  # their durations in this build ("after")
-    # judged target -> what the load can stretch of it: its baseline, or its CPU-time baseline if lower
-    bases: dict[str, float] = field(default_factory=dict)
+    bases: dict[str, float] = field(default_factory=dict)  # judged target -> its baseline
 
     @property
     def factor(self) -> float:
         return self.median_ratio if self.slowed else 1.0
 
+    def in_band(self, value: float, base: float | None) -> bool:
+        """A target of a host-slowed build that slowed no more than OUTLIER x the build-wide factor:
+        its time says nothing beyond the machine's load, so it is recorded but not fed."""
+        return self.slowed and base is not None and value <= base * self.factor * OUTLIER
+
     def normalise(self, value: float, base: float | None) -> float:
-        """``value`` without what the load is expected to have added to a point whose baseline
-        is ``base`` (None: unknown, then divided by the factor)."""
-        f = self.factor
-        if f == 1.0:
+        """A target's expected time without the load: its baseline when in the load band, else
+        its time divided by the factor (its own change, seen through the load)."""
+        if not self.slowed:
             return value
-        if base is None:
-            return value / f
-        return max(value - base * (f - 1.0), value / f)
+        return base if base is not None and self.in_band(value, base) else value / self.factor
 
 
 def baseline(values: list[float]) -> float | None:
@@ -115,9 +119,7 @@ def judge(session: BuildSession, history: dict[str, History]) -> Judgement:
         value_sum += t.duration_s
         cpus = [c for _, c, _ in recent if c is not None and c > 0]
         cpu_base = statistics.median(cpus) if len(cpus) >= MIN_HISTORY else None
-        # What the load can stretch: the CPU-bound part of the baseline when CPU time is captured
-        # (a target that mostly waits — a sleep, the network — is not slowed by a busy CPU).
-        bases[t.name] = min(base, cpu_base) if cpu_base is not None else base
+        bases[t.name] = base
         if t.cpu_s is not None and t.cpu_s > 0 and cpu_base is not None:
             cpu.append(t.cpu_s / cpu_base)
     if not ratios:

@@ -94,7 +94,7 @@ def test_start_up_slowed_more_than_the_targets_is_still_the_machine() -> None:
 
 def test_one_slower_target_under_load_is_one_target_alert_and_a_build_alert_naming_it() -> None:
     # A long slowdown: the target's new level must not become the baseline the load is taken off.
-    alerts = _run(_history(load=1.8, slow={"//app:t3": 2.0}, n_after=25))
+    alerts = _run(_history(load=1.8, slow={"//app:t3": 3.0}, n_after=25))
     targets = [a for a in alerts if a.kind == "target"]
     assert [a.target for a in targets] == ["//app:t3"]
     assert targets[0].direction == "regression"
