@@ -16,13 +16,13 @@ hog, a noisy neighbour, thermal throttling), not N code changes at once.  The ru
   their baselines, a median CPU-time ratio of at least ``SLOWER`` means the targets did more work
   (a compiler flag, a bigger input), which is a change of the build, not of the machine.
 
-A host-slowed build's points are fed to the detector *load-normalised*: what the load is
-expected to have added to the point, its baseline x (factor - 1), is taken off (and never more
-than dividing the value by the factor would), so the target that got slower *beyond* the
-build-wide slowdown keeps the whole of its own change (a 3 s sleep stays 3 s) and the others
-fall back to their baseline; a target without a baseline is divided by the factor.  The ring
-keeps the raw value, the factor and the normalised value; the host's series raises one ``host`` event when a slowdown
-starts (not one per slow build) and is quiet until a build on that host is judged normal again.
+A host-slowed build's targets that slowed no more than ``OUTLIER`` x the factor are recorded in
+their series but not fed to the detector (their time says nothing beyond the load); one slower
+than that changed beyond the load and is fed its time less what the load is expected to have
+added, baseline x (factor - 1), so a step of its own keeps its size; the build is fed its
+targets' span without the load plus its usual time outside the targets.  The host's series
+raises one ``host`` event when a slowdown starts (not one per slow build) and is quiet until a
+build on that host is judged normal again.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ HOST_FACTOR = 1.3  # median ratio at or above which the build is slowed as a who
 HOST_SHARE = 0.6  # ...when at least this share of the judged targets...
 SLOWER = 1.2  # ...is at least this much slower than its baseline
 # In a host-slowed build, a target slower than OUTLIER x the factor (relative to its baseline)
-# changed beyond the load: it is fed (divided by the factor); the others are recorded, not fed.
+# changed beyond the load: it is fed, less the load's share; the others are recorded, not fed.
 OUTLIER = 2.0
 
 
@@ -71,11 +71,15 @@ class Judgement:
         return self.slowed and base is not None and value <= base * self.factor * OUTLIER
 
     def normalise(self, value: float, base: float | None) -> float:
-        """A target's expected time without the load: its baseline when in the load band, else
-        its time divided by the factor (its own change, seen through the load)."""
+        """A target's time without the load: its baseline when in the load band; beyond it, its
+        time less what the load is expected to have added to its baseline, base x (factor - 1)
+        (a step of its own, a sleep, keeps its size however busy the machine); without a
+        baseline, its time divided by the factor."""
         if not self.slowed:
             return value
-        return base if base is not None and self.in_band(value, base) else value / self.factor
+        if base is None:
+            return value / self.factor
+        return base if self.in_band(value, base) else value - base * (self.factor - 1.0)
 
 
 def baseline(values: list[float]) -> float | None:
