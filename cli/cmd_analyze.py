@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("-o", "--output", required=True, help="FILE; csv also writes FILE's stem + '.targets.csv'")
     e.set_defaults(func=cmd_export, quiet_logs=True)
     a = sub.add_parser("alerts",
-                       help="regression alerts (build and target durations); ack, mute, unmute, subscriptions")
+                       help="regression alerts (build and target durations, host slowdowns), explained; "
+                            "ack, mute, unmute, subscriptions")
     a.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts until Ctrl-C")
     a.add_argument("--branch", help="only alerts of this branch")
     a.add_argument("--target", help="only alerts of this target")
