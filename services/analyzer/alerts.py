@@ -355,6 +355,11 @@ def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *,
     return _enc.encode(st), alert, False
 
 
+def ring_of(data: bytes) -> list[Entry]:
+    """The ring of a stored series state (its points with their sessions and load factors)."""
+    return _ring_dec.decode(data).ring
+
+
 def explanation_lines(a: Alert) -> list[str]:
     """The alert's explanation for people (``buildtel alerts``, chat messages); [] when it has none."""
     return lines(a.explanation) if a.explanation is not None else []

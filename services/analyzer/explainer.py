@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from buildtel.services.analyzer import fetch
-from buildtel.services.analyzer.alerts import Alert, _ring_dec
+from buildtel.services.analyzer.alerts import Alert, ring_of
 from buildtel.services.analyzer.explain import explain
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildSession
@@ -31,7 +31,7 @@ async def _factors(redis: Any, keys: Keys, series: list[str]) -> dict[str, float
         if not data:
             continue
         try:
-            ring = _ring_dec.decode(data).ring
+            ring = ring_of(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
         for e in ring:

@@ -159,6 +159,10 @@ class AnalyzerService(BusService):
             await self.redis.hincrby(self.stats_key, "redelivered", 1)
         alerts = await self.fold_session(session, seq=meta.sequence.stream, progress=msg.in_progress)
         for a in alerts:
+            # Explaining an alert may wait for storage (explainer.NOT_FOUND_WAIT_S): keep the
+            # session ours meanwhile rather than let the ack wait hand it to another replica.
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
             await self._publish(a, session)
         # Counted once per session id (a marker in its done hash), after all its series are folded.
         await self._seen(keys=[self.keys.analyzer_done(session.id), self.stats_key], args=[DONE_TTL_S])
