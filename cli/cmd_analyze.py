@@ -21,7 +21,7 @@ from buildtel.cli import cmd_alerts as cmd_alerts_state
 from buildtel.cli.common import open_bus
 from buildtel.cli.errors import CLIError
 from buildtel.cli.textsafe import json_safe, safe, safe_block
-from buildtel.services.analyzer.alerts import Alert
+from buildtel.services.analyzer.alerts import Alert, explanation_lines
 from buildtel.services.analyzer.analytics import AnalyticsReport
 from buildtel.services.analyzer.api import (
     AnalyzerClient,
@@ -90,11 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("-o", "--output", required=True, help="FILE; csv also writes FILE's stem + '.targets.csv'")
     e.set_defaults(func=cmd_export, quiet_logs=True)
     a = sub.add_parser("alerts",
-                       help="regression alerts (build and target durations); ack, mute, unmute, subscriptions")
+                       help="regression alerts (build and target durations, host slowdowns), explained; "
+                            "ack, mute, unmute, subscriptions")
     a.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts until Ctrl-C")
     a.add_argument("--branch", help="only alerts of this branch")
     a.add_argument("--target", help="only alerts of this target")
-    a.add_argument("--kind", choices=["build", "target"], help="only whole-build or only target alerts")
+    a.add_argument("--kind", choices=["build", "target", "host"],
+                   help="only whole-build, only target alerts, or only host slowdowns")
     a.add_argument("--last", type=int, help="show only the N newest stored alerts")
     a.add_argument("--status", choices=cmd_alerts_state.STATUSES,
                    help="only alerts open, acknowledged or muted (their state in the stack's Redis)")
@@ -184,15 +186,23 @@ async def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def alert_line(a: Alert) -> str:
     when = datetime.fromtimestamp(a.detected_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    what = f"target {safe(a.target)} ({safe(a.cache)})" if a.kind == "target" else "build"
+    what = (f"target {safe(a.target)} ({safe(a.cache)})" if a.kind == "target" else
+            f"host {safe(a.host)}" if a.kind == "host" else "build")
     commits = f"  commits {safe(a.commit_range)}" if a.commit_range else ""
+    if a.explanation is not None and a.explanation.code_change is False:
+        commits = f"  no code change between these builds (commit {safe(a.first_bad_commit)})"
     return (f"{when}  {safe(a.direction.upper()):<11}  {what}  branch {safe(a.branch or '-')}  "
             f"{fmt_s(a.before_median_s)} -> {fmt_s(a.after_median_s)} ({a.change_pct:+.1f}%)  "
             f"confidence {a.confidence:.2f}  first session {safe(a.first_session_id)}{commits}")
 
 
+def alert_text(a: Alert) -> list[str]:
+    """The alert's line, then its explanation indented (docs/analytics.md "Explanations")."""
+    return [alert_line(a), *(f"    {safe(x)}" for x in explanation_lines(a))]
+
+
 def _print_alert(a: Alert, as_json: bool) -> None:
-    print(json_safe(msgspec.json.encode(a).decode()) if as_json else alert_line(a), flush=True)
+    print(json_safe(msgspec.json.encode(a).decode()) if as_json else "\n".join(alert_text(a)), flush=True)
 
 
 async def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:

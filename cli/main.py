@@ -72,7 +72,8 @@ COMMAND_HELP: dict[str, str] = {
     "w3c-testpoint": "serve POST /test for the W3C Trace Context test suite",
     "report": "build analytics: build times, trends, targets, flakiness, bottlenecks, alerts",
     "export": "write a report to a file: json, csv (sessions + targets files) or summary",
-    "alerts": "regression alerts (build and target durations); ack, mute, unmute, subscriptions",
+    "alerts": "regression alerts (build and target durations, host slowdowns), explained; ack, mute, unmute, "
+              "subscriptions",
     "watch": "show running builds live (health checkpoints)",
     "flamegraph": "flame graph SVG of a session, the last N sessions, a trace or a folded file",
     "keys": "create, list or revoke API keys of the web API",

@@ -14,8 +14,11 @@ Like is compared with like.  A session feeds:
 Each series has a :class:`SeriesState`: the detector's bytes plus a short ring of
 the latest points (session id, commit, value), enough to name the first session
 after a change, the last one before it (the suspect commit range) and the
-medians either side.  :func:`fold` is pure: state bytes in, state bytes and at
-most one alert out, so the service can run it under a compare-and-set.
+medians either side.  A build judged host-slowed (``hostload.py``: most of its targets slowed
+down together) feeds its points divided by its build-wide factor, and its machine's
+``host|<machine>`` series raises one ``host`` event per slowdown.  :func:`fold` is pure: state
+bytes in, state bytes and at most one alert out, so the service can run it under a
+compare-and-set.
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ import msgspec
 
 from buildtel.services.analyzer.analytics import branch_of, commit_of
 from buildtel.services.analyzer.detector import Change, Detector
+from buildtel.services.analyzer.explain import Explanation, lines
+from buildtel.services.analyzer.hostload import (
+    HISTORY_RUNS,
+    MIN_JUDGED,
+    NORMAL,
+    History,
+    HostState,
+    Judgement,
+    baseline,
+    evidence,
+    host_of,
+    host_state_decoder,
+)
 from buildtel.shared.protocol import CACHE_HITS, BuildSession, is_complete
 
 RING = 128  # points kept per series to name the sessions around a change (and fallback medians)
@@ -40,7 +56,7 @@ LATE_WINDOW = 64
 # attention: cache hits and tiny actions move by tens of milliseconds from run to run.
 MIN_ABS_CHANGE_S = 0.25
 
-Kind = Literal["build", "target"]
+Kind = Literal["build", "target", "host"]
 
 
 class Point(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +66,9 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     branch: str | None
     target: str | None = None
     cached: bool | None = None  # None: no cache flag (whole builds)
+    cpu: float | None = None  # the target's CPU time, when captured
+    host: str | None = None  # the machine (host points)
+    span: float = 0.0  # build points: first target start to last target end (0: no targets)
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -59,6 +78,16 @@ class Entry(msgspec.Struct, array_like=True):
     start: float
     value: float
     c: int = 0  # cache flag: 0 none, 1 hit, 2 miss
+    f: float = 1.0  # build-wide load factor of its build (hostload.py); 1: not host-slowed
+    cpu: float = -1.0  # CPU time of the target; -1: not captured
+    nv: float = -1.0  # the load-normalised value fed to the detector; -1: ``value`` itself
+    o: float = -1.0  # build points: wall time outside the targets' span (start-up, tail); -1: unknown
+    s: int = 0  # 1: recorded, not fed to the detector (a target in the load band of a host-slowed build)
+
+    @property
+    def fed(self) -> float:
+        """The value fed to the detector (the measured one for a point not fed)."""
+        return self.nv if self.nv >= 0 else self.value
 
 
 class SeriesState(msgspec.Struct, kw_only=True):
@@ -70,6 +99,7 @@ class SeriesState(msgspec.Struct, kw_only=True):
     seq: int = 0  # highest stream sequence fed to the detector
     late: int = 0  # points recorded but not fed (see LATE_WINDOW)
     immaterial: int = 0  # changes detected but smaller than MIN_ABS_CHANGE_S: not alerted
+    skipped: int = 0  # points recorded, not fed: in the load band of a host-slowed build (hostload.py)
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -98,9 +128,21 @@ class Alert(msgspec.Struct, kw_only=True):
     points_before: int  # points of the series kept before / after the change (at most RING in all)
     points_after: int
     change_kind: str = "level"
+    # Later fields (schema evolution: new fields with defaults only).
+    host: str | None = None  # the machine of the first bad build (the subject of a host event)
+    explanation: Explanation | None = None  # why: culprits, critical-path shift, what else changed
 
 
 _state_dec = msgspec.msgpack.Decoder(SeriesState)
+
+
+class _RingOnly(msgspec.Struct):
+    """A series state's ring alone (msgspec skips the detector's bytes)."""
+
+    ring: list[Entry] = []
+
+
+_ring_dec = msgspec.msgpack.Decoder(_RingOnly)
 _enc = msgspec.msgpack.Encoder()
 alert_decoder = msgspec.msgpack.Decoder(Alert)
 
@@ -112,14 +154,49 @@ def series_points(session: BuildSession) -> list[Point]:
     # An incomplete build's targets that did arrive are whole measurements and feed their series;
     # its wall time stands for a build we did not fully see, so it does not (docs/analytics.md).
     if session.outcome == "success" and session.duration_s > 0 and is_complete(session):
-        out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch))
+        ran = [t for t in session.targets if t.duration_s > 0]
+        span = max(t.end for t in ran) - min(t.start for t in ran) if ran else 0.0
+        out.append(Point(series=f"build|{b}", kind="build", value=session.duration_s, branch=branch,
+                         span=min(max(span, 0.0), session.duration_s)))
     seen: set[str] = set()
     for t in session.targets:
         if t.status != "success" or t.duration_s <= 0 or t.name in seen:
             continue
         seen.add(t.name)
         out.append(Point(series=f"target|{b}|{t.name}", kind="target", value=t.duration_s, branch=branch,
-                         target=t.name, cached=t.cache in CACHE_HITS))
+                         target=t.name, cached=t.cache in CACHE_HITS, cpu=t.cpu_s))
+    host = host_of(session)
+    # A build with too few executed targets cannot say anything about its machine.
+    if host is not None and sum(1 for p in out if p.cached is False) >= MIN_JUDGED:
+        out.append(Point(series=f"host|{host}", kind="host", value=session.duration_s, branch=branch, host=host))
+    return out
+
+
+def history(states: dict[str, bytes | None], points: dict[str, Point], session_id: str,
+            decoded: dict[str, tuple[bytes, SeriesState]] | None = None) -> dict[str, History]:
+    """Target name -> its earlier executed runs (load-normalised), from the series states read for
+    ``session_id`` (its own point, already folded on a redelivery, is left out).  ``decoded``, when
+    given, receives each state decoded, for :func:`fold` to reuse rather than decode it again."""
+    out: dict[str, History] = {}
+    for name, data in states.items():
+        p = points.get(name)
+        if p is None or p.kind != "target" or p.target is None or not data:
+            continue
+        try:
+            st = _state_dec.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # fold() starts such a series afresh
+        if decoded is not None:
+            decoded[name] = (data, st)
+        ring = st.ring
+        runs: list[tuple[float, float | None, bool]] = []
+        for e in reversed(ring):  # newest first, only as many as a baseline can use
+            if e.c == 2 and e.sid != session_id:
+                runs.append((e.fed, e.cpu if e.cpu >= 0 else None, e.f == 1.0))
+                if len(runs) >= HISTORY_RUNS:
+                    break
+        runs.reverse()
+        out[p.target] = History(runs=runs)
     return out
 
 
@@ -131,31 +208,50 @@ def decode_state(data: bytes | None) -> SeriesState:
     return _state_dec.decode(data) if data else SeriesState()
 
 
-def _load(data: bytes | None) -> tuple[SeriesState, Detector]:
+def _load(data: bytes | None, decoded: SeriesState | None = None) -> tuple[SeriesState, Detector]:
     """The series state and its detector; unreadable state (a format change in a new release)
     starts the series afresh rather than failing every session of it forever."""
     try:
-        st = decode_state(data)
+        st = decoded if decoded is not None else decode_state(data)
         return st, (Detector.load(st.det) if st.det else Detector.new())
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return SeriesState(), Detector.new()
 
 
 def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
-         seq: int | None = None) -> tuple[bytes, Alert | None, bool]:
+         seq: int | None = None, judgement: Judgement = NORMAL,
+         decoded: SeriesState | None = None) -> tuple[bytes, Alert | None, bool]:
     """Feed one point; return the new state, the alert its change confirmed (if any) and whether
-    the point was late (``seq``: the session's stream sequence; None skips the lateness test)."""
-    st, det = _load(state_bytes)
+    the point was late (``seq``: the session's stream sequence; None skips the lateness test).
+    ``judgement``: what the build's targets said of its machine (hostload.judge); ``decoded``:
+    ``state_bytes`` already decoded (by :func:`history`; it is changed in place)."""
+    if point.kind == "host":
+        return fold_host(state_bytes, point, session, now=now, judgement=judgement)
+    st, det = _load(state_bytes, decoded)
     if seq is not None and st.seq and seq < st.seq - LATE_WINDOW:
         st.late += 1
         return _enc.encode(st), None, True
     i = st.n
     flag = 0 if point.cached is None else (1 if point.cached else 2)
+    factor, fed = judgement.factor, point.value
+    overhead = point.value - point.span if point.kind == "build" else -1.0
+    base = judgement.bases.get(point.target or "")
+    skip = point.kind == "target" and judgement.in_band(point.value, base)
+    if factor != 1.0 and not skip:
+        fed = (_normalise_build(st, point, session, judgement) if point.kind == "build"
+               else judgement.normalise(point.value, base))
+    # A point not fed keeps the position of the next fed one (ring positions are the detector's).
     st.ring.append(Entry(i=i, sid=session.id, commit=commit_of(session), start=session.start, value=point.value,
-                         c=flag))
+                         c=flag, f=factor, cpu=point.cpu if point.cpu is not None else -1.0,
+                         nv=fed if factor != 1.0 and not skip else -1.0, o=overhead, s=int(skip)))
     if len(st.ring) > RING:
         del st.ring[: len(st.ring) - RING]
-    change = det.update(point.value, cached=point.cached)
+    st.last_sid = session.id
+    st.seq = max(st.seq, seq or 0)
+    if skip:
+        st.skipped += 1
+        return _enc.encode(st), None, False
+    change = det.update(fed, cached=point.cached)
     st.n = i + 1
     st.last_sid = session.id
     st.seq = max(st.seq, seq or 0)
@@ -171,15 +267,34 @@ def fold(state_bytes: bytes | None, point: Point, session: BuildSession, *, now:
     return _enc.encode(st), alert, False
 
 
+def _normalise_build(st: SeriesState, point: Point, session: BuildSession, j: Judgement) -> float:
+    """A host-slowed build's wall time without the load: its targets' span scaled by the share of
+    their time that is not load (each target normalised as its own series is), plus the time
+    outside the targets (start-up, probes, tail) at its usual value in builds judged normal —
+    that part cannot be judged while the machine is busy (docs/analytics.md "Host slowdowns")."""
+    raw = norm = 0.0
+    for t in session.targets:
+        if t.status == "success" and t.duration_s > 0:
+            raw += t.duration_s
+            norm += j.normalise(t.duration_s, j.bases.get(t.name))
+    outside = point.value - point.span
+    usual = baseline([e.o for e in st.ring if e.f == 1.0 and e.o >= 0])
+    outside = min(outside, usual if usual is not None else outside / j.factor)
+    return outside + point.span * (norm / raw if raw > 0 else 1.0 / j.factor)
+
+
 def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSession, *, now: float) -> Alert:
     ring = st.ring
     k = min(max(change.index, ring[0].i), ring[-1].i)  # a change older than the ring: name what we have
-    before = [e for e in ring if e.i < k]
-    after = [e for e in ring if e.i >= k]
+    # The first bad build is the first *fed* point of the new level; points not fed (host-slowed
+    # builds in the load band) between it and the last good one widen the range, not name it.
+    fed = [e for e in ring if not e.s]
+    before = [e for e in fed if e.i < k]
+    after = [e for e in fed if e.i >= k] or fed[-1:]
     # Fallback medians (the detector did not give one) over the builds of the change's channel.
     want = {"hit": (1,), "miss": (2,)}.get(change.channel, (0, 1, 2))
-    b_vals = [e.value for e in before if e.c in want][-MEDIAN_WINDOW:]
-    a_vals = [e.value for e in after if e.c in want][:MEDIAN_WINDOW]
+    b_vals = [e.fed for e in before if e.c in want][-MEDIAN_WINDOW:]
+    a_vals = [e.fed for e in after if e.c in want][:MEDIAN_WINDOW]
     b_med = change.before if change.before is not None and change.before > 0 else (
         statistics.median(b_vals) if b_vals else None)
     a_med = change.after if change.after is not None and change.after > 0 else (
@@ -203,7 +318,51 @@ def make_alert(st: SeriesState, change: Change, point: Point, session: BuildSess
         last_good_commit=last.commit if last else None, first_bad_commit=first.commit,
         commit_range=f"{last.commit}..{first.commit}" if last and last.commit and first.commit else None,
         detected_session_id=session.id, detected_at=now, points_before=len(before), points_after=len(after),
-        change_kind=change.kind)
+        change_kind=change.kind, host=host_of(session))
+
+
+def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *, now: float,
+              judgement: Judgement) -> tuple[bytes, Alert | None, bool]:
+    """A host's series: one ``host`` event when a slowdown starts, none while it lasts."""
+    try:
+        st = host_state_decoder.decode(state_bytes) if state_bytes else HostState()
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        st = HostState()
+    alert = None
+    if judgement.judged:
+        st.builds += 1
+    if judgement.slowed:
+        st.slowed += 1
+        if not st.slow:
+            st.slow = True
+            st.events += 1
+            j = judgement
+            alert = Alert(
+                id=alert_id(session.id, point.series), kind="host", direction="regression", series=point.series,
+                branch=point.branch, target=None, cache=None, before_median_s=j.baseline_sum_s,
+                after_median_s=j.value_sum_s, change_pct=(j.median_ratio - 1.0) * 100.0,
+                confidence=j.slower_share, p_value=None, first_session_id=session.id,
+                first_session_start=session.start, last_good_session_id=st.last_good_sid,
+                last_good_commit=st.last_good_commit, first_bad_commit=commit_of(session),
+                commit_range=f"{st.last_good_commit}..{commit_of(session)}"
+                if st.last_good_commit and commit_of(session) else None,
+                detected_session_id=session.id, detected_at=now, points_before=0, points_after=1,
+                change_kind="host", host=point.host)
+            alert.explanation = Explanation(summary="", code_change=None, host_slowdown=evidence(session, j))
+    elif judgement.judged:
+        st.slow = False
+        st.last_good_sid, st.last_good_commit, st.last_good_start = session.id, commit_of(session), session.start
+    return _enc.encode(st), alert, False
+
+
+def ring_of(data: bytes) -> list[Entry]:
+    """The ring of a stored series state (its points with their sessions and load factors)."""
+    return _ring_dec.decode(data).ring
+
+
+def explanation_lines(a: Alert) -> list[str]:
+    """The alert's explanation for people (``buildtel alerts``, chat messages); [] when it has none."""
+    return lines(a.explanation) if a.explanation is not None else []
 
 
 def encode_alert(a: Alert) -> bytes:

@@ -38,6 +38,7 @@ from buildtel.services.analyzer.alerts import (
     alert_decoder,
     encode_alert,
     fold,
+    history,
     series_points,
 )
 from buildtel.services.analyzer.analytics import ReportFilter, TelemetryAnalyzer
@@ -50,7 +51,9 @@ from buildtel.services.analyzer.api import (
     request_decoder,
 )
 from buildtel.services.analyzer.columns import gc_paused
+from buildtel.services.analyzer.explainer import explain_alert
 from buildtel.services.analyzer.flamerender import flame_reply
+from buildtel.services.analyzer.hostload import NORMAL, Judgement, judge
 from buildtel.services.analyzer.rowreport import report_from_frame
 from buildtel.services.analyzer.subjects import AnalyzerSubjects
 from buildtel.shared import keymigrate
@@ -88,6 +91,7 @@ MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
 COMMIT_CHUNK = 2000  # series read, folded and committed per Redis round trip (bounded replies and scripts)
 POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lettered, not retried forever
+EXPLAIN_TIMEOUT_S = 3.0  # per storage request while explaining an alert (then it goes out with a note)
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
@@ -168,7 +172,11 @@ class AnalyzerService(BusService):
             await self.redis.hincrby(self.keys.analyzer_stats(shard(session.id)), "redelivered", 1)
         alerts = await self.fold_session(session, seq=meta.sequence.stream, progress=msg.in_progress)
         for a in alerts:
-            await self._publish(a)
+            # Explaining an alert may wait for storage (explainer.NOT_FOUND_WAIT_S): keep the
+            # session ours meanwhile rather than let the ack wait hand it to another replica.
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            await self._publish(a, session)
         # Counted once per session id (a marker in its done hash), after all its series are folded.
         n = shard(session.id)
         await self._seen(keys=[self.keys.analyzer_done(session.id, n), self.keys.analyzer_stats(n)], args=[DONE_TTL_S])
@@ -187,6 +195,10 @@ class AnalyzerService(BusService):
         whose folding outlasts the ack wait is not redelivered (and counted towards poison) meanwhile."""
         pending = {p.series: p for p in series_points(session)}
         committed: list[Alert] = []
+        # What the build's targets say of its machine, judged once from the first chunk's states
+        # (all of them up to COMMIT_CHUNK series; a bigger build is judged on its first targets).
+        judgement: Judgement | None = None
+        decoded: dict[str, tuple[bytes, Any]] = {}  # states the judgement decoded, for folding to reuse
         for attempt in range(MAX_CAS_ATTEMPTS):
             if not pending:
                 return committed
@@ -210,7 +222,10 @@ class AnalyzerService(BusService):
                 states = await pipe.execute()
                 done_flags = [f for per in states[len(names):] for f in per]
                 states = states[:len(names)]
-                batch = (session, seq, names, states, done_flags, pending, time.time())
+                if judgement is None:
+                    judgement = judge(session, history({nm: st[1] for nm, st in zip(names, states, strict=True)},
+                                                       pending, session.id, decoded))
+                batch = (session, seq, names, states, done_flags, pending, time.time(), judgement, decoded)
                 if len(names) > THREAD_FOLD_OVER:
                     # ~0.5 ms per series: a 200-target session would hold the event loop for 100 ms,
                     # and with it the replies of this replica's analytics API.
@@ -238,7 +253,8 @@ class AnalyzerService(BusService):
         raise RuntimeError(f"session {session.id}: series kept changing under {MAX_CAS_ATTEMPTS} attempts")
 
     def _fold_batch(self, session: BuildSession, seq: int | None, names: list[str], states: list[Any],
-                    done_flags: list[Any], pending: dict[str, Any], now: float
+                    done_flags: list[Any], pending: dict[str, Any], now: float, judgement: Judgement = NORMAL,
+                    decoded: dict[str, tuple[bytes, Any]] | None = None
                     ) -> list[tuple[str, Alert | None, list[Any]]]:
         """Fold the series not yet folded for ``session``: (series, alert, its six COMMIT
         arguments) in commit order.  CPU only, so it may run in a worker thread."""
@@ -246,7 +262,10 @@ class AnalyzerService(BusService):
         for name, (version, state), done in zip(names, states, done_flags, strict=True):
             if done is not None:
                 continue  # folded before (a redelivery): nothing to do for this series
-            new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq)
+            # The judgement's decoded copy, once, and only of these very bytes (a re-read differs).
+            seen = decoded.pop(name, None) if decoded is not None else None
+            new_state, alert, late = fold(state, pending[name], session, now=now, seq=seq, judgement=judgement,
+                                          decoded=seen[1] if seen is not None and seen[0] is state else None)
             tried.append((name, alert, [name, int(version or 0), new_state, alert.id if alert else "",
                                         encode_alert(alert) if alert else "", "1" if late else "0"]))
         return tried
@@ -278,8 +297,12 @@ class AnalyzerService(BusService):
                 statuses[j] = status
         return statuses
 
-    async def _publish(self, alert: Alert) -> None:
-        subject = self.subjects.alert(alert.kind, alert.branch, alert.target)
+    async def _publish(self, alert: Alert, session: BuildSession | None = None) -> None:
+        # The explanation needs the two stored builds either side of the change: fetched now, not
+        # at commit time (folding does no I/O); the sweeper's republish explains it the same way.
+        alert = await explain_alert(alert, nc=self.nc, redis=self.redis, keys=self.keys,
+                                    namespace=self.settings.namespace, timeout=EXPLAIN_TIMEOUT_S, session=session)
+        subject = self.subjects.alert(alert.kind, alert.branch, alert.host if alert.kind == "host" else alert.target)
         try:
             await self.js.publish(subject, encode_alert(alert), timeout=5.0,
                                   headers={"Nats-Msg-Id": alert.id, "Buildtel-Alert-Direction": alert.direction})

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 
 import msgspec
 
-from buildtel.services.analyzer.alerts import Alert
+from buildtel.services.analyzer.alerts import Alert, explanation_lines
 from buildtel.shared.alertstate import AlertState
 
 SIGNATURE = "X-Buildtel-Signature"
@@ -101,7 +101,8 @@ def _secs(v: float) -> str:
 
 
 def headline(a: Alert) -> str:
-    what = f"target {_esc(a.target)}" if a.kind == "target" else "build"
+    what = (f"target {_esc(a.target)}" if a.kind == "target" else
+            f"host {_esc(a.host)} (most targets slower together)" if a.kind == "host" else "build")
     cache = f" ({a.cache})" if a.cache else ""
     return (f"{a.direction.capitalize()}: {what}{cache} on branch {_esc(a.branch)}: "
             f"{_secs(a.before_median_s)} → {_secs(a.after_median_s)} ({a.change_pct:+.1f}%)")
@@ -113,8 +114,12 @@ def _details(item: Item) -> str:
     lines = [f"*{headline(a)}*",
              f"confidence {a.confidence:.2f} · detected {when} · first slow build `{_esc(a.first_session_id)}`"
              + (f" · last good `{_esc(a.last_good_session_id)}`" if a.last_good_session_id else "")]
-    if a.commit_range:
+    if a.explanation is not None and a.explanation.code_change is False:
+        lines.append(f"no code change between these builds (commit `{_esc(a.first_bad_commit)}`)")
+    elif a.commit_range:
         lines.append(f"commits `{_esc(a.commit_range)}`")
+    # The explanation (culprits, critical-path shift, what else changed), minus the line said above.
+    lines += [_esc(x) for x in explanation_lines(a) if x != "no code change between these builds"]
     refs = [f"<{url}|{name}>" for name, url in (("compare the builds", item.links.get("compare")),
                                                  ("alerts", item.links.get("alerts"))) if url]
     if refs:

@@ -94,8 +94,9 @@ async def test_export_and_alerts(settings, loaded, tmp_path: Path) -> None:
     assert code == 0 and (tmp_path / "r.txt").read_text().startswith("Builds: 60")
 
     code, out, _ = await _cli(settings, "alerts")
-    lines = out.strip().splitlines()
+    lines = [x for x in out.strip().splitlines() if not x.startswith(" ")]  # indented: the explanation
     assert code == 0 and len(lines) == 1 and "REGRESSION" in lines[0] and "build" in lines[0]
+    assert "    critical path unchanged" in out  # the same two targets held both builds
     code, out, _ = await _cli(settings, "alerts", "--json", "--branch", "main")
     assert json.loads(out.splitlines()[0])["series"] == "build|main"
     code, out, err = await _cli(settings, "alerts", "--branch", "other")

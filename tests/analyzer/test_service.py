@@ -84,6 +84,10 @@ async def test_a_step_raises_one_alert_and_reports_match_offline_figures(setting
     assert len(builds) == 1 and builds[0].direction == "regression"
     assert builds[0].first_session_id in (sessions[35].id, sessions[36].id)
     assert not [a for a in alerts if a.kind == "target"]  # the targets did not change
+    e = builds[0].explanation  # the two builds, fetched from storage and compared
+    assert e is not None and e.code_change is True and not e.notes and e.culprits == []
+    assert e.critical_path is not None and not e.critical_path.moved
+    assert e.added_s == pytest.approx(40, abs=8)
     stats = await _stats(nc, settings)
     assert stats.points == len(sessions) * 3 and stats.alerts == 1 and stats.outbox == 0
     client = AnalyzerClient(nc, settings.namespace, timeout=10)
@@ -167,6 +171,10 @@ async def test_outbox_alert_survives_a_crash_between_commit_and_publish(settings
     alerts = await read_alerts(js, settings.namespace)
     assert [x.id for x in alerts] == [committed[0].id]
     assert await analyzer.outbox_size() == 0
+    # No storage service in this test: the alert went out anyway, saying why it is not explained.
+    e = alerts[0].explanation
+    assert e is not None and "the builds could not be compared: the storage service is not answering" in e.summary
+    assert e.notes == [e.summary] and e.culprits == [] and e.code_change is None
 
 
 async def test_bad_input_is_dead_lettered_and_bad_requests_refused(settings, nc, analyzer) -> None:
