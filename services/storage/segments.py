@@ -24,7 +24,7 @@ class DamageReport(msgspec.Struct, kw_only=True):
     segments: int = 0
     records: int = 0  # intact records read (from index files or by scanning)
     sessions: int = 0  # indexed after de-duplication (before retention)
-    duplicates: int = 0  # intact records whose id was already indexed
+    superseded: int = 0  # intact records of an id with a later record (that one is indexed)
     indexed_from_sidecars: int = 0  # segments whose records came from a verified index file
     scanned_bytes: int = 0  # segment bytes read and checksummed at open (the rest: see verify())
 
