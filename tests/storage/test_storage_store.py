@@ -338,3 +338,32 @@ async def test_a_session_published_again_after_retention_is_stored_again(tmp_pat
         assert {s.id for s in await store.query(target=old.targets[1].name)} == {n.id for n in newer}
     finally:
         await store.close()
+
+
+def test_a_segment_descriptor_is_closed_once_when_two_closers_meet(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Segment.__del__`` in a worker thread and the store's close() can close the same segment
+    at once (close() reaches it through a weak reference while its finalizer runs): each
+    descriptor must be closed once, or the second close hits whatever file reused the number."""
+    import os as _os
+
+    from buildtel.services.storage.segments import Segment
+
+    path = tmp_path / "seg"
+    path.write_bytes(b"x")
+    seg = Segment(1, path, 1, 0, writable=True)
+    real, closed = _os.close, []
+
+    def close_meeting_another(fd: int) -> None:
+        if not closed:  # the other closer arrives just as the first closes its first descriptor
+            closed.append(fd)
+            seg.close()
+        else:
+            closed.append(fd)
+        real(fd)  # EBADF here if that descriptor was closed already
+
+    monkeypatch.setattr(_os, "close", close_meeting_another)
+    seg.close()
+    seg.close()  # idempotent
+    monkeypatch.undo()
+    assert sorted(closed) == sorted(set(closed)) and len(closed) == 2 and seg.fd == seg.wfd == -1
