@@ -41,18 +41,15 @@ def load(store: TelemetryStorage) -> DamageReport:
     fmt.remove_leftovers(store.directory)
     found = fmt.list_segments(store.directory)
     report = DamageReport(segments=len(found))
-    parts: list[Part] = []
-    seen: set[str] = set()
+    loaded: list[Part] = []
     segments: list[Segment] = []
-    first = 0
     for i, (number, path) in enumerate(found):
         store._next_number = max(store._next_number, number + 1)
         with _mapped(path) as data:
-            part = _load_segment(store, report, first, seen, segments, number, path, data,
-                                 last=i == len(found) - 1)
+            part = _load_segment(store, report, segments, number, path, data, last=i == len(found) - 1)
         if part is not None:
-            parts.append(part)
-            first += len(part[0])
+            loaded.append(part)
+    parts = _latest_records(loaded, report)
     for suffix in (sidecar.SUFFIX, rowfile.SUFFIX):
         for idx_path in store.directory.glob(f"seg-*{suffix}"):
             if not idx_path.with_suffix(fmt.SEGMENT_SUFFIX).exists():
@@ -63,7 +60,7 @@ def load(store: TelemetryStorage) -> DamageReport:
     for rows, _ in parts:
         for s in rows:
             store._live[s.segment] = store._live.get(s.segment, 0) + fmt.RECORD_HEADER_LEN + s.length
-    report.sessions = first
+    report.sessions = sum(len(rows) for rows, _ in parts)
     return report
 
 
@@ -82,8 +79,35 @@ def _mapped(path: Path, length: int | None = None) -> Iterator[bytes | mmap.mmap
             yield m
 
 
-def _load_segment(store: TelemetryStorage, report: DamageReport, first: int, seen: set[str], segments: list[Segment],
+def _latest_records(loaded: list[Part], report: DamageReport) -> list[Part]:
+    """Keep, of every id, only its last record (segments in number order, records in file order).
+
+    The writer never writes an id while the index holds it, so a later record of an id was
+    written after every earlier one had left the index: dropped by retention and then published
+    again (a redelivery, a re-import), or left behind unindexed by a failed batch.  The last
+    record is the one that was live; the earlier ones are dead weight (``superseded``) that
+    compaction reclaims, and never come back, whatever the limits at this open."""
+    last: dict[str, Summary] = {}
+    for rows, _ in loaded:
+        for row in rows:
+            last[row.id] = row
+    parts: list[Part] = []
+    first = 0
+    for rows, chunk in loaded:
+        kept = [r for r in rows if last[r.id] is r]
+        if len(kept) < len(rows):  # rare: the columns of the kept rows only
+            report.superseded += len(rows) - len(kept)
+            chunk = chunk_from_lists(0, [_as_array(chunk.hashes[chunk.offsets[i]:chunk.offsets[i + 1]])
+                                         for i, r in enumerate(rows) if last[r.id] is r])
+        chunk.first = first  # the part's first ordinal (Index.from_segments)
+        parts.append((kept, chunk))
+        first += len(kept)
+    return parts
+
+
+def _load_segment(store: TelemetryStorage, report: DamageReport, segments: list[Segment],
                   number: int, path: Path, data: bytes | mmap.mmap, *, last: bool) -> Part | None:
+    """The segment's intact records (all of them, in file order) and their target columns."""
     header, _ = fmt.parse_header(data)
     side: sidecar.Loaded | str = "no valid header"
     if header is not None and header.version == fmt.FORMAT_VERSION:
@@ -125,30 +149,20 @@ def _load_segment(store: TelemetryStorage, report: DamageReport, first: int, see
     if isinstance(side, sidecar.Loaded):
         report.indexed_from_sidecars += 1
         rows = side.rows
-        chunk = chunk_from_bytes(first, side.counts, side.hashes)
+        chunk = chunk_from_bytes(0, side.counts, side.hashes)  # placed by _latest_records
         if writable:  # it takes appends again: its next index file needs the rows' hashes
             hashes = [_as_array(chunk.hashes[chunk.offsets[i]:chunk.offsets[i + 1]]) for i in range(chunk.n)]
     else:
-        chunk = chunk_from_lists(first, hashes)
+        chunk = chunk_from_lists(0, hashes)
         if not writable and res.header is not None:
             _write_sidecar(store, seg, rows, hashes)  # the next open reads this instead
     report.records += len(rows)
-    kept: list[Summary] = []
     for row in rows:
         row.segment = seg
-        if row.id in seen:
-            report.duplicates += 1  # dead weight on disk; compaction reclaims it
-            continue
-        seen.add(row.id)
-        kept.append(row)
-    if len(kept) < len(rows):  # rare (a retried batch): the columns of the kept rows only
-        keep = {id(r) for r in kept}
-        chunk = chunk_from_lists(first, [_as_array(chunk.hashes[chunk.offsets[i]:chunk.offsets[i + 1]])
-                                         for i, r in enumerate(rows) if id(r) in keep])
     if writable:
         store._active = seg
         seg.rows, seg.hashes = list(rows), hashes  # its index file is written when it is sealed
-    return kept, chunk
+    return list(rows), chunk
 
 
 def _as_array(column: Any) -> array[int]:

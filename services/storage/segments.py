@@ -8,6 +8,7 @@ Kept apart from ``store.py`` so that ``store -> maintenance -> segments`` points
 from __future__ import annotations
 
 import os
+import threading
 from array import array
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ from typing import Any
 import msgspec
 
 from buildtel.services.storage import format as fmt
+
+# Guards taking a descriptor out of a Segment, so that it is closed exactly once: ``__del__`` can
+# run in a worker thread (the last reference to an old snapshot dropped there) while the store's
+# close() finds the same object through its WeakSet (a weak reference still answers during
+# ``__del__``).  A second os.close of the number would close whatever file reused it meanwhile.
+# Reentrant: a finalizer may run inside the critical section of the same thread.
+_FD_LOCK = threading.RLock()
 
 
 class DamageReport(msgspec.Struct, kw_only=True):
@@ -24,7 +32,7 @@ class DamageReport(msgspec.Struct, kw_only=True):
     segments: int = 0
     records: int = 0  # intact records read (from index files or by scanning)
     sessions: int = 0  # indexed after de-duplication (before retention)
-    duplicates: int = 0  # intact records whose id was already indexed
+    superseded: int = 0  # intact records of an id with a later record (that one is indexed)
     indexed_from_sidecars: int = 0  # segments whose records came from a verified index file
     scanned_bytes: int = 0  # segment bytes read and checksummed at open (the rest: see verify())
 
@@ -67,15 +75,17 @@ class Segment:
         self.verified = False  # every record checksummed since open (a scan, or verify())
 
     def close_writer(self) -> None:
-        if self.wfd >= 0:
-            os.close(self.wfd)
-            self.wfd = -1
+        with _FD_LOCK:
+            wfd, self.wfd = self.wfd, -1
+        if wfd >= 0:
+            os.close(wfd)
 
     def close(self) -> None:
-        self.close_writer()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with _FD_LOCK:
+            wfd, fd, self.wfd, self.fd = self.wfd, self.fd, -1, -1
+        for d in (wfd, fd):
+            if d >= 0:
+                os.close(d)
 
     def __del__(self) -> None:
         self.close()

@@ -196,7 +196,8 @@ class TelemetryStorage:
     # -- writes ------------------------------------------------------------------------------
     async def append_many(self, sessions: Sequence[BuildSession], *,
                           raw: Sequence[bytes] | None = None) -> list[bool]:
-        """Store the sessions whose id is not stored yet; ``[True]`` where a session was new.
+        """Store the sessions whose id is not indexed (live) yet; ``[True]`` where a session was new.
+        One retention dropped is stored again (docs/storage-format.md, Idempotency).
 
         ``raw[i]``, when given, must be the msgpack encoding of ``sessions[i]`` as received:
         it is stored verbatim, so fields added by a newer producer survive.  Durable (one

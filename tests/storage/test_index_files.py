@@ -92,7 +92,7 @@ async def test_every_state_an_index_file_can_be_left_in_reopens_whole(history, s
         os.utime(victim, ns=(time.time_ns(), time.time_ns() + 10**9))
     store, report = await _reopen(d)
     try:
-        assert await _ids(store) == ids and report.duplicates == 0
+        assert await _ids(store) == ids and report.superseded == 0
         scanned = report.indexed_from_sidecars < len(list(d.glob("seg-*.btl")))
         assert scanned == (state != "orphan")  # the damaged or stale one was scanned, nothing else
         assert not list(d.glob("*.tmp")) and not sidecar.path_for(d / "seg-9999999999.btl").exists()
@@ -134,7 +134,7 @@ async def test_compaction_rewrites_the_index_file(tmp_path: Path, make_session) 
         await store.close()
     store, report = await _reopen(d, max_sessions=12)
     try:
-        assert await _ids(store) == [s.id for s in sessions[-12:]] and report.duplicates == 0
+        assert await _ids(store) == [s.id for s in sessions[-12:]] and report.superseded == 0
         assert report.indexed_from_sidecars == report.segments  # every segment, rewritten or not
     finally:
         await store.close()

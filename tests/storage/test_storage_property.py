@@ -74,7 +74,7 @@ async def _scenario(pool: list[BuildSession], batches: list[list[int]], reopen_b
         store = TelemetryStorage(d, fsync=False, segment_bytes=segment_bytes)
         report = await store.open()
         try:
-            assert report.ok and report.duplicates == 0
+            assert report.ok and report.superseded == 0
             assert await store.count() == len(appended)
             for sid, s in appended.items():
                 assert await store.get(sid) == s

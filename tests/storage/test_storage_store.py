@@ -70,7 +70,7 @@ async def test_idempotent_by_session_id(tmp_path: Path, make_session) -> None:
     await store.close()
     again = TelemetryStorage(tmp_path / "t", fsync=False)
     report = await again.open()
-    assert report.records == 3 and report.duplicates == 0  # stored once on disk too
+    assert report.records == 3 and report.superseded == 0  # stored once on disk too
     await again.close()
 
 
@@ -283,7 +283,7 @@ async def test_failed_write_leaves_no_trace(tmp_path: Path, make_session, monkey
     assert await store.append_many(lost) == [True, True]  # the retry (a redelivery) is stored
     await store.close()
     store = await opened(tmp_path / "t")
-    assert store.last_report.ok and store.last_report.duplicates == 0
+    assert store.last_report.ok and store.last_report.superseded == 0
     assert {s.id for s in await store.recent(10)} == {kept.id, lost[0].id, lost[1].id}
     await store.close()
 
@@ -299,3 +299,71 @@ async def test_one_process_per_directory(tmp_path: Path, make_session) -> None:
     third = await opened(tmp_path / "t")  # released on close (and by the kernel on a crash)
     assert await third.count() == 1
     await third.close()
+
+
+@pytest.mark.parametrize("reopen", ["close", "crash"])
+async def test_a_session_published_again_after_retention_is_stored_again(tmp_path: Path, make_session,
+                                                                          reopen: str) -> None:
+    """A session retention dropped and then published again (a redelivery, a re-import) is stored
+    again, as published the second time; a reopen, clean or after a crash, indexes that record and
+    not the dropped one still on disk, even when the limits at that open would keep both."""
+    import msgspec
+
+    from buildtel.services.storage.index import Filters
+
+    now = time.time()
+    old = make_session(0, finish=now - 300)
+    newer = [make_session(i, finish=now - 100 + i) for i in (1, 2)]
+    store = await opened(tmp_path / "t", max_sessions=2)
+    await store.append_many([old, *newer])
+    await store.enforce_retention()
+    assert await store.get(old.id) is None and await store.count() == 2  # its record stays on disk
+    again = msgspec.structs.replace(old, name="re-imported", targets=old.targets[:1])  # the same id
+    assert await store.append_many([again]) == [True]
+    assert await store.get(old.id) == again and await store.count() == 3
+    if reopen == "close":
+        await store.close()
+    else:  # what SIGKILL leaves: no index file for the active segment, the lock released
+        for seg in list(store._all_segments):
+            seg.close()
+        store._closed = True
+        store._unlock()
+    store = await opened(tmp_path / "t", max_sessions=10)  # nothing due: a dropped record could come back
+    try:
+        assert store.last_report.ok and store.last_report.superseded == 1
+        assert await store.count() == 3
+        assert await store.get(old.id) == again
+        assert [s.id for s in await store.recent(10)] == [newer[1].id, newer[0].id, old.id]
+        assert [s.name for s in (await store.summaries(Filters(name="re-imported")))[0]] == ["re-imported"]
+        assert {s.id for s in await store.query(target=old.targets[1].name)} == {n.id for n in newer}
+    finally:
+        await store.close()
+
+
+def test_a_segment_descriptor_is_closed_once_when_two_closers_meet(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Segment.__del__`` in a worker thread and the store's close() can close the same segment
+    at once (close() reaches it through a weak reference while its finalizer runs): each
+    descriptor must be closed once, or the second close hits whatever file reused the number."""
+    import os as _os
+
+    from buildtel.services.storage.segments import Segment
+
+    path = tmp_path / "seg"
+    path.write_bytes(b"x")
+    seg = Segment(1, path, 1, 0, writable=True)
+    real, closed = _os.close, []
+
+    def close_meeting_another(fd: int) -> None:
+        if not closed:  # the other closer arrives just as the first closes its first descriptor
+            closed.append(fd)
+            seg.close()
+        else:
+            closed.append(fd)
+        real(fd)  # EBADF here if that descriptor was closed already
+
+    monkeypatch.setattr(_os, "close", close_meeting_another)
+    seg.close()
+    seg.close()  # idempotent
+    monkeypatch.undo()
+    assert sorted(closed) == sorted(set(closed)) and len(closed) == 2 and seg.fd == seg.wfd == -1
