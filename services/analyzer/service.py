@@ -91,7 +91,7 @@ MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
 COMMIT_CHUNK = 2000  # series read, folded and committed per Redis round trip (bounded replies and scripts)
 POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lettered, not retried forever
-EXPLAIN_TIMEOUT_S = 3.0  # per storage request while explaining an alert (then it goes out with a note)
+EXPLAIN_TIMEOUT_S = 3.0  # per storage or recorder request while explaining an alert (then it goes out with a note)
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
