@@ -138,6 +138,13 @@ async def test_an_alert_between_recorded_builds_names_the_changed_input(
     b = body("alert", delivery="d1", subscription="s1", tenant="t", items=[(a, AlertState())], web=None)
     assert "input src/greet.c: changed" in slack(b)["text"] + slack(b)["attachments"][0]["text"]
 
+    # A recording dropped by retention (or kept on another machine): asked again for a while, then a note.
+    await asyncio.to_thread(store.delete_recording, good_id)
+    e = (await explained()).explanation
+    assert e is not None and NO_CODE_CHANGE in e.summary and "inputs changed" not in e.summary, e.summary
+    [note] = [n for n in e.notes if n.startswith("input files not compared")]
+    assert f"no recording has id {good_id}" in note and "dropped by retention" in note, note
+
     # No recorder answering: the alert is explained all the same, and says what it could not compare.
     await stack["recorder"].stop()
     a = await explained()
