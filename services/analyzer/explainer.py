@@ -8,7 +8,9 @@ on it, and the alert goes out (telemetry never holds a regression back for want 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -69,8 +71,11 @@ async def _recorded_inputs(nc: Any, namespace: str, good: BuildSession | None, b
 
 
 async def explain_alert(alert: Alert, *, nc: Any, redis: Any, keys: Keys, namespace: str, timeout: float,
-                        session: BuildSession | None = None) -> Alert:
-    """``alert`` with its explanation (a copy; an alert already explained is returned as is)."""
+                        session: BuildSession | None = None,
+                        progress: Callable[[], Awaitable[Any]] | None = None) -> Alert:
+    """``alert`` with its explanation (a copy; an alert already explained is returned as is).
+    ``progress``: called between the storage and the recorder waits (the session message being
+    folded is kept ours: both waits together may outlast its ack wait)."""
     prior = alert.explanation
     if prior is not None and prior.summary:
         return alert
@@ -100,6 +105,9 @@ async def explain_alert(alert: Alert, *, nc: Any, redis: Any, keys: Keys, namesp
         notes.append(f"load factors unavailable ({exc!r}): durations compared as measured")
     good = have.get(alert.last_good_session_id or "")
     bad = have.get(alert.first_session_id)
+    if progress is not None and good is not None and bad is not None and good.record and bad.record:
+        with contextlib.suppress(Exception):
+            await progress()
     inputs, more = await _recorded_inputs(nc, namespace, good, bad, timeout)
     notes += more
     e = explain(good, bad, f_good=factors.get(alert.last_good_session_id or "", 1.0),

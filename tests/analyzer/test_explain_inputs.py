@@ -118,12 +118,18 @@ async def test_an_alert_between_recorded_builds_names_the_changed_input(
     analyzer: AnalyzerService = stack["analyzer"]
     alert = _alert(good, bad)
 
+    kept: list[int] = []
+
+    async def in_progress() -> None:  # the session message's ack wait, extended before the recorder's
+        kept.append(1)
+
     async def explained() -> Alert:
         # As the analyzer does before publishing: over its own connection, i.e. its NATS role.
         return await explain_alert(alert, nc=analyzer.nc, redis=analyzer.redis, keys=Keys(settings.namespace),
-                                   namespace=settings.namespace, timeout=3.0)
+                                   namespace=settings.namespace, timeout=3.0, progress=in_progress)
 
     a = await explained()
+    assert kept == [1]
     e = a.explanation
     assert e is not None and e.code_change is False
     inputs = [(d.what, d.key, d.before, d.after) for d in e.differences if d.what == "input"]
