@@ -194,7 +194,10 @@ def role_permissions(role: str, ns: str) -> dict[str, object]:
                             f"{ns}.storage.*.>"],
                            base_streams, [se], [storage_q, *micro_sub])
         case "analyzer":
-            return service([f"{ns}.alerts.>", storage_q, *_object_read(ns)], [*base_streams, al], [se],
+            # The recorder's diff alone: an alert between two recorded builds names the input files
+            # that changed (explainer.py).
+            return service([f"{ns}.alerts.>", storage_q, f"{ns}.recorder.diff", *_object_read(ns)],
+                           [*base_streams, al], [se],
                            [analyzer_q, *micro_sub])
         case "tracer":
             return service([storage_q, *_object_read(ns)], [*base_streams, sp], [se, sp], [traces_q, *micro_sub])

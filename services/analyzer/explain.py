@@ -10,7 +10,9 @@ works out, purely (no I/O; the service fetches the sessions):
   (``bottlenecks.critical_path``), and which targets entered or left it;
 * **what else changed**: the commit range, or "no code change between these builds" when both ran
   at the same commit, plus the environment variables, tool versions, working directory and
-  command that differ (``shared/recording/diff``: the same comparison ``buildtel diff`` makes).
+  command that differ (``shared/recording/diff``: the same comparison ``buildtel diff`` makes);
+  and, when both builds were recorded (``buildtel run --record``), the input files that changed
+  between their recordings (the recorder's ``diff``, fetched by ``explainer.py``: :func:`input_differences`).
 
 What could not be worked out is said in ``notes`` (a session storage no longer holds, no
 environment captured), never left blank without a word.
@@ -25,12 +27,14 @@ import msgspec
 from buildtel.services.analyzer.bottlenecks import critical_path
 from buildtel.shared.protocol import CACHE_HITS, BuildSession
 from buildtel.shared.recording.diff import diff, side_from_session
+from buildtel.shared.recording.diffview import BuildDiff, FilesDiff
 
 NO_CODE_CHANGE = "no code change between these builds"
 MAX_CULPRITS = 5  # culprits named at most (the largest increases)
 MIN_CULPRIT_SHARE = 0.05  # a target adding less than 5 % of the added time explains nothing
 MIN_CULPRIT_S = 0.1  # nor one adding less than this: run-to-run noise of any target
-MAX_DIFFERENCES = 20  # environment differences named at most (the rest are counted)
+MAX_DIFFERENCES = 20  # environment differences named at most (the rest are counted); input files likewise
+SUMMARY_INPUTS = 3  # input files the summary line names
 
 
 class Culprit(msgspec.Struct, kw_only=True):
@@ -54,9 +58,15 @@ class PathShift(msgspec.Struct, kw_only=True):
 
 
 class Difference(msgspec.Struct, kw_only=True):
-    what: Literal["env", "tool", "cwd", "command", "vcs"]
-    key: str  # variable or tool name; "" for cwd and command
-    before: str | None  # None: not set / not known in the last good build
+    """One change besides the code.  For ``input`` (a file under the build's directory, ``key`` its
+    path relative to it) and ``external_input`` (a file outside it, ``key`` as recorded): ``before``
+    is ``"read"`` when the last good build read the file, null when it did not; ``after`` is
+    ``"changed"`` (both read it, its content differs), ``"read"`` (only the first bad build read it:
+    added) or null (only the last good one did: removed)."""
+
+    what: Literal["env", "tool", "cwd", "command", "vcs", "input", "external_input"]
+    key: str  # variable or tool name, file path; "" for cwd and command
+    before: str | None  # None: not set / not known / not read in the last good build
     after: str | None
 
 
@@ -153,10 +163,44 @@ def differences(good: BuildSession, bad: BuildSession) -> tuple[list[Difference]
     return out, notes
 
 
+def _files(what: Literal["input", "external_input"], f: FilesDiff) -> list[Difference]:
+    return ([Difference(what=what, key=p, before="read", after="changed") for p in f.changed]
+            + [Difference(what=what, key=p, before=None, after="read") for p in f.added]
+            + [Difference(what=what, key=p, before="read", after=None) for p in f.removed])
+
+
+def input_differences(d: BuildDiff) -> tuple[list[Difference] | None, list[str]]:
+    """The input files that changed between two recordings (the recorder's diff of the last good
+    build's recording and the first bad one's): in the tree first, then outside it; None (with a
+    note) when a recording holds no file capture."""
+    if d.inputs is None:
+        return None, ["input files not compared: a build's recording kept its events only, not its files "
+                      "(files are recorded by `buildtel run --record`)"]
+    out = _files("input", d.inputs)
+    if d.external_inputs is not None:
+        out += _files("external_input", d.external_inputs)
+    return out, []
+
+
+def _unrecorded_note(good: BuildSession, bad: BuildSession, code_change: bool | None) -> list[str]:
+    """Why input files were not compared, when the builds were not both recorded: said when one of
+    them was, or when no code change explains the alert (else every alert would carry it)."""
+    if good.record and bad.record:
+        return []  # the fetcher said why it has no comparison
+    if not (good.record or bad.record) and code_change is True:
+        return []
+    which = ("neither build was" if not (good.record or bad.record)
+             else "the last good build was not" if not good.record else "the first bad build was not")
+    return [f"input files not compared: {which} recorded (buildtel run --record)"]
+
+
 def explain(good: BuildSession | None, bad: BuildSession | None, *, f_good: float = 1.0, f_bad: float = 1.0,
-            host: HostSlowdown | None = None, notes: list[str] | None = None) -> Explanation:
+            host: HostSlowdown | None = None, notes: list[str] | None = None,
+            inputs: list[Difference] | None = None) -> Explanation:
     """The explanation of a change between ``good`` (the last good build) and ``bad`` (the first
-    bad one); either may be None (not stored any more, or no build before the change)."""
+    bad one); either may be None (not stored any more, or no build before the change).  ``inputs``:
+    the input files that changed between their recordings (:func:`input_differences`); None when
+    not compared (why is in ``notes``, or said here when a build was not recorded)."""
     notes = list(notes or [])
     if good is None or bad is None:
         if bad is not None and good is None and not notes:
@@ -170,6 +214,8 @@ def explain(good: BuildSession | None, bad: BuildSession | None, *, f_good: floa
     found = culprits(good, bad, f_good, f_bad, path) if host is None else []
     diffs, more_notes = differences(good, bad)
     notes += more_notes
+    if inputs is None:
+        notes += _unrecorded_note(good, bad, code_change)
     parts: list[str] = []
     if host is not None:
         parts.append(f"most targets slowed down together (x{host.factor:.2f}, "
@@ -183,17 +229,32 @@ def explain(good: BuildSession | None, bad: BuildSession | None, *, f_good: floa
         parts.append(NO_CODE_CHANGE)
     elif code_change is None:
         parts.append("commit unknown for " + ("the last good build" if ca is None else "the first bad build"))
+    if code_change is not True and inputs is not None:
+        more = len(inputs) - SUMMARY_INPUTS
+        parts.append(("inputs changed: " + ", ".join(_input_short(x) for x in inputs[:SUMMARY_INPUTS])
+                      + (f" and {more} more" if more > 0 else "")) if inputs else "recorded inputs unchanged")
     if diffs and code_change is not True:
         parts.append("changed: " + ", ".join(_short(x) for x in diffs[:3]) + (" …" if len(diffs) > 3 else ""))
+    listed = inputs or []
+    # Each kind capped on its own: a commit touching hundreds of files must not hide a changed compiler.
     return Explanation(summary="; ".join(parts), code_change=code_change, added_s=bad.duration_s - good.duration_s,
-                       culprits=found, critical_path=shift, differences=diffs[:MAX_DIFFERENCES],
-                       differences_more=max(0, len(diffs) - MAX_DIFFERENCES), host_factor_before=f_good,
-                       host_factor_after=f_bad, host_slowdown=host, notes=notes)
+                       culprits=found, critical_path=shift,
+                       differences=diffs[:MAX_DIFFERENCES] + listed[:MAX_DIFFERENCES],
+                       differences_more=max(0, len(diffs) - MAX_DIFFERENCES) + max(0, len(listed) - MAX_DIFFERENCES),
+                       host_factor_before=f_good, host_factor_after=f_bad, host_slowdown=host, notes=notes)
+
+
+def _input_short(d: Difference) -> str:
+    change = "" if d.after == "changed" else " (added)" if d.before is None else " (removed)"
+    return d.key + change
 
 
 def _short(d: Difference) -> str:
     if d.what in ("cwd", "command"):
         return d.what
+    if d.what in ("input", "external_input"):
+        how = "changed" if d.after == "changed" else "added" if d.before is None else "removed"
+        return f"input{' outside the tree' if d.what == 'external_input' else ''} {d.key}: {how}"
     return f"{'tool ' if d.what == 'tool' else ''}{d.key}: {d.before or '(unset)'} -> {d.after or '(unset)'}"
 
 

@@ -1,5 +1,6 @@
 """Explain an alert before it is published: fetch the builds either side of the change from the
-storage service and the load factors they were judged at from the series' ring in Redis, then
+storage service, the load factors they were judged at from the series' ring in Redis and, when
+both builds were recorded, the diff of their recordings from the recorder service, then
 ``explain.explain`` (pure).  Nothing here fails an alert: what cannot be fetched becomes a note
 on it, and the alert goes out (telemetry never holds a regression back for want of a detail).
 """
@@ -7,20 +8,27 @@ on it, and the alert goes out (telemetry never holds a regression back for want 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from buildtel.services.analyzer import fetch
 from buildtel.services.analyzer.alerts import Alert, ring_of
-from buildtel.services.analyzer.explain import explain
+from buildtel.services.analyzer.explain import Difference, explain, input_differences
+from buildtel.services.recorder.api import DiffRequest, RecorderClient, RecorderError
 from buildtel.shared.keys import Keys
 from buildtel.shared.protocol import BuildSession
+from buildtel.shared.subjects import Subjects
 
 # Storage consumes the sessions stream on its own: a build the analyzer has just folded may not be
 # stored yet.  A build not found is asked for again for this long before the alert goes without it.
 NOT_FOUND_WAIT_S = 5.0
+# `buildtel run --record` writes the recording's manifest just after the build's last event: the
+# first bad build's recording may be a moment behind its session.  Asked again for this long.
+RECORDING_WAIT_S = 5.0
 
 
 async def _factors(redis: Any, keys: Keys, series: list[str]) -> dict[str, float]:
@@ -39,9 +47,35 @@ async def _factors(redis: Any, keys: Keys, series: list[str]) -> dict[str, float
     return out
 
 
+async def _recorded_inputs(nc: Any, namespace: str, good: BuildSession | None, bad: BuildSession | None,
+                           timeout: float) -> tuple[list[Difference] | None, list[str]]:
+    """The input files that changed between the two builds' recordings; None and a note when they
+    cannot be compared.  Recordings are kept by the recorder service on the machine that ran the
+    build (their id is the session's): asked over the bus, never read here."""
+    if good is None or bad is None or not (good.record and bad.record):
+        return None, []  # explain() says which build was not recorded
+    client = RecorderClient(nc, Subjects(namespace), timeout=timeout)
+    deadline = time.monotonic() + RECORDING_WAIT_S
+    while True:
+        try:
+            return input_differences(await client.diff(DiffRequest(a=good.id, b=bad.id)))
+        except RecorderError as exc:
+            if exc.code == 404 and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                continue
+            where = (" (made on a machine whose recorder did not answer, or dropped by retention)"
+                     if exc.code == 404 else "")
+            return None, [f"input files not compared: the recording diff was unavailable: {exc.description}{where}"]
+        except Exception as exc:  # noqa: BLE001 - a closed connection: the alert goes out without it
+            return None, [f"input files not compared: the recording diff was unavailable: {exc!r}"]
+
+
 async def explain_alert(alert: Alert, *, nc: Any, redis: Any, keys: Keys, namespace: str, timeout: float,
-                        session: BuildSession | None = None) -> Alert:
-    """``alert`` with its explanation (a copy; an alert already explained is returned as is)."""
+                        session: BuildSession | None = None,
+                        progress: Callable[[], Awaitable[Any]] | None = None) -> Alert:
+    """``alert`` with its explanation (a copy; an alert already explained is returned as is).
+    ``progress``: called between the storage and the recorder waits (the session message being
+    folded is kept ours: both waits together may outlast its ack wait)."""
     prior = alert.explanation
     if prior is not None and prior.summary:
         return alert
@@ -71,8 +105,13 @@ async def explain_alert(alert: Alert, *, nc: Any, redis: Any, keys: Keys, namesp
         notes.append(f"load factors unavailable ({exc!r}): durations compared as measured")
     good = have.get(alert.last_good_session_id or "")
     bad = have.get(alert.first_session_id)
+    if progress is not None and good is not None and bad is not None and good.record and bad.record:
+        with contextlib.suppress(Exception):
+            await progress()
+    inputs, more = await _recorded_inputs(nc, namespace, good, bad, timeout)
+    notes += more
     e = explain(good, bad, f_good=factors.get(alert.last_good_session_id or "", 1.0),
-                f_bad=factors.get(alert.first_session_id, 1.0), host=host, notes=notes)
+                f_bad=factors.get(alert.first_session_id, 1.0), host=host, notes=notes, inputs=inputs)
     if not e.summary:
         e.summary = "no explanation: " + ("; ".join(notes) if notes else "nothing to compare")
     return msgspec.structs.replace(alert, explanation=e)

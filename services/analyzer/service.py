@@ -91,7 +91,7 @@ MAX_CAS_ATTEMPTS = 100
 THREAD_FOLD_OVER = 16  # series per session above which folding runs off the event loop
 COMMIT_CHUNK = 2000  # series read, folded and committed per Redis round trip (bounded replies and scripts)
 POISON_DELIVERIES = MAX_DELIVER  # a session that failed this often is dead-lettered, not retried forever
-EXPLAIN_TIMEOUT_S = 3.0  # per storage request while explaining an alert (then it goes out with a note)
+EXPLAIN_TIMEOUT_S = 3.0  # per storage or recorder request while explaining an alert (then it goes out with a note)
 _REPLY_OVERHEAD = 4096
 FLAME_REPLY_LIMIT: int | None = None  # bytes; None = the server's max_payload (tests lower it)
 _enc = msgspec.msgpack.Encoder()
@@ -176,7 +176,7 @@ class AnalyzerService(BusService):
             # session ours meanwhile rather than let the ack wait hand it to another replica.
             with contextlib.suppress(Exception):
                 await msg.in_progress()
-            await self._publish(a, session)
+            await self._publish(a, session, progress=msg.in_progress)
         # Counted once per session id (a marker in its done hash), after all its series are folded.
         n = shard(session.id)
         await self._seen(keys=[self.keys.analyzer_done(session.id, n), self.keys.analyzer_stats(n)], args=[DONE_TTL_S])
@@ -297,11 +297,13 @@ class AnalyzerService(BusService):
                 statuses[j] = status
         return statuses
 
-    async def _publish(self, alert: Alert, session: BuildSession | None = None) -> None:
+    async def _publish(self, alert: Alert, session: BuildSession | None = None,
+                       progress: Callable[[], Awaitable[Any]] | None = None) -> None:
         # The explanation needs the two stored builds either side of the change: fetched now, not
         # at commit time (folding does no I/O); the sweeper's republish explains it the same way.
         alert = await explain_alert(alert, nc=self.nc, redis=self.redis, keys=self.keys,
-                                    namespace=self.settings.namespace, timeout=EXPLAIN_TIMEOUT_S, session=session)
+                                    namespace=self.settings.namespace, timeout=EXPLAIN_TIMEOUT_S, session=session,
+                                    progress=progress)
         subject = self.subjects.alert(alert.kind, alert.branch, alert.host if alert.kind == "host" else alert.target)
         try:
             await self.js.publish(subject, encode_alert(alert), timeout=5.0,

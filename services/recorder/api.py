@@ -1,7 +1,8 @@
 """The recorder's bus API: what other services may ask of the recordings on its machine.
 
 Recordings live where the recorder runs (``<data dir>/recordings/``); the web service asks for
-them here instead of holding a copy.  Requests go to the ``<ns>-recorder`` NATS micro service on
+them here instead of holding a copy, and the analyzer asks for the diff of the two builds an
+alert names (their input files).  Requests go to the ``<ns>-recorder`` NATS micro service on
 ``<ns>.recorder.{list,get,events,diff}`` (:func:`endpoint_subject`); bodies are MessagePack,
 errors micro errors (400 a bad request or an ambiguous id prefix, 404 no such recording, 413 a
 reply over one NATS message) raised by :class:`RecorderClient` as :class:`RecorderError`.
