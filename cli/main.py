@@ -70,7 +70,8 @@ COMMAND_HELP: dict[str, str] = {
     "recordings": "list local recordings",
     "trace": "show a build's trace (span tree with timings), or export it",
     "w3c-testpoint": "serve POST /test for the W3C Trace Context test suite",
-    "report": "build analytics: build times, trends, targets, flakiness, bottlenecks, alerts",
+    "report": "build analytics: build times, trends, targets, flakiness, bottlenecks, and the alerts that began in "
+              "the window (open, acknowledged, muted)",
     "export": "write a report to a file: json, csv (sessions + targets files) or summary",
     "alerts": "regression alerts (build and target durations, host slowdowns), explained; ack, mute, unmute, "
               "subscriptions",
