@@ -360,10 +360,11 @@ def finished_outcome(finished: dict[str, Any]) -> tuple[int, Outcome]:
     return exit_code, "success" if ok else "cancelled" if interrupted else "failed"
 
 
-def _one_record_each(st: _State) -> list[TargetFailure]:
+def one_record_each(st: _State) -> list[TargetFailure]:
     """One failure record per failed target: its failed action's output when Bazel sent it (with
-    the target's failure code), else the message of its ``targetCompleted``."""
-    codes = {f.target: f.tool_code for f in st.target_failures if f.tool_code}
+    the target's failure code), else the message of its ``targetCompleted`` (the live mapping,
+    bep_stream.py, has only the former: its targets carry no message)."""
+    codes = {label: code for (label, _cfg), code in st.codes.items() if code}
     found = [msgspec.structs.replace(f, tool_code=codes[f.target]) if not f.tool_code and f.target in codes else f
              for f in st.failures.found]
     have = {f.target for f in found}
@@ -479,7 +480,7 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
         outcome=outcome, exit_code=exit_code,
         command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
         labels=labels, agent=AGENT, cache=cache, duration_s=duration_s, environment=env, cpu_s=cpu_s,
-        completeness=completeness, failures=_one_record_each(st), tests=st.test_cases,
+        completeness=completeness, failures=one_record_each(st), tests=st.test_cases,
     )
     details = {
         "events": st.events, "target_completed": st.completed_events,

@@ -276,6 +276,6 @@ class StreamMapper:
             ts=finish_ms / 1000.0 if finish_ms is not None else self._clock(),
             exit_code=exit_code, outcome=outcome,  # type: ignore[arg-type]
             cpu_s=cpu_ms / 1000.0 if cpu_ms is not None else None,
-            expected_events={self.agent_id: seq + 1}, failures=st.failures.found, labels=labels,
+            expected_events={self.agent_id: seq + 1}, failures=bep.one_record_each(st), labels=labels,
             cache_hits=cache[0] if cache else None, cache_misses=cache[1] if cache else None))
         return ev

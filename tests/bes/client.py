@@ -128,3 +128,12 @@ async def replay(target: str, events: list[Any], invocation_id: str, build_id: s
                                  invocation_status=build_status_pb2.BuildStatus(
                                      result=build_status_pb2.BuildStatus.COMMAND_SUCCEEDED)))
     return result
+
+
+def as_imported(data: bytes) -> Any:
+    """The session ``buildtel import bep`` stores of a BEP JSON file: the importer's mapping, then
+    the one classified failure record per failed target the collector gives a live build too."""
+    from buildtel.shared.failrecord import unify
+    from buildtel.shared.importers.bep import parse_bep
+
+    return unify(parse_bep(data).sessions[0])

@@ -10,10 +10,9 @@ import pytest
 
 from buildtel.services.bes.service import BesService
 from buildtel.services.bes.stream import session_id_for
-from buildtel.shared.importers.bep import parse_bep
 from buildtel.shared.protocol import BuildSession, is_complete
 from buildtel.shared.subjects import Subjects
-from tests.bes.client import DATA, read_bep_json, replay
+from tests.bes.client import DATA, as_imported, read_bep_json, replay
 from tests.util import completed_sessions
 
 KAHLYS = DATA / "kahlys-battools_bazel7.1.2_test_build_events.json"
@@ -52,7 +51,7 @@ async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, n
     result = await replay(bes.url.removeprefix("grpc://"), events, invocation)
     assert result.acks == list(range(1, len(events) + 2))  # every event and the stream end, in order
     [live] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1)
-    imported = parse_bep(KAHLYS.read_bytes()).sessions[0]
+    imported = as_imported(KAHLYS.read_bytes())
     _same_as_import(live, imported)
     assert live.id == session_id_for(invocation) == invocation.replace("-", "")
     assert is_complete(live) and live.outcome == "success"
@@ -72,7 +71,7 @@ async def test_bazel_7_test_stream_gives_the_imported_session(bes: BesService, n
 async def test_stream_without_build_finished_is_abandoned_as_the_import(bes: BesService, nc) -> None:
     # Bazel 3.4.1, ends with an aborted targetConfigured as lastMessage and no buildFinished.
     events = read_bep_json(QAISJP)
-    imported = parse_bep(QAISJP.read_bytes()).sessions[0]
+    imported = as_imported(QAISJP.read_bytes())
     await replay(bes.url.removeprefix("grpc://"), events, events[0].started.uuid)
     [live] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1, timeout=30)
     assert live.outcome == imported.outcome
@@ -103,7 +102,7 @@ async def test_a_small_window_still_acknowledges_every_event_in_order(bes_settin
         result = await replay(svc.url.removeprefix("grpc://"), events, events[0].started.uuid)
         assert result.acks == list(range(1, len(events) + 2))
         [live] = await completed_sessions(nc.jetstream(), Subjects(bes_settings.namespace), 1)
-        _same_as_import(live, parse_bep(KAHLYS.read_bytes()).sessions[0])
+        _same_as_import(live, as_imported(KAHLYS.read_bytes()))
     finally:
         await svc.stop()
 
@@ -120,7 +119,7 @@ async def test_workspace_status_after_the_first_targets_still_names_host_and_use
     result = await replay(bes.url.removeprefix("grpc://"), events, invocation)
     assert result.acks == list(range(1, len(events) + 2))
     [live] = await completed_sessions(nc.jetstream(), Subjects(bes.settings.namespace), 1)
-    imported = parse_bep(KAHLYS.read_bytes()).sessions[0]
+    imported = as_imported(KAHLYS.read_bytes())
     assert live.environment is not None and imported.environment is not None
     assert (live.environment.hostname, live.environment.user) == (imported.environment.hostname,
                                                                   imported.environment.user) != ("", "")

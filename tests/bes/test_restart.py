@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ import grpc
 import pytest
 
 from buildtel.services.collector.service import CollectorService
-from buildtel.shared.importers.bep import parse_bep
 from buildtel.shared.protocol import is_complete
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from tests.bes.client import as_imported
 from tests.bes.test_bazel import _targets, _workspace
 from tests.util import completed_sessions, stack_env
 
@@ -116,7 +117,7 @@ async def test_endpoint_killed_and_restarted_mid_build_loses_nothing(
                                on="Executing genrule //:slow", action=restart)
     assert rc == 0 and "Build Event Protocol upload failed" not in printed, printed
     [live] = await completed_sessions(nc.jetstream(), Subjects(endpoint.settings.namespace), 1, timeout=60)
-    imported = parse_bep(bep_file.read_bytes()).sessions[0]
+    imported = as_imported(bep_file.read_bytes())
     assert live.id == imported.id and is_complete(live)
     assert (live.outcome, live.exit_code) == ("success", 0)
     assert (live.name, live.command) == (imported.name, imported.command)  # the first endpoint's header stands
@@ -128,10 +129,20 @@ async def test_endpoint_killed_and_restarted_mid_build_loses_nothing(
 async def test_endpoint_killed_for_good_leaves_an_incomplete_session(collector: CollectorService, endpoint: Endpoint,
                                                                       nc: Any, tmp_path: Path) -> None:
     # The BES fixtures' collector: a short inactivity timeout, so the broken session is stored soon.
-    ws = _workspace(tmp_path, delay="3")
+    ws = _workspace(tmp_path, delay="10")
+
+    async def kill_once_the_build_is_on_the_bus() -> None:
+        # With --bes_upload_mode=fully_async Bazel runs ahead of a loaded endpoint: killed before
+        # it published anything there would be no session to leave incomplete (a loaded full run).
+        deadline = time.monotonic() + 60
+        while collector.events_in == 0:
+            assert time.monotonic() < deadline, "the endpoint published no event of the build"
+            await asyncio.sleep(0.05)
+        await endpoint.kill()
+
     rc, printed = await _bazel(ws, tmp_path, "--jobs=4", "//:a", "//:slow", "--bes_upload_mode=fully_async",
                                f"--bes_backend=grpc://127.0.0.1:{endpoint.port}",
-                               on="Executing genrule //:slow", action=endpoint.kill)
+                               on="Executing genrule //:slow", action=kill_once_the_build_is_on_the_bus)
     assert rc == 0, printed  # the build is the build's: the endpoint's death changes nothing in it
     assert (ws / "bazel-bin" / "slow.txt").read_text() == "s\n"
     [live] = await completed_sessions(nc.jetstream(), Subjects(endpoint.settings.namespace), 1, timeout=60)
