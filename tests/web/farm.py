@@ -40,6 +40,7 @@ check:
 FLAKE = '<failure message="AssertionError: expected 3, got 4">assert 3 == 4</failure>'
 
 PUBLIC = ("/healthz", "/api/v1/openapi.json")
+FARM_TIMEOUT_S = 420  # per test in the modules that use a farm: its setup, then the first test's steps
 
 
 class Farm:
@@ -135,7 +136,7 @@ async def get_json(http: aiohttp.ClientSession, url: str, key: str) -> Any:
 async def ready(farm: Farm, http: aiohttp.ClientSession) -> dict[str, Any]:
     """Wait (bounded) until storage holds every build and the demo's alert is out; the document."""
     key = farm.keys["read"]
-    deadline = time.monotonic() + 90  # inside the first test's 120 s: a clear failure, not a timeout
+    deadline = time.monotonic() + 240  # inside FARM_TIMEOUT_S after the farm's setup: a clear failure, not a timeout
     while True:
         page = await get_json(http, f"{farm.web}/api/v1/sessions?limit=100", key)
         alerts = await get_json(http, f"{farm.web}/api/v1/alerts", key)

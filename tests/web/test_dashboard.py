@@ -18,7 +18,11 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
 
 from tests.browser import chromium
-from tests.web.farm import Farm, get_json, ready
+from tests.web.farm import FARM_TIMEOUT_S, Farm, get_json, ready
+
+# The module's first test also pays for its farm (farm.py: a stack, 30 demo builds, make builds,
+# keys), which next to other load took over the suite's 120 s; a test's own steps stay well inside.
+pytestmark = pytest.mark.timeout(FARM_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,15 @@ from xml.etree import ElementTree
 
 import aiohttp
 import jsonschema
+import pytest
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from tests.web.farm import PUBLIC, Farm, get_json, ready
+from tests.web.farm import FARM_TIMEOUT_S, PUBLIC, Farm, get_json, ready
+
+# The module's first test also pays for its farm (farm.py: a stack, 30 demo builds, make builds,
+# keys), which next to other load took over the suite's 120 s; a test's own steps stay well inside.
+pytestmark = pytest.mark.timeout(FARM_TIMEOUT_S)
 
 
 def _fill(path: str, ids: dict[str, str], mine: bool = True) -> str:
