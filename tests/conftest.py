@@ -129,3 +129,20 @@ async def redis_client(settings: Settings) -> AsyncIterator[object]:
     async for key in r.scan_iter(match=f"{settings.namespace}:*", count=1000):
         await r.delete(key)
     await r.aclose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The cluster pass runs only the tests that reach Redis through the ``redis_url`` fixture and
+    are not marked ``single_redis``: the others (pure logic, or a stack of their own with its own
+    Redis) would run the same as in the first pass, and CI's time is better spent elsewhere
+    (docs/testing.md)."""
+    if os.environ.get("BUILDER_TELEMETRY_TEST_REDIS") != "cluster":
+        return
+    def wanted(i: pytest.Item) -> bool:
+        return "redis_url" in getattr(i, "fixturenames", ()) and i.get_closest_marker("single_redis") is None
+
+    keep = [i for i in items if wanted(i)]
+    dropped = [i for i in items if not wanted(i)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
