@@ -18,6 +18,7 @@ replies storage sends to a dashboard.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from collections.abc import Iterable
@@ -278,3 +279,15 @@ def nats_authorization(auth: StackAuth | None, namespace: str | Iterable[str]) -
         for role in ROLES:
             text = text.replace(f'"${password_variable(role)}"', f"${password_variable(role)}")
     return "authorization {\n  users = " + text + "\n}\n"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a service bound to ``host`` is reachable from this machine only: what decides that
+    an API with no key yet may answer (the web API, the BES endpoint).  A host name may resolve
+    beyond this machine, so only ``localhost`` and loopback addresses count."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -14,13 +14,13 @@ token refuses to start (:class:`InsecureBind`).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from buildtel.shared import apikeys
+from buildtel.shared.auth import is_loopback
 from buildtel.shared.keys import Keys
 
 HEADERS = ("authorization", "x-buildtel-api-key")
@@ -38,14 +38,6 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
-def is_loopback(host: str) -> bool:
-    """The same rule as the web service's: a host name may resolve beyond this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def presented(metadata: Iterable[tuple[str, Any]] | None) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, TypeVar
@@ -83,6 +82,7 @@ from buildtel.services.web.schema import (
 from buildtel.services.web.stream import Hub, Stream, TooMany
 from buildtel.shared import alertstate, apikeys, micro
 from buildtel.shared import metrics as metrics_http
+from buildtel.shared.auth import is_loopback
 from buildtel.shared.codec import encode
 from buildtel.shared.httpserver import DEFAULT_LIMITS, start_site
 from buildtel.shared.keyed import keyed
@@ -102,13 +102,6 @@ class InsecureBind(ValueError):
     """Refusing to serve the API beyond loopback without a token."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve beyond this machine
 
 
 class WebService(BusService):
