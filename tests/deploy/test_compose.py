@@ -58,13 +58,45 @@ def test_a_broken_compose_file_is_rejected_by_the_same_check(compose: dict, comp
     assert list(jsonschema.Draft201909Validator(compose_schema).iter_errors(broken))
 
 
+def _ours(compose: dict) -> dict[str, dict]:
+    """The containers that run the project's image: every service, storage once per partition."""
+    return {name: svc for name, svc in compose["services"].items() if "command" in svc and svc.get("build")}
+
+
 def test_every_service_runs_an_existing_cli_command(compose: dict) -> None:
     parser = build_parser()
-    ours = {name: svc for name, svc in compose["services"].items() if "command" in svc and svc.get("build")}
-    assert set(ours) == set(registry.SERVICES), "compose runs exactly the services the CLI can serve"
+    served = set()
+    for name, svc in _ours(compose).items():
+        args = parser.parse_args(svc["command"])
+        assert args.func.__name__ == "cmd_serve"
+        # storage-<k> for partition k; every other container is named after its service.
+        assert name == (f"storage-{args.partition}" if args.service == "storage" else args.service)
+        served.add(args.service)
+    assert served == set(registry.SERVICES), "compose runs exactly the services the CLI can serve"
+
+
+def test_every_storage_partition_runs_once_on_its_own_volume_and_every_service_has_the_same_count(
+        compose: dict) -> None:
+    parser = build_parser()
+    ours = _ours(compose)
+    counts = {name: svc["environment"].get("BUILDER_TELEMETRY_STORAGE_PARTITIONS") for name, svc in ours.items()}
+    assert set(counts.values()) == {"3"}, f"every service must take the same partition count: {counts}"
+    owned: dict[int, str] = {}
     for name, svc in ours.items():
         args = parser.parse_args(svc["command"])
-        assert args.func.__name__ == "cmd_serve" and args.service == name
+        if args.service != "storage":
+            continue
+        assert args.partition not in owned, f"partition {args.partition}: {owned.get(args.partition)} and {name}"
+        owned[args.partition] = name
+    assert sorted(owned) == list(range(3))
+    # Each partition's data directory is a named volume of its own: no other container mounts it.
+    mounts: dict[str, list[str]] = {}
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            mounts.setdefault(vol.split(":")[0], []).append(name)
+    for name in owned.values():
+        [data] = [v.split(":")[0] for v in ours[name]["volumes"] if v.split(":")[1] == "/data"]
+        assert data in compose["volumes"] and mounts[data] == [name], (name, data, mounts[data])
 
 
 def test_image_builds_from_the_dockerfile_it_names(compose: dict) -> None:

@@ -77,14 +77,37 @@ def test_nats_is_a_three_node_jetstream_statefulset_from_the_generated_config() 
     assert (K8S / "nats-config.yaml").read_text() == mod.render_configmap(), "run deploy/render_nats_conf.py"
 
 
-def test_one_deployment_per_service_each_a_real_command_with_probes_and_r3() -> None:
+def _ours() -> list[dict[str, Any]]:
+    """The Deployments and StatefulSets that run the project's image (not NATS, not Redis)."""
+    return [o for _, o in _objects() if o["kind"] in ("Deployment", "StatefulSet")
+            and _containers(o)[0]["image"].startswith("builder-telemetry")]
+
+
+def _pod_args(obj: dict[str, Any], ordinal: int) -> list[str]:
+    """A container's args as Kubernetes expands them in pod ``ordinal``: ``$(VAR)`` from the
+    container's env (plain values, and the downward API's pod name and pod-index label)."""
+    [c] = _containers(obj)
+    values = {}
+    for e in c["env"]:
+        path = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if "value" in e:
+            values[e["name"]] = e["value"]
+        elif path == "metadata.labels['apps.kubernetes.io/pod-index']":
+            values[e["name"]] = str(ordinal)
+        elif path == "metadata.name":
+            values[e["name"]] = f"{obj['metadata']['name']}-{ordinal}"
+    args = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: values[m.group(1)], a) for a in c["args"]]
+    return args
+
+
+def test_one_workload_per_service_each_a_real_command_with_probes_and_r3() -> None:
     parser = build_parser()
-    deployments = [o for _, o in _objects() if o["kind"] == "Deployment"]
     served = set()
-    for dep in deployments:
-        [c] = _containers(dep)
-        args = parser.parse_args(c["args"])
+    for obj in _ours():
+        [c] = _containers(obj)
+        args = parser.parse_args(_pod_args(obj, 0))
         assert args.func.__name__ == "cmd_serve"
+        assert obj["kind"] == ("StatefulSet" if args.service == "storage" else "Deployment"), args.service
         served.add(args.service)
         env = {e["name"]: e for e in c["env"]}
         assert env["BUILDER_TELEMETRY_REPLICAS"]["value"] == "3"
@@ -93,6 +116,27 @@ def test_one_deployment_per_service_each_a_real_command_with_probes_and_r3() -> 
         for probe in ("readinessProbe", "livenessProbe"):
             assert "/healthz" in json.dumps(c[probe]), (args.service, probe)
     assert served == set(registry.SERVICES)
+
+
+def test_every_storage_partition_runs_once_on_its_own_volume_and_every_service_has_the_same_count() -> None:
+    parser = build_parser()
+    counts = {}
+    for obj in _ours():
+        env = {e["name"]: e for e in _containers(obj)[0]["env"]}
+        counts[obj["metadata"]["name"]] = int(env["BUILDER_TELEMETRY_STORAGE_PARTITIONS"]["value"])
+    assert len(set(counts.values())) == 1, f"every service must take the same partition count: {counts}"
+    partitions = counts["buildtel-storage"]
+    assert partitions == 3
+    [storage] = [o for o in _ours() if parser.parse_args(_pod_args(o, 0)).service == "storage"]
+    replicas = storage["spec"]["replicas"]
+    owned = [parser.parse_args(_pod_args(storage, k)).partition for k in range(replicas)]
+    assert sorted(owned) == list(range(partitions)), f"pods own {owned}, want each of 0..{partitions - 1} once"
+    # Its own volume: a claim per pod from the template, mounted as the data directory; no shared claim.
+    [claim] = storage["spec"]["volumeClaimTemplates"]
+    [c] = _containers(storage)
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in c["volumeMounts"]
+    assert not storage["spec"]["template"]["spec"].get("volumes")
+    assert storage["spec"]["serviceName"] in {o["metadata"]["name"] for _, o in _objects() if o["kind"] == "Service"}
 
 
 def test_no_secret_value_is_committed_and_every_reference_is_a_documented_variable() -> None:

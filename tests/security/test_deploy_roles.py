@@ -57,10 +57,14 @@ def test_compose_ships_no_secret_and_refuses_to_start_without_each() -> None:
     assert not re.search(r"\$\{[A-Z_]*(PASSWORD|TOKEN)[A-Z_]*:-", text), "a secret with a default value"
     assert "change-me" not in text
     for name in SERVICE_ROLES:
-        env = compose["services"][name]["environment"]
-        assert env["BUILDER_TELEMETRY_NATS_USER"] == name, f"{name} connects as its own role"
-        assert password_variable(name) in env["BUILDER_TELEMETRY_NATS_PASSWORD"]
-        assert env["BUILDER_TELEMETRY_REDIS_URL"].startswith("redis://:${BUILDTEL_REDIS_PASSWORD:?")
+        # storage runs one container per partition, storage-<k>: each connects as the storage role.
+        containers = [c for c in compose["services"] if c == name or re.fullmatch(rf"{name}-\d+", c)]
+        assert containers, f"compose runs no {name}"
+        for container in containers:
+            env = compose["services"][container]["environment"]
+            assert env["BUILDER_TELEMETRY_NATS_USER"] == name, f"{container} connects as its own role"
+            assert password_variable(name) in env["BUILDER_TELEMETRY_NATS_PASSWORD"]
+            assert env["BUILDER_TELEMETRY_REDIS_URL"].startswith("redis://:${BUILDTEL_REDIS_PASSWORD:?")
     for node in ("nats-1", "nats-2", "nats-3"):  # the cluster's nodes: role passwords, routes, its name
         nats_env = compose["services"][node]["environment"]
         assert set(nats_env) == {password_variable(r) for r in ROLES} | {
