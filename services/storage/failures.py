@@ -73,6 +73,7 @@ class FailuresReply(msgspec.Struct, kw_only=True):
     failures_total: int  # failures in them
     groups_total: int  # groups before `failure_class`, `match` and `limit`
     groups: list[FailureGroup]  # most failures first, then the newest
+    partial: list[str] = []  # "partial: partition k did not answer" (partitioned storage, router.py)
 
 
 class _Vcs(msgspec.Struct):

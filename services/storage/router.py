@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from buildtel.services.storage import columns, history, pages
+from buildtel.services.storage import columns, failures, history, pages, partmerge, tests_history
 from buildtel.services.storage.api import (
     MAX_ITEMS,
     Cursor,
@@ -38,21 +38,18 @@ from buildtel.services.storage.api import (
     SummariesRequest,
     decode_request,
 )
+from buildtel.services.storage.partmerge import missing
 from buildtel.shared import micro
 from buildtel.shared.service import BAD_REQUEST, NOT_FOUND, ServiceError
 from buildtel.shared.subjects import Subjects
 
 MERGED = ("get", "chunk", "recent", "range", "query", "summaries", "stats", columns.ENDPOINT,
-          history.TARGET_HISTORY, history.TREND)
+          history.TARGET_HISTORY, history.TREND, tests_history.TESTS, tests_history.TEST_HISTORY, failures.FAILURES)
 PARTITION_TIMEOUT_S = 2.5  # below the clients' 5 s: a missing partition is reported, not a timeout
 _enc = msgspec.msgpack.Encoder()
 _raw_dec = msgspec.msgpack.Decoder(RawSessionsReply)
 _sum_dec = msgspec.msgpack.Decoder(SummariesReply)
 _stats_dec = msgspec.msgpack.Decoder(StatsReply)
-
-
-def missing(k: int) -> str:
-    return f"partial: partition {k} did not answer"
 
 
 class Router:
@@ -109,6 +106,12 @@ class Router:
                                     f"{self.subjects.storage_partition_endpoint(0, endpoint)} (docs/scaling.md)")
         if endpoint == history.TREND:
             return await self._trend(data)
+        if endpoint == tests_history.TESTS:  # grouped across partitions: partmerge.py
+            return await partmerge.tests(self, data)
+        if endpoint == tests_history.TEST_HISTORY:
+            return await partmerge.test_history(self, data)
+        if endpoint == failures.FAILURES:
+            return await partmerge.failures(self, data)
         try:
             req: Any = (columns.request_decoder.decode(data or b"\x80") if endpoint == columns.ENDPOINT
                         else history.target_history_decoder.decode(data) if endpoint == history.TARGET_HISTORY

@@ -30,7 +30,16 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.msg import Msg
 
-from buildtel.services.storage import columns, failures, history, pages, rowcache, rowwork, tests_history
+from buildtel.services.storage import (
+    columns,
+    failures,
+    history,
+    pages,
+    partmerge,
+    rowcache,
+    rowwork,
+    tests_history,
+)
 from buildtel.services.storage import partition as layout
 from buildtel.services.storage.api import (
     API_VERSION,
@@ -57,6 +66,7 @@ from buildtel.services.storage.summary import SessionFacts, Summary
 from buildtel.shared import partitions
 from buildtel.shared.bus import MAX_DELIVER, note_failure
 from buildtel.shared.codec import MAX_SESSION_BYTES, DecodeError, decode_session
+from buildtel.shared.failclass import Rule
 from buildtel.shared.service import (
     BAD_REQUEST,
     NOT_FOUND,
@@ -176,12 +186,18 @@ class StorageService(BusService):
         # Partition k: its own store on <ns>.storage.p<k>.*, and the usual subjects (any partition
         # takes each request, in one queue group) answered for all partitions, merged (router.py).
         k = self.partition
+        parts = self._parts()  # asked by the router only: on the partition's subjects alone
         return [*(Endpoint(f"p{k}-{name}", self.subjects.storage_partition_endpoint(k, name), h)
-                  for name, h in own.items()),
+                  for name, h in {**own, **parts}.items()),
                 *(Endpoint(name, endpoint_subject(self.subjects, name), partial(self._route, name)) for name in own)]
 
     async def _local(self, endpoint: str, data: bytes) -> bytes:
-        return await self._own()[endpoint](data)
+        return await {**self._own(), **self._parts()}[endpoint](data)
+
+    def _parts(self) -> dict[str, Callable[[bytes], Awaitable[bytes]]]:
+        """A partition's parts of the merged tests, test_history and failures (partmerge.py)."""
+        return {partmerge.TESTS_PART: self._api_tests_part, partmerge.FAILURES_PART: self._api_failures_part,
+                partmerge.PASSED_PART: self._api_passed_part}
 
     async def _route(self, endpoint: str, data: bytes) -> bytes:
         if self.router is None:
@@ -449,15 +465,32 @@ class StorageService(BusService):
         assert self.store is not None
         return await tests_history.serve_test_history(self.store, data, self._budget)
 
+    def _rules(self) -> tuple[Rule, ...]:
+        try:
+            return self.settings.failure_rule_table()
+        except SettingsError as exc:  # the file went bad since start: said, and the built-in rules used
+            self.log.warning("failure_rules.unusable", error=str(exc))
+            return ()
+
     async def _api_failures(self, data: bytes) -> bytes:
         """Failures grouped by signature and class (services/storage/failures.py)."""
         assert self.store is not None
-        try:
-            rules = self.settings.failure_rule_table()
-        except SettingsError as exc:  # the file went bad since start: said, and the built-in rules used
-            self.log.warning("failure_rules.unusable", error=str(exc))
-            rules = ()
-        return await failures.serve_failures(self.store, data, self._budget, rules)
+        return await failures.serve_failures(self.store, data, self._budget, self._rules())
+
+    async def _api_tests_part(self, data: bytes) -> bytes:
+        """This partition's rows for a merged ``tests``/``test_history`` (partmerge.py)."""
+        assert self.store is not None
+        return await partmerge.serve_tests_part(self.store, data, self._budget)
+
+    async def _api_failures_part(self, data: bytes) -> bytes:
+        """This partition's rows for a merged ``failures`` (partmerge.py)."""
+        assert self.store is not None
+        return await partmerge.serve_failures_part(self.store, data, self._budget, self._rules())
+
+    async def _api_passed_part(self, data: bytes) -> bytes:
+        """The flaky rule's passes in this partition (partmerge.py)."""
+        assert self.store is not None
+        return await partmerge.serve_passed_part(self.store, data)
 
     async def _row_files(self) -> None:
         """Write the report-row file of every sealed segment that lacks one (rowwork.py)."""

@@ -85,6 +85,7 @@ class TestsReply(msgspec.Struct, kw_only=True):
     sessions_read: int  # sessions with tests in the window read
     tests_total: int  # tests found before `flaky`/`limit`
     tests: list[TestStat]
+    partial: list[str] = []  # "partial: partition k did not answer" (partitioned storage, router.py)
 
 
 class TestHistoryRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -111,6 +112,7 @@ class TestRun(msgspec.Struct, kw_only=True):
 class TestHistoryReply(msgspec.Struct, kw_only=True):
     test: str
     runs: list[TestRun]
+    partial: list[str] = []  # "partial: partition k did not answer" (partitioned storage, router.py)
 
 
 # Views: only what is used here is decoded (msgspec skips the rest of a stored session).

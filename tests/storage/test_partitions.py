@@ -270,6 +270,22 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
                     assert note in (await resp.json())["detail"]
         finally:
             await web.stop()
+        # The reports grouped across partitions (partmerge.py) say so too, in the reply and on stderr.
+        from buildtel.services.storage import failures as fl
+        from buildtel.services.storage import tests_history as th
+
+        assert (await th.tests(nc, subjects, th.TestsRequest())).partial == [note]
+        assert (await th.test_history(nc, subjects, th.TestHistoryRequest(test="s::t"))).partial == [note]
+        failed = await fl.failures(nc, subjects, fl.FailuresRequest())
+        assert failed.partial == [note] and failed.failures_total == 0  # make_session's builds all succeeded
+        for args in (["tests"], ["failures"]):
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
+                str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=env)
+            _, errb = await asyncio.wait_for(cli.communicate(), 90)
+            assert cli.returncode == 0, errb.decode()
+            assert f"buildtel: {note}: its builds are missing from these figures" in errb.decode(), args
 
         procs[victim] = spawn(settings, victim, logs[victim])
         await eventually(answers, what="partition 1 answers again")
