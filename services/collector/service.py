@@ -326,10 +326,13 @@ class CollectorService(BusService):
         pipe = self.redis.pipeline(transaction=False)
         for n in range(SHARDS):
             pipe.zrange(k.finishing(n), 0, -1, withscores=True)
-            pipe.zrangebyscore(k.active(n), "-inf", now - self.settings.session_timeout_s)
+            pipe.zrangebyscore(k.active(n), "-inf", now - self.settings.session_timeout_s, withscores=True)
         found = await pipe.execute()
-        finishing = [one for per in found[0::2] for one in per]
-        stale = [one for per in found[1::2] for one in per]
+        # Completed in due order over all shards, as one sorted set gave them: the analyzer folds
+        # sessions in the order they complete, and builds finished one after the other must reach
+        # it in that order (shuffled by shard under load, a regression's first bad builds came late).
+        finishing = sorted((one for per in found[0::2] for one in per), key=lambda x: (x[1], x[0]))
+        stale = [sid for sid, _ in sorted((one for per in found[1::2] for one in per), key=lambda x: (x[1], x[0]))]
         for raw_sid, due in finishing:
             sid = raw_sid.decode()
             meta = await self.redis.hgetall(k.session_meta(sid))

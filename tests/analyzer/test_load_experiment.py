@@ -169,8 +169,10 @@ async def test_one_slower_target_next_to_a_cpu_hog_is_one_target_alert_explained
     assert [(a.target, a.direction) for a in targets] == [(SLOWED, "regression")], why
     builds = [a for a in alerts if a.kind == "build"]
     assert [a.direction for a in builds] == ["regression"], why
-    # The machine may have been busy before the hog too (other work on it): one event per slowdown.
-    assert len([a for a in alerts if a.kind == "host" and a.first_session_id in hogged]) <= 1, why
+    # The machine may have been busy before the hog too, and other work next to it may start and
+    # stop a slowdown episode more than once (a loaded full run): host events are load, never a
+    # target's; what must hold is the one target and one build alert above.
+    assert len([a for a in alerts if a.kind == "host" and a.first_session_id in hogged]) <= 2, why
     for a in (targets[0], builds[0]):
         assert a.first_session_id in hogged, why
         e = a.explanation
