@@ -286,7 +286,12 @@ async def _rows(router: Any, endpoint: str, req: Any, decoder: Any, items: str) 
                 return out
             cursor = reply.cursor
 
-    answers = await asyncio.gather(*(every(k) for k in range(router.partitions)))
+    return joined(await asyncio.gather(*(every(k) for k in range(router.partitions))))
+
+
+def joined(answers: list[Any]) -> tuple[list[Any], list[str]]:
+    """Each partition's rows (its answer, in partition order) joined, and the partial notes of
+    those that did not answer; any other refusal is the answer."""
     rows: list[Any] = []
     partial: list[str] = []
     for k, a in enumerate(answers):

@@ -38,7 +38,7 @@ from buildtel.services.storage.api import (
     SummariesRequest,
     decode_request,
 )
-from buildtel.services.storage.partmerge import missing
+from buildtel.services.storage.partmerge import joined, missing
 from buildtel.shared import micro
 from buildtel.shared.service import BAD_REQUEST, NOT_FOUND, ServiceError
 from buildtel.shared.subjects import Subjects
@@ -179,16 +179,7 @@ class Router:
                     return out
                 cursor = reply.cursor
 
-        answers = await asyncio.gather(*(every(k) for k in range(self.partitions)))
-        rows: list[_Timed] = []
-        partial: list[str] = []
-        for k, a in enumerate(answers):
-            if isinstance(a, ServiceError):
-                if a.code not in (503, 504):
-                    raise a
-                partial.append(missing(k))
-            else:
-                rows += a
+        rows, partial = joined(await asyncio.gather(*(every(k) for k in range(self.partitions))))
         out = await asyncio.to_thread(history.buckets, rows, since, until, req.bucket_s)
         return _enc.encode(history.TrendReply(since=since, until=until, bucket_s=req.bucket_s, builds=len(rows),
                                               buckets=out, partial=partial))
