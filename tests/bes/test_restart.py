@@ -109,6 +109,13 @@ async def test_endpoint_killed_and_restarted_mid_build_loses_nothing(
     bep_file = tmp_path / "bep.json"
 
     async def restart() -> None:
+        # Killed only once the first endpoint has put some of the build on the bus: on a loaded
+        # machine Bazel can still be buffering when the genrule starts, and a kill before anything
+        # was published leaves nothing for the second endpoint to add to (a CI run saw 1 agent).
+        deadline = time.monotonic() + 60
+        while patient_collector.events_in == 0:
+            assert time.monotonic() < deadline, "the first endpoint published no event of the build"
+            await asyncio.sleep(0.05)
         await endpoint.kill()
         await endpoint.start()  # same port: Bazel's retries reach it
 
