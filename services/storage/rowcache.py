@@ -14,7 +14,9 @@ entries, for the background worker that writes them (``rowwork.py``).
 Entries are keyed by (session id, stored length): a session's stored bytes never change (the
 store is idempotent by id), and the length tells a session stored again under the same id
 (after retention dropped the first) apart.  The id is read from the record's first bytes
-(:func:`peek_id`) so a cached session costs no decode at all.
+(:func:`peek_id`) so a cached session costs no decode at all.  A session stored again with
+exactly the same length would share the key: an entry found for an index ``Summary`` is used
+only when its row agrees with the summary (times, outcome, cache counts), else it is made again.
 """
 
 from __future__ import annotations
@@ -204,11 +206,15 @@ class RowCache:
         self.wake: Callable[[], None] | None = None  # called (from any thread) when a row file is refused
         self._lock = threading.Lock()
 
-    def entry(self, payload: bytes) -> Entry:
+    def entry(self, payload: bytes, summary: Any = None) -> Entry:
+        """The entry of one stored record; ``summary`` (its index summary), when given, must
+        agree with a cached entry for it to be used (:func:`_agrees`)."""
         key = peek_id(payload)
         with self._lock:
             if key is not None:
                 got = self.entries.get(key)
+                if got is not None and summary is not None and not _agrees(got.row, summary):
+                    got = None
                 if got is not None:
                     self.entries.move_to_end(key)
                     self.hits += 1
@@ -257,6 +263,11 @@ class RowCache:
             _, dropped = self.entries.popitem(last=False)
             self.bytes -= dropped.size
 
+    def _drop(self, key: Key) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+
     def full(self) -> bool:
         return self.bytes >= self.max_bytes * 0.95
 
@@ -267,20 +278,24 @@ class RowCache:
         key = (s.id, s.length)
         with self._lock:
             got = self.entries.get(key)
-            if got is not None:
+            if got is not None and _agrees(got.row, s):
                 self.entries.move_to_end(key)
                 self.hits += 1
                 return got
+            if got is not None:  # another version of the session had this key: make it again
+                self._drop(key)
             seg = s.segment
             if seg is not None and seg.wfd < 0 and _seg_key(seg) not in self.no_rows:
                 e = self._load_rows(seg, key, spent)
-                if e is not None:
+                if e is not None and _agrees(e.row, s):
                     return e
+                if e is not None:
+                    self._drop(key)
         payload = read(s)
         if payload is None:
             return None
         spent[0] += len(payload)
-        return self.entry(payload)
+        return self.entry(payload, s)
 
     def _load_rows(self, seg: Any, key: Key, spent: list[int]) -> Entry | None:
         """Every entry of ``seg``'s row file into the cache (the lock is held); ``key``'s, or None."""
@@ -353,6 +368,13 @@ class RowCache:
         """``seg`` has a row file now: try it again."""
         with self._lock:
             self.no_rows.pop(_seg_key(seg), None)
+
+
+def _agrees(row: ReportRow, s: Any) -> bool:
+    """Whether a cached row is of the stored version an index summary describes: a session
+    stored again under its id (after retention dropped it) differs in these, whatever its length."""
+    return (row.start == s.start and row.finish == s.finish and row.duration_s == s.duration_s
+            and row.outcome == s.outcome and row.cache_hits == s.cache_hits and row.cache_misses == s.cache_misses)
 
 
 def _seg_key(seg: Any) -> tuple[int, float, int]:

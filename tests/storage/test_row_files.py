@@ -203,3 +203,29 @@ def test_a_row_file_gives_back_what_reduction_gives(tmp_path_factory, targets) -
     # Written for another state of the segment: not used, and says why.
     assert rowfile.read(seg, 1, 123.5, st_.st_size + 1, st_.st_mtime_ns) == "the segment changed since"
     assert rowfile.read(seg, 2, 123.5, st_.st_size, st_.st_mtime_ns) == "written for another file"
+
+
+async def test_a_session_stored_again_with_the_same_length_gets_its_own_row(tmp_path) -> None:
+    """Retention dropped a session and it was published again under its id, with other times but
+    exactly as many bytes: reports give the stored version's figures, not the cached ones of the
+    version dropped (the cache is keyed by id and length)."""
+    store = TelemetryStorage(tmp_path / "store", max_sessions=1, fsync=False, segment_bytes=SEGMENT_BYTES)
+    await store.open()
+    try:
+        now = time.time()
+        first = build_session(1, targets=40, finish=now - 900)
+        again = msgspec.structs.replace(first, start=first.start + 100.0, finish=first.finish + 100.0,
+                                        duration_s=31.5)
+        assert len(encode(again)) == len(encode(first))
+        cache = RowCache()
+        await store.append_many([first])
+        [s] = (await store.summaries(Filters()))[0]
+        assert cache.entry_of(s, store.read_summary, [0]).row.finish == first.finish  # cached now
+        await store.append_many([build_session(2, targets=40, finish=now - 800)])
+        await store.enforce_retention()  # max_sessions=1: the first is dropped
+        await store.append_many([again])
+        [s] = [x for x in (await store.summaries(Filters(), limit=10))[0] if x.id == first.id]
+        row = cache.entry_of(s, store.read_summary, [0]).row
+        assert (row.start, row.finish, row.duration_s) == (again.start, again.finish, 31.5)
+    finally:
+        await store.close()
