@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,7 +25,9 @@ from buildtel.shared.engines import NatsEngine, RedisEngine
 from buildtel.shared.protocol import BuildSession, new_session_id
 from buildtel.shared.subjects import Subjects
 
-NS = "farm" + uuid.uuid4().hex[:6]
+# The module's own server (the engine fixture): a fixed namespace, so the parameter ids that
+# name subjects are the same in every process (pytest-xdist compares the collections).
+NS = "farmroles"
 BUCKET = Subjects(NS).sessions_bucket  # sessions over one message (shared/bigmsg.py)
 
 
