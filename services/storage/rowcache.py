@@ -373,8 +373,9 @@ class RowCache:
 def _agrees(row: ReportRow, s: Any) -> bool:
     """Whether a cached row is of the stored version an index summary describes: a session
     stored again under its id (after retention dropped it) differs in these, whatever its length."""
-    return (row.start == s.start and row.finish == s.finish and row.duration_s == s.duration_s
-            and row.outcome == s.outcome and row.cache_hits == s.cache_hits and row.cache_misses == s.cache_misses)
+    return bool(row.start == s.start and row.finish == s.finish and row.duration_s == s.duration_s
+                and row.outcome == s.outcome and row.cache_hits == s.cache_hits
+                and row.cache_misses == s.cache_misses)
 
 
 def _seg_key(seg: Any) -> tuple[int, float, int]:
