@@ -59,7 +59,12 @@ async def get_log(js: Any, subjects: Subjects, name: str) -> bytes | None:
     ref = bigmsg.Reference(bucket, name, int(info.size or 0), info.digest or "")
     if ref.size == 0:
         return b""
-    return await bigmsg.resolve(js, ref, expected_bucket=bucket)
+    try:
+        return await bigmsg.resolve(js, ref, expected_bucket=bucket)
+    except bigmsg.ObjectUnusable as exc:
+        if exc.code == "object_missing":  # deleted (retention) between the two reads: not damaged, gone
+            return None
+        raise
 
 
 async def delete_log(js: Any, subjects: Subjects, name: str) -> bool:

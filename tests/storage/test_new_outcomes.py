@@ -29,7 +29,8 @@ async def _by_outcome(store: TelemetryStorage) -> dict[str, list[str]]:
 
 
 async def test_new_outcomes_survive_reopen_from_index_files_and_from_segments(tmp_path: Path, make_session) -> None:
-    now = time.time()
+    # Trend buckets are epoch-aligned: every build inside one 1000 s bucket, whatever the clock says.
+    now = time.time() // 1000 * 1000
     sessions = [make_session(i, finish=now - 500 + i, outcome=OUTCOMES[i % len(OUTCOMES)]) for i in range(25)]
     for s in sessions:
         if s.outcome in ("cancelled", "unknown"):
