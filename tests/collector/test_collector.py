@@ -241,3 +241,24 @@ def test_a_finished_session_missing_counted_events_waits_for_them() -> None:
     alone = BuildFinished(session_id="ab" * 16, agent_id="a", seq=9, ts=1.0)
     gap = {b"finished": encode(alone), b"n:a": b"8", b"max:a": b"9"}
     assert fold.missing_events(gap) and not fold.is_ready(gap)
+
+
+async def test_builds_fetched_together_complete_in_the_order_they_finished(settings, nc, redis_client) -> None:
+    """A busy collector takes many builds' last batches in one fetch: they are completed (and so
+    reach the analyzer, which folds sessions in that order) in the order they finished, not
+    shuffled by session id (a regression's series was once folded out of order next to a CPU hog)."""
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    await ensure_streams(js, subjects)
+    # Ids in descending order: completing ties by id would reverse the builds.
+    ids = sorted((new_session_id() for _ in range(12)), reverse=True)
+    for n, sid in enumerate(ids):
+        _, per_agent, _ = synthetic_build(sid=sid, targets=5, seed=n)
+        await publish_events(js, subjects, sid, "agent-a", per_agent["agent-a"], size=100)  # one batch a build
+    svc = CollectorService(settings, settings.nats_url or "", settings.redis_url or "")
+    await svc.start()  # after the builds: its first fetch holds all twelve
+    try:
+        got = await completed_sessions(js, subjects, len(ids))
+        assert [s.id for s in got] == ids
+    finally:
+        await svc.stop()
