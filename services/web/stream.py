@@ -38,7 +38,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from buildtel.services.analyzer.alerts import alert_decoder
-from buildtel.services.storage.service import summary_of
+from buildtel.services.storage.queries import summary_of
 from buildtel.services.storage.summary import summarize, view_decoder
 from buildtel.services.web.figures import TenantFigures
 from buildtel.shared import bigmsg
