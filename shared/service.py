@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,7 +43,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from buildtel.shared import bigmsg
 from buildtel.shared import metrics as metrics_http
 from buildtel.shared.bus import (
-    MAX_DELIVER,
     close_nats,
     connect_nats,
     connect_redis,
@@ -59,75 +58,35 @@ from buildtel.shared.bus import (
 from buildtel.shared.keys import Keys
 from buildtel.shared.logs import get_logger
 from buildtel.shared.runner import finish_tasks
+
+# The declarations (typed error codes, ServiceError, Consumer, Endpoint, Worker) live in
+# servicedecl.py and are re-exported here (__all__): a service imports everything from this module.
+from buildtel.shared.servicedecl import (
+    BAD_GATEWAY,
+    BAD_REQUEST,
+    INTERNAL,
+    NOT_FOUND,
+    TOO_LARGE,
+    Consumer,
+    Endpoint,
+    ServiceError,
+    Worker,
+)
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 
-# Typed error codes of the micro endpoints (HTTP-like, as the NATS micro spec suggests).
-BAD_REQUEST = 400
-NOT_FOUND = 404
-TOO_LARGE = 413
-INTERNAL = 500
-BAD_GATEWAY = 502
-
-
-class ServiceError(Exception):
-    """An endpoint's refusal: ``code`` (an int, e.g. :data:`NOT_FOUND`) and what went wrong.
-
-    Sent as the ``Nats-Service-Error-Code`` / ``Nats-Service-Error`` headers."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = int(code)
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Consumer:
-    """One durable pull consumer and how its messages are handled."""
-
-    stream: str
-    subject: str
-    durable: str
-    handler: Callable[[Any], Awaitable[None]]  # one message, or a fetch's list when batch
-    batch: bool = False
-    what: str = "handle"  # names the failure log event: "<service>.<what>_failed"
-    fetch: int = 64
-    fetch_timeout_s: float = 0.5
-    ack_wait_s: float = 30.0
-    max_ack_pending: int = 1024
-    max_deliver: int = MAX_DELIVER
-    # The service dead-letters a failing message itself on this delivery (None: the server's
-    # max-deliveries advisory does it once max_deliver is reached).
-    poison_after: int | None = None
-    nak_delay: Callable[[int], float] | None = None  # delivery count -> redelivery delay; None: no NAK
-    # The dead letter's reason once poison_after is reached ({what}, {delivered}, {error} filled in).
-    poison_reason: str = "{what} failed {delivered} times (each delivery): {error}"
-    failure_pause_s: float = 0.0  # after a failed message or fetch, before the next
-    cancel_idle_fetch: bool = False  # on stop, cancel a fetch waiting for messages (nothing in flight)
-    stop_timeout_s: float = 5.0  # on stop, how long the batch in hand may take
-    lag_metric: str = "consumer_lag"
-    lost: Callable[[str, str], Awaitable[None]] | None = None  # (subject, reason) of an advisory dead letter
-    # Several filter subjects instead of ``subject`` (storage partitions, shared/partitions.py);
-    # ``subject`` still says what the messages are (completed sessions are resolved, see _consume).
-    filter_subjects: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A micro-service endpoint: request body in, reply body out (or :class:`ServiceError`)."""
-
-    name: str
-    subject: str
-    handler: Callable[[bytes], Awaitable[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Worker:
-    """A background loop; it should return once :attr:`BusService.stopping` is set."""
-
-    name: str
-    run: Callable[[], Coroutine[Any, Any, None]]  # a coroutine: it runs as its own task
-    cancel_on_stop: bool = False  # cancelled at once on stop instead of awaited (bounded)
+__all__ = [
+    "BAD_GATEWAY",
+    "BAD_REQUEST",
+    "INTERNAL",
+    "NOT_FOUND",
+    "TOO_LARGE",
+    "BusService",
+    "Consumer",
+    "Endpoint",
+    "ServiceError",
+    "Worker",
+]
 
 
 @dataclass(slots=True)
