@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+@pytest.fixture
+async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
+    """A storage service on the test's stack (no fsync: the tests do not pull the plug); yields the
+    settings a client or ``buildtel`` uses to reach it.  Stopped in teardown."""
+    from buildtel.services.storage.service import StorageService
+
+    quick = settings.with_(fsync=False)
+    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
+    await svc.start()
+    try:
+        yield quick
+    finally:
+        await svc.stop()
+

@@ -129,3 +129,23 @@ def stack_env(settings: Any, **extra: str) -> dict[str, str]:
         env["BUILDER_TELEMETRY_STACK_CREDENTIALS"] = str(path)
     env.update(extra)
     return env
+
+
+async def run_cli(settings: Any, *args: str, env_extra: dict[str, str] | None = None, cwd: Any = None,
+                  timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run ``buildtel ARGS`` as its own process against the test's stack (its URLs, namespace,
+    credentials and data directory; none of this shell's ``BUILDER_TELEMETRY_*``):
+    (exit code, stdout, stderr).  ``timeout`` bounds a hang, it is not a speed check."""
+    import asyncio
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_") and k != "BUILDTEL_DEBUG"}
+    env.update(stack_env(settings))
+    env.update(env_extra or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
+        str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        cwd=cwd)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(), err.decode()

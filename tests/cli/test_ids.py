@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,12 +21,12 @@ from hypothesis import strategies as st
 from buildtel.cli.errors import CLIError
 from buildtel.cli.ids import parse_id, pick, resolve_recording
 from buildtel.services.storage.api import StorageClient, StorageError
-from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import BuildEnvironment, BuildSession, TargetMetrics, VcsInfo
 from buildtel.shared.recording.store import RecordingStore
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from tests.util import run_cli as cli
 from tests.util import stack_env, synthetic_build
 
 HEX = "0123456789abcdef"
@@ -90,13 +89,6 @@ def test_local_recordings_by_prefix_and_last(settings: Settings) -> None:
 
 # -- end to end --------------------------------------------------------------------------------
 
-@pytest.fixture
-async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
-    quick = settings.with_(fsync=False)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    yield quick
-    await svc.stop()
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -111,11 +103,6 @@ def _argv(settings: Settings, *args: str) -> list[str]:
             "--cache-dir", str(settings.cache_dir), *args]
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*_argv(settings, *args), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=_env(settings))
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 A = "3f2a91" + "0a" * 13

@@ -17,6 +17,7 @@ from buildtel.shared.codec import encode
 from buildtel.shared.protocol import HealthCheckpoint, is_session_id
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from tests.util import run_cli as cli
 from tests.util import stack_env
 
 NINJA_LOG = b"# ninja log v5\n0\t120\t1700000000000000000\tobj/a.o\t1f2e\n10\t300\t1700000000000000000\tapp\t3c4d\n"
@@ -28,13 +29,6 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace,
-        "--cache-dir", str(settings.cache_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(settings))
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_run_json_is_the_only_thing_on_stdout(settings: Settings, nc: Any) -> None:

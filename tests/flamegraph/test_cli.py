@@ -8,9 +8,7 @@ parsing them: every drawn frame's path and count is rebuilt from the ``<g>`` ele
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,23 +28,13 @@ from buildtel.shared.flamegraph import FlameGraphBuilder, read_folded, target_fr
 from buildtel.shared.protocol import BuildSession, Phase, TargetMetrics, new_session_id
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import publish_events, stack_env, synthetic_build
+from tests.util import publish_events, synthetic_build
+from tests.util import run_cli as cli
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 _TITLE = re.compile(r"^(.*) \([^()]*, [\d.]+%")
 
 
-async def cli(settings: Settings, *args: str, env_extra: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``buildtel`` against the test's stack; (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_") and k != "BUILDTEL_DEBUG"}
-    env.update(stack_env(settings))
-    env.update(env_extra or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
-        settings.redis_url or "", "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 def svg_frames(svg: str | bytes) -> dict[tuple[str, ...], int]:

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.importers.importer_samples import NINJA, TRACE, ninja_builds, ninja_edges
 from tests.importers.ninja_runs import project, run
-from tests.util import stack_env
+from tests.util import run_cli as cli
 
 CLANG = [TRACE / "clang-zlib-adler32.c.json", TRACE / "clang-zlib-deflate.c.json", TRACE / "clang-registry.cpp.json.gz"]
 CMAKE = TRACE / "cmake-zlib-clang-configure.json.gz"
@@ -51,14 +50,6 @@ async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterat
         await svc.stop()
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
-    env.update(stack_env(settings))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
-        str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def stored_count(client: StorageClient, want: int) -> None:

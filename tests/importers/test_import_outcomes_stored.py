@@ -6,40 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from buildtel.services.storage.api import StorageClient, StorageError
-from buildtel.services.storage.service import StorageService
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.importers.ninja_runs import project, run
-from tests.util import stack_env
-
-
-@pytest.fixture
-async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
-    quick = settings.with_(fsync=False)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    yield quick
-    await svc.stop()
-
-
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
-    env.update(stack_env(settings))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--namespace", settings.namespace, "--cache-dir",
-        str(settings.cache_dir), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
+from tests.util import run_cli as cli
 
 
 async def test_imported_outcomes_are_stored_listed_and_shown(storage: Settings, nc: Any, tmp_path: Path) -> None:

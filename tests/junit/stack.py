@@ -6,29 +6,20 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from buildtel.shared.settings import Settings
-from tests.util import stack_env
+from tests.util import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 async def cli(settings: Settings, *args: str, cwd: Path | None = None, timeout: float = 120) -> tuple[int, str, str]:
-    """Run ``buildtel ARGS`` against the test's stack; (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_") and k != "BUILDTEL_DEBUG"}
-    env.update(stack_env(settings))
-    env["PYTHONPATH"] = str(REPO)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
-        settings.redis_url or "", "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd or REPO)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode or 0, out.decode(), err.decode()
+    """Run ``buildtel ARGS`` against the test's stack, from the repository (or ``cwd``)."""
+    return await run_cli(settings, *args, env_extra={"PYTHONPATH": str(REPO)}, cwd=cwd or REPO, timeout=timeout)
 
 
 async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
 import unicodedata
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,7 +23,6 @@ from buildtel.cli.cmd_watch import plain_line, row_cells
 from buildtel.cli.textsafe import UNSAFE, json_safe, safe, safe_block
 from buildtel.services.analyzer.alerts import Alert
 from buildtel.services.storage.api import StorageClient, StorageError
-from buildtel.services.storage.service import StorageService
 from buildtel.shared.codec import encode
 from buildtel.shared.protocol import (
     BuildEnvironment,
@@ -39,7 +34,7 @@ from buildtel.shared.protocol import (
 )
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import stack_env
+from tests.util import run_cli as cli
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J"
 BIDI = "\u202e\u2066"
@@ -119,24 +114,8 @@ def strings(value: Any) -> list[str]:
 
 
 # -- end to end --------------------------------------------------------------------------------
-@pytest.fixture
-async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
-    quick = settings.with_(fsync=False)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    yield quick
-    await svc.stop()
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
-    env.update(stack_env(settings))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "buildtel.cli.main", "--nats-url", settings.nats_url or "", "--redis-url",
-        settings.redis_url or "", "--namespace", settings.namespace, "--cache-dir", str(settings.cache_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_cli_prints_a_hostile_session_without_raw_escapes(storage: Settings, nc: Any) -> None:

@@ -4,26 +4,11 @@ a unique prefix of a session or trace id, ``last`` and ``last~N`` (stored sessio
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
-
-import pytest
 
 from buildtel.services.storage.api import StorageClient
-from buildtel.services.storage.service import StorageService
-from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.tracer.helpers import eventually
 from tests.tracer.test_cli_trace import _buildtel, _stored_session
-
-
-@pytest.fixture
-async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[None]:
-    quick = settings.with_(fsync=False)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    yield
-    await svc.stop()
 
 
 async def test_trace_by_prefix_last_and_last_tilde(tracer, client, nc, settings, storage, tmp_path) -> None:
