@@ -102,6 +102,8 @@ async def api_partial(api: Api, sid: str) -> dict[str, list[str]]:
         status, _, body = await api.get(path, **params)
         assert status == 200, (name, body)
         api.check(body, component)
+        field = "partial_notes" if name == "report" else "partial"
+        assert field in api.doc["components"]["schemas"][component]["properties"], component  # documented
         # The report's `partial` was a boolean before partitions (kept); the notes are apart.
         out[name] = body["partial_notes"] if name == "report" else body["partial"]
         if name == "report":
@@ -194,3 +196,15 @@ async def test_a_partition_away_is_said_on_every_page_and_in_the_api_until_it_is
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_the_notice_names_every_partition_away_and_is_absent_when_whole() -> None:
+    from buildtel.services.web.views import partial_notice
+
+    assert partial_notice([]) is None
+    assert partial_notice([NOTE, NOTE]) == SHOWN
+    many = [f"partial: partition {k} did not answer" for k in (10, 2, 0)]
+    assert partial_notice(many) == ("Partial answer: partitions 0, 2 and 10 did not answer — builds stored there "
+                                    "are missing from this page.")
+    # A note of another form is said in its own words (never dropped).
+    assert (partial_notice(["partial: the index was busy"]) or "").startswith("Partial answer: the index was busy —")
