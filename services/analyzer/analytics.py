@@ -182,6 +182,9 @@ class AnalyticsReport(msgspec.Struct, kw_only=True):
     health: HealthTrends | None = None  # live-health checkpoints across the builds (docs/health.md)
     partial: bool = False  # the source could not supply every session asked for
     notes: list[str] = []
+    # Storage partitions that did not answer ("partial: partition k did not answer", also in notes):
+    # apart, so a client (the dashboard) names them without parsing free-text notes.
+    partial_notes: list[str] = []
 
 
 def branch_of(s: BuildSession) -> str | None:

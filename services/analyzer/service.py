@@ -376,6 +376,7 @@ class AnalyzerService(BusService):
                                     top_targets=r.top_targets)
             rep.notes = notes + frame.partial
             rep.partial = rep.partial or bool(frame.partial)
+            rep.partial_notes = list(frame.partial)
             return _enc.encode(rep)
 
         data = await asyncio.to_thread(compute)

@@ -60,13 +60,17 @@ def environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters.update(duration=views.duration, size=views.size, percent=views.percent, when=views.when,
-                       ago=views.ago, short=views.short, urlq=lambda s: quote(str(s), safe=""))
+                       ago=views.ago, short=views.short, urlq=lambda s: quote(str(s), safe=""),
+                       partial_notice=views.partial_notice)
     env.filters["json"] = lambda v: msgspec.json.encode(v).decode().replace("</", "<\\/")
     return env
 
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    """``template`` with ``context``; ``partial``: the storage replies' notes of partitions that did not
+    answer, which base.html shows as a notice above the page (none by default: whole)."""
     caller = request.get(CALLER)
+    context.setdefault("partial", [])
     body = environment().get_template(template).render(
         tenant=caller.tenant if caller else None, who=caller.who if caller else None, path=request.path,
         csrf_header=CSRF_HEADER, **context)
@@ -121,10 +125,13 @@ async def overview(request: web.Request) -> web.Response:
     slowest = sorted(report.get("targets", []), key=lambda t: -(t.get("median_s") or 0))[:10]
     regressed = sorted((a for a in every if a.kind == "target" and a.direction == "regression"),
                        key=lambda a: -a.change_pct)[:10]
+    # The tiles and charts come from the trend, the slowest targets from the report: either may lack
+    # a partition's builds.
+    partial = [*trend.partial, *report.get("partial_notes", [])]
     return render(request, "overview.html", days=days, windows=WINDOWS, filters=f, trend=trend,
                   series=views.trend_series(trend), totals=views.trend_totals(trend), alerts=every[:10],
                   report_builds=report.get("sessions", 0),
-                  slowest=slowest, regressed=regressed, query=urlencode(f))
+                  slowest=slowest, regressed=regressed, query=urlencode(f), partial=partial)
 
 
 async def sessions(request: web.Request) -> web.Response:
@@ -135,7 +142,8 @@ async def sessions(request: web.Request) -> web.Response:
                                             parse_time("until", q.until))
     keep = {k: v for k, v in f.items() if k != "cursor"}
     older = urlencode({**keep, "cursor": page.next_cursor}) if page.next_cursor else None
-    return render(request, "sessions.html", page=page, filters=f, older=older, query=urlencode(keep))
+    return render(request, "sessions.html", page=page, filters=f, older=older, query=urlencode(keep),
+                  partial=page.partial)
 
 
 async def session(request: web.Request) -> web.StreamResponse:
@@ -152,14 +160,17 @@ async def session(request: web.Request) -> web.StreamResponse:
     crit_names = [step.name for step in crit.steps]
     alerts = views.naming_alerts((await backend.alerts(tenant, AlertsQuery(limit=1000))).alerts, s.id)
     branch = s.environment.vcs.branch if s.environment and s.environment.vcs else None
-    previous = None
+    previous, partial = None, []
     if branch:
         prev = await backend.sessions(tenant, SessionsQuery(branch=branch, limit=2), None, s.finish)
         previous = next((p.id for p in prev.sessions if p.id != s.id), None)
+        partial += prev.partial  # the previous build may be on the partition away
+    tests = await tests_pages.session_tests(request, s)
+    if tests is not None:
+        partial += tests["partial"]  # flaky marks counted without that partition's builds
     return render(request, "session.html", s=s, crit=crit, timeline=views.timeline(s, crit_names),
                   rows=views.target_rows(s, crit_names), alerts=alerts, branch=branch, previous=previous,
-                  health=views.health_data(s), failures=failed_targets(s),
-                  tests=await tests_pages.session_tests(request, s))
+                  health=views.health_data(s), failures=failed_targets(s), tests=tests, partial=partial)
 
 
 async def target(request: web.Request) -> web.Response:
@@ -169,7 +180,7 @@ async def target(request: web.Request) -> web.Response:
     hist = await _backend(request).target_history(_tenant(request), q, parse_time("since", q.since),
                                                   parse_time("until", q.until))
     return render(request, "target.html", name=name, hist=hist, series=views.target_series(hist.runs),
-                  flips=views.flips(hist.runs), filters=f)
+                  flips=views.flips(hist.runs), filters=f, partial=hist.partial)
 
 
 async def tests_index(request: web.Request) -> web.Response:

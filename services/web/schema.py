@@ -91,6 +91,8 @@ class TargetHistory(msgspec.Struct, kw_only=True):
     runs: list[TargetRun]
     next_cursor: str | None
     change_points: list[AlertWithState]
+    # As SessionPage.partial: partitions that did not answer, their runs missing.  Empty when whole.
+    partial: list[str] = []
 
 
 class KeyList(msgspec.Struct, kw_only=True):

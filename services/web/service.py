@@ -426,7 +426,7 @@ class WebService(BusService):
             raise self._storage_failure(exc, exc.description) from None
         alerts = await self.alerts(tenant, AlertsQuery(target=q.target, limit=MAX_LIMIT))
         return TargetHistory(target=q.target, runs=got.runs, next_cursor=encode_cursor(got.cursor),
-                             change_points=alerts.alerts)
+                             change_points=alerts.alerts, partial=got.partial)
 
     async def _storage_request(self, tenant: str, endpoint: str, req: msgspec.Struct) -> bytes:
         try:

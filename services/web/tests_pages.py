@@ -59,11 +59,12 @@ async def session_tests(request: web.Request, s: BuildSession) -> dict[str, Any]
         counts[c.outcome] = counts.get(c.outcome, 0) + 1
     ordered = sorted(s.tests, key=lambda c: (_ORDER.get(c.outcome, 9), -c.duration_s, c.suite, c.name))
     req = TestsRequest(flaky=True, sessions=FLAKY_WINDOW, limit=MAX_TESTS)
-    flaky = {t.test: t for t in (await _ask(request, req)).tests}
+    flaky_reply = await _ask(request, req)
+    flaky = {t.test: t for t in flaky_reply.tests}
     rows = [{"id": test_id(c.suite, c.name), "case": c, "flaky": flaky.get(test_id(c.suite, c.name))}
             for c in ordered[:SESSION_ROWS]]
     return {"counts": counts, "rows": rows, "more": max(0, len(ordered) - SESSION_ROWS),
-            "flaky_here": sum(1 for r in rows if r["flaky"]), "window": FLAKY_WINDOW}
+            "flaky_here": sum(1 for r in rows if r["flaky"]), "window": FLAKY_WINDOW, "partial": flaky_reply.partial}
 
 
 async def index_context(request: web.Request) -> dict[str, Any]:
@@ -76,7 +77,8 @@ async def index_context(request: web.Request) -> dict[str, Any]:
     flaky = await _ask(request, TestsRequest(flaky=True, branch=branch, test=needle, limit=LIST_ROWS))
     slowest = await _ask(request, TestsRequest(sort="slowest", branch=branch, test=needle, limit=LIST_ROWS))
     filters = {k: v for k, v in (("branch", branch), ("test", needle)) if v}
-    return {"flaky": flaky, "slowest": slowest, "filters": filters}
+    return {"flaky": flaky, "slowest": slowest, "filters": filters,
+            "partial": sorted({*flaky.partial, *slowest.partial})}  # base.html's notice
 
 
 async def test_context(request: web.Request) -> dict[str, Any]:
@@ -90,4 +92,5 @@ async def test_context(request: web.Request) -> dict[str, Any]:
     runs = sorted(hist.runs, key=lambda r: r.t)
     series = {"t": [r.t for r in runs], "duration": [r.duration_s for r in runs],
               "outcome": [r.outcome for r in runs], "session": [r.session_id for r in runs]}
-    return {"name": name, "stat": stat, "runs": list(reversed(runs)), "series": series}
+    return {"name": name, "stat": stat, "runs": list(reversed(runs)), "series": series,
+            "partial": sorted({*hist.partial, *found.partial})}  # base.html's notice

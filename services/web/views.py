@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,27 @@ def ago(ts: float | None, now: float | None = None) -> str:
 
 def short(sid: str) -> str:
     return sid[:12]
+
+
+_PARTITION = re.compile(r"partition (\d+) did not answer")
+
+
+def partial_notice(notes: Iterable[str]) -> str | None:
+    """What a page says when storage answered only in part (partitioned storage, a partition away:
+    ``partial: partition k did not answer`` in the reply), naming the partitions; None when whole.
+    A note of another form is said as it came: better its words than a silent gap."""
+    notes = sorted(set(notes))
+    if not notes:
+        return None
+    ks = sorted({int(m.group(1)) for n in notes if (m := _PARTITION.search(n))})
+    others = [n.removeprefix("partial: ") for n in notes if not _PARTITION.search(n)]
+    parts = []
+    if ks:
+        names = [str(k) for k in ks]
+        said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        parts.append(f"partition{'s' if len(ks) > 1 else ''} {said} did not answer")
+    parts += others
+    return f"Partial answer: {'; '.join(parts)} — builds stored there are missing from this page."
 
 
 # -- one session ---------------------------------------------------------------------------------
