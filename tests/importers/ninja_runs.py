@@ -59,6 +59,18 @@ def project(root: Path, *, bad: bool = False, slow: bool = False) -> Path:
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # A blocked signal stays blocked across exec, and ninja waits for work with the mask it was
+    # started with (pselect): SIGINT blocked in the thread that started it, ninja never sees it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _signals_of(pid: int) -> str:
+    """The signal lines of /proc/PID/status (blocked, ignored, caught), for a failure message."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return " ".join(line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    except OSError as exc:
+        return f"(no /proc status: {exc})"
 
 
 def run(root: Path, *, interrupt: bool = False, timeout: float = 60.0) -> NinjaRun:
@@ -90,6 +102,9 @@ def run(root: Path, *, interrupt: bool = False, timeout: float = 60.0) -> NinjaR
                         break
                     except subprocess.TimeoutExpired:
                         continue
+                else:
+                    raise AssertionError(f"ninja did not stop on SIGINT: {_signals_of(proc.pid)}; "
+                                         f"{out.read_text()[-500:]}")
             code = proc.wait(timeout)
         finally:
             if proc.poll() is None:

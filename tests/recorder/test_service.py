@@ -41,11 +41,12 @@ def json_document(out: str) -> dict:  # type: ignore[type-arg]
     return json.loads(out[out.index("{"):] if out.startswith("{") else out[out.index("\n{") + 1:])
 
 
-async def wait_for(predicate, timeout: float = 15.0) -> None:
+async def wait_for(predicate, timeout: float = 15.0, what=None) -> None:
+    """Poll ``predicate`` until true; ``what()``, when given, says what was there at the deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError("condition not reached in time" + (f": {what()}" if what else ""))
         await asyncio.sleep(0.05)
 
 
@@ -226,7 +227,14 @@ async def test_buildtel_run_record_captures_files_and_events_then_replays(
         return any(isinstance(e, BuildFinished) for e in evs) and all(
             s == set(range(max(s) + 1)) for s in seqs.values())
 
-    await wait_for(recorded_whole, timeout=60)
+    def recorded() -> str:
+        evs = store.load_events(rid)
+        seqs: dict[str, list[int]] = {}
+        for e in evs:
+            seqs.setdefault(e.agent_id, []).append(e.seq)
+        return f"{len(evs)} events, seqs per agent {seqs}, kinds {sorted({type(e).__name__ for e in evs})}"
+
+    await wait_for(recorded_whole, timeout=60, what=recorded)
     events = store.load_events(rid)
     assert isinstance(events[0], BuildStarted) and events[0].record and events[0].command == ["make", "-j2"]
 
