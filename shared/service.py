@@ -20,7 +20,8 @@ what it needs and the skeleton does the plumbing, the same way for all:
 Every resource is pushed on one ``AsyncExitStack`` as it is made, so a start that fails
 half-way closes what it opened, and ``stop()`` (idempotent) closes in reverse: workers and
 consume loops first (the batch in hand finishes, bounded), then the micro service, the
-subscriptions, Redis, NATS, and last what :meth:`BusService.open` opened (a store).  Logs are
+subscriptions, Redis, NATS, and last what :meth:`BusService.open` opened (a store).  A service
+is also an async context manager: ``async with StorageService(...) as svc`` starts and stops it.  Logs are
 bound to the service name and namespace; events are ``<service>.<what>``.
 """
 
@@ -33,7 +34,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import nats.errors
 import nats.js.errors
@@ -185,6 +186,14 @@ class BusService:
         await metrics_http.detach(self)
         await state.stack.aclose()
         self.log.info(f"{self.name}.stopped", **self.stopped_fields())
+
+    async def __aenter__(self) -> Self:
+        """``async with Service(...) as svc``: started on entry, stopped on exit (however it exits)."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def _start(self, state: _State) -> None:
         stack = state.stack

@@ -156,10 +156,6 @@ async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterat
     from buildtel.services.storage.service import StorageService
 
     quick = settings.with_(fsync=False)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    try:
+    async with StorageService(quick, quick.nats_url or "", quick.redis_url or ""):
         yield quick
-    finally:
-        await svc.stop()
 

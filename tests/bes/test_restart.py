@@ -95,12 +95,8 @@ async def _bazel(ws: Path, tmp_path: Path, *args: str, on: str,
 async def patient_collector(bes_settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[CollectorService]:
     """A collector with the default inactivity timeout: the slow genrule sends no event for a while."""
     settings = dataclasses.replace(bes_settings, session_timeout_s=300.0)
-    svc = CollectorService(settings, settings.nats_url or "", settings.redis_url or "")
-    await svc.start()
-    try:
+    async with CollectorService(settings, settings.nats_url or "", settings.redis_url or "") as svc:
         yield svc
-    finally:
-        await svc.stop()
 
 
 async def test_endpoint_killed_and_restarted_mid_build_loses_nothing(

@@ -42,12 +42,8 @@ MAX_SESSIONS = 3
 @pytest.fixture
 async def storage(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[Settings]:
     quick = settings.with_(fsync=False, max_sessions=MAX_SESSIONS)
-    svc = StorageService(quick, quick.nats_url or "", quick.redis_url or "")
-    await svc.start()
-    try:
+    async with StorageService(quick, quick.nats_url or "", quick.redis_url or ""):
         yield quick
-    finally:
-        await svc.stop()
 
 
 

@@ -41,12 +41,8 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0)
 
 @pytest.fixture
 async def storage(settings: Settings, nc: Any) -> AsyncIterator[StorageService]:
-    svc = StorageService(settings, settings.nats_url or "", settings.redis_url or "")
-    await svc.start()
-    try:
+    async with StorageService(settings, settings.nats_url or "", settings.redis_url or "") as svc:
         yield svc
-    finally:
-        await svc.stop()
 
 
 async def stored(client: StorageClient, sid: str) -> Any:

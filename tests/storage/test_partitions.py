@@ -172,6 +172,18 @@ def spawn(settings: Settings, k: int, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each partition still running; SIGKILL one that has not stopped within 10 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_lost(
         settings: Settings, nc, tmp_path: Path, make_session) -> None:
     subjects = Subjects(settings.namespace)
@@ -295,14 +307,7 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
         assert sorted(stored) == sorted(s.id for s in first + second)  # exact: nothing lost, nothing twice
         assert sorted(ids_on_disk(store_dir(settings.telemetry_dir, victim))) == sorted(s.id for s in mine)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_all(procs)
 
 
 async def test_up_with_partitions_runs_one_storage_per_partition_fed_by_the_collector(

@@ -30,7 +30,7 @@ from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.browser import chromium
 from tests.storage.conftest import build_session
-from tests.storage.test_partitions import P, publish, spawn
+from tests.storage.test_partitions import P, publish, spawn, stop_all
 from tests.web.conftest import Api
 
 # Three storage processes, the analyzer, the web service and a browser, on two busy cores.
@@ -188,14 +188,7 @@ async def test_a_partition_away_is_said_on_every_page_and_in_the_api_until_it_is
     finally:
         for svc in reversed(services):
             await svc.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_all(procs)
 
 
 def test_the_notice_names_every_partition_away_and_is_absent_when_whole() -> None:
