@@ -199,13 +199,16 @@ def test_acknowledging_an_alert_changes_the_feed(browser: Browser, loaded: Farm)
         w.page.goto(f"{loaded.web}/alerts?status=open")
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "open"
-        item.locator("button", has_text="Acknowledge").click()
+        item.get_by_role("button", name="Acknowledge", exact=True).click()
         item.locator(".result", has_text="now acknowledged").wait_for()  # the API answered
+        # The buttons swap in place: what applies now is to take it back.
+        assert item.get_by_role("button", name="Take back acknowledgement").is_visible()
+        assert not item.get_by_role("button", name="Acknowledge", exact=True).is_visible()
         w.page.goto(f"{loaded.web}/alerts?status=acknowledged")
         item = w.page.locator(f"#alert-{loaded.ids['alert']}")
         assert item.locator("[data-state]").inner_text() == "acknowledged"
         assert "acknowledged by" in item.inner_text()
-        item.locator("button", has_text="Take back").click()
+        item.get_by_role("button", name="Take back acknowledgement").click()
         item.locator(".result", has_text="now open").wait_for()
         w.page.wait_for_load_state("load")
         assert not w.problems, w.problems
@@ -219,7 +222,7 @@ def test_a_read_key_cannot_change_an_alert_from_the_page(browser: Browser, loade
         page = ctx.new_page()
         page.goto(f"{loaded.web}/alerts")
         item = page.locator(f"#alert-{loaded.ids['alert']}")
-        item.locator("button", has_text="Acknowledge").click()
+        item.get_by_role("button", name="Acknowledge", exact=True).click()
         page.wait_for_selector(f"#alert-{loaded.ids['alert']} .result.error")
         assert "needs 'write' or 'admin'" in item.locator(".result").inner_text()
     finally:

@@ -145,7 +145,12 @@ function alertActions() {
       li.querySelector("[data-state]").textContent = body.state.status;
       li.className = `alert ${body.direction} ${body.state.status}`;
       out.textContent = `now ${body.state.status}`; out.className = "result";
-      setTimeout(() => location.reload(), 400);
+      // The buttons that now apply, in place: the message stays until the reader moves on (a
+      // reload 400 ms later once took it away before anyone, or a loaded test, could read it).
+      const on = { acknowledge: !!body.state.acknowledged, mute: !!body.state.muted };
+      for (const x of li.querySelectorAll("button[data-act]")) {
+        x.hidden = (x.dataset.act === "DELETE") !== on[x.dataset.path];
+      }
     });
   }
 }
