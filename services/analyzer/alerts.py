@@ -34,6 +34,7 @@ from buildtel.services.analyzer.detector import Change, Detector
 from buildtel.services.analyzer.explain import Explanation, lines
 from buildtel.services.analyzer.hostload import (
     HISTORY_RUNS,
+    HOST_CLEAR_BUILDS,
     MIN_JUDGED,
     NORMAL,
     History,
@@ -333,6 +334,7 @@ def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *,
         st.builds += 1
     if judgement.slowed:
         st.slowed += 1
+        st.normal_run = 0
         if not st.slow:
             st.slow = True
             st.events += 1
@@ -350,7 +352,9 @@ def fold_host(state_bytes: bytes | None, point: Point, session: BuildSession, *,
                 change_kind="host", host=point.host)
             alert.explanation = Explanation(summary="", code_change=None, host_slowdown=evidence(session, j))
     elif judgement.judged:
-        st.slow = False
+        st.normal_run += 1
+        if st.normal_run >= HOST_CLEAR_BUILDS:  # a lull of fewer builds is the same slowdown going on
+            st.slow = False
         st.last_good_sid, st.last_good_commit, st.last_good_start = session.id, commit_of(session), session.start
     return _enc.encode(st), alert, False
 

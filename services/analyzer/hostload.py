@@ -22,7 +22,7 @@ than that changed beyond the load and is fed its time less what the load is expe
 added, baseline x (factor - 1), so a step of its own keeps its size; the build is fed its
 targets' span without the load plus its usual time outside the targets.  The host's series
 raises one ``host`` event when a slowdown starts (not one per slow build) and is quiet until a
-build on that host is judged normal again.
+build on that host is judged normal again, ``HOST_CLEAR_BUILDS`` in a row.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ SLOWER = 1.2  # ...is at least this much slower than its baseline
 # In a host-slowed build, a target slower than OUTLIER x the factor (relative to its baseline)
 # changed beyond the load: it is fed, less the load's share; the others are recorded, not fed.
 OUTLIER = 2.0
+# A slowdown episode ends after this many builds in a row judged normal: a lull in the load (one
+# build while other work pauses) does not end it, so a busy machine is one host event, not one per lull.
+HOST_CLEAR_BUILDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ class HostState(msgspec.Struct, kw_only=True):
     last_good_sid: str | None = None
     last_good_commit: str | None = None
     last_good_start: float = 0.0
+    normal_run: int = 0  # builds judged normal in a row since the last host-slowed one
 
 
 host_state_decoder = msgspec.msgpack.Decoder(HostState)

@@ -145,3 +145,15 @@ def test_explanation_names_the_critical_path_shift() -> None:
 def test_explanation_without_the_builds_says_why() -> None:
     e = explain(None, None, notes=["build x is no longer in storage"])
     assert e.summary == "build x is no longer in storage" and e.code_change is None and not e.culprits
+
+
+def test_a_lull_in_the_load_is_the_same_slowdown_and_three_normal_builds_end_it() -> None:
+    """Loaded, one build in a lull, loaded again: one host event.  Then three normal builds end
+    the episode, and the next load is a new one."""
+    rng = random.Random(3)
+    loads = [1.0] * 12 + [1.8, 1.8, 1.0, 1.8, 1.8] + [1.0, 1.0, 1.0] + [1.8, 1.8]
+    builds = [_build(k, {n: rng.gauss(1, 0.03) * load for n in NAMES}, cpu=dict.fromkeys(NAMES, 0.95))
+              for k, load in enumerate(loads)]
+    hosts = [a for a in _run(builds) if a.kind == "host"]
+    assert [a.first_session_id for a in hosts] == [f"{12:032x}", f"{20:032x}"]
+    assert hosts[1].last_good_session_id == f"{19:032x}"

@@ -195,9 +195,9 @@ async def test_the_hog_alone_raises_no_target_or_build_alert(
     alerts, hogged, why = await _outcome(settings, nc, redis_client, "the hog alone")
     assert [a for a in alerts if a.kind in ("target", "build")] == [], why
     hosts = [a for a in alerts if a.kind == "host"]
-    # One slowdown episode, or two when other work next to the hog let a build in between be
-    # judged normal (a loaded run with load average ~12): as in the test above.
-    assert len([a for a in hosts if a.first_session_id in hogged]) <= 2, why
+    # One slowdown episode at most: a lull in the load (other work next to the hog pausing, a
+    # loaded run at load average ~12) does not end it (docs/analytics.md, HOST_CLEAR_BUILDS).
+    assert len([a for a in hosts if a.first_session_id in hogged]) <= 1, why
     for h in hosts:  # a host event carries its evidence
         assert h.explanation is not None and h.explanation.host_slowdown is not None
         assert h.explanation.host_slowdown.factor >= 1.3 and h.host
