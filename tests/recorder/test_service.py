@@ -92,8 +92,10 @@ async def test_redelivery_is_stored_once_and_survives_a_restart(settings: Settin
     await svc2.start()
     try:
         await wait_for(lambda: len(store.load_events(sid)) == len(per_agent["agent-a"]))
-        # svc2 never saw this session's BuildStarted: it learnt the flag from Redis.
-        assert svc2.events_persisted == len(per_agent["agent-a"]) - 20
+        # svc2 never saw this session's BuildStarted: it learnt the flag from Redis.  (Counted
+        # just after its file is written: waited for, not read at once.)
+        await wait_for(lambda: svc2.events_persisted == len(per_agent["agent-a"]) - 20,
+                       what=lambda: f"{svc2.events_persisted} events persisted")
         assert svc2.events_dropped_unflagged == 0
     finally:
         await svc2.stop()
