@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 import redis
 
@@ -230,7 +231,12 @@ async def test_the_web_role_can_request_the_recorder_endpoints(conns: dict[str, 
     await recorder.flush()
     try:
         for ep in ("list", "get", "events", "diff"):
-            reply = await web.request(f"{NS}.recorder.{ep}", b"{}", timeout=10)
+            try:
+                reply = await web.request(f"{NS}.recorder.{ep}", b"{}", timeout=10)
+            except nats.errors.NoRespondersError:  # seen once in a loaded run: say what each side had
+                pytest.fail(f"no responder for {ep}: recorder connected={recorder.is_connected} "
+                            f"errors={conns['recorder'].errors}; web connected={web.is_connected} "
+                            f"errors={conns['web'].errors}")
             assert reply.data == f"reply to {NS}.recorder.{ep}".encode()
     finally:
         await sub.unsubscribe()
