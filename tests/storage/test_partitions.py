@@ -172,6 +172,19 @@ def spawn(settings: Settings, k: int, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+async def all_answer(client: StorageClient, procs: list[subprocess.Popen[bytes]], logs: list[Path],
+                     n: int | None = None) -> bool:
+    """Every partition process alive (else its log is the failure) and answering, no partition
+    missing from the stats, and ``n`` sessions stored when given."""
+    for k, proc in enumerate(procs):
+        assert proc.poll() is None, logs[k].read_text()
+    try:
+        st = await client.stats()
+    except StorageError:
+        return False
+    return st.partial == [] and (n is None or st.sessions == n)
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM each partition still running; SIGKILL one that has not stopped within 10 s."""
     for proc in procs:
@@ -192,13 +205,7 @@ async def test_a_killed_partition_is_named_partial_then_catches_up_with_nothing_
     procs = [spawn(settings, k, logs[k]) for k in range(P)]
     try:
         async def answers() -> bool:
-            for k, proc in enumerate(procs):
-                assert proc.poll() is None, logs[k].read_text()
-            try:
-                st = await client.stats()
-            except StorageError:
-                return False
-            return st.partial == []
+            return await all_answer(client, procs, logs)
 
         await eventually(answers, what="every partition answers")
         now = time.time()

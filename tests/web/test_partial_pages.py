@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from buildtel.services.analyzer.service import AnalyzerService
-from buildtel.services.storage.api import StorageClient, StorageError
+from buildtel.services.storage.api import StorageClient
 from buildtel.services.web.service import WebService
 from buildtel.shared.partitions import partition_of
 from buildtel.shared.protocol import BuildSession, TestCase
@@ -30,7 +30,7 @@ from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.browser import chromium
 from tests.storage.conftest import build_session
-from tests.storage.test_partitions import P, publish, spawn, stop_all
+from tests.storage.test_partitions import P, all_answer, publish, spawn, stop_all
 from tests.web.conftest import Api
 
 # Three storage processes, the analyzer, the web service and a browser, on two busy cores.
@@ -123,13 +123,7 @@ async def test_a_partition_away_is_said_on_every_page_and_in_the_api_until_it_is
         procs += [spawn(settings, k, logs[k]) for k in range(P)]
 
         async def whole(n: int | None = None) -> bool:
-            for k, proc in enumerate(procs):
-                assert proc.poll() is None, logs[k].read_text()
-            try:
-                st = await client.stats()
-            except StorageError:
-                return False
-            return st.partial == [] and (n is None or st.sessions == n)
+            return await all_answer(client, procs, logs, n)
 
         await eventually(whole, "every partition answers")
         analyzer = AnalyzerService(sp, sp.nats_url or "", sp.redis_url or "")
