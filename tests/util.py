@@ -149,3 +149,18 @@ async def run_cli(settings: Any, *args: str, env_extra: dict[str, str] | None = 
         cwd=cwd)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def running(*services: Any) -> Any:
+    """``async with running(a, b, c) as (a, b, c)``: each service started in order (services are
+    async context managers), all stopped in reverse however the block ends."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def _run() -> Any:
+        async with contextlib.AsyncExitStack() as stack:
+            for svc in services:
+                await stack.enter_async_context(svc)
+            yield services
+
+    return _run()

@@ -35,7 +35,7 @@ from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.capture.test_failures import BAD_C, PY, REPO, _build, _cli
-from tests.util import stack_env
+from tests.util import running, stack_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -71,16 +71,9 @@ def rules_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def web(settings: Settings, nc: Any, redis_client: Any, rules_file: Path) -> AsyncIterator[WebService]:
     farm = settings.with_(failure_rules=rules_file)  # the farm's rules where failures are classified
-    started: list[Any] = []
-    try:
-        for cls in (CollectorService, StorageService, WebService):
-            svc = cls(farm, farm.nats_url or "", farm.redis_url or "")
-            await svc.start()
-            started.append(svc)
+    async with running(*(cls(farm, farm.nats_url or "", farm.redis_url or "")
+                         for cls in (CollectorService, StorageService, WebService))) as started:
         yield started[-1]
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 def _env(settings: Settings, tmp_path: Path, rules: Path) -> dict[str, str]:

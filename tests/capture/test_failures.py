@@ -30,7 +30,7 @@ from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.capture.project import ninja_binary
-from tests.util import stack_env
+from tests.util import running, stack_env
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -70,16 +70,9 @@ build app: link main.o
 
 @pytest.fixture
 async def services(settings: Settings, nc: Any, redis_client: Any) -> AsyncIterator[WebService]:
-    started: list[Any] = []
-    try:
-        for cls in (CollectorService, StorageService, WebService):
-            svc = cls(settings, settings.nats_url or "", settings.redis_url or "")
-            await svc.start()
-            started.append(svc)
+    async with running(*(cls(settings, settings.nats_url or "", settings.redis_url or "")
+                         for cls in (CollectorService, StorageService, WebService))) as started:
         yield started[-1]
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:

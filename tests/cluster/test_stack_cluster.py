@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import stat
@@ -18,27 +17,13 @@ from buildtel.shared.auth import StackAuth
 from buildtel.shared.bus import connect_nats
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
+from tests.cli.test_stack_lifecycle import _wait_state
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_TELEMETRY_")}
     env.update(HOME=str(tmp_path / "home"), XDG_DATA_HOME=str(tmp_path / "home" / "xdg"))
     return env
-
-
-def _wait_running(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"buildtel up exited: {log.read_text()}")
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
-            info = {}
-        if info.get("state") == "running":
-            return info
-        time.sleep(0.1)
-    raise AssertionError(f"stack.json never said running: {log.read_text()}")
 
 
 async def test_up_with_a_three_node_cluster(tmp_path: Path) -> None:
@@ -50,7 +35,7 @@ async def test_up_with_a_three_node_cluster(tmp_path: Path) -> None:
                                 cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     pids: list[int] = []
     try:
-        info = await asyncio.to_thread(_wait_running, data / "stack.json", proc, log)
+        info = await asyncio.to_thread(_wait_state, data / "stack.json", proc, "running", log, 120)
         nodes = info["nats_nodes"]
         pids = [n["pid"] for n in nodes]
         assert [n["name"] for n in nodes] == ["n1", "n2", "n3"] and all(psutil.pid_exists(p) for p in pids)

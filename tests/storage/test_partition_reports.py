@@ -22,6 +22,7 @@ from buildtel.shared.protocol import BuildSession, TargetFailure, TestCase
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 from tests.storage.test_partitions import eventually, publish
+from tests.util import running
 
 P = 3
 BUDGET = 6000  # small reply pages: rows span pages, a build's cases split over pages
@@ -32,13 +33,8 @@ async def partitioned(settings: Settings, nc) -> AsyncIterator[list[StorageServi
     s = settings.with_(storage_partitions=P)
     svcs = [StorageService(s, s.nats_url or "", s.redis_url or "", partition=k, max_reply_bytes=BUDGET)
             for k in range(P)]
-    try:
-        for svc in svcs:
-            await svc.start()
+    async with running(*svcs):
         yield svcs
-    finally:
-        for svc in svcs:
-            await svc.stop()
 
 
 def builds(make_session, now: float) -> list[BuildSession]:

@@ -25,7 +25,7 @@ from buildtel.shared.partitions import partition_dirs, partition_of, store_dir
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
-from tests.util import stack_env
+from tests.util import running, stack_env
 
 P = 3
 
@@ -71,13 +71,8 @@ async def partitioned(settings: Settings, nc) -> AsyncIterator[list[StorageServi
     # Small reply pages: merged answers then span several pages of several partitions.
     svcs = [StorageService(s, s.nats_url or "", s.redis_url or "", partition=k, max_reply_bytes=6000)
             for k in range(P)]
-    try:
-        for svc in svcs:
-            await svc.start()
+    async with running(*svcs):
         yield svcs
-    finally:
-        for svc in svcs:
-            await svc.stop()
 
 
 async def test_sessions_spread_by_id_and_queries_merge_across_partitions(
