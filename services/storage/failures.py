@@ -120,6 +120,12 @@ def read(store: Any, summaries: list[Any], rules: tuple[Rule, ...]) -> tuple[lis
             continue  # written by a version with another shape: `buildtel show` says what is wrong with it
         failures += [(s.t, s.id, s.commit, f) for f in records(session, rules)]
     wanted = {(c, f.target) for _, _, c, f in failures if c and f.failure_class in ("code", "unknown")}
+    return failures, passed_pairs(store, summaries, wanted), len({sid for _, sid, _, _ in failures})
+
+
+def passed_pairs(store: Any, summaries: list[Any], wanted: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (commit, target) pairs of ``wanted`` that succeeded in one of ``summaries``' sessions:
+    the flaky rule's evidence (blocking: reads records; the store here, a partition in partmerge.py)."""
     commits = {c for c, _ in wanted}
     passed: set[tuple[str, str]] = set()
     for s in summaries:
@@ -134,7 +140,7 @@ def read(store: Any, summaries: list[Any], rules: tuple[Rule, ...]) -> tuple[lis
             continue
         passed.update((s.commit, t.name) for t in view.targets
                       if t.status == "success" and (s.commit, t.name) in wanted)
-    return failures, passed, len({sid for _, sid, _, _ in failures})
+    return passed
 
 
 def group(failures: list[Failure], passed: set[tuple[str, str]]) -> list[FailureGroup]:

@@ -243,21 +243,7 @@ async def serve_passed_part(store: Any, data: bytes) -> bytes:
     wanted = {(c, t) for c, t in req.pairs}
 
     def build() -> bytes:
-        commits = {c for c, _ in wanted}
-        passed: set[tuple[str, str]] = set()
-        for s in inside:
-            if s.commit not in commits:
-                continue
-            raw = store.read_summary(s)
-            if raw is None:
-                continue
-            try:
-                view = fl._targets_decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            passed.update((s.commit, t.name) for t in view.targets
-                          if t.status == "success" and (s.commit, t.name) in wanted)
-        return _enc.encode(PassedPartReply(passed=sorted(passed)))
+        return _enc.encode(PassedPartReply(passed=sorted(fl.passed_pairs(store, inside, wanted))))
 
     return await asyncio.to_thread(build)
 
