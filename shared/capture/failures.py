@@ -36,7 +36,7 @@ LINE_CHARS = 4096  # the longest string an event may carry (shared/validate.py)
 NOTE_CHARS = 1000  # notes name other targets: bounded, so an event never breaks a string limit
 ERROR_CHARS = 300  # of each error line: 100 failures' error lines stay well within one bus message
 OUTPUT_BUDGET = 256 * 1024  # failure output in one build_finished event, all targets together
-_NINJA_FAILED = re.compile(r"^FAILED: (?:\[code=\d+\] )?(?P<outputs>.*)$")
+_NINJA_FAILED = re.compile(r"^FAILED: (?:\[code=(?P<code>-?\d{1,9})\] )?(?P<outputs>.*)$")
 _NINJA_END = re.compile(r"^(?:\[\d+/\d+\]|FAILED: |ninja: )")
 _MAKE_ANCHOR = re.compile(r"^\S*make(?:\[\d+\])?: \*\*\* \[(?P<inside>[^\]]*)\] ")
 
@@ -49,6 +49,7 @@ class Seen:
     start: float
     end: float
     status: str
+    exit_code: int | None = None  # a failed ninja edge's ``[code=N]`` (ninja >= 1.13); None: not said
 
 
 Line = tuple[float, int, str]  # (when its end was read, stream, text)
@@ -69,10 +70,11 @@ def timed_lines(chunks: list[Chunk]) -> list[Line]:
     return out
 
 
-def ninja_blocks(lines: list[Line]) -> list[tuple[str, float, list[str]]]:
-    """(first output, time its FAILED line was read, command + output lines) per failed ninja edge
-    (ninja prints all of it on its stdout)."""
-    blocks: list[tuple[str, float, list[str]]] = []
+def ninja_blocks(lines: list[Line]) -> list[tuple[str, float, list[str], int | None]]:
+    """(first output, time its FAILED line was read, command + output lines, its exit code) per
+    failed ninja edge (ninja prints all of it on its stdout).  The exit code is ninja's
+    ``[code=N]`` (since 1.13: 137 for an edge killed by SIGKILL); None when ninja did not print it."""
+    blocks: list[tuple[str, float, list[str], int | None]] = []
     current: list[str] | None = None
     for t, stream, line in lines:
         if stream == 2:
@@ -81,7 +83,8 @@ def ninja_blocks(lines: list[Line]) -> list[tuple[str, float, list[str]]]:
         if m:
             current = []
             outputs = m.group("outputs").strip()
-            blocks.append((outputs.split(" ")[0], t, current))
+            code = int(m.group("code")) if m.group("code") is not None else None
+            blocks.append((outputs.split(" ")[0], t, current, code))
             continue
         if current is None:
             continue
@@ -171,10 +174,10 @@ def _bounded(lines: list[str], budget: int) -> tuple[list[str], int]:
 
 
 def _failure(target: str, note: str, output: list[tuple[int, str]] | None, output_kib: int, budget: int,
-             skip_for_errors: int = 0) -> tuple[TargetFailure, int]:
+             skip_for_errors: int = 0, exit_code: int | None = None) -> tuple[TargetFailure, int]:
     note = note[:NOTE_CHARS]
     if output is None:
-        return TargetFailure(target=target, attributed=False, note=note), 0
+        return TargetFailure(target=target, attributed=False, note=note, exit_code=exit_code), 0
     searched = output[skip_for_errors:]
     errors = [redact_line(e)[:ERROR_CHARS] for e in error_lines([line for _, line in searched])]
     # The signature comes from the tool's own words: stderr first (make echoes commands on stdout),
@@ -195,7 +198,8 @@ def _failure(target: str, note: str, output: list[tuple[int, str]] | None, outpu
     kept = [redact_line(line)[:LINE_CHARS] for line in kept]
     first = redact_line(own[0]) if own else (errors[0] if errors else None)
     return TargetFailure(target=target, note=note, output=kept, output_cut_bytes=cut, errors=errors,
-                         signature=signature(first) if first is not None else None), sum(len(x) + 1 for x in kept)
+                         signature=signature(first) if first is not None else None,
+                         exit_code=exit_code), sum(len(x) + 1 for x in kept)
 
 
 def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16,
@@ -209,15 +213,16 @@ def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16
     new_targets: list[Seen] = []
     budget = OUTPUT_BUDGET
     done: set[str] = set()
-    found: list[tuple[float, str, str, list[tuple[int, str]] | None, int]] = []
-    for target, t, block in ninja_blocks(lines):
+    found: list[tuple[float, str, str, list[tuple[int, str]] | None, int, int | None]] = []
+    for target, t, block, code in ninja_blocks(lines):
         if target in done:
             continue
         done.add(target)
         # The first line is the edge's command (its output follows): not searched for error lines.
-        found.append((t, target, "ninja's FAILED block: the edge's command and output", [(1, x) for x in block], 1))
+        found.append((t, target, "ninja's FAILED block: the edge's command and output", [(1, x) for x in block], 1,
+                      code))
         if target not in known:
-            new_targets.append(Seen(target, t, t, "failed"))
+            new_targets.append(Seen(target, t, t, "failed", code))
     for f in seen:
         if f.status != "failed" or f.target in done:
             continue
@@ -226,10 +231,10 @@ def find_failures(chunks: list[Chunk], seen: list[Seen], *, output_kib: int = 16
         if out is not None and cut_between is not None and f.start - GRACE_S < cut_between[1] \
                 and f.end + GRACE_S > cut_between[0]:
             note += "; part of it fell in the part of the log that was cut (BUILDER_TELEMETRY_LOG_LIMIT)"
-        found.append((f.end, f.target, note, out, 0))
+        found.append((f.end, f.target, note, out, 0, f.exit_code))
     found.sort(key=lambda x: x[0])
-    for _t, target, note, out, skip in found[:MAX_FAILURES]:
-        failure, used = _failure(target, note, out, output_kib, budget, skip)
+    for _t, target, note, out, skip, code in found[:MAX_FAILURES]:
+        failure, used = _failure(target, note, out, output_kib, budget, skip, code)
         budget -= used
         failures.append(failure)
     return failures, new_targets

@@ -120,7 +120,7 @@ class LiveSource:
                         self.emitted_targets += rec.get("event") == "target_finished"
                         if rec.get("event") == "target_finished":
                             self.seen.append(Seen(rec["target"], rec["start"], rec["start"] + rec["duration_s"],
-                                                  rec.get("status", "success")))
+                                                  rec.get("status", "success"), rec.get("exit_code")))
                         yield rec
                     if cap is not None and cap.kind in ("make", "tree"):
                         # Recipes with a line running; a finished one lingers before it is reported.

@@ -74,7 +74,7 @@ class RunLog:
                                         cut_between=cut)
         for e in edges:  # failed ninja edges: ninja logs only the edges that succeeded
             client.target_finished(target=e.target, start=e.start, duration_s=0.0, status="failed", kind="edge",
-                                   ts=e.end)
+                                   exit_code=e.exit_code, ts=e.end)
         return failures
 
     def _store(self, client: Any, session_id: str) -> BuildLog:

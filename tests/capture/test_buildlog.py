@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from buildtel.shared.buildlog import LogBuffer, compress, decompress, keep, redact_log
 from buildtel.shared.capture.failures import Seen, find_failures, make_anchor, ninja_blocks, timed_lines
+from buildtel.shared.failrecord import records
 from buildtel.shared.failsig import error_lines, quoted_only, signature
+from buildtel.shared.protocol import BuildSession, TargetMetrics
 
 _bytes = st.binary(max_size=3000) | st.text(alphabet="ab\n xyz=", max_size=3000).map(str.encode)
 
@@ -84,6 +86,23 @@ def test_ninja_blocks_and_failed_edges() -> None:
     assert by["a.o"].output == ["cc -c a.c -o a.o", "a.c:1:1: error: boom"]
     assert by["a.o"].signature == "a.c:N:N: error: boom"
     assert by["app"].errors == ["ld: b.o: undefined reference to `f'"]
+    # ninja >= 1.13 prints the edge's exit code: kept on the target and its record (None when not printed)
+    assert [(e.target, e.exit_code) for e in edges] == [("a.o", None), ("app", 1)]
+    assert (by["a.o"].exit_code, by["app"].exit_code) == (None, 1)
+
+
+def test_a_ninja_edge_killed_by_sigkill_keeps_its_code_and_is_infra() -> None:
+    # What ninja 1.13 prints for an edge whose command was SIGKILLed (it prints nothing of its own).
+    chunks = _chunks((1.0, '[1/1] exec python3 -c "import os; os.kill(os.getpid(), 9)"\n'
+                           'FAILED: [code=137] k.o \nexec python3 -c "import os; os.kill(os.getpid(), 9)"\n'
+                           "ninja: build stopped: subcommand failed.\n", 1))
+    [f], [edge] = find_failures(chunks, [])
+    assert (f.target, f.exit_code, edge.exit_code) == ("k.o", 137, 137)
+    session = BuildSession(id="s" * 32, name="b", start=1.0, finish=2.0, duration_s=1.0, outcome="failed",
+                           targets=[TargetMetrics(name="k.o", start=1.0, end=1.0, duration_s=0.0, status="failed",
+                                                  exit_code=edge.exit_code)], failures=[f])
+    [rec] = records(session)
+    assert (rec.failure_class, rec.class_rule, rec.exit_code) == ("infra", "signal", 137)
 
 
 def test_make_output_is_not_guessed_when_recipes_overlap() -> None:
