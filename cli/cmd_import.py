@@ -99,10 +99,16 @@ def register(subparsers: Any) -> None:
                            help="ninja's console output (stdout and stderr) of the run that wrote the log's last "
                                 "build: its FAILED: edges become failed targets with their error text, and "
                                 "'interrupted by user' makes the build cancelled")
-        if fmt not in ("bep", "junit"):  # BEP carries its exit code; a JUnit session is its test results
+        if fmt == "ninja":
             q.add_argument("--exit-code", metavar="N", type=int,
-                           help="exit code of that run: 0 success, 1-127 failed, >= 128 (a signal: 130 SIGINT, "
-                                "143 SIGTERM) cancelled; without it and --output the outcome is unknown")
+                           help="ninja's exit code of that run: 0 success; 129, 130, 143 (SIGHUP, SIGINT, SIGTERM "
+                                "to ninja) cancelled, unless --output says another reason ninja stopped; any "
+                                "other failed (ninja 1.13 exits with a failed edge's code: 137 is an edge killed "
+                                "by SIGKILL); without it and --output the outcome is unknown")
+        elif fmt == "chrome-trace":  # BEP carries its own exit code; a JUnit session is its test results
+            q.add_argument("--exit-code", metavar="N", type=int,
+                           help="exit code of the traced run: 0 success, 1-127 failed, >= 128 (a signal: 130 "
+                                "SIGINT, 143 SIGTERM) or negative cancelled; without it the outcome is unknown")
         if fmt == "junit":
             q.add_argument("--commit", metavar="SHA",
                            help="commit the tests ran on (flaky tests are found per commit); default: the "

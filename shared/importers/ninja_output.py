@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from buildtel.shared.importers.common import outcome_of_exit_code, signal_name
+from buildtel.shared.importers.common import signal_name
 
 MAX_ERROR_BYTES = 16 * 1024  # per failed edge: a compiler can print megabytes; the start says why
 
@@ -134,15 +134,24 @@ def parse_ninja_output(data: bytes) -> NinjaOutput:
     return res
 
 
+# Exit statuses of ninja itself ended by SIGHUP, SIGINT or SIGTERM (the shell's 128+N, or Python's
+# -N): the user or a supervisor stopped it.  Any other code is a failure: ninja >= 1.13 exits
+# with a failed edge's own code, so 137 is an edge SIGKILLed (out of memory), not a cancel.
+STOPPED_CODES = frozenset({129, 130, 143, -1, -2, -15})
+
+
 def ninja_outcome(out: NinjaOutput | None, code: int | None) -> tuple[str, str, list[str]]:
     """The outcome of the run, the evidence it rests on (for ``labels["outcome_evidence"]``) and
     warnings where the evidence disagrees.  Rules, first match wins (docs/importers.md):
 
-    1. the exit code is a signal, or the output says ``interrupted by user`` → cancelled;
-    2. the exit code is not 0, or the output shows ``FAILED:`` edges, a ``build stopped`` other
-       than by interruption, or ``ninja: error/fatal`` → failed;
-    3. the exit code is 0, or the output ends with every edge finished (``[m/m]``) → success;
-    4. otherwise (no evidence, or an output that stops short without saying why) → unknown.
+    1. the output says ``build stopped: interrupted by user`` → cancelled;
+    2. the output says ``build stopped`` for another reason (``subcommand failed``, ``cannot make
+       progress…``) → failed, whatever the exit code (ninja 1.13 exits 137 for a SIGKILLed edge);
+    3. the exit code is SIGHUP, SIGINT or SIGTERM to ninja (129, 130, 143, or -1, -2, -15) → cancelled;
+    4. any other non-zero exit code, or an output with ``FAILED:`` edges or ``ninja: error/fatal``
+       → failed;
+    5. the exit code is 0, or the output ends with every edge finished (``[m/m]``) → success;
+    6. otherwise (no evidence, or an output that stops short without saying why) → unknown.
     """
     said: list[str] = []
     if code is not None:
@@ -152,9 +161,12 @@ def ninja_outcome(out: NinjaOutput | None, code: int | None) -> tuple[str, str, 
         said.append("ninja output")
     evidence = " + ".join(said) or "none"
     warnings: list[str] = []
-    failed_out = out is not None and bool(out.failed or out.errors or (out.stopped and not out.interrupted))
-    if (code is not None and outcome_of_exit_code(code) == "cancelled") or (out is not None and out.interrupted):
+    if out is not None and out.interrupted:
         return "cancelled", evidence, warnings
+    stopped = out is not None and out.stopped is not None
+    if not stopped and code is not None and code in STOPPED_CODES:
+        return "cancelled", evidence, warnings
+    failed_out = out is not None and bool(out.failed or out.errors or stopped)
     if (code is not None and code != 0) or failed_out:
         if code == 0:
             warnings.append("exit code 0 but the output shows failures: recorded as failed")

@@ -90,3 +90,23 @@ def ninja_binary() -> str | None:
     except ImportError:
         return None
     return str(Path(ninja.BIN_DIR) / "ninja")
+
+
+def ninja_binaries() -> dict[str, str]:
+    """Every distinct ninja on this machine by its version (``1.13.2``: the PyPI package of the
+    test extra, which exits with a failed edge's code; ``1.11.1``: a distribution's, which exits 1):
+    the one first on PATH, the PyPI package's and the usual system places."""
+    places = [ninja_binary(), shutil.which("ninja", path="/usr/local/bin:/usr/bin:/bin")]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        places.append(str(Path(ninja.BIN_DIR) / "ninja"))
+    except ImportError:
+        pass
+    found: dict[str, str] = {}
+    for path in places:
+        if path is None or not Path(path).is_file():
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+        found.setdefault(".".join(version.split(".")[:3]), path)
+    return found

@@ -1,5 +1,5 @@
 """Real ninja runs for the outcome tests: a small C project whose build succeeds, stops on a
-compile error, or is interrupted with SIGINT while a slow edge runs.
+compile error or on an edge killed by SIGKILL, or is interrupted with SIGINT while a slow edge runs.
 
 Each run keeps what ``buildtel import ninja`` takes: the ``.ninja_log``, ninja's console output
 (stdout and stderr together, as a terminal shows them) and its exit code.  The interrupted run
@@ -31,9 +31,10 @@ class NinjaRun:
     exit_code: int
 
 
-def project(root: Path, *, bad: bool = False, slow: bool = False) -> Path:
+def project(root: Path, *, bad: bool = False, slow: bool = False, killed: bool = False) -> Path:
     """``obj/u<i>.o`` for GOOD sources; ``bad``: ``obj/bad.o`` after them fails to compile;
-    ``slow``: ``slow.stamp`` after them touches ``started.marker`` and sleeps 600 s."""
+    ``slow``: ``slow.stamp`` after them touches ``started.marker`` and sleeps 600 s; ``killed``:
+    ``killed.stamp`` after them is killed by SIGKILL (its shell kills itself, as the OOM killer would)."""
     assert NINJA and CC, "the outcome tests need ninja (test extra) and a C compiler"
     (root / "src").mkdir(parents=True, exist_ok=True)
     objs = []
@@ -52,6 +53,10 @@ def project(root: Path, *, bad: bool = False, slow: bool = False) -> Path:
     if slow:
         lines.append(f"build slow.stamp: slow | {after}\n")
         objs.append("slow.stamp")
+    if killed:
+        lines.append(f"rule kill\n  command = kill -9 $$$$\n  description = KILL $out\n"
+                     f"build killed.stamp: kill | {after}\n")
+        objs.append("killed.stamp")
     lines.append(f"build all: phony {' '.join(objs)}\ndefault all\n")
     (root / "build.ninja").write_text("".join(lines))
     return root
@@ -73,8 +78,9 @@ def _signals_of(pid: int) -> str:
         return f"(no /proc status: {exc})"
 
 
-def run(root: Path, *, interrupt: bool = False, timeout: float = 60.0) -> NinjaRun:
-    """Run ``ninja -j1`` in ``root``; ``interrupt``: SIGINT (as Ctrl-C) once the slow edge started."""
+def run(root: Path, *, interrupt: bool = False, timeout: float = 60.0, ninja: str | None = None) -> NinjaRun:
+    """Run ``ninja -j1`` in ``root`` (``ninja``: that binary, default NINJA); ``interrupt``: SIGINT
+    (as Ctrl-C) once the slow edge started."""
     out = root / "ninja.out"
     env = {**os.environ, "TERM": "dumb"}
     env.pop("NINJA_STATUS", None)  # the default "[%f/%t] " status lines
@@ -82,7 +88,7 @@ def run(root: Path, *, interrupt: bool = False, timeout: float = 60.0) -> NinjaR
         # Ctrl-C as a terminal sends it: SIGINT at its default in ninja and its commands, whatever
         # disposition this test process has (an ignored signal stays ignored in every program
         # started below it, `sleep` included).
-        proc = subprocess.Popen([str(NINJA), "-j1"], cwd=root, stdout=sink, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen([str(ninja or NINJA), "-j1"], cwd=root, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_default_sigint)
         try:
             if interrupt:

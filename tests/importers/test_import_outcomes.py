@@ -12,19 +12,24 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from buildtel.shared.failrecord import records
 from buildtel.shared.importers import ImportFormatError, parse_bep, parse_chrome_trace, parse_ninja_log
 from buildtel.shared.importers.ninja_output import ninja_outcome, parse_ninja_output
 from tests.importers.importer_samples import BEP, TRACE
+from tests.capture.project import ninja_binaries
 from tests.importers.ninja_runs import GOOD, NinjaRun, project, run
 
 KAHLYS = BEP / "kahlys-battools_bazel7.1.2_test_build_events.json"
+NINJAS = ninja_binaries()  # the test extra's ninja (1.13) and a distribution's where there is one
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NinjaRun]:
     root = tmp_path_factory.mktemp("ninja-runs")
     return {"ok": run(project(root / "ok")), "failed": run(project(root / "failed", bad=True)),
-            "interrupted": run(project(root / "interrupted", slow=True), interrupt=True)}
+            "interrupted": run(project(root / "interrupted", slow=True), interrupt=True),
+            **{f"killed-{v}": run(project(root / f"killed-{v}", killed=True), ninja=path)
+               for v, path in NINJAS.items()}}
 
 
 def _import(r: NinjaRun, *, output: bool = True, code: bool = True):  # type: ignore[no-untyped-def]
@@ -77,6 +82,48 @@ def test_an_interrupted_build_is_cancelled(runs: dict[str, NinjaRun]) -> None:
         assert session.exit_code == (130 if code else None)
     assert _import(r, code=False)[0].labels["ninja_stopped"] == "interrupted by user"
     assert _import(r, output=False)[0].labels["outcome_evidence"] == "exit code 130 (SIGINT)"
+
+
+@pytest.mark.parametrize("version", NINJAS)
+def test_an_edge_killed_by_sigkill_is_a_failed_build_not_a_cancelled_one(runs: dict[str, NinjaRun],
+                                                                          version: str) -> None:
+    """ninja >= 1.13 exits with the failed edge's own code: 137 for a SIGKILLed edge (the OOM
+    killer's way), with "build stopped: subcommand failed."; older ninjas exit 1.  Either way the
+    build failed: nobody interrupted ninja."""
+    r = runs[f"killed-{version}"]
+    text = r.output.read_text()
+    coded = tuple(int(x) for x in version.split(".")[:2]) >= (1, 13)
+    assert ("FAILED: [code=137] killed.stamp" in text) == coded, text
+    assert r.exit_code == (137 if coded else 1), text
+    assert "ninja: build stopped: subcommand failed." in text
+    for output, code in ((True, True), (True, False), (False, True)):
+        session, warnings = _import(r, output=output, code=code)
+        assert (session.outcome, warnings) == ("failed", []), (output, code)
+    session, _ = _import(r)
+    (rec,) = records(session)  # classified as `buildtel import` stores it (failrecord.unify)
+    # With ninja's code the record is infra (rule signal); without it nothing says how the edge died.
+    assert (rec.target, rec.exit_code, rec.source) == ("killed.stamp", 137 if coded else None, "import")
+    assert (rec.failure_class, rec.class_rule) == (("infra", "signal") if coded else ("unknown", ""))
+
+
+@pytest.mark.parametrize("code, outcome", [(0, "success"), (1, "failed"), (2, "failed"), (137, "failed"),
+                                           (139, "failed"), (-9, "failed"), (129, "cancelled"),
+                                           (130, "cancelled"), (143, "cancelled"), (-2, "cancelled"),
+                                           (-15, "cancelled")])
+def test_ninja_exit_code_alone(code: int, outcome: str) -> None:
+    """Only SIGHUP/SIGINT/SIGTERM to ninja itself cancel a build; 137 is an edge's SIGKILL (ninja 1.13)."""
+    assert ninja_outcome(None, code)[0] == outcome
+
+
+@pytest.mark.parametrize("stop, code, outcome", [("subcommand failed", 130, "failed"),
+                                                 ("subcommand failed", 137, "failed"),
+                                                 ("subcommand failed", None, "failed"),
+                                                 ("interrupted by user", 1, "cancelled"),
+                                                 ("interrupted by user", 137, "cancelled"),
+                                                 ("interrupted by user", None, "cancelled")])
+def test_what_ninja_said_decides_over_its_exit_code(stop: str, code: int | None, outcome: str) -> None:
+    out = parse_ninja_output(f"[1/2] CC a.o\nninja: build stopped: {stop}.\n".encode())
+    assert ninja_outcome(out, code)[0] == outcome
 
 
 def test_a_successful_build_needs_evidence_to_be_a_success(runs: dict[str, NinjaRun]) -> None:
