@@ -1,8 +1,8 @@
 """Error lines of a failed target's output and its failure signature (pure; ``docs/failures.md``).
 
 An *error line* is a line that says something failed: a compiler's ``error:``/``fatal error:``,
-make's ``*** … Error N``, ninja's ``FAILED:``, the linker's ``undefined reference``, a killed
-process.  The *signature* is the first error line with what changes from build to build taken
+make's ``*** … Error N``, ninja's ``FAILED:``, the linker's ``undefined reference``, a failed
+``assert()``, a killed process, a full disk or a file-size limit.  The *signature* is the first error line with what changes from build to build taken
 out — directories (the file's base name stays), temp names, hex hashes, numbers — so the same
 failure groups across builds and machines.
 """
@@ -17,6 +17,10 @@ SIGNATURE_CHARS = 240
 _ERROR = re.compile(
     r"error:|error\[|\bError\b|\bERROR\b|FAILED|undefined reference|multiple definition|fatal:|"
     r"Segmentation fault|\bKilled\b|\bAborted\b|Traceback \(most recent call last\)|\bpanic:|"
+    # glibc's assert(): "prog: file.c:3: main: Assertion `x' failed." (before the shell's "Aborted")
+    r"\bAssertion [`'\u2018].*['\u2019] failed|"
+    # the shell's word for SIGXFSZ: a write past RLIMIT_FSIZE (ulimit -f)
+    r"File size limit exceeded|"
     # what the machine or the network says (failure classes: shared/failclass.py)
     r"No space left on device|Cannot allocate memory|[Oo]ut of memory|std::bad_alloc|Could not resolve host|"
     r"Temporary failure in name resolution|Connection refused|Connection reset")

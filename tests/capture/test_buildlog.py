@@ -143,6 +143,23 @@ def test_error_lines_and_signatures() -> None:
     assert signature("x86_64 bad2.c tmpq1w2e3r4.txt") == "x86_64 bad2.c <tmp>.txt"
 
 
+def test_an_assertion_and_a_file_size_limit_are_the_signature_not_the_shells_word() -> None:
+    # What make and ninja 1.13 print for a test program whose assert() fails (glibc), and for a
+    # recipe that writes past `ulimit -f` (the shell reports SIGXFSZ).
+    chunks = _chunks((1.0, "./t\nt: t.c:2: main: Assertion `x' failed.\nmake: *** [Makefile:2: check] Aborted\n", 0),
+                     (2.0, "ulimit -f 16; ./big\nFile size limit exceeded\n"
+                           "make: *** [Makefile:4: big.bin] Error 153\n", 0))
+    check, big = find_failures(chunks, [Seen("check", 0.9, 1.0, "failed", 134),
+                                        Seen("big.bin", 1.9, 2.0, "failed", 153)])[0]
+    assert check.signature == "t: t.c:N: main: Assertion `x' failed."
+    assert big.signature == "File size limit exceeded" and big.exit_code == 153
+    ninja = _chunks((1.0, "[1/1] ./t\nFAILED: [code=134] check \n./t\nt: t.c:2: main: Assertion `x' failed.\n"
+                          "Aborted\nninja: build stopped: subcommand failed.\n", 1))
+    [f], _ = find_failures(ninja, [])
+    assert f.errors == ["t: t.c:2: main: Assertion `x' failed.", "Aborted"]
+    assert (f.signature, f.exit_code) == ("t: t.c:N: main: Assertion `x' failed.", 134)
+
+
 def test_failure_output_of_a_build_is_bounded_together() -> None:
     chunks, seen, t = [], [], 1000.0
     for k in range(30):
