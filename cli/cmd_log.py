@@ -15,7 +15,8 @@ from buildtel.cli.ids import GRAMMAR, parse_id, resolve_session
 from buildtel.cli.jsonout import dumps
 from buildtel.cli.textsafe import safe, safe_block
 from buildtel.services.storage.api import StorageClient
-from buildtel.shared.protocol import BuildSession, TargetFailure
+from buildtel.shared.failrecord import failed_targets
+from buildtel.shared.protocol import BuildSession
 from buildtel.shared.settings import Settings
 
 
@@ -29,13 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_log, quiet_logs=True)
 
 
-def failure_of(s: BuildSession, target: str) -> TargetFailure:
-    for f in s.failures:
-        if f.target == target:
-            return f
+def failure_of(s: BuildSession, target: str) -> dict[str, Any]:
+    """``target``'s failure record as ``buildtel show --failures`` gives it (``failrecord.failed_targets``:
+    classified, and converted for a session stored by an older version or an importer)."""
+    for row in failed_targets(s):
+        if row["target"] == target:
+            return row
     failed = [m.name for m in s.targets if m.status == "failed"]
     hint = f" (failed targets: {', '.join(failed[:10])})" if failed else " (it has no failed targets)"
-    raise CLIError(f"session {s.id} keeps no output for target {target!r}{hint}")
+    raise CLIError(f"session {s.id} has no failed target {target!r}{hint}")
 
 
 async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
@@ -46,13 +49,13 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
             f = failure_of(s, args.target)
             tty = sys.stdout.isatty()
             if args.json:
-                sys.stdout.write(dumps({"session_id": s.id, **_failure_json(f)}) + "\n")
+                sys.stdout.write(dumps({"session_id": s.id, **f}) + "\n")
             else:
-                if not f.attributed:
-                    print(f"buildtel: {f.note}", file=sys.stderr)
-                elif f.output_cut_bytes:
-                    print(f"buildtel: its first {f.output_cut_bytes} bytes are not kept", file=sys.stderr)
-                for line in f.output:
+                if not f["attributed"] or not f["output"]:
+                    print(f"buildtel: {f['note']}", file=sys.stderr)
+                elif f["output_cut_bytes"]:
+                    print(f"buildtel: its first {f['output_cut_bytes']} bytes are not kept", file=sys.stderr)
+                for line in f["output"]:
                     print(safe(line) if tty else line)
             return 0
         if s.log is None or not s.log.object:
@@ -75,7 +78,3 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.flush()
     return 0
 
-
-def _failure_json(f: TargetFailure) -> dict[str, Any]:
-    return {"target": f.target, "attributed": f.attributed, "note": f.note, "errors": f.errors,
-            "signature": f.signature, "output": f.output, "output_cut_bytes": f.output_cut_bytes}

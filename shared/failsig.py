@@ -2,9 +2,9 @@
 
 An *error line* is a line that says something failed: a compiler's ``error:``/``fatal error:``,
 make's ``*** … Error N``, ninja's ``FAILED:``, the linker's ``undefined reference``, a failed
-``assert()``, a killed process, a full disk or a file-size limit.  The *signature* is the first error line with what changes from build to build taken
-out — directories (the file's base name stays), temp names, hex hashes, numbers — so the same
-failure groups across builds and machines.
+``assert()``, a killed process, a full disk or a file-size limit.  The *signature* is the first
+error line with what changes from build to build taken out — directories (the file's base name
+stays), temp names, hex hashes, numbers — so the same failure groups across builds and machines.
 """
 
 from __future__ import annotations

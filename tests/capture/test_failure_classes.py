@@ -243,6 +243,10 @@ async def test_a_session_stored_by_an_older_version_still_shows_its_failures(set
         "code", "import", "imp.c:N:N: error: unknown type name 'x'")
     assert (rows["run.o"]["failure_class"], rows["run.o"]["exit_code"]) == ("infra", 137)
     assert rows["run.o"]["output"] == ["about to die", "make: *** [Makefile:5: run.o] Killed"]
+    for target in ("imp.o", "run.o"):  # `buildtel log ID TARGET` gives the same classified records
+        one = await _cli(["log", sid, target, "--json"], tmp_path, env)
+        assert one.returncode == 0, one.stderr
+        assert json.loads(one.stdout) == {"session_id": sid, **rows[target]}
     groups = json.loads((await _cli(["failures", "--json"], tmp_path, env)).stdout)["groups"]
     assert {(g["targets"][0], g["failure_class"], g["example_sessions"][0]) for g in groups} == {
         ("imp.o", "code", sid), ("run.o", "infra", sid)}

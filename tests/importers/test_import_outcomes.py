@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from buildtel.shared.failrecord import records
 from buildtel.shared.importers import ImportFormatError, parse_bep, parse_chrome_trace, parse_ninja_log
 from buildtel.shared.importers.ninja_output import ninja_outcome, parse_ninja_output
-from tests.importers.importer_samples import BEP, TRACE
 from tests.capture.project import ninja_binaries
+from tests.importers.importer_samples import BEP, TRACE
 from tests.importers.ninja_runs import GOOD, NinjaRun, project, run
 
 KAHLYS = BEP / "kahlys-battools_bazel7.1.2_test_build_events.json"
