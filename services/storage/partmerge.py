@@ -7,7 +7,8 @@ answer its part alone.  Each partition answers an internal request on its own su
 (``<ns>.storage.p<k>.tests_part`` / ``failures_part`` / ``passed_part``):
 
 * ``tests_part``: one row per session of its newest ``sessions`` matching the filters, newest
-  first: (t, id, branch, commit, whether it holds tests, its test cases that match ``test``).
+  first: (t, id, branch, commit, whether it holds tests, its test cases that match ``test`` and,
+  when given, ``target``; with a target the window is the sessions that built it).
   Rows of sessions without tests are a key only: the router needs every key to cut the window.
 * ``failures_part``: the same rows with each session's classified failures, compacted to what
   grouping reads (target, signature, class, rule, first error line).

@@ -8,6 +8,7 @@ imports are ``buildtel`` processes; every wait is a poll with a deadline."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -141,6 +142,11 @@ async def test_a_make_target_that_writes_a_junit_report_lists_its_tests_and_flak
     assert rows[0][5].replace(" ", "") == "flaky50%" and rows[1][5] == "no" and rows[0][6] != "—" and rows[1][6] == "—"
     assert links[0] == ["/tests/test_flaky%3A%3Atest_sometimes"]
     assert 'class="flaky"' in html and "4 with test results" in html
+
+    code, out, err = await cli(settings, "tests", "--target", "build/report.xml", "--json")
+    assert code == 0, err
+    assert [(t["test"], t["flaky"]) for t in json.loads(out)["tests"]] == [
+        ("test_flaky::test_sometimes", True), ("test_flaky::test_steady", False)]
 
     rows, _ = table(await _page(f"{web}/targets/unit_test"), "target-tests")
     assert [r[:3] for r in rows] == [["unit_test::adds", "4", "4"]]
