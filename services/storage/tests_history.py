@@ -192,6 +192,8 @@ def stats(views: list[tuple[Any, _View]], needle: str = "", target: str | None =
             if st is None:
                 st = by_test[tid] = TestStat(test=tid, suite=c.suite, name=c.name, last_outcome=c.outcome,
                                              last_run=s.t, last_session=v.id)
+            elif st.last_session == v.id:
+                st.last_outcome = c.outcome  # a later run in the newest build (a retry): cases are in run order
             st.runs += 1
             if c.outcome == "passed":
                 st.passed += 1

@@ -186,6 +186,7 @@ async def test_a_bazel_tests_page_shows_the_test_that_flaked_on_retry(site: tupl
     rows, links = table(html, "target-tests")
     assert [r[:5] for r in rows] == [["//go/cmd/geninter::geninter_test", "2", "1", "1", "0"]]
     assert rows[0][5].replace(" ", "") == "flaky50%"
+    assert rows[0][8] == "passed"  # its last attempt (Bazel's retry), not its first
     assert links[0] == [f"/tests/{quote('//go/cmd/geninter::geninter_test', safe='')}"]
     rows, _ = table(await _page(f"{web}/targets/{quote('//go/pkg/alfred:alfred_test', safe='')}"), "target-tests")
     assert [r[:6] for r in rows] == [["//go/pkg/alfred::alfred_test", "2", "2", "0", "0", "no"]]
