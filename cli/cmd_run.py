@@ -193,10 +193,10 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
     peak = max(sampler.peak_rss, maxrss * (1 if sys.platform == "darwin" else 1024))
 
     if run is not None:
-        if junit:  # the build's test reports, before build_finished (shared/junit_capture.py)
-            from buildtel.shared.junit_capture import send_reports
-            send_reports(run.client, junit, since=t0, quiet=quiet)
-        run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak, console=console, outcome=outcome)
+        # The build's test reports, sent before build_finished once the build's targets are known
+        # (shared/junit_capture.py).
+        run.finish(exit_code=code, cpu_s=cpu, peak_rss_bytes=peak, console=console, outcome=outcome,
+                   junit=_junit_sender(run, junit, t0, quiet) if junit else None)
     if capture is not None:
         from buildtel.shared.recording.capture import finish_run_capture
         finish_run_capture(capture, code, quiet=quiet)
@@ -217,6 +217,15 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
 
         emit(run_summary(session_id, trace_id, code, wall, run, settings, outcome=outcome))
     return code
+
+
+def _junit_sender(run: Any, patterns: Sequence[str], t0: float, quiet: bool) -> Callable[[Any], None]:
+    def send(targets: Any) -> None:
+        from buildtel.shared.junit_capture import send_reports
+
+        send_reports(run.client, patterns, since=t0, quiet=quiet, targets=targets)
+
+    return send
 
 
 def _session_url(settings: Settings, session_id: str) -> str | None:

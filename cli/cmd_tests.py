@@ -31,6 +31,8 @@ def register(sub: Any) -> None:
     p.add_argument("--since", help="builds since DATE (2026-01-31, ISO time, 7d, 12h)")
     p.add_argument("--branch", help="builds of this branch only")
     p.add_argument("--match", default="", metavar="TEXT", help="tests whose id contains TEXT")
+    p.add_argument("--target", metavar="TARGET",
+                   help="only runs of this build target (exact: a Bazel label, a make target, a ninja output)")
     p.add_argument("--history", metavar="TEST", help="one test's runs, newest first (TEST: suite::name)")
     p.add_argument("--sessions", type=int, default=1000, metavar="N",
                    help="read the newest N builds that match (default 1000)")
@@ -60,8 +62,8 @@ async def cmd_tests(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 sort: Any = "slowest" if args.slowest else "failing" if args.failing else "flaky"
                 reply = await tests(bus.nc, bus.subjects, TestsRequest(
-                    since=since, branch=args.branch, test=args.match, flaky=args.flaky, sort=sort,
-                    sessions=args.sessions, limit=min(args.limit, 10_000)))
+                    since=since, branch=args.branch, test=args.match, target=args.target or None, flaky=args.flaky,
+                    sort=sort, sessions=args.sessions, limit=min(args.limit, 10_000)))
         except StorageError as exc:
             raise CLIError(str(exc)) from None
     for note in (hist if args.history else reply).partial:  # a partition away: its builds are not counted

@@ -118,9 +118,14 @@ class Telemetry:
             pass
 
     def finish(self, *, exit_code: int, cpu_s: float, peak_rss_bytes: int, console: Any = None,
-               outcome: str | None = None) -> None:
+               outcome: str | None = None, junit: Callable[[Any], None] | None = None) -> None:
+        """End the session: sources drained, failures and log (``console``), then ``junit`` called
+        with the build's targets (``junit_capture.BuildTargets``: only now are they all known, failed
+        ninja edges included) to send its test reports, then ``build_finished``."""
         client = self.client
         if client is None:
+            if junit is not None:
+                junit(None)  # the reports are still read and said (their tests are not recorded)
             print(f"buildtel: warning: telemetry unavailable ({getattr(self, 'error', '?')}); "
                   f"session {self.session_id} was not recorded", file=sys.stderr)
             return
@@ -133,6 +138,14 @@ class Telemetry:
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0))
         kept = console.conclude(client, getattr(self, "_sources", ()), self.session_id) if console is not None else {}
+        if junit is not None:
+            from buildtel.shared.junit_capture import build_targets
+
+            try:
+                targets = build_targets(getattr(self, "_sources", ()), [f.target for f in kept.get("failures", ())])
+            except Exception:  # noqa: BLE001 - tests are still sent, without the targets that ran them
+                targets = None
+            junit(targets)
         client.build_finished(exit_code=exit_code, cpu_s=cpu_s, peak_rss_bytes=peak_rss_bytes,
                               up_to_date=self._up_to_date(exit_code), outcome=outcome, **kept)
         # Connected: a flush takes milliseconds.  Never reached: close returns at once.

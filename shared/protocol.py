@@ -239,7 +239,8 @@ class BuildFinished(_Event, tag="build_finished"):
 
 
 class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):
-    """One test case run, from a JUnit XML report (shared/junit.py, docs/tests.md)."""
+    """One test case run, from a JUnit XML report (shared/junit.py) or a Bazel ``testResult``
+    (shared/importers/bep_details.py); docs/tests.md."""
 
     __test__ = False  # not a pytest test class, whatever its name
 
@@ -252,6 +253,10 @@ class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     message: Annotated[str, _doc(
         "failure, error or skip message with the start of its text, secrets redacted, at most 1000 "
         "characters; empty for passed cases")] = ""
+    target: Annotated[str, _doc(
+        "the build target that ran it, when known (docs/tests.md#which-target-ran-a-test): a Bazel test's "
+        "label; for JUnit, the make target or ninja edge that wrote the report, else a target of the build "
+        "named like the case's suite; empty when not known (and in sessions stored before this field)")] = ""
 
 
 class TestResults(_Event, tag="test_results"):

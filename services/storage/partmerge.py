@@ -7,7 +7,8 @@ answer its part alone.  Each partition answers an internal request on its own su
 (``<ns>.storage.p<k>.tests_part`` / ``failures_part`` / ``passed_part``):
 
 * ``tests_part``: one row per session of its newest ``sessions`` matching the filters, newest
-  first: (t, id, branch, commit, whether it holds tests, its test cases that match ``test``).
+  first: (t, id, branch, commit, whether it holds tests, its test cases that match ``test`` and,
+  when given, ``target``; with a target the window is the sessions that built it).
   Rows of sessions without tests are a key only: the router needs every key to cut the window.
 * ``failures_part``: the same rows with each session's classified failures, compacted to what
   grouping reads (target, signature, class, rule, first error line).
@@ -56,6 +57,7 @@ class Window(msgspec.Struct, kw_only=True, omit_defaults=True):
     branch: str | None = None
     name: str | None = None
     label: str | None = None
+    target: str | None = None  # sessions that built this target (``tests`` with a target)
     sessions: int = 1000
 
 
@@ -65,6 +67,7 @@ class TestsPartRequest(msgspec.Struct, kw_only=True):
     window: Window
     test: str = ""  # a substring of the test id, or (exact) the test id
     exact: bool = False
+    target: str | None = None  # only cases of this build target (exact; None: any)
     cursor: PartCursor | None = None
 
 
@@ -137,7 +140,7 @@ def _decode(endpoint: str, data: bytes) -> Any:
 
 
 def _filters(w: Window) -> Filters:
-    return Filters(branch=w.branch, name=w.name, label=w.label, since=w.since, until=w.until)
+    return Filters(branch=w.branch, name=w.name, label=w.label, target=w.target, since=w.since, until=w.until)
 
 
 def _resume(summaries: list[Any], cursor: PartCursor | None) -> tuple[int, int]:
@@ -209,7 +212,8 @@ async def serve_tests_part(store: Any, data: bytes, budget: int) -> bytes:
             v = views[0][1] if views else None
             vcs = v.environment.vcs if v is not None and v.environment else None
             cases = [c if req.exact else msgspec.structs.replace(c, message="") for c in (v.tests if v else [])
-                     if (th.test_id(c) == req.test if req.exact else req.test in th.test_id(c))]
+                     if (th.test_id(c) == req.test if req.exact else req.test in th.test_id(c))
+                     and (req.target is None or c.target == req.target)]
             rows.append((s, (s.t, s.id, vcs.branch if vcs else None, vcs.commit if vcs else None, v is not None),
                          cases, skip if n == 0 else 0))
         page, cursor = _page(rows, budget, lambda r, items: TestRow(r[0], r[1], r[2], r[3], r[4], items))
@@ -312,11 +316,11 @@ def _views(rows: list[TestRow]) -> list[tuple[Any, Any]]:
 async def tests(router: Any, data: bytes) -> bytes:
     req: th.TestsRequest = th._decode(th.tests_decoder, th.TESTS, data)
     window = Window(since=req.since, until=req.until, branch=req.branch, name=req.name, label=req.label,
-                    sessions=req.sessions)
-    rows, partial = await _rows(router, TESTS_PART, TestsPartRequest(window=window, test=req.test),
+                    target=req.target, sessions=req.sessions)
+    rows, partial = await _rows(router, TESTS_PART, TestsPartRequest(window=window, test=req.test, target=req.target),
                                 _tests_reply, "tests")
     views = _views(_window(rows, req.sessions))
-    all_stats = await asyncio.to_thread(th.stats, views, req.test)
+    all_stats = await asyncio.to_thread(th.stats, views, req.test, req.target)
     chosen = [s for s in all_stats if s.flaky] if req.flaky else all_stats
     chosen.sort(key=th._SORTS[req.sort])
     return th._fit(None, chosen[:req.limit], router.budget(), lambda items: th.TestsReply(

@@ -9,7 +9,9 @@ structs below, errors as the other storage endpoints (400 with the reason):
   sessions with no known commit, within the same session (a retry).  ``flake_rate`` = failed
   runs that share their commit with a pass / runs that passed or failed.  Sorted by
   ``sort``: ``flaky`` (flake rate, then failures), ``slowest`` (mean duration), ``failing``
-  (failed runs) or ``name``.
+  (failed runs) or ``name``.  With ``target``, the sessions read are the newest that built that
+  target (the index's target filter) and only the runs attributed to it (``TestCase.target``,
+  exact) count: a target page's figures are its own tests' over its own builds.
 * ``test_history``: one test's newest runs (session, time, branch, commit, outcome, duration,
   message), newest first.
 
@@ -52,6 +54,7 @@ class TestsRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: Name | None = None  # session (build) name
     label: Name | None = None  # "key=value"
     test: Annotated[str, msgspec.Meta(max_length=4096)] = ""  # substring of the test id
+    target: Name | None = None  # only runs of this build target (TestCase.target, exact)
     flaky: bool = False  # only flaky tests
     sort: Sort = "flaky"
     sessions: Annotated[int, msgspec.Meta(ge=1, le=MAX_SESSIONS)] = 1000
@@ -171,8 +174,9 @@ def _views(store: Any, summaries: list[Any]) -> list[tuple[Any, _View]]:
     return out
 
 
-def stats(views: list[tuple[Any, _View]], needle: str = "") -> list[TestStat]:
-    """Per-test figures and the flaky rule over ``views`` (newest first)."""
+def stats(views: list[tuple[Any, _View]], needle: str = "", target: str | None = None) -> list[TestStat]:
+    """Per-test figures and the flaky rule over ``views`` (newest first), of the runs whose id
+    holds ``needle`` and (unless None) that ``target`` ran."""
     by_test: dict[str, TestStat] = {}
     # test -> commit (or session) -> [(t, session, outcome)]
     groups: dict[str, dict[str, list[tuple[float, str, str]]]] = {}
@@ -182,12 +186,14 @@ def stats(views: list[tuple[Any, _View]], needle: str = "") -> list[TestStat]:
         key = f"commit:{vcs.commit}" if vcs and vcs.commit else f"session:{v.id}"
         for c in v.tests:
             tid = test_id(c)
-            if needle and needle not in tid:
+            if (needle and needle not in tid) or (target is not None and c.target != target):
                 continue
             st = by_test.get(tid)
             if st is None:
                 st = by_test[tid] = TestStat(test=tid, suite=c.suite, name=c.name, last_outcome=c.outcome,
                                              last_run=s.t, last_session=v.id)
+            elif st.last_session == v.id:
+                st.last_outcome = c.outcome  # a later run in the newest build (a retry): cases are in run order
             st.runs += 1
             if c.outcome == "passed":
                 st.passed += 1
@@ -235,7 +241,7 @@ _SORTS = {
 
 def _filters(req: Any) -> Filters:
     return Filters(branch=req.branch, name=getattr(req, "name", None), label=getattr(req, "label", None),
-                   since=req.since, until=req.until)
+                   target=getattr(req, "target", None), since=req.since, until=req.until)
 
 
 def _fit(reply: Any, items: list[Any], budget: int, make: Any) -> bytes:
@@ -251,7 +257,7 @@ async def serve_tests(store: Any, data: bytes, budget: int) -> bytes:
     req: TestsRequest = _decode(tests_decoder, TESTS, data)
     summaries, _ = await store.summaries(_filters(req), desc=True, limit=req.sessions)
     views = await asyncio.to_thread(_views, store, summaries)
-    all_stats = await asyncio.to_thread(stats, views, req.test)
+    all_stats = await asyncio.to_thread(stats, views, req.test, req.target)
     chosen = [s for s in all_stats if s.flaky] if req.flaky else all_stats
     chosen.sort(key=_SORTS[req.sort])
     chosen = chosen[:req.limit]

@@ -177,10 +177,12 @@ async def target(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     f = _filters(request, ("branch", "agent", "label", "since", "until"))
     q = parse_query({**f, "target": name, "limit": "1000"}, TargetHistoryQuery)
-    hist = await _backend(request).target_history(_tenant(request), q, parse_time("since", q.since),
-                                                  parse_time("until", q.until))
+    hist, tests = await asyncio.gather(
+        _backend(request).target_history(_tenant(request), q, parse_time("since", q.since),
+                                         parse_time("until", q.until)),
+        tests_pages.target_tests(request, name, f))
     return render(request, "target.html", name=name, hist=hist, series=views.target_series(hist.runs),
-                  flips=views.flips(hist.runs), filters=f, partial=hist.partial)
+                  flips=views.flips(hist.runs), filters=f, tests=tests, partial=[*hist.partial, *tests["partial"]])
 
 
 async def tests_index(request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ class TestsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flaky: bool = False
     sort: Literal["flaky", "slowest", "failing", "name"] = "flaky"
     test: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    target: Text | None = None
     since: str | None = None
     until: str | None = None
     branch: Text | None = None
@@ -71,8 +72,8 @@ def storage_failure(exc: StorageError) -> Exception:
 async def list_tests(request: web.Request) -> web.Response:
     q = parse_query(request.query, TestsQuery)
     req = TestsRequest(since=parse_time("since", q.since), until=parse_time("until", q.until), branch=q.branch,
-                       name=q.name, label=q.label, test=q.test, flaky=q.flaky, sort=q.sort, sessions=q.sessions,
-                       limit=q.limit)
+                       name=q.name, label=q.label, test=q.test, target=q.target, flaky=q.flaky, sort=q.sort,
+                       sessions=q.sessions, limit=q.limit)
     try:
         reply = await tests(_nc(request), Subjects(request[TENANT]), req)
     except StorageError as exc:

@@ -1,6 +1,7 @@
 """What the dashboard shows of test results (``docs/dashboard.md``, ``docs/tests.md``): the tests of
-one build on its session page, flaky and slowest tests at ``/tests`` (a name filter: a target's page
-links there with its name), one test's history at ``/tests/{name}``.  ``pages.py`` renders them.
+one build on its session page, the tests a target ran on its page (over the builds that ran it),
+flaky and slowest tests at ``/tests`` (with a name filter), one test's history at ``/tests/{name}``.
+``pages.py`` renders them.
 
 The figures are the storage service's (``services/storage/tests_history.py``), the same as
 ``buildtel tests`` and ``GET /api/v1/tests``: a test is *flaky* when it both passed and failed on
@@ -17,7 +18,7 @@ from aiohttp import web
 from buildtel.services.storage.api import StorageError
 from buildtel.services.storage.tests_history import MAX_TESTS, TestHistoryRequest, TestsRequest, test_history, tests
 from buildtel.services.web.base import BACKEND, TENANT
-from buildtel.services.web.query import BadInput
+from buildtel.services.web.query import BadInput, parse_time
 from buildtel.services.web.tests_api import storage_failure
 from buildtel.shared.protocol import BuildSession
 from buildtel.shared.subjects import Subjects
@@ -28,6 +29,8 @@ SESSION_ROWS = 200  # test cases listed on a session page (not passed first, the
 FLAKY_WINDOW = 200
 LIST_ROWS = 50  # flaky / slowest tests on /tests
 HISTORY_RUNS = 200  # runs of one test on its page
+TARGET_ROWS = 200  # tests listed on a target's page (flaky and failing first)
+TARGET_WINDOW = 1000  # a target's page reads its newest builds with test results, as /tests does
 _ORDER = {"failed": 0, "error": 1, "skipped": 3, "passed": 2}
 
 
@@ -65,6 +68,18 @@ async def session_tests(request: web.Request, s: BuildSession) -> dict[str, Any]
             for c in ordered[:SESSION_ROWS]]
     return {"counts": counts, "rows": rows, "more": max(0, len(ordered) - SESSION_ROWS),
             "flaky_here": sum(1 for r in rows if r["flaky"]), "window": FLAKY_WINDOW, "partial": flaky_reply.partial}
+
+
+async def target_tests(request: web.Request, name: str, filters: dict[str, str]) -> dict[str, Any]:
+    """A target's page: the tests attributed to it (``TestCase.target``) over its newest builds
+    that match the page's filters (``agent`` is not a filter of test figures: said on the page),
+    flaky ones first, then failing, then by name."""
+    since = parse_time("since", filters.get("since"))
+    until = parse_time("until", filters.get("until"))
+    reply = await _ask(request, TestsRequest(target=name, branch=filters.get("branch"), label=filters.get("label"),
+                                             since=since, until=until, sessions=TARGET_WINDOW, limit=TARGET_ROWS))
+    return {"reply": reply, "rows": reply.tests, "more": max(0, reply.tests_total - len(reply.tests)),
+            "window": TARGET_WINDOW, "agent_ignored": "agent" in filters, "partial": reply.partial}
 
 
 async def index_context(request: web.Request) -> dict[str, Any]:

@@ -46,7 +46,9 @@ def paths() -> dict[str, Any]:
             "parameters": [_param("flaky", "true: only flaky tests", {"type": "boolean", "default": False}),
                            _param("sort", "flaky (flake rate), slowest (mean duration), failing or name",
                                   {"enum": ["flaky", "slowest", "failing", "name"], "default": "flaky"}),
-                           _param("test", "tests whose id contains this text"), *window,
+                           _param("test", "tests whose id contains this text"),
+                           _param("target", "only runs of this build target (exact name: a Bazel label, a make "
+                                  "target or ninja output; docs/tests.md#which-target-ran-a-test)"), *window,
                            _param("name", "build name"), _param("label", "build label, key=value"),
                            _param("limit", f"tests listed, at most {MAX_TESTS}",
                                   {"type": "integer", "minimum": 1, "maximum": MAX_TESTS, "default": 100})],

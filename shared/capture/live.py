@@ -54,6 +54,10 @@ class LiveSource:
         self.emitted = 0
         self.emitted_targets = 0  # target_finished records
         self.seen: list[Seen] = []  # every target reported, for finding what failed ones printed (failures.py)
+        # A ninja edge's outputs after the first -> its target, and the directories target names are
+        # relative to: which target wrote a JUnit report (shared/junit_capture.py, docs/tests.md).
+        self.outputs: dict[str, str] = {}
+        self.target_dirs: list[Path] = []
 
     # -- TargetSource ----------------------------------------------------------------------------
     def prepare(self, argv: list[str], env: dict[str, str]) -> list[str]:
@@ -121,6 +125,9 @@ class LiveSource:
                         if rec.get("event") == "target_finished":
                             self.seen.append(Seen(rec["target"], rec["start"], rec["start"] + rec["duration_s"],
                                                   rec.get("status", "success"), rec.get("exit_code")))
+                            for ph in rec.get("phases") or ():
+                                if ph.name.startswith("output:"):
+                                    self.outputs[ph.name.removeprefix("output:")] = rec["target"]
                         yield rec
                     if cap is not None and cap.kind in ("make", "tree"):
                         # Recipes with a line running; a finished one lingers before it is reported.
@@ -136,6 +143,7 @@ class LiveSource:
                 yield {"event": "health", "ts": time.time(), **mon.checkpoint()}
             if cap is not None:
                 self.summary = self._conclude(cap)
+                self.target_dirs = self._dirs(cap)
         finally:
             if cap is not None:
                 cap.close()
@@ -152,6 +160,16 @@ class LiveSource:
         tools = cap.tools() if hasattr(cap, "tools") else cap.kind
         return {"tools": tools, "targets": self.emitted_targets, "up_to_date": up, "why_unknown": why,
                 "ignored": getattr(cap, "scratch", 0)}
+
+    @staticmethod
+    def _dirs(cap: Any) -> list[Path]:
+        """Where the capture's target names are relative to: make's from where the build started
+        (sub-makes' prefixed, make.py), a ninja edge's outputs from its build directory."""
+        if cap.kind == "make":
+            return [cap.cwd]
+        if cap.kind == "ninja":
+            return [cap.build_dir]
+        return [cap.make.cwd, *(n.build_dir for n in getattr(cap, "ninjas", {}).values())]
 
     def end_line(self, exit_code: int) -> str:
         """The one line ``buildtel run`` prints about capture at the end ("" when there is

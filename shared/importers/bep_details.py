@@ -154,7 +154,8 @@ def test_case(label: str, run: int, shard: int, attempt: int, sharded: bool, res
     message = "" if outcome == "passed" else clean_message(
         f"{status} (run {run}, attempt {attempt})" + (f": {d}" if (d := pj.get(res, "statusDetails")) else ""))
     return TestCase(suite=package, name=f"{name} (shard {shard})" if sharded else name,
-                    duration_s=duration_s, outcome=outcome, message=message)  # type: ignore[arg-type]
+                    duration_s=duration_s, outcome=outcome, message=message,  # type: ignore[arg-type]
+                    target=label)  # the test target that ran it: its page lists it (docs/tests.md)
 
 
 def critical_path(tool_logs: dict[str, Any]) -> dict[str, str]:

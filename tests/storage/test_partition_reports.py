@@ -39,16 +39,19 @@ async def partitioned(settings: Settings, nc) -> AsyncIterator[list[StorageServi
 
 def builds(make_session, now: float) -> list[BuildSession]:
     """60 builds on 8 commits: `suite::flip` fails on some builds of a commit another build passes;
-    target //pkg:t0 fails in every third build (two signatures, and no error line in some)."""
+    target //pkg:t0 fails in every third build (two signatures, and no error line in some); every
+    sixth build does not build //pkg:t1, which runs `suite::steady` and most runs of `suite::flip`."""
     out = []
     for i in range(60):
         s = make_session(i, finish=now - 1000 + i * 7, outcome="failed" if i % 3 == 0 else "success",
-                         branch="dev" if i % 5 == 0 else "main", targets=3)
+                         branch="dev" if i % 5 == 0 else "main", targets=1 if i % 6 == 5 else 3)
         assert s.environment is not None and s.environment.vcs is not None
         s.environment.vcs.commit = f"{i % 8:040x}"
-        cases = [TestCase(suite="suite", name="steady", duration_s=0.1 + i / 100),
+        t1 = "//pkg:t1" if i % 6 != 5 else ""
+        cases = [TestCase(suite="suite", name="steady", duration_s=0.1 + i / 100, target=t1),
                  TestCase(suite="suite", name="flip", duration_s=1.0 + (i % 4),
-                          outcome="failed" if i % 3 == 0 else "passed", message=f"assert {i}"),
+                          outcome="failed" if i % 3 == 0 else "passed", message=f"assert {i}",
+                          target=t1 if i % 4 else ""),
                  TestCase(suite="other", name="skip", outcome="skipped")]
         if i % 2:
             cases += [TestCase(suite="many", name=f"case{j:03d}-{'x' * 40}", duration_s=j / 1000,
@@ -92,7 +95,9 @@ async def test_tests_history_and_failures_merge_as_one_store_answers(
         for req in [th.TestsRequest(), th.TestsRequest(sessions=25), th.TestsRequest(sort="slowest", limit=7),
                     th.TestsRequest(flaky=True, branch="main"), th.TestsRequest(test="many", sort="failing",
                                                                                 sessions=33, limit=20),
-                    th.TestsRequest(since=now - 700, until=now - 300, sort="name")]:
+                    th.TestsRequest(since=now - 700, until=now - 300, sort="name"),
+                    th.TestsRequest(target="//pkg:t1"), th.TestsRequest(target="//pkg:t1", flaky=True, sessions=20),
+                    th.TestsRequest(target="//pkg:t1", test="flip", branch="main", sort="failing")]:
             want = th.tests_reply_decoder.decode(await th.serve_tests(store, _enc.encode(req), big))
             got = await th.tests(nc, subjects, req)
             assert got.partial == []
@@ -104,6 +109,10 @@ async def test_tests_history_and_failures_merge_as_one_store_answers(
             assert got == want, req
         flaky = (await th.tests(nc, subjects, th.TestsRequest(flaky=True, test="suite::"))).tests
         assert [(t.test, t.flaky_commits) for t in flaky] == [("suite::flip", 8)]  # every commit, across partitions
+        # A target's tests: only the builds that built it (50 of 60), only the runs attributed to it.
+        own = await th.tests(nc, subjects, th.TestsRequest(target="//pkg:t1", sort="name"))
+        assert own.sessions_read == 50 and [(t.test, t.runs) for t in own.tests] == [
+            ("suite::flip", sum(1 for i in range(60) if i % 6 != 5 and i % 4)), ("suite::steady", 50)]
         for hreq in [th.TestHistoryRequest(test="suite::flip"), th.TestHistoryRequest(test="suite::flip", limit=9),
                      th.TestHistoryRequest(test="many::case016-" + "x" * 40, sessions=40, branch="main"),
                      th.TestHistoryRequest(test="suite::steady", sessions=11)]:

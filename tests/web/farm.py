@@ -30,7 +30,9 @@ main.o:
 \t@echo compile main
 broken:
 \t@echo 'main.c:3: error: expected ;' >&2; exit 1
-check:
+.PHONY: check junit.xml
+check: junit.xml
+junit.xml:
 \t@printf '%s\\n' '<testsuite name="farm.unit" tests="3">' \\
 \t  '<testcase classname="farm.unit" name="test_ok" time="0.01"/>' \\
 \t  '<testcase classname="farm.unit" name="test_slow" time="2.5"/>' \\
@@ -59,7 +61,8 @@ def _build(env: dict[str, str], workdir: Path, *args: str, record: bool = False)
 
 def _junit_build(env: dict[str, str], workdir: Path, flake: str = "") -> str:
     """A ``make check`` writing a JUnit report, run in ``workdir`` (a git repository of its own, so
-    every such build is on one commit and a test that passes in one and fails in another is flaky)."""
+    every such build is on one commit and a test that passes in one and fails in another is flaky).
+    The report is the output of target ``junit.xml``: its tests are that target's (its page lists them)."""
     run = subprocess.run([sys.executable, "-m", "buildtel.cli.main", "run", "--json", "--junit",
                           str(workdir / "junit.xml"), "--", "make", "-C", str(workdir), "check", f"FLAKE={flake}"],
                          env=env, cwd=workdir, capture_output=True, text=True, timeout=120)

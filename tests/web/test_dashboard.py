@@ -84,7 +84,8 @@ def _pages(farm: Farm) -> dict[str, str]:
             "build-failed": f"/sessions/{i['failed']}", "demo-build": f"/sessions/{i['demo']}",
             "target": "/targets/" + quote(i["target"], safe=""), "alerts": "/alerts",
             "compare": f"/compare/{i['rec_a']}/{i['rec_b']}", "build-tests": f"/sessions/{i['tests_flaky']}",
-            "tests": "/tests", "test": "/tests/" + quote("farm.unit::test_flaky", safe="")}
+            "tests": "/tests", "test": "/tests/" + quote("farm.unit::test_flaky", safe=""),
+            "target-tests": "/targets/junit.xml"}
 
 
 def test_every_page_loads_without_errors_and_is_kept_as_a_screenshot(browser: Browser, loaded: Farm) -> None:
@@ -167,6 +168,26 @@ def test_a_builds_tests_show_which_failed_and_which_are_flaky_and_link_to_their_
         # A build without test results has no tests section.
         page.goto(f"{loaded.web}/sessions/{loaded.ids['ok']}")
         assert page.locator("#tests").count() == 0
+        # The page of the target that wrote the report lists its tests, the flaky one first and marked,
+        # sortable from the keyboard like the other tables.
+        page.goto(f"{loaded.web}/targets/junit.xml")
+        rows = page.locator("#target-tests tbody tr")
+        assert rows.count() == 3
+        assert rows.first.locator("td").first.inner_text() == "farm.unit::test_flaky"
+        assert "flaky 50 %" in rows.first.locator(".badge.warn").inner_text()
+        assert page.locator("#target-tests .badge.warn").count() == 1
+        assert [rows.first.locator("td").nth(k).inner_text() for k in (1, 2, 3)] == ["2", "1", "1"]
+        page.locator("#target-tests thead th").nth(7).locator("button").focus()
+        page.keyboard.press("Enter")
+        assert page.locator("#target-tests thead th").nth(7).get_attribute("aria-sort") == "ascending"
+        assert rows.last.locator("td").first.inner_text() == "farm.unit::test_slow"  # 2.5 s: the longest
+        rows.filter(has_text="farm.unit::test_flaky").locator("a").click()
+        page.wait_for_url("**/tests/farm.unit*")
+        assert page.locator("h1").inner_text() == "Test farm.unit::test_flaky"
+        # A target that ran no test says so, and links to the tests named like it.
+        page.goto(f"{loaded.web}/targets/lib.o")
+        assert page.locator("#target-tests").count() == 0
+        assert page.locator("#no-target-tests a[href='/tests?test=lib.o']").count() == 1
     finally:
         ctx.close()
 

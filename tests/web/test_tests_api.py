@@ -50,3 +50,37 @@ async def test_flaky_tests_and_one_tests_history(api: Api, nc: Any, settings: An
     api.check_problem(status, ctype, body, 400)
     status, ctype, body = await api.get("/api/v1/tests/history")
     api.check_problem(status, ctype, body, 400)
+
+
+async def test_a_targets_tests_are_its_own_runs_in_the_builds_that_built_it(api: Api, nc: Any,
+                                                                           settings: Any) -> None:
+    def attributed(i: int, outcome: str, target: str, prefix: str = "//pkg:t") -> Any:
+        s = _with_tests(i, "d" * 40, outcome)
+        s = msgspec.structs.replace(s, targets=build_session(i, target_prefix=prefix).targets)
+        # steady ran outside any target (a report no target wrote); wobbly ran in `target`
+        return msgspec.structs.replace(s, tests=[s.tests[0], msgspec.structs.replace(s.tests[1], target=target)])
+
+    sessions = [attributed(0, "passed", "//pkg:t0"), attributed(1, "failed", "//pkg:t0"),
+                attributed(2, "passed", "//other:t0", prefix="//other:t")]
+    await publish(nc, settings, sessions)
+    await stored(nc, settings, 3)
+
+    status, _, body = await api.get("/api/v1/tests", target="//pkg:t0")
+    assert status == 200, body
+    api.check(body, "TestsReply")
+    assert body["sessions_read"] == 2  # the builds that built //pkg:t0, not the third
+    [wobbly] = body["tests"]
+    assert (wobbly["test"], wobbly["runs"], wobbly["passed"], wobbly["failed"]) == ("pkg.T::wobbly", 2, 1, 1)
+    assert wobbly["flaky"] and wobbly["flake_rate"] == 0.5 and wobbly["flaky_sessions"] == [sessions[1].id]
+
+    status, _, body = await api.get("/api/v1/tests", target="//other:t0")
+    assert [(t["test"], t["runs"], t["flaky"]) for t in body["tests"]] == [("pkg.T::wobbly", 1, False)]
+    status, _, body = await api.get("/api/v1/tests", target="//pkg:t2")  # built, but ran no test
+    assert (status, body["sessions_read"], body["tests"]) == (200, 2, [])
+    status, _, body = await api.get("/api/v1/tests")  # no target: every run, attributed or not
+    assert {t["test"]: t["runs"] for t in body["tests"]} == {"pkg.T::wobbly": 3, "pkg.T::steady": 3}
+
+    status, ctype, body = await api.get("/api/v1/tests", target="")
+    api.check_problem(status, ctype, body, 400)
+    params = {p["name"] for p in api.doc["paths"]["/api/v1/tests"]["get"]["parameters"]}
+    assert "target" in params
