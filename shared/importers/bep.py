@@ -451,11 +451,17 @@ def build_start(st: _State) -> float:
     return (ms or 0.0) / 1000.0
 
 
+def completed_target(st: _State, key: tuple[str, str], start: float) -> TargetMetrics:
+    """The target of a ``targetCompleted``: at the build's start, no duration, and no cache result
+    (``uncacheable``: BEP says nothing of it, so it is neither a hit nor a miss)."""
+    return TargetMetrics(name=st.names[key], start=start, end=start, duration_s=0.0,
+                         status=st.completed[key], cache="uncacheable", agent_id=AGENT,  # type: ignore[arg-type]
+                         kind=st.kinds.get(key[0]) or None)
+
+
 def _targets(st: _State, start: float) -> list[TargetMetrics]:
     """Completed targets, tests and actions; events without times are placed at the build's start."""
-    targets = [TargetMetrics(name=st.names[key], start=start, end=start, duration_s=0.0,
-                             status=status, agent_id=AGENT,  # type: ignore[arg-type]
-                             kind=st.kinds.get(key[0]) or None) for key, status in st.completed.items()]
+    targets = [completed_target(st, key, start) for key in st.completed]
     targets += [test.metrics for test in st.tests.values() if test.metrics is not None]
     for m, has_times in st.actions:
         if not has_times:
@@ -487,7 +493,8 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
     session = make_session(
         session_id=_session_id(st, data), name=head.name, start=start, finish=max(end.finish, start),
         targets=targets, events=st.events, outcome=end.outcome, exit_code=end.exit_code, command=head.command,
-        labels=labels, agent=AGENT, cache=end.cache, duration_s=end.duration_s, environment=head.environment,
+        labels=labels, agent=AGENT, cache=None if end.outcome == "abandoned" else end.cache,  # abandoned: as the collector
+        duration_s=end.duration_s, environment=head.environment,
         cpu_s=end.cpu_s, completeness=completeness, failures=end.failures, tests=st.test_cases,
     )
     details = {

@@ -191,9 +191,7 @@ class StreamMapper:
         st, start = self.st, self.start
         if kind == "targetCompleted":
             key = (str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")))
-            return [self._target(TargetMetrics(name=st.names[key], start=start, end=start, duration_s=0.0,
-                                               status=st.completed[key],  # type: ignore[arg-type]
-                                               kind=st.kinds.get(key[0]) or None))]
+            return [self._target(bep.completed_target(st, key, start))]
         if kind == "testResult":
             run, shard = (pj.int64(body.get(k)) or 0 for k in ("run", "shard"))
             test = st.tests[(str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")), run, shard)]
