@@ -214,19 +214,23 @@ SUMMARY_LIST_CHARS = 1000  # of the tests_flaky label
 class TestSummaries:
     """Bazel's verdict per test (``testSummary``), as session labels, bounded: ``test_summary:<label>``
     (overall status, runs, attempts, shards, cached runs, run time, first start and last stop),
-    ``tests_flaky`` (the labels Bazel called FLAKY), ``test_summaries_dropped`` (past the cap)."""
+    ``tests_flaky`` (the labels Bazel called FLAKY, cut at 1000 characters with "…") and
+    ``tests_flaky_count``, ``test_summaries_dropped`` (tests past the cap of 100)."""
 
     __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(self) -> None:
         self.kept: dict[str, str] = {}
-        self.flaky: list[str] = []
+        self.flaky = ""  # the first FLAKY labels, at most SUMMARY_LIST_CHARS
+        self.flaky_count = 0
         self.dropped = 0
 
     def add(self, name: str, summary: dict[str, Any]) -> None:
         status = str(summary.get("overallStatus", "NO_STATUS"))
         if status == "FLAKY":
-            self.flaky.append(name)
+            self.flaky_count += 1
+            if len(self.flaky) <= SUMMARY_LIST_CHARS:
+                self.flaky = f"{self.flaky} {name}".lstrip()
         if name not in self.kept and len(self.kept) >= MAX_TEST_SUMMARIES:
             self.dropped += 1
             return
@@ -248,9 +252,10 @@ class TestSummaries:
 
     def labels(self) -> dict[str, str]:
         out = {f"test_summary:{name}": value for name, value in self.kept.items()}
-        if self.flaky:
-            text = " ".join(self.flaky)
+        if self.flaky_count:
+            text = self.flaky
             out["tests_flaky"] = text if len(text) <= SUMMARY_LIST_CHARS else text[:SUMMARY_LIST_CHARS - 1] + "…"
+            out["tests_flaky_count"] = str(self.flaky_count)
         if self.dropped:
             out["test_summaries_dropped"] = str(self.dropped)
         return out

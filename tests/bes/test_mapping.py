@@ -105,7 +105,7 @@ async def test_bazel_test_verdicts_and_timings_are_labels_alike(bes: BesService,
     assert live.labels["test_summary://go/cmd/geninter:geninter_test"] == (
         "FLAKY runs=2 attempts=2 run_s=0.361 first_start_ms=1716554608819 last_stop_ms=1716554609016")
     assert live.labels["test_summary://go/pkg/alfred:alfred_test"].startswith("PASSED runs=2 attempts=2 ")
-    assert live.labels["tests_flaky"] == "//go/cmd/geninter:geninter_test"
+    assert (live.labels["tests_flaky"], live.labels["tests_flaky_count"]) == ("//go/cmd/geninter:geninter_test", "1")
     # buildMetrics' timingMetrics, in Bazel's unit (CPU time is the session's cpu_s).
     assert (live.labels["wall_time_ms"], live.labels["analysis_phase_ms"], live.labels["execution_phase_ms"],
             live.cpu_s) == ("428", "12", "231", 1.07)
