@@ -493,8 +493,8 @@ def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
     session = make_session(
         session_id=_session_id(st, data), name=head.name, start=start, finish=max(end.finish, start),
         targets=targets, events=st.events, outcome=end.outcome, exit_code=end.exit_code, command=head.command,
-        labels=labels, agent=AGENT, cache=None if end.outcome == "abandoned" else end.cache,  # abandoned: as the collector
-        duration_s=end.duration_s, environment=head.environment,
+        labels=labels, agent=AGENT, duration_s=end.duration_s, environment=head.environment,
+        cache=None if end.outcome == "abandoned" else end.cache,  # abandoned: from the targets, as the collector
         cpu_s=end.cpu_s, completeness=completeness, failures=end.failures, tests=st.test_cases,
     )
     details = {

@@ -30,7 +30,8 @@ def _stream() -> list[dict[str, Any]]:
                                   "stderr": {"name": "stderr", "contents": "Ym9vbQo="}}})
     for t in range(TESTS):  # --flaky_test_attempts=3: two failed attempts, then a pass
         for attempt in range(1, ATTEMPTS + 1):
-            events.append({"id": {"testResult": {"label": f"//tests/flaky:t{t}", "run": 1, "shard": 1, "attempt": attempt}},
+            idv = {"label": f"//tests/flaky:t{t}", "run": 1, "shard": 1, "attempt": attempt}
+            events.append({"id": {"testResult": idv},
                            "testResult": {"status": "PASSED" if attempt == ATTEMPTS else "FAILED",
                                           "testAttemptDurationMillis": "10"}})
         events.append({"id": {"testSummary": {"label": f"//tests/flaky:t{t}"}},

@@ -93,7 +93,8 @@ async def test_label_in_two_configurations_is_named_alike(bes: BesService, nc, t
     exec_cfg = "e" * 64  # the label built again for the exec configuration (a tool)
     events[at + 1:at + 1] = [
         {"id": {"configuration": {"id": exec_cfg}}, "configuration": {"mnemonic": "k8-opt-exec-ST"}},
-        {"id": {"targetCompleted": {"label": label, "configuration": {"id": exec_cfg}}}, "completed": {"success": True}}]
+        {"id": {"targetCompleted": {"label": label, "configuration": {"id": exec_cfg}}},
+         "completed": {"success": True}}]
     live, _ = await _live_and_imported(bes, nc, tmp_path, events)
     assert [t.name for t in live.targets if t.name == label or t.name.startswith(label + " ")] == [
         label, f"{label} (k8-opt-exec-ST)"]

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from buildtel.services.bes.service import BesService
 from buildtel.services.bes.stream import session_id_for
-from buildtel.shared.protocol import BuildSession, is_complete
+from buildtel.shared.protocol import is_complete
 from buildtel.shared.subjects import Subjects
 from tests.bes.client import DATA, as_imported, read_bep_json, replay
 from tests.bes.compare import same_as_import, target_view
