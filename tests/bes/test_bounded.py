@@ -1,12 +1,18 @@
 """A live stream's mapper keeps no per-action or per-attempt state (docs/bazel.md "Bounded memory,
 back-pressure"): every action and test attempt is sent as it comes, failure records are capped
-and what passes the cap is counted in the session's labels — the same figure as the importer's."""
+and what passes the cap is counted in the session's labels — the same figure as the importer's.
+And the longest a batch's publish is retried is what the docs say."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from buildtel.services.bes.service import PUBLISH_MAX_S
 from buildtel.shared.capture.failures import MAX_FAILURES
 from buildtel.shared.importers.bep import parse_bep
 from buildtel.shared.importers.bep_details import MAX_TEST_SUMMARIES
@@ -81,3 +87,11 @@ def test_a_stream_of_200k_actions_and_many_attempts_holds_no_per_event_state() -
     end = {k: v for k, v in imported.labels.items() if k not in ("importer", "invocation_id", "bazel_command")}
     assert end == fin.labels
     assert len(imported.targets) == ACTIONS + FAILED + TESTS and len(imported.tests) == cases  # attempts folded
+
+
+def test_the_docs_say_the_longest_publish_retry() -> None:
+    # docs/bazel.md "Durable before acknowledged": how long a batch is retried before the stream fails.
+    text = (Path(__file__).parents[2] / "docs" / "bazel.md").read_text()
+    said = re.search(r"at most ([0-9.]+) s; then the call ends", " ".join(text.split()))
+    assert said is not None and float(said.group(1)) == pytest.approx(PUBLISH_MAX_S, abs=0.05)
+    assert PUBLISH_MAX_S == pytest.approx(36.2)
