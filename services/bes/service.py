@@ -36,7 +36,7 @@ PUBLISH_ATTEMPTS = 6  # then the stream fails (Bazel retries it on a new call)
 
 def _pause(attempt: int) -> float:
     """Seconds between failed publish attempt ``attempt`` (from 0) and the next."""
-    return min(5.0, 0.2 * 2 ** attempt)
+    return min(5.0, 0.2 * 2.0 ** attempt)
 
 
 # The longest a batch is retried before its stream fails: every attempt timing out, and the pauses

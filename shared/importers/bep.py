@@ -8,16 +8,19 @@ strings, zero values omitted).  Mapped:
   start time, command, Bazel version, working directory;
 * ``structuredCommandLine`` (label ``original``) → ``command``, minus the options the
   Bazel client injects (``--client_env`` would leak the user's environment);
-* ``pattern`` → session name; ``workspaceStatus`` → host and user;
+* ``pattern`` → session name; ``workspaceStatus``/``buildMetadata`` → host, user and the
+  checkout (``BUILD_SCM_*``) — the session's head, read by :func:`.bep_session.header`;
 * ``buildFinished`` → finish time, exit code, outcome (``INTERRUPTED``, code 8: cancelled);
-  without it the outcome is ``unknown`` and the session incomplete, or ``cancelled`` when an
-  event was aborted ``USER_INTERRUPTED``; ``buildMetrics`` → action
-  cache hits/misses (these count *actions*; they become the session's cache
-  figures), actions executed, remote cache hits, CPU time;
+  without it the session is abandoned and incomplete, or ``cancelled`` with no exit code when
+  an event was aborted ``USER_INTERRUPTED``; ``buildMetrics`` → action cache hits/misses (these
+  count *actions*; they become the session's cache figures), actions executed and created,
+  remote cache hits, CPU and phase times; ``testSummary`` → Bazel's verdict per test as labels
+  — the session's end, read by :func:`.bep_session.ending`;
 * ``targetConfigured`` → the target's kind; ``targetCompleted`` → one target per
-  label and configuration (success/failed with ``failureDetail.message`` as its error;
-  aborted → skipped/cancelled).  BEP has
-  no per-target timing, so these targets have duration 0 at the build's start;
+  label and configuration (:func:`target_name`; success/failed, a failed one's record with
+  ``failureDetail``'s message and code; aborted → failed for an analysis or loading failure,
+  else skipped/cancelled).  BEP has no per-target timing, so these targets have duration 0
+  at the build's start;
 * ``testResult`` → one target per test label, run and shard (attempts folded, the
   last attempt wins) with status, start, duration, local/remote cache hit,
   exit code and the timing breakdown as phases;
@@ -28,8 +31,9 @@ strings, zero values omitted).  Mapped:
 * ``testResult`` → also a test case per attempt (flaky: failed, then passed);
   ``buildToolLogs`` → the critical path as labels.
 
-Everything else (progress, namedSet, configuration details, testSummary, …) is
-ignored.  The importer never crashes on a stream: malformed lines, unknown event
+The live BES endpoint (:mod:`.bep_stream`) folds its stream with these same handlers into the
+same state, so both give one session.  Everything else (progress, namedSet, configuration
+details, …) is ignored.  The importer never crashes on a stream: malformed lines, unknown event
 kinds, payloads of the wrong type (hand-redacted files), aborted events and a
 stream that ends without ``lastMessage`` become warnings with line numbers.  Only
 input without a single build event raises :class:`ImportFormatError`.

@@ -2,26 +2,26 @@
 
 The Build Event Service endpoint (``services/bes``) hands each ``build_event_stream.BuildEvent``
 here as proto3 JSON (``google.protobuf.json_format.MessageToDict``: the same shape as a
-``--build_event_json_file`` line), so the per-event readers of :mod:`.bep` (``bep.HANDLERS``,
-used read-only) interpret them exactly as ``buildtel import bep`` does.  What differs is *when*
-things are known: an importer sees the whole file, a stream only what has arrived.  So:
+``--build_event_json_file`` line), folded by the handlers of :mod:`.bep` (``bep.HANDLERS``) into
+the importer's own state; the session's head and end are read from it by
+:mod:`.bep_session`, as ``buildtel import bep`` reads them — one mapping.  What differs is
+*when* things are known: an importer sees the whole file, a stream only what has arrived.  So:
 
-* ``BuildStarted`` is held until the stream's header is complete: ``workspaceStatus`` (host,
-  user, ``BUILD_SCM_*``) when ``started`` announces it — targets mapped before it (a loaded
-  machine runs the status command late) are held with it, for the first ``MAX_EARLY`` events, and
-  published after it — else the first event that makes a target;
-* ``targetCompleted`` → ``TargetFinished`` at once (duration 0 at the build's start, as the
-  importer: BEP has no per-target timing); a test target's ``targetCompleted`` announces its
-  ``testResult`` children, which gives the runs/shards the importer counts at the end, so
-  ``testResult`` → ``TargetFinished`` named as the importer names it, one per attempt (the
+* ``BuildStarted`` (:func:`.bep_session.header`) is held until the stream's header is complete:
+  ``workspaceStatus`` (host, user, ``BUILD_SCM_*``) when ``started`` announces it — targets
+  mapped before it (a loaded machine runs the status command late) are held with it, for the
+  first ``MAX_EARLY`` events, and published after it — else the first event that makes a target;
+* ``targetCompleted`` → ``TargetFinished`` at once, named and made as the importer makes it
+  (``bep.completed_target``); ``testResult`` → ``TargetFinished``, one per attempt (the
   collector keeps the last and counts attempts), and each attempt → a ``TestResults`` test
-  case (:mod:`.bep_details`); failed ``actionCompleted`` → an action target, its output kept
-  for the ``BuildFinished`` (read from Bazel's files only under the invocation's output base);
-* ``BuildFinished`` is held from ``buildFinished`` until the ``lastMessage`` (``buildMetrics``,
-  which carries the CPU time and action cache figures, and ``buildToolLogs``, the critical
-  path, come after it), with ``expected_events`` so the collector completes the session the
-  moment all are folded.  A stream that ends without ``buildFinished``
-  sends no ``BuildFinished``: the collector stores it as abandoned (incomplete), never success.
+  case; ``actionCompleted`` → an action target.  Each action and attempt is sent and let go:
+  the state keeps none (failed actions' output records, bounded, wait for the end);
+* ``BuildFinished`` (:func:`.bep_session.ending`) is held from ``buildFinished`` until the
+  ``lastMessage`` (``buildMetrics``, ``buildToolLogs`` come after it), with ``expected_events``
+  so the collector completes the session the moment all are folded.  A stream without
+  ``buildFinished`` but with an event aborted ``USER_INTERRUPTED`` gets a ``cancelled``
+  ``BuildFinished`` without exit code when it ends; any other sends none: the collector stores
+  it as abandoned (incomplete), never success — as the importer does.
 
 :attr:`StreamMapper.holding` says whether the last event's information is still held (its
 acknowledgement must then wait for a later publish).  No I/O but the bounded read of a failed
@@ -46,7 +46,6 @@ _BODY_KINDS = frozenset({
     "targetCompleted", "actionCompleted", "testResult", "testSummary", "buildFinished", "buildMetrics",
     "buildToolLogs",
 })
-INTERRUPTED = 8  # Bazel's ExitCode INTERRUPTED (Ctrl-C)
 _END_KINDS = frozenset({"buildFinished", "buildMetrics", "buildToolLogs"})
 MAX_EARLY = 1000  # BEP events fed while an announced workspaceStatus has not come: then the header goes without it
 
@@ -115,7 +114,6 @@ class StreamMapper:
                 if self.st.test_cases:  # sent at once, not kept: a stream holds no test attempts
                     out.append(TestResults(session_id=self.session_id, agent_id=self.agent_id, seq=self._next(),
                                            ts=self._clock(), cases=self.st.test_cases, source="bep"))
-                    self.st.test_cases = []
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
                 pass  # the importer warns and skips such an event; so do we (no warnings on a live stream)
             finally:
