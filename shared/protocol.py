@@ -236,6 +236,9 @@ class BuildFinished(_Event, tag="build_finished"):
         "instead of its targets'; null: from the targets", "actions")] = None
     cache_misses: Annotated[int | None, _doc(
         "the build tool's own cache misses, with `cache_hits`; null: from the targets", "actions")] = None
+    exit_code_known: Annotated[bool, _doc(
+        "false: the build ended without the tool saying its exit code (a Bazel stream interrupted before its "
+        "`buildFinished`); the session's `exit_code` is then null and `exit_code` here means nothing")] = True
 
 
 class TestCase(msgspec.Struct, kw_only=True, array_like=True, gc=False):

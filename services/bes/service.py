@@ -31,7 +31,17 @@ from buildtel.shared.settings import Settings
 from buildtel.shared.subjects import Subjects
 
 PUBLISH_TIMEOUT_S = 5.0
-PUBLISH_ATTEMPTS = 6  # ~30 s of a bus away before the stream fails (Bazel then retries it)
+PUBLISH_ATTEMPTS = 6  # then the stream fails (Bazel retries it on a new call)
+
+
+def _pause(attempt: int) -> float:
+    """Seconds between failed publish attempt ``attempt`` (from 0) and the next."""
+    return min(5.0, 0.2 * 2.0 ** attempt)
+
+
+# The longest a batch is retried before its stream fails: every attempt timing out, and the pauses
+# between them (36.2 s; docs/bazel.md says it, tests/bes/test_bounded.py checks it says it right).
+PUBLISH_MAX_S = PUBLISH_ATTEMPTS * PUBLISH_TIMEOUT_S + sum(_pause(a) for a in range(PUBLISH_ATTEMPTS - 1))
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a BEP event can be large (a long command line, many outputs)
 MAX_INVOCATIONS = 10_000  # invocations remembered for stream retries (oldest dropped)
 
@@ -116,7 +126,8 @@ class BesService(BusService):
                 return
             except Exception as exc:  # noqa: BLE001 - any bus failure: retry, then fail the stream
                 self.log.warning("bes.publish_retry", session=session_id, attempt=attempt + 1, error=repr(exc))
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+                if attempt + 1 < PUBLISH_ATTEMPTS:  # no pause after the last: fail the stream at once
+                    await asyncio.sleep(_pause(attempt))
         raise RuntimeError(f"could not publish the events of session {session_id} to the bus")
 
     async def prepare(self, stack: AsyncExitStack) -> None:

@@ -12,7 +12,8 @@ Back-pressure: at most ``window`` requests wait to be mapped and ``window`` to b
 per stream; when the queues are full, this stops reading the call, so gRPC's flow control makes Bazel wait
 (Bazel keeps un-acknowledged events in its own memory and retries them on a new stream).
 Memory per stream is therefore bounded by the window (times the message size cap) plus the
-mapper's per-target state (one small entry per target, as the session itself).
+mapper's per-target state (one small entry per target and test run, as the session itself;
+nothing per action or test attempt; failure records and test summaries capped, docs/bazel.md).
 """
 
 from __future__ import annotations

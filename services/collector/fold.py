@@ -295,7 +295,7 @@ def build_session(
     first_ts = started.ts if started else min((m.start for m in metrics), default=now)
     if finished is not None:
         finish_ts = finished.ts
-        exit_code: int | None = finished.exit_code
+        exit_code: int | None = finished.exit_code if finished.exit_code_known else None
         outcome: str = finished.outcome or ("success" if finished.exit_code == 0 else "failed")
     else:
         finish_ts = max([float(meta.get(b"last", b"0") or 0)] + [m.end for m in metrics]) or now

@@ -8,16 +8,19 @@ strings, zero values omitted).  Mapped:
   start time, command, Bazel version, working directory;
 * ``structuredCommandLine`` (label ``original``) → ``command``, minus the options the
   Bazel client injects (``--client_env`` would leak the user's environment);
-* ``pattern`` → session name; ``workspaceStatus`` → host and user;
+* ``pattern`` → session name; ``workspaceStatus``/``buildMetadata`` → host, user and the
+  checkout (``BUILD_SCM_*``) — the session's head, read by :func:`.bep_session.header`;
 * ``buildFinished`` → finish time, exit code, outcome (``INTERRUPTED``, code 8: cancelled);
-  without it the outcome is ``unknown`` and the session incomplete, or ``cancelled`` when an
-  event was aborted ``USER_INTERRUPTED``; ``buildMetrics`` → action
-  cache hits/misses (these count *actions*; they become the session's cache
-  figures), actions executed, remote cache hits, CPU time;
+  without it the session is abandoned and incomplete, or ``cancelled`` with no exit code when
+  an event was aborted ``USER_INTERRUPTED``; ``buildMetrics`` → action cache hits/misses (these
+  count *actions*; they become the session's cache figures), actions executed and created,
+  remote cache hits, CPU and phase times; ``testSummary`` → Bazel's verdict per test as labels
+  — the session's end, read by :func:`.bep_session.ending`;
 * ``targetConfigured`` → the target's kind; ``targetCompleted`` → one target per
-  label and configuration (success/failed with ``failureDetail.message`` as its error;
-  aborted → skipped/cancelled).  BEP has
-  no per-target timing, so these targets have duration 0 at the build's start;
+  label and configuration (:func:`target_name`; success/failed, a failed one's record with
+  ``failureDetail``'s message and code; aborted → failed for an analysis or loading failure,
+  else skipped/cancelled).  BEP has no per-target timing, so these targets have duration 0
+  at the build's start;
 * ``testResult`` → one target per test label, run and shard (attempts folded, the
   last attempt wins) with status, start, duration, local/remote cache hit,
   exit code and the timing breakdown as phases;
@@ -28,8 +31,9 @@ strings, zero values omitted).  Mapped:
 * ``testResult`` → also a test case per attempt (flaky: failed, then passed);
   ``buildToolLogs`` → the critical path as labels.
 
-Everything else (progress, namedSet, configuration details, testSummary, …) is
-ignored.  The importer never crashes on a stream: malformed lines, unknown event
+The live BES endpoint (:mod:`.bep_stream`) folds its stream with these same handlers into the
+same state, so both give one session.  Everything else (progress, namedSet, configuration
+details, …) is ignored.  The importer never crashes on a stream: malformed lines, unknown event
 kinds, payloads of the wrong type (hand-redacted files), aborted events and a
 stream that ends without ``lastMessage`` become warnings with line numbers.  Only
 input without a single build event raises :class:`ImportFormatError`.
@@ -44,9 +48,11 @@ from typing import Any
 
 import msgspec
 
+from buildtel.shared.capture.failures import MAX_FAILURES
 from buildtel.shared.failrecord import from_error
+from buildtel.shared.importers import bep_session
 from buildtel.shared.importers import proto_json as pj
-from buildtel.shared.importers.bep_details import Failures, critical_path, metrics_labels, test_case
+from buildtel.shared.importers.bep_details import Failures, TestSummaries, critical_path, test_case
 from buildtel.shared.importers.common import (
     ImportFormatError,
     ImportResult,
@@ -57,8 +63,6 @@ from buildtel.shared.importers.common import (
     unique_names,
 )
 from buildtel.shared.protocol import (
-    CACHE_HITS,
-    BuildEnvironment,
     Completeness,
     Outcome,
     Phase,
@@ -84,6 +88,8 @@ _CLIENT_OPTIONS = frozenset({
     "command_wait_time", "extract_data_time", "binary_path", "isatty", "terminal_columns",
     "ignore_client_env", "invocation_policy", "tool_tag", "restart_reason", "emacs",
 })
+# Aborted targetCompleted reasons that mean the target failed (Bazel's description says why).
+FAILED_ABORTS = frozenset({"ANALYSIS_FAILURE", "LOADING_FAILURE"})
 TEST_STATUS = {
     "PASSED": "success", "FLAKY": "success",
     "FAILED": "failed", "TIMEOUT": "failed", "REMOTE_FAILURE": "failed",
@@ -116,18 +122,27 @@ class _State:
     configs: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     completed: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → status
-    errors: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → failure message
+    names: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → target name
     codes: dict[tuple[str, str], str] = field(default_factory=dict)  # (label, config) → failureDetail code
     target_failures: list[TargetFailure] = field(default_factory=list)  # failed targets' messages (targetCompleted)
-    aborts: list[tuple[int, str]] = field(default_factory=list)  # (line, reason) of aborted events
+    target_failures_dropped: int = 0  # past MAX_FAILURES: counted, not kept
+    interrupted: tuple[int, str] | None = None  # (line, reason) of the first event aborted USER_INTERRUPTED
     completed_events: int = 0
     tests: dict[tuple[str, str, int, int], _Test] = field(default_factory=dict)
-    actions: list[tuple[TargetMetrics, bool]] = field(default_factory=list)  # (metrics, has_times)
+    # (metrics, has_times): the importer keeps every action for its session; the live mapper
+    # (bep_stream.py) takes each out as soon as it is published, so a stream holds none.
+    actions: list[tuple[TargetMetrics, bool]] = field(default_factory=list)
+    actions_seen: int = 0
+    last_action_end: float = 0.0  # latest end of an action with times (s): the finish without buildFinished
     last_message_line: int = 0
     failures: Failures = field(default_factory=Failures)  # failed actions' output
-    test_cases: list[TestCase] = field(default_factory=list)  # one per testResult attempt
+    test_cases: list[TestCase] = field(default_factory=list)  # one per testResult attempt (live: emptied as sent)
     shards: dict[str, set[int]] = field(default_factory=dict)  # test label -> shards its targetCompleted announced
     tool_labels: dict[str, str] = field(default_factory=dict)  # from buildToolLogs (critical path)
+    metadata: dict[str, str] = field(default_factory=dict)  # buildMetadata (--build_metadata)
+    plain: set[str] = field(default_factory=set)  # labels named plainly (their first configuration)
+    runs: dict[str, set[tuple[int, int]]] = field(default_factory=dict)  # test label -> (run, shard) announced or seen
+    summaries: TestSummaries = field(default_factory=TestSummaries)  # testSummary, bounded
 
     def warn(self, line: int, message: str) -> None:
         self.warnings.append(ParseWarning(line, message))
@@ -176,23 +191,51 @@ def _on_configured(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: in
 
 
 def _on_completed(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
-    key = (str(idv["label"]), str(pj.obj(idv.get("configuration", {})).get("id", "")))
+    label = str(idv["label"])
+    key = (label, str(pj.obj(idv.get("configuration", {})).get("id", "")))
+    name = target_name(st, *key)
+    message, code = "", ""
     if "completed" in ev:
         done = pj.obj(ev["completed"])
         status = "success" if done.get("success") else "failed"
         detail = pj.obj(pj.get(done, "failureDetail", {}))
-        if status == "failed" and (msg := pj.get(detail, "message")):
-            st.errors[key] = str(msg)
-        if status == "failed" and (code := detail_code(detail)):
-            st.codes[key] = code
+        if status == "failed":
+            message, code = str(pj.get(detail, "message", "") or ""), detail_code(detail)
     else:
-        reason = pj.obj(ev.get("aborted", {})).get("reason", "")
+        aborted = pj.obj(ev.get("aborted", {}))
+        reason = str(aborted.get("reason", ""))
         status = "skipped" if reason == "SKIPPED" else "cancelled"
+        if reason in FAILED_ABORTS:  # the target failed before it could be built: Bazel says why
+            status, code = "failed", f"aborted.{reason}"
+            message = str(aborted.get("description", "") or reason)
     st.completed[key] = status
     st.completed_events += 1
+    if code:
+        st.codes[key] = code
+    if status == "failed" and (message or code):  # the one failure record, with Bazel's own failure code
+        if len(st.target_failures) < MAX_FAILURES:
+            rec = from_error(TargetMetrics(name=name, start=0.0, end=0.0, duration_s=0.0, error=message or None))
+            st.target_failures.append(msgspec.structs.replace(rec, tool_code=code))
+        else:
+            st.target_failures_dropped += 1
     for child in pj.arr(ev.get("children", [])):  # a test's targetCompleted announces its testResults
         if isinstance(child, dict) and isinstance(tr := child.get("testResult"), dict):
-            st.shards.setdefault(str(tr.get("label", "")), set()).add(pj.int64(tr.get("shard")) or 0)
+            run, shard = (pj.int64(tr.get(k)) or 0 for k in ("run", "shard"))
+            st.shards.setdefault(str(tr.get("label", "")), set()).add(shard)
+            st.runs.setdefault(str(tr.get("label", "")), set()).add((run, shard))
+
+
+def target_name(st: _State, label: str, config: str) -> str:
+    """A target's name: its label, and for a label built in a second configuration (a tool built
+    for the host too) the label with that configuration's mnemonic — decided when the target first
+    completes, so a live stream and an imported file name it alike."""
+    if (name := st.names.get((label, config))) is not None:
+        return name
+    plain = label not in st.plain
+    name = label if plain else f"{label} ({st.configs.get(config) or config[:12]})"
+    st.plain.add(label)
+    st.names[(label, config)] = name
+    return name
 
 
 def _on_test_result(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
@@ -225,6 +268,14 @@ def _on_test_result(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: i
         kind="test", mnemonic="TestRunner", phases=phases,
     )
     test.best, test.timed = (attempt, line), start_ms is not None
+    runs = st.runs.setdefault(label, set())
+    runs.add((run, shard))
+    m = test.metrics
+    m.attempts = test.attempts
+    m.name = f"{label} (test run {run} shard {shard})" if len(runs) > 1 else f"{label} (test)"
+    if not test.timed:  # placed at the build's start
+        m.start = build_start(st)
+        m.end = m.start + m.duration_s
 
 
 def _on_action(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
@@ -241,6 +292,9 @@ def _on_action(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -
         agent_id=AGENT, exit_code=pj.int64(pj.get(act, "exitCode")), kind="action",
         mnemonic=str(act["type"]) if "type" in act else None,
     ), has_times))
+    st.actions_seen += 1
+    if has_times:
+        st.last_action_end = max(st.last_action_end, end)
     if "action" in ev and not ok:
         st.failures.on_action(str(pj.get(act, "label", "") or idv.get("label", "") or name), act, name)
 
@@ -261,12 +315,37 @@ def _on_tool_logs(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int
     st.tool_labels = critical_path(pj.obj(ev["buildToolLogs"]))
 
 
+def _on_metadata(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
+    meta = pj.obj(pj.obj(ev["buildMetadata"]).get("metadata", {}))
+    st.metadata.update({str(k): str(v) for k, v in meta.items()})
+
+
+def _on_test_summary(st: _State, idv: dict[str, Any], ev: dict[str, Any], line: int) -> None:
+    label = str(idv["label"])
+    key = (label, str(pj.obj(idv.get("configuration", {})).get("id", "")))
+    st.summaries.add(st.names.get(key, label), pj.obj(ev["testSummary"]))
+
+
+def note_abort(st: _State, kind: str, ev: dict[str, Any], line: int) -> str | None:
+    """The reason of an ``aborted`` event (None: not aborted, or a kind aborted without meaning);
+    the first USER_INTERRUPTED one is remembered: without ``buildFinished`` it says the build was
+    cancelled (bep_session.ending)."""
+    if "aborted" not in ev or kind in _QUIET_ABORTS:
+        return None
+    ab = ev["aborted"] if isinstance(ev["aborted"], dict) else {}
+    reason = f"{ab.get('reason', 'no reason given')} {ab.get('description', '')}"
+    if st.interrupted is None and reason.startswith("USER_INTERRUPTED"):
+        st.interrupted = (line, reason.strip())
+    return reason
+
+
 HANDLERS = {
     "started": _on_started, "structuredCommandLine": _on_command_line, "pattern": _on_pattern,
     "workspaceStatus": _on_workspace_status, "configuration": _on_configuration,
     "targetConfigured": _on_configured, "targetCompleted": _on_completed, "testResult": _on_test_result,
     "actionCompleted": _on_action, "buildFinished": _on_finished, "buildMetrics": _on_metrics,
-    "workspace": _on_workspace, "buildToolLogs": _on_tool_logs,
+    "workspace": _on_workspace, "buildToolLogs": _on_tool_logs, "buildMetadata": _on_metadata,
+    "testSummary": _on_test_summary,
 }
 # Events that carry no payload of their own when a stream is cut short; not worth a warning.
 _QUIET_ABORTS = frozenset({"progress", "namedSet", "buildToolLogs"})
@@ -291,12 +370,8 @@ def _read(data: bytes, st: _State) -> None:
             st.warn(n, f"{kind} event after the lastMessage on line {st.last_message_line}")
         if ev.get("lastMessage") is True:
             st.last_message_line = n
-        if "aborted" in ev and kind not in _QUIET_ABORTS:
-            ab = ev["aborted"] if isinstance(ev["aborted"], dict) else {}
-            what = str(body.get("label", "")) or kind
-            reason = f"{ab.get('reason', 'no reason given')} {ab.get('description', '')}"
-            st.aborts.append((n, reason.strip()))
-            st.warn(n, f"{kind} {what} aborted: {reason}".rstrip())
+        if (reason := note_abort(st, kind, ev, n)) is not None:
+            st.warn(n, f"{kind} {str(body.get('label', '')) or kind} aborted: {reason}".rstrip())
         if kind not in KNOWN_KINDS:
             st.warn(n, f"unknown event kind {kind!r} ignored")
             continue
@@ -371,31 +446,27 @@ def one_record_each(st: _State) -> list[TargetFailure]:
     return found + [f for f in st.target_failures if f.target not in have]
 
 
+def build_start(st: _State) -> float:
+    """The build's start (s) from ``started``; 0 (the epoch) when it is missing or unusable."""
+    try:
+        ms = pj.epoch_ms(st.started, "startTime", "startTimeMillis")
+    except (TypeError, ValueError, OverflowError):
+        ms = None
+    return (ms or 0.0) / 1000.0
+
+
+def completed_target(st: _State, key: tuple[str, str], start: float) -> TargetMetrics:
+    """The target of a ``targetCompleted``: at the build's start, no duration, and no cache result
+    (``uncacheable``: BEP says nothing of it, so it is neither a hit nor a miss)."""
+    return TargetMetrics(name=st.names[key], start=start, end=start, duration_s=0.0,
+                         status=st.completed[key], cache="uncacheable", agent_id=AGENT,  # type: ignore[arg-type]
+                         kind=st.kinds.get(key[0]) or None)
+
+
 def _targets(st: _State, start: float) -> list[TargetMetrics]:
     """Completed targets, tests and actions; events without times are placed at the build's start."""
-    targets: list[TargetMetrics] = []
-    configs_per_label: dict[str, int] = {}
-    for label, _cfg in st.completed:
-        configs_per_label[label] = configs_per_label.get(label, 0) + 1
-    for (label, cfg), status in st.completed.items():
-        name = label if configs_per_label[label] == 1 else f"{label} ({st.configs.get(cfg) or cfg[:12]})"
-        tm = TargetMetrics(name=name, start=start, end=start, duration_s=0.0, status=status,  # type: ignore[arg-type]
-                           agent_id=AGENT, kind=st.kinds.get(label) or None, error=st.errors.get((label, cfg)))
-        targets.append(tm)
-        if tm.error or (label, cfg) in st.codes:  # the one failure record, with Bazel's own failure code
-            st.target_failures.append(msgspec.structs.replace(from_error(tm), tool_code=st.codes.get((label, cfg), "")))
-    runs: dict[str, set[tuple[int, int]]] = {}
-    for label, _cfg, run, shard in st.tests:
-        runs.setdefault(label, set()).add((run, shard))
-    for test in st.tests.values():
-        if (m := test.metrics) is None:
-            continue
-        m.attempts = test.attempts
-        many = len(runs[test.label]) > 1
-        m.name = f"{test.label} (test run {test.run} shard {test.shard})" if many else f"{test.label} (test)"
-        if not test.timed:
-            m.start, m.end = start, start + m.duration_s
-        targets.append(m)
+    targets = [completed_target(st, key, start) for key in st.completed]
+    targets += [test.metrics for test in st.tests.values() if test.metrics is not None]
     for m, has_times in st.actions:
         if not has_times:
             m.start = m.end = start
@@ -404,87 +475,35 @@ def _targets(st: _State, start: float) -> list[TargetMetrics]:
     return targets
 
 
-def _metrics(st: _State, labels: dict[str, str], warn_line: int) -> tuple[tuple[int, int], float | None]:
-    """Cache (hits, misses) and CPU seconds from buildMetrics; extra figures go to ``labels``."""
-    # Without Bazel's action cache figures only tests say anything about caching; the
-    # targetCompleted targets carry no cache information and must not count as misses.
-    tests = [t.metrics for t in st.tests.values() if t.metrics is not None]
-    cache = (sum(t.cache in CACHE_HITS for t in tests), sum(t.cache == "miss" for t in tests))
-    cpu_s: float | None = None
-    try:
-        extra, tool_cache = metrics_labels(st.metrics)
-        labels.update(extra)
-        cache = tool_cache or cache
-        if (cpu_ms := pj.int64(pj.get(pj.obj(pj.get(st.metrics, "timingMetrics", {})), "cpuTimeInMs"))) is not None:
-            cpu_s = cpu_ms / 1000.0
-    except (TypeError, ValueError, OverflowError) as exc:
-        st.warn(warn_line, f"unusable buildMetrics payload ({exc})")
-    return cache, cpu_s
-
-
 def _assemble(st: _State, data: bytes, source: str) -> ImportResult:
     warn_line = data.count(b"\n") + 1  # problems of the stream as a whole are reported at its end
-    try:
-        start_ms = pj.epoch_ms(st.started, "startTime", "startTimeMillis")
-    except (TypeError, ValueError, OverflowError):
-        start_ms = None
-    if start_ms is None:
+    if not build_start(st):
         st.warn(1, "no usable started event: build start unknown, times fall back to the epoch")
-    start = (start_ms or 0.0) / 1000.0
+    start = build_start(st)
     targets = _targets(st, start)
-
-    exit_code: int | None = None
-    exit_name = None
-    # Without buildFinished nothing says how the build ended (cut short, or still running): unknown,
-    # unless an event was aborted because the user interrupted it.
-    interrupted = next((line for line, why in st.aborts if why.startswith("USER_INTERRUPTED")), None)
-    outcome = "unknown" if interrupted is None else "cancelled"
+    head = bep_session.header(st)
+    end = bep_session.ending(st)
+    for problem in end.problems:
+        st.warn(warn_line, problem)
     completeness = None
-    finish = max([start] + [t.end for t in targets])
-    duration_s: float | None = None
-    if st.finished is not None:
-        try:
-            exit_code, outcome = finished_outcome(st.finished)
-            exit_name = pj.obj(pj.get(st.finished, "exitCode", {})).get("name")
-            finish_ms = pj.epoch_ms(st.finished, "finishTime", "finishTimeMillis")
-            if finish_ms is not None:
-                finish = finish_ms / 1000.0
-                if start_ms is not None:  # exact, not a difference of rounded floats
-                    duration_s = max(0.0, (finish_ms - start_ms) / 1000.0)
-        except (TypeError, ValueError, OverflowError) as exc:
-            st.warn(warn_line, f"unusable buildFinished payload ({exc})")
-    else:
-        why = "no buildFinished event: the stream was cut before the build ended"
-        st.warn(warn_line, f"{why}; outcome {outcome}" + (f" (line {interrupted}: aborted USER_INTERRUPTED)"
-                                                           if interrupted else "") + ", session incomplete")
-        completeness = Completeness(complete=False, reasons=[why])
-
-    labels = {"importer": "bep", **st.tool_labels}
-    cache, cpu_s = _metrics(st, labels, warn_line)
-    bazel_cmd = str(st.started.get("command", ""))
-    version = pj.get(st.started, "buildToolVersion")
-    for key, value in (("invocation_id", st.started.get("uuid")), ("bazel_command", bazel_cmd),
-                       ("bazel_version", version), ("exit_name", exit_name), ("source", source),
-                       ("aborted", next((why for line, why in st.aborts if line == interrupted), None))):
-        if value:
-            labels[key] = str(value)
-    env = BuildEnvironment(
-        cwd=str(pj.get(st.started, "workingDirectory", "")), hostname=st.workspace.get("BUILD_HOST", ""),
-        user=st.workspace.get("BUILD_USER", ""), tool_versions={"bazel": str(version)} if version else {},
-    )
-    patterns = st.requested or st.patterns
+    if end.outcome == "abandoned":
+        st.warn(warn_line, f"{end.why}; outcome abandoned, session incomplete")
+        completeness = Completeness(complete=False, reasons=[end.why])
+    elif end.why:
+        st.warn(warn_line, end.why)
+    labels = {"importer": "bep", **head.labels, **end.labels}
+    if source:
+        labels["source"] = source
     session = make_session(
-        session_id=_session_id(st, data),
-        name=" ".join(["bazel", bazel_cmd, *patterns]).strip() or "bazel",
-        start=start, finish=max(finish, start), targets=targets, events=st.events,
-        outcome=outcome, exit_code=exit_code,
-        command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
-        labels=labels, agent=AGENT, cache=cache, duration_s=duration_s, environment=env, cpu_s=cpu_s,
-        completeness=completeness, failures=one_record_each(st), tests=st.test_cases,
+        session_id=_session_id(st, data), name=head.name, start=start, finish=max(end.finish, start),
+        targets=targets, events=st.events, outcome=end.outcome, exit_code=end.exit_code, command=head.command,
+        labels=labels, agent=AGENT, duration_s=end.duration_s, environment=head.environment,
+        cache=None if end.outcome == "abandoned" else end.cache,  # abandoned: from the targets, as the collector
+        cpu_s=end.cpu_s, completeness=completeness, failures=end.failures, tests=st.test_cases,
     )
     details = {
         "events": st.events, "target_completed": st.completed_events,
         "test_results": sum(t.attempts for t in st.tests.values()), "tests": len(st.tests),
-        "actions": len(st.actions), "warnings": len(st.warnings),
+        "actions": st.actions_seen, "warnings": len(st.warnings),
     }
     return ImportResult("bep", [session], st.warnings, details)

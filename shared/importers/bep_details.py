@@ -105,6 +105,7 @@ class Failures:
         self.output_kib = output_kib
         self.base: Path | None = None
         self.found: list[TargetFailure] = []
+        self.dropped = 0  # failed actions past MAX_FAILURES records: counted (label failures_dropped), not kept
         self._budget = OUTPUT_BUDGET
 
     def on_workspace(self, ev: dict[str, Any]) -> None:
@@ -113,7 +114,10 @@ class Failures:
     def on_action(self, target: str, action: dict[str, Any], action_target: str = "") -> None:
         """Keep a failed action's stdout then stderr (Bazel keeps them apart) for ``target`` (its
         label); the action's own target (``action_target``) gets a record pointing there."""
-        if len(self.found) >= MAX_FAILURES or action.get("success"):
+        if action.get("success"):
+            return
+        if len(self.found) >= MAX_FAILURES:
+            self.dropped += 1
             return
         if action_target and action_target != target:
             self.found.append(TargetFailure(target=action_target, note=f"its output is kept with {target}"[:1000]))
@@ -191,7 +195,68 @@ def metrics_labels(metrics: dict[str, Any]) -> tuple[dict[str, str], tuple[int, 
         labels.update(action_cache_hits=str(cache[0]), action_cache_misses=str(cache[1]))
     if (executed := pj.int64(pj.get(summary, "actionsExecuted"))) is not None:
         labels["actions_executed"] = str(executed)
+    if (created := pj.int64(pj.get(summary, "actionsCreated"))) is not None:
+        labels["actions_created"] = str(created)
     for runner in pj.arr(pj.get(summary, "runnerCount", [])):
         if pj.obj(runner).get("name") == "remote cache hit":
             labels["remote_cache_hits"] = str(pj.int64(runner.get("count")) or 0)
+    timing = pj.obj(pj.get(metrics, "timingMetrics", {}))
+    for key, label in (("wallTimeInMs", "wall_time_ms"), ("analysisPhaseTimeInMs", "analysis_phase_ms"),
+                       ("executionPhaseTimeInMs", "execution_phase_ms")):
+        if (ms := pj.int64(pj.get(timing, key))) is not None:  # Bazel's own figures, in its unit
+            labels[label] = str(ms)
     return labels, cache
+
+
+MAX_TEST_SUMMARIES = 100  # tests whose testSummary is kept as a label; further ones are counted
+SUMMARY_LIST_CHARS = 1000  # of the tests_flaky label
+
+
+class TestSummaries:
+    """Bazel's verdict per test (``testSummary``), as session labels, bounded: ``test_summary:<label>``
+    (overall status, runs, attempts, shards, cached runs, run time, first start and last stop),
+    ``tests_flaky`` (the labels Bazel called FLAKY, cut at 1000 characters with "…") and
+    ``tests_flaky_count``, ``test_summaries_dropped`` (tests past the cap of 100)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self) -> None:
+        self.kept: dict[str, str] = {}
+        self.flaky = ""  # the first FLAKY labels, at most SUMMARY_LIST_CHARS
+        self.flaky_count = 0
+        self.dropped = 0
+
+    def add(self, name: str, summary: dict[str, Any]) -> None:
+        status = str(summary.get("overallStatus", "NO_STATUS"))
+        if status == "FLAKY":
+            self.flaky_count += 1
+            if len(self.flaky) <= SUMMARY_LIST_CHARS:
+                self.flaky = f"{self.flaky} {name}".lstrip()
+        if name not in self.kept and len(self.kept) >= MAX_TEST_SUMMARIES:
+            self.dropped += 1
+            return
+        runs = pj.int64(pj.get(summary, "totalRunCount")) or pj.int64(pj.get(summary, "runCount")) or 0
+        parts = [status, f"runs={runs}"]
+        for key, word in (("attemptCount", "attempts"), ("shardCount", "shards"), ("totalNumCached", "cached")):
+            if (n := pj.int64(pj.get(summary, key))) is not None:
+                parts.append(f"{word}={n}")
+        run_s = pj.duration(pj.get(summary, "totalRunDuration"))
+        if run_s is None and (ms := pj.int64(pj.get(summary, "totalRunDurationMillis"))) is not None:
+            run_s = ms / 1000.0
+        if run_s is not None:
+            parts.append(f"run_s={run_s:.3f}")
+        for ts, millis, word in (("firstStartTime", "firstStartTimeMillis", "first_start_ms"),
+                                 ("lastStopTime", "lastStopTimeMillis", "last_stop_ms")):
+            if (at := pj.epoch_ms(summary, ts, millis)) is not None:
+                parts.append(f"{word}={round(at)}")
+        self.kept[name] = " ".join(parts)
+
+    def labels(self) -> dict[str, str]:
+        out = {f"test_summary:{name}": value for name, value in self.kept.items()}
+        if self.flaky_count:
+            text = self.flaky
+            out["tests_flaky"] = text if len(text) <= SUMMARY_LIST_CHARS else text[:SUMMARY_LIST_CHARS - 1] + "…"
+            out["tests_flaky_count"] = str(self.flaky_count)
+        if self.dropped:
+            out["test_summaries_dropped"] = str(self.dropped)
+        return out

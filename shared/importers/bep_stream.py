@@ -2,26 +2,26 @@
 
 The Build Event Service endpoint (``services/bes``) hands each ``build_event_stream.BuildEvent``
 here as proto3 JSON (``google.protobuf.json_format.MessageToDict``: the same shape as a
-``--build_event_json_file`` line), so the per-event readers of :mod:`.bep` (``bep.HANDLERS``,
-used read-only) interpret them exactly as ``buildtel import bep`` does.  What differs is *when*
-things are known: an importer sees the whole file, a stream only what has arrived.  So:
+``--build_event_json_file`` line), folded by the handlers of :mod:`.bep` (``bep.HANDLERS``) into
+the importer's own state; the session's head and end are read from it by
+:mod:`.bep_session`, as ``buildtel import bep`` reads them — one mapping.  What differs is
+*when* things are known: an importer sees the whole file, a stream only what has arrived.  So:
 
-* ``BuildStarted`` is held until the stream's header is complete: ``workspaceStatus`` (host,
-  user, ``BUILD_SCM_*``) when ``started`` announces it — targets mapped before it (a loaded
-  machine runs the status command late) are held with it, for the first ``MAX_EARLY`` events, and
-  published after it — else the first event that makes a target;
-* ``targetCompleted`` → ``TargetFinished`` at once (duration 0 at the build's start, as the
-  importer: BEP has no per-target timing); a test target's ``targetCompleted`` announces its
-  ``testResult`` children, which gives the runs/shards the importer counts at the end, so
-  ``testResult`` → ``TargetFinished`` named as the importer names it, one per attempt (the
+* ``BuildStarted`` (:func:`.bep_session.header`) is held until the stream's header is complete:
+  ``workspaceStatus`` (host, user, ``BUILD_SCM_*``) when ``started`` announces it — targets
+  mapped before it (a loaded machine runs the status command late) are held with it, for the
+  first ``MAX_EARLY`` events, and published after it — else the first event that makes a target;
+* ``targetCompleted`` → ``TargetFinished`` at once, named and made as the importer makes it
+  (``bep.completed_target``); ``testResult`` → ``TargetFinished``, one per attempt (the
   collector keeps the last and counts attempts), and each attempt → a ``TestResults`` test
-  case (:mod:`.bep_details`); failed ``actionCompleted`` → an action target, its output kept
-  for the ``BuildFinished`` (read from Bazel's files only under the invocation's output base);
-* ``BuildFinished`` is held from ``buildFinished`` until the ``lastMessage`` (``buildMetrics``,
-  which carries the CPU time and action cache figures, and ``buildToolLogs``, the critical
-  path, come after it), with ``expected_events`` so the collector completes the session the
-  moment all are folded.  A stream that ends without ``buildFinished``
-  sends no ``BuildFinished``: the collector stores it as abandoned (incomplete), never success.
+  case; ``actionCompleted`` → an action target.  Each action and attempt is sent and let go:
+  the state keeps none (failed actions' output records, bounded, wait for the end);
+* ``BuildFinished`` (:func:`.bep_session.ending`) is held from ``buildFinished`` until the
+  ``lastMessage`` (``buildMetrics``, ``buildToolLogs`` come after it), with ``expected_events``
+  so the collector completes the session the moment all are folded.  A stream without
+  ``buildFinished`` but with an event aborted ``USER_INTERRUPTED`` gets a ``cancelled``
+  ``BuildFinished`` without exit code when it ends; any other sends none: the collector stores
+  it as abandoned (incomplete), never success — as the importer does.
 
 :attr:`StreamMapper.holding` says whether the last event's information is still held (its
 acknowledgement must then wait for a later publish).  No I/O but the bounded read of a failed
@@ -34,18 +34,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from buildtel.shared.importers import bep, bep_details
+from buildtel.shared.importers import bep, bep_details, bep_session
 from buildtel.shared.importers import proto_json as pj
-from buildtel.shared.protocol import (
-    BuildEnvironment,
-    BuildFinished,
-    BuildStarted,
-    Event,
-    TargetFinished,
-    TargetMetrics,
-    TestResults,
-    VcsInfo,
-)
+from buildtel.shared.protocol import BuildFinished, BuildStarted, Event, TargetFinished, TargetMetrics, TestResults
 from buildtel.shared.sanitize import fix_event
 
 # Kinds that make targets or end the build: the header (command, patterns, workspace status) is
@@ -55,18 +46,8 @@ _BODY_KINDS = frozenset({
     "targetCompleted", "actionCompleted", "testResult", "testSummary", "buildFinished", "buildMetrics",
     "buildToolLogs",
 })
-# Workspace-status / build-metadata keys naming the checkout (the conventions of Bazel's
-# --workspace_status_command scripts and of --build_metadata).
-_COMMIT_KEYS = ("BUILD_SCM_REVISION", "STABLE_BUILD_SCM_REVISION", "COMMIT_SHA", "STABLE_GIT_COMMIT")
-_BRANCH_KEYS = ("BUILD_SCM_BRANCH", "STABLE_BUILD_SCM_BRANCH", "BRANCH_NAME", "STABLE_GIT_BRANCH")
-_REMOTE_KEYS = ("BUILD_SCM_REMOTE", "STABLE_BUILD_SCM_REMOTE", "REPO_URL", "STABLE_REPO_URL")
-INTERRUPTED = 8  # Bazel's ExitCode INTERRUPTED (Ctrl-C)
 _END_KINDS = frozenset({"buildFinished", "buildMetrics", "buildToolLogs"})
 MAX_EARLY = 1000  # BEP events fed while an announced workspaceStatus has not come: then the header goes without it
-
-
-def _first(values: dict[str, str], keys: tuple[str, ...]) -> str | None:
-    return next((values[k] for k in keys if values.get(k)), None)
 
 
 class StreamMapper:
@@ -85,9 +66,7 @@ class StreamMapper:
         self._status_expected = False  # started announced a workspaceStatus
         self._early: list[Event] = []  # mapped while the header waits for it
         self._finished = False  # buildFinished seen
-        self._done = False  # BuildFinished emitted
-        self._runs: dict[str, set[tuple[int, int]]] = {}  # test label -> (run, shard) announced
-        self.metadata: dict[str, str] = {}  # buildMetadata
+        self._done = False  # BuildFinished emitted (or the end found unusable: the collector abandons it)
         self.events = 0
 
     @property
@@ -125,21 +104,21 @@ class StreamMapper:
                 not self._status_expected or kind in _END_KINDS):
             out += self._close_header()
         self._note_children(kind, body, ev)
+        bep.note_abort(self.st, kind, ev, self.events)
         handler = bep.HANDLERS.get(kind)
         if handler is not None and all(isinstance(v, dict) for k, v in ev.items() if k not in ("id", "children")
                                        and k != "lastMessage"):
             try:
-                cases = len(self.st.test_cases)
                 handler(self.st, body, ev, self.events)
                 out += self._map(kind, body, ev)
-                if len(self.st.test_cases) > cases:
+                if self.st.test_cases:  # sent at once, not kept: a stream holds no test attempts
                     out.append(TestResults(session_id=self.session_id, agent_id=self.agent_id, seq=self._next(),
-                                           ts=self._clock(), cases=self.st.test_cases[cases:], source="bep"))
+                                           ts=self._clock(), cases=self.st.test_cases, source="bep"))
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
                 pass  # the importer warns and skips such an event; so do we (no warnings on a live stream)
-        elif kind == "buildMetadata" and isinstance(ev.get("buildMetadata"), dict):
-            meta = ev["buildMetadata"].get("metadata", {})
-            self.metadata.update({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
+            finally:
+                self.st.test_cases = []
+                del self.st.actions[:]  # each action is published as it comes (_map), never kept
         if self._header_open and kind == "workspaceStatus":
             out += self._close_header()
         if self._header_open and out:  # waiting for the announced workspaceStatus: held (not acknowledged)
@@ -152,12 +131,15 @@ class StreamMapper:
         return out
 
     def close(self) -> list[Event]:
-        """The stream ended (lastMessage, or the connection closed): release what is held."""
+        """The stream ended (lastMessage, or the connection closed): release what is held.  Without
+        ``buildFinished`` but after an event aborted USER_INTERRUPTED the build was cancelled
+        (bep_session.ending): that is said now; any other stream without it says nothing, and the
+        collector stores it as abandoned."""
         out: list[Event] = []
         if self._header_open:
             out += self._close_header()
-        if self._finished and not self._done:
-            out.append(self._build_finished())
+        if not self._done and (self._finished or self.st.interrupted is not None):
+            out += self._build_finished()
         return out
 
     # -- internals ---------------------------------------------------------------------------
@@ -174,9 +156,6 @@ class StreamMapper:
                 self._status_expected = True
             if kind == "started" and isinstance(pat := child.get("pattern"), dict):
                 self.st.requested += [str(p) for p in pat.get("pattern", []) if isinstance(pat.get("pattern"), list)]
-            if isinstance(tr := child.get("testResult"), dict):
-                run, shard = (pj.int64(tr.get(k)) or 0 for k in ("run", "shard"))
-                self._runs.setdefault(str(tr.get("label", "")), set()).add((run, shard))
 
     def _close_header(self) -> list[Event]:
         """The BuildStarted, then the events held for it, renumbered so that it comes first."""
@@ -191,33 +170,11 @@ class StreamMapper:
 
     def _header(self) -> BuildStarted:
         self._header_open = False
-        st, start = self.st, self.start
-        bazel_cmd = str(st.started.get("command", ""))
-        version = pj.get(st.started, "buildToolVersion")
-        patterns = st.requested or st.patterns
-        labels = {"ingest": "bes"}
-        for key, value in (("invocation_id", st.started.get("uuid")), ("bazel_command", bazel_cmd),
-                           ("bazel_version", version)):
-            if value:
-                labels[key] = str(value)
-        status = {**self.metadata, **st.workspace}
-        commit, branch, remote = (_first(status, keys) for keys in (_COMMIT_KEYS, _BRANCH_KEYS, _REMOTE_KEYS))
-        vcs = None
-        if commit or branch:
-            vcs = VcsInfo(commit=commit, branch=branch, remote=remote,
-                          dirty=status.get("BUILD_SCM_STATUS", status.get("STABLE_BUILD_SCM_STATUS", "")).lower()
-                          in ("modified", "dirty"))
-        env = BuildEnvironment(
-            cwd=str(pj.get(st.started, "workingDirectory", "")),
-            hostname=status.get("BUILD_HOST", "") or self.metadata.get("HOST", ""),
-            user=status.get("BUILD_USER", "") or self.metadata.get("USER", ""),
-            tool_versions={"bazel": str(version)} if version else {}, vcs=vcs)
-        started = BuildStarted(
-            session_id=self.session_id, agent_id=self.agent_id, seq=self._next(), ts=start,
-            name=" ".join(["bazel", bazel_cmd, *patterns]).strip() or "bazel",
-            command=st.command or (["bazel", bazel_cmd, *patterns] if bazel_cmd else []),
-            environment=env, labels=labels)
-        ev: BuildStarted = fix_event(started)
+        head = bep_session.header(self.st)
+        ev: BuildStarted = fix_event(BuildStarted(
+            session_id=self.session_id, agent_id=self.agent_id, seq=self._next(), ts=self.start,
+            name=head.name, command=head.command, environment=head.environment,
+            labels={"ingest": "bes", **head.labels}))
         return ev
 
     def _target(self, m: TargetMetrics) -> TargetFinished:
@@ -228,25 +185,16 @@ class StreamMapper:
         return ev
 
     def _map(self, kind: str, body: dict[str, Any], ev: dict[str, Any]) -> list[Event]:
+        """The targets of the event just folded into the state, as the importer makes them (bep._targets)."""
         st, start = self.st, self.start
         if kind == "targetCompleted":
             key = (str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")))
-            return [self._target(TargetMetrics(name=key[0], start=start, end=start, duration_s=0.0,
-                                               status=st.completed[key],  # type: ignore[arg-type]
-                                               kind=st.kinds.get(key[0]) or None))]
+            return [self._target(bep.completed_target(st, key, start))]
         if kind == "testResult":
-            label = str(body["label"])
             run, shard = (pj.int64(body.get(k)) or 0 for k in ("run", "shard"))
-            test = st.tests[(label, str(pj.obj(body.get("configuration", {})).get("id", "")), run, shard)]
-            m = test.metrics
-            if m is None:
-                return []
-            many = len(self._runs.get(label, set()) | {(run, shard)}) > 1
-            m.name = f"{label} (test run {run} shard {shard})" if many else f"{label} (test)"
-            if not test.timed:
-                m.start, m.end = start, start + m.duration_s
-            return [self._target(m)]
-        if kind == "actionCompleted":
+            test = st.tests[(str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")), run, shard)]
+            return [] if test.metrics is None else [self._target(test.metrics)]
+        if kind == "actionCompleted" and st.actions:
             m, has_times = st.actions[-1]
             if not has_times:
                 m.start = m.end = start
@@ -255,27 +203,16 @@ class StreamMapper:
             self._finished = True
         return []
 
-    def _build_finished(self) -> BuildFinished:
+    def _build_finished(self) -> list[Event]:
         self._done = True
-        st = self.st
-        fin = st.finished or {}
-        exit_code, outcome = bep.finished_outcome(fin)  # the importer's rule, not a copy of it
-        finish_ms = pj.epoch_ms(fin, "finishTime", "finishTimeMillis")
-        cpu_ms = pj.int64(pj.get(pj.obj(pj.get(st.metrics, "timingMetrics", {})), "cpuTimeInMs"))
-        labels = dict(st.tool_labels)
-        try:
-            extra, cache = bep_details.metrics_labels(st.metrics)
-            labels.update(extra)
-        except (TypeError, ValueError, OverflowError):
-            cache = None  # the importer warns and keeps the targets' figures; so do we
-        if name := pj.obj(pj.get(fin, "exitCode", {})).get("name"):
-            labels["exit_name"] = str(name)
+        end = bep_session.ending(self.st)
+        if end.outcome == "abandoned":  # an unusable buildFinished: nothing says how it ended
+            return []
         seq = self._next()
         ev: BuildFinished = fix_event(BuildFinished(
-            session_id=self.session_id, agent_id=self.agent_id, seq=seq,
-            ts=finish_ms / 1000.0 if finish_ms is not None else self._clock(),
-            exit_code=exit_code, outcome=outcome,  # type: ignore[arg-type]
-            cpu_s=cpu_ms / 1000.0 if cpu_ms is not None else None,
-            expected_events={self.agent_id: seq + 1}, failures=bep.one_record_each(st), labels=labels,
-            cache_hits=cache[0] if cache else None, cache_misses=cache[1] if cache else None))
-        return ev
+            session_id=self.session_id, agent_id=self.agent_id, seq=seq, ts=end.finish,
+            exit_code=end.exit_code or 0, exit_code_known=end.exit_code is not None,
+            outcome=end.outcome,  # type: ignore[arg-type]
+            cpu_s=end.cpu_s, expected_events={self.agent_id: seq + 1}, failures=end.failures, labels=end.labels,
+            cache_hits=end.cache[0], cache_misses=end.cache[1]))
+        return [ev]

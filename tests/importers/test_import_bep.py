@@ -78,11 +78,12 @@ def test_aborted_and_redacted_stream_is_imported_with_warnings() -> None:
     assert session.command == ["bazel", "test", "//gotest/..."]  # the redacted command line is not used
 
 
-def test_truncated_stream_is_unknown_and_incomplete() -> None:
+def test_truncated_stream_is_abandoned_and_incomplete() -> None:
+    # As the BES endpoint stores a stream that stops before buildFinished (bep_session.ending).
     lines = KAHLYS.read_bytes().splitlines(keepends=True)
     result = parse_bep(b"".join(lines[:60]))
     (session,) = result.sessions
-    assert session.outcome == "unknown" and session.exit_code is None
+    assert session.outcome == "abandoned" and session.exit_code is None
     assert session.completeness is not None and not session.completeness.complete
     messages = " | ".join(w.message for w in result.warnings)
     assert "lastMessage" in messages and "buildFinished" in messages

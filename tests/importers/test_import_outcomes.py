@@ -217,23 +217,24 @@ def test_bep_interrupted_build_is_cancelled_with_its_reason() -> None:
     assert (session.outcome, session.exit_code) == ("cancelled", 8)
     assert "cancelled" in {t.status for t in session.targets}
 
-    # Cut before buildFinished after the abort: still cancelled (the abort says why), and incomplete.
+    # Cut before buildFinished after the abort: still cancelled (the abort says why), with no exit code
+    # (Bazel never said one); nothing is lost, so complete — as the BES endpoint stores it.
     cut = [e for e in events if "buildFinished" not in e["id"] and "buildMetrics" not in e["id"]
            and "buildToolLogs" not in e["id"]]
     result = parse_bep(_stream(cut))
     (session,) = result.sessions
     assert (session.outcome, session.exit_code) == ("cancelled", None)
     assert session.labels["aborted"] == "USER_INTERRUPTED Build was interrupted"
-    assert session.completeness is not None and not session.completeness.complete
+    assert session.completeness is None
     assert any("no buildFinished" in w.message and "USER_INTERRUPTED" in w.message for w in result.warnings)
 
 
-def test_bep_cut_before_build_finished_is_unknown_never_success() -> None:
+def test_bep_cut_before_build_finished_is_abandoned_never_success() -> None:
     events = _events()
     cut = events[: next(i for i, e in enumerate(events) if "buildFinished" in e["id"])]
     assert all(e.get("completed", {}).get("success", True) for e in cut)  # every target succeeded…
     (session,) = parse_bep(_stream(cut)).sessions
-    assert session.outcome == "unknown" and session.exit_code is None  # …but nothing says the build did
+    assert session.outcome == "abandoned" and session.exit_code is None  # …but nothing says the build did
     assert session.completeness is not None and not session.completeness.complete
 
 
