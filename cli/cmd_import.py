@@ -107,8 +107,9 @@ def register(subparsers: Any) -> None:
                                 "by SIGKILL); without it and --output the outcome is unknown")
         elif fmt == "chrome-trace":  # BEP carries its own exit code; a JUnit session is its test results
             q.add_argument("--exit-code", metavar="N", type=int,
-                           help="exit code of the traced run: 0 success, 1-127 failed, >= 128 (a signal: 130 "
-                                "SIGINT, 143 SIGTERM) or negative cancelled; without it the outcome is unknown")
+                           help="exit code of the traced run: 0 success; 129, 130, 143 (SIGHUP, SIGINT, SIGTERM; "
+                                "or -1, -2, -15) cancelled; any other failed (137: a step killed by SIGKILL); "
+                                "without it the outcome is unknown")
         if fmt == "junit":
             q.add_argument("--commit", metavar="SHA",
                            help="commit the tests ran on (flaky tests are found per commit); default: the "

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Any
 
+from buildtel.shared.importers.common import STOPPED_CODES
+
 SAMPLE_INTERVAL_S = 0.25  # process-tree memory sampling; a /proc walk of the tree costs ~30 µs
 NICENESS = 10  # the environment probes yield CPU to the build they describe
 
@@ -125,14 +127,11 @@ class SignalGuard:
         self._previous = {}
 
 
-# Exit statuses of a command ended by SIGINT or SIGTERM (128+N): a user or a supervisor stopped it.
-STOPPED_CODES = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
-
-
 def run_outcome(code: int, received: list[int]) -> str:
     """``success``, ``cancelled`` or ``failed``: cancelled when the command did not succeed and
     ``buildtel run`` got SIGINT, SIGTERM or SIGHUP while it ran (^C at a terminal reaches both),
-    or the command ended with 130 or 143 (killed by SIGINT or SIGTERM: docs/protocol.md)."""
+    or the command ended with 129, 130 or 143 (SIGHUP, SIGINT or SIGTERM: the importers' rule,
+    ``STOPPED_CODES``; docs/protocol.md)."""
     if code == 0:
         return "success"
     return "cancelled" if received or code in STOPPED_CODES else "failed"

@@ -376,8 +376,8 @@ class BuildSession(msgspec.Struct, kw_only=True, omit_defaults=True, tag="sessio
     duration_s: Annotated[float, _doc("`finish - start`", "s")] = 0.0
     outcome: Annotated[Outcome, _doc(
         "`abandoned`: no `build_finished` before the inactivity timeout; `cancelled`: stopped by a user or "
-        "a signal (SIGINT, exit code 130/143); `unknown`: nothing said how it ended (an imported log "
-        "without the tool's output or exit code)")] = "success"
+        "a signal (SIGHUP, SIGINT, SIGTERM: exit code 129/130/143); `unknown`: nothing said how it ended "
+        "(an imported log without the tool's output or exit code)")] = "success"
     exit_code: Annotated[int | None, _doc("exit status of the build command; null when abandoned or not known")] = None
     command: Annotated[list[str], _doc("command line, redacted")] = []
     labels: Annotated[dict[str, str], _doc("labels from `build_started`")] = {}

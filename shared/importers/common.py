@@ -150,13 +150,18 @@ def signal_name(code: int) -> str | None:
         return f"signal {num}"
 
 
+# Exit statuses of a build command ended by SIGHUP, SIGINT or SIGTERM (the shell's 128+N, or
+# Python's -N): a user, a hung-up terminal or a supervisor stopped it — a cancel.  Any other
+# non-zero code is a failure: ninja >= 1.13 exits with a failed edge's own code, so 137 is an
+# edge SIGKILLed (out of memory), not a cancel.  One rule for every importer and `buildtel run`.
+STOPPED_CODES = frozenset({129, 130, 143, -1, -2, -15})
+
+
 def outcome_of_exit_code(code: int) -> str:
-    """0 → success; a signal (≥ 128: 130 SIGINT, 143 SIGTERM…; negative: -N) → cancelled; else failed."""
+    """0 → success; SIGHUP, SIGINT or SIGTERM (``STOPPED_CODES``) → cancelled; else failed."""
     if code == 0:
         return "success"
-    if code < 0 or code >= 128:
-        return "cancelled"
-    return "failed"
+    return "cancelled" if code in STOPPED_CODES else "failed"
 
 
 def assign_lanes(intervals: Iterable[tuple[float, float]]) -> list[int]:

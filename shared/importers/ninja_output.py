@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from buildtel.shared.importers.common import signal_name
+from buildtel.shared.importers.common import STOPPED_CODES, signal_name
 
 MAX_ERROR_BYTES = 16 * 1024  # per failed edge: a compiler can print megabytes; the start says why
 
@@ -134,10 +134,6 @@ def parse_ninja_output(data: bytes) -> NinjaOutput:
     return res
 
 
-# Exit statuses of ninja itself ended by SIGHUP, SIGINT or SIGTERM (the shell's 128+N, or Python's
-# -N): the user or a supervisor stopped it.  Any other code is a failure: ninja >= 1.13 exits
-# with a failed edge's own code, so 137 is an edge SIGKILLed (out of memory), not a cancel.
-STOPPED_CODES = frozenset({129, 130, 143, -1, -2, -15})
 
 
 def ninja_outcome(out: NinjaOutput | None, code: int | None) -> tuple[str, str, list[str]]:

@@ -166,3 +166,17 @@ async def test_a_build_run_under_a_traced_job_joins_its_trace(bus_env, settings,
     # The run has ended, so all its batches are stored; the health sampler's may come first.
     started = next(ev for _, b in batches for ev in b.events if isinstance(ev, BuildStarted))
     assert started.traceparent == caller
+
+
+@pytest.mark.parametrize("code, received, outcome", [
+    (0, [], "success"), (2, [], "failed"), (137, [], "failed"), (129, [], "cancelled"), (130, [], "cancelled"),
+    (143, [], "cancelled"), (2, [2], "cancelled"), (0, [2], "success")])
+def test_run_and_the_importers_share_one_exit_code_rule(code: int, received: list[int], outcome: str) -> None:
+    """A build ended by SIGHUP/SIGINT/SIGTERM is cancelled, as `buildtel import` says of the same code;
+    137 (a step SIGKILLed, e.g. out of memory) is a failure, not a cancel."""
+    from buildtel.cli.run_process import run_outcome
+    from buildtel.shared.importers.common import outcome_of_exit_code
+
+    assert run_outcome(code, received) == outcome
+    if not received:
+        assert outcome_of_exit_code(code) == outcome

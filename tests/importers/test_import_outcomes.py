@@ -160,7 +160,8 @@ def test_evidence_applies_to_the_last_build_of_an_appended_log() -> None:
 
 
 @pytest.mark.parametrize("code, outcome", [(None, "unknown"), (0, "success"), (2, "failed"), (130, "cancelled"),
-                                           (143, "cancelled"), (-15, "cancelled")])
+                                           (143, "cancelled"), (129, "cancelled"), (-15, "cancelled"),
+                                           (137, "failed"), (-9, "failed")])
 def test_a_trace_has_an_outcome_only_with_an_exit_code(code: int | None, outcome: str) -> None:
     data = (TRACE / "clang-zlib-adler32.c.json").read_bytes()
     (session,) = parse_chrome_trace(data, exit_code=code).sessions
