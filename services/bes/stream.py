@@ -27,14 +27,14 @@ from typing import Any
 from google.protobuf import json_format
 
 from buildtel.services.bes.gen import build_event_stream_pb2, publish_build_event_pb2
-from buildtel.shared.importers import bep, bep_details
+from buildtel.shared.importers import bep_details, bep_events
 from buildtel.shared.importers.bep_stream import StreamMapper
 from buildtel.shared.importers.common import content_id
 from buildtel.shared.protocol import Event
 
-# The BuildEventId kinds the mapping reads (bep.HANDLERS, buildMetadata), by protobuf field name.
+# The BuildEventId kinds the mapping reads (bep_events.HANDLERS, buildMetadata), by protobuf field name.
 _JSON_NAMES = {f.name: f.json_name for f in build_event_stream_pb2.BuildEventId.DESCRIPTOR.oneofs_by_name["id"].fields}
-_CONVERTED = frozenset(n for n, j in _JSON_NAMES.items() if j in bep.HANDLERS or j == "buildMetadata")
+_CONVERTED = frozenset(n for n, j in _JSON_NAMES.items() if j in bep_events.HANDLERS or j == "buildMetadata")
 Publish = Callable[[str, str, list[Event]], Awaitable[None]]  # (session id, agent id, events)
 WINDOW = 1000  # requests between receipt and acknowledgement, per stream (each queue)
 MAX_BATCH = 500  # events per published batch (the SDK's batch size)

@@ -1,8 +1,8 @@
 """The one mapping of a Bazel BEP stream's header and end, for ``buildtel import bep`` (:mod:`.bep`)
 and the live BES endpoint (:mod:`.bep_stream`).
 
-Both fold the stream's events with the same handlers (``bep.HANDLERS``) into the same state
-(``bep._State``); what a session says of the build as a whole is then read from that state here,
+Both fold the stream's events with the same handlers (``bep_events.HANDLERS``) into the same state
+(``bep_events.State``); what a session says of the build as a whole is then read from that state here,
 once: :func:`header` (name, command, environment with host, user and the checkout from
 ``BUILD_SCM_*``/``--build_metadata``, labels) — the live endpoint's ``BuildStarted``, the
 importer's session head — and :func:`ending` (outcome, exit code, finish time, CPU time, cache
@@ -18,14 +18,11 @@ How a stream without ``buildFinished`` ends (docs/bazel.md): after an event abor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from buildtel.shared.importers import proto_json as pj
 from buildtel.shared.importers.bep_details import metrics_labels
+from buildtel.shared.importers.bep_events import State, build_start, finished_outcome, one_record_each
 from buildtel.shared.protocol import CACHE_HITS, BuildEnvironment, Outcome, TargetFailure, VcsInfo
-
-if TYPE_CHECKING:
-    from buildtel.shared.importers.bep import _State
 
 # Workspace-status / build-metadata keys naming the checkout (the conventions of Bazel's
 # --workspace_status_command scripts and of --build_metadata).
@@ -47,7 +44,7 @@ class Header:
     labels: dict[str, str]
 
 
-def header(st: _State) -> Header:
+def header(st: State) -> Header:
     """What the stream says of the build before it runs: ``started``, the command line, the
     patterns, ``workspaceStatus`` and ``buildMetadata`` (workspace status wins over metadata)."""
     bazel_cmd = str(st.started.get("command", ""))
@@ -88,10 +85,8 @@ class Ending:
     problems: list[str] = field(default_factory=list)  # unusable payloads (the importer warns)
 
 
-def ending(st: _State) -> Ending:
+def ending(st: State) -> Ending:
     """How the build ended, from everything the stream said (see the module's docstring)."""
-    from buildtel.shared.importers.bep import build_start, finished_outcome, one_record_each
-
     start = build_start(st)
     try:
         start_ms = pj.epoch_ms(st.started, "startTime", "startTimeMillis")

@@ -2,7 +2,7 @@
 
 The Build Event Service endpoint (``services/bes``) hands each ``build_event_stream.BuildEvent``
 here as proto3 JSON (``google.protobuf.json_format.MessageToDict``: the same shape as a
-``--build_event_json_file`` line), folded by the handlers of :mod:`.bep` (``bep.HANDLERS``) into
+``--build_event_json_file`` line), folded by the handlers of :mod:`.bep_events` (``HANDLERS``) into
 the importer's own state; the session's head and end are read from it by
 :mod:`.bep_session`, as ``buildtel import bep`` reads them — one mapping.  What differs is
 *when* things are known: an importer sees the whole file, a stream only what has arrived.  So:
@@ -12,7 +12,7 @@ the importer's own state; the session's head and end are read from it by
   mapped before it (a loaded machine runs the status command late) are held with it, for the
   first ``MAX_EARLY`` events, and published after it — else the first event that makes a target;
 * ``targetCompleted`` → ``TargetFinished`` at once, named and made as the importer makes it
-  (``bep.completed_target``); ``testResult`` → ``TargetFinished``, one per attempt (the
+  (``bep_events.completed_target``); ``testResult`` → ``TargetFinished``, one per attempt (the
   collector keeps the last and counts attempts), and each attempt → a ``TestResults`` test
   case; ``actionCompleted`` → an action target.  Each action and attempt is sent and let go:
   the state keeps none (failed actions' output records, bounded, wait for the end);
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from buildtel.shared.importers import bep, bep_details, bep_session
+from buildtel.shared.importers import bep_details, bep_events, bep_session
 from buildtel.shared.importers import proto_json as pj
 from buildtel.shared.protocol import BuildFinished, BuildStarted, Event, TargetFinished, TargetMetrics, TestResults
 from buildtel.shared.sanitize import fix_event
@@ -56,7 +56,7 @@ class StreamMapper:
     def __init__(self, session_id: str, agent_id: str, *, clock: Callable[[], float] = time.time,
                  output_kib: int = bep_details.OUTPUT_KIB, resumed: bool = False) -> None:
         self.session_id, self.agent_id = session_id, agent_id
-        self.st = bep._State()  # the importer's fold state, filled by its own handlers
+        self.st = bep_events.State()  # the importer's fold state, filled by its own handlers
         self.st.failures.output_kib = output_kib
         self._clock = clock
         self._seq = 0
@@ -104,8 +104,8 @@ class StreamMapper:
                 not self._status_expected or kind in _END_KINDS):
             out += self._close_header()
         self._note_children(kind, body, ev)
-        bep.note_abort(self.st, kind, ev, self.events)
-        handler = bep.HANDLERS.get(kind)
+        bep_events.note_abort(self.st, kind, ev, self.events)
+        handler = bep_events.HANDLERS.get(kind)
         if handler is not None and all(isinstance(v, dict) for k, v in ev.items() if k not in ("id", "children")
                                        and k != "lastMessage"):
             try:
@@ -189,7 +189,7 @@ class StreamMapper:
         st, start = self.st, self.start
         if kind == "targetCompleted":
             key = (str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")))
-            return [self._target(bep.completed_target(st, key, start))]
+            return [self._target(bep_events.completed_target(st, key, start))]
         if kind == "testResult":
             run, shard = (pj.int64(body.get(k)) or 0 for k in ("run", "shard"))
             test = st.tests[(str(body["label"]), str(pj.obj(body.get("configuration", {})).get("id", "")), run, shard)]
