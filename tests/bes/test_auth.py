@@ -25,7 +25,7 @@ from buildtel.shared.subjects import Subjects
 from tests.bes.client import read_bep_json, replay
 from tests.bes.test_bazel import _bazel, _workspace
 from tests.bes.test_replay import KAHLYS
-from tests.util import completed_sessions
+from tests.util import completed_sessions, running
 
 
 @pytest.fixture
@@ -34,16 +34,8 @@ async def tenant_stack(bes_settings: Settings, nc: Any, redis_client: Any) -> As
     tenant = f"{bes_settings.namespace}_b"
     settings = dataclasses.replace(bes_settings, tenants=tenant)
     urls = (settings.nats_url or "", settings.redis_url or "")
-    services = [CollectorService(settings, *urls), CollectorService(settings.for_tenant(tenant), *urls)]
-    started = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
+    async with running(CollectorService(settings, *urls), CollectorService(settings.for_tenant(tenant), *urls)):
         yield settings, tenant
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def _endpoint(settings: Settings) -> BesService:

@@ -21,6 +21,7 @@ from buildtel.shared.subjects import Subjects
 from tests.bes.client import read_bep_json, replay
 from tests.bes.test_replay import KAHLYS
 from tests.junit.stack import cli, eventually
+from tests.util import running
 
 
 @pytest.fixture
@@ -28,16 +29,8 @@ async def stack(bes_settings: Settings, nc: Any, redis_client: Any) -> AsyncIter
     quick = bes_settings.with_(fsync=False)
     urls = (quick.nats_url or "", quick.redis_url or "")
     bes = BesService(quick, *urls, port=0)
-    services = [StorageService(quick, *urls), CollectorService(quick, *urls), bes]
-    started = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
+    async with running(StorageService(quick, *urls), CollectorService(quick, *urls), bes):
         yield quick, bes
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def test_replayed_bazel_test_stream_shows_its_flaky_test(stack: tuple[Settings, BesService], nc: Any) -> None:

@@ -19,6 +19,7 @@ from buildtel.services.storage.service import StorageService
 from buildtel.services.web.service import WebService
 from buildtel.shared.settings import Settings
 from tests.bes.test_bazel import _bazel, _workspace
+from tests.util import running
 
 
 @pytest.fixture
@@ -26,15 +27,8 @@ async def farm(bes_settings: Settings, nc: Any, redis_client: Any) -> AsyncItera
     quick = bes_settings.with_(fsync=False)
     urls = (quick.nats_url or "", quick.redis_url or "")
     bes, web = BesService(quick, *urls, port=0), WebService(quick, *urls, port=0)
-    started: list[Any] = []
-    try:
-        for svc in (StorageService(quick, *urls), CollectorService(quick, *urls), bes, web):
-            await svc.start()
-            started.append(svc)
+    async with running(StorageService(quick, *urls), CollectorService(quick, *urls), bes, web):
         yield bes, web
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 async def test_the_results_link_bazel_prints_opens_the_session_page(farm: tuple[BesService, WebService],
