@@ -30,6 +30,9 @@ def print_failures(s: BuildSession, *, json_out: bool) -> int:
     for r in rows:
         code = r["exit_code"] if r["exit_code"] is not None else "-"
         print(f"\n== {safe(r['target'])}  (exit code {code})")
+        if r["kept_with"]:  # the same failure as its label's: classified and counted there
+            print(f"note       {safe(r['note'])}")
+            continue
         rule = f" (rule {safe(r['class_rule'])})" if r["class_rule"] else " (no rule matched)"
         print(f"class      {safe(r['failure_class'] or 'unknown')}{rule}"
               + (f"  tool code {safe(r['tool_code'])}" if r["tool_code"] else ""))

@@ -99,5 +99,6 @@ def failed_targets(s: BuildSession, rules: tuple[Rule, ...] = ()) -> list[dict[s
         rows.append({"target": f.target, "exit_code": f.exit_code, "duration_s": m.duration_s if m else 0.0,
                      "attributed": f.attributed, "note": f.note, "errors": f.errors, "signature": f.signature,
                      "failure_class": f.failure_class, "class_rule": f.class_rule, "tool_code": f.tool_code,
-                     "source": f.source, "output": f.output, "output_cut_bytes": f.output_cut_bytes})
+                     "source": f.source, "output": f.output, "output_cut_bytes": f.output_cut_bytes,
+                     "kept_with": f.kept_with})
     return rows

@@ -196,6 +196,9 @@ class TargetFailure(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
         "the tool's own failure code, e.g. Bazel's `failureDetail` `spawn.REMOTE_CACHE_FAILED`; empty: none")] = ""
     source: Annotated[Literal["console", "import"], _doc(
         "`console`: found in the console `buildtel run` kept; `import`: the error text an importer read")] = "console"
+    kept_with: Annotated[str, _doc(
+        "the target whose record holds this failure's output (a failed Bazel action's record points at its "
+        "label's); such a record is shown, not counted again in failure groups; empty: its own record")] = ""
 
 
 class BuildLog(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

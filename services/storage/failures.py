@@ -118,9 +118,15 @@ def read(store: Any, summaries: list[Any], rules: tuple[Rule, ...]) -> tuple[lis
             session = _session_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # written by a version with another shape: `buildtel show` says what is wrong with it
-        failures += [(s.t, s.id, s.commit, f) for f in records(session, rules)]
+        failures += [(s.t, s.id, s.commit, f) for f in counted(session, rules)]
     wanted = {(c, f.target) for _, _, c, f in failures if c and f.failure_class in ("code", "unknown")}
     return failures, passed_pairs(store, summaries, wanted), len({sid for _, sid, _, _ in failures})
+
+
+def counted(session: Any, rules: tuple[Rule, ...]) -> list[Any]:
+    """The failure records of ``session`` that count in groups: a record that points at another's
+    (``kept_with``: a failed Bazel action's, at its label's) is the same failure, not a second one."""
+    return [f for f in records(session, rules) if not f.kept_with]
 
 
 def passed_pairs(store: Any, summaries: list[Any], wanted: set[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -37,7 +37,6 @@ from buildtel.services.storage import failures as fl
 from buildtel.services.storage import tests_history as th
 from buildtel.services.storage.index import Filters
 from buildtel.shared.failclass import Rule
-from buildtel.shared.failrecord import records
 from buildtel.shared.protocol import TestCase
 from buildtel.shared.service import BAD_REQUEST, ServiceError
 
@@ -194,7 +193,7 @@ def _failures_of(store: Any, s: Any, rules: tuple[Rule, ...]) -> list[Any]:
     if raw is None:
         return []
     try:
-        return records(fl._session_decoder.decode(raw), rules)
+        return fl.counted(fl._session_decoder.decode(raw), rules)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return []
 

@@ -120,7 +120,8 @@ class Failures:
             self.dropped += 1
             return
         if action_target and action_target != target:
-            self.found.append(TargetFailure(target=action_target, note=f"its output is kept with {target}"[:1000]))
+            self.found.append(TargetFailure(target=action_target, note=f"its output is kept with {target}"[:1000],
+                                            kept_with=target))
         if any(f.target == target for f in self.found):
             return  # one record per target: its first failed action
         limit = self.output_kib * 1024

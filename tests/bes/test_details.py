@@ -144,5 +144,11 @@ async def test_live_failed_action_output_shows_in_buildtel_show_and_log(stack: t
     label, action = sorted(json.loads(out)["failures"], key=lambda f: f["target"] != "//:x")
     assert label["target"] == "//:x" and label["output"] == ["x.c:1: error: boom"]
     assert action["target"] == "bazel-out/bin/x.txt" and action["note"] == "its output is kept with //:x"
+    assert action["kept_with"] == "//:x"
     code, out, err = await cli(settings, "log", summary.id, "//:x")
     assert code == 0 and "x.c:1: error: boom" in out, (out, err)
+    # One failure, one group: the action's pointer is not counted as a second failure.
+    code, out, err = await cli(settings, "failures", "--json")
+    assert code == 0, err
+    [group] = json.loads(out)["groups"]
+    assert (group["count"], group["targets"]) == (1, ["//:x"]), group
