@@ -140,16 +140,20 @@ async def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"agents    {safe(', '.join(s.agents)) or '-'}")
     if env:
         vcs = env.vcs
-        print(f"machine   {safe(env.hostname)} {safe(env.os)} {safe(env.arch)} {env.cpus} CPUs")
+        cpus = f"{env.cpus} CPUs" if env.cpus else "CPUs unknown"  # 0: not reported (e.g. a Bazel build over BES)
+        print(f"machine   {' '.join(safe(x) for x in (env.hostname, env.os, env.arch) if x) or '-'}  {cpus}")
         if vcs:
             print(f"vcs       {safe(vcs.branch or '-')} @ {safe((vcs.commit or '-')[:12])}"
                   f"{' (dirty)' if vcs.dirty else ''}")
     t = s.totals
     print(f"targets   {t.targets} ({t.succeeded} ok, {t.failed} failed, {t.skipped} skipped, {t.cancelled} cancelled)"
           f"  serial time {t.target_time_s:.1f} s")
-    print(f"cache     {s.cache_hits} hits / {s.cache_misses} misses ({s.cache_hit_rate:.1%})")
+    looked = s.cache_hits + s.cache_misses
+    print(f"cache     {s.cache_hits} hits / {s.cache_misses} misses "
+          f"({f'{s.cache_hit_rate:.1%}' if looked else 'no cache lookups recorded'})")
     if s.cpu_s is not None:
-        print(f"process   cpu {s.cpu_s:.2f} s  peak rss {(s.peak_rss_bytes or 0) / 2**20:.1f} MiB")
+        rss = f"{s.peak_rss_bytes / 2**20:.1f} MiB" if s.peak_rss_bytes is not None else "unknown"
+        print(f"process   cpu {s.cpu_s:.2f} s  peak rss {rss}")
     if s.up_to_date is not None:
         print(f"avoided   {s.up_to_date} targets up to date, not rebuilt")
     if s.failures or (s.log is not None and s.log.object):

@@ -152,3 +152,8 @@ async def test_live_failed_action_output_shows_in_buildtel_show_and_log(stack: t
     assert code == 0, err
     [group] = json.loads(out)["groups"]
     assert (group["count"], group["targets"]) == (1, ["//:x"]), group
+    # What Bazel does not report is said so, not shown as zero.
+    code, out, err = await cli(settings, "show", summary.id)
+    assert code == 0, err
+    assert "CPUs unknown" in out and "0 CPUs" not in out, out
+    assert "no cache lookups recorded" in out and "(0.0%)" not in out, out
