@@ -205,6 +205,9 @@ def run_build(argv: list[str], settings: Settings, *, name: str = "", labels: Ma
             print(f"buildtel: {console.warning()}", file=sys.stderr)
         for src in sources:  # what per-target capture saw, or why it saw nothing (docs/live-capture.md)
             line = getattr(src, "end_line", lambda _code: "")(code)
+            if line and console.failed_edges and " targets captured (" in line:
+                # ninja logs only the edges that succeeded: its failed ones were read from the console
+                line += f"; {console.failed_edges} failed ninja edge(s) read from the console"
             if line:
                 print(f"buildtel: {line}", file=sys.stderr)
         # The link ends the last line; the line keeps its shape ("buildtel: session ID …"),

@@ -32,6 +32,7 @@ class RunLog:
         self.json_out = json_out
         self.tee = ConsoleTee(settings.log_limit, json_out=json_out) if enabled else None
         self.error = ""  # why the log or the failures' output is missing or incomplete
+        self.failed_edges = 0  # failed ninja edges found in the console (targets .ninja_log lacks)
 
     def popen_kwargs(self) -> dict[str, int]:
         kwargs = self.tee.popen_kwargs() if self.tee is not None else {}
@@ -72,6 +73,7 @@ class RunLog:
         cut = (buf.head[-1][0], buf.tail[0][0]) if buf.cut and buf.head and buf.tail else None
         failures, edges = find_failures(buf.chunks(), seen, output_kib=self.settings.failure_output_kib,
                                         cut_between=cut)
+        self.failed_edges = len(edges)
         for e in edges:  # failed ninja edges: ninja logs only the edges that succeeded
             client.target_finished(target=e.target, start=e.start, duration_s=0.0, status="failed", kind="edge",
                                    exit_code=e.exit_code, ts=e.end)
