@@ -26,6 +26,12 @@ from buildtel.shared.engines import NatsEngine, RedisEngine
 from buildtel.shared.rediscluster import RedisClusterEngine
 from buildtel.shared.settings import Settings
 
+# Before any test imports grpc (tests/bes/client.py does, ahead of the product's services.bes):
+# a worker that has served gRPC then forks nats-server for a fault test; gRPC core's fork support
+# restarted its poller in the forked child, which aborted before exec (seen once in a loaded run,
+# "nats-server exited with code -6": grpc/grpc#43055).  The product sets the same in services/bes.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 # The per-user data directory (XDG) of anything started without BUILDER_TELEMETRY_CACHE_DIR: a
 # temporary one for the test session, never the real user's history.
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="buildtel-test-xdg-")
