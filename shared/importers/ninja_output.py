@@ -134,8 +134,6 @@ def parse_ninja_output(data: bytes) -> NinjaOutput:
     return res
 
 
-
-
 def ninja_outcome(out: NinjaOutput | None, code: int | None) -> tuple[str, str, list[str]]:
     """The outcome of the run, the evidence it rests on (for ``labels["outcome_evidence"]``) and
     warnings where the evidence disagrees.  Rules, first match wins (docs/importers.md):
